@@ -1,0 +1,1 @@
+"""The hub-edge contract: manifest, bundle verification, signatures, tensor encoding, errors."""

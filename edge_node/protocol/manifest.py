@@ -1,0 +1,182 @@
+"""The model bundle manifest: a self-describing, signed description of one exported model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_node.protocol.errors import SchemaError
+
+#: Bumped on any incompatible change of the manifest; the edge refuses versions it does not know.
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+
+MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassLabel(_Strict):
+    index: int
+    name: str
+    #: SNOMED CT or other coded concept for the SR finding, e.g. ("233604007", "SCT", "Pneumonia").
+    code_value: str | None = None
+    code_scheme: str | None = None
+    code_meaning: str | None = None
+
+
+class TaskSpec(_Strict):
+    """What the model answers."""
+
+    kind: Literal["binary", "multiclass"]
+    classes: list[ClassLabel]
+    #: For binary tasks: the class whose probability is reported as the score.
+    positive_class: int = 1
+    #: Output transform applied to the raw logits: sigmoid of one logit, or softmax over classes.
+    output_activation: Literal["sigmoid", "softmax"]
+    #: Score at or above which the finding is reported as present.
+    decision_threshold: float = 0.5
+
+
+class TensorSpec(_Strict):
+    name: str
+    #: Shape with -1 for a dynamic dimension, e.g. [-1, 1, 28, 28] (N, C, H, W).
+    shape: list[int]
+    dtype: Literal["float32", "float16", "int8", "uint8"] = "float32"
+    layout: Literal["NCHW"] = "NCHW"
+
+
+class IOSpec(_Strict):
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class Preprocessing(_Strict):
+    """How an edge turns a DICOM instance into the model's input, step by step, in this order.
+
+    1. modality filter: instances whose Modality is not in ``modalities`` are skipped with a reason;
+    2. frames: a multi-frame instance contributes the frame chosen by ``frame_rule``; a multi-slice series
+       (several single-frame instances of one series) contributes the slice chosen by ``series_rule``;
+    3. Modality LUT / RescaleSlope+Intercept when ``apply_modality_lut``;
+    4. VOI: ``voi`` picks the first rule that applies, in the order given:
+       ``header_window`` (WindowCenter/Width or VOI LUT in the header),
+       ``bit_depth`` (stored values scaled by 2**BitsStored - 1), ``min_max`` (per image),
+       ``fixed`` (``fixed_window`` = (center, width));
+       the result lies in [0, 1];
+    5. MONOCHROME1 is inverted so that bright always means dense (MONOCHROME2 convention);
+    6. colour (RGB/YBR) becomes one channel by ``color`` (``luminance``: ITU-R BT.601 weights);
+    7. resize to ``size`` (H, W) with ``interpolation`` (area averaging when shrinking is what the training
+       data saw: MedMNIST is downsampled with area averaging);
+    8. normalise: (x - mean) / std, per channel.
+    """
+
+    modalities: list[str]
+    frame_rule: Literal["middle", "first"] = "middle"
+    series_rule: Literal["each_instance", "middle_slice"] = "each_instance"
+    apply_modality_lut: bool = True
+    voi: list[Literal["header_window", "bit_depth", "min_max", "fixed"]] = Field(
+        default_factory=lambda: ["header_window", "bit_depth"]
+    )
+    fixed_window: tuple[float, float] | None = None
+    invert_monochrome1: bool = True
+    color: Literal["luminance", "reject"] = "luminance"
+    size: tuple[int, int]
+    interpolation: Literal["area", "bilinear"] = "area"
+    mean: list[float]
+    std: list[float]
+    #: Images larger than this (rows or columns) are refused as absurd before decoding.
+    max_dimension: int = 16384
+
+
+class FileEntry(_Strict):
+    path: str
+    sha256: str
+    size: int
+    role: Literal["model", "variant", "engine", "other"] = "model"
+    #: For variants: "int8", "fp16"; for engines: a description.
+    variant: str | None = None
+
+
+class EngineEntry(_Strict):
+    """A prebuilt TensorRT engine; valid only for this TensorRT version and GPU compute capability."""
+
+    path: str
+    tensorrt_version: str
+    compute_capability: str
+    precision: Literal["fp32", "fp16", "int8"]
+
+
+class Producer(_Strict):
+    fedclinic_version: str
+    git_revision: str | None = None
+    torch_version: str | None = None
+    onnx_version: str | None = None
+    onnxruntime_version: str | None = None
+    opset: int
+
+
+class Provenance(_Strict):
+    """Where the weights came from and how good they were on held-out data."""
+
+    training: str
+    dataset: str
+    federation: str | None = None
+    round: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    parity_max_abs_diff: float | None = None
+    created_at: str
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    model_id: str
+    model_version: str
+    description: str = ""
+    task: TaskSpec
+    io: IOSpec
+    preprocessing: Preprocessing
+    files: list[FileEntry]
+    engines: list[EngineEntry] = Field(default_factory=list)
+    producer: Producer
+    provenance: Provenance
+    min_edge_version: str = "0.1.0"
+
+    def canonical_bytes(self) -> bytes:
+        """The exact bytes that are signed: sorted keys, no whitespace, UTF-8."""
+        return canonical_json(self.model_dump(mode="json"))
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise SchemaError(f"manifest lists no file {path!r}")
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    """Parse manifest bytes, refusing unknown schema versions with a message that says what to do."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SchemaError(f"manifest.json is not valid JSON ({exc}); re-export the bundle") from exc
+    if not isinstance(data, dict):
+        raise SchemaError("manifest.json must hold a JSON object; re-export the bundle")
+    version = data.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise SchemaError(
+            f"bundle manifest schema version {version!r} is not supported by this edge "
+            f"(supported: {sorted(SUPPORTED_SCHEMA_VERSIONS)}); upgrade fedclinic on this node "
+            "or export the bundle for this schema"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValueError as exc:
+        raise SchemaError(f"manifest.json does not match schema {version}: {exc}") from exc

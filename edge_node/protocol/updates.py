@@ -1,0 +1,30 @@
+"""Wire models for what a node uploads in a round (the tensors travel as npz beside the envelope)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class UpdateKind(str, Enum):
+    """What a strategy asks a node to compute (DESIGN.md, "Update kinds")."""
+
+    WEIGHTS_DELTA = "weights_delta"
+    HEAD_DELTA = "head_delta"
+    PUBLIC_LOGITS = "public_logits"
+    STATS = "stats"
+
+
+class UpdateEnvelope(BaseModel):
+    """Metadata of one node's update; ``tensors`` is the npz payload's SHA-256 and size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node_id: str
+    round: int
+    kind: UpdateKind
+    num_examples: int = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    payload_sha256: str
+    payload_bytes: int = Field(ge=0)

@@ -1,0 +1,1 @@
+"""fedclinic export: torch student -> parity-checked ONNX -> signed model bundle."""

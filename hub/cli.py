@@ -1,0 +1,32 @@
+"""`fedclinic-hub`: the hub operator's admin CLI."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from hub.commands import bench, data, export_bundle, keys, train
+
+app = typer.Typer(
+    name="fedclinic-hub",
+    help="Hub operator CLI: train teachers and students, export signed bundles, manage keys, run benchmarks.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.command("train")(train.train)
+app.command("export")(export_bundle.export)
+app.add_typer(keys.app, name="keys")
+app.add_typer(data.app, name="data")
+app.add_typer(bench.app, name="bench")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+if __name__ == "__main__":
+    app()

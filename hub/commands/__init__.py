@@ -1,0 +1,1 @@
+"""The `fedclinic-hub` subcommands, one module per concern."""
