@@ -49,6 +49,21 @@ class ClientFailure:
     reason: str
 
 
+@dataclass(frozen=True)
+class RoundRecord:
+    """What happened in one aggregated round."""
+
+    rnd: int
+    #: Clients whose updates were used.
+    accepted: tuple[str, ...]
+    #: Failures reported by the caller plus updates rejected by validation, with reasons.
+    failures: tuple[ClientFailure, ...]
+    #: Unweighted mean over accepted clients of every metric they all reported, plus "num_examples" (sum).
+    metrics: dict[str, float] = field(default_factory=dict)
+    #: False when the round kept the previous model.
+    applied: bool = True
+
+
 class Strategy(ABC):
     """A federated algorithm as a pure object: no I/O, no torch.
 
@@ -77,3 +92,22 @@ class Strategy(ABC):
     @abstractmethod
     def global_params(self) -> Params:
         """The current global (shared) state."""
+
+    @property
+    def history(self) -> Sequence[RoundRecord]:
+        """One record per aggregated round, oldest first (empty for a strategy that keeps none)."""
+        return ()
+
+    def shares(self, name: str) -> bool:
+        """Whether tensor ``name`` travels between hub and clients; the others stay on each client.
+
+        The default shares everything; FedBN keeps BN tensors local, FedHelp keeps private heads local.
+        """
+        return True
+
+    def params_for(self, client_id: str) -> Params:
+        """The hub's tensors for this client's model (shared state plus, if any, its personal part).
+
+        Tensors for which ``shares`` is False are not included: the client's own values complete the model.
+        """
+        return self.global_params

@@ -1,0 +1,86 @@
+"""HeteroSync Learning (HSL, ALGORITHMS.md §1): unweighted mean over nodes of all tensors, BN stats included.
+
+The shared anchor task (SAT) and the MMoE heads live in the client's learner; the server's part is small:
+every tensor is shared, the mean is unweighted (w = (1/K) Σ_k w_k, not by sample count, §1.5), and the final
+model is the averaged model of the round with the highest mean validation AUC reported by the nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from edge_node.protocol.updates import UpdateKind
+from hub.fl.averaging import DeltaAveraging, copy_params
+from hub.fl.strategy import ClientResult, Config, Params, RoundRecord
+
+__all__ = ["HSL"]
+
+logger = logging.getLogger(__name__)
+
+
+class HSL(DeltaAveraging):
+    """Unweighted averaging of every tensor; tracks the best round by the clients' mean validation AUC.
+
+    Each node uploads ``best_checkpoint_of_round - params_sent`` (the client picks its best-validation
+    checkpoint, §1.5) and reports ``metrics[auc_key]`` (validation AUC of that checkpoint). The mean over
+    the nodes that reported it goes into ``auc_by_round``; ``best_round`` / ``best_params`` are the round
+    with the highest mean and the averaged model it produced. Tasks carry the fixed loss weights
+    ``primary_weight`` and ``sat_weight`` (0.5 / 0.5 in the paper's code, §1.4).
+    """
+
+    name = "hsl"
+    update_kind = UpdateKind.WEIGHTS_DELTA
+
+    def __init__(
+        self,
+        *,
+        auc_key: str = "val_auc",
+        primary_weight: float = 0.5,
+        sat_weight: float = 0.5,
+        server_lr: float = 1.0,
+        max_norm: float | None = None,
+        min_results: int = 1,
+        client_config: Config | None = None,
+    ) -> None:
+        super().__init__(
+            weighted=False,
+            server_lr=server_lr,
+            max_norm=max_norm,
+            min_results=min_results,
+            client_config=client_config,
+        )
+        self.auc_key = auc_key
+        self.primary_weight = float(primary_weight)
+        self.sat_weight = float(sat_weight)
+        self.auc_by_round: dict[int, float] = {}
+        self.best_round: int | None = None
+        self._best: Params | None = None
+
+    def initialize(self, params: Params, clients: Sequence[str]) -> None:
+        super().initialize(params, clients)
+        self.auc_by_round.clear()
+        self.best_round = None
+        self._best = None
+
+    def task_config(self, client_id: str) -> Config:
+        return {**self.client_config, "primary_weight": self.primary_weight, "sat_weight": self.sat_weight}
+
+    def _after_round(self, rnd: int, accepted: Sequence[ClientResult], record: RoundRecord) -> None:
+        aucs = [float(r.metrics[self.auc_key]) for r in accepted if self.auc_key in r.metrics]
+        if not aucs:
+            return
+        mean_auc = float(np.mean(aucs))
+        self.auc_by_round[rnd] = mean_auc
+        record.metrics[f"mean_{self.auc_key}"] = mean_auc
+        if self.best_round is None or mean_auc > self.auc_by_round[self.best_round]:
+            self.best_round = rnd
+            self._best = self.global_params
+            logger.info("round %d: new best mean %s %.4f", rnd, self.auc_key, mean_auc)
+
+    @property
+    def best_params(self) -> Params:
+        """The averaged model of the best round so far (the current global if no AUC was reported yet)."""
+        return copy_params(self._best) if self._best is not None else self.global_params

@@ -1,0 +1,288 @@
+"""pFedNet-style personalisation (ALGORITHMS.md §3): shared part by FedAvg, personal parts fused over a graph.
+
+Client n's model is w_n = (x, z_n): the shared tensors x are averaged like FedAvg (sample-weighted); the
+personal tensors z_n (by default the classifier head) stay per client and are updated at the server by the
+proximal step
+
+    Z = argmin_Z (1/N)⟨G, Z⟩ + λ‖ZQ‖_{1,2} + (1/2η)‖Z − Z_t‖²_F,        Z = [z_1 … z_N]  (d2, N)
+
+where Q (N, |E|) is the incidence matrix of the client similarity graph (``hub.fl.graph``), so the
+group lasso Σ_(i,j)∈E ‖z_i − z_j‖₂ pulls similar clients' personal parts together (fusing them) while λ
+sets how much. Solved by scaled ADMM with the split W = ZQ, dual Ω, penalty ρ:
+
+    Z ← [Z_t − ηG/N + η(ρW + Ω)Qᵀ] · (I + ηρQQᵀ)^{-1}     (the inverse from one eigendecomposition of QQᵀ)
+    W_m ← max(0, 1 − λ/(ρ‖v_m‖)) v_m,  v_m = (ZQ − Ω/ρ)_m   (group soft-threshold per edge)
+    Ω ← Ω + ρ(W − ZQ)
+
+Gradient convention: a client uploads the delta of all its tensors, ``local_after − params_sent``. For the
+personal part the server reads the delta as one gradient step of size η: z_local − z_t = −η·G_n, so
+G_n = −delta_n/η. With λ = 0 the step is exactly Z_t − ηG/N = Z_t + delta/N (set ``mean_gradient=False``
+to drop the 1/N of the objective, giving Z_t + delta). Clients that did not answer have G_n = 0 and still
+take part in the fusion. The graph comes from ``edges`` (pairs of client ids) or, if none is given, from a
+first ``stats`` round: its tasks ask each client for the tensors named in ``graph_keys`` and its
+``aggregate`` builds the kNN graph and returns None (no model change).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from edge_node.protocol.updates import UpdateKind
+from hub.fl.averaging import DeltaAveraging, apply_delta, copy_params
+from hub.fl.errors import StrategyConfigError
+from hub.fl.graph import LABEL_COUNTS, SimilarityGraph, incidence_matrix, similarity_graph
+from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Config, Params, RoundRecord
+
+__all__ = ["PFedNet", "group_soft_threshold", "is_head_tensor", "proximal_personal_step"]
+
+logger = logging.getLogger(__name__)
+
+_HEAD_PREFIXES = ("fc", "classifier", "head")
+
+
+def is_head_tensor(name: str) -> bool:
+    """Default personal part: tensors of a top-level ``fc``, ``classifier`` or ``head`` module."""
+    return name.split(".", 1)[0] in _HEAD_PREFIXES
+
+
+def group_soft_threshold(v: np.ndarray, tau: float) -> np.ndarray:
+    """Column-wise prox of τ‖·‖₂: each column m becomes max(0, 1 − τ/‖v_m‖) v_m (zero stays zero)."""
+    norms = np.linalg.norm(v, axis=0)  # (|E|,)
+    scale = np.where(norms > tau, 1.0 - tau / np.where(norms > 0, norms, 1.0), 0.0)
+    return v * scale[None, :]
+
+
+def proximal_personal_step(
+    g: np.ndarray,
+    z_t: np.ndarray,
+    q: np.ndarray,
+    *,
+    lam: float,
+    eta: float,
+    rho: float = 1.0,
+    iterations: int = 200,
+    tol: float = 1e-12,
+    mean_gradient: bool = True,
+) -> np.ndarray:
+    """argmin_Z (1/N)⟨G,Z⟩ + λ‖ZQ‖_{1,2} + (1/2η)‖Z − Z_t‖²_F by scaled ADMM (see the module docstring).
+
+    ``g``, ``z_t``: (d2, N); ``q``: (N, |E|). Stops after ``iterations`` or when the primal and dual
+    residuals (Frobenius) both fall below ``tol``. λ = 0 (or no edges) returns Z_t − ηG/N exactly.
+    """
+    if g.shape != z_t.shape or q.shape[0] != z_t.shape[1]:
+        raise StrategyConfigError(f"shapes disagree: G {g.shape}, Z_t {z_t.shape}, Q {q.shape}")
+    if lam < 0 or eta <= 0 or rho <= 0 or iterations < 1:
+        raise StrategyConfigError(
+            f"need lam >= 0, eta > 0, rho > 0, iterations >= 1; got {lam}, {eta}, {rho}"
+        )
+    n = z_t.shape[1]
+    base = z_t - eta * (g / n if mean_gradient else g)  # (d2, N): the unregularised step
+    if lam == 0 or q.shape[1] == 0:
+        return base
+    sigma, p = np.linalg.eigh(q @ q.T)  # QQᵀ = P diag(σ) Pᵀ, symmetric PSD
+    inverse = (p * (1.0 / (1.0 + eta * rho * sigma))) @ p.T  # (I + ηρQQᵀ)^{-1}, (N, N)
+    w = z_t @ q  # (d2, |E|)
+    omega = np.zeros_like(w)
+    z = base
+    for _ in range(iterations):
+        z = (base + eta * (rho * w + omega) @ q.T) @ inverse
+        zq = z @ q
+        w_prev = w
+        w = group_soft_threshold(zq - omega / rho, lam / rho)
+        omega = omega + rho * (w - zq)
+        primal = float(np.linalg.norm(w - zq))
+        dual = rho * float(np.linalg.norm((w - w_prev) @ q.T))
+        if primal < tol and dual < tol:
+            break
+    return z
+
+
+class PFedNet(DeltaAveraging):
+    """Shared tensors by sample-weighted FedAvg; personal tensors per client by the graph-fused proximal step.
+
+    ``is_personal`` picks the personal tensors (default ``is_head_tensor``). ``lam``, ``eta``, ``rho`` and
+    ``admm_iterations`` are λ, η, ρ and the ADMM iteration count (defaults: the deep-model values of §3.4).
+    ``edges``: the similarity graph as pairs of client ids; without it the first round is a ``stats``
+    round (see the module docstring) whose graph is a ``graph_k``-NN graph over ``graph_keys``.
+    """
+
+    name = "pfednet"
+    update_kind = UpdateKind.WEIGHTS_DELTA
+
+    def __init__(
+        self,
+        *,
+        is_personal: Callable[[str], bool] = is_head_tensor,
+        lam: float = 72.0,
+        eta: float = 0.01,
+        rho: float = 1.0,
+        admm_iterations: int = 200,
+        mean_gradient: bool = True,
+        edges: Sequence[tuple[str, str]] | None = None,
+        graph_k: int = 3,
+        graph_keys: Sequence[str] = (LABEL_COUNTS,),
+        server_lr: float = 1.0,
+        max_norm: float | None = None,
+        min_results: int = 1,
+        client_config: Config | None = None,
+    ) -> None:
+        if lam < 0 or eta <= 0 or rho <= 0 or admm_iterations < 1 or graph_k < 1:
+            raise StrategyConfigError(
+                "pfednet: need lam >= 0, eta > 0, rho > 0, admm_iterations >= 1, graph_k >= 1"
+            )
+        super().__init__(
+            weighted=True,
+            server_lr=server_lr,
+            max_norm=max_norm,
+            min_results=min_results,
+            client_config=client_config,
+        )
+        self.is_personal = is_personal
+        self.lam, self.eta, self.rho = float(lam), float(eta), float(rho)
+        self.admm_iterations = admm_iterations
+        self.mean_gradient = mean_gradient
+        self.graph_k = graph_k
+        self.graph_keys = tuple(graph_keys)
+        self._edge_ids = None if edges is None else [(a, b) for a, b in edges]
+        self.graph: SimilarityGraph | None = None
+        self._personal: dict[str, Params] = {}
+        self._personal_names: tuple[str, ...] = ()
+        self._stats_rounds: set[int] = set()
+
+    # -- state --------------------------------------------------------------------------------------------
+
+    def initialize(self, params: Params, clients: Sequence[str]) -> None:
+        personal = {n: a for n, a in params.items() if self.is_personal(n)}
+        if not personal:
+            raise StrategyConfigError("pfednet: no tensor is personal; check is_personal against the names")
+        bad = sorted(n for n, a in personal.items() if a.dtype.kind != "f")
+        if bad:
+            raise StrategyConfigError(f"pfednet: personal tensors must be floating point, not {bad}")
+        super().initialize({n: a for n, a in params.items() if n not in personal}, clients)
+        self._personal_names = tuple(sorted(personal))
+        self._personal = {cid: copy_params(personal) for cid in clients}
+        self._stats_rounds.clear()
+        self.graph = None
+        if self._edge_ids is not None:
+            self.set_graph(self._edge_ids)
+
+    def set_graph(self, edges: Sequence[tuple[str, str]], distances: np.ndarray | None = None) -> None:
+        """Use this similarity graph (pairs of client ids, undirected; ``distances`` only for the record)."""
+        index = {cid: i for i, cid in enumerate(self._clients)}
+        unknown = sorted({c for e in edges for c in e} - index.keys())
+        if unknown:
+            raise StrategyConfigError(f"pfednet: graph edges name unknown clients {unknown}")
+        pairs = sorted({(min(index[a], index[b]), max(index[a], index[b])) for a, b in edges})
+        n = len(self._clients)
+        self.graph = SimilarityGraph(tuple(pairs), incidence_matrix(pairs, n), distances)
+
+    def params_for(self, client_id: str) -> Params:
+        if client_id not in self._personal:
+            raise StrategyConfigError(f"pfednet: unknown client {client_id!r}; pass it to initialize")
+        return {**self.global_params, **copy_params(self._personal[client_id])}
+
+    # -- rounds -------------------------------------------------------------------------------------------
+
+    def configure_round(self, rnd: int, clients: Sequence[str]) -> list[ClientTask]:
+        if self.graph is not None:
+            return super().configure_round(rnd, clients)
+        self._stats_rounds.add(rnd)
+        keys = ",".join(self.graph_keys)
+        return [ClientTask(cid, rnd, UpdateKind.STATS, {}, {"stats_keys": keys}) for cid in clients]
+
+    def aggregate(
+        self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
+    ) -> Params | None:
+        if rnd in self._stats_rounds:
+            self._build_graph(rnd, results, failures)
+            return None
+        return super().aggregate(rnd, results, failures)
+
+    def _build_graph(
+        self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
+    ) -> None:
+        rejected: list[ClientFailure] = []
+        sketches: dict[str, Params] = {}
+        for res in results:
+            problem = self._stats_problem(res, rnd, sketches)
+            if problem is None:
+                sketches[res.client_id] = res.update
+            else:
+                rejected.append(ClientFailure(res.client_id, rnd, problem))
+        order = [cid for cid in self._clients if cid in sketches]
+        sub = similarity_graph([sketches[c] for c in order], self.graph_k, self.graph_keys)
+        pos = [self._clients.index(c) for c in order]
+        dist = np.full((len(self._clients),) * 2, np.nan)  # (N, N), NaN where a client sent no sketch
+        if sub.distances is not None:
+            dist[np.ix_(pos, pos)] = sub.distances
+        self.set_graph([(order[i], order[j]) for i, j in sub.edges], distances=dist)
+        if len(order) < 2:
+            logger.warning(
+                "round %d: %d usable sketches; the graph has no edges, so no fusion", rnd, len(order)
+            )
+        logger.info("round %d: similarity graph over %d clients, %d edges", rnd, len(order), len(sub.edges))
+        self._stats_rounds.discard(rnd)
+        self._history.append(RoundRecord(rnd, tuple(order), (*failures, *rejected), {}, applied=False))
+
+    def _stats_problem(self, res: ClientResult, rnd: int, accepted: dict[str, Params]) -> str | None:
+        if res.round != rnd:
+            return f"result is for round {res.round}, the open round is {rnd}"
+        if res.client_id not in self._personal:
+            return "unknown client"
+        if res.client_id in accepted:
+            return "duplicate result for this client in the round"
+        for key in self.graph_keys:
+            arr = res.update.get(key)
+            if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+                return f"stats update lacks a numeric {key!r}"
+            if not np.all(np.isfinite(arr)):
+                return f"stats tensor {key!r} contains NaN or Inf"
+            if accepted:
+                ref = next(iter(accepted.values()))[key]
+                if arr.shape != ref.shape:
+                    return f"stats tensor {key!r} has shape {arr.shape}, others have {ref.shape}"
+        return None
+
+    def _fold(self, rnd: int, accepted: Sequence[ClientResult]) -> None:
+        shared = [{n: a for n, a in r.update.items() if n not in self._personal_names} for r in accepted]
+        mean_delta = self.reducer(shared, self.weights(accepted))
+        self._global = apply_delta(self._state(), mean_delta, self.server_lr)
+        self._personal_step(accepted)
+
+    def _personal_step(self, accepted: Sequence[ClientResult]) -> None:
+        if self.graph is None:
+            raise StrategyConfigError("pfednet: no similarity graph; run the stats round or call set_graph")
+        clients = self._clients
+        z_t = np.stack([self._flatten(self._personal[c]) for c in clients], axis=1)  # (d2, N)
+        g = np.zeros_like(z_t)
+        column = {cid: i for i, cid in enumerate(clients)}
+        for res in accepted:
+            delta = self._flatten({n: res.update[n] for n in self._personal_names})
+            g[:, column[res.client_id]] = -delta / self.eta  # G_n = −delta_n / η
+        z = proximal_personal_step(
+            g,
+            z_t,
+            self.graph.incidence,
+            lam=self.lam,
+            eta=self.eta,
+            rho=self.rho,
+            iterations=self.admm_iterations,
+            mean_gradient=self.mean_gradient,
+        )
+        for cid, i in column.items():
+            self._personal[cid] = self._unflatten(z[:, i], self._personal[cid])
+
+    def _flatten(self, params: Params) -> np.ndarray:
+        return np.concatenate([params[n].astype(np.float64).ravel() for n in self._personal_names])
+
+    def _unflatten(self, vec: np.ndarray, like: Params) -> Params:
+        out: Params = {}
+        offset = 0
+        for name in self._personal_names:
+            ref = like[name]
+            out[name] = vec[offset : offset + ref.size].reshape(ref.shape).astype(ref.dtype)
+            offset += ref.size
+        return out

@@ -1,0 +1,29 @@
+"""Fixtures shared by every test package: data location and process settings for a 2-core box."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# One thread per process (ENVIRONMENT.md: two OpenMP threads on a busy 2-core box collapse), and no Nagle
+# stalls for the dcmtk / Orthanc processes the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TCP_NODELAY", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("FEDCLINIC_DATA")
+    return Path(env).resolve() if env else (REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder (MedMNIST + DICOM samples); $FEDCLINIC_DATA overrides ../shared/data."""
+    root = shared_data_dir()
+    if not (root / "medmnist").is_dir() or not (root / "dicom").is_dir():
+        pytest.fail(f"shared data not found at {root}: set FEDCLINIC_DATA to the folder with medmnist/ and dicom/")
+    return root
