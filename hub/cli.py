@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from hub.commands import bench, data, export_bundle, keys, train
+from hub.commands import bench, data, demo, export_bundle, keys, train
 
 app = typer.Typer(
     name="fedclinic-hub",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.command("train")(train.train)
 app.command("export")(export_bundle.export)
+app.command("demo")(demo.demo)
 app.add_typer(keys.app, name="keys")
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
@@ -24,7 +25,8 @@ app.add_typer(bench.app, name="bench")
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.support.orthanc_fixtures"]
+
 # One thread per process (ENVIRONMENT.md: two OpenMP threads on a busy 2-core box collapse), and no Nagle
 # stalls for the dcmtk / Orthanc processes the tests start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -25,5 +27,7 @@ def shared_data() -> Path:
     """The real data folder (MedMNIST + DICOM samples); $FEDCLINIC_DATA overrides ../shared/data."""
     root = shared_data_dir()
     if not (root / "medmnist").is_dir() or not (root / "dicom").is_dir():
-        pytest.fail(f"shared data not found at {root}: set FEDCLINIC_DATA to the folder with medmnist/ and dicom/")
+        pytest.fail(
+            f"shared data not found at {root}: set FEDCLINIC_DATA to the folder with medmnist/ and dicom/"
+        )
     return root

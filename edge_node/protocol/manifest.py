@@ -17,6 +17,10 @@ MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 
 
+VoiRule = Literal["header_window", "bit_depth", "min_max", "fixed"]
+DEFAULT_VOI: tuple[VoiRule, ...] = ("header_window", "bit_depth")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -79,9 +83,7 @@ class Preprocessing(_Strict):
     frame_rule: Literal["middle", "first"] = "middle"
     series_rule: Literal["each_instance", "middle_slice"] = "each_instance"
     apply_modality_lut: bool = True
-    voi: list[Literal["header_window", "bit_depth", "min_max", "fixed"]] = Field(
-        default_factory=lambda: ["header_window", "bit_depth"]
-    )
+    voi: list[VoiRule] = Field(default_factory=lambda: list(DEFAULT_VOI))
     fixed_window: tuple[float, float] | None = None
     invert_monochrome1: bool = True
     color: Literal["luminance", "reject"] = "luminance"
@@ -163,6 +165,15 @@ def canonical_json(obj: Any) -> bytes:
 
 def parse_manifest(raw: bytes) -> Manifest:
     """Parse manifest bytes, refusing unknown schema versions with a message that says what to do."""
+    return validate_manifest(load_manifest_dict(raw))
+
+
+def load_manifest_dict(raw: bytes) -> dict[str, Any]:
+    """Decode manifest bytes to a JSON object and check its schema version, without validating the rest.
+
+    Bundle verification needs this first step alone: the version decides whether this edge can check the
+    signature and the schema at all, so an unknown version is reported as such, before anything else.
+    """
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -176,6 +187,12 @@ def parse_manifest(raw: bytes) -> Manifest:
             f"(supported: {sorted(SUPPORTED_SCHEMA_VERSIONS)}); upgrade fedclinic on this node "
             "or export the bundle for this schema"
         )
+    return data
+
+
+def validate_manifest(data: dict[str, Any]) -> Manifest:
+    """Validate a decoded manifest object (from ``load_manifest_dict``) against the schema."""
+    version = data.get("schema_version")
     try:
         return Manifest.model_validate(data)
     except ValueError as exc:

@@ -1,0 +1,109 @@
+"""End-to-end latency: Orthanc sends a one-image CR study to the edge node → the node's SR lands in Orthanc.
+
+For each study the clock starts just before the REST call that makes Orthanc C-STORE the study to the node
+(``POST /modalities/edge/store``) and stops when Orthanc lists the SR series in that study (polled every
+few milliseconds). Studies go one at a time, as a PACS forwarding rule would send them. Everything is real:
+Orthanc 1.10 (dcmtk, TCP_NODELAY=1), a ``fedclinic-edge serve`` process, the PneumoniaMNIST student bundle
+on onnxruntime CPU (1 thread), PneumoniaMNIST test images wrapped as CR.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_e2e.py --studies 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TARGET_P95_S = 1.0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=100, help="timed studies (default 100)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed studies first (default 3)")
+    parser.add_argument("--poll", type=float, default=0.005, help="Orthanc poll interval in seconds")
+    parser.add_argument("--sc", action="store_true", help="also send the secondary capture")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="write the numbers as JSON here")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TCP_NODELAY", "1")
+    sys.path.insert(0, str(REPO_ROOT))
+    from hub.demo.clinic import Clinic
+    from tests.e2e.clinic import obtain_bundle
+    from tests.support.dicomgen import medmnist_studies
+
+    data_env = os.environ.get("FEDCLINIC_DATA")
+    data_root = Path(data_env) if data_env else REPO_ROOT.parent / "shared" / "data"
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    total = args.warmup + args.studies
+    studies = medmnist_studies("pneumoniamnist", "test", list(range(total)), workdir / "cr", root=data_root)
+
+    with Clinic(workdir=workdir, bundle=obtain_bundle(workdir), secondary_capture=args.sc) as clinic:
+        orthanc = clinic.orthanc
+        ids = [clinic.upload_study([s.path]) for s in studies]
+        latencies: list[float] = []
+        pushes: list[float] = []
+        for n, study_id in enumerate(ids):
+            before = len(orthanc.study(study_id)["Series"])
+            t0 = time.perf_counter()
+            answer = clinic.push(study_id)
+            t_push = time.perf_counter()
+            if answer.get("FailedInstancesCount", 1) != 0:
+                raise SystemExit(f"Orthanc could not send study {n} to the node: {answer}")
+            deadline = t0 + 30.0
+            while len(orthanc.study(study_id)["Series"]) <= before:
+                if time.perf_counter() > deadline:
+                    raise SystemExit(
+                        f"no SR after 30 s for study {n}; edge log:\n{clinic.edge.log_text()[-3000:]}"
+                    )
+                time.sleep(args.poll)
+            t1 = time.perf_counter()
+            if n >= args.warmup:
+                latencies.append(t1 - t0)
+                pushes.append(t_push - t0)
+        done = sum(1 for s in clinic.edge.studies() if s.state == "done")
+
+    ms = [1000 * v for v in latencies]
+    result = {
+        "studies": len(ms),
+        "p50_ms": round(_percentile(ms, 50), 1),
+        "p95_ms": round(_percentile(ms, 95), 1),
+        "p99_ms": round(_percentile(ms, 99), 1),
+        "max_ms": round(max(ms), 1),
+        "mean_ms": round(statistics.fmean(ms), 1),
+        "push_p50_ms": round(_percentile([1000 * v for v in pushes], 50), 1),
+        "secondary_capture": args.sc,
+        "edge_studies_done": done,
+        "target_p95_ms": 1000 * TARGET_P95_S,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    print(
+        f"e2e CR study -> SR in Orthanc, {result['studies']} studies"
+        f"{' (SR + SC)' if args.sc else ' (SR)'}: p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, "
+        f"p99 {result['p99_ms']} ms, max {result['max_ms']} ms (Orthanc push p50 {result['push_p50_ms']} ms; "
+        f"target p95 <= {result['target_p95_ms']:.0f} ms; load {result['load_average_1m']})"
+    )
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["p95_ms"] <= result["target_p95_ms"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""DICOM ingest throughput: storescu → our durable listener vs storescu → dcmtk ``storescp -od``.
+
+300 real 512x512 CT slices (TCIA COVID-19-NY-SBU, copied with fresh UIDs) go over one association per run.
+Receivers, alternating in the same session, each started fresh per run:
+
+* ``edge``: a real ``fedclinic-edge serve`` process; every instance is written to a temp file, fsynced,
+  renamed, its directory fsynced and its row committed to SQLite (WAL, synchronous=FULL) before the
+  success status goes back. No model is installed, so the worker does not compete for the CPU: this
+  measures ingest only.
+* ``storescp``: dcmtk's ``storescp -od DIR`` (no fsync), the reference.
+* ``pynetdicom-null``: a pynetdicom 3.0 SCP that answers success without touching the disk (TCP_NODELAY,
+  same contexts as the edge). Not a target: it is the ceiling any pynetdicom-based listener can reach on
+  this machine, so it shows how much of the gap is the toolkit and how much is durability.
+
+storescu and storescp run with ``TCP_NODELAY=1``; the edge listener sets TCP_NODELAY itself. The number
+reported is the median files/s over the repetitions, and the ratio edge/storescp (target ≥ 0.5).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ingest.py --json build/bench_ingest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+from rich.console import Console
+from rich.table import Table
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EDGE_BIN = Path(sys.executable).parent / "fedclinic-edge"
+TARGET_RATIO = 0.5
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def data_dir() -> Path:
+    env = os.environ.get("FEDCLINIC_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_slices(out: Path, n: int) -> list[Path]:
+    """``n`` copies of the real 512x512 axial CT slices, with fresh UIDs (one study, one series)."""
+    sources = sorted((data_dir() / "dicom" / "tcia_covid19_ny_sbu").rglob("axial_*.dcm"))
+    if not sources:
+        raise SystemExit(f"no TCIA CT slices under {data_dir()}; set FEDCLINIC_DATA")
+    datasets = [pydicom.dcmread(p) for p in sources]
+    study, series = generate_uid(), generate_uid()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = datasets[i % len(datasets)]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        path = out / f"ct{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def wait_echo(port: int, aet: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{aet} exited with {proc.returncode} before answering C-ECHO")
+        echo = subprocess.run(
+            ["echoscu", "-aec", aet, "127.0.0.1", str(port)], capture_output=True, env=DCMTK_ENV, timeout=30
+        )
+        if echo.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"{aet} did not answer C-ECHO within {timeout} s")
+
+
+def send(port: int, aet: str, files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        ["storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=600,
+    )
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"storescu to {aet} failed: {proc.stderr[-2000:]}")
+    return elapsed
+
+
+def run_edge(files: list[Path], work: Path) -> float:
+    port = free_port()
+    root = work / f"edge-{time.monotonic_ns()}"
+    root.mkdir()
+    config = root / "edge.toml"
+    config.write_text(
+        f'ae_title = "EDGE"\nport = {port}\ndata_dir = "{root / "data"}"\nquiet_seconds = 3600\n'
+        'log_level = "WARNING"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCLINIC_EDGE_")}
+    log = (root / "edge.log").open("wb")
+    proc = subprocess.Popen(
+        [str(EDGE_BIN), "serve", "--config", str(config)], stdout=log, stderr=log, env=env
+    )
+    try:
+        wait_echo(port, "EDGE", proc)
+        elapsed = send(port, "EDGE", files)
+        conn = sqlite3.connect(root / "data" / "edge.sqlite3")
+        stored = conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+        conn.close()
+        if stored != len(files):
+            raise SystemExit(f"edge recorded {stored} of {len(files)} instances")
+        return elapsed
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+
+
+def serve_null(port: int) -> None:
+    """The ``pynetdicom-null`` receiver (run in its own process by ``run_null``)."""
+    from pynetdicom import AE, evt
+
+    from edge_node.dicom.nodelay import NODELAY_HANDLERS
+    from edge_node.dicom.sopclasses import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+
+    ae = AE(ae_title="NULLSCP")
+    ae.maximum_pdu_size = 0
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    ae.add_supported_context("1.2.840.10008.1.1")
+    handlers = [*NODELAY_HANDLERS, (evt.EVT_C_STORE, lambda event: (event.encoded_dataset(), 0)[1])]
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=handlers)
+
+
+def run_null(files: list[Path], work: Path) -> float:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-null", str(port)], env=os.environ.copy())
+    try:
+        wait_echo(port, "NULLSCP", proc)
+        return send(port, "NULLSCP", files)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def run_storescp(files: list[Path], work: Path) -> float:
+    port = free_port()
+    out = work / f"storescp-{time.monotonic_ns()}"
+    out.mkdir()
+    proc = subprocess.Popen(
+        ["storescp", "-od", str(out), "-aet", "DCMTKSCP", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=DCMTK_ENV,
+    )
+    try:
+        wait_echo(port, "DCMTKSCP", proc)
+        elapsed = send(port, "DCMTKSCP", files)
+        stored = sum(1 for p in out.iterdir() if p.is_file())
+        if stored != len(files):
+            raise SystemExit(f"storescp wrote {stored} of {len(files)} files")
+        return elapsed
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=300, help="instances per run (default 300)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per receiver (default 3)")
+    parser.add_argument("--json", type=Path, default=REPO_ROOT / "build" / "bench_ingest.json")
+    parser.add_argument("--serve-null", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_null:
+        serve_null(args.serve_null)
+        return 0
+    console = Console()
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        files = make_slices(work / "src", args.files)
+        total_bytes = sum(p.stat().st_size for p in files)
+        runners = {"edge": run_edge, "storescp": run_storescp, "pynetdicom-null": run_null}
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for rep in range(args.repeats):
+            # Rotate which goes first, so that none always enjoys a warmer page cache or a quieter moment.
+            names = list(runners)
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in order:
+                t = runners[name](files, work)
+                times[name].append(t)
+                console.print(f"run {rep + 1} {name:15s} {args.files / t:7.1f} files/s ({t:.2f} s)")
+
+    rates = {k: [args.files / t for t in v] for k, v in times.items()}
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    ratio = median["edge"] / median["storescp"]
+    table = Table(
+        title=f"ingest: {args.files} CT slices 512x512 ({total_bytes / 1e6:.0f} MB), one association"
+    )
+    for column in ("receiver", "durable", "median files/s", "runs files/s", "median MB/s"):
+        table.add_column(column)
+    mb = total_bytes / 1e6
+    kinds = (
+        ("edge", "file+dir fsync, SQLite"),
+        ("storescp", "no fsync"),
+        ("pynetdicom-null", "nothing written"),
+    )
+    for name, durable in kinds:
+        table.add_row(
+            name,
+            durable,
+            f"{median[name]:.1f}",
+            ", ".join(f"{r:.1f}" for r in rates[name]),
+            f"{median[name] * mb / args.files:.1f}",
+        )
+    console.print(table)
+    verdict = "[green]meets[/green]" if ratio >= TARGET_RATIO else "[red]misses[/red]"
+    console.print(f"edge / storescp = {ratio:.2f} ({verdict} the target ≥ {TARGET_RATIO})")
+    ceiling = median["pynetdicom-null"] / median["storescp"]
+    console.print(f"pynetdicom-null / storescp = {ceiling:.2f} (the ceiling of a pynetdicom listener here)")
+
+    result = {
+        "benchmark": "ingest",
+        "files": args.files,
+        "bytes": total_bytes,
+        "repeats": args.repeats,
+        "seconds": times,
+        "files_per_s": rates,
+        "median_files_per_s": median,
+        "ratio_edge_over_storescp": ratio,
+        "ratio_pynetdicom_null_over_storescp": ceiling,
+        "load_average_at_end": os.getloadavg(),
+        "target_ratio": TARGET_RATIO,
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {args.json}")
+    return 0 if ratio >= TARGET_RATIO else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""DICOM networking of the edge node: the listener that receives studies, and the sender of results."""

@@ -1,0 +1,180 @@
+"""A verified bundle turned into a runnable model: the ONNX session plus the manifest that describes it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+from edge_node.errors import ModelError
+from edge_node.inference.backend import Backend, BackendOptions, OnnxRuntimeBackend, Runtime
+from edge_node.protocol.manifest import FileEntry, Manifest, Preprocessing, TaskSpec
+
+__all__ = [
+    "MAX_BATCH",
+    "BundleView",
+    "LoadedModel",
+    "Precision",
+    "load_model",
+    "pick_model_file",
+    "scores_from_outputs",
+]
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+#: Images per model call for a dynamic-batch model: bounds memory on a long series (a 500-slice CT).
+MAX_BATCH = 32
+
+
+class BundleView(Protocol):
+    """What loading needs from ``edge_node.protocol.bundle.VerifiedBundle`` (which satisfies it)."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    def path_of(self, entry: FileEntry) -> Path: ...
+
+
+def pick_model_file(manifest: Manifest, precision: Precision = "fp32") -> FileEntry:
+    """The ONNX file to load: the variant for ``precision`` when the bundle ships one, else the main model."""
+    models = [f for f in manifest.files if f.role == "model"]
+    if not models:
+        raise ModelError(
+            f"bundle {manifest.model_id} {manifest.model_version} lists no model file; re-export it"
+        )
+    if precision != "fp32":
+        for entry in manifest.files:
+            if entry.role == "variant" and (entry.variant or "").lower() == precision:
+                return entry
+        logger.info(
+            "bundle %s ships no %s variant; using the full-precision model", manifest.model_id, precision
+        )
+    return models[0]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # Split by sign so that exp never overflows.
+    out = np.empty_like(x, dtype=np.float64)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def scores_from_outputs(raw: np.ndarray, task: TaskSpec) -> np.ndarray:
+    """Class probabilities (N, K) from raw model outputs, by the manifest's output activation.
+
+    A binary sigmoid model may emit one logit per image (probability of ``positive_class``) or one per class.
+    """
+    logits = np.asarray(raw, dtype=np.float64)
+    n = logits.shape[0]
+    logits = logits.reshape(n, -1)  # (N, K)
+    k = len(task.classes)
+    if task.output_activation == "softmax":
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        return e / e.sum(axis=1, keepdims=True)
+    if logits.shape[1] == 1 and k == 2:
+        p = _sigmoid(logits[:, 0])
+        probs = np.empty((n, 2), dtype=np.float64)
+        probs[:, task.positive_class] = p
+        probs[:, 1 - task.positive_class] = 1.0 - p
+        return probs
+    return _sigmoid(logits)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run; ``provider`` is what the session really got, not what was asked for."""
+
+    manifest: Manifest
+    backend: Backend
+    model_file: str
+    precision: str
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest.model_version
+
+    @property
+    def provider(self) -> str:
+        return self.backend.provider
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.manifest.preprocessing
+
+    @property
+    def task(self) -> TaskSpec:
+        return self.manifest.task
+
+    @property
+    def input_shape(self) -> list[int]:
+        return list(self.manifest.io.inputs[0].shape)
+
+    @property
+    def channels(self) -> int:
+        shape = self.input_shape
+        return shape[1] if len(shape) == 4 and shape[1] > 0 else 1
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) → (N, K) class probabilities, in chunks (fixed model batch size, else MAX_BATCH)."""
+        batch = np.asarray(batch)
+        fixed = self.input_shape[0] if self.input_shape and self.input_shape[0] > 0 else 0
+        step = fixed or MAX_BATCH
+        parts = [self.backend.run(batch[i : i + step]) for i in range(0, batch.shape[0], step)]
+        raw = np.concatenate(parts, axis=0) if parts else np.zeros((0, 1), dtype=np.float32)
+        return scores_from_outputs(raw, self.task)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """(N,) scores: positive-class probability (binary) or the top class's probability (multiclass)."""
+        probs = self.probabilities(batch)
+        if self.task.kind == "binary":
+            return np.asarray(probs[:, self.task.positive_class], dtype=np.float64)
+        return np.asarray(probs.max(axis=1), dtype=np.float64)
+
+
+def load_model(
+    bundle: BundleView,
+    providers: Sequence[str],
+    threads: int,
+    *,
+    precision: Precision = "fp32",
+    trt_engine_cache_dir: Path | None = None,
+    trt_fp16: bool = False,
+    runtime: Runtime | None = None,
+) -> LoadedModel:
+    """Open the bundle's model (or its ``precision`` variant) on the first provider that really loads."""
+    manifest = bundle.manifest
+    entry = pick_model_file(manifest, precision)
+    path = bundle.path_of(entry)
+    if not path.is_file():
+        raise ModelError(f"model file {entry.path} is missing from the bundle; reinstall the bundle")
+    options = BackendOptions(
+        providers=tuple(providers),
+        threads=threads,
+        trt_engine_cache_dir=trt_engine_cache_dir,
+        trt_fp16=trt_fp16,
+    )
+    backend = OnnxRuntimeBackend(path, options, runtime=runtime)
+    used = "fp32" if entry.role == "model" else (entry.variant or "fp32")
+    logger.info(
+        "loaded model %s %s (%s, %s) on %s",
+        manifest.model_id,
+        manifest.model_version,
+        entry.path,
+        used,
+        backend.provider,
+    )
+    return LoadedModel(manifest=manifest, backend=backend, model_file=entry.path, precision=used)

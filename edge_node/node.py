@@ -1,0 +1,126 @@
+"""The edge node process: listener, worker and sender wired together, started in order, stopped on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from edge_node.dicom.listener import Listener, ListenerConfig
+from edge_node.dicom.sender import Destination
+from edge_node.errors import ConfigError, SpoolError
+from edge_node.models import ModelSlot
+from edge_node.settings import EdgeSettings
+from edge_node.spool import Spool
+from edge_node.store import Store
+from edge_node.worker import Sender, Worker, WorkerConfig
+
+__all__ = ["Node"]
+
+logger = logging.getLogger(__name__)
+
+
+class Node:
+    """One edge node: ``start`` brings it up (recovering from any crash first), ``stop`` takes it down."""
+
+    def __init__(self, settings: EdgeSettings) -> None:
+        self.settings = settings
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            settings.results_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"data_dir {settings.data_dir} cannot be created ({exc.strerror}); "
+                "set FEDCLINIC_EDGE_DATA_DIR to a writable directory"
+            ) from exc
+        self.store = Store(settings.db_path)
+        self.spool = Spool(
+            settings.spool_dir,
+            self.store,
+            max_instance_bytes=settings.max_instance_bytes,
+            min_free_bytes=settings.min_free_bytes,
+        )
+        self.models = ModelSlot(
+            self.store,
+            settings.models_dir,
+            settings.trusted_keys,
+            providers=settings.providers,
+            threads=settings.intra_op_threads,
+        )
+        self.sender = Sender(
+            self.store,
+            settings.ae_title,
+            base_seconds=settings.send_retry_base_seconds,
+            max_seconds=settings.send_retry_max_seconds,
+        )
+        self.worker = Worker(
+            self.store,
+            self.models,
+            WorkerConfig(
+                quiet_seconds=settings.quiet_seconds,
+                results_dir=settings.results_dir,
+                destinations=[Destination(d.ae_title, d.host, d.port) for d in settings.destinations],
+                secondary_capture=settings.send_secondary_capture,
+            ),
+            on_results=self.sender.wake,
+        )
+        self.listener = Listener(
+            ListenerConfig(settings.ae_title, settings.host, settings.port, settings.allowed_calling_aes),
+            self.spool,
+            on_complete=self.worker.wake,
+        )
+        self._stopped = threading.Event()
+
+    def start(self) -> tuple[str, int]:
+        """Recover, then start worker and sender, then the listener (so nothing arrives before they run)."""
+        self.worker.recover()
+        try:
+            self.spool.recover()
+        except OSError as exc:
+            raise SpoolError(f"cannot read the spool at {self.spool.root}: {exc.strerror}") from exc
+        if self.store.active_model() is None:
+            logger.warning(
+                "no model installed: studies are spooled and wait; run `fedclinic-edge install-bundle PATH`"
+            )
+        if not self.settings.destinations:
+            logger.warning("no destinations configured: results stay in %s", self.settings.results_dir)
+        counts = self.store.counts()
+        logger.info(
+            "state at start: %d instances, %d studies waiting, %d results to send",
+            counts["instances"],
+            counts["received"] + counts["queued"],
+            counts["outbox_pending"],
+        )
+        self.worker.start()
+        self.sender.start()
+        return self.listener.start()
+
+    def stop(self) -> None:
+        """Stop taking associations, let the worker finish its study, stop the sender, close the store."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        logger.info("stopping")
+        self.listener.stop()
+        self.worker.stop()
+        self.sender.stop()
+        self.store.close()
+        logger.info("stopped")
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        stop = threading.Event()
+
+        def _on_signal(signum: int, frame: FrameType | None) -> None:
+            logger.info("received %s", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            stop.wait()
+        finally:
+            self.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -1,0 +1,189 @@
+"""The edge node's one settings object: environment (FEDCLINIC_EDGE_*) over an optional TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edge_node.errors import ConfigError
+
+__all__ = ["DEFAULT_PROVIDERS", "DestinationSettings", "EdgeSettings", "load_settings"]
+
+ENV_PREFIX = "FEDCLINIC_EDGE_"
+
+DEFAULT_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash, not all spaces.
+    stripped = value.strip()
+    if not stripped or len(value) > 16 or not value.isascii() or "\\" in value:
+        raise ValueError("an AE title is 1 to 16 ASCII characters without a backslash, e.g. FEDCLINIC")
+    if any(not ch.isprintable() for ch in value):
+        raise ValueError("an AE title has no control characters")
+    return stripped
+
+
+class DestinationSettings(BaseModel):
+    """A DICOM node that receives the results (usually the PACS that sent the study)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class EdgeSettings(BaseSettings):
+    """Everything a running edge node needs; built once in the entry point and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        toml_file=None,
+    )
+
+    #: This node's AE title; the PACS must call it exactly.
+    ae_title: str = "FEDCLINIC"
+    #: Address the DICOM listener binds to. 0.0.0.0 listens on every interface.
+    host: str = "127.0.0.1"
+    #: DICOM listener port (0 picks a free port, useful in tests; the port in use is logged).
+    port: int = Field(default=11112, ge=0, le=65535)
+    #: Calling AE titles allowed to associate; empty allows any.
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    #: Spool, database, models and results live here. Required.
+    data_dir: Path
+    #: A study with no association release is considered complete after this many quiet seconds.
+    quiet_seconds: float = Field(default=30.0, gt=0)
+    #: Where results go (C-STORE). Empty keeps results only in data_dir/results.
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    #: ONNX Runtime execution providers in order of preference; the first that loads is used.
+    providers: list[str] = Field(default_factory=lambda: list(DEFAULT_PROVIDERS), min_length=1)
+    #: Threads per inference (ORT intra-op).
+    intra_op_threads: int = Field(default=1, ge=1, le=256)
+    #: Public key file or directory of *.pub files trusted to sign model bundles.
+    trusted_keys: Path | None = None
+    #: Also send the secondary capture (an image with the result burnt in), not only the SR.
+    send_secondary_capture: bool = False
+    #: Instances larger than this are refused with "out of resources" (0xA700).
+    max_instance_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    #: Instances are refused (0xA700) when the spool's file system has less free space than this.
+    min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    #: First retry delay for a failed send; doubles per attempt up to send_retry_max_seconds.
+    send_retry_base_seconds: float = Field(default=5.0, gt=0)
+    send_retry_max_seconds: float = Field(default=900.0, gt=0)
+    #: Python log level for the node's stderr log.
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _check_calling(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in value]
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, value: list[str]) -> list[str]:
+        bad = [p for p in value if not p.endswith("ExecutionProvider")]
+        if bad:
+            raise ValueError(f"unknown provider names {bad}; use e.g. {DEFAULT_PROVIDERS}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("use one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments win, then the environment, then the TOML file (if load_settings named one).
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    # Which hint to give for a key, besides the generic "set it".
+    _HINTS: ClassVar[dict[str, str]] = {
+        "data_dir": "a writable directory for the spool and database, e.g. /var/lib/fedclinic-edge",
+        "destinations": 'a list like [{"ae_title": "PACS", "host": "10.0.0.5", "port": 104}]',
+        "port": "a TCP port 1-65535 (104 or 11112 are usual for DICOM)",
+    }
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "edge.sqlite3"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+def _describe(exc: ValidationError, config_file: Path | None) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = loc[0] if loc else "?"
+        where = f"{ENV_PREFIX}{key.upper()}"
+        if config_file is not None:
+            where += f" or `{key} = ...` in {config_file}"
+        hint = EdgeSettings._HINTS.get(key, "")
+        what = "is missing" if err["type"] == "missing" else f"is wrong: {err['msg']}"
+        if err["type"] == "extra_forbidden":
+            what = "is not a known setting (check the spelling)"
+        detail = ".".join(loc)
+        lines.append(f"setting {detail!r} {what}; set {where}" + (f" ({hint})" if hint else ""))
+    return "invalid edge settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> EdgeSettings:
+    """Build the settings from explicit overrides, FEDCLINIC_EDGE_* variables and an optional TOML file.
+
+    Raises ConfigError naming every bad key and how to set it.
+    """
+    cls: type[EdgeSettings] = EdgeSettings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(
+                f"config file {config_file} does not exist; pass an existing TOML file to --config"
+            )
+        config = SettingsConfigDict(**{**EdgeSettings.model_config, "toml_file": config_file})
+        cls = type("EdgeSettingsFromFile", (EdgeSettings,), {"model_config": config})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, config_file)) from None
+    except ValueError as exc:  # a TOML syntax error surfaces as tomllib.TOMLDecodeError (a ValueError)
+        raise ConfigError(f"config file {config_file} cannot be read: {exc}; fix the TOML syntax") from None

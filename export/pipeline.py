@@ -1,0 +1,168 @@
+"""Export pipeline: torch model -> checked ONNX -> parity on real images -> gated int8 -> signed bundle."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from torch import nn
+
+from edge_node.protocol.manifest import (
+    ClassLabel,
+    IOSpec,
+    Manifest,
+    Preprocessing,
+    Provenance,
+    TaskSpec,
+    TensorSpec,
+)
+from edge_node.protocol.signing import fingerprint
+from export.bundle_writer import BundleFile, producer_info, write_bundle
+from export.metrics import roc_auc
+from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
+from export.parity import DEFAULT_BOUND, ParityReport, check_parity, cpu_session, run_onnx
+from export.quantize import DEFAULT_AUC_TOLERANCE, QuantizationReport, quantize_gated
+from hub.models.registry import DataConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Public, labelled images for the export checks: uint8 (N, H, W) and labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    name: str
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    model_id: str
+    model_version: str
+    dataset: str
+    #: DICOM modalities the model accepts, e.g. ["CR", "DX"] for chest radiographs.
+    modalities: list[str]
+    classes: list[ClassLabel]
+    training: str = "supervised"
+    description: str = ""
+    #: Metrics of the training run on held-out data (e.g. val_auc), copied into the provenance.
+    training_metrics: dict[str, float] = field(default_factory=dict)
+    int8: bool = True
+    int8_tolerance: float = DEFAULT_AUC_TOLERANCE
+    parity_bound: float = DEFAULT_BOUND
+    federation: str | None = None
+    round: int | None = None
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    bundle_dir: Path
+    manifest: Manifest
+    parity: ParityReport
+    fp32_auc: float
+    quantization: QuantizationReport | None
+    #: File name -> bytes, for every file that shipped.
+    sizes: dict[str, int]
+    key_fingerprint: str
+
+    @property
+    def shipped(self) -> list[str]:
+        return [f.path for f in self.manifest.files]
+
+
+def preprocessing_for(data_config: DataConfig, modalities: Sequence[str]) -> Preprocessing:
+    """The manifest's preprocessing: what the edge must do to reproduce ``DataConfig.preprocess``."""
+    _, h, w = data_config.input_size
+    return Preprocessing(
+        modalities=list(modalities),
+        voi=["header_window", "bit_depth"],
+        size=(h, w),
+        interpolation="area" if data_config.interpolation == "area" else "bilinear",
+        mean=list(data_config.mean),
+        std=list(data_config.std),
+    )
+
+
+def export_bundle(
+    model: nn.Module,
+    data_config: DataConfig,
+    request: ExportRequest,
+    *,
+    test: EvalData,
+    calibration: EvalData,
+    private_key: Ed25519PrivateKey,
+    out_dir: Path,
+) -> ExportReport:
+    """Run the whole export; raises ParityError/QuantizationError/ExportError before anything is published."""
+    if data_config.num_outputs != 1:
+        raise ValueError("export writes binary (one-logit, sigmoid) bundles; this model has several outputs")
+    model = model.eval()
+    test_x = data_config.preprocess(test.images)  # (N, 1, H, W)
+    with tempfile.TemporaryDirectory(prefix="fedclinic-export-") as tmp:
+        work = Path(tmp)
+        onnx_file = export_onnx(model, data_config.input_size, work / MODEL_FILE)
+        parity = check_parity(model, onnx_file.path, test_x, bound=request.parity_bound)
+        fp32_auc = roc_auc(test.labels, run_onnx(cpu_session(onnx_file.path), test_x)[:, 0])
+        files = [BundleFile(onnx_file.path, MODEL_FILE, "model")]
+        quant = None
+        if request.int8:
+            quant = quantize_gated(
+                onnx_file.path,
+                work / INT8_FILE,
+                calibration=data_config.preprocess(calibration.images),
+                test_x=test_x,
+                test_y=test.labels,
+                tolerance=request.int8_tolerance,
+            )
+            if quant.accepted and quant.path is not None:
+                files.append(BundleFile(quant.path, INT8_FILE, "variant", variant="int8"))
+        metrics = {**request.training_metrics, f"{test.name}_auc_fp32": fp32_auc}
+        if quant is not None:
+            metrics[f"{test.name}_auc_int8"] = quant.int8_auc
+        c, h, w = data_config.input_size
+        manifest = write_bundle(
+            out_dir,
+            files,
+            model_id=request.model_id,
+            model_version=request.model_version,
+            description=request.description,
+            task=TaskSpec(
+                kind="binary", classes=request.classes, positive_class=1, output_activation="sigmoid"
+            ),
+            io=IOSpec(
+                inputs=[TensorSpec(name=INPUT_NAME, shape=[-1, c, h, w])],
+                outputs=[TensorSpec(name=OUTPUT_NAME, shape=onnx_file.output_shape)],
+            ),
+            preprocessing=preprocessing_for(data_config, request.modalities),
+            provenance=Provenance(
+                training=request.training,
+                dataset=request.dataset,
+                federation=request.federation,
+                round=request.round,
+                metrics=metrics,
+                parity_max_abs_diff=parity.max_abs_diff,
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            ),
+            producer=producer_info(OPSET),
+            private_key=private_key,
+        )
+    sizes = {f.path: f.size for f in manifest.files}
+    return ExportReport(
+        bundle_dir=out_dir,
+        manifest=manifest,
+        parity=parity,
+        fp32_auc=fp32_auc,
+        quantization=quant,
+        sizes=sizes,
+        key_fingerprint=fingerprint(private_key.public_key()),
+    )

@@ -1,0 +1,1 @@
+"""Torch training on the hub: supervised training, checkpoints, federated simulation."""

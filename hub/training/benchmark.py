@@ -1,0 +1,171 @@
+"""`bench fl` orchestration: seeds × methods, cached per (method, seed), round checkpoints, final reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from hub.training.datasets import BenchData, build_bench_data
+from hub.training.methods import METHODS, BenchConfig, MethodContext
+from hub.training.plots import plot_auc
+from hub.training.results import Record, build_results, finalize_record, render_markdown
+from hub.training.simulation import RoundCheckpoint
+
+log = logging.getLogger(__name__)
+
+#: Caps that keep `--quick` (CI) well under three minutes on one CPU thread.
+QUICK_CAPS = {"max_train_per_clinic": 160, "max_test": 160, "public_size": 96}
+
+
+class BenchProgress(Protocol):
+    """What the runner reports; the CLI draws rich progress bars from it."""
+
+    def start(self, method: str, seed: int, total_rounds: int) -> None: ...
+
+    def advance(self, rnd: int) -> None: ...
+
+    def finish(self, method: str, seed: int, record: Record, cached: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """Everything that defines a benchmark run (stored with every cached record)."""
+
+    task: str
+    skew: str = "combined"
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    methods: tuple[str, ...] = tuple(METHODS)
+    cfg: BenchConfig = field(default_factory=BenchConfig)
+    quick: bool = False
+    strength: float = 1.0
+
+    def record_config(self) -> dict[str, Any]:
+        """The settings a cached record must match to be reused on --resume."""
+        return {
+            "task": self.task,
+            "skew": self.skew,
+            "quick": self.quick,
+            "strength": self.strength,
+            **asdict(self.cfg),
+        }
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """'all' or a comma list of method names, validated."""
+    if text.strip() == "all":
+        return tuple(METHODS)
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown methods {unknown}; choose 'all' or from {', '.join(METHODS)}")
+    return names
+
+
+def total_rounds(method: str, cfg: BenchConfig) -> int:
+    """Progress units of one (method, seed): pFedNet has its stats round in front."""
+    return cfg.rounds + (1 if method == "pfednet" else 0)
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=False, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def run_benchmark(
+    spec: BenchSpec, out_dir: Path, *, resume: bool = False, progress: BenchProgress | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the benchmark into ``out_dir``; returns the results.json document."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir, ckpt_dir = out_dir / "cache", out_dir / "ckpt"
+    cache_dir.mkdir(exist_ok=True)
+    config = spec.record_config()
+    records: list[Record] = []
+    t_start = time.perf_counter()
+    for seed in spec.seeds:
+        data: BenchData | None = None
+        for method in spec.methods:
+            cache = cache_dir / f"{method}__seed{seed}.json"
+            if resume and cache.is_file():
+                cached = json.loads(cache.read_text())
+                if cached.get("config") == config:
+                    records.append(cached)
+                    if progress is not None:
+                        progress.finish(method, seed, cached, cached=True)
+                    continue
+                log.info("cached %s seed %d was run with other settings; running it again", method, seed)
+            if data is None:
+                caps = QUICK_CAPS if spec.quick else {}
+                data = build_bench_data(spec.task, spec.skew, seed, strength=spec.strength, **caps)  # type: ignore[arg-type]
+            ckpt = RoundCheckpoint(ckpt_dir / f"{method}__seed{seed}.npz")
+            if not resume:
+                ckpt.clear()
+            if progress is not None:
+                progress.start(method, seed, total_rounds(method, spec.cfg))
+            ctx = MethodContext(
+                spec.cfg, out_dir, seed, progress.advance if progress is not None else None, ckpt
+            )
+            t0 = time.perf_counter()
+            raw = METHODS[method](data, ctx)
+            record = finalize_record(method, seed, raw, time.perf_counter() - t0, config)
+            _write_json(cache, record)
+            ckpt.clear()
+            records.append(record)
+            log.info("%s seed %d: small4 AUC %.3f, worst %.3f, unseen %.3f", method, seed,
+                     record["small4_auc"], record["worst_auc"], record["unseen"]["auc"])  # fmt: skip
+            if progress is not None:
+                progress.finish(method, seed, record, cached=False)
+    return write_reports(spec, out_dir, records, time.perf_counter() - t_start)
+
+
+def report_from_cache(spec: BenchSpec, out_dir: Path) -> dict[str, Any]:
+    """Rebuild the reports from the cached (method, seed) records alone; runs nothing, skips what is missing.
+
+    This is how runs split over several processes (e.g. baselines and ablations) are merged into one report.
+    """
+    config = spec.record_config()
+    records: list[Record] = []
+    missing: list[str] = []
+    for seed in spec.seeds:
+        for method in spec.methods:
+            cache = out_dir / "cache" / f"{method}__seed{seed}.json"
+            cached = json.loads(cache.read_text()) if cache.is_file() else None
+            if cached is not None and cached.get("config") == config:
+                records.append(cached)
+            else:
+                missing.append(f"{method}/seed{seed}")
+    if not records:
+        raise FileNotFoundError(f"no finished results with these settings under {out_dir / 'cache'}")
+    if missing:
+        log.warning("report leaves out %d unfinished runs: %s", len(missing), ", ".join(missing))
+    seeds = tuple(s for s in spec.seeds if any(r["seed"] == s for r in records))
+    methods = tuple(m for m in spec.methods if any(r["method"] == m for r in records))
+    merged = BenchSpec(spec.task, spec.skew, seeds, methods, spec.cfg, spec.quick, spec.strength)
+    return write_reports(merged, out_dir, records, 0.0)
+
+
+def write_reports(spec: BenchSpec, out_dir: Path, records: Sequence[Record], wall_s: float) -> dict[str, Any]:
+    """results.json, results.md and auc.png from the records."""
+    meta = {
+        "task": spec.task,
+        "skew": spec.skew,
+        "seeds": list(spec.seeds),
+        "methods": list(spec.methods),
+        "rounds": spec.cfg.rounds,
+        "local_epochs": spec.cfg.local_epochs,
+        "quick": spec.quick,
+        "strength": spec.strength,
+        "config": asdict(spec.cfg),
+        "wall_s_this_invocation": wall_s,
+    }
+    results = build_results(records, meta)
+    _write_json(out_dir / "results.json", results)
+    (out_dir / "results.md").write_text(render_markdown(results))
+    plot_auc(results, out_dir / "auc.png")
+    return results

@@ -1,0 +1,65 @@
+"""Distillation at the hub: teacher soft outputs on a transfer set → a compact student (≤ 1 M params)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hub.models.fl_cnn import fl_cnn
+from hub.training.fedhelp_kd import binary_kl
+from hub.training.learners import AUGMENT, minibatches, normalize
+
+log = logging.getLogger(__name__)
+
+#: The student the export step bundles must stay under this many parameters.
+MAX_STUDENT_PARAMS = 1_000_000
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def distill_student(
+    teacher: Callable[[torch.Tensor], torch.Tensor],
+    transfer_x01: torch.Tensor,
+    *,
+    epochs: int = 10,
+    seed: int = 0,
+    temperature: float = 2.0,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    augment: bool = True,
+    student: nn.Module | None = None,
+) -> nn.Module:
+    """Train ``student`` (default: the 93 k-parameter GroupNorm CNN) to match the teacher's logits.
+
+    Loss: KL between the teacher's and the student's two-class distributions at temperature T (×T²), on the
+    transfer images, each batch freshly intensity-augmented so the student also matches the teacher off the
+    transfer set's acquisition profile. No labels are needed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = student if student is not None else fl_cnn(norm="group")
+    if count_params(net) > MAX_STUDENT_PARAMS:
+        raise ValueError(
+            f"student has {count_params(net)} parameters; the edge budget is {MAX_STUDENT_PARAMS}"
+        )
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(epochs):
+        net.train()
+        for idx in minibatches(len(transfer_x01), batch_size, gen):
+            xb = transfer_x01[idx]
+            if augment:
+                xb = AUGMENT(xb, gen)
+            x = normalize(xb)
+            with torch.no_grad():
+                z_teacher = teacher(x)[:, 0]
+            loss = binary_kl(z_teacher, net(x)[:, 0], temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    net.eval()
+    return net

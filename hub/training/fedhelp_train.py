@@ -1,0 +1,190 @@
+"""FedHelp's clinic learners: small (surrogate + public-head KD) and large (dual KD with a proxy)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hub.fl.strategy import ClientResult, ClientTask, Params
+from hub.models.fedhelp_nets import FedHelpSmall
+from hub.training.datasets import ClinicData
+from hub.training.fedhelp_kd import RankSign, kl_to_soft_labels, large_loss, proxy_loss
+from hub.training.learners import (
+    AUGMENT,
+    LocalConfig,
+    delta,
+    load_params,
+    minibatches,
+    normalize,
+    predict,
+    to_params,
+)
+
+
+def _rng_state(gen: torch.Generator) -> np.ndarray:
+    return gen.get_state().numpy().copy()
+
+
+class FedHelpSmallLearner:
+    """Small clinic: per private minibatch, (A) CE on private data, then (B) KL toward the foundation soft
+    labels on one public minibatch through the public head (ALGORITHMS.md §2.3). Uploads φ + private head."""
+
+    def __init__(
+        self,
+        client_id: str,
+        model: FedHelpSmall,
+        data: ClinicData,
+        public_x: torch.Tensor,
+        soft_labels: torch.Tensor,
+        default: LocalConfig,
+        seed: int,
+    ) -> None:
+        self.client_id = client_id
+        self.model = model
+        self.data = data
+        self.public_x = public_x
+        self.soft_labels = soft_labels
+        self.default = default
+        self.gen = torch.Generator().manual_seed(seed)
+        self._public_order = torch.randperm(len(public_x), generator=self.gen)
+        self._public_pos = 0
+
+    def _public_batch(self, size: int) -> torch.Tensor:
+        if self._public_pos + size > len(self._public_order):
+            self._public_order = torch.randperm(len(self.public_x), generator=self.gen)
+            self._public_pos = 0
+        idx = self._public_order[self._public_pos : self._public_pos + size]
+        self._public_pos += size
+        return idx
+
+    def fit(self, task: ClientTask) -> ClientResult:
+        cfg = LocalConfig.from_task(task.config, self.default)
+        load_params(self.model, task.params)
+        opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model.train()
+        losses: list[float] = []
+        for _ in range(cfg.epochs):
+            for idx in minibatches(self.data.n_train, cfg.batch_size, self.gen):
+                xb = self.data.train_x[idx]
+                if cfg.augment:
+                    xb = AUGMENT(xb, self.gen)
+                loss_a = F.binary_cross_entropy_with_logits(
+                    self.model(normalize(xb))[:, 0], self.data.train_y[idx]
+                )
+                opt.zero_grad(set_to_none=True)
+                loss_a.backward()
+                opt.step()
+                pidx = self._public_batch(min(cfg.batch_size, len(self.public_x)))
+                loss_b = kl_to_soft_labels(
+                    self.soft_labels[pidx], self.model.forward_public(normalize(self.public_x[pidx]))
+                )
+                opt.zero_grad(set_to_none=True)
+                loss_b.backward()
+                opt.step()
+                losses.append(float(loss_a.detach()) + float(loss_b.detach()))
+        return ClientResult(
+            client_id=self.client_id,
+            round=task.round,
+            num_examples=self.data.n_train,
+            update=delta(to_params(self.model), task.params),
+            metrics={"train_loss": float(np.mean(losses)) if losses else math.nan},
+        )
+
+    def predict(self, x01: torch.Tensor) -> np.ndarray:
+        return predict(self.model, x01)
+
+    def state(self) -> Params:
+        return {**to_params(self.model), "__rng__": _rng_state(self.gen)}
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        load_params(self.model, {k: v for k, v in state.items() if k != "__rng__"})
+        self.gen.set_state(torch.from_numpy(np.array(state["__rng__"])))
+
+
+class FedHelpLargeLearner:
+    """Large hospital: a private large model and the small proxy, trained by asymmetric dual KD (§2.4).
+
+    Per minibatch: (1) large model frozen, the proxy learns CE + KL(L ‖ P); (2) proxy frozen, the large model
+    learns CE + kl_weight·KL(P ‖ L) + rank_weight·ranking hinge. Only the proxy (φ + private head) is
+    uploaded; the large model never leaves and is what this hospital evaluates with.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        proxy: FedHelpSmall,
+        large: nn.Module,
+        data: ClinicData,
+        default: LocalConfig,
+        seed: int,
+        *,
+        kl_weight: float = 0.1,
+        rank_sign: RankSign = "agree",
+    ) -> None:
+        self.client_id = client_id
+        self.model = proxy
+        self.large = large
+        self.data = data
+        self.default = default
+        self.kl_weight = kl_weight
+        self.rank_sign: RankSign = rank_sign
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def fit(self, task: ClientTask) -> ClientResult:
+        cfg = LocalConfig.from_task(task.config, self.default)
+        rank_weight = float(task.config.get("rank_weight", 0.2))
+        margin = float(task.config.get("rank_margin", 0.0))
+        load_params(self.model, task.params)
+        opt_p = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt_l = torch.optim.Adam(self.large.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model.train()
+        self.large.train()
+        losses: list[float] = []
+        for _ in range(cfg.epochs):
+            for idx in minibatches(self.data.n_train, cfg.batch_size, self.gen):
+                xb = self.data.train_x[idx]
+                if cfg.augment:
+                    xb = AUGMENT(xb, self.gen)
+                x, y = normalize(xb), self.data.train_y[idx]
+                with torch.no_grad():
+                    z_large = self.large(x)[:, 0]
+                loss_p = proxy_loss(self.model(x)[:, 0], z_large, y)
+                opt_p.zero_grad(set_to_none=True)
+                loss_p.backward()
+                opt_p.step()
+                with torch.no_grad():
+                    z_proxy = self.model(x)[:, 0]
+                loss_l = large_loss(
+                    self.large(x)[:, 0], z_proxy, y, kl_weight=self.kl_weight, rank_weight=rank_weight,
+                    margin=margin, sign=self.rank_sign,
+                )  # fmt: skip
+                opt_l.zero_grad(set_to_none=True)
+                loss_l.backward()
+                opt_l.step()
+                losses.append(float(loss_p.detach()))
+        return ClientResult(
+            client_id=self.client_id,
+            round=task.round,
+            num_examples=self.data.n_train,
+            update=delta(to_params(self.model), task.params),
+            metrics={"train_loss": float(np.mean(losses)) if losses else math.nan},
+        )
+
+    def predict(self, x01: torch.Tensor) -> np.ndarray:
+        return predict(self.large, x01)
+
+    def state(self) -> Params:
+        large = {f"large.{k}": v for k, v in to_params(self.large).items()}
+        return {**to_params(self.model), **large, "__rng__": _rng_state(self.gen)}
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        load_params(
+            self.model, {k: v for k, v in state.items() if k != "__rng__" and not k.startswith("large.")}
+        )
+        load_params(self.large, {k[len("large.") :]: v for k, v in state.items() if k.startswith("large.")})
+        self.gen.set_state(torch.from_numpy(np.array(state["__rng__"])))

@@ -1,0 +1,186 @@
+"""Torch learners for simulated clinics: params ↔ numpy, local training, metrics, the supervised learner."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from torch import nn
+
+from hub.fl.strategy import ClientResult, ClientTask, Config, Params
+from hub.training.augment import IntensityAugment
+from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
+
+#: Fed to a learner's loss: (model, normalised batch x, labels y) → scalar loss.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def normalize(x01: torch.Tensor) -> torch.Tensor:
+    """Rendered image in [0, 1] → model input."""
+    return (x01 - NORM_MEAN) / NORM_STD
+
+
+def to_params(module: nn.Module) -> Params:
+    """The module's state as numpy copies (parameters and buffers, e.g. BN running statistics)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_params(module: nn.Module, params: Mapping[str, np.ndarray]) -> None:
+    """Overwrite the named tensors of ``module`` (a subset is fine; unknown names are an error)."""
+    state = module.state_dict()
+    unknown = sorted(set(params) - set(state))
+    if unknown:
+        raise KeyError(f"tensors {unknown[:5]} are not in the model")
+    with torch.no_grad():
+        for name, arr in params.items():
+            state[name].copy_(torch.from_numpy(np.asarray(arr)).to(state[name].dtype))
+
+
+def delta(after: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> Params:
+    """update = local_after − params_sent for exactly the sent tensors, in their dtype."""
+    return {name: np.asarray(after[name] - arr).astype(arr.dtype) for name, arr in sent.items()}
+
+
+def minibatches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Shuffled index batches covering ``n`` items once (the last batch may be smaller)."""
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], x01: torch.Tensor) -> np.ndarray:
+    """Primary-task logits (N,) of a single-input model on rendered images (N, 1, H, W) in [0, 1]."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    out = [model(normalize(x01[i : i + 512]))[:, 0] for i in range(0, len(x01), 512)]
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def binary_metrics(labels: torch.Tensor | np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """AUC and balanced accuracy (threshold: logit 0, i.e. probability 0.5); NaN AUC for one class."""
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    if not np.all(np.isfinite(logits)):
+        return {"auc": math.nan, "bacc": math.nan}
+    auc = float(roc_auc_score(y, logits)) if len(np.unique(y)) == 2 else math.nan
+    return {"auc": auc, "bacc": float(balanced_accuracy_score(y, (logits > 0).astype(np.int64)))}
+
+
+def bce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(model(x)[:, 0], y)
+
+
+def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Σ ‖w − w_anchor‖² over the anchored parameters (FedProx's term without mu/2)."""
+    total = torch.zeros(())
+    for name, p in model.named_parameters():
+        ref = anchor.get(name)
+        if ref is not None:
+            total = total + ((p - ref) ** 2).sum()
+    return total
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Local optimisation settings: fresh Adam every round (BENCHMARK-CALIBRATION §1)."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    augment: bool = False
+    mu: float = 0.0
+
+    @classmethod
+    def from_task(cls, config: Config, default: LocalConfig) -> LocalConfig:
+        """Task config keys override the learner's defaults (from the strategy's ``client_config``)."""
+        return cls(
+            epochs=int(config.get("epochs", default.epochs)),
+            lr=float(config.get("lr", default.lr)),
+            batch_size=int(config.get("batch_size", default.batch_size)),
+            weight_decay=float(config.get("weight_decay", default.weight_decay)),
+            augment=bool(config.get("augment", default.augment)),
+            mu=float(config.get("mu", default.mu)),
+        )
+
+
+AUGMENT = IntensityAugment()
+
+
+def train_local(
+    model: nn.Module,
+    x01: torch.Tensor,
+    y: torch.Tensor,
+    cfg: LocalConfig,
+    gen: torch.Generator,
+    *,
+    loss_fn: LossFn = bce,
+    prox_anchor: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """Train ``cfg.epochs`` passes over (x01, y); returns the mean loss of the last epoch."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    last = math.nan
+    for _ in range(cfg.epochs):
+        losses = []
+        for idx in minibatches(len(y), cfg.batch_size, gen):
+            xb = x01[idx]  # (b, 1, H, W) in [0, 1]
+            if cfg.augment:
+                xb = AUGMENT(xb, gen)
+            loss = loss_fn(model, normalize(xb), y[idx])
+            if prox_anchor is not None and cfg.mu > 0:
+                loss = loss + 0.5 * cfg.mu * proximal_term(model, prox_anchor)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        last = float(np.mean(losses)) if losses else math.nan
+    return last
+
+
+class SupervisedLearner:
+    """A clinic running plain local training on the tensors a weights_delta task sends (FedAvg/Prox/BN).
+
+    Tensors the task does not send (FedBN's norms) stay as this clinic's own: they persist in ``model``.
+    """
+
+    def __init__(
+        self, client_id: str, model: nn.Module, data: ClinicData, default: LocalConfig, seed: int
+    ) -> None:
+        self.client_id = client_id
+        self.model = model
+        self.data = data
+        self.default = default
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def fit(self, task: ClientTask) -> ClientResult:
+        cfg = LocalConfig.from_task(task.config, self.default)
+        load_params(self.model, task.params)
+        anchor = {k: torch.from_numpy(np.array(v)) for k, v in task.params.items() if v.dtype.kind == "f"}
+        loss = train_local(
+            self.model, self.data.train_x, self.data.train_y, cfg, self.gen, prox_anchor=anchor
+        )
+        after = to_params(self.model)
+        return ClientResult(
+            client_id=self.client_id,
+            round=task.round,
+            num_examples=self.data.n_train,
+            update=delta(after, task.params),
+            metrics={"train_loss": loss},
+        )
+
+    def predict(self, x01: torch.Tensor) -> np.ndarray:
+        return predict(self.model, x01)
+
+    def state(self) -> Params:
+        """Everything needed to resume this clinic: its model (incl. its own norms) and its RNG."""
+        return {**to_params(self.model), "__rng__": self.gen.get_state().numpy().copy()}
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        load_params(self.model, {k: v for k, v in state.items() if k != "__rng__"})
+        self.gen.set_state(torch.from_numpy(np.array(state["__rng__"])))

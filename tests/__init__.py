@@ -1,0 +1,1 @@
+"""fedclinic test suite."""

@@ -1,0 +1,1 @@
+"""Whole flows with real servers: Orthanc, the edge node process, the hub."""

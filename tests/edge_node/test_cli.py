@@ -1,0 +1,174 @@
+"""The fedclinic-edge CLI: settings errors, status, install / refuse / rollback bundles, echo, hot swap."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typer.testing import CliRunner
+
+from edge_node.cli import app
+from edge_node.store import Store
+from tests.edge_node.conftest import (
+    EdgeProcess,
+    Storescp,
+    TrustedBundle,
+    dicom_dir,
+    free_port,
+    make_ct_instances,
+    make_signed_bundle,
+    storescu,
+    write_config,
+)
+
+runner = CliRunner()
+DX = dicom_dir() / "highdicom" / "dx_image.dcm"
+
+
+@pytest.fixture(autouse=True)
+def _no_edge_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("FEDCLINIC_EDGE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def config(tmp_path: Path, signing_key: tuple[Ed25519PrivateKey, Path]) -> Path:
+    path = tmp_path / "edge.toml"
+    write_config(
+        path,
+        data_dir=str(tmp_path / "data"),
+        trusted_keys=str(signing_key[1]),
+        providers=["CPUExecutionProvider"],
+    )
+    return path
+
+
+def test_help_lists_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("serve", "status", "install-bundle", "rollback", "echo", "states"):
+        assert command in result.output
+
+
+def test_states_prints_the_transition_table() -> None:
+    result = runner.invoke(app, ["states"])
+    assert result.exit_code == 0
+    assert "processing --done" in result.output and "--recover" in result.output
+
+
+def test_missing_setting_names_the_key_and_the_fix(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    write_config(bad, port=70000)
+    result = runner.invoke(app, ["status", "--config", str(bad)])
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "FEDCLINIC_EDGE_DATA_DIR" in out and "FEDCLINIC_EDGE_PORT" in out
+
+
+def test_status_before_anything_was_received(config: Path, tmp_path: Path) -> None:
+    Store(tmp_path / "data" / "edge.sqlite3").close()
+    result = runner.invoke(app, ["status", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "none installed" in result.output and "nothing received yet" in result.output
+
+
+def test_install_refuse_and_rollback(
+    config: Path, tmp_path: Path, signing_key: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key = signing_key[0]
+    v1 = make_signed_bundle(tmp_path / "v1", key, version="1.0.0", seed=1)
+    v2 = make_signed_bundle(tmp_path / "v2", key, version="1.1.0", seed=2)
+    assert runner.invoke(app, ["install-bundle", str(v1), "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["install-bundle", str(v2), "--config", str(config)])
+    assert result.exit_code == 0 and "1.1.0" in result.output
+    assert (tmp_path / "data" / "models" / "test-student" / "1.0.0" / "model.onnx").is_file()
+
+    # Tampered weights: the sha256 in the signed manifest no longer matches. Refused; 1.1.0 stays active.
+    bad = make_signed_bundle(tmp_path / "bad", key, version="2.0.0")
+    onnx = bad / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    result = runner.invoke(app, ["install-bundle", str(bad), "--config", str(config)])
+    assert result.exit_code == 1 and "refused" in result.output
+    # Signed by a key this node does not trust.
+    stranger = make_signed_bundle(tmp_path / "stranger", Ed25519PrivateKey.generate(), version="3.0.0")
+    result = runner.invoke(app, ["install-bundle", str(stranger), "--config", str(config)])
+    assert result.exit_code == 1 and "refused" in result.output
+    status = runner.invoke(app, ["status", "--config", str(config)])
+    assert "test-student 1.1.0" in status.output
+
+    result = runner.invoke(app, ["rollback", "--config", str(config)])
+    assert result.exit_code == 0 and "1.0.0" in result.output
+    status = runner.invoke(app, ["status", "--config", str(config)])
+    assert "test-student 1.0.0" in status.output
+
+
+def test_install_without_trusted_keys_says_how_to_set_them(tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    write_config(path, data_dir=str(tmp_path / "data"))
+    bundle = make_signed_bundle(tmp_path / "b", Ed25519PrivateKey.generate())
+    result = runner.invoke(app, ["install-bundle", str(bundle), "--config", str(path)])
+    assert result.exit_code == 1
+    assert "FEDCLINIC_EDGE_TRUSTED_KEYS" in " ".join(result.output.split())
+
+
+def test_rollback_with_one_model_is_an_error(config: Path, tmp_path: Path) -> None:
+    Store(tmp_path / "data" / "edge.sqlite3").close()
+    result = runner.invoke(app, ["rollback", "--config", str(config)])
+    assert result.exit_code == 1 and "no previous model" in result.output
+
+
+def test_echo_a_real_scp_and_a_closed_port(pacs: Storescp) -> None:
+    ok = runner.invoke(app, ["echo", "127.0.0.1", str(pacs.port), "PACS"])
+    assert ok.exit_code == 0 and "C-ECHO ok" in ok.output
+    closed = runner.invoke(app, ["echo", "127.0.0.1", str(free_port()), "PACS", "--timeout", "3"])
+    assert closed.exit_code == 1 and "not established" in closed.output
+
+
+@pytest.mark.slow
+def test_hot_swap_while_serving(
+    edge_factory: Callable[..., EdgeProcess],
+    test_bundle: TrustedBundle,
+    tmp_path: Path,
+) -> None:
+    """A serving node switches to a newly installed model before its next study, and back on rollback."""
+    edge = edge_factory(trusted_keys=str(test_bundle.public_key), quiet_seconds=1.0)
+    edge.start()
+    first = edge.cli("install-bundle", str(test_bundle.bundle))
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    def run_study(name: str) -> str:
+        files = make_ct_instances(tmp_path / name, 2, source=DX)
+        assert storescu(edge.port, files).returncode == 0
+        edge.wait_idle(60)
+        rows = edge.query("SELECT model_id, model_version, status FROM runs ORDER BY id DESC LIMIT 1")
+        model_id, version, status = rows[0]
+        assert status == "done"
+        return f"{model_id} {version}"
+
+    original = run_study("a")
+    # A second model, signed by a second hub key that the node is told to trust as well.
+    key = Ed25519PrivateKey.generate()
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    (keys_dir / "hub.pub").write_bytes(test_bundle.public_key.read_bytes())
+    (keys_dir / "second.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    text = edge.config.read_text().replace(str(test_bundle.public_key), str(keys_dir))
+    edge.config.write_text(text)
+    edge.stop()
+    edge.start()  # trusted_keys is read at start
+    second = make_signed_bundle(tmp_path / "second", key, version="9.9.9")
+    installed = edge.cli("install-bundle", str(second))
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert run_study("b") == "test-student 9.9.9"
+    assert edge.cli("rollback").returncode == 0
+    assert run_study("c") == original
+    assert edge.stop() == 0

@@ -1,0 +1,124 @@
+"""Worker and sender in-process: real analysis of real images, outbox to a real storescp, backoff, idling."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+
+from edge_node.dicom.sender import Destination
+from edge_node.models import ModelSlot
+from edge_node.spool import Spool
+from edge_node.store import Store
+from edge_node.worker import MODEL_POLL_SECONDS, Sender, Worker, WorkerConfig, backoff_seconds
+from tests.edge_node.conftest import Storescp, TrustedBundle, dicom_dir, free_port, make_ct_instances
+
+DX = dicom_dir() / "highdicom" / "dx_image.dcm"
+
+
+class Node:
+    """The pieces of a node without the listener: spool, store, model slot, worker, sender."""
+
+    def __init__(self, root: Path, bundle: TrustedBundle, destinations: list[Destination]) -> None:
+        self.store = Store(root / "edge.sqlite3")
+        self.spool = Spool(root / "spool", self.store, max_instance_bytes=10**8, min_free_bytes=0)
+        self.models = ModelSlot(
+            self.store, root / "models", bundle.public_key, providers=["CPUExecutionProvider"], threads=1
+        )
+        self.sender = Sender(self.store, "EDGE", base_seconds=0.2, max_seconds=1.0)
+        self.worker = Worker(
+            self.store,
+            self.models,
+            WorkerConfig(
+                quiet_seconds=0.5,
+                results_dir=root / "results",
+                destinations=destinations,
+                secondary_capture=True,
+            ),
+            on_results=self.sender.wake,
+        )
+
+    def receive(self, files: list[Path]) -> int:
+        study_ids = {self.spool.put(f.read_bytes(), calling_ae="TESTSCU").study_id for f in files}
+        return self.store.mark_complete(sorted(study_ids))
+
+
+def test_study_is_analysed_recorded_and_sent(
+    tmp_path: Path, test_bundle: TrustedBundle, pacs: Storescp
+) -> None:
+    node = Node(tmp_path / "node", test_bundle, [Destination("PACS", "127.0.0.1", pacs.port)])
+    node.models.install(test_bundle.bundle)
+    assert node.receive(make_ct_instances(tmp_path / "dx", 3, source=DX)) == 1
+    assert node.worker.step() == 0.0  # one study processed, look again at once
+    summary = node.store.recent_studies()[0]
+    assert summary.state == "done" and summary.runs == 1
+    assert summary.top_label is not None and summary.top_score is not None and 0.0 <= summary.top_score <= 1.0
+    assert summary.model is not None and summary.model.startswith(node.models.current().model_id)  # type: ignore[union-attr]
+    findings = node.store._query("SELECT COUNT(*) FROM findings")[0][0]
+    assert findings == 3
+    assert node.sender.step() is None  # everything sent, nothing to retry
+    assert node.store.counts()["outbox_sent"] > 0 and node.store.counts()["outbox_pending"] == 0
+    assert node.store.recent_studies()[0].results == "sent"
+    received = {p.name.split(".", 1)[1] for p in pacs.files()}
+    sent = {
+        str(pydicom.dcmread(str(r[0]), stop_before_pixels=True).SOPInstanceUID)
+        for r in node.store._query("SELECT path FROM outbox")
+    }
+    assert received == sent
+    # Idle: nothing waits, so the worker would sleep until woken (no polling).
+    assert node.worker.step() is None
+
+
+def test_skipped_study_records_the_reason(tmp_path: Path, test_bundle: TrustedBundle) -> None:
+    node = Node(tmp_path / "node", test_bundle, [])
+    node.models.install(test_bundle.bundle)
+    node.receive(make_ct_instances(tmp_path / "ct", 2))  # CT for a chest X-ray model
+    node.worker.step()
+    summary = node.store.recent_studies()[0]
+    assert summary.state == "skipped" and summary.reason and "CT" in summary.reason
+
+
+def test_worker_waits_for_quiet_time_and_for_a_model(tmp_path: Path, test_bundle: TrustedBundle) -> None:
+    node = Node(tmp_path / "node", test_bundle, [])
+    files = make_ct_instances(tmp_path / "dx", 1, source=DX)
+    node.spool.put(files[0].read_bytes(), calling_ae="TESTSCU")  # no release: quiet time decides
+    wait = node.worker.step()  # not quiet yet: sleep until it will be
+    assert wait is not None and 0.0 < wait <= 0.52
+    time.sleep(wait)
+    assert node.worker.step() == MODEL_POLL_SECONDS  # ready, but no model: poll for an install, don't spin
+    node.models.install(test_bundle.bundle)
+    assert node.worker.step() == 0.0
+    assert node.store.recent_studies()[0].state == "done"
+
+
+def test_failed_send_backs_off_and_keeps_the_entry(tmp_path: Path, test_bundle: TrustedBundle) -> None:
+    dead = Destination("PACS", "127.0.0.1", free_port())  # nobody listens here
+    node = Node(tmp_path / "node", test_bundle, [dead])
+    node.models.install(test_bundle.bundle)
+    node.receive(make_ct_instances(tmp_path / "dx", 1, source=DX))
+    node.worker.step()
+    before = time.time()
+    wait = node.sender.step()
+    assert wait is not None and 0.0 < wait <= 0.2
+    rows = node.store._query("SELECT attempts, next_try, last_error, state FROM outbox")
+    assert rows and all(r[0] == 1 and r[1] >= before + 0.19 and r[2] and r[3] == "pending" for r in rows)
+    assert "PACS@127.0.0.1" in str(node.store.last_send_error())
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    assert [backoff_seconds(n, 5, 60) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+
+
+def test_threads_idle_without_work_and_stop_promptly(tmp_path: Path, test_bundle: TrustedBundle) -> None:
+    node = Node(tmp_path / "node", test_bundle, [])
+    node.worker.start()
+    node.sender.start()
+    time.sleep(0.3)
+    t0 = time.process_time()
+    time.sleep(1.0)
+    assert time.process_time() - t0 < 0.05, "idle threads must sleep, not spin"
+    t1 = time.monotonic()
+    node.worker.stop()
+    node.sender.stop()
+    assert time.monotonic() - t1 < 2.0

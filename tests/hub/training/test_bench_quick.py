@@ -1,0 +1,60 @@
+"""`fedclinic-hub bench fl --quick` through the real CLI: every method, finite metrics, resumable."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hub.cli import app
+from hub.training.methods import METHODS
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "fl", "--task", "pneumonia", "--quick", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["methods"]) == set(METHODS)
+    for name, summary in doc["methods"].items():
+        for clinic in "ABCDEF":
+            assert math.isfinite(summary["clinics"][clinic]["auc"]["mean"]), (name, clinic)
+            assert math.isfinite(summary["clinics"][clinic]["bacc"]["mean"]), (name, clinic)
+        assert math.isfinite(summary["unseen"]["auc"]["mean"]), name
+        assert math.isfinite(summary["small4_auc"]["mean"]) and math.isfinite(summary["worst_auc"]["mean"])
+        assert summary["wall_s"]["mean"] > 0
+        federated = name not in ("local", "central", "central_aug")
+        assert ("bytes_per_client_round" in summary) == federated, name
+    assert {r["method"] for r in doc["records"]} == set(METHODS)
+    assert {c["name"] for c in doc["targets"]["checks"]} >= {
+        "small4 AUC / centralized",
+        "unseen AUC / centralized",
+    }
+    hsl = next(r for r in doc["records"] if r["method"] == "hsl")
+    assert len(hsl["extra"]["anchor_auc"]) >= 6  # the mean anchor + single images of both classes
+    distill = next(r for r in doc["records"] if r["method"] == "fedhelp")["extra"]["distill"]
+    assert distill["student_params"] <= 1_000_000
+    assert (out / "results.md").read_text().startswith("# bench fl")
+    assert (out / "auc.png").stat().st_size > 10_000
+    assert (out / "foundation-pneumonia.npz").is_file()
+
+    # --resume reuses every finished (method, seed) and rewrites the same reports.
+    again = runner.invoke(
+        app, ["bench", "fl", "--task", "pneumonia", "--quick", "--resume", "--out", str(out)]
+    )
+    assert again.exit_code == 0, again.output
+    assert again.output.count("(cached)") == len(METHODS)
+    redo = json.loads((out / "results.json").read_text())
+    assert redo["records"] == doc["records"]
+
+
+def test_bench_fl_rejects_unknown_method(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["bench", "fl", "--methods", "fedsgd", "--out", str(tmp_path)])
+    assert res.exit_code != 0
+    assert "unknown methods" in res.output

@@ -1,0 +1,53 @@
+"""pFedNet learner: the stats sketch answers the graph round; personal parts stay per clinic."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hub.fl.registry import make_strategy
+from hub.models.fl_cnn import fl_cnn
+from hub.training.datasets import ClinicData
+from hub.training.learners import LocalConfig, to_params
+from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor, sketch
+from hub.training.simulation import run_federation
+
+
+def test_sketch_is_label_counts_and_a_coarse_mean_image() -> None:
+    x = torch.zeros(4, 1, 28, 28)
+    x[:, :, :14, :] = 1.0  # top half bright
+    s = sketch(x, torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    np.testing.assert_array_equal(s["label_counts"], [1.0, 3.0])
+    assert s["feature_mean"].shape == (16,)
+    np.testing.assert_allclose(s["feature_mean"][:8], 1.0)
+    np.testing.assert_allclose(s["feature_mean"][8:], 0.0)
+
+
+def test_personal_part_is_head_and_norm_affines() -> None:
+    names = list(to_params(fl_cnn(norm="group")))
+    personal = [n for n in names if is_personal_tensor(n)]
+    assert "head.weight" in personal and "features.0.norm.weight" in personal
+    assert "features.0.conv.weight" not in personal
+
+
+def test_pfednet_stats_round_then_training_rounds(clinics: dict[str, ClinicData]) -> None:
+    torch.manual_seed(0)
+    init = fl_cnn(norm="group")
+    learners = {}
+    for k, (c, data) in enumerate(clinics.items()):
+        model = fl_cnn(norm="group")
+        model.load_state_dict(init.state_dict())
+        learners[c] = PFedNetLearner(c, model, data, LocalConfig(batch_size=16), k)
+    strategy = make_strategy(
+        "pfednet", is_personal=is_personal_tensor, lam=1.0, eta=0.01, mean_gradient=False, graph_k=1,
+        graph_keys=("label_counts", "feature_mean"),
+    )  # fmt: skip
+    strategy.initialize(to_params(init), list(learners))
+    run = run_federation(strategy, learners, 3)
+    assert not run.rounds[0].applied  # the stats round builds the graph and keeps the model
+    assert run.rounds[0].bytes_up["A"] < 2000  # a sketch is tiny
+    assert run.rounds[1].applied and run.rounds[2].applied
+    assert strategy.graph is not None and len(strategy.graph.edges) >= 1  # type: ignore[attr-defined]
+    heads = [strategy.params_for(c)["head.weight"] for c in clinics]  # type: ignore[attr-defined]
+    assert not np.array_equal(heads[0], heads[1])
+    assert "head.weight" not in strategy.global_params

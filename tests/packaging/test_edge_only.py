@@ -1,0 +1,47 @@
+"""The edge installs and runs without torch: a fresh venv with only the `edge` and `cpu` extras passes the edge tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+
+
+@pytest.mark.slow
+def test_fresh_edge_environment_has_no_torch_and_passes_edge_tests(tmp_path: Path) -> None:
+    bundle = os.environ.get("FEDCLINIC_TEST_BUNDLE")
+    if not bundle:
+        pytest.skip("FEDCLINIC_TEST_BUNDLE is not set: `make test` builds the test bundle and sets it")
+    env_dir = tmp_path / "edge-venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    # A regular (non-editable) install of exactly what a clinic installs.
+    install = _run([str(py), "-m", "pip", "install", "-q", f"{REPO_ROOT}[edge,cpu]", "pytest", "pytest-timeout"])
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    probe = _run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"])
+    assert probe.stdout.strip() == "True", "torch must not be installed by the edge extra"
+    for forbidden in ("torch", "onnxscript", "sklearn"):
+        check = _run([str(py), "-c", f"import {forbidden}"])
+        assert check.returncode != 0, f"{forbidden} is importable in the edge-only environment"
+
+    env = {**os.environ, "PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("PYTHONPATH", None)
+    result = _run(
+        [str(py), "-m", "pytest", "tests/edge_node", "-q", "-p", "no:cacheprovider", "-m", "not gpu"],
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=1800,
+    )
+    tail = (result.stdout + result.stderr)[-4000:]
+    assert result.returncode == 0, tail
+    assert " passed" in result.stdout, tail

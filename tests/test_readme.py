@@ -1,0 +1,97 @@
+"""The README's examples are run as written: hub train/export/dicomize, then an edge node serving them."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hub.demo.orthanc import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+README = REPO_ROOT / "README.md"
+BIN = Path(sys.executable).parent
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    return re.findall(r"```(bash|toml)\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_quick_start_names_the_two_commands() -> None:
+    quick = readme_blocks()[0][1]
+    assert "make demo" in quick and "make test" in quick
+
+
+@pytest.mark.slow
+def test_readme_clinic_path_examples_run_as_written(tmp_path: Path, shared_data: Path) -> None:
+    blocks = readme_blocks()[1:]
+    (toml,) = [body for kind, body in blocks if kind == "toml"]
+    (tmp_path / "edge.toml").write_text(toml)
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FEDCLINIC_DATA": str(shared_data),
+        "FEDCLINIC_EDGE_PORT": str(port),  # the environment wins over edge.toml: no clash with a real 11112
+        "OMP_NUM_THREADS": "1",
+        "TCP_NODELAY": "1",
+        "COLUMNS": "200",
+    }
+    background: list[subprocess.Popen[bytes]] = []
+    try:
+        for kind, body in blocks:
+            if kind != "bash":
+                continue
+            for line in body.strip().splitlines():
+                command = line.replace("11112", str(port))
+                if command.endswith("&"):
+                    log = (tmp_path / "serve.log").open("wb")
+                    background.append(
+                        subprocess.Popen(
+                            shlex.split(command.rstrip("& ")), cwd=tmp_path, env=env, stdout=log, stderr=log
+                        )
+                    )
+                    continue
+                # The listener needs a moment after `serve &`: retry only the connection test.
+                deadline = time.monotonic() + (60 if " echo " in command else 0)
+                while True:
+                    result = subprocess.run(
+                        command,
+                        shell=True,
+                        cwd=tmp_path,
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=600,
+                    )
+                    if result.returncode == 0 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.5)
+                assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+
+        # The four studies storescu sent are analysed by the node's worker.
+        deadline = time.monotonic() + 120
+        while True:
+            status = subprocess.run(
+                ["fedclinic-edge", "status", "--config", "edge.toml"],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            if status.stdout.count(" done ") >= 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert status.stdout.count(" done ") >= 4, status.stdout
+        assert "pneumonia" in status.stdout
+    finally:
+        for proc in background:
+            proc.terminate()
+            proc.wait(timeout=60)
