@@ -94,7 +94,14 @@ class Node:
         )
         self.worker.start()
         self.sender.start()
-        return self.listener.start()
+        try:
+            return self.listener.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror}); another "
+                "service may hold the port: set FEDCLINIC_EDGE_PORT / FEDCLINIC_EDGE_HOST (or port / host "
+                "in the config file)"
+            ) from exc
 
     def stop(self) -> None:
         """Stop taking associations, let the worker finish its study, stop the sender, close the store."""

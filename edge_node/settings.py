@@ -107,6 +107,13 @@ class EdgeSettings(BaseSettings):
             raise ValueError(f"unknown provider names {bad}; use e.g. {DEFAULT_PROVIDERS}")
         return value
 
+    @field_validator("trusted_keys")
+    @classmethod
+    def _check_keys(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.exists():
+            raise ValueError(f"{value} does not exist; point it at the hub's hub.pub or a directory of *.pub")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _check_level(cls, value: str) -> str:

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from pydicom import Dataset
@@ -69,22 +70,15 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+@dataclass(frozen=True)
 class ListenerConfig:
-    """The listener's part of the settings (kept separate so tests can build one without a data dir)."""
+    """The listener's part of the settings (separate, so tests can build one without a data dir)."""
 
-    def __init__(
-        self,
-        ae_title: str,
-        host: str,
-        port: int,
-        allowed_calling_aes: list[str] | None = None,
-        max_associations: int = 10,
-    ) -> None:
-        self.ae_title = ae_title
-        self.host = host
-        self.port = port
-        self.allowed_calling_aes = list(allowed_calling_aes or [])
-        self.max_associations = max_associations
+    ae_title: str
+    host: str
+    port: int
+    allowed_calling_aes: list[str] | None = None
+    max_associations: int = 10
 
 
 class Listener:
@@ -107,7 +101,7 @@ class Listener:
         ae.maximum_pdu_size = 0
         ae.maximum_associations = self.config.max_associations
         ae.require_called_aet = True
-        ae.require_calling_aet = self.config.allowed_calling_aes
+        ae.require_calling_aet = list(self.config.allowed_calling_aes or [])
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)

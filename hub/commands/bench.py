@@ -99,7 +99,7 @@ def fl(
     cfg = BenchConfig(rounds=rounds, local_epochs=local_epochs)
     if quick:
         seed_list = seed_list[:1]
-        cfg = BenchConfig(rounds=min(rounds, 2), local_epochs=1, distill_epochs=1)
+        cfg = BenchConfig(rounds=min(rounds, 2), local_epochs=1, distill_epochs=1, distill_min_steps=0)
     spec = BenchSpec(task=task, skew=skew, seeds=seed_list, methods=method_names, cfg=cfg, quick=quick)
     console = Console(stderr=True)
     if report_only:

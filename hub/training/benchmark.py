@@ -56,6 +56,17 @@ class BenchSpec:
         }
 
 
+def same_settings(method: str, cached: dict[str, Any] | None, config: dict[str, Any]) -> bool:
+    """Whether a cached record was run with these settings; distillation settings only matter to fedhelp."""
+    if cached is None:
+        return False
+
+    def relevant(cfg: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in cfg.items() if method == "fedhelp" or not k.startswith("distill_")}
+
+    return relevant(cached) == relevant(config)
+
+
 def parse_methods(text: str) -> tuple[str, ...]:
     """'all' or a comma list of method names, validated."""
     if text.strip() == "all":
@@ -94,7 +105,7 @@ def run_benchmark(
             cache = cache_dir / f"{method}__seed{seed}.json"
             if resume and cache.is_file():
                 cached = json.loads(cache.read_text())
-                if cached.get("config") == config:
+                if same_settings(method, cached.get("config"), config):
                     records.append(cached)
                     if progress is not None:
                         progress.finish(method, seed, cached, cached=True)
@@ -136,7 +147,7 @@ def report_from_cache(spec: BenchSpec, out_dir: Path) -> dict[str, Any]:
         for method in spec.methods:
             cache = out_dir / "cache" / f"{method}__seed{seed}.json"
             cached = json.loads(cache.read_text()) if cache.is_file() else None
-            if cached is not None and cached.get("config") == config:
+            if cached is not None and same_settings(method, cached.get("config"), config):
                 records.append(cached)
             else:
                 missing.append(f"{method}/seed{seed}")

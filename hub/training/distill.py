@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,7 @@ def distill_student(
     transfer_x01: torch.Tensor,
     *,
     epochs: int = 10,
+    min_steps: int = 0,
     seed: int = 0,
     temperature: float = 2.0,
     lr: float = 1e-3,
@@ -38,7 +40,8 @@ def distill_student(
 
     Loss: KL between the teacher's and the student's two-class distributions at temperature T (×T²), on the
     transfer images, each batch freshly intensity-augmented so the student also matches the teacher off the
-    transfer set's acquisition profile. No labels are needed.
+    transfer set's acquisition profile. No labels are needed. Training runs ``epochs`` passes, or more until
+    ``min_steps`` optimiser steps (small transfer sets need more passes), with a cosine learning-rate decay.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -48,6 +51,9 @@ def distill_student(
             f"student has {count_params(net)} parameters; the edge budget is {MAX_STUDENT_PARAMS}"
         )
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    per_epoch = math.ceil(len(transfer_x01) / batch_size)
+    epochs = max(epochs, math.ceil(min_steps / per_epoch))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * per_epoch)
     for _ in range(epochs):
         net.train()
         for idx in minibatches(len(transfer_x01), batch_size, gen):
@@ -61,5 +67,6 @@ def distill_student(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
     net.eval()
     return net

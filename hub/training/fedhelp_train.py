@@ -99,11 +99,18 @@ class FedHelpSmallLearner:
         return predict(self.model, x01)
 
     def state(self) -> Params:
-        return {**to_params(self.model), "__rng__": _rng_state(self.gen)}
+        return {
+            **to_params(self.model),
+            "__rng__": _rng_state(self.gen),
+            "__public_order__": self._public_order.numpy().copy(),
+            "__public_pos__": np.array(self._public_pos),
+        }
 
     def restore(self, state: Mapping[str, np.ndarray]) -> None:
-        load_params(self.model, {k: v for k, v in state.items() if k != "__rng__"})
+        load_params(self.model, {k: v for k, v in state.items() if not k.startswith("__")})
         self.gen.set_state(torch.from_numpy(np.array(state["__rng__"])))
+        self._public_order = torch.from_numpy(np.array(state["__public_order__"]))
+        self._public_pos = int(state["__public_pos__"])
 
 
 class FedHelpLargeLearner:

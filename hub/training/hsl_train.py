@@ -66,6 +66,9 @@ class HslLearner:
         w_primary = float(task.config.get("primary_weight", 0.5))
         w_anchor = float(task.config.get("sat_weight", 0.5))
         load_params(self.model, task.params)
+        # Dropout draws from torch's global RNG: seed it from this clinic's generator (which round checkpoints
+        # save), so a resumed run replays exactly.
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model.train()
         n_p, n_a = self.data.n_train, len(self.anchor_y)

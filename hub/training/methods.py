@@ -56,6 +56,8 @@ class BenchConfig:
     pfednet_eta: float = 0.01
     fedhelp_kl_weight: float = 0.1
     distill_epochs: int = 10
+    #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
+    distill_min_steps: int = 1000
 
 
 @dataclass
@@ -298,7 +300,9 @@ def _distill(data: BenchData, ctx: MethodContext, hospital: FedHelpLargeLearner)
     teacher = hospital.large.eval()
     transfer = torch.cat([hospital.data.train_x, data.public_x])
     t0 = time.perf_counter()
-    student = distill_student(teacher, transfer, epochs=ctx.cfg.distill_epochs, seed=ctx.seed)
+    student = distill_student(
+        teacher, transfer, epochs=ctx.cfg.distill_epochs, min_steps=ctx.cfg.distill_min_steps, seed=ctx.seed
+    )
     t_eval = evaluate(data, dict.fromkeys(CLINICS, _predictor(teacher)), _predictor(teacher))
     s_eval = evaluate(data, dict.fromkeys(CLINICS, _predictor(student)), _predictor(student))
     t_mean = float(np.mean([t_eval["clinics"][c]["auc"] for c in CLINICS]))

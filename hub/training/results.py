@@ -229,16 +229,20 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"# bench fl — task `{meta['task']}`, skew `{meta['skew']}`",
         "",
         f"Seeds {meta['seeds']}, {meta['rounds']} rounds × {meta['local_epochs']} local epoch(s); "
-        f"quick={meta['quick']}. AUC mean±sd over seeds; each clinic tests on the whole official test split "
-        "rendered with its own profile; unseen = a profile no clinic trained on.",
+        f"quick={meta['quick']}. AUC mean±sd over the n seeds a method finished; each clinic tests on the "
+        "whole official test split rendered with its own profile; unseen = a profile no clinic trained on.",
         "",
-        "| method | " + " | ".join(CLINICS) + " | small4 | worst | unseen | upload/clinic/round | wall s |",
-        "|---" * (len(CLINICS) + 6) + "|",
+        "| method | n | "
+        + " | ".join(CLINICS)
+        + " | small4 | worst | unseen | upload/clinic/round | wall s |",
+        "|---" * (len(CLINICS) + 7) + "|",
     ]
     for m, s in methods.items():
         cells = [_f(s["clinics"][c]["auc"]) for c in CLINICS]
         lines.append(
-            f"| {m} | " + " | ".join(cells) + f" | {_f(s['small4_auc'])} | {_f(s['worst_auc'])} | "
+            f"| {m} | {len(s['seeds'])} | "
+            + " | ".join(cells)
+            + f" | {_f(s['small4_auc'])} | {_f(s['worst_auc'])} | "
             f"{_f(s['unseen']['auc'])} | {_kb(s.get('mean_bytes_per_client_round'))} | "
             f"{s['wall_s']['mean']:.0f} |"
         )

@@ -128,6 +128,18 @@ def restore_strategy(strategy: Strategy, saved: Params, clients: Sequence[str]) 
         strategy.initialize(saved, clients)
 
 
+def server_state_is_global(strategy: Strategy, clients: Sequence[str]) -> bool:
+    """True when the server keeps nothing per client beyond ``global_params``: a round checkpoint suffices.
+
+    pFedNet keeps each client's personal part at the server and has no public way to set it again, so its
+    runs resume per finished (method, seed) instead of per round.
+    """
+    if callable(getattr(strategy, "load_state_dict", None)):
+        return True
+    shared = set(strategy.global_params)
+    return all(set(strategy.params_for(cid)) == shared for cid in clients)
+
+
 def run_federation(
     strategy: Strategy,
     learners: Mapping[str, ClientLearner],
@@ -143,6 +155,9 @@ def run_federation(
     clients = list(learners)
     run = FederationRun()
     start = 1
+    if checkpoint is not None and not server_state_is_global(strategy, clients):
+        log.info("%s keeps per-client state at the server: no round checkpoints", strategy.name)
+        checkpoint = None
     if checkpoint is not None and (saved := checkpoint.load()) is not None:
         done, strategy_params, client_states, run = saved
         restore_strategy(strategy, strategy_params, clients)

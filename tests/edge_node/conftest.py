@@ -106,11 +106,52 @@ def acknowledged_files(storescu_log: str) -> tuple[list[str], list[str]]:
     return ok, bad
 
 
+#: storescu proposes uncompressed transfer syntaxes unless told otherwise, and cannot decompress on the fly,
+#: so a compressed file is sent as it is stored, the way a PACS sends it, with the matching proposal flag.
+_PROPOSE_FLAG = {
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG extended
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "-xu",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "-xr",  # RLE lossless
+    "1.2.840.10008.1.2.1.99": "-xd",  # deflated explicit VR little endian
+}
+
+
+def propose_flag(path: Path) -> list[str]:
+    """The storescu option that proposes ``path``'s own (compressed) transfer syntax, if it needs one."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+    except Exception:
+        return []
+    return [_PROPOSE_FLAG[ts]] if ts in _PROPOSE_FLAG else []
+
+
 def storescu(
-    port: int, files: list[Path], *, called: str = "EDGE", calling: str = "TESTSCU"
+    port: int,
+    files: list[Path],
+    *,
+    called: str = "EDGE",
+    calling: str = "TESTSCU",
+    flags: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["storescu", "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        [
+            "storescu",
+            "-v",
+            *(flags or []),
+            "-aet",
+            calling,
+            "-aec",
+            called,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         env=DCMTK_ENV,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from edge_node.cli import app
+from edge_node.errors import ConfigError
+from edge_node.settings import load_settings
 from edge_node.store import Store
 from tests.edge_node.conftest import (
+    EDGE_BIN,
     EdgeProcess,
     Storescp,
     TrustedBundle,
@@ -68,6 +73,15 @@ def test_missing_setting_names_the_key_and_the_fix(tmp_path: Path) -> None:
     assert result.exit_code == 2
     out = " ".join(result.output.split())
     assert "FEDCLINIC_EDGE_DATA_DIR" in out and "FEDCLINIC_EDGE_PORT" in out
+
+
+def test_missing_trusted_keys_file_fails_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    write_config(path, data_dir=str(tmp_path / "data"), trusted_keys=str(tmp_path / "nope.pub"))
+    result = runner.invoke(app, ["serve", "--config", str(path)])
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "FEDCLINIC_EDGE_TRUSTED_KEYS" in out and "does not exist" in out
 
 
 def test_status_before_anything_was_received(config: Path, tmp_path: Path) -> None:
@@ -172,3 +186,39 @@ def test_hot_swap_while_serving(
     assert edge.cli("rollback").returncode == 0
     assert run_study("c") == original
     assert edge.stop() == 0
+
+
+def test_environment_overrides_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "edge.toml"
+    write_config(
+        path,
+        data_dir=str(tmp_path / "data"),
+        port=4000,
+        destinations=[{"ae_title": "PACS", "host": "10.0.0.5", "port": 104}],
+    )
+    monkeypatch.setenv("FEDCLINIC_EDGE_PORT", "4001")
+    monkeypatch.setenv("FEDCLINIC_EDGE_ALLOWED_CALLING_AES", '["ORTHANC"]')
+    settings = load_settings(path)
+    assert settings.port == 4001 and settings.allowed_calling_aes == ["ORTHANC"]
+    assert settings.destinations[0].host == "10.0.0.5"
+    assert settings.providers[-1] == "CPUExecutionProvider" and settings.intra_op_threads == 1
+    with pytest.raises(ConfigError, match="FEDCLINIC_EDGE_AE_TITLE"):
+        load_settings(path, ae_title="WAY_TOO_LONG_AE_TITLE")
+
+
+def test_serve_on_a_taken_port_says_which_setting_to_change(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        path = tmp_path / "edge.toml"
+        write_config(path, data_dir=str(tmp_path / "data"), port=taken.getsockname()[1])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCLINIC_EDGE_")}
+        proc = subprocess.run(
+            [str(EDGE_BIN), "serve", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    assert proc.returncode == 1
+    assert "FEDCLINIC_EDGE_PORT" in " ".join(proc.stderr.split())

@@ -6,13 +6,21 @@ import time
 from pathlib import Path
 
 import pydicom
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_node.dicom.sender import Destination
 from edge_node.models import ModelSlot
 from edge_node.spool import Spool
 from edge_node.store import Store
 from edge_node.worker import MODEL_POLL_SECONDS, Sender, Worker, WorkerConfig, backoff_seconds
-from tests.edge_node.conftest import Storescp, TrustedBundle, dicom_dir, free_port, make_ct_instances
+from tests.edge_node.conftest import (
+    Storescp,
+    TrustedBundle,
+    dicom_dir,
+    free_port,
+    make_ct_instances,
+    make_signed_bundle,
+)
 
 DX = dicom_dir() / "highdicom" / "dx_image.dcm"
 
@@ -122,3 +130,22 @@ def test_threads_idle_without_work_and_stop_promptly(tmp_path: Path, test_bundle
     node.worker.stop()
     node.sender.stop()
     assert time.monotonic() - t1 < 2.0
+
+
+def test_a_model_that_fails_to_load_leaves_the_previous_one_serving(
+    tmp_path: Path, signing_key: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    key, pub = signing_key
+    store = Store(tmp_path / "edge.sqlite3")
+    slot = ModelSlot(store, tmp_path / "models", pub, providers=["CPUExecutionProvider"], threads=1)
+    slot.install(make_signed_bundle(tmp_path / "v1", key, version="1.0.0", seed=1))
+    first = slot.current()
+    assert first is not None and first.model_version == "1.0.0"
+    second = slot.install(make_signed_bundle(tmp_path / "v2", key, version="2.0.0", seed=2))
+    # The installed copy is damaged on disk after installation: verification at load time refuses it.
+    onnx = second.path / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\x00")
+    serving = slot.current()
+    assert serving is first  # still the previous model, not None and not the damaged one
+    slot.rollback()
+    assert slot.current() is not None and slot.current().model_version == "1.0.0"  # type: ignore[union-attr]

@@ -53,6 +53,14 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     redo = json.loads((out / "results.json").read_text())
     assert redo["records"] == doc["records"]
 
+    # --report-only merges finished runs (e.g. from several processes) without training anything.
+    (out / "results.json").unlink()
+    merged = runner.invoke(
+        app, ["bench", "fl", "--quick", "--report-only", "--methods", "fedavg,hsl", "--out", str(out)]
+    )
+    assert merged.exit_code == 0, merged.output
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"fedavg", "hsl"}
+
 
 def test_bench_fl_rejects_unknown_method(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["bench", "fl", "--methods", "fedsgd", "--out", str(tmp_path)])

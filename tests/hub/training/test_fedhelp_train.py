@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from hub.training.datasets import ClinicData
 from hub.training.fedhelp_train import FedHelpLargeLearner, FedHelpSmallLearner
 from hub.training.foundation import stored_soft_labels
 from hub.training.learners import LocalConfig, to_params
-from hub.training.simulation import run_federation
+from hub.training.simulation import RoundCheckpoint, run_federation
 
 
 class FixedSoftLabels:
@@ -64,3 +65,35 @@ def test_fedhelp_round_uploads_only_the_small_model(clinics: dict[str, ClinicDat
     large_after = to_params(learners["A"].large)  # type: ignore[union-attr]
     assert any(not np.array_equal(large_after[k], large_before[k]) for k in large_before)  # it trained
     assert sum(a.size for a in large_after.values()) > 2 * sum(a.size for a in to_params(init).values())
+
+
+def test_fedhelp_resumes_exactly_from_a_round_checkpoint(
+    clinics: dict[str, ClinicData], tmp_path: Path
+) -> None:
+    public_x = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    soft = torch.from_numpy(FixedSoftLabels().soft_labels(public_x))
+    cfg = LocalConfig(batch_size=16, augment=True)
+
+    def build() -> tuple[dict[str, Any], Any]:
+        torch.manual_seed(0)
+        init, large, small = fedhelp_small(), fedhelp_large(), fedhelp_small()
+        small.load_state_dict(init.state_dict())
+        learners: dict[str, Any] = {
+            "A": FedHelpLargeLearner("A", init, large, clinics["A"], cfg, 0),
+            "B": FedHelpSmallLearner("B", small, clinics["B"], public_x, soft, cfg, 1),
+        }
+        strategy = make_strategy("fedhelp", large_clients=["A"])
+        strategy.initialize(to_params(small), list(learners))
+        return learners, strategy
+
+    straight, s_straight = build()
+    run_federation(s_straight, straight, 3)
+    ckpt = RoundCheckpoint(tmp_path / "fedhelp.npz")
+    first, s_first = build()
+    run_federation(s_first, first, 2, checkpoint=ckpt)
+    resumed, s_resumed = build()
+    run_federation(s_resumed, resumed, 3, checkpoint=ckpt)
+    for name, arr in s_straight.global_params.items():
+        np.testing.assert_array_equal(s_resumed.global_params[name], arr)
+    for name, arr in to_params(straight["A"].large).items():
+        np.testing.assert_array_equal(to_params(resumed["A"].large)[name], arr)

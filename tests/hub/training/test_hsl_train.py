@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 
 from hub.fl.registry import make_strategy
@@ -9,7 +13,7 @@ from hub.models.hsl_mmoe import hsl_mmoe
 from hub.training.datasets import ClinicData
 from hub.training.hsl_train import HslLearner, anchor_choices, anchored, balance_primary, padded_order
 from hub.training.learners import LocalConfig, normalize, predict, to_params
-from hub.training.simulation import run_federation
+from hub.training.simulation import RoundCheckpoint, run_federation
 
 
 def test_padded_order_covers_every_item_then_resamples() -> None:
@@ -67,3 +71,31 @@ def test_hsl_round_through_the_strategy_learns_both_tasks(clinics: dict[str, Cli
     scores = predict(deploy, clinics["A"].test_x)
     pos, neg = scores[clinics["A"].test_y.numpy() == 1], scores[clinics["A"].test_y.numpy() == 0]
     assert pos.mean() > neg.mean()  # the toy signal is learnt through the averaged model
+
+
+def test_hsl_resumes_exactly_from_a_round_checkpoint(clinics: dict[str, ClinicData], tmp_path: Path) -> None:
+    anchor_x = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    anchor_y = (anchor_x.mean(dim=(1, 2, 3)) > 0.5).float()
+
+    def build() -> tuple[dict[str, HslLearner], Any]:
+        torch.manual_seed(0)
+        init = hsl_mmoe()
+        learners = {}
+        for k, (c, data) in enumerate(clinics.items()):
+            model = hsl_mmoe()
+            model.load_state_dict(init.state_dict())
+            learners[c] = HslLearner(c, model, data, anchor_x, anchor_y, LocalConfig(batch_size=16), k)
+        strategy = make_strategy("hsl")
+        strategy.initialize(to_params(init), list(learners))
+        return learners, strategy
+
+    straight, s_straight = build()
+    run_federation(s_straight, straight, 3)
+    ckpt = RoundCheckpoint(tmp_path / "hsl.npz")
+    first, s_first = build()
+    run_federation(s_first, first, 2, checkpoint=ckpt)
+    torch.manual_seed(12345)  # a new process: the global RNG is wherever it is
+    resumed, s_resumed = build()
+    run_federation(s_resumed, resumed, 3, checkpoint=ckpt)
+    for name, arr in s_straight.global_params.items():
+        np.testing.assert_array_equal(s_resumed.global_params[name], arr)

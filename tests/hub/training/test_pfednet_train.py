@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -10,7 +12,7 @@ from hub.models.fl_cnn import fl_cnn
 from hub.training.datasets import ClinicData
 from hub.training.learners import LocalConfig, to_params
 from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor, sketch
-from hub.training.simulation import run_federation
+from hub.training.simulation import RoundCheckpoint, run_federation, server_state_is_global
 
 
 def test_sketch_is_label_counts_and_a_coarse_mean_image() -> None:
@@ -51,3 +53,21 @@ def test_pfednet_stats_round_then_training_rounds(clinics: dict[str, ClinicData]
     heads = [strategy.params_for(c)["head.weight"] for c in clinics]  # type: ignore[attr-defined]
     assert not np.array_equal(heads[0], heads[1])
     assert "head.weight" not in strategy.global_params
+
+
+def test_pfednet_is_not_round_checkpointed_because_the_server_holds_personal_parts(
+    clinics: dict[str, ClinicData], tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    init = fl_cnn(norm="group")
+    learners = {c: PFedNetLearner(c, fl_cnn(norm="group"), d, LocalConfig(batch_size=16), k)
+                for k, (c, d) in enumerate(clinics.items())}  # fmt: skip
+    strategy = make_strategy("pfednet", is_personal=is_personal_tensor, lam=1.0, graph_k=1)
+    strategy.initialize(to_params(init), list(learners))
+    assert not server_state_is_global(strategy, list(learners))
+    ckpt = RoundCheckpoint(tmp_path / "p.npz")
+    run_federation(strategy, learners, 2, checkpoint=ckpt)
+    assert ckpt.load() is None
+    fedavg = make_strategy("fedavg")
+    fedavg.initialize(to_params(init), list(learners))
+    assert server_state_is_global(fedavg, list(learners))
