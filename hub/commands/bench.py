@@ -107,17 +107,17 @@ def fl(
             results = report_from_cache(spec, out)
         except FileNotFoundError as exc:
             raise typer.BadParameter(str(exc)) from None
-        _print_summary(results, f"bench fl {task} ({skew}) from {out}")
+        print_summary(results, f"bench fl {task} ({skew}) from {out}")
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         sink = RichBenchProgress(progress, console, len(seed_list) * len(method_names))
         results = run_benchmark(spec, out, resume=resume, progress=sink)
-    _print_summary(results, f"bench fl {task} ({skew}), seeds {list(seed_list)}")
+    print_summary(results, f"bench fl {task} ({skew}), seeds {list(seed_list)}")
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'auc.png'}")
 
 
-def _print_summary(results: dict[str, Any], title: str) -> None:
+def print_summary(results: dict[str, Any], title: str) -> None:
     table = Table(title=title)
     for col in ("method", "small4 AUC", "worst AUC", "unseen AUC", "KB/clinic/round"):
         table.add_column(col)

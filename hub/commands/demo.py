@@ -11,13 +11,20 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.rule import Rule
 
 from export.signing import create_keypair
+from hub.commands.bench import RichBenchProgress, print_summary
 from hub.commands.export_bundle import build_bundle
 from hub.demo.clinic import BundleFiles
 from hub.demo.run import DATASET, deploy_and_run, results_table, skipped_lines
+from hub.training.benchmark import BenchSpec, run_benchmark
+from hub.training.methods import BenchConfig
 from hub.training.supervised import TrainConfig, train_supervised
+
+#: The federation the demo simulates: every strategy on the same six clinics, one seed, a short budget.
+DEMO_METHODS = ("local", "central", "fedavg", "fedbn", "hsl", "fedhelp", "pfednet")
 
 
 def demo(
@@ -29,6 +36,9 @@ def demo(
     ] = 3,
     studies: Annotated[int, typer.Option("--studies", min=2, help="CR studies each PACS sends.")] = 12,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student training epochs.")] = 8,
+    rounds: Annotated[
+        int, typer.Option("--rounds", min=0, help="Federated rounds (0 skips the federation).")
+    ] = 4,
 ) -> None:
     """Train and sign a student, deploy it to clinic nodes with their own Orthanc PACS, show the results."""
     torch.set_num_threads(1)
@@ -39,6 +49,22 @@ def demo(
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+
+    if rounds:
+        console.print(
+            Rule("0. federation: six clinics (two hospitals, four small clinics) + an unseen clinic")
+        )
+        spec = BenchSpec(
+            task="pneumonia",
+            seeds=(0,),
+            methods=DEMO_METHODS,
+            cfg=BenchConfig(rounds=rounds, distill_epochs=2, distill_min_steps=0),
+        )
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            sink = RichBenchProgress(progress, console, len(DEMO_METHODS))
+            results = run_benchmark(spec, workdir / "federation", progress=sink)
+        print_summary(results, f"federated strategies on PneumoniaMNIST, combined skew, {rounds} rounds")
 
     console.print(Rule("1. hub: signing keys"))
     private_key, public_key = create_keypair(workdir / "keys")
