@@ -3,10 +3,10 @@
 300 real 512x512 CT slices (TCIA COVID-19-NY-SBU, copied with fresh UIDs) go over one association per run.
 Receivers, alternating in the same session, each started fresh per run:
 
-* ``edge``: a real ``fedclinic-edge serve`` process; every instance is written to a temp file, fsynced,
-  renamed, its directory fsynced and its row committed to SQLite (WAL, synchronous=FULL) before the
-  success status goes back. No model is installed, so the worker does not compete for the CPU: this
-  measures ingest only.
+* ``edge``: a real ``fedclinic-edge serve`` process; every instance is written into a spool slot whose
+  name is already durable, fsynced (one flush), renamed into place and its row committed to SQLite (WAL,
+  synchronous=NORMAL) before the success status goes back (see ``edge_node.spool``). No model is
+  installed, so the worker does not compete for the CPU: this measures ingest only.
 * ``storescp``: dcmtk's ``storescp -od DIR`` (no fsync), the reference.
 * ``pynetdicom-null``: a pynetdicom 3.0 SCP that answers success without touching the disk (TCP_NODELAY,
   same contexts as the edge). Not a target: it is the ceiling any pynetdicom-based listener can reach on
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(column)
     mb = total_bytes / 1e6
     kinds = (
-        ("edge", "file+dir fsync, SQLite"),
+        ("edge", "fsync per instance, SQLite"),
         ("storescp", "no fsync"),
         ("pynetdicom-null", "nothing written"),
     )

@@ -1,4 +1,4 @@
-"""``fedclinic-edge``: run the node, show its state, install or roll back models, test a PACS connection."""
+"""``fedclinic-edge``: run and check the node, show its state, install or roll back models, test a PACS."""
 
 from __future__ import annotations
 
@@ -21,9 +21,26 @@ if TYPE_CHECKING:
 
 __all__ = ["app"]
 
+APP_HELP = """fedclinic edge node: receives studies from the PACS over DICOM, runs the AI model on them and
+sends the result (a DICOM structured report, optionally an annotated image) back to the PACS.
+
+Settings come from a TOML file given with --config and from FEDCLINIC_EDGE_* environment variables
+(a variable wins over the file). Patient data never leaves this machine.
+
+First setup, step by step:
+
+  fedclinic-edge config-check --config /etc/fedclinic/edge.toml
+
+  fedclinic-edge install-bundle bundle.zip --config /etc/fedclinic/edge.toml
+
+  fedclinic-edge serve --config /etc/fedclinic/edge.toml
+
+Then, at any time: fedclinic-edge status --config /etc/fedclinic/edge.toml"""
+
 app = typer.Typer(
     name="fedclinic-edge",
-    help="fedclinic edge node: takes studies from the PACS over DICOM, runs the model, sends results back.",
+    help=APP_HELP,
+    rich_markup_mode="markdown",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -72,7 +89,13 @@ def _fail(exc: Exception, code: int = 1) -> typer.Exit:
 
 @app.command()
 def serve(config: ConfigOption = None) -> None:
-    """Run the node: DICOM listener, worker and sender, until SIGTERM or Ctrl-C."""
+    """Run the node: DICOM listener, analysis and sending of results, until stopped (SIGTERM or Ctrl-C).
+
+    Usually started by the system service, not by hand. Studies received while it was stopped, or while no
+    model was installed, are analysed when it runs again; nothing is lost on a power cut.
+
+    Example: fedclinic-edge serve --config /etc/fedclinic/edge.toml
+    """
     settings = _settings(config)
     _setup_logging(settings.log_level, service=True)
     from edge_node.node import Node
@@ -89,7 +112,13 @@ def status(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="How many recent studies to list.")] = 20,
 ) -> None:
-    """Show the model in use and the most recent studies (identifiers shown only as short hashes)."""
+    """Show the model in use (file, precision, and the processor it really runs on) and the recent studies.
+
+    Study identifiers are shown only as short hashes, never as patient data. "runs on CPUExecutionProvider"
+    next to a GPU setting means the GPU libraries did not load: the node works, but slower.
+
+    Example: fedclinic-edge status --config /etc/fedclinic/edge.toml --limit 50
+    """
     settings = _settings(config)
     from edge_node.store import Store
 
@@ -108,8 +137,10 @@ def status(
         else:
             console.print(
                 f"[bold]model:[/bold] {model.model_id} {model.version}  (key {model.key_fingerprint}, "
-                f"installed {time.strftime('%Y-%m-%d %H:%M', time.localtime(model.installed_at))})"
+                f"installed {time.strftime('%Y-%m-%d %H:%M', time.localtime(model.installed_at))})",
+                highlight=False,
             )
+            _print_serving(settings, model.model_id, model.version)
         states = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
         console.print(f"[bold]totals:[/bold] {states or 'nothing received yet'}")
         if last_error:
@@ -143,17 +174,39 @@ def status(
         store.close()
 
 
+def _print_serving(settings: EdgeSettings, model_id: str, version: str) -> None:
+    """The line under the model: what the node really loaded, from the record it writes at each load."""
+    from edge_node.serving import read_serving
+
+    record = read_serving(settings.serving_path)
+    if record is None:
+        console.print("[yellow]serving:[/yellow] not loaded yet (the node loads the model when it starts)")
+        return
+    if (record.model_id, record.model_version) != (model_id, version):
+        console.print(
+            f"[yellow]serving:[/yellow] {record.model_id} {record.model_version} until its next study "
+            "(the running node switches to the active model then)",
+            highlight=False,
+        )
+        return
+    since = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.loaded_at))
+    variant = f"{record.model_file} ({record.precision})"
+    if record.precision != record.requested_precision:
+        variant += f" [yellow]- the bundle has no {record.requested_precision} variant[/yellow]"
+    where = f"runs on {record.provider}"
+    if record.fell_back:
+        where = (
+            f"[yellow]runs on {record.provider}[/yellow] (asked for {record.requested_provider}, which did "
+            "not load: check the CUDA / cuDNN / TensorRT libraries)"
+        )
+    console.print(f"[bold]serving:[/bold] {variant}, {where}, since {since}", highlight=False)
+
+
 def _model_slot(settings: EdgeSettings) -> ModelSlot:
     from edge_node.models import ModelSlot
     from edge_node.store import Store
 
-    return ModelSlot(
-        Store(settings.db_path),
-        settings.models_dir,
-        settings.trusted_keys,
-        providers=settings.providers,
-        threads=settings.intra_op_threads,
-    )
+    return ModelSlot.from_settings(Store(settings.db_path), settings)
 
 
 @app.command("install-bundle")
@@ -163,7 +216,13 @@ def install_bundle(
     ],
     config: ConfigOption = None,
 ) -> None:
-    """Verify a signed model bundle and make it the active model (the previous one is kept for rollback)."""
+    """Verify a signed model bundle and make it the active model; the previous one is kept for rollback.
+
+    The bundle must be signed by a key in trusted_keys; a bundle that was changed or signed by another key
+    is refused and the node keeps its current model. A running node switches before its next study.
+
+    Example: fedclinic-edge install-bundle /media/usb/student-1.2.0.zip --config edge.toml
+    """
     settings = _settings(config)
     _setup_logging("WARNING")
     slot = _model_slot(settings)
@@ -182,7 +241,10 @@ def install_bundle(
 
 @app.command()
 def rollback(config: ConfigOption = None) -> None:
-    """Go back to the model that was active before the current one."""
+    """Go back to the model that was active before the current one (a running node switches too).
+
+    Example: fedclinic-edge rollback --config /etc/fedclinic/edge.toml
+    """
     settings = _settings(config)
     _setup_logging("WARNING")
     slot = _model_slot(settings)
@@ -203,37 +265,118 @@ def echo(
     calling_ae: Annotated[str, typer.Option(help="Our AE title as the PACS knows it.")] = "FEDCLINIC",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the PACS.")] = 10.0,
 ) -> None:
-    """Test a DICOM connection with C-ECHO (exit code 0 when the PACS answers success)."""
+    """Test a DICOM connection with C-ECHO (a "DICOM ping"); exit code 0 when the PACS answers success.
+
+    Example: fedclinic-edge echo 10.0.0.5 104 PACS --calling-ae FEDCLINIC
+    """
     _setup_logging("ERROR")
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the failure is reported below, in words
+    from edge_node.config_check import c_echo
+    from edge_node.settings import DestinationSettings
 
-    from edge_node.dicom.nodelay import NODELAY_HANDLERS
-
-    client = AE(ae_title=calling_ae)
-    client.add_requested_context(Verification)
-    client.acse_timeout = client.dimse_timeout = client.network_timeout = timeout
-    client.connection_timeout = timeout
-    t0 = time.perf_counter()
-    assoc = client.associate(host, port, ae_title=ae, evt_handlers=list(NODELAY_HANDLERS))
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "not established (no answer or connection refused)"
-        raise _fail(EdgeError(f"association with {ae}@{host}:{port} {why}"))
     try:
-        result = assoc.send_c_echo()
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    code = int(result.Status) if result and "Status" in result else -1
-    ms = (time.perf_counter() - t0) * 1000
-    if code != 0:
-        raise _fail(EdgeError(f"C-ECHO to {ae}@{host}:{port} answered status 0x{code:04X}"))
-    console.print(f"[green]C-ECHO ok[/green]: {ae}@{host}:{port} answered success in {ms:.0f} ms")
+        dest = DestinationSettings(ae_title=ae, host=host, port=port)
+        DestinationSettings(ae_title=calling_ae, host=host, port=port)
+    except ValueError as exc:
+        raise _fail(EdgeError(f"invalid AE title or port: {exc}"), 2) from None
+    result = c_echo(dest, calling_ae, timeout=timeout)
+    if not result.ok:
+        raise _fail(EdgeError(f"C-ECHO to {result.address} failed: {result.detail}"))
+    console.print(
+        f"[green]C-ECHO ok[/green]: {result.address} answered success in {result.milliseconds:.0f} ms",
+        highlight=False,
+    )
+
+
+@app.command("config-check")
+def config_check(
+    config: ConfigOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each destination.")] = 10.0,
+) -> None:
+    """Check the setup before (or while) the node runs; exit code 0 when everything needed works.
+
+    Checks that the settings load, the hub's public key file exists and reads, the data directory is
+    writable, every destination (PACS) answers a C-ECHO, and which ONNX Runtime execution providers exist
+    compared with the one a session for the active model really gets.
+
+    Example: fedclinic-edge config-check --config /etc/fedclinic/edge.toml
+    """
+    settings = _settings(config)
+    _setup_logging("ERROR")
+    # A destination that does not answer is reported in the table; pynetdicom's own error lines are noise.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    from edge_node.config_check import (
+        check_data_dir,
+        check_destinations,
+        check_runtime,
+        check_trusted_keys,
+    )
+
+    checks = [check_trusted_keys(settings), check_data_dir(settings)]
+    table = Table(title="node")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")  # paths and provider names are never cut off
+    table.add_row("settings", "[green]ok[/green]", str(config) if config else "environment only")
+    for check in checks:
+        table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAILED[/red]", check.detail)
+    runtime = check_runtime(settings)
+    table.add_row("providers available", "", ", ".join(runtime.available))
+    table.add_row(
+        "providers configured",
+        "",
+        ", ".join(p if p in runtime.available else f"{p} (not in this build)" for p in runtime.configured),
+    )
+    if runtime.session_provider is None:
+        table.add_row("session", "[yellow]not tested[/yellow]", runtime.problem or "")
+    elif runtime.fell_back:
+        table.add_row(
+            "session",
+            "[yellow]fell back[/yellow]",
+            f"{runtime.model} runs on {runtime.session_provider}; asked for {runtime.requested_provider}, "
+            "which did not load (check the CUDA / cuDNN / TensorRT libraries)",
+        )
+    elif runtime.session_provider != runtime.configured[0]:
+        table.add_row(
+            "session",
+            "[yellow]not first choice[/yellow]",
+            f"{runtime.model} runs on {runtime.session_provider}; {runtime.configured[0]} is not available "
+            "in this onnxruntime build",
+        )
+    else:
+        table.add_row("session", "[green]ok[/green]", f"{runtime.model} runs on {runtime.session_provider}")
+    console.print(table)
+
+    echoes = check_destinations(settings, timeout=timeout)
+    dest_table = Table(title="destinations (C-ECHO)")
+    for column in ("destination", "result", "time"):
+        dest_table.add_column(column)
+    dest_table.add_column("detail", overflow="fold")
+    for echo_result in echoes:
+        dest_table.add_row(
+            echo_result.address,
+            "[green]ok[/green]" if echo_result.ok else "[red]FAILED[/red]",
+            f"{echo_result.milliseconds:.0f} ms",
+            echo_result.detail,
+        )
+    if not echoes:
+        dest_table.add_row(
+            "(none)", "[yellow]none configured[/yellow]", "", "results stay in data_dir/results"
+        )
+    console.print(dest_table)
+
+    failed = [c.name for c in checks if not c.ok] + [e.address for e in echoes if not e.ok]
+    if runtime.problem is not None and runtime.problem.startswith("the active model does not load"):
+        failed.append("session")
+    if failed:
+        err_console.print(f"[red]config-check failed:[/red] {', '.join(failed)}", highlight=False)
+        raise typer.Exit(1)
+    console.print("[green]config-check passed[/green]")
 
 
 @app.command()
 def states() -> None:
-    """Print the study life cycle (the state machine the worker follows)."""
+    """Print the study life cycle: the states a study goes through and what moves it on."""
     from edge_node.store import format_transitions
 
     console.print(format_transitions(), highlight=False)

@@ -7,7 +7,9 @@ verification or does not load is refused with a message, and the node keeps serv
 
 The serving process notices a switch made by another process (``fedclinic-edge install-bundle``) through
 ``Store.activation_id`` before each study, loads the new model, and only then drops the old one, so a study
-in progress finishes on the model it started with.
+in progress finishes on the model it started with. Every load runs one dummy image through the new model
+(``LoadedModel.warm_up``) before it serves: a model that cannot run is refused, and the session's first-run
+cost does not land on a study.
 """
 
 from __future__ import annotations
@@ -19,30 +21,54 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_node.errors import ConfigError, ModelError
-from edge_node.inference.model import LoadedModel, load_model
+from edge_node.inference.backend import CPU
+from edge_node.inference.model import LoadedModel, Precision, load_model
 from edge_node.protocol.bundle import VerifiedBundle, verify_bundle
 from edge_node.protocol.errors import BundleError
 from edge_node.protocol.signing import load_public_keys
 from edge_node.store import ModelRecord, Store
 
-__all__ = ["Loader", "ModelSlot"]
+if TYPE_CHECKING:
+    from edge_node.settings import EdgeSettings
+
+__all__ = ["LoadOptions", "Loader", "ModelSlot"]
 
 logger = logging.getLogger(__name__)
 
-Loader = Callable[[VerifiedBundle, Sequence[str], int], LoadedModel]
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How the node opens a model: the inference part of the settings."""
+
+    providers: tuple[str, ...]
+    threads: int = 1
+    precision: Precision = "fp32"
+    trt_engine_cache_dir: Path | None = None
+    trt_fp16: bool = False
+
+
+Loader = Callable[[VerifiedBundle, LoadOptions], LoadedModel]
 
 # Model ids and versions become directory names: keep them to a safe alphabet.
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_CHECK_PROVIDERS = ["CPUExecutionProvider"]
 
 
-def _default_loader(bundle: VerifiedBundle, providers: Sequence[str], threads: int) -> LoadedModel:
-    return load_model(bundle, providers, threads)
+def _default_loader(bundle: VerifiedBundle, options: LoadOptions) -> LoadedModel:
+    return load_model(
+        bundle,
+        options.providers,
+        options.threads,
+        precision=options.precision,
+        trt_engine_cache_dir=options.trt_engine_cache_dir,
+        trt_fp16=options.trt_fp16,
+    )
 
 
 class ModelSlot:
@@ -56,18 +82,59 @@ class ModelSlot:
         *,
         providers: Sequence[str],
         threads: int,
+        precision: Precision = "fp32",
+        trt_engine_cache_dir: Path | None = None,
+        trt_fp16: bool = False,
         loader: Loader = _default_loader,
+        on_loaded: Callable[[LoadedModel], None] | None = None,
     ) -> None:
         self.store = store
         self.models_dir = models_dir
         self.trusted_keys = trusted_keys
-        self.providers = list(providers)
-        self.threads = threads
+        self.options = LoadOptions(
+            providers=tuple(providers),
+            threads=threads,
+            precision=precision,
+            trt_engine_cache_dir=trt_engine_cache_dir,
+            trt_fp16=trt_fp16,
+        )
         self.loader = loader
+        #: Called (under the slot's lock) with each model that is about to serve, e.g. to record it.
+        self.on_loaded = on_loaded
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
         self._loaded_activation = -1
         self._failed_activation = -1
+
+    @classmethod
+    def from_settings(
+        cls, store: Store, settings: EdgeSettings, *, on_loaded: Callable[[LoadedModel], None] | None = None
+    ) -> ModelSlot:
+        """The slot of the node ``settings`` describe (providers, threads, precision, TensorRT options)."""
+        return cls(
+            store,
+            settings.models_dir,
+            settings.trusted_keys,
+            providers=settings.providers,
+            threads=settings.intra_op_threads,
+            precision=settings.precision,
+            trt_engine_cache_dir=settings.trt_cache_dir,
+            trt_fp16=settings.trt_fp16,
+            on_loaded=on_loaded,
+        )
+
+    def _load(self, bundle: VerifiedBundle, options: LoadOptions) -> LoadedModel:
+        """Load and warm up: a model that loads but cannot run one image is a ModelError too."""
+        loaded = self.loader(bundle, options)
+        seconds = loaded.warm_up()
+        logger.info(
+            "model %s %s warmed up in %.0f ms on %s",
+            loaded.model_id,
+            loaded.model_version,
+            seconds * 1000,
+            loaded.provider,
+        )
+        return loaded
 
     # -- verification ----------------------------------------------------------------------------------------
 
@@ -123,7 +190,9 @@ class ModelSlot:
             if hashlib.sha256(copied.manifest.canonical_bytes()).hexdigest() != digest:
                 raise ModelError("the bundle changed while it was being installed; install it again")
             try:
-                self.loader(copied, _CHECK_PROVIDERS, 1)
+                # On the CPU (a GPU may be busy serving): the check is that the file the node will use,
+                # in the configured precision, loads and runs.
+                self._load(copied, replace(self.options, providers=(CPU,), threads=1))
             except ModelError as exc:
                 raise ModelError(f"bundle {model_id} {version} verified but does not load: {exc}") from exc
             final = self.models_dir / model_id / version
@@ -166,7 +235,9 @@ class ModelSlot:
                 return None
             try:
                 verified = self._verify(record.path)
-                loaded = self.loader(verified, self.providers, self.threads)
+                loaded = self._load(verified, self.options)
+                if self.on_loaded is not None:
+                    self.on_loaded(loaded)
             except (ModelError, ConfigError) as exc:
                 self._failed_activation = activation
                 if self._loaded is not None:
@@ -181,5 +252,12 @@ class ModelSlot:
                     return self._loaded
                 raise ModelError(f"model {record.model_id} {record.version} cannot be used: {exc}") from exc
             self._loaded, self._loaded_activation = loaded, activation
-            logger.info("serving model %s %s on %s", loaded.model_id, loaded.model_version, loaded.provider)
+            logger.info(
+                "serving model %s %s (%s, %s) on %s",
+                loaded.model_id,
+                loaded.model_version,
+                loaded.model_file,
+                loaded.precision,
+                loaded.provider,
+            )
             return loaded

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from edge_node.dicom.listener import Listener, ListenerConfig
 from edge_node.dicom.sender import Destination
-from edge_node.errors import ConfigError, SpoolError
+from edge_node.errors import ConfigError, ModelError, SpoolError
+from edge_node.inference.model import LoadedModel
 from edge_node.models import ModelSlot
+from edge_node.results.warmup import warm_up_results
+from edge_node.serving import ServingRecord, write_serving
 from edge_node.settings import EdgeSettings
 from edge_node.spool import Spool
 from edge_node.store import Store
@@ -41,13 +45,8 @@ class Node:
             max_instance_bytes=settings.max_instance_bytes,
             min_free_bytes=settings.min_free_bytes,
         )
-        self.models = ModelSlot(
-            self.store,
-            settings.models_dir,
-            settings.trusted_keys,
-            providers=settings.providers,
-            threads=settings.intra_op_threads,
-        )
+        self.models = ModelSlot.from_settings(self.store, settings, on_loaded=self._on_model_loaded)
+        self._results_warm = False
         self.sender = Sender(
             self.store,
             settings.ae_title,
@@ -72,8 +71,34 @@ class Node:
         )
         self._stopped = threading.Event()
 
+    def _on_model_loaded(self, model: LoadedModel) -> None:
+        """Record what really serves (for ``status``) and warm up the result builders once."""
+        try:
+            write_serving(self.settings.serving_path, ServingRecord.of(model, self.settings.precision))
+        except OSError as exc:
+            logger.warning("cannot record the model in use at %s: %s", self.settings.serving_path, exc)
+        if not self._results_warm:
+            self._results_warm = True
+            try:
+                seconds = warm_up_results(model.manifest)
+            except Exception as exc:  # only a speed-up: a failure here must not keep the model from serving
+                logger.warning("warming up the result builders failed (%s)", type(exc).__name__)
+            else:
+                logger.info("result builders (SR, SC) warmed up in %.0f ms", seconds * 1000)
+
+    def _load_model(self) -> None:
+        """Load and warm up the active model now, not on the first study (which would wait ~1 s for it)."""
+        t0 = time.perf_counter()
+        try:
+            model = self.models.current()
+        except (ModelError, ConfigError) as exc:
+            logger.error("the active model cannot be used: %s", exc)
+            return
+        if model is not None:
+            logger.info("ready to serve %s in %.2f s", model.model_id, time.perf_counter() - t0)
+
     def start(self) -> tuple[str, int]:
-        """Recover, then start worker and sender, then the listener (so nothing arrives before they run)."""
+        """Recover, load the model, start worker and sender, then the listener (nothing arrives before)."""
         self.worker.recover()
         try:
             self.spool.recover()
@@ -83,6 +108,8 @@ class Node:
             logger.warning(
                 "no model installed: studies are spooled and wait; run `fedclinic-edge install-bundle PATH`"
             )
+        else:
+            self._load_model()
         if not self.settings.destinations:
             logger.warning("no destinations configured: results stay in %s", self.settings.results_dir)
         counts = self.store.counts()

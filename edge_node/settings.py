@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -75,6 +75,15 @@ class EdgeSettings(BaseSettings):
     providers: list[str] = Field(default_factory=lambda: list(DEFAULT_PROVIDERS), min_length=1)
     #: Threads per inference (ORT intra-op).
     intra_op_threads: int = Field(default=1, ge=1, le=256)
+    #: Which of the bundle's model files to run: "fp32" (the full-precision model.onnx), "int8" (smaller and
+    #: faster on a CPU) or "fp16" (for GPUs). A bundle that ships no such variant runs its fp32 model, and the
+    #: log and `fedclinic-edge status` say so.
+    precision: Literal["fp32", "int8", "fp16"] = "fp32"
+    #: TensorRT builds an engine for this GPU on first use (this can take minutes) and keeps it here, so later
+    #: starts are fast. Defaults to data_dir/trt-cache. Only used with TensorrtExecutionProvider.
+    trt_engine_cache_dir: Path | None = None
+    #: Let TensorRT run in half precision (faster on most GPUs, slightly different scores).
+    trt_fp16: bool = False
     #: Public key file or directory of *.pub files trusted to sign model bundles.
     trusted_keys: Path | None = None
     #: Also send the secondary capture (an image with the result burnt in), not only the SR.
@@ -114,6 +123,17 @@ class EdgeSettings(BaseSettings):
             raise ValueError(f"{value} does not exist; point it at the hub's hub.pub or a directory of *.pub")
         return value
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _check_precision(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _default_trt_cache(self) -> EdgeSettings:
+        if self.trt_engine_cache_dir is None:
+            self.trt_engine_cache_dir = self.data_dir / "trt-cache"
+        return self
+
     @field_validator("log_level")
     @classmethod
     def _check_level(cls, value: str) -> str:
@@ -139,6 +159,7 @@ class EdgeSettings(BaseSettings):
         "data_dir": "a writable directory for the spool and database, e.g. /var/lib/fedclinic-edge",
         "destinations": 'a list like [{"ae_title": "PACS", "host": "10.0.0.5", "port": 104}]',
         "port": "a TCP port 1-65535 (104 or 11112 are usual for DICOM)",
+        "precision": 'one of "fp32", "int8", "fp16"',
     }
 
     @property
@@ -156,6 +177,16 @@ class EdgeSettings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def serving_path(self) -> Path:
+        """What the running node loaded (model file, precision, provider really used), for ``status``."""
+        return self.data_dir / "serving.json"
+
+    @property
+    def trt_cache_dir(self) -> Path:
+        """The TensorRT engine cache (``trt_engine_cache_dir``, data_dir/trt-cache unless set)."""
+        return self.trt_engine_cache_dir or self.data_dir / "trt-cache"
 
 
 def _describe(exc: ValidationError, config_file: Path | None) -> str:

@@ -5,9 +5,9 @@ With NORMAL a commit survives a crash of the process but a power cut may roll ba
 FULL every commit also fsyncs the log (one more disk flush, ~15 % of the ingest time measured here).
 
 * Instances: the spooled *file* is the record of truth. The listener answers success only after the file is
-  fsynced and renamed into place and its directory fsynced (``Spool``); if a power cut then loses the row,
-  ``Spool.recover`` finds the file without a row at the next start and indexes it again. So the row needs
-  no fsync of its own.
+  fsynced under a name that is already durable (a pool slot, see ``Spool``); if a power cut then loses the
+  row (or the slot's rename into place), ``Spool.recover`` finds the file without a row at the next start
+  and indexes it again. So the row needs no fsync of its own.
 * Run outcomes and the outbox: losing the last ones re-runs a study or re-sends a result, both idempotent
   (see ``recover`` and ``worker.Sender``).
 * The model pointer and the node's salt: nothing else could rebuild them, so they commit with FULL.

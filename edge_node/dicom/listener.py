@@ -1,9 +1,10 @@
 """The DICOM listener: a pynetdicom Storage SCP whose handlers spool, record and answer, and nothing more.
 
-The C-STORE handler writes the data set exactly as received (``encoded_dataset()``, no decode and re-encode),
-makes it durable through the spool, and only then answers success. Everything slow (parsing pixels, the model)
-happens in the worker, queued when the association is released. Every failure becomes a DICOM status with a
-short comment for the sender, and a log line without identifiers; no exception reaches pynetdicom's thread.
+The C-STORE handler writes the data set exactly as received (no decode and re-encode) behind a File Meta
+header it encodes itself, makes it durable through the spool (one fsync, see ``edge_node.spool``), and only
+then answers success. Everything slow (parsing pixels, the model) happens in the worker, queued when the
+association is released. Every failure becomes a DICOM status with a short comment for the sender, and a
+log line without identifiers; no exception reaches pynetdicom's thread.
 
 Statuses sent (PS3.4 B.2.3, PS3.7 C):
 
@@ -28,12 +29,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from pydicom import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edge_node.dicom.nodelay import NODELAY_HANDLERS
+from edge_node.dicom.part10 import part10_stream
 from edge_node.dicom.sopclasses import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
 from edge_node.spool import Spool
@@ -61,6 +63,13 @@ STATUS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
+#: Seconds pynetdicom's DUL reactor sleeps when it finds nothing to do (pynetdicom's default: 1 ms). Every
+#: C-STORE waits on this poll twice (the data set's last PDU, then our response), so a shorter sleep shortens
+#: each round trip; measured with 300 CT slices: +8-26 % throughput for a receiver that writes nothing. The
+#: price is CPU while an association is open and idle: ~17 % of a core instead of ~10 % (the association's
+#: own 1 ms loop), for at most the network timeout; a closed association costs nothing.
+DUL_LOOP_DELAY_S = 0.0002
+
 
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
@@ -79,6 +88,13 @@ class ListenerConfig:
     port: int
     allowed_calling_aes: list[str] | None = None
     max_associations: int = 10
+
+
+def _shorten_dul_poll(event: Event) -> None:
+    """``EVT_CONN_OPEN`` handler: the association's DUL reactor polls every DUL_LOOP_DELAY_S when idle."""
+    # ``_run_loop_delay`` is the knob pynetdicom 3.0 documents in DULServiceProvider.__init__ ("Controls the
+    # minimum delay between loops"); EVT_CONN_OPEN fires before the reactor thread starts.
+    event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
 
 
 class Listener:
@@ -118,6 +134,7 @@ class Listener:
     def start(self) -> tuple[str, int]:
         handlers: list[evt.EventHandlerType] = [
             *NODELAY_HANDLERS,
+            (evt.EVT_CONN_OPEN, _shorten_dul_poll),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_RELEASED, self._on_released),
@@ -154,7 +171,15 @@ class Listener:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
             request = cast(C_STORE, event.request)
-            stream = event.encoded_dataset(include_meta=True)
+            # Not ``encoded_dataset(include_meta=True)``: its pydicom-built File Meta costs ~0.8 ms each.
+            stream = part10_stream(
+                event.encoded_dataset(include_meta=False),
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                transfer_syntax=str(event.context.transfer_syntax),
+                implementation_uid=PYNETDICOM_IMPLEMENTATION_UID,
+                implementation_version=PYNETDICOM_IMPLEMENTATION_VERSION,
+            )
             receipt = self.spool.put(
                 stream,
                 calling_ae=calling,

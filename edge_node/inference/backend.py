@@ -182,6 +182,11 @@ class Backend(ABC):
         """The execution provider the model really runs on."""
 
     @property
+    def requested_provider(self) -> str:
+        """The provider that was asked for first; differs from ``provider`` after a silent fallback."""
+        return self.provider
+
+    @property
     @abstractmethod
     def input_dtype(self) -> type[np.generic]:
         """The numpy dtype the model's input takes."""
@@ -236,6 +241,10 @@ class OnnxRuntimeBackend(Backend):
     @property
     def provider(self) -> str:
         return self._provider
+
+    @property
+    def requested_provider(self) -> str:
+        return self.requested
 
     @property
     def providers(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,11 @@ class LoadedModel:
         return self.backend.provider
 
     @property
+    def requested_provider(self) -> str:
+        """The provider asked for first; not ``provider`` when a GPU provider silently did not load."""
+        return self.backend.requested_provider
+
+    @property
     def preprocessing(self) -> Preprocessing:
         return self.manifest.preprocessing
 
@@ -136,6 +142,25 @@ class LoadedModel:
         parts = [self.backend.run(batch[i : i + step]) for i in range(0, batch.shape[0], step)]
         raw = np.concatenate(parts, axis=0) if parts else np.zeros((0, 1), dtype=np.float32)
         return scores_from_outputs(raw, self.task)
+
+    def warm_up(self) -> float:
+        """Run one all-zero image through the model; returns the seconds it took.
+
+        The first run of a session allocates its buffers (and TensorRT builds its engine): done at load, it
+        does not land on the first study. A model that cannot run a plain input is broken: ModelError.
+        """
+        shape = [d if d > 0 else 1 for d in self.input_shape]  # dynamic dimensions (-1) become 1
+        batch = np.zeros(shape, dtype=self.backend.input_dtype)  # (N, C, H, W), N = the fixed batch or 1
+        t0 = time.perf_counter()
+        try:
+            probs = self.probabilities(batch)
+        except Exception as exc:
+            raise ModelError(
+                f"model {self.model_id} {self.model_version} does not run ({type(exc).__name__}: {exc})"
+            ) from exc
+        if probs.shape[0] != shape[0] or not np.all(np.isfinite(probs)):
+            raise ModelError(f"model {self.model_id} {self.model_version} gives no usable scores")
+        return time.perf_counter() - t0
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N,) scores: positive-class probability (binary) or the top class's probability (multiclass)."""

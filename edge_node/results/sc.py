@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 
 from edge_node.protocol.manifest import Manifest
 from edge_node.results.finding import Finding
+from edge_node.results.names import for_highdicom, restore_names
 from edge_node.results.sr import MANUFACTURER
 from edge_node.results.uids import result_uid
 
@@ -86,7 +87,7 @@ def build_sc(
     pixels = render(display, caption(finding, manifest))
     orientation = _orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=for_highdicom(source),  # names it accepts without a warning that would quote them
         pixel_array=pixels,
         photometric_interpretation="MONOCHROME2",
         bits_allocated=8,
@@ -103,6 +104,7 @@ def build_sc(
         patient_orientation=orientation or ("L", "F"),
         series_description=SERIES_DESCRIPTION,
     )
+    restore_names(sc, source)
     if orientation is None:
         sc["PatientOrientation"].value = None
     sc.BurnedInAnnotation = "YES"

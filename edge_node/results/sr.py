@@ -17,6 +17,7 @@ from pydicom.sr.codedict import codes
 
 from edge_node.protocol.manifest import ClassLabel, Manifest
 from edge_node.results.finding import Finding
+from edge_node.results.names import for_highdicom, restore_names
 from edge_node.results.uids import result_uid
 
 __all__ = [
@@ -121,17 +122,6 @@ def _group(
     )
 
 
-def _without_pixels(ds: Dataset) -> Dataset:
-    """The header of an instance: highdicom deep-copies its evidence, and the pixels are not evidence."""
-    header = Dataset()
-    for elem in ds:
-        if elem.tag.group != 0x7FE0:
-            header.add(elem)
-    if hasattr(ds, "file_meta"):
-        header.file_meta = ds.file_meta
-    return header
-
-
 def build_sr(
     sources: Sequence[Dataset], findings: Sequence[Finding], manifest: Manifest
 ) -> hd.sr.ComprehensiveSR:
@@ -169,7 +159,9 @@ def build_sr(
         title=codes.cid7021.ImagingMeasurementReport,
     )
     sr = hd.sr.ComprehensiveSR(
-        evidence=[_without_pixels(ds) for ds in sources],
+        # Headers only (highdicom deep-copies its evidence; pixels are not evidence), with names it accepts
+        # without a warning that would quote them.
+        evidence=[for_highdicom(ds, pixels=False) for ds in sources],
         content=report[0],
         series_instance_uid=result_uid("sr-series", study_uid, mid, version),
         series_number=SR_SERIES_NUMBER,
@@ -181,6 +173,7 @@ def build_sr(
         is_verified=False,
         series_description=SERIES_DESCRIPTION,
     )
+    restore_names(sr, sources[0])
     return sr
 
 

@@ -38,8 +38,8 @@ class HslMmoe(nn.Module):
         embed: int = 64,
         n_experts: int = 6,
         expert_hidden: int = 32,
-        expert_out: int = 16,
-        tower_hidden: int = 8,
+        expert_out: int = 32,
+        tower_hidden: int = 16,
         temperature: float = 3.0,
         dropout: float = 0.2,
     ) -> None:
@@ -51,8 +51,9 @@ class HslMmoe(nn.Module):
                 nn.Linear(2 * embed, expert_hidden),
                 nn.ReLU(inplace=True),
                 nn.Dropout(dropout),
+                # No ReLU on the expert output: with a small tower, all-ReLU paths could die (a seed collapsed
+                # to a constant output with 16→8 towers).
                 nn.Linear(expert_hidden, expert_out),
-                nn.ReLU(inplace=True),
             )
             for _ in range(n_experts)
         )

@@ -53,11 +53,27 @@ def config(tmp_path: Path, signing_key: tuple[Ed25519PrivateKey, Path]) -> Path:
     return path
 
 
-def test_help_lists_the_commands() -> None:
+COMMANDS = ("serve", "status", "install-bundle", "rollback", "echo", "config-check", "states")
+
+
+def test_help_lists_the_commands_and_the_first_steps() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("serve", "status", "install-bundle", "rollback", "echo", "states"):
+    for command in COMMANDS:
         assert command in result.output
+    text = " ".join(result.output.split())
+    assert "FEDCLINIC_EDGE_* environment variables" in text
+    assert "fedclinic-edge config-check --config /etc/fedclinic/edge.toml" in text
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert f"Usage: fedclinic-edge {command}" in text
+    if command != "states":  # states takes no arguments: nothing to show by example
+        assert f"Example: fedclinic-edge {command}" in text
 
 
 def test_states_prints_the_transition_table() -> None:

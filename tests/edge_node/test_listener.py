@@ -14,6 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from edge_node.dicom.listener import (
+    DUL_LOOP_DELAY_S,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_PROCESSING_FAILURE,
     Listener,
@@ -91,6 +92,8 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
         acceptor = server.active_associations[0].dul.socket
         assert acceptor is not None and acceptor.socket is not None
         assert acceptor.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        # The acceptor's DUL reactor polls faster than pynetdicom's default (1 ms): shorter round trips.
+        assert server.active_associations[0].dul._run_loop_delay == DUL_LOOP_DELAY_S < 0.001
         assert int(assoc.send_c_echo().Status) == 0
     finally:
         assoc.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -187,3 +188,37 @@ def test_sc_without_source_orientation_has_an_empty_one(
     sc = pydicom.dcmread(write_sc(src, display, finding, manifest, tmp_path))
     assert not sc.PatientOrientation
     assert max(sc.Rows, sc.Columns) >= MIN_SIDE
+
+
+def test_results_for_single_component_names_carry_no_phi_into_warnings_or_logs(
+    tmp_path: Path,
+    sources: list[Dataset],
+    manifest: Manifest,
+    recwarn: pytest.WarningsRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """highdicom quotes a person name without "^" in a warning: the results must not trigger it."""
+    name, patient_id, physician = "QZXWVUTPHI", "PID-QZX-4417", "DRPLKMPHI"
+    study = []
+    for src in sources:
+        ds = pydicom.Dataset()
+        ds.update(src)
+        ds.file_meta = src.file_meta
+        ds.PatientName, ds.PatientID, ds.ReferringPhysicianName = name, patient_id, physician
+        study.append(ds)
+    findings = _findings(study, [0.8, 0.3, 0.6])
+    display = preprocess(study[0], manifest.preprocessing, model_id=manifest.model_id).display
+    # Every level of every logger, highdicom's included (the CLI raises its level, and that sticks).
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="highdicom"):
+        sr = pydicom.dcmread(write_sr(study, findings, manifest, tmp_path))
+        sc = pydicom.dcmread(write_sc(study[0], display, findings[0], manifest, tmp_path))
+    phi = (name, patient_id, physician)
+    assert [str(w.message) for w in recwarn] == []
+    leaked = [r.getMessage() for r in caplog.records if any(v in r.getMessage() for v in phi)]
+    assert leaked == []
+    assert caplog.records, "the capture saw highdicom's log (so an empty leak list means something)"
+    # The result objects carry the names exactly as the source had them (no added "^").
+    for result in (sr, sc):
+        assert (str(result.PatientName), result.PatientID) == (name, patient_id)
+        assert str(result.ReferringPhysicianName) == physician
+    assert str(study[0].PatientName) == name  # the source dataset was not changed either

@@ -1,4 +1,4 @@
-"""The edge installs and runs without torch: a fresh venv with only the `edge` and `cpu` extras passes the edge tests."""
+"""The edge installs and runs without torch: a fresh venv with only `.[edge,cpu]` passes the edge tests."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def test_fresh_edge_environment_has_no_torch_and_passes_edge_tests(tmp_path: Pat
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
     # A regular (non-editable) install of exactly what a clinic installs.
-    install = _run([str(py), "-m", "pip", "install", "-q", f"{REPO_ROOT}[edge,cpu]", "pytest", "pytest-timeout"])
+    install = _run(
+        [str(py), "-m", "pip", "install", "-q", f"{REPO_ROOT}[edge,cpu]", "pytest", "pytest-timeout"]
+    )
     assert install.returncode == 0, install.stdout + install.stderr
 
     probe = _run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"])

@@ -1,0 +1,242 @@
+"""Part 10 streams on the hot path: the File Meta header the listener writes, the header scan the spool reads.
+
+Both are done by hand for the common case because pydicom's general machinery cost more per instance than
+the rest of ingest together (measured on 512x512 CT slices: File Meta ~0.8 ms, read_partial ~3 ms, against
+~0.5 ms for the scan below); pydicom still reads everything the scanner declines.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag, Tag
+
+from edge_node.errors import BadInstanceError
+
+__all__ = ["Header", "parse_header", "part10_stream"]
+
+_PREAMBLE = 128
+_HEADER_TAGS: list[BaseTag | int] = [
+    Tag("SOPClassUID"),
+    Tag("SOPInstanceUID"),
+    Tag("Modality"),
+    Tag("StudyInstanceUID"),
+    Tag("SeriesInstanceUID"),
+]
+_SERIES_UID_TAG = 0x0020000E
+
+
+def _past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) > _SERIES_UID_TAG
+
+
+@dataclass(frozen=True)
+class Header:
+    """The few attributes the spool needs; everything else is read by the worker, later."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str | None
+    transfer_syntax: str
+
+
+def _meta_element(group_elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    tag = struct.pack("<HH", group_elem >> 16, group_elem & 0xFFFF)
+    if vr == b"OB":  # OB has a reserved field and a 4-byte length (PS3.5 7.1.2)
+        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def part10_stream(
+    dataset: bytes,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    implementation_uid: str,
+    implementation_version: str,
+) -> bytes:
+    """Preamble, prefix and File Meta Information (PS3.10 7.1) in front of a data set as received.
+
+    Encoded by hand: the meta group is five short elements, and building it through pydicom cost ~0.8 ms per
+    instance (a pydicom Dataset, UID validation, the generic writer) on the listener's critical path.
+    """
+    body = b"".join(
+        (
+            _meta_element(0x00020001, b"OB", b"\0\1", b"\0"),
+            _meta_element(0x00020002, b"UI", sop_class_uid.encode("ascii", "replace"), b"\0"),
+            _meta_element(0x00020003, b"UI", sop_instance_uid.encode("ascii", "replace"), b"\0"),
+            _meta_element(0x00020010, b"UI", transfer_syntax.encode("ascii", "replace"), b"\0"),
+            _meta_element(0x00020012, b"UI", implementation_uid.encode("ascii", "replace"), b"\0"),
+            _meta_element(0x00020013, b"SH", implementation_version.encode("ascii", "replace")[:16], b" "),
+        )
+    )
+    group_length = _meta_element(0x00020000, b"UL", struct.pack("<I", len(body)), b"\0")
+    return b"".join((bytes(_PREAMBLE), b"DICM", group_length, body, dataset))
+
+
+def _uid(values: Mapping[str, object], keyword: str) -> str:
+    value = values.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        raise BadInstanceError(f"the data set has no {keyword}")
+    if len(text) > 64 or any(ch not in "0123456789." for ch in text):
+        raise BadInstanceError(f"the data set's {keyword} is not a valid UID")
+    return text
+
+
+class _Unscannable(Exception):
+    """The fast scanner does not handle this encoding; pydicom reads the header instead."""
+
+
+_IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+_NOT_SCANNED = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big endian; deflated
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_SHORT_VRS = frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL"}
+    | {b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+)
+_TAG = struct.Struct("<HH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_WANTED = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080060: "Modality",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
+_TRANSFER_SYNTAX_TAG = 0x00020010
+
+
+def _element(buf: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]:
+    """(tag, value length, value offset, value is implicit VR) of the element header at ``pos``."""
+    if pos + 8 > len(buf):
+        raise _Unscannable("truncated")
+    group, elem = _TAG.unpack_from(buf, pos)
+    tag = group << 16 | elem
+    if implicit or group == 0xFFFE:  # items and delimiters have no VR, even in explicit VR
+        return tag, _U32.unpack_from(buf, pos + 4)[0], pos + 8, implicit
+    vr = buf[pos + 4 : pos + 6]
+    if vr not in _SHORT_VRS and vr not in _LONG_VRS:
+        raise _Unscannable("not explicit VR")
+    if vr in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise _Unscannable("truncated")
+        # An UN of undefined length holds implicit VR little endian (PS3.5 6.2.2).
+        return tag, _U32.unpack_from(buf, pos + 8)[0], pos + 12, vr == b"UN"
+    return tag, _U16.unpack_from(buf, pos + 6)[0], pos + 8, False
+
+
+def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int:
+    """Offset just past an undefined-length sequence whose first item starts at ``pos``."""
+    while True:
+        tag, length, pos, _ = _element(buf, pos, True)
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unscannable("not an item")
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an item of undefined length: its elements, then the item delimiter
+            tag, length, pos, inner_implicit = _element(buf, pos, implicit)
+            if tag == _ITEM_END:
+                break
+            pos = _skip_sequence(buf, pos, inner_implicit) if length == _UNDEFINED else pos + length
+
+
+def _scan(
+    buf: bytes, pos: int, implicit: bool, last_tag: int, wanted: set[int]
+) -> tuple[dict[int, str], int]:
+    """Values of the ``wanted`` top-level elements up to ``last_tag``, and where the scan stopped."""
+    found: dict[int, str] = {}
+    while pos < len(buf):
+        tag, length, value_pos, inner_implicit = _element(buf, pos, implicit)
+        if tag > last_tag:
+            return found, pos
+        if length == _UNDEFINED:
+            pos = _skip_sequence(buf, value_pos, inner_implicit)
+            continue
+        pos = value_pos + length
+        if pos > len(buf):
+            raise _Unscannable("truncated")
+        if tag in wanted:
+            raw = buf[value_pos:pos]
+            if b"\\" in raw:
+                raise _Unscannable("multi-valued")
+            try:
+                found[tag] = raw.decode("ascii").rstrip("\0 ").strip()
+            except UnicodeDecodeError:
+                raise _Unscannable("not ASCII") from None
+    return found, pos
+
+
+def _scan_header(stream: bytes) -> Header:
+    """``parse_header`` for the common case, straight from the bytes.
+
+    Handles a preamble, a File Meta group and a little endian data set, explicit or implicit VR, skipping
+    sequences of any length; raises _Unscannable for anything else (pydicom then reads it).
+    """
+    buf = stream
+    if buf[128:132] != b"DICM":
+        raise _Unscannable("no Part 10 prefix")
+    meta, pos = _scan(buf, 132, False, 0x0002FFFF, {_TRANSFER_SYNTAX_TAG})
+    transfer_syntax = meta.get(_TRANSFER_SYNTAX_TAG)
+    if not transfer_syntax or transfer_syntax in _NOT_SCANNED:
+        raise _Unscannable("transfer syntax")
+    values, _ = _scan(buf, pos, transfer_syntax == _IMPLICIT_VR_LE, 0x0020000E, set(_WANTED))
+    return _header({keyword: values.get(tag) for tag, keyword in _WANTED.items()}, transfer_syntax)
+
+
+def _header(values: Mapping[str, object], transfer_syntax: str) -> Header:
+    return Header(
+        sop_class_uid=_uid(values, "SOPClassUID"),
+        sop_instance_uid=_uid(values, "SOPInstanceUID"),
+        study_uid=_uid(values, "StudyInstanceUID"),
+        series_uid=_uid(values, "SeriesInstanceUID"),
+        modality=(str(values.get("Modality") or "").strip() or None),
+        transfer_syntax=transfer_syntax,
+    )
+
+
+def parse_header(stream: bytes) -> Header:
+    """Read the identifying attributes of a Part 10 byte stream (preamble + file meta + data set).
+
+    Stops before the pixel data; raises BadInstanceError when the stream cannot be parsed or lacks a UID.
+    """
+    try:
+        return _scan_header(stream)
+    except (_Unscannable, BadInstanceError):
+        # pydicom decides every case the scanner does not answer, and every refusal: it also reads files
+        # whose transfer syntax claims the wrong VR encoding, which the scanner would misread.
+        return _read_header(stream)
+
+
+def _read_header(stream: bytes) -> Header:
+    """``parse_header`` through pydicom: any encoding pydicom reads (deflated, big endian, odd files)."""
+    try:
+        # The identifying attributes come early (groups 0008 and 0020); stop reading after the Series UID
+        # instead of walking the whole header (a 512x512 CT header: ~2.5 ms -> ~0.3 ms).
+        ds = read_partial(BytesIO(stream), stop_when=_past_series_uid, specific_tags=_HEADER_TAGS)
+        values = {keyword: ds.get(keyword) for keyword in _WANTED.values()}
+        header = _header(values, str(ds.file_meta.TransferSyntaxUID))
+    except BadInstanceError:
+        raise
+    except (InvalidDicomError, ValueError, KeyError, AttributeError, EOFError, OSError, TypeError) as exc:
+        # pydicom raises a variety of errors on truncated or corrupt streams; all mean "cannot understand".
+        raise BadInstanceError(f"the data set cannot be parsed ({type(exc).__name__})") from None
+    return header

@@ -1,0 +1,31 @@
+"""Benchmark bookkeeping: which cached runs are reusable, method parsing, progress units."""
+
+from __future__ import annotations
+
+import pytest
+
+from hub.training.benchmark import parse_methods, same_settings, total_rounds
+from hub.training.methods import METHODS, BenchConfig
+
+
+def test_cached_runs_are_reused_only_with_the_same_settings() -> None:
+    cfg = {"task": "breast", "rounds": 12, "distill_min_steps": 1000}
+    assert same_settings("fedavg", dict(cfg), cfg)
+    assert not same_settings("fedavg", {**cfg, "rounds": 2}, cfg)
+    assert not same_settings("fedavg", None, cfg)
+    # Distillation settings only change fedhelp's result.
+    assert same_settings("hsl", {"task": "breast", "rounds": 12}, cfg)
+    assert not same_settings("fedhelp", {"task": "breast", "rounds": 12}, cfg)
+
+
+def test_parse_methods() -> None:
+    assert parse_methods("all") == tuple(METHODS)
+    assert parse_methods(" fedavg, hsl ") == ("fedavg", "hsl")
+    with pytest.raises(ValueError, match="unknown methods"):
+        parse_methods("fedavg,fedsgd")
+
+
+def test_pfednet_has_one_extra_round_for_its_stats() -> None:
+    cfg = BenchConfig(rounds=12)
+    assert total_rounds("pfednet", cfg) == 13
+    assert total_rounds("fedavg", cfg) == 12
