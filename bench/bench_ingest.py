@@ -39,6 +39,10 @@ from rich.console import Console
 from rich.table import Table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.support.dcmtk import dcmtk  # noqa: E402  (the repo root must be importable first)
+
 EDGE_BIN = Path(sys.executable).parent / "fedclinic-edge"
 TARGET_RATIO = 0.5
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -81,7 +85,10 @@ def wait_echo(port: int, aet: str, proc: subprocess.Popen[bytes], timeout: float
         if proc.poll() is not None:
             raise SystemExit(f"{aet} exited with {proc.returncode} before answering C-ECHO")
         echo = subprocess.run(
-            ["echoscu", "-aec", aet, "127.0.0.1", str(port)], capture_output=True, env=DCMTK_ENV, timeout=30
+            [dcmtk("echoscu"), "-aec", aet, "127.0.0.1", str(port)],
+            capture_output=True,
+            env=DCMTK_ENV,
+            timeout=30,
         )
         if echo.returncode == 0:
             return
@@ -92,7 +99,7 @@ def wait_echo(port: int, aet: str, proc: subprocess.Popen[bytes], timeout: float
 def send(port: int, aet: str, files: list[Path]) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(
-        ["storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
+        [dcmtk("storescu"), "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
         capture_output=True,
         text=True,
         env=DCMTK_ENV,
@@ -165,7 +172,7 @@ def run_storescp(files: list[Path], work: Path) -> float:
     out = work / f"storescp-{time.monotonic_ns()}"
     out.mkdir()
     proc = subprocess.Popen(
-        ["storescp", "-od", str(out), "-aet", "DCMTKSCP", str(port)],
+        [dcmtk("storescp"), "-od", str(out), "-aet", "DCMTKSCP", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=DCMTK_ENV,

@@ -36,7 +36,9 @@ def test_readme_clinic_path_examples_run_as_written(tmp_path: Path, shared_data:
     port = free_port()
     env = {
         **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        # Appended, not prepended: pynetdicom puts Python apps named storescu etc. into the venv's bin/,
+        # and the README means dcmtk's storescu.
+        "PATH": f"{os.environ.get('PATH', '')}{os.pathsep}{BIN}",
         "FEDCLINIC_DATA": str(shared_data),
         "FEDCLINIC_EDGE_PORT": str(port),  # the environment wins over edge.toml: no clash with a real 11112
         "OMP_NUM_THREADS": "1",

@@ -20,7 +20,7 @@ from hub.models.fedhelp_nets import fedhelp_large, fedhelp_small
 from hub.models.fl_cnn import fl_cnn
 from hub.models.hsl_mmoe import hsl_mmoe
 from hub.training.datasets import CLINICS, LARGE_CLINICS, SMALL_CLINICS, BenchData
-from hub.training.distill import count_params, distill_student
+from hub.training.distill import count_params, distill_student, save_student
 from hub.training.fedhelp_kd import RankSign
 from hub.training.fedhelp_train import FedHelpLargeLearner, FedHelpSmallLearner
 from hub.training.foundation import stored_soft_labels
@@ -307,7 +307,14 @@ def _distill(data: BenchData, ctx: MethodContext, hospital: FedHelpLargeLearner)
     s_eval = evaluate(data, dict.fromkeys(CLINICS, _predictor(student)), _predictor(student))
     t_mean = float(np.mean([t_eval["clinics"][c]["auc"] for c in CLINICS]))
     s_mean = float(np.mean([s_eval["clinics"][c]["auc"] for c in CLINICS]))
+    path = save_student(
+        ctx.out_dir / "students" / f"{data.task}-seed{ctx.seed}",
+        student,
+        data.task,
+        {"student_mean_clinic_auc": s_mean, "student_unseen_auc": s_eval["unseen"]["auc"]},
+    )
     return {
+        "checkpoint": str(path.relative_to(ctx.out_dir)),
         "teacher": f"fedhelp_large@{hospital.client_id}",
         "teacher_params": count_params(teacher),
         "student_params": count_params(student),

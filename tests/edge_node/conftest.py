@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydicom.uid import generate_uid
 
+from tests.support.dcmtk import dcmtk
 from tests.support.onnxgen import make_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -141,7 +142,7 @@ def storescu(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
-            "storescu",
+            dcmtk("storescu"),
             "-v",
             *(flags or []),
             "-aet",
@@ -161,7 +162,7 @@ def storescu(
 
 def echoscu(port: int, *, called: str = "EDGE", calling: str = "TESTSCU") -> bool:
     proc = subprocess.run(
-        ["echoscu", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        [dcmtk("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
         capture_output=True,
         env=DCMTK_ENV,
         timeout=30,
@@ -189,7 +190,7 @@ def pacs(tmp_path: Path) -> Iterator[Storescp]:
     out.mkdir()
     log = (tmp_path / "storescp.log").open("wb")
     proc = subprocess.Popen(
-        ["storescp", "-od", str(out), "-aet", "PACS", str(port)], stdout=log, stderr=log, env=DCMTK_ENV
+        [dcmtk("storescp"), "-od", str(out), "-aet", "PACS", str(port)], stdout=log, stderr=log, env=DCMTK_ENV
     )
     deadline = time.time() + 10
     while not echoscu(port, called="PACS"):

@@ -20,6 +20,7 @@ from tests.edge_node.conftest import (
     echoscu,
     make_ct_instances,
 )
+from tests.support.dcmtk import dcmtk
 
 DX = dicom_dir() / "highdicom" / "dx_image.dcm"
 
@@ -37,7 +38,7 @@ def test_sigkill_mid_burst_loses_no_acknowledged_instance_and_runs_each_study_on
     with log_path.open("w") as log:
         sender = subprocess.Popen(
             [
-                "storescu",
+                dcmtk("storescu"),
                 "-v",
                 "-aet",
                 "TESTSCU",
@@ -102,7 +103,7 @@ def test_sigkill_during_a_run_redoes_the_study_once_and_sends_each_result_once(
     edge.start()
     assert edge.cli("install-bundle", str(test_bundle.bundle)).returncode == 0
     proc = subprocess.run(
-        ["storescu", "-aet", "TESTSCU", "-aec", "EDGE", "127.0.0.1", str(edge.port), *map(str, files)],
+        [dcmtk("storescu"), "-aet", "TESTSCU", "-aec", "EDGE", "127.0.0.1", str(edge.port), *map(str, files)],
         capture_output=True,
         env=DCMTK_ENV,
         timeout=120,

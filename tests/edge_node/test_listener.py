@@ -31,6 +31,7 @@ from tests.edge_node.conftest import (
     make_ct_instances,
     storescu,
 )
+from tests.support.dcmtk import dcmtk
 
 
 class Running:
@@ -157,7 +158,7 @@ def test_calling_ae_allow_list_and_called_ae(tmp_path: Path) -> None:
 def test_unsupported_sop_class_is_refused_at_negotiation(edge: Running) -> None:
     seg = dicom_dir() / "dcmqi_ct3slice" / "liver_seg.dcm"
     proc = subprocess.run(
-        ["storescu", "-v", "-aec", "EDGE", "127.0.0.1", str(edge.port), str(seg)],
+        [dcmtk("storescu"), "-v", "-aec", "EDGE", "127.0.0.1", str(edge.port), str(seg)],
         capture_output=True,
         text=True,
         env=DCMTK_ENV,

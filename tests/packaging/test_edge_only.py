@@ -36,7 +36,7 @@ def test_fresh_edge_environment_has_no_torch_and_passes_edge_tests(tmp_path: Pat
         check = _run([str(py), "-c", f"import {forbidden}"])
         assert check.returncode != 0, f"{forbidden} is importable in the edge-only environment"
 
-    env = {**os.environ, "PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{os.environ.get('PATH', '')}{os.pathsep}{env_dir / 'bin'}"}
     env.pop("PYTHONPATH", None)
     result = _run(
         [str(py), "-m", "pytest", "tests/edge_node", "-q", "-p", "no:cacheprovider", "-m", "not gpu"],

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import hub.models.fl_cnn  # noqa: F401  (registers the student's model name)
 from hub.cli import app
+from hub.training.checkpoint import load_checkpoint
 from hub.training.methods import METHODS
 
 pytestmark = pytest.mark.slow
@@ -40,6 +42,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert len(hsl["extra"]["anchor_auc"]) >= 6  # the mean anchor + single images of both classes
     distill = next(r for r in doc["records"] if r["method"] == "fedhelp")["extra"]["distill"]
     assert distill["student_params"] <= 1_000_000
+    student = load_checkpoint(out / distill["checkpoint"]).build_model()  # what `fedclinic-hub export` reads
+    assert sum(p.numel() for p in student.parameters()) == distill["student_params"]
     assert (out / "results.md").read_text().startswith("# bench fl")
     assert (out / "auc.png").stat().st_size > 10_000
     assert (out / "foundation-pneumonia.npz").is_file()
