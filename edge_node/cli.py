@@ -128,10 +128,10 @@ def status(
         )
     store = Store(settings.db_path)
     try:
-        model = store.active_model()
+        model = store.models.active()
         counts = store.counts()
         studies = store.recent_studies(limit)
-        last_error = store.last_send_error()
+        last_error = store.outbox.last_error()
         if model is None:
             console.print("[yellow]model:[/yellow] none installed (fedclinic-edge install-bundle PATH)")
         else:
@@ -377,7 +377,7 @@ def config_check(
 @app.command()
 def states() -> None:
     """Print the study life cycle: the states a study goes through and what moves it on."""
-    from edge_node.store import format_transitions
+    from edge_node.study import format_transitions
 
     console.print(format_transitions(), highlight=False)
 

@@ -6,8 +6,8 @@ history is what ``rollback`` walks back along. Installing never touches the mode
 verification or does not load is refused with a message, and the node keeps serving what it had.
 
 The serving process notices a switch made by another process (``fedclinic-edge install-bundle``) through
-``Store.activation_id`` before each study, loads the new model, and only then drops the old one, so a study
-in progress finishes on the model it started with. Every load runs one dummy image through the new model
+``ModelRegistry.activation_id`` before each study, loads the new model, and only then drops the old one, so a
+study in progress finishes on the model it started with. Every load runs one dummy image through the new model
 (``LoadedModel.warm_up``) before it serves: a model that cannot run is refused, and the session's first-run
 cost does not land on a study.
 """
@@ -33,7 +33,8 @@ from edge_node.inference.model import LoadedModel, Precision, load_model
 from edge_node.protocol.bundle import VerifiedBundle, verify_bundle
 from edge_node.protocol.errors import BundleError
 from edge_node.protocol.signing import load_public_keys
-from edge_node.store import ModelRecord, Store
+from edge_node.registry import ModelRecord
+from edge_node.store import Store
 
 if TYPE_CHECKING:
     from edge_node.settings import EdgeSettings
@@ -173,14 +174,14 @@ class ModelSlot:
                     f"bundle model id/version {model_id!r} {version!r} is not a safe name; refused"
                 )
             digest = hashlib.sha256(manifest.canonical_bytes()).hexdigest()
-            existing = self.store.model_by_id(model_id, version)
+            existing = self.store.models.by_id(model_id, version)
             if existing is not None:
                 if existing.manifest_sha256 != digest:
                     raise ModelError(
                         f"{model_id} {version} is already installed with a different manifest; "
                         "a changed model needs a new version"
                     )
-                self.store.activate(existing.row, "install (already present)")
+                self.store.models.activate(existing.row, "install (already present)")
                 logger.info("model %s %s was installed already; it is active again", model_id, version)
                 return existing
             # Copy, then verify the copy: what gets loaded later is exactly what was checked.
@@ -200,21 +201,21 @@ class ModelSlot:
             if final.exists():  # left over from an install interrupted before it was recorded
                 shutil.rmtree(final)
             copy.rename(final)
-        row = self.store.add_model(model_id, version, final, digest, verified.key_fingerprint)
-        self.store.activate(row, "install")
+        row = self.store.models.add(model_id, version, final, digest, verified.key_fingerprint)
+        self.store.models.activate(row, "install")
         logger.info(
             "installed model %s %s (key %s); it is now active", model_id, version, verified.key_fingerprint
         )
-        record = self.store.model_by_id(model_id, version)
+        record = self.store.models.by_id(model_id, version)
         assert record is not None
         return record
 
     def rollback(self) -> ModelRecord:
         """Make the model that was active before the current one active again."""
-        previous = self.store.previous_model()
+        previous = self.store.models.previous()
         if previous is None:
             raise ModelError("there is no previous model to roll back to")
-        self.store.activate(previous.row, "rollback")
+        self.store.models.activate(previous.row, "rollback")
         logger.info("rolled back to model %s %s", previous.model_id, previous.version)
         return previous
 
@@ -227,10 +228,10 @@ class ModelSlot:
         moves again); None only when nothing was ever loaded.
         """
         with self._lock:
-            activation = self.store.activation_id()
+            activation = self.store.models.activation_id()
             if activation in (self._loaded_activation, self._failed_activation):
                 return self._loaded
-            record = self.store.active_model()
+            record = self.store.models.active()
             if record is None:
                 return None
             try:

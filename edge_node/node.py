@@ -104,7 +104,7 @@ class Node:
             self.spool.recover()
         except OSError as exc:
             raise SpoolError(f"cannot read the spool at {self.spool.root}: {exc.strerror}") from exc
-        if self.store.active_model() is None:
+        if self.store.models.active() is None:
             logger.warning(
                 "no model installed: studies are spooled and wait; run `fedclinic-edge install-bundle PATH`"
             )

@@ -1,4 +1,7 @@
-"""The edge node's durable state in SQLite: instances, studies (a state machine), runs, findings, outbox.
+"""The edge node's durable state in SQLite: connection, schema, instances, studies, runs and findings.
+
+The study life cycle these rows follow is in ``study``; the outbox and the model registry share this
+connection and live in ``outbox`` and ``registry`` (reached as ``Store.outbox`` and ``Store.models``).
 
 Durability, and why ``synchronous`` is NORMAL for most writes and FULL for a few: SQLite runs in WAL mode.
 With NORMAL a commit survives a crash of the process but a power cut may roll back the last commits; with
@@ -19,7 +22,6 @@ Other processes (the CLI) open their own ``Store``; ``busy_timeout`` makes them 
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import secrets
 import sqlite3
@@ -30,90 +32,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = [
-    "TRANSITIONS",
-    "Claim",
-    "FindingRow",
-    "InstanceRecord",
-    "ModelRecord",
-    "OutboxItem",
-    "Store",
-    "StudyEvent",
-    "StudyState",
-    "StudySummary",
-    "format_transitions",
-    "next_state",
-]
+from edge_node.outbox import Outbox, enqueue
+from edge_node.registry import ModelRegistry
+from edge_node.study import StudyEvent, StudyState, next_state
+
+__all__ = ["Claim", "FindingRow", "InstanceRecord", "Store", "StudySummary"]
 
 SCHEMA_VERSION = 1
-
-
-class StudyState(str, enum.Enum):
-    RECEIVED = "received"
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    DONE = "done"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-
-
-class StudyEvent(str, enum.Enum):
-    INSTANCE = "instance"  # an instance of the study was spooled
-    COMPLETE = "complete"  # the association that sent it was released
-    CLAIM = "claim"  # the worker took it (queued, or received and quiet for quiet_seconds)
-    DONE = "done"  # analysis finished with results
-    SKIPPED = "skipped"  # analysis declined the study (wrong modality, ...) and said why
-    FAILED = "failed"  # analysis raised
-    STALE = "stale"  # a run finished but instances arrived while it ran: the study must run again
-    RECOVER = "recover"  # the node restarted and found the study in processing
-
-
-S, E = StudyState, StudyEvent
-
-#: The study life cycle. Rule for late instances: an instance arriving after a study was processed sends it
-#: back to RECEIVED, and the study is processed again *as a whole* (all its instances, old and new) once it
-#: is complete again; the new run's results supersede the earlier ones. An instance arriving *during* a run
-#: bumps the study's revision; the run still finishes and records its outcome, then the study goes back to
-#: RECEIVED (STALE) instead of a final state.
-TRANSITIONS: dict[tuple[StudyState, StudyEvent], StudyState] = {
-    (S.RECEIVED, E.INSTANCE): S.RECEIVED,
-    (S.RECEIVED, E.COMPLETE): S.QUEUED,
-    (S.RECEIVED, E.CLAIM): S.PROCESSING,
-    (S.QUEUED, E.INSTANCE): S.RECEIVED,
-    (S.QUEUED, E.COMPLETE): S.QUEUED,
-    (S.QUEUED, E.CLAIM): S.PROCESSING,
-    (S.PROCESSING, E.INSTANCE): S.PROCESSING,
-    (S.PROCESSING, E.COMPLETE): S.PROCESSING,
-    (S.PROCESSING, E.DONE): S.DONE,
-    (S.PROCESSING, E.SKIPPED): S.SKIPPED,
-    (S.PROCESSING, E.FAILED): S.FAILED,
-    (S.PROCESSING, E.STALE): S.RECEIVED,
-    (S.PROCESSING, E.RECOVER): S.QUEUED,
-    (S.DONE, E.INSTANCE): S.RECEIVED,
-    (S.SKIPPED, E.INSTANCE): S.RECEIVED,
-    (S.FAILED, E.INSTANCE): S.RECEIVED,
-    (S.DONE, E.COMPLETE): S.DONE,
-    (S.SKIPPED, E.COMPLETE): S.SKIPPED,
-    (S.FAILED, E.COMPLETE): S.FAILED,
-}
-
-
-def next_state(state: StudyState, event: StudyEvent) -> StudyState:
-    """The state after ``event``; a pair missing from TRANSITIONS is a bug and raises ValueError."""
-    try:
-        return TRANSITIONS[(state, event)]
-    except KeyError:
-        raise ValueError(f"study event {event.value!r} is not allowed in state {state.value!r}") from None
-
-
-def format_transitions() -> str:
-    """The transition table as aligned text (``fedclinic-edge states`` prints it)."""
-    width = max(len(s.value) for s in StudyState)
-    ev_width = max(len(e.value) for e in StudyEvent)
-    return "\n".join(
-        f"{src.value:<{width}} --{ev.value:-<{ev_width}}--> {dst.value}"
-        for (src, ev), dst in TRANSITIONS.items()
-    )
 
 
 _SCHEMA = """
@@ -233,29 +158,6 @@ class FindingRow:
 
 
 @dataclass(frozen=True)
-class OutboxItem:
-    id: int
-    run_id: int
-    study_id: int
-    path: Path
-    dest_ae: str
-    dest_host: str
-    dest_port: int
-    attempts: int
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    row: int
-    model_id: str
-    version: str
-    path: Path
-    manifest_sha256: str
-    key_fingerprint: str
-    installed_at: float
-
-
-@dataclass(frozen=True)
 class StudySummary:
     study_uid: str
     state: str
@@ -296,6 +198,8 @@ class Store:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('uid_salt', ?)", (secrets.token_hex(16),)
             )
         self._salt = self._meta("uid_salt")
+        self.outbox = Outbox(self)
+        self.models = ModelRegistry(self)
 
     def close(self) -> None:
         with self._lock:
@@ -322,12 +226,13 @@ class Store:
                 if durable:
                     self._conn.execute("PRAGMA synchronous=NORMAL")
 
-    def _query(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
+        """A read under the store's lock, outside any transaction (WAL: it sees the last commit)."""
         with self._lock:
             return list(self._conn.execute(sql, tuple(args)).fetchall())
 
     def _meta(self, key: str) -> str:
-        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
         return str(rows[0]["value"])
 
     # -- identifiers -----------------------------------------------------------------------------------------
@@ -349,12 +254,12 @@ class Store:
                 cur = c.execute(
                     "INSERT INTO studies (study_uid, state, revision, first_received_at, last_instance_at,"
                     " updated_at) VALUES (?, ?, 1, ?, ?, ?)",
-                    (rec.study_uid, S.RECEIVED.value, now, now, now),
+                    (rec.study_uid, StudyState.RECEIVED.value, now, now, now),
                 )
                 study_id, revision = int(cur.lastrowid or 0), 1
             else:
                 study_id, revision = int(row["id"]), int(row["revision"]) + 1
-                state = next_state(StudyState(row["state"]), E.INSTANCE)
+                state = next_state(StudyState(row["state"]), StudyEvent.INSTANCE)
                 c.execute(
                     "UPDATE studies SET state = ?, revision = ?, last_instance_at = ?, updated_at = ?"
                     " WHERE id = ?",
@@ -400,7 +305,7 @@ class Store:
                 if row is None:
                     continue
                 before = StudyState(row["state"])
-                after = next_state(before, E.COMPLETE)
+                after = next_state(before, StudyEvent.COMPLETE)
                 if after != before:
                     c.execute(
                         "UPDATE studies SET state = ?, updated_at = ? WHERE id = ?",
@@ -410,7 +315,7 @@ class Store:
         return queued
 
     def spool_paths(self) -> set[Path]:
-        return {Path(r["path"]) for r in self._query("SELECT path FROM instances")}
+        return {Path(r["path"]) for r in self.query("SELECT path FROM instances")}
 
     # -- worker ----------------------------------------------------------------------------------------------
 
@@ -432,7 +337,7 @@ class Store:
             if row is None:
                 return None
             study_id, revision = int(row["id"]), int(row["revision"])
-            state = next_state(StudyState(row["state"]), E.CLAIM)
+            state = next_state(StudyState(row["state"]), StudyEvent.CLAIM)
             c.execute(
                 "UPDATE studies SET state = ?, updated_at = ? WHERE id = ?", (state.value, now, study_id)
             )
@@ -451,13 +356,13 @@ class Store:
 
     def next_quiet_deadline(self, quiet_seconds: float) -> float | None:
         """When the earliest RECEIVED study becomes ready by quiet time (epoch seconds), or None."""
-        rows = self._query("SELECT MIN(last_instance_at) AS t FROM studies WHERE state = 'received'")
+        rows = self.query("SELECT MIN(last_instance_at) AS t FROM studies WHERE state = 'received'")
         t = rows[0]["t"]
         return None if t is None else float(t) + quiet_seconds
 
     def has_ready(self, quiet_seconds: float, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        rows = self._query(
+        rows = self.query(
             "SELECT 1 FROM studies"
             " WHERE state = 'queued' OR (state = 'received' AND last_instance_at <= ?) LIMIT 1",
             (now - quiet_seconds,),
@@ -477,7 +382,7 @@ class Store:
         now: float | None = None,
     ) -> StudyState:
         """Record a run's outcome, findings and outbox entries in one transaction; return the new state."""
-        if status not in (E.DONE, E.SKIPPED, E.FAILED):
+        if status not in (StudyEvent.DONE, StudyEvent.SKIPPED, StudyEvent.FAILED):
             raise ValueError(f"a run finishes as done, skipped or failed, not {status.value}")
         now = time.time() if now is None else now
         model_id, model_version, provider = model if model is not None else (None, None, None)
@@ -491,24 +396,15 @@ class Store:
                 "INSERT INTO findings (run_id, sop_instance_uid, score, label) VALUES (?, ?, ?, ?)",
                 [(claim.run_id, f.sop_instance_uid, f.score, f.label) for f in findings],
             )
-            rows = [
-                (claim.run_id, claim.study_id, str(p), ae, host, port, now, now)
-                for p in outputs
-                for (ae, host, port) in destinations
-            ]
-            c.executemany(
-                "INSERT INTO outbox (run_id, study_id, path, dest_ae, dest_host, dest_port, next_try,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            queued = enqueue(c, claim.run_id, claim.study_id, outputs, destinations, now)
             c.execute(
                 "UPDATE instances SET state = 'processed' WHERE study_id = ? AND revision <= ?",
                 (claim.study_id, claim.revision),
             )
             row = c.execute("SELECT state, revision FROM studies WHERE id = ?", (claim.study_id,)).fetchone()
-            event = E.STALE if int(row["revision"]) > claim.revision else status
+            event = StudyEvent.STALE if int(row["revision"]) > claim.revision else status
             state = next_state(StudyState(row["state"]), event)
-            results = "pending" if rows else None
+            results = "pending" if queued else None
             c.execute(
                 "UPDATE studies SET state = ?, updated_at = ?, results = COALESCE(?, results) WHERE id = ?",
                 (state.value, now, results, claim.study_id),
@@ -535,110 +431,16 @@ class Store:
                 (now,),
             )
             for row in c.execute("SELECT id, state FROM studies WHERE state = 'processing'").fetchall():
-                state = next_state(StudyState(row["state"]), E.RECOVER)
+                state = next_state(StudyState(row["state"]), StudyEvent.RECOVER)
                 c.execute(
                     "UPDATE studies SET state = ?, updated_at = ? WHERE id = ?", (state.value, now, row["id"])
                 )
         return runs
 
-    # -- outbox ----------------------------------------------------------------------------------------------
-
-    def due_outbox(self, now: float | None = None, limit: int = 200) -> list[OutboxItem]:
-        now = time.time() if now is None else now
-        rows = self._query(
-            "SELECT id, run_id, study_id, path, dest_ae, dest_host, dest_port, attempts FROM outbox"
-            " WHERE state = 'pending' AND next_try <= ? ORDER BY next_try, id LIMIT ?",
-            (now, limit),
-        )
-        return [
-            OutboxItem(
-                int(r["id"]),
-                int(r["run_id"]),
-                int(r["study_id"]),
-                Path(r["path"]),
-                str(r["dest_ae"]),
-                str(r["dest_host"]),
-                int(r["dest_port"]),
-                int(r["attempts"]),
-            )
-            for r in rows
-        ]
-
-    def next_outbox_try(self) -> float | None:
-        rows = self._query("SELECT MIN(next_try) AS t FROM outbox WHERE state = 'pending'")
-        t = rows[0]["t"]
-        return None if t is None else float(t)
-
-    def mark_sent(self, ids: Sequence[int], now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        with self.tx() as c:
-            c.executemany(
-                "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1, last_error = NULL"
-                " WHERE id = ?",
-                [(now, i) for i in ids],
-            )
-            c.execute(
-                "UPDATE studies SET results = 'sent' WHERE results = 'pending' AND id NOT IN"
-                " (SELECT study_id FROM outbox WHERE state = 'pending')"
-            )
-
-    def mark_retry(self, ids: Sequence[int], error: str, next_try: Sequence[float]) -> None:
-        with self.tx() as c:
-            c.executemany(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_try = ? WHERE id = ?",
-                [(error, t, i) for i, t in zip(ids, next_try, strict=True)],
-            )
-
-    # -- models ----------------------------------------------------------------------------------------------
-
-    def model_by_id(self, model_id: str, version: str) -> ModelRecord | None:
-        rows = self._query("SELECT * FROM models WHERE model_id = ? AND version = ?", (model_id, version))
-        return _model(rows[0]) if rows else None
-
-    def add_model(
-        self, model_id: str, version: str, path: Path, manifest_sha256: str, fingerprint: str
-    ) -> int:
-        with self.tx(durable=True) as c:
-            cur = c.execute(
-                "INSERT INTO models (model_id, version, path, manifest_sha256, key_fingerprint, installed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (model_id, version, str(path), manifest_sha256, fingerprint, time.time()),
-            )
-            return int(cur.lastrowid or 0)
-
-    def activate(self, model_row: int, reason: str) -> None:
-        """The atomic switch: the active model is the latest activation row (one INSERT, one commit)."""
-        with self.tx(durable=True) as c:
-            c.execute(
-                "INSERT INTO activations (model_row, at, reason) VALUES (?, ?, ?)",
-                (model_row, time.time(), reason),
-            )
-
-    def active_model(self) -> ModelRecord | None:
-        rows = self._query(
-            "SELECT m.* FROM activations a JOIN models m ON m.id = a.model_row ORDER BY a.id DESC LIMIT 1"
-        )
-        return _model(rows[0]) if rows else None
-
-    def activation_id(self) -> int:
-        """Increases with every switch; the worker compares it to notice a new active model cheaply."""
-        rows = self._query("SELECT COALESCE(MAX(id), 0) AS n FROM activations")
-        return int(rows[0]["n"])
-
-    def previous_model(self) -> ModelRecord | None:
-        """The model that was active just before the current activation (what rollback goes back to)."""
-        rows = self._query(
-            "SELECT m.* FROM activations a JOIN models m ON m.id = a.model_row"
-            " WHERE a.id < (SELECT MAX(id) FROM activations)"
-            " AND a.model_row != (SELECT model_row FROM activations ORDER BY id DESC LIMIT 1)"
-            " ORDER BY a.id DESC LIMIT 1"
-        )
-        return _model(rows[0]) if rows else None
-
     # -- status ----------------------------------------------------------------------------------------------
 
     def recent_studies(self, limit: int = 20) -> list[StudySummary]:
-        rows = self._query(
+        rows = self.query(
             """
             SELECT s.study_uid, s.state, s.results, s.last_instance_at,
                    (SELECT COUNT(*) FROM instances i WHERE i.study_id = s.id) AS n_instances,
@@ -673,30 +475,11 @@ class Store:
     def counts(self) -> dict[str, int]:
         """Studies per state plus instances and pending outbox entries (for status and tests)."""
         out = {s.value: 0 for s in StudyState}
-        for r in self._query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state"):
+        for r in self.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state"):
             out[str(r["state"])] = int(r["n"])
-        out["instances"] = int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
+        out["instances"] = int(self.query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
         out["outbox_pending"] = int(
-            self._query("SELECT COUNT(*) AS n FROM outbox WHERE state = 'pending'")[0]["n"]
+            self.query("SELECT COUNT(*) AS n FROM outbox WHERE state = 'pending'")[0]["n"]
         )
-        out["outbox_sent"] = int(self._query("SELECT COUNT(*) AS n FROM outbox WHERE state = 'sent'")[0]["n"])
+        out["outbox_sent"] = int(self.query("SELECT COUNT(*) AS n FROM outbox WHERE state = 'sent'")[0]["n"])
         return out
-
-    def last_send_error(self) -> str | None:
-        rows = self._query(
-            "SELECT last_error FROM outbox WHERE state = 'pending' AND last_error IS NOT NULL"
-            " ORDER BY id DESC LIMIT 1"
-        )
-        return str(rows[0]["last_error"]) if rows else None
-
-
-def _model(r: sqlite3.Row) -> ModelRecord:
-    return ModelRecord(
-        row=int(r["id"]),
-        model_id=str(r["model_id"]),
-        version=str(r["version"]),
-        path=Path(r["path"]),
-        manifest_sha256=str(r["manifest_sha256"]),
-        key_fingerprint=str(r["key_fingerprint"]),
-        installed_at=float(r["installed_at"]),
-    )

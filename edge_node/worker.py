@@ -20,7 +20,9 @@ from edge_node.analysis import StudyOutcome, analyze_study
 from edge_node.dicom.sender import Destination, send_files
 from edge_node.errors import InferenceError, ModelError, SendError
 from edge_node.inference.model import LoadedModel
-from edge_node.store import Claim, FindingRow, OutboxItem, Store, StudyEvent
+from edge_node.outbox import OutboxItem
+from edge_node.store import Claim, FindingRow, Store
+from edge_node.study import StudyEvent
 
 __all__ = ["Analyzer", "Sender", "Waker", "Worker", "backoff_seconds"]
 
@@ -283,7 +285,7 @@ class Sender:
 
     def step(self) -> float | None:
         """Send what is due; return how long to sleep until the next retry (None: until woken)."""
-        due = self.store.due_outbox()
+        due = self.store.outbox.due()
         groups: dict[Destination, list[OutboxItem]] = {}
         for item in due:
             groups.setdefault(Destination(item.dest_ae, item.dest_host, item.dest_port), []).append(item)
@@ -291,7 +293,7 @@ class Sender:
             if self.waker.stopping:
                 break
             self._send_group(dest, items)
-        nxt = self.store.next_outbox_try()
+        nxt = self.store.outbox.next_try()
         if nxt is None:
             return None
         return max(0.0, nxt - time.time())
@@ -303,7 +305,7 @@ class Sender:
         except SendError as exc:
             now = time.time()
             delays = [backoff_seconds(i.attempts + 1, self.base_seconds, self.max_seconds) for i in items]
-            self.store.mark_retry([i.id for i in items], str(exc), [now + d for d in delays])
+            self.store.outbox.mark_retry([i.id for i in items], str(exc), [now + d for d in delays])
             logger.warning(
                 "sending %d result file(s) to %s failed, retry in %.0f s: %s",
                 len(items),
@@ -312,5 +314,5 @@ class Sender:
                 exc,
             )
             return
-        self.store.mark_sent([i.id for i in items])
+        self.store.outbox.mark_sent([i.id for i in items])
         logger.debug("outbox: %d entries for %s marked sent", len(items), where)

@@ -19,18 +19,22 @@ README = REPO_ROOT / "README.md"
 BIN = Path(sys.executable).parent
 
 
-def readme_blocks() -> list[tuple[str, str]]:
-    return re.findall(r"```(bash|toml)\n(.*?)```", README.read_text(), flags=re.S)
+def readme_blocks(section: str | None = None) -> list[tuple[str, str]]:
+    """The fenced bash/toml blocks of the README, or of one of its ``## `` sections."""
+    text = README.read_text()
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(bash|toml)\n(.*?)```", text, flags=re.S)
 
 
 def test_quick_start_names_the_two_commands() -> None:
-    quick = readme_blocks()[0][1]
+    quick = readme_blocks("Quick start")[0][1]
     assert "make demo" in quick and "make test" in quick
 
 
 @pytest.mark.slow
 def test_readme_clinic_path_examples_run_as_written(tmp_path: Path, shared_data: Path) -> None:
-    blocks = readme_blocks()[1:]
+    blocks = readme_blocks("The clinic path")
     (toml,) = [body for kind, body in blocks if kind == "toml"]
     (tmp_path / "edge.toml").write_text(toml)
     port = free_port()

@@ -223,5 +223,5 @@ def test_recover_moves_a_slot_whose_row_survived_without_a_new_revision(
     receipt.path.rename(slot)
     assert spool.recover() == (0, 0)
     assert receipt.path.read_bytes()[128:] == raw[128:] and not slot.exists()
-    rows = spool.store._query("SELECT revision FROM instances")
+    rows = spool.store.query("SELECT revision FROM instances")
     assert [r[0] for r in rows] == [1]

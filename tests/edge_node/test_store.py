@@ -1,4 +1,4 @@
-"""The SQLite store: the study state machine, claims and runs, recovery, outbox and the model pointer."""
+"""The SQLite store: studies through their life cycle, claims and runs, recovery, and filling the outbox."""
 
 from __future__ import annotations
 
@@ -6,16 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_node.store import (
-    TRANSITIONS,
-    FindingRow,
-    InstanceRecord,
-    Store,
-    StudyEvent,
-    StudyState,
-    format_transitions,
-    next_state,
-)
+from edge_node.store import FindingRow, InstanceRecord, Store
+from edge_node.study import StudyEvent, StudyState
 
 
 def _rec(study: str, sop: str, path: Path) -> InstanceRecord:
@@ -37,20 +29,9 @@ def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "edge.sqlite3")
 
 
-def test_transition_table_is_total_for_instances_and_prints() -> None:
-    # Every state accepts a new instance: the listener must never be refused by the state machine.
-    for state in StudyState:
-        assert (state, StudyEvent.INSTANCE) in TRANSITIONS
-    text = format_transitions()
-    assert text.count("\n") + 1 == len(TRANSITIONS)
-    assert "processing --recover---> queued" in text
-    with pytest.raises(ValueError, match="not allowed"):
-        next_state(StudyState.DONE, StudyEvent.CLAIM)
-
-
 def test_wal_and_sync_level(store: Store) -> None:
-    assert store._query("PRAGMA journal_mode")[0][0] == "wal"
-    assert store._query("PRAGMA synchronous")[0][0] == 1  # NORMAL; FULL only for tx(durable=True)
+    assert store.query("PRAGMA journal_mode")[0][0] == "wal"
+    assert store.query("PRAGMA synchronous")[0][0] == 1  # NORMAL; FULL only for tx(durable=True)
 
 
 def test_release_queues_and_claim_is_exclusive(store: Store, tmp_path: Path) -> None:
@@ -126,7 +107,7 @@ def test_recover_requeues_interrupted_runs(tmp_path: Path) -> None:
     assert store.recent_studies()[0].state == "queued"
     again = store.claim_next(3600)
     assert again is not None and again.run_id != claim.run_id
-    statuses = [r[0] for r in store._query("SELECT status FROM runs ORDER BY id")]
+    statuses = [r[0] for r in store.query("SELECT status FROM runs ORDER BY id")]
     assert statuses == ["interrupted", "processing"]
 
 
@@ -151,26 +132,11 @@ def test_outbox_retry_then_sent(store: Store, tmp_path: Path) -> None:
         destinations=[("PACS", "h", 1), ("ARCHIVE", "h", 2)],
         model=None,
     )
-    due = store.due_outbox()
+    due = store.outbox.due()
     assert len(due) == 2
-    store.mark_retry([due[0].id], "refused", [10**10])
-    assert [i.id for i in store.due_outbox()] == [due[1].id]
-    store.mark_sent([due[1].id])
+    store.outbox.mark_retry([due[0].id], "refused", [10**10])
+    assert [i.id for i in store.outbox.due()] == [due[1].id]
+    store.outbox.mark_sent([due[1].id])
     assert store.recent_studies()[0].results == "pending"  # one destination still owed
-    assert store.last_send_error() == "refused"
-    assert store.next_outbox_try() == 10**10
-
-
-def test_model_activation_and_previous(store: Store, tmp_path: Path) -> None:
-    assert store.active_model() is None and store.previous_model() is None
-    a = store.add_model("m", "1.0.0", tmp_path / "a", "sha-a", "fp")
-    b = store.add_model("m", "1.1.0", tmp_path / "b", "sha-b", "fp")
-    store.activate(a, "install")
-    store.activate(b, "install")
-    active, previous = store.active_model(), store.previous_model()
-    assert active is not None and active.version == "1.1.0"
-    assert previous is not None and previous.version == "1.0.0"
-    before = store.activation_id()
-    store.activate(previous.row, "rollback")
-    assert store.activation_id() > before
-    assert store.active_model() == previous
+    assert store.outbox.last_error() == "refused"
+    assert store.outbox.next_try() == 10**10

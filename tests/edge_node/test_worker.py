@@ -63,7 +63,7 @@ def test_study_is_analysed_recorded_and_sent(
     assert summary.state == "done" and summary.runs == 1
     assert summary.top_label is not None and summary.top_score is not None and 0.0 <= summary.top_score <= 1.0
     assert summary.model is not None and summary.model.startswith(node.models.current().model_id)  # type: ignore[union-attr]
-    findings = node.store._query("SELECT COUNT(*) FROM findings")[0][0]
+    findings = node.store.query("SELECT COUNT(*) FROM findings")[0][0]
     assert findings == 3
     assert node.sender.step() is None  # everything sent, nothing to retry
     assert node.store.counts()["outbox_sent"] > 0 and node.store.counts()["outbox_pending"] == 0
@@ -71,7 +71,7 @@ def test_study_is_analysed_recorded_and_sent(
     received = {p.name.split(".", 1)[1] for p in pacs.files()}
     sent = {
         str(pydicom.dcmread(str(r[0]), stop_before_pixels=True).SOPInstanceUID)
-        for r in node.store._query("SELECT path FROM outbox")
+        for r in node.store.query("SELECT path FROM outbox")
     }
     assert received == sent
     # Idle: nothing waits, so the worker would sleep until woken (no polling).
@@ -109,9 +109,9 @@ def test_failed_send_backs_off_and_keeps_the_entry(tmp_path: Path, test_bundle: 
     before = time.time()
     wait = node.sender.step()
     assert wait is not None and 0.0 < wait <= 0.2
-    rows = node.store._query("SELECT attempts, next_try, last_error, state FROM outbox")
+    rows = node.store.query("SELECT attempts, next_try, last_error, state FROM outbox")
     assert rows and all(r[0] == 1 and r[1] >= before + 0.19 and r[2] and r[3] == "pending" for r in rows)
-    assert "PACS@127.0.0.1" in str(node.store.last_send_error())
+    assert "PACS@127.0.0.1" in str(node.store.outbox.last_error())
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
