@@ -9,6 +9,7 @@ A real CT study is stored, skipped with its reason, and does not stop the node.
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -149,3 +150,38 @@ def test_ct_study_is_skipped_with_a_reason_and_the_node_goes_on(
     assert "skipped" in status.stdout and "modality CT not accepted" in status.stdout
     assert ct_study_uid not in status.stdout  # identifiers only as short hashes
     assert clinic.edge.alive()
+
+
+def test_tampered_bundle_is_refused_and_the_running_node_keeps_its_model(
+    clinic: Clinic, manifest: Manifest, shared_data: Path, tmp_path: Path
+) -> None:
+    tampered = tmp_path / "tampered"
+    shutil.copytree(clinic.bundle.bundle, tampered)
+    weights = tampered / "model.onnx"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= (
+        0xFF  # one flipped byte in the weights: its sha256 no longer matches the signed manifest
+    )
+    weights.write_bytes(bytes(raw))
+
+    refused = clinic.edge.cli("install-bundle", str(tampered))
+    assert refused.returncode == 1
+    assert "refused" in refused.stdout + refused.stderr
+    assert clinic.edge.alive()
+
+    # The node still answers the PACS with the model it had.
+    (study,) = medmnist_studies("pneumoniamnist", "test", [7], tmp_path / "cr", root=shared_data)
+    study_id = clinic.upload_study([study.path])
+    clinic.push(study_id)
+    series = clinic.wait_results(study_id, ("SR",))
+    with np.load(shared_data / "medmnist" / "pneumoniamnist.npz", allow_pickle=False) as npz:
+        pixels = np.asarray(npz["test_images"])[[7]]
+    (want,) = _independent_scores(pixels, manifest, clinic.bundle.bundle / "model.onnx")
+    sr = _load_instance(clinic, series["SR"][0]["Instances"][0])
+    report = hd.sr.ComprehensiveSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    (group,) = report.get_image_measurement_groups()
+    (score,) = group.get_measurements()
+    assert score.value == pytest.approx(want, abs=1e-5)
+    status = clinic.edge.cli("status")
+    assert f"{manifest.model_id} {manifest.model_version}" in status.stdout
