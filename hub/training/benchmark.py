@@ -20,7 +20,7 @@ from hub.training.simulation import RoundCheckpoint
 log = logging.getLogger(__name__)
 
 #: Caps that keep `--quick` (CI) well under three minutes on one CPU thread.
-QUICK_CAPS = {"max_train_per_clinic": 160, "max_test": 160, "public_size": 96}
+QUICK_TRAIN_PER_CLINIC, QUICK_TEST, QUICK_PUBLIC = 160, 160, 96
 
 
 class BenchProgress(Protocol):
@@ -112,8 +112,15 @@ def run_benchmark(
                     continue
                 log.info("cached %s seed %d was run with other settings; running it again", method, seed)
             if data is None:
-                caps = QUICK_CAPS if spec.quick else {}
-                data = build_bench_data(spec.task, spec.skew, seed, strength=spec.strength, **caps)  # type: ignore[arg-type]
+                data = build_bench_data(
+                    spec.task,
+                    spec.skew,
+                    seed,
+                    strength=spec.strength,
+                    max_train_per_clinic=QUICK_TRAIN_PER_CLINIC if spec.quick else None,
+                    max_test=QUICK_TEST if spec.quick else None,
+                    public_size=QUICK_PUBLIC if spec.quick else None,
+                )
             ckpt = RoundCheckpoint(ckpt_dir / f"{method}__seed{seed}.npz")
             if not resume:
                 ckpt.clear()

@@ -17,7 +17,7 @@ from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
 from hub.models.fedhelp_nets import fedhelp_large, fedhelp_small
-from hub.models.fl_cnn import fl_cnn
+from hub.models.fl_cnn import Norm, fl_cnn
 from hub.models.hsl_mmoe import hsl_mmoe
 from hub.training.datasets import CLINICS, LARGE_CLINICS, SMALL_CLINICS, BenchData
 from hub.training.distill import count_params, distill_student, save_student
@@ -116,14 +116,14 @@ def _run(
 
 
 def run_local(
-    data: BenchData, ctx: MethodContext, *, augment: bool = False, norm: str = "batch"
+    data: BenchData, ctx: MethodContext, *, augment: bool = False, norm: Norm = "batch"
 ) -> dict[str, Any]:
     """Each clinic alone for rounds × local_epochs epochs; unseen = mean over the six local models."""
     cfg = _local_cfg(ctx, augment=augment)
     cfg = LocalConfig(**{**cfg.__dict__, "epochs": ctx.cfg.rounds * ctx.cfg.local_epochs})
     models: dict[str, nn.Module] = {}
     for k, c in enumerate(CLINICS):
-        model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))  # type: ignore[arg-type]
+        model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
         train_local(
             model,
             data.clinics[c].train_x,
@@ -140,11 +140,11 @@ def run_local(
 
 
 def run_central(
-    data: BenchData, ctx: MethodContext, *, augment: bool = False, norm: str = "batch"
+    data: BenchData, ctx: MethodContext, *, augment: bool = False, norm: Norm = "batch"
 ) -> dict[str, Any]:
     """All clinics' rendered data pooled (the upper bound that moves raw data), same number of epochs."""
     x, y = data.pooled_train()
-    model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))  # type: ignore[arg-type]
+    model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
     gen = torch.Generator().manual_seed(ctx.seed * 100)
     cfg = _local_cfg(ctx, augment=augment)
     for rnd in range(1, ctx.cfg.rounds + 1):  # a fresh Adam per "round", like the federated methods
@@ -159,17 +159,17 @@ def run_central(
 
 
 def run_averaging(
-    data: BenchData, ctx: MethodContext, strategy_name: str, *, augment: bool = False, norm: str = "batch"
+    data: BenchData, ctx: MethodContext, strategy_name: str, *, augment: bool = False, norm: Norm = "batch"
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms."""
-    init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))  # type: ignore[arg-type]
+    init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
     settings: dict[str, Any] = {"client_config": {"augment": augment}}
     if strategy_name == "fedprox":
         settings["mu"] = ctx.cfg.fedprox_mu
     strategy = make_strategy(strategy_name, **settings)
     learners: dict[str, SupervisedLearner] = {}
     for k, c in enumerate(CLINICS):
-        model = fl_cnn(norm=norm)  # type: ignore[arg-type]
+        model = fl_cnn(norm=norm)
         model.load_state_dict(init.state_dict())
         learners[c] = SupervisedLearner(
             c, model, data.clinics[c], _local_cfg(ctx, augment=augment), ctx.seed * 100 + k
@@ -181,7 +181,7 @@ def run_averaging(
     for c, learner in learners.items():
         load_params(learner.model, shared)  # FedBN: the clinic keeps its own norm tensors
         per_clinic[c] = _predictor(learner.model)
-    global_model = fl_cnn(norm=norm)  # type: ignore[arg-type]
+    global_model = fl_cnn(norm=norm)
     local_names = [n for n in to_params(init) if n not in shared]
     if local_names:
         # The unseen clinic has no norms of its own: sample-weighted mean of the clinics' (calibration §1).
@@ -273,6 +273,8 @@ def run_fedhelp(
             learners[c] = FedHelpSmallLearner(
                 c, small, data.clinics[c], data.public_x, soft_t, cfg, ctx.seed * 100 + k
             )
+    # The large hospitals' learners, largest first (the first one hosts the distillation).
+    hospitals = [h for c in large_ids if isinstance(h := learners[c], FedHelpLargeLearner)]
     strategy.initialize(to_params(init), list(CLINICS))
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
     global_small = fedhelp_small(public_classes=soft.shape[1])
@@ -288,10 +290,10 @@ def run_fedhelp(
         "rank_sign": rank_sign,
         "global_small_auc": {c: proxy_view["clinics"][c]["auc"] for c in CLINICS},
         "small_model_params": count_params(global_small),
-        "large_model_params": count_params(learners[large_ids[0]].large),  # type: ignore[union-attr]
+        "large_model_params": count_params(hospitals[0].large),
     }
     if distill:
-        result["extra"]["distill"] = _distill(data, ctx, learners[large_ids[0]])  # type: ignore[arg-type]
+        result["extra"]["distill"] = _distill(data, ctx, hospitals[0])
     return result
 
 

@@ -21,7 +21,7 @@ def plot_auc(results: Mapping[str, Any], path: Path) -> Path:
     groups = [*CLINICS, "unseen"]
     names = list(methods)
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(groups) + 0.25 * len(names)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.3 * len(groups) + 0.25 * len(names) + 1.5), 4.5))
     x = np.arange(len(groups))
     cmap = plt.get_cmap("tab20")
     for i, m in enumerate(names):
@@ -47,7 +47,7 @@ def plot_auc(results: Mapping[str, Any], path: Path) -> Path:
     )
     ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.set_title(f"bench fl: {meta['task']} ({meta['skew']} skew), seeds {meta['seeds']}")
-    ax.legend(ncol=4, fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars stay visible
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -183,7 +183,10 @@ def run_federation(
                 continue
             ledger.record(envelope)
             decoded = decode_or_failure(envelope, payload)
-            (results if isinstance(decoded, ClientResult) else failures).append(decoded)  # type: ignore[arg-type]
+            if isinstance(decoded, ClientResult):
+                results.append(decoded)
+            else:
+                failures.append(decoded)
         new = strategy.aggregate(rnd, results, failures)
         bytes_up = {cid: b for (cid, _), b in ledger.per_client_round().items()}
         run.rounds.append(
