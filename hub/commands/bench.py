@@ -117,7 +117,7 @@ def fl(
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'auc.png'}")
 
 
-def print_summary(results: dict[str, Any], title: str) -> None:
+def print_summary(results: dict[str, Any], title: str, console: Console | None = None) -> None:
     table = Table(title=title)
     for col in ("method", "small4 AUC", "worst AUC", "unseen AUC", "KB/clinic/round"):
         table.add_column(col)
@@ -130,4 +130,4 @@ def print_summary(results: dict[str, Any], title: str) -> None:
             f"{s['unseen']['auc']['mean']:.3f}",
             f"{kb / 1024:.0f}" if kb else "–",
         )
-    Console().print(table)
+    (console or Console()).print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -44,7 +45,8 @@ def demo(
     torch.set_num_threads(1)
     # The demo talks to Orthanc's REST API many times a second; its request log is noise here.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    console = Console()
+    # Piped into a log (CI, `make demo | tee`), rich would wrap the tables at 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 140)
     started = time.monotonic()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -64,7 +66,9 @@ def demo(
         with Progress(*columns, console=console) as progress:
             sink = RichBenchProgress(progress, console, len(DEMO_METHODS))
             results = run_benchmark(spec, workdir / "federation", progress=sink)
-        print_summary(results, f"federated strategies on PneumoniaMNIST, combined skew, {rounds} rounds")
+        print_summary(
+            results, f"federated strategies on PneumoniaMNIST, combined skew, {rounds} rounds", console
+        )
 
     console.print(Rule("1. hub: signing keys"))
     private_key, public_key = create_keypair(workdir / "keys")

@@ -158,7 +158,8 @@ def deploy_and_run(
             reports.append(report)
             if c == 0:
                 console.print(f"[bold]{name}[/bold]: `fedclinic-edge status` on the node")
-                console.print(clinic.edge.cli("status", "--limit", "5").stdout)
+                # Already laid out by the node's own rich table: print it as it is, not re-wrapped.
+                console.out(clinic.edge.cli("status", "--limit", "5").stdout, highlight=False)
         finally:
             clinic.stop()
     return reports
