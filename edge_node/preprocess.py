@@ -136,7 +136,7 @@ def decode_frame(ds: Dataset, index: int) -> tuple[np.ndarray, str]:
     name = getattr(tsyntax, "name", str(tsyntax))
     try:
         decoder = get_decoder(tsyntax)
-    except RuntimeError as exc:  # pydicom raises its subclass NotImplementedError for unknown syntaxes
+    except RuntimeError as exc:  # pydicom has no decoder at all for this syntax (its error is a RuntimeError)
         raise SkipReason(f"pixel data cannot be decoded: transfer syntax {name}") from exc
     if not decoder.is_available:
         raise SkipReason(f"pixel data cannot be decoded: transfer syntax {name} (no decoder installed)")
