@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,8 +16,8 @@ from hub.training.fedhelp_kd import RankSign, kl_to_soft_labels, large_loss, pro
 from hub.training.learners import (
     AUGMENT,
     LocalConfig,
-    delta,
     load_params,
+    local_result,
     minibatches,
     normalize,
     predict,
@@ -87,13 +86,7 @@ class FedHelpSmallLearner:
                 loss_b.backward()
                 opt.step()
                 losses.append(float(loss_a.detach()) + float(loss_b.detach()))
-        return ClientResult(
-            client_id=self.client_id,
-            round=task.round,
-            num_examples=self.data.n_train,
-            update=delta(to_params(self.model), task.params),
-            metrics={"train_loss": float(np.mean(losses)) if losses else math.nan},
-        )
+        return local_result(self.client_id, task, self.model, self.data.n_train, losses)
 
     def predict(self, x01: torch.Tensor) -> np.ndarray:
         return predict(self.model, x01)
@@ -174,13 +167,7 @@ class FedHelpLargeLearner:
                 loss_l.backward()
                 opt_l.step()
                 losses.append(float(loss_p.detach()))
-        return ClientResult(
-            client_id=self.client_id,
-            round=task.round,
-            num_examples=self.data.n_train,
-            update=delta(to_params(self.model), task.params),
-            metrics={"train_loss": float(np.mean(losses)) if losses else math.nan},
-        )
+        return local_result(self.client_id, task, self.model, self.data.n_train, losses)
 
     def predict(self, x01: torch.Tensor) -> np.ndarray:
         return predict(self.large, x01)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hub.fl.strategy import ClientResult, ClientTask, Params
 from hub.models.hsl_mmoe import ANCHOR, PRIMARY, AnchoredHsl, HslMmoe
 from hub.training.datasets import ClinicData
-from hub.training.learners import AUGMENT, LocalConfig, delta, load_params, normalize, to_params
+from hub.training.learners import AUGMENT, LocalConfig, load_params, local_result, normalize, to_params
 
 
 def padded_order(n: int, length: int, gen: torch.Generator) -> torch.Tensor:
@@ -90,13 +90,7 @@ class HslLearner:
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-        return ClientResult(
-            client_id=self.client_id,
-            round=task.round,
-            num_examples=n_p,
-            update=delta(to_params(self.model), task.params),
-            metrics={"train_loss": float(np.mean(losses)) if losses else math.nan},
-        )
+        return local_result(self.client_id, task, self.model, n_p, losses)
 
     def state(self) -> Params:
         return {**to_params(self.model), "__rng__": self.gen.get_state().numpy().copy()}

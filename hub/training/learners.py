@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,19 @@ def load_params(module: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     with torch.no_grad():
         for name, arr in params.items():
             state[name].copy_(torch.from_numpy(np.asarray(arr)).to(state[name].dtype))
+
+
+def local_result(
+    client_id: str, task: ClientTask, model: nn.Module, num_examples: int, losses: Sequence[float]
+) -> ClientResult:
+    """What a client uploads after local training: the change from the task's params, and its mean loss."""
+    return ClientResult(
+        client_id=client_id,
+        round=task.round,
+        num_examples=num_examples,
+        update=delta(to_params(model), task.params),
+        metrics={"train_loss": float(np.mean(losses)) if len(losses) else math.nan},
+    )
 
 
 def delta(after: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> Params:
@@ -165,14 +178,7 @@ class SupervisedLearner:
         loss = train_local(
             self.model, self.data.train_x, self.data.train_y, cfg, self.gen, prox_anchor=anchor
         )
-        after = to_params(self.model)
-        return ClientResult(
-            client_id=self.client_id,
-            round=task.round,
-            num_examples=self.data.n_train,
-            update=delta(after, task.params),
-            metrics={"train_loss": loss},
-        )
+        return local_result(self.client_id, task, self.model, self.data.n_train, [loss])
 
     def predict(self, x01: torch.Tensor) -> np.ndarray:
         return predict(self.model, x01)

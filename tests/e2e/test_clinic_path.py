@@ -23,6 +23,7 @@ import pytest
 from edge_node.protocol.manifest import Manifest, parse_manifest
 from hub.demo.clinic import Clinic
 from hub.demo.orthanc import orthanc_available
+from hub.demo.run import sr_score
 from tests.e2e.clinic import obtain_bundle
 from tests.support.dicomgen import WrappedImage, medmnist_studies
 
@@ -178,10 +179,6 @@ def test_tampered_bundle_is_refused_and_the_running_node_keeps_its_model(
         pixels = np.asarray(npz["test_images"])[[7]]
     (want,) = _independent_scores(pixels, manifest, clinic.bundle.bundle / "model.onnx")
     sr = _load_instance(clinic, series["SR"][0]["Instances"][0])
-    report = hd.sr.ComprehensiveSR.from_dataset(sr).content
-    assert isinstance(report, hd.sr.MeasurementReport)
-    (group,) = report.get_image_measurement_groups()
-    (score,) = group.get_measurements()
-    assert score.value == pytest.approx(want, abs=1e-5)
+    assert sr_score(sr) == pytest.approx(want, abs=1e-5)
     status = clinic.edge.cli("status")
     assert f"{manifest.model_id} {manifest.model_version}" in status.stdout
