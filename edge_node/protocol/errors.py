@@ -5,7 +5,9 @@ ProtocolError
  │    ├── SignatureError     missing, malformed or wrong signature / unknown key
  │    ├── IntegrityError     a file's sha256 differs from the manifest, or a file is missing
  │    └── SchemaError        manifest unreadable or of an unsupported schema version
- └── EncodingError          a tensor payload cannot be decoded safely
+ ├── EncodingError          a tensor payload cannot be decoded safely
+ ├── PrivacyError           an accounting setting is out of range (σ, δ, sampling rate, target ε)
+ └── SecAggError            a secure-aggregation message is refused or the sum cannot be unmasked
 """
 
 from __future__ import annotations
@@ -33,3 +35,11 @@ class SchemaError(BundleError):
 
 class EncodingError(ProtocolError):
     """A tensor payload is malformed or would need pickle to decode."""
+
+
+class PrivacyError(ProtocolError):
+    """A privacy-accounting setting cannot work (noise multiplier, δ, sampling rate or ε out of range)."""
+
+
+class SecAggError(ProtocolError):
+    """A secure-aggregation message is refused (forged, replayed, wrong round) or the sum cannot unmask."""

@@ -53,7 +53,7 @@ from hub.fl.fedprox import FedProx
 from hub.fl.graph import SimilarityGraph, similarity_graph
 from hub.fl.hsl import HSL
 from hub.fl.pfednet import PFedNet, is_head_tensor
-from hub.fl.privacy import DifferentialPrivacy, ZCDPAccountant
+from hub.fl.privacy import DifferentialPrivacy
 from hub.fl.registry import available_strategies, make_strategy
 from hub.fl.robust import Robust
 from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Config, Params, RoundRecord, Strategy
@@ -88,7 +88,6 @@ __all__ = [
     "TopKCompressor",
     "UpdateKind",
     "UploadLedger",
-    "ZCDPAccountant",
     "available_strategies",
     "decode_or_failure",
     "decode_result",

@@ -1,4 +1,4 @@
-"""Central differential privacy as a wrapper: clip each delta, average, add Gaussian noise; a zCDP accountant.
+"""Central differential privacy as a wrapper: clip each delta, average, add Gaussian noise; PLD accounting.
 
 Mechanism per round (add/remove-one-client adjacency): every accepted client's delta is scaled to L2 norm
 at most ``clip_norm`` (jointly over its float tensors), the K deltas are averaged without weights, and
@@ -7,53 +7,28 @@ the mean — i.e. noise σ·C on the sum, whose sensitivity is C (K, the number 
 treated as public, as in DP-FedAvg). Integer tensors (BN batch counters) are not
 moved under DP: their deltas would be unprotected counts.
 
-Accounting is our own implementation of zero-concentrated DP (Bun & Steinke 2016): a Gaussian mechanism
-with noise multiplier σ is ρ-zCDP with ρ = 1/(2σ²); T rounds compose to ρ = T/(2σ²); ρ-zCDP implies
-(ε, δ)-DP with ε = ρ + 2·sqrt(ρ·ln(1/δ)). No amplification by client sampling is claimed, so the bound is
-conservative. This is *central* DP: the hub sees individual updates before clipping; with secure
-aggregation the clipping and noise move to the nodes (edge-side protection).
+Accounting is ``edge_node.protocol.accountant`` (dp-accounting underneath), the same accountant the nodes
+use: each round that changes the model is one Gaussian release with multiplier σ on everyone who answered
+(no amplification by client sampling is claimed: every configured client is asked). This is *central* DP:
+the hub sees individual updates before clipping; with secure aggregation the clipping and noise move to the
+nodes (edge-side protection).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from edge_node.protocol.accountant import GaussianRelease, PrivacyAccountant
+from edge_node.protocol.errors import PrivacyError
 from hub.fl.errors import StrategyConfigError
 from hub.fl.pfednet import PFedNet
 from hub.fl.robust import WrappedStrategy
 from hub.fl.strategy import ClientFailure, ClientResult, Params, Strategy
 from hub.fl.validation import l2_norm
 
-__all__ = ["DifferentialPrivacy", "ZCDPAccountant", "clip_update"]
-
-
-class ZCDPAccountant:
-    """Privacy spent by repeated Gaussian mechanisms with one noise multiplier, in zCDP."""
-
-    def __init__(self, noise_multiplier: float) -> None:
-        if not noise_multiplier > 0:
-            raise StrategyConfigError(f"noise_multiplier must be > 0, got {noise_multiplier}")
-        self.noise_multiplier = float(noise_multiplier)
-        self.steps = 0
-
-    def step(self, count: int = 1) -> None:
-        """Record ``count`` more releases."""
-        self.steps += count
-
-    @property
-    def rho(self) -> float:
-        """ρ = T / (2σ²)."""
-        return self.steps / (2.0 * self.noise_multiplier**2)
-
-    def epsilon(self, delta: float) -> float:
-        """ε of the (ε, δ)-DP guarantee implied by the zCDP so far: ρ + 2·sqrt(ρ·ln(1/δ))."""
-        if not 0.0 < delta < 1.0:
-            raise StrategyConfigError(f"delta must be in (0, 1), got {delta}")
-        rho = self.rho
-        return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
+__all__ = ["DifferentialPrivacy", "clip_update"]
 
 
 def clip_update(update: Params, clip_norm: float) -> Params:
@@ -67,7 +42,7 @@ def clip_update(update: Params, clip_norm: float) -> Params:
 
 
 class DifferentialPrivacy(WrappedStrategy):
-    """``inner`` with its mean replaced by clip → unweighted mean → Gaussian noise, and a zCDP accountant.
+    """``inner`` with its mean replaced by clip → unweighted mean → Gaussian noise, and a PLD accountant.
 
     ``epsilon()`` is the (ε, ``delta``)-DP spent so far; every round that changes the model adds one step
     and records ``dp_epsilon`` in that round's metrics. ``seed`` fixes the noise (tests only).
@@ -93,8 +68,14 @@ class DifferentialPrivacy(WrappedStrategy):
             raise StrategyConfigError(f"dp: clip_norm must be > 0, got {clip_norm}")
         self.clip_norm = float(clip_norm)
         self.delta = float(delta)
-        self.accountant = ZCDPAccountant(noise_multiplier)
-        self.epsilon()  # validates delta now, not at the first round
+        try:
+            # Both validate now, not at the first round.
+            self._release = GaussianRelease(noise_multiplier)
+            PrivacyAccountant().epsilon(self.delta)
+        except PrivacyError as exc:
+            raise StrategyConfigError(f"dp: {exc}") from exc
+        self.noise_multiplier = float(noise_multiplier)
+        self.accountant = PrivacyAccountant()
         self._rng = np.random.default_rng(seed)
         self.inner.reducer = self._private_mean
 
@@ -112,7 +93,7 @@ class DifferentialPrivacy(WrappedStrategy):
 
     def _private_mean(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
         k = len(updates)
-        std = self.accountant.noise_multiplier * self.clip_norm / k
+        std = self.noise_multiplier * self.clip_norm / k
         clipped = [clip_update(u, self.clip_norm) for u in updates]
         out: Params = {}
         for name, ref in updates[0].items():
@@ -121,5 +102,5 @@ class DifferentialPrivacy(WrappedStrategy):
                 continue
             mean = np.mean([c[name].astype(np.float64) for c in clipped], axis=0)
             out[name] = (mean + self._rng.normal(0.0, std, size=ref.shape)).astype(ref.dtype)
-        self.accountant.step()
+        self.accountant.record(self._release)
         return out

@@ -1,4 +1,4 @@
-"""Robust and differential-privacy wrappers, the zCDP accountant, compression and the registry."""
+"""Robust and differential-privacy wrappers (on the shared accountant), compression and the registry."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from fl_helpers import make_result
 
+from edge_node.protocol.accountant import GaussianRelease, epsilon_of
 from hub.fl.compress import ErrorFeedback, Int8Compressor, TopKCompressor, decompress_result
 from hub.fl.errors import PayloadError, StrategyConfigError
 from hub.fl.fedavg import FedAvg
 from hub.fl.hsl import HSL
 from hub.fl.pfednet import PFedNet
-from hub.fl.privacy import DifferentialPrivacy, ZCDPAccountant, clip_update
+from hub.fl.privacy import DifferentialPrivacy, clip_update
 from hub.fl.registry import available_strategies, make_strategy
 from hub.fl.robust import Robust
 from hub.fl.strategy import ClientResult, Params
@@ -52,20 +53,22 @@ def test_robust_median_and_trimmed_mean_wrap_a_strategy() -> None:
 # -- differential privacy -----------------------------------------------------------------------------------
 
 
-def test_zcdp_accountant_matches_a_hand_computation() -> None:
-    acc = ZCDPAccountant(noise_multiplier=1.0)
-    acc.step(10)
-    # ρ = T/(2σ²) = 10/2 = 5 ; ln(1/1e-5) = 11.512925465 ; ε = 5 + 2·sqrt(5·11.512925465)
-    #   = 5 + 2·sqrt(57.564627325) = 5 + 2·7.587135647 = 20.174271294
-    assert acc.rho == 5.0
-    assert acc.epsilon(1e-5) == pytest.approx(20.174271294, abs=1e-8)
-    acc2 = ZCDPAccountant(noise_multiplier=2.0)
-    acc2.step()
-    # ρ = 1/8 = 0.125 ; ε(δ=1e-6) = 0.125 + 2·sqrt(0.125·13.815510558) = 0.125 + 2·1.314130442 = 2.753260884
-    assert acc2.epsilon(1e-6) == pytest.approx(0.125 + 2 * math.sqrt(0.125 * math.log(1e6)))
-    assert acc2.epsilon(1e-6) == pytest.approx(2.753260884, abs=1e-8)
-    with pytest.raises(StrategyConfigError):
-        ZCDPAccountant(0.0)
+def test_dp_wrapper_accounts_twelve_rounds_at_the_exact_epsilon() -> None:
+    # σ = 1 for 12 rounds at δ = 1e-5 is ε = 20.125 exactly (analytic Gaussian, see
+    # tests/contract/test_accountant.py); the zCDP bound this wrapper used to report was 22.6.
+    dp = DifferentialPrivacy(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, seed=0)
+    ids = ["a", "b"]
+    dp.initialize({"w": np.zeros(3)}, ids)
+    for rnd in range(1, 13):
+        tasks = dp.configure_round(rnd, ids)
+        assert dp.aggregate(rnd, [make_result(t, {"w": np.ones(3)}, 5) for t in tasks], []) is not None
+    assert dp.accountant.steps == 12
+    assert dp.epsilon() == pytest.approx(20.125, abs=1e-3)
+    assert dp.history[-1].metrics["dp_epsilon"] == dp.epsilon()
+    with pytest.raises(StrategyConfigError, match="noise_multiplier"):
+        DifferentialPrivacy(FedAvg(), clip_norm=1.0, noise_multiplier=0.0)
+    with pytest.raises(StrategyConfigError, match="delta"):
+        DifferentialPrivacy(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, delta=2.0)
 
 
 def test_clip_update_scales_to_the_bound() -> None:
@@ -85,7 +88,9 @@ def test_dp_wrapper_clips_averages_unweighted_and_adds_calibrated_noise() -> Non
     noisy = _one_tensor_round(dp, values)
     np.testing.assert_allclose(noisy["w"], np.array([0.45, 0.6]) + np.random.default_rng(7).normal(0, 1.0, 2))
     assert dp.accountant.steps == 1
-    assert dp.history[-1].metrics["dp_epsilon"] == pytest.approx(1 / 8 + 2 * math.sqrt(1 / 8 * math.log(1e5)))
+    # one release at σ = 2, δ = 1e-5: the analytic Gaussian ε
+    assert dp.history[-1].metrics["dp_epsilon"] == pytest.approx(epsilon_of([GaussianRelease(2.0)], 1e-5))
+    assert 1.5 < dp.history[-1].metrics["dp_epsilon"] < 1 / 8 + 2 * math.sqrt(1 / 8 * math.log(1e5))
     with pytest.raises(StrategyConfigError, match="personal"):
         DifferentialPrivacy(PFedNet(), clip_norm=1.0, noise_multiplier=1.0)
 
