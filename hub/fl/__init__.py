@@ -44,7 +44,15 @@ compressor, spec_of(task.params))`` at the hub before ``aggregate``.
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.averaging import DeltaAveraging
 from hub.fl.codec import UploadLedger, decode_or_failure, decode_result, encode_result, upload_bytes
-from hub.fl.compress import Compressor, ErrorFeedback, Int8Compressor, TopKCompressor, decompress_result
+from hub.fl.compress import (
+    Compressor,
+    ErrorFeedback,
+    Fp16Compressor,
+    Int8Compressor,
+    TopKCompressor,
+    decompress_result,
+    wire_bytes,
+)
 from hub.fl.errors import AggregationError, FlError, PayloadError, StrategyConfigError
 from hub.fl.fedavg import FedAvg
 from hub.fl.fedbn import FedBN, is_norm_tensor
@@ -75,6 +83,7 @@ __all__ = [
     "FedHelp",
     "FedProx",
     "FlError",
+    "Fp16Compressor",
     "Int8Compressor",
     "PFedNet",
     "Params",
@@ -100,4 +109,5 @@ __all__ = [
     "similarity_graph",
     "spec_of",
     "upload_bytes",
+    "wire_bytes",
 ]

@@ -9,6 +9,7 @@ import pytest
 from fl_helpers import make_result
 
 from edge_node.protocol.accountant import GaussianRelease, epsilon_of
+from edge_node.protocol.errors import EncodingError
 from hub.fl.compress import ErrorFeedback, Int8Compressor, TopKCompressor, decompress_result
 from hub.fl.errors import PayloadError, StrategyConfigError
 from hub.fl.fedavg import FedAvg
@@ -149,12 +150,15 @@ def test_decompress_refuses_malformed_wire_tensors() -> None:
     spec = spec_of({"w": np.zeros(4)})
     comp = TopKCompressor(0.5)
     wire = comp.compress({"w": np.arange(4.0)})
-    with pytest.raises(PayloadError, match="out of range"):
+    with pytest.raises(EncodingError, match="out of range"):
         comp.decompress({**wire, "w::idx": np.array([0, 9])}, spec)
-    with pytest.raises(PayloadError, match="unexpected"):
+    with pytest.raises(EncodingError, match="unexpected"):
         comp.decompress({**wire, "evil::x": np.zeros(1)}, spec)
-    with pytest.raises(PayloadError, match="lacks"):
+    with pytest.raises(EncodingError, match="lacks"):
         comp.decompress({"w::idx": wire["w::idx"]}, spec)
+    # at the hub a malformed upload is a PayloadError naming the client
+    with pytest.raises(PayloadError, match="client a"):
+        decompress_result(ClientResult("a", 1, 3, {**wire, "w::idx": np.array([0, 9])}), comp, spec)
     res = decompress_result(ClientResult("a", 1, 3, wire), comp, spec)
     np.testing.assert_array_equal(res.update["w"], [0.0, 0.0, 2.0, 3.0])
 

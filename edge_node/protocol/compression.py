@@ -1,0 +1,220 @@
+"""Update compression for the uplink: top-k sparsification, 8-bit or fp16 quantisation, with error feedback.
+
+The node compresses and the hub decompresses with these same classes, so both sides read the same bytes.
+A compressor turns a dense update into *wire tensors* (still plain named numpy arrays, so they travel as
+npz through ``edge_node.protocol.tensors`` unchanged) and back, given the dense layout the hub already
+knows from the task (anything with ``shape`` and ``dtype`` per tensor, e.g. ``layout_of(task.params)``).
+Wire names are ``<tensor>::<part>``:
+
+- ``TopKCompressor(fraction)``: per float tensor, the ceil(fraction·size) largest-magnitude entries as
+  ``::idx`` (int64 flat indices, ascending) and ``::val`` (values, tensor dtype).
+- ``Int8Compressor()``: per float tensor, ``::q`` int8 in [−127, 127] and ``::scale`` (float64 scalar,
+  max|x|/127), decoded as q·scale.
+- ``Fp16Compressor()``: per float tensor, ``::h`` float16 (values beyond ±65504 saturate).
+
+Integer tensors travel unchanged as ``::raw``. ``ErrorFeedback`` wraps either compressor on the client:
+what compression dropped this round (update + carried residual − what was sent) is added to the next
+round's update, so nothing is lost over time, only delayed. ``wire_bytes`` is what the upload costs:
+the length of the encoded npz payload, measured, never estimated. A malformed wire payload raises
+``EncodingError``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from edge_node.protocol.errors import EncodingError
+from edge_node.protocol.tensors import Tensors, encode_tensors
+
+__all__ = [
+    "Compressor",
+    "ErrorFeedback",
+    "Fp16Compressor",
+    "Int8Compressor",
+    "Layout",
+    "TensorLayout",
+    "TopKCompressor",
+    "layout_of",
+    "wire_bytes",
+]
+
+SEP = "::"
+
+
+class TensorLayout(Protocol):
+    """What a decoder must know of a dense tensor: its shape and dtype."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape and dtype of one dense tensor."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def layout_of(params: Mapping[str, np.ndarray]) -> dict[str, Layout]:
+    """The layout of exactly these tensors (a delta has its parameter's shape and dtype)."""
+    return {name: Layout(tuple(arr.shape), arr.dtype) for name, arr in params.items()}
+
+
+def wire_bytes(wire: Mapping[str, np.ndarray]) -> int:
+    """Bytes on the wire: the length of the encoded (compressed npz) payload of these tensors."""
+    return len(encode_tensors(wire))
+
+
+class Compressor(ABC):
+    """Dense update <-> wire tensors."""
+
+    #: Wire parts of a float tensor.
+    parts: tuple[str, ...] = ()
+
+    def compress(self, update: Tensors) -> Tensors:
+        """Wire tensors for this dense update."""
+        wire: Tensors = {}
+        for name, arr in update.items():
+            if arr.dtype.kind == "f":
+                wire.update({f"{name}{SEP}{part}": v for part, v in self._encode(arr).items()})
+            else:
+                wire[f"{name}{SEP}raw"] = arr.copy()
+        return wire
+
+    def decompress(self, wire: Mapping[str, np.ndarray], spec: Mapping[str, TensorLayout]) -> Tensors:
+        """The dense update of this spec; a missing, extra or malformed wire tensor raises EncodingError."""
+        expected: set[str] = set()
+        out: Tensors = {}
+        for name, ts in spec.items():
+            if ts.dtype.kind == "f":
+                parts = {p: self._part(wire, name, p) for p in self.parts}
+                expected.update(f"{name}{SEP}{p}" for p in self.parts)
+                out[name] = self._decode(parts, ts)
+            else:
+                raw = self._part(wire, name, "raw")
+                expected.add(f"{name}{SEP}raw")
+                if raw.shape != ts.shape or raw.dtype != ts.dtype:
+                    raise EncodingError(f"{name}: raw tensor has {raw.shape}/{raw.dtype}, expected {ts}")
+                out[name] = raw.copy()
+        extra = sorted(set(wire) - expected)
+        if extra:
+            raise EncodingError(f"unexpected wire tensors {extra[:5]}")
+        return out
+
+    @staticmethod
+    def _part(wire: Mapping[str, np.ndarray], name: str, part: str) -> np.ndarray:
+        key = f"{name}{SEP}{part}"
+        if key not in wire:
+            raise EncodingError(f"compressed update lacks {key!r}")
+        return wire[key]
+
+    @abstractmethod
+    def _encode(self, arr: np.ndarray) -> dict[str, np.ndarray]:
+        """Wire parts of one float tensor."""
+
+    @abstractmethod
+    def _decode(self, parts: Mapping[str, np.ndarray], spec: TensorLayout) -> np.ndarray:
+        """One float tensor from its wire parts."""
+
+
+class TopKCompressor(Compressor):
+    """Keep the ceil(fraction·size) largest-magnitude entries of each float tensor (ties: lower index)."""
+
+    parts = ("idx", "val")
+
+    def __init__(self, fraction: float) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+
+    def _encode(self, arr: np.ndarray) -> dict[str, np.ndarray]:
+        flat = arr.ravel()
+        k = max(1, math.ceil(self.fraction * flat.size)) if flat.size else 0
+        idx = np.sort(np.argsort(-np.abs(flat), kind="stable")[:k]).astype(np.int64)
+        return {"idx": idx, "val": flat[idx].copy()}
+
+    def _decode(self, parts: Mapping[str, np.ndarray], spec: TensorLayout) -> np.ndarray:
+        idx, val = parts["idx"], parts["val"]
+        size = math.prod(spec.shape)
+        if idx.dtype.kind not in "iu" or idx.ndim != 1 or val.shape != idx.shape or val.dtype != spec.dtype:
+            raise EncodingError(f"malformed top-k parts for a tensor of {spec}")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise EncodingError(f"top-k index out of range for a tensor of size {size}")
+        flat = np.zeros(size, dtype=spec.dtype)
+        flat[idx] = val
+        return flat.reshape(spec.shape)
+
+
+class Int8Compressor(Compressor):
+    """Symmetric per-tensor 8-bit quantisation: q = rint(x / s), s = max|x| / 127."""
+
+    parts = ("q", "scale")
+
+    def _encode(self, arr: np.ndarray) -> dict[str, np.ndarray]:
+        x = arr.astype(np.float64)
+        peak = float(np.max(np.abs(x))) if x.size else 0.0
+        scale = peak / 127.0
+        q = np.zeros(x.shape, dtype=np.int8) if scale == 0 else np.clip(np.rint(x / scale), -127, 127)
+        return {"q": q.astype(np.int8), "scale": np.array(scale, dtype=np.float64)}
+
+    def _decode(self, parts: Mapping[str, np.ndarray], spec: TensorLayout) -> np.ndarray:
+        q, scale = parts["q"], parts["scale"]
+        if q.dtype != np.int8 or q.shape != spec.shape or scale.shape != () or scale.dtype.kind != "f":
+            raise EncodingError(f"malformed int8 parts for a tensor of {spec}")
+        if not np.isfinite(scale):
+            raise EncodingError("int8 scale is not finite")
+        return (q.astype(np.float64) * float(scale)).astype(spec.dtype)
+
+
+class Fp16Compressor(Compressor):
+    """Half precision: each float tensor as float16 (2 bytes per value; beyond ±65504 saturates)."""
+
+    parts = ("h",)
+
+    def _encode(self, arr: np.ndarray) -> dict[str, np.ndarray]:
+        limit = float(np.finfo(np.float16).max)
+        return {"h": np.clip(arr.astype(np.float64), -limit, limit).astype(np.float16)}
+
+    def _decode(self, parts: Mapping[str, np.ndarray], spec: TensorLayout) -> np.ndarray:
+        h = parts["h"]
+        if h.dtype != np.float16 or h.shape != spec.shape:
+            raise EncodingError(f"malformed fp16 part for a tensor of {spec}")
+        if not np.all(np.isfinite(h)):
+            raise EncodingError("fp16 values are not all finite")
+        return h.astype(spec.dtype)
+
+
+class ErrorFeedback:
+    """Client-side: compress update + residual, carry forward what the compressor dropped."""
+
+    def __init__(self, compressor: Compressor) -> None:
+        self.compressor = compressor
+        self.residual: Tensors = {}
+
+    def compress(self, update: Tensors) -> Tensors:
+        """Wire tensors for ``update`` plus the residual of earlier rounds; updates the residual."""
+        corrected: Tensors = {}
+        for name, arr in update.items():
+            carried = self.residual.get(name)
+            if arr.dtype.kind == "f" and carried is not None and carried.shape == arr.shape:
+                corrected[name] = (arr.astype(np.float64) + carried).astype(arr.dtype)
+            else:
+                corrected[name] = arr
+        wire = self.compressor.compress(corrected)
+        sent = self.compressor.decompress(wire, layout_of(corrected))
+        self.residual = {
+            n: corrected[n].astype(np.float64) - sent[n].astype(np.float64)
+            for n in corrected
+            if corrected[n].dtype.kind == "f"
+        }
+        return wire
