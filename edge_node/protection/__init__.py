@@ -4,6 +4,7 @@ from edge_node.protection.errors import LedgerError, ProtectionError, TaskRefuse
 from edge_node.protection.floor import PrivacyFloor
 from edge_node.protection.gate import PrivacyGate
 from edge_node.protection.ledger import LEDGER_FILE, LedgerEntry, PrivacyLedger
+from edge_node.protection.masking import SecAggClient
 from edge_node.protection.mechanism import add_gaussian_noise, clip_l2, l2_norm
 from edge_node.protection.pipeline import Masker, ProtectedUpdate, ProtectionPipeline
 
@@ -18,6 +19,7 @@ __all__ = [
     "ProtectedUpdate",
     "ProtectionError",
     "ProtectionPipeline",
+    "SecAggClient",
     "TaskRefused",
     "add_gaussian_noise",
     "clip_l2",
