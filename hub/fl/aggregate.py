@@ -1,4 +1,4 @@
-"""Aggregation arithmetic as tiny pure functions over named tensors: means, median, trimmed mean.
+"""Aggregation arithmetic as tiny pure functions over named tensors: means, median, trimmed mean, norm filter.
 
 Every function takes a sequence of ``Params`` (tensor name -> array) that must agree exactly in names,
 shapes and dtypes, computes in float64, and returns arrays of the inputs' dtype. Integer tensors (e.g. BN
@@ -20,6 +20,7 @@ __all__ = [
     "Reducer",
     "check_compatible",
     "coordinate_median",
+    "norm_filtered_mean",
     "trimmed_mean",
     "unweighted_mean",
     "weighted_mean",
@@ -115,3 +116,26 @@ def trimmed_mean(
         ordered = np.sort(_stack(params_list, name), axis=0)  # (K, *shape), per coordinate
         out[name] = _cast(ordered[cut : k - cut].mean(axis=0), ref.dtype)
     return out
+
+
+def _joint_norm(params: Params) -> float:
+    return math.sqrt(
+        sum(float(np.sum(a.astype(np.float64) ** 2)) for a in params.values() if a.dtype.kind == "f")
+    )
+
+
+def norm_filtered_mean(
+    params_list: Sequence[Params], weights: Sequence[float] | None = None, *, factor: float = 3.0
+) -> Params:
+    """Unweighted mean of the updates whose joint L2 norm is at most ``factor`` × the median norm.
+
+    A scaled (poisoned) update stands out by its norm; the median norm is set by the honest majority.
+    Weights are ignored (a client could lie about them).
+    """
+    check_compatible(params_list)
+    if not factor >= 1.0:
+        raise AggregationError(f"norm filter factor must be >= 1, got {factor}")
+    norms = np.array([_joint_norm(p) for p in params_list])
+    bound = factor * float(np.median(norms))
+    kept = [p for p, n in zip(params_list, norms, strict=True) if n <= bound]
+    return unweighted_mean(kept)
