@@ -7,7 +7,7 @@ knows from the task (anything with ``shape`` and ``dtype`` per tensor, e.g. ``la
 Wire names are ``<tensor>::<part>``:
 
 - ``TopKCompressor(fraction)``: per float tensor, the ceil(fraction·size) largest-magnitude entries as
-  ``::idx`` (int64 flat indices, ascending) and ``::val`` (values, tensor dtype).
+  ``::idx`` (int32 flat indices, ascending) and ``::val`` (values, tensor dtype).
 - ``Int8Compressor()``: per float tensor, ``::q`` int8 in [−127, 127] and ``::scale`` (float64 scalar,
   max|x|/127), decoded as q·scale.
 - ``Fp16Compressor()``: per float tensor, ``::h`` float16 (values beyond ±65504 saturate).
@@ -140,7 +140,9 @@ class TopKCompressor(Compressor):
     def _encode(self, arr: np.ndarray) -> dict[str, np.ndarray]:
         flat = arr.ravel()
         k = max(1, math.ceil(self.fraction * flat.size)) if flat.size else 0
-        idx = np.sort(np.argsort(-np.abs(flat), kind="stable")[:k]).astype(np.int64)
+        # int32 indices (int64 only past 2^31 entries): they are half of what top-k sends.
+        index_dtype = np.int32 if flat.size < 2**31 else np.int64
+        idx = np.sort(np.argsort(-np.abs(flat), kind="stable")[:k]).astype(index_dtype)
         return {"idx": idx, "val": flat[idx].copy()}
 
     def _decode(self, parts: Mapping[str, np.ndarray], spec: TensorLayout) -> np.ndarray:
