@@ -1,6 +1,8 @@
 """What protection costs: AUC and measured upload bytes per clinic per round on the pneumonia benchmark.
 
-Six simulated clinics (``hub.training.datasets``, combined skew), the calibration CNN (93 k parameters),
+Six simulated clinics (``hub.training.datasets``, combined skew), the calibration CNN (93 k parameters) with
+GroupNorm (BatchNorm's running variances do not survive noise or sparsification: a noisy or partial delta
+can drive a variance negative),
 FedAvg through ``hub.training.simulation.run_federation`` — the same strategy and codec path as real nodes —
 with each protection switched on in turn:
 
@@ -206,7 +208,7 @@ def secure_sum(
 
 
 def _global_auc(data: Any, params: Params) -> dict[str, float]:
-    model = fl_cnn()
+    model = fl_cnn(norm="group")
     load_params(model, params)
     model.eval()
     res = evaluate(data, dict.fromkeys(CLINICS, lambda x: predict(model, x)), lambda x: predict(model, x))
@@ -221,7 +223,7 @@ def _global_auc(data: Any, params: Params) -> dict[str, float]:
 def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: float) -> dict[str, Any]:
     """One configuration on one seed's clinics."""
     torch.manual_seed(seed)
-    init = fl_cnn()
+    init = fl_cnn(norm="group")
     cfg = LocalConfig(epochs=1, lr=1e-3, batch_size=64)
     bytes_log: dict[str, list[int]] = {c: [] for c in CLINICS}
     spec: ProtectionSpec | None = None
@@ -254,7 +256,7 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
     learner_log = {c: [] for c in CLINICS} if reducer is not None else bytes_log
     learners = {}
     for k, c in enumerate(CLINICS):
-        model = fl_cnn()
+        model = fl_cnn(norm="group")
         model.load_state_dict(init.state_dict())
         inner = SupervisedLearner(c, model, data.clinics[c], cfg, seed * 100 + k)
         learners[c] = MeteredLearner(
@@ -336,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 clip = row["median_update_norm"]  # DP clips at the median norm of the plain run
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "failures"}), flush=True)
-    timing = secagg_hub_time(args.secagg_nodes, sum(a.size for a in to_params(fl_cnn()).values()), 3)
+    timing = secagg_hub_time(
+        args.secagg_nodes, sum(a.size for a in to_params(fl_cnn(norm="group")).values()), 3
+    )
     summary = {"hub_seconds_secagg_nodes": args.secagg_nodes, "hub_seconds": timing}
     print(json.dumps(summary))
     table = summarise(rows)

@@ -104,6 +104,31 @@ class PrivacyLedger:
         """Total ε at this ledger's δ of everything that left (inf once an unnoised update left)."""
         return self._total(self.entries(), None)
 
+    def report(self, max_total: float | None = None) -> str:
+        """What left the clinic and the privacy spent, in plain words (for ``fedclinic-edge updates``)."""
+        entries = self.entries()
+        if not entries:
+            return "No update has left this clinic yet; no privacy has been spent."
+        sent = sum(e.payload_bytes for e in entries)
+        unnoised = sum(1 for e in entries if e.noise_multiplier is None)
+        words = [
+            f"{len(entries)} update{'s' if len(entries) != 1 else ''} left this clinic "
+            f"({sent:,} bytes in all), the last in round {entries[-1].round}."
+        ]
+        spent = self._total(entries, None)
+        if math.isinf(spent):
+            words.append(
+                f"{unnoised} of them carried no noise, so the privacy spent has no finite bound "
+                "(differential privacy does not cover them)."
+            )
+        else:
+            words.append(f"Privacy spent: epsilon {spent:.3g} at delta {self.delta:g}.")
+        if max_total is not None and not math.isinf(spent):
+            words.append(
+                f"The clinic's budget is epsilon {max_total:g}; {max(0.0, max_total - spent):.3g} is left."
+            )
+        return " ".join(words)
+
     def would_spend(self, noise_multiplier: float | None, sampling_rate: float = 1.0) -> float:
         """Total ε if one more release of this kind left now."""
         return self._total(self.entries(), (noise_multiplier, sampling_rate))

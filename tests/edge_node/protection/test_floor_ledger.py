@@ -84,6 +84,10 @@ def test_the_ledger_refuses_the_task_that_would_pass_the_budget_and_survives_a_r
             max_total=4.0,
         )
     assert [e.task_id for e in again.ledger.entries()] == ["task-1", "task-2", "task-3"]
+    report = again.ledger.report(4.0)
+    assert report.startswith("3 updates left this clinic (")
+    assert f"Privacy spent: epsilon {expected[2]:.3g} at delta 1e-05." in report
+    assert "budget is epsilon 4" in report
     # a retried task is charged once
     again.ledger.charge(
         "task-3",
@@ -101,6 +105,7 @@ def test_the_ledger_refuses_the_task_that_would_pass_the_budget_and_survives_a_r
 def test_an_unnoised_update_makes_the_total_unbounded(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "l.sqlite3", delta=1e-5)
     assert ledger.spent() == 0.0
+    assert ledger.report() == "No update has left this clinic yet; no privacy has been spent."
     ledger.charge(
         "t",
         round=1,
@@ -112,6 +117,7 @@ def test_an_unnoised_update_makes_the_total_unbounded(tmp_path: Path) -> None:
         max_total=None,
     )
     assert math.isinf(ledger.spent())
+    assert "no finite bound" in ledger.report(10.0)
     gate = PrivacyGate(PrivacyFloor(max_epsilon_total=10.0), ledger, ProtectionPipeline())
     assert "over its budget" in (gate.refusal(_spec()) or "")
     (tmp_path / "dir").mkdir()
