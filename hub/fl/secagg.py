@@ -5,6 +5,11 @@ what to send back. It checks every message against the node's registered Ed25519
 round, and refuses a second message of the same step from a node (a replay). It holds masked vectors
 only; after the unmask step it computes the sum of the survivors' inputs and nothing else.
 
+Threat model: an honest-but-curious hub and any minority of colluding nodes learn nothing but the sum.
+A node answers one unmask request per round, so a hub cannot ask one node for both shares of a peer;
+against a hub that tells different nodes different stories about who dropped, choose a threshold above
+two thirds of the cohort (the paper's extra consistency round, which also covers that, is not run here).
+
 Robust aggregation (median, trimmed mean, norm filtering) needs the individual updates, which secure
 aggregation hides by design: the two do not combine. Norm bounds are enforced at the node instead (the
 clip before masking), which is what bounds one clinic's influence on the sum.
