@@ -16,6 +16,8 @@ with each protection switched on in turn:
   payload; the hub learns only the sum (so the mean is unweighted);
 - ``poison_*``: clinic A sends its update sign-flipped and scaled ×10, aggregated by plain FedAvg, the
   coordinate-wise median, the trimmed mean (β = 0.2) and the norm filter.
+- ``clean_*``: the same robust reductions without a poisoned clinic (what robustness costs on non-IID
+  clinics by itself).
 
 AUC: the final global model on each clinic's own (profiled) test set, mean over clinics and over the four
 small clinics C–F. Also times the hub's side of secure aggregation at 20 nodes on a vector of the CNN's size.
@@ -72,6 +74,9 @@ CONFIGS = (
     "poison_median",
     "poison_trimmed",
     "poison_normfilter",
+    "clean_median",
+    "clean_trimmed",
+    "clean_normfilter",
 )
 POISONED = "A"
 DELTA = 1e-5
@@ -241,11 +246,11 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
             FedAvg(), clip_norm=clip, noise_multiplier=sigma, delta=DELTA, seed=seed
         )
         extra.update(noise_multiplier=sigma, clip_norm=clip)
-    elif name == "poison_median":
+    elif name.endswith("_median"):
         strategy = Robust(FedAvg(), "median")
-    elif name == "poison_trimmed":
+    elif name.endswith("_trimmed"):
         strategy = Robust(FedAvg(), "trimmed_mean", beta=0.2)
-    elif name == "poison_normfilter":
+    elif name.endswith("_normfilter"):
         strategy = Robust(FedAvg(), "norm_filter")
     elif name == "secagg":
         reducer = SecureMean(clip_norm=args.secagg_clip, bytes_log=bytes_log)
