@@ -97,3 +97,12 @@ def test_the_mask_step_comes_last_and_is_required_under_secure_aggregation() -> 
         _spec(clip_norm=1.0, secure_aggregation=True, compression=CompressionKind.TOPK)
     with pytest.raises(ValueError, match="clip_norm"):
         _spec(epsilon=1.0)
+
+
+def test_the_spec_travels_as_json_and_refuses_unknown_fields() -> None:
+    spec = _spec(clip_norm=1.0, epsilon=4.0, sampling_rate=0.5, compression=CompressionKind.INT8)
+    assert ProtectionSpec.model_validate_json(spec.model_dump_json()) == spec
+    with pytest.raises(ValueError, match="extra"):
+        ProtectionSpec.model_validate({"cohort_size": 3, "noise": 0.0})
+    with pytest.raises(ValueError, match="cohort_size"):
+        ProtectionSpec.model_validate({"cohort_size": 0})
