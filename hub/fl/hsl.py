@@ -14,7 +14,8 @@ import numpy as np
 
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.averaging import DeltaAveraging, copy_params
-from hub.fl.strategy import ClientResult, Config, Params, RoundRecord
+from hub.fl.state import pack_params, read_json, unpack_params
+from hub.fl.strategy import ClientResult, Config, Params, RoundRecord, StateDict
 
 __all__ = ["HSL"]
 
@@ -79,6 +80,21 @@ class HSL(DeltaAveraging):
             self.best_round = rnd
             self._best = self.global_params
             logger.info("round %d: new best mean %s %.4f", rnd, self.auc_key, mean_auc)
+
+    def state_dict(self) -> StateDict:
+        state = super().state_dict()
+        state["auc_by_round"] = {str(r): auc for r, auc in self.auc_by_round.items()}
+        state["best_round"] = self.best_round
+        if self._best is not None:
+            state.update(pack_params("best/", self._best))
+        return state
+
+    def load_state_dict(self, state: StateDict) -> None:
+        super().load_state_dict(state)
+        self.auc_by_round = dict(read_json(state, "auc_by_round", dict[int, float]))
+        self.best_round = read_json(state, "best_round", int | None)
+        best = unpack_params(state, "best/")
+        self._best = best or None
 
     @property
     def best_params(self) -> Params:

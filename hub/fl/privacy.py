@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from hub.fl.errors import StrategyConfigError
-from hub.fl.pfednet import PFedNet
 from hub.fl.robust import WrappedStrategy
-from hub.fl.strategy import ClientFailure, ClientResult, Params, Strategy
+from hub.fl.state import read_json
+from hub.fl.strategy import Capability, ClientFailure, ClientResult, Params, StateDict, Strategy
 from hub.fl.validation import l2_norm
 
 __all__ = ["DifferentialPrivacy", "ZCDPAccountant", "clip_update"]
@@ -84,10 +85,6 @@ class DifferentialPrivacy(WrappedStrategy):
         delta: float = 1e-5,
         seed: int | None = None,
     ) -> None:
-        if isinstance(inner, PFedNet):
-            raise StrategyConfigError(
-                "dp: pFedNet's personal parts are not averaged, so central DP cannot protect them"
-            )
         super().__init__(inner)
         if not clip_norm > 0:
             raise StrategyConfigError(f"dp: clip_norm must be > 0, got {clip_norm}")
@@ -96,7 +93,14 @@ class DifferentialPrivacy(WrappedStrategy):
         self.accountant = ZCDPAccountant(noise_multiplier)
         self.epsilon()  # validates delta now, not at the first round
         self._rng = np.random.default_rng(seed)
-        self.inner.reducer = self._private_mean
+
+    def _refuse(self, inner: Strategy) -> None:
+        # Noise on the mean would leave parts that are never averaged unprotected.
+        if Capability.PERSONAL_STATE in inner.capabilities:
+            raise StrategyConfigError(
+                f"dp: {inner.name!r} keeps personal parts per client that are not averaged, so central DP "
+                "cannot protect them; use edge-side protection for it"
+            )
 
     def epsilon(self) -> float:
         """ε spent so far at this wrapper's δ."""
@@ -105,12 +109,31 @@ class DifferentialPrivacy(WrappedStrategy):
     def aggregate(
         self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
     ) -> Params | None:
-        new = self.inner.aggregate(rnd, results, failures)
+        new = super().aggregate(rnd, results, failures)
         if new is not None:
             self.history[-1].metrics["dp_epsilon"] = self.epsilon()
         return new
 
-    def _private_mean(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
+    def state_dict(self) -> StateDict:
+        """The inner state, the accountant's step count and the noise generator's position."""
+        state = super().state_dict()
+        state["accountant_steps"] = self.accountant.steps
+        state["rng"] = self._rng.bit_generator.state
+        return state
+
+    def load_state_dict(self, state: StateDict) -> None:
+        super().load_state_dict(state)
+        steps: int = read_json(state, "accountant_steps", int)
+        rng: dict[str, Any] = read_json(state, "rng", dict[str, Any])
+        if rng.get("bit_generator") != type(self._rng.bit_generator).__name__:
+            raise StrategyConfigError(
+                f"dp: the state's noise generator {rng.get('bit_generator')!r} is not ours"
+            )
+        self.accountant.steps = steps
+        self._rng.bit_generator.state = rng
+
+    def reduce(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
+        """Clip each delta, average without weights, add Gaussian noise; one accountant step."""
         k = len(updates)
         std = self.accountant.noise_multiplier * self.clip_norm / k
         clipped = [clip_update(u, self.clip_norm) for u in updates]
