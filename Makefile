@@ -50,7 +50,7 @@ test: system venv lint test-bundle
 	FEDCLINIC_TEST_BUNDLE=$(abspath $(BUILD)/test-bundle) $(PY) -m pytest
 
 demo: system venv
-	$(VENV)/bin/fedclinic-hub demo --workdir $(BUILD)/demo
+	$(VENV)/bin/fedclinic-lab demo --workdir $(BUILD)/demo
 
 bench: system venv test-bundle
 	FEDCLINIC_TEST_BUNDLE=$(abspath $(BUILD)/test-bundle) $(PY) bench/bench_inference.py

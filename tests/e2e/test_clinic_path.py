@@ -21,9 +21,9 @@ import pydicom
 import pytest
 
 from edge_node.protocol.manifest import Manifest, parse_manifest
-from hub.demo.clinic import Clinic
-from hub.demo.orthanc import orthanc_available
-from hub.demo.run import sr_score
+from harness.demo.clinic import Clinic
+from harness.demo.orthanc import orthanc_available
+from harness.demo.run import sr_score
 from tests.e2e.clinic import obtain_bundle
 from tests.support.dicomgen import WrappedImage, medmnist_studies
 
