@@ -1,4 +1,4 @@
-"""HeteroSync Learning (HSL, ALGORITHMS.md §1): unweighted mean over nodes of all tensors, BN stats included.
+"""HeteroSync Learning (HSL, docs/algorithms.md §1): unweighted mean of all tensors, BN stats included.
 
 The shared anchor task (SAT) and the MMoE heads live in the client's learner; the server's part is small:
 every tensor is shared, the mean is unweighted (w = (1/K) Σ_k w_k, not by sample count, §1.5), and the final

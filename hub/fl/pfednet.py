@@ -1,4 +1,4 @@
-"""pFedNet-style personalisation (ALGORITHMS.md §3): shared part by FedAvg, personal parts fused over a graph.
+"""pFedNet-style personalisation (docs/algorithms.md §3): shared part by FedAvg, personal parts fused.
 
 Client n's model is w_n = (x, z_n): the shared tensors x are averaged like FedAvg (sample-weighted); the
 personal tensors z_n (by default the classifier head) stay per client and are updated at the server by the

@@ -103,7 +103,7 @@ def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor]) -> torch
 
 @dataclass(frozen=True)
 class LocalConfig:
-    """Local optimisation settings: fresh Adam every round (BENCHMARK-CALIBRATION §1)."""
+    """Local optimisation settings: fresh Adam every round (docs/benchmarks.md)."""
 
     epochs: int = 1
     lr: float = 1e-3
