@@ -93,6 +93,7 @@ class DifferentialPrivacy(WrappedStrategy):
         self.accountant = ZCDPAccountant(noise_multiplier)
         self.epsilon()  # validates delta now, not at the first round
         self._rng = np.random.default_rng(seed)
+        self._seeded = seed is not None
 
     def _refuse(self, inner: Strategy) -> None:
         # Noise on the mean would leave parts that are never averaged unprotected.
@@ -115,22 +116,27 @@ class DifferentialPrivacy(WrappedStrategy):
         return new
 
     def state_dict(self) -> StateDict:
-        """The inner state, the accountant's step count and the noise generator's position."""
+        """The inner state, the accountant's step count and, for a seeded wrapper only, the noise position.
+
+        An unseeded wrapper never writes its generator's state: whoever read the stored state could
+        otherwise predict the noise and take it off the model. After a restart it draws fresh noise.
+        """
         state = super().state_dict()
         state["accountant_steps"] = self.accountant.steps
-        state["rng"] = self._rng.bit_generator.state
+        state["rng"] = self._rng.bit_generator.state if self._seeded else None
         return state
 
     def load_state_dict(self, state: StateDict) -> None:
         super().load_state_dict(state)
         steps: int = read_json(state, "accountant_steps", int)
-        rng: dict[str, Any] = read_json(state, "rng", dict[str, Any])
-        if rng.get("bit_generator") != type(self._rng.bit_generator).__name__:
+        rng: dict[str, Any] | None = read_json(state, "rng", dict[str, Any] | None)
+        if rng is not None and rng.get("bit_generator") != type(self._rng.bit_generator).__name__:
             raise StrategyConfigError(
-                f"dp: the state's noise generator {rng.get('bit_generator')!r} is not ours"
+                f"dp: the state's noise generator {rng.get('bit_generator')!r} is not this wrapper's"
             )
         self.accountant.steps = steps
-        self._rng.bit_generator.state = rng
+        if rng is not None and self._seeded:
+            self._rng.bit_generator.state = rng
 
     def reduce(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
         """Clip each delta, average without weights, add Gaussian noise; one accountant step."""

@@ -138,6 +138,11 @@ def test_a_restored_strategy_keeps_what_its_kind_tracks() -> None:
     copy_dp = DifferentialPrivacy(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, seed=99)
     copy_dp.load_state_dict(state_from_bytes(state_to_bytes(dp.state_dict())))
     assert copy_dp.accountant.steps == 2 and copy_dp.epsilon() == dp.epsilon()
+    # Unseeded (production) noise never reaches the stored state: it could be predicted from it.
+    live = DifferentialPrivacy(FedAvg(), clip_norm=1.0, noise_multiplier=1.0)
+    live.initialize(_model(), CLIENTS)
+    _round(live, 1, seed=1)
+    assert live.state_dict()["rng"] is None
 
 
 def test_a_state_is_refused_by_another_kind_of_strategy_and_when_damaged() -> None:
