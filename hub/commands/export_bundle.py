@@ -14,13 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edge_node.protocol.manifest import ClassLabel
 from export.errors import ExportError, KeyFileError
 from export.semver import check_semver
 from export.signing import load_private_key, load_public_key_file
 from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit_json
 
 if TYPE_CHECKING:
+    from edge_node.protocol.manifest import ClassLabel
     from export.pipeline import ExportReport
 
 #: DICOM modalities each dataset's images come from: the edge skips other modalities.
@@ -30,6 +30,8 @@ POSITIVE_CODES = {"pneumoniamnist": ("233604007", "SCT", "Pneumonia")}
 
 
 def class_labels(dataset: str, labels: tuple[str, ...]) -> list[ClassLabel]:
+    from edge_node.protocol.manifest import ClassLabel
+
     code = POSITIVE_CODES.get(dataset)
     out = []
     for index, name in enumerate(labels):

@@ -1,12 +1,25 @@
-"""The signed student bundle that e2e tests deploy: prebuilt by `make test`, or built here."""
+"""For the e2e tests: the signed student bundle they deploy, and a look inside a running node's records."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from harness.demo.clinic import BundleFiles, find_bundle
+from edge_node.store import Store, StudySummary
+from harness.demo.clinic import BundleFiles, Clinic, find_bundle
 
-__all__ = ["find_bundle", "obtain_bundle"]
+__all__ = ["find_bundle", "node_studies", "obtain_bundle"]
+
+
+def node_studies(clinic: Clinic, limit: int = 1000) -> list[StudySummary]:
+    """The node's own study records, read from its database.
+
+    A white-box check that only tests make; the demo asks the node (``fedclinic-edge status``) instead.
+    """
+    store = Store(Path(clinic.edge.settings["data_dir"]) / "edge.sqlite3")
+    try:
+        return store.recent_studies(limit)
+    finally:
+        store.close()
 
 
 def obtain_bundle(workdir: Path) -> BundleFiles:
