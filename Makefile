@@ -31,7 +31,7 @@ system:
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[edge,cpu,hub,dev]'
+	$(VENV)/bin/pip install -q -e '.[edge,cpu,hub,lab,dev]'
 	touch $@
 
 venv: $(STAMP)
