@@ -31,7 +31,7 @@ system:
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[edge,cpu,hub,dev]'
+	$(VENV)/bin/pip install -q -e '.[edge,cpu,hub,lab,dev]'
 	touch $@
 
 venv: $(STAMP)
@@ -50,7 +50,7 @@ test: system venv lint test-bundle
 	FEDCLINIC_TEST_BUNDLE=$(abspath $(BUILD)/test-bundle) $(PY) -m pytest
 
 demo: system venv
-	$(VENV)/bin/fedclinic-hub demo --workdir $(BUILD)/demo
+	$(VENV)/bin/fedclinic-lab demo --workdir $(BUILD)/demo
 
 bench: system venv test-bundle
 	FEDCLINIC_TEST_BUNDLE=$(abspath $(BUILD)/test-bundle) $(PY) bench/bench_inference.py

@@ -43,18 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TCP_NODELAY", "1")
     sys.path.insert(0, str(REPO_ROOT))
-    from hub.demo.clinic import Clinic
-    from tests.e2e.clinic import obtain_bundle
-    from tests.support.dicomgen import medmnist_studies
+    from harness.demo.clinic import Clinic, find_bundle, table_rows
+    from hub.data.dicomize import dicomize_images
+    from hub.data.medmnist import load_medmnist
 
     data_env = os.environ.get("FEDCLINIC_DATA")
     data_root = Path(data_env) if data_env else REPO_ROOT.parent / "shared" / "data"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     workdir.mkdir(parents=True, exist_ok=True)
     total = args.warmup + args.studies
-    studies = medmnist_studies("pneumoniamnist", "test", list(range(total)), workdir / "cr", root=data_root)
+    bundle = find_bundle()
+    if bundle is None:
+        parser.error("no signed test bundle: run `make test-bundle` or set FEDCLINIC_TEST_BUNDLE")
+    images = load_medmnist("pneumoniamnist", "test", root=data_root).images
+    studies = dicomize_images(
+        images, workdir / "cr", dataset="pneumoniamnist", split="test", indices=range(total)
+    )
 
-    with Clinic(workdir=workdir, bundle=obtain_bundle(workdir), secondary_capture=args.sc) as clinic:
+    with Clinic(workdir=workdir, bundle=bundle, secondary_capture=args.sc) as clinic:
         orthanc = clinic.orthanc
         ids = [clinic.upload_study([s.path]) for s in studies]
         latencies: list[float] = []
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             if n >= args.warmup:
                 latencies.append(t1 - t0)
                 pushes.append(t_push - t0)
-        done = sum(1 for s in clinic.edge.studies() if s.state == "done")
+        # As an operator would see it: the node's own status table, not its database.
+        done = sum(1 for row in table_rows(clinic.edge.status(limit=total)) if "done" in row)
 
     ms = [1000 * v for v in latencies]
     result = {

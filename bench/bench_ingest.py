@@ -41,7 +41,7 @@ from rich.table import Table
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.support.dcmtk import dcmtk  # noqa: E402  (the repo root must be importable first)
+from harness.dcmtk import dcmtk  # noqa: E402  (the repo root must be importable first)
 
 EDGE_BIN = Path(sys.executable).parent / "fedclinic-edge"
 TARGET_RATIO = 0.5

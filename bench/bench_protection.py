@@ -47,6 +47,8 @@ from edge_node.protocol.accountant import noise_multiplier_for
 from edge_node.protocol.compression import layout_of
 from edge_node.protocol.protection import CompressionKind, ProtectionSpec
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
+from harness.flbench.datasets import CLINICS, SMALL_CLINICS, build_bench_data
+from harness.flbench.methods import evaluate
 from hub.fl.aggregate import unweighted_mean
 from hub.fl.fedavg import FedAvg
 from hub.fl.privacy import DifferentialPrivacy
@@ -54,9 +56,7 @@ from hub.fl.robust import Robust
 from hub.fl.secagg import SecAggServer
 from hub.fl.strategy import ClientResult, ClientTask, Params, Strategy
 from hub.models.fl_cnn import fl_cnn
-from hub.training.datasets import CLINICS, SMALL_CLINICS, build_bench_data
 from hub.training.learners import LocalConfig, SupervisedLearner, load_params, predict, to_params
-from hub.training.methods import evaluate
 from hub.training.simulation import run_federation
 
 log = logging.getLogger("bench_protection")

@@ -6,14 +6,17 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_node.protocol.errors import SignatureError
-from edge_node.protocol.manifest import Manifest
 from edge_node.protocol.signing import fingerprint, load_public_key, public_key_pem
 from export.errors import KeyFileError
+
+if TYPE_CHECKING:  # the key commands need no manifest models (pydantic schemas take a while to build)
+    from edge_node.protocol.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

@@ -1,29 +1,45 @@
-"""`fedclinic-hub`: the hub operator's admin CLI."""
+"""`fedclinic-hub`: the hub operator's admin CLI, a registry of command modules (one line each).
+
+Command modules import torch and the export pipeline only inside the commands that need them, so that
+``--help``, ``--version``, ``keys`` and ``data list`` answer at once, even where torch is not installed.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import typer
 
-from hub.commands import bench, data, demo, export_bundle, keys, train
+from hub import __version__
+from hub.commands import data, export_bundle, keys, train
 
 app = typer.Typer(
     name="fedclinic-hub",
-    help="Hub operator CLI: train teachers and students, export signed bundles, manage keys, run benchmarks.",
+    help="Hub operator CLI: train teachers and students, export signed bundles, manage keys and data.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
 app.command("train")(train.train)
 app.command("export")(export_bundle.export)
-app.command("demo")(demo.demo)
 app.add_typer(keys.app, name="keys")
 app.add_typer(data.app, name="data")
-app.add_typer(bench.app, name="bench")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedclinic-hub {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at DEBUG level.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.demo.orthanc import free_port
+from harness.demo.orthanc import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"

@@ -8,12 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from hub.commands.choices import DatasetName, Split
+from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit_json
 from hub.data.medmnist import DATA_ENV, DOWNLOAD_URL, LABELS, OFFICIAL_MD5, data_root, medmnist_path
 
 app = typer.Typer(
@@ -32,31 +33,52 @@ def md5_file(path: Path) -> str:
 @app.command("list")
 def list_datasets(
     root: Annotated[Path | None, typer.Option("--root", help=f"Data folder (default: ${DATA_ENV}).")] = None,
+    output: FormatOption = OutputFormat.table,
 ) -> None:
-    """Show the known datasets, whether they are present, and whether their md5 is the official one."""
+    """Show the known datasets, whether they are present, and whether their md5 is the official one.
+
+    Example: fedclinic-hub data list --format json
+    """
     base = root or data_root()
+    rows: list[dict[str, object]] = []
+    for name in sorted(OFFICIAL_MD5):
+        path = medmnist_path(name, base)
+        present = path.is_file()
+        rows.append(
+            {
+                "name": name,
+                "labels": list(LABELS[name]),
+                "file": str(path),
+                "present": present,
+                "size_bytes": path.stat().st_size if present else None,
+                "md5_official": md5_file(path) == OFFICIAL_MD5[name] if present else None,
+            }
+        )
+    if output is OutputFormat.json:
+        emit_json({"root": str(base / "medmnist"), "datasets": rows})
+        return
     table = Table(title=f"MedMNIST datasets in {base / 'medmnist'}")
     for col in ("name", "labels", "file", "size", "md5"):
         table.add_column(col)
-    for name in sorted(OFFICIAL_MD5):
-        path = medmnist_path(name, base)
-        if not path.is_file():
-            table.add_row(name, ", ".join(LABELS[name]), "[yellow]missing[/yellow]", "-", "-")
+    for row in rows:
+        labels = ", ".join(LABELS[str(row["name"])])
+        if not row["present"]:
+            table.add_row(str(row["name"]), labels, "[yellow]missing[/yellow]", "-", "-")
             continue
-        ok = md5_file(path) == OFFICIAL_MD5[name]
+        size = row["size_bytes"]
         table.add_row(
-            name,
-            ", ".join(LABELS[name]),
-            str(path),
-            f"{path.stat().st_size / 1e6:.1f} MB",
-            "[green]official[/green]" if ok else "[red]MISMATCH[/red]",
+            str(row["name"]),
+            labels,
+            str(row["file"]),
+            f"{size / 1e6:.1f} MB" if isinstance(size, int) else "-",
+            "[green]official[/green]" if row["md5_official"] else "[red]MISMATCH[/red]",
         )
     Console().print(table)
 
 
 @app.command("download")
 def download(
-    name: Annotated[str, typer.Argument(help="Dataset name, e.g. pneumoniamnist.")],
+    dataset: Annotated[DatasetName, typer.Argument(metavar="NAME", help="Dataset to download.")],
     root: Annotated[Path | None, typer.Option("--root", help=f"Data folder (default: ${DATA_ENV}).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Network timeout in seconds.")] = 30.0,
     url: Annotated[
@@ -67,10 +89,10 @@ def download(
     ] = DOWNLOAD_URL,
 ) -> None:
     """Download an official MedMNIST file from Zenodo into the data folder and check its md5."""
+    import httpx
+
     console = Console()
-    if name not in OFFICIAL_MD5:
-        console.print(f"[red]unknown dataset {name!r}[/red]; known: {', '.join(sorted(OFFICIAL_MD5))}")
-        raise typer.Exit(2)
+    name = dataset.value
     url = url.format(name=name)
     dest = medmnist_path(name, root or data_root())
     try:
@@ -80,7 +102,7 @@ def download(
         console.print(
             f"[red]cannot write to {dest.parent}:[/red] {exc.strerror}; pass --root or set {DATA_ENV}"
         )
-        raise typer.Exit(1) from exc
+        raise typer.Exit(EXIT_FAILED) from exc
     tmp = Path(tmp_name)
     try:
         with (
@@ -101,23 +123,23 @@ def download(
             f"[red]download failed:[/red] {type(exc).__name__}: {exc}. This machine may be offline: "
             f"fetch {url} elsewhere, copy it to {dest}, or set {DATA_ENV} to a folder with that file"
         )
-        raise typer.Exit(1) from exc
+        raise typer.Exit(EXIT_FAILED) from exc
     md5 = md5_file(tmp)
     if md5 != OFFICIAL_MD5[name]:
         tmp.unlink(missing_ok=True)
         console.print(
             f"[red]md5 mismatch[/red] for {url}: got {md5}, expected {OFFICIAL_MD5[name]}; not saved"
         )
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
     os.replace(tmp, dest)
     console.print(f"saved {dest} (md5 {md5}, official)")
 
 
 @app.command("dicomize")
 def dicomize(
-    name: Annotated[str, typer.Argument(help="Dataset name, e.g. pneumoniamnist.")],
+    dataset: Annotated[DatasetName, typer.Argument(metavar="NAME", help="Dataset whose images to wrap.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the DICOM files (one study per image).")],
-    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
+    split: Annotated[Split, typer.Option("--split", help="Dataset split.")] = Split.test,
     count: Annotated[int, typer.Option("--count", min=1, help="How many images, from the start.")] = 4,
     modality: Annotated[
         str, typer.Option("--modality", help="CR for chest X-ray, US for ultrasound.")
@@ -128,18 +150,17 @@ def dicomize(
     from hub.data.dicomize import dicomize_images
     from hub.data.medmnist import DataNotFoundError, load_medmnist
 
-    if split not in ("train", "val", "test"):
-        raise typer.BadParameter("split must be train, val or test")
+    name = dataset.value
     try:
-        images = load_medmnist(name, split, root)  # type: ignore[arg-type]
+        images = load_medmnist(name, split.value, root)
     except (DataNotFoundError, ValueError) as exc:
         Console().print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
+        raise typer.Exit(EXIT_FAILED) from exc
     written = dicomize_images(
         images.images,
         out,
         dataset=name,
-        split=split,
+        split=split.value,
         indices=range(min(count, len(images))),
         modality=modality,
     )

@@ -1,21 +1,27 @@
-"""`fedclinic-hub export`: checkpoint -> parity-checked ONNX (+ gated int8) -> signed bundle."""
+"""`fedclinic-hub export`: checkpoint -> parity-checked ONNX (+ gated int8) -> signed bundle (folder, zip).
+
+Everything that can be checked cheaply (the output is new, the version is semantic, the key is the private
+one, ONNX Runtime is installed) is checked before torch loads or any work starts.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from edge_node.protocol.manifest import ClassLabel
-from export.errors import ExportError
-from export.pipeline import EvalData, ExportReport, ExportRequest, export_bundle
-from export.quantize import DEFAULT_AUC_TOLERANCE
-from export.signing import load_private_key
-from hub.data.medmnist import load_medmnist
-from hub.training.checkpoint import CheckpointError, load_checkpoint
+from export.errors import ExportError, KeyFileError
+from export.semver import check_semver
+from export.signing import load_private_key, load_public_key_file
+from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit_json
+
+if TYPE_CHECKING:
+    from edge_node.protocol.manifest import ClassLabel
+    from export.pipeline import ExportReport
 
 #: DICOM modalities each dataset's images come from: the edge skips other modalities.
 DATASET_MODALITIES = {"pneumoniamnist": ["CR", "DX"], "breastmnist": ["US"], "retinamnist": ["OP"]}
@@ -24,6 +30,8 @@ POSITIVE_CODES = {"pneumoniamnist": ("233604007", "SCT", "Pneumonia")}
 
 
 def class_labels(dataset: str, labels: tuple[str, ...]) -> list[ClassLabel]:
+    from edge_node.protocol.manifest import ClassLabel
+
     code = POSITIVE_CODES.get(dataset)
     out = []
     for index, name in enumerate(labels):
@@ -46,11 +54,17 @@ def build_bundle(
     model_version: str,
     model_id: str | None = None,
     int8: bool = True,
-    int8_tolerance: float = DEFAULT_AUC_TOLERANCE,
+    int8_tolerance: float | None = None,
     data_root: Path | None = None,
 ) -> ExportReport:
     """Export a training checkpoint as a signed bundle, checked on the dataset's real test split; int8 is
-    calibrated on the val split (public data) and shipped only within ``int8_tolerance`` AUC of fp32."""
+    calibrated on the val split (public data) and shipped only within ``int8_tolerance`` AUC of fp32
+    (default: the pipeline's ``DEFAULT_AUC_TOLERANCE``)."""
+    from export.pipeline import EvalData, ExportRequest, export_bundle
+    from export.quantize import DEFAULT_AUC_TOLERANCE
+    from hub.data.medmnist import load_medmnist
+    from hub.training.checkpoint import load_checkpoint
+
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
     if cfg.dataset not in DATASET_MODALITIES:
@@ -66,7 +80,7 @@ def build_bundle(
         description=f"{cfg.model_name} trained on {cfg.dataset} (epoch {cfg.epoch})",
         training_metrics={k: v for k, v in cfg.metrics.items() if k.startswith("val_")},
         int8=int8,
-        int8_tolerance=int8_tolerance,
+        int8_tolerance=DEFAULT_AUC_TOLERANCE if int8_tolerance is None else int8_tolerance,
     )
     return export_bundle(
         ckpt.build_model(),
@@ -79,6 +93,90 @@ def build_bundle(
     )
 
 
+def zip_path_for(out: Path) -> Path:
+    """Where ``--zip`` writes the zip bundle: beside the bundle folder, named after it."""
+    return out.with_name(out.name + ".zip")
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_request(checkpoint: Path, key: Path, out: Path, model_version: str, *, zipped: bool) -> None:
+    """Refuse, before any work, what would make the export fail or clobber something (typer.BadParameter)."""
+    try:
+        check_semver(model_version)
+    except ExportError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model-version") from None
+    for target in (out, zip_path_for(out)) if zipped else (out,):
+        if target.exists():
+            raise typer.BadParameter(
+                f"{target} already exists; bundles are immutable: choose a new --out or --model-version",
+                param_hint="--out",
+            )
+    if not (checkpoint / "config.json").is_file():
+        raise typer.BadParameter(
+            f"{checkpoint} is not a checkpoint folder (no config.json); pass e.g. runs/student/best",
+            param_hint="--checkpoint",
+        )
+    try:
+        load_private_key(key)
+    except KeyFileError as exc:
+        try:
+            load_public_key_file(key)
+        except KeyFileError:
+            raise typer.BadParameter(str(exc), param_hint="--key") from None
+        raise typer.BadParameter(
+            f"{key} is the public key, which edge nodes hold to verify bundles; signing needs the private "
+            f"key beside it (hub.key, created by `fedclinic-hub keys create`)",
+            param_hint="--key",
+        ) from None
+    if not installed("onnxruntime"):
+        raise typer.BadParameter(
+            "export checks the ONNX model with ONNX Runtime, which is not installed: "
+            "pip install 'fedclinic[hub,cpu]' (or 'fedclinic[hub,gpu]' on a CUDA machine; never both)",
+            param_hint="--checkpoint",
+        )
+
+
+def report_json(report: ExportReport, zipped: Path | None) -> dict[str, Any]:
+    """The export's outcome as JSON (``--format json``)."""
+    q = report.quantization
+    return {
+        "bundle": str(report.bundle_dir),
+        "zip": None if zipped is None else str(zipped),
+        "model_id": report.manifest.model_id,
+        "model_version": report.manifest.model_version,
+        "parity": {
+            "max_abs_diff": report.parity.max_abs_diff,
+            "bound": report.parity.bound,
+            "images": report.parity.num_images,
+        },
+        "test_auc_fp32": report.fp32_auc,
+        "int8": None if q is None else {"test_auc": q.int8_auc, "shipped": q.accepted, "reason": q.reason},
+        "sizes": report.sizes,
+        "shipped": report.shipped,
+        "key_fingerprint": report.key_fingerprint,
+    }
+
+
+def write_zip(bundle_dir: Path, zip_path: Path) -> Path:
+    """The bundle folder packed into ``zip_path``, written under a temporary name and renamed."""
+    from export.bundle_writer import zip_bundle
+
+    partial = zip_path.with_name(zip_path.name + ".partial")
+    try:
+        zip_bundle(bundle_dir, partial)
+        partial.replace(zip_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return zip_path
+
+
 def export(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder, e.g. runs/x/best.")],
     key: Annotated[Path, typer.Option("--key", help="Private signing key (hub.key).")],
@@ -89,12 +187,26 @@ def export(
     ] = None,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Try a static int8 variant.")] = True,
     int8_tolerance: Annotated[
-        float,
-        typer.Option("--int8-tolerance", help="Ship int8 only if its test AUC is at most this below fp32."),
-    ] = DEFAULT_AUC_TOLERANCE,
+        float | None,
+        typer.Option(
+            "--int8-tolerance",
+            help="Ship int8 only if its test AUC is at most this below fp32 (default 0.01).",
+        ),
+    ] = None,
+    zipped: Annotated[
+        bool, typer.Option("--zip", help="Also write the bundle as OUT.zip, one file to copy to clinics.")
+    ] = False,
+    output: FormatOption = OutputFormat.table,
 ) -> None:
-    """Export a checkpoint as a signed model bundle (ONNX + manifest + signature) for edge nodes."""
-    console = Console()
+    """Export a checkpoint as a signed model bundle (ONNX + manifest + signature) for edge nodes.
+
+    Example: fedclinic-hub export --checkpoint runs/student/best --key keys/hub.key
+    --out bundles/pneumonia-1.0.0 --model-version 1.0.0 --zip
+    """
+    check_request(checkpoint, key, out, model_version, zipped=zipped)
+    from hub.training.checkpoint import CheckpointError  # torch loads only now that the work starts
+
+    console = Console(stderr=output is OutputFormat.json)
     try:
         report = build_bundle(
             checkpoint,
@@ -105,9 +217,13 @@ def export(
             int8=int8,
             int8_tolerance=int8_tolerance,
         )
-    except (ExportError, CheckpointError, FileNotFoundError) as exc:
+        zip_file = write_zip(report.bundle_dir, zip_path_for(out)) if zipped else None
+    except (ExportError, CheckpointError, OSError) as exc:
         console.print(f"[red]export failed:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise typer.Exit(EXIT_FAILED) from exc
+    if output is OutputFormat.json:
+        emit_json(report_json(report, zip_file))
+        return
     m = report.manifest
     table = Table(title=f"bundle {m.model_id} {m.model_version}", show_header=False)
     table.add_row("folder", str(report.bundle_dir))
@@ -126,5 +242,7 @@ def export(
     for name, size in report.sizes.items():
         table.add_row(f"size {name}", f"{size / 1024:.1f} KiB")
     table.add_row("shipped", ", ".join(report.shipped))
+    if zip_file is not None:
+        table.add_row("zip", str(zip_file))
     table.add_row("signed by", report.key_fingerprint)
     console.print(table)

@@ -12,6 +12,7 @@ from rich.table import Table
 from edge_node.protocol.signing import fingerprint
 from export.errors import KeyFileError
 from export.signing import create_keypair, load_private_key, load_public_key_file
+from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit_json
 
 app = typer.Typer(help="Manage the hub's bundle signing keys (Ed25519).", no_args_is_help=True)
 
@@ -29,7 +30,7 @@ def create(
         private, public = create_keypair(out, overwrite=force)
     except KeyFileError as exc:
         console.print(f"[red]error:[/red] {exc} (pass --force to replace it)")
-        raise typer.Exit(1) from exc
+        raise typer.Exit(EXIT_FAILED) from exc
     fp = fingerprint(load_public_key_file(public))
     console.print(
         f"created [bold]{private}[/bold] (private, 0600) and [bold]{public}[/bold]; fingerprint {fp}"
@@ -37,9 +38,15 @@ def create(
 
 
 @app.command("show")
-def show(path: Annotated[Path, typer.Argument(help="A hub.pub or hub.key file.")]) -> None:
-    """Print a key's fingerprint (first 16 hex digits of the sha256 of the raw public key)."""
-    console = Console()
+def show(
+    path: Annotated[Path, typer.Argument(help="A hub.pub or hub.key file.")],
+    output: FormatOption = OutputFormat.table,
+) -> None:
+    """Print a key's fingerprint (first 16 hex digits of the sha256 of the raw public key).
+
+    Example: fedclinic-hub keys show keys/hub.pub --format json
+    """
+    console = Console(stderr=output is OutputFormat.json)
     try:
         try:
             key = load_public_key_file(path)
@@ -49,7 +56,10 @@ def show(path: Annotated[Path, typer.Argument(help="A hub.pub or hub.key file.")
             kind = "private"
     except KeyFileError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise typer.Exit(EXIT_FAILED) from exc
+    if output is OutputFormat.json:
+        emit_json({"file": str(path), "kind": kind, "algorithm": "Ed25519", "fingerprint": fingerprint(key)})
+        return
     table = Table(show_header=False)
     table.add_row("file", str(path))
     table.add_row("kind", f"Ed25519 {kind} key")

@@ -33,6 +33,11 @@ up in ``record.failures`` with a reason. HSL: ``strategy.best_round`` / ``best_p
 the best mean ``val_auc`` reported in ``metrics``. FedHelp: ``make_strategy("fedhelp",
 large_clients=[...])`` (see ``roles_by_size``). pFedNet: ``edges=[("c0", "c1"), ...]`` or a stats round.
 
+A round controller persists a strategy between rounds with ``state_to_bytes(strategy.state_dict())`` and
+resumes it with ``strategy.load_state_dict(state_from_bytes(raw))`` on a strategy built with the same
+settings. Wrappers (``Robust``, ``DifferentialPrivacy``) wrap any strategy whose ``capabilities`` include
+``Capability.REPLACEABLE_MEAN``; ``DifferentialPrivacy`` refuses one with ``Capability.PERSONAL_STATE``.
+
 Real nodes take the same path through ``hub.fl.codec``: ``encode_result(result)`` gives an
 ``UpdateEnvelope`` plus npz bytes (``upload_bytes(envelope)`` is what the upload cost; ``UploadLedger``
 sums it per client and round); ``decode_or_failure(envelope, payload)`` checks size and sha256 at the hub
@@ -64,12 +69,24 @@ from hub.fl.pfednet import PFedNet, is_head_tensor
 from hub.fl.privacy import DifferentialPrivacy
 from hub.fl.registry import available_strategies, make_strategy
 from hub.fl.robust import Robust
-from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Config, Params, RoundRecord, Strategy
+from hub.fl.state import state_from_bytes, state_to_bytes
+from hub.fl.strategy import (
+    Capability,
+    ClientFailure,
+    ClientResult,
+    ClientTask,
+    Config,
+    Params,
+    RoundRecord,
+    StateDict,
+    Strategy,
+)
 from hub.fl.validation import TensorSpec, spec_of
 
 __all__ = [
     "HSL",
     "AggregationError",
+    "Capability",
     "ClientFailure",
     "ClientResult",
     "ClientTask",
@@ -91,6 +108,7 @@ __all__ = [
     "Robust",
     "RoundRecord",
     "SimilarityGraph",
+    "StateDict",
     "Strategy",
     "StrategyConfigError",
     "TensorSpec",
@@ -108,6 +126,8 @@ __all__ = [
     "roles_by_size",
     "similarity_graph",
     "spec_of",
+    "state_from_bytes",
+    "state_to_bytes",
     "upload_bytes",
     "wire_bytes",
 ]

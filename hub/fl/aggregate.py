@@ -9,12 +9,12 @@ an average of counters stays a counter.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from hub.fl.errors import AggregationError
-from hub.fl.strategy import Params
+from hub.fl.strategy import Params, Reducer
 
 __all__ = [
     "Reducer",
@@ -25,9 +25,6 @@ __all__ = [
     "unweighted_mean",
     "weighted_mean",
 ]
-
-#: A reduction of client updates with their weights (sample counts) into one update.
-Reducer = Callable[[Sequence[Params], Sequence[float]], Params]
 
 
 def check_compatible(params_list: Sequence[Params]) -> None:

@@ -3,10 +3,12 @@
 One round: ``configure_round`` sends each client the shared global tensors (copies) and a config; the client
 answers with ``update = local_after - params_sent`` for exactly those tensors; ``aggregate`` rejects broken
 updates (they become ``ClientFailure`` with a reason, see ``hub.fl.validation``), reduces the accepted
-deltas with the strategy's mean (weighted by ``num_examples`` or not; a robust wrapper may swap it) and
-applies the result: ``global += server_lr * mean_delta`` (integer tensors get the rounded mean delta,
-without ``server_lr``). Fewer accepted results than ``min_results`` keeps the model (``aggregate`` returns
-None). Each round leaves a ``RoundRecord`` in ``history``.
+deltas with the strategy's mean (weighted by ``num_examples`` or not; a wrapper passes its own to
+``aggregate_with``) and applies the result: ``global += server_lr * mean_delta`` (integer tensors get the
+rounded mean delta, without ``server_lr``). Fewer accepted results than ``min_results`` keeps the model
+(``aggregate`` returns None). Each round leaves a ``RoundRecord`` in ``history``. ``state_dict`` holds the
+global tensors, the clients, the history and the update specs of rounds configured but not yet
+aggregated, so a hub that restarts mid-round can still aggregate that round.
 """
 
 from __future__ import annotations
@@ -16,9 +18,29 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from hub.fl.aggregate import Reducer, unweighted_mean, weighted_mean
+from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.errors import StrategyConfigError
-from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Config, Params, RoundRecord, Strategy
+from hub.fl.state import (
+    pack_params,
+    read_json,
+    records_from_json,
+    records_to_json,
+    specs_from_json,
+    specs_to_json,
+    unpack_params,
+)
+from hub.fl.strategy import (
+    Capability,
+    ClientFailure,
+    ClientResult,
+    ClientTask,
+    Config,
+    Params,
+    Reducer,
+    RoundRecord,
+    StateDict,
+    Strategy,
+)
 from hub.fl.validation import TensorSpec, screen, spec_of
 
 __all__ = ["DeltaAveraging", "apply_delta", "copy_params"]
@@ -60,6 +82,7 @@ class DeltaAveraging(Strategy):
     """Average client deltas of the shared tensors and apply them to the global state."""
 
     name = "delta_averaging"
+    capabilities = Capability.REPLACEABLE_MEAN
 
     def __init__(
         self,
@@ -83,7 +106,7 @@ class DeltaAveraging(Strategy):
         self.min_results = min_results
         self._local = local
         self.client_config: dict[str, float | int | str | bool] = dict(client_config or {})
-        self.reducer: Reducer = weighted_mean if weighted else unweighted_mean
+        self._mean: Reducer = weighted_mean if weighted else unweighted_mean
         self._history: list[RoundRecord] = []
         self._global: Params | None = None
         self._clients: tuple[str, ...] = ()
@@ -125,6 +148,15 @@ class DeltaAveraging(Strategy):
     def aggregate(
         self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
     ) -> Params | None:
+        return self.aggregate_with(rnd, results, failures, self._mean)
+
+    def aggregate_with(
+        self,
+        rnd: int,
+        results: Sequence[ClientResult],
+        failures: Sequence[ClientFailure],
+        mean: Reducer,
+    ) -> Params | None:
         expected = self._expected.get(rnd)
         if expected is None:
             raise StrategyConfigError(
@@ -145,7 +177,7 @@ class DeltaAveraging(Strategy):
             )
             self._history.append(RoundRecord(rnd, (), all_failures, _mean_metrics([]), applied=False))
             return None
-        self._fold(rnd, accepted)
+        self._fold(rnd, accepted, mean)
         del self._expected[rnd]  # a round changes the model once
         record = RoundRecord(rnd, tuple(r.client_id for r in accepted), all_failures, _mean_metrics(accepted))
         self._history.append(record)
@@ -155,6 +187,28 @@ class DeltaAveraging(Strategy):
     @property
     def global_params(self) -> Params:
         return copy_params(self._state())
+
+    def state_dict(self) -> StateDict:
+        state: StateDict = {
+            "strategy": self.name,
+            "clients": list(self._clients),
+            "history": records_to_json(self._history),
+            "open_rounds": specs_to_json(self._expected),
+        }
+        state.update(pack_params("global/", self._state()))
+        return state
+
+    def load_state_dict(self, state: StateDict) -> None:
+        saved = read_json(state, "strategy", str)
+        if saved != self.name:
+            raise StrategyConfigError(f"{self.name}: this state was saved by strategy {saved!r}")
+        shared = unpack_params(state, "global/")
+        if not shared:
+            raise StrategyConfigError(f"{self.name}: the state holds no global tensors")
+        self._clients = tuple(read_json(state, "clients", list[str]))
+        self._history = records_from_json(state, "history")
+        self._expected = specs_from_json(state, "open_rounds")
+        self._global = shared
 
     @property
     def history(self) -> list[RoundRecord]:
@@ -173,9 +227,9 @@ class DeltaAveraging(Strategy):
         """Weights of the accepted results in the mean: sample counts, or all 1 when unweighted."""
         return [float(r.num_examples) if self.weighted else 1.0 for r in results]
 
-    def _fold(self, rnd: int, accepted: Sequence[ClientResult]) -> None:
-        """Reduce the accepted deltas and apply them to the global state."""
-        mean_delta = self.reducer([r.update for r in accepted], self.weights(accepted))
+    def _fold(self, rnd: int, accepted: Sequence[ClientResult], mean: Reducer) -> None:
+        """Reduce the accepted deltas with ``mean`` and apply them to the global state."""
+        mean_delta = mean([r.update for r in accepted], self.weights(accepted))
         self._global = apply_delta(self._state(), mean_delta, self.server_lr)
 
     def _after_round(self, rnd: int, accepted: Sequence[ClientResult], record: RoundRecord) -> None:

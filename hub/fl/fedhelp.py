@@ -1,4 +1,4 @@
-"""FedHelp (ALGORITHMS.md §2): the server averages all uploaded small models (surrogates, proxies) unweighted.
+"""FedHelp (docs/algorithms.md §2): the server averages every uploaded small model (surrogates, proxies).
 
 Large clients (the top-n by data volume) train a private large model plus a small *proxy* with asymmetric
 dual distillation; small clients train the small *surrogate* with one-time foundation-model soft labels on

@@ -1,4 +1,4 @@
-"""Client similarity graph for pFedNet (ALGORITHMS.md §3.3): kNN over client sketches, incidence matrix.
+"""Client similarity graph for pFedNet (docs/algorithms.md §3.3): kNN over client sketches, incidence matrix.
 
 A sketch is a client's ``stats`` update: named arrays such as ``label_counts`` (C,), ``feature_mean`` (D,)
 or a mean image, ``feature_cov`` (D, D). The distance between two clients is the sum over the chosen keys

@@ -1,4 +1,4 @@
-"""HeteroSync Learning (HSL, ALGORITHMS.md §1): unweighted mean over nodes of all tensors, BN stats included.
+"""HeteroSync Learning (HSL, docs/algorithms.md §1): unweighted mean of all tensors, BN stats included.
 
 The shared anchor task (SAT) and the MMoE heads live in the client's learner; the server's part is small:
 every tensor is shared, the mean is unweighted (w = (1/K) Σ_k w_k, not by sample count, §1.5), and the final
@@ -14,7 +14,8 @@ import numpy as np
 
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.averaging import DeltaAveraging, copy_params
-from hub.fl.strategy import ClientResult, Config, Params, RoundRecord
+from hub.fl.state import pack_params, read_json, unpack_params
+from hub.fl.strategy import ClientResult, Config, Params, RoundRecord, StateDict
 
 __all__ = ["HSL"]
 
@@ -79,6 +80,21 @@ class HSL(DeltaAveraging):
             self.best_round = rnd
             self._best = self.global_params
             logger.info("round %d: new best mean %s %.4f", rnd, self.auc_key, mean_auc)
+
+    def state_dict(self) -> StateDict:
+        state = super().state_dict()
+        state["auc_by_round"] = {str(r): auc for r, auc in self.auc_by_round.items()}
+        state["best_round"] = self.best_round
+        if self._best is not None:
+            state.update(pack_params("best/", self._best))
+        return state
+
+    def load_state_dict(self, state: StateDict) -> None:
+        super().load_state_dict(state)
+        self.auc_by_round = dict(read_json(state, "auc_by_round", dict[int, float]))
+        self.best_round = read_json(state, "best_round", int | None)
+        best = unpack_params(state, "best/")
+        self._best = best or None
 
     @property
     def best_params(self) -> Params:

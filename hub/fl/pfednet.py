@@ -1,4 +1,4 @@
-"""pFedNet-style personalisation (ALGORITHMS.md §3): shared part by FedAvg, personal parts fused over a graph.
+"""pFedNet-style personalisation (docs/algorithms.md §3): shared part by FedAvg, personal parts fused.
 
 Client n's model is w_n = (x, z_n): the shared tensors x are averaged like FedAvg (sample-weighted); the
 personal tensors z_n (by default the classifier head) stay per client and are updated at the server by the
@@ -34,7 +34,18 @@ from edge_node.protocol.updates import UpdateKind
 from hub.fl.averaging import DeltaAveraging, apply_delta, copy_params
 from hub.fl.errors import StrategyConfigError
 from hub.fl.graph import LABEL_COUNTS, SimilarityGraph, incidence_matrix, similarity_graph
-from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Config, Params, RoundRecord
+from hub.fl.state import pack_params, read_json, unpack_params
+from hub.fl.strategy import (
+    Capability,
+    ClientFailure,
+    ClientResult,
+    ClientTask,
+    Config,
+    Params,
+    Reducer,
+    RoundRecord,
+    StateDict,
+)
 
 __all__ = ["PFedNet", "group_soft_threshold", "is_head_tensor", "proximal_personal_step"]
 
@@ -111,6 +122,7 @@ class PFedNet(DeltaAveraging):
 
     name = "pfednet"
     update_kind = UpdateKind.WEIGHTS_DELTA
+    capabilities = Capability.REPLACEABLE_MEAN | Capability.PERSONAL_STATE
 
     def __init__(
         self,
@@ -179,6 +191,40 @@ class PFedNet(DeltaAveraging):
         n = len(self._clients)
         self.graph = SimilarityGraph(tuple(pairs), incidence_matrix(pairs, n), distances)
 
+    def state_dict(self) -> StateDict:
+        state = super().state_dict()
+        state["personal_names"] = list(self._personal_names)
+        state["stats_rounds"] = sorted(self._stats_rounds)
+        state["graph_edges"] = None if self.graph is None else [list(e) for e in self.graph.edges]
+        if self.graph is not None and self.graph.distances is not None:
+            state["graph/distances"] = self.graph.distances.copy()
+        for i, cid in enumerate(self._clients):
+            state.update(pack_params(f"personal/{i}/", self._personal[cid]))
+        return state
+
+    def load_state_dict(self, state: StateDict) -> None:
+        super().load_state_dict(state)
+        self._personal_names = tuple(read_json(state, "personal_names", list[str]))
+        self._stats_rounds = set(read_json(state, "stats_rounds", list[int]))
+        personal: dict[str, Params] = {}
+        for i, cid in enumerate(self._clients):
+            part = unpack_params(state, f"personal/{i}/")
+            if sorted(part) != sorted(self._personal_names):
+                raise StrategyConfigError(
+                    f"pfednet: the state's personal tensors of client {cid!r} are incomplete"
+                )
+            personal[cid] = part
+        self._personal = personal
+        edges: list[tuple[int, int]] | None = read_json(state, "graph_edges", list[tuple[int, int]] | None)
+        self.graph = None
+        if edges is not None:
+            distances = state.get("graph/distances")
+            self.graph = SimilarityGraph(
+                tuple(edges),
+                incidence_matrix(edges, len(self._clients)),
+                distances.copy() if isinstance(distances, np.ndarray) else None,
+            )
+
     def params_for(self, client_id: str) -> Params:
         if client_id not in self._personal:
             raise StrategyConfigError(f"pfednet: unknown client {client_id!r}; pass it to initialize")
@@ -193,13 +239,18 @@ class PFedNet(DeltaAveraging):
         keys = ",".join(self.graph_keys)
         return [ClientTask(cid, rnd, UpdateKind.STATS, {}, {"stats_keys": keys}) for cid in clients]
 
-    def aggregate(
-        self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
+    def aggregate_with(
+        self,
+        rnd: int,
+        results: Sequence[ClientResult],
+        failures: Sequence[ClientFailure],
+        mean: Reducer,
     ) -> Params | None:
+        # A stats round builds the graph whichever mean a wrapper brings: there is nothing to average.
         if rnd in self._stats_rounds:
             self._build_graph(rnd, results, failures)
             return None
-        return super().aggregate(rnd, results, failures)
+        return super().aggregate_with(rnd, results, failures, mean)
 
     def _build_graph(
         self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
@@ -246,9 +297,9 @@ class PFedNet(DeltaAveraging):
                     return f"stats tensor {key!r} has shape {arr.shape}, others have {ref.shape}"
         return None
 
-    def _fold(self, rnd: int, accepted: Sequence[ClientResult]) -> None:
+    def _fold(self, rnd: int, accepted: Sequence[ClientResult], mean: Reducer) -> None:
         shared = [{n: a for n, a in r.update.items() if n not in self._personal_names} for r in accepted]
-        mean_delta = self.reducer(shared, self.weights(accepted))
+        mean_delta = mean(shared, self.weights(accepted))
         self._global = apply_delta(self._state(), mean_delta, self.server_lr)
         self._personal_step(accepted)
 

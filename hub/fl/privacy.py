@@ -17,15 +17,16 @@ nodes (edge-side protection).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from edge_node.protocol.accountant import GaussianRelease, PrivacyAccountant
 from edge_node.protocol.errors import PrivacyError
 from hub.fl.errors import StrategyConfigError
-from hub.fl.pfednet import PFedNet
 from hub.fl.robust import WrappedStrategy
-from hub.fl.strategy import ClientFailure, ClientResult, Params, Strategy
+from hub.fl.state import read_json
+from hub.fl.strategy import Capability, ClientFailure, ClientResult, Params, StateDict, Strategy
 from hub.fl.validation import l2_norm
 
 __all__ = ["DifferentialPrivacy", "clip_update"]
@@ -59,10 +60,6 @@ class DifferentialPrivacy(WrappedStrategy):
         delta: float = 1e-5,
         seed: int | None = None,
     ) -> None:
-        if isinstance(inner, PFedNet):
-            raise StrategyConfigError(
-                "dp: pFedNet's personal parts are not averaged, so central DP cannot protect them"
-            )
         super().__init__(inner)
         if not clip_norm > 0:
             raise StrategyConfigError(f"dp: clip_norm must be > 0, got {clip_norm}")
@@ -77,7 +74,15 @@ class DifferentialPrivacy(WrappedStrategy):
         self.noise_multiplier = float(noise_multiplier)
         self.accountant = PrivacyAccountant()
         self._rng = np.random.default_rng(seed)
-        self.inner.reducer = self._private_mean
+        self._seeded = seed is not None
+
+    def _refuse(self, inner: Strategy) -> None:
+        # Noise on the mean would leave parts that are never averaged unprotected.
+        if Capability.PERSONAL_STATE in inner.capabilities:
+            raise StrategyConfigError(
+                f"dp: {inner.name!r} keeps personal parts per client that are not averaged, so central DP "
+                "cannot protect them; use edge-side protection for it"
+            )
 
     def epsilon(self) -> float:
         """ε spent so far at this wrapper's δ."""
@@ -86,12 +91,37 @@ class DifferentialPrivacy(WrappedStrategy):
     def aggregate(
         self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
     ) -> Params | None:
-        new = self.inner.aggregate(rnd, results, failures)
+        new = super().aggregate(rnd, results, failures)
         if new is not None:
             self.history[-1].metrics["dp_epsilon"] = self.epsilon()
         return new
 
-    def _private_mean(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
+    def state_dict(self) -> StateDict:
+        """The inner state, the accountant's step count and, for a seeded wrapper only, the noise position.
+
+        An unseeded wrapper never writes its generator's state: whoever read the stored state could
+        otherwise predict the noise and take it off the model. After a restart it draws fresh noise.
+        """
+        state = super().state_dict()
+        state["accountant_steps"] = self.accountant.steps
+        state["rng"] = self._rng.bit_generator.state if self._seeded else None
+        return state
+
+    def load_state_dict(self, state: StateDict) -> None:
+        super().load_state_dict(state)
+        steps: int = read_json(state, "accountant_steps", int)
+        rng: dict[str, Any] | None = read_json(state, "rng", dict[str, Any] | None)
+        if rng is not None and rng.get("bit_generator") != type(self._rng.bit_generator).__name__:
+            raise StrategyConfigError(
+                f"dp: the state's noise generator {rng.get('bit_generator')!r} is not this wrapper's"
+            )
+        # Every round of this wrapper spends the same release, so the count restores the ledger exactly.
+        self.accountant.releases = [self._release] * steps
+        if rng is not None and self._seeded:
+            self._rng.bit_generator.state = rng
+
+    def reduce(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
+        """Clip each delta, average without weights, add Gaussian noise; one accountant step."""
         k = len(updates)
         std = self.noise_multiplier * self.clip_norm / k
         clipped = [clip_update(u, self.clip_norm) for u in updates]

@@ -1,36 +1,63 @@
-"""Robust aggregation as a wrapper: an averaging strategy whose mean is a median or a trimmed mean."""
+"""Robust aggregation as a wrapper: a strategy whose mean is replaced by a median or a trimmed mean."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from functools import partial
 from typing import Literal
 
-from hub.fl.aggregate import Reducer, coordinate_median, norm_filtered_mean, trimmed_mean
-from hub.fl.averaging import DeltaAveraging
+from hub.fl.aggregate import coordinate_median, norm_filtered_mean, trimmed_mean
 from hub.fl.errors import StrategyConfigError
-from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Params, RoundRecord, Strategy
+from hub.fl.state import nest, read_json, unnest
+from hub.fl.strategy import (
+    Capability,
+    ClientFailure,
+    ClientResult,
+    ClientTask,
+    Params,
+    Reducer,
+    RoundRecord,
+    StateDict,
+    Strategy,
+)
 
-__all__ = ["Robust", "WrappedStrategy"]
+__all__ = ["Robust", "RobustMethod", "WrappedStrategy"]
 
 RobustMethod = Literal["median", "trimmed_mean", "norm_filter"]
 
 
 class WrappedStrategy(Strategy):
-    """A strategy that delegates everything to ``inner`` (an averaging strategy whose mean it replaces)."""
+    """A strategy that delegates everything to ``inner`` but aggregates with its own ``reduce``.
+
+    ``inner`` must declare ``Capability.REPLACEABLE_MEAN``; the wrapper hands ``reduce`` to
+    ``inner.aggregate_with`` each round and never changes ``inner`` itself. A wrapper does not offer that
+    capability again (one replacement of the mean is all there is); a subclass refuses, in ``_refuse``, the
+    capabilities it cannot work with.
+    """
 
     name = "wrapped"
 
     def __init__(self, inner: Strategy) -> None:
-        if not isinstance(inner, DeltaAveraging):
+        if Capability.REPLACEABLE_MEAN not in inner.capabilities:
             raise StrategyConfigError(
-                f"{type(self).__name__} wraps an averaging strategy (fedavg, fedprox, fedbn, hsl, fedhelp, "
-                f"pfednet), not {type(inner).__name__}; wrap the inner strategy only once"
+                f"{type(self).__name__} replaces the mean of a strategy that averages client deltas "
+                f"(fedavg, fedprox, fedbn, hsl, fedhelp, pfednet); {inner.name!r} does not offer that: "
+                "wrap the inner strategy only once"
             )
-        self.inner: DeltaAveraging = inner
+        self._refuse(inner)
+        self.inner = inner
+        self.capabilities = inner.capabilities & ~Capability.REPLACEABLE_MEAN
+
+    def _refuse(self, inner: Strategy) -> None:
+        """Raise ``StrategyConfigError`` if ``inner`` has a capability this wrapper cannot work with."""
+
+    @abstractmethod
+    def reduce(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
+        """The wrapper's replacement for the inner strategy's mean of the accepted deltas."""
 
     @property
-    def history(self) -> list[RoundRecord]:
+    def history(self) -> Sequence[RoundRecord]:
         """The inner strategy's round records."""
         return self.inner.history
 
@@ -43,7 +70,8 @@ class WrappedStrategy(Strategy):
     def aggregate(
         self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
     ) -> Params | None:
-        return self.inner.aggregate(rnd, results, failures)
+        mean: Reducer = self.reduce
+        return self.inner.aggregate_with(rnd, results, failures, mean)
 
     @property
     def global_params(self) -> Params:
@@ -54,6 +82,16 @@ class WrappedStrategy(Strategy):
 
     def params_for(self, client_id: str) -> Params:
         return self.inner.params_for(client_id)
+
+    def state_dict(self) -> StateDict:
+        """The inner strategy's state under ``inner/``, plus this wrapper's name."""
+        return {"strategy": self.name, **nest("inner/", self.inner.state_dict())}
+
+    def load_state_dict(self, state: StateDict) -> None:
+        saved = read_json(state, "strategy", str)
+        if saved != self.name:
+            raise StrategyConfigError(f"{self.name}: this state was saved by strategy {saved!r}")
+        self.inner.load_state_dict(unnest("inner/", state))
 
 
 class Robust(WrappedStrategy):
@@ -90,4 +128,7 @@ class Robust(WrappedStrategy):
             )
         self.method = method
         self.beta = beta
-        self.inner.reducer = reducer
+        self._reducer = reducer
+
+    def reduce(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
+        return self._reducer(updates, weights)

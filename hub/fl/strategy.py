@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import numpy as np
 
 from edge_node.protocol.updates import UpdateKind
+from hub.fl.errors import StrategyConfigError
 
 #: Named tensors: a model state, a part of one, or an update.
 Params = dict[str, np.ndarray]
 Config = Mapping[str, float | int | str | bool]
+#: A reduction of client updates with their weights (sample counts) into one update.
+Reducer = Callable[[Sequence[Params], Sequence[float]], Params]
+#: A value that JSON can hold as it is.
+JsonValue: TypeAlias = bool | int | float | str | Sequence["JsonValue"] | Mapping[str, "JsonValue"] | None
+#: What ``Strategy.state_dict`` returns: numpy arrays and JSON values under string keys, nothing else, so a
+#: round controller can store it without pickle (``hub.fl.state`` writes it as one npz).
+StateDict = dict[str, np.ndarray | JsonValue]
+
+
+class Capability(enum.Flag):
+    """What a strategy lets a wrapper do with it; a wrapper checks these instead of the strategy's class."""
+
+    NONE = 0
+    #: The aggregate is a (weighted) mean of client deltas that ``aggregate_with`` lets a caller replace
+    #: (a robust median, a clipped and noised mean).
+    REPLACEABLE_MEAN = enum.auto()
+    #: The hub keeps a part of the model per client that is not averaged (pFedNet's personal heads), so a
+    #: mechanism that protects only the mean does not protect it.
+    PERSONAL_STATE = enum.auto()
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,8 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     update_kind: ClassVar[UpdateKind] = UpdateKind.WEIGHTS_DELTA
+    #: What a wrapper may do with this strategy (an instance attribute where it depends on what it wraps).
+    capabilities: Capability = Capability.NONE
 
     @abstractmethod
     def initialize(self, params: Params, clients: Sequence[str]) -> None:
@@ -87,6 +110,31 @@ class Strategy(ABC):
         self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
     ) -> Params | None:
         """Fold the round's results into a new global state; None keeps the previous one."""
+
+    def aggregate_with(
+        self,
+        rnd: int,
+        results: Sequence[ClientResult],
+        failures: Sequence[ClientFailure],
+        mean: Reducer,
+    ) -> Params | None:
+        """``aggregate`` with ``mean`` in place of the strategy's own mean of the accepted deltas.
+
+        Only strategies with ``Capability.REPLACEABLE_MEAN`` implement it; wrappers call it.
+        """
+        raise StrategyConfigError(f"{self.name}: its aggregate is not a mean that a wrapper can replace")
+
+    @abstractmethod
+    def state_dict(self) -> StateDict:
+        """Everything the strategy learned or counted since ``initialize``: arrays and JSON values.
+
+        Settings given to the constructor are not included: build the same strategy, then
+        ``load_state_dict`` to carry on exactly where this one stands.
+        """
+
+    @abstractmethod
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore what ``state_dict`` returned (by a strategy of the same name and settings)."""
 
     @property
     @abstractmethod

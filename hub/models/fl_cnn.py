@@ -12,7 +12,7 @@ from hub.models.registry import DataConfig, register_model
 
 Norm = Literal["batch", "group"]
 
-#: The benchmark renders images to [0, 1] and normalises them as (x - 0.5) / 0.25 (BENCHMARK-CALIBRATION §1).
+#: The benchmark renders images to [0, 1] and normalises them as (x - 0.5) / 0.25 (docs/benchmarks.md).
 FL_BENCH_28 = DataConfig(
     input_size=(1, 28, 28),
     mean=(0.5,),

@@ -1,4 +1,4 @@
-"""HSL's two-branch multi-gate mixture-of-experts network (ALGORITHMS.md §1.3) with compact CNN encoders."""
+"""HSL's two-branch multi-gate mixture-of-experts network (docs/algorithms.md §1.3), compact CNN encoders."""
 
 from __future__ import annotations
 

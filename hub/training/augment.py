@@ -13,9 +13,9 @@ import torch.nn.functional as F
 class IntensityAugment:
     """Per image: random gamma, contrast/offset around 0.5, Gaussian blur, resolution loss and noise.
 
-    The ranges cover plausible scanner/export differences (the clinics' profiles and the unseen profile in
-    ``hub.training.profiles`` lie inside them: that is the point of the lever, and docs/benchmarks.md says
-    so). Works on images in [0, 1], (B, 1, H, W); returns the same shape, clipped to [0, 1].
+    The ranges cover plausible scanner/export differences (the benchmark's simulated clinic profiles lie
+    inside them: that is the point of the lever, and docs/benchmarks.md says so). Works on images in
+    [0, 1], (B, 1, H, W); returns the same shape, clipped to [0, 1].
     """
 
     log_gamma: float = 0.6  # gamma = exp(U(-0.6, 0.6)) ∈ [0.55, 1.82]

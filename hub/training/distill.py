@@ -15,7 +15,6 @@ from hub.data.medmnist import LABELS
 from hub.models.fl_cnn import FL_BENCH_28, fl_cnn
 from hub.models.registry import DataConfig
 from hub.training.checkpoint import CheckpointConfig, save_checkpoint
-from hub.training.datasets import TASKS
 from hub.training.fedhelp_kd import binary_kl
 from hub.training.learners import AUGMENT, minibatches, normalize
 
@@ -78,13 +77,14 @@ def distill_student(
     return net
 
 
-def save_student(path: Path, student: nn.Module, task: str, metrics: Mapping[str, float]) -> Path:
+def save_student(
+    path: Path, student: nn.Module, dataset: str, metrics: Mapping[str, float], *, source: str
+) -> Path:
     """Write the student as a checkpoint (safetensors + config.json) that `fedclinic-hub export` bundles.
 
-    The student is the registered ``fl_cnn`` with GroupNorm; its preprocessing is the benchmark's
-    (x − 0.5) / 0.25 on 28×28 grey images, and its labels are the primary dataset's.
+    The student is the registered ``fl_cnn`` with GroupNorm; its preprocessing is (x − 0.5) / 0.25 on 28×28
+    grey images, and its labels are ``dataset``'s. ``source`` says where it was trained (its provenance).
     """
-    dataset = TASKS[task].primary
     data_config: DataConfig = replace(FL_BENCH_28, labels=tuple(LABELS[dataset]))
     config = CheckpointConfig(
         model_name="fl_cnn",
@@ -93,6 +93,6 @@ def save_student(path: Path, student: nn.Module, task: str, metrics: Mapping[str
         data_config=data_config,
         epoch=0,
         metrics={k: float(v) for k, v in metrics.items()},
-        train={"source": "bench fl distillation", "task": task},
+        train={"source": source},
     )
     return save_checkpoint(path, student, config)

@@ -1,4 +1,4 @@
-"""FedHelp's asymmetric dual knowledge-distillation losses (ALGORITHMS.md §2.3–2.4) for binary heads.
+"""FedHelp's asymmetric dual knowledge-distillation losses (docs/algorithms.md §2.3–2.4) for binary heads.
 
 A binary head emits one logit z; its two-class logits are [0, z] (softmax([0, z]) = [1 − σ(z), σ(z)]), so
 KL and the ranking hinge are defined on those two classes.

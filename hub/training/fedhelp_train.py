@@ -31,7 +31,8 @@ def _rng_state(gen: torch.Generator) -> np.ndarray:
 
 class FedHelpSmallLearner:
     """Small clinic: per private minibatch, (A) CE on private data, then (B) KL toward the foundation soft
-    labels on one public minibatch through the public head (ALGORITHMS.md §2.3). Uploads φ + private head."""
+    labels on one public minibatch through the public head (docs/algorithms.md §2.3).
+    Uploads φ + private head."""
 
     def __init__(
         self,

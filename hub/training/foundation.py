@@ -1,4 +1,4 @@
-"""One-time "foundation model" soft labels on the public set (FedHelp §2.2), behind a provider interface.
+"""One-time foundation-model soft labels on the public set (docs/algorithms.md §2.2), behind a provider.
 
 Any source of soft outputs can implement ``SoftLabelProvider`` (an external model API, a CLIP endpoint).
 Here the stand-in is a deeper CNN trained once on the public set; its outputs are computed once and stored

@@ -1,4 +1,4 @@
-"""HSL's local step (ALGORITHMS.md §1.4) and its single-input deployment with a frozen anchor (§1.6)."""
+"""HSL's local step (docs/algorithms.md §1.4) and its single-input deployment with a frozen anchor (§1.6)."""
 
 from __future__ import annotations
 

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from hub.fl.strategy import ClientResult, ClientTask, Config, Params
 from hub.training.augment import IntensityAugment
 from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
+from hub.training.supervised import binary_auc
 
 #: Fed to a learner's loss: (model, normalised batch x, labels y) → scalar loss.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -80,8 +81,10 @@ def binary_metrics(labels: torch.Tensor | np.ndarray, logits: np.ndarray) -> dic
     y = np.asarray(labels).astype(np.int64).reshape(-1)
     if not np.all(np.isfinite(logits)):
         return {"auc": math.nan, "bacc": math.nan}
-    auc = float(roc_auc_score(y, logits)) if len(np.unique(y)) == 2 else math.nan
-    return {"auc": auc, "bacc": float(balanced_accuracy_score(y, (logits > 0).astype(np.int64)))}
+    return {
+        "auc": binary_auc(y, logits),
+        "bacc": float(balanced_accuracy_score(y, (logits > 0).astype(np.int64))),
+    }
 
 
 def bce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -100,7 +103,7 @@ def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor]) -> torch
 
 @dataclass(frozen=True)
 class LocalConfig:
-    """Local optimisation settings: fresh Adam every round (BENCHMARK-CALIBRATION §1)."""
+    """Local optimisation settings: fresh Adam every round (docs/benchmarks.md)."""
 
     epochs: int = 1
     lr: float = 1e-3

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -19,7 +19,8 @@ from typing import Protocol
 import numpy as np
 
 from hub.fl.codec import UploadLedger, decode_or_failure, encode_result
-from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Params, Strategy
+from hub.fl.state import state_from_bytes, state_to_bytes
+from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Params, StateDict, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -66,78 +67,57 @@ class FederationRun:
 
 
 class RoundCheckpoint:
-    """Per-round checkpoint of a simulated federation: strategy state + every learner's state, npz + json.
+    """Per-round checkpoint of a simulated federation: strategy state, every learner's state, the run log.
 
-    Written atomically (temp file, then rename); ``load`` returns None when there is nothing to resume.
+    Three files beside ``path``: the learners' tensors (``path``, npz), the strategy's ``state_dict``
+    (``*.strategy.npz``, see ``hub.fl.state``) and the round log (``*.json``), each written to a temporary
+    file and renamed; the JSON goes last, so ``load`` sees a complete checkpoint or none (None).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    @property
+    def _strategy_path(self) -> Path:
+        return self.path.with_suffix(".strategy.npz")
+
+    @property
+    def _meta_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
     def save(
         self, rnd: int, strategy: Strategy, learners: Mapping[str, ClientLearner], run: FederationRun
     ) -> None:
-        arrays: dict[str, np.ndarray] = {f"global/{k}": v for k, v in strategy_state(strategy).items()}
+        arrays: dict[str, np.ndarray] = {}
         for cid, learner in learners.items():
             arrays.update({f"client/{cid}/{k}": v for k, v in learner.state().items()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(self.path)
-        meta = self.path.with_suffix(".json")
-        meta_tmp = meta.with_suffix(".tmp")
+        strategy_tmp = self._strategy_path.with_suffix(".tmp")
+        strategy_tmp.write_bytes(state_to_bytes(strategy.state_dict()))
+        strategy_tmp.replace(self._strategy_path)
+        meta_tmp = self._meta_path.with_suffix(".tmp")
         meta_tmp.write_text(json.dumps({"round": rnd, "rounds": run.to_json()}))
-        meta_tmp.replace(meta)
+        meta_tmp.replace(self._meta_path)
 
-    def load(self) -> tuple[int, Params, dict[str, Params], FederationRun] | None:
-        meta = self.path.with_suffix(".json")
-        if not (self.path.is_file() and meta.is_file()):
+    def load(self) -> tuple[int, StateDict, dict[str, Params], FederationRun] | None:
+        if not (self.path.is_file() and self._strategy_path.is_file() and self._meta_path.is_file()):
             return None
-        info = json.loads(meta.read_text())
-        strategy_params: Params = {}
+        info = json.loads(self._meta_path.read_text())
         clients: dict[str, Params] = {}
         with np.load(self.path, allow_pickle=False) as npz:
             for key in npz.files:
-                if key.startswith("global/"):
-                    strategy_params[key[len("global/") :]] = npz[key]
-                else:
-                    _, cid, name = key.split("/", 2)
-                    clients.setdefault(cid, {})[name] = npz[key]
+                _, cid, name = key.split("/", 2)
+                clients.setdefault(cid, {})[name] = npz[key]
+        strategy_state = state_from_bytes(self._strategy_path.read_bytes())
         run = FederationRun([RoundLog(**r) for r in info["rounds"]])
-        return int(info["round"]), strategy_params, clients, run
+        return int(info["round"]), strategy_state, clients, run
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.path.with_suffix(".json").unlink(missing_ok=True)
-
-
-def strategy_state(strategy: Strategy) -> Params:
-    """What the runner must save to resume this strategy (its own ``state()`` when it has one)."""
-    getter = getattr(strategy, "state_dict", None)
-    if callable(getter):
-        state: Params = getter()
-        return state
-    return strategy.global_params
-
-
-def restore_strategy(strategy: Strategy, saved: Params, clients: Sequence[str]) -> None:
-    loader = getattr(strategy, "load_state_dict", None)
-    if callable(loader):
-        loader(saved)
-    else:
-        strategy.initialize(saved, clients)
-
-
-def server_state_is_global(strategy: Strategy, clients: Sequence[str]) -> bool:
-    """True when the server keeps nothing per client beyond ``global_params``: a round checkpoint suffices.
-
-    pFedNet keeps each client's personal part at the server and has no public way to set it again, so its
-    runs resume per finished (method, seed) instead of per round.
-    """
-    if callable(getattr(strategy, "load_state_dict", None)):
-        return True
-    shared = set(strategy.global_params)
-    return all(set(strategy.params_for(cid)) == shared for cid in clients)
+        for path in (self.path, self._strategy_path, self._meta_path):
+            path.unlink(missing_ok=True)
 
 
 def run_federation(
@@ -155,12 +135,9 @@ def run_federation(
     clients = list(learners)
     run = FederationRun()
     start = 1
-    if checkpoint is not None and not server_state_is_global(strategy, clients):
-        log.info("%s keeps per-client state at the server: no round checkpoints", strategy.name)
-        checkpoint = None
     if checkpoint is not None and (saved := checkpoint.load()) is not None:
-        done, strategy_params, client_states, run = saved
-        restore_strategy(strategy, strategy_params, clients)
+        done, strategy_state, client_states, run = saved
+        strategy.load_state_dict(strategy_state)
         for cid, state in client_states.items():
             learners[cid].restore(state)
         start = done + 1

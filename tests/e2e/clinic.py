@@ -1,24 +1,25 @@
-"""The signed student bundle that e2e tests and benchmarks deploy: prebuilt by `make test`, or built here."""
+"""For the e2e tests: the signed student bundle they deploy, and a look inside a running node's records."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from hub.demo.clinic import BundleFiles
+from edge_node.store import Store, StudySummary
+from harness.demo.clinic import BundleFiles, Clinic, find_bundle
 
-__all__ = ["find_bundle", "obtain_bundle"]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["find_bundle", "node_studies", "obtain_bundle"]
 
 
-def find_bundle() -> BundleFiles | None:
-    """$FEDCLINIC_TEST_BUNDLE, else build/dev-bundle: a folder with bundle/ and hub.pub (a real student)."""
-    env = os.environ.get("FEDCLINIC_TEST_BUNDLE")
-    root = Path(env) if env else REPO_ROOT / "build" / "dev-bundle"
-    if (root / "bundle" / "manifest.json").is_file() and (root / "hub.pub").is_file():
-        return BundleFiles(root / "bundle", root / "hub.pub")
-    return None
+def node_studies(clinic: Clinic, limit: int = 1000) -> list[StudySummary]:
+    """The node's own study records, read from its database.
+
+    A white-box check that only tests make; the demo asks the node (``fedclinic-edge status``) instead.
+    """
+    store = Store(Path(clinic.edge.settings["data_dir"]) / "edge.sqlite3")
+    try:
+        return store.recent_studies(limit)
+    finally:
+        store.close()
 
 
 def obtain_bundle(workdir: Path) -> BundleFiles:

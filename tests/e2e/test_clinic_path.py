@@ -21,10 +21,10 @@ import pydicom
 import pytest
 
 from edge_node.protocol.manifest import Manifest, parse_manifest
-from hub.demo.clinic import Clinic
-from hub.demo.orthanc import orthanc_available
-from hub.demo.run import sr_score
-from tests.e2e.clinic import obtain_bundle
+from harness.demo.clinic import Clinic
+from harness.demo.orthanc import orthanc_available
+from harness.demo.run import sr_score
+from tests.e2e.clinic import node_studies, obtain_bundle
 from tests.support.dicomgen import WrappedImage, medmnist_studies
 
 pytestmark = [
@@ -120,7 +120,7 @@ def test_cr_studies_get_sr_and_sc_with_the_model_score(
 
     # A real student, not noise: the pneumonia images score higher on average than the normal ones.
     assert np.mean(scores[N_PER_CLASS:]) > np.mean(scores[:N_PER_CLASS])
-    done = {s.study_uid: s for s in clinic.edge.studies()}
+    done = {s.study_uid: s for s in node_studies(clinic)}
     for study in studies:
         assert done[study.study_instance_uid].state == "done"
 
@@ -140,7 +140,7 @@ def test_ct_study_is_skipped_with_a_reason_and_the_node_goes_on(
     clinic.push(cr_id)
     clinic.wait_results(cr_id, ("SR",))
 
-    by_uid = {s.study_uid: s for s in clinic.edge.studies()}
+    by_uid = {s.study_uid: s for s in node_studies(clinic)}
     ct = by_uid[ct_study_uid]
     assert ct.state == "skipped" and ct.n_instances == 3
     assert ct.reason == "modality CT not accepted by model pneumonia-student (accepts CR, DX) (3 instances)"

@@ -17,7 +17,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from edge_node.analysis import analyze_study
 from edge_node.dicom.sender import Destination, SendError, send_files
 from edge_node.inference.model import load_model
-from hub.demo.orthanc import Orthanc, free_port
+from harness.demo.orthanc import Orthanc, free_port
 from tests.support.onnxgen import make_bundle
 from tests.support.orthanc_fixtures import orthanc  # noqa: F401  (fixture; the lead registers the plugin)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import stat
 import threading
@@ -12,22 +13,18 @@ from pathlib import Path
 
 import pytest
 import typer
+from click.testing import Result
 from typer.testing import CliRunner
 
 from edge_node.protocol.bundle import verify_bundle
 from edge_node.protocol.signing import fingerprint, load_public_keys
-from hub.commands import data, export_bundle, keys, train
+from hub.cli import app as hub_app
 from hub.data.medmnist import DATA_ENV, OFFICIAL_MD5
 
 
 def _app() -> typer.Typer:
-    """The same wiring as hub/cli.py for the commands under test."""
-    app = typer.Typer()
-    app.command("train")(train.train)
-    app.command("export")(export_bundle.export)
-    app.add_typer(keys.app, name="keys")
-    app.add_typer(data.app, name="data")
-    return app
+    """The CLI exactly as `fedclinic-hub` runs it."""
+    return hub_app
 
 
 @pytest.fixture()
@@ -59,6 +56,17 @@ def test_train_export_and_show_key(runner: CliRunner, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "val_auc" in result.output and (run / "best" / "model.safetensors").is_file()
+    best_before = (run / "best" / "model.safetensors").read_bytes()
+
+    # A second run into the same folder is refused (the first run is kept) unless --force replaces it.
+    again = ["train", "--model", "student_cnn_s", "--dataset", "pneumoniamnist", "--epochs", "1"]
+    again += ["--out", str(run), "--max-train-samples", "256", "--seed", "3"]
+    result = runner.invoke(app, again)
+    assert result.exit_code == 1 and "already holds a run" in result.output and "--force" in result.output
+    assert (run / "best" / "model.safetensors").read_bytes() == best_before
+    result = runner.invoke(app, [*again, "--force"])
+    assert result.exit_code == 0, result.output
+    assert (run / "best" / "model.safetensors").read_bytes() != best_before
 
     result = runner.invoke(app, ["keys", "create", "--out", str(tmp_path / "keys")])
     assert result.exit_code == 0, result.output
@@ -90,9 +98,31 @@ def test_train_export_and_show_key(runner: CliRunner, tmp_path: Path) -> None:
     assert verified.manifest.model_id == "pneumonia-student_cnn_s"
     assert [f.path for f in verified.manifest.files] == ["model.onnx"]
 
+    # --zip --format json: the report is one JSON document, and the zip is a bundle the edge accepts.
+    bundle2 = tmp_path / "bundles" / "pneumonia-1.0.1"
+    export2 = ["export", "--checkpoint", str(run / "best"), "--key", str(private), "--out", str(bundle2)]
+    result = runner.invoke(
+        app, [*export2, "--model-version", "1.0.1", "--no-int8", "--zip", "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model_version"] == "1.0.1" and report["shipped"] == ["model.onnx"]
+    assert report["zip"] == str(tmp_path / "bundles" / "pneumonia-1.0.1.zip") and report["int8"] is None
+    assert 0.5 < report["test_auc_fp32"] <= 1.0 and report["key_fingerprint"] == fingerprint(trusted[0])
+    from_zip = verify_bundle(Path(report["zip"]), trusted, extract_to=tmp_path / "unzipped")
+    assert from_zip.manifest == verify_bundle(bundle2, trusted).manifest
+
     result = runner.invoke(app, ["keys", "show", str(tmp_path / "keys" / "hub.pub")])
     assert result.exit_code == 0, result.output
     assert fingerprint(trusted[0]) in result.output
+    result = runner.invoke(app, ["keys", "show", str(private), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {
+        "file": str(private),
+        "kind": "private",
+        "algorithm": "Ed25519",
+        "fingerprint": fingerprint(trusted[0]),
+    }
     result = runner.invoke(app, ["keys", "show", str(private)])
     assert result.exit_code == 0 and fingerprint(trusted[0]) in result.output
 
@@ -124,31 +154,56 @@ def test_cli_errors_say_what_to_do(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["train", "--model", "nope", "--dataset", "pneumoniamnist", "--out", str(tmp_path)]
     )
-    assert result.exit_code == 1 and "student_cnn_s" in result.output
+    assert result.exit_code == 2 and "student_cnn_s" in result.output and "teacher_cnn_l" in result.output
     result = runner.invoke(
-        app,
-        [
-            "export",
-            "--checkpoint",
-            str(tmp_path),
-            "--key",
-            str(tmp_path / "k"),
-            "--out",
-            str(tmp_path / "b"),
-            "--model-version",
-            "1.0.0",
-        ],
+        app, ["train", "--model", "student_cnn_s", "--dataset", "cifar10", "--out", str(tmp_path)]
     )
-    assert result.exit_code == 1 and "not a checkpoint" in result.output
+    assert result.exit_code == 2 and "pneumoniamnist" in result.output and "breastmnist" in result.output
+
+    keys_dir = tmp_path / "keys"
+    assert runner.invoke(app, ["keys", "create", "--out", str(keys_dir)]).exit_code == 0
+    checkpoint = tmp_path / "run" / "best"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")  # only the pre-checks run: each must stop the export
+
+    def export(key: Path, out: Path, version: str) -> Result:
+        args = ["export", "--checkpoint", str(checkpoint), "--key", str(key), "--out", str(out)]
+        return runner.invoke(app, [*args, "--model-version", version], env={"COLUMNS": "300"})
+
+    result = export(keys_dir / "hub.key", tmp_path / "b", "1.0")
+    assert result.exit_code == 2 and "not a semantic version" in result.output and "1.0.0" in result.output
+    (tmp_path / "taken").mkdir()
+    result = export(keys_dir / "hub.key", tmp_path / "taken", "1.0.0")
+    assert result.exit_code == 2 and "already exists" in result.output
+    result = export(keys_dir / "hub.pub", tmp_path / "b", "1.0.0")
+    assert result.exit_code == 2 and "public key" in result.output and "hub.key" in result.output
+    result = export(keys_dir / "missing.key", tmp_path / "b", "1.0.0")
+    assert result.exit_code == 2 and "--key" in result.output
+    not_a_checkpoint = ["export", "--checkpoint", str(tmp_path), "--key", str(keys_dir / "hub.key")]
+    not_a_checkpoint += ["--out", str(tmp_path / "b"), "--model-version", "1.0.0"]
+    result = runner.invoke(app, not_a_checkpoint, env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "not a checkpoint" in result.output
+    assert not (tmp_path / "b").exists()
     result = runner.invoke(app, ["keys", "show", str(tmp_path / "missing.pub")])
     assert result.exit_code == 1 and "cannot read" in result.output
 
 
-def test_data_list_checks_md5(runner: CliRunner) -> None:
+def test_data_list_checks_md5(runner: CliRunner, shared_data: Path) -> None:
     result = runner.invoke(_app(), ["data", "list"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "pneumoniamnist" in result.output and "official" in result.output
     assert "MISMATCH" not in result.output
+    result = runner.invoke(_app(), ["data", "list", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["root"] == str(shared_data / "medmnist")
+    by_name = {d["name"]: d for d in doc["datasets"]}
+    assert sorted(by_name) == sorted(OFFICIAL_MD5)
+    pneumonia = by_name["pneumoniamnist"]
+    assert (
+        pneumonia["present"] and pneumonia["md5_official"] and pneumonia["labels"] == ["normal", "pneumonia"]
+    )
+    assert pneumonia["size_bytes"] == (shared_data / "medmnist" / "pneumoniamnist.npz").stat().st_size
 
 
 class _FileServer(BaseHTTPRequestHandler):
@@ -214,4 +269,4 @@ def test_data_download_offline_gives_a_clear_error(runner: CliRunner, tmp_path: 
 
 def test_data_download_refuses_unknown_names(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(_app(), ["data", "download", "imagenet", "--root", str(tmp_path)])
-    assert result.exit_code == 2 and "unknown dataset" in result.output
+    assert result.exit_code == 2 and "imagenet" in result.output and "pneumoniamnist" in result.output

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.demo.orthanc import Orthanc, orthanc_available
+from harness.demo.orthanc import Orthanc, orthanc_available
 
 __all__ = ["orthanc", "orthanc_module"]
 

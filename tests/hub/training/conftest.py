@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from hub.training.datasets import ClinicData
-from hub.training.profiles import IDENTITY
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +20,7 @@ def make_clinic(name: str, n: int, seed: int, prevalence: float = 0.5) -> Clinic
     y[0], y[-1] = 0.0, 1.0  # both classes present
     x = 0.3 + 0.1 * torch.rand(n, 1, 28, 28, generator=gen)
     x[:, :, 10:18, 10:18] += 0.4 * y.reshape(-1, 1, 1, 1)
-    return ClinicData(name, IDENTITY, x, y, x[: min(n, 40)].clone(), y[: min(n, 40)].clone())
+    return ClinicData(name, x, y, x[: min(n, 40)].clone(), y[: min(n, 40)].clone())
 
 
 @pytest.fixture

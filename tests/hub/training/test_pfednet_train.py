@@ -8,11 +8,12 @@ import numpy as np
 import torch
 
 from hub.fl.registry import make_strategy
+from hub.fl.strategy import Strategy
 from hub.models.fl_cnn import fl_cnn
 from hub.training.datasets import ClinicData
 from hub.training.learners import LocalConfig, to_params
 from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor, sketch
-from hub.training.simulation import RoundCheckpoint, run_federation, server_state_is_global
+from hub.training.simulation import RoundCheckpoint, run_federation
 
 
 def test_sketch_is_label_counts_and_a_coarse_mean_image() -> None:
@@ -55,19 +56,33 @@ def test_pfednet_stats_round_then_training_rounds(clinics: dict[str, ClinicData]
     assert "head.weight" not in strategy.global_params
 
 
-def test_pfednet_is_not_round_checkpointed_because_the_server_holds_personal_parts(
-    clinics: dict[str, ClinicData], tmp_path: Path
-) -> None:
+def _federation(clinics: dict[str, ClinicData]) -> tuple[Strategy, dict[str, PFedNetLearner]]:
     torch.manual_seed(0)
     init = fl_cnn(norm="group")
-    learners = {c: PFedNetLearner(c, fl_cnn(norm="group"), d, LocalConfig(batch_size=16), k)
-                for k, (c, d) in enumerate(clinics.items())}  # fmt: skip
+    learners = {}
+    for k, (c, data) in enumerate(clinics.items()):
+        model = fl_cnn(norm="group")
+        model.load_state_dict(init.state_dict())
+        learners[c] = PFedNetLearner(c, model, data, LocalConfig(batch_size=16), k)
     strategy = make_strategy("pfednet", is_personal=is_personal_tensor, lam=1.0, graph_k=1)
     strategy.initialize(to_params(init), list(learners))
-    assert not server_state_is_global(strategy, list(learners))
+    return strategy, learners
+
+
+def test_pfednet_resumes_from_a_round_checkpoint_with_its_graph_and_personal_parts(
+    clinics: dict[str, ClinicData], tmp_path: Path
+) -> None:
+    straight, learners = _federation(clinics)
+    run_federation(straight, learners, 3)
+
     ckpt = RoundCheckpoint(tmp_path / "p.npz")
-    run_federation(strategy, learners, 2, checkpoint=ckpt)
-    assert ckpt.load() is None
-    fedavg = make_strategy("fedavg")
-    fedavg.initialize(to_params(init), list(learners))
-    assert server_state_is_global(fedavg, list(learners))
+    first, learners = _federation(clinics)
+    run_federation(first, learners, 2, checkpoint=ckpt)  # the stats round, then one training round
+    resumed, learners = _federation(clinics)
+    run = run_federation(resumed, learners, 3, checkpoint=ckpt)
+    assert [r.applied for r in run.rounds] == [False, True, True]
+    for cid in clinics:  # the personal part of every clinic lives at the server and came back
+        want, got = straight.params_for(cid), resumed.params_for(cid)
+        assert sorted(want) == sorted(got)
+        for name, arr in want.items():
+            np.testing.assert_array_equal(got[name], arr)

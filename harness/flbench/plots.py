@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; no display on the hub or in CI
 import matplotlib.pyplot as plt
 import numpy as np
 
-from hub.training.datasets import CLINICS
+from harness.flbench.datasets import CLINICS
 
 
 def plot_auc(results: Mapping[str, Any], path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""`fedclinic-hub bench fl --quick` through the real CLI: every method, finite metrics, resumable."""
+"""`fedclinic-lab bench fl --quick` through the real CLI: every method, finite metrics, resumable."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 import hub.models.fl_cnn  # noqa: F401  (registers the student's model name)
-from hub.cli import app
+from harness.cli import app
+from harness.flbench.command import Skew, Task
+from harness.flbench.datasets import SKEWS, TASKS
+from harness.flbench.methods import METHODS
 from hub.training.checkpoint import load_checkpoint
-from hub.training.methods import METHODS
 
 pytestmark = pytest.mark.slow
 
@@ -60,13 +62,40 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     # --report-only merges finished runs (e.g. from several processes) without training anything.
     (out / "results.json").unlink()
     merged = runner.invoke(
-        app, ["bench", "fl", "--quick", "--report-only", "--methods", "fedavg,hsl", "--out", str(out)]
+        app,
+        [
+            "bench",
+            "fl",
+            "--quick",
+            "--report-only",
+            "--methods",
+            "fedavg,hsl",
+            "--out",
+            str(out),
+            "--format",
+            "json",
+        ],
     )
     assert merged.exit_code == 0, merged.output
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"fedavg", "hsl"}
+    assert json.loads(merged.stdout) == json.loads((out / "results.json").read_text())
 
 
-def test_bench_fl_rejects_unknown_method(tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["bench", "fl", "--methods", "fedsgd", "--out", str(tmp_path)])
+def test_bench_fl_rejects_unknown_method_task_and_skew_naming_the_valid_ones(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "fl", "--methods", "fedsgd", "--out", str(tmp_path)])
     assert res.exit_code != 0
     assert "unknown methods" in res.output
+    res = runner.invoke(
+        app, ["bench", "fl", "--task", "cifar", "--out", str(tmp_path)], env={"COLUMNS": "300"}
+    )
+    assert res.exit_code == 2 and "pneumonia" in res.output and "breast" in res.output
+    res = runner.invoke(
+        app, ["bench", "fl", "--skew", "wild", "--out", str(tmp_path)], env={"COLUMNS": "300"}
+    )
+    assert res.exit_code == 2 and "combined" in res.output and "quantity" in res.output
+
+
+def test_task_and_skew_choices_match_the_benchmark_tables() -> None:
+    assert sorted(t.value for t in Task) == sorted(TASKS)
+    assert [s.value for s in Skew] == list(SKEWS)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hub.training.benchmark import parse_methods, same_settings, total_rounds
-from hub.training.methods import METHODS, BenchConfig
+from harness.flbench.benchmark import parse_methods, same_settings, total_rounds
+from harness.flbench.methods import METHODS, BenchConfig
 
 
 def test_cached_runs_are_reused_only_with_the_same_settings() -> None:

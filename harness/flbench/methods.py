@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.flbench.datasets import CLINICS, LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
 from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
 from hub.models.fedhelp_nets import fedhelp_large, fedhelp_small
 from hub.models.fl_cnn import Norm, fl_cnn
 from hub.models.hsl_mmoe import hsl_mmoe
-from hub.training.datasets import CLINICS, LARGE_CLINICS, SMALL_CLINICS, BenchData
 from hub.training.distill import count_params, distill_student, save_student
 from hub.training.fedhelp_kd import RankSign
 from hub.training.fedhelp_train import FedHelpLargeLearner, FedHelpSmallLearner
@@ -312,8 +312,9 @@ def _distill(data: BenchData, ctx: MethodContext, hospital: FedHelpLargeLearner)
     path = save_student(
         ctx.out_dir / "students" / f"{data.task}-seed{ctx.seed}",
         student,
-        data.task,
+        TASKS[data.task].primary,
         {"student_mean_clinic_auc": s_mean, "student_unseen_auc": s_eval["unseen"]["auc"]},
+        source=f"bench fl distillation, task {data.task}",
     )
     return {
         "checkpoint": str(path.relative_to(ctx.out_dir)),

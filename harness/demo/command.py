@@ -16,12 +16,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.rule import Rule
 
 from export.signing import create_keypair
-from hub.commands.bench import RichBenchProgress, print_summary
+from harness.demo.clinic import BundleFiles
+from harness.demo.run import DATASET, deploy_and_run, results_table, skipped_lines
+from harness.flbench.benchmark import BenchSpec, run_benchmark
+from harness.flbench.command import RichBenchProgress, print_summary
+from harness.flbench.methods import BenchConfig
 from hub.commands.export_bundle import build_bundle
-from hub.demo.clinic import BundleFiles
-from hub.demo.run import DATASET, deploy_and_run, results_table, skipped_lines
-from hub.training.benchmark import BenchSpec, run_benchmark
-from hub.training.methods import BenchConfig
 from hub.training.supervised import TrainConfig, train_supervised
 
 #: The federation the demo simulates: every strategy on the same six clinics, one seed, a short budget.

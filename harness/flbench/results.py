@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hub.training.datasets import CLINICS, SMALL_CLINICS
+from harness.flbench.datasets import CLINICS, SMALL_CLINICS
 
 Record = dict[str, Any]
 #: fedclinic's own strategies: "the best fedclinic strategy" is picked among these.

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from hub.training.datasets import BenchData, build_bench_data
-from hub.training.methods import METHODS, BenchConfig, MethodContext
-from hub.training.plots import plot_auc
-from hub.training.results import Record, build_results, finalize_record, render_markdown
+from harness.flbench.datasets import BenchData, build_bench_data
+from harness.flbench.methods import METHODS, BenchConfig, MethodContext
+from harness.flbench.plots import plot_auc
+from harness.flbench.results import Record, build_results, finalize_record, render_markdown
 from hub.training.simulation import RoundCheckpoint
 
 log = logging.getLogger(__name__)

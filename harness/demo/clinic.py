@@ -14,18 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_node.store import Store, StudySummary
-from hub.demo.orthanc import Modality, Orthanc, OrthancError, free_port
+from harness.demo.orthanc import Modality, Orthanc, OrthancError, free_port
 
-__all__ = ["EDGE_BIN", "BundleFiles", "Clinic", "EdgeNode"]
+__all__ = ["EDGE_BIN", "BundleFiles", "Clinic", "EdgeNode", "find_bundle", "table_rows"]
 
 EDGE_BIN = Path(sys.executable).parent / "fedclinic-edge"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class BundleFiles:
     bundle: Path  # bundle directory: manifest.json, manifest.sig, model.onnx (+ variants)
     public_key: Path  # hub.pub that signed it
+
+
+def find_bundle() -> BundleFiles | None:
+    """$FEDCLINIC_TEST_BUNDLE, else build/dev-bundle: a folder with bundle/ and hub.pub (a real student)."""
+    env = os.environ.get("FEDCLINIC_TEST_BUNDLE")
+    root = Path(env) if env else REPO_ROOT / "build" / "dev-bundle"
+    if (root / "bundle" / "manifest.json").is_file() and (root / "hub.pub").is_file():
+        return BundleFiles(root / "bundle", root / "hub.pub")
+    return None
 
 
 def _toml(values: dict[str, Any]) -> str:
@@ -69,10 +78,6 @@ class EdgeNode:
     def log_path(self) -> Path:
         return self.root / "edge.log"
 
-    @property
-    def db_path(self) -> Path:
-        return Path(self.settings["data_dir"]) / "edge.sqlite3"
-
     def write_config(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.config.write_text(_toml(self.settings))
@@ -115,13 +120,25 @@ class EdgeNode:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def studies(self, limit: int = 1000) -> list[StudySummary]:
-        """The node's own read API over its store (what ``fedclinic-edge status`` shows)."""
-        store = Store(self.db_path)
-        try:
-            return store.recent_studies(limit)
-        finally:
-            store.close()
+    def status(self, limit: int = 20) -> str:
+        """What ``fedclinic-edge status`` prints: the operator's view (the node's database is its own)."""
+        done = self.cli("status", "--limit", str(limit))
+        if done.returncode != 0:
+            raise RuntimeError(f"fedclinic-edge status failed:\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of a rich table in ``text`` as lists of cell texts (header and rules left out)."""
+    rows: list[list[str]] = []
+    header_seen = False
+    for line in text.splitlines():
+        if "━" in line or "─" in line:  # the rule under the header, or a box edge
+            header_seen = header_seen or "━" in line
+            continue
+        if header_seen and "│" in line:
+            rows.append([cell.strip() for cell in line.strip().strip("│").split("│")])
+    return rows
 
 
 @dataclass
@@ -222,13 +239,14 @@ class Clinic:
             ) from None
 
     def wait_skipped(self, timeout: float = 60.0) -> str:
-        """Wait until the node records a skipped study; returns its reason (PHI-free by construction)."""
+        """Wait until the node's status lists a skipped study; returns that row (the reason is PHI-free)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for study in self.edge.studies():
-                if study.state == "skipped":
-                    return study.reason or "skipped"
-            time.sleep(0.2)
+            for row in table_rows(self.edge.status()):
+                if "skipped" in row:
+                    return " · ".join(cell for cell in row if cell)
+            time.sleep(0.5)
         raise OrthancError(
-            f"no skipped study recorded within {timeout:.0f} s; edge log:\n{self.edge.log_text()[-4000:]}"
+            f"no skipped study in the node's status within {timeout:.0f} s; edge log:\n"
+            + self.edge.log_text()[-4000:]
         )

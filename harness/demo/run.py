@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ import pydicom
 from rich.console import Console
 from rich.table import Table
 
+from harness.demo.clinic import BundleFiles, Clinic
 from hub.data.dicomize import dicomize_images
 from hub.data.medmnist import data_root, load_medmnist
-from hub.demo.clinic import BundleFiles, Clinic
+from hub.training.supervised import binary_auc
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +91,6 @@ def send_ct_study(clinic: Clinic, shared: Path) -> str:
     return study_id
 
 
-def _auc(truth: np.ndarray, scores: np.ndarray) -> float | None:
-    if len(set(truth.tolist())) < 2:
-        return None
-    pos, neg = scores[truth == 1], scores[truth == 0]
-    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(wins / (len(pos) * len(neg)))
-
-
 def results_table(reports: Sequence[ClinicReport]) -> Table:
     table = Table(
         title="clinic path: PACS → edge node → SR + SC back in the PACS (real PneumoniaMNIST test images)"
@@ -118,7 +112,7 @@ def results_table(reports: Sequence[ClinicReport]) -> Table:
         scores = np.array([r.score for r in rep.results if r.score is not None])
         latencies = np.array([r.latency_s for r in rep.results if r.latency_s is not None])
         accuracy = float(np.mean((scores >= 0.5) == (truth == 1))) if len(scores) else float("nan")
-        auc = _auc(truth, scores)
+        auc = binary_auc(truth, scores) if len(scores) == len(truth) else math.nan
         table.add_row(
             rep.name,
             str(len(rep.results)),
@@ -126,7 +120,7 @@ def results_table(reports: Sequence[ClinicReport]) -> Table:
             str(sum(r.sc for r in rep.results)),
             str(len(rep.skipped)),
             f"{accuracy:.2f}",
-            "-" if auc is None else f"{auc:.3f}",
+            "-" if math.isnan(auc) else f"{auc:.3f}",
             f"{np.median(latencies):.2f}" if len(latencies) else "-",
             f"{latencies.max():.2f}" if len(latencies) else "-",
         )

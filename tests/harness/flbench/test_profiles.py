@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hub.training.profiles import (
+from harness.flbench.profiles import (
     CLINIC_PROFILES,
     IDENTITY,
     UNSEEN_PROFILE,

@@ -25,7 +25,7 @@ def partition_indices(
 
     The smallest clinics are filled first, without replacement, so that they hold distinct images; a class
     pool that runs dry is topped up by sampling that class with replacement from the whole split (the large
-    clinics then hold some images that also sit elsewhere, as in BENCHMARK-CALIBRATION.md §1).
+    clinics then hold some images that also sit elsewhere, as in docs/benchmarks.md).
     """
     if len(sizes) != len(prevalences):
         raise ValueError(f"{len(sizes)} sizes but {len(prevalences)} prevalences")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hub.training.partition import class_counts, clinic_sizes, partition_indices, stratified_subset
+from harness.flbench.partition import class_counts, clinic_sizes, partition_indices, stratified_subset
 
 
 def test_clinic_sizes_of_the_pneumonia_shares() -> None:

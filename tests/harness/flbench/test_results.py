@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from hub.training.results import build_results, finalize_record, render_markdown, targets
+from harness.flbench.results import build_results, finalize_record, render_markdown, targets
 
 
 def _raw(

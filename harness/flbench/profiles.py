@@ -10,7 +10,7 @@ from scipy.ndimage import gaussian_filter
 
 @dataclass(frozen=True)
 class AcquisitionProfile:
-    """How one clinic's scanner renders an image (BENCHMARK-CALIBRATION.md §1).
+    """How one clinic's scanner renders an image (docs/benchmarks.md).
 
     Applied in this order to images in [0, 1]: gamma, contrast/offset around 0.5, Gaussian blur, optional
     28→14→28 resolution loss, additive Gaussian noise (a fixed draw per image), clip to [0, 1].

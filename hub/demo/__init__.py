@@ -1,1 +1,0 @@
-"""The end-to-end demo and its local clinic harness (an Orthanc PACS and an edge node per clinic)."""
