@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from hub.commands import bench, data, demo, export_bundle, keys, train
+from hub.commands import bench, data, demo, export_bundle, installer, keys, train
 
 app = typer.Typer(
     name="fedclinic-hub",
@@ -20,6 +20,7 @@ app.command("demo")(demo.demo)
 app.add_typer(keys.app, name="keys")
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
+app.add_typer(installer.app, name="installer")
 
 
 @app.callback()
