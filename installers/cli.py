@@ -126,7 +126,8 @@ def uninstall(
         removed = do_uninstall(Layout(prefix.resolve()), purge)
     except InstallerError as exc:
         raise _fail(exc) from None
-    console.print("removed: " + ", ".join(removed), highlight=False)
+    # Plain print: this program's own files are gone now, and rich imports some modules only when needed.
+    print("removed: " + ", ".join(removed))
 
 
 @app.command()
