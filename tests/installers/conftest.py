@@ -23,7 +23,8 @@ import pytest
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 
-def _test_bundle_root() -> Path:
+def signing_root() -> Path:
+    """$FEDCLINIC_TEST_BUNDLE: bundle/ and keys/hub.key of the prebuilt test bundle."""
     env = os.environ.get("FEDCLINIC_TEST_BUNDLE")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "build" / "dev-bundle"
 
@@ -61,7 +62,7 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> BuiltKitInfo:
     from installers.kit_builder import BuildOptions, build_kit
 
     require_installable()
-    root = _test_bundle_root()
+    root = signing_root()
     key_file, bundle = root / "keys" / "hub.key", root / "bundle"
     if not key_file.is_file() or not (bundle / "manifest.json").is_file():
         pytest.skip(f"no test bundle with its signing key at {root} (make test-bundle)")
