@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,13 @@ from installers.installation import Installation, check_table, ensure_answers_co
 from installers.layout import Layout
 
 __all__ = ["app"]
+
+
+class ReportFormat(str, Enum):
+    table = "table"
+    text = "text"
+    json = "json"
+
 
 app = typer.Typer(
     name="fedclinic-install",
@@ -133,7 +141,9 @@ def uninstall(
 @app.command()
 def doctor(
     prefix: PrefixOption = Path("/opt/fedclinic"),
-    output_format: Annotated[str, typer.Option("--format", help="table (default), text or json.")] = "table",
+    output_format: Annotated[
+        ReportFormat, typer.Option("--format", help="table for people, text to send, json for scripts.")
+    ] = ReportFormat.table,
     report: Annotated[Path | None, typer.Option("--report", help="Also write the text report here.")] = None,
 ) -> None:
     """Check everything again and print a report to send to the hub operator; exit 1 when something fails."""
@@ -146,9 +156,9 @@ def doctor(
     text = report_text(record, checks)
     if report is not None:
         report.write_text(text)
-    if output_format == "json":
+    if output_format is ReportFormat.json:
         print(json.dumps({"checks": [c.to_json() for c in checks]}))
-    elif output_format == "text":
+    elif output_format is ReportFormat.text:
         print(text, end="")
     else:
         console.print(check_table("fedclinic doctor", checks))
@@ -161,13 +171,15 @@ def check(
     data_dir: Annotated[Path, typer.Option("--data-dir")] = Path("/var/lib/fedclinic-edge"),
     port: Annotated[int, typer.Option("--port")] = 11112,
     hub_url: Annotated[str | None, typer.Option("--hub-url")] = None,
-    output_format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    output_format: Annotated[
+        ReportFormat, typer.Option("--format", help="table for people, json for scripts.")
+    ] = ReportFormat.table,
 ) -> None:
     """Only the machine checks (before an install, or to compare two machines)."""
     from installers.machine import MachineProbe, run_checks
 
     checks = run_checks(MachineProbe(data_dir=data_dir, node_port=port, hub_url=hub_url))
-    if output_format == "json":
+    if output_format is ReportFormat.json:
         print(json.dumps({"checks": [c.to_json() for c in checks]}))
     else:
         console.print(check_table("machine checks", checks))

@@ -60,7 +60,7 @@ class BuildOptions:
     out: Path
     variant: str = "cpu"
     python_version: str | None = None
-    platform: str | None = None
+    platforms: tuple[str, ...] = ()  # pip wheel platform tags; several for e.g. manylinux_* and linux_aarch64
     join_code: str | None = None
     hub_fingerprint: str | None = None
     bundle: Path | None = None
@@ -120,8 +120,8 @@ def _build_wheel(work: Path) -> Path:
 
 def _download(wheel: Path, options: BuildOptions, wheelhouse: Path) -> None:
     target = ["--python-version", options.python_version] if options.python_version else []
-    if options.platform:
-        target += ["--platform", options.platform]
+    for tag in options.platforms:
+        target += ["--platform", tag]
     _run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:", "-d", str(wheelhouse),
          *target, f"{wheel}[edge,{options.variant}]"],
@@ -213,7 +213,7 @@ def build_kit(
         variant=options.variant,
         requirement=f"fedclinic[edge,{options.variant}]=={version}",
         python=options.python_version or f"{sys.version_info.major}.{sys.version_info.minor}",
-        platform=options.platform or _default_platform(),
+        platform=",".join(options.platforms) or _default_platform(),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         join_code=options.join_code,
         hub_fingerprint=options.hub_fingerprint,

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
 
 app = typer.Typer(help="Build the clinic installer kit (offline, signed).", no_args_is_help=True)
 
@@ -22,9 +29,10 @@ def build(
         bool, typer.Option("--gpu", help="NVIDIA variant (onnxruntime-gpu) instead of CPU-only.")
     ] = False,
     platform: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
-            "--platform", help="Target wheel platform tag, e.g. manylinux_2_28_x86_64 (default: this one)."
+            "--platform",
+            help="Target wheel platform tag, repeatable, e.g. manylinux_2_28_x86_64 (default: this machine).",
         ),
     ] = None,
     python_version: Annotated[
@@ -42,11 +50,11 @@ def build(
         typer.Option("--bundle", help="A signed model bundle (dir or .zip) the node starts with."),
     ] = None,
     output_format: Annotated[
-        str, typer.Option("--format", help="table (default) or json for scripts.")
-    ] = "table",
+        OutputFormat, typer.Option("--format", help="table for people, json for scripts.")
+    ] = OutputFormat.table,
 ) -> None:
-    """Build a kit: a wheelhouse of exactly fedclinic[edge,cpu|gpu], pinned, hashed and signed with the hub
-    key.
+    """Build a kit: a wheelhouse of exactly the edge node's dependencies (CPU or NVIDIA), pinned, hashed and
+    signed with the hub key.
 
     Give the clinic the kit folder and, on another channel (phone, letter), the key fingerprint this prints:
     the installer refuses a kit signed by any other key.
@@ -60,7 +68,7 @@ def build(
     from installers.errors import KitError
     from installers.kit_builder import BuildOptions, build_kit
 
-    console = Console(stderr=output_format == "json")
+    console = Console(stderr=output_format is OutputFormat.json)
     try:
         private = load_private_key(key)
     except KeyFileError as exc:
@@ -70,7 +78,7 @@ def build(
         out=out,
         variant="gpu" if gpu else "cpu",
         python_version=python_version,
-        platform=platform,
+        platforms=tuple(platform or ()),
         join_code=join_code,
         hub_fingerprint=hub_fingerprint,
         bundle=bundle,
@@ -92,7 +100,7 @@ def build(
         "key_fingerprint": built.key_fingerprint,
         "seconds": round(built.seconds, 1),
     }
-    if output_format == "json":
+    if output_format is OutputFormat.json:
         print(json.dumps(summary))
         return
     table = Table(title="kit built", show_header=False)

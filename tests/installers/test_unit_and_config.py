@@ -99,3 +99,21 @@ def test_bootstrap_modules_run_on_a_bare_python(tmp_path: Path) -> None:
     code = "import sys; sys.path.insert(0, sys.argv[1]); import installers.bootstrap; print('ok')"
     done = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(repo)], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_machine_check_command_reports_json(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from installers.cli import app
+
+    result = CliRunner().invoke(
+        app, ["check", "--data-dir", str(tmp_path), "--port", "1", "--format", "json"]
+    )
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert {"operating system", "memory", "disk", "python", "GPU", "ONNX Runtime", "clock"} <= set(checks)
+    # Port 1 cannot be bound by an unprivileged process, and is closed on any sane machine: both say "fail"
+    # when not root; as root the port is free. Either way the check names the port.
+    assert "port 1" in checks
+    assert result.exit_code == (1 if any(c["status"] == "fail" for c in checks.values()) else 0)
