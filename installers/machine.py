@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from installers.jetson import detect_jetson
 
-__all__ = ["Check", "MachineProbe", "run_checks"]
+__all__ = ["Check", "MachineProbe", "check_clock", "clock_skew", "run_checks"]
 
 Status = Literal["ok", "warn", "fail", "info"]
 
@@ -212,7 +212,7 @@ def clock_skew(hub_url: str, timeout: float = 10.0) -> float:
     return local - email.utils.parsedate_to_datetime(date).timestamp()
 
 
-def _check_clock(hub_url: str | None) -> Check:
+def check_clock(hub_url: str | None) -> Check:
     if not hub_url:
         return Check("clock", "info", "no hub address given; clock not compared")
     try:
@@ -240,5 +240,5 @@ def run_checks(probe: MachineProbe) -> list[Check]:
         _check_gpu(probe.root),
         _check_providers(probe.model),
         _check_port(probe.node_host, probe.node_port, probe.port_owned_by_node),
-        _check_clock(probe.hub_url),
+        check_clock(probe.hub_url),
     ]
