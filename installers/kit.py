@@ -173,7 +173,7 @@ def _listed_files(root: Path) -> set[str]:
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            if rel not in _UNLISTED and "__pycache__" not in rel:
+            if rel not in _UNLISTED:
                 found.add(rel)
     return found
 

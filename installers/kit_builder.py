@@ -46,6 +46,9 @@ INSTALL_PY = '''#!/usr/bin/env python3
 import sys
 from pathlib import Path
 
+# Never read or write bytecode beside the kit's modules: a planted __pycache__ file would run unchecked.
+sys.dont_write_bytecode = True
+sys.pycache_prefix = "/nonexistent/fedclinic-kit-pycache"
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bootstrap"))
 from installers.bootstrap import main  # noqa: E402
 
