@@ -110,11 +110,11 @@ def _build_wheel(work: Path) -> Path:
         elif path.is_file():
             shutil.copy2(path, src / item)
     out = work / "built"
+    # Build isolation: pip fetches the build backend pyproject.toml asks for, whatever this venv holds.
     _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out),
-         str(src)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(src)],
         "building the fedclinic wheel",
-    )  # fmt: skip
+    )
     wheels = sorted(out.glob("fedclinic-*.whl"))
     if len(wheels) != 1:
         raise KitError(f"building the fedclinic wheel gave {len(wheels)} wheels, expected one")
