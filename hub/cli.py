@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from hub import __version__
-from hub.commands import data, export_bundle, keys, train
+from hub.commands import data, export_bundle, installer, keys, train
 
 app = typer.Typer(
     name="fedclinic-hub",
@@ -24,6 +24,7 @@ app.command("train")(train.train)
 app.command("export")(export_bundle.export)
 app.add_typer(keys.app, name="keys")
 app.add_typer(data.app, name="data")
+app.add_typer(installer.app, name="installer")
 
 
 def _print_version(value: bool) -> None:
