@@ -17,7 +17,7 @@ from edge_node.errors import ConfigError, EdgeError
 from edge_node.settings import EdgeSettings, load_settings
 
 if TYPE_CHECKING:
-    from edge_node.models import ModelSlot
+    from edge_node.inference.model_slot import ModelSlot
 
 __all__ = ["app"]
 
@@ -69,6 +69,12 @@ def _setup_logging(level: str, *, service: bool = False) -> None:
     # source UIDs at INFO, and library warnings quote data values (patient names): neither may reach the log.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # A failed association request is reported once by the sender (or echo) with its reason; pynetdicom's
+    # own lines for it would repeat on every retry.
+    from edge_node.delivery.association_failure import PYNETDICOM_REQUESTOR_LOGGERS, RequestorNoiseFilter
+
+    for name in PYNETDICOM_REQUESTOR_LOGGERS:
+        logging.getLogger(name).addFilter(RequestorNoiseFilter())
     if service:
         logging.captureWarnings(True)
         logging.getLogger("py.warnings").setLevel(logging.ERROR)
@@ -120,18 +126,18 @@ def status(
     Example: fedclinic-edge status --config /etc/fedclinic/edge.toml --limit 50
     """
     settings = _settings(config)
-    from edge_node.store import Store
+    from edge_node.state.node_state import NodeState
 
     if not settings.db_path.is_file():
         raise _fail(
             ConfigError(f"no edge database at {settings.db_path}; has `fedclinic-edge serve` run here?")
         )
-    store = Store(settings.db_path)
+    state = NodeState.open(settings.db_path)
     try:
-        model = store.models.active()
-        counts = store.counts()
-        studies = store.recent_studies(limit)
-        last_error = store.outbox.last_error()
+        model = state.models.active()
+        counts = state.status.counts()
+        studies = state.status.recent_studies(limit)
+        last_error = state.status.last_send_error()
         if model is None:
             console.print("[yellow]model:[/yellow] none installed (fedclinic-edge install-bundle PATH)")
         else:
@@ -160,7 +166,7 @@ def status(
         for s in studies:
             finding = s.top_label or (s.reason or "")
             table.add_row(
-                store.uid_hash(s.study_uid),
+                state.db.uid_hash(s.study_uid),
                 s.state,
                 str(s.n_instances),
                 finding[:60],
@@ -171,12 +177,12 @@ def status(
             )
         console.print(table)
     finally:
-        store.close()
+        state.close()
 
 
 def _print_serving(settings: EdgeSettings, model_id: str, version: str) -> None:
     """The line under the model: what the node really loaded, from the record it writes at each load."""
-    from edge_node.serving import read_serving
+    from edge_node.inference.serving_record import read_serving
 
     record = read_serving(settings.serving_path)
     if record is None:
@@ -203,10 +209,11 @@ def _print_serving(settings: EdgeSettings, model_id: str, version: str) -> None:
 
 
 def _model_slot(settings: EdgeSettings) -> ModelSlot:
-    from edge_node.models import ModelSlot
-    from edge_node.store import Store
+    from edge_node.inference.model_slot import ModelSlot
+    from edge_node.state.database import Database
+    from edge_node.state.model_registry import ModelRegistry
 
-    return ModelSlot.from_settings(Store(settings.db_path), settings)
+    return ModelSlot.from_settings(ModelRegistry(Database(settings.db_path)), settings)
 
 
 @app.command("install-bundle")
@@ -231,7 +238,7 @@ def install_bundle(
     except EdgeError as exc:
         raise _fail(exc) from None
     finally:
-        slot.store.close()
+        slot.registry.db.close()
     console.print(
         f"[green]installed[/green] {record.model_id} {record.version} "
         f"(signed by key {record.key_fingerprint}); "
@@ -253,7 +260,7 @@ def rollback(config: ConfigOption = None) -> None:
     except EdgeError as exc:
         raise _fail(exc) from None
     finally:
-        slot.store.close()
+        slot.registry.db.close()
     console.print(f"[green]active again:[/green] {record.model_id} {record.version}")
 
 
@@ -272,6 +279,7 @@ def echo(
     _setup_logging("ERROR")
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the failure is reported below, in words
     from edge_node.config_check import c_echo
+    from edge_node.delivery.destination import Destination
     from edge_node.settings import DestinationSettings
 
     try:
@@ -279,7 +287,7 @@ def echo(
         DestinationSettings(ae_title=calling_ae, host=host, port=port)
     except ValueError as exc:
         raise _fail(EdgeError(f"invalid AE title or port: {exc}"), 2) from None
-    result = c_echo(dest, calling_ae, timeout=timeout)
+    result = c_echo(Destination(dest.ae_title, dest.host, dest.port), calling_ae, timeout=timeout)
     if not result.ok:
         raise _fail(EdgeError(f"C-ECHO to {result.address} failed: {result.detail}"))
     console.print(
@@ -377,7 +385,7 @@ def config_check(
 @app.command()
 def states() -> None:
     """Print the study life cycle: the states a study goes through and what moves it on."""
-    from edge_node.study import format_transitions
+    from edge_node.state.lifecycle import format_transitions
 
     console.print(format_transitions(), highlight=False)
 

@@ -13,6 +13,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
 
 __all__ = ["DEFAULT_PROVIDERS", "DestinationSettings", "EdgeSettings", "load_settings"]
@@ -161,6 +162,11 @@ class EdgeSettings(BaseSettings):
         "port": "a TCP port 1-65535 (104 or 11112 are usual for DICOM)",
         "precision": 'one of "fp32", "int8", "fp16"',
     }
+
+    @property
+    def destination_values(self) -> list[Destination]:
+        """The destinations as the typed values the worker, outbox and sender carry."""
+        return [Destination(d.ae_title, d.host, d.port) for d in self.destinations]
 
     @property
     def db_path(self) -> Path:

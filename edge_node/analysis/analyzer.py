@@ -1,4 +1,4 @@
-"""Analyse one received study: select instances, preprocess, run the model, write the SR (and SC) results."""
+"""Analyse one claimed study: select instances, preprocess, run the model, write the SR (and SC) results."""
 
 from __future__ import annotations
 
@@ -9,18 +9,27 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from edge_node.analysis.capture_sc import write_sc
+from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
+from edge_node.analysis.preprocessing import Prepared, SkipReason, preprocess
+from edge_node.analysis.report_sr import sr_series_uid, write_sr
+from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.selection import (
+    Candidate,
+    Ignored,
+    InstanceHeader,
+    read_instance,
+    row_reason,
+    select_instances,
+    summarise_reasons,
+)
 from edge_node.errors import InferenceError
-from edge_node.inference.model import LoadedModel
-from edge_node.preprocess import Prepared, SkipReason, preprocess
-from edge_node.results.finding import Finding
-from edge_node.results.sc import write_sc
-from edge_node.results.sr import write_sr
-from edge_node.series import Candidate, Ignored, read_header, select_instances, summarise_reasons
+from edge_node.inference.loaded_model import LoadedModel
+from edge_node.state.runs import InstanceRow, ReportRef
 
-__all__ = ["Finding", "StudyOutcome", "analyze_study", "findings_from_probabilities"]
+__all__ = ["StudyOutcome", "analyze_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +41,11 @@ class StudyOutcome:
     status: Literal["done", "skipped"]
     reason: str | None
     findings: list[Finding]
-    outputs: list[Path]
+    outputs: list[ResultFile]
     #: Instances that were not analysed, each with its reason (also when the study as a whole is done).
     ignored: list[Ignored] = field(default_factory=list)
+    #: The SR this run wrote (None when skipped): the next run's SR names it as its predecessor.
+    report: ReportRef | None = None
 
 
 @dataclass(frozen=True)
@@ -43,54 +54,21 @@ class _Analysed:
     dataset: Dataset
     prepared: Prepared
 
-
-def findings_from_probabilities(
-    probs: np.ndarray, analysed: Sequence[tuple[Candidate, int]], model: LoadedModel
-) -> list[Finding]:
-    """One Finding per analysed instance from (N, K) class probabilities.
-
-    Binary: the score is the positive class's probability and the finding is present at or above the
-    manifest's threshold. Multiclass: the score is the top class's probability, the label its name, and the
-    finding is present unless the top class is the first (reference) class.
-    """
-    task = model.task
-    findings: list[Finding] = []
-    for row, (cand, _) in zip(probs, analysed, strict=True):
-        if task.kind == "binary":
-            score = float(row[task.positive_class])
-            present = score >= task.decision_threshold
-            negative = next((c.name for c in task.classes if c.index != task.positive_class), "absent")
-            label = task.classes[task.positive_class].name if present else negative
-        else:
-            top = int(np.argmax(row))
-            score = float(row[top])
-            label = next((c.name for c in task.classes if c.index == top), str(top))
-            present = top != task.classes[0].index
-        h = cand.header
-        findings.append(
-            Finding(
-                sop_instance_uid=h.sop_instance_uid,
-                series_instance_uid=h.series_instance_uid,
-                sop_class_uid=h.sop_class_uid,
-                score=score,
-                label=label,
-                present=present,
-                frame_index=cand.frame_index,
-                number_of_frames=h.number_of_frames,
-            )
+    @property
+    def image(self) -> AnalysedImage:
+        h = self.candidate.header
+        return AnalysedImage(
+            sop_instance_uid=h.sop_instance_uid,
+            series_instance_uid=h.series_instance_uid,
+            sop_class_uid=h.sop_class_uid,
+            frame_index=self.candidate.frame_index,
+            number_of_frames=h.number_of_frames,
         )
-    return findings
 
 
-def _prepare(cand: Candidate, model: LoadedModel) -> _Analysed:
+def _prepare(cand: Candidate, ds: Dataset, model: LoadedModel) -> _Analysed:
     try:
-        ds = dcmread(cand.header.path)
-    except Exception as exc:  # a file that read as a header but not in full is malformed
-        raise SkipReason("malformed DICOM file") from exc
-    try:
-        prepared = preprocess(
-            ds, model.preprocessing, model_id=model.model_id, channels=model.channels, frame=cand.frame_index
-        )
+        prepared = preprocess(ds, model.preprocessing, channels=model.channels, frame=cand.frame_index)
     except SkipReason:
         raise
     except Exception as exc:  # bad input must never stop the worker; the reason names the failing step
@@ -100,31 +78,44 @@ def _prepare(cand: Candidate, model: LoadedModel) -> _Analysed:
 
 
 def analyze_study(
-    instances: Sequence[Path],
+    instances: Sequence[InstanceRow],
     model: LoadedModel,
     out_dir: Path,
     *,
     secondary_capture: bool = True,
+    predecessor: ReportRef | None = None,
 ) -> StudyOutcome:
     """Analyse the instances of one study and write the results into ``out_dir``.
 
-    Never raises for bad input: unreadable files, non-images, refused modalities and undecodable pixels are
-    reasons, and a study with nothing left to analyse is ``skipped``. A failing model raises InferenceError.
+    The rows decide first (no file read for a non-image or a refused modality); each remaining file is read
+    once. Never raises for bad input: unreadable files, non-images, refused modalities and undecodable
+    pixels are reasons, and a study with nothing left to analyse is ``skipped``. A failing model raises
+    InferenceError. ``predecessor`` is the SR an earlier run sent for this study.
     """
     ignored: list[Ignored] = []
-    headers = []
-    for path in instances:
-        try:
-            headers.append(read_header(Path(path)))
-        except SkipReason as skip:
-            ignored.append(Ignored(path=Path(path), sop_instance_uid=None, reason=skip.reason))
-    selection = select_instances(headers, model.preprocessing, model.model_id)
+    headers: list[InstanceHeader] = []
+    datasets: dict[Path, Dataset] = {}
+    for row in instances:
+        reason = row_reason(row, model.preprocessing, model.model_id)
+        if reason is None:
+            try:
+                header, ds = read_instance(row.path)
+            except SkipReason as skip:
+                reason = skip.reason
+            else:
+                headers.append(header)
+                datasets[header.path] = ds
+        if reason is not None:
+            ignored.append(
+                Ignored(path=row.path, sop_instance_uid=row.sop_instance_uid or None, reason=reason)
+            )
+    selection = select_instances(headers, model.preprocessing)
     ignored.extend(selection.ignored)
 
     analysed: list[_Analysed] = []
     for cand in selection.candidates:
         try:
-            analysed.append(_prepare(cand, model))
+            analysed.append(_prepare(cand, datasets[cand.header.path], model))
         except SkipReason as skip:
             ignored.append(Ignored(cand.header.path, cand.header.sop_instance_uid or None, skip.reason))
 
@@ -141,15 +132,20 @@ def analyze_study(
             f"model {model.model_id} {model.model_version} failed on {len(analysed)} image(s) "
             f"({type(exc).__name__}: {exc}); check the bundle and the runtime"
         ) from exc
-    findings = findings_from_probabilities(probs, [(a.candidate, i) for i, a in enumerate(analysed)], model)
+    findings = findings_from_probabilities(probs, [a.image for a in analysed], model.task)
 
-    outputs: list[Path] = []
+    outputs: list[ResultFile] = []
     by_study: dict[str, list[int]] = {}
     for i, a in enumerate(analysed):
         by_study.setdefault(a.candidate.header.study_instance_uid, []).append(i)
     for indices in by_study.values():
         sources = [analysed[i].dataset for i in indices]
-        outputs.append(write_sr(sources, [findings[i] for i in indices], model.manifest, out_dir))
+        sr = write_sr(
+            sources, [findings[i] for i in indices], model.manifest, out_dir, predecessor=predecessor
+        )
+        outputs.append(sr)
+    first_study = next(iter(by_study))
+    report = ReportRef(outputs[0].sop_instance_uid, sr_series_uid(first_study, model.manifest))
     if secondary_capture:
         for i, (a, f) in enumerate(zip(analysed, findings, strict=True)):
             outputs.append(write_sc(a.dataset, a.prepared.display, f, model.manifest, out_dir, index=i))
@@ -160,4 +156,6 @@ def analyze_study(
         len(ignored),
         len(outputs),
     )
-    return StudyOutcome(status="done", reason=None, findings=findings, outputs=outputs, ignored=ignored)
+    return StudyOutcome(
+        status="done", reason=None, findings=findings, outputs=outputs, ignored=ignored, report=report
+    )

@@ -12,11 +12,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
+from edge_node.analysis.findings import Finding
+from edge_node.analysis.person_names import for_highdicom, restore_names
+from edge_node.analysis.report_sr import MANUFACTURER
+from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.result_uids import result_uid
+from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import Manifest
-from edge_node.results.finding import Finding
-from edge_node.results.names import for_highdicom, restore_names
-from edge_node.results.sr import MANUFACTURER
-from edge_node.results.uids import result_uid
 
 __all__ = ["NOT_FOR_DIAGNOSIS", "SC_SERIES_NUMBER", "build_sc", "caption", "render", "write_sc"]
 
@@ -121,12 +123,14 @@ def build_sc(
 
 def write_sc(
     source: Dataset, display: np.ndarray, finding: Finding, manifest: Manifest, out_dir: Path, index: int = 0
-) -> Path:
-    """Build the SC and write it as a DICOM file into ``out_dir``; returns its path."""
+) -> ResultFile:
+    """Build the SC and write it durably as a DICOM file into ``out_dir``."""
     sc = build_sc(source, display, finding, manifest, index)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"sc-{sc.SOPInstanceUID}.dcm"
-    tmp = path.with_suffix(".tmp")
-    sc.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
-    return path
+    write_durably(path, lambda tmp: sc.save_as(tmp, enforce_file_format=True))
+    return ResultFile(
+        path=path,
+        sop_class_uid=str(sc.SOPClassUID),
+        sop_instance_uid=str(sc.SOPInstanceUID),
+        transfer_syntax=str(sc.file_meta.TransferSyntaxUID),
+    )

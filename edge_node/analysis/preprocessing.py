@@ -22,7 +22,6 @@ __all__ = [
     "apply_modality",
     "apply_voi_rules",
     "check_dimensions",
-    "check_modality",
     "check_modality_value",
     "decode_frame",
     "frame_attributes",
@@ -64,11 +63,6 @@ class Prepared:
 
 
 # -- 1. modality filter -------------------------------------------------------------------------------------
-
-
-def check_modality(ds: Dataset, pre: Preprocessing, model_id: str) -> None:
-    """Refuse an instance whose Modality the model does not accept."""
-    check_modality_value(str(ds.get("Modality", "") or ""), pre, model_id)
 
 
 def check_modality_value(value: str, pre: Preprocessing, model_id: str) -> None:
@@ -380,12 +374,14 @@ def preprocess(
     ds: Dataset,
     pre: Preprocessing,
     *,
-    model_id: str,
     channels: int = 1,
     frame: int | None = None,
 ) -> Prepared:
-    """Run manifest steps 1-8 on one instance; raises SkipReason with a PHI-free reason when it cannot."""
-    check_modality(ds, pre, model_id)
+    """Run manifest steps 2-8 on one instance; raises SkipReason with a PHI-free reason when it cannot.
+
+    Step 1, the modality filter, is applied to the study's rows before any file is read
+    (``edge_node.analysis.selection.row_reason``), so it is not repeated here.
+    """
     check_dimensions(ds, pre)
     n_frames = number_of_frames(ds)
     index = select_frame(n_frames, pre.frame_rule) if frame is None else frame

@@ -3,6 +3,11 @@
 One SR per analysed study. Each analysed source instance gets a measurement group (TID 1501) that references
 it and holds the finding as a coded qualitative evaluation (present/absent) and the model score as a numeric
 measurement; the algorithm (model id and version) is named in every group and as the device observer.
+
+The SR's SOP Instance UID derives from the study, the model and the set of analysed instances: a re-send of
+the same run (or a re-run after a crash) is the same object again, while a re-analysis after a late instance
+is a new SR, which names the one it replaces in its Predecessor Documents Sequence so the PACS shows the
+current result.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ from pathlib import Path
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import ComprehensiveSRStorage
 
+from edge_node.analysis.findings import Finding
+from edge_node.analysis.person_names import for_highdicom, restore_names
+from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.result_uids import result_uid
+from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import ClassLabel, Manifest
-from edge_node.results.finding import Finding
-from edge_node.results.names import for_highdicom, restore_names
-from edge_node.results.uids import result_uid
+from edge_node.state.runs import ReportRef
 
 __all__ = [
     "MANUFACTURER",
@@ -27,6 +36,7 @@ __all__ = [
     "SR_SERIES_NUMBER",
     "build_sr",
     "class_concept",
+    "sr_series_uid",
     "write_sr",
 ]
 
@@ -122,13 +132,38 @@ def _group(
     )
 
 
+def sr_series_uid(study_uid: str, manifest: Manifest) -> str:
+    """The series every SR of this model version for this study goes into."""
+    return result_uid("sr-series", study_uid, manifest.model_id, manifest.model_version)
+
+
+def _predecessor(study_uid: str, prior: ReportRef) -> Dataset:
+    """One item of the Predecessor Documents Sequence (SOP Instance Reference Macro, PS3.3 C.17.2.3)."""
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = ComprehensiveSRStorage
+    sop.ReferencedSOPInstanceUID = prior.sop_instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID = prior.series_instance_uid
+    series.ReferencedSOPSequence = [sop]
+    item = Dataset()
+    item.StudyInstanceUID = study_uid
+    item.ReferencedSeriesSequence = [series]
+    return item
+
+
 def build_sr(
-    sources: Sequence[Dataset], findings: Sequence[Finding], manifest: Manifest
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    manifest: Manifest,
+    *,
+    predecessor: ReportRef | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """An SR for one study: ``sources`` are the analysed instances' headers, ``findings`` one per source.
 
-    Patient and study modules come from the sources (same StudyInstanceUID); the SR is a new series whose
-    UIDs derive from the study UID and the model id and version, so a re-send is the same object.
+    Patient and study modules come from the sources (same StudyInstanceUID); the SR's series derives from
+    the study UID and the model id and version, its instance also from the analysed instances (and frames),
+    so a re-send is the same object and a re-analysis with more instances a new one. ``predecessor``, the SR
+    an earlier run sent for this study, is referenced when it is another object.
     """
     if not sources or not findings:
         raise ValueError("an SR needs at least one analysed source instance and one finding")
@@ -152,6 +187,8 @@ def build_sr(
         )
     )
     groups = [_group(f, manifest, study_uid, i) for i, f in enumerate(findings)]
+    analysed = sorted(f"{f.sop_instance_uid}/{f.frame_index}" for f in findings)
+    sop_uid = result_uid("sr", study_uid, mid, version, *analysed)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=codes.cid100.ImagingProcedure,
@@ -163,9 +200,9 @@ def build_sr(
         # without a warning that would quote them.
         evidence=[for_highdicom(ds, pixels=False) for ds in sources],
         content=report[0],
-        series_instance_uid=result_uid("sr-series", study_uid, mid, version),
+        series_instance_uid=sr_series_uid(study_uid, manifest),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=result_uid("sr", study_uid, mid, version),
+        sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -174,17 +211,26 @@ def build_sr(
         series_description=SERIES_DESCRIPTION,
     )
     restore_names(sr, sources[0])
+    if predecessor is not None and predecessor.sop_instance_uid != sop_uid:
+        sr.PredecessorDocumentsSequence = [_predecessor(study_uid, predecessor)]
     return sr
 
 
 def write_sr(
-    sources: Sequence[Dataset], findings: Sequence[Finding], manifest: Manifest, out_dir: Path
-) -> Path:
-    """Build the SR and write it as a DICOM file (with file meta) into ``out_dir``; returns its path."""
-    sr = build_sr(sources, findings, manifest)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    manifest: Manifest,
+    out_dir: Path,
+    *,
+    predecessor: ReportRef | None = None,
+) -> ResultFile:
+    """Build the SR and write it durably as a DICOM file (with file meta) into ``out_dir``."""
+    sr = build_sr(sources, findings, manifest, predecessor=predecessor)
     path = out_dir / f"sr-{sr.SOPInstanceUID}.dcm"
-    tmp = path.with_suffix(".tmp")
-    sr.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
-    return path
+    write_durably(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True))
+    return ResultFile(
+        path=path,
+        sop_class_uid=str(sr.SOPClassUID),
+        sop_instance_uid=str(sr.SOPInstanceUID),
+        transfer_syntax=str(sr.file_meta.TransferSyntaxUID),
+    )

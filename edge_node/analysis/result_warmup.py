@@ -12,10 +12,10 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from edge_node.analysis.capture_sc import build_sc
+from edge_node.analysis.findings import Finding
+from edge_node.analysis.report_sr import build_sr
 from edge_node.protocol.manifest import Manifest
-from edge_node.results.finding import Finding
-from edge_node.results.sc import build_sc
-from edge_node.results.sr import build_sr
 
 __all__ = ["synthetic_source", "warm_up_results"]
 

@@ -1,4 +1,10 @@
-"""Which instances of a study get analysed: group by series, drop non-images, apply the manifest's rules."""
+"""Which instances of a study get analysed: non-images and refused modalities out, the manifest's rules.
+
+Two steps, each fact checked once. ``row_reason`` decides from the row ingest recorded (SOP class, modality),
+before any file is opened: a study of the wrong modality is skipped without reading it. The files left are
+read once (``read_instance``, pixel data deferred), and ``select_instances`` applies the series and frame
+rules to their headers; preprocessing then works on the same data sets.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from edge_node.preprocess import SkipReason, check_modality_value, number_of_frames, select_frame
+from edge_node.analysis.preprocessing import SkipReason, check_modality_value, number_of_frames, select_frame
 from edge_node.protocol.manifest import Preprocessing
+from edge_node.state.runs import InstanceRow
 
 __all__ = [
     "Candidate",
@@ -23,6 +30,8 @@ __all__ = [
     "header_from_dataset",
     "non_image_reason",
     "read_header",
+    "read_instance",
+    "row_reason",
     "select_instances",
     "summarise_reasons",
 ]
@@ -126,32 +135,52 @@ def header_from_dataset(ds: Dataset, path: Path) -> InstanceHeader:
     )
 
 
-def read_header(path: Path) -> InstanceHeader:
-    """Read the header of a DICOM file (pixel data deferred, not loaded); SkipReason if it is not DICOM."""
+def read_instance(path: Path) -> tuple[InstanceHeader, Dataset]:
+    """Read one DICOM file once (large values such as pixel data deferred until used) and its header.
+
+    SkipReason when it is not a readable DICOM file.
+    """
     try:
         ds = dcmread(path, defer_size="64 KB")
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
         logger.info("unreadable DICOM file %s: %s", path.name, type(exc).__name__)
         raise SkipReason("not a readable DICOM file") from exc
-    return header_from_dataset(ds, path)
+    return header_from_dataset(ds, path), ds
 
 
-def non_image_reason(header: InstanceHeader) -> str | None:
-    """Why an object is not an image for a model (SR, SC, SEG, ...), or None when it is one."""
-    uid = header.sop_class_uid
+def read_header(path: Path) -> InstanceHeader:
+    """The header of a DICOM file (pixel data deferred, not loaded); SkipReason if it is not DICOM."""
+    return read_instance(path)[0]
+
+
+def non_image_reason(sop_class_uid: str, modality: str) -> str | None:
+    """Why an object is not an image for a model (SR, SC, SEG, ...), by its SOP class and modality."""
+    uid = sop_class_uid
+    modality = modality.strip().upper()
     name = UID(uid).name if uid else "unknown SOP class"
-    if uid.startswith(_SR_PREFIX) or header.modality == "SR":
+    if uid.startswith(_SR_PREFIX) or modality == "SR":
         return f"{name} is a structured report, not an image"
     if uid.startswith(_SC_PREFIX):
         return f"{name} is a derived image (secondary capture), not analysed"
-    if uid == _SEG or header.modality == "SEG":
+    if uid == _SEG or modality == "SEG":
         return f"{name} is a segmentation, not an image to analyse"
     if uid.startswith((_PRESENTATION_STATE_PREFIX, _ENCAPSULATED_PREFIX, _RT_PREFIX)):
         return f"{name} is not an image"
-    if header.modality in _NON_IMAGE_MODALITIES:
-        return f"{_NON_IMAGE_MODALITIES[header.modality]} objects are not images"
-    if not header.has_pixels:
-        return "no pixel data"
+    if modality in _NON_IMAGE_MODALITIES:
+        return f"{_NON_IMAGE_MODALITIES[modality]} objects are not images"
+    return None
+
+
+def row_reason(row: InstanceRow, pre: Preprocessing, model_id: str) -> str | None:
+    """Why an instance is not analysed, from its ingest row alone (no file read), or None."""
+    modality = row.modality or ""
+    reason = non_image_reason(row.sop_class_uid, modality)
+    if reason is not None:
+        return reason
+    try:
+        check_modality_value(modality, pre, model_id)
+    except SkipReason as skip:
+        return skip.reason
     return None
 
 
@@ -167,13 +196,12 @@ def _order_key(h: InstanceHeader) -> tuple[int, str]:
     return (h.instance_number if h.instance_number is not None else 0, h.sop_instance_uid)
 
 
-def select_instances(headers: Iterable[InstanceHeader], pre: Preprocessing, model_id: str) -> Selection:
-    """Apply the manifest's selection rules to one study's instances.
+def select_instances(headers: Iterable[InstanceHeader], pre: Preprocessing) -> Selection:
+    """Apply the manifest's series and frame rules to one study's images (``row_reason`` came first).
 
-    Duplicates (same SOP Instance UID, e.g. a re-send) count once. Non-images and modalities the model does
-    not accept are ignored with a reason. Per series, ``each_instance`` analyses every image and
-    ``middle_slice`` the middle one by slice position (then instance number); a multi-frame instance gives
-    the frame ``frame_rule`` picks.
+    Duplicates (same SOP Instance UID, e.g. a re-send) count once; an instance without pixel data is
+    ignored with a reason. Per series, ``each_instance`` analyses every image and ``middle_slice`` the middle
+    one by slice position (then instance number); a multi-frame instance gives the frame ``frame_rule`` picks.
     """
     ignored: list[Ignored] = []
     seen: set[str] = set()
@@ -182,14 +210,8 @@ def select_instances(headers: Iterable[InstanceHeader], pre: Preprocessing, mode
         if h.sop_instance_uid and h.sop_instance_uid in seen:
             continue
         seen.add(h.sop_instance_uid)
-        reason = non_image_reason(h)
-        if reason is None:
-            try:
-                check_modality_value(h.modality, pre, model_id)
-            except SkipReason as skip:
-                reason = skip.reason
-        if reason is not None:
-            ignored.append(Ignored(path=h.path, sop_instance_uid=h.sop_instance_uid or None, reason=reason))
+        if not h.has_pixels:
+            ignored.append(Ignored(h.path, h.sop_instance_uid or None, "no pixel data"))
             continue
         series.setdefault(h.series_instance_uid, []).append(h)
 

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
@@ -21,10 +17,13 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.status import code_to_category
 
-from edge_node.dicom.nodelay import NODELAY_HANDLERS
+from edge_node.analysis.result_file import ResultFile
+from edge_node.delivery.association_failure import why_not_established
+from edge_node.delivery.destination import Destination
 from edge_node.errors import SendError
+from edge_node.ingest.socket_options import NODELAY_HANDLERS
 
-__all__ = ["Destination", "SendError", "send_files"]
+__all__ = ["send_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,33 +37,8 @@ RESULT_SOP_CLASSES: tuple[UID, ...] = (
 _MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 
 
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM node that takes results: its AE title, host and port."""
-
-    ae_title: str
-    host: str
-    port: int
-
-
-def _read_meta(path: Path) -> tuple[UID, UID, str]:
-    try:
-        ds = dcmread(path, stop_before_pixels=True)
-    except Exception as exc:
-        raise SendError(
-            f"result file {path.name} cannot be read ({exc}); it is not a valid DICOM file"
-        ) from exc
-    meta = getattr(ds, "file_meta", Dataset())
-    sop_class = UID(str(meta.get("MediaStorageSOPClassUID", ds.get("SOPClassUID", ""))))
-    tsyntax = UID(str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)))
-    sop_instance = str(ds.get("SOPInstanceUID", ""))
-    if not sop_class or not sop_instance:
-        raise SendError(f"result file {path.name} has no SOP Class/Instance UID; it cannot be stored")
-    return sop_class, tsyntax, sop_instance
-
-
 def send_files(
-    paths: Sequence[Path],
+    files: Sequence[ResultFile],
     dest: Destination,
     calling_ae: str,
     *,
@@ -72,24 +46,23 @@ def send_files(
 ) -> None:
     """Store every file at ``dest`` over one association (TCP_NODELAY on), checking each C-STORE status.
 
-    Raises SendError naming the destination and the first file that failed (association refused or
-    aborted, no accepted presentation context, or a failure/unknown status). Warning statuses (0xB000,
+    The presentation contexts come from what each ResultFile says of itself, not from reading the files.
+    Raises SendError naming the destination, the reason and the first file that failed (association refused
+    or aborted, no accepted presentation context, or a failure/unknown status). Warning statuses (0xB000,
     0xB007, 0xB006) count as stored: the destination kept the object.
     """
-    if not paths:
+    if not files:
         return
-    files = [Path(p) for p in paths]
-    metas = [_read_meta(p) for p in files]
+    missing = [f.path.name for f in files if not f.path.is_file()]
+    if missing:
+        raise SendError(f"result file {missing[0]} is missing from the results directory; it cannot be sent")
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    contexts: set[tuple[UID, UID]] = set()
-    for sop_class, tsyntax, _ in metas:
-        contexts.add((sop_class, tsyntax))
-    for sop_class in RESULT_SOP_CLASSES:
-        contexts.add((sop_class, ExplicitVRLittleEndian))
+    contexts: set[tuple[UID, UID]] = {(UID(f.sop_class_uid), UID(f.transfer_syntax)) for f in files}
+    contexts |= {(sop_class, ExplicitVRLittleEndian) for sop_class in RESULT_SOP_CLASSES}
     classes = sorted({c for c, _ in contexts})
     if len(classes) > _MAX_CONTEXTS:
         raise SendError(
@@ -101,34 +74,33 @@ def send_files(
         )
         ae.add_requested_context(sop_class, syntaxes)
 
-    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    where = dest.address
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=list(NODELAY_HANDLERS))
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        raise SendError(
-            f"association with {where} {why}; check that the destination is running and knows AE title "
-            f"{calling_ae!r}"
-        )
+        raise SendError(why_not_established(assoc, dest, calling_ae, timeout))
     try:
-        for path, (sop_class, _, _) in zip(files, metas, strict=True):
+        for f in files:
+            name = f.path.name
             try:
-                status = assoc.send_c_store(path)
+                status = assoc.send_c_store(f.path)
             except ValueError as exc:  # no accepted presentation context for this class/syntax
-                raise SendError(f"{where} accepted no presentation context for {path.name}: {exc}") from exc
+                raise SendError(f"{where} accepted no presentation context for {name}: {exc}") from exc
+            except (OSError, AttributeError) as exc:  # unreadable or not a DICOM file
+                raise SendError(f"result file {name} cannot be read ({type(exc).__name__})") from exc
             if not assoc.is_established and not status:
-                raise SendError(f"association with {where} was lost while sending {path.name}")
+                raise SendError(f"association with {where} was lost while sending {name}")
             code = int(getattr(status, "Status", -1)) if status else -1
             if code == -1:
-                raise SendError(f"no C-STORE response from {where} for {path.name} (timeout or abort)")
+                raise SendError(f"no C-STORE response from {where} for {name} (timeout or abort)")
             category = code_to_category(code)
             if category not in ("Success", "Warning"):
                 comment = str(status.get("ErrorComment", "")) if status else ""
                 raise SendError(
-                    f"{where} refused {path.name} ({UID(sop_class).name}): status 0x{code:04X} {category}"
+                    f"{where} refused {name} ({UID(f.sop_class_uid).name}): status 0x{code:04X} {category}"
                     + (f" - {comment}" if comment else "")
                 )
             if category == "Warning":
-                logger.info("%s stored %s with warning 0x%04X", where, path.name, code)
+                logger.info("%s stored %s with warning 0x%04X", where, name, code)
     finally:
         if assoc.is_established:
             assoc.release()

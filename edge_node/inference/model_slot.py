@@ -1,9 +1,9 @@
 """The node's model slot: install a verified bundle, switch the active model atomically, roll back, hot-swap.
 
-Layout: ``data_dir/models/<model_id>/<version>/`` holds a verified copy of each installed bundle; the store's
-``activations`` table is the active pointer (the latest row wins, one INSERT is the atomic switch) and its
-history is what ``rollback`` walks back along. Installing never touches the model in use: a bundle that fails
-verification or does not load is refused with a message, and the node keeps serving what it had.
+Layout: ``data_dir/models/<model_id>/<version>/`` holds a verified copy of each installed bundle; the
+registry's ``activations`` table is the active pointer (the latest row wins, one INSERT is the atomic switch)
+and its history is what ``rollback`` walks back along. Installing never touches the model in use: a bundle
+that fails verification or does not load is refused with a message, and the node keeps serving what it had.
 
 The serving process notices a switch made by another process (``fedclinic-edge install-bundle``) through
 ``ModelRegistry.activation_id`` before each study, loads the new model, and only then drops the old one, so a
@@ -29,12 +29,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_node.errors import ConfigError, ModelError
 from edge_node.inference.backend import CPU
-from edge_node.inference.model import LoadedModel, Precision, load_model
+from edge_node.inference.loaded_model import LoadedModel, Precision, load_model
 from edge_node.protocol.bundle import VerifiedBundle, verify_bundle
 from edge_node.protocol.errors import BundleError
 from edge_node.protocol.signing import load_public_keys
-from edge_node.registry import ModelRecord
-from edge_node.store import Store
+from edge_node.state.model_registry import ModelRecord, ModelRegistry
 
 if TYPE_CHECKING:
     from edge_node.settings import EdgeSettings
@@ -77,7 +76,7 @@ class ModelSlot:
 
     def __init__(
         self,
-        store: Store,
+        registry: ModelRegistry,
         models_dir: Path,
         trusted_keys: Path | None,
         *,
@@ -89,7 +88,7 @@ class ModelSlot:
         loader: Loader = _default_loader,
         on_loaded: Callable[[LoadedModel], None] | None = None,
     ) -> None:
-        self.store = store
+        self.registry = registry
         self.models_dir = models_dir
         self.trusted_keys = trusted_keys
         self.options = LoadOptions(
@@ -109,11 +108,15 @@ class ModelSlot:
 
     @classmethod
     def from_settings(
-        cls, store: Store, settings: EdgeSettings, *, on_loaded: Callable[[LoadedModel], None] | None = None
+        cls,
+        registry: ModelRegistry,
+        settings: EdgeSettings,
+        *,
+        on_loaded: Callable[[LoadedModel], None] | None = None,
     ) -> ModelSlot:
         """The slot of the node ``settings`` describe (providers, threads, precision, TensorRT options)."""
         return cls(
-            store,
+            registry,
             settings.models_dir,
             settings.trusted_keys,
             providers=settings.providers,
@@ -174,14 +177,14 @@ class ModelSlot:
                     f"bundle model id/version {model_id!r} {version!r} is not a safe name; refused"
                 )
             digest = hashlib.sha256(manifest.canonical_bytes()).hexdigest()
-            existing = self.store.models.by_id(model_id, version)
+            existing = self.registry.by_id(model_id, version)
             if existing is not None:
                 if existing.manifest_sha256 != digest:
                     raise ModelError(
                         f"{model_id} {version} is already installed with a different manifest; "
                         "a changed model needs a new version"
                     )
-                self.store.models.activate(existing.row, "install (already present)")
+                self.registry.activate(existing.row, "install (already present)")
                 logger.info("model %s %s was installed already; it is active again", model_id, version)
                 return existing
             # Copy, then verify the copy: what gets loaded later is exactly what was checked.
@@ -201,21 +204,21 @@ class ModelSlot:
             if final.exists():  # left over from an install interrupted before it was recorded
                 shutil.rmtree(final)
             copy.rename(final)
-        row = self.store.models.add(model_id, version, final, digest, verified.key_fingerprint)
-        self.store.models.activate(row, "install")
+        row = self.registry.add(model_id, version, final, digest, verified.key_fingerprint)
+        self.registry.activate(row, "install")
         logger.info(
             "installed model %s %s (key %s); it is now active", model_id, version, verified.key_fingerprint
         )
-        record = self.store.models.by_id(model_id, version)
+        record = self.registry.by_id(model_id, version)
         assert record is not None
         return record
 
     def rollback(self) -> ModelRecord:
         """Make the model that was active before the current one active again."""
-        previous = self.store.models.previous()
+        previous = self.registry.previous()
         if previous is None:
             raise ModelError("there is no previous model to roll back to")
-        self.store.models.activate(previous.row, "rollback")
+        self.registry.activate(previous.row, "rollback")
         logger.info("rolled back to model %s %s", previous.model_id, previous.version)
         return previous
 
@@ -228,10 +231,10 @@ class ModelSlot:
         moves again); None only when nothing was ever loaded.
         """
         with self._lock:
-            activation = self.store.models.activation_id()
+            activation = self.registry.activation_id()
             if activation in (self._loaded_activation, self._failed_activation):
                 return self._loaded
-            record = self.store.models.active()
+            record = self.registry.active()
             if record is None:
                 return None
             try:

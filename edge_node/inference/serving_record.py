@@ -13,7 +13,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_node.inference.model import LoadedModel
+from edge_node.inference.loaded_model import LoadedModel
+from edge_node.protocol.durable_file import write_text_durably
 
 __all__ = ["ServingRecord", "read_serving", "write_serving"]
 
@@ -59,10 +60,7 @@ class ServingRecord:
 
 def write_serving(path: Path, record: ServingRecord) -> None:
     """Replace the record atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_durably(path, json.dumps(asdict(record), indent=1, sort_keys=True) + "\n")
 
 
 def read_serving(path: Path) -> ServingRecord | None:

@@ -1,10 +1,10 @@
 """The DICOM listener: a pynetdicom Storage SCP whose handlers spool, record and answer, and nothing more.
 
 The C-STORE handler writes the data set exactly as received (no decode and re-encode) behind a File Meta
-header it encodes itself, makes it durable through the spool (one fsync, see ``edge_node.spool``), and only
-then answers success. Everything slow (parsing pixels, the model) happens in the worker, queued when the
-association is released. Every failure becomes a DICOM status with a short comment for the sender, and a
-log line without identifiers; no exception reaches pynetdicom's thread.
+header it encodes itself, makes it durable through the spool (one fsync, see ``edge_node.ingest.spool``), and
+only then answers success. Everything slow (parsing pixels, the model) happens in the worker, queued when the
+association is released. Every failure becomes a DICOM status with a short comment for the sender, and a log
+line without identifiers; no exception reaches pynetdicom's thread.
 
 Statuses sent (PS3.4 B.2.3, PS3.7 C):
 
@@ -34,11 +34,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from edge_node.dicom.nodelay import NODELAY_HANDLERS
-from edge_node.dicom.part10 import part10_stream
-from edge_node.dicom.sopclasses import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
-from edge_node.spool import Spool
+from edge_node.ingest.part10 import part10_stream
+from edge_node.ingest.socket_options import NODELAY_HANDLERS
+from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from edge_node.ingest.spool import Spool
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -216,7 +216,7 @@ class Listener:
         try:
             studies = self._take_touched(event)
             if studies:
-                queued = self.spool.store.mark_complete(sorted(studies))
+                queued = self.spool.records.mark_complete(sorted(studies))
                 logger.info("association released: %d studies complete, %d queued", len(studies), queued)
                 self._on_complete()
         except Exception:

@@ -18,7 +18,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-__all__ = ["SECONDARY_CAPTURE_SOP_CLASSES", "STORAGE_SOP_CLASSES", "TRANSFER_SYNTAXES", "is_accepted"]
+__all__ = ["STORAGE_SOP_CLASSES", "TRANSFER_SYNTAXES"]
 
 # PS3.4 Annex B.5 storage SOP classes (pynetdicom builds these names dynamically, which type checkers
 # cannot see, so they are spelled out here).
@@ -66,17 +66,6 @@ STORAGE_SOP_CLASSES: tuple[UID, ...] = (
     MultiFrameTrueColorSecondaryCaptureImageStorage,
 )
 
-#: Secondary capture classes: the node's own results may be of these, so the worker can tell them apart.
-SECONDARY_CAPTURE_SOP_CLASSES: frozenset[UID] = frozenset(
-    {
-        SecondaryCaptureImageStorage,
-        MultiFrameSingleBitSecondaryCaptureImageStorage,
-        MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-        MultiFrameTrueColorSecondaryCaptureImageStorage,
-    }
-)
-
 #: Transfer syntaxes accepted for every class above, in order of preference. Uncompressed little endian comes
 #: first so that a sender able to convert picks the cheapest one to decode. Explicit VR big endian is retired
 #: (PS3.5 Annex A.3) and senders convert it to little endian when it is not offered.
@@ -94,11 +83,3 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     JPEG2000,
     RLELossless,
 )
-
-_ACCEPTED_CLASSES = frozenset(STORAGE_SOP_CLASSES)
-_ACCEPTED_SYNTAXES = frozenset(TRANSFER_SYNTAXES)
-
-
-def is_accepted(sop_class_uid: str, transfer_syntax_uid: str) -> bool:
-    """True when the listener would accept an instance of this class in this transfer syntax."""
-    return sop_class_uid in _ACCEPTED_CLASSES and transfer_syntax_uid in _ACCEPTED_SYNTAXES

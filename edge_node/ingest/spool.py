@@ -17,7 +17,7 @@ Order of a ``put`` and what a crash (kill -9 or power cut) at each point leaves 
           is atomic), complete and checksummed, and ``recover`` handles it as in 1; after kill -9 it is
           in place
 3. commit the instance row (synchronous=NORMAL)
-       -> a file in place without a row: ``recover`` indexes it (see ``edge_node.store``)
+       -> a file in place without a row: ``recover`` indexes it (see ``edge_node.state.database``)
 4. the listener returns 0x0000 -> only now does the PACS consider it delivered
 
 So every acknowledged instance is fsynced, and reachable under a durable name, before its response; a crash
@@ -45,9 +45,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_node.dicom.part10 import Header, parse_header
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
-from edge_node.store import InstanceRecord, Store
+from edge_node.ingest.part10 import Header, parse_header
+from edge_node.protocol.durable_file import fsync_directory
+from edge_node.state.ingest_records import IngestRecords, InstanceRecord
 
 __all__ = ["POOL_BATCH", "Spool", "SpoolReceipt"]
 
@@ -67,14 +68,6 @@ class SpoolReceipt:
     study_id: int
     path: Path
     size: int
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _marked(stream: bytes) -> bytes:
@@ -123,20 +116,21 @@ class _SlotPool:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             made.append(path)
         # One flush makes all the new names durable: each slot then costs its instance a single fsync.
-        _fsync_dir(self.directory)
+        fsync_directory(self.directory)
         self._free.extend(made)
 
 
 class Spool:
     """Writes received instances durably under ``root`` and indexes them in the store."""
 
-    def __init__(self, root: Path, store: Store, *, max_instance_bytes: int, min_free_bytes: int) -> None:
+    def __init__(
+        self, root: Path, records: IngestRecords, *, max_instance_bytes: int, min_free_bytes: int
+    ) -> None:
         self.root = root
-        self.store = store
+        self.records = records
         self.max_instance_bytes = max_instance_bytes
         self.min_free_bytes = min_free_bytes
         self._pool = _SlotPool(root / ".pool")
-        self._legacy_tmp = root / ".tmp"  # partial writes of spools made before the slot pool
         try:
             self._pool.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -149,8 +143,8 @@ class Spool:
     def path_for(self, study_uid: str, sop_instance_uid: str) -> Path:
         return (
             self.root
-            / self.store.uid_hash(study_uid, 32)
-            / f"{self.store.uid_hash(sop_instance_uid, 32)}.dcm"
+            / self.records.db.uid_hash(study_uid, 32)
+            / f"{self.records.db.uid_hash(sop_instance_uid, 32)}.dcm"
         )
 
     def check_room(self, size: int) -> None:
@@ -198,7 +192,7 @@ class Spool:
             size=size,
             calling_ae=calling_ae,
         )
-        study_id, superseded = self.store.record_instance(record)
+        study_id, superseded = self.records.record_instance(record)
         if superseded is not None:
             # The same SOP instance came again under another study: the new copy wins, the old file goes.
             superseded.unlink(missing_ok=True)
@@ -218,7 +212,7 @@ class Spool:
                 os.close(fd)
             if not dest.parent.is_dir():
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(self.root)  # the new study directory's entry (once per study)
+                fsync_directory(self.root)  # the new study directory's entry (once per study)
             # No directory fsync: if a power cut loses this rename, the complete, checksummed instance is
             # still under the slot's durable name, and ``recover`` moves it here (see the module docstring).
             os.replace(slot, dest)
@@ -234,12 +228,8 @@ class Spool:
 
         Returns (partial files removed, files indexed again). Unreadable files without a row are removed.
         """
-        known = self.store.spool_paths()
+        known = self.records.spool_paths()
         partial, indexed = self._recover_slots(known)
-        if self._legacy_tmp.is_dir():
-            for part in self._legacy_tmp.glob("*.part"):
-                part.unlink(missing_ok=True)
-                partial += 1
         for study_dir in self.root.iterdir():
             if study_dir.name.startswith(".") or not study_dir.is_dir():
                 continue
@@ -285,15 +275,15 @@ class Spool:
                 continue
             dest = self.path_for(header.study_uid, header.sop_instance_uid)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root)
+            fsync_directory(self.root)
             os.replace(slot, dest)
-            _fsync_dir(dest.parent)  # at start only, rare: make the move durable before indexing
+            fsync_directory(dest.parent)  # at start only, rare: make the move durable before indexing
             if dest not in known:
                 self._record(header, dest, len(data), "(recovered)")
                 known.add(dest)
                 indexed += 1
         if partial or indexed:
-            _fsync_dir(self._pool.directory)
+            fsync_directory(self._pool.directory)
         self._pool.adopt(empty)
         return partial, indexed
 

@@ -9,10 +9,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from edge_node.store import Store
+from edge_node.state.database import Database
 
 __all__ = ["ModelRecord", "ModelRegistry"]
 
@@ -29,19 +27,17 @@ class ModelRecord:
 
 
 class ModelRegistry:
-    """The models and activations tables of one ``Store``."""
+    """The models and activations tables of one node's database."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     def by_id(self, model_id: str, version: str) -> ModelRecord | None:
-        rows = self.store.query(
-            "SELECT * FROM models WHERE model_id = ? AND version = ?", (model_id, version)
-        )
+        rows = self.db.query("SELECT * FROM models WHERE model_id = ? AND version = ?", (model_id, version))
         return _model(rows[0]) if rows else None
 
     def add(self, model_id: str, version: str, path: Path, manifest_sha256: str, fingerprint: str) -> int:
-        with self.store.tx(durable=True) as c:
+        with self.db.tx(durable=True) as c:
             cur = c.execute(
                 "INSERT INTO models (model_id, version, path, manifest_sha256, key_fingerprint, installed_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -51,26 +47,26 @@ class ModelRegistry:
 
     def activate(self, model_row: int, reason: str) -> None:
         """The atomic switch: the active model is the latest activation row (one INSERT, one commit)."""
-        with self.store.tx(durable=True) as c:
+        with self.db.tx(durable=True) as c:
             c.execute(
                 "INSERT INTO activations (model_row, at, reason) VALUES (?, ?, ?)",
                 (model_row, time.time(), reason),
             )
 
     def active(self) -> ModelRecord | None:
-        rows = self.store.query(
+        rows = self.db.query(
             "SELECT m.* FROM activations a JOIN models m ON m.id = a.model_row ORDER BY a.id DESC LIMIT 1"
         )
         return _model(rows[0]) if rows else None
 
     def activation_id(self) -> int:
         """Increases with every switch; the worker compares it to notice a new active model cheaply."""
-        rows = self.store.query("SELECT COALESCE(MAX(id), 0) AS n FROM activations")
+        rows = self.db.query("SELECT COALESCE(MAX(id), 0) AS n FROM activations")
         return int(rows[0]["n"])
 
     def previous(self) -> ModelRecord | None:
         """The model that was active just before the current activation (what rollback goes back to)."""
-        rows = self.store.query(
+        rows = self.db.query(
             "SELECT m.* FROM activations a JOIN models m ON m.id = a.model_row"
             " WHERE a.id < (SELECT MAX(id) FROM activations)"
             " AND a.model_row != (SELECT model_row FROM activations ORDER BY id DESC LIMIT 1)"

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_node.store import Store, StudySummary
+from edge_node.state.node_state import NodeState
+from edge_node.state.status_queries import StudySummary
 from hub.demo.orthanc import Modality, Orthanc, OrthancError, free_port
 
 __all__ = ["EDGE_BIN", "BundleFiles", "Clinic", "EdgeNode"]
@@ -117,11 +118,11 @@ class EdgeNode:
 
     def studies(self, limit: int = 1000) -> list[StudySummary]:
         """The node's own read API over its store (what ``fedclinic-edge status`` shows)."""
-        store = Store(self.db_path)
+        state = NodeState.open(self.db_path)
         try:
-            return store.recent_studies(limit)
+            return state.status.recent_studies(limit)
         finally:
-            store.close()
+            state.close()
 
 
 @dataclass

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from edge_node.cli import app
 from edge_node.config_check import c_echo, check_data_dir, check_runtime
-from edge_node.settings import DestinationSettings, load_settings
+from edge_node.delivery.destination import Destination
+from edge_node.settings import load_settings
 from tests.edge_node.conftest import Storescp, TrustedBundle, free_port, write_config
 
 runner = CliRunner()
@@ -69,19 +70,17 @@ def test_fails_when_a_destination_does_not_answer(tmp_path: Path, pacs: Storescp
     assert result.exit_code == 1
     flat = _flat(result.output)
     assert f"PACS@127.0.0.1:{pacs.port}ok" in flat
-    assert f"ARCHIVE@127.0.0.1:{dead}FAILED" in flat and "associationnotestablished" in flat
+    assert f"ARCHIVE@127.0.0.1:{dead}FAILED" in flat and "connectionrefused(nothinglistenson127.0.0.1" in flat
     # No trusted keys either: named with the setting that fixes it.
     assert "trustedkeysFAILED" in flat and "FEDCLINIC_EDGE_TRUSTED_KEYS" in flat
     assert "nomodelinstalledyet" in flat
     assert f"config-checkfailed:trustedkeys,ARCHIVE@127.0.0.1:{dead}" in flat
 
 
-def test_echo_result_for_a_real_scp_and_a_wrong_called_ae(pacs: Storescp) -> None:
-    ok = c_echo(DestinationSettings(ae_title="PACS", host="127.0.0.1", port=pacs.port), "EDGE", timeout=5)
+def test_echo_result_for_a_real_scp_and_a_closed_port(pacs: Storescp) -> None:
+    ok = c_echo(Destination("PACS", "127.0.0.1", pacs.port), "EDGE", timeout=5)
     assert ok.ok and ok.detail == "C-ECHO success" and ok.milliseconds > 0
-    closed = c_echo(
-        DestinationSettings(ae_title="PACS", host="127.0.0.1", port=free_port()), "EDGE", timeout=3
-    )
+    closed = c_echo(Destination("PACS", "127.0.0.1", free_port()), "EDGE", timeout=3)
     assert not closed.ok and "connection refused" in closed.detail
 
 

@@ -10,11 +10,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from edge_node.analysis import analyze_study
+from edge_node.analysis.analyzer import StudyOutcome, analyze_study
+from edge_node.analysis.preprocessing import preprocess
 from edge_node.errors import InferenceError
 from edge_node.inference.backend import Backend
-from edge_node.inference.model import LoadedModel, load_model
-from edge_node.preprocess import preprocess
+from edge_node.inference.loaded_model import LoadedModel, load_model
+from tests.edge_node.conftest import instance_rows
 from tests.support.onnxgen import ToyBundle, make_bundle
 
 CR_DIR = Path("pydicom_testfiles/dicomdirtests/77654033")
@@ -36,6 +37,10 @@ def cr_study(shared_data: Path) -> list[Path]:
     return [root / "CR1" / "6154", root / "CR2" / "6247", root / "CR3" / "6278"]
 
 
+def _analyse(paths: list[Path], model: LoadedModel, out: Path, **kwargs: bool) -> StudyOutcome:
+    return analyze_study(instance_rows(paths), model, out, **kwargs)
+
+
 @pytest.fixture
 def ct_study(shared_data: Path) -> list[Path]:
     return sorted((shared_data / "dicom" / CR_DIR / "CT2").iterdir())
@@ -44,11 +49,11 @@ def ct_study(shared_data: Path) -> list[Path]:
 def test_cr_study_is_analysed_and_scores_match_the_model(
     tmp_path: Path, cr_study: list[Path], bundle: ToyBundle, model: LoadedModel
 ) -> None:
-    out = analyze_study(cr_study, model, tmp_path / "out")
+    out = _analyse(cr_study, model, tmp_path / "out")
     assert out.status == "done" and out.reason is None and out.ignored == []
     # Independent recomputation: manifest preprocessing, then the linear model in numpy, then the sigmoid.
     tensors = np.stack(
-        [preprocess(pydicom.dcmread(p), bundle.manifest.preprocessing, model_id="x").tensor for p in cr_study]
+        [preprocess(pydicom.dcmread(p), bundle.manifest.preprocessing).tensor for p in cr_study]
     )
     expected = 1 / (1 + np.exp(-bundle.model.logits(tensors)[:, 0]))
     by_uid = {f.sop_instance_uid: f for f in out.findings}
@@ -57,10 +62,10 @@ def test_cr_study_is_analysed_and_scores_match_the_model(
         assert finding.score == pytest.approx(score, abs=1e-6)
         assert finding.present == (finding.score >= 0.5)
         assert finding.label == ("pneumonia" if finding.present else "normal")
-    kinds = sorted(p.name.split("-")[0] for p in out.outputs)
+    kinds = sorted(f.path.name.split("-")[0] for f in out.outputs)
     assert kinds == ["sc", "sc", "sc", "sr"]
-    assert all(p.parent == tmp_path / "out" and p.is_file() for p in out.outputs)
-    sr_path = next(p for p in out.outputs if p.name.startswith("sr-"))
+    assert all(f.path.parent == tmp_path / "out" and f.path.is_file() for f in out.outputs)
+    sr_path = next(f.path for f in out.outputs if f.path.name.startswith("sr-"))
     report = hd.sr.srread(sr_path).content
     assert isinstance(report, hd.sr.MeasurementReport)
     groups = report.get_image_measurement_groups()
@@ -71,7 +76,7 @@ def test_cr_study_is_analysed_and_scores_match_the_model(
 def test_ct_study_is_skipped_with_the_reason(
     tmp_path: Path, ct_study: list[Path], model: LoadedModel
 ) -> None:
-    out = analyze_study(ct_study, model, tmp_path / "out")
+    out = _analyse(ct_study, model, tmp_path / "out")
     assert out.status == "skipped"
     assert out.reason == "modality CT not accepted by model test-student (accepts CR, DX) (4 instances)"
     assert out.findings == [] and out.outputs == []
@@ -83,13 +88,13 @@ def test_mixed_study_analyses_what_it_can(
 ) -> None:
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"\x00" * 300)
-    first = analyze_study(cr_study[:1], model, tmp_path / "first")
-    own_sr = next(p for p in first.outputs if p.name.startswith("sr-"))
+    first = _analyse(cr_study[:1], model, tmp_path / "first")
+    own_sr = next(f.path for f in first.outputs if f.path.name.startswith("sr-"))
     broken = tmp_path / "broken.dcm"
     ds = pydicom.dcmread(cr_study[1])
     ds.PixelData = ds.PixelData[:20]
     ds.save_as(broken)
-    out = analyze_study([cr_study[0], ct_study[0], junk, own_sr, broken], model, tmp_path / "out")
+    out = _analyse([cr_study[0], ct_study[0], junk, own_sr, broken], model, tmp_path / "out")
     assert out.status == "done" and len(out.findings) == 1
     reasons = sorted(i.reason for i in out.ignored)
     assert reasons == [
@@ -101,14 +106,14 @@ def test_mixed_study_analyses_what_it_can(
 
 
 def test_secondary_capture_is_optional(tmp_path: Path, cr_study: list[Path], model: LoadedModel) -> None:
-    out = analyze_study(cr_study, model, tmp_path / "out", secondary_capture=False)
-    assert [p.name.split("-")[0] for p in out.outputs] == ["sr"]
+    out = _analyse(cr_study, model, tmp_path / "out", secondary_capture=False)
+    assert [f.path.name.split("-")[0] for f in out.outputs] == ["sr"]
 
 
 def test_rerun_writes_the_same_result_files(tmp_path: Path, cr_study: list[Path], model: LoadedModel) -> None:
-    a = analyze_study(cr_study, model, tmp_path / "a")
-    b = analyze_study(cr_study, model, tmp_path / "b")
-    assert sorted(p.name for p in a.outputs) == sorted(p.name for p in b.outputs)
+    a = _analyse(cr_study, model, tmp_path / "a")
+    b = _analyse(cr_study, model, tmp_path / "b")
+    assert sorted(f.path.name for f in a.outputs) == sorted(f.path.name for f in b.outputs)
 
 
 def test_nothing_to_analyse(tmp_path: Path, model: LoadedModel) -> None:
@@ -116,7 +121,7 @@ def test_nothing_to_analyse(tmp_path: Path, model: LoadedModel) -> None:
     junk = tmp_path / "a.dcm"
     junk.write_text("hello")
     shutil.copy(junk, tmp_path / "b.dcm")
-    out = analyze_study([junk, tmp_path / "b.dcm"], model, tmp_path / "out")
+    out = _analyse([junk, tmp_path / "b.dcm"], model, tmp_path / "out")
     assert (out.status, out.reason) == ("skipped", "not a readable DICOM file (2 instances)")
 
 
@@ -140,4 +145,4 @@ def test_a_failing_model_is_an_inference_error(
         manifest=model.manifest, backend=_BrokenBackend(), model_file="model.onnx", precision="fp32"
     )
     with pytest.raises(InferenceError, match=r"model test-student 1\.2\.3 failed on 3 image"):
-        analyze_study(cr_study, broken, tmp_path / "out")
+        _analyse(cr_study, broken, tmp_path / "out")

@@ -14,11 +14,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
-from edge_node.preprocess import preprocess
+from edge_node.analysis.capture_sc import MIN_SIDE, build_sc, write_sc
+from edge_node.analysis.findings import Finding
+from edge_node.analysis.preprocessing import preprocess
+from edge_node.analysis.report_sr import SCORE_CODE_VALUE, build_sr, write_sr
 from edge_node.protocol.manifest import Manifest
-from edge_node.results.finding import Finding
-from edge_node.results.sc import MIN_SIDE, build_sc, write_sc
-from edge_node.results.sr import SCORE_CODE_VALUE, build_sr, write_sr
+from edge_node.state.runs import ReportRef
 from tests.support.onnxgen import make_bundle
 
 CR_FILES = ("CR1/6154", "CR2/6247", "CR3/6278")
@@ -66,7 +67,7 @@ def test_sr_in_source_study_with_references_scores_and_codes(
 ) -> None:
     scores = [0.91234567, 0.12, 0.5]
     findings = _findings(sources, scores)
-    path = write_sr(sources, findings, manifest, tmp_path / "out")
+    path = write_sr(sources, findings, manifest, tmp_path / "out").path
     assert path.parent == tmp_path / "out" and path.read_bytes()[128:132] == b"DICM"
 
     sr = pydicom.dcmread(path)
@@ -121,6 +122,27 @@ def test_sr_uids_are_deterministic(sources: list[Dataset], manifest: Manifest) -
     assert len({a.SOPInstanceUID, a.SeriesInstanceUID, newer.SeriesInstanceUID}) == 3
 
 
+def test_a_reanalysis_with_more_instances_is_a_successor_sr(
+    sources: list[Dataset], manifest: Manifest
+) -> None:
+    first = build_sr(sources[:2], _findings(sources[:2], [0.7, 0.2]), manifest)
+    assert "PredecessorDocumentsSequence" not in first
+    prior = ReportRef(str(first.SOPInstanceUID), str(first.SeriesInstanceUID))
+    again = build_sr(sources[:2], _findings(sources[:2], [0.7, 0.2]), manifest, predecessor=prior)
+    assert again.SOPInstanceUID == first.SOPInstanceUID and "PredecessorDocumentsSequence" not in again
+    late = build_sr(sources, _findings(sources, [0.7, 0.2, 0.4]), manifest, predecessor=prior)
+    assert late.SOPInstanceUID != first.SOPInstanceUID and late.SeriesInstanceUID == first.SeriesInstanceUID
+    (item,) = late.PredecessorDocumentsSequence
+    assert item.StudyInstanceUID == first.StudyInstanceUID
+    (series,) = item.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    (ref,) = series.ReferencedSOPSequence
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
+        first.SOPClassUID,
+        first.SOPInstanceUID,
+    )
+
+
 def test_sr_for_a_multiclass_model_codes_the_predicted_class(tmp_path: Path, sources: list[Dataset]) -> None:
     manifest = make_bundle(tmp_path / "multi", kind="multiclass").manifest
     finding = Finding(
@@ -131,7 +153,7 @@ def test_sr_for_a_multiclass_model_codes_the_predicted_class(tmp_path: Path, sou
         label="grade2",
         present=True,
     )
-    path = write_sr(sources[:1], [finding], manifest, tmp_path)
+    path = write_sr(sources[:1], [finding], manifest, tmp_path).path
     report = hd.sr.srread(path).content
     assert isinstance(report, hd.sr.MeasurementReport)
     (group,) = report.get_image_measurement_groups()
@@ -157,9 +179,9 @@ def test_sc_burns_the_result_into_the_image(
     tmp_path: Path, sources: list[Dataset], manifest: Manifest
 ) -> None:
     src = sources[0]
-    display = preprocess(src, manifest.preprocessing, model_id=manifest.model_id).display  # (16, 16)
+    display = preprocess(src, manifest.preprocessing).display  # (16, 16)
     present, absent = _findings([src, src], [0.93, 0.07])
-    path = write_sc(src, display, present, manifest, tmp_path)
+    path = write_sc(src, display, present, manifest, tmp_path).path
     sc = pydicom.dcmread(path)
     assert sc.SOPClassUID == SecondaryCaptureImageStorage
     assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.PatientID == src.PatientID
@@ -183,9 +205,9 @@ def test_sc_without_source_orientation_has_an_empty_one(
 ) -> None:
     src = pydicom.dcmread(shared_data / "dicom" / "highdicom" / "dx_image.dcm")
     src.PatientOrientation = None
-    display = preprocess(src, manifest.preprocessing, model_id=manifest.model_id).display
+    display = preprocess(src, manifest.preprocessing).display
     (finding,) = _findings([src], [0.4])
-    sc = pydicom.dcmread(write_sc(src, display, finding, manifest, tmp_path))
+    sc = pydicom.dcmread(write_sc(src, display, finding, manifest, tmp_path).path)
     assert not sc.PatientOrientation
     assert max(sc.Rows, sc.Columns) >= MIN_SIDE
 
@@ -207,11 +229,11 @@ def test_results_for_single_component_names_carry_no_phi_into_warnings_or_logs(
         ds.PatientName, ds.PatientID, ds.ReferringPhysicianName = name, patient_id, physician
         study.append(ds)
     findings = _findings(study, [0.8, 0.3, 0.6])
-    display = preprocess(study[0], manifest.preprocessing, model_id=manifest.model_id).display
+    display = preprocess(study[0], manifest.preprocessing).display
     # Every level of every logger, highdicom's included (the CLI raises its level, and that sticks).
     with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="highdicom"):
-        sr = pydicom.dcmread(write_sr(study, findings, manifest, tmp_path))
-        sc = pydicom.dcmread(write_sc(study[0], display, findings[0], manifest, tmp_path))
+        sr = pydicom.dcmread(write_sr(study, findings, manifest, tmp_path).path)
+        sc = pydicom.dcmread(write_sc(study[0], display, findings[0], manifest, tmp_path).path)
     phi = (name, patient_id, physician)
     assert [str(w.message) for w in recwarn] == []
     leaked = [r.getMessage() for r in caplog.records if any(v in r.getMessage() for v in phi)]

@@ -6,9 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from edge_node.preprocess import SkipReason
+from edge_node.analysis.preprocessing import SkipReason
+from edge_node.analysis.selection import (
+    Ignored,
+    InstanceHeader,
+    read_header,
+    row_reason,
+    select_instances,
+    summarise_reasons,
+)
 from edge_node.protocol.manifest import Preprocessing
-from edge_node.series import Ignored, InstanceHeader, read_header, select_instances, summarise_reasons
+from edge_node.state.runs import InstanceRow
 
 CT_PRE = Preprocessing(modalities=["CT"], size=(28, 28), mean=[0.5], std=[0.5])
 CR_PRE = Preprocessing(modalities=["CR", "DX"], size=(28, 28), mean=[0.5], std=[0.5])
@@ -39,15 +47,22 @@ def _header(
     )
 
 
+def _row(sop: str, sop_class: str, modality: str | None) -> InstanceRow:
+    return InstanceRow(sop, "1.2.3.1", sop_class, "1.2.840.10008.1.2.1", modality, Path(f"/spool/{sop}.dcm"))
+
+
 def test_real_ct_series_with_segmentation(shared_data: Path) -> None:
     folder = shared_data / "dicom" / "dcmqi_ct3slice"
     headers = [read_header(p) for p in sorted(folder.glob("*.dcm"))]
-    each = select_instances(headers, CT_PRE, "ct-model")
+    seg = next(h for h in headers if h.path.name == "liver_seg.dcm")
+    assert row_reason(_row("s", seg.sop_class_uid, seg.modality), CT_PRE, "ct-model") == (
+        "Segmentation Storage is a segmentation, not an image to analyse"
+    )
+    images = [h for h in headers if h is not seg]
+    each = select_instances(images, CT_PRE)
     assert [c.header.path.name for c in each.candidates] == ["01.dcm", "02.dcm", "03.dcm"]
-    assert [(i.path.name, i.reason) for i in each.ignored] == [
-        ("liver_seg.dcm", "Segmentation Storage is a segmentation, not an image to analyse")
-    ]
-    middle = select_instances(headers, CT_PRE.model_copy(update={"series_rule": "middle_slice"}), "ct-model")
+    assert each.ignored == []
+    middle = select_instances(images, CT_PRE.model_copy(update={"series_rule": "middle_slice"}))
     assert [c.header.path.name for c in middle.candidates] == ["02.dcm"]
     not_middle = sorted(
         i.path.name for i in middle.ignored if i.reason == "not the middle slice of its series"
@@ -65,7 +80,7 @@ def test_middle_slice_sorts_by_position_then_number() -> None:
         _header("e", number=5, position=-5.0),
     ]
     pre = CR_PRE.model_copy(update={"series_rule": "middle_slice"})
-    chosen = select_instances(headers, pre, "m").candidates
+    chosen = select_instances(headers, pre).candidates
     assert [c.header.sop_instance_uid for c in chosen] == ["b"]
 
 
@@ -75,39 +90,46 @@ def test_each_series_is_selected_separately_and_multiframe_gets_its_frame() -> N
         _header("s1-0", series="1.1", number=1),
         _header("s2-0", series="1.2", frames=30, sop_class="1.2.840.10008.5.1.4.1.1.3.1", modality="DX"),
     ]
-    sel = select_instances(headers, CR_PRE, "m")
+    sel = select_instances(headers, CR_PRE)
     assert [(c.header.sop_instance_uid, c.frame_index) for c in sel.candidates] == [
         ("s1-0", 0),
         ("s1-1", 0),
         ("s2-0", 15),
     ]
-    first = select_instances(headers, CR_PRE.model_copy(update={"frame_rule": "first"}), "m")
+    first = select_instances(headers, CR_PRE.model_copy(update={"frame_rule": "first"}))
     assert first.candidates[-1].frame_index == 0
 
 
-def test_non_images_and_other_modalities_are_ignored_with_reasons() -> None:
-    headers = [
-        _header("img"),
-        _header("sr", sop_class="1.2.840.10008.5.1.4.1.1.88.33", modality="SR", pixels=False),
-        _header("sc", sop_class="1.2.840.10008.5.1.4.1.1.7", modality="OT"),
-        _header("ct", sop_class="1.2.840.10008.5.1.4.1.1.2", modality="CT"),
-        _header("nopix", pixels=False),
-        _header("pr", sop_class="1.2.840.10008.5.1.4.1.1.11.1", modality="PR", pixels=False),
+def test_non_images_and_other_modalities_are_ignored_by_their_rows() -> None:
+    rows = [
+        _row("img", "1.2.840.10008.5.1.4.1.1.1", "CR"),
+        _row("dx", "1.2.840.10008.5.1.4.1.1.1.1", " dx"),
+        _row("sr", "1.2.840.10008.5.1.4.1.1.88.33", "SR"),
+        _row("sc", "1.2.840.10008.5.1.4.1.1.7", "OT"),
+        _row("ct", "1.2.840.10008.5.1.4.1.1.2", "CT"),
+        _row("none", "1.2.840.10008.5.1.4.1.1.1", None),
+        _row("pr", "1.2.840.10008.5.1.4.1.1.11.1", "PR"),
     ]
-    sel = select_instances(headers, CR_PRE, "pneumonia-student")
-    assert [c.header.sop_instance_uid for c in sel.candidates] == ["img"]
-    reasons = {i.sop_instance_uid: i.reason for i in sel.ignored}
+    reasons = {r.sop_instance_uid: row_reason(r, CR_PRE, "pneumonia-student") for r in rows}
     assert reasons == {
+        "img": None,
+        "dx": None,
         "sr": "Comprehensive SR Storage is a structured report, not an image",
         "sc": "Secondary Capture Image Storage is a derived image (secondary capture), not analysed",
         "ct": "modality CT not accepted by model pneumonia-student (accepts CR, DX)",
-        "nopix": "no pixel data",
+        "none": "modality (none) not accepted by model pneumonia-student (accepts CR, DX)",
         "pr": "Grayscale Softcopy Presentation State Storage is not an image",
     }
 
 
+def test_an_instance_without_pixels_is_ignored() -> None:
+    sel = select_instances([_header("img"), _header("nopix", pixels=False)], CR_PRE)
+    assert [c.header.sop_instance_uid for c in sel.candidates] == ["img"]
+    assert [(i.sop_instance_uid, i.reason) for i in sel.ignored] == [("nopix", "no pixel data")]
+
+
 def test_duplicates_count_once() -> None:
-    sel = select_instances([_header("x"), _header("x"), _header("y")], CR_PRE, "m")
+    sel = select_instances([_header("x"), _header("x"), _header("y")], CR_PRE)
     assert [c.header.sop_instance_uid for c in sel.candidates] == ["x", "y"]
 
 

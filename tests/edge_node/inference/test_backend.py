@@ -22,7 +22,7 @@ from edge_node.inference.backend import (
     SessionConfig,
     plan_providers,
 )
-from edge_node.inference.model import MAX_BATCH, load_model, scores_from_outputs
+from edge_node.inference.loaded_model import MAX_BATCH, load_model, scores_from_outputs
 from edge_node.protocol.manifest import ClassLabel, TaskSpec
 from tests.support.onnxgen import make_bundle
 

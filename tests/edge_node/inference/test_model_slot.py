@@ -25,13 +25,13 @@ from edge_node.inference.backend import (
     SessionConfig,
     SessionLike,
 )
-from edge_node.inference.model import LoadedModel, load_model
-from edge_node.models import LoadOptions, ModelSlot
+from edge_node.inference.loaded_model import LoadedModel, load_model
+from edge_node.inference.model_slot import LoadOptions, ModelSlot
+from edge_node.inference.serving_record import read_serving
 from edge_node.node import Node
 from edge_node.protocol.bundle import VerifiedBundle
-from edge_node.serving import read_serving
 from edge_node.settings import load_settings
-from edge_node.store import Store
+from edge_node.state.node_state import NodeState
 from tests.edge_node.conftest import TrustedBundle, make_signed_bundle
 
 runner = CliRunner()
@@ -116,8 +116,8 @@ def test_slot_passes_every_inference_setting_to_the_loader(
         seen.append(options)
         return load_model(bundle, [CPU], 1, precision=options.precision)
 
-    store = Store(settings.db_path)
-    slot = ModelSlot.from_settings(store, settings)
+    store = NodeState.open(settings.db_path)
+    slot = ModelSlot.from_settings(store.models, settings)
     slot.loader = loader
     slot.install(make_signed_bundle(tmp_path / "b", key))
     assert slot.current() is not None
@@ -180,8 +180,8 @@ def test_status_says_when_the_bundle_has_no_variant_or_the_node_has_not_loaded(
     key, pub = signing_key
     config = _config(tmp_path / "edge.toml", data_dir=str(tmp_path / "data"), trusted_keys=str(pub))
     settings = load_settings(config, precision="int8", providers=[CPU])
-    store = Store(settings.db_path)
-    slot = ModelSlot.from_settings(store, settings)
+    store = NodeState.open(settings.db_path)
+    slot = ModelSlot.from_settings(store.models, settings)
     slot.install(make_signed_bundle(tmp_path / "b", key))  # a bundle without an int8 variant
     before = runner.invoke(app, ["status", "--config", str(config)])
     assert "not loaded yet" in before.output

@@ -13,16 +13,16 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from edge_node.dicom.listener import (
+from edge_node.ingest.listener import (
     DUL_LOOP_DELAY_S,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_PROCESSING_FAILURE,
     Listener,
     ListenerConfig,
 )
-from edge_node.dicom.nodelay import NODELAY_HANDLERS
-from edge_node.spool import Spool
-from edge_node.store import Store
+from edge_node.ingest.socket_options import NODELAY_HANDLERS
+from edge_node.ingest.spool import Spool
+from edge_node.state.node_state import NodeState
 from tests.edge_node.conftest import (
     DCMTK_ENV,
     acknowledged_files,
@@ -35,7 +35,7 @@ from tests.support.dcmtk import dcmtk
 
 
 class Running:
-    def __init__(self, listener: Listener, store: Store) -> None:
+    def __init__(self, listener: Listener, store: NodeState) -> None:
         self.listener = listener
         self.store = store
         self.completions = 0
@@ -46,8 +46,8 @@ class Running:
 
 
 def _start(tmp_path: Path, *, max_instance_bytes: int = 10**8, allowed: list[str] | None = None) -> Running:
-    store = Store(tmp_path / "edge.sqlite3")
-    spool = Spool(tmp_path / "spool", store, max_instance_bytes=max_instance_bytes, min_free_bytes=0)
+    store = NodeState.open(tmp_path / "edge.sqlite3")
+    spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=max_instance_bytes, min_free_bytes=0)
     config = ListenerConfig("EDGE", "127.0.0.1", 0, allowed_calling_aes=allowed)
     running: Running
 
@@ -105,7 +105,7 @@ def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path
     proc = storescu(edge.port, files)
     ok, bad = acknowledged_files(proc.stdout + proc.stderr)
     assert len(ok) == 5 and not bad, proc.stdout + proc.stderr
-    counts = edge.store.counts()
+    counts = edge.store.status.counts()
     assert counts["instances"] == 5 and counts["queued"] == 1
     assert edge.completions == 1
     for f in files:  # each spooled file holds exactly the bytes sent (storescu sends the file as is)
@@ -119,7 +119,7 @@ def test_missing_uid_is_cannot_understand_and_listener_lives(edge: Running) -> N
     ds.SOPInstanceUID = generate_uid()
     del ds.StudyInstanceUID
     assert _scu(edge.port, ds) == STATUS_CANNOT_UNDERSTAND
-    assert edge.store.counts()["instances"] == 0
+    assert edge.store.status.counts()["instances"] == 0
     assert echoscu(edge.port)
 
 
@@ -165,7 +165,7 @@ def test_unsupported_sop_class_is_refused_at_negotiation(edge: Running) -> None:
         timeout=60,
     )
     assert "No presentation context" in proc.stdout + proc.stderr
-    assert edge.store.counts()["instances"] == 0
+    assert edge.store.status.counts()["instances"] == 0
     assert echoscu(edge.port)
 
 
@@ -178,6 +178,6 @@ def test_aborted_association_waits_for_quiet_time(edge: Running) -> None:
     assert int(assoc.send_c_store(ds).Status) == 0
     assoc.abort()
     assert echoscu(edge.port)
-    counts = edge.store.counts()
+    counts = edge.store.status.counts()
     assert counts["received"] == 1 and counts["queued"] == 0
     assert edge.completions == 0

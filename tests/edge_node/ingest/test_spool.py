@@ -11,10 +11,11 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 
-from edge_node.dicom.part10 import _read_header, _scan_header, _Unscannable, parse_header, part10_stream
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolFullError
-from edge_node.spool import POOL_BATCH, Spool
-from edge_node.store import Store
+from edge_node.ingest.part10 import _read_header, _scan_header, _Unscannable, parse_header, part10_stream
+from edge_node.ingest.spool import POOL_BATCH, Spool
+from edge_node.state.node_state import NodeState
+from edge_node.state.status_queries import StatusQueries
 from tests.edge_node.conftest import dicom_dir
 
 
@@ -32,7 +33,10 @@ def ct() -> pydicom.Dataset:
 @pytest.fixture
 def spool(tmp_path: Path) -> Spool:
     return Spool(
-        tmp_path / "spool", Store(tmp_path / "edge.sqlite3"), max_instance_bytes=10**8, min_free_bytes=0
+        tmp_path / "spool",
+        NodeState.open(tmp_path / "edge.sqlite3").ingest,
+        max_instance_bytes=10**8,
+        min_free_bytes=0,
     )
 
 
@@ -45,7 +49,7 @@ def test_put_writes_the_bytes_as_received_and_records_them(spool: Spool, ct: pyd
     assert pydicom.dcmread(receipt.path).PixelData == ct.PixelData
     assert receipt.path.is_relative_to(spool.root)
     assert str(ct.StudyInstanceUID) not in str(receipt.path)  # file names carry hashes, not UIDs
-    assert spool.store.counts()["instances"] == 1
+    assert StatusQueries(spool.records.db).counts()["instances"] == 1
     # The slot it was written in was renamed into place; what is left in the pool is empty and ready.
     left = list(spool.pool_dir.iterdir())
     assert len(left) == POOL_BATCH - 1 and all(p.stat().st_size == 0 for p in left)
@@ -56,7 +60,7 @@ def test_pool_refills_in_batches(spool: Spool, ct: pydicom.Dataset) -> None:
         ct.SOPInstanceUID = generate_uid()
         spool.put(_bytes(ct), calling_ae="A")
     assert len(list(spool.pool_dir.iterdir())) == POOL_BATCH - 1
-    assert spool.store.counts()["instances"] == POOL_BATCH + 1
+    assert StatusQueries(spool.records.db).counts()["instances"] == POOL_BATCH + 1
 
 
 def test_part10_stream_matches_pydicom_file_meta(ct: pydicom.Dataset) -> None:
@@ -89,7 +93,7 @@ def test_resend_overwrites_the_same_file(spool: Spool, ct: pydicom.Dataset) -> N
     second = spool.put(_bytes(ct), calling_ae="A")
     assert first.path == second.path
     assert pydicom.dcmread(second.path).InstanceNumber == 99
-    assert spool.store.counts()["instances"] == 1
+    assert StatusQueries(spool.records.db).counts()["instances"] == 1
 
 
 def test_every_real_sample_parses_or_is_refused(tmp_path: Path) -> None:
@@ -142,21 +146,19 @@ def test_request_mismatch_is_refused(spool: Spool, ct: pydicom.Dataset) -> None:
 
 
 def test_too_large_or_no_room_is_out_of_resources(tmp_path: Path, ct: pydicom.Dataset) -> None:
-    store = Store(tmp_path / "edge.sqlite3")
-    small = Spool(tmp_path / "s1", store, max_instance_bytes=1024, min_free_bytes=0)
+    store = NodeState.open(tmp_path / "edge.sqlite3")
+    small = Spool(tmp_path / "s1", store.ingest, max_instance_bytes=1024, min_free_bytes=0)
     with pytest.raises(SpoolFullError, match="max_instance_bytes"):
         small.put(_bytes(ct), calling_ae="A")
-    full = Spool(tmp_path / "s2", store, max_instance_bytes=10**8, min_free_bytes=2**62)
+    full = Spool(tmp_path / "s2", store.ingest, max_instance_bytes=10**8, min_free_bytes=2**62)
     with pytest.raises(SpoolFullError, match="free"):
         full.put(_bytes(ct), calling_ae="A")
-    assert store.counts()["instances"] == 0
+    assert store.status.counts()["instances"] == 0
 
 
 def test_recover_removes_partial_writes_and_indexes_complete_files(spool: Spool, ct: pydicom.Dataset) -> None:
     kept = spool.put(_bytes(ct), calling_ae="A")
-    legacy = spool.root / ".tmp"  # partial writes left by the spool layout before the slot pool
-    legacy.mkdir()
-    (legacy / "x.part").write_bytes(b"half")
+    (spool.pool_dir / "cut.slot").write_bytes(b"half")  # a write cut short by the crash: never acknowledged
     # A complete file whose row was lost (power cut after the rename): indexed again, not thrown away.
     ct.SOPInstanceUID = generate_uid()
     lost = spool.path_for(str(ct.StudyInstanceUID), str(ct.SOPInstanceUID))
@@ -168,8 +170,8 @@ def test_recover_removes_partial_writes_and_indexes_complete_files(spool: Spool,
     assert spool.recover() == (1, 1)
     assert kept.path.is_file() and lost.is_file()
     assert not junk_dir.exists()
-    assert spool.store.counts()["instances"] == 2
-    assert spool.store.recent_studies()[0].state == "received"
+    assert StatusQueries(spool.records.db).counts()["instances"] == 2
+    assert StatusQueries(spool.records.db).recent_studies()[0].state == "received"
 
 
 def _crash_after_fsync(spool: Spool, stream: bytes) -> Path:
@@ -191,7 +193,7 @@ def test_recover_moves_complete_slots_into_place_and_drops_partial_ones(
     assert spool.recover() == (0, 1)
     spooled = spool.path_for(str(ct.StudyInstanceUID), str(ct.SOPInstanceUID))
     assert not slot.exists() and spooled.read_bytes()[128:] == raw[128:]
-    assert spool.store.spool_paths() == {spooled}
+    assert spool.records.spool_paths() == {spooled}
     # The empty slots found at start are handed out again: no new batch is made for the next instance.
     ct.SOPInstanceUID = generate_uid()
     spool.put(_bytes(ct), calling_ae="A")
@@ -210,7 +212,7 @@ def test_recover_moves_complete_slots_into_place_and_drops_partial_ones(
         slot.write_bytes(bytes(data))
         assert spool.recover() == (1, 0)
         assert not slot.exists()
-    assert spool.store.counts()["instances"] == 2
+    assert StatusQueries(spool.records.db).counts()["instances"] == 2
 
 
 def test_recover_moves_a_slot_whose_row_survived_without_a_new_revision(
@@ -223,5 +225,5 @@ def test_recover_moves_a_slot_whose_row_survived_without_a_new_revision(
     receipt.path.rename(slot)
     assert spool.recover() == (0, 0)
     assert receipt.path.read_bytes()[128:] == raw[128:] and not slot.exists()
-    rows = spool.store.query("SELECT revision FROM instances")
+    rows = spool.records.db.query("SELECT revision FROM instances")
     assert [r[0] for r in rows] == [1]

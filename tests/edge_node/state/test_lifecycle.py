@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_node.study import TRANSITIONS, StudyEvent, StudyState, format_transitions, next_state
+from edge_node.state.lifecycle import TRANSITIONS, StudyEvent, StudyState, format_transitions, next_state
 
 
 def test_transition_table_is_total_for_instances_and_prints() -> None:
