@@ -17,6 +17,8 @@ from edge_node.inference.model_slot import ModelSlot
 from edge_node.inference.serving_record import ServingRecord, write_serving
 from edge_node.ingest.listener import Listener, ListenerConfig
 from edge_node.ingest.spool import Spool
+from edge_node.node_lock import NodeLock
+from edge_node.service_notify import notify_service
 from edge_node.settings import EdgeSettings
 from edge_node.state.node_state import NodeState
 from edge_node.worker import Worker, WorkerConfig
@@ -72,6 +74,7 @@ class Node:
             self.spool,
             on_complete=self.worker.wake,
         )
+        self.lock = NodeLock(settings.data_dir)
         self._stopped = threading.Event()
 
     def _on_model_loaded(self, model: LoadedModel) -> None:
@@ -101,12 +104,35 @@ class Node:
             logger.info("ready to serve %s in %.2f s", model.model_id, time.perf_counter() - t0)
 
     def start(self) -> tuple[str, int]:
-        """Recover, load the model, start worker and sender, then the listener (nothing arrives before)."""
+        """Lock the data dir, recover, listen, load the model, start worker and sender; then say ready.
+
+        In this order: a second node on the same data directory is refused before it touches anything;
+        recovery runs before any new instance can arrive; a port in use fails before the model loads
+        (seconds, or minutes for a TensorRT engine); instances that arrive while the model loads are spooled
+        and wait. Readiness goes to systemd (READY=1) only when all of it runs.
+        """
+        self.lock.acquire()
+        try:
+            return self._start()
+        except BaseException:
+            self.listener.stop()
+            self.lock.release()
+            raise
+
+    def _start(self) -> tuple[str, int]:
         self.worker.recover()
         try:
             self.spool.recover()
         except OSError as exc:
             raise SpoolError(f"cannot read the spool at {self.spool.root}: {exc.strerror}") from exc
+        try:
+            address = self.listener.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror}); another "
+                "service may hold the port: set FEDCLINIC_EDGE_PORT / FEDCLINIC_EDGE_HOST (or port / host "
+                "in the config file)"
+            ) from exc
         if self.state.models.active() is None:
             logger.warning(
                 "no model installed: studies are spooled and wait; run `fedclinic-edge install-bundle PATH`"
@@ -124,14 +150,8 @@ class Node:
         )
         self.worker.start()
         self.sender.start()
-        try:
-            return self.listener.start()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror}); another "
-                "service may hold the port: set FEDCLINIC_EDGE_PORT / FEDCLINIC_EDGE_HOST (or port / host "
-                "in the config file)"
-            ) from exc
+        notify_service("READY=1")
+        return address
 
     def stop(self) -> None:
         """Stop taking associations, let the worker finish its study, stop the sender, close the database."""
@@ -139,10 +159,12 @@ class Node:
             return
         self._stopped.set()
         logger.info("stopping")
+        notify_service("STOPPING=1")
         self.listener.stop()
         self.worker.stop()
         self.sender.stop()
         self.state.close()
+        self.lock.release()
         logger.info("stopped")
 
     def serve_forever(self) -> None:

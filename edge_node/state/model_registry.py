@@ -65,14 +65,28 @@ class ModelRegistry:
         return int(rows[0]["n"])
 
     def previous(self) -> ModelRecord | None:
-        """The model that was active just before the current activation (what rollback goes back to)."""
-        rows = self.db.query(
-            "SELECT m.* FROM activations a JOIN models m ON m.id = a.model_row"
-            " WHERE a.id < (SELECT MAX(id) FROM activations)"
-            " AND a.model_row != (SELECT model_row FROM activations ORDER BY id DESC LIMIT 1)"
-            " ORDER BY a.id DESC LIMIT 1"
-        )
-        return _model(rows[0]) if rows else None
+        """What ``rollback`` goes back to: the model active before the current one was made active.
+
+        The activation log is read as a stack: an install or activation pushes its model, a rollback pops
+        the current one. So a second rollback goes one further back (or finds nothing), instead of undoing
+        the first.
+        """
+        rows = self.db.query("SELECT model_row, reason FROM activations ORDER BY id")
+        stack: list[int] = []
+        for r in rows:
+            row = int(r["model_row"])
+            if str(r["reason"]) == "rollback" and stack:
+                stack.pop()
+            if not stack or stack[-1] != row:
+                stack.append(row)
+        if len(stack) < 2:
+            return None
+        found = self.db.query("SELECT * FROM models WHERE id = ?", (stack[-2],))
+        return _model(found[0]) if found else None
+
+    def installed(self) -> list[ModelRecord]:
+        """Every installed model, oldest first."""
+        return [_model(r) for r in self.db.query("SELECT * FROM models ORDER BY id")]
 
 
 def _model(r: sqlite3.Row) -> ModelRecord:
