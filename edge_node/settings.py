@@ -9,10 +9,10 @@ working directory, as a shell user expects.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -23,6 +23,11 @@ from pydantic_settings import (
 
 from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the tomli backport, a dependency on Python 3.10
+    import tomli as tomllib
 
 __all__ = [
     "CONFIG_ENV",

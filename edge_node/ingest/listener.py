@@ -93,8 +93,11 @@ class ListenerConfig:
 def _shorten_dul_poll(event: Event) -> None:
     """``EVT_CONN_OPEN`` handler: the association's DUL reactor polls every DUL_LOOP_DELAY_S when idle."""
     # ``_run_loop_delay`` is the knob pynetdicom 3.0 documents in DULServiceProvider.__init__ ("Controls the
-    # minimum delay between loops"); EVT_CONN_OPEN fires before the reactor thread starts.
-    event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
+    # minimum delay between loops"); EVT_CONN_OPEN fires before the reactor thread starts. It is private, so
+    # the edge extra pins pynetdicom<3.1, and a release without it only makes ingest slower, never fail.
+    dul = event.assoc.dul
+    if hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = DUL_LOOP_DELAY_S
 
 
 class Listener:
