@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -73,6 +74,17 @@ def test_fails_when_a_destination_does_not_answer(tmp_path: Path, pacs: Storescp
     assert f"ARCHIVE@127.0.0.1:{dead}FAILED" in flat and "connectionrefused(nothinglistenson127.0.0.1" in flat
     # No trusted keys either: named with the setting that fixes it.
     assert "trustedkeysFAILED" in flat and "FEDCLINIC_EDGE_TRUSTED_KEYS" in flat
+    # The same for a script: one JSON document, the same exit code.
+    as_json = runner.invoke(
+        app, ["config-check", "--config", str(config), "--timeout", "3", "--format", "json"]
+    )
+    assert as_json.exit_code == 1
+    doc = json.loads(as_json.output)
+    assert doc["ok"] is False and doc["failed"] == ["trusted keys", f"ARCHIVE@127.0.0.1:{dead}"]
+    by_address = {d["address"]: d for d in doc["destinations"]}
+    assert by_address[f"PACS@127.0.0.1:{pacs.port}"]["ok"] is True
+    assert "connection refused" in by_address[f"ARCHIVE@127.0.0.1:{dead}"]["detail"]
+    assert doc["runtime"]["configured"][-1] == "CPUExecutionProvider"
     assert "nomodelinstalledyet" in flat
     assert f"config-checkfailed:trustedkeys,ARCHIVE@127.0.0.1:{dead}" in flat
 
