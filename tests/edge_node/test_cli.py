@@ -53,7 +53,7 @@ def config(tmp_path: Path, signing_key: tuple[Ed25519PrivateKey, Path]) -> Path:
     return path
 
 
-COMMANDS = ("serve", "status", "install-bundle", "rollback", "echo", "config-check", "states")
+COMMANDS = ("serve", "status", "install-bundle", "rollback", "models", "echo", "config-check", "states")
 
 
 def test_help_lists_the_commands_and_the_first_steps() -> None:
