@@ -20,7 +20,7 @@ from edge_node.cli import app
 from edge_node.errors import ConfigError
 from edge_node.node_lock import NodeLock, running_node
 from edge_node.service_notify import notify_service
-from edge_node.settings import CONFIG_ENV, load_settings
+from edge_node.settings import CONFIG_ENV, PROVIDER_PREFERENCE, load_settings
 from edge_node.state.status_queries import StudySummary
 from edge_node.status_report import StatusReport
 from tests.edge_node.conftest import (
@@ -230,3 +230,14 @@ def test_status_text_on_a_narrow_pipe_keeps_every_word() -> None:
     assert reason in text
     assert "3 studies (2 done, 1 skipped), 14 instances, 1 result file to send, 3 result files sent" in text
     assert "node: not running on /var/lib/edge" in text
+
+
+def test_default_providers_are_what_the_installed_runtime_offers(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    offered = set(ort.get_available_providers())
+    settings = load_settings(data_dir=tmp_path / "data")
+    assert settings.providers == [p for p in PROVIDER_PREFERENCE if p in offered]
+    assert settings.providers[-1] == "CPUExecutionProvider"
+    # So a session on this runtime gets the first provider asked for: no "fell back" / "not first choice".
+    assert settings.providers[0] in offered
