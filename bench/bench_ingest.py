@@ -5,7 +5,7 @@ Receivers, alternating in the same session, each started fresh per run:
 
 * ``edge``: a real ``fedclinic-edge serve`` process; every instance is written into a spool slot whose
   name is already durable, fsynced (one flush), renamed into place and its row committed to SQLite (WAL,
-  synchronous=NORMAL) before the success status goes back (see ``edge_node.spool``). No model is
+  synchronous=NORMAL) before the success status goes back (see ``edge_node.ingest.spool``). No model is
   installed, so the worker does not compete for the CPU: this measures ingest only.
 * ``storescp``: dcmtk's ``storescp -od DIR`` (no fsync), the reference.
 * ``pynetdicom-null``: a pynetdicom 3.0 SCP that answers success without touching the disk (TCP_NODELAY,
@@ -144,8 +144,8 @@ def serve_null(port: int) -> None:
     """The ``pynetdicom-null`` receiver (run in its own process by ``run_null``)."""
     from pynetdicom import AE, evt
 
-    from edge_node.dicom.nodelay import NODELAY_HANDLERS
-    from edge_node.dicom.sopclasses import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+    from edge_node.ingest.socket_options import NODELAY_HANDLERS
+    from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 
     ae = AE(ae_title="NULLSCP")
     ae.maximum_pdu_size = 0

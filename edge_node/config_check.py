@@ -13,10 +13,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError, ModelError
 from edge_node.protocol.errors import BundleError
 from edge_node.protocol.signing import fingerprint, load_public_keys
-from edge_node.settings import DestinationSettings, EdgeSettings
+from edge_node.settings import EdgeSettings
 
 __all__ = [
     "Check",
@@ -99,12 +100,17 @@ def check_data_dir(settings: EdgeSettings) -> Check:
     return Check(name, not low, detail)
 
 
-def c_echo(dest: DestinationSettings, calling_ae: str, *, timeout: float = 10.0) -> EchoResult:
-    """Associate with ``dest`` and send a C-ECHO; never raises for a network problem."""
+def c_echo(dest: Destination, calling_ae: str, *, timeout: float = 10.0) -> EchoResult:
+    """Associate with ``dest`` and send a C-ECHO; never raises for a network problem.
+
+    A failure's detail is the real reason: connection refused, timed out, called or calling AE title not
+    recognised by the peer, or the status the peer answered.
+    """
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from edge_node.dicom.nodelay import NODELAY_HANDLERS
+    from edge_node.delivery.association_failure import why_not_established
+    from edge_node.ingest.socket_options import NODELAY_HANDLERS
 
     client = AE(ae_title=calling_ae)
     client.add_requested_context(Verification)
@@ -120,19 +126,15 @@ def c_echo(dest: DestinationSettings, calling_ae: str, *, timeout: float = 10.0)
         dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=list(NODELAY_HANDLERS)
     )
     if not assoc.is_established:
-        if assoc.is_rejected:
-            return result(
-                False, f"association rejected: does the PACS accept the calling AE title {calling_ae}?"
-            )
-        return result(
-            False, "association not established (no answer or connection refused): check host, port, firewall"
-        )
+        return result(False, why_not_established(assoc, dest, calling_ae, timeout))
     try:
         answer = assoc.send_c_echo()
     finally:
         if assoc.is_established:
             assoc.release()
-    code = int(answer.Status) if answer and "Status" in answer else -1
+    if not answer or "Status" not in answer:
+        return result(False, f"no C-ECHO response within {timeout:.0f} s")
+    code = int(answer.Status)
     if code != 0:
         return result(False, f"C-ECHO answered status 0x{code & 0xFFFF:04X}")
     return result(True, "C-ECHO success")
@@ -140,7 +142,7 @@ def c_echo(dest: DestinationSettings, calling_ae: str, *, timeout: float = 10.0)
 
 def check_destinations(settings: EdgeSettings, *, timeout: float = 10.0) -> list[EchoResult]:
     """C-ECHO every configured destination, calling as this node's AE title."""
-    return [c_echo(d, settings.ae_title, timeout=timeout) for d in settings.destinations]
+    return [c_echo(d, settings.ae_title, timeout=timeout) for d in settings.destination_values]
 
 
 @dataclass(frozen=True)
@@ -168,18 +170,19 @@ def check_runtime(settings: EdgeSettings) -> RuntimeReport:
     configured = list(settings.providers)
     if not settings.db_path.is_file():
         return RuntimeReport(available, configured, problem="no model installed yet (install-bundle PATH)")
-    from edge_node.models import ModelSlot
-    from edge_node.store import Store
+    from edge_node.inference.model_slot import ModelSlot
+    from edge_node.state.database import Database
+    from edge_node.state.model_registry import ModelRegistry
 
-    store = Store(settings.db_path)
+    db = Database(settings.db_path)
     try:
-        slot = ModelSlot.from_settings(store, settings)
+        slot = ModelSlot.from_settings(ModelRegistry(db), settings)
         try:
             model = slot.current()
         except (ModelError, ConfigError) as exc:
             return RuntimeReport(available, configured, problem=f"the active model does not load: {exc}")
     finally:
-        store.close()
+        db.close()
     if model is None:
         return RuntimeReport(available, configured, problem="no model installed yet (install-bundle PATH)")
     what = f"{model.model_id} {model.model_version} ({model.model_file}, {model.precision})"

@@ -8,17 +8,20 @@ import threading
 import time
 from types import FrameType
 
-from edge_node.dicom.listener import Listener, ListenerConfig
-from edge_node.dicom.sender import Destination
+from edge_node.analysis.result_warmup import warm_up_results
+from edge_node.delivery.outbox import Outbox
+from edge_node.delivery.sender import Sender
 from edge_node.errors import ConfigError, ModelError, SpoolError
-from edge_node.inference.model import LoadedModel
-from edge_node.models import ModelSlot
-from edge_node.results.warmup import warm_up_results
-from edge_node.serving import ServingRecord, write_serving
+from edge_node.inference.loaded_model import LoadedModel
+from edge_node.inference.model_slot import ModelSlot
+from edge_node.inference.serving_record import ServingRecord, write_serving
+from edge_node.ingest.listener import Listener, ListenerConfig
+from edge_node.ingest.spool import Spool
+from edge_node.node_lock import NodeLock
+from edge_node.service_notify import notify_service
 from edge_node.settings import EdgeSettings
-from edge_node.spool import Spool
-from edge_node.store import Store
-from edge_node.worker import Sender, Worker, WorkerConfig
+from edge_node.state.node_state import NodeState
+from edge_node.worker import Worker, WorkerConfig
 
 __all__ = ["Node"]
 
@@ -38,28 +41,30 @@ class Node:
                 f"data_dir {settings.data_dir} cannot be created ({exc.strerror}); "
                 "set FEDCLINIC_EDGE_DATA_DIR to a writable directory"
             ) from exc
-        self.store = Store(settings.db_path)
+        self.state = NodeState.open(settings.db_path)
+        self.outbox = Outbox(self.state.db)
         self.spool = Spool(
             settings.spool_dir,
-            self.store,
+            self.state.ingest,
             max_instance_bytes=settings.max_instance_bytes,
             min_free_bytes=settings.min_free_bytes,
         )
-        self.models = ModelSlot.from_settings(self.store, settings, on_loaded=self._on_model_loaded)
+        self.models = ModelSlot.from_settings(self.state.models, settings, on_loaded=self._on_model_loaded)
         self._results_warm = False
         self.sender = Sender(
-            self.store,
+            self.outbox,
             settings.ae_title,
             base_seconds=settings.send_retry_base_seconds,
             max_seconds=settings.send_retry_max_seconds,
         )
         self.worker = Worker(
-            self.store,
+            self.state.runs,
+            self.outbox,
             self.models,
             WorkerConfig(
                 quiet_seconds=settings.quiet_seconds,
                 results_dir=settings.results_dir,
-                destinations=[Destination(d.ae_title, d.host, d.port) for d in settings.destinations],
+                destinations=settings.destination_values,
                 secondary_capture=settings.send_secondary_capture,
             ),
             on_results=self.sender.wake,
@@ -69,6 +74,7 @@ class Node:
             self.spool,
             on_complete=self.worker.wake,
         )
+        self.lock = NodeLock(settings.data_dir)
         self._stopped = threading.Event()
 
     def _on_model_loaded(self, model: LoadedModel) -> None:
@@ -98,13 +104,36 @@ class Node:
             logger.info("ready to serve %s in %.2f s", model.model_id, time.perf_counter() - t0)
 
     def start(self) -> tuple[str, int]:
-        """Recover, load the model, start worker and sender, then the listener (nothing arrives before)."""
+        """Lock the data dir, recover, listen, load the model, start worker and sender; then say ready.
+
+        In this order: a second node on the same data directory is refused before it touches anything;
+        recovery runs before any new instance can arrive; a port in use fails before the model loads
+        (seconds, or minutes for a TensorRT engine); instances that arrive while the model loads are spooled
+        and wait. Readiness goes to systemd (READY=1) only when all of it runs.
+        """
+        self.lock.acquire()
+        try:
+            return self._start()
+        except BaseException:
+            self.listener.stop()
+            self.lock.release()
+            raise
+
+    def _start(self) -> tuple[str, int]:
         self.worker.recover()
         try:
             self.spool.recover()
         except OSError as exc:
             raise SpoolError(f"cannot read the spool at {self.spool.root}: {exc.strerror}") from exc
-        if self.store.models.active() is None:
+        try:
+            address = self.listener.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror}); another "
+                "service may hold the port: set FEDCLINIC_EDGE_PORT / FEDCLINIC_EDGE_HOST (or port / host "
+                "in the config file)"
+            ) from exc
+        if self.state.models.active() is None:
             logger.warning(
                 "no model installed: studies are spooled and wait; run `fedclinic-edge install-bundle PATH`"
             )
@@ -112,7 +141,7 @@ class Node:
             self._load_model()
         if not self.settings.destinations:
             logger.warning("no destinations configured: results stay in %s", self.settings.results_dir)
-        counts = self.store.counts()
+        counts = self.state.status.counts()
         logger.info(
             "state at start: %d instances, %d studies waiting, %d results to send",
             counts["instances"],
@@ -121,25 +150,21 @@ class Node:
         )
         self.worker.start()
         self.sender.start()
-        try:
-            return self.listener.start()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror}); another "
-                "service may hold the port: set FEDCLINIC_EDGE_PORT / FEDCLINIC_EDGE_HOST (or port / host "
-                "in the config file)"
-            ) from exc
+        notify_service("READY=1")
+        return address
 
     def stop(self) -> None:
-        """Stop taking associations, let the worker finish its study, stop the sender, close the store."""
+        """Stop taking associations, let the worker finish its study, stop the sender, close the database."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         logger.info("stopping")
+        notify_service("STOPPING=1")
         self.listener.stop()
         self.worker.stop()
         self.sender.stop()
-        self.store.close()
+        self.state.close()
+        self.lock.release()
         logger.info("stopped")
 
     def serve_forever(self) -> None:

@@ -1,25 +1,80 @@
-"""The edge node's one settings object: environment (FEDCLINIC_EDGE_*) over an optional TOML file."""
+"""The edge node's one settings object: environment (FEDCLINIC_EDGE_*) over an optional TOML file.
+
+The file is the one named with ``--config``, else the one ``FEDCLINIC_EDGE_CONFIG`` names, else
+``/etc/fedclinic/edge.toml`` when it exists. Relative paths in the file are relative to the file, not to
+the working directory (a service starts in ``/``); relative paths in the environment are relative to the
+working directory, as a shell user expects.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
+from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
 
-__all__ = ["DEFAULT_PROVIDERS", "DestinationSettings", "EdgeSettings", "load_settings"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the tomli backport, a dependency on Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG",
+    "PROVIDER_PREFERENCE",
+    "DestinationSettings",
+    "EdgeSettings",
+    "config_file",
+    "installed_providers",
+    "load_settings",
+]
 
 ENV_PREFIX = "FEDCLINIC_EDGE_"
+#: Names the settings file when ``--config`` is not given.
+CONFIG_ENV = "FEDCLINIC_EDGE_CONFIG"
+#: The settings file a service reads when neither ``--config`` nor FEDCLINIC_EDGE_CONFIG names one.
+DEFAULT_CONFIG = Path("/etc/fedclinic/edge.toml")
 
-DEFAULT_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+#: The execution providers the node uses by default, best first, among those the installed runtime offers.
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+#: Settings that hold paths: in the TOML file they are relative to the file.
+_PATH_KEYS = ("data_dir", "trusted_keys", "trt_engine_cache_dir")
+
+
+def installed_providers() -> list[str]:
+    """The providers of PROVIDER_PREFERENCE this onnxruntime build offers, best first (CPU at least).
+
+    A CPU-only runtime gets [CPU], so a node that was never told otherwise does not report a fallback.
+    """
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [p for p in PROVIDER_PREFERENCE if p in available] or ["CPUExecutionProvider"]
+
+
+class _TomlFile(InitSettingsSource):
+    """The TOML settings file, with its relative paths made relative to the file's directory."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        base = path.resolve().parent
+        for key in _PATH_KEYS:
+            value = data.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                data[key] = str(base / value)
+        super().__init__(settings_cls, init_kwargs=data)
 
 
 def _check_ae_title(value: str) -> str:
@@ -71,8 +126,9 @@ class EdgeSettings(BaseSettings):
     quiet_seconds: float = Field(default=30.0, gt=0)
     #: Where results go (C-STORE). Empty keeps results only in data_dir/results.
     destinations: list[DestinationSettings] = Field(default_factory=list)
-    #: ONNX Runtime execution providers in order of preference; the first that loads is used.
-    providers: list[str] = Field(default_factory=lambda: list(DEFAULT_PROVIDERS), min_length=1)
+    #: ONNX Runtime execution providers in order of preference; the first that loads is used. Default: those
+    #: of TensorRT, CUDA, CPU that the installed onnxruntime offers.
+    providers: list[str] = Field(default_factory=installed_providers, min_length=1)
     #: Threads per inference (ORT intra-op).
     intra_op_threads: int = Field(default=1, ge=1, le=256)
     #: Which of the bundle's model files to run: "fp32" (the full-precision model.onnx), "int8" (smaller and
@@ -113,7 +169,7 @@ class EdgeSettings(BaseSettings):
     def _check_providers(cls, value: list[str]) -> list[str]:
         bad = [p for p in value if not p.endswith("ExecutionProvider")]
         if bad:
-            raise ValueError(f"unknown provider names {bad}; use e.g. {DEFAULT_PROVIDERS}")
+            raise ValueError(f"unknown provider names {bad}; use e.g. {list(PROVIDER_PREFERENCE)}")
         return value
 
     @field_validator("trusted_keys")
@@ -152,7 +208,13 @@ class EdgeSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Explicit arguments win, then the environment, then the TOML file (if load_settings named one).
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        path = cls._config_path
+        if path is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, _TomlFile(settings_cls, path))
+
+    #: The TOML file this settings class reads (set on the subclass load_settings makes for a file).
+    _config_path: ClassVar[Path | None] = None
 
     # Which hint to give for a key, besides the generic "set it".
     _HINTS: ClassVar[dict[str, str]] = {
@@ -161,6 +223,11 @@ class EdgeSettings(BaseSettings):
         "port": "a TCP port 1-65535 (104 or 11112 are usual for DICOM)",
         "precision": 'one of "fp32", "int8", "fp16"',
     }
+
+    @property
+    def destination_values(self) -> list[Destination]:
+        """The destinations as the typed values the worker, outbox and sender carry."""
+        return [Destination(d.ae_title, d.host, d.port) for d in self.destinations]
 
     @property
     def db_path(self) -> Path:
@@ -206,6 +273,24 @@ def _describe(exc: ValidationError, config_file: Path | None) -> str:
     return "invalid edge settings:\n  " + "\n  ".join(lines)
 
 
+def config_file(explicit: Path | None) -> Path | None:
+    """The settings file to read: ``--config``, else FEDCLINIC_EDGE_CONFIG, else DEFAULT_CONFIG if present.
+
+    A file named by the variable must exist (ConfigError otherwise); the default one may be absent.
+    """
+    if explicit is not None:
+        return explicit
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError(
+                f"{CONFIG_ENV}={named} does not exist; point it at the node's TOML settings file"
+            )
+        return path
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> EdgeSettings:
     """Build the settings from explicit overrides, FEDCLINIC_EDGE_* variables and an optional TOML file.
 
@@ -217,8 +302,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> EdgeSett
             raise ConfigError(
                 f"config file {config_file} does not exist; pass an existing TOML file to --config"
             )
-        config = SettingsConfigDict(**{**EdgeSettings.model_config, "toml_file": config_file})
-        cls = type("EdgeSettingsFromFile", (EdgeSettings,), {"model_config": config})
+        cls = type("EdgeSettingsFromFile", (EdgeSettings,), {"_config_path": config_file})
     try:
         return cls(**overrides)
     except ValidationError as exc:

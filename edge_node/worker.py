@@ -1,13 +1,12 @@
-"""The worker (claims ready studies, analyses them, records the outcome) and the sender (drains the outbox).
+"""The worker: claims ready studies, analyses them, and records each outcome with its outbox entries.
 
-Both are threads that sleep on a Condition until there is something to do: a study completes (the listener
-calls ``wake``), a quiet deadline passes, or a send retry falls due. Idle, they use no CPU.
+A thread that sleeps on a ``Waker`` until there is something to do: a study completes (the listener calls
+``wake``), or a quiet deadline passes. Idle, it uses no CPU.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
@@ -16,15 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from edge_node.analysis import StudyOutcome, analyze_study
-from edge_node.dicom.sender import Destination, send_files
-from edge_node.errors import InferenceError, ModelError, SendError
-from edge_node.inference.model import LoadedModel
-from edge_node.outbox import OutboxItem
-from edge_node.store import Claim, FindingRow, Store
-from edge_node.study import StudyEvent
+from edge_node.analysis.analyzer import StudyOutcome, analyze_study
+from edge_node.analysis.result_file import ResultFile
+from edge_node.delivery.destination import Destination
+from edge_node.delivery.outbox import Outbox
+from edge_node.errors import InferenceError, ModelError
+from edge_node.inference.loaded_model import LoadedModel
+from edge_node.state.lifecycle import StudyEvent
+from edge_node.state.runs import Claim, FindingRow, InstanceRow, ModelInUse, ReportRef, Runs
+from edge_node.waker import Waker
 
-__all__ = ["Analyzer", "Sender", "Waker", "Worker", "backoff_seconds"]
+__all__ = ["MODEL_POLL_SECONDS", "Analyzer", "ModelSource", "Worker", "WorkerConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,55 +35,18 @@ MODEL_POLL_SECONDS = 5.0
 
 class Analyzer(Protocol):
     def __call__(
-        self, instances: Sequence[Path], model: LoadedModel, out_dir: Path, *, secondary_capture: bool
+        self,
+        instances: Sequence[InstanceRow],
+        model: LoadedModel,
+        out_dir: Path,
+        *,
+        secondary_capture: bool,
+        predecessor: ReportRef | None,
     ) -> StudyOutcome: ...
 
 
 class ModelSource(Protocol):
     def current(self) -> LoadedModel | None: ...
-
-
-class Waker:
-    """A wake-up flag with a timed wait: ``wake`` from any thread, ``wait`` in the loop (no lost wake-ups)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._flag = False
-        self.stopping = False
-
-    def wake(self) -> None:
-        with self._cond:
-            self._flag = True
-            self._cond.notify_all()
-
-    def stop(self) -> None:
-        with self._cond:
-            self.stopping = True
-            self._cond.notify_all()
-
-    def wait(self, timeout: float | None) -> None:
-        with self._cond:
-            if not self._flag and not self.stopping:
-                self._cond.wait(timeout)
-            self._flag = False
-
-
-def _fsync_tree(paths: Sequence[Path]) -> None:
-    """Make result files durable before the outbox points at them (no dangling rows after a power cut)."""
-    dirs = set()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dirs.add(p.parent)
-    for d in dirs:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @dataclass
@@ -98,14 +62,16 @@ class Worker:
 
     def __init__(
         self,
-        store: Store,
+        runs: Runs,
+        outbox: Outbox,
         models: ModelSource,
         config: WorkerConfig,
         *,
         analyzer: Analyzer = analyze_study,
         on_results: Callable[[], None] = lambda: None,
     ) -> None:
-        self.store = store
+        self.runs = runs
+        self.outbox = outbox
         self.models = models
         self.config = config
         self.analyzer = analyzer
@@ -132,7 +98,7 @@ class Worker:
 
     def recover(self) -> None:
         """At start: interrupted runs are requeued; their partial result directories are removed."""
-        for run_id in self.store.recover():
+        for run_id in self.runs.recover():
             shutil.rmtree(self._run_dir(run_id), ignore_errors=True)
             logger.warning("run %d was interrupted by a stop; its study is queued again", run_id)
 
@@ -155,15 +121,15 @@ class Worker:
         quiet = self.config.quiet_seconds
         model = self._model()
         if model is None:
-            return MODEL_POLL_SECONDS if self.store.has_ready(quiet) else self._until_quiet_deadline()
-        claim = self.store.claim_next(quiet)
+            return MODEL_POLL_SECONDS if self.runs.has_ready(quiet) else self._until_quiet_deadline()
+        claim = self.runs.claim_next(quiet)
         if claim is None:
             return self._until_quiet_deadline()
         self.process(claim, model)
         return 0.0
 
     def _until_quiet_deadline(self) -> float | None:
-        deadline = self.store.next_quiet_deadline(self.config.quiet_seconds)
+        deadline = self.runs.next_quiet_deadline(self.config.quiet_seconds)
         if deadline is None:
             return None
         # A small margin so that the claim's "quiet for quiet_seconds" test holds when we wake.
@@ -178,38 +144,48 @@ class Worker:
 
     def process(self, claim: Claim, model: LoadedModel) -> None:
         """Run one claimed study and record its outcome; never raises for a bad study."""
-        sid = self.store.uid_hash(claim.study_uid)
+        sid = self.runs.db.uid_hash(claim.study_uid)
         out_dir = self._run_dir(claim.run_id)
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
         t0 = time.perf_counter()
         findings: list[FindingRow] = []
-        outputs: list[Path] = []
+        outputs: list[ResultFile] = []
+        report: ReportRef | None = None
         try:
             outcome = self.analyzer(
-                claim.instances, model, out_dir, secondary_capture=self.config.secondary_capture
+                claim.instances,
+                model,
+                out_dir,
+                secondary_capture=self.config.secondary_capture,
+                predecessor=self.runs.last_report(claim.study_id),
             )
             event = StudyEvent.DONE if outcome.status == "done" else StudyEvent.SKIPPED
             reason = outcome.reason
             findings = [FindingRow(f.sop_instance_uid, float(f.score), f.label) for f in outcome.findings]
-            outputs = [Path(p) for p in outcome.outputs]
-            _fsync_tree(outputs)
+            outputs = list(outcome.outputs)  # written durably: the outbox never points at a lost file
+            report = outcome.report
         except InferenceError as exc:
             event, reason = StudyEvent.FAILED, str(exc)
             logger.error("study %s failed: %s", sid, exc)
         except Exception as exc:
             event, reason = StudyEvent.FAILED, f"internal error ({type(exc).__name__}); see the node log"
             logger.exception("study %s failed with an unexpected error", sid)
-        destinations = [(d.ae_title, d.host, d.port) for d in self.config.destinations]
-        state = self.store.finish_run(
-            claim,
-            event,
-            reason=reason,
-            findings=findings,
-            outputs=outputs,
-            destinations=destinations,
-            model=(model.model_id, model.model_version, model.provider),
-        )
+        destinations = self.config.destinations
+        now = time.time()
+        with self.runs.db.tx() as c:
+            queued = Outbox.enqueue(c, claim.run_id, claim.study_id, outputs, destinations, now)
+            state = self.runs.finish(
+                c,
+                claim,
+                event,
+                reason=reason,
+                findings=findings,
+                model=ModelInUse(model.model_id, model.model_version, model.provider),
+                report=report,
+                results_pending=queued > 0,
+                now=now,
+            )
         logger.info(
             "study %s: %s (%d instances, %d findings, %d result files) in %.2f s -> %s",
             sid,
@@ -220,99 +196,5 @@ class Worker:
             time.perf_counter() - t0,
             state.value,
         )
-        if outputs and destinations:
+        if queued:
             self.on_results()
-
-
-def backoff_seconds(attempts: int, base: float, cap: float) -> float:
-    """Delay before retry number ``attempts`` (1-based): base, 2*base, 4*base, ... capped at ``cap``."""
-    return float(min(cap, base * (2 ** max(0, attempts - 1))))
-
-
-SendFn = Callable[[Sequence[Path], Destination, str], None]
-
-
-def _send(paths: Sequence[Path], dest: Destination, calling_ae: str) -> None:
-    send_files(paths, dest, calling_ae)
-
-
-class Sender:
-    """Drains the outbox: one association per destination per round, exponential backoff on failure.
-
-    Delivery is at least once (a crash between the PACS's success and our "sent" commit sends again); result
-    SOP Instance UIDs are derived from the source, so a second delivery stores the same object again.
-    Entries are retried until they go through: a result must not vanish because the PACS was down a day.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        calling_ae: str,
-        *,
-        base_seconds: float,
-        max_seconds: float,
-        send: SendFn = _send,
-    ) -> None:
-        self.store = store
-        self.calling_ae = calling_ae
-        self.base_seconds = base_seconds
-        self.max_seconds = max_seconds
-        self.send = send
-        self.waker = Waker()
-        self._thread: threading.Thread | None = None
-
-    def wake(self) -> None:
-        self.waker.wake()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="edge-sender", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self.waker.stop()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while not self.waker.stopping:
-            try:
-                timeout = self.step()
-            except Exception:
-                logger.exception("sender step failed")
-                timeout = self.base_seconds
-            if timeout is None or timeout > 0:
-                self.waker.wait(timeout)
-
-    def step(self) -> float | None:
-        """Send what is due; return how long to sleep until the next retry (None: until woken)."""
-        due = self.store.outbox.due()
-        groups: dict[Destination, list[OutboxItem]] = {}
-        for item in due:
-            groups.setdefault(Destination(item.dest_ae, item.dest_host, item.dest_port), []).append(item)
-        for dest, items in groups.items():
-            if self.waker.stopping:
-                break
-            self._send_group(dest, items)
-        nxt = self.store.outbox.next_try()
-        if nxt is None:
-            return None
-        return max(0.0, nxt - time.time())
-
-    def _send_group(self, dest: Destination, items: list[OutboxItem]) -> None:
-        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-        try:
-            self.send([i.path for i in items], dest, self.calling_ae)
-        except SendError as exc:
-            now = time.time()
-            delays = [backoff_seconds(i.attempts + 1, self.base_seconds, self.max_seconds) for i in items]
-            self.store.outbox.mark_retry([i.id for i in items], str(exc), [now + d for d in delays])
-            logger.warning(
-                "sending %d result file(s) to %s failed, retry in %.0f s: %s",
-                len(items),
-                where,
-                min(delays),
-                exc,
-            )
-            return
-        self.store.outbox.mark_sent([i.id for i in items])
-        logger.debug("outbox: %d entries for %s marked sent", len(items), where)

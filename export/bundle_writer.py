@@ -17,6 +17,7 @@ from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge_node.protocol.durable_file import fsync_directory, fsync_file, replace_durably
 from edge_node.protocol.manifest import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -153,10 +154,10 @@ def write_bundle(
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
         (staging / SIGNATURE_FILE).write_bytes(sign_manifest(manifest, private_key))
         for path in staging.iterdir():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(path)
+        fsync_directory(staging)
         os.chmod(staging, 0o755)
-        os.replace(staging, out_dir)
+        replace_durably(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -85,18 +86,19 @@ def test_readme_clinic_path_examples_run_as_written(tmp_path: Path, shared_data:
         deadline = time.monotonic() + 120
         while True:
             status = subprocess.run(
-                ["fedclinic-edge", "status", "--config", "edge.toml"],
+                ["fedclinic-edge", "status", "--config", "edge.toml", "--format", "json"],
                 cwd=tmp_path,
                 env=env,
                 capture_output=True,
                 text=True,
                 check=True,
             )
-            if status.stdout.count(" done ") >= 4 or time.monotonic() > deadline:
+            studies = json.loads(status.stdout)["studies"]
+            if sum(s["state"] == "done" for s in studies) >= 4 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert status.stdout.count(" done ") >= 4, status.stdout
-        assert "pneumonia" in status.stdout
+        assert sum(s["state"] == "done" for s in studies) >= 4, status.stdout
+        assert "pneumonia" in {s["finding"] for s in studies}
     finally:
         for proc in background:
             proc.terminate()

@@ -1,1 +1,1 @@
-"""Inference: a Backend runs an ONNX model (TensorRT, CUDA or CPU via ONNX Runtime); model.py loads it."""
+"""Inference: a Backend runs an ONNX model (TensorRT, CUDA or CPU via ONNX Runtime), the slot serves one."""

@@ -6,6 +6,7 @@ Orthanc pushes studies to the node (``POST /modalities/edge/store``); the node a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -120,12 +121,13 @@ class EdgeNode:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def status(self, limit: int = 20) -> str:
-        """What ``fedclinic-edge status`` prints: the operator's view (the node's database is its own)."""
-        done = self.cli("status", "--limit", str(limit))
+    def status(self, limit: int = 20) -> dict[str, Any]:
+        """``fedclinic-edge status --format json``: the operator's view (the node's database is its own)."""
+        done = self.cli("status", "--limit", str(limit), "--format", "json")
         if done.returncode != 0:
             raise RuntimeError(f"fedclinic-edge status failed:\n{done.stdout}\n{done.stderr}")
-        return done.stdout
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -242,9 +244,9 @@ class Clinic:
         """Wait until the node's status lists a skipped study; returns that row (the reason is PHI-free)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for row in table_rows(self.edge.status()):
-                if "skipped" in row:
-                    return " · ".join(cell for cell in row if cell)
+            for study in self.edge.status()["studies"]:
+                if study["state"] == "skipped":
+                    return f"{study['study']} · skipped · {study['reason']}"
             time.sleep(0.5)
         raise OrthancError(
             f"no skipped study in the node's status within {timeout:.0f} s; edge log:\n"

@@ -1,4 +1,4 @@
-"""`fedclinic-hub demo`: the whole product on real data, from training to results in the clinics' PACS."""
+"""`fedclinic-lab demo`: the whole product on real data, from training to results in the clinics' PACS."""
 
 from __future__ import annotations
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from edge_node.protocol.durable_file import write_text_durably
 from harness.flbench.datasets import BenchData, build_bench_data
 from harness.flbench.methods import METHODS, BenchConfig, MethodContext
 from harness.flbench.plots import plot_auc
@@ -84,9 +84,7 @@ def total_rounds(method: str, cfg: BenchConfig) -> int:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=False, allow_nan=True))
-    os.replace(tmp, path)
+    write_text_durably(path, json.dumps(doc, indent=1, sort_keys=False, allow_nan=True))
 
 
 def run_benchmark(

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from edge_node.protocol.durable_file import replace_durably
 from hub.commands.choices import DatasetName, Split
 from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit_json
 from hub.data.medmnist import DATA_ENV, DOWNLOAD_URL, LABELS, OFFICIAL_MD5, data_root, medmnist_path
@@ -131,7 +132,7 @@ def download(
             f"[red]md5 mismatch[/red] for {url}: got {md5}, expected {OFFICIAL_MD5[name]}; not saved"
         )
         raise typer.Exit(EXIT_FAILED)
-    os.replace(tmp, dest)
+    replace_durably(tmp, dest)
     console.print(f"saved {dest} (md5 {md5}, official)")
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from edge_node.protocol.durable_file import write_text_durably
 from hub.models.registry import DataConfig, create_model
 
 logger = logging.getLogger(__name__)
@@ -130,13 +129,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     path: Path,
     model: nn.Module,
@@ -155,7 +147,7 @@ def save_checkpoint(
         cfg = CheckpointConfig(**{**config.__dict__, "optimizer": {"name": type(optimizer).__name__, **meta}})
     else:
         (path / OPTIMIZER_FILE).unlink(missing_ok=True)
-    _atomic_write_text(path / CONFIG_FILE, json.dumps(cfg.to_json(), indent=2, sort_keys=True) + "\n")
+    write_text_durably(path / CONFIG_FILE, json.dumps(cfg.to_json(), indent=2, sort_keys=True) + "\n")
     logger.debug("saved checkpoint %s (epoch %d)", path, config.epoch)
     return path
 

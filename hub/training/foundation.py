@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_node.protocol.durable_file import write_durably
 from hub.models.fedhelp_nets import foundation_cnn
 from hub.training.learners import AUGMENT, minibatches, normalize
 
@@ -74,9 +74,7 @@ def stored_soft_labels(
         log.info("%s is for another public set; recomputing the soft labels", path.name)
     source = provider if provider is not None else TeacherSoftLabels(public_x, public_y)
     soft = source.soft_labels(public_x)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # several benchmark processes may share an out dir
-    np.savez(tmp, soft_labels=soft, digest=np.array(digest))
-    tmp.replace(path)
+    # Several benchmark processes may share an out dir: each writes its own temporary file.
+    write_durably(path, lambda tmp: np.savez(tmp, soft_labels=soft, digest=np.array(digest)))
     log.info("stored %d foundation soft labels in %s", len(soft), path.name)
     return soft

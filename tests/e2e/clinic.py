@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_node.store import Store, StudySummary
+from edge_node.state.node_state import NodeState
+from edge_node.state.status_queries import StudySummary
 from harness.demo.clinic import BundleFiles, Clinic, find_bundle
 
 __all__ = ["find_bundle", "node_studies", "obtain_bundle"]
@@ -15,11 +16,11 @@ def node_studies(clinic: Clinic, limit: int = 1000) -> list[StudySummary]:
 
     A white-box check that only tests make; the demo asks the node (``fedclinic-edge status``) instead.
     """
-    store = Store(Path(clinic.edge.settings["data_dir"]) / "edge.sqlite3")
+    state = NodeState.open(Path(clinic.edge.settings["data_dir"]) / "edge.sqlite3")
     try:
-        return store.recent_studies(limit)
+        return state.status.recent_studies(limit)
     finally:
-        store.close()
+        state.close()
 
 
 def obtain_bundle(workdir: Path) -> BundleFiles:

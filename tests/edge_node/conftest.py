@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydicom.uid import generate_uid
 
+from edge_node.state.runs import InstanceRow
 from tests.support.dcmtk import dcmtk
 from tests.support.onnxgen import make_bundle
 
@@ -64,6 +65,31 @@ def test_bundle() -> TrustedBundle:
             "hub.pub, or build build/dev-bundle (see docs)"
         )
     return found
+
+
+def instance_rows(paths: list[Path]) -> list[InstanceRow]:
+    """The rows ingest would have recorded for these files (as a claim carries them).
+
+    A file that does not read stands for one damaged on disk after it was spooled: its row says CR image.
+    """
+    rows = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            row = InstanceRow(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                modality=str(ds.get("Modality", "") or "") or None,
+                path=path,
+            )
+        except Exception:
+            row = InstanceRow(
+                f"9.9.{len(rows)}", "9.9", "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1", "CR", path
+            )
+        rows.append(row)
+    return rows
 
 
 def make_ct_instances(out: Path, n: int, *, studies: int = 1, source: Path | None = None) -> list[Path]:

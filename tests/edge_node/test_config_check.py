@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from typer.testing import CliRunner
 
 from edge_node.cli import app
 from edge_node.config_check import c_echo, check_data_dir, check_runtime
-from edge_node.settings import DestinationSettings, load_settings
+from edge_node.delivery.destination import Destination
+from edge_node.settings import load_settings
 from tests.edge_node.conftest import Storescp, TrustedBundle, free_port, write_config
 
 runner = CliRunner()
@@ -69,19 +71,28 @@ def test_fails_when_a_destination_does_not_answer(tmp_path: Path, pacs: Storescp
     assert result.exit_code == 1
     flat = _flat(result.output)
     assert f"PACS@127.0.0.1:{pacs.port}ok" in flat
-    assert f"ARCHIVE@127.0.0.1:{dead}FAILED" in flat and "associationnotestablished" in flat
+    assert f"ARCHIVE@127.0.0.1:{dead}FAILED" in flat and "connectionrefused(nothinglistenson127.0.0.1" in flat
     # No trusted keys either: named with the setting that fixes it.
     assert "trustedkeysFAILED" in flat and "FEDCLINIC_EDGE_TRUSTED_KEYS" in flat
+    # The same for a script: one JSON document, the same exit code.
+    as_json = runner.invoke(
+        app, ["config-check", "--config", str(config), "--timeout", "3", "--format", "json"]
+    )
+    assert as_json.exit_code == 1
+    doc = json.loads(as_json.output)
+    assert doc["ok"] is False and doc["failed"] == ["trusted keys", f"ARCHIVE@127.0.0.1:{dead}"]
+    by_address = {d["address"]: d for d in doc["destinations"]}
+    assert by_address[f"PACS@127.0.0.1:{pacs.port}"]["ok"] is True
+    assert "connection refused" in by_address[f"ARCHIVE@127.0.0.1:{dead}"]["detail"]
+    assert doc["runtime"]["configured"][-1] == "CPUExecutionProvider"
     assert "nomodelinstalledyet" in flat
     assert f"config-checkfailed:trustedkeys,ARCHIVE@127.0.0.1:{dead}" in flat
 
 
-def test_echo_result_for_a_real_scp_and_a_wrong_called_ae(pacs: Storescp) -> None:
-    ok = c_echo(DestinationSettings(ae_title="PACS", host="127.0.0.1", port=pacs.port), "EDGE", timeout=5)
+def test_echo_result_for_a_real_scp_and_a_closed_port(pacs: Storescp) -> None:
+    ok = c_echo(Destination("PACS", "127.0.0.1", pacs.port), "EDGE", timeout=5)
     assert ok.ok and ok.detail == "C-ECHO success" and ok.milliseconds > 0
-    closed = c_echo(
-        DestinationSettings(ae_title="PACS", host="127.0.0.1", port=free_port()), "EDGE", timeout=3
-    )
+    closed = c_echo(Destination("PACS", "127.0.0.1", free_port()), "EDGE", timeout=3)
     assert not closed.ok and "connection refused" in closed.detail
 
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import pydicom
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_node.dicom.sender import Destination
-from edge_node.models import ModelSlot
-from edge_node.spool import Spool
-from edge_node.store import Store
-from edge_node.worker import MODEL_POLL_SECONDS, Sender, Worker, WorkerConfig, backoff_seconds
+from edge_node.delivery.destination import Destination
+from edge_node.delivery.outbox import Outbox
+from edge_node.delivery.sender import Sender, backoff_seconds
+from edge_node.inference.model_slot import ModelSlot
+from edge_node.ingest.spool import Spool
+from edge_node.state.node_state import NodeState
+from edge_node.worker import MODEL_POLL_SECONDS, Worker, WorkerConfig
 from tests.edge_node.conftest import (
     Storescp,
     TrustedBundle,
@@ -26,17 +28,23 @@ DX = dicom_dir() / "highdicom" / "dx_image.dcm"
 
 
 class Node:
-    """The pieces of a node without the listener: spool, store, model slot, worker, sender."""
+    """The pieces of a node without the listener: state, spool, model slot, worker, sender."""
 
     def __init__(self, root: Path, bundle: TrustedBundle, destinations: list[Destination]) -> None:
-        self.store = Store(root / "edge.sqlite3")
-        self.spool = Spool(root / "spool", self.store, max_instance_bytes=10**8, min_free_bytes=0)
+        self.store = NodeState.open(root / "edge.sqlite3")
+        self.outbox = Outbox(self.store.db)
+        self.spool = Spool(root / "spool", self.store.ingest, max_instance_bytes=10**8, min_free_bytes=0)
         self.models = ModelSlot(
-            self.store, root / "models", bundle.public_key, providers=["CPUExecutionProvider"], threads=1
+            self.store.models,
+            root / "models",
+            bundle.public_key,
+            providers=["CPUExecutionProvider"],
+            threads=1,
         )
-        self.sender = Sender(self.store, "EDGE", base_seconds=0.2, max_seconds=1.0)
+        self.sender = Sender(self.outbox, "EDGE", base_seconds=0.2, max_seconds=1.0)
         self.worker = Worker(
-            self.store,
+            self.store.runs,
+            self.outbox,
             self.models,
             WorkerConfig(
                 quiet_seconds=0.5,
@@ -49,7 +57,7 @@ class Node:
 
     def receive(self, files: list[Path]) -> int:
         study_ids = {self.spool.put(f.read_bytes(), calling_ae="TESTSCU").study_id for f in files}
-        return self.store.mark_complete(sorted(study_ids))
+        return self.store.ingest.mark_complete(sorted(study_ids))
 
 
 def test_study_is_analysed_recorded_and_sent(
@@ -59,19 +67,19 @@ def test_study_is_analysed_recorded_and_sent(
     node.models.install(test_bundle.bundle)
     assert node.receive(make_ct_instances(tmp_path / "dx", 3, source=DX)) == 1
     assert node.worker.step() == 0.0  # one study processed, look again at once
-    summary = node.store.recent_studies()[0]
+    summary = node.store.status.recent_studies()[0]
     assert summary.state == "done" and summary.runs == 1
     assert summary.top_label is not None and summary.top_score is not None and 0.0 <= summary.top_score <= 1.0
     assert summary.model is not None and summary.model.startswith(node.models.current().model_id)  # type: ignore[union-attr]
-    findings = node.store.query("SELECT COUNT(*) FROM findings")[0][0]
+    findings = node.store.db.query("SELECT COUNT(*) FROM findings")[0][0]
     assert findings == 3
     assert node.sender.step() is None  # everything sent, nothing to retry
-    assert node.store.counts()["outbox_sent"] > 0 and node.store.counts()["outbox_pending"] == 0
-    assert node.store.recent_studies()[0].results == "sent"
+    assert node.store.status.counts()["outbox_sent"] > 0 and node.store.status.counts()["outbox_pending"] == 0
+    assert node.store.status.recent_studies()[0].results == "sent"
     received = {p.name.split(".", 1)[1] for p in pacs.files()}
     sent = {
         str(pydicom.dcmread(str(r[0]), stop_before_pixels=True).SOPInstanceUID)
-        for r in node.store.query("SELECT path FROM outbox")
+        for r in node.store.db.query("SELECT path FROM outbox")
     }
     assert received == sent
     # Idle: nothing waits, so the worker would sleep until woken (no polling).
@@ -83,7 +91,7 @@ def test_skipped_study_records_the_reason(tmp_path: Path, test_bundle: TrustedBu
     node.models.install(test_bundle.bundle)
     node.receive(make_ct_instances(tmp_path / "ct", 2))  # CT for a chest X-ray model
     node.worker.step()
-    summary = node.store.recent_studies()[0]
+    summary = node.store.status.recent_studies()[0]
     assert summary.state == "skipped" and summary.reason and "CT" in summary.reason
 
 
@@ -97,7 +105,7 @@ def test_worker_waits_for_quiet_time_and_for_a_model(tmp_path: Path, test_bundle
     assert node.worker.step() == MODEL_POLL_SECONDS  # ready, but no model: poll for an install, don't spin
     node.models.install(test_bundle.bundle)
     assert node.worker.step() == 0.0
-    assert node.store.recent_studies()[0].state == "done"
+    assert node.store.status.recent_studies()[0].state == "done"
 
 
 def test_failed_send_backs_off_and_keeps_the_entry(tmp_path: Path, test_bundle: TrustedBundle) -> None:
@@ -109,9 +117,9 @@ def test_failed_send_backs_off_and_keeps_the_entry(tmp_path: Path, test_bundle: 
     before = time.time()
     wait = node.sender.step()
     assert wait is not None and 0.0 < wait <= 0.2
-    rows = node.store.query("SELECT attempts, next_try, last_error, state FROM outbox")
+    rows = node.store.db.query("SELECT attempts, next_try, last_error, state FROM outbox")
     assert rows and all(r[0] == 1 and r[1] >= before + 0.19 and r[2] and r[3] == "pending" for r in rows)
-    assert "PACS@127.0.0.1" in str(node.store.outbox.last_error())
+    assert "PACS@127.0.0.1" in str(node.store.status.last_send_error())
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
@@ -136,8 +144,8 @@ def test_a_model_that_fails_to_load_leaves_the_previous_one_serving(
     tmp_path: Path, signing_key: tuple[Ed25519PrivateKey, Path]
 ) -> None:
     key, pub = signing_key
-    store = Store(tmp_path / "edge.sqlite3")
-    slot = ModelSlot(store, tmp_path / "models", pub, providers=["CPUExecutionProvider"], threads=1)
+    store = NodeState.open(tmp_path / "edge.sqlite3")
+    slot = ModelSlot(store.models, tmp_path / "models", pub, providers=["CPUExecutionProvider"], threads=1)
     slot.install(make_signed_bundle(tmp_path / "v1", key, version="1.0.0", seed=1))
     first = slot.current()
     assert first is not None and first.model_version == "1.0.0"

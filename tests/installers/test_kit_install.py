@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hub.demo.orthanc import Modality, Orthanc
 
+from harness.demo.orthanc import Modality, Orthanc
 from installers.pacs import echo
 from installers.systemd_unit import UNIT_NAME, verify_unit
 from tests.installers.conftest import SYSTEM_PYTHON, BuiltKitInfo, free_port, offline_env

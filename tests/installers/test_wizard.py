@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from hub.demo.orthanc import Orthanc
 
+from harness.demo.orthanc import Orthanc
 from tests.installers.conftest import SYSTEM_PYTHON, BuiltKitInfo, free_port, offline_env
 
 pytestmark = pytest.mark.slow

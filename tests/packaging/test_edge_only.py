@@ -1,4 +1,5 @@
-"""The edge installs and runs without torch: a fresh venv with only `.[edge,cpu]` passes the edge tests."""
+"""The edge installs and runs without torch: a fresh venv with only `.[edge,cpu]` passes the edge tests and
+the bundle contract tests (the verification a clinic runs, tested where it runs, on the prebuilt bundle)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,18 @@ def test_fresh_edge_environment_has_no_torch_and_passes_edge_tests(tmp_path: Pat
     env = {**os.environ, "PATH": f"{os.environ.get('PATH', '')}{os.pathsep}{env_dir / 'bin'}"}
     env.pop("PYTHONPATH", None)
     result = _run(
-        [str(py), "-m", "pytest", "tests/edge_node", "-q", "-p", "no:cacheprovider", "-m", "not gpu"],
+        [
+            str(py),
+            "-m",
+            "pytest",
+            "tests/edge_node",
+            "tests/contract",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not gpu",
+        ],
         cwd=REPO_ROOT,
         env=env,
         timeout=1800,

@@ -124,7 +124,7 @@ class LinearModel:
 
 @dataclass(frozen=True)
 class ToyBundle:
-    """Satisfies ``edge_node.inference.model.BundleView`` like a VerifiedBundle (no signature involved)."""
+    """Satisfies ``edge_node.inference.loaded_model.BundleView`` like a VerifiedBundle (no signature)."""
 
     root: Path
     manifest: Manifest

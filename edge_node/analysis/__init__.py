@@ -1,0 +1,1 @@
+"""Analysis of one study: series selection, preprocessing, findings, and the SR / SC result objects."""

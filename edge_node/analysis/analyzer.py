@@ -1,0 +1,161 @@
+"""Analyse one claimed study: select instances, preprocess, run the model, write the SR (and SC) results."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from edge_node.analysis.capture_sc import write_sc
+from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
+from edge_node.analysis.preprocessing import Prepared, SkipReason, preprocess
+from edge_node.analysis.report_sr import sr_series_uid, write_sr
+from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.selection import (
+    Candidate,
+    Ignored,
+    InstanceHeader,
+    read_instance,
+    row_reason,
+    select_instances,
+    summarise_reasons,
+)
+from edge_node.errors import InferenceError
+from edge_node.inference.loaded_model import LoadedModel
+from edge_node.state.runs import InstanceRow, ReportRef
+
+__all__ = ["StudyOutcome", "analyze_study"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """What became of a study: ``done`` with findings and result files, or ``skipped`` with a reason."""
+
+    status: Literal["done", "skipped"]
+    reason: str | None
+    findings: list[Finding]
+    outputs: list[ResultFile]
+    #: Instances that were not analysed, each with its reason (also when the study as a whole is done).
+    ignored: list[Ignored] = field(default_factory=list)
+    #: The SR this run wrote (None when skipped): the next run's SR names it as its predecessor.
+    report: ReportRef | None = None
+
+
+@dataclass(frozen=True)
+class _Analysed:
+    candidate: Candidate
+    dataset: Dataset
+    prepared: Prepared
+
+    @property
+    def image(self) -> AnalysedImage:
+        h = self.candidate.header
+        return AnalysedImage(
+            sop_instance_uid=h.sop_instance_uid,
+            series_instance_uid=h.series_instance_uid,
+            sop_class_uid=h.sop_class_uid,
+            frame_index=self.candidate.frame_index,
+            number_of_frames=h.number_of_frames,
+        )
+
+
+def _prepare(cand: Candidate, ds: Dataset, model: LoadedModel) -> _Analysed:
+    try:
+        prepared = preprocess(ds, model.preprocessing, channels=model.channels, frame=cand.frame_index)
+    except SkipReason:
+        raise
+    except Exception as exc:  # bad input must never stop the worker; the reason names the failing step
+        logger.warning("preprocessing failed unexpectedly: %s", type(exc).__name__)
+        raise SkipReason(f"preprocessing failed ({type(exc).__name__})") from exc
+    return _Analysed(candidate=cand, dataset=ds, prepared=prepared)
+
+
+def analyze_study(
+    instances: Sequence[InstanceRow],
+    model: LoadedModel,
+    out_dir: Path,
+    *,
+    secondary_capture: bool = True,
+    predecessor: ReportRef | None = None,
+) -> StudyOutcome:
+    """Analyse the instances of one study and write the results into ``out_dir``.
+
+    The rows decide first (no file read for a non-image or a refused modality); each remaining file is read
+    once. Never raises for bad input: unreadable files, non-images, refused modalities and undecodable
+    pixels are reasons, and a study with nothing left to analyse is ``skipped``. A failing model raises
+    InferenceError. ``predecessor`` is the SR an earlier run sent for this study.
+    """
+    ignored: list[Ignored] = []
+    headers: list[InstanceHeader] = []
+    datasets: dict[Path, Dataset] = {}
+    for row in instances:
+        reason = row_reason(row, model.preprocessing, model.model_id)
+        if reason is None:
+            try:
+                header, ds = read_instance(row.path)
+            except SkipReason as skip:
+                reason = skip.reason
+            else:
+                headers.append(header)
+                datasets[header.path] = ds
+        if reason is not None:
+            ignored.append(
+                Ignored(path=row.path, sop_instance_uid=row.sop_instance_uid or None, reason=reason)
+            )
+    selection = select_instances(headers, model.preprocessing)
+    ignored.extend(selection.ignored)
+
+    analysed: list[_Analysed] = []
+    for cand in selection.candidates:
+        try:
+            analysed.append(_prepare(cand, datasets[cand.header.path], model))
+        except SkipReason as skip:
+            ignored.append(Ignored(cand.header.path, cand.header.sop_instance_uid or None, skip.reason))
+
+    if not analysed:
+        reason = summarise_reasons(ignored) if ignored else "the study has no instances"
+        logger.info("study skipped: %s", reason)
+        return StudyOutcome(status="skipped", reason=reason, findings=[], outputs=[], ignored=ignored)
+
+    batch = np.stack([a.prepared.tensor for a in analysed])  # (N, C, H, W)
+    try:
+        probs = model.probabilities(batch)
+    except Exception as exc:
+        raise InferenceError(
+            f"model {model.model_id} {model.model_version} failed on {len(analysed)} image(s) "
+            f"({type(exc).__name__}: {exc}); check the bundle and the runtime"
+        ) from exc
+    findings = findings_from_probabilities(probs, [a.image for a in analysed], model.task)
+
+    outputs: list[ResultFile] = []
+    by_study: dict[str, list[int]] = {}
+    for i, a in enumerate(analysed):
+        by_study.setdefault(a.candidate.header.study_instance_uid, []).append(i)
+    for indices in by_study.values():
+        sources = [analysed[i].dataset for i in indices]
+        sr = write_sr(
+            sources, [findings[i] for i in indices], model.manifest, out_dir, predecessor=predecessor
+        )
+        outputs.append(sr)
+    first_study = next(iter(by_study))
+    report = ReportRef(outputs[0].sop_instance_uid, sr_series_uid(first_study, model.manifest))
+    if secondary_capture:
+        for i, (a, f) in enumerate(zip(analysed, findings, strict=True)):
+            outputs.append(write_sc(a.dataset, a.prepared.display, f, model.manifest, out_dir, index=i))
+    logger.info(
+        "study analysed: %d image(s), %d present, %d ignored, %d result file(s)",
+        len(findings),
+        sum(f.present for f in findings),
+        len(ignored),
+        len(outputs),
+    )
+    return StudyOutcome(
+        status="done", reason=None, findings=findings, outputs=outputs, ignored=ignored, report=report
+    )

@@ -1,0 +1,136 @@
+"""The result as a Secondary Capture: the analysed image with finding, score, model and a warning burnt in."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+
+from edge_node.analysis.findings import Finding
+from edge_node.analysis.person_names import for_highdicom, restore_names
+from edge_node.analysis.report_sr import MANUFACTURER
+from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.result_uids import result_uid
+from edge_node.protocol.durable_file import write_durably
+from edge_node.protocol.manifest import Manifest
+
+__all__ = ["NOT_FOR_DIAGNOSIS", "SC_SERIES_NUMBER", "build_sc", "caption", "render", "write_sc"]
+
+logger = logging.getLogger(__name__)
+
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
+SC_SERIES_NUMBER = 9902
+SERIES_DESCRIPTION = "AI result image (fedclinic) - NOT FOR DIAGNOSTIC USE"
+#: Small images (MedMNIST is 28x28) are enlarged so that the text is readable; huge ones are reduced.
+MIN_SIDE = 512
+MAX_SIDE = 1024
+_ORIENTATION = frozenset("APLRHF")
+
+
+def caption(finding: Finding, manifest: Manifest) -> list[str]:
+    """The text lines burnt into the image."""
+    state = "PRESENT" if finding.present else "absent"
+    if manifest.task.kind == "binary":
+        name = manifest.task.classes[manifest.task.positive_class].name
+        first = f"{name}: {state}  (score {finding.score:.3f})"
+    else:
+        first = f"{finding.label}  (score {finding.score:.3f})"
+    return [first, f"model {manifest.model_id} {manifest.model_version}", NOT_FOR_DIAGNOSIS]
+
+
+def _scaled(display: np.ndarray) -> Image.Image:
+    grey = np.clip(np.rint(np.asarray(display, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    img = Image.fromarray(grey, mode="L")
+    longest = max(img.size)
+    if longest < MIN_SIDE:
+        # Integer nearest-neighbour enlargement keeps the pixels the model saw recognisable.
+        k = math.ceil(MIN_SIDE / longest)
+        return img.resize((img.width * k, img.height * k), Image.Resampling.NEAREST)
+    if longest > MAX_SIDE:
+        f = MAX_SIDE / longest
+        return img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BOX)
+    return img
+
+
+def render(display: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """(rows, cols) image in [0, 1] → uint8 (H, W) with a black caption band on top, white text."""
+    img = _scaled(display)
+    size = max(12, img.width // 28)
+    font = ImageFont.load_default(size=size)
+    line_h = int(size * 1.35)
+    band = line_h * len(lines) + size // 2
+    canvas = Image.new("L", (img.width, img.height + band), color=0)
+    canvas.paste(img, (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(lines):
+        draw.text((size // 2, size // 4 + i * line_h), text, fill=255, font=font)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def _orientation(source: Dataset) -> tuple[str, str] | None:
+    value = source.get("PatientOrientation")
+    if value and len(value) == 2 and all(str(v) in _ORIENTATION for v in value):
+        return str(value[0]), str(value[1])
+    return None
+
+
+def build_sc(
+    source: Dataset, display: np.ndarray, finding: Finding, manifest: Manifest, index: int
+) -> hd.sc.SCImage:
+    """A Secondary Capture in the source's study (patient/study modules copied), new series, derived UIDs."""
+    study_uid = str(source.StudyInstanceUID)
+    mid, version = manifest.model_id, manifest.model_version
+    pixels = render(display, caption(finding, manifest))
+    orientation = _orientation(source)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=for_highdicom(source),  # names it accepts without a warning that would quote them
+        pixel_array=pixels,
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=result_uid("sc-series", study_uid, mid, version),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=result_uid(
+            "sc", study_uid, mid, version, finding.sop_instance_uid, str(finding.frame_index)
+        ),
+        instance_number=index + 1,
+        manufacturer=MANUFACTURER,
+        # highdicom insists on an orientation for PATIENT images; a source without one gets an empty value
+        # below, which is what Type 2C allows, rather than an invented direction.
+        patient_orientation=orientation or ("L", "F"),
+        series_description=SERIES_DESCRIPTION,
+    )
+    restore_names(sc, source)
+    if orientation is None:
+        sc["PatientOrientation"].value = None
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = NOT_FOR_DIAGNOSIS
+    sc.DerivationDescription = f"{mid} {version} result burnt into the source image"[:1024]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = finding.sop_class_uid
+    ref.ReferencedSOPInstanceUID = finding.sop_instance_uid
+    if finding.number_of_frames > 1:
+        ref.ReferencedFrameNumber = finding.frame_index + 1
+    sc.SourceImageSequence = [ref]
+    return sc
+
+
+def write_sc(
+    source: Dataset, display: np.ndarray, finding: Finding, manifest: Manifest, out_dir: Path, index: int = 0
+) -> ResultFile:
+    """Build the SC and write it durably as a DICOM file into ``out_dir``."""
+    sc = build_sc(source, display, finding, manifest, index)
+    path = out_dir / f"sc-{sc.SOPInstanceUID}.dcm"
+    write_durably(path, lambda tmp: sc.save_as(tmp, enforce_file_format=True))
+    return ResultFile(
+        path=path,
+        sop_class_uid=str(sc.SOPClassUID),
+        sop_instance_uid=str(sc.SOPInstanceUID),
+        transfer_syntax=str(sc.file_meta.TransferSyntaxUID),
+    )

@@ -1,0 +1,75 @@
+"""Findings: the model's answer for each analysed instance, from its class probabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_node.protocol.manifest import TaskSpec
+
+__all__ = ["AnalysedImage", "Finding", "findings_from_probabilities"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The model's answer for one analysed source instance (the frame in ``frame_index``)."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    score: float
+    #: The class name reported (binary: the positive class when present, else the other one).
+    label: str
+    present: bool
+    frame_index: int = 0
+    #: Number of frames of the source instance; frame references are written only for multi-frame sources.
+    number_of_frames: int = 1
+
+
+@dataclass(frozen=True)
+class AnalysedImage:
+    """Which instance (and frame) a row of the model's batch came from."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    frame_index: int
+    number_of_frames: int
+
+
+def findings_from_probabilities(
+    probs: np.ndarray, analysed: Sequence[AnalysedImage], task: TaskSpec
+) -> list[Finding]:
+    """One Finding per analysed instance from (N, K) class probabilities.
+
+    Binary: the score is the positive class's probability and the finding is present at or above the
+    manifest's threshold. Multiclass: the score is the top class's probability, the label its name, and the
+    finding is present unless the top class is the first (reference) class.
+    """
+    findings: list[Finding] = []
+    for row, image in zip(probs, analysed, strict=True):
+        if task.kind == "binary":
+            score = float(row[task.positive_class])
+            present = score >= task.decision_threshold
+            negative = next((c.name for c in task.classes if c.index != task.positive_class), "absent")
+            label = task.classes[task.positive_class].name if present else negative
+        else:
+            top = int(np.argmax(row))
+            score = float(row[top])
+            label = next((c.name for c in task.classes if c.index == top), str(top))
+            present = top != task.classes[0].index
+        findings.append(
+            Finding(
+                sop_instance_uid=image.sop_instance_uid,
+                series_instance_uid=image.series_instance_uid,
+                sop_class_uid=image.sop_class_uid,
+                score=score,
+                label=label,
+                present=present,
+                frame_index=image.frame_index,
+                number_of_frames=image.number_of_frames,
+            )
+        )
+    return findings

@@ -1,0 +1,236 @@
+"""The result as a DICOM Comprehensive SR (TID 1500 measurement report) in the source study, via highdicom.
+
+One SR per analysed study. Each analysed source instance gets a measurement group (TID 1501) that references
+it and holds the finding as a coded qualitative evaluation (present/absent) and the model score as a numeric
+measurement; the algorithm (model id and version) is named in every group and as the device observer.
+
+The SR's SOP Instance UID derives from the study, the model and the set of analysed instances: a re-send of
+the same run (or a re-run after a crash) is the same object again, while a re-analysis after a late instance
+is a new SR, which names the one it replaces in its Predecessor Documents Sequence so the PACS shows the
+current result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ComprehensiveSRStorage
+
+from edge_node.analysis.findings import Finding
+from edge_node.analysis.person_names import for_highdicom, restore_names
+from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.result_uids import result_uid
+from edge_node.protocol.durable_file import write_durably
+from edge_node.protocol.manifest import ClassLabel, Manifest
+from edge_node.state.runs import ReportRef
+
+__all__ = [
+    "MANUFACTURER",
+    "PRIVATE_SCHEME",
+    "SCORE_CODE_VALUE",
+    "SR_SERIES_NUMBER",
+    "build_sr",
+    "class_concept",
+    "sr_series_uid",
+    "write_sr",
+]
+
+logger = logging.getLogger(__name__)
+
+MANUFACTURER = "fedclinic"
+#: Private coding scheme (PS3.16 8.2: designators starting with 99 are local) for concepts without a code.
+PRIVATE_SCHEME = "99FEDCLINIC"
+SCORE_CODE_VALUE = "MODELSCORE"
+SR_SERIES_NUMBER = 9901
+SERIES_DESCRIPTION = "AI result (fedclinic) - NOT FOR DIAGNOSTIC USE"
+
+
+def class_concept(label: ClassLabel) -> hd.sr.CodedConcept:
+    """The coded concept of a class: its manifest code (e.g. SNOMED CT) or a private code from its name."""
+    if label.code_value and label.code_scheme:
+        return hd.sr.CodedConcept(
+            value=label.code_value,
+            scheme_designator=label.code_scheme,
+            meaning=label.code_meaning or label.name,
+        )
+    return hd.sr.CodedConcept(
+        value=label.name.upper()[:16], scheme_designator=PRIVATE_SCHEME, meaning=label.name
+    )
+
+
+def _score_concept(manifest: Manifest) -> hd.sr.CodedConcept:
+    task = manifest.task
+    target = task.classes[task.positive_class].name if task.kind == "binary" else "predicted class"
+    return hd.sr.CodedConcept(
+        value=SCORE_CODE_VALUE, scheme_designator=PRIVATE_SCHEME, meaning=f"Model score ({target})"
+    )
+
+
+def _algorithm(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=manifest.model_id, version=manifest.model_version, manufacturer=MANUFACTURER
+    )
+
+
+def _group(
+    finding: Finding, manifest: Manifest, study_uid: str, index: int
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    task = manifest.task
+    frames = [finding.frame_index + 1] if finding.number_of_frames > 1 else None
+    source_for_group = hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=finding.sop_class_uid,
+        referenced_sop_instance_uid=finding.sop_instance_uid,
+        referenced_frame_numbers=frames,
+    )
+    source_for_measurement = hd.sr.SourceImageForMeasurement(
+        referenced_sop_class_uid=finding.sop_class_uid,
+        referenced_sop_instance_uid=finding.sop_instance_uid,
+        referenced_frame_numbers=frames,
+    )
+    algorithm = _algorithm(manifest)
+    if task.kind == "binary":
+        concept = class_concept(task.classes[task.positive_class])
+        present = finding.present
+    else:
+        # Multiclass: the finding is the predicted class, reported present.
+        predicted = next((c for c in task.classes if c.name == finding.label), task.classes[0])
+        concept = class_concept(predicted)
+        present = True
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=concept, value=codes.SCT.Present if present else codes.SCT.Absent
+    )
+    score = hd.sr.Measurement(
+        name=_score_concept(manifest),
+        value=float(finding.score),
+        unit=codes.UCUM.NoUnits,
+        algorithm_id=algorithm,
+        referenced_images=[source_for_measurement],
+    )
+    tracking = hd.sr.TrackingIdentifier(
+        uid=result_uid(
+            "sr-tracking",
+            study_uid,
+            manifest.model_id,
+            manifest.model_version,
+            finding.sop_instance_uid,
+            str(finding.frame_index),
+        ),
+        identifier=f"finding {index + 1}",
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=concept,
+        algorithm_id=algorithm,
+        measurements=[score],
+        qualitative_evaluations=[evaluation],
+        source_images=[source_for_group],
+    )
+
+
+def sr_series_uid(study_uid: str, manifest: Manifest) -> str:
+    """The series every SR of this model version for this study goes into."""
+    return result_uid("sr-series", study_uid, manifest.model_id, manifest.model_version)
+
+
+def _predecessor(study_uid: str, prior: ReportRef) -> Dataset:
+    """One item of the Predecessor Documents Sequence (SOP Instance Reference Macro, PS3.3 C.17.2.3)."""
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = ComprehensiveSRStorage
+    sop.ReferencedSOPInstanceUID = prior.sop_instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID = prior.series_instance_uid
+    series.ReferencedSOPSequence = [sop]
+    item = Dataset()
+    item.StudyInstanceUID = study_uid
+    item.ReferencedSeriesSequence = [series]
+    return item
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    manifest: Manifest,
+    *,
+    predecessor: ReportRef | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """An SR for one study: ``sources`` are the analysed instances' headers, ``findings`` one per source.
+
+    Patient and study modules come from the sources (same StudyInstanceUID); the SR's series derives from
+    the study UID and the model id and version, its instance also from the analysed instances (and frames),
+    so a re-send is the same object and a re-analysis with more instances a new one. ``predecessor``, the SR
+    an earlier run sent for this study, is referenced when it is another object.
+    """
+    if not sources or not findings:
+        raise ValueError("an SR needs at least one analysed source instance and one finding")
+    study_uid = str(sources[0].StudyInstanceUID)
+    if any(str(ds.StudyInstanceUID) != study_uid for ds in sources):
+        raise ValueError("all source instances of one SR must belong to the same study")
+    known = {str(ds.SOPInstanceUID) for ds in sources}
+    missing = [f.sop_instance_uid for f in findings if f.sop_instance_uid not in known]
+    if missing:
+        raise ValueError(f"{len(missing)} finding(s) refer to instances missing from the sources")
+    mid, version = manifest.model_id, manifest.model_version
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=result_uid("device", "", mid, version),
+        name=f"{mid} {version}"[:64],
+        manufacturer_name=MANUFACTURER,
+        model_name=mid[:64],
+    )
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
+    groups = [_group(f, manifest, study_uid, i) for i, f in enumerate(findings)]
+    analysed = sorted(f"{f.sop_instance_uid}/{f.frame_index}" for f in findings)
+    sop_uid = result_uid("sr", study_uid, mid, version, *analysed)
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=codes.cid100.ImagingProcedure,
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    sr = hd.sr.ComprehensiveSR(
+        # Headers only (highdicom deep-copies its evidence; pixels are not evidence), with names it accepts
+        # without a warning that would quote them.
+        evidence=[for_highdicom(ds, pixels=False) for ds in sources],
+        content=report[0],
+        series_instance_uid=sr_series_uid(study_uid, manifest),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SERIES_DESCRIPTION,
+    )
+    restore_names(sr, sources[0])
+    if predecessor is not None and predecessor.sop_instance_uid != sop_uid:
+        sr.PredecessorDocumentsSequence = [_predecessor(study_uid, predecessor)]
+    return sr
+
+
+def write_sr(
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    manifest: Manifest,
+    out_dir: Path,
+    *,
+    predecessor: ReportRef | None = None,
+) -> ResultFile:
+    """Build the SR and write it durably as a DICOM file (with file meta) into ``out_dir``."""
+    sr = build_sr(sources, findings, manifest, predecessor=predecessor)
+    path = out_dir / f"sr-{sr.SOPInstanceUID}.dcm"
+    write_durably(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True))
+    return ResultFile(
+        path=path,
+        sop_class_uid=str(sr.SOPClassUID),
+        sop_instance_uid=str(sr.SOPInstanceUID),
+        transfer_syntax=str(sr.file_meta.TransferSyntaxUID),
+    )

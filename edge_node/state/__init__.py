@@ -1,0 +1,1 @@
+"""The node's durable state in SQLite, split by concern: schema, ingest records, runs, status, models."""

@@ -1,0 +1,183 @@
+"""The DICOM listener in-process against dcmtk and pynetdicom peers: echo, store, refusals, survival."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from edge_node.ingest.listener import (
+    DUL_LOOP_DELAY_S,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_PROCESSING_FAILURE,
+    Listener,
+    ListenerConfig,
+)
+from edge_node.ingest.socket_options import NODELAY_HANDLERS
+from edge_node.ingest.spool import Spool
+from edge_node.state.node_state import NodeState
+from tests.edge_node.conftest import (
+    DCMTK_ENV,
+    acknowledged_files,
+    dicom_dir,
+    echoscu,
+    make_ct_instances,
+    storescu,
+)
+from tests.support.dcmtk import dcmtk
+
+
+class Running:
+    def __init__(self, listener: Listener, store: NodeState) -> None:
+        self.listener = listener
+        self.store = store
+        self.completions = 0
+
+    @property
+    def port(self) -> int:
+        return self.listener.address[1]
+
+
+def _start(tmp_path: Path, *, max_instance_bytes: int = 10**8, allowed: list[str] | None = None) -> Running:
+    store = NodeState.open(tmp_path / "edge.sqlite3")
+    spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=max_instance_bytes, min_free_bytes=0)
+    config = ListenerConfig("EDGE", "127.0.0.1", 0, allowed_calling_aes=allowed)
+    running: Running
+
+    def completed() -> None:
+        running.completions += 1
+
+    running = Running(Listener(config, spool, completed), store)
+    running.listener.start()
+    return running
+
+
+@pytest.fixture
+def edge(tmp_path: Path) -> Iterator[Running]:
+    running = _start(tmp_path)
+    yield running
+    running.listener.stop()
+    running.store.close()
+
+
+def _scu(port: int, ds: pydicom.Dataset, calling: str = "PYSCU") -> int:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
+    assert echoscu(edge.port)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
+    assert assoc.is_established
+    try:
+        assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+        assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        server = edge.listener._server
+        assert server is not None and server.active_associations, "the acceptor association should be open"
+        acceptor = server.active_associations[0].dul.socket
+        assert acceptor is not None and acceptor.socket is not None
+        assert acceptor.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        # The acceptor's DUL reactor polls faster than pynetdicom's default (1 ms): shorter round trips.
+        assert server.active_associations[0].dul._run_loop_delay == DUL_LOOP_DELAY_S < 0.001
+        assert int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+
+
+def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path) -> None:
+    files = make_ct_instances(tmp_path / "ct", 5)
+    proc = storescu(edge.port, files)
+    ok, bad = acknowledged_files(proc.stdout + proc.stderr)
+    assert len(ok) == 5 and not bad, proc.stdout + proc.stderr
+    counts = edge.store.status.counts()
+    assert counts["instances"] == 5 and counts["queued"] == 1
+    assert edge.completions == 1
+    for f in files:  # each spooled file holds exactly the bytes sent (storescu sends the file as is)
+        ds = pydicom.dcmread(f)
+        spooled = edge.listener.spool.path_for(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+        assert pydicom.dcmread(spooled).PixelData == ds.PixelData
+
+
+def test_missing_uid_is_cannot_understand_and_listener_lives(edge: Running) -> None:
+    ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")
+    ds.SOPInstanceUID = generate_uid()
+    del ds.StudyInstanceUID
+    assert _scu(edge.port, ds) == STATUS_CANNOT_UNDERSTAND
+    assert edge.store.status.counts()["instances"] == 0
+    assert echoscu(edge.port)
+
+
+def test_too_large_is_out_of_resources(tmp_path: Path) -> None:
+    running = _start(tmp_path, max_instance_bytes=2048)
+    try:
+        files = make_ct_instances(tmp_path / "ct", 1)
+        proc = storescu(running.port, files)
+        out = proc.stdout + proc.stderr
+        ok, bad = acknowledged_files(out)
+        assert not ok and len(bad) == 1
+        assert "0xa700" in out.lower() or "outofresources" in out.replace(" ", "").lower(), out
+        assert echoscu(running.port)
+    finally:
+        running.listener.stop()
+
+
+def test_handler_errors_become_a_failure_status(edge: Running) -> None:
+    edge.store.close()  # every database call now raises: the handler must answer, not crash
+    ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")
+    ds.SOPInstanceUID = generate_uid()
+    assert _scu(edge.port, ds) == STATUS_PROCESSING_FAILURE
+    assert echoscu(edge.port)
+
+
+def test_calling_ae_allow_list_and_called_ae(tmp_path: Path) -> None:
+    running = _start(tmp_path, allowed=["GOODSCU"])
+    try:
+        assert echoscu(running.port, calling="GOODSCU")
+        assert not echoscu(running.port, calling="BADSCU")
+        assert not echoscu(running.port, called="SOMEONE", calling="GOODSCU")
+    finally:
+        running.listener.stop()
+
+
+def test_unsupported_sop_class_is_refused_at_negotiation(edge: Running) -> None:
+    seg = dicom_dir() / "dcmqi_ct3slice" / "liver_seg.dcm"
+    proc = subprocess.run(
+        [dcmtk("storescu"), "-v", "-aec", "EDGE", "127.0.0.1", str(edge.port), str(seg)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=60,
+    )
+    assert "No presentation context" in proc.stdout + proc.stderr
+    assert edge.store.status.counts()["instances"] == 0
+    assert echoscu(edge.port)
+
+
+def test_aborted_association_waits_for_quiet_time(edge: Running) -> None:
+    ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")
+    ds.SOPInstanceUID = generate_uid()
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
+    assert int(assoc.send_c_store(ds).Status) == 0
+    assoc.abort()
+    assert echoscu(edge.port)
+    counts = edge.store.status.counts()
+    assert counts["received"] == 1 and counts["queued"] == 0
+    assert edge.completions == 0
