@@ -13,7 +13,7 @@ export TCP_NODELAY := 1
 export FEDCLINIC_DATA ?= $(abspath ../shared/data)
 export PYTHONUNBUFFERED := 1
 
-APT_PACKAGES := dcmtk orthanc systemd
+APT_PACKAGES := dcmtk orthanc systemd postgresql chromium chromium-driver dicom3tools
 
 .PHONY: help system venv lint test test-bundle demo bench clean
 
@@ -23,9 +23,14 @@ help:
 	@echo "make bench  - run the benchmarks in bench/ (figures go to docs/benchmarks.md by hand)"
 
 # System packages (Debian/Ubuntu): dcmtk for the DICOM tools, Orthanc as the clinic PACS, systemd for
-# systemd-analyze (the installer's unit is verified with it; systemd need not run).
+# systemd-analyze (the installer's unit is verified with it; systemd need not run), PostgreSQL (the hub's
+# production store; tests start a throwaway cluster), Chromium and its WebDriver (browser tests of the web pages),
+# dicom3tools (dciodvfy validates every SR and SC the node sends). Each is looked for by a file it installs.
+SYSTEM_PROBES := /usr/bin/storescu /usr/sbin/Orthanc /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver \
+	/usr/bin/dciodvfy /usr/lib/postgresql/*/bin/pg_ctl
 system:
-	@if command -v storescu >/dev/null && command -v Orthanc >/dev/null && command -v systemd-analyze >/dev/null; then :; \
+	@missing=0; for f in $(SYSTEM_PROBES); do [ -e "$$f" ] || missing=1; done; \
+	if [ $$missing = 0 ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	else echo "Need $(APT_PACKAGES): run 'sudo apt-get install $(APT_PACKAGES)' or run make as root" >&2; exit 1; fi
