@@ -5,7 +5,8 @@ ProtocolError
  │    ├── SignatureError     missing, malformed or wrong signature / unknown key
  │    ├── IntegrityError     a file's sha256 differs from the manifest, or a file is missing
  │    └── SchemaError        manifest unreadable or of an unsupported schema version
- └── EncodingError          a tensor payload cannot be decoded safely
+ ├── EncodingError          a tensor payload cannot be decoded safely
+ └── PublicationError       a publication record is forged, expired, replayed or an unsigned downgrade
 """
 
 from __future__ import annotations
@@ -33,3 +34,7 @@ class SchemaError(BundleError):
 
 class EncodingError(ProtocolError):
     """A tensor payload is malformed or would need pickle to decode."""
+
+
+class PublicationError(ProtocolError):
+    """A publication is unsigned, expired, replayed or an unsigned downgrade: keep the current model."""
