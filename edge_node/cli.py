@@ -141,6 +141,9 @@ def status(
                 highlight=False,
             )
             _print_serving(settings, model.model_id, model.version)
+        from edge_node.uplink.commands import print_uplink_status
+
+        print_uplink_status(console, settings)
         states = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
         console.print(f"[bold]totals:[/bold] {states or 'nothing received yet'}")
         if last_error:
@@ -381,6 +384,10 @@ def states() -> None:
 
     console.print(format_transitions(), highlight=False)
 
+
+from edge_node.uplink.commands import enroll_command  # noqa: E402 (the command lives with the uplink)
+
+app.command("enroll")(enroll_command)
 
 if __name__ == "__main__":
     app()

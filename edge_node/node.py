@@ -18,6 +18,7 @@ from edge_node.serving import ServingRecord, write_serving
 from edge_node.settings import EdgeSettings
 from edge_node.spool import Spool
 from edge_node.store import Store
+from edge_node.uplink.sync import sync_loop_for
 from edge_node.worker import Sender, Worker, WorkerConfig
 
 __all__ = ["Node"]
@@ -46,6 +47,7 @@ class Node:
             min_free_bytes=settings.min_free_bytes,
         )
         self.models = ModelSlot.from_settings(self.store, settings, on_loaded=self._on_model_loaded)
+        self.uplink = sync_loop_for(settings, self.models, self.store)  # None when not enrolled
         self._results_warm = False
         self.sender = Sender(
             self.store,
@@ -121,6 +123,8 @@ class Node:
         )
         self.worker.start()
         self.sender.start()
+        if self.uplink is not None:
+            self.uplink.start()
         try:
             return self.listener.start()
         except OSError as exc:
@@ -139,6 +143,8 @@ class Node:
         self.listener.stop()
         self.worker.stop()
         self.sender.stop()
+        if self.uplink is not None:
+            self.uplink.stop()
         self.store.close()
         logger.info("stopped")
 
