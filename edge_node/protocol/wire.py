@@ -364,8 +364,10 @@ class RoundInfo(_Wire):
     state: RoundState
     min_results: int
     nodes: list[str]
+    #: Updates accepted so far (each task counts at most once).
     accepted: int
-    rejected: int
+    #: Tasks closed without an accepted update (the node dropped out or was late).
+    missing: int
     deadline: datetime
     created_at: datetime
     updated_at: datetime
