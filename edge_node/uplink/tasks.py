@@ -76,6 +76,13 @@ def forward_logits(model: LoadedModel, anchors: np.ndarray) -> np.ndarray:
     return raw.reshape(raw.shape[0], -1)
 
 
+def _two_class(z: np.ndarray, positive: int) -> np.ndarray:
+    """One sigmoid logit per image as two-class logits: softmax([0, z]) is exactly (1 - σ(z), σ(z))."""
+    out = np.zeros((z.shape[0], 2), dtype=np.float64)  # (N, 2)
+    out[:, positive] = z
+    return out
+
+
 def _public_logits(task: Task, params: Tensors, model: LoadedModel | None) -> TaskAnswer:
     if model is None:
         raise TaskError("public_logits needs a model and none is installed on this node")
@@ -93,6 +100,8 @@ def _public_logits(task: Task, params: Tensors, model: LoadedModel | None) -> Ta
         logits = forward_logits(model, anchors)
     except Exception as exc:  # ORT raises its own types for inputs the model does not take
         raise TaskError(f"the model cannot run the anchor images ({type(exc).__name__})") from exc
+    if logits.shape[1] == 1 and list(spec.shape)[1:] == [2] and model.task.output_activation == "sigmoid":
+        logits = _two_class(logits[:, 0], model.task.positive_class)
     problem = _shape_problem(logits, spec)
     if problem is not None:
         raise TaskError(problem)

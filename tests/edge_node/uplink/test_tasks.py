@@ -63,6 +63,17 @@ def test_public_logits_are_the_models_raw_outputs(model: LoadedModel) -> None:
     assert len({round(float(v), 6) for v in logits.ravel()}) > 1  # different images, different outputs
 
 
+def test_one_sigmoid_logit_becomes_two_class_logits(model: LoadedModel) -> None:
+    if model.task.output_activation != "sigmoid" or model.manifest.io.outputs[0].shape[-1] != 1:
+        pytest.skip("the test bundle is not a one-logit sigmoid model")
+    shape = [d if d > 0 else 4 for d in model.input_shape]
+    anchors = np.random.default_rng(1).random(shape, dtype=np.float32)
+    task = _task(UpdateKind.PUBLIC_LOGITS, [TensorShape(name="logits", shape=[shape[0], 2], dtype="float32")])
+    logits = answer_task(task, {"inputs": anchors}, model, LocalStats({}, 0)).tensors["logits"]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(e / e.sum(axis=1, keepdims=True), model.probabilities(anchors), atol=1e-5)
+
+
 def test_public_logits_refuse_what_they_cannot_answer(model: LoadedModel) -> None:
     task = _task(UpdateKind.PUBLIC_LOGITS, [TensorShape(name="logits", shape=[3, 7], dtype="float32")])
     shape = [d if d > 0 else 3 for d in model.input_shape]
@@ -78,11 +89,12 @@ def test_public_logits_refuse_what_they_cannot_answer(model: LoadedModel) -> Non
 def test_stats_count_classes_in_model_order(model: LoadedModel) -> None:
     names = [c.name for c in model.task.classes]
     counts = {names[-1]: 4, names[0]: 2}
-    task = _task(UpdateKind.STATS, [TensorShape(name="label_counts", shape=[len(names)], dtype="float32")])
+    task = _task(UpdateKind.STATS, [TensorShape(name="label_counts", shape=[len(names)], dtype="int64")])
     answer = answer_task(task, {}, model, LocalStats(counts, 6))
-    expected = np.zeros(len(names), dtype=np.float32)
+    expected = np.zeros(len(names), dtype=np.int64)
     expected[0], expected[-1] = 2, 4
     np.testing.assert_array_equal(answer.tensors["label_counts"], expected)
+    assert answer.tensors["label_counts"].dtype == np.int64
     with pytest.raises(TaskError, match="feature_mean"):
         answer_task(
             _task(UpdateKind.STATS, [TensorShape(name="feature_mean", shape=[16], dtype="float32")]),
