@@ -13,7 +13,7 @@ export TCP_NODELAY := 1
 export FEDCLINIC_DATA ?= $(abspath ../shared/data)
 export PYTHONUNBUFFERED := 1
 
-APT_PACKAGES := dcmtk orthanc chromium chromium-driver
+APT_PACKAGES := dcmtk orthanc chromium chromium-driver postgresql
 
 .PHONY: help system venv lint test test-bundle demo bench clean
 
@@ -25,7 +25,7 @@ help:
 # System packages (Debian/Ubuntu): dcmtk for the DICOM tools, Orthanc as the clinic PACS, Chromium and its
 # WebDriver for the hub dashboard's browser test.
 system:
-	@if command -v storescu >/dev/null && command -v Orthanc >/dev/null && command -v chromedriver >/dev/null; then :; \
+	@if command -v storescu >/dev/null && command -v Orthanc >/dev/null && command -v chromedriver >/dev/null && ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	else echo "Need $(APT_PACKAGES): run 'sudo apt-get install $(APT_PACKAGES)' or run make as root" >&2; exit 1; fi

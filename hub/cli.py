@@ -6,7 +6,20 @@ import logging
 
 import typer
 
-from hub.commands import bench, data, demo, export_bundle, keys, train
+from hub.commands import (
+    bench,
+    data,
+    demo,
+    export_bundle,
+    init,
+    keys,
+    models,
+    nodes,
+    rounds,
+    serve,
+    status,
+    train,
+)
 
 app = typer.Typer(
     name="fedclinic-hub",
@@ -20,6 +33,12 @@ app.command("demo")(demo.demo)
 app.add_typer(keys.app, name="keys")
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
+app.command("init")(init.init)
+app.command("serve")(serve.serve)
+app.add_typer(nodes.app, name="nodes")
+app.add_typer(rounds.app, name="rounds")
+app.add_typer(models.app, name="models")
+app.command("status")(status.status)
 
 
 @app.callback()
