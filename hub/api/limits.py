@@ -12,10 +12,6 @@ from edge_node.protocol.wire import ErrorBody, ErrorCode
 __all__ = ["BodyLimit"]
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """Refuse bodies over ``limit_for(path)`` bytes: by Content-Length at once, else while streaming."""
 
@@ -39,27 +35,33 @@ class BodyLimit:
                     return
         seen = 0
         started = False
+        refused = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, refused, started
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge
+                    # Answer 413 now and tell the app the client went away, so it stops reading.
+                    refused = True
+                    if not started:
+                        started = True
+                        await self._refuse(send, limit)
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return  # the 413 was already sent; whatever the app answers after the disconnect is dropped
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send, limit)
+        await self.app(scope, limited_receive, guarded_send)
 
     @staticmethod
     async def _refuse(send: Send, limit: int) -> None:
