@@ -33,7 +33,7 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (401, 403, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in (400, 401, 403, 422, 503)}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
     404: {"model": ErrorBody},

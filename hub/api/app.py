@@ -18,6 +18,7 @@ from edge_node.protocol.wire import WIRE_VERSION, ErrorBody, ErrorCode, HubHealt
 from hub import __version__
 from hub.api import admin_routes, node_routes
 from hub.api.context import HubContext
+from hub.api.dashboard import dashboard_router
 from hub.api.limits import BodyLimit
 from hub.service import errors
 from hub.service.settings import HubSettings, load_settings
@@ -54,6 +55,7 @@ def _http_code(status: int) -> ErrorCode:
         403: ErrorCode.FORBIDDEN,
         404: ErrorCode.NOT_FOUND,
         413: ErrorCode.PAYLOAD_TOO_LARGE,
+        503: ErrorCode.UNAVAILABLE,
     }.get(status, ErrorCode.INVALID_REQUEST)
 
 
@@ -119,6 +121,7 @@ def create_app(settings: HubSettings, *, tick: bool = True) -> FastAPI:
 
     app.include_router(node_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(dashboard_router(ctx.db, ctx.is_admin_token))
 
     def limit_for(path: str) -> int:
         if path.endswith("/update"):

@@ -41,10 +41,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
-_NODE_ERRORS = _errors(401, 403, 422, 503)
+_NODE_ERRORS = _errors(400, 401, 403, 422, 503)
 
 
-@router.post("/enroll", response_model=EnrollResponse, responses=_errors(401, 409, 422, 503))
+@router.post("/enroll", response_model=EnrollResponse, responses=_errors(400, 401, 409, 422, 503))
 def enroll(request: Request, body: EnrollRequest) -> EnrollResponse:
     """Trade a one-time join secret for an active node that holds the credential it generated."""
     ctx = context_of(request)
@@ -76,7 +76,7 @@ def heartbeat(request: Request, token: NodeToken, body: Heartbeat) -> HeartbeatR
         )
 
 
-@router.post("/node/credential", status_code=204, responses=_errors(401, 403, 409, 422, 503))
+@router.post("/node/credential", status_code=204, responses=_errors(400, 401, 403, 409, 422, 503))
 def rotate(request: Request, token: NodeToken, body: CredentialRotation) -> Response:
     """Replace this node's secret; the old one stops working at once."""
     ctx = context_of(request)
