@@ -57,6 +57,8 @@ class EnrolledNode:
     node_id: str
     secret: str
     cohort: str
+    #: The hub's signing key as the enrollment answer gave it (what the node trusts from then on).
+    hub_public_key_pem: str = ""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -170,4 +172,10 @@ class HubServer:
         body = EnrollRequest(join_secret=code.secret, credential=secret, edge_version="test")
         r = client.post("/v1/enroll", json=body.model_dump(mode="json"))
         assert r.status_code == 200, r.text
-        return EnrolledNode(node_id=r.json()["node_id"], secret=secret, cohort=cohort)
+        answer = r.json()
+        return EnrolledNode(
+            node_id=answer["node_id"],
+            secret=secret,
+            cohort=cohort,
+            hub_public_key_pem=answer["hub_public_key_pem"],
+        )
