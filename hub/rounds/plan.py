@@ -173,6 +173,7 @@ def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: S
     client: Config = {k.removeprefix("client."): v for k, v in config.items() if k.startswith("client.")}
     if client:
         kwargs["client_config"] = client
+    built = make_strategy(strategy, **kwargs)
     if not start:
         raise StrategyConfigError(f"a {strategy} round needs starting tensors: pass a model artifact")
-    return StrategyPlan(make_strategy(strategy, **kwargs), start, nodes)
+    return StrategyPlan(built, start, nodes)
