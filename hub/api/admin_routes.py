@@ -133,8 +133,12 @@ def hub_status(ctx: HubContext) -> HubStatus:
     from hub import __version__
 
     with ctx.db.session() as session:
-        nodes = dict(session.execute(select(Node.state, func.count()).group_by(Node.state)).tuples().all())
-        rounds = dict(session.execute(select(Round.state, func.count()).group_by(Round.state)).tuples().all())
+        nodes: dict[str, int] = {
+            s: int(c) for s, c in session.execute(select(Node.state, func.count()).group_by(Node.state))
+        }
+        rounds: dict[str, int] = {
+            s: int(c) for s, c in session.execute(select(Round.state, func.count()).group_by(Round.state))
+        }
         pubs = int(session.scalar(select(func.count(Publication.id))) or 0)
     return HubStatus(
         version=__version__,
