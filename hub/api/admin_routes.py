@@ -93,7 +93,9 @@ def list_rounds(request: Request, token: AdminToken) -> RoundList:
 @router.post("/rounds", response_model=RoundInfo, status_code=201, responses=_NOT_FOUND)
 def start_round(request: Request, token: AdminToken, body: RoundStart) -> RoundInfo:
     ctx = _admin(request, token)
-    return ctx.rounds.start(body, actor="admin")
+    info = ctx.rounds.start(body, actor="admin")
+    ctx.signal.notify()
+    return info
 
 
 @router.get("/rounds/{round_id}", response_model=RoundInfo, responses=_NOT_FOUND)

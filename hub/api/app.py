@@ -65,6 +65,7 @@ def create_app(settings: HubSettings, *, tick: bool = True) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        ctx.signal.bind(asyncio.get_running_loop())
         ticker = asyncio.create_task(_tick_forever(ctx)) if tick else None
         try:
             yield
@@ -135,9 +136,15 @@ def create_app(settings: HubSettings, *, tick: bool = True) -> FastAPI:
 
 async def _tick_forever(ctx: HubContext) -> None:
     """Close rounds at their deadline and take over work of dead processes, every ``tick_s`` seconds."""
+    marker: object = None
     while True:
         try:
             await run_in_threadpool(ctx.rounds.tick)
+            # Rounds started or closed by another worker or by the CLI wake this worker's long-polls too.
+            now = await run_in_threadpool(ctx.rounds.activity_marker)
+            if now != marker:
+                marker = now
+                ctx.signal.notify()
         except Exception:  # the ticker must outlive a busy store or one bad round; the log says what happened
             logger.exception("round tick failed")
         await asyncio.sleep(ctx.settings.tick_s)

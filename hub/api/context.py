@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Request
 
 from edge_node.protocol.signing import public_key_pem
+from hub.api.signal import TaskSignal
 from hub.rounds.controller import RoundController
 from hub.service.datadir import admin_token_matches, load_signing_key, read_admin_token
 from hub.service.settings import HubSettings
@@ -27,6 +28,8 @@ class HubContext:
     public_key_pem: str
     admin_sha256: str
     tls_sha256: str
+    #: Wakes long-polling nodes when rounds change.
+    signal: TaskSignal = field(default_factory=TaskSignal)
 
     @classmethod
     def build(cls, settings: HubSettings) -> HubContext:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -151,11 +150,14 @@ async def tasks(
     node_id = await run_in_threadpool(_auth)
     deadline = time.monotonic() + min(wait, ctx.settings.max_wait_s)
     while True:
+        generation = ctx.signal.generation
         found = await run_in_threadpool(ctx.rounds.open_tasks, node_id)
-        if found or time.monotonic() >= deadline or await request.is_disconnected():
+        remaining = deadline - time.monotonic()
+        if found or remaining <= 0 or await request.is_disconnected():
             return TaskList(tasks=found)
-        # An idle node costs one indexed query a second, not a request per second over the network.
-        await asyncio.sleep(1.0)
+        # An idle node costs nothing until rounds change (this worker's signal, or the ticker's check of
+        # the store), and at most one look every few seconds so a disconnected client is noticed.
+        await ctx.signal.wait_past(generation, min(remaining, 5.0))
 
 
 @router.get(

@@ -520,6 +520,16 @@ class RoundController:
             self._set_state(session, row, RoundState.FAILED, f"cancelled by {actor}")
         return self.info(round_id)
 
+    def activity_marker(self) -> tuple[int, int]:
+        """Changes whenever a round starts or leaves collecting: (newest round number, rounds collecting)."""
+        with self.db.session() as session:
+            newest = int(session.scalar(select(func.coalesce(func.max(Round.number), 0))) or 0)
+            collecting = int(
+                session.scalar(select(func.count(Round.id)).where(Round.state == RoundState.COLLECTING.value))
+                or 0
+            )
+        return newest, collecting
+
     # -- reporting ------------------------------------------------------------------------------------------
 
     def _get(self, session: Session, round_ref: str) -> Round:
