@@ -57,6 +57,8 @@ from edge_node.uplink.transport import pinned_context  # noqa: E402
 
 HUB_BIN = Path(sys.executable).parent / "fedclinic-hub"
 STUDENT = "student_cnn_s"
+#: Drop idle connections before uvicorn does (its keep-alive timeout is 5 s), so none is reused as it closes.
+LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 
 def student_params() -> dict[str, np.ndarray]:
@@ -238,7 +240,11 @@ async def run_bench(n: int, rounds: int, workdir: Path, params: dict[str, np.nda
     try:
         context = pinned_context(hub.cert)
         admin = httpx.AsyncClient(
-            base_url=hub.url, verify=context, headers={"Authorization": f"Bearer {hub.token}"}, timeout=60
+            base_url=hub.url,
+            verify=context,
+            headers={"Authorization": f"Bearer {hub.token}"},
+            timeout=60,
+            limits=LIMITS,
         )
         nodes: list[LightNode] = []
         t0 = time.perf_counter()
@@ -249,7 +255,9 @@ async def run_bench(n: int, rounds: int, workdir: Path, params: dict[str, np.nda
             issued.raise_for_status()
             code = decode_join_code(JoinCodeIssued.model_validate_json(issued.content).join_code)
             secret = new_secret()
-            client = httpx.AsyncClient(base_url=hub.url, verify=pinned_context(hub.cert), timeout=60)
+            client = httpx.AsyncClient(
+                base_url=hub.url, verify=pinned_context(hub.cert), timeout=60, limits=LIMITS
+            )
             enrolled = await client.post(
                 "/v1/enroll",
                 json=EnrollRequest(

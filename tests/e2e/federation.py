@@ -7,11 +7,10 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,10 +18,12 @@ from typing import Any, TypeVar
 import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import create_engine, text
 
 from edge_node.protocol.manifest import Manifest
 from edge_node.uplink.transport import pinned_context
 from tests.edge_node.conftest import EdgeProcess, free_port, write_config
+from tests.support.postgres import PostgresCluster
 
 HUB_BIN = Path(sys.executable).parent / "fedclinic-hub"
 T = TypeVar("T")
@@ -48,6 +49,8 @@ class HubProcess:
     port: int
     env: dict[str, str]
     workers: int = 1
+    #: None: the default SQLite store in the data directory; else a PostgreSQL URL.
+    database_url: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
 
@@ -75,9 +78,11 @@ class HubProcess:
         return json.loads(self.cli(*args, "--format", "json").stdout)
 
     def init(self) -> None:
-        self.cli("init", "--public-url", self.url)
+        extra = ["--database-url", self.database_url] if self.database_url else []
+        self.cli("init", "--public-url", self.url, *extra)
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 180.0) -> None:
+        # Generous: two API workers each import the hub on a 2-core machine that other tests keep busy.
         log_path = self.root / f"hub-{len(self.logs)}.log"
         self.logs.append(log_path)
         with log_path.open("wb") as log:
@@ -168,12 +173,27 @@ class HubProcess:
         rows = listed["nodes"] if isinstance(listed, dict) else listed
         return {n["node_name"]: n for n in rows}
 
-    def query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(f"file:{self.data_dir / 'hub.db'}?mode=ro", uri=True, timeout=30)
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'hub.db'}"
+
+    def query(self, sql: str, params: dict[str, object] | None = None) -> list[tuple[Any, ...]]:
+        """Read the hub's store directly (SQLite or PostgreSQL), as an auditor would."""
+        engine = create_engine(self.store_url)
         try:
-            return list(conn.execute(sql, tuple(args)).fetchall())
+            with engine.connect() as conn:
+                return [tuple(row) for row in conn.execute(text(sql), params or {})]
         finally:
-            conn.close()
+            engine.dispose()
+
+    def execute(self, sql: str, params: dict[str, object] | None = None) -> None:
+        """Write to the hub's store behind its back (what an attacker with store access could do)."""
+        engine = create_engine(self.store_url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(sql), params or {})
+        finally:
+            engine.dispose()
 
 
 @dataclass
@@ -185,7 +205,9 @@ class Federation:
         return {name: info["node_id"] for name, info in self.hub.nodes().items()}
 
 
-def make_hub(root: Path, *, workers: int = 1, extra_env: dict[str, str] | None = None) -> HubProcess:
+def make_hub(
+    root: Path, *, database_url: str | None = None, workers: int = 1, extra_env: dict[str, str] | None = None
+) -> HubProcess:
     root.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDCLINIC_HUB_", "FEDCLINIC_EDGE_"))}
     env.update(
@@ -198,9 +220,23 @@ def make_hub(root: Path, *, workers: int = 1, extra_env: dict[str, str] | None =
         }
     )
     env.update(extra_env or {})
-    hub = HubProcess(root=root, port=free_port(), env=env, workers=workers)
+    hub = HubProcess(root=root, port=free_port(), env=env, workers=workers, database_url=database_url)
     hub.init()
     return hub
+
+
+#: The stores every federation flow runs on: SQLite with one API worker, PostgreSQL with two.
+STORES = ["sqlite", "postgres-2-workers"]
+
+
+def hub_for_store(store: str, root: Path, request: Any) -> HubProcess:
+    """A hub on ``store`` (one of STORES), initialised, not started; ``request`` is the fixture request
+    (PostgreSQL comes from the session's ``pg_cluster`` fixture in tests/e2e/conftest.py)."""
+    if store == "sqlite":
+        return make_hub(root)
+    cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+    url = cluster.create_database(f"fed_{os.urandom(4).hex()}")
+    return make_hub(root, database_url=url, workers=2)
 
 
 def make_node(root: Path, name: str, **settings: object) -> EdgeProcess:

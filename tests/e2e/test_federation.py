@@ -15,10 +15,11 @@ import pytest
 
 from edge_node.protocol.tensors import decode_tensors
 from tests.e2e.federation import (
+    STORES,
     Federation,
     HubProcess,
     enroll,
-    make_hub,
+    hub_for_store,
     make_node,
     uplink_state,
     wait_for,
@@ -30,9 +31,9 @@ pytestmark = pytest.mark.slow
 NAMES = ("clinic-north", "clinic-south", "clinic-east")
 
 
-@pytest.fixture
-def federation(tmp_path: Path) -> Any:
-    hub = make_hub(tmp_path / "hub")
+@pytest.fixture(params=STORES)
+def federation(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    hub = hub_for_store(request.param, tmp_path / "hub", request)
     hub.start()
     nodes = {name: make_node(tmp_path, name) for name in NAMES}
     fed = Federation(hub, nodes)
@@ -111,8 +112,8 @@ def test_round_closes_at_k_of_n_and_survives_a_hub_kill9(federation: Federation,
     assert done["state"] == "published", done
     assert done["accepted"] == 2
     # Each accepted update counted once: two rows, and the aggregate says two nodes.
-    assert hub.query("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,)) == [(2,)]
-    (blob,) = hub.query("SELECT data FROM artifacts WHERE id = ?", (done["result_artifact"],))[0]
+    assert hub.query("SELECT COUNT(*) FROM updates WHERE round_id = :r", {"r": round_id}) == [(2,)]
+    (blob,) = hub.query("SELECT data FROM artifacts WHERE id = :a", {"a": done["result_artifact"]})[0]
     aggregate = decode_tensors(bytes(blob))
     assert int(aggregate["nodes"]) == 2
     assert aggregate["label_counts"].shape == (2,)

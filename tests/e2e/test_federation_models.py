@@ -8,15 +8,18 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edge_node.protocol.manifest import Manifest
 from tests.e2e.federation import (
+    STORES,
     Federation,
+    HubProcess,
     active_model,
     enroll,
-    make_hub,
+    hub_for_store,
     make_node,
     signed_bundle,
     uplink_state,
@@ -37,9 +40,9 @@ def test_bundle() -> TrustedBundle:
     return found
 
 
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    hub = make_hub(tmp_path / "hub")
+@pytest.fixture(params=STORES)
+def federation(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Federation]:
+    hub = hub_for_store(request.param, tmp_path / "hub", request)
     hub.start()
     nodes = {name: make_node(tmp_path, name) for name in NAMES}
     try:
@@ -107,10 +110,10 @@ def test_publish_canary_rollback_and_refusals(
     # A tampered bundle: publish 1.2.0 while the hub is down, then change its stored zip.
     hub.stop()
     hub.cli("models", "publish", str(v3))
-    (sha,) = hub.query(
+    ((sha,),) = hub.query(
         "SELECT a.sha256 FROM publications p JOIN artifacts a ON a.id = p.artifact_id"
         " ORDER BY p.seq DESC LIMIT 1"
-    )[0]
+    )
     stored = hub.data_dir / "artifacts" / f"bundle-{sha}.zip"
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -125,7 +128,7 @@ def test_publish_canary_rollback_and_refusals(
     old = hub.admin_call("GET", "/v1/admin/publications")["publications"]
     replayed = next(p for p in old if p["record"]["nodes"])  # the canary publication
     hub.stop()
-    _serve_as_newest(hub.data_dir / "hub.db", replayed)
+    _serve_as_newest(hub, replayed)
     hub.start()
     node = federation.nodes[canary]
     pid = replayed["record"]["publication_id"]
@@ -141,31 +144,29 @@ def test_publish_canary_rollback_and_refusals(
         assert "1.0.0" in status.stdout and "last refused publication" in status.stdout
 
 
-def _serve_as_newest(db_path: Path, signed: dict[str, object]) -> None:
+def _serve_as_newest(hub: HubProcess, signed: dict[str, Any]) -> None:
     """What an attacker with write access to the hub's store (but not its key) could do: serve an old,
     validly signed record as the newest publication."""
-    import sqlite3
-
-    conn = sqlite3.connect(db_path)
-    try:
-        record = signed["record"]
-        assert isinstance(record, dict)
-        (artifact,) = conn.execute(
-            "SELECT artifact_id FROM publications WHERE id = ?", (record["publication_id"],)
-        ).fetchone()
-        (top,) = conn.execute("SELECT MAX(seq) FROM publications").fetchone()
-        conn.execute(
-            "INSERT INTO publications (id, seq, cohort, artifact_id, signed, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                "replay" + str(top + 1),
-                top + 1,
-                record["cohort"],
-                artifact,
-                json.dumps(signed),
-                datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"),
-            ),
-        )
-        conn.commit()
-    finally:
-        conn.close()
+    record = signed["record"]
+    ((artifact,),) = hub.query(
+        "SELECT artifact_id FROM publications WHERE id = :p", {"p": record["publication_id"]}
+    )
+    ((top,),) = hub.query("SELECT MAX(seq) FROM publications")
+    postgres = hub.database_url is not None
+    now = datetime.now(timezone.utc)
+    hub.execute(
+        "INSERT INTO publications (id, seq, cohort, artifact_id, signed, created_at) VALUES "
+        + (
+            "(:id, :seq, :cohort, :artifact, CAST(:signed AS json), :at)"
+            if postgres
+            else "(:id, :seq, :cohort, :artifact, :signed, :at)"
+        ),
+        {
+            "id": f"replay{top + 1}",
+            "seq": top + 1,
+            "cohort": record["cohort"],
+            "artifact": artifact,
+            "signed": json.dumps(signed),
+            "at": now if postgres else now.strftime("%Y-%m-%d %H:%M:%S.%f"),
+        },
+    )
