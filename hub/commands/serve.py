@@ -57,6 +57,12 @@ def serve(
         ssl_keyfile=str(keyfile),
         log_level="info",
         timeout_graceful_shutdown=5,
+        # A worker busy aggregating (or starting on a loaded host) must not be taken for dead and killed
+        # mid-request; uvicorn's default of 5 s does that on a small machine.
+        timeout_worker_healthcheck=60,
+        # Nodes keep one connection and reuse it between calls; uvicorn's 5 s idle close races with that
+        # reuse (the client sends as the server hangs up), so idle connections live longer than a long-poll.
+        timeout_keep_alive=75,
     )
 
 
