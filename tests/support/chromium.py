@@ -84,7 +84,7 @@ def headless_chromium(profile: Path) -> Iterator[Browser]:
     self-signed certificate; both are stopped afterwards."""
     paths = chromium_paths()
     if paths is None:
-        raise AssertionError("chromium and chromedriver are needed (apt-get install chromium chromium-driver)")
+        raise AssertionError("needs chromium and chromedriver: apt-get install chromium chromium-driver")
     browser_bin, driver_bin = paths
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -79,7 +79,8 @@ def https_server(cert: Certificate, handle: Handler) -> Iterator[str]:
             status, answer = handle(self.command, self.path, dict(self.headers.items()), body)
             data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
             self.send_response(status)
-            kind = "text/html" if isinstance(answer, bytes) and answer.startswith(b"<") else "application/json"
+            html = isinstance(answer, bytes) and answer.startswith(b"<")
+            kind = "text/html" if html else "application/json"
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
