@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 #: Longest single long-poll for tasks; shorter than any proxy's idle timeout we have met.
 MAX_POLL_SECONDS = 25.0
+#: Longest wait between tries while the hub is unreachable: a node is back within a minute of the hub, and a
+#: thousand waiting nodes still cost the hub under 20 requests a second (jitter spreads them).
+MAX_BACKOFF_SECONDS = 60.0
 #: Statuses after which an update is never retried: the hub has judged it (rejected, late, not ours).
 FINAL_REFUSALS = frozenset({400, 403, 404, 409, 413, 422})
 
@@ -83,7 +86,7 @@ class SyncLoop:
         self.store = store
         self.edge_version = edge_version
         self.extra_trusted_keys = extra_trusted_keys
-        self.backoff = backoff or Backoff(base_seconds=1.0, max_seconds=300.0)
+        self.backoff = backoff or Backoff(base_seconds=1.0, max_seconds=MAX_BACKOFF_SECONDS)
         self.poll_seconds = poll_seconds
         self.outbox = UpdateOutbox(directory / "outbox.sqlite3")
         self.state = StateFile(directory / "state.json")

@@ -119,7 +119,7 @@ def test_round_closes_at_k_of_n_and_survives_a_hub_kill9(federation: Federation,
     assert aggregate["label_counts"].shape == (2,)
     # The nodes have nothing left to send, and reached the hub again.
     wait_for(
-        "north to reach the hub again", lambda: uplink_state(north).get("last_error") is None, timeout=30
+        "north to reach the hub again", lambda: uplink_state(north).get("last_error") is None, timeout=120
     )
     for name in ("clinic-north", "clinic-south"):
         node = federation.nodes[name]

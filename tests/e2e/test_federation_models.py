@@ -120,7 +120,12 @@ def test_publish_canary_rollback_and_refusals(
     stored.write_bytes(bytes(data))
     hub.start()
     for name, node in federation.nodes.items():
-        wait_for(f"{name} to refuse the tampered bundle", lambda n=node: uplink_state(n).get("last_refusal"))
+        # The nodes lost the hub while it was down and retry with backoff (≤ 60 s, jittered).
+        wait_for(
+            f"{name} to refuse the tampered bundle",
+            lambda n=node: uplink_state(n).get("last_refusal"),
+            timeout=180,
+        )
         assert "sha256" in uplink_state(node)["last_refusal"]
     assert _all_at(federation, "1.0.0")
 
@@ -132,7 +137,11 @@ def test_publish_canary_rollback_and_refusals(
     hub.start()
     node = federation.nodes[canary]
     pid = replayed["record"]["publication_id"]
-    wait_for("the canary to refuse the replay", lambda: pid in (uplink_state(node).get("last_refusal") or ""))
+    wait_for(
+        "the canary to refuse the replay",
+        lambda: pid in (uplink_state(node).get("last_refusal") or ""),
+        timeout=180,
+    )
     assert "replay" in uplink_state(node)["last_refusal"]
     assert _all_at(federation, "1.0.0")
 
