@@ -173,14 +173,22 @@ class RoundController:
             return row.id
 
     def _latest_result(self, session: Session, strategy: str) -> str | None:
+        """The state the last published round of this strategy left (its saved state, else its result)."""
         if strategy in COLLECTIONS:
             return None
-        return session.scalars(
-            select(Round.result_artifact)
+        row = session.scalars(
+            select(Round)
             .where(Round.strategy == strategy, Round.state == RoundState.PUBLISHED.value)
             .order_by(Round.number.desc())
             .limit(1)
         ).first()
+        if row is None:
+            return None
+        if row.strategy_state is not None:
+            return store_tensors(
+                session, decode_tensors(row.strategy_state), note=f"state after round {row.number}"
+            )
+        return row.result_artifact
 
     def _claim(
         self, session: Session, round_id: str, state: RoundState, *, new_state: RoundState | None = None
@@ -490,10 +498,12 @@ class RoundController:
             ClientFailure(n, number, "no update before the deadline") for n in nodes if n not in answered
         ]
         new: Params | None
+        state: Params | None = None
         try:
             plan = build_plan(strategy, config, start, nodes)
             plan.tasks(number, nodes)  # the strategy learns what it asked for, as when the round began
             new, reason = plan.aggregate(number, results, failures)
+            state = plan.state() if new is not None else None
         except FlError as exc:
             new, reason = None, f"aggregation failed: {exc}"
         with self.db.session() as session:
@@ -505,6 +515,7 @@ class RoundController:
                 self._set_state(session, row, RoundState.FAILED, reason)
             else:
                 row.result_artifact = store_tensors(session, new, note=f"round {number} {strategy}")
+                row.strategy_state = encode_tensors(state, compress=False) if state else None
                 self._set_state(session, row, RoundState.PUBLISHED, f"aggregated {len(results)} updates")
             row.claimed_by = None
             row.claimed_at = None

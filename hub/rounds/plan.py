@@ -19,7 +19,7 @@ from hub.fl.errors import FlError, StrategyConfigError
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import ClientFailure, ClientResult, Config, Params, Strategy
 from hub.fl.validation import TensorSpec, spec_of
-from hub.rounds.strategy_state import restore_strategy
+from hub.rounds.strategy_state import restore_strategy, save_strategy
 
 __all__ = [
     "COLLECTIONS",
@@ -49,6 +49,10 @@ class RoundPlan(ABC):
 
     @abstractmethod
     def tasks(self, number: int, nodes: Sequence[str]) -> list[PlannedTask]: ...
+
+    def state(self) -> Params | None:
+        """What the next round of this strategy starts from (None: collections carry no state)."""
+        return None
 
     @abstractmethod
     def aggregate(
@@ -85,6 +89,9 @@ class StrategyPlan(RoundPlan):
             reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in history[-1].failures) if history else ""
             return None, f"the strategy kept the model ({reasons or 'too few usable results'})"
         return dict(self.strategy.global_params), None
+
+    def state(self) -> Params | None:
+        return save_strategy(self.strategy)
 
 
 def _num_classes(config: Mapping[str, Any]) -> int:

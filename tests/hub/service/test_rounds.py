@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import update
 
+from edge_node.protocol.tensors import decode_tensors
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import (
     EnrollRequest,
@@ -216,3 +217,25 @@ def test_bad_round_settings_are_refused(db: Database, settings: HubSettings) -> 
         rc.start(RoundStart(strategy="stats", config={"num_classes": 2}, min_results=2), actor="t")
     with pytest.raises(RoundConfigError, match="num_classes"):
         rc.start(RoundStart(strategy="stats"), actor="t")
+
+
+def test_the_next_round_starts_from_the_state_the_last_one_saved(db: Database, settings: HubSettings) -> None:
+    nodes = enroll(db, 2)
+    with db.session() as session:
+        art = store_tensors(session, {"w": np.zeros(3, np.float32)})
+    rc = RoundController(db, settings)
+    for expected in (1.0, 2.0):  # each round adds a mean delta of 1.0
+        info = rc.start(
+            RoundStart(strategy="fedavg", model_artifact=art if expected == 1.0 else None), actor="t"
+        )
+        for node in nodes:
+            (task,) = rc.open_tasks(node)
+            params = decode_tensors(rc.task_params(node, task.task_id))
+            np.testing.assert_array_equal(params["w"], np.full(3, expected - 1.0))
+            answer(rc, task, node, {"w": np.ones(3, np.float32)})
+        assert rc.info(info.round_id).state is RoundState.PUBLISHED
+        np.testing.assert_array_equal(rc.result(info.round_id)["w"], np.full(3, expected))
+    with db.session() as session:
+        saved = session.get(Round, info.round_id)
+        assert saved is not None and saved.strategy_state is not None
+        np.testing.assert_array_equal(decode_tensors(saved.strategy_state)["w"], np.full(3, 2.0))
