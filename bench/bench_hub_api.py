@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from edge_node.protocol.tensors import encode_tensors  # noqa: E402
 from edge_node.protocol.updates import UpdateEnvelope, UpdateKind  # noqa: E402
 from edge_node.protocol.wire import TaskList, UpdateSubmission  # noqa: E402
-from hub.rounds.controller import store_tensors  # noqa: E402
 from hub.service.settings import load_settings  # noqa: E402
+from hub.store.artifacts import store_tensors  # noqa: E402
 from hub.store.database import open_database  # noqa: E402
 from tests.support.hub_server import EnrolledNode, HubServer, init_hub  # noqa: E402
 from tests.support.postgres import postgres_cluster  # noqa: E402

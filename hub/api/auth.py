@@ -33,10 +33,8 @@ NodeToken = Annotated[str, Depends(node_token)]
 AdminToken = Annotated[str, Depends(admin_token)]
 
 
-def node_in(session: Session, token: str, *, is_admin: bool = False) -> Node:
+def node_in(session: Session, token: str) -> Node:
     """The calling node, inside the route's session (so revocation applies to this very request)."""
-    if is_admin:
-        raise ForbiddenError("this is a node route; the admin credential cannot act as a node")
     return authenticate_node(session, token)
 
 

@@ -24,9 +24,10 @@ from hub.commands.service_options import (
     print_json,
     settings_for,
 )
-from hub.rounds.controller import RoundController, store_tensors
+from hub.rounds.controller import RoundController
 from hub.rounds.lifecycle import TERMINAL, transition_table
 from hub.service.errors import HubServiceError
+from hub.store.artifacts import store_tensors
 
 app = typer.Typer(help="Start, watch, list and cancel federated rounds.", no_args_is_help=True)
 

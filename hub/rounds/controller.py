@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 import os
 import secrets
@@ -56,6 +55,7 @@ from hub.service.errors import (
     UpdateRejected,
 )
 from hub.service.settings import HubSettings
+from hub.store.artifacts import load_tensors, store_tensors
 from hub.store.database import Database
 from hub.store.schema import Artifact, Node, Round, Task, Update, utcnow
 
@@ -72,37 +72,6 @@ def _expected_json(expected: dict[str, TensorSpec]) -> list[dict[str, Any]]:
 
 def _expected_specs(rows: Sequence[dict[str, Any]]) -> dict[str, TensorSpec]:
     return {r["name"]: TensorSpec(tuple(r["shape"]), np.dtype(r["dtype"])) for r in rows}
-
-
-def store_tensors(session: Session, params: Params, note: str | None = None) -> str:
-    """Keep npz tensors in the database (deduplicated by sha256); returns the artifact id."""
-    payload = encode_tensors(params, compress=False)
-    sha = hashlib.sha256(payload).hexdigest()
-    artifact_id = "t-" + sha[:40]
-    if session.get(Artifact, artifact_id) is None:
-        session.add(
-            Artifact(
-                id=artifact_id,
-                kind="tensors",
-                sha256=sha,
-                size=len(payload),
-                data=payload,
-                path=None,
-                model_id=None,
-                model_version=None,
-                note=note,
-                created_at=utcnow(),
-            )
-        )
-        session.flush()
-    return artifact_id
-
-
-def load_tensors(session: Session, artifact_id: str) -> Params:
-    artifact = session.get(Artifact, artifact_id)
-    if artifact is None or artifact.kind != "tensors" or artifact.data is None:
-        raise NotFoundError(f"no tensor artifact {artifact_id!r}; see `fedclinic-hub models list`")
-    return decode_tensors(artifact.data)
 
 
 class RoundController:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from edge_node.protocol.wire import EnrollRequest, TaskList, decode_join_code
-from hub.rounds.controller import store_tensors
 from hub.service.datadir import load_signing_key
 from hub.service.enrollment import issue_join_code
 from hub.service.publishing import publish_bundle
 from hub.service.settings import load_settings
+from hub.store.artifacts import store_tensors
 from hub.store.database import open_database
 from tests.hub.service.conftest import bundle_root, submission, zeros_update
 from tests.support.hub_server import HubServer

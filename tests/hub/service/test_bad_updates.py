@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import select
 
 from edge_node.protocol.wire import Task, TaskList, UpdateSubmission
-from hub.rounds.controller import store_tensors
 from hub.service.settings import load_settings
+from hub.store.artifacts import store_tensors
 from hub.store.database import Database, open_database
 from hub.store.schema import Base
 from tests.hub.service.conftest import SERVICE_ENV, submission, zeros_update

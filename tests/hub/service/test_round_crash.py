@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from edge_node.protocol.wire import RoundInfo, Task, TaskList
-from hub.rounds.controller import RoundController, store_tensors
+from hub.rounds.controller import RoundController
 from hub.service.settings import load_settings
+from hub.store.artifacts import store_tensors
 from hub.store.database import open_database
 from tests.hub.service.conftest import submission
 from tests.support.hub_server import EnrolledNode, HubServer

@@ -25,11 +25,12 @@ from edge_node.protocol.wire import (
 )
 from hub.fl.codec import encode_result
 from hub.fl.strategy import ClientResult
-from hub.rounds.controller import RoundController, store_tensors
+from hub.rounds.controller import RoundController
 from hub.rounds.lifecycle import TERMINAL, TRANSITIONS, IllegalTransition, check_transition, transition_table
 from hub.service.enrollment import enroll_node, issue_join_code
 from hub.service.errors import RoundConfigError, TaskClosedError
 from hub.service.settings import HubSettings
+from hub.store.artifacts import store_tensors
 from hub.store.database import Database, open_database
 from hub.store.schema import Round, utcnow
 
