@@ -54,33 +54,31 @@ def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
 
 def run(nodes: int, rounds: int, workdir: Path, timeout: float) -> dict[str, Any]:
     env = {**os.environ, "FLWR_HOME": str(workdir / "flwr-home"), "OMP_NUM_THREADS": "1"}
-    fleet, control, serverappio = _port(), _port(), _port()
+    # The SuperLink and SuperNodes start flower-superexec and the apps by name: the venv's bin comes first.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    # Flower 1.42 serves its Fleet, Control and runtime APIs over HTTP on one address.
+    link = _port()
     (workdir / "flwr-home").mkdir()
     (workdir / "flwr-home" / "config.toml").write_text(
         '[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-        f'address = "127.0.0.1:{control}"\ninsecure = true\n'
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
     )
     procs = [
         _start(
             [
                 str(BIN / "flower-superlink"),
                 "--insecure",
-                "--fleet-api-address",
-                f"127.0.0.1:{fleet}",
-                "--control-api-address",
-                f"127.0.0.1:{control}",
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(serverappio),
+                str(link),
             ],
             workdir / "superlink.log",
             env,
         )
     ]
     try:
-        _wait_port(control, procs[0], workdir / "superlink.log")
-        _wait_port(fleet, procs[0], workdir / "superlink.log")
+        _wait_port(link, procs[0], workdir / "superlink.log")
         for i in range(nodes):
             procs.append(
                 _start(
@@ -88,7 +86,7 @@ def run(nodes: int, rounds: int, workdir: Path, timeout: float) -> dict[str, Any
                         str(BIN / "flower-supernode"),
                         "--insecure",
                         "--superlink",
-                        f"127.0.0.1:{fleet}",
+                        f"127.0.0.1:{link}",
                         "--host",
                         "127.0.0.1",
                         "--port",

@@ -81,6 +81,7 @@ def test_enrollment_writes_a_private_credential_and_codes_work_once(federation: 
     assert "last reached" in status.stdout and hub.url in status.stdout
 
 
+@pytest.mark.timeout(1200)
 def test_round_closes_at_k_of_n_and_survives_a_hub_kill9(federation: Federation, tmp_path: Path) -> None:
     hub = federation.hub
     federation.nodes["clinic-east"].kill9()  # drops out without a word

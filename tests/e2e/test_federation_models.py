@@ -70,6 +70,7 @@ def _all_at(fed: Federation, version: str) -> bool:
     return set(_versions(fed).values()) == {version}
 
 
+@pytest.mark.timeout(1800)  # two hub restarts and many CLI runs: > 10 min on PostgreSQL on a busy 2-core box
 def test_publish_canary_rollback_and_refusals(
     federation: Federation, test_bundle: TrustedBundle, tmp_path: Path
 ) -> None:

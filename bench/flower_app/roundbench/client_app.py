@@ -13,8 +13,11 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     received = msg.content["arrays"].to_numpy_ndarrays()
     rng = np.random.default_rng()
+    # np.asarray: arithmetic on a 0-d array (a BN counter) gives a numpy scalar, which ArrayRecord refuses.
     answer = [
-        (a + rng.standard_normal(a.shape) * 1e-3).astype(a.dtype) if a.dtype.kind == "f" else a
+        np.asarray(a + rng.standard_normal(a.shape) * 1e-3, dtype=a.dtype)
+        if a.dtype.kind == "f"
+        else np.asarray(a)
         for a in received
     ]
     content = RecordDict({"arrays": ArrayRecord(answer), "metrics": MetricRecord({"num-examples": 100})})
