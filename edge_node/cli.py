@@ -182,10 +182,13 @@ def status(
         report = StatusReport.collect(settings, state, limit)
     finally:
         state.close()
+    from edge_node.uplink.commands import print_uplink_status, uplink_status
+
     if output is OutputFormat.json:
-        _print_json(report.to_json())
+        _print_json({**report.to_json(), "hub": uplink_status(settings)})
     else:
         report.print_text(console)
+        print_uplink_status(console, settings)
 
 
 def _model_slot(settings: EdgeSettings) -> ModelSlot:
@@ -488,6 +491,10 @@ def states() -> None:
 
     console.print(format_transitions(), highlight=False)
 
+
+from edge_node.uplink.commands import enroll_command  # noqa: E402 (the command lives with the uplink)
+
+app.command("enroll")(enroll_command)
 
 if __name__ == "__main__":
     app()

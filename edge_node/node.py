@@ -21,6 +21,7 @@ from edge_node.node_lock import NodeLock
 from edge_node.service_notify import notify_service
 from edge_node.settings import EdgeSettings
 from edge_node.state.node_state import NodeState
+from edge_node.uplink.sync import sync_loop_for
 from edge_node.worker import Worker, WorkerConfig
 
 __all__ = ["Node"]
@@ -50,6 +51,7 @@ class Node:
             min_free_bytes=settings.min_free_bytes,
         )
         self.models = ModelSlot.from_settings(self.state.models, settings, on_loaded=self._on_model_loaded)
+        self.uplink = sync_loop_for(settings, self.models, self.state)  # None when not enrolled
         self._results_warm = False
         self.sender = Sender(
             self.outbox,
@@ -150,6 +152,8 @@ class Node:
         )
         self.worker.start()
         self.sender.start()
+        if self.uplink is not None:
+            self.uplink.start()
         notify_service("READY=1")
         return address
 
@@ -163,6 +167,8 @@ class Node:
         self.listener.stop()
         self.worker.stop()
         self.sender.stop()
+        if self.uplink is not None:
+            self.uplink.stop()
         self.state.close()
         self.lock.release()
         logger.info("stopped")

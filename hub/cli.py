@@ -12,7 +12,19 @@ from typing import Annotated
 import typer
 
 from hub import __version__
-from hub.commands import data, export_bundle, installer, keys, train
+from hub.commands import (
+    data,
+    export_bundle,
+    init,
+    installer,
+    keys,
+    models,
+    nodes,
+    rounds,
+    serve,
+    status,
+    train,
+)
 
 app = typer.Typer(
     name="fedclinic-hub",
@@ -25,6 +37,12 @@ app.command("export")(export_bundle.export)
 app.add_typer(keys.app, name="keys")
 app.add_typer(data.app, name="data")
 app.add_typer(installer.app, name="installer")
+app.command("init")(init.init)
+app.command("serve")(serve.serve)
+app.add_typer(nodes.app, name="nodes")
+app.add_typer(rounds.app, name="rounds")
+app.add_typer(models.app, name="models")
+app.command("status")(status.status)
 
 
 def _print_version(value: bool) -> None:

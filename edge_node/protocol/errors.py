@@ -7,7 +7,8 @@ ProtocolError
  │    └── SchemaError        manifest unreadable or of an unsupported schema version
  ├── EncodingError          a tensor payload cannot be decoded safely
  ├── PrivacyError           an accounting setting is out of range (σ, δ, sampling rate, target ε)
- └── SecAggError            a secure-aggregation message is refused or the sum cannot be unmasked
+ ├── SecAggError            a secure-aggregation message is refused or the sum cannot be unmasked
+ └── PublicationError       a publication record is forged, expired, replayed or an unsigned downgrade
 """
 
 from __future__ import annotations
@@ -43,3 +44,7 @@ class PrivacyError(ProtocolError):
 
 class SecAggError(ProtocolError):
     """A secure-aggregation message is refused (forged, replayed, wrong round) or the sum cannot unmask."""
+
+
+class PublicationError(ProtocolError):
+    """A publication is unsigned, expired, replayed or an unsigned downgrade: keep the current model."""

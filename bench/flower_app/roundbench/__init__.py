@@ -1,0 +1,1 @@
+"""Round-overhead benchmark app for Flower's deployment runtime."""

@@ -1,0 +1,135 @@
+"""The uplink's part of ``fedclinic-edge``: the ``enroll`` command and the hub lines of ``status``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from edge_node import __version__
+from edge_node.errors import ConfigError, EdgeError
+from edge_node.settings import EdgeSettings, load_settings
+
+__all__ = ["enroll_command", "print_uplink_status", "uplink_status"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def enroll_command(
+    code: Annotated[str, typer.Argument(help="The join code from `fedclinic-hub nodes enroll NAME`.")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML settings file; FEDCLINIC_EDGE_* variables override it."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing enrollment (the old one stops).")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the hub.")] = 15.0,
+) -> None:
+    """Join the federation: check the hub's certificate against the code, create this node's credential.
+
+    The code carries the hub's address, its certificate fingerprint and a one-time secret; it works once and
+    expires. The node creates its own secret (the hub keeps only a hash of it) and stores it readable only by
+    this user under data_dir/uplink. HTTPS_PROXY is honoured. A running node starts syncing when restarted.
+
+    Example: fedclinic-edge enroll fcj1.eyJo... --config /etc/fedclinic/edge.toml
+    """
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    from edge_node.uplink.credential import uplink_dir
+    from edge_node.uplink.enrollment import enroll
+
+    try:
+        credential = enroll(
+            code, uplink_dir(settings.data_dir), edge_version=__version__, force=force, timeout=timeout
+        )
+    except EdgeError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"[green]enrolled[/green] as {credential.node_name} (node {credential.node_id}, cohort "
+        f"{credential.cohort}) with {credential.hub_url}; certificate {credential.tls_sha256[:16]}… pinned",
+        highlight=False,
+    )
+
+
+def _ago(moment: float) -> str:
+    seconds = max(0.0, time.time() - moment)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(moment))
+
+
+def uplink_status(settings: EdgeSettings) -> dict[str, Any]:
+    """The ``hub`` object of ``status --format json`` (keys are only ever added; never the secret).
+
+    ``enrolled`` is false for a stand-alone node; ``credential_error`` says why a stored credential cannot be
+    read; ``last_error`` is the hub's last refusal or why it could not be reached (a revoked credential shows
+    here as the hub's 401 answer).
+    """
+    from edge_node.uplink.credential import NodeCredential, uplink_dir
+    from edge_node.uplink.state import StateFile
+
+    directory = uplink_dir(settings.data_dir)
+    try:
+        credential = NodeCredential.load(directory)
+    except EdgeError as exc:
+        return {"enrolled": False, "credential_error": str(exc)}
+    if credential is None:
+        return {"enrolled": False}
+    state = StateFile.read(directory / "state.json")
+    return {
+        "enrolled": True,
+        "hub_url": credential.hub_url,
+        "node_id": credential.node_id,
+        "node_name": credential.node_name,
+        "cohort": credential.cohort,
+        "last_ok_at": state.last_ok_at,
+        "last_attempt_at": state.last_attempt_at,
+        "last_error": state.last_error,
+        "last_error_at": state.last_error_at,
+        "publication_id": state.publication_id,
+        "last_refusal": state.last_refusal,
+        "tasks_answered": state.tasks_answered,
+    }
+
+
+def print_uplink_status(out: Console, settings: EdgeSettings) -> None:
+    """The hub lines of ``status``: enrollment, last contact and, when it failed, why."""
+    from edge_node.uplink.credential import NodeCredential, uplink_dir
+    from edge_node.uplink.state import StateFile
+
+    directory = uplink_dir(settings.data_dir)
+    try:
+        credential = NodeCredential.load(directory)
+    except EdgeError as exc:
+        out.print(f"[red]hub:[/red] {exc}", highlight=False)
+        return
+    if credential is None:
+        out.print("[bold]hub:[/bold] not enrolled (stand-alone; fedclinic-edge enroll CODE to join)")
+        return
+    state = StateFile.read(directory / "state.json")
+    line = f"[bold]hub:[/bold] {credential.hub_url} as {credential.node_name} ({credential.node_id})"
+    if state.last_ok_at is None:
+        line += ", [yellow]not reached yet[/yellow]"
+    else:
+        line += f", last reached {_ago(state.last_ok_at)}"
+    out.print(line, highlight=False)
+    if state.last_error is not None and state.last_error_at is not None:
+        out.print(
+            f"[yellow]hub unreachable since {_ago(state.last_error_at)}:[/yellow] {state.last_error}",
+            highlight=False,
+        )
+    if state.publication_id is not None:
+        out.print(f"[bold]publication:[/bold] {state.publication_id} (seq {state.last_seq})", highlight=False)
+    if state.last_refusal is not None:
+        out.print(f"[yellow]last refused publication:[/yellow] {state.last_refusal}", highlight=False)

@@ -1,0 +1,133 @@
+"""`fedclinic-hub nodes enroll|list|revoke`: sites joining and leaving the federation."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+
+from edge_node.protocol.wire import JoinCodeIssued, NodeInfo
+from hub.commands.service_options import (
+    DataDirOption,
+    Format,
+    FormatOption,
+    database,
+    fail,
+    print_json,
+    settings_for,
+)
+from hub.service.enrollment import issue_join_code, node_info, revoke_node
+from hub.service.errors import HubServiceError
+from hub.service.tls import certificate_sha256
+from hub.store.schema import Node
+
+app = typer.Typer(help="Enroll, list and revoke clinic nodes.", no_args_is_help=True)
+
+
+def _ago(moment: datetime | None) -> str:
+    if moment is None:
+        return "never"
+    seconds = (datetime.now(timezone.utc) - moment).total_seconds()
+    return f"{seconds:.0f} s ago" if seconds < 120 else moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+@app.command("enroll")
+def enroll(
+    name: Annotated[str, typer.Argument(help="The site's name (letters, digits, . _ -).")],
+    data_dir: DataDirOption = None,
+    cohort: Annotated[str, typer.Option("--cohort", help="Model cohort the node belongs to.")] = "default",
+    ttl: Annotated[int, typer.Option("--ttl", help="Seconds the join code stays valid.", min=60)] = 3600,
+    hub_url: Annotated[str | None, typer.Option("--hub-url", help="Address the node should use.")] = None,
+    fmt: FormatOption = Format.TABLE,
+) -> None:
+    """Print a single-use join code for a new site: `fedclinic-edge enroll CODE` on the node uses it."""
+    settings = settings_for(data_dir)
+    url = hub_url or settings.public_url
+    if not url:
+        fail("no hub address known: pass --hub-url https://HOST:PORT or set public_url in hub.toml")
+    db = database(settings)
+    try:
+        with db.session() as session:
+            code, node, expires = issue_join_code(
+                session,
+                name=name,
+                cohort=cohort,
+                ttl_s=ttl,
+                hub_url=url,
+                tls_sha256=certificate_sha256(settings.tls_cert_path),
+                actor="cli",
+            )
+            issued = JoinCodeIssued(join_code=code, node=node_info(node), expires_at=expires)
+    except HubServiceError as exc:
+        fail(str(exc))
+    finally:
+        db.close()
+    if fmt is Format.JSON:
+        print_json(issued)
+        return
+    console = Console()
+    console.print(
+        f"join code for [bold]{name}[/bold] (node {issued.node.node_id}, "
+        f"expires {expires:%Y-%m-%d %H:%M} UTC):"
+    )
+    console.print(code, soft_wrap=True)
+    console.print(f"on the node: [bold]fedclinic-edge enroll {code[:12]}… --config edge.toml[/bold]")
+
+
+def _nodes_table(nodes: list[NodeInfo]) -> Table:
+    table = Table(title="nodes")
+    for col in ("id", "name", "cohort", "state", "last heartbeat", "edge", "model", "health"):
+        table.add_column(col)
+    for n in nodes:
+        model = f"{n.model_id} {n.model_version}" if n.model_id else "-"
+        table.add_row(
+            n.node_id,
+            n.node_name,
+            n.cohort,
+            n.state.value,
+            _ago(n.last_heartbeat),
+            n.edge_version or "-",
+            model,
+            n.health or "-",
+        )
+    return table
+
+
+@app.command("list")
+def list_nodes(data_dir: DataDirOption = None, fmt: FormatOption = Format.TABLE) -> None:
+    """Nodes with their state, last heartbeat and versions."""
+    db = database(settings_for(data_dir))
+    try:
+        with db.session() as session:
+            nodes = [node_info(n) for n in session.scalars(select(Node).order_by(Node.name))]
+    finally:
+        db.close()
+    if fmt is Format.JSON:
+        print_json({"nodes": [n.model_dump(mode="json") for n in nodes]})
+    else:
+        Console().print(_nodes_table(nodes))
+
+
+@app.command("revoke")
+def revoke(
+    node: Annotated[str, typer.Argument(help="Node id or name.")],
+    data_dir: DataDirOption = None,
+    fmt: FormatOption = Format.TABLE,
+) -> None:
+    """Revoke a node: its next request is refused; no other site is touched."""
+    db = database(settings_for(data_dir))
+    try:
+        with db.session() as session:
+            info = node_info(revoke_node(session, node, actor="cli"))
+    except HubServiceError as exc:
+        fail(str(exc))
+    finally:
+        db.close()
+    if fmt is Format.JSON:
+        print_json(info)
+    else:
+        Console().print(f"revoked {info.node_id} ({info.node_name})")

@@ -1,0 +1,207 @@
+"""`fedclinic-hub rounds start|status|list|cancel|states`: federated rounds over the enrolled nodes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edge_node.protocol.errors import EncodingError
+from edge_node.protocol.tensors import decode_tensors
+from edge_node.protocol.wire import RoundInfo, RoundStart, RoundState
+from hub.commands.service_options import (
+    DataDirOption,
+    Format,
+    FormatOption,
+    database,
+    fail,
+    print_json,
+    settings_for,
+)
+from hub.rounds.controller import RoundController
+from hub.rounds.lifecycle import TERMINAL, transition_table
+from hub.service.errors import HubServiceError
+from hub.store.artifacts import store_tensors
+
+app = typer.Typer(help="Start, watch, list and cancel federated rounds.", no_args_is_help=True)
+
+
+def _parse_config(pairs: list[str]) -> dict[str, float | int | str | bool]:
+    """KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, true/false), else as text."""
+    out: dict[str, float | int | str | bool] = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key:
+            fail(f"--config takes KEY=VALUE, got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if not isinstance(value, (bool, int, float, str)):
+            fail(f"--config {key}: only numbers, true/false and text are allowed")
+        out[key] = value
+    return out
+
+
+def _table(rounds: list[RoundInfo]) -> Table:
+    table = Table(title="rounds")
+    for col in ("#", "id", "strategy", "state", "answered", "k", "deadline", "reason"):
+        table.add_column(col)
+    for r in rounds:
+        table.add_row(
+            str(r.round),
+            r.round_id,
+            r.strategy,
+            r.state.value,
+            f"{r.accepted}/{len(r.nodes)}",
+            str(r.min_results),
+            f"{r.deadline:%H:%M:%S}",
+            r.reason or "",
+        )
+    return table
+
+
+@app.command("start")
+def start(
+    strategy: Annotated[
+        str, typer.Option("--strategy", help="hub.fl strategy (fedavg, …), stats or public_logits.")
+    ],
+    data_dir: DataDirOption = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="npz of starting tensors (public_logits: 'inputs').")
+    ] = None,
+    config: Annotated[
+        list[str] | None, typer.Option("--config", help="Strategy setting KEY=VALUE (repeat).")
+    ] = None,
+    nodes: Annotated[
+        list[str] | None, typer.Option("--node", help="Node id taking part (repeat); default all.")
+    ] = None,
+    min_results: Annotated[
+        int, typer.Option("--min-results", "-k", min=1, help="Results needed (k of n).")
+    ] = 1,
+    deadline: Annotated[float, typer.Option("--deadline", help="Seconds the round collects.")] = 3600.0,
+    fmt: FormatOption = Format.TABLE,
+) -> None:
+    """Open a round: each node gets a task; it closes when all answered, or at the deadline with ≥ k."""
+    settings = settings_for(data_dir)
+    db = database(settings)
+    try:
+        artifact = None
+        if model is not None:
+            try:
+                tensors = decode_tensors(model.read_bytes())
+            except (OSError, EncodingError) as exc:
+                fail(f"cannot read {model} as npz tensors: {exc}")
+            with db.session() as session:
+                artifact = store_tensors(session, tensors, note=f"from {model.name}")
+        request = RoundStart(
+            strategy=strategy,
+            config=_parse_config(config or []),
+            nodes=nodes or [],
+            min_results=min_results,
+            deadline_s=deadline,
+            model_artifact=artifact,
+        )
+        info = RoundController(db, settings).start(request, actor="cli")
+    except (HubServiceError, ValueError) as exc:
+        fail(str(exc))
+    finally:
+        db.close()
+    if fmt is Format.JSON:
+        print_json(info)
+    else:
+        Console().print(_table([info]))
+
+
+@app.command("status")
+def status(
+    round_ref: Annotated[str, typer.Argument(help="Round id or number.")],
+    data_dir: DataDirOption = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Show progress until the round ends.")] = False,
+    fmt: FormatOption = Format.TABLE,
+) -> None:
+    """One round's state and progress (answered of n, k, deadline)."""
+    settings = settings_for(data_dir)
+    db = database(settings)
+    controller = RoundController(db, settings)
+    try:
+        info = controller.info(round_ref)
+        if watch and info.state not in TERMINAL:
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns) as progress:
+                bar = progress.add_task(f"round {info.round}", total=len(info.nodes))
+                while info.state not in TERMINAL:
+                    progress.update(
+                        bar, completed=info.accepted, description=f"round {info.round} {info.state.value}"
+                    )
+                    time.sleep(1.0)
+                    info = controller.info(round_ref)
+                progress.update(bar, completed=info.accepted)
+    except HubServiceError as exc:
+        fail(str(exc))
+    finally:
+        db.close()
+    if fmt is Format.JSON:
+        print_json(info)
+    else:
+        Console().print(_table([info]))
+    if info.state is RoundState.FAILED:
+        raise typer.Exit(2)
+
+
+@app.command("list")
+def list_rounds(data_dir: DataDirOption = None, fmt: FormatOption = Format.TABLE) -> None:
+    """Recent rounds, newest first."""
+    settings = settings_for(data_dir)
+    db = database(settings)
+    try:
+        rounds = RoundController(db, settings).recent()
+    finally:
+        db.close()
+    if fmt is Format.JSON:
+        print_json({"rounds": [r.model_dump(mode="json") for r in rounds]})
+    else:
+        Console().print(_table(rounds))
+
+
+@app.command("cancel")
+def cancel(
+    round_ref: Annotated[str, typer.Argument(help="Round id or number.")],
+    data_dir: DataDirOption = None,
+    fmt: FormatOption = Format.TABLE,
+) -> None:
+    """Stop an open or collecting round (it becomes failed, with the reason)."""
+    settings = settings_for(data_dir)
+    db = database(settings)
+    try:
+        info = RoundController(db, settings).cancel(round_ref, actor="cli")
+    except HubServiceError as exc:
+        fail(str(exc))
+    finally:
+        db.close()
+    if fmt is Format.JSON:
+        print_json(info)
+    else:
+        Console().print(_table([info]))
+
+
+@app.command("states")
+def states() -> None:
+    """Print the round life cycle's transition table."""
+    table = Table(title="round life cycle")
+    for col in ("from", "to", "when"):
+        table.add_column(col)
+    for row in transition_table():
+        table.add_row(*row)
+    Console().print(table)

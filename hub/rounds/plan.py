@@ -1,0 +1,186 @@
+"""Round plans: what each node is asked for and how the answers are folded, for any kind of round.
+
+``StrategyPlan`` drives a ``hub.fl`` strategy (weights or head deltas). ``StatsCollection`` and
+``LogitsCollection`` are collection rounds that need no training on the node: class counts of the node's
+predictions, and soft outputs on public anchor inputs that the task ships (ONNX forward only).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_node.protocol.updates import UpdateKind
+from hub.fl.errors import FlError, StrategyConfigError
+from hub.fl.registry import make_strategy
+from hub.fl.strategy import ClientFailure, ClientResult, Config, Params, Strategy
+from hub.fl.validation import TensorSpec, spec_of
+from hub.rounds.strategy_state import restore_strategy, save_strategy
+
+__all__ = [
+    "COLLECTIONS",
+    "LogitsCollection",
+    "PlannedTask",
+    "RoundPlan",
+    "StatsCollection",
+    "StrategyPlan",
+    "build_plan",
+]
+
+
+@dataclass(frozen=True)
+class PlannedTask:
+    node_id: str
+    params: Params
+    expected: dict[str, TensorSpec]
+    config: dict[str, float | int | str | bool] = field(default_factory=dict)
+
+
+class RoundPlan(ABC):
+    """One round's logic: tasks out, results in, an aggregate (or None and why) out."""
+
+    kind: UpdateKind
+    name: str
+    max_norm: float | None = None
+
+    @abstractmethod
+    def tasks(self, number: int, nodes: Sequence[str]) -> list[PlannedTask]: ...
+
+    def state(self) -> Params | None:
+        """What the next round of this strategy starts from (None: collections carry no state)."""
+        return None
+
+    @abstractmethod
+    def aggregate(
+        self, number: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
+    ) -> tuple[Params | None, str | None]:
+        """The aggregate, or None with the reason the round keeps the previous model."""
+
+
+class StrategyPlan(RoundPlan):
+    def __init__(self, strategy: Strategy, start: Params, nodes: Sequence[str]) -> None:
+        self.strategy = strategy
+        self.kind = strategy.update_kind
+        self.name = strategy.name
+        self.max_norm = getattr(strategy, "max_norm", None)
+        restore_strategy(strategy, start, nodes)
+
+    def tasks(self, number: int, nodes: Sequence[str]) -> list[PlannedTask]:
+        out = []
+        for task in self.strategy.configure_round(number, nodes):
+            self.kind = task.kind
+            config = {k: v for k, v in task.config.items() if isinstance(v, (bool, int, float, str))}
+            out.append(PlannedTask(task.client_id, task.params, spec_of(task.params), config))
+        return out
+
+    def aggregate(
+        self, number: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
+    ) -> tuple[Params | None, str | None]:
+        try:
+            new = self.strategy.aggregate(number, results, failures)
+        except FlError as exc:
+            return None, f"aggregation failed: {exc}"
+        if new is None:
+            history = self.strategy.history
+            reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in history[-1].failures) if history else ""
+            return None, f"the strategy kept the model ({reasons or 'too few usable results'})"
+        return dict(self.strategy.global_params), None
+
+    def state(self) -> Params | None:
+        return save_strategy(self.strategy)
+
+
+def _num_classes(config: Mapping[str, Any]) -> int:
+    value = config.get("num_classes")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100_000:
+        raise StrategyConfigError("this round needs config num_classes, an integer from 1 to 100000")
+    return value
+
+
+class StatsCollection(RoundPlan):
+    """Each node sends ``label_counts`` (num_classes,) int64 of its predictions; the hub sums them."""
+
+    kind = UpdateKind.STATS
+    name = "stats"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.num_classes = _num_classes(config)
+
+    def tasks(self, number: int, nodes: Sequence[str]) -> list[PlannedTask]:
+        expected = {"label_counts": TensorSpec((self.num_classes,), np.dtype(np.int64))}
+        return [PlannedTask(n, {}, expected, {"num_classes": self.num_classes}) for n in nodes]
+
+    def aggregate(
+        self, number: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
+    ) -> tuple[Params | None, str | None]:
+        if any(np.any(r.update["label_counts"] < 0) for r in results):
+            return None, "a node reported negative counts"
+        total = np.sum([r.update["label_counts"] for r in results], axis=0, dtype=np.int64)
+        return {
+            "label_counts": np.asarray(total, dtype=np.int64),
+            "nodes": np.array(len(results), dtype=np.int64),
+        }, None
+
+
+class LogitsCollection(RoundPlan):
+    """Each node sends its model's ``logits`` (N, num_classes) float32 on the task's public ``inputs``.
+
+    The aggregate is their example-weighted mean (FedMD-style consensus soft labels for distillation).
+    """
+
+    kind = UpdateKind.PUBLIC_LOGITS
+    name = "public_logits"
+
+    def __init__(self, config: Mapping[str, Any], start: Params) -> None:
+        self.num_classes = _num_classes(config)
+        inputs = start.get("inputs")
+        if inputs is None or inputs.dtype != np.float32 or inputs.ndim < 2 or inputs.shape[0] == 0:
+            raise StrategyConfigError(
+                "a public_logits round needs a model artifact with float32 'inputs' (N, ...)"
+            )
+        self.inputs = inputs  # (N, C, H, W): the public anchor set every node scores identically
+
+    def tasks(self, number: int, nodes: Sequence[str]) -> list[PlannedTask]:
+        n = int(self.inputs.shape[0])
+        expected = {"logits": TensorSpec((n, self.num_classes), np.dtype(np.float32))}
+        return [
+            PlannedTask(node, {"inputs": self.inputs}, expected, {"num_classes": self.num_classes})
+            for node in nodes
+        ]
+
+    def aggregate(
+        self, number: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
+    ) -> tuple[Params | None, str | None]:
+        weights = np.array([max(r.num_examples, 0) for r in results], dtype=np.float64)
+        if weights.sum() == 0:
+            weights = np.ones(len(results))
+        stack = np.stack([r.update["logits"].astype(np.float64) for r in results])  # (K, N, classes)
+        mean = np.tensordot(weights / weights.sum(), stack, axes=1).astype(np.float32)  # (N, classes)
+        return {"logits": mean}, None
+
+
+COLLECTIONS = frozenset({"stats", "public_logits"})
+
+
+def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: Sequence[str]) -> RoundPlan:
+    """The plan for a round: a collection by name, else the ``hub.fl`` strategy with these settings.
+
+    Strategy settings are the strategy's own keyword arguments; keys ``client.<name>`` become its
+    ``client_config`` (sent to every node with the task).
+    """
+    if strategy == "stats":
+        return StatsCollection(config)
+    if strategy == "public_logits":
+        return LogitsCollection(config, start)
+    kwargs: dict[str, Any] = {k: v for k, v in config.items() if not k.startswith("client.")}
+    client: Config = {k.removeprefix("client."): v for k, v in config.items() if k.startswith("client.")}
+    if client:
+        kwargs["client_config"] = client
+    built = make_strategy(strategy, **kwargs)
+    if not start:
+        raise StrategyConfigError(f"a {strategy} round needs starting tensors: pass a model artifact")
+    return StrategyPlan(built, start, nodes)

@@ -1,0 +1,1 @@
+"""The hub service's shell: settings, data directory, TLS, enrollment, publications."""

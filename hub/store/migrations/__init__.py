@@ -1,0 +1,1 @@
+"""Alembic migrations of the hub store (run by ``hub.store.database.Database.migrate``)."""

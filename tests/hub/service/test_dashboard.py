@@ -1,0 +1,179 @@
+"""The hub dashboard in a real headless Chromium over HTTPS: sign-in, enrolled nodes, a finished round."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from edge_node.protocol.wire import EnrollRequest, decode_join_code
+from hub.api.dashboard import dashboard_router
+from hub.service.enrollment import enroll_node, issue_join_code
+from hub.store.database import Database, open_database
+from hub.store.schema import Artifact, Round, Task, Update, utcnow
+from tests.support.chromium import chromium_paths, headless_chromium
+from tests.support.tls import Certificate, self_signed
+
+pytestmark = pytest.mark.skipif(
+    chromium_paths() is None, reason="needs Debian's chromium and chromium-driver"
+)
+
+ADMIN_TOKEN = secrets.token_urlsafe(32)
+
+
+def _is_admin(token: str) -> bool:
+    want = hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
+    return hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), want)
+
+
+def _populate(db: Database) -> None:
+    """Three clinics enrolled through the real enrollment path, one still pending, and a round that finished
+    with two of its three nodes' updates."""
+    nodes = []
+    for name in ("clinic-north", "clinic-south", "clinic-east", "clinic-west"):
+        with db.session() as s:
+            code, _, _ = issue_join_code(
+                s,
+                name=name,
+                cohort="default",
+                ttl_s=600,
+                hub_url="https://127.0.0.1:1",
+                tls_sha256="0" * 64,
+                actor="admin",
+            )
+        if name == "clinic-west":
+            continue  # issued a code, never used it
+        request = EnrollRequest(
+            join_secret=decode_join_code(code).secret,
+            credential=secrets.token_urlsafe(32),
+            edge_version="0.1.0",
+        )
+        with db.session() as s:
+            node = enroll_node(s, request)
+            node.last_heartbeat = utcnow() - timedelta(seconds=12)
+            node.model_id, node.model_version = "pneumonia-student", "1.0.0"
+            nodes.append(node.id)
+    now = utcnow()
+    with db.session() as s:
+        s.add(Artifact(id="a-start", kind="tensors", sha256="0" * 64, size=0, data=b"", created_at=now))
+        s.add(
+            Round(
+                id="r-1",
+                number=1,
+                strategy="stats",
+                kind="stats",
+                config={},
+                state="published",
+                nodes=nodes,
+                min_results=2,
+                deadline=now + timedelta(minutes=5),
+                created_at=now,
+                updated_at=now,
+                model_artifact="a-start",
+            )
+        )
+        s.flush()
+        for i, node_id in enumerate(nodes):
+            s.add(
+                Task(
+                    id=f"t-{i}",
+                    round_id="r-1",
+                    node_id=node_id,
+                    state="done" if i < 2 else "closed",
+                    config={},
+                    params_artifact="a-start",
+                    expected=[],
+                    created_at=now,
+                )
+            )
+        s.flush()
+        for i, node_id in enumerate(nodes[:2]):
+            s.add(
+                Update(
+                    task_id=f"t-{i}",
+                    round_id="r-1",
+                    node_id=node_id,
+                    payload_sha256="0" * 64,
+                    payload=b"",
+                    num_examples=10,
+                    metrics={},
+                    received_at=now,
+                )
+            )
+
+
+@pytest.fixture
+def dashboard_url(tmp_path: Path) -> Iterator[str]:
+    db = open_database(f"sqlite:///{tmp_path / 'hub.db'}")
+    _populate(db)
+    app = FastAPI()
+    app.include_router(dashboard_router(db, _is_admin))
+    cert: Certificate = self_signed(tmp_path / "tls")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            ssl_certfile=str(cert.cert_path),
+            ssl_keyfile=str(cert.key_path),
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "dashboard server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        db.close()
+
+
+def test_dashboard_needs_the_admin_token(dashboard_url: str) -> None:
+    with httpx.Client(verify=False) as client:
+        assert client.get(f"{dashboard_url}/dashboard").status_code == 401
+        wrong = client.get(f"{dashboard_url}/dashboard", headers={"Authorization": "Bearer n-1.abc"})
+        assert wrong.status_code == 401 and "clinic-north" not in wrong.text
+        ok = client.get(f"{dashboard_url}/dashboard", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert ok.status_code == 200 and "clinic-north" in ok.text
+
+
+def test_dashboard_in_headless_chromium(dashboard_url: str, tmp_path: Path) -> None:
+    with headless_chromium(tmp_path / "profile") as browser:
+        browser.get(f"{dashboard_url}/dashboard")
+        assert browser.find_all("#nodes") == []  # nothing shown before signing in
+        browser.type(browser.find("#token"), "not-the-token")
+        browser.click(browser.find("#sign-in"))
+        assert "not the admin token" in browser.text(browser.find("#login-error"))
+        browser.type(browser.find("#token"), ADMIN_TOKEN)
+        browser.click(browser.find("#sign-in"))
+        nodes = browser.text(browser.find("#nodes"))
+        rounds = browser.text(browser.find("#rounds"))
+        (tmp_path / "dashboard.png").write_bytes(browser.screenshot_png())
+    for name in ("clinic-north", "clinic-south", "clinic-east"):
+        assert name in nodes
+    assert "clinic-west" in nodes and "pending" in nodes  # issued a code, never enrolled
+    assert nodes.count("active") == 3
+    ages = [int(a) for a in re.findall(r"(\d+) s ago", nodes)]
+    assert len(ages) == 3 and all(12 <= a < 120 for a in ages)  # the heartbeats, 12 s old when written
+    assert "pneumonia-student 1.0.0" in nodes
+    assert "published" in rounds and "2 of 3 (needs 2)" in rounds
