@@ -13,7 +13,7 @@ export TCP_NODELAY := 1
 export FEDCLINIC_DATA ?= $(abspath ../shared/data)
 export PYTHONUNBUFFERED := 1
 
-APT_PACKAGES := dcmtk orthanc
+APT_PACKAGES := dcmtk orthanc dicom3tools
 
 .PHONY: help system venv lint test test-bundle demo bench clean
 
@@ -22,9 +22,9 @@ help:
 	@echo "make test   - set up, then run lint, type checks, import contracts and the test suite"
 	@echo "make bench  - run the benchmarks in bench/ (figures go to docs/benchmarks.md by hand)"
 
-# System packages (Debian/Ubuntu): dcmtk for the DICOM tools, Orthanc as the clinic PACS.
+# System packages (Debian/Ubuntu): dcmtk for the DICOM tools, Orthanc as the clinic PACS, dicom3tools to validate results.
 system:
-	@if command -v storescu >/dev/null && command -v Orthanc >/dev/null; then :; \
+	@if command -v storescu >/dev/null && command -v Orthanc >/dev/null && command -v dciodvfy >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	else echo "Need $(APT_PACKAGES): run 'sudo apt-get install $(APT_PACKAGES)' or run make as root" >&2; exit 1; fi

@@ -13,10 +13,10 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from edge_node.analysis.findings import Finding
-from edge_node.analysis.person_names import for_highdicom, restore_names
 from edge_node.analysis.report_sr import MANUFACTURER
 from edge_node.analysis.result_file import ResultFile
 from edge_node.analysis.result_uids import result_uid
+from edge_node.analysis.source_view import for_highdicom, restore_source
 from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import Manifest
 
@@ -106,7 +106,11 @@ def build_sc(
         patient_orientation=orientation or ("L", "F"),
         series_description=SERIES_DESCRIPTION,
     )
-    restore_names(sc, source)
+    restore_source(sc, source)
+    # Type 2C in General Series for paired body parts: the source's side when it states one, else empty
+    # (unknown), rather than leaving validators to guess whether the part is paired.
+    side = str(source.get("Laterality", "") or "")
+    sc.Laterality = side if side in ("R", "L") else ""
     if orientation is None:
         sc["PatientOrientation"].value = None
     sc.BurnedInAnnotation = "YES"

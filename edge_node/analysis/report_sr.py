@@ -22,9 +22,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage
 
 from edge_node.analysis.findings import Finding
-from edge_node.analysis.person_names import for_highdicom, restore_names
 from edge_node.analysis.result_file import ResultFile
 from edge_node.analysis.result_uids import result_uid
+from edge_node.analysis.source_view import for_highdicom, restore_source
 from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import ClassLabel, Manifest
 from edge_node.state.runs import ReportRef
@@ -210,7 +210,7 @@ def build_sr(
         is_verified=False,
         series_description=SERIES_DESCRIPTION,
     )
-    restore_names(sr, sources[0])
+    restore_source(sr, sources[0])
     if predecessor is not None and predecessor.sop_instance_uid != sop_uid:
         sr.PredecessorDocumentsSequence = [_predecessor(study_uid, predecessor)]
     return sr
