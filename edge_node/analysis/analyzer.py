@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,18 @@ def analyze_study(
             f"model {model.model_id} {model.model_version} failed on {len(analysed)} image(s) "
             f"({type(exc).__name__}: {exc}); check the bundle and the runtime"
         ) from exc
-    findings = findings_from_probabilities(probs, [a.image for a in analysed], model.task)
+    scored = findings_from_probabilities(probs, [a.image for a in analysed], model.task)
+    # A non-finite score (a broken model or input) is that instance's reason; it never reaches a result.
+    kept = [i for i, f in enumerate(scored) if math.isfinite(f.score)]
+    for i in sorted(set(range(len(scored))) - set(kept)):
+        h = analysed[i].candidate.header
+        ignored.append(Ignored(h.path, h.sop_instance_uid or None, "the model's score is not finite"))
+    analysed = [analysed[i] for i in kept]
+    findings = [scored[i] for i in kept]
+    if not analysed:
+        reason = summarise_reasons(ignored)
+        logger.info("study skipped: %s", reason)
+        return StudyOutcome(status="skipped", reason=reason, findings=[], outputs=[], ignored=ignored)
 
     outputs: list[ResultFile] = []
     by_study: dict[str, list[int]] = {}

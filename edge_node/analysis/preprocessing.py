@@ -200,8 +200,15 @@ def frame_attributes(ds: Dataset, index: int) -> Dataset:
 
 
 def apply_modality(pixels: np.ndarray, attrs: Dataset) -> np.ndarray:
-    """Modality LUT or Rescale Slope/Intercept (pydicom's ``apply_modality_lut``), as float64."""
-    return np.asarray(apply_modality_lut(pixels, attrs), dtype=np.float64)
+    """Modality LUT or Rescale Slope/Intercept (pydicom's ``apply_modality_lut``), as float64.
+
+    SkipReason when a value comes out NaN or infinite (a legal DS such as "1e999" or "NaN"): later clipping
+    would turn it into a plausible but meaningless image.
+    """
+    values = np.asarray(apply_modality_lut(pixels, attrs), dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise SkipReason("rescale slope or intercept gives values that are not finite")
+    return values
 
 
 def _stored_range(attrs: Dataset) -> tuple[float, float]:
@@ -404,4 +411,8 @@ def preprocess(
     grey = to_grey(unit, photometric, pre)
     small = resize(grey, pre.size, pre.interpolation)
     tensor = normalise(small, pre.mean, pre.std, channels)
+    if not (np.isfinite(tensor).all() and np.isfinite(grey).all()):
+        # A NaN or infinite rescale or window (legal DS text such as "NaN" or "1e999") poisons every value;
+        # the model's answer would be NaN, and a NaN score never leaves the node.
+        raise SkipReason("pixel values are not finite after rescale and windowing")
     return Prepared(tensor=tensor, display=grey, frame_index=index)
