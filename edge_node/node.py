@@ -66,6 +66,7 @@ class Node:
                 results_dir=settings.results_dir,
                 destinations=settings.destination_values,
                 secondary_capture=settings.send_secondary_capture,
+                max_attempts=settings.max_run_attempts,
             ),
             on_results=self.sender.wake,
         )

@@ -139,6 +139,8 @@ class EdgeSettings(BaseSettings):
     trusted_keys: Path | None = None
     #: Also send the secondary capture (an image with the result burnt in), not only the SR.
     send_secondary_capture: bool = False
+    #: A study whose runs killed the node this many times in a row is set aside as failed, not retried.
+    max_run_attempts: int = Field(default=3, ge=1)
     #: Instances larger than this are refused with "out of resources" (0xA700).
     max_instance_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     #: Instances are refused (0xA700) when the spool's file system has less free space than this.

@@ -55,6 +55,8 @@ class WorkerConfig:
     results_dir: Path
     destinations: list[Destination]
     secondary_capture: bool
+    #: Runs of one study that may end with the node dying before it is set aside as failed.
+    max_attempts: int = 3
 
 
 class Worker:
@@ -98,9 +100,9 @@ class Worker:
 
     def recover(self) -> None:
         """At start: interrupted runs are requeued; their partial result directories are removed."""
-        for run_id in self.runs.recover():
+        for run_id in self.runs.recover(self.config.max_attempts):
             shutil.rmtree(self._run_dir(run_id), ignore_errors=True)
-            logger.warning("run %d was interrupted by a stop; its study is queued again", run_id)
+            logger.warning("run %d was interrupted by a stop; its study is queued again or set aside", run_id)
 
     def _run_dir(self, run_id: int) -> Path:
         return self.config.results_dir / f"run-{run_id:08d}"

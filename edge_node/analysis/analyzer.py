@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from pydicom.dataset import Dataset
 
-from edge_node.analysis.capture_sc import write_sc
+from edge_node.analysis.capture_sc import capture_display, write_sc
 from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
 from edge_node.analysis.preprocessing import Prepared, SkipReason, preprocess
 from edge_node.analysis.report_sr import sr_series_uid, write_sr
@@ -67,14 +67,32 @@ class _Analysed:
         )
 
 
-def _prepare(cand: Candidate, ds: Dataset, model: LoadedModel) -> _Analysed:
+def _release_pixels(ds: Dataset) -> None:
+    """Drop the decoded and the raw pixel data of ``ds``: the results need only its header from here on."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            del ds[keyword]
+    ds._pixel_array = None  # pydicom's cache of the decoded array, if it made one
+    ds._pixel_id = {}
+
+
+def _prepare(cand: Candidate, ds: Dataset, model: LoadedModel, *, keep_display: bool) -> _Analysed:
+    """Preprocess one instance, keeping only its model input (and a capture-sized display image).
+
+    Streaming: a study's instances are decoded one at a time and only the small outputs stay, so a study's
+    memory does not grow with its number or size of images.
+    """
     try:
         prepared = preprocess(ds, model.preprocessing, channels=model.channels, frame=cand.frame_index)
     except SkipReason:
         raise
     except Exception as exc:  # bad input must never stop the worker; the reason names the failing step
         logger.warning("preprocessing failed unexpectedly: %s", type(exc).__name__)
-        raise SkipReason(f"preprocessing failed ({type(exc).__name__})") from exc
+        raise SkipReason(f"preprocessing failed ({type(exc).__name__})") from None
+    finally:
+        _release_pixels(ds)
+    display = capture_display(prepared.display) if keep_display else np.zeros((1, 1), dtype=np.float32)
+    prepared = Prepared(tensor=prepared.tensor, display=display, frame_index=prepared.frame_index)
     return _Analysed(candidate=cand, dataset=ds, prepared=prepared)
 
 
@@ -116,7 +134,7 @@ def analyze_study(
     analysed: list[_Analysed] = []
     for cand in selection.candidates:
         try:
-            analysed.append(_prepare(cand, datasets[cand.header.path], model))
+            analysed.append(_prepare(cand, datasets[cand.header.path], model, keep_display=secondary_capture))
         except SkipReason as skip:
             ignored.append(Ignored(cand.header.path, cand.header.sop_instance_uid or None, skip.reason))
 

@@ -20,7 +20,15 @@ from edge_node.analysis.source_view import for_highdicom, restore_source
 from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import Manifest
 
-__all__ = ["NOT_FOR_DIAGNOSIS", "SC_SERIES_NUMBER", "build_sc", "caption", "render", "write_sc"]
+__all__ = [
+    "NOT_FOR_DIAGNOSIS",
+    "SC_SERIES_NUMBER",
+    "build_sc",
+    "caption",
+    "capture_display",
+    "render",
+    "write_sc",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +66,17 @@ def _scaled(display: np.ndarray) -> Image.Image:
     return img
 
 
+def capture_display(display: np.ndarray) -> np.ndarray:
+    """``display`` reduced to what a capture shows (longest side at most MAX_SIDE), float32 in [0, 1].
+
+    The analyser keeps this instead of the full-resolution float64 image until the results are written.
+    """
+    longest = max(display.shape[:2])
+    if longest <= MAX_SIDE:
+        return np.asarray(display, dtype=np.float32)
+    return np.asarray(_scaled(display), dtype=np.float32) / 255.0
+
+
 def render(display: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     """(rows, cols) image in [0, 1] → uint8 (H, W) with a black caption band on top, white text."""
     img = _scaled(display)
@@ -89,7 +108,8 @@ def build_sc(
     pixels = render(display, caption(finding, manifest))
     orientation = _orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=for_highdicom(source),  # names it accepts without a warning that would quote them
+        # Header only (the pixels are the rendered capture), Type 2 values and names it accepts.
+        ref_dataset=for_highdicom(source, pixels=False),
         pixel_array=pixels,
         photometric_interpretation="MONOCHROME2",
         bits_allocated=8,

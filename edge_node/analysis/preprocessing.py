@@ -76,8 +76,15 @@ def check_modality_value(value: str, pre: Preprocessing, model_id: str) -> None:
         )
 
 
-def check_dimensions(ds: Dataset, pre: Preprocessing) -> None:
-    """Refuse missing pixel data and absurd sizes before anything is decoded."""
+#: Decoded pixels one frame may have (rows x columns x samples), checked from the header before decoding.
+#: Preprocessing holds a few float64 copies of a frame (~26 bytes a pixel at its peak), so 32 Mpx (a 5,600²
+#: radiograph; mammograms are ~20 Mpx) bounds one frame's analysis to ~0.85 GB, whatever the file's size:
+#: a 1 MB RLE or JPEG file can claim 8192² or more.
+MAX_FRAME_PIXELS = 32 * 1024 * 1024
+
+
+def check_dimensions(ds: Dataset, pre: Preprocessing, *, max_frame_pixels: int = MAX_FRAME_PIXELS) -> None:
+    """Refuse missing pixel data, absurd sizes and frames over the pixel budget before anything is decoded."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise SkipReason("no pixel data")
     if "PixelData" not in ds:
@@ -92,6 +99,13 @@ def check_dimensions(ds: Dataset, pre: Preprocessing) -> None:
     frames = number_of_frames(ds)
     if frames < 1:
         raise SkipReason(f"absurd number of frames {frames}")
+    if rows * cols * spp > max_frame_pixels:
+        raise SkipReason(
+            f"frame of {rows}x{cols}x{spp} exceeds the decoding budget of {max_frame_pixels} pixels"
+        )
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if bits not in (1, 8, 16, 32, 64):
+        raise SkipReason(f"unsupported bits allocated {bits}")
 
 
 # -- 2. frames ----------------------------------------------------------------------------------------------
