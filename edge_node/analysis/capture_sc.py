@@ -151,7 +151,8 @@ def write_sc(
     """Build the SC and write it durably as a DICOM file into ``out_dir``."""
     sc = build_sc(source, display, finding, manifest, index)
     path = out_dir / f"sc-{sc.SOPInstanceUID}.dcm"
-    write_durably(path, lambda tmp: sc.save_as(tmp, enforce_file_format=True))
+    # 0600 like the spool: the capture carries the patient's image, name and IDs.
+    write_durably(path, lambda tmp: sc.save_as(tmp, enforce_file_format=True), mode=0o600)
     return ResultFile(
         path=path,
         sop_class_uid=str(sc.SOPClassUID),

@@ -227,7 +227,8 @@ def write_sr(
     """Build the SR and write it durably as a DICOM file (with file meta) into ``out_dir``."""
     sr = build_sr(sources, findings, manifest, predecessor=predecessor)
     path = out_dir / f"sr-{sr.SOPInstanceUID}.dcm"
-    write_durably(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True))
+    # 0600 like the spool: the SR carries the patient's name and IDs.
+    write_durably(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True), mode=0o600)
     return ResultFile(
         path=path,
         sop_class_uid=str(sr.SOPClassUID),
