@@ -126,8 +126,17 @@ def for_highdicom(ds: Dataset, *, pixels: bool = True) -> Dataset:
     ``pixels=False`` leaves out the pixel data group (highdicom deep-copies its SR evidence).
     """
     view = Dataset()
-    for elem in ds:
-        if pixels or elem.tag.group != 0x7FE0:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a warning about a broken value would quote it
+        for tag in list(ds.keys()):
+            if not pixels and tag.group == 0x7FE0:
+                continue
+            try:
+                elem = ds[tag]  # converts a raw element
+            except Exception:
+                # A value pydicom cannot convert (unknown VR, bad length, ...) is left out of what highdicom
+                # sees: the result never needs it, and reading it would fail the whole study.
+                continue
             view.add(elem)
     if hasattr(ds, "file_meta"):
         view.file_meta = ds.file_meta

@@ -271,3 +271,18 @@ def test_non_conforming_patient_and_study_values_are_emptied_not_copied(
             assert keyword in result and result[keyword].is_empty, keyword
         assert result.PatientID == src.PatientID and result.StudyDate == src.StudyDate
     assert "A^B^C" not in caplog.text and "19701345" not in caplog.text
+
+
+def test_an_element_pydicom_cannot_convert_does_not_stop_the_result(
+    tmp_path: Path, sources: list[Dataset], manifest: Manifest
+) -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    src = sources[0]
+    # As dcmread leaves an element with an unknown VR: raw until something reads it, then NotImplementedError.
+    src[0x00091001] = RawDataElement(Tag(0x00091001), "ZZ", 4, b"1234", 0, False, True)
+    findings = _findings([src], [0.7])
+    sr = pydicom.dcmread(write_sr([src], findings, manifest, tmp_path).path)
+    sc = pydicom.dcmread(write_sc(src, np.zeros((32, 32)), findings[0], manifest, tmp_path).path)
+    assert sr.StudyInstanceUID == sc.StudyInstanceUID == src.StudyInstanceUID
