@@ -128,11 +128,11 @@ def for_highdicom(ds: Dataset, *, pixels: bool = True) -> Dataset:
     view = Dataset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a warning about a broken value would quote it
-        for tag in list(ds.keys()):
-            if not pixels and tag.group == 0x7FE0:
+        for key in list(ds.keys()):
+            if not pixels and key.group == 0x7FE0:
                 continue
             try:
-                elem = ds[tag]  # converts a raw element
+                elem = ds[key]  # converts a raw element
             except Exception:
                 # A value pydicom cannot convert (unknown VR, bad length, ...) is left out of what highdicom
                 # sees: the result never needs it, and reading it would fail the whole study.
