@@ -118,6 +118,10 @@ def _setup_logging(level: str, *, service: bool = False) -> None:
     if service:
         logging.captureWarnings(True)
         logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    # No element value of an input reaches a log line, whatever library or exception text carries it.
+    from edge_node.log_privacy import install_log_privacy
+
+    install_log_privacy()
 
 
 def _settings(config: Path | None) -> EdgeSettings:

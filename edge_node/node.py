@@ -68,11 +68,22 @@ class Node:
                 results_dir=settings.results_dir,
                 destinations=settings.destination_values,
                 secondary_capture=settings.send_secondary_capture,
+                max_attempts=settings.max_run_attempts,
             ),
             on_results=self.sender.wake,
         )
         self.listener = Listener(
-            ListenerConfig(settings.ae_title, settings.host, settings.port, settings.allowed_calling_aes),
+            ListenerConfig(
+                settings.ae_title,
+                settings.host,
+                settings.port,
+                settings.allowed_calling_aes,
+                max_associations=settings.max_associations,
+                max_associations_per_peer=settings.max_associations_per_peer,
+                acse_timeout=settings.acse_timeout_s,
+                dimse_timeout=settings.dimse_timeout_s,
+                network_timeout=settings.network_timeout_s,
+            ),
             self.spool,
             on_complete=self.worker.wake,
         )

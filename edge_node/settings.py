@@ -144,6 +144,18 @@ class EdgeSettings(BaseSettings):
     trusted_keys: Path | None = None
     #: Also send the secondary capture (an image with the result burnt in), not only the SR.
     send_secondary_capture: bool = False
+    #: Associations open at once (pynetdicom refuses more with "local limit exceeded").
+    max_associations: int = Field(default=16, ge=1)
+    #: Connections one source address may hold open (refused at accept beyond it): no peer starves the PACS.
+    max_associations_per_peer: int = Field(default=4, ge=1)
+    #: Seconds a new connection may take to request an association (silent sockets are closed after it).
+    acse_timeout_s: float = Field(default=10.0, gt=0)
+    #: Seconds to wait for the next DIMSE message inside an association.
+    dimse_timeout_s: float = Field(default=30.0, gt=0)
+    #: Seconds an association may stay idle on the network before it is aborted.
+    network_timeout_s: float = Field(default=30.0, gt=0)
+    #: A study whose runs killed the node this many times in a row is set aside as failed, not retried.
+    max_run_attempts: int = Field(default=3, ge=1)
     #: Instances larger than this are refused with "out of resources" (0xA700).
     max_instance_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     #: Instances are refused (0xA700) when the spool's file system has less free space than this.

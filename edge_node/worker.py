@@ -55,6 +55,8 @@ class WorkerConfig:
     results_dir: Path
     destinations: list[Destination]
     secondary_capture: bool
+    #: Runs of one study that may end with the node dying before it is set aside as failed.
+    max_attempts: int = 3
 
 
 class Worker:
@@ -98,9 +100,9 @@ class Worker:
 
     def recover(self) -> None:
         """At start: interrupted runs are requeued; their partial result directories are removed."""
-        for run_id in self.runs.recover():
+        for run_id in self.runs.recover(self.config.max_attempts):
             shutil.rmtree(self._run_dir(run_id), ignore_errors=True)
-            logger.warning("run %d was interrupted by a stop; its study is queued again", run_id)
+            logger.warning("run %d was interrupted by a stop; its study is queued again or set aside", run_id)
 
     def _run_dir(self, run_id: int) -> Path:
         return self.config.results_dir / f"run-{run_id:08d}"
@@ -147,7 +149,7 @@ class Worker:
         sid = self.runs.db.uid_hash(claim.study_uid)
         out_dir = self._run_dir(claim.run_id)
         shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, mode=0o700)
         t0 = time.perf_counter()
         findings: list[FindingRow] = []
         outputs: list[ResultFile] = []
@@ -173,19 +175,36 @@ class Worker:
             logger.exception("study %s failed with an unexpected error", sid)
         destinations = self.config.destinations
         now = time.time()
-        with self.runs.db.tx() as c:
-            queued = Outbox.enqueue(c, claim.run_id, claim.study_id, outputs, destinations, now)
-            state = self.runs.finish(
-                c,
-                claim,
-                event,
-                reason=reason,
-                findings=findings,
-                model=ModelInUse(model.model_id, model.model_version, model.provider),
-                report=report,
-                results_pending=queued > 0,
-                now=now,
-            )
+        in_use = ModelInUse(model.model_id, model.model_version, model.provider)
+        try:
+            with self.runs.db.tx() as c:
+                queued = self.outbox.enqueue(c, claim.run_id, claim.study_id, outputs, destinations, now)
+                state = self.runs.finish(
+                    c,
+                    claim,
+                    event,
+                    reason=reason,
+                    findings=findings,
+                    model=in_use,
+                    report=report,
+                    results_pending=queued > 0,
+                    now=now,
+                )
+        except Exception as exc:
+            # The outcome could not be recorded (disk full, I/O error): record the failure instead, without
+            # results, so the study does not stay PROCESSING until a restart. If even that fails, recovery
+            # at the next start counts the run as interrupted (and sets the study aside after N of them).
+            logger.error("study %s: its outcome cannot be recorded (%s)", sid, type(exc).__name__)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            failure = f"the run's outcome could not be recorded ({type(exc).__name__}); check the disk"
+            with self.runs.db.tx() as c:
+                state = self.runs.finish(
+                    c, claim, StudyEvent.FAILED, reason=failure, findings=[], model=in_use, now=now
+                )
+            event, queued, findings, outputs = StudyEvent.FAILED, 0, [], []
+        if not outputs:
+            # A skipped or failed run leaves no result directory behind (nor any partial file in it).
+            shutil.rmtree(out_dir, ignore_errors=True)
         logger.info(
             "study %s: %s (%d instances, %d findings, %d result files) in %.2f s -> %s",
             sid,

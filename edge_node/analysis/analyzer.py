@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Literal
 import numpy as np
 from pydicom.dataset import Dataset
 
-from edge_node.analysis.capture_sc import write_sc
+from edge_node.analysis.capture_sc import capture_display, write_sc
 from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
 from edge_node.analysis.preprocessing import Prepared, SkipReason, preprocess
 from edge_node.analysis.report_sr import sr_series_uid, write_sr
@@ -66,14 +67,32 @@ class _Analysed:
         )
 
 
-def _prepare(cand: Candidate, ds: Dataset, model: LoadedModel) -> _Analysed:
+def _release_pixels(ds: Dataset) -> None:
+    """Drop the decoded and the raw pixel data of ``ds``: the results need only its header from here on."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            del ds[keyword]
+    ds._pixel_array = None  # pydicom's cache of the decoded array, if it made one
+    ds._pixel_id = {}
+
+
+def _prepare(cand: Candidate, ds: Dataset, model: LoadedModel, *, keep_display: bool) -> _Analysed:
+    """Preprocess one instance, keeping only its model input (and a capture-sized display image).
+
+    Streaming: a study's instances are decoded one at a time and only the small outputs stay, so a study's
+    memory does not grow with its number or size of images.
+    """
     try:
         prepared = preprocess(ds, model.preprocessing, channels=model.channels, frame=cand.frame_index)
     except SkipReason:
         raise
     except Exception as exc:  # bad input must never stop the worker; the reason names the failing step
         logger.warning("preprocessing failed unexpectedly: %s", type(exc).__name__)
-        raise SkipReason(f"preprocessing failed ({type(exc).__name__})") from exc
+        raise SkipReason(f"preprocessing failed ({type(exc).__name__})") from None
+    finally:
+        _release_pixels(ds)
+    display = capture_display(prepared.display) if keep_display else np.zeros((1, 1), dtype=np.float32)
+    prepared = Prepared(tensor=prepared.tensor, display=display, frame_index=prepared.frame_index)
     return _Analysed(candidate=cand, dataset=ds, prepared=prepared)
 
 
@@ -115,7 +134,7 @@ def analyze_study(
     analysed: list[_Analysed] = []
     for cand in selection.candidates:
         try:
-            analysed.append(_prepare(cand, datasets[cand.header.path], model))
+            analysed.append(_prepare(cand, datasets[cand.header.path], model, keep_display=secondary_capture))
         except SkipReason as skip:
             ignored.append(Ignored(cand.header.path, cand.header.sop_instance_uid or None, skip.reason))
 
@@ -132,7 +151,18 @@ def analyze_study(
             f"model {model.model_id} {model.model_version} failed on {len(analysed)} image(s) "
             f"({type(exc).__name__}: {exc}); check the bundle and the runtime"
         ) from exc
-    findings = findings_from_probabilities(probs, [a.image for a in analysed], model.task)
+    scored = findings_from_probabilities(probs, [a.image for a in analysed], model.task)
+    # A non-finite score (a broken model or input) is that instance's reason; it never reaches a result.
+    kept = [i for i, f in enumerate(scored) if math.isfinite(f.score)]
+    for i in sorted(set(range(len(scored))) - set(kept)):
+        h = analysed[i].candidate.header
+        ignored.append(Ignored(h.path, h.sop_instance_uid or None, "the model's score is not finite"))
+    analysed = [analysed[i] for i in kept]
+    findings = [scored[i] for i in kept]
+    if not analysed:
+        reason = summarise_reasons(ignored)
+        logger.info("study skipped: %s", reason)
+        return StudyOutcome(status="skipped", reason=reason, findings=[], outputs=[], ignored=ignored)
 
     outputs: list[ResultFile] = []
     by_study: dict[str, list[int]] = {}

@@ -13,14 +13,22 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from edge_node.analysis.findings import Finding
-from edge_node.analysis.person_names import for_highdicom, restore_names
 from edge_node.analysis.report_sr import MANUFACTURER
 from edge_node.analysis.result_file import ResultFile
 from edge_node.analysis.result_uids import result_uid
+from edge_node.analysis.source_view import for_highdicom, restore_source
 from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import Manifest
 
-__all__ = ["NOT_FOR_DIAGNOSIS", "SC_SERIES_NUMBER", "build_sc", "caption", "render", "write_sc"]
+__all__ = [
+    "NOT_FOR_DIAGNOSIS",
+    "SC_SERIES_NUMBER",
+    "build_sc",
+    "caption",
+    "capture_display",
+    "render",
+    "write_sc",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +66,17 @@ def _scaled(display: np.ndarray) -> Image.Image:
     return img
 
 
+def capture_display(display: np.ndarray) -> np.ndarray:
+    """``display`` reduced to what a capture shows (longest side at most MAX_SIDE), float32 in [0, 1].
+
+    The analyser keeps this instead of the full-resolution float64 image until the results are written.
+    """
+    longest = max(display.shape[:2])
+    if longest <= MAX_SIDE:
+        return np.asarray(display, dtype=np.float32)
+    return np.asarray(_scaled(display), dtype=np.float32) / 255.0
+
+
 def render(display: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     """(rows, cols) image in [0, 1] → uint8 (H, W) with a black caption band on top, white text."""
     img = _scaled(display)
@@ -89,7 +108,8 @@ def build_sc(
     pixels = render(display, caption(finding, manifest))
     orientation = _orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=for_highdicom(source),  # names it accepts without a warning that would quote them
+        # Header only (the pixels are the rendered capture), Type 2 values and names it accepts.
+        ref_dataset=for_highdicom(source, pixels=False),
         pixel_array=pixels,
         photometric_interpretation="MONOCHROME2",
         bits_allocated=8,
@@ -106,7 +126,11 @@ def build_sc(
         patient_orientation=orientation or ("L", "F"),
         series_description=SERIES_DESCRIPTION,
     )
-    restore_names(sc, source)
+    restore_source(sc, source)
+    # Type 2C in General Series for paired body parts: the source's side when it states one, else empty
+    # (unknown), rather than leaving validators to guess whether the part is paired.
+    side = str(source.get("Laterality", "") or "")
+    sc.Laterality = side if side in ("R", "L") else ""
     if orientation is None:
         sc["PatientOrientation"].value = None
     sc.BurnedInAnnotation = "YES"
@@ -127,7 +151,8 @@ def write_sc(
     """Build the SC and write it durably as a DICOM file into ``out_dir``."""
     sc = build_sc(source, display, finding, manifest, index)
     path = out_dir / f"sc-{sc.SOPInstanceUID}.dcm"
-    write_durably(path, lambda tmp: sc.save_as(tmp, enforce_file_format=True))
+    # 0600 like the spool: the capture carries the patient's image, name and IDs.
+    write_durably(path, lambda tmp: sc.save_as(tmp, enforce_file_format=True), mode=0o600)
     return ResultFile(
         path=path,
         sop_class_uid=str(sc.SOPClassUID),

@@ -76,8 +76,15 @@ def check_modality_value(value: str, pre: Preprocessing, model_id: str) -> None:
         )
 
 
-def check_dimensions(ds: Dataset, pre: Preprocessing) -> None:
-    """Refuse missing pixel data and absurd sizes before anything is decoded."""
+#: Decoded pixels one frame may have (rows x columns x samples), checked from the header before decoding.
+#: Preprocessing holds a few float64 copies of a frame (~26 bytes a pixel at its peak), so 32 Mpx (a 5,600²
+#: radiograph; mammograms are ~20 Mpx) bounds one frame's analysis to ~0.85 GB, whatever the file's size:
+#: a 1 MB RLE or JPEG file can claim 8192² or more.
+MAX_FRAME_PIXELS = 32 * 1024 * 1024
+
+
+def check_dimensions(ds: Dataset, pre: Preprocessing, *, max_frame_pixels: int = MAX_FRAME_PIXELS) -> None:
+    """Refuse missing pixel data, absurd sizes and frames over the pixel budget before anything is decoded."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise SkipReason("no pixel data")
     if "PixelData" not in ds:
@@ -92,6 +99,13 @@ def check_dimensions(ds: Dataset, pre: Preprocessing) -> None:
     frames = number_of_frames(ds)
     if frames < 1:
         raise SkipReason(f"absurd number of frames {frames}")
+    if rows * cols * spp > max_frame_pixels:
+        raise SkipReason(
+            f"frame of {rows}x{cols}x{spp} exceeds the decoding budget of {max_frame_pixels} pixels"
+        )
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if bits not in (1, 8, 16, 32, 64):
+        raise SkipReason(f"unsupported bits allocated {bits}")
 
 
 # -- 2. frames ----------------------------------------------------------------------------------------------
@@ -200,8 +214,15 @@ def frame_attributes(ds: Dataset, index: int) -> Dataset:
 
 
 def apply_modality(pixels: np.ndarray, attrs: Dataset) -> np.ndarray:
-    """Modality LUT or Rescale Slope/Intercept (pydicom's ``apply_modality_lut``), as float64."""
-    return np.asarray(apply_modality_lut(pixels, attrs), dtype=np.float64)
+    """Modality LUT or Rescale Slope/Intercept (pydicom's ``apply_modality_lut``), as float64.
+
+    SkipReason when a value comes out NaN or infinite (a legal DS such as "1e999" or "NaN"): later clipping
+    would turn it into a plausible but meaningless image.
+    """
+    values = np.asarray(apply_modality_lut(pixels, attrs), dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise SkipReason("rescale slope or intercept gives values that are not finite")
+    return values
 
 
 def _stored_range(attrs: Dataset) -> tuple[float, float]:
@@ -404,4 +425,8 @@ def preprocess(
     grey = to_grey(unit, photometric, pre)
     small = resize(grey, pre.size, pre.interpolation)
     tensor = normalise(small, pre.mean, pre.std, channels)
+    if not (np.isfinite(tensor).all() and np.isfinite(grey).all()):
+        # A NaN or infinite rescale or window (legal DS text such as "NaN" or "1e999") poisons every value;
+        # the model's answer would be NaN, and a NaN score never leaves the node.
+        raise SkipReason("pixel values are not finite after rescale and windowing")
     return Prepared(tensor=tensor, display=grey, frame_index=index)

@@ -22,9 +22,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage
 
 from edge_node.analysis.findings import Finding
-from edge_node.analysis.person_names import for_highdicom, restore_names
 from edge_node.analysis.result_file import ResultFile
 from edge_node.analysis.result_uids import result_uid
+from edge_node.analysis.source_view import for_highdicom, restore_source
 from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import ClassLabel, Manifest
 from edge_node.state.runs import ReportRef
@@ -210,7 +210,7 @@ def build_sr(
         is_verified=False,
         series_description=SERIES_DESCRIPTION,
     )
-    restore_names(sr, sources[0])
+    restore_source(sr, sources[0])
     if predecessor is not None and predecessor.sop_instance_uid != sop_uid:
         sr.PredecessorDocumentsSequence = [_predecessor(study_uid, predecessor)]
     return sr
@@ -227,7 +227,8 @@ def write_sr(
     """Build the SR and write it durably as a DICOM file (with file meta) into ``out_dir``."""
     sr = build_sr(sources, findings, manifest, predecessor=predecessor)
     path = out_dir / f"sr-{sr.SOPInstanceUID}.dcm"
-    write_durably(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True))
+    # 0600 like the spool: the SR carries the patient's name and IDs.
+    write_durably(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True), mode=0o600)
     return ResultFile(
         path=path,
         sop_class_uid=str(sr.SOPClassUID),

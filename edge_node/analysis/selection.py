@@ -15,7 +15,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from edge_node.analysis.preprocessing import SkipReason, check_modality_value, number_of_frames, select_frame
@@ -142,10 +141,14 @@ def read_instance(path: Path) -> tuple[InstanceHeader, Dataset]:
     """
     try:
         ds = dcmread(path, defer_size="64 KB")
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        header = header_from_dataset(ds, path)
+    except Exception as exc:
+        # Any failure of one file is that file's reason, never the study's: pydicom raises InvalidDicomError,
+        # ValueError, NotImplementedError (unknown VR), RecursionError (deep nesting), ... Only the class is
+        # logged: pydicom's texts can quote element values.
         logger.info("unreadable DICOM file %s: %s", path.name, type(exc).__name__)
-        raise SkipReason("not a readable DICOM file") from exc
-    return header_from_dataset(ds, path), ds
+        raise SkipReason("not a readable DICOM file") from None
+    return header, ds
 
 
 def read_header(path: Path) -> InstanceHeader:
@@ -230,9 +233,12 @@ def select_instances(headers: Iterable[InstanceHeader], pre: Preprocessing) -> S
         else:
             chosen = members
         for m in sorted(chosen, key=_order_key):
-            candidates.append(
-                Candidate(header=m, frame_index=select_frame(m.number_of_frames, pre.frame_rule))
-            )
+            try:
+                frame = select_frame(m.number_of_frames, pre.frame_rule)
+            except SkipReason as skip:
+                ignored.append(Ignored(m.path, m.sop_instance_uid or None, skip.reason))
+                continue
+            candidates.append(Candidate(header=m, frame_index=frame))
     return Selection(candidates=candidates, ignored=ignored)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -30,8 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_node.errors import ConfigError, ModelError
 from edge_node.inference.backend import CPU
 from edge_node.inference.loaded_model import LoadedModel, Precision, load_model
-from edge_node.protocol.bundle import VerifiedBundle, verify_bundle
+from edge_node.protocol.bundle import VerifiedBundle, open_no_link, safe_relative_path, verify_bundle
 from edge_node.protocol.errors import BundleError
+from edge_node.protocol.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from edge_node.protocol.signing import load_public_keys
 from edge_node.state.model_registry import ModelRecord, ModelRegistry
 
@@ -58,6 +60,33 @@ Loader = Callable[[VerifiedBundle, LoadOptions], LoadedModel]
 
 # Model ids and versions become directory names: keep them to a safe alphabet.
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def _version_key(version: str) -> tuple[int, ...] | None:
+    """``1.10.2`` -> (1, 10, 2) for ordering (pre-release/build suffixes ignored); None if not numeric."""
+    core = re.split(r"[-+]", version, maxsplit=1)[0]
+    parts = core.split(".")
+    if not all(p.isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+def _copy_listed(verified: VerifiedBundle, dest: Path) -> None:
+    """Copy the manifest, its signature and the files it lists from the verified bundle into ``dest``.
+
+    Nothing else is copied (an unlisted file, however it got there, stays behind), and every file is
+    opened without following links.
+    """
+    names = [MANIFEST_FILE, SIGNATURE_FILE, *(entry.path for entry in verified.manifest.files)]
+    for name in names:
+        rel = safe_relative_path(name)
+        target = dest.joinpath(*rel.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            os.fdopen(open_no_link(verified.root.joinpath(*rel.parts)), "rb") as src,
+            target.open("xb") as out,
+        ):
+            shutil.copyfileobj(src, out, 1024 * 1024)
 
 
 def _default_loader(bundle: VerifiedBundle, options: LoadOptions) -> LoadedModel:
@@ -161,8 +190,23 @@ class ModelSlot:
 
     # -- install / rollback ----------------------------------------------------------------------------------
 
-    def install(self, bundle: Path) -> ModelRecord:
-        """Verify ``bundle`` (dir or .zip), copy it into the models dir, check it loads, make it active."""
+    def _refuse_downgrade(self, model_id: str, version: str, allow_downgrade: bool) -> None:
+        active = self.registry.active()
+        if allow_downgrade or active is None or active.model_id != model_id:
+            return
+        new, current = _version_key(version), _version_key(active.version)
+        if new is not None and current is not None and new < current:
+            raise ModelError(
+                f"bundle {model_id} {version} is older than the active {active.version}: a downgrade is "
+                "refused unless it is an explicit rollback (`fedclinic-edge models rollback`, or install "
+                "with allow_downgrade); the active model is unchanged"
+            )
+
+    def install(self, bundle: Path, *, allow_downgrade: bool = False) -> ModelRecord:
+        """Verify ``bundle`` (dir or .zip), copy it into the models dir, check it loads, make it active.
+
+        A lower version of the active model is refused unless ``allow_downgrade`` (an explicit rollback).
+        """
         if not bundle.exists():
             raise ModelError(f"bundle {bundle} does not exist")
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -187,9 +231,11 @@ class ModelSlot:
                 self.registry.activate(existing.row, "install (already present)")
                 logger.info("model %s %s was installed already; it is active again", model_id, version)
                 return existing
-            # Copy, then verify the copy: what gets loaded later is exactly what was checked.
+            self._refuse_downgrade(model_id, version, allow_downgrade)
+            # Copy only what the manifest lists (and the manifest and its signature), never through a link,
+            # then verify the copy: what gets loaded later is exactly what was checked.
             copy = staging / "bundle"
-            shutil.copytree(verified.root, copy, ignore=shutil.ignore_patterns(".*"))
+            _copy_listed(verified, copy)
             copied = self._verify(copy)
             if hashlib.sha256(copied.manifest.canonical_bytes()).hexdigest() != digest:
                 raise ModelError("the bundle changed while it was being installed; install it again")

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from pydicom import Dataset
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
@@ -36,12 +36,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
 from edge_node.ingest.part10 import part10_stream
+from edge_node.ingest.peer_limit import PeerLimitedServer
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
 from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from edge_node.ingest.spool import Spool
-
-if TYPE_CHECKING:
-    from pynetdicom.transport import ThreadedAssociationServer
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -88,6 +86,14 @@ class ListenerConfig:
     port: int
     allowed_calling_aes: list[str] | None = None
     max_associations: int = 10
+    #: Open connections one source address may hold (negotiated or not): a flood cannot starve the PACS.
+    max_associations_per_peer: int = 4
+    #: Seconds a connection may wait for its A-ASSOCIATE-RQ (and an association for release answers).
+    acse_timeout: float = 10.0
+    #: Seconds to wait for a DIMSE message inside an association.
+    dimse_timeout: float = 30.0
+    #: Seconds an association may stay idle on the network before it is aborted.
+    network_timeout: float = 30.0
 
 
 def _shorten_dul_poll(event: Event) -> None:
@@ -107,7 +113,7 @@ class Listener:
         self.config = config
         self.spool = spool
         self._on_complete = on_complete
-        self._server: ThreadedAssociationServer | None = None
+        self._server: PeerLimitedServer | None = None
         self._ae = self._make_ae()
         # Studies touched by each open association, queued together when it is released.
         self._touched: dict[int, set[int]] = {}
@@ -119,6 +125,9 @@ class Listener:
         # PDUs, which costs pynetdicom far less per instance than many 16 kB ones.
         ae.maximum_pdu_size = 0
         ae.maximum_associations = self.config.max_associations
+        ae.acse_timeout = self.config.acse_timeout
+        ae.dimse_timeout = self.config.dimse_timeout
+        ae.network_timeout = self.config.network_timeout
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.config.allowed_calling_aes or [])
         for sop_class in STORAGE_SOP_CLASSES:
@@ -144,9 +153,19 @@ class Listener:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        self._server = self._ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        server = cast(
+            PeerLimitedServer,
+            self._ae.make_server(
+                (self.config.host, self.config.port),
+                evt_handlers=handlers,
+                server_class=PeerLimitedServer,
+                per_peer=self.config.max_associations_per_peer,
+            ),
         )
+        # What AE.start_server(block=False) does, with the per-peer server class.
+        self._ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
+        threading.Thread(target=server.serve_forever, name="edge-dicom-acceptor", daemon=True).start()
+        self._server = server
         host, port = self.address
         logger.info("DICOM listener %s on %s:%d", self.config.ae_title, host, port)
         return host, port

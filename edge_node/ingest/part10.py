@@ -12,13 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
 
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag, Tag
 
 from edge_node.errors import BadInstanceError
 
-__all__ = ["Header", "parse_header", "part10_stream"]
+__all__ = ["MAX_NESTING", "Header", "parse_header", "part10_stream"]
 
 _PREAMBLE = 128
 _HEADER_TAGS: list[BaseTag | int] = [
@@ -98,6 +97,10 @@ class _Unscannable(Exception):
     """The fast scanner does not handle this encoding; pydicom reads the header instead."""
 
 
+class _Refused(Exception):
+    """Bytes the scanner can tell are malformed (nesting beyond MAX_NESTING, an unknown VR): refused."""
+
+
 _IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 _NOT_SCANNED = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big endian; deflated
 _LONG_VRS = frozenset(
@@ -120,6 +123,8 @@ _WANTED = {
     0x0020000E: "SeriesInstanceUID",
 }
 _TRANSFER_SYNTAX_TAG = 0x00020010
+#: Sequence nesting refused beyond this depth (real objects nest a handful of levels; SR trees a few dozen).
+MAX_NESTING = 100
 
 
 def _element(buf: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]:
@@ -132,6 +137,10 @@ def _element(buf: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]
         return tag, _U32.unpack_from(buf, pos + 4)[0], pos + 8, implicit
     vr = buf[pos + 4 : pos + 6]
     if vr not in _SHORT_VRS and vr not in _LONG_VRS:
+        if len(vr) == 2 and vr.isalpha() and vr.isupper():
+            # Two capitals where a VR belongs: an explicit VR stream with a VR that PS3.5 does not define
+            # (an implicit VR stream mislabelled as explicit has length bytes here, rarely two capitals).
+            raise _Refused("an element has an unknown value representation")
         raise _Unscannable("not explicit VR")
     if vr in _LONG_VRS:
         if pos + 12 > len(buf):
@@ -141,8 +150,11 @@ def _element(buf: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]
     return tag, _U16.unpack_from(buf, pos + 6)[0], pos + 8, False
 
 
-def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int:
+def _skip_sequence(buf: bytes, pos: int, implicit: bool, depth: int = 1) -> int:
     """Offset just past an undefined-length sequence whose first item starts at ``pos``."""
+    if depth > MAX_NESTING:
+        # Final, not a case for pydicom: it would recurse as deep (RecursionError, thousands of frames).
+        raise _Refused(f"sequences nested deeper than {MAX_NESTING} levels")
     while True:
         tag, length, pos, _ = _element(buf, pos, True)
         if tag == _SEQUENCE_END:
@@ -156,7 +168,10 @@ def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int:
             tag, length, pos, inner_implicit = _element(buf, pos, implicit)
             if tag == _ITEM_END:
                 break
-            pos = _skip_sequence(buf, pos, inner_implicit) if length == _UNDEFINED else pos + length
+            if length == _UNDEFINED:
+                pos = _skip_sequence(buf, pos, inner_implicit, depth + 1)
+            else:
+                pos += length
 
 
 def _scan(
@@ -220,6 +235,8 @@ def parse_header(stream: bytes) -> Header:
     """
     try:
         return _scan_header(stream)
+    except _Refused as exc:
+        raise BadInstanceError(str(exc)) from None
     except (_Unscannable, BadInstanceError):
         # pydicom decides every case the scanner does not answer, and every refusal: it also reads files
         # whose transfer syntax claims the wrong VR encoding, which the scanner would misread.
@@ -236,7 +253,9 @@ def _read_header(stream: bytes) -> Header:
         header = _header(values, str(ds.file_meta.TransferSyntaxUID))
     except BadInstanceError:
         raise
-    except (InvalidDicomError, ValueError, KeyError, AttributeError, EOFError, OSError, TypeError) as exc:
-        # pydicom raises a variety of errors on truncated or corrupt streams; all mean "cannot understand".
+    except Exception as exc:
+        # pydicom raises a variety of errors on truncated or corrupt streams (InvalidDicomError, ValueError,
+        # EOFError, NotImplementedError for an unknown VR, RecursionError for deep sequence nesting, ...); all
+        # mean "cannot understand". Only the class is kept: pydicom's texts can quote element values.
         raise BadInstanceError(f"the data set cannot be parsed ({type(exc).__name__})") from None
     return header

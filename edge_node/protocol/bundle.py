@@ -14,8 +14,10 @@ Checks, in this order, each failure with its own error and a message that says w
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
 import stat
 import tempfile
 import zipfile
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_node.protocol.errors import BundleError, IntegrityError, SchemaError, SignatureError
 from edge_node.protocol.manifest import (
     MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
     SIGNATURE_FILE,
     EngineEntry,
     FileEntry,
@@ -39,10 +42,13 @@ from edge_node.protocol.manifest import (
 from edge_node.protocol.signing import find_signer, fingerprint
 
 __all__ = [
+    "MAX_SIGNATURE_BYTES",
     "MAX_ZIP_BYTES",
     "MAX_ZIP_MEMBERS",
     "VerifiedBundle",
     "extract_zip",
+    "open_no_link",
+    "read_bundle_file",
     "safe_relative_path",
     "verify_bundle",
 ]
@@ -52,6 +58,8 @@ logger = logging.getLogger(__name__)
 #: A zip bundle may hold at most this many uncompressed bytes and members (zip-bomb guard).
 MAX_ZIP_BYTES = 8 * 1024**3
 MAX_ZIP_MEMBERS = 1000
+#: An Ed25519 signature is 64 bytes; a larger signature file is read only this far.
+MAX_SIGNATURE_BYTES = 4096
 _CHUNK = 1024 * 1024
 
 
@@ -105,10 +113,34 @@ def safe_relative_path(path: str) -> PurePosixPath:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with os.fdopen(open_no_link(path), "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def open_no_link(path: Path) -> int:
+    """A read-only descriptor of the plain file ``path``; IntegrityError for a link, a loop, a non-file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):
+            raise IntegrityError(
+                f"bundle file {path.name!r} is a link; bundles hold plain files only"
+            ) from None
+        raise IntegrityError(f"bundle file {path.name!r} cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IntegrityError(f"bundle file {path.name!r} is not a regular file")
+    return fd
+
+
+def read_bundle_file(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of the plain file ``path``, never through a link; nothing past the cap."""
+    fd = open_no_link(path)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(limit)
+    return data
 
 
 def extract_zip(zip_path: Path, dest: Path) -> Path:
@@ -126,6 +158,9 @@ def extract_zip(zip_path: Path, dest: Path) -> Path:
         members = zf.infolist()
         if len(members) > MAX_ZIP_MEMBERS:
             raise IntegrityError(f"{zip_path.name} has {len(members)} members (limit {MAX_ZIP_MEMBERS})")
+        names = [m.filename.rstrip("/") for m in members]
+        if len(set(names)) != len(names):
+            raise IntegrityError(f"{zip_path.name} holds a member twice; refusing an ambiguous bundle")
         if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
             raise IntegrityError(f"{zip_path.name} would extract to more than {MAX_ZIP_BYTES} bytes")
         dest.mkdir(parents=True, exist_ok=True)
@@ -171,19 +206,19 @@ def verify_bundle(
     root = root.resolve()
 
     manifest_path, sig_path = root / MANIFEST_FILE, root / SIGNATURE_FILE
-    if not manifest_path.is_file():
+    if not manifest_path.is_file() and not manifest_path.is_symlink():
         raise SchemaError(f"{bundle_dir} has no {MANIFEST_FILE}; this is not a model bundle")
-    if not sig_path.is_file():
+    if not sig_path.is_file() and not sig_path.is_symlink():
         raise SignatureError(
             f"{bundle_dir} has no {SIGNATURE_FILE}: the bundle is unsigned and cannot be trusted; "
             "ask the hub operator for a signed bundle (`fedclinic-hub export --key ...`)"
         )
-    data = load_manifest_dict(manifest_path.read_bytes())
+    data = load_manifest_dict(read_bundle_file(manifest_path, MAX_MANIFEST_BYTES + 1))
 
     if not trusted_keys:
         raise SignatureError("no trusted hub keys are configured on this node; install the hub's hub.pub")
     signed = canonical_json(data)
-    signer = find_signer(trusted_keys, signed, sig_path.read_bytes())
+    signer = find_signer(trusted_keys, signed, read_bundle_file(sig_path, MAX_SIGNATURE_BYTES))
     if signer is None:
         trusted = ", ".join(fingerprint(k) for k in trusted_keys)
         raise SignatureError(
@@ -214,10 +249,16 @@ def _check_files(root: Path, manifest: Manifest) -> None:
             raise IntegrityError(f"engine {engine.path!r} is not listed among the files with a sha256")
     for entry in manifest.files:
         path = root.joinpath(*safe_relative_path(entry.path).parts)
-        if not path.resolve().is_relative_to(root):
+        try:
+            inside = path.resolve().is_relative_to(root)
+        except (OSError, RuntimeError):  # a symlink loop
+            raise IntegrityError(f"bundle file {entry.path!r} is a link loop; refusing it") from None
+        if not inside:
             raise IntegrityError(
                 f"bundle file {entry.path!r} resolves outside the bundle (a link?); refusing it"
             )
+        if path.is_symlink():
+            raise IntegrityError(f"bundle file {entry.path!r} is a link; bundles hold plain files only")
         if not path.is_file():
             raise IntegrityError(f"bundle file {entry.path!r} is missing; download the bundle again")
         size = path.stat().st_size

@@ -47,17 +47,22 @@ def replace_durably(source: Path, target: Path) -> None:
     fsync_directory(target.parent)
 
 
-def write_durably(path: Path, write: Callable[[Path], object]) -> Path:
+def write_durably(path: Path, write: Callable[[Path], object], *, mode: int | None = None) -> Path:
     """Let ``write`` fill a temporary file beside ``path``, then put it in place durably; returns ``path``.
 
     For writers that want a path (``Dataset.save_as``, ``numpy.savez``). The temporary name is unique, so
-    several processes may write the same target; the last rename wins, whole.
+    several processes may write the same target; the last rename wins, whole. ``mode`` (e.g. 0o600 for a
+    file with patient data) holds from the file's creation on, not only once it is in place.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     # The target's suffix last: some writers append their own otherwise (numpy.savez adds ".npz").
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
     try:
+        if mode is not None:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
         write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)  # in case the writer replaced the file instead of truncating it
         replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -168,16 +168,36 @@ def parse_manifest(raw: bytes) -> Manifest:
     return validate_manifest(load_manifest_dict(raw))
 
 
+#: A manifest is a few kB; anything far larger is refused before it is parsed.
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a key given twice is refused (which one a reader keeps is not defined)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise SchemaError(f"manifest.json gives the key {key!r} twice; refusing an ambiguous manifest")
+        out[key] = value
+    return out
+
+
 def load_manifest_dict(raw: bytes) -> dict[str, Any]:
     """Decode manifest bytes to a JSON object and check its schema version, without validating the rest.
 
     Bundle verification needs this first step alone: the version decides whether this edge can check the
     signature and the schema at all, so an unknown version is reported as such, before anything else.
     """
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise SchemaError(
+            f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes; this is not a fedclinic manifest"
+        )
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SchemaError(f"manifest.json is not valid JSON ({exc}); re-export the bundle") from exc
+    except RecursionError:
+        raise SchemaError("manifest.json is nested too deeply to be a manifest; refusing it") from None
     if not isinstance(data, dict):
         raise SchemaError("manifest.json must hold a JSON object; re-export the bundle")
     version = data.get("schema_version")

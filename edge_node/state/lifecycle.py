@@ -25,6 +25,7 @@ class StudyEvent(str, enum.Enum):
     FAILED = "failed"  # analysis raised
     STALE = "stale"  # a run finished but instances arrived while it ran: the study must run again
     RECOVER = "recover"  # the node restarted and found the study in processing
+    GIVE_UP = "give_up"  # ... and the node had died in max_run_attempts runs of it: set aside
 
 
 S, E = StudyState, StudyEvent
@@ -48,6 +49,7 @@ TRANSITIONS: dict[tuple[StudyState, StudyEvent], StudyState] = {
     (S.PROCESSING, E.FAILED): S.FAILED,
     (S.PROCESSING, E.STALE): S.RECEIVED,
     (S.PROCESSING, E.RECOVER): S.QUEUED,
+    (S.PROCESSING, E.GIVE_UP): S.FAILED,
     (S.DONE, E.INSTANCE): S.RECEIVED,
     (S.SKIPPED, E.INSTANCE): S.RECEIVED,
     (S.FAILED, E.INSTANCE): S.RECEIVED,

@@ -187,8 +187,14 @@ class Runs:
         )
         return state
 
-    def recover(self) -> list[int]:
+    def recover(self, max_attempts: int = 3) -> list[int]:
         """At start: runs left 'processing' by a crash become 'interrupted'; their studies are queued again.
+
+        The run row is written in the claim's transaction, before any work, so it counts as an attempt even
+        when the run kills the process (out of memory, a decoder crash). A study whose last
+        ``max_attempts`` runs of the same revision were all interrupted is set aside as FAILED with that
+        reason instead of being queued again: otherwise every restart would die on it once more. A new
+        instance of the study (a new revision) gives it fresh attempts.
 
         Re-running is safe: the results of a run reach the outbox only in the transaction that finishes it,
         so an interrupted run sent nothing; and a re-run of the same revision builds the same result objects
@@ -207,11 +213,35 @@ class Runs:
                 (now,),
             )
             for row in c.execute("SELECT id, state FROM studies WHERE state = 'processing'").fetchall():
-                state = next_state(StudyState(row["state"]), StudyEvent.RECOVER)
+                attempts = self._interrupted_in_a_row(c, int(row["id"]))
+                event = StudyEvent.GIVE_UP if attempts >= max_attempts else StudyEvent.RECOVER
+                state = next_state(StudyState(row["state"]), event)
                 c.execute(
                     "UPDATE studies SET state = ?, updated_at = ? WHERE id = ?", (state.value, now, row["id"])
                 )
+                if event is StudyEvent.GIVE_UP:
+                    c.execute(
+                        "UPDATE runs SET reason = ? WHERE id = (SELECT MAX(id) FROM runs WHERE study_id = ?)",
+                        (
+                            f"node stopped during {attempts} runs of this study in a row; set aside as failed"
+                            " (a new instance of the study retries it)",
+                            row["id"],
+                        ),
+                    )
         return runs
+
+    @staticmethod
+    def _interrupted_in_a_row(c: sqlite3.Connection, study_id: int) -> int:
+        """How many of the study's latest runs, of its latest run's revision, were interrupted in a row."""
+        rows = c.execute(
+            "SELECT status, revision FROM runs WHERE study_id = ? ORDER BY id DESC", (study_id,)
+        ).fetchall()
+        count = 0
+        for r in rows:
+            if r["status"] != "interrupted" or int(r["revision"]) != int(rows[0]["revision"]):
+                break
+            count += 1
+        return count
 
 
 def settle_sent_results(c: sqlite3.Connection) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import stat
 import time
 from pathlib import Path
 
@@ -157,3 +159,43 @@ def test_a_model_that_fails_to_load_leaves_the_previous_one_serving(
     assert serving is first  # still the previous model, not None and not the damaged one
     slot.rollback()
     assert slot.current() is not None and slot.current().model_version == "1.0.0"  # type: ignore[union-attr]
+
+
+class _FullDiskOutbox(Outbox):
+    """An outbox whose write fails as on a full disk (SQLite raises "database or disk is full")."""
+
+    @staticmethod
+    def enqueue(*args: object, **kwargs: object) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_run_whose_outcome_cannot_be_recorded_ends_failed_not_processing(
+    tmp_path: Path, test_bundle: TrustedBundle
+) -> None:
+    node = Node(tmp_path / "node", test_bundle, [Destination("PACS", "127.0.0.1", free_port())])
+    node.models.install(test_bundle.bundle)
+    node.worker.outbox = _FullDiskOutbox(node.store.db)
+    assert node.receive(make_ct_instances(tmp_path / "dx", 2, source=DX)) == 1
+    assert node.worker.step() == 0.0
+    (summary,) = node.store.status.recent_studies()
+    assert summary.state == "failed"
+    (reason,) = node.store.db.query("SELECT reason FROM runs")
+    assert "could not be recorded" in str(reason[0]) and "check the disk" in str(reason[0])
+    assert node.store.db.query("SELECT COUNT(*) FROM outbox")[0][0] == 0
+    assert not any((tmp_path / "node" / "results").glob("run-*/*"))  # no orphan result files
+
+
+def test_results_are_private_and_a_skipped_run_leaves_no_directory(
+    tmp_path: Path, test_bundle: TrustedBundle
+) -> None:
+    node = Node(tmp_path / "node", test_bundle, [])
+    node.models.install(test_bundle.bundle)
+    assert node.receive(make_ct_instances(tmp_path / "dx", 1, source=DX)) == 1
+    assert node.worker.step() == 0.0
+    files = list((tmp_path / "node" / "results").glob("run-*/*.dcm"))
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert all(stat.S_IMODE(p.parent.stat().st_mode) & 0o077 == 0 for p in files)
+    # A CT study is skipped by this CR/DX model: no result directory for its run.
+    assert node.receive(make_ct_instances(tmp_path / "ct", 1)) == 1
+    assert node.worker.step() == 0.0
+    assert len(list((tmp_path / "node" / "results").iterdir())) == 1

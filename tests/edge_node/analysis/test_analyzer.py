@@ -146,3 +146,63 @@ def test_a_failing_model_is_an_inference_error(
     )
     with pytest.raises(InferenceError, match=r"model test-student 1\.2\.3 failed on 3 image"):
         _analyse(cr_study, broken, tmp_path / "out")
+
+
+def test_bad_instances_are_skipped_with_reasons_and_the_good_ones_get_results(
+    tmp_path: Path, cr_study: list[Path], model: LoadedModel
+) -> None:
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    good = cr_study[0]
+    made: dict[str, Path] = {}
+    with pydicom.config.disable_value_validation():  # written as a broken sender would, unchecked
+        for name, change in {
+            "zero-frames": lambda ds: setattr(ds, "NumberOfFrames", 0),
+            "nan-window": lambda ds: (setattr(ds, "WindowCenter", "NaN"), setattr(ds, "WindowWidth", "NaN")),
+            "inf-slope": lambda ds: setattr(ds, "RescaleSlope", "1e999"),
+        }.items():
+            ds = pydicom.dcmread(good)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+            change(ds)
+            made[name] = bad_dir / f"{name}.dcm"
+            ds.save_as(made[name], enforce_file_format=True)
+    # Sequences nested far deeper than the recursion limit: pydicom raises RecursionError reading it.
+    deep = pydicom.dcmread(good)
+    deep.SOPInstanceUID = deep.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    item = b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    end = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    made["deep"] = bad_dir / "deep.dcm"
+    made["deep"].write_bytes(good.read_bytes()[:132] + _meta_and_deep(deep, item * 3000 + end * 3000))
+    out = _analyse(cr_study + list(made.values()), model, tmp_path / "out")
+    assert out.status == "done"
+    analysed = {f.sop_instance_uid for f in out.findings}
+    assert analysed == {str(pydicom.dcmread(p).SOPInstanceUID) for p in cr_study}
+    assert all(np.isfinite(f.score) for f in out.findings)
+    reasons = {i.path.name: i.reason for i in out.ignored}
+    assert set(reasons) == {p.name for p in made.values()}
+    assert "frames" in reasons["zero-frames.dcm"]
+    assert "not finite" in reasons["nan-window.dcm"] and "not finite" in reasons["inf-slope.dcm"], reasons
+    assert reasons["deep.dcm"] == "not a readable DICOM file"
+    for result in out.outputs:
+        text = str(pydicom.dcmread(result.path))
+        assert "nan" not in text.lower().replace("nanometer", "")
+
+
+def _meta_and_deep(ds: pydicom.Dataset, nested: bytes) -> bytes:
+    """File meta and data set of ``ds`` (explicit VR LE) with ``nested`` bytes inserted before (0008,1140)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    before, after = pydicom.Dataset(), pydicom.Dataset()
+    for elem in ds:
+        (before if elem.tag < 0x00081140 else after).add(elem)
+    out = DicomBytesIO()
+    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
+    for part, extra in ((before, nested), (after, b"")):
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, part)
+        out.write(buf.getvalue() + extra)
+    return bytes(out.getvalue())

@@ -244,3 +244,45 @@ def test_results_for_single_component_names_carry_no_phi_into_warnings_or_logs(
         assert (str(result.PatientName), result.PatientID) == (name, patient_id)
         assert str(result.ReferringPhysicianName) == physician
     assert str(study[0].PatientName) == name  # the source dataset was not changed either
+
+
+def test_non_conforming_patient_and_study_values_are_emptied_not_copied(
+    tmp_path: Path, sources: list[Dataset], manifest: Manifest, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = sources[0]
+    with pydicom.config.disable_value_validation():  # as a sender would write them, unchecked
+        src.PatientSex = "X"  # not M, F or O
+        src.PatientBirthDate = "19701345"  # no such day
+        src.StudyTime = "25:61"  # neither TM form
+        src.PatientName = "A^B^C^D^E^F"  # six components
+    del src.ReferringPhysicianName
+    findings = _findings([src], [0.7])
+    with caplog.at_level(logging.DEBUG):
+        sr = pydicom.dcmread(write_sr([src], findings, manifest, tmp_path).path)
+        sc = pydicom.dcmread(write_sc(src, np.zeros((32, 32)), findings[0], manifest, tmp_path).path)
+    for result in (sr, sc):
+        for keyword in (
+            "PatientSex",
+            "PatientBirthDate",
+            "StudyTime",
+            "PatientName",
+            "ReferringPhysicianName",
+        ):
+            assert keyword in result and result[keyword].is_empty, keyword
+        assert result.PatientID == src.PatientID and result.StudyDate == src.StudyDate
+    assert "A^B^C" not in caplog.text and "19701345" not in caplog.text
+
+
+def test_an_element_pydicom_cannot_convert_does_not_stop_the_result(
+    tmp_path: Path, sources: list[Dataset], manifest: Manifest
+) -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    src = sources[0]
+    # As dcmread leaves an element with an unknown VR: raw until something reads it, then NotImplementedError.
+    src[0x00091001] = RawDataElement(Tag(0x00091001), "ZZ", 4, b"1234", 0, False, True)
+    findings = _findings([src], [0.7])
+    sr = pydicom.dcmread(write_sr([src], findings, manifest, tmp_path).path)
+    sc = pydicom.dcmread(write_sc(src, np.zeros((32, 32)), findings[0], manifest, tmp_path).path)
+    assert sr.StudyInstanceUID == sc.StudyInstanceUID == src.StudyInstanceUID

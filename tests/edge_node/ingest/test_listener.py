@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from edge_node.ingest.listener import (
@@ -181,3 +185,65 @@ def test_aborted_association_waits_for_quiet_time(edge: Running) -> None:
     counts = edge.store.status.counts()
     assert counts["received"] == 1 and counts["queued"] == 0
     assert edge.completions == 0
+
+
+def _raw_with(tmp_path: Path, name: str, inserted: bytes) -> Path:
+    """A CT instance as raw Part 10 bytes with ``inserted`` (encoded elements) between (0008,1032) and on."""
+    ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    before, after = pydicom.Dataset(), pydicom.Dataset()
+    for elem in ds:
+        (before if elem.tag < 0x00081140 else after).add(elem)
+    parts = []
+    for part in (before, after):
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, part)
+        parts.append(buf.getvalue())
+    meta = DicomBytesIO()
+    meta.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    path = tmp_path / name
+    path.write_bytes(meta.getvalue() + parts[0] + inserted + parts[1])
+    return path
+
+
+def _deep_sequence(depth: int) -> bytes:
+    """(0008,1140) nested ``depth`` times, undefined lengths: legal bytes that recurse in any reader."""
+    open_sq = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    sq_end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return (open_sq + item) * depth + (item_end + sq_end) * depth
+
+
+def _send_file(port: int, path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the bytes as they are, not re-encoded
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+def test_deep_nesting_and_unknown_vr_are_cannot_understand_in_one_line(
+    edge: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    unknown_vr = struct.pack("<HH2sH", 0x0008, 0x1150, b"ZZ", 4) + b"1234"
+    cases = {"deep.dcm": _deep_sequence(5000), "vr.dcm": unknown_vr}
+    with caplog.at_level(logging.INFO):
+        for name, inserted in cases.items():
+            assert _send_file(edge.port, _raw_with(tmp_path, name, inserted), monkeypatch) == (
+                STATUS_CANNOT_UNDERSTAND
+            ), name
+    assert edge.store.status.counts()["instances"] == 0
+    assert echoscu(edge.port)
+    refusals = [
+        r for r in caplog.records if r.name == "edge_node.ingest.listener" and "rejected" in r.message
+    ]
+    assert len(refusals) == 2 and not any(r.exc_info for r in caplog.records)
+    assert "Traceback" not in caplog.text

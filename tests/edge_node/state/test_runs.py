@@ -135,6 +135,29 @@ def test_recover_requeues_interrupted_runs(tmp_path: Path) -> None:
     assert statuses == ["interrupted", "processing"]
 
 
+def test_a_study_that_kills_the_node_is_set_aside_after_max_attempts(tmp_path: Path) -> None:
+    db = tmp_path / "edge.sqlite3"
+    store = NodeState.open(db)
+    sid, _ = store.ingest.record_instance(_rec("1.2.8", "1.2.8.1", tmp_path / "a"))
+    store.ingest.mark_complete([sid])
+    for attempt in range(1, 4):
+        claim = store.runs.claim_next(0)
+        assert claim is not None, attempt
+        store.close()  # the run kills the node: its row stays 'processing'
+        store = NodeState.open(db)
+        store.runs.recover(max_attempts=3)
+        expected = "failed" if attempt == 3 else "queued"
+        assert store.status.recent_studies()[0].state == expected
+    assert store.runs.claim_next(0) is None  # not retried at the next start
+    (reason,) = store.db.query("SELECT reason FROM runs ORDER BY id DESC LIMIT 1")
+    assert "set aside" in str(reason[0])
+    # A new instance of the study is a new revision: it gets fresh attempts.
+    store.ingest.record_instance(_rec("1.2.8", "1.2.8.2", tmp_path / "b"))
+    store.ingest.mark_complete([sid])
+    assert store.runs.claim_next(0) is not None
+    store.close()
+
+
 def test_duplicate_sop_instance_replaces_the_row(store: NodeState, tmp_path: Path) -> None:
     store.ingest.record_instance(_rec("1.2.8", "1.2.8.1", tmp_path / "a"))
     _, superseded = store.ingest.record_instance(_rec("1.2.9", "1.2.8.1", tmp_path / "b"))

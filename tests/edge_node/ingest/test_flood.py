@@ -1,0 +1,121 @@
+"""Connection floods from one address (127.0.0.2) leave the PACS (127.0.0.1) answered within a stated time."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from edge_node.ingest.listener import Listener, ListenerConfig
+from edge_node.ingest.spool import Spool
+from edge_node.state.node_state import NodeState
+from tests.edge_node.conftest import acknowledged_files, echoscu, make_ct_instances, storescu
+
+#: The stated bound: a legitimate C-ECHO, and a C-STORE of one image, each answered within this time while
+#: the flood holds every connection its address may have.
+ANSWER_WITHIN_S = 3.0
+FLOOD_FROM = "127.0.0.2"  # Linux routes all of 127/8 to loopback: a second source address on one machine
+PER_PEER = 3
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Listener]:
+    store = NodeState.open(tmp_path / "edge.sqlite3")
+    spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=10**8, min_free_bytes=0)
+    config = ListenerConfig(
+        "EDGE",
+        "127.0.0.1",
+        0,
+        max_associations=6,
+        max_associations_per_peer=PER_PEER,
+        acse_timeout=2.0,
+        network_timeout=4.0,
+    )
+    running = Listener(config, spool, lambda: None)
+    running.start()
+    yield running
+    running.stop()
+    store.close()
+
+
+def _silent(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(FLOOD_FROM, 0))
+    return s
+
+
+def _timed(fn: object) -> float:
+    t0 = time.monotonic()
+    assert callable(fn) and fn()
+    return time.monotonic() - t0
+
+
+def test_floods_from_one_address_leave_the_pacs_answered(
+    listener: Listener, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = listener.address[1]
+    image = make_ct_instances(tmp_path / "ct", 1)
+
+    def store_one() -> bool:
+        proc = storescu(port, image)
+        return len(acknowledged_files(proc.stdout + proc.stderr)[0]) == 1
+
+    # 1. Idle sockets: 50 TCP connections that never speak.
+    silent = [_silent(port) for _ in range(50)]
+    time.sleep(0.3)
+    assert _timed(lambda: echoscu(port)) < ANSWER_WITHIN_S
+    assert _timed(store_one) < ANSWER_WITHIN_S
+
+    # 2. Connect-and-close in a loop from the same address, while the PACS talks.
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                _silent(port).close()
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    for t in churners:
+        t.start()
+    try:
+        for _ in range(3):
+            assert _timed(lambda: echoscu(port)) < ANSWER_WITHIN_S
+        assert _timed(store_one) < ANSWER_WITHIN_S
+    finally:
+        stop.set()
+        for t in churners:
+            t.join()
+    for s in silent:
+        s.close()
+
+    # 3. Idle associations from the flooding address: as many as it may hold, plus some it may not.
+    ae = AE(ae_title="FLOOD")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", port, ae_title="EDGE", bind_address=(FLOOD_FROM, 0)) for _ in range(6)]
+    assert sum(a.is_established for a in held) <= PER_PEER
+    assert _timed(lambda: echoscu(port)) < ANSWER_WITHIN_S
+    assert _timed(store_one) < ANSWER_WITHIN_S
+    for a in held:
+        if a.is_established:
+            a.release()
+
+    # Silent connections are closed by the ACSE timeout, so the address gets its slots back.
+    time.sleep(2.5)
+    server = listener._server
+    assert server is not None and server.open_connections(FLOOD_FROM) == 0
+    refusals = [r for r in caplog.records if "refused connections from" in r.getMessage()]
+    assert refusals and all(FLOOD_FROM in r.getMessage() for r in refusals)
+    assert len(refusals) <= 3  # rate-limited: a flood does not flood the log
+
+
+def test_listener_settings_reach_pynetdicom(listener: Listener) -> None:
+    ae = listener._ae
+    assert (ae.maximum_associations, ae.acse_timeout, ae.network_timeout) == (6, 2.0, 4.0)
+    logging.getLogger(__name__).debug("settings %s", ae.dimse_timeout)
