@@ -13,7 +13,7 @@ export TCP_NODELAY := 1
 export FEDCLINIC_DATA ?= $(abspath ../shared/data)
 export PYTHONUNBUFFERED := 1
 
-APT_PACKAGES := dcmtk orthanc systemd postgresql chromium chromium-driver dicom3tools
+APT_PACKAGES := dcmtk orthanc systemd postgresql chromium chromium-driver dicom3tools curl jq
 
 .PHONY: help system venv lint test test-bundle demo bench clean
 
@@ -25,9 +25,10 @@ help:
 # System packages (Debian/Ubuntu): dcmtk for the DICOM tools, Orthanc as the clinic PACS, systemd for
 # systemd-analyze (the installer's unit is verified with it; systemd need not run), PostgreSQL (the hub's
 # production store; tests start a throwaway cluster), Chromium and its WebDriver (browser tests of the web pages),
-# dicom3tools (dciodvfy validates every SR and SC the node sends). Each is looked for by a file it installs.
+# dicom3tools (dciodvfy validates every SR and SC the node sends), curl and jq (the README's federation example).
+# Each is looked for by a file it installs.
 SYSTEM_PROBES := /usr/bin/storescu /usr/sbin/Orthanc /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver \
-	/usr/bin/dciodvfy /usr/lib/postgresql/*/bin/pg_ctl
+	/usr/bin/dciodvfy /usr/lib/postgresql/*/bin/pg_ctl /usr/bin/curl /usr/bin/jq
 system:
 	@missing=0; for f in $(SYSTEM_PROBES); do [ -e "$$f" ] || missing=1; done; \
 	if [ $$missing = 0 ]; then :; \
