@@ -100,6 +100,24 @@ def test_nodes_refuse_rounds_below_their_floor_and_the_hub_records_why(tmp_path:
         # Its update carried noise calibrated to epsilon 8, and the ledger says so.
         _plain, noised = ledger("clinic-plain")
         assert noised[0] == second["round"] and noised[3] is not None and noised[3] > 0
+        # `fedclinic-edge updates` shows both: kind, measured bytes, round, hub, privacy spent.
+        shown = nodes["clinic-plain"].cli("updates", "--format", "json")
+        assert shown.returncode == 0, shown.stderr
+        report = json.loads(shown.stdout)
+        assert report["hub_url"] == hub.url
+        rows = report["updates"]
+        assert [(r["round"], r["kind"], r["state"]) for r in rows] == [
+            (done["round"], "stats", "sent"),
+            (second["round"], "stats", "sent"),
+        ]
+        assert [r["payload_bytes"] for r in rows] == [entry[2], noised[2]]
+        assert rows[0]["noise_multiplier"] is None and rows[1]["epsilon"] == 8
+        assert report["privacy"]["unbounded"] is True  # the first, plain round carried no noise
+        text = nodes["clinic-plain"].cli("updates")
+        assert text.returncode == 0 and "2 updates left this clinic" in text.stdout
+        assert "no noise" in text.stdout and "ε 8" in text.stdout
+        empty = nodes["clinic-strict"].cli("updates", "--format", "json")
+        assert json.loads(empty.stdout)["updates"] == []
         refused = hub.cli(
             "rounds",
             "start",
