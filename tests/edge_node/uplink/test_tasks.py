@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
-from edge_node.inference.model import LoadedModel, load_model
 
+from edge_node.inference.loaded_model import LoadedModel, load_model
 from edge_node.protocol.bundle import verify_bundle
 from edge_node.protocol.signing import load_public_keys
 from edge_node.protocol.updates import UpdateKind
