@@ -496,9 +496,13 @@ def states() -> None:
     console.print(format_transitions(), highlight=False)
 
 
-from edge_node.uplink.commands import enroll_command  # noqa: E402 (the command lives with the uplink)
+from edge_node.uplink.commands import (  # noqa: E402 (the commands live with the uplink)
+    enroll_command,
+    updates_command,
+)
 
 app.command("enroll")(enroll_command)
+app.command("updates")(updates_command)
 
 if __name__ == "__main__":
     app()

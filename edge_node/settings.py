@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
+from edge_node.protection.floor import PrivacyFloor
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -165,6 +166,9 @@ class EdgeSettings(BaseSettings):
     send_retry_max_seconds: float = Field(default=900.0, gt=0)
     #: Python log level for the node's stderr log.
     log_level: str = "INFO"
+    #: The clinic's privacy floor (edge.toml ``[privacy]``): the least protection a round must state for
+    #: this node to take part; a task below it is refused with the reason, before anything is computed.
+    privacy: PrivacyFloor = Field(default_factory=PrivacyFloor)
 
     @field_validator("ae_title")
     @classmethod

@@ -141,8 +141,10 @@ def _hub_check(record: InstallRecord, layout: Layout) -> Check:
         return Check(
             "hub link", "info", "not enrolled", "fedclinic-edge enroll CODE (join code from the hub operator)"
         )
+    # ``status --format json`` of the node: ``hub.last_error`` holds the hub's refusal, and a revoked
+    # credential reads "this node was revoked at the hub (...)".
     problem = str(hub.get("last_error") or "")
-    if "revoked" in problem.lower() or hub.get("credential") == "revoked":
+    if "revoked" in problem.lower():
         return Check(
             "hub link",
             "fail",
@@ -151,7 +153,12 @@ def _hub_check(record: InstallRecord, layout: Layout) -> Check:
         )
     if problem:
         return Check("hub link", "warn", problem, "check HTTPS to the hub (firewall, HTTPS_PROXY)")
-    return Check("hub link", "ok", f"last reached {hub.get('last_contact', 'recently')}")
+    last_ok = hub.get("last_ok_at")
+    if not isinstance(last_ok, (int, float)):
+        return Check("hub link", "warn", f"enrolled with {hub.get('hub_url')} but not reached yet",
+                     "start the node; check HTTPS to the hub (firewall, HTTPS_PROXY)")  # fmt: skip
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last_ok))
+    return Check("hub link", "ok", f"{hub.get('hub_url')} last reached {when}")
 
 
 def diagnose(layout: Layout) -> tuple[InstallRecord, list[Check]]:

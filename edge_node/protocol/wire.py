@@ -26,6 +26,8 @@ GET      /v1/node/tasks                        node     own open tasks; ``?wait=
 GET      /v1/tasks/{task_id}/params            node     npz starting tensors of the node's own task
 POST     /v1/tasks/{task_id}/update            node     ``UpdateSubmission`` (capped) → ``UpdateReceipt``;
                                                         resending the same payload is idempotent
+POST     /v1/tasks/{task_id}/refusal           node     ``TaskRefusal``: the node's privacy floor refuses the
+                                                        task (a failure for k-of-n) → ``RefusalReceipt``
 GET      /v1/admin/nodes                       admin    ``NodeList``
 POST     /v1/admin/nodes                       admin    ``JoinCodeRequest`` → ``JoinCodeIssued``
 POST     /v1/admin/nodes/{node_id}/revoke      admin    revoke a node → ``NodeInfo``
@@ -53,6 +55,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_node.protocol.errors import ProtocolError
+from edge_node.protocol.protection import CompressionKind, ProtectionSpec
 from edge_node.protocol.publication import SignedPublication
 from edge_node.protocol.updates import UpdateEnvelope, UpdateKind
 
@@ -79,13 +82,17 @@ __all__ = [
     "NodeList",
     "NodeState",
     "PublicationList",
+    "RefusalReceipt",
     "RollbackRequest",
     "RoundInfo",
     "RoundList",
+    "RoundProtection",
     "RoundStart",
     "RoundState",
     "Task",
     "TaskList",
+    "TaskRefusal",
+    "TaskRefusalInfo",
     "TaskState",
     "TensorShape",
     "UpdateReceipt",
@@ -250,6 +257,7 @@ class TaskState(str, Enum):
     OPEN = "open"  # waiting for the node's update
     DONE = "done"  # an update was accepted
     CLOSED = "closed"  # the round stopped collecting before the node answered
+    REFUSED = "refused"  # the node's privacy floor refused it (reason recorded at the hub)
 
 
 class Task(_Wire):
@@ -271,10 +279,25 @@ class Task(_Wire):
     expected: list[TensorShape]
     #: The cap on the npz payload (bytes before base64).
     max_update_bytes: int
+    #: The protection the hub states for this round; the node checks it against its privacy floor before
+    #: computing anything. None (a hub before this field): the round is plain and its cohort unknown.
+    protection: ProtectionSpec | None = None
 
 
 class TaskList(_Wire):
     tasks: list[Task]
+
+
+class TaskRefusal(_Wire):
+    """A node refuses a task: its privacy floor or budget does not allow the round (reason in plain words)."""
+
+    reason: Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+class RefusalReceipt(_Wire):
+    task_id: str
+    round_id: str
+    recorded_at: datetime
 
 
 class UpdateSubmission(_Wire):
@@ -343,6 +366,22 @@ class RoundState(str, Enum):
     FAILED = "failed"
 
 
+class RoundProtection(_Wire):
+    """The protection an operator asks of a round; the hub adds the kind and the cohort size per task."""
+
+    clip_norm: Annotated[float | None, Field(gt=0)] = None
+    epsilon: Annotated[float | None, Field(gt=0)] = None
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    sampling_rate: Annotated[float, Field(gt=0, le=1)] = 1.0
+    compression: CompressionKind = CompressionKind.NONE
+    topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.01
+    secure_aggregation: bool = False
+
+    def spec(self, kind: UpdateKind, cohort_size: int) -> ProtectionSpec:
+        """The ``ProtectionSpec`` a task of this round carries (ValueError when it is inconsistent)."""
+        return ProtectionSpec(kind=kind, cohort_size=cohort_size, **self.model_dump())
+
+
 class RoundStart(_Wire):
     """Start a round: ``strategy`` is a ``hub.fl`` name, or ``stats`` / ``public_logits`` (collection)."""
 
@@ -354,6 +393,16 @@ class RoundStart(_Wire):
     deadline_s: Annotated[float, Field(gt=0, le=30 * 24 * 3600)] = 3600.0
     #: An artifact (id from the hub's store) with the round's starting tensors; None uses the last result.
     model_artifact: Annotated[str | None, Field(max_length=64)] = None
+    #: Clipping, noise, compression and secure aggregation asked of every node; None: a plain round.
+    protection: RoundProtection | None = None
+
+
+class TaskRefusalInfo(_Wire):
+    """A node that refused its task of a round, and why (its privacy floor's words)."""
+
+    node_id: str
+    task_id: str
+    reason: str
 
 
 class RoundInfo(_Wire):
@@ -366,7 +415,7 @@ class RoundInfo(_Wire):
     nodes: list[str]
     #: Updates accepted so far (each task counts at most once).
     accepted: int
-    #: Tasks closed without an accepted update (the node dropped out or was late).
+    #: Tasks closed without an accepted update (the node dropped out, was late or refused).
     missing: int
     deadline: datetime
     created_at: datetime
@@ -374,6 +423,10 @@ class RoundInfo(_Wire):
     reason: str | None
     #: Artifact id of the aggregate once published.
     result_artifact: str | None
+    #: The protection stated for the round (None: plain).
+    protection: RoundProtection | None = None
+    #: Nodes whose privacy floor refused the round; each counts as a failure for k-of-n.
+    refusals: list[TaskRefusalInfo] = Field(default_factory=list)
 
 
 class RoundList(_Wire):

@@ -9,12 +9,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from edge_node import __version__
 from edge_node.errors import ConfigError, EdgeError
 from edge_node.settings import EdgeSettings, load_settings
 
-__all__ = ["enroll_command", "print_uplink_status", "uplink_status"]
+__all__ = ["enroll_command", "print_uplink_status", "updates_command", "uplink_status"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -133,3 +134,61 @@ def print_uplink_status(out: Console, settings: EdgeSettings) -> None:
         out.print(f"[bold]publication:[/bold] {state.publication_id} (seq {state.last_seq})", highlight=False)
     if state.last_refusal is not None:
         out.print(f"[yellow]last refused publication:[/yellow] {state.last_refusal}", highlight=False)
+
+
+def updates_command(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML settings file; FEDCLINIC_EDGE_* variables override it."),
+    ] = None,
+    output: Annotated[
+        str, typer.Option("--format", help="text for people, json for scripts (stable keys).")
+    ] = "text",
+) -> None:
+    """What left this clinic: each update sent to the hub (kind, bytes, when, round, privacy spent).
+
+    Bytes are those of the encoded update as sent; privacy is what the clinic's ledger charged before the
+    update could leave. Nothing else leaves the clinic: no images, no patient data.
+
+    Example: fedclinic-edge updates --config /etc/fedclinic/edge.toml --format json
+    """
+    import json
+
+    from edge_node.uplink.credential import NodeCredential, uplink_dir
+    from edge_node.uplink.update_log import UpdateLog
+
+    if output not in ("text", "json"):
+        err_console.print("[red]error:[/red] --format is text or json")
+        raise typer.Exit(2)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        credential = NodeCredential.load(uplink_dir(settings.data_dir))
+    except EdgeError:
+        credential = None
+    hub_url = credential.hub_url if credential is not None else None
+    log = UpdateLog.read(settings.data_dir, settings.privacy, hub_url)
+    if output == "json":
+        typer.echo(json.dumps({"hub_url": hub_url, **log.to_json()}, indent=1))
+        return
+    console.print(log.summary, highlight=False)
+    if not log.updates:
+        return
+    table = Table(title=f"updates sent to {hub_url or 'the hub'}")
+    for column in ("round", "kind", "bytes", "state", "queued", "sent", "privacy spent", "task"):
+        table.add_column(column)
+    for u in log.updates:
+        table.add_row(
+            str(u.round),
+            u.kind,
+            f"{u.payload_bytes:,}",
+            u.state if u.last_error is None or u.state == "sent" else f"{u.state}: {u.last_error}",
+            u.queued_at,
+            u.sent_at or "",
+            u.privacy_words(),
+            u.task_id,
+        )
+    console.print(table)

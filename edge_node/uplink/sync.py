@@ -27,7 +27,10 @@ from pydantic import ValidationError
 from edge_node import __version__
 from edge_node.errors import ConfigError, EdgeError, ModelError
 from edge_node.inference.model_slot import ModelSlot
+from edge_node.protection.errors import TaskRefused
+from edge_node.protection.gate import PrivacyGate
 from edge_node.protocol.errors import EncodingError, ProtocolError, PublicationError
+from edge_node.protocol.protection import ProtectionSpec
 from edge_node.protocol.publication import SignedPublication, check_publication
 from edge_node.protocol.signing import load_public_keys
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
@@ -37,6 +40,7 @@ from edge_node.protocol.wire import (
     HeartbeatReply,
     Task,
     TaskList,
+    TaskRefusal,
     TaskState,
     UpdateSubmission,
 )
@@ -79,6 +83,7 @@ class SyncLoop:
         extra_trusted_keys: Path | None = None,
         backoff: Backoff | None = None,
         poll_seconds: float = MAX_POLL_SECONDS,
+        gate: PrivacyGate | None = None,
     ) -> None:
         self.directory = directory
         self.credential = credential
@@ -88,6 +93,7 @@ class SyncLoop:
         self.extra_trusted_keys = extra_trusted_keys
         self.backoff = backoff or Backoff(base_seconds=1.0, max_seconds=MAX_BACKOFF_SECONDS)
         self.poll_seconds = poll_seconds
+        self.gate = gate
         self.outbox = UpdateOutbox(directory / "outbox.sqlite3")
         self.state = StateFile(directory / "state.json")
         self.transport = HubTransport(credential.hub_url, credential.cert_pem, auth=credential.auth())
@@ -272,14 +278,43 @@ class SyncLoop:
                 continue
             if task.deadline <= datetime.now(timezone.utc):
                 continue
+            reason = self.gate.refusal(self._spec(task)) if self.gate is not None else None
+            if reason is not None:
+                self._refuse(task, reason)
+                continue
             try:
                 self._answer(task)
+            except TaskRefused as exc:  # the budget ran out between the check and the release
+                self._refuse(task, str(exc))
+                continue
             except TaskError as exc:
                 self._skipped[task.task_id] = str(exc)
                 logger.warning("uplink: task %s (%s) not answered: %s", task.task_id, task.kind.value, exc)
                 continue
             fresh += 1
         return fresh
+
+    @staticmethod
+    def _spec(task: Task) -> ProtectionSpec:
+        """The round's stated protection; a task without one is a plain round of unknown size (one node)."""
+        if task.protection is not None:
+            return task.protection
+        return ProtectionSpec(kind=task.kind, cohort_size=1)
+
+    def _refuse(self, task: Task, reason: str) -> None:
+        """Tell the hub this clinic's floor refuses the task (nothing was computed); never retried."""
+        self._skipped[task.task_id] = reason
+        logger.warning("uplink: task %s (round %d) refused: %s", task.task_id, task.round, reason)
+        try:
+            self.transport.request(
+                "POST",
+                f"/v1/tasks/{task.task_id}/refusal",
+                json=TaskRefusal(reason=reason).model_dump(mode="json"),
+            )
+        except HubRefusedError as exc:
+            if exc.status not in FINAL_REFUSALS:
+                raise
+            logger.info("uplink: the hub did not take the refusal of task %s: %s", task.task_id, exc.reason)
 
     def _answer(self, task: Task) -> None:
         params = {}
@@ -301,6 +336,9 @@ class SyncLoop:
             raise TaskError(
                 f"the answer is {len(payload)} bytes, over the task's cap {task.max_update_bytes}"
             )
+        if self.gate is not None:
+            # Protected and charged to the ledger before it enters the outbox: nothing leaves unrecorded.
+            payload = self.gate.release(task.task_id, task.round, answer.tensors, self._spec(task)).payload
         envelope = UpdateEnvelope(
             node_id=self.credential.node_id,
             round=task.round,
@@ -381,4 +419,5 @@ def sync_loop_for(settings: EdgeSettings, slot: ModelSlot, store: NodeState) -> 
         store,
         edge_version=__version__,
         extra_trusted_keys=settings.trusted_keys,
+        gate=PrivacyGate.in_data_dir(settings.privacy, settings.data_dir),
     )

@@ -19,7 +19,9 @@ from edge_node.protocol.wire import (
     ErrorBody,
     Heartbeat,
     HeartbeatReply,
+    RefusalReceipt,
     TaskList,
+    TaskRefusal,
     UpdateReceipt,
     UpdateSubmission,
 )
@@ -189,3 +191,18 @@ def submit_update(request: Request, token: NodeToken, task_id: str, body: Update
     with ctx.db.session() as session:
         node_id = node_in(session, token).id
     return ctx.rounds.submit(node_id, task_id, body)
+
+
+@router.post(
+    "/tasks/{task_id}/refusal",
+    response_model=RefusalReceipt,
+    responses={**_NODE_ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+def refuse_task(request: Request, token: NodeToken, task_id: str, body: TaskRefusal) -> RefusalReceipt:
+    """The node's privacy floor refuses this task; the reason is recorded and the task counts as failed."""
+    ctx = context_of(request)
+    with ctx.db.session() as session:
+        node_id = node_in(session, token).id
+    receipt = ctx.rounds.refuse(node_id, task_id, body.reason)
+    ctx.signal.notify()
+    return receipt

@@ -13,8 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edge_node.protocol.errors import EncodingError
+from edge_node.protocol.protection import CompressionKind
 from edge_node.protocol.tensors import decode_tensors
-from edge_node.protocol.wire import RoundInfo, RoundStart, RoundState
+from edge_node.protocol.wire import RoundInfo, RoundProtection, RoundStart, RoundState
 from hub.commands.service_options import (
     DataDirOption,
     Format,
@@ -67,6 +68,17 @@ def _table(rounds: list[RoundInfo]) -> Table:
     return table
 
 
+def _protection(
+    clip: float | None, epsilon: float | None, delta: float, compression: CompressionKind, secagg: bool
+) -> RoundProtection | None:
+    """The round's protection from the options; None when none was asked (a plain round)."""
+    if clip is None and epsilon is None and compression is CompressionKind.NONE and not secagg:
+        return None
+    return RoundProtection(
+        clip_norm=clip, epsilon=epsilon, delta=delta, compression=compression, secure_aggregation=secagg
+    )
+
+
 @app.command("start")
 def start(
     strategy: Annotated[
@@ -86,9 +98,24 @@ def start(
         int, typer.Option("--min-results", "-k", min=1, help="Results needed (k of n).")
     ] = 1,
     deadline: Annotated[float, typer.Option("--deadline", help="Seconds the round collects.")] = 3600.0,
+    clip: Annotated[
+        float | None, typer.Option("--clip", min=0, help="L2 clip norm of each node's update.")
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option("--epsilon", min=0, help="Per-round epsilon of each node (needs --clip).")
+    ] = None,
+    delta: Annotated[float, typer.Option("--delta", help="Delta of --epsilon.")] = 1e-5,
+    compression: Annotated[
+        CompressionKind, typer.Option("--compression", help="Compression of plain updates.")
+    ] = CompressionKind.NONE,
+    secagg: Annotated[bool, typer.Option("--secagg", help="Ask for secure aggregation.")] = False,
     fmt: FormatOption = Format.TABLE,
 ) -> None:
-    """Open a round: each node gets a task; it closes when all answered, or at the deadline with ≥ k."""
+    """Open a round: each node gets a task; it closes when all answered, or at the deadline with ≥ k.
+
+    Nodes check the stated protection (clip, epsilon, compression, secure aggregation, and the round's
+    size) against their own privacy floor and refuse a round below it; refusals show in `rounds status`.
+    """
     settings = settings_for(data_dir)
     db = database(settings)
     try:
@@ -107,6 +134,7 @@ def start(
             min_results=min_results,
             deadline_s=deadline,
             model_artifact=artifact,
+            protection=_protection(clip, epsilon, delta, compression, secagg),
         )
         info = RoundController(db, settings).start(request, actor="cli")
     except (HubServiceError, ValueError) as exc:
@@ -155,7 +183,10 @@ def status(
     if fmt is Format.JSON:
         print_json(info)
     else:
-        Console().print(_table([info]))
+        console = Console()
+        console.print(_table([info]))
+        for refusal in info.refusals:
+            console.print(f"node {refusal.node_id} refused: {refusal.reason}", markup=False)
     if info.state is RoundState.FAILED:
         raise typer.Exit(2)
 

@@ -29,9 +29,12 @@ from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import (
     NodeState,
+    RefusalReceipt,
     RoundInfo,
+    RoundProtection,
     RoundStart,
     RoundState,
+    TaskRefusalInfo,
     TaskState,
     TensorShape,
     UpdateReceipt,
@@ -116,6 +119,7 @@ class RoundController:
                 plan = build_plan(request.strategy, request.config, start, nodes)
             except FlError as exc:
                 raise RoundConfigError(str(exc)) from exc
+            protection = self._checked_protection(request.protection, plan.kind, len(nodes))
             number = int(session.scalar(select(func.coalesce(func.max(Round.number), 0))) or 0) + 1
             row = Round(
                 id="r-" + secrets.token_hex(6),
@@ -134,12 +138,38 @@ class RoundController:
                 result_artifact=None,
                 claimed_by=self.instance,
                 claimed_at=now,
+                protection=protection,
             )
             session.add(row)
             session.flush()
             audit(session, actor, "round.open", row.id, f"#{number} {request.strategy} nodes={len(nodes)}")
             logger.info("round %d (%s) opened with %d nodes", number, request.strategy, len(nodes))
             return row.id
+
+    @staticmethod
+    def _checked_protection(
+        protection: RoundProtection | None, kind: UpdateKind, cohort: int
+    ) -> dict[str, Any] | None:
+        """The round's protection as stored, after checking that the hub can serve it."""
+        if protection is None:
+            return None
+        try:
+            protection.spec(kind, cohort)
+        except ValueError as exc:
+            raise RoundConfigError(f"protection: {exc}") from exc
+        # The hub aggregates dense plain tensors; it does not yet decode compressed payloads or run the
+        # secure-aggregation messages over the API, so it refuses to ask for them rather than fail later.
+        if protection.secure_aggregation:
+            raise RoundConfigError(
+                "protection: secure aggregation is not served over the API by this hub yet; start the round "
+                "without it (clipping and noise are available)"
+            )
+        if protection.compression.value != "none":
+            raise RoundConfigError(
+                f"protection: this hub does not decode {protection.compression.value} updates yet; "
+                "use compression 'none'"
+            )
+        return protection.model_dump(mode="json")
 
     def _latest_result(self, session: Session, strategy: str) -> str | None:
         """The state the last published round of this strategy left (its saved state, else its result)."""
@@ -272,6 +302,42 @@ class RoundController:
             params_bytes=artifact.size,
             expected=[TensorShape(**e) for e in task.expected],
             max_update_bytes=self.settings.max_update_bytes,
+            protection=self._protection(rnd).spec(UpdateKind(rnd.kind), len(rnd.nodes)),
+        )
+
+    @staticmethod
+    def _protection(rnd: Round) -> RoundProtection:
+        return RoundProtection.model_validate(rnd.protection) if rnd.protection else RoundProtection()
+
+    def refuse(self, node_id: str, task_id: str, reason: str) -> RefusalReceipt:
+        """Record a node's refusal of its task: the task closes with the reason, a failure for k-of-n."""
+        with self.db.session() as session:
+            task = self._own_task(session, node_id, task_id)
+            rnd = session.get(Round, task.round_id)
+            assert rnd is not None  # foreign key
+            if task.state == TaskState.REFUSED.value:
+                return RefusalReceipt(task_id=task_id, round_id=rnd.id, recorded_at=task.done_at or utcnow())
+            if rnd.state != RoundState.COLLECTING.value or task.state != TaskState.OPEN.value:
+                raise TaskClosedError(f"round {rnd.number} is {rnd.state}: the task is no longer open")
+            now = utcnow()
+            task.state = TaskState.REFUSED.value
+            task.reason = reason
+            task.done_at = now
+            audit(session, node_id, "task.refused", task_id, f"round={rnd.number}: {reason}")
+            logger.info("round %d: node %s refused its task: %s", rnd.number, node_id, reason)
+            round_id = rnd.id
+        self.close_round(round_id)
+        return RefusalReceipt(task_id=task_id, round_id=round_id, recorded_at=now)
+
+    @staticmethod
+    def _refused(session: Session, round_id: str) -> int:
+        return int(
+            session.scalar(
+                select(func.count(Task.id)).where(
+                    Task.round_id == round_id, Task.state == TaskState.REFUSED.value
+                )
+            )
+            or 0
         )
 
     def task_params(self, node_id: str, task_id: str) -> bytes:
@@ -362,7 +428,8 @@ class RoundController:
             session.flush()
             done = int(session.scalar(select(func.count(Update.id)).where(Update.round_id == rnd.id)) or 0)
             audit(session, node_id, "update.accepted", task_id, f"round={rnd.number} bytes={len(payload)}")
-            return self._receipt(rnd, row, first_time=True), done >= len(rnd.nodes)
+            refused = self._refused(session, rnd.id)
+            return self._receipt(rnd, row, first_time=True), done + refused >= len(rnd.nodes)
 
     @staticmethod
     def _receipt(rnd: Round, row: Update, *, first_time: bool) -> UpdateReceipt:
@@ -413,7 +480,8 @@ class RoundController:
                 done = int(
                     session.scalar(select(func.count(Update.id)).where(Update.round_id == round_id)) or 0
                 )
-                if done < len(row.nodes) and now < row.deadline:
+                refused = self._refused(session, round_id)
+                if done + refused < len(row.nodes) and now < row.deadline:
                     return
                 if done < row.min_results:
                     if self._claim(session, round_id, RoundState.COLLECTING):
@@ -423,7 +491,9 @@ class RoundController:
                             session,
                             row,
                             RoundState.FAILED,
-                            f"deadline passed with {done} of the {row.min_results} results required",
+                            f"{'deadline passed' if now >= row.deadline else 'every node answered'} "
+                            f"with {done} of the {row.min_results} results required"
+                            + (f" ({refused} refused by their privacy floor)" if refused else ""),
                         )
                         row.claimed_by = None
                     return
@@ -458,13 +528,21 @@ class RoundController:
                 session.scalars(select(Update).where(Update.round_id == round_id).order_by(Update.node_id))
             )
             number, strategy, config, nodes = row.number, row.strategy, dict(row.config), list(row.nodes)
+            refusals = {
+                t.node_id: t.reason or "refused"
+                for t in session.scalars(
+                    select(Task).where(Task.round_id == round_id, Task.state == TaskState.REFUSED.value)
+                )
+            }
         answered = {u.node_id for u in updates}
         results = [
             ClientResult(u.node_id, number, int(u.num_examples), decode_tensors(u.payload), dict(u.metrics))
             for u in updates
         ]
         failures = [
-            ClientFailure(n, number, "no update before the deadline") for n in nodes if n not in answered
+            ClientFailure(n, number, refusals.get(n, "no update before the deadline"))
+            for n in nodes
+            if n not in answered
         ]
         new: Params | None
         state: Params | None = None
@@ -525,11 +603,20 @@ class RoundController:
         missing = int(
             session.scalar(
                 select(func.count(Task.id)).where(
-                    Task.round_id == row.id, Task.state == TaskState.CLOSED.value
+                    Task.round_id == row.id,
+                    Task.state.in_([TaskState.CLOSED.value, TaskState.REFUSED.value]),
                 )
             )
             or 0
         )
+        refusals = [
+            TaskRefusalInfo(node_id=t.node_id, task_id=t.id, reason=t.reason or "refused")
+            for t in session.scalars(
+                select(Task)
+                .where(Task.round_id == row.id, Task.state == TaskState.REFUSED.value)
+                .order_by(Task.node_id)
+            )
+        ]
         return RoundInfo(
             round_id=row.id,
             round=row.number,
@@ -545,6 +632,8 @@ class RoundController:
             updated_at=row.updated_at,
             reason=row.reason,
             result_artifact=row.result_artifact,
+            protection=self._protection(row) if row.protection else None,
+            refusals=refusals,
         )
 
     def info(self, round_ref: str) -> RoundInfo:

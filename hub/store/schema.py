@@ -142,6 +142,8 @@ class Round(Base):
     claimed_at: Mapped[datetime | None]
     #: The strategy's state after this round (npz), restored when the next round starts.
     strategy_state: Mapped[bytes | None] = mapped_column(LargeBinary)
+    #: The protection stated for the round (``RoundProtection`` as JSON); None: a plain round.
+    protection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Task(Base):
@@ -157,6 +159,8 @@ class Task(Base):
     expected: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime]
     done_at: Mapped[datetime | None]
+    #: Why the node refused the task (its privacy floor's words); None unless refused.
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Update(Base):

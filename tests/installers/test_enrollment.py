@@ -1,7 +1,8 @@
-"""Must-show 1 (enrollment): the unattended install enrolls against a hub started by the test.
+"""Must-show 1 (enrollment): the unattended install enrolls against a real hub started by the test.
 
-Runs once the hub service (``fedclinic-hub init/serve/nodes``) and ``fedclinic-edge enroll`` are in this tree;
-until then it skips and says which command is missing.
+The hub is ``fedclinic-hub init --public-url`` + ``serve`` over HTTPS on loopback; the join code from
+``fedclinic-hub nodes enroll`` carries its address and certificate fingerprint, and the installed node's own
+``fedclinic-edge enroll`` (from the offline kit) uses it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from installers.systemd_unit import UNIT_NAME
 from tests.installers.conftest import SYSTEM_PYTHON, BuiltKitInfo, free_port, offline_env
+from tests.installers.test_kit_install import _doctor, _unit_command
 
 pytestmark = pytest.mark.slow
 
@@ -26,32 +29,21 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     return subprocess.run(list(args), capture_output=True, text=True, timeout=120, env=env)
 
 
-def _require_commands() -> None:
-    bin_dir = Path(sys.executable).parent
-    checks = [
-        ([str(bin_dir / "fedclinic-hub"), "init", "--help"], "fedclinic-hub init"),
-        ([str(bin_dir / "fedclinic-hub"), "nodes", "enroll", "--help"], "fedclinic-hub nodes enroll"),
-        ([str(bin_dir / "fedclinic-edge"), "enroll", "--help"], "fedclinic-edge enroll"),
-    ]
-    for command, name in checks:
-        if _cli(*command).returncode != 0:
-            pytest.skip(f"{name} not available yet (the hub-service issue adds it)")
-
-
-@pytest.fixture(scope="session")
-def enroll_commands() -> None:
-    """Session-scoped so that it runs before the (slow) session-scoped kit when the commands are missing."""
-    _require_commands()
-
-
 @pytest.fixture
-def hub(enroll_commands: None, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def hub(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """A real hub over HTTPS on loopback: (its URL, the environment that selects its data directory)."""
-    env = {**os.environ, "FEDCLINIC_HUB_DATA_DIR": str(tmp_path / "hub")}
+    env = {
+        **os.environ,
+        "FEDCLINIC_HUB_DATA_DIR": str(tmp_path / "hub"),
+        # Short beats and polls: the doctor test waits for the node to hear of its revocation.
+        "FEDCLINIC_HUB_HEARTBEAT_INTERVAL_S": "1",
+        "FEDCLINIC_HUB_MAX_WAIT_S": "2",
+    }
     hub_cli = str(Path(sys.executable).parent / "fedclinic-hub")
-    init = _cli(hub_cli, "init", env=env)
-    assert init.returncode == 0, init.stderr
     port = free_port()
+    # The public URL goes into every join code: it must be the address the node will reach.
+    init = _cli(hub_cli, "init", "--public-url", f"https://127.0.0.1:{port}", env=env)
+    assert init.returncode == 0, init.stderr
     server = subprocess.Popen(
         [hub_cli, "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -77,7 +69,6 @@ def hub(enroll_commands: None, tmp_path: Path) -> Iterator[tuple[str, dict[str, 
 
 
 def test_unattended_install_enrolls_with_the_join_code(
-    enroll_commands: None,
     kit: BuiltKitInfo,
     world_dir: Path,
     service_user: str,
@@ -104,4 +95,64 @@ def test_unattended_install_enrolls_with_the_join_code(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "enrolled" in done.stdout
     listed = _cli(hub_cli, "nodes", "list", "--format", "json", env=env)
-    assert listed.returncode == 0 and "clinic-kit" in listed.stdout
+    assert listed.returncode == 0, listed.stderr
+    nodes = {n["node_name"]: n for n in json.loads(listed.stdout)["nodes"]}
+    assert nodes["clinic-kit"]["state"] == "active"
+    # The node's credential is the service user's alone.
+    credential = world_dir / "data" / "uplink" / "credential.json"
+    assert credential.stat().st_mode & 0o777 == 0o600
+
+    # Must-show 3: a wrong PACS port and a revoked credential; doctor names both, each with its fix.
+    wrong = free_port()  # nothing listens there
+    config = world_dir / "etc" / "edge.toml"
+    with config.open("a") as out:
+        out.write(f'\n[[destinations]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {wrong}\n')
+    command, unit_env, user = _unit_command(world_dir / "units" / UNIT_NAME)
+    node = subprocess.Popen(
+        ["runuser", "-u", user, "--", *command],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **unit_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        node_id = nodes["clinic-kit"]["node_id"]
+        _wait("the node's first heartbeat", lambda: _node(env, "clinic-kit").get("last_heartbeat"), node)
+        revoked = _cli(hub_cli, "nodes", "revoke", node_id, env=env)
+        assert revoked.returncode == 0, revoked.stderr
+        edge = [
+            str(prefix / "current" / "venv" / "bin" / "fedclinic-edge"),
+            "status",
+            "--config",
+            str(config),
+        ]
+
+        def told_revoked() -> bool:
+            shown = _cli("runuser", "-u", user, "--", *edge, "--format", "json")
+            return "revoked" in str(json.loads(shown.stdout or "{}").get("hub", {}).get("last_error"))
+
+        _wait("the node to hear it was revoked", told_revoked, node)
+        report = _doctor(prefix)
+        assert report.returncode == 1, report.stdout + report.stderr
+        assert f"refuses connections on port {wrong}" in report.stdout
+        assert "ask the PACS administrator for the PACS's DICOM port" in report.stdout
+        assert "the hub revoked this node's credential" in report.stdout
+        assert (
+            "ask the hub operator for a new join code, then: fedclinic-edge enroll NEW-CODE" in report.stdout
+        )
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
+
+
+def _node(env: dict[str, str], name: str) -> dict[str, object]:
+    hub_cli = str(Path(sys.executable).parent / "fedclinic-hub")
+    listed = _cli(hub_cli, "nodes", "list", "--format", "json", env=env)
+    return {n["node_name"]: n for n in json.loads(listed.stdout)["nodes"]}.get(name, {})
+
+
+def _wait(what: str, probe: Callable[[], object], node: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert node.poll() is None, f"the node exited while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1.0)
