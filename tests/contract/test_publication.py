@@ -16,6 +16,10 @@ from edge_node.protocol.publication import (
     version_key,
 )
 from edge_node.protocol.wire import JoinCode, JoinCodeError, decode_join_code, encode_join_code
+
+# Records are signed by the hub's publishing code (SQL store): where only the edge is installed, these
+# checks of the node's side need records made elsewhere, so they skip.
+pytest.importorskip("sqlalchemy", reason="signing publication records needs the hub extra (fedclinic[hub])")
 from hub.service.publishing import sign_record
 
 KEY = Ed25519PrivateKey.generate()

@@ -53,6 +53,17 @@ class Browser:
     def find(self, css: str) -> str:
         return str(self._call("POST", "/element", {"using": "css selector", "value": css})[ELEMENT])
 
+    def wait_for(self, css: str, timeout: float = 30.0) -> str:
+        """The first element matching ``css`` once the page shows one (a form submit navigates first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.find_all(css)
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no element {css!r} within {timeout:.0f} s:\n{self.source()[:2000]}")
+            time.sleep(0.2)
+
     def find_all(self, css: str) -> list[str]:
         found = self._call("POST", "/elements", {"using": "css selector", "value": css})
         return [str(e[ELEMENT]) for e in found]

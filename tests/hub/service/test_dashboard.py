@@ -163,10 +163,10 @@ def test_dashboard_in_headless_chromium(dashboard_url: str, tmp_path: Path) -> N
         assert browser.find_all("#nodes") == []  # nothing shown before signing in
         browser.type(browser.find("#token"), "not-the-token")
         browser.click(browser.find("#sign-in"))
-        assert "not the admin token" in browser.text(browser.find("#login-error"))
-        browser.type(browser.find("#token"), ADMIN_TOKEN)
+        assert "not the admin token" in browser.text(browser.wait_for("#login-error"))
+        browser.type(browser.wait_for("#token"), ADMIN_TOKEN)
         browser.click(browser.find("#sign-in"))
-        nodes = browser.text(browser.find("#nodes"))
+        nodes = browser.text(browser.wait_for("#nodes"))
         rounds = browser.text(browser.find("#rounds"))
         (tmp_path / "dashboard.png").write_bytes(browser.screenshot_png())
     for name in ("clinic-north", "clinic-south", "clinic-east"):
