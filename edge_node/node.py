@@ -69,6 +69,7 @@ class Node:
                 destinations=settings.destination_values,
                 secondary_capture=settings.send_secondary_capture,
                 max_attempts=settings.max_run_attempts,
+                study_quiet_seconds=settings.study_quiet_seconds,
             ),
             on_results=self.sender.wake,
         )

@@ -124,6 +124,9 @@ class EdgeSettings(BaseSettings):
     data_dir: Path
     #: A study with no association release is considered complete after this many quiet seconds.
     quiet_seconds: float = Field(default=30.0, gt=0)
+    #: A study is analysed only once no new instance came for this many seconds, even after its sender
+    #: released: a PACS that sends each instance in its own association then causes one run, not one each.
+    study_quiet_seconds: float = Field(default=2.0, ge=0)
     #: Where results go (C-STORE). Empty keeps results only in data_dir/results.
     destinations: list[DestinationSettings] = Field(default_factory=list)
     #: ONNX Runtime execution providers in order of preference; the first that loads is used. Default: those
