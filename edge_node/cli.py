@@ -506,3 +506,54 @@ app.command("updates")(updates_command)
 
 if __name__ == "__main__":
     app()
+
+
+spool_app = typer.Typer(help="The spool of received instances: what it keeps and for how long.")
+app.add_typer(spool_app, name="spool")
+
+
+@spool_app.command("purge")
+def spool_purge(
+    config: ConfigOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be removed.")] = False,
+    output: FormatOption = OutputFormat.text,
+) -> None:
+    """Remove the received instances of finished studies that spool_retention_days or spool_max_bytes let go.
+
+    A study still receiving, waiting or in analysis keeps every instance; its results and history stay.
+    Safe while the node runs. The node also does this by itself every spool_purge_interval_seconds.
+
+    Example: fedclinic-edge spool purge --dry-run --config /etc/fedclinic/edge.toml --format json
+    """
+    settings = _settings(config)
+    _setup_logging("WARNING")
+    from edge_node.ingest.retention import purge_spool
+    from edge_node.ingest.spool import Spool
+    from edge_node.state.node_state import NodeState
+
+    if not settings.db_path.is_file():
+        raise _fail(
+            ConfigError(f"no edge database at {settings.db_path}; has `fedclinic-edge serve` run here?"),
+            EXIT_NO_STATE,
+        )
+    state = NodeState.open(settings.db_path)
+    try:
+        spool = Spool(
+            settings.spool_dir,
+            state.ingest,
+            max_instance_bytes=settings.max_instance_bytes,
+            min_free_bytes=settings.min_free_bytes,
+        )
+        report = purge_spool(spool, settings.retention_policy, dry_run=dry_run)
+    except EdgeError as exc:
+        raise _fail(exc) from None
+    finally:
+        state.close()
+    if output is OutputFormat.json:
+        _print_json(report.to_json())
+        return
+    table = Table(title="spool purge (dry run)" if dry_run else "spool purge")
+    for column in ("studies", "instances", "bytes", "bytes left"):
+        table.add_column(column, justify="right")
+    table.add_row(*(str(v) for v in (report.studies, report.instances, report.bytes, report.bytes_left)))
+    console.print(table)

@@ -16,6 +16,7 @@ from edge_node.inference.loaded_model import LoadedModel
 from edge_node.inference.model_slot import ModelSlot
 from edge_node.inference.serving_record import ServingRecord, write_serving
 from edge_node.ingest.listener import Listener, ListenerConfig
+from edge_node.ingest.retention import purge_spool
 from edge_node.ingest.spool import Spool
 from edge_node.node_lock import NodeLock
 from edge_node.service_notify import notify_service
@@ -69,6 +70,7 @@ class Node:
                 destinations=settings.destination_values,
                 secondary_capture=settings.send_secondary_capture,
                 max_attempts=settings.max_run_attempts,
+                study_quiet_seconds=settings.study_quiet_seconds,
             ),
             on_results=self.sender.wake,
         )
@@ -163,10 +165,21 @@ class Node:
         )
         self.worker.start()
         self.sender.start()
+        threading.Thread(target=self._purge_loop, name="edge-spool-purge", daemon=True).start()
         if self.uplink is not None:
             self.uplink.start()
         notify_service("READY=1")
         return address
+
+    def _purge_loop(self) -> None:
+        """Apply the spool's retention policy at start and every spool_purge_interval_seconds."""
+        while not self._stopped.is_set():
+            try:
+                purge_spool(self.spool, self.settings.retention_policy)
+            except Exception:
+                # A purge that fails leaves the spool as it was: log it, try again at the next interval.
+                logger.exception("spool purge failed")
+            self._stopped.wait(self.settings.spool_purge_interval_seconds)
 
     def stop(self) -> None:
         """Stop taking associations, let the worker finish its study, stop the sender, close the database."""

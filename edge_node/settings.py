@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
+from edge_node.ingest.retention import RetentionPolicy
 from edge_node.protection.floor import PrivacyFloor
 
 if sys.version_info >= (3, 11):
@@ -125,6 +126,16 @@ class EdgeSettings(BaseSettings):
     data_dir: Path
     #: A study with no association release is considered complete after this many quiet seconds.
     quiet_seconds: float = Field(default=30.0, gt=0)
+    #: A study is analysed only once no new instance came for this many seconds, even after its sender
+    #: released: a PACS that sends each instance in its own association then causes one run, not one each.
+    study_quiet_seconds: float = Field(default=2.0, ge=0)
+    #: Spool retention: instances of finished studies older than this many days are removed (none: kept).
+    spool_retention_days: float | None = Field(default=30.0, gt=0)
+    #: Spool retention: above this many bytes, finished studies are removed oldest first (none: no limit).
+    #: A study waiting for or in analysis is never touched, so the spool can stay above it for a while.
+    spool_max_bytes: int | None = Field(default=None, ge=0)
+    #: Seconds between automatic spool purges in a running node.
+    spool_purge_interval_seconds: float = Field(default=3600.0, gt=0)
     #: Where results go (C-STORE). Empty keeps results only in data_dir/results.
     destinations: list[DestinationSettings] = Field(default_factory=list)
     #: ONNX Runtime execution providers in order of preference; the first that loads is used. Default: those
@@ -239,6 +250,10 @@ class EdgeSettings(BaseSettings):
         "port": "a TCP port 1-65535 (104 or 11112 are usual for DICOM)",
         "precision": 'one of "fp32", "int8", "fp16"',
     }
+
+    @property
+    def retention_policy(self) -> RetentionPolicy:
+        return RetentionPolicy(max_age_days=self.spool_retention_days, max_bytes=self.spool_max_bytes)
 
     @property
     def destination_values(self) -> list[Destination]:

@@ -57,6 +57,13 @@ class WorkerConfig:
     secondary_capture: bool
     #: Runs of one study that may end with the node dying before it is set aside as failed.
     max_attempts: int = 3
+    #: A released study runs only after this long without a new instance, whatever the associations.
+    study_quiet_seconds: float = 0.0
+
+    @property
+    def settle_seconds(self) -> float:
+        # A study still receiving never waits longer for being released than for being unreleased.
+        return min(self.study_quiet_seconds, self.quiet_seconds)
 
 
 class Worker:
@@ -120,18 +127,21 @@ class Worker:
 
     def step(self) -> float | None:
         """Process at most one study; return how long to sleep (0: go again at once, None: until woken)."""
-        quiet = self.config.quiet_seconds
+        quiet, settle = self.config.quiet_seconds, self.config.settle_seconds
         model = self._model()
         if model is None:
-            return MODEL_POLL_SECONDS if self.runs.has_ready(quiet) else self._until_quiet_deadline()
-        claim = self.runs.claim_next(quiet)
+            ready = self.runs.has_ready(quiet, settle_seconds=settle)
+            return MODEL_POLL_SECONDS if ready else self._until_quiet_deadline()
+        claim = self.runs.claim_next(quiet, settle_seconds=settle)
         if claim is None:
             return self._until_quiet_deadline()
         self.process(claim, model)
         return 0.0
 
     def _until_quiet_deadline(self) -> float | None:
-        deadline = self.runs.next_quiet_deadline(self.config.quiet_seconds)
+        deadline = self.runs.next_quiet_deadline(
+            self.config.quiet_seconds, settle_seconds=self.config.settle_seconds
+        )
         if deadline is None:
             return None
         # A small margin so that the claim's "quiet for quiet_seconds" test holds when we wake.

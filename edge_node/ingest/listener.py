@@ -29,14 +29,23 @@ from dataclasses import dataclass
 from typing import cast
 
 from pydicom import Dataset
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    evt,
+)
+from pynetdicom import (
+    _config as pynetdicom_config,
+)
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
-from edge_node.ingest.part10 import part10_stream
+from edge_node.ingest.part10 import dataset_after_meta, part10_stream
 from edge_node.ingest.peer_limit import PeerLimitedServer
+from edge_node.ingest.poll_pacer import PollPacer
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
 from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from edge_node.ingest.spool import Spool
@@ -67,6 +76,10 @@ STATUS_PROCESSING_FAILURE = 0x0110
 #: price is CPU while an association is open and idle: ~17 % of a core instead of ~10 % (the association's
 #: own 1 ms loop), for at most the network timeout; a closed association costs nothing.
 DUL_LOOP_DELAY_S = 0.0002
+#: ... and once an association has received nothing for a sweep (0.25 s): an open, idle association then
+#: costs 20 polls a second instead of 5,000 (``edge_node.ingest.poll_pacer``), and the first PDU after a
+#: pause waits at most this long.
+IDLE_DUL_LOOP_DELAY_S = 0.05
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -96,16 +109,6 @@ class ListenerConfig:
     network_timeout: float = 30.0
 
 
-def _shorten_dul_poll(event: Event) -> None:
-    """``EVT_CONN_OPEN`` handler: the association's DUL reactor polls every DUL_LOOP_DELAY_S when idle."""
-    # ``_run_loop_delay`` is the knob pynetdicom 3.0 documents in DULServiceProvider.__init__ ("Controls the
-    # minimum delay between loops"); EVT_CONN_OPEN fires before the reactor thread starts. It is private, so
-    # the edge extra pins pynetdicom<3.1, and a release without it only makes ingest slower, never fail.
-    dul = event.assoc.dul
-    if hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = DUL_LOOP_DELAY_S
-
-
 class Listener:
     """Accepts associations, C-ECHO and C-STORE; calls ``on_complete`` when a sender releases."""
 
@@ -118,6 +121,11 @@ class Listener:
         # Studies touched by each open association, queued together when it is released.
         self._touched: dict[int, set[int]] = {}
         self._touched_lock = threading.Lock()
+        self._pacer = PollPacer(
+            lambda: [] if self._server is None else self._server.active_associations,
+            active_s=DUL_LOOP_DELAY_S,
+            idle_s=IDLE_DUL_LOOP_DELAY_S,
+        )
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
@@ -144,9 +152,15 @@ class Listener:
         return str(host), int(port)
 
     def start(self) -> tuple[str, int]:
+        # Receive each data set into a temporary file as its PDUs arrive instead of into memory: the
+        # C-STORE handler then sees its size first and refuses one over max_instance_bytes without ever
+        # reading it, so a 200 MB (or 20 GB) instance costs no memory. pynetdicom's switch is per process;
+        # a node runs one listener.
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         handlers: list[evt.EventHandlerType] = [
             *NODELAY_HANDLERS,
-            (evt.EVT_CONN_OPEN, _shorten_dul_poll),
+            (evt.EVT_CONN_OPEN, self._pacer.on_activity),
+            (evt.EVT_DATA_RECV, self._pacer.on_activity),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_RELEASED, self._on_released),
@@ -166,6 +180,7 @@ class Listener:
         self._ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
         threading.Thread(target=server.serve_forever, name="edge-dicom-acceptor", daemon=True).start()
         self._server = server
+        self._pacer.start()
         host, port = self.address
         logger.info("DICOM listener %s on %s:%d", self.config.ae_title, host, port)
         return host, port
@@ -176,6 +191,7 @@ class Listener:
             return
         server, self._server = self._server, None
         server.shutdown()  # no new associations
+        self._pacer.stop()
         # Abort only established associations: AE.shutdown() aborts every one, and an association already
         # closing (state Sta13, e.g. just rejected) then raises InvalidEventError in its pynetdicom thread.
         for assoc in server.active_associations:
@@ -193,9 +209,12 @@ class Listener:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
             request = cast(C_STORE, event.request)
-            # Not ``encoded_dataset(include_meta=True)``: its pydicom-built File Meta costs ~0.8 ms each.
+            received = event.dataset_path
+            # Before reading a byte of it: an instance too large (or a full disk) is refused here.
+            self.spool.check_room(received.stat().st_size)
+            # Our own File Meta, not pynetdicom's: it names this node's implementation and costs less.
             stream = part10_stream(
-                event.encoded_dataset(include_meta=False),
+                dataset_after_meta(received.read_bytes()),
                 sop_class_uid=str(request.AffectedSOPClassUID),
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
                 transfer_syntax=str(event.context.transfer_syntax),

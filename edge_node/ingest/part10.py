@@ -17,7 +17,7 @@ from pydicom.tag import BaseTag, Tag
 
 from edge_node.errors import BadInstanceError
 
-__all__ = ["MAX_NESTING", "Header", "parse_header", "part10_stream"]
+__all__ = ["MAX_NESTING", "Header", "dataset_after_meta", "parse_header", "part10_stream"]
 
 _PREAMBLE = 128
 _HEADER_TAGS: list[BaseTag | int] = [
@@ -81,6 +81,24 @@ def part10_stream(
     )
     group_length = _meta_element(0x00020000, b"UL", struct.pack("<I", len(body)), b"\0")
     return b"".join((bytes(_PREAMBLE), b"DICM", group_length, body, dataset))
+
+
+def dataset_after_meta(file: bytes) -> bytes:
+    """The data set of a Part 10 file whose File Meta group starts with its group length, as written by
+    pynetdicom's chunked receive; raises BadInstanceError when the file is not shaped so."""
+    # preamble, "DICM", then (0002,0000) UL explicit VR: tag 4, VR 2, length 2, value 4 bytes.
+    start = _PREAMBLE + 4
+    if (
+        len(file) < start + 12
+        or file[_PREAMBLE:start] != b"DICM"
+        or file[start : start + 6] != b"\x02\x00\x00\x00UL"
+    ):
+        raise BadInstanceError("the received file has no File Meta group length")
+    group_length = int.from_bytes(file[start + 8 : start + 12], "little")
+    end = start + 12 + group_length
+    if end > len(file):
+        raise BadInstanceError("the received file's File Meta group is cut short")
+    return file[end:]
 
 
 def _uid(values: Mapping[str, object], keyword: str) -> str:

@@ -35,6 +35,7 @@ file) and free of identifiers.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -42,6 +43,8 @@ import shutil
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +139,23 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot create the spool at {root}: {exc}; make data_dir writable") from exc
 
+    @contextmanager
+    def _flock(self, mode: int) -> Iterator[None]:
+        # A lock file, opened per use: flock is per open file, so each writer thread holds its own share,
+        # and a purge in another process (the CLI) excludes them all.
+        fd = os.open(self.root / ".write.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold off every write into the spool (in this process and others) while files are removed."""
+        with self._flock(fcntl.LOCK_EX):
+            yield
+
     @property
     def pool_dir(self) -> Path:
         return self._pool.directory
@@ -176,8 +196,9 @@ class Spool:
         if expected_sop_instance is not None and header.sop_instance_uid != expected_sop_instance:
             raise InstanceMismatchError("the data set's SOP Instance UID differs from the C-STORE request's")
         dest = self.path_for(header.study_uid, header.sop_instance_uid)
-        self._write_durably(dest, stream)
-        study_id = self._record(header, dest, len(stream), calling_ae)
+        with self._flock(fcntl.LOCK_SH):  # a purge waits until the file and its row are both there
+            self._write_durably(dest, stream)
+            study_id = self._record(header, dest, len(stream), calling_ae)
         return SpoolReceipt(study_id=study_id, path=dest, size=len(stream))
 
     def _record(self, header: Header, path: Path, size: int, calling_ae: str) -> int:

@@ -61,7 +61,8 @@ class ModelInUse:
     provider: str
 
 
-_READY = "state = 'queued' OR (state = 'received' AND last_instance_at <= ?)"
+#: Ready: released and quiet for the settle time, or still receiving and quiet for the (longer) quiet time.
+_READY = "(state = 'queued' AND last_instance_at <= ?) OR (state = 'received' AND last_instance_at <= ?)"
 
 
 class Runs:
@@ -70,10 +71,14 @@ class Runs:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def claim_next(self, quiet_seconds: float, now: float | None = None) -> Claim | None:
+    def claim_next(
+        self, quiet_seconds: float, now: float | None = None, *, settle_seconds: float = 0.0
+    ) -> Claim | None:
         """Take the next ready study and mark it PROCESSING with a new run row, atomically.
 
-        Ready: QUEUED (its association was released), or RECEIVED with no new instance for quiet_seconds.
+        Ready: QUEUED (an association that sent to it was released) with no new instance for
+        settle_seconds, or RECEIVED with no new instance for quiet_seconds. The settle time is what keeps a
+        PACS that sends each instance in its own association from making a study run once per instance.
         The claim and the run row are one transaction, so a study is never owned twice; the run row is the
         "processing record" a crash leaves behind, and ``recover`` turns it into "interrupted" on restart.
         """
@@ -82,7 +87,7 @@ class Runs:
             row = c.execute(
                 f"SELECT id, study_uid, state, revision FROM studies WHERE {_READY}"
                 " ORDER BY state = 'queued' DESC, last_instance_at LIMIT 1",
-                (now - quiet_seconds,),
+                (now - settle_seconds, now - quiet_seconds),
             ).fetchone()
             if row is None:
                 return None
@@ -113,15 +118,23 @@ class Runs:
             )
             return Claim(int(cur.lastrowid or 0), study_id, str(row["study_uid"]), revision, instances)
 
-    def next_quiet_deadline(self, quiet_seconds: float) -> float | None:
-        """When the earliest RECEIVED study becomes ready by quiet time (epoch seconds), or None."""
-        rows = self.db.query("SELECT MIN(last_instance_at) AS t FROM studies WHERE state = 'received'")
+    def next_quiet_deadline(self, quiet_seconds: float, *, settle_seconds: float = 0.0) -> float | None:
+        """When the earliest waiting study becomes ready by quiet (or settle) time, epoch seconds, or None."""
+        rows = self.db.query(
+            "SELECT MIN(last_instance_at + CASE state WHEN 'queued' THEN ? ELSE ? END) AS t"
+            " FROM studies WHERE state IN ('received', 'queued')",
+            (settle_seconds, quiet_seconds),
+        )
         t = rows[0]["t"]
-        return None if t is None else float(t) + quiet_seconds
+        return None if t is None else float(t)
 
-    def has_ready(self, quiet_seconds: float, now: float | None = None) -> bool:
+    def has_ready(
+        self, quiet_seconds: float, now: float | None = None, *, settle_seconds: float = 0.0
+    ) -> bool:
         now = time.time() if now is None else now
-        rows = self.db.query(f"SELECT 1 FROM studies WHERE {_READY} LIMIT 1", (now - quiet_seconds,))
+        rows = self.db.query(
+            f"SELECT 1 FROM studies WHERE {_READY} LIMIT 1", (now - settle_seconds, now - quiet_seconds)
+        )
         return bool(rows)
 
     def last_report(self, study_id: int) -> ReportRef | None:

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE, _config
+from pynetdicom import _config
 
 from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES
+from harness.fuzz_cases import fuzz_cases, send_cases, source_files, text_values
 from tests.edge_node.conftest import EdgeProcess, TrustedBundle, dicom_dir, echoscu
-from tests.edge_node.fuzz_cases import FuzzCase, fuzz_cases, source_files, text_values
 
 pytestmark = pytest.mark.slow
 
@@ -33,33 +33,6 @@ def _peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
-
-
-def _send(port: int, cases: list[FuzzCase]) -> dict[int, int | None]:
-    """C-STORE each case's bytes as they are (not re-encoded) in one association; status per case."""
-    ae = AE(ae_title="FUZZER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    contexts = sorted({(c.sop_class_uid, c.transfer_syntax) for c in cases})
-    for sop_class, ts in contexts[:128]:
-        ae.add_requested_context(sop_class, ts)
-    answers: dict[int, int | None] = {}
-    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE")
-    assert assoc.is_established, "the node refused the fuzzer's association"
-    try:
-        for case in cases:
-            if not assoc.is_established:
-                assoc = ae.associate("127.0.0.1", port, ae_title="EDGE")
-                assert assoc.is_established
-            try:
-                status = assoc.send_c_store(case.path)
-            except (ValueError, AttributeError, EOFError, KeyError, TypeError, OSError):
-                answers[case.index] = -1  # the fuzzer itself cannot send it (no usable file meta)
-                continue
-            answers[case.index] = int(status.Status) if "Status" in status else None
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return answers
 
 
 def test_two_thousand_mutated_instances_over_real_associations(
@@ -82,7 +55,7 @@ def test_two_thousand_mutated_instances_over_real_associations(
     answered: dict[int, int | None] = {}
     for start in range(0, N_CASES, BATCH):
         batch = [c for c in cases[start : start + BATCH] if c.sop_class_uid in supported]
-        answered.update(_send(edge.port, batch))
+        answered.update(send_cases(edge.port, batch))
         assert edge.alive(), f"the node died at batch {start // BATCH}:\n{edge.log_text()[-3000:]}"
     sent = [i for i, s in answered.items() if s != -1]
     assert len(sent) >= 2000

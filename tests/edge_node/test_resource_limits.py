@@ -139,3 +139,24 @@ def test_a_study_that_kills_the_node_is_set_aside_and_the_node_serves(
     good_uid = str(pydicom.dcmread(good[0], stop_before_pixels=True).StudyInstanceUID)
     assert _study_state(edge)[good_uid] == "done"
     assert edge.stop() == 0
+
+
+def test_an_oversized_instance_is_refused_without_being_held_in_memory(
+    edge_factory: Callable[..., EdgeProcess], test_bundle: TrustedBundle, tmp_path: Path
+) -> None:
+    edge = edge_factory(trusted_keys=str(test_bundle.public_key), max_instance_bytes=32 * 1024 * 1024)
+    edge.start()
+    assert edge.proc is not None
+    assert echoscu(edge.port)
+    before = _peak_rss(edge.proc.pid)
+    big = tmp_path / "big.dcm"
+    _oversized(big, 200 * 1024 * 1024)
+    proc = storescu(edge.port, [big])
+    ok, bad = acknowledged_files(proc.stdout + proc.stderr)
+    assert not ok and len(bad) == 1, proc.stdout + proc.stderr
+    assert "Refused: OutOfResources" in proc.stdout + proc.stderr
+    grown = _peak_rss(edge.proc.pid) - before
+    # Received to a file as it arrived and refused by its size: the 200 MB never sat in memory.
+    assert grown < 48 * 1024 * 1024, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+    assert edge.query("SELECT COUNT(*) FROM instances") == [(0,)]
+    assert echoscu(edge.port)

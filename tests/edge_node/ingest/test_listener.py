@@ -6,6 +6,7 @@ import logging
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from edge_node.ingest.listener import (
     DUL_LOOP_DELAY_S,
+    IDLE_DUL_LOOP_DELAY_S,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_PROCESSING_FAILURE,
     Listener,
@@ -100,6 +102,23 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
         # The acceptor's DUL reactor polls faster than pynetdicom's default (1 ms): shorter round trips.
         assert server.active_associations[0].dul._run_loop_delay == DUL_LOOP_DELAY_S < 0.001
         assert int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+
+
+def test_an_idle_association_polls_slowly_until_it_receives_again(edge: Running) -> None:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE")
+    assert assoc.is_established
+    try:
+        server = edge.listener._server
+        assert server is not None and server.active_associations
+        acceptor = server.active_associations[0]
+        time.sleep(0.8)  # more than two sweeps without a PDU
+        assert acceptor.dul._run_loop_delay == IDLE_DUL_LOOP_DELAY_S
+        assert int(assoc.send_c_echo().Status) == 0  # answered, at most one slow poll late
+        assert acceptor.dul._run_loop_delay == DUL_LOOP_DELAY_S
     finally:
         assoc.release()
 

@@ -189,3 +189,12 @@ def test_outbox_retry_then_sent(store: NodeState, tmp_path: Path) -> None:
     assert outbox.next_try() == 10**10
     outbox.mark_sent([due[0].id])
     assert store.status.recent_studies()[0].results == "sent"
+
+
+def test_a_released_study_waits_for_its_settle_time(store: NodeState, tmp_path: Path) -> None:
+    study_id, _ = store.ingest.record_instance(_rec("1.2.5", "1.2.5.1", tmp_path / "a"), now=1000.0)
+    store.ingest.mark_complete([study_id])
+    assert store.runs.next_quiet_deadline(30, settle_seconds=2) == 1002.0
+    assert not store.runs.has_ready(30, now=1001.9, settle_seconds=2)
+    assert store.runs.claim_next(30, now=1001.9, settle_seconds=2) is None
+    assert store.runs.claim_next(30, now=1002.0, settle_seconds=2) is not None

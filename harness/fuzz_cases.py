@@ -1,4 +1,4 @@
-"""Mutated DICOM instances for fuzzing the node, from real files, reproducible from a seed."""
+"""Mutated DICOM instances from real files, reproducible from a seed (for the fuzz test and its bench)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
+from pynetdicom import AE
 
-__all__ = ["TEXT_VRS", "FuzzCase", "fuzz_cases", "source_files", "text_values"]
+__all__ = ["TEXT_VRS", "FuzzCase", "fuzz_cases", "send_cases", "source_files", "text_values"]
 
 #: VRs whose values are free text an attacker or a PACS could put PHI in.
 TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
@@ -90,7 +91,7 @@ def text_values(paths: list[Path]) -> set[str]:
 def _encode(ds: Dataset, ts: str) -> bytes:
     meta = DicomBytesIO()
     meta.write(b"\0" * 128 + b"DICM")
-    ds.file_meta.TransferSyntaxUID = ts
+    ds.file_meta.TransferSyntaxUID = UID(ts)
     write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
     body = DicomBytesIO()
     body.is_little_endian, body.is_implicit_VR = True, ts == ImplicitVRLittleEndian
@@ -189,3 +190,35 @@ def fuzz_cases(sources: list[Path], out: Path, n: int, seed: int, batch: int) ->
         path = out / f"case{i:05d}.dcm"
         path.write_bytes(data)
         yield FuzzCase(i, kind, path, str(ds.SOPClassUID), ts)
+
+
+def send_cases(port: int, cases: list[FuzzCase], called: str = "EDGE") -> dict[int, int | None]:
+    """C-STORE each case's bytes as they are (not re-encoded) in one association; status per case.
+
+    -1: the fuzzer itself cannot send the case (no usable file meta); None: no answer.
+    """
+    ae = AE(ae_title="FUZZER")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    contexts = sorted({(c.sop_class_uid, c.transfer_syntax) for c in cases})
+    for sop_class, ts in contexts[:128]:
+        ae.add_requested_context(sop_class, ts)
+    answers: dict[int, int | None] = {}
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        raise RuntimeError("the node refused the fuzzer's association")
+    try:
+        for case in cases:
+            if not assoc.is_established:
+                assoc = ae.associate("127.0.0.1", port, ae_title=called)
+                if not assoc.is_established:
+                    raise RuntimeError("the node refused the fuzzer's association")
+            try:
+                status = assoc.send_c_store(case.path)
+            except (ValueError, AttributeError, EOFError, KeyError, TypeError, OSError):
+                answers[case.index] = -1
+                continue
+            answers[case.index] = int(status.Status) if "Status" in status else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return answers
