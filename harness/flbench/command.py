@@ -16,7 +16,7 @@ from rich.table import Table
 from harness.flbench.benchmark import BenchSpec, parse_methods, report_from_cache, run_benchmark
 from harness.flbench.methods import BenchConfig
 from harness.flbench.results import Record
-from hub.commands.output import FormatOption, OutputFormat, emit_json
+from hub.commands.output import FormatOption, OutputFormat, emit
 
 app = typer.Typer(help="Benchmarks of the hub's training code.", no_args_is_help=True)
 log = logging.getLogger(__name__)
@@ -139,10 +139,7 @@ def fl(
 
 def _report(results: dict[str, Any], title: str, output: OutputFormat) -> None:
     """The summary table, or with ``--format json`` the whole results document on stdout."""
-    if output is OutputFormat.json:
-        emit_json(results)
-    else:
-        print_summary(results, title)
+    emit(output, results, lambda console: print_summary(results, title, console))
 
 
 def print_summary(results: dict[str, Any], title: str, console: Console | None = None) -> None:

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from edge_node.protocol.durable_file import replace_durably
 from hub.commands.choices import DatasetName, Split
-from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit_json
+from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit
 from hub.data.medmnist import DATA_ENV, DOWNLOAD_URL, LABELS, OFFICIAL_MD5, data_root, medmnist_path
 
 app = typer.Typer(
@@ -55,26 +55,27 @@ def list_datasets(
                 "md5_official": md5_file(path) == OFFICIAL_MD5[name] if present else None,
             }
         )
-    if output is OutputFormat.json:
-        emit_json({"root": str(base / "medmnist"), "datasets": rows})
-        return
-    table = Table(title=f"MedMNIST datasets in {base / 'medmnist'}")
-    for col in ("name", "labels", "file", "size", "md5"):
-        table.add_column(col)
-    for row in rows:
-        labels = ", ".join(LABELS[str(row["name"])])
-        if not row["present"]:
-            table.add_row(str(row["name"]), labels, "[yellow]missing[/yellow]", "-", "-")
-            continue
-        size = row["size_bytes"]
-        table.add_row(
-            str(row["name"]),
-            labels,
-            str(row["file"]),
-            f"{size / 1e6:.1f} MB" if isinstance(size, int) else "-",
-            "[green]official[/green]" if row["md5_official"] else "[red]MISMATCH[/red]",
-        )
-    Console().print(table)
+
+    def render(console: Console) -> None:
+        table = Table(title=f"MedMNIST datasets in {base / 'medmnist'}")
+        for col in ("name", "labels", "file", "size", "md5"):
+            table.add_column(col)
+        for row in rows:
+            labels = ", ".join(LABELS[str(row["name"])])
+            if not row["present"]:
+                table.add_row(str(row["name"]), labels, "[yellow]missing[/yellow]", "-", "-")
+                continue
+            size = row["size_bytes"]
+            table.add_row(
+                str(row["name"]),
+                labels,
+                str(row["file"]),
+                f"{size / 1e6:.1f} MB" if isinstance(size, int) else "-",
+                "[green]official[/green]" if row["md5_official"] else "[red]MISMATCH[/red]",
+            )
+        console.print(table)
+
+    emit(output, {"root": str(base / "medmnist"), "datasets": rows}, render)
 
 
 @app.command("download")

@@ -17,7 +17,7 @@ from rich.table import Table
 from export.errors import ExportError, KeyFileError
 from export.semver import check_semver
 from export.signing import load_private_key, load_public_key_file
-from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit_json
+from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit
 
 if TYPE_CHECKING:
     from edge_node.protocol.manifest import ClassLabel
@@ -221,28 +221,29 @@ def export(
     except (ExportError, CheckpointError, OSError) as exc:
         console.print(f"[red]export failed:[/red] {exc}")
         raise typer.Exit(EXIT_FAILED) from exc
-    if output is OutputFormat.json:
-        emit_json(report_json(report, zip_file))
-        return
-    m = report.manifest
-    table = Table(title=f"bundle {m.model_id} {m.model_version}", show_header=False)
-    table.add_row("folder", str(report.bundle_dir))
-    table.add_row(
-        "parity (ORT vs torch)",
-        f"max |diff| {report.parity.max_abs_diff:.2e} on "
-        f"{report.parity.num_images} test images (bound {report.parity.bound:.0e})",
-    )
-    table.add_row("test AUC fp32", f"{report.fp32_auc:.4f}")
-    q = report.quantization
-    if q is None:
-        table.add_row("int8", "not requested")
-    else:
-        verdict = "[green]shipped[/green]" if q.accepted else "[yellow]not shipped[/yellow]"
-        table.add_row("test AUC int8", f"{q.int8_auc:.4f} ({verdict}: {q.reason})")
-    for name, size in report.sizes.items():
-        table.add_row(f"size {name}", f"{size / 1024:.1f} KiB")
-    table.add_row("shipped", ", ".join(report.shipped))
-    if zip_file is not None:
-        table.add_row("zip", str(zip_file))
-    table.add_row("signed by", report.key_fingerprint)
-    console.print(table)
+
+    def render(out: Console) -> None:
+        m = report.manifest
+        table = Table(title=f"bundle {m.model_id} {m.model_version}", show_header=False)
+        table.add_row("folder", str(report.bundle_dir))
+        table.add_row(
+            "parity (ORT vs torch)",
+            f"max |diff| {report.parity.max_abs_diff:.2e} on "
+            f"{report.parity.num_images} test images (bound {report.parity.bound:.0e})",
+        )
+        table.add_row("test AUC fp32", f"{report.fp32_auc:.4f}")
+        q = report.quantization
+        if q is None:
+            table.add_row("int8", "not requested")
+        else:
+            verdict = "[green]shipped[/green]" if q.accepted else "[yellow]not shipped[/yellow]"
+            table.add_row("test AUC int8", f"{q.int8_auc:.4f} ({verdict}: {q.reason})")
+        for name, size in report.sizes.items():
+            table.add_row(f"size {name}", f"{size / 1024:.1f} KiB")
+        table.add_row("shipped", ", ".join(report.shipped))
+        if zip_file is not None:
+            table.add_row("zip", str(zip_file))
+        table.add_row("signed by", report.key_fingerprint)
+        out.print(table)
+
+    emit(output, report_json(report, zip_file), render)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,11 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-
-class OutputFormat(str, Enum):
-    table = "table"
-    json = "json"
-
+from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit
 
 app = typer.Typer(help="Build the clinic installer kit (offline, signed).", no_args_is_help=True)
 
@@ -49,9 +44,7 @@ def build(
         Path | None,
         typer.Option("--bundle", help="A signed model bundle (dir or .zip) the node starts with."),
     ] = None,
-    output_format: Annotated[
-        OutputFormat, typer.Option("--format", help="table for people, json for scripts.")
-    ] = OutputFormat.table,
+    output_format: FormatOption = OutputFormat.table,
 ) -> None:
     """Build a kit: a wheelhouse of exactly the edge node's dependencies (CPU or NVIDIA), pinned, hashed and
     signed with the hub key.
@@ -61,8 +54,6 @@ def build(
 
     Example: fedclinic-hub installer build --out kit-clinic-a --key keys/hub.key --join-code CODE
     """
-    import json
-
     from export.errors import KeyFileError
     from export.signing import load_private_key
     from installers.errors import KitError
@@ -73,7 +64,7 @@ def build(
         private = load_private_key(key)
     except KeyFileError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_FAILED) from None
     options = BuildOptions(
         out=out,
         variant="gpu" if gpu else "cpu",
@@ -88,7 +79,7 @@ def build(
             built = build_kit(options, private, step=lambda msg: status.update(msg))
     except KitError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_FAILED) from None
     summary: dict[str, str | int | float] = {
         "kit": str(built.path),
         "fedclinic_version": built.manifest.fedclinic_version,
@@ -100,13 +91,14 @@ def build(
         "key_fingerprint": built.key_fingerprint,
         "seconds": round(built.seconds, 1),
     }
-    if output_format is OutputFormat.json:
-        print(json.dumps(summary))
-        return
-    table = Table(title="kit built", show_header=False)
-    for name, value in summary.items():
-        table.add_row(name, f"{built.size_bytes / 1e6:.1f} MB" if name == "size_bytes" else str(value))
-    console.print(table)
-    console.print(
-        f"Tell the clinic this key fingerprint on another channel: [bold]{built.key_fingerprint}[/bold]"
-    )
+
+    def render(out: Console) -> None:
+        table = Table(title="kit built", show_header=False)
+        for name, value in summary.items():
+            table.add_row(name, f"{built.size_bytes / 1e6:.1f} MB" if name == "size_bytes" else str(value))
+        out.print(table)
+        out.print(
+            f"Tell the clinic this key fingerprint on another channel: [bold]{built.key_fingerprint}[/bold]"
+        )
+
+    emit(output_format, summary, render)

@@ -12,7 +12,7 @@ from rich.table import Table
 from edge_node.protocol.signing import fingerprint
 from export.errors import KeyFileError
 from export.signing import create_keypair, load_private_key, load_public_key_file
-from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit_json
+from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit
 
 app = typer.Typer(help="Manage the hub's bundle signing keys (Ed25519).", no_args_is_help=True)
 
@@ -57,11 +57,16 @@ def show(
     except KeyFileError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_FAILED) from exc
-    if output is OutputFormat.json:
-        emit_json({"file": str(path), "kind": kind, "algorithm": "Ed25519", "fingerprint": fingerprint(key)})
-        return
-    table = Table(show_header=False)
-    table.add_row("file", str(path))
-    table.add_row("kind", f"Ed25519 {kind} key")
-    table.add_row("fingerprint", fingerprint(key))
-    console.print(table)
+
+    def render(out: Console) -> None:
+        table = Table(show_header=False)
+        table.add_row("file", str(path))
+        table.add_row("kind", f"Ed25519 {kind} key")
+        table.add_row("fingerprint", fingerprint(key))
+        out.print(table)
+
+    emit(
+        output,
+        {"file": str(path), "kind": kind, "algorithm": "Ed25519", "fingerprint": fingerprint(key)},
+        render,
+    )

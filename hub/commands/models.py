@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
 from edge_node.protocol.publication import SignedPublication
-from hub.commands.service_options import (
-    DataDirOption,
-    Format,
-    FormatOption,
-    database,
-    fail,
-    print_json,
-    settings_for,
-)
+from hub.commands.output import FormatOption, OutputFormat, emit, emit_list
+from hub.commands.service_options import DataDirOption, hub_database, settings_for
 from hub.service.datadir import load_signing_key
 from hub.service.enrollment import node_info
-from hub.service.errors import HubServiceError
 from hub.service.publishing import current_publication, list_publications, publish_bundle, rollback
+from hub.service.settings import HubSettings
+from hub.store.database import Database
 from hub.store.schema import Node
 
 app = typer.Typer(help="Publish model bundles to cohorts, canary them, roll them back.", no_args_is_help=True)
 
 
-def _table(pubs: list[SignedPublication]) -> Table:
+def _table(pubs: Sequence[SignedPublication]) -> Table:
     table = Table(title="publications")
     for col in ("seq", "id", "model", "version", "cohort", "nodes", "rollback", "expires"):
         table.add_column(col)
@@ -49,6 +43,18 @@ def _table(pubs: list[SignedPublication]) -> Table:
     return table
 
 
+def _sign(
+    data_dir: Path | None,
+    fmt: OutputFormat,
+    action: Callable[[Database, HubSettings], SignedPublication],
+) -> None:
+    """Run one signing action (publish, rollback) on the hub's store and report the record it signed."""
+    settings = settings_for(data_dir)
+    with hub_database(settings) as db:
+        signed = action(db, settings)
+    emit(fmt, signed, lambda console: console.print(_table([signed])))
+
+
 @app.command("publish")
 def publish(
     bundle: Annotated[
@@ -59,13 +65,13 @@ def publish(
     canary: Annotated[
         float, typer.Option("--canary", help="Percent of the cohort's active nodes that get it first.")
     ] = 100.0,
-    fmt: FormatOption = Format.TABLE,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Verify the bundle with the hub's key and publish a signed record; nodes pull it on their next sync."""
-    settings = settings_for(data_dir)
-    db = database(settings)
-    try:
-        signed = publish_bundle(
+    _sign(
+        data_dir,
+        fmt,
+        lambda db, settings: publish_bundle(
             db,
             load_signing_key(settings),
             settings.artifacts_dir,
@@ -74,30 +80,16 @@ def publish(
             canary_percent=canary,
             ttl_days=settings.publication_ttl_days,
             actor="cli",
-        )
-    except HubServiceError as exc:
-        fail(str(exc))
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json(signed)
-    else:
-        Console().print(_table([signed]))
+        ),
+    )
 
 
 @app.command("list")
-def list_models(data_dir: DataDirOption = None, fmt: FormatOption = Format.TABLE) -> None:
+def list_models(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
     """Every publication, oldest first."""
-    db = database(settings_for(data_dir))
-    try:
-        with db.session() as session:
-            pubs = list_publications(session)
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json({"publications": [p.model_dump(mode="json") for p in pubs]})
-    else:
-        Console().print(_table(pubs))
+    with hub_database(settings_for(data_dir)) as db, db.session() as session:
+        pubs = list_publications(session)
+    emit_list(fmt, "publications", pubs, _table)
 
 
 @app.command("rollback")
@@ -107,56 +99,46 @@ def rollback_cmd(
         str | None, typer.Option("--to", help="Publication id to go back to (default: the previous).")
     ] = None,
     cohort: Annotated[str, typer.Option("--cohort", help="Cohort to roll back.")] = "default",
-    fmt: FormatOption = Format.TABLE,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Publish an earlier bundle again, signed as a rollback so that nodes accept the lower version."""
-    settings = settings_for(data_dir)
-    db = database(settings)
-    try:
-        signed = rollback(
+    _sign(
+        data_dir,
+        fmt,
+        lambda db, settings: rollback(
             db,
             load_signing_key(settings),
             to_publication_id=to,
             cohort=cohort,
             ttl_days=settings.publication_ttl_days,
             actor="cli",
-        )
-    except HubServiceError as exc:
-        fail(str(exc))
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json(signed)
-    else:
-        Console().print(_table([signed]))
+        ),
+    )
 
 
 @app.command("status")
-def status(data_dir: DataDirOption = None, fmt: FormatOption = Format.TABLE) -> None:
+def status(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
     """For each node: the publication it should serve and the model it reported serving."""
-    db = database(settings_for(data_dir))
     rows = []
-    try:
-        with db.session() as session:
-            for node in session.scalars(select(Node).order_by(Node.name)):
-                target = current_publication(session, node)
-                info = node_info(node)
-                rows.append(
-                    {
-                        "node_id": info.node_id,
-                        "node_name": info.node_name,
-                        "cohort": info.cohort,
-                        "should_serve": target.record.publication_id if target else None,
-                        "version": target.record.model_version if target else None,
-                        "serves": info.publication_id,
-                        "in_sync": target is not None and info.publication_id == target.record.publication_id,
-                    }
-                )
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json({"nodes": rows})
-        return
+    with hub_database(settings_for(data_dir)) as db, db.session() as session:
+        for node in session.scalars(select(Node).order_by(Node.name)):
+            target = current_publication(session, node)
+            info = node_info(node)
+            rows.append(
+                {
+                    "node_id": info.node_id,
+                    "node_name": info.node_name,
+                    "cohort": info.cohort,
+                    "should_serve": target.record.publication_id if target else None,
+                    "version": target.record.model_version if target else None,
+                    "serves": info.publication_id,
+                    "in_sync": target is not None and info.publication_id == target.record.publication_id,
+                }
+            )
+    emit(fmt, {"nodes": rows}, lambda console: console.print(_status_table(rows)))
+
+
+def _status_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="model status")
     for col in ("node", "cohort", "should serve", "version", "serves", "in sync"):
         table.add_column(col)
@@ -169,4 +151,4 @@ def status(data_dir: DataDirOption = None, fmt: FormatOption = Format.TABLE) -> 
             str(r["serves"] or "-"),
             "yes" if r["in_sync"] else "no",
         )
-    Console().print(table)
+    return table

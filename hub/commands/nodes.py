@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Annotated
 
@@ -11,17 +12,9 @@ from rich.table import Table
 from sqlalchemy import select
 
 from edge_node.protocol.wire import JoinCodeIssued, NodeInfo
-from hub.commands.service_options import (
-    DataDirOption,
-    Format,
-    FormatOption,
-    database,
-    fail,
-    print_json,
-    settings_for,
-)
+from hub.commands.output import FormatOption, OutputFormat, emit, emit_list, fail
+from hub.commands.service_options import DataDirOption, hub_database, settings_for
 from hub.service.enrollment import issue_join_code, node_info, revoke_node
-from hub.service.errors import HubServiceError
 from hub.service.tls import certificate_sha256
 from hub.store.schema import Node
 
@@ -42,43 +35,37 @@ def enroll(
     cohort: Annotated[str, typer.Option("--cohort", help="Model cohort the node belongs to.")] = "default",
     ttl: Annotated[int, typer.Option("--ttl", help="Seconds the join code stays valid.", min=60)] = 3600,
     hub_url: Annotated[str | None, typer.Option("--hub-url", help="Address the node should use.")] = None,
-    fmt: FormatOption = Format.TABLE,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Print a single-use join code for a new site: `fedclinic-edge enroll CODE` on the node uses it."""
     settings = settings_for(data_dir)
     url = hub_url or settings.public_url
     if not url:
         fail("no hub address known: pass --hub-url https://HOST:PORT or set public_url in hub.toml")
-    db = database(settings)
-    try:
-        with db.session() as session:
-            code, node, expires = issue_join_code(
-                session,
-                name=name,
-                cohort=cohort,
-                ttl_s=ttl,
-                hub_url=url,
-                tls_sha256=certificate_sha256(settings.tls_cert_path),
-                actor="cli",
-            )
-            issued = JoinCodeIssued(join_code=code, node=node_info(node), expires_at=expires)
-    except HubServiceError as exc:
-        fail(str(exc))
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json(issued)
-        return
-    console = Console()
-    console.print(
-        f"join code for [bold]{name}[/bold] (node {issued.node.node_id}, "
-        f"expires {expires:%Y-%m-%d %H:%M} UTC):"
-    )
-    console.print(code, soft_wrap=True)
-    console.print(f"on the node: [bold]fedclinic-edge enroll {code[:12]}… --config edge.toml[/bold]")
+    with hub_database(settings) as db, db.session() as session:
+        code, node, expires = issue_join_code(
+            session,
+            name=name,
+            cohort=cohort,
+            ttl_s=ttl,
+            hub_url=url,
+            tls_sha256=certificate_sha256(settings.tls_cert_path),
+            actor="cli",
+        )
+        issued = JoinCodeIssued(join_code=code, node=node_info(node), expires_at=expires)
+
+    def render(console: Console) -> None:
+        console.print(
+            f"join code for [bold]{name}[/bold] (node {issued.node.node_id}, "
+            f"expires {expires:%Y-%m-%d %H:%M} UTC):"
+        )
+        console.print(code, soft_wrap=True)
+        console.print(f"on the node: [bold]fedclinic-edge enroll {code[:12]}… --config edge.toml[/bold]")
+
+    emit(fmt, issued, render)
 
 
-def _nodes_table(nodes: list[NodeInfo]) -> Table:
+def _nodes_table(nodes: Sequence[NodeInfo]) -> Table:
     table = Table(title="nodes")
     for col in ("id", "name", "cohort", "state", "last heartbeat", "edge", "model", "health"):
         table.add_column(col)
@@ -98,36 +85,20 @@ def _nodes_table(nodes: list[NodeInfo]) -> Table:
 
 
 @app.command("list")
-def list_nodes(data_dir: DataDirOption = None, fmt: FormatOption = Format.TABLE) -> None:
+def list_nodes(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
     """Nodes with their state, last heartbeat and versions."""
-    db = database(settings_for(data_dir))
-    try:
-        with db.session() as session:
-            nodes = [node_info(n) for n in session.scalars(select(Node).order_by(Node.name))]
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json({"nodes": [n.model_dump(mode="json") for n in nodes]})
-    else:
-        Console().print(_nodes_table(nodes))
+    with hub_database(settings_for(data_dir)) as db, db.session() as session:
+        nodes = [node_info(n) for n in session.scalars(select(Node).order_by(Node.name))]
+    emit_list(fmt, "nodes", nodes, _nodes_table)
 
 
 @app.command("revoke")
 def revoke(
     node: Annotated[str, typer.Argument(help="Node id or name.")],
     data_dir: DataDirOption = None,
-    fmt: FormatOption = Format.TABLE,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Revoke a node: its next request is refused; no other site is touched."""
-    db = database(settings_for(data_dir))
-    try:
-        with db.session() as session:
-            info = node_info(revoke_node(session, node, actor="cli"))
-    except HubServiceError as exc:
-        fail(str(exc))
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json(info)
-    else:
-        Console().print(f"revoked {info.node_id} ({info.node_name})")
+    with hub_database(settings_for(data_dir)) as db, db.session() as session:
+        info = node_info(revoke_node(session, node, actor="cli"))
+    emit(fmt, info, lambda console: console.print(f"revoked {info.node_id} ({info.node_name})"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -16,18 +17,10 @@ from edge_node.protocol.errors import EncodingError
 from edge_node.protocol.protection import CompressionKind
 from edge_node.protocol.tensors import decode_tensors
 from edge_node.protocol.wire import RoundInfo, RoundProtection, RoundStart, RoundState
-from hub.commands.service_options import (
-    DataDirOption,
-    Format,
-    FormatOption,
-    database,
-    fail,
-    print_json,
-    settings_for,
-)
+from hub.commands.output import EXIT_USAGE, FormatOption, OutputFormat, emit, emit_list, fail
+from hub.commands.service_options import DataDirOption, hub_database, settings_for
 from hub.rounds.controller import RoundController
 from hub.rounds.lifecycle import TERMINAL, transition_table
-from hub.service.errors import HubServiceError
 from hub.store.artifacts import store_tensors
 
 app = typer.Typer(help="Start, watch, list and cancel federated rounds.", no_args_is_help=True)
@@ -50,7 +43,7 @@ def _parse_config(pairs: list[str]) -> dict[str, float | int | str | bool]:
     return out
 
 
-def _table(rounds: list[RoundInfo]) -> Table:
+def _table(rounds: Sequence[RoundInfo]) -> Table:
     table = Table(title="rounds")
     for col in ("#", "id", "strategy", "state", "answered", "k", "deadline", "reason"):
         table.add_column(col)
@@ -109,7 +102,7 @@ def start(
         CompressionKind, typer.Option("--compression", help="Compression of plain updates.")
     ] = CompressionKind.NONE,
     secagg: Annotated[bool, typer.Option("--secagg", help="Ask for secure aggregation.")] = False,
-    fmt: FormatOption = Format.TABLE,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Open a round: each node gets a task; it closes when all answered, or at the deadline with ≥ k.
 
@@ -117,34 +110,30 @@ def start(
     size) against their own privacy floor and refuse a round below it; refusals show in `rounds status`.
     """
     settings = settings_for(data_dir)
-    db = database(settings)
-    try:
-        artifact = None
-        if model is not None:
-            try:
-                tensors = decode_tensors(model.read_bytes())
-            except (OSError, EncodingError) as exc:
-                fail(f"cannot read {model} as npz tensors: {exc}")
-            with db.session() as session:
-                artifact = store_tensors(session, tensors, note=f"from {model.name}")
-        request = RoundStart(
-            strategy=strategy,
-            config=_parse_config(config or []),
-            nodes=nodes or [],
-            min_results=min_results,
-            deadline_s=deadline,
-            model_artifact=artifact,
-            protection=_protection(clip, epsilon, delta, compression, secagg),
-        )
-        info = RoundController(db, settings).start(request, actor="cli")
-    except (HubServiceError, ValueError) as exc:
-        fail(str(exc))
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json(info)
-    else:
-        Console().print(_table([info]))
+    with hub_database(settings) as db:
+        # A value the round cannot take (pydantic validation, the strategy's checks) stops it, said why.
+        try:
+            artifact = None
+            if model is not None:
+                try:
+                    tensors = decode_tensors(model.read_bytes())
+                except (OSError, EncodingError) as exc:
+                    fail(f"cannot read {model} as npz tensors: {exc}")
+                with db.session() as session:
+                    artifact = store_tensors(session, tensors, note=f"from {model.name}")
+            request = RoundStart(
+                strategy=strategy,
+                config=_parse_config(config or []),
+                nodes=nodes or [],
+                min_results=min_results,
+                deadline_s=deadline,
+                model_artifact=artifact,
+                protection=_protection(clip, epsilon, delta, compression, secagg),
+            )
+            info = RoundController(db, settings).start(request, actor="cli")
+        except ValueError as exc:
+            fail(str(exc))
+    emit(fmt, info, lambda console: console.print(_table([info])))
 
 
 @app.command("status")
@@ -152,13 +141,12 @@ def status(
     round_ref: Annotated[str, typer.Argument(help="Round id or number.")],
     data_dir: DataDirOption = None,
     watch: Annotated[bool, typer.Option("--watch", help="Show progress until the round ends.")] = False,
-    fmt: FormatOption = Format.TABLE,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """One round's state and progress (answered of n, k, deadline)."""
     settings = settings_for(data_dir)
-    db = database(settings)
-    controller = RoundController(db, settings)
-    try:
+    with hub_database(settings) as db:
+        controller = RoundController(db, settings)
         info = controller.info(round_ref)
         if watch and info.state not in TERMINAL:
             columns = (
@@ -176,55 +164,38 @@ def status(
                     time.sleep(1.0)
                     info = controller.info(round_ref)
                 progress.update(bar, completed=info.accepted)
-    except HubServiceError as exc:
-        fail(str(exc))
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json(info)
-    else:
-        console = Console()
+
+    def render(console: Console) -> None:
         console.print(_table([info]))
         for refusal in info.refusals:
             console.print(f"node {refusal.node_id} refused: {refusal.reason}", markup=False)
+
+    emit(fmt, info, render)
     if info.state is RoundState.FAILED:
-        raise typer.Exit(2)
+        # Scripts that wait on a round tell "it ended failed" from "the command failed" (1) by this code.
+        raise typer.Exit(EXIT_USAGE)
 
 
 @app.command("list")
-def list_rounds(data_dir: DataDirOption = None, fmt: FormatOption = Format.TABLE) -> None:
+def list_rounds(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
     """Recent rounds, newest first."""
     settings = settings_for(data_dir)
-    db = database(settings)
-    try:
+    with hub_database(settings) as db:
         rounds = RoundController(db, settings).recent()
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json({"rounds": [r.model_dump(mode="json") for r in rounds]})
-    else:
-        Console().print(_table(rounds))
+    emit_list(fmt, "rounds", rounds, _table)
 
 
 @app.command("cancel")
 def cancel(
     round_ref: Annotated[str, typer.Argument(help="Round id or number.")],
     data_dir: DataDirOption = None,
-    fmt: FormatOption = Format.TABLE,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Stop an open or collecting round (it becomes failed, with the reason)."""
     settings = settings_for(data_dir)
-    db = database(settings)
-    try:
+    with hub_database(settings) as db:
         info = RoundController(db, settings).cancel(round_ref, actor="cli")
-    except HubServiceError as exc:
-        fail(str(exc))
-    finally:
-        db.close()
-    if fmt is Format.JSON:
-        print_json(info)
-    else:
-        Console().print(_table([info]))
+    emit(fmt, info, lambda console: console.print(_table([info])))
 
 
 @app.command("states")

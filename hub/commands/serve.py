@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from hub.commands.service_options import DataDirOption, database, fail, settings_for
+from hub.commands.output import fail
+from hub.commands.service_options import DataDirOption, database, settings_for
 from hub.service.tls import CERT_FILE, KEY_FILE
 
 log = logging.getLogger(__name__)

@@ -1,26 +1,20 @@
-"""Options shared by the hub service commands (init, serve, nodes, rounds, models, status)."""
+"""The data directory option and the store it holds, shared by the hub service commands."""
 
 from __future__ import annotations
 
-import json
-from enum import Enum
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel
-from rich.console import Console
 
+from hub.commands.output import fail
 from hub.service.errors import HubServiceError
 from hub.service.settings import HubSettings, load_settings
 from hub.store.database import Database, open_database
 
-__all__ = ["DataDirOption", "Format", "FormatOption", "database", "fail", "print_json", "settings_for"]
-
-
-class Format(str, Enum):
-    TABLE = "table"
-    JSON = "json"
+__all__ = ["DataDirOption", "database", "hub_database", "settings_for"]
 
 
 DataDirOption = Annotated[
@@ -32,15 +26,10 @@ DataDirOption = Annotated[
         show_default=False,
     ),
 ]
-FormatOption = Annotated[Format, typer.Option("--format", help="table for people, json for scripts.")]
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    Console(stderr=True).print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
 
 
 def settings_for(data_dir: Path | None, **overrides: Any) -> HubSettings:
+    """The hub's settings for ``--data-dir``; a bad setting stops the command with its message."""
     try:
         settings = load_settings(data_dir, **overrides)
     except HubServiceError as exc:
@@ -58,11 +47,13 @@ def database(settings: HubSettings) -> Database:
     return open_database(settings.db_url)
 
 
-def print_json(value: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
-    if isinstance(value, BaseModel):
-        data: Any = value.model_dump(mode="json")
-    elif isinstance(value, list):
-        data = [v.model_dump(mode="json") for v in value]
-    else:
-        data = value
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+@contextmanager
+def hub_database(settings: HubSettings) -> Iterator[Database]:
+    """The hub's store for one command: closed on the way out; a refused action stops with its message."""
+    db = database(settings)
+    try:
+        yield db
+    except HubServiceError as exc:
+        fail(str(exc))
+    finally:
+        db.close()

@@ -7,17 +7,11 @@ from rich.table import Table
 
 from hub.api.admin_routes import hub_status
 from hub.api.context import HubContext
-from hub.commands.service_options import (
-    DataDirOption,
-    Format,
-    FormatOption,
-    database,
-    print_json,
-    settings_for,
-)
+from hub.commands.output import FormatOption, OutputFormat, emit
+from hub.commands.service_options import DataDirOption, database, settings_for
 
 
-def status(data_dir: DataDirOption = None, fmt: FormatOption = Format.TABLE) -> None:
+def status(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
     """Counts of nodes by state, rounds by state, publications, and which store is in use."""
     settings = settings_for(data_dir)
     database(settings).close()
@@ -26,10 +20,11 @@ def status(data_dir: DataDirOption = None, fmt: FormatOption = Format.TABLE) -> 
         report = hub_status(ctx)
     finally:
         ctx.db.close()
-    if fmt is Format.JSON:
-        print_json(report)
-        return
-    table = Table(title="hub status", show_header=False)
-    for key, value in report.model_dump().items():
-        table.add_row(key.replace("_", " "), str(value))
-    Console().print(table)
+
+    def render(console: Console) -> None:
+        table = Table(title="hub status", show_header=False)
+        for key, value in report.model_dump().items():
+            table.add_row(key.replace("_", " "), str(value))
+        console.print(table)
+
+    emit(fmt, report, render)
