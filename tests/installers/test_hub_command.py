@@ -23,7 +23,7 @@ def test_build_command_writes_a_verifiable_kit(tmp_path: Path) -> None:
     command = ["installer", "build", "--out", str(out), "--key", str(key), "--join-code", "JOIN-123"]
     result = CliRunner().invoke(app, [*command, "--format", "json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads(result.stdout)  # progress goes to stderr in JSON mode: stdout is the document
     manifest, fingerprint = verify_kit(out, summary["key_fingerprint"])
     assert fingerprint == summary["key_fingerprint"] and manifest.join_code == "JOIN-123"
     assert summary["size_bytes"] < 300 * 1024 * 1024  # the CPU kit's budget
