@@ -10,7 +10,6 @@ from rich.table import Table
 
 from hub.commands.output import FormatOption, OutputFormat, emit, fail
 from hub.commands.service_options import DataDirOption, settings_for
-from hub.service.datadir import init_data_dir
 from hub.service.errors import HubServiceError
 
 
@@ -28,6 +27,8 @@ def init(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Create what is missing in the data directory and migrate the database; never overwrites a key."""
+    from hub.service.datadir import init_data_dir
+
     settings = settings_for(data_dir, database_url=database_url, public_url=public_url)
     try:
         report = init_data_dir(settings, public_url=public_url)

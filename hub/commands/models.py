@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 
 from edge_node.protocol.publication import SignedPublication
 from hub.commands.output import FormatOption, OutputFormat, emit, emit_list
 from hub.commands.service_options import DataDirOption, hub_database, settings_for
-from hub.service.datadir import load_signing_key
-from hub.service.enrollment import node_info
-from hub.service.publishing import current_publication, list_publications, publish_bundle, rollback
 from hub.service.settings import HubSettings
-from hub.store.database import Database
-from hub.store.schema import Node
+
+if TYPE_CHECKING:
+    from hub.store.database import Database
 
 app = typer.Typer(help="Publish model bundles to cohorts, canary them, roll them back.", no_args_is_help=True)
 
@@ -68,6 +65,9 @@ def publish(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Verify the bundle with the hub's key and publish a signed record; nodes pull it on their next sync."""
+    from hub.service.datadir import load_signing_key
+    from hub.service.publishing import publish_bundle
+
     _sign(
         data_dir,
         fmt,
@@ -87,6 +87,8 @@ def publish(
 @app.command("list")
 def list_models(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
     """Every publication, oldest first."""
+    from hub.service.publishing import list_publications
+
     with hub_database(settings_for(data_dir)) as db, db.session() as session:
         pubs = list_publications(session)
     emit_list(fmt, "publications", pubs, _table)
@@ -102,6 +104,9 @@ def rollback_cmd(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Publish an earlier bundle again, signed as a rollback so that nodes accept the lower version."""
+    from hub.service.datadir import load_signing_key
+    from hub.service.publishing import rollback
+
     _sign(
         data_dir,
         fmt,
@@ -119,6 +124,12 @@ def rollback_cmd(
 @app.command("status")
 def status(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
     """For each node: the publication it should serve and the model it reported serving."""
+    from sqlalchemy import select
+
+    from hub.service.enrollment import node_info
+    from hub.service.publishing import current_publication
+    from hub.store.schema import Node
+
     rows = []
     with hub_database(settings_for(data_dir)) as db, db.session() as session:
         for node in session.scalars(select(Node).order_by(Node.name)):

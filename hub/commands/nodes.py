@@ -9,14 +9,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
 
 from edge_node.protocol.wire import JoinCodeIssued, NodeInfo
 from hub.commands.output import FormatOption, OutputFormat, emit, emit_list, fail
 from hub.commands.service_options import DataDirOption, hub_database, settings_for
-from hub.service.enrollment import issue_join_code, node_info, revoke_node
 from hub.service.tls import certificate_sha256
-from hub.store.schema import Node
 
 app = typer.Typer(help="Enroll, list and revoke clinic nodes.", no_args_is_help=True)
 
@@ -38,6 +35,8 @@ def enroll(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Print a single-use join code for a new site: `fedclinic-edge enroll CODE` on the node uses it."""
+    from hub.service.enrollment import issue_join_code, node_info
+
     settings = settings_for(data_dir)
     url = hub_url or settings.public_url
     if not url:
@@ -87,6 +86,11 @@ def _nodes_table(nodes: Sequence[NodeInfo]) -> Table:
 @app.command("list")
 def list_nodes(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
     """Nodes with their state, last heartbeat and versions."""
+    from sqlalchemy import select
+
+    from hub.service.enrollment import node_info
+    from hub.store.schema import Node
+
     with hub_database(settings_for(data_dir)) as db, db.session() as session:
         nodes = [node_info(n) for n in session.scalars(select(Node).order_by(Node.name))]
     emit_list(fmt, "nodes", nodes, _nodes_table)
@@ -99,6 +103,8 @@ def revoke(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Revoke a node: its next request is refused; no other site is touched."""
+    from hub.service.enrollment import node_info, revoke_node
+
     with hub_database(settings_for(data_dir)) as db, db.session() as session:
         info = node_info(revoke_node(session, node, actor="cli"))
     emit(fmt, info, lambda console: console.print(f"revoked {info.node_id} ({info.node_name})"))

@@ -19,9 +19,6 @@ from edge_node.protocol.tensors import decode_tensors
 from edge_node.protocol.wire import RoundInfo, RoundProtection, RoundStart, RoundState
 from hub.commands.output import EXIT_USAGE, FormatOption, OutputFormat, emit, emit_list, fail
 from hub.commands.service_options import DataDirOption, hub_database, settings_for
-from hub.rounds.controller import RoundController
-from hub.rounds.lifecycle import TERMINAL, transition_table
-from hub.store.artifacts import store_tensors
 
 app = typer.Typer(help="Start, watch, list and cancel federated rounds.", no_args_is_help=True)
 
@@ -109,6 +106,9 @@ def start(
     Nodes check the stated protection (clip, epsilon, compression, secure aggregation, and the round's
     size) against their own privacy floor and refuse a round below it; refusals show in `rounds status`.
     """
+    from hub.rounds.controller import RoundController
+    from hub.store.artifacts import store_tensors
+
     settings = settings_for(data_dir)
     with hub_database(settings) as db:
         # A value the round cannot take (pydantic validation, the strategy's checks) stops it, said why.
@@ -144,6 +144,9 @@ def status(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """One round's state and progress (answered of n, k, deadline)."""
+    from hub.rounds.controller import RoundController
+    from hub.rounds.lifecycle import TERMINAL
+
     settings = settings_for(data_dir)
     with hub_database(settings) as db:
         controller = RoundController(db, settings)
@@ -179,6 +182,8 @@ def status(
 @app.command("list")
 def list_rounds(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
     """Recent rounds, newest first."""
+    from hub.rounds.controller import RoundController
+
     settings = settings_for(data_dir)
     with hub_database(settings) as db:
         rounds = RoundController(db, settings).recent()
@@ -192,6 +197,8 @@ def cancel(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Stop an open or collecting round (it becomes failed, with the reason)."""
+    from hub.rounds.controller import RoundController
+
     settings = settings_for(data_dir)
     with hub_database(settings) as db:
         info = RoundController(db, settings).cancel(round_ref, actor="cli")
@@ -201,6 +208,8 @@ def cancel(
 @app.command("states")
 def states() -> None:
     """Print the round life cycle's transition table."""
+    from hub.rounds.lifecycle import transition_table
+
     table = Table(title="round life cycle")
     for col in ("from", "to", "when"):
         table.add_column(col)

@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from hub.commands.output import fail
 from hub.service.errors import HubServiceError
 from hub.service.settings import HubSettings, load_settings
-from hub.store.database import Database, open_database
+
+if TYPE_CHECKING:
+    from hub.store.database import Database
 
 __all__ = ["DataDirOption", "database", "hub_database", "settings_for"]
 
@@ -39,6 +41,8 @@ def settings_for(data_dir: Path | None, **overrides: Any) -> HubSettings:
 
 def database(settings: HubSettings) -> Database:
     """The migrated store of an initialised data directory."""
+    from hub.store.database import open_database
+
     if not settings.data_dir.is_dir() or not (settings.keys_dir / "hub.key").exists():
         fail(
             f"{settings.data_dir} is not a hub data directory; "
