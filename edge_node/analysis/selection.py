@@ -143,9 +143,9 @@ def read_instance(path: Path) -> tuple[InstanceHeader, Dataset]:
         ds = dcmread(path, defer_size="64 KB")
         header = header_from_dataset(ds, path)
     except Exception as exc:
-        # Any failure of one file is that file's reason, never the study's: pydicom raises InvalidDicomError,
-        # ValueError, NotImplementedError (unknown VR), RecursionError (deep nesting), ... Only the class is
-        # logged: pydicom's texts can quote element values.
+        # Any failure of one file is that file's reason, never the study's: pydicom raises its own
+        # InvalidDicomError, ValueError, an unsupported-feature error for an unknown VR, RecursionError
+        # for deep nesting and more. Only the class is logged: pydicom's texts can quote element values.
         logger.info("unreadable DICOM file %s: %s", path.name, type(exc).__name__)
         raise SkipReason("not a readable DICOM file") from None
     return header, ds

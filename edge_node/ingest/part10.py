@@ -272,8 +272,9 @@ def _read_header(stream: bytes) -> Header:
     except BadInstanceError:
         raise
     except Exception as exc:
-        # pydicom raises a variety of errors on truncated or corrupt streams (InvalidDicomError, ValueError,
-        # EOFError, NotImplementedError for an unknown VR, RecursionError for deep sequence nesting, ...); all
-        # mean "cannot understand". Only the class is kept: pydicom's texts can quote element values.
+        # pydicom raises many kinds of error on truncated or corrupt streams (InvalidDicomError, ValueError,
+        # EOFError, an unsupported-feature error for an unknown VR, RecursionError for deep sequence
+        # nesting and more); all mean "cannot understand". Only the class is kept: pydicom's texts can
+        # quote element values.
         raise BadInstanceError(f"the data set cannot be parsed ({type(exc).__name__})") from None
     return header

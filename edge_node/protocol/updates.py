@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class UpdateKind(str, Enum):
-    """What a strategy asks a node to compute (DESIGN.md, "Update kinds")."""
+    """What a strategy asks a node to compute: a weights delta, a head delta, public logits or statistics."""
 
     WEIGHTS_DELTA = "weights_delta"
     HEAD_DELTA = "head_delta"
