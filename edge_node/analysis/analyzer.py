@@ -15,7 +15,8 @@ from pydicom.dataset import Dataset
 from edge_node.analysis.capture_sc import capture_display, write_sc
 from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
 from edge_node.analysis.preprocessing import Prepared, SkipReason, preprocess
-from edge_node.analysis.report_sr import sr_series_uid, write_sr
+from edge_node.analysis.report_sr import sr_series_uid
+from edge_node.analysis.report_template import write_fast_sr
 from edge_node.analysis.result_file import ResultFile
 from edge_node.analysis.selection import (
     Candidate,
@@ -170,7 +171,7 @@ def analyze_study(
         by_study.setdefault(a.candidate.header.study_instance_uid, []).append(i)
     for indices in by_study.values():
         sources = [analysed[i].dataset for i in indices]
-        sr = write_sr(
+        sr = write_fast_sr(
             sources, [findings[i] for i in indices], model.manifest, out_dir, predecessor=predecessor
         )
         outputs.append(sr)
