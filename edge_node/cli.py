@@ -521,6 +521,7 @@ def spool_purge(
     """Remove the received instances of finished studies that spool_retention_days or spool_max_bytes let go.
 
     A study still receiving, waiting or in analysis keeps every instance; its results and history stay.
+    A labeled study (what the node learns from) stays until its latest label is labeled_retention_days old.
     Safe while the node runs. The node also does this by itself every spool_purge_interval_seconds.
 
     Example: fedclinic-edge spool purge --dry-run --config /etc/fedclinic/edge.toml --format json
