@@ -24,6 +24,7 @@ from pydantic_settings import (
 from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
 from edge_node.ingest.retention import RetentionPolicy
+from edge_node.learning.options import LearningSettings
 from edge_node.protection.floor import PrivacyFloor
 
 if sys.version_info >= (3, 11):
@@ -184,6 +185,8 @@ class EdgeSettings(BaseSettings):
     #: The clinic's privacy floor (edge.toml ``[privacy]``): the least protection a round must state for
     #: this node to take part; a task below it is refused with the reason, before anything is computed.
     privacy: PrivacyFloor = Field(default_factory=PrivacyFloor)
+    #: How this node trains for rounds (edge.toml ``[learning]``): the external torch learner, its data.
+    learning: LearningSettings = Field(default_factory=LearningSettings)
 
     @field_validator("ae_title")
     @classmethod
