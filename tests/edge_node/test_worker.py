@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_node.delivery.destination import Destination
 from edge_node.delivery.outbox import Outbox
-from edge_node.delivery.sender import Sender, backoff_seconds
+from edge_node.delivery.sender import LINGER_SECONDS, Sender, backoff_seconds
 from edge_node.inference.model_slot import ModelSlot
 from edge_node.ingest.spool import Spool
 from edge_node.state.node_state import NodeState
@@ -75,7 +75,9 @@ def test_study_is_analysed_recorded_and_sent(
     assert summary.model is not None and summary.model.startswith(node.models.current().model_id)  # type: ignore[union-attr]
     findings = node.store.db.query("SELECT COUNT(*) FROM findings")[0][0]
     assert findings == 3
-    assert node.sender.step() is None  # everything sent, nothing to retry
+    # Everything sent, nothing to retry: the sender sleeps until its association's linger ends (then None).
+    assert 0 < (node.sender.step() or 0) <= LINGER_SECONDS
+    node.sender.close_links()
     assert node.store.status.counts()["outbox_sent"] > 0 and node.store.status.counts()["outbox_pending"] == 0
     assert node.store.status.recent_studies()[0].results == "sent"
     received = {p.name.split(".", 1)[1] for p in pacs.files()}
