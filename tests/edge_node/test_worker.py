@@ -201,3 +201,24 @@ def test_results_are_private_and_a_skipped_run_leaves_no_directory(
     assert node.receive(make_ct_instances(tmp_path / "ct", 1)) == 1
     assert node.worker.step() == 0.0
     assert len(list((tmp_path / "node" / "results").iterdir())) == 1
+
+
+def test_ready_studies_go_through_together_in_bounded_batches(
+    tmp_path: Path, test_bundle: TrustedBundle
+) -> None:
+    node = Node(tmp_path / "node", test_bundle, [Destination("PACS", "127.0.0.1", free_port())])
+    node.models.install(test_bundle.bundle)
+    node.worker.config.batch_max = 3
+    for i in range(4):
+        assert node.receive(make_ct_instances(tmp_path / f"dx{i}", 2, source=DX)) == 1
+    assert node.receive(make_ct_instances(tmp_path / "ct", 1)) == 1  # refused by this CR/DX model
+    assert node.worker.step() == 0.0
+    assert len(node.store.db.query("SELECT id FROM runs")) == 3  # the first batch: three studies
+    assert node.worker.step() == 0.0
+    states = sorted(str(r[0]) for r in node.store.db.query("SELECT state FROM studies"))
+    assert states == ["done", "done", "done", "done", "skipped"]
+    assert node.store.db.query("SELECT COUNT(*) FROM findings")[0][0] == 4 * 2
+    # One SR per done study, each in its own run's directory; the skipped one left none.
+    assert node.store.db.query("SELECT COUNT(DISTINCT run_id) FROM outbox")[0][0] == 4
+    assert len(list((tmp_path / "node" / "results").iterdir())) == 4
+    assert node.worker.step() is None
