@@ -8,6 +8,9 @@ Two receivers take turns on the same files, in the same run:
   of that study to Orthanc: receiving and sending back, no analysis. The SRs are built before the clock
   starts.
 
+A third figure bounds any sender that keeps to one association per destination: ``storescu`` storing the
+same SRs in a fresh Orthanc over one association.
+
 The clock starts when ``storescu`` starts and stops when Orthanc holds one SR per study (``GET /statistics``,
 polled every 20 ms). A fresh Orthanc for each receiver. The node's CPU time (user + system, /proc) over the
 burst divided by the studies is its work per study. ``--profile DIR`` attaches py-spy to the node during the
@@ -122,6 +125,19 @@ def run_floor(work: Path, sources: list[Path]) -> dict[str, float]:
     return {"seconds": t1 - t0, "send_seconds": t_sent - t0}
 
 
+def run_one_association(work: Path, n: int) -> float:
+    """Seconds for ``storescu`` to store the floor's prebuilt SRs in a fresh Orthanc over one association.
+
+    What any sender that keeps to one association per destination can reach with this PACS: each C-STORE
+    waits for Orthanc to store the object before the next one goes.
+    """
+    results = sorted((work / "floor-sr").iterdir())[:n]
+    with Orthanc(workdir=work / "orthanc-one") as orthanc:
+        t0 = time.perf_counter()
+        _storescu(orthanc.dicom_port, orthanc.aet, results)
+        return _wait_count(orthanc, len(results), 300.0, lambda: True) - t0
+
+
 def run_node(
     work: Path, sources: list[Path], *, study_quiet: float, profile: Path | None
 ) -> dict[str, float]:
@@ -226,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     node = run_node(work, sources, study_quiet=args.study_quiet, profile=args.profile)
     floor = None if args.skip_floor else run_floor(work, sources)
+    one = None if args.skip_floor else run_one_association(work, len(sources))
     n = len(sources)
     result: dict[str, object] = {
         "studies": n,
@@ -248,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         line += (
             f"; floor {result['floor_studies_per_s']} studies/s ({result['floor_seconds']} s); "
             f"node time / floor time {result['node_over_floor_time']}"
+        )
+    if one is not None:
+        result["orthanc_one_association_seconds"] = round(one, 2)
+        result["orthanc_one_association_ms_per_sr"] = round(1000 * one / n, 1)
+        line += (
+            f"; {n} SRs over one association to Orthanc alone: {result['orthanc_one_association_seconds']} s"
         )
     print(line + f"; load {result['load_average_1m']}")
     print(json.dumps(result))
