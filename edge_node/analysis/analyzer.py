@@ -12,7 +12,8 @@ from typing import Literal
 import numpy as np
 from pydicom.dataset import Dataset
 
-from edge_node.analysis.capture_sc import capture_display, write_sc
+from edge_node.analysis.capture_sc import capture_display
+from edge_node.analysis.capture_template import write_fast_sc
 from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
 from edge_node.analysis.preprocessing import Prepared, SkipReason, preprocess
 from edge_node.analysis.report_sr import sr_series_uid
@@ -224,7 +225,7 @@ def finish_study(
     report = ReportRef(outputs[0].sop_instance_uid, sr_series_uid(first_study, model.manifest))
     if secondary_capture:
         for i, (a, f) in enumerate(zip(analysed, findings, strict=True)):
-            outputs.append(write_sc(a.dataset, a.prepared.display, f, model.manifest, out_dir, index=i))
+            outputs.append(write_fast_sc(a.dataset, a.prepared.display, f, model.manifest, out_dir, index=i))
     logger.info(
         "study analysed: %d image(s), %d present, %d ignored, %d result file(s)",
         len(findings),

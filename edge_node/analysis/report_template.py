@@ -22,17 +22,13 @@ import datetime
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import highdicom as hd
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, DS, TM
@@ -46,6 +42,7 @@ from edge_node.analysis.report_sr import (
     sr_series_uid,
 )
 from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.result_parts import acquisition_equipment, encoded, mark_encoded, patient_study_tags
 from edge_node.analysis.result_uids import result_uid
 from edge_node.analysis.source_view import for_highdicom, restore_source
 from edge_node.protocol.manifest import Manifest
@@ -84,88 +81,9 @@ _IMAGING_MEASUREMENTS = "126010"  # DCM: the container that holds the measuremen
 _PROBE_CLASS = str(CTImageStorage)
 
 
-@cache
-def _patient_study_tags(sop_class_uid: str) -> tuple[BaseTag, ...]:
-    """The root attributes of the Patient and Study IEs of ``sop_class_uid``'s IOD, in highdicom's order.
-
-    highdicom's ``copy_patient_and_study_information`` copies these; its tables of the standard are the
-    source, so the two agree whatever the source's IOD.
-    """
-    from highdicom._standard_utils import (  # the tables highdicom itself uses
-        get_iod_module_map,
-        get_module_attribute_map,
-        get_sop_class_iod_map,
-    )
-
-    iod = get_sop_class_iod_map()[sop_class_uid]
-    modules = get_module_attribute_map()
-    tags: list[BaseTag] = []
-    for ie in ("Patient", "Study"):
-        for module in get_iod_module_map()[iod]:
-            if module["ie"] != ie:
-                continue
-            for item in modules[module["key"]]:
-                tag = tag_for_keyword(str(item["keyword"]))
-                if not item["path"] and tag is not None:
-                    tags.append(BaseTag(tag))
-    return tuple(tags)
-
-
-@cache
-def _is_image_class(sop_class_uid: str) -> bool:
-    from highdicom._standard_utils import does_iod_have_pixel_data  # highdicom's own test, once per class
-
-    try:
-        return bool(does_iod_have_pixel_data(sop_class_uid))
-    except KeyError:  # a class highdicom's tables do not know
-        return False
-
-
-def _acquisition_equipment(source: Dataset) -> Dataset | None:
-    """The source's acquisition equipment as highdicom's ``for_image_acquisition`` describes it, or None.
-
-    The same item, with the image-IOD test done once per SOP class instead of once per study (it scans
-    highdicom's tables, ~4 ms). None where highdicom names no equipment: not an image, or no manufacturer.
-    """
-    manufacturer = source.get("Manufacturer")
-    if not manufacturer or not _is_image_class(str(source.SOPClassUID)):
-        return None
-    when = source.get("AcquisitionDateTime")
-    if when is None:
-        day, moment = source.get("AcquisitionDate"), source.get("AcquisitionTime")
-        if isinstance(day, datetime.date) and isinstance(moment, datetime.time):
-            when = datetime.datetime.combine(day, moment)
-    return hd.ContributingEquipment(
-        manufacturer=manufacturer,
-        purpose_of_reference=codes.DCM.AcquisitionEquipment,
-        manufacturer_model_name=source.get("ManufacturerModelName"),
-        software_versions=source.get("SoftwareVersions"),
-        device_serial_number=source.get("DeviceSerialNumber"),
-        institution_name=source.get("InstitutionName"),
-        institutional_department_name=source.get("InstitutionalDepartmentName"),
-        institution_address=source.get("InstitutionAddress"),
-        station_name=source.get("StationName"),
-        contribution_datetime=when,
-        contribution_description="Acquisition equipment of the source image(s)",
-    )
-
-
 def _code(item: Dataset) -> str:
     names = item.get("ConceptNameCodeSequence")
     return str(names[0].CodeValue) if names else ""
-
-
-_LONG_HEADER_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
-
-
-def _encoded(elem: DataElement) -> RawDataElement:
-    """``elem`` encoded once (explicit VR little endian, as results are written): pydicom writes raw as is."""
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_data_element(fp, elem)
-    header = 12 if elem.VR in _LONG_HEADER_VRS else 8
-    value = fp.getvalue()[header:]
-    return RawDataElement(elem.tag, elem.VR, len(value), value, 0, False, True)
 
 
 def _prepared(ds: Dataset, values: frozenset[str], computed: frozenset[BaseTag]) -> Dataset:
@@ -179,24 +97,10 @@ def _prepared(ds: Dataset, values: frozenset[str], computed: frozenset[BaseTag])
             if any(_changing(i) for i in items):
                 out.add(DataElement(elem.tag, "SQ", DicomSequence(items)))
             else:
-                out[elem.tag] = _encoded(elem)
+                out[elem.tag] = encoded(elem)
         else:
-            out[elem.tag] = _encoded(elem)
+            out[elem.tag] = encoded(elem)
     return out
-
-
-def _as_encoded(ds: Dataset) -> None:
-    """Declare ``ds`` and its items already in the encoding results are written in.
-
-    pydicom decodes every raw element of a dataset (to re-encode it) unless the dataset says it was read in
-    the transfer syntax and character set it is written in. The shared elements are explicit VR little
-    endian and ASCII, which every character set a source may name leaves unchanged.
-    """
-    ds.set_original_encoding(False, True, ds._character_set)
-    for _, elem in ds.items():
-        if isinstance(elem, DataElement) and elem.VR == "SQ":
-            for item in elem.value:
-                _as_encoded(item)
 
 
 def _shallow(ds: Dataset) -> Dataset:
@@ -248,15 +152,15 @@ class ReportTemplate:
         self._probe = self._probe_source()
         ref = build_sr([self._probe], [self._probe_finding("", True, frames=False)], manifest)
         self._file_meta = ref.file_meta
-        own = set(_patient_study_tags(_PROBE_CLASS))
-        self._shared = [_encoded(e) for e in ref if e.tag not in _PER_DOCUMENT and e.tag not in own]
+        own = set(patient_study_tags(_PROBE_CLASS))
+        self._shared = [encoded(e) for e in ref if e.tag not in _PER_DOCUMENT and e.tag not in own]
         root = list(ref.ContentSequence)
         last = next(i for i, item in enumerate(root) if _code(item) == _IMAGING_MEASUREMENTS)
         container = root[last]
         nothing: frozenset[str] = frozenset()
         self._root_before = [_prepared(i, nothing, frozenset()) for i in root[:last]]
         self._root_after = [_prepared(i, nothing, frozenset()) for i in root[last + 1 :]]
-        self._container = [_encoded(e) for e in container if e.tag != _CONTENT_SEQUENCE]
+        self._container = [encoded(e) for e in container if e.tag != _CONTENT_SEQUENCE]
         probe_uid = str(self._probe.SOPInstanceUID)
         probe_study = str(self._probe.StudyInstanceUID)
         mid, version = manifest.model_id, manifest.model_version
@@ -388,11 +292,11 @@ class ReportTemplate:
         charset = first.get("SpecificCharacterSet")
         if charset is not None:  # highdicom takes the character set of the first evidence
             sr.SpecificCharacterSet = charset
-        for tag in _patient_study_tags(str(first.SOPClassUID)):
+        for tag in patient_study_tags(str(first.SOPClassUID)):
             if tag in first:
                 sr.add(first[tag])
         equipment: list[Dataset] = []
-        acquisition = _acquisition_equipment(first)
+        acquisition = acquisition_equipment(first)
         if acquisition is not None:
             equipment.append(acquisition)
         equipment.append(hd.ContributingEquipment.for_highdicom())
@@ -407,7 +311,7 @@ class ReportTemplate:
         meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         sr.file_meta = meta
-        _as_encoded(sr)
+        mark_encoded(sr)
         return sr
 
 

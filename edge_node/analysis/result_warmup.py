@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from edge_node.analysis.capture_sc import build_sc
+from edge_node.analysis.capture_template import fast_sc
 from edge_node.analysis.findings import Finding
 from edge_node.analysis.report_template import fast_sr
 from edge_node.protocol.manifest import Manifest
@@ -57,5 +57,5 @@ def warm_up_results(manifest: Manifest) -> float:
         present=False,
     )
     fast_sr([source], [finding], manifest)  # builds the model's SR template
-    build_sc(source, np.zeros((8, 8), dtype=np.float64), finding, manifest, 0)
+    fast_sc(source, np.zeros((8, 8), dtype=np.float64), finding, manifest, 0)  # and its SC template
     return time.perf_counter() - t0

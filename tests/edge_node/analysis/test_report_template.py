@@ -1,4 +1,4 @@
-"""The fast SR equals highdicom's own construction, and every SR and SC the node builds passes dciodvfy.
+"""The fast SR and SC equal highdicom's own construction, and every SR and SC the node builds passes dciodvfy.
 
 Real inputs: every DICOM image in the shared data that highdicom takes as SR evidence, studies made by
 ``fedclinic-hub data dicomize``, minimal (Type 1 only) CR and DX headers, odd but legal names under UTF-8.
@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from edge_node.analysis.capture_sc import build_sc
+from edge_node.analysis.capture_template import fast_sc
 from edge_node.analysis.findings import Finding
 from edge_node.analysis.report_sr import build_sr, save_sr
 from edge_node.analysis.report_template import ReportTemplate, fast_sr
@@ -32,7 +33,15 @@ pytestmark = pytest.mark.slow
 
 #: Set by the clock, not by the inputs: the only elements allowed to differ.
 TIMES = frozenset(
-    {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "ContributionDateTime"}
+    {
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "ContentDate",
+        "ContentTime",
+        "ContributionDateTime",
+        "DateOfSecondaryCapture",
+        "TimeOfSecondaryCapture",
+    }
 )
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_IMAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -162,6 +171,23 @@ def test_the_fast_sr_equals_highdicoms_for_real_and_minimal_headers(
     assert compared >= 2 * 80  # the shared data holds 87 images
 
 
+def test_the_fast_sc_equals_highdicoms_for_real_and_minimal_headers(
+    shared_data: Path, dicomized: list[Dataset], binary: Manifest
+) -> None:
+    compared = 0
+    for n, (name, ds) in enumerate(_sources(shared_data, dicomized)):
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        finding = _finding(ds, binary, present=n % 2 == 0, score=0.31 + n / 1000, frame=frames - 1)
+        display = np.linspace(0, 1, 40 * 30).reshape(40, 30)
+        reference = build_sc(ds, display, finding, binary, n)
+        fast = fast_sc(ds, display, finding, binary, n)
+        assert differences(fast, reference) == [], name
+        assert differences(fast.file_meta, reference.file_meta) == [], name
+        assert differences(_written(fast), _written(reference)) == [], name
+        compared += 1
+    assert compared >= 80
+
+
 def test_several_findings_frames_multiclass_and_a_predecessor(shared_data: Path, tmp_path: Path) -> None:
     manifest = make_bundle(tmp_path / "multi", kind="multiclass").manifest
     root = shared_data / "dicom" / "pydicom_testfiles" / "dicomdirtests" / "77654033"
@@ -241,7 +267,7 @@ def test_every_sr_and_sc_passes_dciodvfy(
     for n, (name, ds) in enumerate(_sources(shared_data, dicomized)):
         finding = _finding(ds, binary, present=n % 2 == 0, score=0.25 + n / 100)
         sr = fast_sr([ds], [finding], binary)
-        sc = build_sc(ds, np.linspace(0, 1, 64 * 48).reshape(64, 48), finding, binary, 0)
+        sc = fast_sc(ds, np.linspace(0, 1, 64 * 48).reshape(64, 48), finding, binary, 0)
         sc_path = tmp_path / f"sc-{n}.dcm"
         sc.save_as(sc_path, enforce_file_format=True)
         for kind, path in (("SR", save_sr(sr, tmp_path).path), ("SC", sc_path)):
