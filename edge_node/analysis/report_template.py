@@ -72,12 +72,11 @@ _PER_DOCUMENT = frozenset(
     )
 )
 _CONTENT_SEQUENCE = BaseTag(0x0040A730)
-_CONCEPT_NAME = BaseTag(0x0040A043)
 _FRAME_NUMBER = BaseTag(0x00081160)
 _MEASURED_VALUE = BaseTag(0x0040A300)
 _FIRST_IDENTIFIER = "finding 1"  # the tracking identifier report_sr gives the first finding
 _IMAGING_MEASUREMENTS = "126010"  # DCM: the container that holds the measurement groups (TID 1500)
-#: A probe study: CT, one of the classes highdicom knows, frames so that frame references are present.
+#: The probe study's class: one highdicom knows (its references are replaced by each finding's).
 _PROBE_CLASS = str(CTImageStorage)
 
 
@@ -166,7 +165,6 @@ class ReportTemplate:
         mid, version = manifest.model_id, manifest.model_version
         self._tracking = result_uid("sr-tracking", probe_study, mid, version, probe_uid, "0")
         self._sentinels = frozenset({probe_uid, _PROBE_CLASS, self._tracking, _FIRST_IDENTIFIER})
-        self._root = ref
         self._groups: dict[_GroupKey, Dataset] = {}
         self._lock = threading.Lock()
 
