@@ -781,8 +781,6 @@ def page(config: ConfigOption = None) -> None:
 
     from edge_node.page.server import ClinicianPage, PageConfig
 
-    if settings.page_port is None:
-        raise _fail(ConfigError("page_port is not set: the page is switched off in the settings"), EXIT_USAGE)
     state = _open_state(settings)
     page_server = ClinicianPage(PageConfig.from_settings(settings), state.db)
     try:

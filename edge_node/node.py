@@ -91,9 +91,9 @@ class Node:
             on_complete=self.worker.wake,
         )
         self.page = (
-            None
-            if settings.page_port is None
-            else ClinicianPage(PageConfig.from_settings(settings), self.state.db)
+            ClinicianPage(PageConfig.from_settings(settings), self.state.db)
+            if settings.page_enabled
+            else None
         )
         self.lock = NodeLock(settings.data_dir)
         self._stopped = threading.Event()
@@ -189,7 +189,7 @@ class Node:
                 "the clinician page cannot listen on %s:%d (%s); the node runs without it: set page_port"
                 " (FEDCLINIC_EDGE_PAGE_PORT) to a free port",
                 self.settings.page_host,
-                self.settings.page_port or 0,
+                self.settings.page_port,
                 exc.strerror,
             )
             self.page = None

@@ -199,8 +199,10 @@ class EdgeSettings(BaseSettings):
     #: The clinician page (confirm or correct results; what left the clinic): address it listens on.
     #: Loopback by default; any other address needs page_password_hash.
     page_host: str = "127.0.0.1"
-    #: The page's TCP port (0 picks a free one, logged at start; none: no page).
-    page_port: int | None = Field(default=8480, ge=0, le=65535)
+    #: Serve the clinician page in `fedclinic-edge serve`.
+    page_enabled: bool = True
+    #: The page's TCP port (0 picks a free one, logged at start).
+    page_port: int = Field(default=8480, ge=0, le=65535)
     #: scrypt hash of the page's password, made at install with `fedclinic-edge page-password`. When set,
     #: every request to the page needs the password (user name free).
     page_password_hash: str | None = None
@@ -245,11 +247,11 @@ class EdgeSettings(BaseSettings):
     @field_validator("page_password_hash")
     @classmethod
     def _check_page_password(cls, value: str | None, info: ValidationInfo) -> str | None:
-        # Runs for the default too (validate_default), after page_host and page_port (declared before it).
+        # Runs for the default too (validate_default), after page_host and page_enabled (declared before it).
         if value is not None and not is_password_hash(value):
             raise ValueError("not a hash made by `fedclinic-edge page-password` (scrypt$N$r$p$salt$hash)")
-        host, port = info.data.get("page_host", "127.0.0.1"), info.data.get("page_port")
-        if value is None and port is not None and not is_loopback(str(host)):
+        host, enabled = info.data.get("page_host", "127.0.0.1"), info.data.get("page_enabled", True)
+        if value is None and enabled and not is_loopback(str(host)):
             raise ValueError(LAN_NEEDS_PASSWORD.format(host=host))
         return value
 

@@ -72,7 +72,7 @@ class PageConfig:
     def from_settings(cls, settings: EdgeSettings) -> PageConfig:
         return cls(
             host=settings.page_host,
-            port=settings.page_port or 0,
+            port=settings.page_port,
             password_hash=settings.page_password_hash,
             data_dir=settings.data_dir,
             results_dir=settings.results_dir,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from PIL import Image
@@ -16,6 +18,7 @@ from PIL import Image
 from edge_node.errors import ConfigError
 from edge_node.page.password import hash_password, verify_password
 from edge_node.page.server import ClinicianPage, PageConfig
+from edge_node.page.thumbnail import study_thumbnail
 from edge_node.protection.floor import PrivacyFloor
 from edge_node.settings import load_settings
 from edge_node.state.database import Database
@@ -218,3 +221,46 @@ def test_a_password_guards_the_page_and_a_lan_bind_needs_one(node_db: NodeState,
     line = made.stdout.strip()
     assert line.startswith('page_password_hash = "scrypt$') and "a long secret" not in made.stdout
     assert verify_password("a long secret", line.split('"')[1])
+
+
+def test_without_a_capture_the_thumbnail_comes_from_the_spooled_image(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    [item] = medmnist_studies("pneumoniamnist", "test", [7], tmp_path / "spool", root=shared_data)
+    state = NodeState.open(tmp_path / "edge.sqlite3")
+    try:
+        study_id, _ = state.ingest.record_instance(
+            InstanceRecord(
+                item.study_instance_uid,
+                item.series_instance_uid,
+                item.sop_instance_uid,
+                "1.2.840.10008.5.1.4.1.1.1",
+                "1.2.840.10008.1.2.1",
+                "CR",
+                item.path,
+                10,
+                "TESTSCU",
+            )
+        )
+        png = study_thumbnail(state.db, tmp_path / "results", study_id)
+    finally:
+        state.close()
+    assert png is not None
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.size == (112, 112)  # 28 px enlarged 4x for a person to see
+    want = pydicom.dcmread(item.path).pixel_array
+    # A nearest-neighbour enlargement of a linear stretch: every 4th pixel is the source image, rescaled.
+    got = np.asarray(image)[::4, ::4].astype(np.float64)
+    assert np.corrcoef(got.ravel(), want.astype(np.float64).ravel())[0, 1] > 0.999
+
+
+def test_a_node_whose_page_port_is_taken_still_serves_its_pacs(
+    edge_factory: Callable[..., EdgeProcess], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        edge = edge_factory(page_port=taken.getsockname()[1])
+        edge.start()  # returns once the DICOM listener answers C-ECHO
+        assert "the clinician page cannot listen on 127.0.0.1" in edge.log_text()
+        assert edge.stop() == 0
