@@ -271,7 +271,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path == "/api/studies":
             raw = parse_qs(url.query).get("limit", ["50"])[0]
             limit = int(raw) if raw.isdigit() else 50
-            self._json(HTTPStatus.OK, owner.studies(max(1, min(limit, 500))))
+            self._json(HTTPStatus.OK, owner.studies(max(1, min(limit, 5000))))
         elif url.path == "/api/updates":
             self._json(HTTPStatus.OK, owner.updates())
         elif url.path.startswith("/thumbnails/") and url.path.endswith(".png"):
