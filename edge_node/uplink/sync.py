@@ -27,6 +27,10 @@ from pydantic import ValidationError
 from edge_node import __version__
 from edge_node.errors import ConfigError, EdgeError, ModelError
 from edge_node.inference.model_slot import ModelSlot
+from edge_node.inference.personal_head import PersonalHeadStore
+from edge_node.learning.dispatch import Learners, LearningRefused
+from edge_node.learning.dispatch import answer as answer_with_learners
+from edge_node.learning.training_set import LabeledInstance
 from edge_node.protection.errors import TaskRefused
 from edge_node.protection.gate import PrivacyGate
 from edge_node.protocol.errors import EncodingError, ProtocolError, PublicationError
@@ -50,7 +54,7 @@ from edge_node.uplink.credential import NodeCredential, uplink_dir
 from edge_node.uplink.errors import HubRefusedError, PinningError, UplinkError
 from edge_node.uplink.outbox import UpdateOutbox
 from edge_node.uplink.state import StateFile
-from edge_node.uplink.tasks import LocalStats, TaskError, answer_task
+from edge_node.uplink.tasks import LocalStats, TaskError
 from edge_node.uplink.transport import HubTransport
 
 if TYPE_CHECKING:
@@ -84,6 +88,7 @@ class SyncLoop:
         backoff: Backoff | None = None,
         poll_seconds: float = MAX_POLL_SECONDS,
         gate: PrivacyGate | None = None,
+        learners: Learners | None = None,
     ) -> None:
         self.directory = directory
         self.credential = credential
@@ -94,6 +99,8 @@ class SyncLoop:
         self.backoff = backoff or Backoff(base_seconds=1.0, max_seconds=MAX_BACKOFF_SECONDS)
         self.poll_seconds = poll_seconds
         self.gate = gate
+        #: The node's learners (None: it answers only the kinds that need no training).
+        self.learners = learners
         self.outbox = UpdateOutbox(directory / "outbox.sqlite3")
         self.state = StateFile(directory / "state.json")
         self.transport = HubTransport(credential.hub_url, credential.cert_pem, auth=credential.auth())
@@ -287,6 +294,9 @@ class SyncLoop:
             except TaskRefused as exc:  # the budget ran out between the check and the release
                 self._refuse(task, str(exc))
                 continue
+            except LearningRefused as exc:  # too few labels, a model without an embedding: say why
+                self._refuse(task, str(exc))
+                continue
             except TaskError as exc:
                 self._skipped[task.task_id] = str(exc)
                 logger.warning("uplink: task %s (%s) not answered: %s", task.task_id, task.kind.value, exc)
@@ -330,7 +340,7 @@ class SyncLoop:
             model = self.slot.current()
         except (ModelError, ConfigError):
             model = None
-        answer = answer_task(task, params, model, local_stats(self.store))
+        answer = answer_with_learners(task, params, model, local_stats(self.store), self.learners)
         payload = encode_tensors(answer.tensors)
         if len(payload) > task.max_update_bytes:
             raise TaskError(
@@ -412,6 +422,10 @@ def sync_loop_for(settings: EdgeSettings, slot: ModelSlot, store: NodeState) -> 
         return None
     if slot.trusted_keys is None:
         slot.trusted_keys = directory / "hub.pub"
+    learners = Learners(
+        labeled=_no_labels,
+        personal_heads=slot.personal_heads or PersonalHeadStore.in_data_dir(settings.data_dir),
+    )
     return SyncLoop(
         directory,
         credential,
@@ -420,4 +434,10 @@ def sync_loop_for(settings: EdgeSettings, slot: ModelSlot, store: NodeState) -> 
         edge_version=__version__,
         extra_trusted_keys=settings.trusted_keys,
         gate=PrivacyGate.in_data_dir(settings.privacy, settings.data_dir),
+        learners=learners,
     )
+
+
+def _no_labels() -> list[LabeledInstance]:
+    # The node's label store plugs in here; until then a learning task is refused for want of labels.
+    return []
