@@ -133,7 +133,11 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
     train = load_medmnist("pneumoniamnist", "train", shared_data)
     test = load_medmnist("pneumoniamnist", "test", shared_data)
     held_idx = np.arange(HELD_OUT)
-    clinics = {"clinic-unseen": (UNSEEN_PROFILE, 0), "clinic-e": (CLINIC_PROFILES["E"], 1)}
+    clinics = {
+        "clinic-unseen": (UNSEEN_PROFILE, 0),
+        "clinic-e": (CLINIC_PROFILES["E"], 1),
+        "clinic-tiny": (CLINIC_PROFILES["C"], 2),  # four labels: too few to learn from
+    }
     nodes: dict[str, EdgeProcess] = {}
     jobs: dict[str, dict[str, Any]] = {}
     held_rows: list[dict[str, str]] = []
@@ -144,7 +148,8 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
         installed = node.cli("install-bundle", str(found.bundle))
         assert installed.returncode == 0, installed.stderr
         enroll(hub, node, name)
-        idx = np.random.default_rng(seed).choice(train.labels.shape[0], LABELED, replace=False)
+        count = 4 if name == "clinic-tiny" else LABELED
+        idx = np.random.default_rng(seed).choice(train.labels.shape[0], count, replace=False)
         labeled_images = _clinic_images(train.images[idx], profile, seed)
         written = dicomize_images(
             labeled_images, node.root / "labeled", dataset="pneumoniamnist", split="train"
@@ -163,8 +168,15 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
     started = hub.cli_json(
         "rounds", "start", "--strategy", "head_avg", "--model", str(start), "-k", "2", "--deadline", "600"
     )
+    assert len(started["nodes"]) == 3
     round_id = started["round_id"]
     outs = {name: _run_edge_only(node, jobs[name], tmp_path / name) for name, node in nodes.items()}
+    tiny = outs.pop("clinic-tiny")
+    # Too few labels: the node refuses with its reason (the hub records it) and keeps no personal head.
+    (reason,) = tiny["skipped"].values()
+    assert (tiny["answered"], tiny["sent"], tiny["personal"]) == (0, 0, False)
+    assert "only 4 labeled examples" in reason
+    assert not (nodes.pop("clinic-tiny").data_dir / "learning" / "personal_head.npz").exists()
     for name, out in outs.items():
         assert not out["torch_loaded"]
         assert (out["answered"], out["sent"], out["skipped"]) == (1, 1, {}), (name, out["log"][-3000:])
@@ -179,6 +191,8 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
         timeout=120,
     )
     assert done["state"] == "published", done
+    assert done["accepted"] == 2
+    assert [r["reason"] for r in done["refusals"]] == [reason]
     (blob,) = hub.query("SELECT data FROM artifacts WHERE id = :a", {"a": done["result_artifact"]})[0]
     aggregate = decode_tensors(bytes(blob))
     head_names = {manifest.head.weight.name, manifest.head.bias.name}
