@@ -72,7 +72,7 @@ def _protection(
 @app.command("start")
 def start(
     strategy: Annotated[
-        str, typer.Option("--strategy", help="hub.fl strategy (fedavg, …), stats or public_logits.")
+        str, typer.Option("--strategy", help="hub.fl strategy (fedavg, head_avg, …), stats or public_logits.")
     ],
     data_dir: DataDirOption = None,
     model: Annotated[
