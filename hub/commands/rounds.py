@@ -99,14 +99,22 @@ def start(
         CompressionKind, typer.Option("--compression", help="Compression of plain updates.")
     ] = CompressionKind.NONE,
     secagg: Annotated[bool, typer.Option("--secagg", help="Ask for secure aggregation.")] = False,
+    large: Annotated[
+        list[str] | None,
+        typer.Option("--large", help="fedhelp: node id in the large-client role (repeat); others small."),
+    ] = None,
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Open a round: each node gets a task; it closes when all answered, or at the deadline with ≥ k.
+
+    FedHelp: each `--large` node trains a private large model and the small proxy by dual distillation
+    (it needs the torch learner); the others are small clients. Each task's config carries its role.
 
     Nodes check the stated protection (clip, epsilon, compression, secure aggregation, and the round's
     size) against their own privacy floor and refuse a round below it; refusals show in `rounds status`.
     """
     from hub.rounds.controller import RoundController
+    from hub.rounds.plan import LARGE_CLIENTS
     from hub.store.artifacts import store_tensors
 
     settings = settings_for(data_dir)
@@ -121,9 +129,14 @@ def start(
                     fail(f"cannot read {model} as npz tensors: {exc}")
                 with db.session() as session:
                     artifact = store_tensors(session, tensors, note=f"from {model.name}")
+            settings_map = _parse_config(config or [])
+            if large:
+                if strategy != "fedhelp":
+                    fail("--large names FedHelp's large clients; use it with --strategy fedhelp")
+                settings_map[LARGE_CLIENTS] = ",".join(sorted(set(large)))
             request = RoundStart(
                 strategy=strategy,
-                config=_parse_config(config or []),
+                config=settings_map,
                 nodes=nodes or [],
                 min_results=min_results,
                 deadline_s=deadline,

@@ -23,6 +23,7 @@ from hub.rounds.strategy_state import restore_strategy, save_strategy
 
 __all__ = [
     "COLLECTIONS",
+    "LARGE_CLIENTS",
     "LogitsCollection",
     "PlannedTask",
     "RoundPlan",
@@ -164,19 +165,24 @@ class LogitsCollection(RoundPlan):
 
 
 COLLECTIONS = frozenset({"stats", "public_logits"})
+#: FedHelp's setting naming the nodes that take the large-client role (``rounds start --large``).
+LARGE_CLIENTS = "large_clients"
 
 
 def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: Sequence[str]) -> RoundPlan:
     """The plan for a round: a collection by name, else the ``hub.fl`` strategy with these settings.
 
     Strategy settings are the strategy's own keyword arguments; keys ``client.<name>`` become its
-    ``client_config`` (sent to every node with the task).
+    ``client_config`` (sent to every node with the task). ``large_clients`` may be comma-separated text.
     """
     if strategy == "stats":
         return StatsCollection(config)
     if strategy == "public_logits":
         return LogitsCollection(config, start)
     kwargs: dict[str, Any] = {k: v for k, v in config.items() if not k.startswith("client.")}
+    if isinstance(kwargs.get(LARGE_CLIENTS), str):
+        # Round configs hold scalars: FedHelp's large clients travel as comma-separated node ids.
+        kwargs[LARGE_CLIENTS] = [n for n in kwargs[LARGE_CLIENTS].split(",") if n]
     client: Config = {k.removeprefix("client."): v for k, v in config.items() if k.startswith("client.")}
     if client:
         kwargs["client_config"] = client

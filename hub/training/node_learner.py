@@ -1,0 +1,210 @@
+"""``fedclinic-learn WORKDIR``: the torch learner a node runs out of process for ``weights_delta`` tasks.
+
+It reads the files the node's external learner writes (task.json, params.npz, train.npz; docs/learners.md),
+builds the model the task's config names from the registry, fits it with the very learner classes the
+simulation (``bench fl``) uses, and writes update.npz + result.json. Everything a clinic keeps for itself
+between rounds (a FedHelp large client's private model, the proxy's public head, the learner's random
+state) lives in WORKDIR/private/ and is never part of the update.
+
+Task config keys (besides the learner's own: epochs, lr, batch_size, weight_decay, augment, mu, and
+FedHelp's role, rank_weight, rank_margin): ``model`` (registry name of the shared model; default
+``fl_cnn``, ``fedhelp_small`` for FedHelp), ``model.<arg>`` (its factory arguments, e.g. ``model.norm``),
+``large_model`` (a FedHelp large client's private model, default ``fedhelp_large``), ``kl_weight``
+(proxy → large KL weight, 0.1) and ``seed`` (model initialisation and shuffling; default 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+import numpy as np
+import torch
+import typer
+
+from edge_node.protocol.durable_file import write_bytes_durably, write_text_durably
+from edge_node.protocol.errors import EncodingError
+from edge_node.protocol.tensors import decode_tensors, encode_tensors
+from edge_node.protocol.updates import UpdateKind
+from hub.fl.strategy import ClientResult, ClientTask, Config, Params
+from hub.models.fedhelp_nets import FedHelpSmall
+from hub.models.registry import create_model
+from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
+from hub.training.fedhelp_train import fedhelp_learner
+from hub.training.learners import LocalConfig, SupervisedLearner
+
+__all__ = ["LearnerInputError", "NodeTask", "learn", "main"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.npz"
+#: A node's learner has one client id: its updates are named by the hub, not by it.
+CLIENT_ID = "node"
+
+
+class LearnerInputError(ValueError):
+    """The work directory does not hold what the contract says (the message says what)."""
+
+
+class NodeLearner(Protocol):
+    def fit(self, task: ClientTask) -> ClientResult: ...
+
+    def state(self) -> Params: ...
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None: ...
+
+
+@dataclass(frozen=True)
+class NodeTask:
+    """What the node handed over: the task, its params, and the clinic's labeled images."""
+
+    kind: UpdateKind
+    round: int
+    strategy: str
+    config: Config
+    expected: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]
+    params: Params
+    data: ClinicData
+
+    @classmethod
+    def read(cls, workdir: Path) -> NodeTask:
+        try:
+            doc = json.loads((workdir / "task.json").read_text())
+            params = decode_tensors((workdir / "params.npz").read_bytes())
+            train = decode_tensors((workdir / "train.npz").read_bytes())
+        except (OSError, ValueError, EncodingError) as exc:
+            raise LearnerInputError(f"cannot read the task in {workdir}: {exc}") from exc
+        try:
+            kind = UpdateKind(doc["kind"])
+            expected = {
+                e["name"]: (tuple(int(d) for d in e["shape"]), np.dtype(e["dtype"])) for e in doc["expected"]
+            }
+            x, y = train["x"], train["y"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LearnerInputError(f"task.json or train.npz does not follow the contract: {exc}") from exc
+        if x.dtype != np.float32 or x.ndim != 4 or y.dtype != np.int64 or y.shape != (x.shape[0],):
+            raise LearnerInputError(
+                f"train.npz needs x float32 (N, C, H, W) and y int64 (N,); got {x.dtype} {list(x.shape)} and "
+                f"{y.dtype} {list(y.shape)}"
+            )
+        if not set(np.unique(y).tolist()) <= {0, 1}:
+            raise LearnerInputError("the torch learner trains binary tasks: labels must be 0 or 1")
+        return cls(
+            kind=kind,
+            round=int(doc["round"]),
+            strategy=str(doc.get("strategy", "")),
+            config=dict(doc.get("config", {})),
+            expected=expected,
+            params=params,
+            data=clinic_data(x, y),
+        )
+
+
+def clinic_data(x: np.ndarray, y: np.ndarray) -> ClinicData:
+    """The node's inputs (preprocessed as for inference, (x − mean) / std) as the learners' [0, 1] images.
+
+    The learners augment in [0, 1] and normalise themselves, so the inference normalisation is undone here.
+    """
+    x01 = torch.from_numpy(np.asarray(x, dtype=np.float32) * NORM_STD + NORM_MEAN)  # (N, C, H, W)
+    labels = torch.from_numpy(np.asarray(y).astype(np.float32))  # (N,)
+    empty = x01[:0]
+    return ClinicData("node", x01, labels, empty, labels[:0])
+
+
+def _model_args(config: Config) -> dict[str, Any]:
+    return {k.removeprefix("model."): v for k, v in config.items() if k.startswith("model.")}
+
+
+def build_learner(config: Config, data: ClinicData, seed: int) -> NodeLearner:
+    """The simulation's learner for the role in ``config``, its models initialised under ``seed``."""
+    default = LocalConfig.from_task(config, LocalConfig())
+    role = config.get("role")
+    torch.manual_seed(seed)
+    if isinstance(role, str):
+        model = create_model(str(config.get("model", "fedhelp_small")), **_model_args(config))
+        if not isinstance(model, FedHelpSmall):
+            raise LearnerInputError(f"a FedHelp task needs a FedHelp small model, not {type(model).__name__}")
+        if role == "small":
+            raise LearnerInputError(
+                "the FedHelp small role needs the public set and its foundation soft labels, which this "
+                "node has not received"
+            )
+        return fedhelp_learner(
+            role,
+            CLIENT_ID,
+            model,
+            data,
+            default,
+            seed,
+            large_model=str(config.get("large_model", "fedhelp_large")),
+            kl_weight=float(config.get("kl_weight", 0.1)),
+        )
+    model = create_model(str(config.get("model", "fl_cnn")), **_model_args(config))
+    return SupervisedLearner(CLIENT_ID, model, data, default, seed)
+
+
+def _check_update(update: Params, expected: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]]) -> Params:
+    missing = sorted(set(expected) - set(update))
+    if missing:
+        raise LearnerInputError(f"the model has no tensors {missing[:5]} that the task expects")
+    out: Params = {}
+    for name, (shape, dtype) in expected.items():
+        arr = np.asarray(update[name])
+        if arr.shape != shape:
+            raise LearnerInputError(f"{name!r} has shape {list(arr.shape)}, the task expects {list(shape)}")
+        out[name] = arr.astype(dtype, copy=False)
+    return out
+
+
+def learn(workdir: Path) -> ClientResult:
+    """Answer the task in ``workdir``: fit, write update.npz and result.json, keep private/ for next time."""
+    task = NodeTask.read(workdir)
+    if task.kind is not UpdateKind.WEIGHTS_DELTA:
+        raise LearnerInputError(f"the torch learner answers weights_delta, not {task.kind.value}")
+    private = workdir / "private"
+    private.mkdir(mode=0o700, exist_ok=True)
+    learner = build_learner(task.config, task.data, int(task.config.get("seed", 0)))
+    state_path = private / STATE_FILE
+    if state_path.is_file():
+        learner.restore(decode_tensors(state_path.read_bytes()))
+    client_task = ClientTask(CLIENT_ID, task.round, task.kind, task.params, task.config)
+    result = learner.fit(client_task)
+    update = _check_update(result.update, task.expected)
+    write_bytes_durably(state_path, encode_tensors(learner.state(), compress=False))
+    write_bytes_durably(workdir / "update.npz", encode_tensors(update, compress=False))
+    metrics = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
+    write_text_durably(
+        workdir / "result.json", json.dumps({"num_examples": result.num_examples, "metrics": metrics})
+    )
+    return result
+
+
+app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0] if __doc__ else None)
+
+
+@app.command()
+def run(
+    workdir: Annotated[Path, typer.Argument(help="The node's learner work directory.", file_okay=False)],
+) -> None:
+    """Train on the task in WORKDIR and write its update (the node runs this; docs/learners.md)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result = learn(workdir)
+    except (LearnerInputError, KeyError) as exc:
+        typer.echo(f"fedclinic-learn: {exc}", err=True)
+        raise typer.Exit(2) from None
+    log.info("round %d: trained on %d examples", result.round, result.num_examples)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
