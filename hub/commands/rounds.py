@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -38,6 +39,20 @@ def _parse_config(pairs: list[str]) -> dict[str, float | int | str | bool]:
             fail(f"--config {key}: only numbers, true/false and text are allowed")
         out[key] = value
     return out
+
+
+def _public_tensors(path: Path) -> dict[str, np.ndarray]:
+    """``--public``: x and soft_labels from the npz, named as the round's plan expects them."""
+    from hub.rounds.plan import PUBLIC_PREFIX
+
+    try:
+        arrays = decode_tensors(path.read_bytes())
+    except (OSError, EncodingError) as exc:
+        fail(f"cannot read {path} as npz tensors: {exc}")
+    missing = sorted({"x", "soft_labels"} - set(arrays))
+    if missing:
+        fail(f"{path} lacks {missing}: the public set is x (N, C, H, W) and soft_labels (N, K)")
+    return {PUBLIC_PREFIX + "x": arrays["x"], PUBLIC_PREFIX + "soft_labels": arrays["soft_labels"]}
 
 
 def _table(rounds: Sequence[RoundInfo]) -> Table:
@@ -103,6 +118,14 @@ def start(
         list[str] | None,
         typer.Option("--large", help="fedhelp: node id in the large-client role (repeat); others small."),
     ] = None,
+    public: Annotated[
+        Path | None,
+        typer.Option(
+            "--public",
+            help="fedhelp: npz of the public set (x, as preprocessed for inference) and its foundation "
+            "soft_labels, shipped once to the small clients of this round.",
+        ),
+    ] = None,
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Open a round: each node gets a task; it closes when all answered, or at the deadline with ≥ k.
@@ -127,8 +150,12 @@ def start(
                     tensors = decode_tensors(model.read_bytes())
                 except (OSError, EncodingError) as exc:
                     fail(f"cannot read {model} as npz tensors: {exc}")
+                if public is not None:
+                    tensors.update(_public_tensors(public))
                 with db.session() as session:
                     artifact = store_tensors(session, tensors, note=f"from {model.name}")
+            elif public is not None:
+                fail("--public ships with the round's starting model: pass --model as well")
             settings_map = _parse_config(config or [])
             if large:
                 if strategy != "fedhelp":

@@ -24,6 +24,7 @@ from hub.rounds.strategy_state import restore_strategy, save_strategy
 __all__ = [
     "COLLECTIONS",
     "LARGE_CLIENTS",
+    "PUBLIC_PREFIX",
     "LogitsCollection",
     "PlannedTask",
     "RoundPlan",
@@ -63,11 +64,18 @@ class RoundPlan(ABC):
 
 
 class StrategyPlan(RoundPlan):
-    def __init__(self, strategy: Strategy, start: Params, nodes: Sequence[str]) -> None:
+    """A ``hub.fl`` strategy's round. ``public``: the public set and its foundation soft labels
+    (``public/x``, ``public/soft_labels``), shipped with this round's tasks of FedHelp small clients only;
+    nodes keep them, so the operator ships them once (never part of what a node sends back)."""
+
+    def __init__(
+        self, strategy: Strategy, start: Params, nodes: Sequence[str], public: Params | None = None
+    ) -> None:
         self.strategy = strategy
         self.kind = strategy.update_kind
         self.name = strategy.name
         self.max_norm = getattr(strategy, "max_norm", None)
+        self.public = _checked_public(public or {})
         restore_strategy(strategy, start, nodes)
 
     def tasks(self, number: int, nodes: Sequence[str]) -> list[PlannedTask]:
@@ -75,7 +83,10 @@ class StrategyPlan(RoundPlan):
         for task in self.strategy.configure_round(number, nodes):
             self.kind = task.kind
             config = {k: v for k, v in task.config.items() if isinstance(v, (bool, int, float, str))}
-            out.append(PlannedTask(task.client_id, task.params, spec_of(task.params), config))
+            params = task.params
+            if self.public and config.get("role") == "small":
+                params = {**task.params, **self.public}  # expected stays the strategy's tensors only
+            out.append(PlannedTask(task.client_id, params, spec_of(task.params), config))
         return out
 
     def aggregate(
@@ -165,6 +176,30 @@ class LogitsCollection(RoundPlan):
 
 
 COLLECTIONS = frozenset({"stats", "public_logits"})
+#: Starting tensors under this prefix are FedHelp's public set, not model tensors (``rounds start --public``).
+PUBLIC_PREFIX = "public/"
+
+
+def _checked_public(public: Params) -> Params:
+    """``public/x`` float32 (N, C, H, W) preprocessed as for inference, ``public/soft_labels`` (N, K)."""
+    if not public:
+        return {}
+    x, soft = public.get(PUBLIC_PREFIX + "x"), public.get(PUBLIC_PREFIX + "soft_labels")
+    extra = sorted(set(public) - {PUBLIC_PREFIX + "x", PUBLIC_PREFIX + "soft_labels"})
+    if x is None or soft is None or extra:
+        raise StrategyConfigError(
+            f"the public set needs exactly {PUBLIC_PREFIX}x and {PUBLIC_PREFIX}soft_labels, "
+            f"got {sorted(public)}"
+        )
+    if x.dtype != np.float32 or x.ndim != 4 or soft.dtype != np.float32 or soft.ndim != 2:
+        raise StrategyConfigError("public x must be float32 (N, C, H, W) and soft_labels float32 (N, K)")
+    if x.shape[0] != soft.shape[0] or x.shape[0] == 0:
+        raise StrategyConfigError(f"{x.shape[0]} public images but {soft.shape[0]} soft labels")
+    if not np.allclose(soft.sum(axis=1), 1.0, atol=1e-3) or np.any(soft < 0):
+        raise StrategyConfigError("public soft labels must be class probabilities (rows summing to 1)")
+    return {PUBLIC_PREFIX + "x": x, PUBLIC_PREFIX + "soft_labels": soft}
+
+
 #: FedHelp's setting naming the nodes that take the large-client role (``rounds start --large``).
 LARGE_CLIENTS = "large_clients"
 
@@ -187,6 +222,8 @@ def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: S
     if client:
         kwargs["client_config"] = client
     built = make_strategy(strategy, **kwargs)
-    if not start:
+    model = {k: v for k, v in start.items() if not k.startswith(PUBLIC_PREFIX)}
+    public = {k: v for k, v in start.items() if k.startswith(PUBLIC_PREFIX)}
+    if not model:
         raise StrategyConfigError(f"a {strategy} round needs starting tensors: pass a model artifact")
-    return StrategyPlan(built, start, nodes)
+    return StrategyPlan(built, model, nodes, public)

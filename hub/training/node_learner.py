@@ -10,7 +10,9 @@ Task config keys (besides the learner's own: epochs, lr, batch_size, weight_deca
 FedHelp's role, rank_weight, rank_margin): ``model`` (registry name of the shared model; default
 ``fl_cnn``, ``fedhelp_small`` for FedHelp), ``model.<arg>`` (its factory arguments, e.g. ``model.norm``),
 ``large_model`` (a FedHelp large client's private model, default ``fedhelp_large``), ``kl_weight``
-(proxy → large KL weight, 0.1) and ``seed`` (model initialisation and shuffling; default 0).
+(proxy → large KL weight, 0.1) and ``seed`` (model initialisation and shuffling; default 0). A FedHelp
+small client trains toward the foundation soft labels of the public set the hub shipped once (params
+``public/x``, ``public/soft_labels``), which the learner keeps in WORKDIR/public.npz for later rounds.
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
 from hub.training.fedhelp_train import fedhelp_learner
 from hub.training.learners import LocalConfig, SupervisedLearner
 
-__all__ = ["LearnerInputError", "NodeTask", "learn", "main"]
+__all__ = ["LearnerInputError", "NodeTask", "PublicSet", "build_learner", "clinic_data", "learn", "main"]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.npz"
+#: FedHelp's public set as last shipped (public data: kept beside, not inside, private/).
+PUBLIC_FILE = "public.npz"
+#: Task params under this prefix are the public set, not model tensors (the hub's ``rounds start --public``).
+PUBLIC_PREFIX = "public/"
 #: A node's learner has one client id: its updates are named by the hub, not by it.
 CLIENT_ID = "node"
 
@@ -121,7 +127,38 @@ def _model_args(config: Config) -> dict[str, Any]:
     return {k.removeprefix("model."): v for k, v in config.items() if k.startswith("model.")}
 
 
-def build_learner(config: Config, data: ClinicData, seed: int) -> NodeLearner:
+@dataclass(frozen=True)
+class PublicSet:
+    """FedHelp's public images in [0, 1] (N, C, H, W) and their one-time foundation soft labels (N, K)."""
+
+    x01: torch.Tensor
+    soft_labels: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, x: np.ndarray, soft_labels: np.ndarray) -> PublicSet:
+        """From the shipped arrays: images preprocessed as for inference, like train.npz."""
+        return cls(clinic_data(x, np.zeros(len(x), np.int64)).train_x, torch.from_numpy(soft_labels))
+
+
+def _public_set(workdir: Path, params: Params) -> PublicSet | None:
+    """The public set shipped with this task (kept for later rounds), else the one kept from before."""
+    path = workdir / PUBLIC_FILE
+    shipped = {k: v for k, v in params.items() if k.startswith(PUBLIC_PREFIX)}
+    if shipped:
+        x, soft = shipped.get(PUBLIC_PREFIX + "x"), shipped.get(PUBLIC_PREFIX + "soft_labels")
+        if x is None or soft is None or x.ndim != 4 or soft.ndim != 2 or len(x) != len(soft):
+            raise LearnerInputError("the shipped public set needs public/x (N, C, H, W), public/soft_labels")
+        write_bytes_durably(path, encode_tensors({"x": x, "soft_labels": soft}, compress=False))
+        return PublicSet.from_arrays(x, soft)
+    if path.is_file():
+        kept = decode_tensors(path.read_bytes())
+        return PublicSet.from_arrays(kept["x"], kept["soft_labels"])
+    return None
+
+
+def build_learner(
+    config: Config, data: ClinicData, seed: int, public: PublicSet | None = None
+) -> NodeLearner:
     """The simulation's learner for the role in ``config``, its models initialised under ``seed``."""
     default = LocalConfig.from_task(config, LocalConfig())
     role = config.get("role")
@@ -130,10 +167,10 @@ def build_learner(config: Config, data: ClinicData, seed: int) -> NodeLearner:
         model = create_model(str(config.get("model", "fedhelp_small")), **_model_args(config))
         if not isinstance(model, FedHelpSmall):
             raise LearnerInputError(f"a FedHelp task needs a FedHelp small model, not {type(model).__name__}")
-        if role == "small":
+        if role == "small" and public is None:
             raise LearnerInputError(
                 "the FedHelp small role needs the public set and its foundation soft labels, which this "
-                "node has not received"
+                "node has not received (the hub ships them with a round started with --public)"
             )
         return fedhelp_learner(
             role,
@@ -144,6 +181,8 @@ def build_learner(config: Config, data: ClinicData, seed: int) -> NodeLearner:
             seed,
             large_model=str(config.get("large_model", "fedhelp_large")),
             kl_weight=float(config.get("kl_weight", 0.1)),
+            public_x=public.x01 if public is not None else None,
+            soft_labels=public.soft_labels if public is not None else None,
         )
     model = create_model(str(config.get("model", "fl_cnn")), **_model_args(config))
     return SupervisedLearner(CLIENT_ID, model, data, default, seed)
@@ -169,11 +208,13 @@ def learn(workdir: Path) -> ClientResult:
         raise LearnerInputError(f"the torch learner answers weights_delta, not {task.kind.value}")
     private = workdir / "private"
     private.mkdir(mode=0o700, exist_ok=True)
-    learner = build_learner(task.config, task.data, int(task.config.get("seed", 0)))
+    public = _public_set(workdir, task.params)
+    params = {k: v for k, v in task.params.items() if not k.startswith(PUBLIC_PREFIX)}
+    learner = build_learner(task.config, task.data, int(task.config.get("seed", 0)), public)
     state_path = private / STATE_FILE
     if state_path.is_file():
         learner.restore(decode_tensors(state_path.read_bytes()))
-    client_task = ClientTask(CLIENT_ID, task.round, task.kind, task.params, task.config)
+    client_task = ClientTask(CLIENT_ID, task.round, task.kind, params, task.config)
     result = learner.fit(client_task)
     update = _check_update(result.update, task.expected)
     write_bytes_durably(state_path, encode_tensors(learner.state(), compress=False))

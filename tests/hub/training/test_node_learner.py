@@ -19,11 +19,12 @@ from edge_node.learning.training_set import TrainingSet
 from edge_node.protocol.wire import Task, TaskState, TensorShape
 from edge_node.uplink.tasks import TaskError
 from hub.data.medmnist import load_medmnist
+from hub.fl.averaging import DeltaAveraging
 from hub.fl.registry import make_strategy
-from hub.fl.strategy import ClientResult, ClientTask, Params, Strategy
+from hub.fl.strategy import ClientResult, ClientTask, Params
 from hub.models.registry import create_model
 from hub.training.learners import to_params
-from hub.training.node_learner import CLIENT_ID, build_learner, clinic_data
+from hub.training.node_learner import CLIENT_ID, PublicSet, build_learner, clinic_data
 from hub.training.simulation import run_federation
 
 LEARN = [sys.executable, "-m", "hub.training.node_learner"]
@@ -82,16 +83,30 @@ def _wire_task(task: ClientTask, strategy: str) -> Task:
 
 
 def _compare(
-    strategy: Strategy, strategy_name: str, start: Params, data: TrainingSet, work: Path, rounds: int
+    strategy: DeltaAveraging,
+    strategy_name: str,
+    start: Params,
+    data: TrainingSet,
+    work: Path,
+    rounds: int,
+    public: Params | None = None,
 ) -> None:
-    """Run the simulation for ``rounds`` and, beside it, the node's learner process on the same tasks."""
+    """Run the simulation for ``rounds`` and, beside it, the node's learner process on the same tasks.
+
+    ``public`` (x, soft_labels) is what the simulated clinic holds, and what the hub ships to the node
+    once, with round 1's params.
+    """
     config = strategy.task_config(CLIENT_ID)
-    recording = Recording(build_learner(config, clinic_data(data.x, data.y), SEED))
+    held = PublicSet.from_arrays(public["x"], public["soft_labels"]) if public else None
+    recording = Recording(build_learner(config, clinic_data(data.x, data.y), SEED, held))
     strategy.initialize(start, [CLIENT_ID])
     run_federation(strategy, {CLIENT_ID: recording}, rounds)
     node = ExternalLearner(LEARN, work, timeout_s=600)
     for task, sim in zip(recording.tasks, recording.results, strict=True):
-        answer = node.answer(_wire_task(task, strategy_name), task.params, data)
+        shipped = dict(task.params)
+        if public and task.round == 1:
+            shipped.update({f"public/{k}": v for k, v in public.items()})
+        answer = node.answer(_wire_task(task, strategy_name), shipped, data)
         assert sorted(answer.tensors) == sorted(sim.update)
         assert any(np.abs(a).max() > 0 for a in sim.update.values())  # the clinic did learn something
         for name, arr in sim.update.items():
@@ -115,6 +130,25 @@ def test_fedhelp_large_client_matches_the_simulation(hospital: TrainingSet, tmp_
     assert private.is_file()
     with np.load(private, allow_pickle=False) as state:
         assert any(k.startswith("large.") for k in state.files)
+
+
+def test_fedhelp_small_client_matches_the_simulation(hospital: TrainingSet, tmp_path: Path) -> None:
+    """The public set ships once (round 1); round 2 trains toward the soft labels the node kept."""
+    torch.set_num_threads(1)
+    val = load_medmnist("pneumoniamnist", "val")
+    x = ((val.images[:64, None].astype(np.float32) / 255.0 - 0.5) / 0.25).astype(np.float32)
+    y = val.labels[:64].astype(np.int64).reshape(-1)
+    # Smoothed labels stand in for the foundation model's soft outputs: any class probabilities will do here.
+    soft = np.where(np.eye(2, dtype=np.float32)[y] > 0, 0.9, 0.1).astype(np.float32)
+    strategy = make_strategy(
+        "fedhelp", client_config={"model": "fedhelp_small", "batch_size": 32, "augment": True, "seed": SEED}
+    )
+    torch.manual_seed(0)
+    start = to_params(create_model("fedhelp_small"))
+    uids = hospital.sop_instance_uids[:48]
+    small = TrainingSet(x=hospital.x[:48], y=hospital.y[:48], sop_instance_uids=uids)
+    _compare(strategy, "fedhelp", start, small, tmp_path / "work", 2, {"x": x, "soft_labels": soft})
+    assert (tmp_path / "work" / "public.npz").is_file()
 
 
 def test_fedavg_client_matches_the_simulation(hospital: TrainingSet, tmp_path: Path) -> None:
