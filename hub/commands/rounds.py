@@ -49,10 +49,9 @@ def _public_tensors(path: Path) -> dict[str, np.ndarray]:
         arrays = decode_tensors(path.read_bytes())
     except (OSError, EncodingError) as exc:
         fail(f"cannot read {path} as npz tensors: {exc}")
-    missing = sorted({"x", "soft_labels"} - set(arrays))
-    if missing:
-        fail(f"{path} lacks {missing}: the public set is x (N, C, H, W) and soft_labels (N, K)")
-    return {PUBLIC_PREFIX + "x": arrays["x"], PUBLIC_PREFIX + "soft_labels": arrays["soft_labels"]}
+    if "x" not in arrays or not {"soft_labels", "y"} & set(arrays):
+        fail(f"{path} needs x (N, C, H, W) with soft_labels (N, K) for fedhelp or y (N,) for hsl")
+    return {PUBLIC_PREFIX + k: v for k, v in arrays.items() if k in ("x", "soft_labels", "y")}
 
 
 def _table(rounds: Sequence[RoundInfo]) -> Table:
@@ -122,8 +121,8 @@ def start(
         Path | None,
         typer.Option(
             "--public",
-            help="fedhelp: npz of the public set (x, as preprocessed for inference) and its foundation "
-            "soft_labels, shipped once to the small clients of this round.",
+            help="fedhelp/hsl: npz of the public set (x, as preprocessed for inference) with its "
+            "foundation soft_labels (fedhelp) or labels y (hsl), shipped once with this round's tasks.",
         ),
     ] = None,
     fmt: FormatOption = OutputFormat.table,

@@ -64,9 +64,10 @@ class RoundPlan(ABC):
 
 
 class StrategyPlan(RoundPlan):
-    """A ``hub.fl`` strategy's round. ``public``: the public set and its foundation soft labels
-    (``public/x``, ``public/soft_labels``), shipped with this round's tasks of FedHelp small clients only;
-    nodes keep them, so the operator ships them once (never part of what a node sends back)."""
+    """A ``hub.fl`` strategy's round. ``public``: the public set (``public/x``) with FedHelp's foundation
+    soft labels (``public/soft_labels``) or HSL's anchor labels (``public/y``), shipped with this round's
+    tasks of FedHelp small clients and HSL clients only; nodes keep it, so the operator ships it once
+    (never part of what a node sends back)."""
 
     def __init__(
         self, strategy: Strategy, start: Params, nodes: Sequence[str], public: Params | None = None
@@ -84,7 +85,7 @@ class StrategyPlan(RoundPlan):
             self.kind = task.kind
             config = {k: v for k, v in task.config.items() if isinstance(v, (bool, int, float, str))}
             params = task.params
-            if self.public and config.get("role") == "small":
+            if self.public and _takes_public(self.name, config):
                 params = {**task.params, **self.public}  # expected stays the strategy's tensors only
             out.append(PlannedTask(task.client_id, params, spec_of(task.params), config))
         return out
@@ -181,23 +182,34 @@ PUBLIC_PREFIX = "public/"
 
 
 def _checked_public(public: Params) -> Params:
-    """``public/x`` float32 (N, C, H, W) preprocessed as for inference, ``public/soft_labels`` (N, K)."""
+    """``public/x`` float32 (N, C, H, W) preprocessed as for inference, with ``public/soft_labels`` float32
+    (N, K) class probabilities (FedHelp's foundation soft labels) and/or ``public/y`` float32 (N,) labels in
+    {0, 1} (HSL's shared anchor task)."""
     if not public:
         return {}
-    x, soft = public.get(PUBLIC_PREFIX + "x"), public.get(PUBLIC_PREFIX + "soft_labels")
-    extra = sorted(set(public) - {PUBLIC_PREFIX + "x", PUBLIC_PREFIX + "soft_labels"})
-    if x is None or soft is None or extra:
+    names = {PUBLIC_PREFIX + n for n in ("x", "soft_labels", "y")}
+    x = public.get(PUBLIC_PREFIX + "x")
+    soft, y = public.get(PUBLIC_PREFIX + "soft_labels"), public.get(PUBLIC_PREFIX + "y")
+    if x is None or (soft is None and y is None) or set(public) - names:
         raise StrategyConfigError(
-            f"the public set needs exactly {PUBLIC_PREFIX}x and {PUBLIC_PREFIX}soft_labels, "
-            f"got {sorted(public)}"
+            f"the public set needs {PUBLIC_PREFIX}x with {PUBLIC_PREFIX}soft_labels and/or "
+            f"{PUBLIC_PREFIX}y, got {sorted(public)}"
         )
-    if x.dtype != np.float32 or x.ndim != 4 or soft.dtype != np.float32 or soft.ndim != 2:
-        raise StrategyConfigError("public x must be float32 (N, C, H, W) and soft_labels float32 (N, K)")
-    if x.shape[0] != soft.shape[0] or x.shape[0] == 0:
-        raise StrategyConfigError(f"{x.shape[0]} public images but {soft.shape[0]} soft labels")
-    if not np.allclose(soft.sum(axis=1), 1.0, atol=1e-3) or np.any(soft < 0):
-        raise StrategyConfigError("public soft labels must be class probabilities (rows summing to 1)")
-    return {PUBLIC_PREFIX + "x": x, PUBLIC_PREFIX + "soft_labels": soft}
+    if x.dtype != np.float32 or x.ndim != 4 or x.shape[0] == 0:
+        raise StrategyConfigError("public x must be float32 (N, C, H, W) with N > 0")
+    if soft is not None:
+        if soft.dtype != np.float32 or soft.shape[:1] != x.shape[:1] or soft.ndim != 2:
+            raise StrategyConfigError(f"public soft_labels must be float32 ({x.shape[0]}, K)")
+        if not np.allclose(soft.sum(axis=1), 1.0, atol=1e-3) or np.any(soft < 0):
+            raise StrategyConfigError("public soft labels must be class probabilities (rows summing to 1)")
+    if y is not None and (y.dtype != np.float32 or y.shape != x.shape[:1] or not np.isin(y, (0, 1)).all()):
+        raise StrategyConfigError(f"public y must be float32 ({x.shape[0]},) labels in {{0, 1}}")
+    return dict(public)
+
+
+#: Who gets the public set: FedHelp's small clients, and every HSL client (its shared anchor task).
+def _takes_public(strategy: str, config: Mapping[str, Any]) -> bool:
+    return config.get("role") == "small" or strategy == "hsl"
 
 
 #: FedHelp's setting naming the nodes that take the large-client role (``rounds start --large``).

@@ -12,7 +12,8 @@ FedHelp's role, rank_weight, rank_margin): ``model`` (registry name of the share
 ``large_model`` (a FedHelp large client's private model, default ``fedhelp_large``), ``kl_weight``
 (proxy → large KL weight, 0.1) and ``seed`` (model initialisation and shuffling; default 0). A FedHelp
 small client trains toward the foundation soft labels of the public set the hub shipped once (params
-``public/x``, ``public/soft_labels``), which the learner keeps in WORKDIR/public.npz for later rounds.
+``public/x``, ``public/soft_labels``), an HSL client on its anchor labels (``public/y``); the learner keeps
+the public set in WORKDIR/public.npz for later rounds.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.strategy import ClientResult, ClientTask, Config, Params
 from hub.models.fedhelp_nets import FedHelpSmall
+from hub.models.hsl_mmoe import HslMmoe
 from hub.models.registry import create_model
 from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
 from hub.training.fedhelp_train import fedhelp_learner
+from hub.training.hsl_train import HslLearner
 from hub.training.learners import LocalConfig, SupervisedLearner
 
 __all__ = ["LearnerInputError", "NodeTask", "PublicSet", "build_learner", "clinic_data", "learn", "main"]
@@ -129,37 +132,46 @@ def _model_args(config: Config) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PublicSet:
-    """FedHelp's public images in [0, 1] (N, C, H, W) and their one-time foundation soft labels (N, K)."""
+    """The public images in [0, 1] (N, C, H, W) with FedHelp's one-time foundation soft labels (N, K)
+    and/or HSL's anchor labels (N,)."""
 
     x01: torch.Tensor
-    soft_labels: torch.Tensor
+    soft_labels: torch.Tensor | None
+    labels: torch.Tensor | None
 
     @classmethod
-    def from_arrays(cls, x: np.ndarray, soft_labels: np.ndarray) -> PublicSet:
-        """From the shipped arrays: images preprocessed as for inference, like train.npz."""
-        return cls(clinic_data(x, np.zeros(len(x), np.int64)).train_x, torch.from_numpy(soft_labels))
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PublicSet:
+        """From the shipped arrays (``x`` preprocessed as for inference, like train.npz)."""
+        x, soft, y = arrays.get("x"), arrays.get("soft_labels"), arrays.get("y")
+        if x is None or x.ndim != 4 or (soft is None and y is None):
+            raise LearnerInputError("the public set needs x (N, C, H, W) with soft_labels or y")
+        if any(a is not None and len(a) != len(x) for a in (soft, y)):
+            raise LearnerInputError("the public set's labels do not match its images")
+        return cls(
+            clinic_data(x, np.zeros(len(x), np.int64)).train_x,
+            None if soft is None else torch.from_numpy(np.asarray(soft, dtype=np.float32)),
+            None if y is None else torch.from_numpy(np.asarray(y, dtype=np.float32)),
+        )
 
 
 def _public_set(workdir: Path, params: Params) -> PublicSet | None:
     """The public set shipped with this task (kept for later rounds), else the one kept from before."""
     path = workdir / PUBLIC_FILE
-    shipped = {k: v for k, v in params.items() if k.startswith(PUBLIC_PREFIX)}
+    shipped = {k.removeprefix(PUBLIC_PREFIX): v for k, v in params.items() if k.startswith(PUBLIC_PREFIX)}
     if shipped:
-        x, soft = shipped.get(PUBLIC_PREFIX + "x"), shipped.get(PUBLIC_PREFIX + "soft_labels")
-        if x is None or soft is None or x.ndim != 4 or soft.ndim != 2 or len(x) != len(soft):
-            raise LearnerInputError("the shipped public set needs public/x (N, C, H, W), public/soft_labels")
-        write_bytes_durably(path, encode_tensors({"x": x, "soft_labels": soft}, compress=False))
-        return PublicSet.from_arrays(x, soft)
+        public = PublicSet.from_arrays(shipped)
+        write_bytes_durably(path, encode_tensors(shipped, compress=False))
+        return public
     if path.is_file():
-        kept = decode_tensors(path.read_bytes())
-        return PublicSet.from_arrays(kept["x"], kept["soft_labels"])
+        return PublicSet.from_arrays(decode_tensors(path.read_bytes()))
     return None
 
 
 def build_learner(
-    config: Config, data: ClinicData, seed: int, public: PublicSet | None = None
+    config: Config, data: ClinicData, seed: int, public: PublicSet | None = None, *, strategy: str = ""
 ) -> NodeLearner:
-    """The simulation's learner for the role in ``config``, its models initialised under ``seed``."""
+    """The simulation's learner for ``strategy`` and the role in ``config``, its models initialised under
+    ``seed``."""
     default = LocalConfig.from_task(config, LocalConfig())
     role = config.get("role")
     torch.manual_seed(seed)
@@ -167,7 +179,7 @@ def build_learner(
         model = create_model(str(config.get("model", "fedhelp_small")), **_model_args(config))
         if not isinstance(model, FedHelpSmall):
             raise LearnerInputError(f"a FedHelp task needs a FedHelp small model, not {type(model).__name__}")
-        if role == "small" and public is None:
+        if role == "small" and (public is None or public.soft_labels is None):
             raise LearnerInputError(
                 "the FedHelp small role needs the public set and its foundation soft labels, which this "
                 "node has not received (the hub ships them with a round started with --public)"
@@ -184,6 +196,16 @@ def build_learner(
             public_x=public.x01 if public is not None else None,
             soft_labels=public.soft_labels if public is not None else None,
         )
+    if strategy == "hsl":
+        if public is None or public.labels is None:
+            raise LearnerInputError(
+                "HSL needs the public anchor set with its labels, which this node has not received "
+                "(the hub ships it with a round started with --public)"
+            )
+        mmoe = create_model(str(config.get("model", "hsl_mmoe")), **_model_args(config))
+        if not isinstance(mmoe, HslMmoe):
+            raise LearnerInputError(f"an HSL task needs the two-task MMoE, not {type(mmoe).__name__}")
+        return HslLearner(CLIENT_ID, mmoe, data, public.x01, public.labels, default, seed)
     model = create_model(str(config.get("model", "fl_cnn")), **_model_args(config))
     return SupervisedLearner(CLIENT_ID, model, data, default, seed)
 
@@ -210,7 +232,8 @@ def learn(workdir: Path) -> ClientResult:
     private.mkdir(mode=0o700, exist_ok=True)
     public = _public_set(workdir, task.params)
     params = {k: v for k, v in task.params.items() if not k.startswith(PUBLIC_PREFIX)}
-    learner = build_learner(task.config, task.data, int(task.config.get("seed", 0)), public)
+    seed = int(task.config.get("seed", 0))
+    learner = build_learner(task.config, task.data, seed, public, strategy=task.strategy)
     state_path = private / STATE_FILE
     if state_path.is_file():
         learner.restore(decode_tensors(state_path.read_bytes()))

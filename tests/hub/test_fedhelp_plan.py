@@ -1,5 +1,5 @@
-"""FedHelp rounds at the hub: roles from `--large`, and the public set shipped to small clients only, never
-asked back."""
+"""FedHelp and HSL rounds at the hub: roles from `--large`, and the public set shipped to the clients that
+train on it (FedHelp's small clients, every HSL client), never asked back."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_roles_and_the_public_set_reach_the_right_tasks() -> None:
 @pytest.mark.parametrize(
     ("public", "reason"),
     [
-        ({PUBLIC_PREFIX + "x": np.zeros((2, 1, 28, 28), np.float32)}, "needs exactly"),
+        ({PUBLIC_PREFIX + "x": np.zeros((2, 1, 28, 28), np.float32)}, "soft_labels and/or"),
         (
             {
                 PUBLIC_PREFIX + "x": np.zeros((2, 1, 28, 28), np.float32),
@@ -51,6 +51,19 @@ def test_roles_and_the_public_set_reach_the_right_tasks() -> None:
 def test_a_bad_public_set_is_refused_with_the_reason(public: dict[str, np.ndarray], reason: str) -> None:
     with pytest.raises(StrategyConfigError, match=reason):
         build_plan("fedhelp", {}, {**_start(), **public}, ["n-a"])
+
+
+def test_hsl_ships_the_anchor_set_to_every_client() -> None:
+    torch.manual_seed(0)
+    start = to_params(create_model("hsl_mmoe"))
+    public = {
+        PUBLIC_PREFIX + "x": np.zeros((4, 1, 28, 28), np.float32),
+        PUBLIC_PREFIX + "y": np.array([0, 1, 1, 0], np.float32),
+    }
+    plan = build_plan("hsl", {}, {**start, **public}, ["n-a", "n-b"])
+    for task in plan.tasks(1, ["n-a", "n-b"]):
+        assert PUBLIC_PREFIX + "y" in task.params
+        assert not any(k.startswith(PUBLIC_PREFIX) for k in task.expected)
 
 
 def test_large_clients_must_take_part() -> None:

@@ -21,7 +21,7 @@ from edge_node.uplink.tasks import TaskError
 from hub.data.medmnist import load_medmnist
 from hub.fl.averaging import DeltaAveraging
 from hub.fl.registry import make_strategy
-from hub.fl.strategy import ClientResult, ClientTask, Params
+from hub.fl.strategy import ClientResult, ClientTask, Params, Strategy
 from hub.models.registry import create_model
 from hub.training.learners import to_params
 from hub.training.node_learner import CLIENT_ID, PublicSet, build_learner, clinic_data
@@ -83,7 +83,7 @@ def _wire_task(task: ClientTask, strategy: str) -> Task:
 
 
 def _compare(
-    strategy: DeltaAveraging,
+    strategy: Strategy,
     strategy_name: str,
     start: Params,
     data: TrainingSet,
@@ -96,9 +96,12 @@ def _compare(
     ``public`` (x, soft_labels) is what the simulated clinic holds, and what the hub ships to the node
     once, with round 1's params.
     """
+    assert isinstance(strategy, DeltaAveraging)
     config = strategy.task_config(CLIENT_ID)
-    held = PublicSet.from_arrays(public["x"], public["soft_labels"]) if public else None
-    recording = Recording(build_learner(config, clinic_data(data.x, data.y), SEED, held))
+    held = PublicSet.from_arrays(public) if public else None
+    recording = Recording(
+        build_learner(config, clinic_data(data.x, data.y), SEED, held, strategy=strategy_name)
+    )
     strategy.initialize(start, [CLIENT_ID])
     run_federation(strategy, {CLIENT_ID: recording}, rounds)
     node = ExternalLearner(LEARN, work, timeout_s=600)
@@ -149,6 +152,21 @@ def test_fedhelp_small_client_matches_the_simulation(hospital: TrainingSet, tmp_
     small = TrainingSet(x=hospital.x[:48], y=hospital.y[:48], sop_instance_uids=uids)
     _compare(strategy, "fedhelp", start, small, tmp_path / "work", 2, {"x": x, "soft_labels": soft})
     assert (tmp_path / "work" / "public.npz").is_file()
+
+
+def test_hsl_client_matches_the_simulation(hospital: TrainingSet, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    val = load_medmnist("pneumoniamnist", "val")
+    x = ((val.images[:64, None].astype(np.float32) / 255.0 - 0.5) / 0.25).astype(np.float32)
+    y = val.labels[:64].astype(np.float32).reshape(-1)
+    strategy = make_strategy(
+        "hsl", client_config={"model": "hsl_mmoe", "batch_size": 32, "augment": True, "seed": SEED}
+    )
+    torch.manual_seed(0)
+    start = to_params(create_model("hsl_mmoe"))
+    uids = hospital.sop_instance_uids[:48]
+    small = TrainingSet(x=hospital.x[:48], y=hospital.y[:48], sop_instance_uids=uids)
+    _compare(strategy, "hsl", start, small, tmp_path / "work", 1, {"x": x, "y": y})
 
 
 def test_fedavg_client_matches_the_simulation(hospital: TrainingSet, tmp_path: Path) -> None:
