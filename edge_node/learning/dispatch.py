@@ -30,9 +30,9 @@ __all__ = ["ExternalAnswer", "Learners", "LearningRefused", "answer"]
 
 logger = logging.getLogger(__name__)
 
-#: An external learner (e.g. torch in another process): the task, its params and the node's training set in,
-#: the update out.
-ExternalAnswer = Callable[[Task, Tensors, TrainingSet], TaskAnswer]
+#: An external learner (the torch learner in another process, ``edge_node.learning.training_tasks``): the task
+#: and its params in, the update out; TaskError when it cannot train.
+ExternalAnswer = Callable[[Task, Tensors], TaskAnswer]
 
 
 class LearningRefused(TaskError):
@@ -111,15 +111,13 @@ def _head_delta(task: Task, params: Tensors, model: LoadedModel | None, learners
     )
 
 
-def _weights_delta(task: Task, params: Tensors, model: LoadedModel | None, learners: Learners) -> TaskAnswer:
+def _weights_delta(task: Task, params: Tensors, learners: Learners) -> TaskAnswer:
     if learners.external is None:
         raise TaskError(
             "weights_delta needs the torch learner (the train extra), which this node does not run; "
             "it answers head_delta, stats and public_logits"
         )
-    if model is None:
-        raise LearningRefused("weights_delta needs a model and none is installed on this node")
-    return learners.external(task, params, _training_set(model, learners))
+    return learners.external(task, params)
 
 
 def answer(
@@ -129,5 +127,5 @@ def answer(
     if learners is not None and task.kind is UpdateKind.HEAD_DELTA:
         return _head_delta(task, params, model, learners)
     if learners is not None and task.kind is UpdateKind.WEIGHTS_DELTA:
-        return _weights_delta(task, params, model, learners)
+        return _weights_delta(task, params, learners)
     return answer_task(task, params, model, stats)

@@ -30,7 +30,7 @@ from edge_node.inference.model_slot import ModelSlot
 from edge_node.inference.personal_head import PersonalHeadStore
 from edge_node.learning.dispatch import Learners, LearningRefused
 from edge_node.learning.dispatch import answer as answer_with_learners
-from edge_node.learning.training_set import LabeledInstance
+from edge_node.learning.training_tasks import TrainingTaskAnswerer
 from edge_node.protection.errors import TaskRefused
 from edge_node.protection.gate import PrivacyGate
 from edge_node.protocol.errors import EncodingError, ProtocolError, PublicationError
@@ -48,6 +48,7 @@ from edge_node.protocol.wire import (
     TaskState,
     UpdateSubmission,
 )
+from edge_node.state.labels import LabelStore
 from edge_node.state.node_state import NodeState
 from edge_node.uplink.backoff import Backoff
 from edge_node.uplink.credential import NodeCredential, uplink_dir
@@ -423,8 +424,9 @@ def sync_loop_for(settings: EdgeSettings, slot: ModelSlot, store: NodeState) -> 
     if slot.trusted_keys is None:
         slot.trusted_keys = directory / "hub.pub"
     learners = Learners(
-        labeled=_no_labels,
+        labeled=LabelStore(store.db).labeled_instances,
         personal_heads=slot.personal_heads or PersonalHeadStore.in_data_dir(settings.data_dir),
+        external=TrainingTaskAnswerer.from_settings(settings.learning, settings.data_dir),
     )
     return SyncLoop(
         directory,
@@ -436,8 +438,3 @@ def sync_loop_for(settings: EdgeSettings, slot: ModelSlot, store: NodeState) -> 
         gate=PrivacyGate.in_data_dir(settings.privacy, settings.data_dir),
         learners=learners,
     )
-
-
-def _no_labels() -> list[LabeledInstance]:
-    # The node's label store plugs in here; until then a learning task is refused for want of labels.
-    return []

@@ -1,9 +1,10 @@
-"""Clinics learn without torch: head_delta rounds over real HTTPS with a real hub and two edge-only nodes.
+"""Clinics learn without torch: head_delta rounds over real HTTPS with a real hub and edge-only nodes.
 
 Must-show 2: a shifted clinic (the benchmark's unseen-clinic acquisition profile) with labeled real
-pneumonia studies, dicomized, computes a head_delta in an interpreter where torch cannot be imported; after
-the round its held-out AUC is higher than the initial model's. Must-show 6: two clinics with different
-personal heads score the same image differently, and neither personal head is in any update they sent.
+pneumonia studies, dicomized and brought in with ``fedclinic-edge labels import``, computes a head_delta in
+an interpreter where torch cannot be imported; after the round its held-out AUC is higher than the initial
+model's. Must-show 6: two clinics with different personal heads score the same image differently, and
+neither personal head is in any update they sent. A third clinic with four labels refuses, saying why.
 """
 
 from __future__ import annotations
@@ -154,7 +155,12 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
         written = dicomize_images(
             labeled_images, node.root / "labeled", dataset="pneumoniamnist", split="train"
         )
-        labeled = _rows(written, train.labels[idx], names)
+        # The clinic's labeled archive goes in as a hospital's would: files plus labels.csv, imported.
+        with (node.root / "labeled" / "labels.csv").open("w") as csv:
+            csv.write("sop_instance_uid,label\n")
+            csv.writelines(f"{r['sop']},{r['label']}\n" for r in _rows(written, train.labels[idx], names))
+        imported = node.cli("labels", "import", str(node.root / "labeled"))
+        assert imported.returncode == 0, imported.stdout + imported.stderr
         if not held_rows:  # the unseen clinic's held-out studies; the other clinic scores the same files
             held_images = _clinic_images(test.images[held_idx], profile, seed + 100)
             held = dicomize_images(
@@ -162,7 +168,7 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
             )
             held_rows = _rows(held, test.labels[held_idx], names)
         nodes[name] = node
-        jobs[name] = {"labeled": labeled, "held_out": held_rows, "timeout": 120}
+        jobs[name] = {"held_out": held_rows, "timeout": 120}
 
     start = _student_npz(found.bundle.parent, tmp_path / "student.npz")
     started = hub.cli_json(
