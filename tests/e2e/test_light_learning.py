@@ -27,7 +27,7 @@ from harness.flbench.profiles import CLINIC_PROFILES, UNSEEN_PROFILE, Acquisitio
 from hub.data.dicomize import dicomize_images
 from hub.data.medmnist import load_medmnist
 from tests.e2e.federation import HubProcess, enroll, make_hub, make_node, wait_for
-from tests.edge_node.conftest import EdgeProcess, find_test_bundle
+from tests.edge_node.conftest import EdgeProcess, find_test_bundle, storescu
 
 pytestmark = pytest.mark.slow
 
@@ -243,3 +243,23 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
         assert status["personal_head"]["sent"] is False
         assert status["personal_head"]["trained_round"] == started["round"]
         assert "serves a personalised head" in node.cli("status").stdout
+
+    # The running nodes serve the same: each PACS sends the same studies, each node's SR scores are its own.
+    served = {"clinic-unseen": served_u, "clinic-e": served_e}
+    pick = [int(i) for i in np.argsort(-np.abs(served_u - served_e))[:3]]
+    files = [Path(held_rows[i]["path"]) for i in pick]
+    for name, node in nodes.items():
+        node.start()
+        try:
+            sent = storescu(node.port, files)
+            assert sent.returncode == 0, sent.stderr
+            node.wait_idle()
+            for i in pick:
+                rows = node.query(
+                    "SELECT score FROM findings WHERE sop_instance_uid = ?", (held_rows[i]["sop"],)
+                )
+                assert len(rows) == 1, (name, rows)
+                assert float(str(rows[0][0])) == pytest.approx(served[name][i], abs=1e-5)
+            assert "serving a personalised head" in node.log_text()
+        finally:
+            node.stop()
