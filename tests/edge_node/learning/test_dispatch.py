@@ -138,6 +138,14 @@ def test_head_delta_sends_the_shared_delta_and_the_node_serves_its_personal_head
     for sent in got.tensors.values():
         for secret in (saved.weight, saved.bias):
             assert sent.shape != secret.shape or not np.allclose(sent, secret, atol=1e-6)
+    # Public logits come from the shared model alone: the personal head cannot leak through them either.
+    anchors = x[:8]
+    logits_task = _task(model, UpdateKind.PUBLIC_LOGITS).model_copy(
+        update={"expected": [TensorShape(name="logits", shape=[8, 1], dtype="float32")]}
+    )
+    public = answer(logits_task, {"inputs": anchors}, served, NO_STATS, learners)
+    own_logits, _ = served.logits_and_embedding(anchors)
+    np.testing.assert_array_equal(public.tensors["logits"], own_logits.astype(np.float32))
     # The same task, labels and seed give the same update.
     again = answer(
         _task(model),
