@@ -2,13 +2,16 @@
 trains with the torch learner (``fedclinic[train]``, out of process) on real labeled chest X-rays.
 
 The node's uploaded update is exactly the simulation's for the same data, task and seed; only the small
-proxy travels, and the private large model stays in the node's learner directory.
+proxy travels, and the private large model stays in the node's learner directory. The hub turns the round
+into the next student (`models from-round`: exported, signed, published) and the node serves it.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,14 @@ from edge_node.learning.prepared_set import write_prepared_set
 from edge_node.learning.training_set import TrainingSet
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from edge_node.protocol.updates import UpdateKind
-from hub.data.medmnist import load_medmnist
+from hub.data.medmnist import LABELS, load_medmnist
 from hub.fl.strategy import ClientTask
+from hub.models.fl_cnn import FL_BENCH_28
 from hub.models.registry import create_model
+from hub.training.checkpoint import CheckpointConfig, save_checkpoint
 from hub.training.learners import to_params
 from hub.training.node_learner import CLIENT_ID, build_learner, clinic_data
-from tests.e2e.federation import enroll, make_hub, make_node, wait_for
+from tests.e2e.federation import HUB_BIN, active_model, enroll, make_hub, make_node, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +51,7 @@ def _hospital_set(path: Path) -> TrainingSet:
     return data
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_a_hospital_node_takes_the_fedhelp_large_role_over_the_wire(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     data = _hospital_set(tmp_path / "hospital-set.npz")
@@ -84,6 +89,27 @@ def test_a_hospital_node_takes_the_fedhelp_large_role_over_the_wire(tmp_path: Pa
             every=1.0,
         )
         assert done["state"] == "published", (done, node.log_text()[-3000:])
+
+        # The round becomes the next student: exported, signed, published; the node verifies and serves it.
+        student = _student_checkpoint(tmp_path / "student", start)
+        made = subprocess.run(
+            [
+                str(HUB_BIN), "models", "from-round", str(started["round"]), "--student", str(student),
+                "--out", str(tmp_path / "next"), "--model-version", "1.1.0", "--no-int8", "--publish",
+                "--format", "json", "--data-dir", str(hub.data_dir),
+            ],
+            capture_output=True, text=True, env=hub.env, timeout=500,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr[-3000:]
+        report = json.loads(made.stdout)
+        provenance = report["provenance"]
+        assert (provenance["round"], provenance["federation"]) == (started["round"], hub.url)
+        wait_for(
+            "the node to serve the student of the round",
+            lambda: active_model(node) == (report["model_id"], "1.1.0"),
+            timeout=180,
+            every=1.0,
+        )
     finally:
         if node.alive():
             node.stop()
@@ -115,6 +141,20 @@ def test_a_hospital_node_takes_the_fedhelp_large_role_over_the_wire(tmp_path: Pa
         large = [k for k in private.files if k.startswith("large.")]
     assert large and not any(k.startswith("large.") for k in update)
     assert not any(b"large." in bytes(p) for (p,) in hub.query("SELECT payload FROM updates"))
+
+
+def _student_checkpoint(path: Path, params: dict[str, np.ndarray]) -> Path:
+    """The student the round started from, as the checkpoint `models from-round` updates."""
+    model = create_model("fedhelp_small")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    config = CheckpointConfig(
+        model_name="fedhelp_small",
+        model_config={},
+        dataset="pneumoniamnist",
+        data_config=replace(FL_BENCH_28, labels=tuple(LABELS["pneumoniamnist"])),
+        epoch=0,
+    )
+    return save_checkpoint(path, model, config)
 
 
 def _heartbeat(hub: Any, name: str) -> str | None:
