@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from edge_node.inference.personal_head import PersonalHead, PersonalHeadStore
 from edge_node.learning.errors import LearningError
 from edge_node.learning.examples import training_set_from
 from edge_node.learning.light import HeadPair, LightConfig, LightLearner
+from edge_node.learning.prepared_set import read_prepared_set
 from edge_node.learning.training_set import LabeledInstance, TrainingSet
 from edge_node.protocol.tensors import Tensors
 from edge_node.protocol.updates import UpdateKind
@@ -30,9 +32,9 @@ __all__ = ["ExternalAnswer", "Learners", "LearningRefused", "answer"]
 
 logger = logging.getLogger(__name__)
 
-#: An external learner (the torch learner in another process, ``edge_node.learning.training_tasks``): the task
-#: and its params in, the update out; TaskError when it cannot train.
-ExternalAnswer = Callable[[Task, Tensors], TaskAnswer]
+#: An external learner (e.g. torch in another process): the task, its params and the node's training set in,
+#: the update out.
+ExternalAnswer = Callable[[Task, Tensors, TrainingSet], TaskAnswer]
 
 
 class LearningRefused(TaskError):
@@ -46,9 +48,21 @@ class Learners:
     labeled: Callable[[], Sequence[LabeledInstance]]
     personal_heads: PersonalHeadStore
     external: ExternalAnswer | None = None
+    #: A labeled set prepared once outside the node (e.g. a hospital's archive, see ``prepared_set``); when
+    #: given, learners train on it instead of the label store's instances.
+    prepared_set: Path | None = None
 
 
-def _training_set(model: LoadedModel, learners: Learners) -> TrainingSet:
+def _training_set(model: LoadedModel | None, learners: Learners) -> TrainingSet:
+    if learners.prepared_set is not None:
+        try:
+            return read_prepared_set(learners.prepared_set)
+        except ValueError as exc:
+            raise LearningRefused(str(exc)) from exc
+    if model is None:
+        raise LearningRefused(
+            "learning from labeled studies needs a model and none is installed on this node"
+        )
     examples = training_set_from(
         learners.labeled(),
         model.preprocessing,
@@ -111,13 +125,16 @@ def _head_delta(task: Task, params: Tensors, model: LoadedModel | None, learners
     )
 
 
-def _weights_delta(task: Task, params: Tensors, learners: Learners) -> TaskAnswer:
+def _weights_delta(task: Task, params: Tensors, model: LoadedModel | None, learners: Learners) -> TaskAnswer:
     if learners.external is None:
         raise TaskError(
             "weights_delta needs the torch learner (the train extra), which this node does not run; "
             "it answers head_delta, stats and public_logits"
         )
-    return learners.external(task, params)
+    data = _training_set(model, learners)
+    if len(data) == 0:
+        raise LearningRefused("this node has no labeled examples to train on")
+    return learners.external(task, params, data)
 
 
 def answer(
@@ -127,5 +144,5 @@ def answer(
     if learners is not None and task.kind is UpdateKind.HEAD_DELTA:
         return _head_delta(task, params, model, learners)
     if learners is not None and task.kind is UpdateKind.WEIGHTS_DELTA:
-        return _weights_delta(task, params, learners)
+        return _weights_delta(task, params, model, learners)
     return answer_task(task, params, model, stats)

@@ -30,7 +30,7 @@ from edge_node.inference.model_slot import ModelSlot
 from edge_node.inference.personal_head import PersonalHeadStore
 from edge_node.learning.dispatch import Learners, LearningRefused
 from edge_node.learning.dispatch import answer as answer_with_learners
-from edge_node.learning.training_tasks import TrainingTaskAnswerer
+from edge_node.learning.external import ExternalLearner, learner_dir
 from edge_node.protection.errors import TaskRefused
 from edge_node.protection.gate import PrivacyGate
 from edge_node.protocol.errors import EncodingError, ProtocolError, PublicationError
@@ -428,10 +428,18 @@ def sync_loop_for(settings: EdgeSettings, slot: ModelSlot, store: NodeState) -> 
         return None
     if slot.trusted_keys is None:
         slot.trusted_keys = directory / "hub.pub"
+    learning = settings.learning
+    external = None
+    if learning.torch_command is not None:
+        torch_learner = ExternalLearner(
+            learning.torch_command, learner_dir(settings.data_dir), timeout_s=learning.torch_timeout_s
+        )
+        external = torch_learner.answer
     learners = Learners(
         labeled=LabelStore(store.db).labeled_instances,
         personal_heads=slot.personal_heads or PersonalHeadStore.in_data_dir(settings.data_dir),
-        external=TrainingTaskAnswerer.from_settings(settings.learning, settings.data_dir),
+        external=external,
+        prepared_set=learning.training_set_file,
     )
     return SyncLoop(
         directory,
