@@ -271,6 +271,11 @@ class SyncLoop:
     def _open_skipped(self) -> bool:
         return bool(self._skipped)
 
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Open tasks this node did not answer, by task id, with the reason (refused or not computable)."""
+        return dict(self._skipped)
+
     def pull_tasks(self, wait_seconds: float = 0.0) -> int:
         """Answer the node's open tasks into the outbox; returns how many new answers were queued."""
         params = {"wait": f"{wait_seconds:.1f}"} if wait_seconds > 0 else None

@@ -45,7 +45,7 @@ def main(config: Path, job_path: Path, out_path: Path) -> int:
     answered = 0
     while answered == 0 and time.time() < deadline:
         answered = loop.pull_tasks(wait_seconds=2.0)
-        if loop._skipped:  # a refusal or skip is the answer this run reports
+        if loop.skipped:  # a refusal or skip is the answer this run reports
             break
     sent = loop.flush_outbox()
     model = slot.current()
@@ -61,7 +61,7 @@ def main(config: Path, job_path: Path, out_path: Path) -> int:
     out = {
         "answered": answered,
         "sent": sent,
-        "skipped": dict(loop._skipped),
+        "skipped": loop.skipped,
         "personal": personal is not None,
         "labels": held.y.tolist(),
         "served": served.tolist(),
