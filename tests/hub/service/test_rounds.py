@@ -168,7 +168,7 @@ def test_a_dead_process_s_aggregation_is_taken_over_after_its_lease(
         body = UpdateSubmission(
             task_id=task.task_id, envelope=envelope, payload_b64=base64.b64encode(payload).decode()
         )
-        rc._submit(node, task.task_id, body)  # stored, but this "process" dies before closing the round
+        rc.intake.accept(node, task.task_id, body)  # stored, but this "process" dies before closing the round
     with db.session() as session:  # it had claimed the aggregation just now
         session.execute(
             update(Round)
