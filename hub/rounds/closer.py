@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from edge_node.protocol.wire import RoundState, TaskState
 from hub.fl.errors import FlError
 from hub.fl.strategy import ClientFailure, ClientResult, Params
 from hub.rounds.claims import RoundClaims
+from hub.rounds.decoded_updates import DecodedUpdates
 from hub.rounds.ledger import accepted_count, refused_count
 from hub.rounds.lifecycle import TERMINAL, check_transition
 from hub.rounds.plan import build_plan
@@ -41,10 +42,17 @@ def _close_tasks(session: Session, round_id: str) -> None:
 class RoundCloser:
     """Close rounds; ``issue`` is the opener's, for rounds a dead process left open."""
 
-    def __init__(self, db: Database, claims: RoundClaims, issue: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        claims: RoundClaims,
+        issue: Callable[[str], None],
+        decoded: DecodedUpdates | None = None,
+    ) -> None:
         self.db = db
         self.claims = claims
         self.issue = issue
+        self.decoded = decoded if decoded is not None else DecodedUpdates()
 
     def tick(self) -> None:
         """Close rounds whose deadline passed; take over work a dead process had claimed."""
@@ -117,21 +125,26 @@ class RoundCloser:
             row = session.get(Round, round_id)
             assert row is not None
             start = load_tensors(session, row.model_artifact) if row.model_artifact else {}
-            updates = list(
-                session.scalars(select(Update).where(Update.round_id == round_id).order_by(Update.node_id))
-            )
             number, strategy, config, nodes = row.number, row.strategy, dict(row.config), list(row.nodes)
+            kept = self.decoded.take(round_id)
+            results = []
+            # The payload column is read only for updates this process did not decode when it took them.
+            for u in session.scalars(
+                select(Update)
+                .options(defer(Update.payload))
+                .where(Update.round_id == round_id)
+                .order_by(Update.node_id)
+            ):
+                entry = kept.get(u.node_id)
+                tensors = entry[1] if entry and entry[0] == u.payload_sha256 else decode_tensors(u.payload)
+                results.append(ClientResult(u.node_id, number, int(u.num_examples), tensors, dict(u.metrics)))
             refusals = {
                 t.node_id: t.reason or "refused"
                 for t in session.scalars(
                     select(Task).where(Task.round_id == round_id, Task.state == TaskState.REFUSED.value)
                 )
             }
-        answered = {u.node_id for u in updates}
-        results = [
-            ClientResult(u.node_id, number, int(u.num_examples), decode_tensors(u.payload), dict(u.metrics))
-            for u in updates
-        ]
+        answered = {r.client_id for r in results}
         failures = [
             ClientFailure(n, number, refusals.get(n, "no update before the deadline"))
             for n in nodes

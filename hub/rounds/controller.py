@@ -18,6 +18,7 @@ from edge_node.protocol.wire import Task as WireTask
 from hub.fl.strategy import Params
 from hub.rounds.claims import RoundClaims, process_instance
 from hub.rounds.closer import RoundCloser
+from hub.rounds.decoded_updates import DecodedUpdates
 from hub.rounds.intake import UpdateIntake
 from hub.rounds.opener import RoundOpener
 from hub.rounds.reports import RoundReports
@@ -38,9 +39,11 @@ class RoundController:
         self.lease = timedelta(seconds=settings.aggregation_lease_s)
         self.claims = RoundClaims(self.instance, self.lease)
         self.opener = RoundOpener(db, self.claims)
-        self.closer = RoundCloser(db, self.claims, self.opener.issue)
+        # Updates decoded at intake are handed to the aggregation instead of being decoded twice.
+        decoded = DecodedUpdates()
+        self.closer = RoundCloser(db, self.claims, self.opener.issue, decoded)
         self.desk = TaskDesk(db, settings, self.closer.close_round)
-        self.intake = UpdateIntake(db, settings, self.closer.close_round)
+        self.intake = UpdateIntake(db, settings, self.closer.close_round, decoded)
         self.reports = RoundReports(db)
 
     # -- the operator ---------------------------------------------------------------------------------------
@@ -62,8 +65,8 @@ class RoundController:
     def result(self, round_ref: str) -> Params:
         return self.reports.result(round_ref)
 
-    def activity_marker(self) -> tuple[int, int]:
-        """Changes whenever a round starts or leaves collecting: (newest round number, rounds collecting)."""
+    def activity_marker(self) -> tuple[int, tuple[str, ...]]:
+        """Changes whenever a round starts, enters or leaves collecting: (newest number, collecting ids)."""
         return self.reports.activity_marker()
 
     # -- nodes ----------------------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ from edge_node.protocol.errors import EncodingError
 from edge_node.protocol.wire import RoundState, TaskState, UpdateReceipt, UpdateSubmission
 from hub.fl.codec import decode_result
 from hub.fl.errors import PayloadError
+from hub.fl.strategy import Params
 from hub.fl.validation import update_problem
-from hub.rounds.ledger import accepted_count, refused_count
+from hub.rounds.decoded_updates import DecodedUpdates
+from hub.rounds.ledger import answered_count
 from hub.rounds.task_desk import own_task
 from hub.rounds.tensor_specs import expected_specs
 from hub.service.audit import audit
@@ -39,24 +41,39 @@ def _receipt(rnd: Round, row: Update, *, first_time: bool) -> UpdateReceipt:
 class UpdateIntake:
     """Take updates from nodes; the one that completes a round calls ``close_round``."""
 
-    def __init__(self, db: Database, settings: HubSettings, close_round: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: HubSettings,
+        close_round: Callable[[str], None],
+        decoded: DecodedUpdates | None = None,
+    ) -> None:
         self.db = db
         self.settings = settings
         self.close_round = close_round
+        self.decoded = decoded if decoded is not None else DecodedUpdates()
 
     def submit(self, node_id: str, task_id: str, submission: UpdateSubmission) -> UpdateReceipt:
         """Validate and keep one update; nothing is written unless it is accepted."""
         try:
-            receipt, complete = self.accept(node_id, task_id, submission)
+            receipt, complete, tensors = self.accept(node_id, task_id, submission)
         except IntegrityError:
             # The same task was answered concurrently (an outbox retry racing itself): decide again.
-            receipt, complete = self.accept(node_id, task_id, submission)
+            receipt, complete, tensors = self.accept(node_id, task_id, submission)
+        if tensors is not None:  # committed: the aggregation may use the tensors decoded here
+            self.decoded.keep(receipt.round_id, node_id, submission.envelope.payload_sha256, tensors)
         if complete:
             self.close_round(receipt.round_id)
         return receipt
 
-    def accept(self, node_id: str, task_id: str, sub: UpdateSubmission) -> tuple[UpdateReceipt, bool]:
-        """Store the update (or find the one kept before); True when every node of the round answered."""
+    def accept(
+        self, node_id: str, task_id: str, sub: UpdateSubmission
+    ) -> tuple[UpdateReceipt, bool, Params | None]:
+        """Store the update (or find the one kept before).
+
+        Returns the receipt, whether every node of the round has now answered, and the decoded tensors of
+        an update accepted just now (None for a resend).
+        """
         env = sub.envelope
         if sub.task_id != task_id:
             raise UpdateRejected(f"the body names task {sub.task_id!r}, the URL task {task_id!r}")
@@ -69,7 +86,7 @@ class UpdateIntake:
             previous = session.scalars(select(Update).where(Update.task_id == task_id)).one_or_none()
             if previous is not None:
                 if previous.payload_sha256 == env.payload_sha256:
-                    return _receipt(rnd, previous, first_time=False), False
+                    return _receipt(rnd, previous, first_time=False), False, None
                 raise DuplicateUpdateError("another update was already accepted for this task")
             now = utcnow()
             if rnd.state != RoundState.COLLECTING.value or task.state != TaskState.OPEN.value:
@@ -114,8 +131,7 @@ class UpdateIntake:
             session.add(row)
             task.state = TaskState.DONE.value
             task.done_at = now
-            session.flush()
-            done = accepted_count(session, rnd.id)
             audit(session, node_id, "update.accepted", task_id, f"round={rnd.number} bytes={len(payload)}")
-            refused = refused_count(session, rnd.id)
-            return _receipt(rnd, row, first_time=True), done + refused >= len(rnd.nodes)
+            session.flush()
+            complete = answered_count(session, rnd.id) >= len(rnd.nodes)
+            return _receipt(rnd, row, first_time=True), complete, result.update

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from edge_node.protocol.wire import TaskState
 from hub.store.schema import Task, Update
 
-__all__ = ["accepted_count", "refused_count"]
+__all__ = ["accepted_count", "answered_count", "refused_count"]
 
 
 def accepted_count(session: Session, round_id: str) -> int:
@@ -20,6 +20,18 @@ def refused_count(session: Session, round_id: str) -> int:
         session.scalar(
             select(func.count(Task.id)).where(
                 Task.round_id == round_id, Task.state == TaskState.REFUSED.value
+            )
+        )
+        or 0
+    )
+
+
+def answered_count(session: Session, round_id: str) -> int:
+    """Tasks of the round that have their answer: an accepted update or a refusal (one query)."""
+    return int(
+        session.scalar(
+            select(func.count(Task.id)).where(
+                Task.round_id == round_id, Task.state.in_([TaskState.DONE.value, TaskState.REFUSED.value])
             )
         )
         or 0

@@ -150,9 +150,14 @@ class RoundOpener:
             plan = build_plan(row.strategy, row.config, start, row.nodes)
             have = set(session.scalars(select(Task.node_id).where(Task.round_id == round_id)))
             now = utcnow()
+            # Most strategies hand every node the same tensors: encode and hash them once, not per node.
+            stored: dict[int, str] = {}
             for planned in plan.tasks(row.number, row.nodes):
                 if planned.node_id in have:
                     continue
+                params_id = id(planned.params)
+                if params_id not in stored:
+                    stored[params_id] = store_tensors(session, planned.params)
                 session.add(
                     Task(
                         id="t-" + secrets.token_hex(8),
@@ -160,7 +165,7 @@ class RoundOpener:
                         node_id=planned.node_id,
                         state=TaskState.OPEN.value,
                         config=dict(planned.config),
-                        params_artifact=store_tensors(session, planned.params),
+                        params_artifact=stored[params_id],
                         expected=expected_json(planned.expected),
                         created_at=now,
                         done_at=None,

@@ -85,12 +85,13 @@ class RoundReports:
                 raise NotFoundError(f"round {row.number} has no result ({row.state})")
             return load_tensors(session, row.result_artifact)
 
-    def activity_marker(self) -> tuple[int, int]:
-        """Changes whenever a round starts or leaves collecting: (newest round number, rounds collecting)."""
+    def activity_marker(self) -> tuple[int, tuple[str, ...]]:
+        """Changes whenever a round starts, enters or leaves collecting: (newest number, collecting ids)."""
         with self.db.session() as session:
             newest = int(session.scalar(select(func.coalesce(func.max(Round.number), 0))) or 0)
-            collecting = int(
-                session.scalar(select(func.count(Round.id)).where(Round.state == RoundState.COLLECTING.value))
-                or 0
+            collecting = tuple(
+                session.scalars(
+                    select(Round.id).where(Round.state == RoundState.COLLECTING.value).order_by(Round.id)
+                )
             )
         return newest, collecting
