@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -24,6 +32,9 @@ from pydantic_settings import (
 from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
 from edge_node.ingest.retention import RetentionPolicy
+from edge_node.learning.options import LearningSettings
+from edge_node.page.bind_address import is_loopback
+from edge_node.page.password import is_password_hash
 from edge_node.protection.floor import PrivacyFloor
 
 if sys.version_info >= (3, 11):
@@ -34,6 +45,7 @@ else:  # the tomli backport, a dependency on Python 3.10
 __all__ = [
     "CONFIG_ENV",
     "DEFAULT_CONFIG",
+    "LAN_NEEDS_PASSWORD",
     "PROVIDER_PREFERENCE",
     "DestinationSettings",
     "EdgeSettings",
@@ -45,6 +57,11 @@ __all__ = [
 ENV_PREFIX = "FEDCLINIC_EDGE_"
 #: Names the settings file when ``--config`` is not given.
 CONFIG_ENV = "FEDCLINIC_EDGE_CONFIG"
+#: Why a page on a LAN address is refused without a password, and the fix.
+LAN_NEEDS_PASSWORD = (
+    "page_host {host!r} is not a loopback address, so the clinician page needs a password: set"
+    " page_password_hash (make one with `fedclinic-edge page-password`), or set page_host to 127.0.0.1"
+)
 #: The settings file a service reads when neither ``--config`` nor FEDCLINIC_EDGE_CONFIG names one.
 DEFAULT_CONFIG = Path("/etc/fedclinic/edge.toml")
 
@@ -134,6 +151,10 @@ class EdgeSettings(BaseSettings):
     #: Spool retention: above this many bytes, finished studies are removed oldest first (none: no limit).
     #: A study waiting for or in analysis is never touched, so the spool can stay above it for a while.
     spool_max_bytes: int | None = Field(default=None, ge=0)
+    #: Labeled studies (what the node learns from) stay in the spool, whatever spool_retention_days and
+    #: spool_max_bytes say, until their latest label is this many days old (none: as long as they are
+    #: labeled; 0: labels do not keep a study).
+    labeled_retention_days: float | None = Field(default=365.0, ge=0)
     #: Seconds between automatic spool purges in a running node.
     spool_purge_interval_seconds: float = Field(default=3600.0, gt=0)
     #: Where results go (C-STORE). Empty keeps results only in data_dir/results.
@@ -175,11 +196,23 @@ class EdgeSettings(BaseSettings):
     #: First retry delay for a failed send; doubles per attempt up to send_retry_max_seconds.
     send_retry_base_seconds: float = Field(default=5.0, gt=0)
     send_retry_max_seconds: float = Field(default=900.0, gt=0)
+    #: The clinician page (confirm or correct results; what left the clinic): address it listens on.
+    #: Loopback by default; any other address needs page_password_hash.
+    page_host: str = "127.0.0.1"
+    #: Serve the clinician page in `fedclinic-edge serve`.
+    page_enabled: bool = True
+    #: The page's TCP port (0 picks a free one, logged at start).
+    page_port: int = Field(default=8480, ge=0, le=65535)
+    #: scrypt hash of the page's password, made at install with `fedclinic-edge page-password`. When set,
+    #: every request to the page needs the password (user name free).
+    page_password_hash: str | None = None
     #: Python log level for the node's stderr log.
     log_level: str = "INFO"
     #: The clinic's privacy floor (edge.toml ``[privacy]``): the least protection a round must state for
     #: this node to take part; a task below it is refused with the reason, before anything is computed.
     privacy: PrivacyFloor = Field(default_factory=PrivacyFloor)
+    #: How this node trains for rounds (edge.toml ``[learning]``): the external torch learner, its data.
+    learning: LearningSettings = Field(default_factory=LearningSettings)
 
     @field_validator("ae_title")
     @classmethod
@@ -210,6 +243,17 @@ class EdgeSettings(BaseSettings):
     @classmethod
     def _check_precision(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("page_password_hash")
+    @classmethod
+    def _check_page_password(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Runs for the default too (validate_default), after page_host and page_enabled (declared before it).
+        if value is not None and not is_password_hash(value):
+            raise ValueError("not a hash made by `fedclinic-edge page-password` (scrypt$N$r$p$salt$hash)")
+        host, enabled = info.data.get("page_host", "127.0.0.1"), info.data.get("page_enabled", True)
+        if value is None and enabled and not is_loopback(str(host)):
+            raise ValueError(LAN_NEEDS_PASSWORD.format(host=host))
+        return value
 
     @model_validator(mode="after")
     def _default_trt_cache(self) -> EdgeSettings:
@@ -253,7 +297,11 @@ class EdgeSettings(BaseSettings):
 
     @property
     def retention_policy(self) -> RetentionPolicy:
-        return RetentionPolicy(max_age_days=self.spool_retention_days, max_bytes=self.spool_max_bytes)
+        return RetentionPolicy(
+            max_age_days=self.spool_retention_days,
+            max_bytes=self.spool_max_bytes,
+            labeled_keep_days=self.labeled_retention_days,
+        )
 
     @property
     def destination_values(self) -> list[Destination]:
