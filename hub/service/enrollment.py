@@ -63,13 +63,14 @@ def node_info(node: Node, credential_since: datetime | None = None) -> NodeInfo:
 
 def listed_nodes(session: Session) -> list[NodeInfo]:
     """Every node by name, with when its current credential was set (the operator's view of rotation)."""
-    since = dict(
-        session.execute(
+    since: dict[str, datetime] = {
+        node_id: at
+        for node_id, at in session.execute(
             select(Credential.node_id, func.max(Credential.created_at))
             .where(Credential.kind == "node", Credential.revoked_at.is_(None))
             .group_by(Credential.node_id)
         ).tuples()
-    )
+    }
     return [node_info(n, since.get(n.id)) for n in session.scalars(select(Node).order_by(Node.name))]
 
 
