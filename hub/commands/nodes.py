@@ -77,7 +77,8 @@ def _nodes_table(nodes: Sequence[NodeInfo]) -> Table:
         "model",
         "health",
     ):
-        table.add_column(col)
+        # Identifiers never wrap: an operator copies them into the next command.
+        table.add_column(col, no_wrap=col in ("id", "name"))
     for n in nodes:
         model = f"{n.model_id} {n.model_version}" if n.model_id else "-"
         table.add_row(

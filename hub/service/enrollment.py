@@ -69,7 +69,7 @@ def listed_nodes(session: Session) -> list[NodeInfo]:
             select(Credential.node_id, func.max(Credential.created_at))
             .where(Credential.kind == "node", Credential.revoked_at.is_(None))
             .group_by(Credential.node_id)
-        ).tuples()
+        )
     }
     return [node_info(n, since.get(n.id)) for n in session.scalars(select(Node).order_by(Node.name))]
 
