@@ -38,17 +38,19 @@ class DecodedUpdates:
     def keep(self, round_id: str, node_id: str, sha256: str, tensors: Params) -> None:
         size = self._size(tensors)
         with self._lock:
-            if self._bytes + size > self.max_bytes:
-                return  # the aggregation decodes this one from the store
+            if round_id not in self._rounds:
+                # A new round pushes out the oldest ones first (another worker may have aggregated them).
+                while len(self._rounds) >= self.max_rounds:
+                    _, dropped = self._rounds.popitem(last=False)
+                    self._bytes -= sum(self._size(t) for _, t in dropped.values())
             entries = self._rounds.setdefault(round_id, {})
-            old = entries.get(node_id)
+            old = entries.pop(node_id, None)
             if old is not None:
                 self._bytes -= self._size(old[1])
+            if self._bytes + size > self.max_bytes:
+                return  # the aggregation decodes this one from the store
             entries[node_id] = (sha256, tensors)
             self._bytes += size
-            while len(self._rounds) > self.max_rounds:
-                _, dropped = self._rounds.popitem(last=False)
-                self._bytes -= sum(self._size(t) for _, t in dropped.values())
 
     def take(self, round_id: str) -> dict[str, tuple[str, Params]]:
         """Everything kept for the round, which is forgotten here."""
