@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -29,6 +31,16 @@ from hub.store.schema import Node, Round, Task, utcnow
 __all__ = ["RoundOpener"]
 
 logger = logging.getLogger(__name__)
+
+
+def _content_key(params: Params) -> bytes:
+    """A digest of named tensors' names, dtypes, shapes and bytes: equal tensors, equal keys."""
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        arr = np.ascontiguousarray(params[name])
+        digest.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
+        digest.update(memoryview(arr).cast("B"))
+    return digest.digest()
 
 
 class RoundOpener:
@@ -150,14 +162,15 @@ class RoundOpener:
             plan = build_plan(row.strategy, row.config, start, row.nodes)
             have = set(session.scalars(select(Task.node_id).where(Task.round_id == round_id)))
             now = utcnow()
-            # Most strategies hand every node the same tensors: encode and hash them once, not per node.
-            stored: dict[int, str] = {}
+            # Most strategies hand every node the same tensors (each its own copy): encode them once per
+            # content, not once per node; hashing the raw arrays costs a fraction of encoding them.
+            stored: dict[bytes, str] = {}
             for planned in plan.tasks(row.number, row.nodes):
                 if planned.node_id in have:
                     continue
-                params_id = id(planned.params)
-                if params_id not in stored:
-                    stored[params_id] = store_tensors(session, planned.params)
+                content = _content_key(planned.params)
+                if content not in stored:
+                    stored[content] = store_tensors(session, planned.params)
                 session.add(
                     Task(
                         id="t-" + secrets.token_hex(8),
@@ -165,7 +178,7 @@ class RoundOpener:
                         node_id=planned.node_id,
                         state=TaskState.OPEN.value,
                         config=dict(planned.config),
-                        params_artifact=stored[params_id],
+                        params_artifact=stored[content],
                         expected=expected_json(planned.expected),
                         created_at=now,
                         done_at=None,
