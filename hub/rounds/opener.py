@@ -37,9 +37,9 @@ def _content_key(params: Params) -> bytes:
     """A digest of named tensors' names, dtypes, shapes and bytes: equal tensors, equal keys."""
     digest = hashlib.sha256()
     for name in sorted(params):
-        arr = np.ascontiguousarray(params[name])
+        arr = np.asarray(params[name])
         digest.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
-        digest.update(memoryview(arr).cast("B"))
+        digest.update(arr.tobytes())
     return digest.digest()
 
 
