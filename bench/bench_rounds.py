@@ -332,9 +332,11 @@ async def run_bench(n: int, rounds: int, workdir: Path, params: dict[str, np.nda
                 + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()),
                 flush=True,
             )
-            # Idle: every node waits in its long-poll; sample the hub's CPU over a few seconds.
+            # Idle: every node waits in its long-poll; after a second for the round's last answers, sample
+            # the hub's CPU over a few seconds (long-polls that expire in the window are part of the cost).
+            await asyncio.sleep(1.0)
             c0, w0 = _cpu_seconds(hub.proc.pid), time.perf_counter()
-            await asyncio.sleep(3.0)
+            await asyncio.sleep(5.0)
             idle_cpu = (_cpu_seconds(hub.proc.pid) - c0) / (time.perf_counter() - w0)
             results[-1]["idle_cpu_fraction"] = idle_cpu
         stop.set()
