@@ -51,10 +51,18 @@ class Running:
         return self.listener.address[1]
 
 
-def _start(tmp_path: Path, *, max_instance_bytes: int = 10**8, allowed: list[str] | None = None) -> Running:
+def _start(
+    tmp_path: Path,
+    *,
+    max_instance_bytes: int = 10**8,
+    allowed: list[str] | None = None,
+    network_timeout: float = 30.0,
+) -> Running:
     store = NodeState.open(tmp_path / "edge.sqlite3")
     spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=max_instance_bytes, min_free_bytes=0)
-    config = ListenerConfig("EDGE", "127.0.0.1", 0, allowed_calling_aes=allowed)
+    config = ListenerConfig(
+        "EDGE", "127.0.0.1", 0, allowed_calling_aes=allowed, network_timeout=network_timeout
+    )
     running: Running
 
     def completed() -> None:
@@ -117,10 +125,44 @@ def test_an_idle_association_polls_slowly_until_it_receives_again(edge: Running)
         acceptor = server.active_associations[0]
         time.sleep(0.8)  # more than two sweeps without a PDU
         assert acceptor.dul._run_loop_delay == IDLE_DUL_LOOP_DELAY_S
-        assert int(assoc.send_c_echo().Status) == 0  # answered, at most one slow poll late
+        # The association loop is parked on pynetdicom's checkpoint (no 1 ms wake-ups) ...
+        assert not acceptor._reactor_checkpoint.is_set()
+        assert acceptor._is_paused
+        # ... and runs again for the next PDU: answered, at most one slow poll late.
+        assert int(assoc.send_c_echo().Status) == 0
         assert acceptor.dul._run_loop_delay == DUL_LOOP_DELAY_S
+        assert acceptor._reactor_checkpoint.is_set()
+        assert int(assoc.send_c_echo().Status) == 0
     finally:
         assoc.release()
+    # A release reaches a parked loop too: the acceptor is gone, not left waiting.
+    deadline = time.monotonic() + 5
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.active_associations
+
+
+def test_a_parked_idle_association_still_ends_at_the_network_timeout(tmp_path: Path) -> None:
+    running = _start(tmp_path, network_timeout=1.0)
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert assoc.is_established
+        server = running.listener._server
+        assert server is not None
+        time.sleep(0.6)  # parked by now
+        assert server.active_associations and not server.active_associations[0]._reactor_checkpoint.is_set()
+        deadline = time.monotonic() + 5
+        while (server.active_associations or assoc.is_established) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # pynetdicom's own loop, woken by the pacer, aborted it (network_timeout_response A-ABORT).
+        assert not server.active_associations
+        assert assoc.is_aborted
+        assert echoscu(running.port)
+    finally:
+        running.listener.stop()
+        running.store.close()
 
 
 def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path) -> None:
