@@ -57,11 +57,17 @@ def _start(
     max_instance_bytes: int = 10**8,
     allowed: list[str] | None = None,
     network_timeout: float = 30.0,
+    max_pdu: int = 1024 * 1024,
 ) -> Running:
     store = NodeState.open(tmp_path / "edge.sqlite3")
     spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=max_instance_bytes, min_free_bytes=0)
     config = ListenerConfig(
-        "EDGE", "127.0.0.1", 0, allowed_calling_aes=allowed, network_timeout=network_timeout
+        "EDGE",
+        "127.0.0.1",
+        0,
+        allowed_calling_aes=allowed,
+        network_timeout=network_timeout,
+        max_pdu=max_pdu,
     )
     running: Running
 
@@ -308,3 +314,68 @@ def test_deep_nesting_and_unknown_vr_are_cannot_understand_in_one_line(
     ]
     assert len(refusals) == 2 and not any(r.exc_info for r in caplog.records)
     assert "Traceback" not in caplog.text
+
+
+def test_the_max_pdu_is_announced_and_a_conforming_sender_stores_through_it(tmp_path: Path) -> None:
+    running = _start(tmp_path, max_pdu=16384)
+    try:
+        ds = pydicom.dcmread(make_ct_instances(tmp_path / "ct", 1)[0])  # ~0.5 MB: 33 PDUs of 16 KiB
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert assoc.is_established
+        try:
+            assert assoc.acceptor.maximum_length == 16384
+            assert int(assoc.send_c_store(ds).Status) == 0
+        finally:
+            assoc.release()
+        assert running.store.status.counts()["instances"] == 1
+    finally:
+        running.listener.stop()
+        running.store.close()
+
+
+def _pdu_header(pdu_type: int, length: int) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, length)
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_pdu_longer_than_the_max_closes_the_connection_unread(
+    edge: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Inside an association: a P-DATA-TF header claiming 1 GiB, then a trickle of its body.
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE")
+    assert assoc.is_established
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+    raw = assoc.dul.socket.socket
+    server = edge.listener._server
+    assert server is not None
+    acceptor = server.active_associations[0]
+    with caplog.at_level(logging.WARNING, logger="edge_node.ingest.pdu_limit"):
+        raw.sendall(_pdu_header(0x04, 1 << 30) + bytes(4096))
+        deadline = time.monotonic() + 5
+        while acceptor.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not acceptor.is_alive(), "the acceptor should have ended the association"
+    assert any("claims 1073741824 bytes (limit 1048576)" in r.getMessage() for r in caplog.records)
+    assoc.abort()
+
+    # Before any association: an A-ASSOCIATE-RQ header claiming 64 MiB.
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        s.sendall(_pdu_header(0x01, 64 << 20) + bytes(1024))
+        assert _closed_by_peer(s, within=5.0)
+    assert echoscu(edge.port)
+    assert edge.store.status.counts()["instances"] == 0
