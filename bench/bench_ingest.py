@@ -131,6 +131,8 @@ def run_edge(files: list[Path], work: Path, associations: int, max_pdu: int) -> 
     config.write_text(
         f'ae_title = "EDGE"\nport = {port}\ndata_dir = "{root / "data"}"\nquiet_seconds = 3600\n'
         f'log_level = "WARNING"\nmax_pdu_bytes = {max_pdu}\n'
+        # Room for the parallel senders and the C-ECHO probe whose connection may still be closing.
+        f"max_associations_per_peer = {associations + 2}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCLINIC_EDGE_")}
     log = (root / "edge.log").open("wb")

@@ -84,10 +84,9 @@ IDLE_DUL_LOOP_DELAY_S = 0.1
 
 
 #: The listener's maximum PDU length by default. dcmtk senders (storescu, Orthanc) send PDUs of at most
-#: 128 KiB whatever we allow, so any limit from 128 KiB up runs at the same speed with them; 16 KiB (dcmtk's
-#: and pynetdicom's own default) means 34 PDUs per 512x512 CT slice instead of 6, and was slower in
-#: ``bench/bench_ingest.py --max-pdu``. 1 MiB lets senders that honour larger limits (pynetdicom) use few
-#: PDUs, while a PDU still costs at most a few MiB of memory to receive.
+#: 128 KiB whatever we allow: 6 per 512x512 CT slice from 128 KiB up, 34 at 16 KiB (dcmtk's and pynetdicom's
+#: own default), and every PDU is a turn of pynetdicom's DUL loop and state machine. 1 MiB lets senders that
+#: honour larger limits (pynetdicom) use few PDUs, while receiving one still costs at most a few MiB.
 DEFAULT_MAX_PDU = 1024 * 1024
 
 
