@@ -1,10 +1,10 @@
 """The DICOM listener: a pynetdicom Storage SCP whose handlers spool, record and answer, and nothing more.
 
-The C-STORE handler writes the data set exactly as received (no decode and re-encode) behind a File Meta
-header it encodes itself, makes it durable through the spool (one fsync, see ``edge_node.ingest.spool``), and
-only then answers success. Everything slow (parsing pixels, the model) happens in the worker, queued when the
-association is released. Every failure becomes a DICOM status with a short comment for the sender, and a log
-line without identifiers; no exception reaches pynetdicom's thread.
+The C-STORE handler takes the data set exactly as received (no decode and re-encode), which pynetdicom's
+chunked receive has written behind a File Meta header, makes it durable through the spool (one fsync, see
+``edge_node.ingest.spool``), and only then answers success. Everything slow (parsing pixels, the model)
+happens in the worker, queued when the association is released. Every failure becomes a DICOM status with a
+short comment for the sender, and a log line without identifiers; no exception reaches pynetdicom's thread.
 
 Statuses sent (PS3.4 B.2.3, PS3.7 C):
 
@@ -29,12 +29,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from pydicom import Dataset
-from pynetdicom import (
-    AE,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    evt,
-)
+from pynetdicom import AE, evt
 from pynetdicom import (
     _config as pynetdicom_config,
 )
@@ -43,7 +38,6 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
-from edge_node.ingest.part10 import dataset_after_meta, part10_stream
 from edge_node.ingest.pdu_limit import limit_pdus
 from edge_node.ingest.peer_limit import PeerLimitedServer
 from edge_node.ingest.poll_pacer import PollPacer
@@ -223,15 +217,10 @@ class Listener:
             received = event.dataset_path
             # Before reading a byte of it: an instance too large (or a full disk) is refused here.
             self.spool.check_room(received.stat().st_size)
-            # Our own File Meta, not pynetdicom's: it names this node's implementation and costs less.
-            stream = part10_stream(
-                dataset_after_meta(received.read_bytes()),
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                transfer_syntax=str(event.context.transfer_syntax),
-                implementation_uid=PYNETDICOM_IMPLEMENTATION_UID,
-                implementation_version=PYNETDICOM_IMPLEMENTATION_VERSION,
-            )
+            # pynetdicom's file is already the Part 10 stream we keep: its File Meta (from the request's UIDs
+            # and the context's transfer syntax) in front of the data set as received. Spooled as it is:
+            # re-wrapping it cost two more copies of every instance for the same bytes.
+            stream = received.read_bytes()
             receipt = self.spool.put(
                 stream,
                 calling_ae=calling,

@@ -8,14 +8,16 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import generate_uid
-from pynetdicom import AE, _config
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, _config
+from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from edge_node.ingest.listener import (
@@ -183,6 +185,27 @@ def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path
         ds = pydicom.dcmread(f)
         spooled = edge.listener.spool.path_for(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
         assert pydicom.dcmread(spooled).PixelData == ds.PixelData
+
+
+def test_the_spooled_file_is_the_data_set_as_sent_behind_pynetdicoms_file_meta(edge: Running) -> None:
+    ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")  # explicit VR little endian
+    for sop_instance in (generate_uid(), "1.2.3.45"):  # odd and even UID lengths: padding in the meta
+        ds.SOPInstanceUID = sop_instance
+        assert _scu(edge.port, ds) == 0
+        (row,) = edge.store.db.query("SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance,))
+        spooled = Path(row["path"]).read_bytes()
+        meta = create_file_meta(
+            sop_class_uid=UID(str(ds.SOPClassUID)),
+            sop_instance_uid=UID(sop_instance),
+            transfer_syntax=ExplicitVRLittleEndian,
+        )
+        # After the spool's own preamble: exactly what pynetdicom's encoded_dataset(include_meta=True) gives.
+        dataset = encode(ds, False, True)
+        assert dataset is not None
+        assert spooled[128:] == b"DICM" + encode_file_meta(meta) + dataset
+        read = pydicom.dcmread(BytesIO(spooled))
+        assert read.file_meta.ImplementationClassUID == PYNETDICOM_IMPLEMENTATION_UID
+        assert read.PixelData == ds.PixelData
 
 
 def test_missing_uid_is_cannot_understand_and_listener_lives(edge: Running) -> None:
