@@ -187,6 +187,9 @@ class EdgeSettings(BaseSettings):
     dimse_timeout_s: float = Field(default=30.0, gt=0)
     #: Seconds an association may stay idle on the network before it is aborted.
     network_timeout_s: float = Field(default=30.0, gt=0)
+    #: Largest PDU (P-DATA-TF) the listener accepts, in bytes: announced to senders, and a connection whose
+    #: PDU claims more is closed before it is read. 1 MiB: as fast as unlimited with dcmtk-based senders.
+    max_pdu_bytes: int = Field(default=1024 * 1024, ge=4096, le=64 * 1024 * 1024)
     #: A study whose runs killed the node this many times in a row is set aside as failed, not retried.
     max_run_attempts: int = Field(default=3, ge=1)
     #: Instances larger than this are refused with "out of resources" (0xA700).
