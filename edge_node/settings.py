@@ -145,6 +145,8 @@ class EdgeSettings(BaseSettings):
     quiet_seconds: float = Field(default=30.0, gt=0)
     #: A study is analysed only once no new instance came for this many seconds, even after its sender
     #: released: a PACS that sends each instance in its own association then causes one run, not one each.
+    #: A PACS that sends a whole study in one association (Orthanc does) can set 0: the study then runs as
+    #: soon as the association is released, which takes this wait off every result's latency.
     study_quiet_seconds: float = Field(default=2.0, ge=0)
     #: Spool retention: instances of finished studies older than this many days are removed (none: kept).
     spool_retention_days: float | None = Field(default=30.0, gt=0)
