@@ -66,10 +66,23 @@ def _wait_count(orthanc: Orthanc, n: int, timeout: float, alive: Callable[[], bo
         time.sleep(0.02)
 
 
-def _storescu(port: int, aet: str, files: list[Path]) -> subprocess.CompletedProcess[bytes]:
+def _wait_echo(port: int, aet: str, alive: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Wait until ``aet`` answers a C-ECHO on ``port``; False when it died or did not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    echo = [dcmtk("echoscu"), "-aec", aet, "127.0.0.1", str(port)]
+    while subprocess.run(echo, capture_output=True, env=ENV).returncode != 0:
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _storescu(port: int, aet: str, files: list[Path]) -> None:
     # One association for the whole burst, as a PACS re-sending a backlog does.
     cmd = [dcmtk("storescu"), "-aec", aet, "-nh", "127.0.0.1", str(port), *map(str, files)]
-    return subprocess.run(cmd, capture_output=True, env=ENV, timeout=600, check=True)
+    done = subprocess.run(cmd, capture_output=True, env=ENV, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"storescu to {aet} failed ({done.returncode}):\n{done.stderr.decode()[-2000:]}")
 
 
 def _floor_results(sources: list[Path], out: Path) -> None:
@@ -114,7 +127,7 @@ def run_floor(work: Path, sources: list[Path]) -> dict[str, float]:
             stderr=subprocess.DEVNULL,
         )
         try:
-            time.sleep(0.5)
+            _wait_echo(port, "FLOOR", lambda: scp.poll() is None)
             t0 = time.perf_counter()
             _storescu(port, "FLOOR", sources)
             t_sent = time.perf_counter()
@@ -171,12 +184,8 @@ def run_node(
         pid = node.proc.pid
         spies: list[subprocess.Popen[bytes]] = []
         try:
-            deadline = time.monotonic() + 60
-            echo = [dcmtk("echoscu"), "-aec", "EDGE", "127.0.0.1", str(port)]
-            while subprocess.run(echo, capture_output=True, env=ENV).returncode != 0:
-                if not node.alive() or time.monotonic() > deadline:
-                    raise SystemExit(f"the node did not come up:\n{node.log_text()[-3000:]}")
-                time.sleep(0.2)
+            if not _wait_echo(port, "EDGE", node.alive):
+                raise SystemExit(f"the node did not come up:\n{node.log_text()[-3000:]}")
             time.sleep(1.0)  # the node warms its model and result builders after it listens
             if profile is not None:
                 profile.mkdir(parents=True, exist_ok=True)
