@@ -31,7 +31,7 @@ from hub.data.dicomize import dicomize_images
 from hub.data.medmnist import load_medmnist
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import ClientResult, ClientTask, Params
-from hub.training.simulation import run_federation
+from hub.training.simulation import RoundCheckpoint, run_federation
 from tests.edge_node.conftest import find_test_bundle
 
 CLINIC = "clinic-1"
@@ -166,3 +166,41 @@ def test_a_node_and_the_simulation_send_the_same_head_delta(
     # Later rounds started from the averaged head, so the comparison covered the hub's side too.
     first, last = sim.tasks[0].params[head.weight.name], sim.tasks[-1].params[head.weight.name]
     assert np.abs(last - first).max() > 0
+
+
+def test_a_light_federation_resumes_from_its_round_checkpoint(
+    model: LoadedModel, labeled: list[LabeledInstance], tmp_path: Path
+) -> None:
+    """``bench fl --resume``: the personal heads come back from the checkpoint; round 3 is as if unbroken."""
+    head = model.head
+    assert head is not None
+    data = training_set_from(labeled, model.preprocessing, model.task, model_id=model.model_id).training_set
+    logits, embeddings = model.logits_and_embedding(data.x)
+    halves = {"c1": slice(0, None, 2), "c2": slice(1, None, 2)}
+    start = {
+        head.weight.name: np.zeros(head.weight.shape, np.float32),
+        head.bias.name: np.zeros(head.bias.shape, np.float32),
+    }
+
+    def federation(rounds: int, checkpoint: RoundCheckpoint | None) -> tuple[Params, dict[str, LightClinic]]:
+        clinics = {
+            c: LightClinic(c, head, model.task, logits[s], embeddings[s], data.y[s])
+            for c, s in halves.items()
+        }
+        strategy = make_strategy(
+            "head_avg", head=f"{head.weight.name},{head.bias.name}", client_config={"epochs": 10}
+        )
+        strategy.initialize(start, list(clinics))
+        run_federation(strategy, clinics, rounds, checkpoint=checkpoint)
+        return strategy.global_params, clinics
+
+    unbroken, clinics = federation(3, None)
+    checkpoint = RoundCheckpoint(tmp_path / "ckpt.npz")
+    federation(2, checkpoint)
+    resumed, again = federation(3, checkpoint)
+    for name, arr in unbroken.items():
+        np.testing.assert_array_equal(resumed[name], arr)
+    for c in halves:
+        first, second = clinics[c].personal, again[c].personal
+        assert first is not None and second is not None
+        np.testing.assert_array_equal(first.weight, second.weight)
