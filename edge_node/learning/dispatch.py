@@ -20,7 +20,8 @@ from edge_node.inference.loaded_model import LoadedModel
 from edge_node.inference.personal_head import PersonalHead, PersonalHeadStore
 from edge_node.learning.errors import LearningError
 from edge_node.learning.examples import training_set_from
-from edge_node.learning.light import HeadPair, LightConfig, LightLearner
+from edge_node.learning.head_update import checked_learner, head_update
+from edge_node.learning.light import HeadPair
 from edge_node.learning.prepared_set import read_prepared_set
 from edge_node.learning.training_set import LabeledInstance, TrainingSet
 from edge_node.protocol.tensors import Tensors
@@ -83,13 +84,9 @@ def _head_delta(task: Task, params: Tensors, model: LoadedModel | None, learners
             "carried one); the light learner needs a bundle that has it"
         )
     try:
-        config = LightConfig.from_task(task.config)
-        learner = LightLearner(head, model.task, config)
-        shared = learner.shared_from(params)
         expected = {spec.name: list(spec.shape) for spec in task.expected}
-        mine = {head.weight.name: head.weight.shape, head.bias.name: head.bias.shape}
-        if expected != mine:
-            raise LearningError(f"the task expects {expected}; this model's head is {mine}")
+        # Checked before the backbone runs: a task this node cannot answer is refused without that cost.
+        learner, _ = checked_learner(head, model.task, task.config, params, expected)
         data = _training_set(model, learners)
         learner.check_labels(data.y)
         # One run of the frozen backbone: the model's own logits (the served shared head) and the embedding.
@@ -98,7 +95,9 @@ def _head_delta(task: Task, params: Tensors, model: LoadedModel | None, learners
         start = None
         if previous is not None and previous.misfit(model.manifest) is None:
             start = HeadPair(previous.weight, previous.bias)
-        result = learner.train(embeddings, data.y, shared, start, served_logits=logits)
+        result = head_update(
+            head, model.task, task.config, params, expected, logits, embeddings, data.y, start
+        )
     except (LearningError, ModelError) as exc:
         raise LearningRefused(str(exc)) from exc
     learners.personal_heads.save(

@@ -14,12 +14,15 @@ import torch
 from torch import nn
 
 from harness.flbench.datasets import CLINICS, LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
+from harness.flbench.frozen_student import FrozenStudent, binary_task
+from harness.flbench.light_clinic import LightClinic
 from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
 from hub.models.fedhelp_nets import fedhelp_small
 from hub.models.fl_cnn import Norm, fl_cnn
 from hub.models.hsl_mmoe import hsl_mmoe
+from hub.models.student import student_cnn_s
 from hub.training.distill import count_params, distill_student, save_student
 from hub.training.fedhelp_kd import RankSign
 from hub.training.fedhelp_train import FedHelpLargeLearner, FedHelpSmallLearner, fedhelp_learner
@@ -367,6 +370,70 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     return result
 
 
+def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
+    """Light learner (numpy, the node's own code): shared head averaged (head_avg), personal heads kept.
+
+    The starting student is trained by the two large hospitals (pooled, rounds × local_epochs epochs): the
+    model a federation would publish before small clinics join. Its backbone is then frozen; every clinic
+    trains a shared and a personal head on its embedding exactly as a node does. A clinic is scored by what
+    a node serves after the rounds (final shared head + its personal head); the unseen clinic by the shared
+    head alone.
+    """
+    torch.manual_seed(ctx.seed)
+    student = student_cnn_s()
+    x = torch.cat([data.clinics[c].train_x for c in LARGE_CLINICS])
+    y = torch.cat([data.clinics[c].train_y for c in LARGE_CLINICS])
+    pre = LocalConfig(
+        epochs=ctx.cfg.rounds * ctx.cfg.local_epochs, lr=ctx.cfg.lr, batch_size=ctx.cfg.batch_size
+    )
+    train_local(student, x, y, pre, torch.Generator().manual_seed(ctx.seed * 100))
+    frozen = FrozenStudent(student, x[:2])
+    head = frozen.head
+    strategy = make_strategy(
+        "head_avg", head=f"{head.weight.name},{head.bias.name}", client_config={"seed": ctx.seed}
+    )
+    learners: dict[str, LightClinic] = {}
+    for c in CLINICS:
+        logits, emb = frozen.logits_and_embedding(data.clinics[c].train_x)
+        y_c = data.clinics[c].train_y.numpy().astype(np.int64).reshape(-1)
+        learners[c] = LightClinic(c, head, binary_task(), logits, emb, y_c)
+    start = to_params(student)
+    strategy.initialize(start, list(CLINICS))
+    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
+    shared = strategy.global_params
+    w = np.asarray(shared[head.weight.name], dtype=np.float64)  # (K, D)
+    b = np.asarray(shared[head.bias.name], dtype=np.float64)  # (K,)
+
+    def shared_logits(x01: torch.Tensor) -> np.ndarray:
+        return np.asarray(frozen.logits_and_embedding(x01)[1], dtype=np.float64) @ w.T + b  # (N, K)
+
+    def served(clinic: LightClinic) -> Predictor:
+        def scores(x01: torch.Tensor) -> np.ndarray:
+            emb = frozen.logits_and_embedding(x01)[1]
+            return (shared_logits(x01) + clinic.personal_logits(emb))[:, 0]
+
+        return scores
+
+    result = evaluate(data, {c: served(learners[c]) for c in CLINICS}, lambda x: shared_logits(x)[:, 0])
+    initial = evaluate(
+        data,
+        dict.fromkeys(CLINICS, lambda x: frozen.logits_and_embedding(x)[0][:, 0].astype(np.float64)),
+        lambda x: frozen.logits_and_embedding(x)[0][:, 0].astype(np.float64),
+    )
+    shared_only = evaluate(
+        data, dict.fromkeys(CLINICS, lambda x: shared_logits(x)[:, 0]), lambda x: shared_logits(x)[:, 0]
+    )
+    result["bytes_per_client_round"] = bytes_up
+    result["extra"] = {
+        "initial_auc": {c: initial["clinics"][c]["auc"] for c in CLINICS},
+        "shared_head_auc": {c: shared_only["clinics"][c]["auc"] for c in CLINICS},
+        "personal_heads": sorted(c for c, clinic in learners.items() if clinic.personal is not None),
+        "student_params": count_params(student),
+        "head_params": int(w.size + b.size),
+    }
+    return result
+
+
 MethodFn = Callable[[BenchData, MethodContext], dict[str, Any]]
 
 #: Every method of `bench fl --methods all`, in run order. "_aug" rows are ablations of the levers alone.
@@ -379,6 +446,7 @@ METHODS: dict[str, MethodFn] = {
     "hsl": run_hsl,
     "fedhelp": run_fedhelp,
     "pfednet": run_pfednet,
+    "light_head": run_light_head,
     "fedavg_aug": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group"),
     "central_aug": lambda d, c: run_central(d, c, augment=True, norm="group"),
     "fedhelp_snapshot": lambda d, c: run_fedhelp(d, c, rank_sign="snapshot", distill=False),
