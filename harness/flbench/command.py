@@ -117,6 +117,12 @@ def fl(
     profiles: Annotated[
         Path, typer.Option(help="Unseen-clinic panel (TOML [profile.<name>] tables) scored by every method.")
     ] = DEFAULT_PANEL,
+    topk: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Top-k uplink fraction kept (federated methods)."
+        ),
+    ] = 1.0,
     track: Annotated[
         Track, typer.Option(help="aug: every method augments; none: no method does; both: two runs.")
     ] = Track.aug,
@@ -144,11 +150,14 @@ def fl(
     console = Console(stderr=True)
     done: dict[str, tuple[dict[str, Any], str]] = {}
     for augment in tracks:
-        cfg = BenchConfig(rounds=rounds, local_epochs=local_epochs, augment=augment)
+        if topk <= 0.0:
+            raise typer.BadParameter("--topk must be above 0 (1 sends every value)")
+        cfg = BenchConfig(rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk)
         if quick:
             cfg = BenchConfig(
-                rounds=min(rounds, 2), local_epochs=1, distill_epochs=1, distill_min_steps=0, augment=augment
-            )
+                rounds=min(rounds, 2), local_epochs=1, distill_epochs=1, distill_min_steps=0, augment=augment,
+                topk=topk,
+            )  # fmt: skip
         spec = BenchSpec(
             task=task.value, skew=skew.value, seeds=seed_list, methods=method_names, cfg=cfg, quick=quick,
             clinics_file=clinics, panel_file=profiles,

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch import nn
 from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
 from harness.flbench.scoring import METRICS, threshold_metrics, validation_threshold
 from hub.fl.aggregate import unweighted_mean, weighted_mean
+from hub.fl.compress import TopKCompressor
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
 from hub.models.fedhelp_nets import fedhelp_small
@@ -54,6 +55,8 @@ class BenchConfig:
 
     rounds: int = 12
     augment: bool = True
+    #: Top-k uplink compression (fraction kept, with error feedback) on every federated method; 1 = none.
+    topk: float = 1.0
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 1e-3
@@ -75,6 +78,8 @@ class MethodContext:
     seed: int
     on_round: OnRound | None = None
     checkpoint: RoundCheckpoint | None = None
+    #: Upload bytes per clinic of the last federation's statistics rounds (reported apart from training).
+    stats_bytes: dict[str, float] = field(default_factory=dict)
 
 
 def _scores(
@@ -141,10 +146,15 @@ def _local_cfg(ctx: MethodContext, **kw: Any) -> LocalConfig:
 def _run(
     strategy: Strategy, learners: Mapping[str, ClientLearner], rounds: int, ctx: MethodContext
 ) -> dict[str, float]:
-    run = run_federation(strategy, learners, rounds, checkpoint=ctx.checkpoint, on_round=ctx.on_round)
+    """Run the federation; training-round upload bytes per clinic (stats rounds go to ``ctx.stats_bytes``)."""
+    compressor = TopKCompressor(ctx.cfg.topk) if ctx.cfg.topk < 1.0 else None
+    run = run_federation(
+        strategy, learners, rounds, checkpoint=ctx.checkpoint, on_round=ctx.on_round, compressor=compressor
+    )
     failures = [f for r in run.rounds for f in r.failures]
     if failures:
         log.warning("%s: %d clinic failures: %s", strategy.name, len(failures), failures[:3])
+    ctx.stats_bytes = run.stats_bytes_per_client_round()
     return run.bytes_per_client_round()
 
 
@@ -405,6 +415,7 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     load_params(global_model, {**strategy.global_params, **unweighted_mean(personal)})
     result = evaluate(data, per_clinic, _predictor(global_model))
     result["bytes_per_client_round"] = bytes_up
+    result["stats_bytes_per_client_round"] = ctx.stats_bytes
     graph = getattr(strategy, "graph", None)
     result["extra"] = {
         "graph_edges": [[data.names[i], data.names[j]] for i, j in graph.edges] if graph is not None else []

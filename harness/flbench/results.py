@@ -58,6 +58,9 @@ def finalize_record(
         "worst_clinic": worst,
         "bytes_per_client_round": bytes_up,
         "mean_bytes_per_client_round": float(np.mean(list(bytes_up.values()))) if bytes_up else 0.0,
+        "stats_bytes_per_client_round": {
+            c: float(b) for c, b in raw.get("stats_bytes_per_client_round", {}).items()
+        },
         "steps": int(steps),
         "wall_s": float(wall_s),
         "extra": raw.get("extra", {}),
