@@ -119,10 +119,11 @@ def fl(
     ] = DEFAULT_PANEL,
     topk: Annotated[
         float,
-        typer.Option(
-            min=0.0, max=1.0, help="Top-k uplink fraction kept (federated methods)."
-        ),
+        typer.Option(min=0.0, max=1.0, help="Top-k uplink fraction kept (federated methods)."),
     ] = 1.0,
+    pfednet_gamma: Annotated[
+        float, typer.Option(min=0.0, help="pFedNet differentially sparse upload γ (0 = off).")
+    ] = 0.0,
     track: Annotated[
         Track, typer.Option(help="aug: every method augments; none: no method does; both: two runs.")
     ] = Track.aug,
@@ -152,11 +153,13 @@ def fl(
     for augment in tracks:
         if topk <= 0.0:
             raise typer.BadParameter("--topk must be above 0 (1 sends every value)")
-        cfg = BenchConfig(rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk)
+        cfg = BenchConfig(
+            rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk, pfednet_gamma=pfednet_gamma
+        )
         if quick:
             cfg = BenchConfig(
                 rounds=min(rounds, 2), local_epochs=1, distill_epochs=1, distill_min_steps=0, augment=augment,
-                topk=topk,
+                topk=topk, pfednet_gamma=pfednet_gamma,
             )  # fmt: skip
         spec = BenchSpec(
             task=task.value, skew=skew.value, seeds=seed_list, methods=method_names, cfg=cfg, quick=quick,

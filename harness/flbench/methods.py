@@ -63,6 +63,8 @@ class BenchConfig:
     fedprox_mu: float = 0.01
     pfednet_lam: float = 10.0
     pfednet_eta: float = 0.01
+    #: pFedNet's differentially sparse upload of the shared part (γ of hub.fl.differential_sparsity; 0 = off).
+    pfednet_gamma: float = 0.0
     fedhelp_kl_weight: float = 0.1
     distill_epochs: int = 10
     #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
@@ -393,6 +395,7 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         graph_k=2,
         graph_keys=("label_counts", "feature_mean"),
         client_config={"augment": ctx.cfg.augment},
+        differential_gamma=ctx.cfg.pfednet_gamma,
     )
     learners: dict[str, PFedNetLearner] = {}
     for k, c in enumerate(data.names):
@@ -418,7 +421,18 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     result["stats_bytes_per_client_round"] = ctx.stats_bytes
     graph = getattr(strategy, "graph", None)
     result["extra"] = {
-        "graph_edges": [[data.names[i], data.names[j]] for i, j in graph.edges] if graph is not None else []
+        "graph_edges": [[data.names[i], data.names[j]] for i, j in graph.edges] if graph is not None else [],
+        "differential_gamma": ctx.cfg.pfednet_gamma,
+        "differential_groups_zeroed": float(
+            np.mean(
+                [
+                    lr.sparsifier.last.groups_zeroed / max(1, lr.sparsifier.last.groups)
+                    for lr in learners.values()
+                    if lr.sparsifier is not None
+                ]
+                or [0.0]
+            )
+        ),
     }
     return result
 
