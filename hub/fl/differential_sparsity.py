@@ -9,9 +9,10 @@ passed through the proximal map of a group lasso,
 with δ = u_t − r_{t−1}. A group is one output row of a weight tensor (a filter, a neuron) or a whole 1-D
 tensor; its threshold τ_g = γ‖δ‖·√(n_g/N) is what the group's norm would be if the change were spread
 evenly over the tensor (N values, n_g in the group), so γ = 1 drops every group that changed less than
-its fair share. The first upload of a tensor is sent whole (r_0 = 0 would drop most of it). Dropped groups are exact zeros and cost almost nothing in the compressed npz upload. Both
-sides then hold r_t = r_{t−1} + d̂: the clinic in ``DifferentialSparsifier``, the hub in
-``DifferentialAssembler``, which gives the strategy r_t as the clinic's update.
+its fair share. The first upload of a tensor is sent whole (r_0 = 0 would drop most of it). Dropped
+groups are exact zeros and cost almost nothing in the compressed npz upload. Both sides then hold
+r_t = r_{t−1} + d̂: the clinic in ``DifferentialSparsifier``, the hub in ``DifferentialAssembler``,
+which gives the strategy r_t as the clinic's update.
 """
 
 from __future__ import annotations
