@@ -146,12 +146,24 @@ def _local_cfg(ctx: MethodContext, **kw: Any) -> LocalConfig:
 
 
 def _run(
-    strategy: Strategy, learners: Mapping[str, ClientLearner], rounds: int, ctx: MethodContext
+    strategy: Strategy,
+    learners: Mapping[str, ClientLearner],
+    rounds: int,
+    ctx: MethodContext,
+    on_round: OnRound | None = None,
 ) -> dict[str, float]:
-    """Run the federation; training-round upload bytes per clinic (stats rounds go to ``ctx.stats_bytes``)."""
+    """Run the federation; training-round upload bytes per clinic (stats rounds go to ``ctx.stats_bytes``).
+
+    ``on_round`` (default ``ctx.on_round``) is called after every round, e.g. to score it on validation.
+    """
     compressor = TopKCompressor(ctx.cfg.topk) if ctx.cfg.topk < 1.0 else None
     run = run_federation(
-        strategy, learners, rounds, checkpoint=ctx.checkpoint, on_round=ctx.on_round, compressor=compressor
+        strategy,
+        learners,
+        rounds,
+        checkpoint=ctx.checkpoint,
+        on_round=on_round or ctx.on_round,
+        compressor=compressor,
     )
     failures = [f for r in run.rounds for f in r.failures]
     if failures:
@@ -264,11 +276,32 @@ def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
             c, model, data.clinics[c], data.public_x, data.public_y, cfg, ctx.seed * 100 + k
         )
     strategy.initialize(to_params(init), list(data.names))
-    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
-    net = hsl_mmoe()
-    load_params(net, strategy.global_params)  # the last round's averaged model (no model selection, like all)
-    net.eval()
     choices = anchor_choices(data.public_x, data.public_y)
+    best: dict[str, Any] = {"round": 0, "val_auc": -math.inf, "params": to_params(init)}
+
+    def score_round(rnd: int) -> None:
+        # HSL keeps its best round (§1.4), chosen on the small clinics' validation splits, never on test.
+        if ctx.on_round is not None:
+            ctx.on_round(rnd)
+        candidate = hsl_mmoe()
+        load_params(candidate, strategy.global_params)
+        model = anchored(candidate.eval(), choices["mean"])
+        aucs = [
+            threshold_metrics(data.clinics[c].val_y.numpy(), predict(model, data.clinics[c].val_x), 0.0)[
+                "auc"
+            ]
+            for c in data.small
+            if len(data.clinics[c].val_y)
+        ]
+        finite = [a for a in aucs if math.isfinite(a)]
+        val_auc = float(np.mean(finite)) if finite else -math.inf
+        if val_auc > best["val_auc"]:
+            best.update(round=rnd, val_auc=val_auc, params=strategy.global_params)
+
+    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
+    net = hsl_mmoe()
+    load_params(net, best["params"])  # the round with the best small-clinic validation AUC
+    net.eval()
     deploy = anchored(net, choices["mean"])
     result = evaluate(data, dict.fromkeys(data.names, _predictor(deploy)), _predictor(deploy))
     stability: dict[str, dict[str, float]] = {}
@@ -291,6 +324,8 @@ def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     result["bytes_per_client_round"] = bytes_up
     result["extra"] = {
         "deploy_anchor": "mean",
+        "best_round": best["round"],
+        "best_round_val_auc": best["val_auc"],
         "anchor_auc": stability,
         "anchor_auc_spread": float(max(means) - min(means)),
         "self_paired_mean_clinic_auc": float(np.mean([self_paired["clinics"][c]["auc"] for c in data.names])),

@@ -43,6 +43,7 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     }
     hsl = next(r for r in doc["records"] if r["method"] == "hsl")
     assert len(hsl["extra"]["anchor_auc"]) >= 6  # the mean anchor + single images of both classes
+    assert 1 <= hsl["extra"]["best_round"] <= 2  # chosen on validation among the rounds run
     distill = next(r for r in doc["records"] if r["method"] == "fedhelp")["extra"]["distill"]
     assert distill["student_params"] <= 1_000_000
     student = load_checkpoint(out / distill["checkpoint"]).build_model()  # what `fedclinic-hub export` reads
