@@ -132,6 +132,34 @@ def evaluate(
     return result
 
 
+class BestRound:
+    """Keeps the round whose model has the best mean small-clinic validation AUC; the test split plays no
+    part. Methods with one deployable global model (FedAvg, FedProx, the central model, HSL) report that
+    round; the others report their last round."""
+
+    def __init__(self, data: BenchData, initial: Params) -> None:
+        self.data = data
+        self.round = 0
+        self.val_auc = -math.inf
+        self.params: Params = dict(initial)
+
+    def offer(self, rnd: int, params: Params, predictor: Predictor) -> None:
+        aucs = [
+            threshold_metrics(self.data.clinics[c].val_y.numpy(), predictor(self.data.clinics[c].val_x), 0.0)[
+                "auc"
+            ]
+            for c in self.data.small
+            if len(self.data.clinics[c].val_y)
+        ]
+        finite = [a for a in aucs if math.isfinite(a)]
+        score = float(np.mean(finite)) if finite else -math.inf
+        if score > self.val_auc:
+            self.round, self.val_auc, self.params = rnd, score, params
+
+    def extra(self) -> dict[str, float]:
+        return {"best_round": float(self.round), "best_round_val_auc": self.val_auc}
+
+
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     torch.manual_seed(seed)
     return build()
@@ -207,12 +235,17 @@ def run_central(
     model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
     gen = torch.Generator().manual_seed(ctx.seed * 100)
     cfg = _local_cfg(ctx, augment=ctx.cfg.augment if augment is None else augment)
+    best = BestRound(data, to_params(model))
     for rnd in range(1, ctx.cfg.rounds + 1):  # a fresh Adam per "round", like the federated methods
         train_local(model, x, y, cfg, gen)
+        best.offer(rnd, to_params(model), _predictor(model))
         if ctx.on_round is not None:
             ctx.on_round(rnd)
+    load_params(model, best.params)
     p = _predictor(model)
-    return evaluate(data, dict.fromkeys(data.names, p), p)
+    result = evaluate(data, dict.fromkeys(data.names, p), p)
+    result["extra"] = best.extra()
+    return result
 
 
 # -- weight-averaging baselines -------------------------------------------------------------------------
@@ -241,8 +274,22 @@ def run_averaging(
             c, model, data.clinics[c], _local_cfg(ctx, augment=augment), ctx.seed * 100 + k
         )
     strategy.initialize(to_params(init), list(data.names))
-    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
-    shared = strategy.global_params
+    # One global model (every tensor shared): keep its best round on validation. FedBN's clinics keep
+    # their own norms, so it has no single model to choose: it reports its last round.
+    selectable = set(strategy.global_params) == set(to_params(init))
+    best = BestRound(data, to_params(init))
+
+    def score_round(rnd: int) -> None:
+        if ctx.on_round is not None:
+            ctx.on_round(rnd)
+        if selectable:
+            candidate = fl_cnn(norm=norm)
+            params = strategy.global_params
+            load_params(candidate, params)
+            best.offer(rnd, params, _predictor(candidate))
+
+    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
+    shared = best.params if selectable else strategy.global_params
     per_clinic: dict[str, Predictor] = {}
     for c, learner in learners.items():
         load_params(learner.model, shared)  # FedBN: the clinic keeps its own norm tensors
@@ -256,6 +303,8 @@ def run_averaging(
     load_params(global_model, shared)
     result = evaluate(data, per_clinic, _predictor(global_model))
     result["bytes_per_client_round"] = bytes_up
+    if selectable:
+        result["extra"] = best.extra()
     return result
 
 
@@ -277,30 +326,20 @@ def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         )
     strategy.initialize(to_params(init), list(data.names))
     choices = anchor_choices(data.public_x, data.public_y)
-    best: dict[str, Any] = {"round": 0, "val_auc": -math.inf, "params": to_params(init)}
+    best = BestRound(data, to_params(init))
 
     def score_round(rnd: int) -> None:
         # HSL keeps its best round (§1.4), chosen on the small clinics' validation splits, never on test.
         if ctx.on_round is not None:
             ctx.on_round(rnd)
         candidate = hsl_mmoe()
-        load_params(candidate, strategy.global_params)
-        model = anchored(candidate.eval(), choices["mean"])
-        aucs = [
-            threshold_metrics(data.clinics[c].val_y.numpy(), predict(model, data.clinics[c].val_x), 0.0)[
-                "auc"
-            ]
-            for c in data.small
-            if len(data.clinics[c].val_y)
-        ]
-        finite = [a for a in aucs if math.isfinite(a)]
-        val_auc = float(np.mean(finite)) if finite else -math.inf
-        if val_auc > best["val_auc"]:
-            best.update(round=rnd, val_auc=val_auc, params=strategy.global_params)
+        params = strategy.global_params
+        load_params(candidate, params)
+        best.offer(rnd, params, _predictor(anchored(candidate.eval(), choices["mean"])))
 
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
     net = hsl_mmoe()
-    load_params(net, best["params"])  # the round with the best small-clinic validation AUC
+    load_params(net, best.params)  # the round with the best small-clinic validation AUC
     net.eval()
     deploy = anchored(net, choices["mean"])
     result = evaluate(data, dict.fromkeys(data.names, _predictor(deploy)), _predictor(deploy))
@@ -324,8 +363,7 @@ def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     result["bytes_per_client_round"] = bytes_up
     result["extra"] = {
         "deploy_anchor": "mean",
-        "best_round": best["round"],
-        "best_round_val_auc": best["val_auc"],
+        **best.extra(),
         "anchor_auc": stability,
         "anchor_auc_spread": float(max(means) - min(means)),
         "self_paired_mean_clinic_auc": float(np.mean([self_paired["clinics"][c]["auc"] for c in data.names])),

@@ -43,7 +43,11 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     }
     hsl = next(r for r in doc["records"] if r["method"] == "hsl")
     assert len(hsl["extra"]["anchor_auc"]) >= 6  # the mean anchor + single images of both classes
-    assert 1 <= hsl["extra"]["best_round"] <= 2  # chosen on validation among the rounds run
+    for r in doc["records"]:  # one global model → its best round on validation; the others: their last
+        if r["method"] in ("hsl", "fedavg", "fedprox", "fedavg_aug", "central", "central_aug"):
+            assert 1 <= r["extra"]["best_round"] <= 2, r["method"]
+        else:
+            assert "best_round" not in r["extra"], r["method"]
     distill = next(r for r in doc["records"] if r["method"] == "fedhelp")["extra"]["distill"]
     assert distill["student_params"] <= 1_000_000
     student = load_checkpoint(out / distill["checkpoint"]).build_model()  # what `fedclinic-hub export` reads
