@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from edge_node.protocol.durable_file import write_text_durably
 from harness.flbench.datasets import BenchData, build_bench_data
 from harness.flbench.methods import METHODS, BenchConfig, MethodContext
 from harness.flbench.plots import plot_auc
 from harness.flbench.results import Record, build_results, finalize_record, render_markdown
+from harness.flbench.setting import DEFAULT_PANEL, DEFAULT_SETTING, load_panel, load_setting
 from hub.training.simulation import RoundCheckpoint
 
 log = logging.getLogger(__name__)
@@ -44,16 +50,48 @@ class BenchSpec:
     cfg: BenchConfig = field(default_factory=BenchConfig)
     quick: bool = False
     strength: float = 1.0
+    #: The clinics file and the unseen-panel file (TOML; harness/flbench/clinics/).
+    clinics_file: Path = DEFAULT_SETTING
+    panel_file: Path = DEFAULT_PANEL
+
+    @property
+    def track(self) -> str:
+        return "aug" if self.cfg.augment else "none"
 
     def record_config(self) -> dict[str, Any]:
-        """The settings a cached record must match to be reused on --resume."""
+        """The settings a cached record must match to be reused on --resume (the files by content)."""
         return {
             "task": self.task,
             "skew": self.skew,
             "quick": self.quick,
             "strength": self.strength,
+            "clinics_sha256": _sha256(self.clinics_file),
+            "panel_sha256": _sha256(self.panel_file),
             **asdict(self.cfg),
         }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class StepCounter:
+    """Counts optimiser steps of every torch optimiser while active (a global post-step hook), so that
+    each method's budget is reported as it was spent, whatever its training loop does."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    @contextmanager
+    def counting(self) -> Iterator[StepCounter]:
+        def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+            self.steps += 1
+
+        handle = register_optimizer_step_post_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
 
 
 def same_settings(method: str, cached: dict[str, Any] | None, config: dict[str, Any]) -> bool:
@@ -95,6 +133,7 @@ def run_benchmark(
     cache_dir, ckpt_dir = out_dir / "cache", out_dir / "ckpt"
     cache_dir.mkdir(exist_ok=True)
     config = spec.record_config()
+    setting, panel = load_setting(spec.clinics_file), load_panel(spec.panel_file)
     records: list[Record] = []
     t_start = time.perf_counter()
     for seed in spec.seeds:
@@ -118,6 +157,8 @@ def run_benchmark(
                     max_train_per_clinic=QUICK_TRAIN_PER_CLINIC if spec.quick else None,
                     max_test=QUICK_TEST if spec.quick else None,
                     public_size=QUICK_PUBLIC if spec.quick else None,
+                    setting=setting,
+                    panel=panel,
                 )
             ckpt = RoundCheckpoint(ckpt_dir / f"{method}__seed{seed}.npz")
             if not resume:
@@ -128,13 +169,15 @@ def run_benchmark(
                 spec.cfg, out_dir, seed, progress.advance if progress is not None else None, ckpt
             )
             t0 = time.perf_counter()
-            raw = METHODS[method](data, ctx)
-            record = finalize_record(method, seed, raw, time.perf_counter() - t0, config)
+            with StepCounter().counting() as counter:
+                raw = METHODS[method](data, ctx)
+            record = finalize_record(method, seed, raw, time.perf_counter() - t0, config, counter.steps)
             _write_json(cache, record)
             ckpt.clear()
             records.append(record)
-            log.info("%s seed %d: small4 AUC %.3f, worst %.3f, unseen %.3f", method, seed,
-                     record["small4_auc"], record["worst_auc"], record["unseen"]["auc"])  # fmt: skip
+            log.info("%s seed %d: small AUC %.3f, worst %.3f, unseen %.3f, %d steps", method, seed,
+                     record["small_auc"], record["worst_auc"], record["unseen"]["auc"],
+                     record["steps"])  # fmt: skip
             if progress is not None:
                 progress.finish(method, seed, record, cached=False)
     return write_reports(spec, out_dir, records, time.perf_counter() - t_start)
@@ -162,7 +205,10 @@ def report_from_cache(spec: BenchSpec, out_dir: Path) -> dict[str, Any]:
         log.warning("report leaves out %d unfinished runs: %s", len(missing), ", ".join(missing))
     seeds = tuple(s for s in spec.seeds if any(r["seed"] == s for r in records))
     methods = tuple(m for m in spec.methods if any(r["method"] == m for r in records))
-    merged = BenchSpec(spec.task, spec.skew, seeds, methods, spec.cfg, spec.quick, spec.strength)
+    merged = BenchSpec(
+        spec.task, spec.skew, seeds, methods, spec.cfg, spec.quick, spec.strength, spec.clinics_file,
+        spec.panel_file,
+    )  # fmt: skip
     return write_reports(merged, out_dir, records, 0.0)
 
 
@@ -171,6 +217,10 @@ def write_reports(spec: BenchSpec, out_dir: Path, records: Sequence[Record], wal
     meta = {
         "task": spec.task,
         "skew": spec.skew,
+        "track": spec.track,
+        "setting": load_setting(spec.clinics_file).name,
+        "clinics_file": str(spec.clinics_file),
+        "panel_file": str(spec.panel_file),
         "seeds": list(spec.seeds),
         "methods": list(spec.methods),
         "rounds": spec.cfg.rounds,

@@ -1,4 +1,4 @@
-"""`fedclinic-lab bench fl`: the federated simulation of six clinics and an unseen one, every method."""
+"""`fedclinic-lab bench fl`: the federated simulation of a clinics file and unseen clinics, every method."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rich.table import Table
 from harness.flbench.benchmark import BenchSpec, parse_methods, report_from_cache, run_benchmark
 from harness.flbench.methods import BenchConfig
 from harness.flbench.results import Record
+from harness.flbench.setting import DEFAULT_PANEL, DEFAULT_SETTING, load_panel, load_setting
 from hub.commands.output import FormatOption, OutputFormat, emit
 
 app = typer.Typer(help="Benchmarks of the hub's training code.", no_args_is_help=True)
@@ -42,6 +43,14 @@ class Skew(str, enum.Enum):
     none = "none"
 
 
+class Track(str, enum.Enum):
+    """Augmentation track: the same augmentation for every method, none for any, or both runs."""
+
+    aug = "aug"
+    none = "none"
+    both = "both"
+
+
 class RichBenchProgress:
     """One bar for the whole run (method × seed) and one for the rounds of the current method."""
 
@@ -64,9 +73,9 @@ class RichBenchProgress:
         self.progress.advance(self.overall)
         tag = " (cached)" if cached else ""
         self.console.log(
-            f"{method:<17} seed {seed}{tag}: small4 AUC {record['small4_auc']:.3f}"
+            f"{method:<17} seed {seed}{tag}: small AUC {record['small_auc']:.3f}"
             f"  worst {record['worst_auc']:.3f}"
-            f"  unseen {record['unseen']['auc']:.3f}  {record['wall_s']:.0f}s"
+            f"  unseen {record['unseen']['auc']:.3f}  {record['steps']} steps  {record['wall_s']:.0f}s"
         )
 
 
@@ -102,57 +111,111 @@ def fl(
         bool, typer.Option(help="Reuse finished (method, seed) results and round checkpoints.")
     ] = False,
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads.")] = 1,
+    clinics: Annotated[
+        Path, typer.Option(help="Clinics file (TOML): sizes, label skews, acquisition profiles.")
+    ] = DEFAULT_SETTING,
+    profiles: Annotated[
+        Path, typer.Option(help="Unseen-clinic panel (TOML [profile.<name>] tables) scored by every method.")
+    ] = DEFAULT_PANEL,
+    topk: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Top-k uplink fraction kept (federated methods)."),
+    ] = 1.0,
+    pfednet_gamma: Annotated[
+        float, typer.Option(min=0.0, help="pFedNet differentially sparse upload γ (0 = off).")
+    ] = 0.0,
+    track: Annotated[
+        Track, typer.Option(help="aug: every method augments; none: no method does; both: two runs.")
+    ] = Track.aug,
     report_only: Annotated[
         bool, typer.Option(help="Only rebuild results.json/.md/auc.png from finished runs in --out.")
     ] = False,
     output: FormatOption = OutputFormat.table,
 ) -> None:
-    """Federated simulation of six clinics (two hospitals, four small clinics) plus an unseen clinic."""
+    """Federated simulation of the clinics file's clinics plus the unseen clinic and the unseen panel.
+
+    Thresholds and the best-strategy choice use each clinic's validation split; the test split is read once.
+    With ``--track both`` the two tracks go to OUT/track-aug and OUT/track-none.
+    """
     try:
         method_names = parse_methods(methods)
+        load_setting(clinics)
+        load_panel(profiles)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     torch.set_num_threads(threads)
     seed_list = _seeds(seeds)
-    cfg = BenchConfig(rounds=rounds, local_epochs=local_epochs)
     if quick:
         seed_list = seed_list[:1]
-        cfg = BenchConfig(rounds=min(rounds, 2), local_epochs=1, distill_epochs=1, distill_min_steps=0)
-    spec = BenchSpec(
-        task=task.value, skew=skew.value, seeds=seed_list, methods=method_names, cfg=cfg, quick=quick
-    )
+    tracks = {"aug": [True], "none": [False], "both": [True, False]}[track.value]
     console = Console(stderr=True)
-    if report_only:
-        try:
-            results = report_from_cache(spec, out)
-        except FileNotFoundError as exc:
-            raise typer.BadParameter(str(exc)) from None
-        _report(results, f"bench fl {task.value} ({skew.value}) from {out}", output)
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        sink = RichBenchProgress(progress, console, len(seed_list) * len(method_names))
-        results = run_benchmark(spec, out, resume=resume, progress=sink)
-    _report(results, f"bench fl {task.value} ({skew.value}), seeds {list(seed_list)}", output)
-    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'auc.png'}")
+    done: dict[str, tuple[dict[str, Any], str]] = {}
+    for augment in tracks:
+        if topk <= 0.0:
+            raise typer.BadParameter("--topk must be above 0 (1 sends every value)")
+        cfg = BenchConfig(
+            rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk, pfednet_gamma=pfednet_gamma
+        )
+        if quick:
+            cfg = BenchConfig(
+                rounds=min(rounds, 2), local_epochs=1, distill_epochs=1, distill_min_steps=0, augment=augment,
+                topk=topk, pfednet_gamma=pfednet_gamma,
+            )  # fmt: skip
+        spec = BenchSpec(
+            task=task.value, skew=skew.value, seeds=seed_list, methods=method_names, cfg=cfg, quick=quick,
+            clinics_file=clinics, panel_file=profiles,
+        )  # fmt: skip
+        where = out / f"track-{spec.track}" if len(tracks) > 1 else out
+        title = f"bench fl {task.value} ({skew.value}, track {spec.track})"
+        if report_only:
+            try:
+                done[spec.track] = report_from_cache(spec, where), f"{title} from {where}"
+            except FileNotFoundError as exc:
+                raise typer.BadParameter(str(exc)) from None
+            continue
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            sink = RichBenchProgress(progress, console, len(seed_list) * len(method_names))
+            results = run_benchmark(spec, where, resume=resume, progress=sink)
+        done[spec.track] = results, f"{title}, seeds {list(seed_list)}"
+        console.print(f"wrote {where / 'results.json'}, {where / 'results.md'}, {where / 'auc.png'}")
+    # One JSON document whatever the tracks: a run's results, or {"tracks": {name: results}} for both.
+    payload = (
+        next(iter(done.values()))[0] if len(done) == 1 else {"tracks": {k: r for k, (r, _) in done.items()}}
+    )
 
+    def draw(console: Console) -> None:
+        for results, title in done.values():
+            print_summary(results, title, console)
 
-def _report(results: dict[str, Any], title: str, output: OutputFormat) -> None:
-    """The summary table, or with ``--format json`` the whole results document on stdout."""
-    emit(output, results, lambda console: print_summary(results, title, console))
+    emit(output, payload, draw)
 
 
 def print_summary(results: dict[str, Any], title: str, console: Console | None = None) -> None:
     table = Table(title=title)
-    for col in ("method", "small4 AUC", "worst AUC", "unseen AUC", "KB/clinic/round"):
+    cols = (
+        "method",
+        "small AUC",
+        "worst AUC",
+        "unseen AUC",
+        "panel AUC",
+        "KB/clinic/round",
+        "steps",
+        "wall s",
+    )
+    for col in cols:
         table.add_column(col)
     for name, s in results["methods"].items():
         kb = s.get("mean_bytes_per_client_round")
+        panel = s.get("panel_auc")
         table.add_row(
             name,
-            f"{s['small4_auc']['mean']:.3f}",
+            f"{s['small_auc']['mean']:.3f}",
             f"{s['worst_auc']['mean']:.3f}",
             f"{s['unseen']['auc']['mean']:.3f}",
+            f"{panel['mean']:.3f}" if panel else "–",
             f"{kb / 1024:.0f}" if kb else "–",
+            f"{s['steps']['mean']:.0f}",
+            f"{s['wall_s']['mean']:.0f}",
         )
     (console or Console()).print(table)

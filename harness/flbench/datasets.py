@@ -1,9 +1,9 @@
-"""The `bench fl` data: six simulated clinics, an unseen clinic and a public set, rendered once per seed."""
+"""The `bench fl` data: a setting file's clinics, unseen clinics and a public set, rendered per seed."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -11,13 +11,8 @@ import numpy as np
 import torch
 
 from harness.flbench.partition import clinic_sizes, partition_indices, stratified_subset
-from harness.flbench.profiles import (
-    CLINIC_PROFILES,
-    IDENTITY,
-    UNSEEN_PROFILE,
-    render,
-    to_unit,
-)
+from harness.flbench.profiles import IDENTITY, AcquisitionProfile, render, to_unit
+from harness.flbench.setting import DEFAULT_SETTING, BenchSetting, load_setting
 from hub.data.medmnist import load_medmnist
 from hub.training.datasets import ClinicData
 
@@ -26,44 +21,36 @@ log = logging.getLogger(__name__)
 Skew = Literal["combined", "quantity", "label", "feature", "none"]
 SKEWS: tuple[str, ...] = ("combined", "quantity", "label", "feature", "none")
 
-CLINICS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F")
-LARGE_CLINICS: tuple[str, ...] = ("A", "B")
-SMALL_CLINICS: tuple[str, ...] = ("C", "D", "E", "F")
-#: Positive-class prevalence per clinic under label skew: mostly negative (F) to mostly positive (E).
-LABEL_SKEW_PREVALENCE: tuple[float, ...] = (0.75, 0.5, 0.85, 0.3, 0.9, 0.2)
+#: The default setting (harness/flbench/clinics/six-clinics.toml); other settings come with --clinics.
+SIX_CLINICS: BenchSetting = load_setting(DEFAULT_SETTING)
+CLINICS: tuple[str, ...] = SIX_CLINICS.names
+LARGE_CLINICS: tuple[str, ...] = SIX_CLINICS.large
+SMALL_CLINICS: tuple[str, ...] = SIX_CLINICS.small
 #: The public/anchor subset is the same for every seed and every node (HSL's "held identically").
 PUBLIC_SEED = 20_251_122
+#: The fewest validation images a clinic gets (both classes present), however small its share.
+MIN_VAL = 6
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A benchmark task: primary dataset, public dataset, and the clinics' train shares."""
+    """A benchmark task: primary dataset and public dataset (clinic shares live in the setting file)."""
 
     name: str
     primary: str
     public: str
-    shares: tuple[float, ...]
     public_size: int = 512
 
 
 TASKS: dict[str, TaskSpec] = {
-    # 60/20/2/1.5/1/0.5 % of 4708 → 2825/942/94/71/47/24 images.
-    "pneumonia": TaskSpec(
-        "pneumonia", "pneumoniamnist", "breastmnist", (0.60, 0.20, 0.02, 0.015, 0.01, 0.005)
-    ),
-    # BreastMNIST has 546 train images: 326/108 for the hospitals (3:1), 40/32/24/16 for the small clinics.
-    "breast": TaskSpec(
-        "breast",
-        "breastmnist",
-        "pneumoniamnist",
-        (326 / 546, 108 / 546, 40 / 546, 32 / 546, 24 / 546, 16 / 546),
-    ),
+    "pneumonia": TaskSpec("pneumonia", "pneumoniamnist", "breastmnist"),
+    "breast": TaskSpec("breast", "breastmnist", "pneumoniamnist"),
 }
 
 
 @dataclass(frozen=True)
 class BenchData:
-    """Everything one seed of the benchmark trains and tests on."""
+    """Everything one seed of the benchmark trains, selects and tests on."""
 
     task: str
     skew: str
@@ -74,11 +61,21 @@ class BenchData:
     #: Raw (unprofiled) public set, identical at every node: (P, 1, H, W) in [0, 1] and labels (P,).
     public_x: torch.Tensor
     public_y: torch.Tensor
+    #: Clinic names in setting order, and the small ones (the small-clinic metric).
+    names: tuple[str, ...] = CLINICS
+    small: tuple[str, ...] = SMALL_CLINICS
+    #: The unseen-clinic panel: the test split rendered with each panel profile (labels ``unseen_y``).
+    panel: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def pooled_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         xs = [c.train_x for c in self.clinics.values()]
         ys = [c.train_y for c in self.clinics.values()]
         return torch.cat(xs), torch.cat(ys)
+
+    def pooled_val(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([c.val_x for c in self.clinics.values()]), torch.cat(
+            [c.val_y for c in self.clinics.values()]
+        )
 
 
 def skew_flags(skew: str) -> tuple[bool, bool, bool]:
@@ -94,6 +91,21 @@ def _as_tensor(x01: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x01[:, None, :, :], dtype=np.float32))  # (N, 1, H, W)
 
 
+def prevalence_sample(labels: np.ndarray, prevalence: float, rng: np.random.Generator) -> np.ndarray:
+    """The largest subset of ``labels`` (without replacement) whose positive fraction is ``prevalence``.
+
+    This is how a clinic's test set is drawn: the shared test split resampled at the clinic's own label
+    mix, so label skew shows in its AUC, balanced accuracy and sensitivity.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n = int(min(len(pos) / prevalence, len(neg) / (1.0 - prevalence)))
+    n_pos = min(len(pos), max(1, round(n * prevalence)))
+    n_neg = min(len(neg), max(1, n - n_pos))
+    picked = np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)])
+    return np.sort(picked)
+
+
 def build_bench_data(
     task: str,
     skew: str,
@@ -104,51 +116,78 @@ def build_bench_data(
     max_train_per_clinic: int | None = None,
     max_test: int | None = None,
     public_size: int | None = None,
+    setting: BenchSetting = SIX_CLINICS,
+    panel: dict[str, AcquisitionProfile] | None = None,
 ) -> BenchData:
-    """Partition, profile and render the task's data for one seed (quick mode caps sizes)."""
+    """Partition, profile and render the task's data for one seed (quick mode caps sizes).
+
+    Each clinic gets train and validation images at its size share and label skew, and a test set drawn
+    from the test split at its own prevalence; the unseen clinics (the setting's and the panel's) test on
+    the whole (capped) test split.
+    """
     spec = TASKS[task]
     quantity, label, feature = skew_flags(skew)
     rng = np.random.default_rng(seed)
     train = load_medmnist(spec.primary, "train", data_root)
+    val = load_medmnist(spec.primary, "val", data_root)
     test = load_medmnist(spec.primary, "test", data_root)
     public = load_medmnist(spec.public, "train", data_root)
     if train.images.ndim != 3:
         raise ValueError(f"{spec.primary} is not single-channel; bench fl expects grayscale images")
 
-    sizes = clinic_sizes(len(train), spec.shares)
+    n_clinics = len(setting.clinics)
+    shares = [c.share(task) for c in setting.clinics]
+    sizes = clinic_sizes(len(train), shares)
+    val_sizes = [max(MIN_VAL, s) for s in clinic_sizes(len(val), shares)]
     if not quantity:
-        sizes = [sum(sizes) // len(CLINICS)] * len(CLINICS)
+        sizes = [sum(sizes) // n_clinics] * n_clinics
+        val_sizes = [max(MIN_VAL, sum(val_sizes) // n_clinics)] * n_clinics
     if max_train_per_clinic is not None:
         sizes = [min(s, max_train_per_clinic) for s in sizes]
+        val_sizes = [min(s, max(MIN_VAL, max_train_per_clinic // 4)) for s in val_sizes]
     base_prev = float(train.labels.mean())
-    prevalences = list(LABEL_SKEW_PREVALENCE) if label else [base_prev] * len(CLINICS)
+    prevalences = [c.prevalence for c in setting.clinics] if label else [base_prev] * n_clinics
     parts = partition_indices(train.labels, sizes, prevalences, rng)
+    val_parts = partition_indices(val.labels, val_sizes, prevalences, rng)
 
     test_idx = np.arange(len(test))
     if max_test is not None and max_test < len(test):
         test_idx = stratified_subset(test.labels, max_test, np.random.default_rng(seed + 1))
     test01 = to_unit(test.images[test_idx])
-    test_y = torch.from_numpy(test.labels[test_idx].astype(np.float32))
-    train01 = to_unit(train.images)
+    test_labels = test.labels[test_idx].reshape(-1)
+    test_y = torch.from_numpy(test_labels.astype(np.float32))
+    train01, val01 = to_unit(train.images), to_unit(val.images)
+
+    def labels_of(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values.reshape(-1).astype(np.float32))
 
     clinics: dict[str, ClinicData] = {}
-    for name, idx in zip(CLINICS, parts, strict=True):
-        profile = CLINIC_PROFILES[name].scaled(strength) if feature else IDENTITY
-        clinics[name] = ClinicData(
-            name=name,
+    for c, idx, v_idx, prev in zip(setting.clinics, parts, val_parts, prevalences, strict=True):
+        profile = c.profile.scaled(strength) if feature else IDENTITY
+        own = prevalence_sample(test_labels, prev, rng)
+        clinics[c.name] = ClinicData(
+            name=c.name,
             train_x=_as_tensor(render(train01[idx], profile, rng)),
-            train_y=torch.from_numpy(train.labels[idx].astype(np.float32)),
-            test_x=_as_tensor(render(test01, profile, rng)),
-            test_y=test_y,
+            train_y=labels_of(train.labels[idx]),
+            test_x=_as_tensor(render(test01[own], profile, rng)),
+            test_y=labels_of(test_labels[own]),
+            val_x=_as_tensor(render(val01[v_idx], profile, rng)),
+            val_y=labels_of(val.labels[v_idx]),
         )
-    unseen_x = _as_tensor(render(test01, UNSEEN_PROFILE, rng))
+    unseen_profile = next(iter(setting.unseen.values()))
+    unseen_x = _as_tensor(render(test01, unseen_profile, rng))
+    rendered_panel = {name: _as_tensor(render(test01, prof, rng)) for name, prof in (panel or {}).items()}
 
     size = public_size if public_size is not None else spec.public_size
     pub_idx = stratified_subset(public.labels, size, np.random.default_rng(PUBLIC_SEED))
     public_x = _as_tensor(to_unit(public.images[pub_idx]))
     public_y = torch.from_numpy(public.labels[pub_idx].astype(np.float32))
     log.info(
-        "bench data task=%s skew=%s seed=%d train sizes=%s public=%d test=%d",
-        task, skew, seed, [c.n_train for c in clinics.values()], len(public_y), len(test_y),
+        "bench data task=%s skew=%s seed=%d clinics=%d train sizes=%s public=%d test=%d panel=%d",
+        task, skew, seed, n_clinics, [c.n_train for c in clinics.values()], len(public_y), len(test_y),
+        len(rendered_panel),
     )  # fmt: skip
-    return BenchData(task, skew, seed, clinics, unseen_x, test_y, public_x, public_y)
+    return BenchData(
+        task, skew, seed, clinics, unseen_x, test_y, public_x, public_y,
+        setting.names, setting.small, rendered_panel,
+    )  # fmt: skip

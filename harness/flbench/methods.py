@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.flbench.datasets import CLINICS, LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
+from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
 from harness.flbench.frozen_student import FrozenStudent, binary_task
 from harness.flbench.light_clinic import LightClinic
+from harness.flbench.scoring import METRICS, threshold_metrics, validation_threshold
 from hub.fl.aggregate import unweighted_mean, weighted_mean
+from hub.fl.compress import TopKCompressor
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
 from hub.models.fedhelp_nets import fedhelp_small
@@ -31,7 +34,6 @@ from hub.training.hsl_train import HslLearner, anchor_choices, anchored, predict
 from hub.training.learners import (
     LocalConfig,
     SupervisedLearner,
-    binary_metrics,
     load_params,
     predict,
     to_params,
@@ -48,15 +50,24 @@ OnRound = Callable[[int], None]
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One budget for every method: ``rounds`` × ``local_epochs`` passes (local/central: that many epochs)."""
+    """One budget for every method: ``rounds`` × ``local_epochs`` passes (local/central: that many epochs).
+
+    ``augment`` is the track: True gives every method (baselines included) the same training augmentation,
+    False gives none to any; the ``*_aug`` references always augment.
+    """
 
     rounds: int = 12
+    augment: bool = True
+    #: Top-k uplink compression (fraction kept, with error feedback) on every federated method; 1 = none.
+    topk: float = 1.0
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 1e-3
     fedprox_mu: float = 0.01
     pfednet_lam: float = 10.0
     pfednet_eta: float = 0.01
+    #: pFedNet's differentially sparse upload of the shared part (γ of hub.fl.differential_sparsity; 0 = off).
+    pfednet_gamma: float = 0.0
     fedhelp_kl_weight: float = 0.1
     distill_epochs: int = 10
     #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
@@ -72,24 +83,84 @@ class MethodContext:
     seed: int
     on_round: OnRound | None = None
     checkpoint: RoundCheckpoint | None = None
+    #: Upload bytes per clinic of the last federation's statistics rounds (reported apart from training).
+    stats_bytes: dict[str, float] = field(default_factory=dict)
+
+
+def _scores(
+    predictor: Predictor,
+    val: tuple[torch.Tensor, torch.Tensor],
+    tests: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, dict[str, float]]:
+    """Threshold from ``val`` (Youden's J), then each test set scored once at that threshold."""
+    val_logits = predictor(val[0]) if len(val[1]) else np.zeros(0)
+    thr = validation_threshold(val[1].numpy(), val_logits)
+    val_auc = threshold_metrics(val[1].numpy(), val_logits, thr)["auc"] if len(val[1]) else math.nan
+    out = {}
+    for name, (x, y) in tests.items():
+        out[name] = {**threshold_metrics(y.numpy(), predictor(x), thr), "val_auc": val_auc, "threshold": thr}
+    return out
+
+
+def _mean_metrics(each: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([m[k] for m in each])) for k in each[0]}
 
 
 def evaluate(
     data: BenchData, per_clinic: Mapping[str, Predictor], unseen: Predictor | list[Predictor]
 ) -> dict[str, Any]:
-    """AUC and balanced accuracy of each clinic's model on its own profiled test set and the unseen clinic.
+    """Each clinic's model on its own test set (its prevalence, its profile) at a threshold chosen on its own
+    validation split; the unseen clinic and the panel at a threshold chosen on the pooled validation split.
 
     A list for ``unseen`` (local-only) scores every model there and reports the mean of their metrics.
     """
     clinics = {
-        c: binary_metrics(data.clinics[c].test_y, per_clinic[c](data.clinics[c].test_x)) for c in CLINICS
+        c: _scores(
+            per_clinic[c],
+            (data.clinics[c].val_x, data.clinics[c].val_y),
+            {"test": (data.clinics[c].test_x, data.clinics[c].test_y)},
+        )["test"]
+        for c in data.names
     }
-    if isinstance(unseen, list):
-        each = [binary_metrics(data.unseen_y, p(data.unseen_x)) for p in unseen]
-        unseen_m = {k: float(np.mean([m[k] for m in each])) for k in ("auc", "bacc")}
-    else:
-        unseen_m = binary_metrics(data.unseen_y, unseen(data.unseen_x))
-    return {"clinics": clinics, "unseen": unseen_m}
+    tests = {"unseen": (data.unseen_x, data.unseen_y)}
+    tests.update({f"panel/{n}": (x, data.unseen_y) for n, x in data.panel.items()})
+    pooled = data.pooled_val()
+    runs = [_scores(p, pooled, tests) for p in (unseen if isinstance(unseen, list) else [unseen])]
+    merged = {name: _mean_metrics([r[name] for r in runs]) for name in tests}
+    result: dict[str, Any] = {"clinics": clinics, "small": list(data.small), "unseen": merged["unseen"]}
+    panel = {n: merged[f"panel/{n}"] for n in data.panel}
+    if panel:
+        result["panel"] = panel
+        result["panel_mean"] = {k: float(np.mean([m[k] for m in panel.values()])) for k in METRICS}
+    return result
+
+
+class BestRound:
+    """Keeps the round whose model has the best mean small-clinic validation AUC; the test split plays no
+    part. Methods with one deployable global model (FedAvg, FedProx, the central model, HSL) report that
+    round; the others report their last round."""
+
+    def __init__(self, data: BenchData, initial: Params) -> None:
+        self.data = data
+        self.round = 0
+        self.val_auc = -math.inf
+        self.params: Params = dict(initial)
+
+    def offer(self, rnd: int, params: Params, predictor: Predictor) -> None:
+        aucs = [
+            threshold_metrics(self.data.clinics[c].val_y.numpy(), predictor(self.data.clinics[c].val_x), 0.0)[
+                "auc"
+            ]
+            for c in self.data.small
+            if len(self.data.clinics[c].val_y)
+        ]
+        finite = [a for a in aucs if math.isfinite(a)]
+        score = float(np.mean(finite)) if finite else -math.inf
+        if score > self.val_auc:
+            self.round, self.val_auc, self.params = rnd, score, params
+
+    def extra(self) -> dict[str, float]:
+        return {"best_round": float(self.round), "best_round_val_auc": self.val_auc}
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -106,12 +177,29 @@ def _local_cfg(ctx: MethodContext, **kw: Any) -> LocalConfig:
 
 
 def _run(
-    strategy: Strategy, learners: Mapping[str, ClientLearner], rounds: int, ctx: MethodContext
+    strategy: Strategy,
+    learners: Mapping[str, ClientLearner],
+    rounds: int,
+    ctx: MethodContext,
+    on_round: OnRound | None = None,
 ) -> dict[str, float]:
-    run = run_federation(strategy, learners, rounds, checkpoint=ctx.checkpoint, on_round=ctx.on_round)
+    """Run the federation; training-round upload bytes per clinic (stats rounds go to ``ctx.stats_bytes``).
+
+    ``on_round`` (default ``ctx.on_round``) is called after every round, e.g. to score it on validation.
+    """
+    compressor = TopKCompressor(ctx.cfg.topk) if ctx.cfg.topk < 1.0 else None
+    run = run_federation(
+        strategy,
+        learners,
+        rounds,
+        checkpoint=ctx.checkpoint,
+        on_round=on_round or ctx.on_round,
+        compressor=compressor,
+    )
     failures = [f for r in run.rounds for f in r.failures]
     if failures:
         log.warning("%s: %d clinic failures: %s", strategy.name, len(failures), failures[:3])
+    ctx.stats_bytes = run.stats_bytes_per_client_round()
     return run.bytes_per_client_round()
 
 
@@ -119,13 +207,13 @@ def _run(
 
 
 def run_local(
-    data: BenchData, ctx: MethodContext, *, augment: bool = False, norm: Norm = "batch"
+    data: BenchData, ctx: MethodContext, *, augment: bool | None = None, norm: Norm = "batch"
 ) -> dict[str, Any]:
-    """Each clinic alone for rounds × local_epochs epochs; unseen = mean over the six local models."""
-    cfg = _local_cfg(ctx, augment=augment)
+    """Each clinic alone for rounds × local_epochs epochs; unseen = mean over the local models."""
+    cfg = _local_cfg(ctx, augment=ctx.cfg.augment if augment is None else augment)
     cfg = LocalConfig(**{**cfg.__dict__, "epochs": ctx.cfg.rounds * ctx.cfg.local_epochs})
     models: dict[str, nn.Module] = {}
-    for k, c in enumerate(CLINICS):
+    for k, c in enumerate(data.names):
         model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
         train_local(
             model,
@@ -136,50 +224,75 @@ def run_local(
         )
         models[c] = model
         if ctx.on_round is not None:
-            ctx.on_round(round((k + 1) * ctx.cfg.rounds / len(CLINICS)))
+            ctx.on_round(round((k + 1) * ctx.cfg.rounds / len(data.names)))
     return evaluate(
         data, {c: _predictor(m) for c, m in models.items()}, [_predictor(m) for m in models.values()]
     )
 
 
 def run_central(
-    data: BenchData, ctx: MethodContext, *, augment: bool = False, norm: Norm = "batch"
+    data: BenchData, ctx: MethodContext, *, augment: bool | None = None, norm: Norm = "batch"
 ) -> dict[str, Any]:
     """All clinics' rendered data pooled (the upper bound that moves raw data), same number of epochs."""
     x, y = data.pooled_train()
     model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
     gen = torch.Generator().manual_seed(ctx.seed * 100)
-    cfg = _local_cfg(ctx, augment=augment)
+    cfg = _local_cfg(ctx, augment=ctx.cfg.augment if augment is None else augment)
+    best = BestRound(data, to_params(model))
     for rnd in range(1, ctx.cfg.rounds + 1):  # a fresh Adam per "round", like the federated methods
         train_local(model, x, y, cfg, gen)
+        best.offer(rnd, to_params(model), _predictor(model))
         if ctx.on_round is not None:
             ctx.on_round(rnd)
+    load_params(model, best.params)
     p = _predictor(model)
-    return evaluate(data, dict.fromkeys(CLINICS, p), p)
+    result = evaluate(data, dict.fromkeys(data.names, p), p)
+    result["extra"] = best.extra()
+    return result
 
 
 # -- weight-averaging baselines -------------------------------------------------------------------------
 
 
 def run_averaging(
-    data: BenchData, ctx: MethodContext, strategy_name: str, *, augment: bool = False, norm: Norm = "batch"
+    data: BenchData,
+    ctx: MethodContext,
+    strategy_name: str,
+    *,
+    augment: bool | None = None,
+    norm: Norm = "batch",
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms."""
+    augment = ctx.cfg.augment if augment is None else augment
     init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
     settings: dict[str, Any] = {"client_config": {"augment": augment}}
     if strategy_name == "fedprox":
         settings["mu"] = ctx.cfg.fedprox_mu
     strategy = make_strategy(strategy_name, **settings)
     learners: dict[str, SupervisedLearner] = {}
-    for k, c in enumerate(CLINICS):
+    for k, c in enumerate(data.names):
         model = fl_cnn(norm=norm)
         model.load_state_dict(init.state_dict())
         learners[c] = SupervisedLearner(
             c, model, data.clinics[c], _local_cfg(ctx, augment=augment), ctx.seed * 100 + k
         )
-    strategy.initialize(to_params(init), list(CLINICS))
-    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
-    shared = strategy.global_params
+    strategy.initialize(to_params(init), list(data.names))
+    # One global model (every tensor shared): keep its best round on validation. FedBN's clinics keep
+    # their own norms, so it has no single model to choose: it reports its last round.
+    selectable = set(strategy.global_params) == set(to_params(init))
+    best = BestRound(data, to_params(init))
+
+    def score_round(rnd: int) -> None:
+        if ctx.on_round is not None:
+            ctx.on_round(rnd)
+        if selectable:
+            candidate = fl_cnn(norm=norm)
+            params = strategy.global_params
+            load_params(candidate, params)
+            best.offer(rnd, params, _predictor(candidate))
+
+    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
+    shared = best.params if selectable else strategy.global_params
     per_clinic: dict[str, Predictor] = {}
     for c, learner in learners.items():
         load_params(learner.model, shared)  # FedBN: the clinic keeps its own norm tensors
@@ -188,11 +301,13 @@ def run_averaging(
     local_names = [n for n in to_params(init) if n not in shared]
     if local_names:
         # The unseen clinic has no norms of its own: sample-weighted mean of the clinics' (calibration §1).
-        norms = [{n: to_params(learners[c].model)[n] for n in local_names} for c in CLINICS]
-        load_params(global_model, weighted_mean(norms, [data.clinics[c].n_train for c in CLINICS]))
+        norms = [{n: to_params(learners[c].model)[n] for n in local_names} for c in data.names]
+        load_params(global_model, weighted_mean(norms, [data.clinics[c].n_train for c in data.names]))
     load_params(global_model, shared)
     result = evaluate(data, per_clinic, _predictor(global_model))
     result["bytes_per_client_round"] = bytes_up
+    if selectable:
+        result["extra"] = best.extra()
     return result
 
 
@@ -202,44 +317,59 @@ def run_averaging(
 def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     """HSL: two-task MMoE, shared anchor task on the public set, every tensor averaged unweighted."""
     init = _seeded(ctx.seed, hsl_mmoe)
-    cfg = _local_cfg(ctx, augment=True, weight_decay=1e-4)  # AdamW lr 1e-3, wd 1e-4 (Core_HSL, §1.4)
-    strategy = make_strategy("hsl", client_config={"augment": True})
+    aug = ctx.cfg.augment
+    cfg = _local_cfg(ctx, augment=aug, weight_decay=1e-4)  # AdamW lr 1e-3, wd 1e-4 (Core_HSL, §1.4)
+    strategy = make_strategy("hsl", client_config={"augment": aug})
     learners = {}
-    for k, c in enumerate(CLINICS):
+    for k, c in enumerate(data.names):
         model = hsl_mmoe()
         model.load_state_dict(init.state_dict())
         learners[c] = HslLearner(
             c, model, data.clinics[c], data.public_x, data.public_y, cfg, ctx.seed * 100 + k
         )
-    strategy.initialize(to_params(init), list(CLINICS))
-    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
-    net = hsl_mmoe()
-    load_params(net, strategy.global_params)  # the last round's averaged model (no model selection, like all)
-    net.eval()
+    strategy.initialize(to_params(init), list(data.names))
     choices = anchor_choices(data.public_x, data.public_y)
+    best = BestRound(data, to_params(init))
+
+    def score_round(rnd: int) -> None:
+        # HSL keeps its best round (§1.4), chosen on the small clinics' validation splits, never on test.
+        if ctx.on_round is not None:
+            ctx.on_round(rnd)
+        candidate = hsl_mmoe()
+        params = strategy.global_params
+        load_params(candidate, params)
+        best.offer(rnd, params, _predictor(anchored(candidate.eval(), choices["mean"])))
+
+    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
+    net = hsl_mmoe()
+    load_params(net, best.params)  # the round with the best small-clinic validation AUC
+    net.eval()
     deploy = anchored(net, choices["mean"])
-    result = evaluate(data, dict.fromkeys(CLINICS, _predictor(deploy)), _predictor(deploy))
+    result = evaluate(data, dict.fromkeys(data.names, _predictor(deploy)), _predictor(deploy))
     stability: dict[str, dict[str, float]] = {}
     for name, anchor in choices.items():
         m = evaluate(
-            data, dict.fromkeys(CLINICS, _predictor(anchored(net, anchor))), _predictor(anchored(net, anchor))
+            data,
+            dict.fromkeys(data.names, _predictor(anchored(net, anchor))),
+            _predictor(anchored(net, anchor)),
         )
         stability[name] = {
-            "mean_clinic_auc": float(np.mean([m["clinics"][c]["auc"] for c in CLINICS])),
+            "mean_clinic_auc": float(np.mean([m["clinics"][c]["auc"] for c in data.names])),
             "unseen_auc": m["unseen"]["auc"],
         }
     self_paired = evaluate(
         data,
-        dict.fromkeys(CLINICS, lambda x: predict_self_paired(net, x)),
+        dict.fromkeys(data.names, lambda x: predict_self_paired(net, x)),
         lambda x: predict_self_paired(net, x),
     )
     means = [s["mean_clinic_auc"] for s in stability.values()]
     result["bytes_per_client_round"] = bytes_up
     result["extra"] = {
         "deploy_anchor": "mean",
+        **best.extra(),
         "anchor_auc": stability,
         "anchor_auc_spread": float(max(means) - min(means)),
-        "self_paired_mean_clinic_auc": float(np.mean([self_paired["clinics"][c]["auc"] for c in CLINICS])),
+        "self_paired_mean_clinic_auc": float(np.mean([self_paired["clinics"][c]["auc"] for c in data.names])),
         "params": count_params(net),
     }
     return result
@@ -252,12 +382,12 @@ def run_fedhelp(
     soft = stored_soft_labels(ctx.out_dir / f"foundation-{data.task}.npz", data.public_x, data.public_y)
     soft_t = torch.from_numpy(soft)
     init = _seeded(ctx.seed, lambda: fedhelp_small(public_classes=soft.shape[1]))
-    sizes = {c: data.clinics[c].n_train for c in CLINICS}
+    sizes = {c: data.clinics[c].n_train for c in data.names}
     large_ids = sorted(sizes, key=lambda c: -sizes[c])[:2]  # top 2 by data volume (§2.1)
-    strategy = make_strategy("fedhelp", large_clients=large_ids, client_config={"augment": True})
-    cfg = _local_cfg(ctx, augment=True)
+    strategy = make_strategy("fedhelp", large_clients=large_ids, client_config={"augment": ctx.cfg.augment})
+    cfg = _local_cfg(ctx, augment=ctx.cfg.augment)
     learners: dict[str, FedHelpLargeLearner | FedHelpSmallLearner] = {}
-    for k, c in enumerate(CLINICS):
+    for k, c in enumerate(data.names):
         small = fedhelp_small(public_classes=soft.shape[1])
         small.load_state_dict(init.state_dict())
         learners[c] = fedhelp_learner(
@@ -274,20 +404,20 @@ def run_fedhelp(
         )
     # The large hospitals' learners, largest first (the first one hosts the distillation).
     hospitals = [h for c in large_ids if isinstance(h := learners[c], FedHelpLargeLearner)]
-    strategy.initialize(to_params(init), list(CLINICS))
+    strategy.initialize(to_params(init), list(data.names))
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
     global_small = fedhelp_small(public_classes=soft.shape[1])
     load_params(global_small, strategy.global_params)
     g = _predictor(global_small)
     # Small clinics use the global small model; large hospitals their private large model (§2.5).
-    per_clinic = {c: (learners[c].predict if c in large_ids else g) for c in CLINICS}
+    per_clinic = {c: (learners[c].predict if c in large_ids else g) for c in data.names}
     result = evaluate(data, per_clinic, g)
     result["bytes_per_client_round"] = bytes_up
-    proxy_view = evaluate(data, dict.fromkeys(CLINICS, g), g)
+    proxy_view = evaluate(data, dict.fromkeys(data.names, g), g)
     result["extra"] = {
         "large_clients": large_ids,
         "rank_sign": rank_sign,
-        "global_small_auc": {c: proxy_view["clinics"][c]["auc"] for c in CLINICS},
+        "global_small_auc": {c: proxy_view["clinics"][c]["auc"] for c in data.names},
         "small_model_params": count_params(global_small),
         "large_model_params": count_params(hospitals[0].large),
     }
@@ -304,10 +434,10 @@ def _distill(data: BenchData, ctx: MethodContext, hospital: FedHelpLargeLearner)
     student = distill_student(
         teacher, transfer, epochs=ctx.cfg.distill_epochs, min_steps=ctx.cfg.distill_min_steps, seed=ctx.seed
     )
-    t_eval = evaluate(data, dict.fromkeys(CLINICS, _predictor(teacher)), _predictor(teacher))
-    s_eval = evaluate(data, dict.fromkeys(CLINICS, _predictor(student)), _predictor(student))
-    t_mean = float(np.mean([t_eval["clinics"][c]["auc"] for c in CLINICS]))
-    s_mean = float(np.mean([s_eval["clinics"][c]["auc"] for c in CLINICS]))
+    t_eval = evaluate(data, dict.fromkeys(data.names, _predictor(teacher)), _predictor(teacher))
+    s_eval = evaluate(data, dict.fromkeys(data.names, _predictor(student)), _predictor(student))
+    t_mean = float(np.mean([t_eval["clinics"][c]["auc"] for c in data.names]))
+    s_mean = float(np.mean([s_eval["clinics"][c]["auc"] for c in data.names]))
     path = save_student(
         ctx.out_dir / "students" / f"{data.task}-seed{ctx.seed}",
         student,
@@ -340,16 +470,17 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         mean_gradient=False,
         graph_k=2,
         graph_keys=("label_counts", "feature_mean"),
-        client_config={"augment": True},
+        client_config={"augment": ctx.cfg.augment},
+        differential_gamma=ctx.cfg.pfednet_gamma,
     )
     learners: dict[str, PFedNetLearner] = {}
-    for k, c in enumerate(CLINICS):
+    for k, c in enumerate(data.names):
         model = fl_cnn(norm="group")
         model.load_state_dict(init.state_dict())
         learners[c] = PFedNetLearner(
-            c, model, data.clinics[c], _local_cfg(ctx, augment=True), ctx.seed * 100 + k
+            c, model, data.clinics[c], _local_cfg(ctx, augment=ctx.cfg.augment), ctx.seed * 100 + k
         )
-    strategy.initialize(to_params(init), list(CLINICS))
+    strategy.initialize(to_params(init), list(data.names))
     # Round 1 is the stats round (similarity graph); then the same R training rounds as the others.
     bytes_up = _run(strategy, learners, ctx.cfg.rounds + 1, ctx)
     per_clinic: dict[str, Predictor] = {}
@@ -363,9 +494,21 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     load_params(global_model, {**strategy.global_params, **unweighted_mean(personal)})
     result = evaluate(data, per_clinic, _predictor(global_model))
     result["bytes_per_client_round"] = bytes_up
+    result["stats_bytes_per_client_round"] = ctx.stats_bytes
     graph = getattr(strategy, "graph", None)
     result["extra"] = {
-        "graph_edges": [[CLINICS[i], CLINICS[j]] for i, j in graph.edges] if graph is not None else []
+        "graph_edges": [[data.names[i], data.names[j]] for i, j in graph.edges] if graph is not None else [],
+        "differential_gamma": ctx.cfg.pfednet_gamma,
+        "differential_groups_zeroed": float(
+            np.mean(
+                [
+                    lr.sparsifier.last.groups_zeroed / max(1, lr.sparsifier.last.groups)
+                    for lr in learners.values()
+                    if lr.sparsifier is not None
+                ]
+                or [0.0]
+            )
+        ),
     }
     return result
 
@@ -381,8 +524,9 @@ def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     """
     torch.manual_seed(ctx.seed)
     student = student_cnn_s()
-    x = torch.cat([data.clinics[c].train_x for c in LARGE_CLINICS])
-    y = torch.cat([data.clinics[c].train_y for c in LARGE_CLINICS])
+    large = [c for c in data.names if c not in data.small]
+    x = torch.cat([data.clinics[c].train_x for c in large])
+    y = torch.cat([data.clinics[c].train_y for c in large])
     pre = LocalConfig(
         epochs=ctx.cfg.rounds * ctx.cfg.local_epochs, lr=ctx.cfg.lr, batch_size=ctx.cfg.batch_size
     )
@@ -393,12 +537,12 @@ def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         "head_avg", head=f"{head.weight.name},{head.bias.name}", client_config={"seed": ctx.seed}
     )
     learners: dict[str, LightClinic] = {}
-    for c in CLINICS:
+    for c in data.names:
         logits, emb = frozen.logits_and_embedding(data.clinics[c].train_x)
         y_c = data.clinics[c].train_y.numpy().astype(np.int64).reshape(-1)
         learners[c] = LightClinic(c, head, binary_task(), logits, emb, y_c)
     start = to_params(student)
-    strategy.initialize(start, list(CLINICS))
+    strategy.initialize(start, list(data.names))
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
     shared = strategy.global_params
     w = np.asarray(shared[head.weight.name], dtype=np.float64)  # (K, D)
@@ -414,19 +558,19 @@ def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
 
         return scores
 
-    result = evaluate(data, {c: served(learners[c]) for c in CLINICS}, lambda x: shared_logits(x)[:, 0])
+    result = evaluate(data, {c: served(learners[c]) for c in data.names}, lambda x: shared_logits(x)[:, 0])
     initial = evaluate(
         data,
-        dict.fromkeys(CLINICS, lambda x: frozen.logits_and_embedding(x)[0][:, 0].astype(np.float64)),
+        dict.fromkeys(data.names, lambda x: frozen.logits_and_embedding(x)[0][:, 0].astype(np.float64)),
         lambda x: frozen.logits_and_embedding(x)[0][:, 0].astype(np.float64),
     )
     shared_only = evaluate(
-        data, dict.fromkeys(CLINICS, lambda x: shared_logits(x)[:, 0]), lambda x: shared_logits(x)[:, 0]
+        data, dict.fromkeys(data.names, lambda x: shared_logits(x)[:, 0]), lambda x: shared_logits(x)[:, 0]
     )
     result["bytes_per_client_round"] = bytes_up
     result["extra"] = {
-        "initial_auc": {c: initial["clinics"][c]["auc"] for c in CLINICS},
-        "shared_head_auc": {c: shared_only["clinics"][c]["auc"] for c in CLINICS},
+        "initial_auc": {c: initial["clinics"][c]["auc"] for c in data.names},
+        "shared_head_auc": {c: shared_only["clinics"][c]["auc"] for c in data.names},
         "personal_heads": sorted(c for c, clinic in learners.items() if clinic.personal is not None),
         "student_params": count_params(student),
         "head_params": int(w.size + b.size),
@@ -447,19 +591,23 @@ METHODS: dict[str, MethodFn] = {
     "fedhelp": run_fedhelp,
     "pfednet": run_pfednet,
     "light_head": run_light_head,
+    "local_aug": lambda d, c: run_local(d, c, augment=True, norm="group"),
     "fedavg_aug": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group"),
     "central_aug": lambda d, c: run_central(d, c, augment=True, norm="group"),
     "fedhelp_snapshot": lambda d, c: run_fedhelp(d, c, rank_sign="snapshot", distill=False),
 }
 BASELINES: tuple[str, ...] = ("local", "central", "fedavg", "fedprox", "fedbn")
 OURS: tuple[str, ...] = ("hsl", "fedhelp", "pfednet")
-FEDERATED: frozenset[str] = frozenset(set(METHODS) - {"local", "central", "central_aug"})
+FEDERATED: frozenset[str] = frozenset(set(METHODS) - {"local", "central", "local_aug", "central_aug"})
+#: The references the targets are scored against (always augmented, GroupNorm, like the strategies).
+REFERENCES: tuple[str, ...] = ("local_aug", "central_aug", "fedavg_aug")
 __all__ = [
     "BASELINES",
     "FEDERATED",
     "LARGE_CLINICS",
     "METHODS",
     "OURS",
+    "REFERENCES",
     "SMALL_CLINICS",
     "BenchConfig",
     "MethodContext",

@@ -12,13 +12,12 @@ matplotlib.use("Agg")  # files only; no display on the hub or in CI
 import matplotlib.pyplot as plt
 import numpy as np
 
-from harness.flbench.datasets import CLINICS
-
 
 def plot_auc(results: Mapping[str, Any], path: Path) -> Path:
-    """Grouped bars: clinics A–F and the unseen clinic on x, one bar per method, sd over seeds."""
+    """Grouped bars: every clinic and the unseen clinic on x, one bar per method, sd over seeds."""
     methods = results["methods"]
-    groups = [*CLINICS, "unseen"]
+    clinics: list[str] = next(iter(methods.values()))["clinic_names"] if methods else []
+    groups = [*clinics, "unseen"]
     names = list(methods)
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(max(9.0, 1.3 * len(groups) + 0.25 * len(names) + 1.5), 4.5))
@@ -26,7 +25,7 @@ def plot_auc(results: Mapping[str, Any], path: Path) -> Path:
     cmap = plt.get_cmap("tab20")
     for i, m in enumerate(names):
         s = methods[m]
-        stats = [s["clinics"][c]["auc"] for c in CLINICS] + [s["unseen"]["auc"]]
+        stats = [s["clinics"][c]["auc"] for c in clinics] + [s["unseen"]["auc"]]
         means = [st["mean"] for st in stats]
         sds = [st["sd"] for st in stats]
         ax.bar(
@@ -42,7 +41,7 @@ def plot_auc(results: Mapping[str, Any], path: Path) -> Path:
     ax.set_xticks(x, groups)
     ax.set_ylabel("AUC")
     low = min(
-        min(s["clinics"][c]["auc"]["mean"] for c in CLINICS for s in methods.values()),
+        min(s["clinics"][c]["auc"]["mean"] for c in clinics for s in methods.values()),
         min(s["unseen"]["auc"]["mean"] for s in methods.values()),
     )
     ax.set_ylim(max(0.0, low - 0.05), 1.0)

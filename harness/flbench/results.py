@@ -8,32 +8,60 @@ from typing import Any
 
 import numpy as np
 
-from harness.flbench.datasets import CLINICS, SMALL_CLINICS
+from harness.flbench.datasets import SMALL_CLINICS
 
 Record = dict[str, Any]
-#: fedclinic's own strategies: "the best fedclinic strategy" is picked among these.
+#: fedclinic's own strategies: "the best fedclinic strategy" is picked among these, on validation.
 OURS: tuple[str, ...] = ("hsl", "fedhelp", "pfednet")
+#: The fair references: augmented like the strategies, GroupNorm.
+REF_LOCAL, REF_CENTRAL, REF_FEDAVG = "local_aug", "central_aug", "fedavg_aug"
+_CLINIC_METRICS: tuple[str, ...] = ("auc", "bacc", "sens")
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    arr = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    return float(arr.mean()) if len(arr) else math.nan
 
 
 def finalize_record(
-    method: str, seed: int, raw: Mapping[str, Any], wall_s: float, config: Mapping[str, Any]
+    method: str,
+    seed: int,
+    raw: Mapping[str, Any],
+    wall_s: float,
+    config: Mapping[str, Any],
+    steps: int = 0,
 ) -> Record:
-    """A method's raw metrics for one seed plus the derived columns (small-clinic mean, worst clinic)."""
+    """A method's raw metrics for one seed plus the derived columns (small-clinic mean, worst clinic).
+
+    ``raw["small"]`` names the small clinics (default: those of the six-clinic setting); ``steps`` is the
+    number of optimiser steps the method took over every clinic, so that budgets can be compared.
+    """
     clinics = raw["clinics"]
-    aucs = {c: float(clinics[c]["auc"]) for c in CLINICS}
-    worst = min(CLINICS, key=lambda c: aucs[c] if math.isfinite(aucs[c]) else -1.0)
+    names = list(clinics)
+    small = [c for c in raw.get("small", SMALL_CLINICS) if c in clinics]
+    aucs = {c: float(clinics[c]["auc"]) for c in names}
+    worst = min(names, key=lambda c: aucs[c] if math.isfinite(aucs[c]) else -1.0)
     bytes_up = {c: float(b) for c, b in raw.get("bytes_per_client_round", {}).items()}
     return {
         "method": method,
         "seed": seed,
-        "clinics": {c: {k: float(v) for k, v in clinics[c].items()} for c in CLINICS},
+        "clinics": {c: {k: float(v) for k, v in clinics[c].items()} for c in names},
+        "small": small,
         "unseen": {k: float(v) for k, v in raw["unseen"].items()},
-        "small4_auc": float(np.mean([aucs[c] for c in SMALL_CLINICS])),
-        "small4_bacc": float(np.mean([clinics[c]["bacc"] for c in SMALL_CLINICS])),
+        "panel": {n: {k: float(v) for k, v in m.items()} for n, m in raw.get("panel", {}).items()},
+        "panel_mean": {k: float(v) for k, v in raw.get("panel_mean", {}).items()},
+        "small_auc": float(np.mean([aucs[c] for c in small])),
+        "small_bacc": float(np.mean([clinics[c]["bacc"] for c in small])),
+        "small_sens": _finite_mean([float(clinics[c].get("sens", math.nan)) for c in small]),
+        "small_val_auc": _finite_mean([float(clinics[c].get("val_auc", math.nan)) for c in small]),
         "worst_auc": aucs[worst],
         "worst_clinic": worst,
         "bytes_per_client_round": bytes_up,
         "mean_bytes_per_client_round": float(np.mean(list(bytes_up.values()))) if bytes_up else 0.0,
+        "stats_bytes_per_client_round": {
+            c: float(b) for c, b in raw.get("stats_bytes_per_client_round", {}).items()
+        },
+        "steps": int(steps),
         "wall_s": float(wall_s),
         "extra": raw.get("extra", {}),
         "config": dict(config),
@@ -51,24 +79,32 @@ def _ms(values: Sequence[float]) -> dict[str, float]:
 
 def summarize_method(records: Sequence[Record]) -> dict[str, Any]:
     """Mean ± sd over seeds of every column of one method."""
+    names = list(records[0]["clinics"])
+    metrics = [m for m in _CLINIC_METRICS if all(m in r["clinics"][names[0]] for r in records)]
     out: dict[str, Any] = {
         "seeds": [r["seed"] for r in records],
-        "clinics": {
-            c: {m: _ms([r["clinics"][c][m] for r in records]) for m in ("auc", "bacc")} for c in CLINICS
-        },
+        "clinic_names": names,
+        "clinics": {c: {m: _ms([r["clinics"][c][m] for r in records]) for m in metrics} for c in names},
         "unseen": {m: _ms([r["unseen"][m] for r in records]) for m in ("auc", "bacc")},
-        "small4_auc": _ms([r["small4_auc"] for r in records]),
-        "small4_bacc": _ms([r["small4_bacc"] for r in records]),
+        "small_auc": _ms([r["small_auc"] for r in records]),
+        "small_bacc": _ms([r["small_bacc"] for r in records]),
+        "small_sens": _ms([r.get("small_sens", math.nan) for r in records]),
+        "small_val_auc": _ms([r.get("small_val_auc", math.nan) for r in records]),
         "worst_auc": _ms([r["worst_auc"] for r in records]),
         "worst_clinics": [r["worst_clinic"] for r in records],
+        "steps": _ms([r.get("steps", 0) for r in records]),
         "wall_s": _ms([r["wall_s"] for r in records]),
     }
+    if all(r.get("panel") for r in records):
+        out["panel"] = {n: _ms([r["panel"][n]["auc"] for r in records]) for n in records[0]["panel"]}
+        out["panel_auc"] = _ms([r["panel_mean"]["auc"] for r in records])
     if any(r["bytes_per_client_round"] for r in records):
         out["bytes_per_client_round"] = {
             c: _ms([r["bytes_per_client_round"][c] for r in records if c in r["bytes_per_client_round"]])[
                 "mean"
             ]
-            for c in CLINICS
+            for c in names
+            if any(c in r["bytes_per_client_round"] for r in records)
         }
         out["mean_bytes_per_client_round"] = _ms([r["mean_bytes_per_client_round"] for r in records])["mean"]
     return out
@@ -83,7 +119,7 @@ def _target(
     name: str, values: list[float], threshold: float, *, higher: bool = True, note: str = ""
 ) -> dict[str, Any]:
     if not values:
-        return {"name": name, "status": "not run", "threshold": threshold, "note": note}
+        return {"name": name, "status": "not run", "threshold": threshold, "note": note, "higher": higher}
     stats = _ms(values)
     ok = [v >= threshold if higher else v <= threshold for v in values]
     met = (stats["mean"] >= threshold) if higher else (stats["mean"] <= threshold)
@@ -91,6 +127,7 @@ def _target(
         "name": name,
         "value": stats,
         "threshold": threshold,
+        "higher": higher,
         "per_seed": values,
         "seeds_passing": int(sum(ok)),
         "status": "met" if met else "missed",
@@ -99,52 +136,49 @@ def _target(
 
 
 def best_ours(summary: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """fedclinic's strategy with the highest mean small-clinic AUC (chosen once, used for every target)."""
+    """fedclinic's strategy with the highest mean small-clinic *validation* AUC (the test split plays no
+    part in the choice); chosen once and used for every target."""
     present = [m for m in OURS if m in summary]
-    return max(present, key=lambda m: summary[m]["small4_auc"]["mean"]) if present else None
+    if not present:
+        return None
+
+    def key(m: str) -> float:
+        v = summary[m]["small_val_auc"]["mean"]
+        return v if math.isfinite(v) else -math.inf
+
+    return max(present, key=key)
+
+
+def _small(a: Record, b: Record) -> float:
+    return float(a["small_auc"] - b["small_auc"])
+
+
+def _worst(a: Record, b: Record) -> float:
+    return float(a["worst_auc"] - b["worst_auc"])
+
+
+def _panel(a: Record, b: Record) -> float:
+    if not a.get("panel_mean") or not b.get("panel_mean"):
+        return math.nan
+    return float(a["panel_mean"]["auc"] - b["panel_mean"]["auc"])
 
 
 def targets(records: Sequence[Record]) -> dict[str, Any]:
-    """Issue 3's targets, each computed per seed (paired) and then averaged."""
+    """The targets against the fair references, each computed per seed (paired) and then averaged."""
     by: dict[str, dict[int, Record]] = {}
     for r in records:
         by.setdefault(r["method"], {})[r["seed"]] = r
     summary = {m: summarize_method(list(rs.values())) for m, rs in by.items()}
     best = best_ours(summary)
-    out: dict[str, Any] = {"best_strategy": best, "checks": []}
+    out: dict[str, Any] = {"best_strategy": best, "chosen_on": "small-clinic validation AUC", "checks": []}
     checks: list[dict[str, Any]] = out["checks"]
     if best is not None:
+        panel = [v for v in _paired(by, best, REF_FEDAVG, _panel) if math.isfinite(v)]
         checks += [
-            _target(
-                "small4 AUC / centralized",
-                _paired(by, best, "central", lambda a, b: a["small4_auc"] / b["small4_auc"]),
-                0.97,
-            ),
-            _target(
-                "small4 AUC − local-only",
-                _paired(by, best, "local", lambda a, b: a["small4_auc"] - b["small4_auc"]),
-                0.05,
-            ),
-            _target(
-                "worst AUC − FedAvg worst",
-                _paired(by, best, "fedavg", lambda a, b: a["worst_auc"] - b["worst_auc"]),
-                0.05,
-            ),
-            _target(
-                "worst AUC − centralized worst",
-                _paired(by, best, "central", lambda a, b: a["worst_auc"] - b["worst_auc"]),
-                -0.02,
-            ),
-            _target(
-                "unseen AUC / centralized",
-                _paired(by, best, "central", lambda a, b: a["unseen"]["auc"] / b["unseen"]["auc"]),
-                0.90,
-            ),
-            _target(
-                "unseen AUC / centralized (stretch)",
-                _paired(by, best, "central", lambda a, b: a["unseen"]["auc"] / b["unseen"]["auc"]),
-                0.95,
-            ),
+            _target("small AUC − central_aug", _paired(by, best, REF_CENTRAL, _small), -0.01),
+            _target("small AUC − fedavg_aug", _paired(by, best, REF_FEDAVG, _small), 0.02),
+            _target("worst AUC − fedavg_aug worst", _paired(by, best, REF_FEDAVG, _worst), 0.03),
+            _target("out-of-envelope panel AUC − fedavg_aug", panel, 0.03),
         ]
     gaps = [
         r["extra"]["distill"]["gap"]
@@ -166,33 +200,16 @@ def targets(records: Sequence[Record]) -> dict[str, Any]:
             note="both measured from the codec's npz payloads; HSL here uses compact encoders, not ResNet-18",
         )
     )
-    # Every other federated method against the same baselines, for the reading (not targets).
+    # Every method against every reference, for the reading (not targets).
     out["paired"] = {
         m: {
-            "small4_over_central": _ms(
-                _paired(by, m, "central", lambda a, b: a["small4_auc"] / b["small4_auc"])
-            )
-            if "central" in by
-            else None,
-            "small4_minus_local": _ms(_paired(by, m, "local", lambda a, b: a["small4_auc"] - b["small4_auc"]))
-            if "local" in by
-            else None,
-            "worst_minus_fedavg": _ms(_paired(by, m, "fedavg", lambda a, b: a["worst_auc"] - b["worst_auc"]))
-            if "fedavg" in by
-            else None,
-            "worst_minus_central": _ms(
-                _paired(by, m, "central", lambda a, b: a["worst_auc"] - b["worst_auc"])
-            )
-            if "central" in by
-            else None,
-            "unseen_over_central": _ms(
-                _paired(by, m, "central", lambda a, b: a["unseen"]["auc"] / b["unseen"]["auc"])
-            )
-            if "central" in by
-            else None,
+            f"{kind}_minus_{ref}": _ms(vals)
+            if (vals := [v for v in _paired(by, m, ref, fn) if math.isfinite(v)])
+            else None
+            for ref in (REF_LOCAL, REF_CENTRAL, REF_FEDAVG)
+            for kind, fn in (("small", _small), ("worst", _worst), ("panel", _panel))
         }
         for m in by
-        if m not in ("central",)
     }
     return out
 
@@ -223,60 +240,77 @@ def _kb(b: float | None) -> str:
 
 
 def render_markdown(results: Mapping[str, Any]) -> str:
-    """results.md: the main table, balanced accuracy, paired comparisons, targets, and method extras."""
+    """results.md: the main table, sensitivity, the panel, paired comparisons, targets, method extras."""
     meta, methods = results["meta"], results["methods"]
+    names: list[str] = next(iter(methods.values()))["clinic_names"] if methods else []
     lines = [
-        f"# bench fl — task `{meta['task']}`, skew `{meta['skew']}`",
+        f"# bench fl — task `{meta['task']}`, skew `{meta['skew']}`, track `{meta.get('track', 'aug')}`",
         "",
-        f"Seeds {meta['seeds']}, {meta['rounds']} rounds × {meta['local_epochs']} local epoch(s); "
-        f"quick={meta['quick']}. AUC mean±sd over the n seeds a method finished; each clinic tests on the "
-        "whole official test split rendered with its own profile; unseen = a profile no clinic trained on.",
+        f"Setting `{meta.get('setting', 'six-clinics')}`, seeds {meta['seeds']}, {meta['rounds']} rounds × "
+        f"{meta['local_epochs']} local epoch(s); quick={meta['quick']}. AUC mean±sd over the n seeds a "
+        "method finished; each clinic tests on the test split resampled at its own prevalence, rendered with "
+        "its own profile; thresholds come from each clinic's validation split; unseen = a profile no clinic "
+        "trained on; panel = mean over the out-of-envelope unseen panel.",
         "",
         "| method | n | "
-        + " | ".join(CLINICS)
-        + " | small4 | worst | unseen | upload/clinic/round | wall s |",
-        "|---" * (len(CLINICS) + 7) + "|",
+        + " | ".join(names)
+        + " | small | worst | unseen | panel | upload/clinic/round | steps | wall s |",
+        "|---" * (len(names) + 9) + "|",
     ]
     for m, s in methods.items():
-        cells = [_f(s["clinics"][c]["auc"]) for c in CLINICS]
+        cells = [_f(s["clinics"][c]["auc"]) for c in names]
         lines.append(
             f"| {m} | {len(s['seeds'])} | "
             + " | ".join(cells)
-            + f" | {_f(s['small4_auc'])} | {_f(s['worst_auc'])} | "
-            f"{_f(s['unseen']['auc'])} | {_kb(s.get('mean_bytes_per_client_round'))} | "
+            + f" | {_f(s['small_auc'])} | {_f(s['worst_auc'])} | "
+            f"{_f(s['unseen']['auc'])} | {_f(s.get('panel_auc'))} | "
+            f"{_kb(s.get('mean_bytes_per_client_round'))} | {s['steps']['mean']:.0f} | "
             f"{s['wall_s']['mean']:.0f} |"
         )
     lines += [
         "",
-        "Balanced accuracy (threshold 0.5):",
+        "Balanced accuracy and sensitivity at the validation-chosen threshold (small clinics), "
+        "small-clinic validation AUC (what selection sees):",
         "",
-        "| method | " + " | ".join(CLINICS) + " | small4 | unseen |",
+        "| method | small bacc | small sensitivity | small val AUC | unseen bacc |",
+        "|---|---|---|---|---|",
     ]
-    lines.append("|---" * (len(CLINICS) + 3) + "|")
     for m, s in methods.items():
-        cells = [_f(s["clinics"][c]["bacc"]) for c in CLINICS]
         lines.append(
-            f"| {m} | " + " | ".join(cells) + f" | {_f(s['small4_bacc'])} | {_f(s['unseen']['bacc'])} |"
+            f"| {m} | {_f(s['small_bacc'])} | {_f(s['small_sens'])} | {_f(s['small_val_auc'])} | "
+            f"{_f(s['unseen']['bacc'])} |"
         )
+    panel_names = next((list(s["panel"]) for s in methods.values() if "panel" in s), [])
+    if panel_names:
+        lines += ["", "Out-of-envelope unseen panel (AUC):", ""]
+        lines += [
+            "| method | " + " | ".join(panel_names) + " | mean |",
+            "|---" * (len(panel_names) + 2) + "|",
+        ]
+        for m, s in methods.items():
+            if "panel" in s:
+                cells = [_f(s["panel"][n]) for n in panel_names]
+                lines.append(f"| {m} | " + " | ".join(cells) + f" | {_f(s['panel_auc'])} |")
     tg = results["targets"]
-    lines += ["", "Paired by seed (method vs baseline, mean±sd over seeds):", ""]
+    cols = [k for k in next(iter(tg["paired"].values()), {})]
+    lines += ["", "Paired by seed against the fair references (mean±sd over seeds):", ""]
     lines += [
-        "| method | small4/central | small4−local | worst−FedAvg worst | worst−central worst "
-        "| unseen/central |"
+        "| method | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
     ]
-    lines.append("|---" * 6 + "|")
     for m, p in tg["paired"].items():
-        lines.append(
-            f"| {m} | {_f(p['small4_over_central'])} | {_f(p['small4_minus_local'])} | "
-            f"{_f(p['worst_minus_fedavg'])} | "
-            f"{_f(p['worst_minus_central'])} | {_f(p['unseen_over_central'])} |"
-        )
-    lines += ["", f"Targets (best fedclinic strategy by small4: **{tg['best_strategy']}**):", ""]
+        lines.append(f"| {m} | " + " | ".join(_f(p[c]) for c in cols) + " |")
+    lines += [
+        "",
+        f"Targets (best fedclinic strategy by {tg.get('chosen_on', 'small-clinic validation AUC')}: "
+        f"**{tg['best_strategy']}**):",
+        "",
+    ]
     lines += ["| target | value | threshold | seeds passing | status |", "|---|---|---|---|---|"]
     for t in tg["checks"]:
         value = _f(t.get("value")) if t.get("value") else "–"
         passing = f"{t['seeds_passing']}/{t['value']['n']}" if t.get("value") else "–"
-        op = "≥" if t["name"] not in ("teacher − student mean AUC",) and "upload" not in t["name"] else "≤"
+        op = "≥" if t.get("higher", True) else "≤"
         lines.append(f"| {t['name']} | {value} | {op} {t['threshold']:.3g} | {passing} | {t['status']} |")
     lines += ["", "Method extras (seed-averaged where numeric):", ""]
     for m in methods:

@@ -21,17 +21,23 @@ to drop the 1/N of the objective, giving Z_t + delta). Clients that did not answ
 take part in the fusion. The graph comes from ``edges`` (pairs of client ids) or, if none is given, from a
 first ``stats`` round: its tasks ask each client for the tensors named in ``graph_keys`` and its
 ``aggregate`` builds the kNN graph and returns None (no model change).
+
+With ``differential_gamma`` > 0 the clinics upload their shared part differentially sparse
+(``hub.fl.differential_sparsity``, §3.5): tasks carry the γ, and the strategy adds each clinic's sparse
+change to what it held for that clinic before averaging.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.averaging import DeltaAveraging, apply_delta, copy_params
+from hub.fl.differential_sparsity import DifferentialAssembler
 from hub.fl.errors import StrategyConfigError
 from hub.fl.graph import LABEL_COUNTS, SimilarityGraph, incidence_matrix, similarity_graph
 from hub.fl.state import pack_params, read_json, unpack_params
@@ -140,11 +146,15 @@ class PFedNet(DeltaAveraging):
         max_norm: float | None = None,
         min_results: int = 1,
         client_config: Config | None = None,
+        differential_gamma: float = 0.0,
     ) -> None:
-        if lam < 0 or eta <= 0 or rho <= 0 or admm_iterations < 1 or graph_k < 1:
+        if lam < 0 or eta <= 0 or rho <= 0 or admm_iterations < 1 or graph_k < 1 or differential_gamma < 0:
             raise StrategyConfigError(
-                "pfednet: need lam >= 0, eta > 0, rho > 0, admm_iterations >= 1, graph_k >= 1"
+                "pfednet: need lam >= 0, eta > 0, rho > 0, admm_iterations >= 1, graph_k >= 1, "
+                "differential_gamma >= 0"
             )
+        if differential_gamma > 0:
+            client_config = {**(client_config or {}), "differential_gamma": float(differential_gamma)}
         super().__init__(
             weighted=True,
             server_lr=server_lr,
@@ -152,6 +162,8 @@ class PFedNet(DeltaAveraging):
             min_results=min_results,
             client_config=client_config,
         )
+        self.differential_gamma = float(differential_gamma)
+        self._assembler = DifferentialAssembler()
         self.is_personal = is_personal
         self.lam, self.eta, self.rho = float(lam), float(eta), float(rho)
         self.admm_iterations = admm_iterations
@@ -177,6 +189,7 @@ class PFedNet(DeltaAveraging):
         self._personal_names = tuple(sorted(personal))
         self._personal = {cid: copy_params(personal) for cid in clients}
         self._stats_rounds.clear()
+        self._assembler = DifferentialAssembler()
         self.graph = None
         if self._edge_ids is not None:
             self.set_graph(self._edge_ids)
@@ -200,6 +213,7 @@ class PFedNet(DeltaAveraging):
             state["graph/distances"] = self.graph.distances.copy()
         for i, cid in enumerate(self._clients):
             state.update(pack_params(f"personal/{i}/", self._personal[cid]))
+            state.update(pack_params(f"differential/{i}/", self._assembler.reference.get(cid, {})))
         return state
 
     def load_state_dict(self, state: StateDict) -> None:
@@ -215,6 +229,11 @@ class PFedNet(DeltaAveraging):
                 )
             personal[cid] = part
         self._personal = personal
+        self._assembler = DifferentialAssembler()
+        for i, cid in enumerate(self._clients):
+            held = unpack_params(state, f"differential/{i}/")
+            if held:
+                self._assembler.reference[cid] = held
         edges: list[tuple[int, int]] | None = read_json(state, "graph_edges", list[tuple[int, int]] | None)
         self.graph = None
         if edges is not None:
@@ -250,7 +269,14 @@ class PFedNet(DeltaAveraging):
         if rnd in self._stats_rounds:
             self._build_graph(rnd, results, failures)
             return None
+        if self.differential_gamma > 0:
+            results = [self._assembled(r) for r in results]
         return super().aggregate_with(rnd, results, failures, mean)
+
+    def _assembled(self, res: ClientResult) -> ClientResult:
+        """The clinic's shared-part update rebuilt from its sparse change (personal tensors come whole)."""
+        shared = {n: a for n, a in res.update.items() if not self.is_personal(n)}
+        return replace(res, update={**res.update, **self._assembler.decode(res.client_id, shared)})
 
     def _build_graph(
         self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]

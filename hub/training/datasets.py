@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,13 +13,19 @@ NORM_STD = 0.25
 
 @dataclass(frozen=True)
 class ClinicData:
-    """One clinic's rendered images in [0, 1], (N, 1, H, W) float32, labels (N,) float32 in {0, 1}."""
+    """One clinic's rendered images in [0, 1], (N, 1, H, W) float32, labels (N,) float32 in {0, 1}.
+
+    The validation split (empty when a clinic has none) is what thresholds and any model or round
+    selection may look at; the test split is read once, at the end.
+    """
 
     name: str
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    val_x: torch.Tensor = field(default_factory=lambda: torch.empty(0, 1, 28, 28))
+    val_y: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     @property
     def n_train(self) -> int:

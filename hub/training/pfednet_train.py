@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from edge_node.protocol.updates import UpdateKind
+from hub.fl.differential_sparsity import DifferentialSparsifier
 from hub.fl.graph import FEATURE_MEAN, LABEL_COUNTS
 from hub.fl.strategy import ClientResult, ClientTask, Params
 from hub.training.learners import SupervisedLearner
@@ -27,8 +31,17 @@ def sketch(train_x: torch.Tensor, train_y: torch.Tensor) -> Params:
     return {LABEL_COUNTS: counts.numpy(), FEATURE_MEAN: pooled.numpy().astype("float32")}
 
 
+_DIFF = "__differential__/"
+
+
 class PFedNetLearner(SupervisedLearner):
-    """Stats tasks get the sketch; weights tasks (shared + personal part) train locally."""
+    """Stats tasks get the sketch; weights tasks (shared + personal part) train locally.
+
+    A task with ``differential_gamma`` > 0 gets the shared part's update as its differentially sparse
+    change (``hub.fl.differential_sparsity``); the personal part is always sent whole.
+    """
+
+    sparsifier: DifferentialSparsifier | None = None
 
     def fit(self, task: ClientTask) -> ClientResult:
         if task.kind == UpdateKind.STATS:
@@ -38,4 +51,37 @@ class PFedNetLearner(SupervisedLearner):
                 num_examples=self.data.n_train,
                 update=sketch(self.data.train_x, self.data.train_y),
             )
-        return super().fit(task)
+        result = super().fit(task)
+        gamma = float(task.config.get("differential_gamma", 0.0))
+        if gamma <= 0:
+            return result
+        if self.sparsifier is None or self.sparsifier.gamma != gamma:
+            held = self.sparsifier.reference if self.sparsifier is not None else {}
+            self.sparsifier = DifferentialSparsifier(gamma)
+            self.sparsifier.reference = held
+        shared = {n: a for n, a in result.update.items() if not is_personal_tensor(n)}
+        change = self.sparsifier.encode(shared)
+        return ClientResult(
+            result.client_id, result.round, result.num_examples, {**result.update, **change}, result.metrics
+        )
+
+    def state(self) -> Params:
+        held = self.sparsifier.reference if self.sparsifier is not None else {}
+        gamma = self.sparsifier.gamma if self.sparsifier is not None else 0.0
+        return {
+            **super().state(),
+            **{f"{_DIFF}{n}": a.copy() for n, a in held.items()},
+            f"{_DIFF}gamma": np.array(gamma),
+        }
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        super().restore({k: v for k, v in state.items() if not k.startswith(_DIFF)})
+        gamma = float(state.get(f"{_DIFF}gamma", np.array(0.0)))
+        held = {
+            k[len(_DIFF) :]: np.array(v)
+            for k, v in state.items()
+            if k.startswith(_DIFF) and k != f"{_DIFF}gamma"
+        }
+        self.sparsifier = DifferentialSparsifier(gamma) if gamma > 0 else None
+        if self.sparsifier is not None:
+            self.sparsifier.reference = held

@@ -4,6 +4,11 @@ Per round: ``strategy.configure_round`` → each clinic's learner fits its task 
 exactly as a node uploads it (``hub.fl.codec.encode_result``: envelope + npz bytes, counted per clinic) →
 decoded and checked at the "hub" (``decode_or_failure``) → ``strategy.aggregate(results, failures)``.
 A learner that raises becomes a ``ClientFailure`` with the reason and the round goes on with the others.
+
+With a ``compressor``, training-round updates take the node's compression path too: each clinic wraps its
+update in its own ``ErrorFeedback(compressor)`` before encoding (so the bytes counted are the compressed
+ones) and the hub decompresses it (``decompress_result``) before ``aggregate``. Stats rounds are sent as
+they are and their bytes are reported apart.
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from edge_node.protocol.compression import SEP, layout_of
+from edge_node.protocol.updates import UpdateKind
 from hub.fl.codec import UploadLedger, decode_or_failure, encode_result
+from hub.fl.compress import Compressor, ErrorFeedback, decompress_result
+from hub.fl.errors import PayloadError
 from hub.fl.state import state_from_bytes, state_to_bytes
 from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Params, StateDict, Strategy
 
@@ -46,6 +55,8 @@ class RoundLog:
     failures: list[str]
     seconds: float
     applied: bool
+    #: What the round asked for ("stats" rounds carry sketches, not model updates).
+    kind: str = UpdateKind.WEIGHTS_DELTA.value
 
 
 @dataclass
@@ -55,11 +66,19 @@ class FederationRun:
     rounds: list[RoundLog] = field(default_factory=list)
 
     def bytes_per_client_round(self) -> dict[str, float]:
-        """Mean uploaded bytes per clinic per round (rounds in which the clinic uploaded)."""
+        """Mean uploaded bytes per clinic per training round (rounds in which the clinic uploaded)."""
+        return self._mean_bytes(lambda kind: kind != UpdateKind.STATS.value)
+
+    def stats_bytes_per_client_round(self) -> dict[str, float]:
+        """The same for statistics rounds alone (pFedNet's sketch round), reported apart."""
+        return self._mean_bytes(lambda kind: kind == UpdateKind.STATS.value)
+
+    def _mean_bytes(self, counted: Callable[[str], bool]) -> dict[str, float]:
         per: dict[str, list[int]] = {}
         for r in self.rounds:
-            for cid, b in r.bytes_up.items():
-                per.setdefault(cid, []).append(b)
+            if counted(r.kind):
+                for cid, b in r.bytes_up.items():
+                    per.setdefault(cid, []).append(b)
         return {cid: float(np.mean(v)) for cid, v in per.items()}
 
     def to_json(self) -> list[dict[str, object]]:
@@ -127,12 +146,15 @@ def run_federation(
     *,
     checkpoint: RoundCheckpoint | None = None,
     on_round: Callable[[int], None] | None = None,
+    compressor: Compressor | None = None,
 ) -> FederationRun:
     """Run ``rounds`` rounds (1-based) of ``strategy``; resumes from ``checkpoint`` if present.
 
-    The strategy must already be ``initialize``-d with the starting model.
+    The strategy must already be ``initialize``-d with the starting model. A resumed run starts the
+    clinics' compression residuals afresh (they are not part of the checkpoint).
     """
     clients = list(learners)
+    feedback: dict[str, ErrorFeedback] = {}
     run = FederationRun()
     start = 1
     if checkpoint is not None and (saved := checkpoint.load()) is not None:
@@ -150,9 +172,15 @@ def run_federation(
         ledger = UploadLedger()
         results: list[ClientResult] = []
         failures: list[ClientFailure] = []
+        kinds: set[str] = set()
         for task in strategy.configure_round(rnd, clients):
+            kinds.add(task.kind.value)
+            compress = compressor is not None and task.kind is not UpdateKind.STATS
             try:
                 result = learners[task.client_id].fit(task)
+                if compress and compressor is not None:
+                    ef = feedback.setdefault(task.client_id, ErrorFeedback(compressor))
+                    result = replace(result, update=ef.compress(result.update))
                 envelope, payload = encode_result(result, task.kind)
             except Exception as exc:  # a broken clinic must not stop the round
                 log.warning("round %d: clinic %s failed: %s", rnd, task.client_id, exc)
@@ -160,6 +188,13 @@ def run_federation(
                 continue
             ledger.record(envelope)
             decoded = decode_or_failure(envelope, payload)
+            if isinstance(decoded, ClientResult) and compress and compressor is not None:
+                sent = {key.rsplit(SEP, 1)[0] for key in decoded.update}
+                layout = layout_of({n: a for n, a in task.params.items() if n in sent})
+                try:
+                    decoded = decompress_result(decoded, compressor, layout)
+                except PayloadError as exc:
+                    decoded = ClientFailure(task.client_id, rnd, str(exc))
             if isinstance(decoded, ClientResult):
                 results.append(decoded)
             else:
@@ -173,6 +208,7 @@ def run_federation(
                 [f"{f.client_id}: {f.reason}" for f in failures],
                 time.perf_counter() - t0,
                 new is not None,
+                next(iter(kinds)) if len(kinds) == 1 else "mixed",
             )
         )
         if checkpoint is not None:

@@ -28,20 +28,26 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert set(doc["methods"]) == set(METHODS)
     for name, summary in doc["methods"].items():
         for clinic in "ABCDEF":
-            assert math.isfinite(summary["clinics"][clinic]["auc"]["mean"]), (name, clinic)
-            assert math.isfinite(summary["clinics"][clinic]["bacc"]["mean"]), (name, clinic)
+            for metric in ("auc", "bacc", "sens"):
+                assert math.isfinite(summary["clinics"][clinic][metric]["mean"]), (name, clinic, metric)
         assert math.isfinite(summary["unseen"]["auc"]["mean"]), name
-        assert math.isfinite(summary["small4_auc"]["mean"]) and math.isfinite(summary["worst_auc"]["mean"])
-        assert summary["wall_s"]["mean"] > 0
-        federated = name not in ("local", "central", "central_aug")
+        assert math.isfinite(summary["small_auc"]["mean"]) and math.isfinite(summary["worst_auc"]["mean"])
+        assert math.isfinite(summary["panel_auc"]["mean"]) and len(summary["panel"]) >= 4
+        assert summary["wall_s"]["mean"] > 0 and summary["steps"]["mean"] > 0
+        federated = name not in ("local", "central", "local_aug", "central_aug")
         assert ("bytes_per_client_round" in summary) == federated, name
     assert {r["method"] for r in doc["records"]} == set(METHODS)
     assert {c["name"] for c in doc["targets"]["checks"]} >= {
-        "small4 AUC / centralized",
-        "unseen AUC / centralized",
+        "small AUC − fedavg_aug",
+        "out-of-envelope panel AUC − fedavg_aug",
     }
     hsl = next(r for r in doc["records"] if r["method"] == "hsl")
     assert len(hsl["extra"]["anchor_auc"]) >= 6  # the mean anchor + single images of both classes
+    for r in doc["records"]:  # one global model → its best round on validation; the others: their last
+        if r["method"] in ("hsl", "fedavg", "fedprox", "fedavg_aug", "central", "central_aug"):
+            assert 1 <= r["extra"]["best_round"] <= 2, r["method"]
+        else:
+            assert "best_round" not in r["extra"], r["method"]
     distill = next(r for r in doc["records"] if r["method"] == "fedhelp")["extra"]["distill"]
     assert distill["student_params"] <= 1_000_000
     student = load_checkpoint(out / distill["checkpoint"]).build_model()  # what `fedclinic-hub export` reads
@@ -99,3 +105,20 @@ def test_bench_fl_rejects_unknown_method_task_and_skew_naming_the_valid_ones(tmp
 def test_task_and_skew_choices_match_the_benchmark_tables() -> None:
     assert sorted(t.value for t in Task) == sorted(TASKS)
     assert [s.value for s in Skew] == list(SKEWS)
+
+
+def test_bench_fl_rejects_a_bad_clinics_or_profiles_file_before_training(tmp_path: Path) -> None:
+    bad = tmp_path / "clinics.toml"
+    bad.write_text("[[clinic]]\nname = 'A'\n")
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["bench", "fl", "--clinics", str(bad), "--out", str(tmp_path / "o")], env={"COLUMNS": "300"}
+    )
+    assert res.exit_code == 2 and "at least two" in res.output
+    res = runner.invoke(
+        app,
+        ["bench", "fl", "--profiles", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o")],
+        env={"COLUMNS": "300"},
+    )
+    assert res.exit_code == 2 and "does not exist" in res.output
+    assert not (tmp_path / "o").exists()

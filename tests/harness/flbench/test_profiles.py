@@ -11,6 +11,7 @@ from harness.flbench.profiles import (
     UNSEEN_PROFILE,
     AcquisitionProfile,
     downsample_upsample,
+    jpeg_quantize,
     render,
 )
 
@@ -58,3 +59,37 @@ def test_noise_is_a_fixed_draw_per_rng_and_blur_stays_within_each_image() -> Non
     blurred = render(x, AcquisitionProfile(blur_sigma=1.0), np.random.default_rng(0))
     assert blurred[1].max() == 0.0  # nothing leaks from image 0 into image 1
     assert 0 < blurred[0, 4, 4] < 1.0
+
+
+def test_operations_outside_the_augmentation_envelope() -> None:
+    x = np.full((2, 28, 28), 0.25, dtype=np.float32)
+    np.testing.assert_allclose(render(x, AcquisitionProfile(invert=True), np.random.default_rng(0)), 0.75)
+    crop = render(x, AcquisitionProfile(collimation=0.1), np.random.default_rng(0))
+    assert crop[:, :3, :].max() == 0.0 and crop[:, :, -3:].max() == 0.0 and crop[:, 14, 14].min() == 0.25
+    # Poisson noise at 100 photons per unit: mean kept, variance = mean / photons.
+    big = np.full((50, 28, 28), 0.5, dtype=np.float32)
+    noisy = render(big, AcquisitionProfile(poisson_photons=100.0), np.random.default_rng(0))
+    assert noisy.mean() == pytest.approx(0.5, abs=0.005)
+    assert noisy.var() == pytest.approx(0.5 / 100, rel=0.05)
+    speckle = render(big, AcquisitionProfile(speckle_sd=0.2), np.random.default_rng(0))
+    assert speckle.std() == pytest.approx(0.5 * 0.2, rel=0.05)
+
+
+def test_jpeg_quantisation_loses_more_at_low_quality_and_keeps_flat_images() -> None:
+    # A flat image stays flat; only its level moves, by at most half the DC step (table 16 × 5 at q 10 → 80,
+    # i.e. 80 / 8 = 10 grey levels with the orthonormal DCT).
+    flat = np.full((1, 28, 28), 100 / 255, dtype=np.float32)
+    out = jpeg_quantize(flat, 10)
+    assert out.std() < 1e-5 and abs(float(out.mean()) - 100 / 255) <= 5 / 255 + 1e-6
+    x = np.random.default_rng(3).random((4, 28, 28)).astype(np.float32)
+    err = {q: float(np.abs(jpeg_quantize(x, q) - x).mean()) for q in (10, 50, 95)}
+    assert err[10] > err[50] > err[95] > 0
+    with pytest.raises(ValueError, match="1–100"):
+        jpeg_quantize(x, 0)
+
+
+def test_small_rotation_moves_an_off_centre_dot() -> None:
+    x = np.zeros((1, 28, 28), dtype=np.float32)
+    x[0, 4, 14] = 1.0  # near the top edge, on the vertical axis
+    y = render(x, AcquisitionProfile(rotate_deg=10.0), np.random.default_rng(0))
+    assert y[0, 4, 14] < 0.5 and y.sum() == pytest.approx(1.0, abs=0.2)

@@ -10,11 +10,22 @@ from harness.flbench.results import build_results, finalize_record, render_markd
 
 
 def _raw(
-    aucs: list[float], unseen: float, bytes_up: float | None = None, extra: dict[str, Any] | None = None
+    aucs: list[float],
+    unseen: float,
+    bytes_up: float | None = None,
+    extra: dict[str, Any] | None = None,
+    val: float | None = None,
 ) -> dict[str, Any]:
+    """Synthetic raw metrics; validation AUC ``val`` (default: the test AUC) and a two-profile panel."""
     raw: dict[str, Any] = {
-        "clinics": {c: {"auc": a, "bacc": a - 0.1} for c, a in zip("ABCDEF", aucs, strict=True)},
+        "clinics": {
+            c: {"auc": a, "bacc": a - 0.1, "sens": a - 0.2, "val_auc": a if val is None else val}
+            for c, a in zip("ABCDEF", aucs, strict=True)
+        },
+        "small": list("CDEF"),
         "unseen": {"auc": unseen, "bacc": unseen - 0.1},
+        "panel": {"p1": {"auc": unseen - 0.1}, "p2": {"auc": unseen - 0.2}},
+        "panel_mean": {"auc": unseen - 0.15},
     }
     if bytes_up is not None:
         raw["bytes_per_client_round"] = dict.fromkeys("ABCDEF", bytes_up)
@@ -24,26 +35,29 @@ def _raw(
 
 
 def test_finalize_record_small_clinic_mean_and_worst() -> None:
-    r = finalize_record("x", 0, _raw([0.9, 0.8, 0.7, 0.6, 0.5, 0.95], 0.8, 100.0), 3.0, {})
-    assert r["small4_auc"] == pytest.approx((0.7 + 0.6 + 0.5 + 0.95) / 4)
+    r = finalize_record("x", 0, _raw([0.9, 0.8, 0.7, 0.6, 0.5, 0.95], 0.8, 100.0), 3.0, {}, steps=42)
+    assert r["small_auc"] == pytest.approx((0.7 + 0.6 + 0.5 + 0.95) / 4)
+    assert r["small_sens"] == pytest.approx((0.7 + 0.6 + 0.5 + 0.95) / 4 - 0.2)
     assert (r["worst_auc"], r["worst_clinic"]) == (0.5, "E")
     assert r["mean_bytes_per_client_round"] == 100.0
+    assert r["steps"] == 42 and r["panel_mean"]["auc"] == pytest.approx(0.65)
+
+
+def test_small_clinics_come_from_the_setting_not_a_fixed_six() -> None:
+    raw = _raw([0.9, 0.8, 0.7, 0.6, 0.5, 0.95], 0.8)
+    raw["small"] = ["A", "F"]
+    assert finalize_record("x", 0, raw, 1.0, {})["small_auc"] == pytest.approx((0.9 + 0.95) / 2)
 
 
 def _records() -> list[dict[str, Any]]:
     recs = []
     for seed, bump in ((0, 0.0), (1, 0.02)):
         recs += [
-            finalize_record("central", seed, _raw([0.9] * 6, 0.80 + bump), 1, {}),
-            finalize_record("local", seed, _raw([0.8] * 6, 0.70), 1, {}),
-            finalize_record(
-                "fedavg",
-                seed,
-                _raw([0.85, 0.85, 0.85, 0.85, 0.70, 0.85], 0.6),
-                1,
-                {},
-            ),
-            finalize_record("hsl", seed, _raw([0.88] * 6, 0.78, bytes_up=1000.0), 1, {}),
+            finalize_record("central_aug", seed, _raw([0.9] * 6, 0.80 + bump), 1, {}),
+            finalize_record("local_aug", seed, _raw([0.8] * 6, 0.70), 1, {}),
+            finalize_record("fedavg_aug", seed, _raw([0.85, 0.85, 0.85, 0.85, 0.70, 0.85], 0.6), 1, {}),
+            # hsl has the best *test* AUC but the worse validation AUC: selection must not pick it.
+            finalize_record("hsl", seed, _raw([0.95] * 6, 0.78, bytes_up=1000.0, val=0.7), 1, {}),
             finalize_record(
                 "fedhelp",
                 seed,
@@ -51,6 +65,7 @@ def _records() -> list[dict[str, Any]]:
                     [0.89] * 6,
                     0.79,
                     bytes_up=40.0,
+                    val=0.9,
                     extra={
                         "distill": {
                             "gap": 0.005 + bump,
@@ -69,23 +84,22 @@ def _records() -> list[dict[str, Any]]:
     return recs
 
 
-def test_targets_are_paired_by_seed_with_the_best_strategy() -> None:
+def test_targets_are_paired_by_seed_with_the_strategy_chosen_on_validation() -> None:
     tg = targets(_records())
-    assert tg["best_strategy"] == "fedhelp"
+    assert tg["best_strategy"] == "fedhelp"  # higher validation AUC, lower test AUC than hsl
     checks = {c["name"]: c for c in tg["checks"]}
-    ratio = checks["small4 AUC / centralized"]
-    assert ratio["per_seed"] == pytest.approx([0.89 / 0.9, 0.89 / 0.9])
-    assert ratio["status"] == "met"
-    assert checks["small4 AUC − local-only"]["per_seed"] == pytest.approx([0.09, 0.09])
-    assert checks["worst AUC − FedAvg worst"]["per_seed"] == pytest.approx([0.19, 0.19])
-    assert checks["worst AUC − centralized worst"]["per_seed"] == pytest.approx([-0.01, -0.01])
-    unseen = checks["unseen AUC / centralized"]
-    assert unseen["per_seed"] == pytest.approx([0.79 / 0.80, 0.79 / 0.82])
+    assert checks["small AUC − central_aug"]["per_seed"] == pytest.approx([-0.01, -0.01])
+    assert checks["small AUC − fedavg_aug"]["status"] == "met"
+    assert checks["small AUC − fedavg_aug"]["per_seed"] == pytest.approx([0.0775, 0.0775])
+    assert checks["worst AUC − fedavg_aug worst"]["per_seed"] == pytest.approx([0.19, 0.19])
+    panel = checks["out-of-envelope panel AUC − fedavg_aug"]
+    assert panel["per_seed"] == pytest.approx([0.19, 0.19]) and panel["status"] == "met"
     assert checks["teacher − student mean AUC"]["per_seed"] == pytest.approx([0.005, 0.025])
     assert checks["teacher − student mean AUC"]["seeds_passing"] == 1
     assert checks["teacher − student mean AUC"]["status"] == "missed"  # mean 0.015 > 0.01
     upload = checks["FedHelp upload / HSL upload per clinic per round"]
     assert upload["per_seed"] == pytest.approx([0.04, 0.04]) and upload["status"] == "met"
+    assert tg["paired"]["hsl"]["small_minus_fedavg_aug"]["mean"] == pytest.approx(0.95 - 0.8125)
 
 
 def test_markdown_lists_every_method_and_target() -> None:
@@ -99,6 +113,8 @@ def test_markdown_lists_every_method_and_target() -> None:
     }
     results = build_results(_records(), meta)
     md = render_markdown(results)
-    for m in ("central", "local", "fedavg", "hsl", "fedhelp"):
+    for m in ("central_aug", "local_aug", "fedavg_aug", "hsl", "fedhelp"):
         assert f"| {m} |" in md
-    assert "small4 AUC / centralized" in md and "best fedclinic strategy by small4: **fedhelp**" in md
+    assert "small AUC − fedavg_aug" in md
+    assert "best fedclinic strategy by small-clinic validation AUC: **fedhelp**" in md
+    assert "| p1 | p2 | mean |" in md
