@@ -1,103 +1,164 @@
-"""`fedclinic-lab demo`: the whole product on real data, from training to results in the clinics' PACS."""
+"""`fedclinic-lab demo`: a hub and four clinics as separate processes, from the first model to the table."""
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.rule import Rule
+from rich.table import Table
 
-from export.signing import create_keypair
-from harness.demo.clinic import BundleFiles
-from harness.demo.run import DATASET, deploy_and_run, results_table, skipped_lines
-from harness.flbench.benchmark import BenchSpec, run_benchmark
-from harness.flbench.command import RichBenchProgress, print_summary
-from harness.flbench.methods import BenchConfig
+from harness.demo.cohort import DATASET, build_cohort
+from harness.demo.federation import ClinicOutcome, Federation, running_federation
+from harness.demo.student import train_public_student
 from hub.commands.export_bundle import build_bundle
-from hub.training.supervised import TrainConfig, train_supervised
 
-#: The federation the demo simulates: every strategy on the same six clinics, one seed, a short budget.
-DEMO_METHODS = ("local", "central", "fedavg", "fedbn", "hsl", "fedhelp", "pfednet")
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much data flows: hospitals' studies are capped so that the PACS traffic fits the time budget."""
+
+    max_studies: int  # per hospital (the small clinics send all theirs: tens)
+    held_out: int  # per clinic, sent before and after the rounds
+    student_epochs: int
+    rounds: int
+
+
+FULL = DemoSize(max_studies=200, held_out=200, student_epochs=12, rounds=3)
+QUICK = DemoSize(max_studies=40, held_out=60, student_epochs=6, rounds=1)
+
+
+def _auc(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
+def outcome_table(outcomes: Sequence[ClinicOutcome]) -> Table:
+    table = Table(title="the federation: each clinic's held-out studies through its PACS, before and after")
+    columns = (
+        "clinic",
+        "role",
+        "studies processed",
+        "held-out",
+        "AUC before",
+        "AUC after",
+        "update bytes sent",
+        "rounds joined",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("clinic", "role") else "right")
+    for o in outcomes:
+        table.add_row(
+            o.site.name,
+            "hospital" if o.site.hospital else "small clinic",
+            str(o.studies_processed),
+            str(len(o.before)),
+            _auc(o.auc_before),
+            _auc(o.auc_after),
+            f"{o.update_bytes:,}",
+            str(o.rounds_joined),
+        )
+    return table
+
+
+def _collect_updates(fed: Federation, outcomes: dict[str, ClinicOutcome]) -> None:
+    processed = fed.processed()
+    for name, rows in fed.updates().items():
+        sent = [r for r in rows if r["state"] == "sent"]
+        outcomes[name].update_bytes = sum(int(r["payload_bytes"]) for r in sent)
+        outcomes[name].rounds_joined = len({r["round"] for r in sent})
+        outcomes[name].studies_processed = processed[name]
 
 
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Scratch folder; wiped at the start.")] = Path(
         "build/demo"
     ),
-    clinics: Annotated[
-        int, typer.Option("--clinics", min=1, max=6, help="Clinic nodes, each with its PACS.")
-    ] = 3,
-    studies: Annotated[int, typer.Option("--studies", min=2, help="CR studies each PACS sends.")] = 12,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student training epochs.")] = 8,
-    rounds: Annotated[
-        int, typer.Option("--rounds", min=0, help="Federated rounds (0 skips the federation).")
-    ] = 4,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer studies and epochs (CI).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Partition, profiles and training seed.")] = 0,
 ) -> None:
-    """Train and sign a student, deploy it to clinic nodes with their own Orthanc PACS, show the results."""
+    """A hub and four clinic nodes with their own Orthanc PACS, as separate processes on this machine.
+
+    Hub up (HTTPS, SQLite) → clinics enroll with join codes → the first student, trained at the hub on public
+    data only, is published → every node pulls and verifies it → each PACS sends its studies and gets SRs back
+    → held-out studies measure each clinic's AUC → federated rounds over the wire → the table.
+    """
+    size = QUICK if quick else FULL
     torch.set_num_threads(1)
-    # The demo talks to Orthanc's REST API many times a second; its request log is noise here.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Piped into a log (CI, `make demo | tee`), rich would wrap the tables at 80 columns.
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     started = time.monotonic()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    workdir = workdir.resolve()
 
-    if rounds:
-        console.print(
-            Rule("0. federation: six clinics (two hospitals, four small clinics) + an unseen clinic")
-        )
-        spec = BenchSpec(
-            task="pneumonia",
-            seeds=(0,),
-            methods=DEMO_METHODS,
-            cfg=BenchConfig(rounds=rounds, distill_epochs=2, distill_min_steps=0),
-        )
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
-            sink = RichBenchProgress(progress, console, len(DEMO_METHODS))
-            results = run_benchmark(spec, workdir / "federation", progress=sink)
-        print_summary(
-            results, f"federated strategies on PneumoniaMNIST, combined skew, {rounds} rounds", console
-        )
-
-    console.print(Rule("1. hub: signing keys"))
-    private_key, public_key = create_keypair(workdir / "keys")
-    console.print(f"hub key pair in {private_key.parent} (clinics trust only {public_key.name})")
-
-    console.print(Rule(f"2. hub: train the student on {DATASET}"))
-    run = train_supervised(
-        TrainConfig(model="student_cnn_s", dataset=DATASET, epochs=epochs),
-        workdir / "runs" / "student",
-        console=console,
-    )
-
-    console.print(Rule("3. hub: export a signed bundle (ONNX parity-checked, int8 gated on AUC)"))
-    bundle_dir = workdir / "bundles" / "pneumonia-1.0.0"
-    report = build_bundle(run.best_path, private_key, bundle_dir, model_version="1.0.0")
     console.print(
-        f"parity max |diff| {report.parity.max_abs_diff:.1e}; test AUC fp32 {report.fp32_auc:.4f}; "
-        f"shipped: {', '.join(report.shipped)}"
+        Rule("0. data: two hospitals and two small clinics, partitioned and profiled as in bench fl")
     )
+    cohort = build_cohort(seed, max_studies=size.max_studies, held_out=size.held_out)
+    for site in cohort.sites:
+        console.print(
+            f"{site.name}: {len(site.studies)} studies in its PACS "
+            f"({int(site.study_labels.sum())} pneumonia), {len(site.held_out)} held-out"
+        )
 
-    console.print(Rule(f"4. clinics: {clinics} edge nodes, each with its own Orthanc PACS"))
-    reports = deploy_and_run(
-        BundleFiles(bundle_dir, public_key),
-        workdir / "clinics",
-        clinics=clinics,
-        studies_per_clinic=studies,
-        console=console,
-    )
-    console.print(results_table(reports))
-    for line in skipped_lines(reports):
-        console.print(line)
+    with running_federation(workdir / "federation", cohort.sites, on_step=console.print) as fed:
+        console.print(Rule(f"1. hub: the first student, trained on public data only ({DATASET} val split)"))
+        checkpoint = train_public_student(
+            cohort.public_images,
+            cohort.public_labels,
+            workdir / "runs" / "student-1",
+            dataset=DATASET,
+            epochs=size.student_epochs,
+            seed=seed,
+            console=console,
+        )
+        bundle = workdir / "bundles" / "pneumonia-1.0.0"
+        report = build_bundle(
+            checkpoint, fed.hub.data_dir / "keys" / "hub.key", bundle, model_version="1.0.0", int8=False
+        )
+        console.print(f"signed bundle, ONNX parity max |diff| {report.parity.max_abs_diff:.1e}")
+
+        console.print(Rule("2. hub: fedclinic-hub models publish; every node pulls, verifies and serves it"))
+        fed.hub.publish(bundle)
+        with console.status("waiting for the four nodes to serve 1.0.0"):
+            fed.wait_all_serving("1.0.0")
+        console.print("all four nodes serve 1.0.0 (fedclinic-edge status)")
+
+        outcomes = {s.name: ClinicOutcome(s) for s in cohort.sites}
+        console.print(
+            Rule("3. clinics: each PACS sends its studies, then its held-out studies; SRs come back")
+        )
+        with console.status("PACS → node → SR back in the PACS, four clinics at once"):
+            for name, sent in fed.send("own", workdir / "studies").items():
+                outcomes[name].own = sent
+            for name, sent in fed.send("held-out", workdir / "studies").items():
+                outcomes[name].before = sent
+        for o in outcomes.values():
+            console.print(f"{o.site.name}: held-out AUC with 1.0.0 {_auc(o.auc_before)}")
+
+        console.print(Rule(f"4. hub: {size.rounds} round(s) over the wire"))
+        for r in range(size.rounds):
+            started_round = fed.hub.start_round(
+                "stats", "--config", "num_classes=2", "-k", str(len(cohort.sites)), "--deadline", "120"
+            )
+            done = fed.hub.wait_round(started_round["round_id"], timeout=180)
+            console.print(
+                f"round {r + 1} ({done['strategy']}): {done['state']}, "
+                f"{done['accepted']} of {len(done['nodes'])} updates accepted"
+            )
+        _collect_updates(fed, outcomes)
+
+    console.print(outcome_table(list(outcomes.values())))
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; everything is under {workdir}")

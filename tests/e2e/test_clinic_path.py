@@ -23,7 +23,7 @@ import pytest
 from edge_node.protocol.manifest import Manifest, parse_manifest
 from harness.demo.clinic import Clinic
 from harness.demo.orthanc import orthanc_available
-from harness.demo.run import sr_score
+from harness.demo.traffic import sr_score
 from tests.e2e.clinic import node_studies, obtain_bundle
 from tests.support.dicomgen import WrappedImage, medmnist_studies
 
