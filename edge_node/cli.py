@@ -521,6 +521,7 @@ def spool_purge(
     """Remove the received instances of finished studies that spool_retention_days or spool_max_bytes let go.
 
     A study still receiving, waiting or in analysis keeps every instance; its results and history stay.
+    A labeled study (what the node learns from) stays until its latest label is labeled_retention_days old.
     Safe while the node runs. The node also does this by itself every spool_purge_interval_seconds.
 
     Example: fedclinic-edge spool purge --dry-run --config /etc/fedclinic/edge.toml --format json
@@ -557,3 +558,209 @@ def spool_purge(
         table.add_column(column, justify="right")
     table.add_row(*(str(v) for v in (report.studies, report.instances, report.bytes, report.bytes_left)))
     console.print(table)
+
+
+labels_app = typer.Typer(
+    help="The clinic's labels: import a labeled archive, list them, export them for audit."
+)
+app.add_typer(labels_app, name="labels")
+
+
+class ListFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+
+
+def _open_state(settings: EdgeSettings) -> Any:
+    from edge_node.state.node_state import NodeState
+
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _fail(
+            ConfigError(f"data_dir {settings.data_dir} cannot be created ({exc.strerror})"), 2
+        ) from None
+    return NodeState.open(settings.db_path)
+
+
+@labels_app.command("import")
+def labels_import(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A labels CSV (study_instance_uid or sop_instance_uid, label) or a folder of DICOM files "
+            "with its labels.csv."
+        ),
+    ],
+    config: ConfigOption = None,
+    output: FormatOption = OutputFormat.text,
+) -> None:
+    """Import labels: a CSV for studies this node already has, or a hospital archive folder.
+
+    A folder's DICOM files go into the node's spool like studies from the PACS and are analysed like them
+    (by a running node when the next study arrives, else at its next start); its labels.csv labels them.
+    Labels are class names of the installed model's task. Everything is checked first: one bad row or file
+    and nothing is imported (each problem is listed with its line or file name). Importing the same
+    archive again changes nothing.
+
+    Example: fedclinic-edge labels import /media/archive --config /etc/fedclinic/edge.toml
+    """
+    settings = _settings(config)
+    _setup_logging("WARNING")
+    from rich.progress import Progress
+
+    from edge_node.ingest.spool import Spool
+    from edge_node.learning.labeled_archive import ArchiveRefused, import_labels
+    from edge_node.state.labels import LabelStore
+
+    state = _open_state(settings)
+    try:
+        spool = Spool(
+            settings.spool_dir,
+            state.ingest,
+            max_instance_bytes=settings.max_instance_bytes,
+            min_free_bytes=settings.min_free_bytes,
+        )
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task("spooling the archive's files", total=None)
+            report = import_labels(
+                source,
+                spool,
+                LabelStore(state.db),
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except ArchiveRefused as exc:
+        if output is OutputFormat.json:
+            _print_json({"ok": False, "problems": exc.problems})
+            raise typer.Exit(EXIT_FAILED) from None
+        raise _fail(exc) from None
+    except EdgeError as exc:
+        raise _fail(exc) from None
+    finally:
+        state.close()
+    if output is OutputFormat.json:
+        _print_json({"ok": True, **report.to_json()})
+        return
+    console.print(
+        f"[green]imported[/green] {report.rows} label rows ({report.labels_changed} new or changed); "
+        f"{report.files} files ({report.spooled} spooled, {report.already_spooled} already there) "
+        f"in {report.studies} studies",
+        highlight=False,
+    )
+
+
+@labels_app.command("list")
+def labels_list(
+    config: ConfigOption = None,
+    output: Annotated[
+        ListFormat, typer.Option("--format", help="table for people, json for scripts (stable keys).")
+    ] = ListFormat.table,
+) -> None:
+    """List the labels in force: on which study or instance, which class, from where, by whom, when.
+
+    The table shows UIDs as short hashes (as status does); json gives the UIDs.
+
+    Example: fedclinic-edge labels list --format json --config /etc/fedclinic/edge.toml
+    """
+    settings = _settings(config)
+    from edge_node.state.labels import LabelStore
+
+    if not settings.db_path.is_file():
+        raise _fail(ConfigError(f"no edge database at {settings.db_path}; no labels yet"), EXIT_NO_STATE)
+    state = _open_state(settings)
+    try:
+        store = LabelStore(state.db)
+        records = store.labels()
+        hashes = {r.uid: state.db.uid_hash(r.uid) for r in records}
+        usable = len(store.labeled_instances())
+    finally:
+        state.close()
+    if output is ListFormat.json:
+        _print_json(
+            {
+                "labels": [
+                    {
+                        "scope": r.scope,
+                        "uid": r.uid,
+                        "label": r.label,
+                        "source": r.source,
+                        "who": r.who,
+                        "labeled_at": r.labeled_at,
+                    }
+                    for r in records
+                ],
+                "labeled_instances": usable,
+            }
+        )
+        return
+    if not records:
+        console.print("no labels yet (the local page, or fedclinic-edge labels import PATH)")
+        return
+    table = Table(title=f"labels ({usable} labeled instances in the spool)")
+    for column in ("on", "uid (hash)", "label", "source", "by", "when"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.labeled_at))
+        table.add_row(r.scope, hashes[r.uid], r.label, r.source, r.who, when)
+    console.print(table)
+
+
+@labels_app.command("export")
+def labels_export(
+    config: ConfigOption = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="CSV file to write (default: standard output).")
+    ] = None,
+    history: Annotated[
+        bool, typer.Option("--history", help="Every change ever made (with the label it replaced).")
+    ] = False,
+) -> None:
+    """Write the labels as CSV for audit: the labels in force (re-importable), or with --history every change.
+
+    Example: fedclinic-edge labels export --out labels-audit.csv --config /etc/fedclinic/edge.toml
+    """
+    settings = _settings(config)
+    import csv
+    import io
+    from datetime import datetime, timezone
+
+    from edge_node.state.labels import LabelStore
+
+    if not settings.db_path.is_file():
+        raise _fail(ConfigError(f"no edge database at {settings.db_path}; no labels yet"), EXIT_NO_STATE)
+    state = _open_state(settings)
+    try:
+        store = LabelStore(state.db)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+
+        def iso(at: float) -> str:
+            return datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="seconds")
+
+        def uids(scope: str, uid: str) -> list[str]:
+            return [uid, ""] if scope == "study" else ["", uid]
+
+        if history:
+            writer.writerow(
+                ["study_instance_uid", "sop_instance_uid", "label", "previous", "source", "who", "at"]
+            )
+            for c in store.history():
+                writer.writerow(
+                    [*uids(c.scope, c.uid), c.label, c.previous or "", c.source, c.who, iso(c.at)]
+                )
+        else:
+            writer.writerow(
+                ["study_instance_uid", "sop_instance_uid", "label", "source", "who", "labeled_at"]
+            )
+            for r in store.labels():
+                writer.writerow([*uids(r.scope, r.uid), r.label, r.source, r.who, iso(r.labeled_at)])
+    finally:
+        state.close()
+    if out is None:
+        typer.echo(buffer.getvalue(), nl=False)
+        return
+    try:
+        out.write_text(buffer.getvalue(), encoding="utf-8")
+    except OSError as exc:
+        raise _fail(EdgeError(f"cannot write {out}: {exc.strerror}")) from None
+    err_console.print(f"wrote {out}", highlight=False)

@@ -8,6 +8,7 @@ EdgeError
  │    └── InstanceMismatchError  the data set disagrees with its C-STORE request (SOP class / instance UID)
  ├── ModelError         no usable model: none installed, bundle refused, or it cannot be loaded
  ├── InferenceError     preprocessing or the model failed on a study
+ ├── LabelError         a label is refused (unknown class, unknown study) or a labeled archive is bad
  └── SendError          a result could not be delivered to a PACS destination
 
 Bundle trust problems are ``edge_node.protocol.errors.BundleError`` (the contract's own tree);
@@ -22,6 +23,7 @@ __all__ = [
     "EdgeError",
     "InferenceError",
     "InstanceMismatchError",
+    "LabelError",
     "ModelError",
     "SendError",
     "SpoolError",
@@ -59,6 +61,10 @@ class ModelError(EdgeError):
 
 class InferenceError(EdgeError):
     """Preprocessing or model execution failed for a study."""
+
+
+class LabelError(EdgeError):
+    """A label or a labeled archive is refused; the message says which and why (never an element value)."""
 
 
 class SendError(EdgeError):

@@ -24,6 +24,7 @@ from pydantic_settings import (
 from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
 from edge_node.ingest.retention import RetentionPolicy
+from edge_node.learning.options import LearningSettings
 from edge_node.protection.floor import PrivacyFloor
 
 if sys.version_info >= (3, 11):
@@ -134,6 +135,10 @@ class EdgeSettings(BaseSettings):
     #: Spool retention: above this many bytes, finished studies are removed oldest first (none: no limit).
     #: A study waiting for or in analysis is never touched, so the spool can stay above it for a while.
     spool_max_bytes: int | None = Field(default=None, ge=0)
+    #: Labeled studies (what the node learns from) stay in the spool, whatever spool_retention_days and
+    #: spool_max_bytes say, until their latest label is this many days old (none: as long as they are
+    #: labeled; 0: labels do not keep a study).
+    labeled_retention_days: float | None = Field(default=365.0, ge=0)
     #: Seconds between automatic spool purges in a running node.
     spool_purge_interval_seconds: float = Field(default=3600.0, gt=0)
     #: Where results go (C-STORE). Empty keeps results only in data_dir/results.
@@ -180,6 +185,8 @@ class EdgeSettings(BaseSettings):
     #: The clinic's privacy floor (edge.toml ``[privacy]``): the least protection a round must state for
     #: this node to take part; a task below it is refused with the reason, before anything is computed.
     privacy: PrivacyFloor = Field(default_factory=PrivacyFloor)
+    #: How this node trains for rounds (edge.toml ``[learning]``): the external torch learner, its data.
+    learning: LearningSettings = Field(default_factory=LearningSettings)
 
     @field_validator("ae_title")
     @classmethod
@@ -253,7 +260,11 @@ class EdgeSettings(BaseSettings):
 
     @property
     def retention_policy(self) -> RetentionPolicy:
-        return RetentionPolicy(max_age_days=self.spool_retention_days, max_bytes=self.spool_max_bytes)
+        return RetentionPolicy(
+            max_age_days=self.spool_retention_days,
+            max_bytes=self.spool_max_bytes,
+            labeled_keep_days=self.labeled_retention_days,
+        )
 
     @property
     def destination_values(self) -> list[Destination]:

@@ -23,6 +23,7 @@ from edge_node.protocol.manifest import (
     SIGNATURE_FILE,
     EngineEntry,
     FileEntry,
+    HeadSpec,
     IOSpec,
     Manifest,
     Preprocessing,
@@ -110,6 +111,7 @@ def write_bundle(
     private_key: Ed25519PrivateKey,
     description: str = "",
     engines: Sequence[EngineEntry] = (),
+    head: HeadSpec | None = None,
 ) -> Manifest:
     """Copy ``files`` into a new bundle directory ``out_dir``, hash them, write and sign the manifest.
 
@@ -149,6 +151,7 @@ def write_bundle(
             engines=list(engines),
             producer=producer,
             provenance=provenance,
+            head=head,
         )
         # Pretty for people; the signature covers the canonical bytes, which the edge recomputes.
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")

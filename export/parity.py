@@ -43,24 +43,47 @@ def run_onnx(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 256
     return np.concatenate(outs).astype(np.float32)
 
 
+def run_onnx_outputs(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
+    """Every output of the single-input model over ``x`` (N, C, H, W), each stacked over batches."""
+    name = session.get_inputs()[0].name
+    parts = [session.run(None, {name: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+    return [np.concatenate([p[k] for p in parts]).astype(np.float32) for k in range(len(parts[0]))]
+
+
+def _torch_outputs(model: nn.Module, x: np.ndarray) -> list[np.ndarray]:
+    """Every output of ``model`` (a tensor, or a tuple such as (logits, embedding)) over ``x``, stacked."""
+    chunks: list[list[np.ndarray]] = []
+    with torch.inference_mode():
+        for i in range(0, len(x), 256):
+            out = model(torch.from_numpy(x[i : i + 256]))
+            outs = out if isinstance(out, tuple) else (out,)
+            chunks.append([o.numpy() for o in outs])
+    return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+
+
 def check_parity(
     model: nn.Module, onnx_path: Path, x: np.ndarray, *, bound: float = DEFAULT_BOUND
 ) -> ParityReport:
     """Compare torch and ONNX Runtime outputs on preprocessed real images ``x`` (N, C, H, W) float32.
 
-    Raises ParityError when the largest absolute difference exceeds ``bound``.
+    Every output is compared (a model exported with its embedding has two). Raises ParityError when the
+    largest absolute difference exceeds ``bound``.
     """
     if x.ndim != 4 or x.dtype != np.float32 or len(x) == 0:
         raise ValueError(f"parity needs a non-empty float32 batch (N, C, H, W), got {x.dtype} {x.shape}")
     model.eval()
-    with torch.inference_mode():
-        expected = torch.cat([model(torch.from_numpy(x[i : i + 256])) for i in range(0, len(x), 256)]).numpy()
-    got = run_onnx(cpu_session(onnx_path), x)
-    if got.shape != expected.shape:
+    expected_all = _torch_outputs(model, x)
+    got_all = run_onnx_outputs(cpu_session(onnx_path), x)
+    if len(got_all) != len(expected_all):
         raise ParityError(
-            f"ONNX output shape {got.shape} differs from torch {expected.shape}; re-export the model"
+            f"the ONNX model has {len(got_all)} outputs, torch {len(expected_all)}; re-export the model"
         )
-    diff = np.abs(got - expected)
+    for got, expected in zip(got_all, expected_all, strict=True):
+        if got.shape != expected.shape:
+            raise ParityError(
+                f"ONNX output shape {got.shape} differs from torch {expected.shape}; re-export the model"
+            )
+    diff = np.concatenate([np.abs(g - e).ravel() for g, e in zip(got_all, expected_all, strict=True)])
     report = ParityReport(
         max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()), num_images=len(x), bound=bound
     )

@@ -15,6 +15,7 @@ from torch import nn
 
 from edge_node.protocol.manifest import (
     ClassLabel,
+    HeadSpec,
     IOSpec,
     Manifest,
     Preprocessing,
@@ -24,9 +25,10 @@ from edge_node.protocol.manifest import (
 )
 from edge_node.protocol.signing import fingerprint
 from export.bundle_writer import BundleFile, producer_info, write_bundle
+from export.embedding_head import WithEmbedding, check_head, final_linear, head_spec
 from export.metrics import roc_auc
-from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
-from export.parity import DEFAULT_BOUND, ParityReport, check_parity, cpu_session, run_onnx
+from export.onnx_export import EMBEDDING_NAME, INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
+from export.parity import DEFAULT_BOUND, ParityReport, check_parity, cpu_session, run_onnx_outputs
 from export.quantize import DEFAULT_AUC_TOLERANCE, QuantizationReport, quantize_gated
 from hub.models.registry import DataConfig
 
@@ -108,11 +110,25 @@ def export_bundle(
         raise ValueError("export writes binary (one-logit, sigmoid) bundles; this model has several outputs")
     model = model.eval()
     test_x = data_config.preprocess(test.images)  # (N, 1, H, W)
+    # The embedding output (the final linear layer's input) lets an edge node train that layer without torch.
+    linear = final_linear(model)
+    exported: nn.Module = WithEmbedding(model, linear[1]).eval() if linear is not None else model
+    head: HeadSpec | None = None
     with tempfile.TemporaryDirectory(prefix="fedclinic-export-") as tmp:
         work = Path(tmp)
-        onnx_file = export_onnx(model, data_config.input_size, work / MODEL_FILE)
-        parity = check_parity(model, onnx_file.path, test_x, bound=request.parity_bound)
-        fp32_auc = roc_auc(test.labels, run_onnx(cpu_session(onnx_file.path), test_x)[:, 0])
+        onnx_file = export_onnx(
+            exported, data_config.input_size, work / MODEL_FILE, with_embedding=linear is not None
+        )
+        parity = check_parity(exported, onnx_file.path, test_x, bound=request.parity_bound)
+        outputs = run_onnx_outputs(cpu_session(onnx_file.path), test_x)
+        fp32_auc = roc_auc(test.labels, outputs[0][:, 0])
+        output_specs = [TensorSpec(name=OUTPUT_NAME, shape=onnx_file.output_shape)]
+        if linear is not None and onnx_file.embedding_shape is not None:
+            check_head(outputs[0], outputs[1], linear[1], bound=request.parity_bound)
+            head = head_spec(linear[0], linear[1], EMBEDDING_NAME, OUTPUT_NAME)
+            output_specs.append(TensorSpec(name=EMBEDDING_NAME, shape=onnx_file.embedding_shape))
+        else:
+            logger.warning("%s has no linear layer; exported without an embedding output", request.model_id)
         files = [BundleFile(onnx_file.path, MODEL_FILE, "model")]
         quant = None
         if request.int8:
@@ -141,8 +157,9 @@ def export_bundle(
             ),
             io=IOSpec(
                 inputs=[TensorSpec(name=INPUT_NAME, shape=[-1, c, h, w])],
-                outputs=[TensorSpec(name=OUTPUT_NAME, shape=onnx_file.output_shape)],
+                outputs=output_specs,
             ),
+            head=head,
             preprocessing=preprocessing_for(data_config, request.modalities),
             provenance=Provenance(
                 training=request.training,

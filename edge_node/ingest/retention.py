@@ -5,12 +5,17 @@ study still receiving, queued or in analysis keeps every instance. The study's r
 so ``status`` still tells its history. A purge and the listener never race on a file: a purge holds the
 spool's exclusive write lock (see ``Spool.exclusive``) while it removes rows and files, so an instance being
 received for a purged study is written after the purge, never removed by it.
+
+Labeled studies are what the node learns from, so the clinic's labels protect them: a finished study with a
+label on it or on one of its instances stays, whatever its age or the spool's size, until its latest label
+is older than ``labeled_keep_days`` (None: as long as it is labeled; 0: labels protect nothing).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,10 +32,11 @@ _DAY = 86400.0
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    """How long and how much: None leaves that limit off."""
+    """How long and how much: None leaves that limit off; labeled studies are kept ``labeled_keep_days``."""
 
     max_age_days: float | None
     max_bytes: int | None
+    labeled_keep_days: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,14 +51,29 @@ class PurgeReport:
         return asdict(self)
 
 
+def _labeled(policy: RetentionPolicy, now: float) -> tuple[str, tuple[float, ...]]:
+    """An SQL condition on study ``s``: it carries a label young enough to keep it (with its arguments)."""
+    if policy.labeled_keep_days == 0:
+        return "0", ()
+    cutoff = -math.inf if policy.labeled_keep_days is None else now - policy.labeled_keep_days * _DAY
+    condition = (
+        "(EXISTS (SELECT 1 FROM labels l WHERE l.labeled_at >= ? AND ((l.scope = 'study' AND"
+        " l.uid = s.study_uid) OR (l.scope = 'instance' AND l.uid IN"
+        " (SELECT li.sop_instance_uid FROM instances li WHERE li.study_id = s.id)))))"
+    )
+    return condition, (cutoff,)
+
+
 def _candidates(spool: Spool, policy: RetentionPolicy, now: float) -> tuple[list[tuple[int, int, int]], int]:
     """(study id, instances, bytes) of the studies to purge, oldest first, and the spool's bytes now."""
     db = spool.records.db
     total = int(db.query("SELECT COALESCE(SUM(size), 0) AS n FROM instances")[0]["n"])
+    protected, args = _labeled(policy, now)
     rows = db.query(
         "SELECT s.id, s.last_instance_at, COUNT(i.id) AS n, SUM(i.size) AS bytes FROM studies s"
-        f" JOIN instances i ON i.study_id = s.id WHERE s.state IN {_FINAL}"
-        " GROUP BY s.id ORDER BY s.last_instance_at, s.id"
+        f" JOIN instances i ON i.study_id = s.id WHERE s.state IN {_FINAL} AND NOT {protected}"
+        " GROUP BY s.id ORDER BY s.last_instance_at, s.id",
+        args,
     )
     chosen: list[tuple[int, int, int]] = []
     left = total
@@ -81,8 +102,13 @@ def purge_spool(
         with spool.records.db.tx() as c:
             for study_id, _, _ in chosen:
                 # The state is checked again in the same transaction that deletes.
-                state = c.execute("SELECT state FROM studies WHERE id = ?", (study_id,)).fetchone()
-                if state is None or state["state"] not in _FINAL:
+                # The state and the labels are checked again in the transaction that deletes: a label
+                # given on the page a moment ago keeps its study.
+                protected, args = _labeled(policy, now)
+                state = c.execute(
+                    f"SELECT s.state, {protected} AS kept FROM studies s WHERE s.id = ?", (*args, study_id)
+                ).fetchone()
+                if state is None or state["state"] not in _FINAL or state["kept"]:
                     continue
                 rows = c.execute("SELECT path FROM instances WHERE study_id = ?", (study_id,)).fetchall()
                 paths.extend(Path(r["path"]) for r in rows)

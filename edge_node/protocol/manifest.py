@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 from edge_node.protocol.errors import SchemaError
 
@@ -58,6 +65,39 @@ class TensorSpec(_Strict):
 class IOSpec(_Strict):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+
+
+class HeadTensor(_Strict):
+    """One tensor of the final linear layer, named as in the student's state dict."""
+
+    name: str
+    shape: list[int]
+
+
+class HeadSpec(_Strict):
+    """The model's final linear layer, for learners that train on the embedding output.
+
+    The prediction output is exactly ``embedding @ weight.T + bias`` (checked at export), so a node can
+    train a head on embeddings of its own images without the backbone's weights and send a delta named like
+    the student's tensors (``weight.name``, ``bias.name``).
+    """
+
+    #: Name of the ONNX output that holds the head's input, (N, D).
+    embedding_output: str
+    #: Name of the ONNX output the head produces, (N, K) logits.
+    prediction_output: str
+    #: (K, D)
+    weight: HeadTensor
+    #: (K,)
+    bias: HeadTensor
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.weight.shape[0])
 
 
 class Preprocessing(_Strict):
@@ -147,6 +187,17 @@ class Manifest(_Strict):
     producer: Producer
     provenance: Provenance
     min_edge_version: str = "0.1.0"
+    #: The final linear layer behind the embedding output; None for bundles exported without one.
+    head: HeadSpec | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_head(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        # Bundles signed before the head existed have no "head" key: leaving it out when absent keeps their
+        # canonical bytes, and so their signatures, valid.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("head") is None:
+            data.pop("head", None)
+        return data
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes that are signed: sorted keys, no whitespace, UTF-8."""

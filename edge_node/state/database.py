@@ -58,7 +58,11 @@ class Database:
                 self._conn.execute(statement)
         with self.tx(durable=True) as c:
             c.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                # The tables are created with IF NOT EXISTS above, so an older database gains the new
+                # ones; its recorded version then moves up (never down, should an older node open it).
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE"
+                " SET value = excluded.value WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                (str(SCHEMA_VERSION),),
             )
             c.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('uid_salt', ?)", (secrets.token_hex(16),)

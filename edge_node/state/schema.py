@@ -4,11 +4,12 @@ from __future__ import annotations
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-#: Studies and their instances (ingest), runs and findings (analysis), the outbox (delivery), and the model
-#: registry with its activation log. The outbox row carries what a C-STORE needs besides the bytes (SOP class
-#: and instance, transfer syntax), so sending does not open the file to learn them.
+#: Studies and their instances (ingest), runs and findings (analysis), the outbox (delivery), the model
+#: registry with its activation log, and (version 2) the clinic's labels with every change made to them.
+#: The outbox row carries what a C-STORE needs besides the bytes (SOP class and instance, transfer syntax),
+#: so sending does not open the file to learn them.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS studies (
@@ -95,5 +96,24 @@ CREATE TABLE IF NOT EXISTS activations (
     model_row INTEGER NOT NULL REFERENCES models (id),
     at REAL NOT NULL,
     reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS labels (
+    scope TEXT NOT NULL CHECK (scope IN ('study', 'instance')),
+    uid TEXT NOT NULL,
+    label TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('page', 'import')),
+    who TEXT NOT NULL,
+    labeled_at REAL NOT NULL,
+    PRIMARY KEY (scope, uid)
+);
+CREATE TABLE IF NOT EXISTS label_history (
+    id INTEGER PRIMARY KEY,
+    scope TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    label TEXT NOT NULL,
+    previous TEXT,
+    source TEXT NOT NULL,
+    who TEXT NOT NULL,
+    at REAL NOT NULL
 );
 """

@@ -17,6 +17,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,13 +28,14 @@ from pydantic import ValidationError
 from edge_node import __version__
 from edge_node.errors import ConfigError, EdgeError, ModelError
 from edge_node.inference.model_slot import ModelSlot
+from edge_node.learning.training_tasks import TrainingTaskAnswerer
 from edge_node.protection.errors import TaskRefused
 from edge_node.protection.gate import PrivacyGate
 from edge_node.protocol.errors import EncodingError, ProtocolError, PublicationError
 from edge_node.protocol.protection import ProtectionSpec
 from edge_node.protocol.publication import SignedPublication, check_publication
 from edge_node.protocol.signing import load_public_keys
-from edge_node.protocol.tensors import decode_tensors, encode_tensors
+from edge_node.protocol.tensors import Tensors, decode_tensors, encode_tensors
 from edge_node.protocol.updates import UpdateEnvelope
 from edge_node.protocol.wire import (
     Heartbeat,
@@ -50,7 +52,7 @@ from edge_node.uplink.credential import NodeCredential, uplink_dir
 from edge_node.uplink.errors import HubRefusedError, PinningError, UplinkError
 from edge_node.uplink.outbox import UpdateOutbox
 from edge_node.uplink.state import StateFile
-from edge_node.uplink.tasks import LocalStats, TaskError, answer_task
+from edge_node.uplink.tasks import ANSWERABLE_KINDS, LocalStats, TaskAnswer, TaskError, answer_task
 from edge_node.uplink.transport import HubTransport
 
 if TYPE_CHECKING:
@@ -68,6 +70,9 @@ MAX_BACKOFF_SECONDS = 60.0
 #: Statuses after which an update is never retried: the hub has judged it (rejected, late, not ours).
 FINAL_REFUSALS = frozenset({400, 403, 404, 409, 413, 422})
 
+#: Answers the tasks that need training (the node's learners); TaskError when it cannot.
+TaskLearner = Callable[[Task, Tensors], TaskAnswer]
+
 
 class SyncLoop:
     """One node's conversation with its hub, in a background thread (``start``/``stop``) or step by step."""
@@ -84,6 +89,7 @@ class SyncLoop:
         backoff: Backoff | None = None,
         poll_seconds: float = MAX_POLL_SECONDS,
         gate: PrivacyGate | None = None,
+        learner: TaskLearner | None = None,
     ) -> None:
         self.directory = directory
         self.credential = credential
@@ -94,6 +100,7 @@ class SyncLoop:
         self.backoff = backoff or Backoff(base_seconds=1.0, max_seconds=MAX_BACKOFF_SECONDS)
         self.poll_seconds = poll_seconds
         self.gate = gate
+        self.learner = learner
         self.outbox = UpdateOutbox(directory / "outbox.sqlite3")
         self.state = StateFile(directory / "state.json")
         self.transport = HubTransport(credential.hub_url, credential.cert_pem, auth=credential.auth())
@@ -330,7 +337,10 @@ class SyncLoop:
             model = self.slot.current()
         except (ModelError, ConfigError):
             model = None
-        answer = answer_task(task, params, model, local_stats(self.store))
+        if task.kind in ANSWERABLE_KINDS or self.learner is None:
+            answer = answer_task(task, params, model, local_stats(self.store))
+        else:
+            answer = self.learner(task, params)
         payload = encode_tensors(answer.tensors)
         if len(payload) > task.max_update_bytes:
             raise TaskError(
@@ -420,4 +430,5 @@ def sync_loop_for(settings: EdgeSettings, slot: ModelSlot, store: NodeState) -> 
         edge_version=__version__,
         extra_trusted_keys=settings.trusted_keys,
         gate=PrivacyGate.in_data_dir(settings.privacy, settings.data_dir),
+        learner=TrainingTaskAnswerer.from_settings(settings.learning, settings.data_dir),
     )

@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 
 from edge_node.ingest.retention import RetentionPolicy, purge_spool
 from edge_node.ingest.spool import Spool
+from edge_node.state.labels import LabelInput, LabelStore
 from edge_node.state.node_state import NodeState
 from tests.edge_node.conftest import dicom_dir
 
@@ -109,3 +110,41 @@ def test_a_purge_waits_for_an_instance_being_written(spool: Spool) -> None:
     os.close(lock)
     thread.join(10)
     assert finished.is_set() and _instances(spool, done) == 0
+
+
+def _label(spool: Spool, study_id: int, *, at: float, on_instance: bool = False) -> None:
+    db = spool.records.db
+    if on_instance:
+        sop = db.query("SELECT sop_instance_uid FROM instances WHERE study_id = ? LIMIT 1", (study_id,))[0][0]
+        LabelStore(db, ["normal", "abnormal"]).set_labels(
+            [LabelInput("instance", str(sop), "abnormal")], source="import", who="test", now=at
+        )
+    else:
+        uid = db.query("SELECT study_uid FROM studies WHERE id = ?", (study_id,))[0][0]
+        LabelStore(db, ["normal", "abnormal"]).set_labels(
+            [LabelInput("study", str(uid), "normal")], source="page", who="test", now=at
+        )
+
+
+def test_labeled_studies_stay_for_learning_until_their_labels_are_old(spool: Spool) -> None:
+    now = 1000 * DAY
+    plain, _ = _study(spool, 1, state="done", at=now - 40 * DAY)
+    by_study, by_study_paths = _study(spool, 2, state="done", at=now - 40 * DAY)
+    by_instance, _ = _study(spool, 2, state="skipped", at=now - 40 * DAY)
+    stale, _ = _study(spool, 1, state="done", at=now - 500 * DAY)
+    waiting, _ = _study(spool, 1, state="queued", at=now - 500 * DAY)
+    _label(spool, by_study, at=now - 10 * DAY)
+    _label(spool, by_instance, at=now - 100 * DAY, on_instance=True)
+    _label(spool, stale, at=now - 400 * DAY)
+    # Age and size both say "drop everything finished"; labels younger than a year keep their studies.
+    policy = RetentionPolicy(max_age_days=30, max_bytes=0, labeled_keep_days=365)
+    report = purge_spool(spool, policy, now=now)
+    counts = {s: _instances(spool, s) for s in (plain, by_study, by_instance, stale, waiting)}
+    assert counts == {plain: 0, by_study: 2, by_instance: 2, stale: 0, waiting: 1}
+    assert report.studies == 2 and all(p.exists() for p in by_study_paths)
+    # None keeps labeled studies as long as they are labeled; 0 lets labels protect nothing.
+    assert (
+        purge_spool(spool, RetentionPolicy(30, 0, labeled_keep_days=None), now=now + 9000 * DAY).studies == 0
+    )
+    assert purge_spool(spool, RetentionPolicy(30, 0, labeled_keep_days=0), now=now).studies == 2
+    assert _instances(spool, waiting) == 1  # never a study still waiting for analysis
