@@ -764,3 +764,54 @@ def labels_export(
     except OSError as exc:
         raise _fail(EdgeError(f"cannot write {out}: {exc.strerror}")) from None
     err_console.print(f"wrote {out}", highlight=False)
+
+
+@app.command()
+def page(config: ConfigOption = None) -> None:
+    """Serve only the clinician page (no DICOM listener, no analysis), until Ctrl-C.
+
+    `fedclinic-edge serve` serves the page too; this runs it alone, e.g. to look at labels while the node
+    is stopped. It listens on page_host:page_port.
+
+    Example: fedclinic-edge page --config /etc/fedclinic/edge.toml
+    """
+    settings = _settings(config)
+    _setup_logging(settings.log_level, service=True)
+    import threading
+
+    from edge_node.page.server import ClinicianPage, PageConfig
+
+    state = _open_state(settings)
+    page_server = ClinicianPage(PageConfig.from_settings(settings), state.db)
+    try:
+        host, port = page_server.start()
+    except (EdgeError, OSError) as exc:
+        state.close()
+        raise _fail(exc) from None
+    err_console.print(f"clinician page on http://{host}:{port}/ (Ctrl-C stops it)", highlight=False)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        page_server.stop()
+        state.close()
+
+
+@app.command("page-password")
+def page_password() -> None:
+    """Make the clinician page's password hash (asked twice, never shown); prints the setting to add.
+
+    Put the printed line in the node's TOML settings (or FEDCLINIC_EDGE_PAGE_PASSWORD_HASH): the node
+    stores only this salted scrypt hash. A password is required to set page_host to a LAN address.
+
+    Example: fedclinic-edge page-password >> /etc/fedclinic/edge.toml
+    """
+    from edge_node.page.password import hash_password
+
+    password = typer.prompt("page password", hide_input=True, confirmation_prompt=True, err=True)
+    try:
+        hashed = hash_password(password)
+    except ValueError as exc:
+        raise _fail(EdgeError(str(exc)), EXIT_USAGE) from None
+    typer.echo(f'page_password_hash = "{hashed}"')

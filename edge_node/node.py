@@ -19,6 +19,7 @@ from edge_node.ingest.listener import Listener, ListenerConfig
 from edge_node.ingest.retention import purge_spool
 from edge_node.ingest.spool import Spool
 from edge_node.node_lock import NodeLock
+from edge_node.page.server import ClinicianPage, PageConfig
 from edge_node.service_notify import notify_service
 from edge_node.settings import EdgeSettings
 from edge_node.state.node_state import NodeState
@@ -88,6 +89,11 @@ class Node:
             ),
             self.spool,
             on_complete=self.worker.wake,
+        )
+        self.page = (
+            ClinicianPage(PageConfig.from_settings(settings), self.state.db)
+            if settings.page_enabled
+            else None
         )
         self.lock = NodeLock(settings.data_dir)
         self._stopped = threading.Event()
@@ -163,6 +169,7 @@ class Node:
             counts["received"] + counts["queued"],
             counts["outbox_pending"],
         )
+        self._start_page()
         self.worker.start()
         self.sender.start()
         threading.Thread(target=self._purge_loop, name="edge-spool-purge", daemon=True).start()
@@ -170,6 +177,22 @@ class Node:
             self.uplink.start()
         notify_service("READY=1")
         return address
+
+    def _start_page(self) -> None:
+        """The clinician page; a node whose page cannot listen still serves its PACS, and says why."""
+        if self.page is None:
+            return
+        try:
+            self.page.start()
+        except OSError as exc:
+            logger.error(
+                "the clinician page cannot listen on %s:%d (%s); the node runs without it: set page_port"
+                " (FEDCLINIC_EDGE_PAGE_PORT) to a free port",
+                self.settings.page_host,
+                self.settings.page_port,
+                exc.strerror,
+            )
+            self.page = None
 
     def _purge_loop(self) -> None:
         """Apply the spool's retention policy at start and every spool_purge_interval_seconds."""
@@ -193,6 +216,8 @@ class Node:
         self.sender.stop()
         if self.uplink is not None:
             self.uplink.stop()
+        if self.page is not None:
+            self.page.stop()
         self.state.close()
         self.lock.release()
         logger.info("stopped")

@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -25,6 +33,8 @@ from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
 from edge_node.ingest.retention import RetentionPolicy
 from edge_node.learning.options import LearningSettings
+from edge_node.page.bind_address import is_loopback
+from edge_node.page.password import is_password_hash
 from edge_node.protection.floor import PrivacyFloor
 
 if sys.version_info >= (3, 11):
@@ -35,6 +45,7 @@ else:  # the tomli backport, a dependency on Python 3.10
 __all__ = [
     "CONFIG_ENV",
     "DEFAULT_CONFIG",
+    "LAN_NEEDS_PASSWORD",
     "PROVIDER_PREFERENCE",
     "DestinationSettings",
     "EdgeSettings",
@@ -46,6 +57,11 @@ __all__ = [
 ENV_PREFIX = "FEDCLINIC_EDGE_"
 #: Names the settings file when ``--config`` is not given.
 CONFIG_ENV = "FEDCLINIC_EDGE_CONFIG"
+#: Why a page on a LAN address is refused without a password, and the fix.
+LAN_NEEDS_PASSWORD = (
+    "page_host {host!r} is not a loopback address, so the clinician page needs a password: set"
+    " page_password_hash (make one with `fedclinic-edge page-password`), or set page_host to 127.0.0.1"
+)
 #: The settings file a service reads when neither ``--config`` nor FEDCLINIC_EDGE_CONFIG names one.
 DEFAULT_CONFIG = Path("/etc/fedclinic/edge.toml")
 
@@ -180,6 +196,16 @@ class EdgeSettings(BaseSettings):
     #: First retry delay for a failed send; doubles per attempt up to send_retry_max_seconds.
     send_retry_base_seconds: float = Field(default=5.0, gt=0)
     send_retry_max_seconds: float = Field(default=900.0, gt=0)
+    #: The clinician page (confirm or correct results; what left the clinic): address it listens on.
+    #: Loopback by default; any other address needs page_password_hash.
+    page_host: str = "127.0.0.1"
+    #: Serve the clinician page in `fedclinic-edge serve`.
+    page_enabled: bool = True
+    #: The page's TCP port (0 picks a free one, logged at start).
+    page_port: int = Field(default=8480, ge=0, le=65535)
+    #: scrypt hash of the page's password, made at install with `fedclinic-edge page-password`. When set,
+    #: every request to the page needs the password (user name free).
+    page_password_hash: str | None = None
     #: Python log level for the node's stderr log.
     log_level: str = "INFO"
     #: The clinic's privacy floor (edge.toml ``[privacy]``): the least protection a round must state for
@@ -217,6 +243,17 @@ class EdgeSettings(BaseSettings):
     @classmethod
     def _check_precision(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("page_password_hash")
+    @classmethod
+    def _check_page_password(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Runs for the default too (validate_default), after page_host and page_enabled (declared before it).
+        if value is not None and not is_password_hash(value):
+            raise ValueError("not a hash made by `fedclinic-edge page-password` (scrypt$N$r$p$salt$hash)")
+        host, enabled = info.data.get("page_host", "127.0.0.1"), info.data.get("page_enabled", True)
+        if value is None and enabled and not is_loopback(str(host)):
+            raise ValueError(LAN_NEEDS_PASSWORD.format(host=host))
+        return value
 
     @model_validator(mode="after")
     def _default_trt_cache(self) -> EdgeSettings:

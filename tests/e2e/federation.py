@@ -247,6 +247,7 @@ def make_node(root: Path, name: str, **settings: object) -> EdgeProcess:
     values: dict[str, object] = {
         "ae_title": "EDGE",
         "port": port,
+        "page_port": free_port(),
         "data_dir": str(node_root / "data"),
         "quiet_seconds": 2.0,
         "providers": ["CPUExecutionProvider"],

@@ -347,6 +347,7 @@ def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
         values: dict[str, object] = {
             "ae_title": "EDGE",
             "port": port,
+            "page_port": free_port(),
             "data_dir": str(root / "data"),
             "quiet_seconds": 2.0,
             "providers": ["CPUExecutionProvider"],
