@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edge_node.inference.personal_head import PersonalHeadStore
 from edge_node.inference.serving_record import ServingRecord, read_serving
 from edge_node.node_lock import running_node
 from edge_node.settings import EdgeSettings
@@ -46,6 +47,9 @@ class StatusReport:
     last_send_error: str | None
     studies: list[tuple[str, StudySummary]]  # (short salted hash of the study UID, summary)
     limit: int
+    #: The clinic's personal head: serving (with the round that trained it) or retired (with why); None if
+    #: the node never trained one.
+    personal_head: dict[str, Any] | None = None
 
     @classmethod
     def collect(cls, settings: EdgeSettings, state: NodeState, limit: int) -> StatusReport:
@@ -60,6 +64,7 @@ class StatusReport:
             last_send_error=state.status.last_send_error(),
             studies=[(state.db.uid_hash(s.study_uid), s) for s in state.status.recent_studies(limit)],
             limit=limit,
+            personal_head=_personal_head(PersonalHeadStore.in_data_dir(settings.data_dir), state),
         )
 
     # -- JSON ----------------------------------------------------------------------------------------------
@@ -92,6 +97,7 @@ class StatusReport:
                 "results_sent": c["outbox_sent"],
             },
             "last_send_error": self.last_send_error,
+            "personal_head": self.personal_head,
             "studies": [
                 {
                     "study": key,
@@ -124,6 +130,15 @@ class StatusReport:
             f"{_plural(c['outbox_sent'], 'result file')} sent"
         )
 
+    def personal_line(self) -> str:
+        p = self.personal_head or {}
+        if p.get("state") == "serving":
+            return (
+                f"serves a personalised head (trained in round {p['trained_round']} at {p['trained_at']}, "
+                "never sent): the shared backbone and head plus this clinic's own"
+            )
+        return f"retired ({p.get('reason')}); the node serves the shared head only"
+
     def print_text(self, console: Console) -> None:
         if self.running:
             pid = f" (pid {self.pid})" if self.pid is not None else ""
@@ -144,6 +159,8 @@ class StatusReport:
                 highlight=False,
             )
             self._print_serving(console, m)
+        if self.personal_head is not None:
+            console.print(f"[bold]personal head:[/bold] {self.personal_line()}", highlight=False)
         console.print(f"[bold]totals:[/bold] {self.totals_line()}", highlight=False)
         if self.last_send_error:
             console.print(f"[yellow]last send error:[/yellow] {self.last_send_error}", highlight=False)
@@ -220,3 +237,31 @@ class StatusReport:
             )
             if s.reason and not s.top_label:
                 console.print(f"  reason: {s.reason}", highlight=False, soft_wrap=True)
+
+
+def _personal_head(store: PersonalHeadStore, state: NodeState) -> dict[str, Any] | None:
+    """Status of the personal head from its file: the node retires a head that does not fit when it loads."""
+    head = store.load()
+    active = state.models.active()
+    if head is not None and (active is None or active.model_id == head.model_id):
+        return {
+            "state": "serving",
+            "trained_round": head.trained_round,
+            "trained_at": head.trained_at,
+            "model_id": head.model_id,
+            "sent": False,
+        }
+    if head is not None:
+        reason = (
+            f"trained for {head.model_id}; retired when the node loads {active.model_id if active else ''}"
+        )
+        return {"state": "retired", "reason": reason, "trained_round": head.trained_round, "sent": False}
+    note = store.retired()
+    if note is not None:
+        return {
+            "state": "retired",
+            "reason": note.get("reason"),
+            "trained_round": note.get("trained_round"),
+            "sent": False,
+        }
+    return None

@@ -12,16 +12,27 @@ from export.errors import ParityError
 __all__ = ["WithEmbedding", "check_head", "final_linear", "head_spec"]
 
 
-def final_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
-    """The last ``nn.Linear`` registered in ``model`` with its state-dict prefix (``head.fc``), or None.
+def final_linear(model: nn.Module, example: torch.Tensor | None = None) -> tuple[str, nn.Linear] | None:
+    """The last ``nn.Linear`` of ``model`` with its state-dict prefix (``head.fc``), or None.
 
-    Whether it really is the last operation is not assumed here: ``check_head`` proves it on real outputs.
+    With an ``example`` input, the last one that runs in a forward: a model may hold heads its forward
+    does not use (FedHelp's public head); without, the last one registered. Whether it really is the last
+    operation is not assumed here: ``check_head`` proves it on real outputs.
     """
-    found: tuple[str, nn.Linear] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            found = (name, module)
-    return found
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if example is None or not linears:
+        return linears[-1] if linears else None
+    ran: list[tuple[str, nn.Linear]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _a, entry=(name, m): ran.append(entry)) for name, m in linears
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ran[-1] if ran else None
 
 
 class WithEmbedding(nn.Module):

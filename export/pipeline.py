@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
@@ -111,7 +112,7 @@ def export_bundle(
     model = model.eval()
     test_x = data_config.preprocess(test.images)  # (N, 1, H, W)
     # The embedding output (the final linear layer's input) lets an edge node train that layer without torch.
-    linear = final_linear(model)
+    linear = final_linear(model, torch.from_numpy(test_x[:2]))
     exported: nn.Module = WithEmbedding(model, linear[1]).eval() if linear is not None else model
     head: HeadSpec | None = None
     with tempfile.TemporaryDirectory(prefix="fedclinic-export-") as tmp:

@@ -23,6 +23,7 @@ from hub.commands import (
     rounds,
     serve,
     status,
+    students,
     train,
 )
 
@@ -43,6 +44,8 @@ app.add_typer(nodes.app, name="nodes")
 app.add_typer(rounds.app, name="rounds")
 app.add_typer(models.app, name="models")
 app.command("status")(status.status)
+app.command("distill")(students.distill)
+models.app.command("from-round")(students.from_round)
 
 
 def _print_version(value: bool) -> None:

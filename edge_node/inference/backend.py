@@ -195,6 +195,10 @@ class Backend(ABC):
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on a (N, C, H, W) batch; returns the first output, e.g. (N, K) logits."""
 
+    def run_outputs(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """Run the model once and return the named outputs, in that order (e.g. logits and embedding)."""
+        raise ModelError(f"this backend returns only the first output; it cannot give {list(names)}")
+
 
 class OnnxRuntimeBackend(Backend):
     """An ONNX Runtime session with the configured providers, thread budget and TensorRT cache."""
@@ -263,3 +267,7 @@ class OnnxRuntimeBackend(Backend):
         feed = {self._input_name: np.ascontiguousarray(batch, dtype=self._input_dtype)}
         outputs = self._session.run(None, feed)
         return np.asarray(outputs[0])
+
+    def run_outputs(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        feed = {self._input_name: np.ascontiguousarray(batch, dtype=self._input_dtype)}
+        return [np.asarray(out) for out in self._session.run(list(names), feed)]

@@ -13,7 +13,8 @@ import numpy as np
 
 from edge_node.errors import ModelError
 from edge_node.inference.backend import Backend, BackendOptions, OnnxRuntimeBackend, Runtime
-from edge_node.protocol.manifest import FileEntry, Manifest, Preprocessing, TaskSpec
+from edge_node.inference.personal_head import PersonalHead
+from edge_node.protocol.manifest import FileEntry, HeadSpec, Manifest, Preprocessing, TaskSpec
 
 __all__ = [
     "MAX_BATCH",
@@ -99,6 +100,8 @@ class LoadedModel:
     backend: Backend
     model_file: str
     precision: str
+    #: The clinic's personal head, added to the shared one when set (``ModelSlot`` keeps it current).
+    personal: PersonalHead | None = None
 
     @property
     def model_id(self) -> str:
@@ -134,11 +137,49 @@ class LoadedModel:
         shape = self.input_shape
         return shape[1] if len(shape) == 4 and shape[1] > 0 else 1
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) → (N, K) class probabilities, in chunks (fixed model batch size, else MAX_BATCH)."""
-        batch = np.asarray(batch)
+    @property
+    def head(self) -> HeadSpec | None:
+        """The final linear layer behind the embedding output; None for bundles exported without one."""
+        return self.manifest.head
+
+    def _step(self) -> int:
         fixed = self.input_shape[0] if self.input_shape and self.input_shape[0] > 0 else 0
-        step = fixed or MAX_BATCH
+        return fixed or MAX_BATCH
+
+    def logits_and_embedding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, C, H, W) → the model's own logits (N, K) and its embedding (N, D), from one run."""
+        head = self.head
+        if head is None:
+            raise ModelError(
+                f"model {self.model_id} {self.model_version} has no embedding output (exported before "
+                "bundles carried one); learning on this node needs a bundle exported with it"
+            )
+        names = [head.prediction_output, head.embedding_output]
+        step = self._step()
+        parts = [self.backend.run_outputs(batch[i : i + step], names) for i in range(0, batch.shape[0], step)]
+        if not parts:
+            return np.zeros((0, head.num_outputs)), np.zeros((0, head.embedding_dim), dtype=np.float32)
+        logits = np.concatenate([p[0] for p in parts], axis=0).reshape(batch.shape[0], -1)  # (N, K)
+        embedding = np.concatenate([p[1] for p in parts], axis=0).reshape(batch.shape[0], -1)  # (N, D)
+        return logits, embedding
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) → (N, D) float32: the final linear layer's input (the frozen backbone's output)."""
+        return np.asarray(self.logits_and_embedding(np.asarray(batch))[1], dtype=np.float32)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) → (N, K) class probabilities, in chunks (fixed model batch size, else MAX_BATCH).
+
+        With a personal head: backbone + (shared + personal) head, i.e. the bundle's logits plus the personal
+        head's logits of the same embedding.
+        """
+        batch = np.asarray(batch)
+        personal = self.personal  # read once: the slot may swap it between studies
+        if personal is not None and self.head is not None:
+            logits, embedding = self.logits_and_embedding(batch)
+            raw = logits.astype(np.float64) + personal.logits(embedding)  # (N, K)
+            return scores_from_outputs(raw, self.task)
+        step = self._step()
         parts = [self.backend.run(batch[i : i + step]) for i in range(0, batch.shape[0], step)]
         raw = np.concatenate(parts, axis=0) if parts else np.zeros((0, 1), dtype=np.float32)
         return scores_from_outputs(raw, self.task)

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_node.errors import ConfigError, ModelError
 from edge_node.inference.backend import CPU
 from edge_node.inference.loaded_model import LoadedModel, Precision, load_model
+from edge_node.inference.personal_head import PersonalHeadStore
 from edge_node.protocol.bundle import VerifiedBundle, open_no_link, safe_relative_path, verify_bundle
 from edge_node.protocol.errors import BundleError
 from edge_node.protocol.manifest import MANIFEST_FILE, SIGNATURE_FILE
@@ -116,6 +117,7 @@ class ModelSlot:
         trt_fp16: bool = False,
         loader: Loader = _default_loader,
         on_loaded: Callable[[LoadedModel], None] | None = None,
+        personal_heads: PersonalHeadStore | None = None,
     ) -> None:
         self.registry = registry
         self.models_dir = models_dir
@@ -130,6 +132,9 @@ class ModelSlot:
         self.loader = loader
         #: Called (under the slot's lock) with each model that is about to serve, e.g. to record it.
         self.on_loaded = on_loaded
+        #: Where the clinic's personal head lives; the served model gets it whenever the file changes.
+        self.personal_heads = personal_heads
+        self._personal_seen: tuple[LoadedModel, tuple[int, int] | None] | None = None
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
         self._loaded_activation = -1
@@ -154,6 +159,7 @@ class ModelSlot:
             trt_engine_cache_dir=settings.trt_cache_dir,
             trt_fp16=settings.trt_fp16,
             on_loaded=on_loaded,
+            personal_heads=PersonalHeadStore.in_data_dir(settings.data_dir),
         )
 
     def _load(self, bundle: VerifiedBundle, options: LoadOptions) -> LoadedModel:
@@ -277,37 +283,60 @@ class ModelSlot:
         moves again); None only when nothing was ever loaded.
         """
         with self._lock:
-            activation = self.registry.activation_id()
-            if activation in (self._loaded_activation, self._failed_activation):
-                return self._loaded
-            record = self.registry.active()
-            if record is None:
-                return None
-            try:
-                verified = self._verify(record.path)
-                loaded = self._load(verified, self.options)
-                if self.on_loaded is not None:
-                    self.on_loaded(loaded)
-            except (ModelError, ConfigError) as exc:
-                self._failed_activation = activation
-                if self._loaded is not None:
-                    logger.error(
-                        "model %s %s cannot be used (%s); still serving %s %s",
-                        record.model_id,
-                        record.version,
-                        exc,
-                        self._loaded.model_id,
-                        self._loaded.model_version,
-                    )
-                    return self._loaded
-                raise ModelError(f"model {record.model_id} {record.version} cannot be used: {exc}") from exc
-            self._loaded, self._loaded_activation = loaded, activation
-            logger.info(
-                "serving model %s %s (%s, %s) on %s",
-                loaded.model_id,
-                loaded.model_version,
-                loaded.model_file,
-                loaded.precision,
-                loaded.provider,
-            )
+            return self._personalised(self._current())
+
+    def _personalised(self, loaded: LoadedModel | None) -> LoadedModel | None:
+        """``loaded`` with the personal head on file when it fits; a head that does not fit is retired."""
+        if loaded is None or self.personal_heads is None:
             return loaded
+        stamp = self.personal_heads.stamp()
+        seen = self._personal_seen
+        if seen is not None and seen[0] is loaded and seen[1] == stamp:
+            return loaded
+        head = self.personal_heads.load() if stamp is not None else None
+        if head is not None:
+            reason = head.misfit(loaded.manifest)
+            if reason is not None:
+                self.personal_heads.retire(f"a new bundle: {reason}")
+                head = None
+        loaded.personal = head
+        if head is not None:
+            logger.info("serving a personalised head (trained in round %d, never sent)", head.trained_round)
+        self._personal_seen = (loaded, self.personal_heads.stamp())
+        return loaded
+
+    def _current(self) -> LoadedModel | None:
+        activation = self.registry.activation_id()
+        if activation in (self._loaded_activation, self._failed_activation):
+            return self._loaded
+        record = self.registry.active()
+        if record is None:
+            return None
+        try:
+            verified = self._verify(record.path)
+            loaded = self._load(verified, self.options)
+            if self.on_loaded is not None:
+                self.on_loaded(loaded)
+        except (ModelError, ConfigError) as exc:
+            self._failed_activation = activation
+            if self._loaded is not None:
+                logger.error(
+                    "model %s %s cannot be used (%s); still serving %s %s",
+                    record.model_id,
+                    record.version,
+                    exc,
+                    self._loaded.model_id,
+                    self._loaded.model_version,
+                )
+                return self._loaded
+            raise ModelError(f"model {record.model_id} {record.version} cannot be used: {exc}") from exc
+        self._loaded, self._loaded_activation = loaded, activation
+        logger.info(
+            "serving model %s %s (%s, %s) on %s",
+            loaded.model_id,
+            loaded.model_version,
+            loaded.model_file,
+            loaded.precision,
+            loaded.provider,
+        )
+        return loaded

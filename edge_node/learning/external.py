@@ -37,7 +37,7 @@ from edge_node.protocol.tensors import Tensors, decode_tensors, encode_tensors
 from edge_node.protocol.wire import Task
 from edge_node.uplink.tasks import TaskAnswer, TaskError
 
-__all__ = ["TASK_FILE", "UPDATE_FILE", "ExternalLearner", "read_answer"]
+__all__ = ["TASK_FILE", "UPDATE_FILE", "ExternalLearner", "learner_dir", "read_answer"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ RESULT_FILE = "result.json"
 PRIVATE_DIR = "private"
 #: How much of the learner's stderr a refusal quotes (its own messages; it never sees DICOM elements).
 STDERR_TAIL = 600
+
+
+def learner_dir(data_dir: Path) -> Path:
+    """The external learner's work directory (its ``private/`` state lives inside and never leaves)."""
+    return data_dir / "learning" / "torch"
 
 
 class ExternalLearner:

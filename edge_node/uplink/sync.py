@@ -17,7 +17,6 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,14 +27,17 @@ from pydantic import ValidationError
 from edge_node import __version__
 from edge_node.errors import ConfigError, EdgeError, ModelError
 from edge_node.inference.model_slot import ModelSlot
-from edge_node.learning.training_tasks import TrainingTaskAnswerer
+from edge_node.inference.personal_head import PersonalHeadStore
+from edge_node.learning.dispatch import Learners, LearningRefused
+from edge_node.learning.dispatch import answer as answer_with_learners
+from edge_node.learning.external import ExternalLearner, learner_dir
 from edge_node.protection.errors import TaskRefused
 from edge_node.protection.gate import PrivacyGate
 from edge_node.protocol.errors import EncodingError, ProtocolError, PublicationError
 from edge_node.protocol.protection import ProtectionSpec
 from edge_node.protocol.publication import SignedPublication, check_publication
 from edge_node.protocol.signing import load_public_keys
-from edge_node.protocol.tensors import Tensors, decode_tensors, encode_tensors
+from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from edge_node.protocol.updates import UpdateEnvelope
 from edge_node.protocol.wire import (
     Heartbeat,
@@ -46,13 +48,14 @@ from edge_node.protocol.wire import (
     TaskState,
     UpdateSubmission,
 )
+from edge_node.state.labels import LabelStore
 from edge_node.state.node_state import NodeState
 from edge_node.uplink.backoff import Backoff
 from edge_node.uplink.credential import NodeCredential, uplink_dir
 from edge_node.uplink.errors import HubRefusedError, PinningError, UplinkError
 from edge_node.uplink.outbox import UpdateOutbox
 from edge_node.uplink.state import StateFile
-from edge_node.uplink.tasks import ANSWERABLE_KINDS, LocalStats, TaskAnswer, TaskError, answer_task
+from edge_node.uplink.tasks import LocalStats, TaskError
 from edge_node.uplink.transport import HubTransport
 
 if TYPE_CHECKING:
@@ -70,9 +73,6 @@ MAX_BACKOFF_SECONDS = 60.0
 #: Statuses after which an update is never retried: the hub has judged it (rejected, late, not ours).
 FINAL_REFUSALS = frozenset({400, 403, 404, 409, 413, 422})
 
-#: Answers the tasks that need training (the node's learners); TaskError when it cannot.
-TaskLearner = Callable[[Task, Tensors], TaskAnswer]
-
 
 class SyncLoop:
     """One node's conversation with its hub, in a background thread (``start``/``stop``) or step by step."""
@@ -89,7 +89,7 @@ class SyncLoop:
         backoff: Backoff | None = None,
         poll_seconds: float = MAX_POLL_SECONDS,
         gate: PrivacyGate | None = None,
-        learner: TaskLearner | None = None,
+        learners: Learners | None = None,
     ) -> None:
         self.directory = directory
         self.credential = credential
@@ -100,7 +100,8 @@ class SyncLoop:
         self.backoff = backoff or Backoff(base_seconds=1.0, max_seconds=MAX_BACKOFF_SECONDS)
         self.poll_seconds = poll_seconds
         self.gate = gate
-        self.learner = learner
+        #: The node's learners (None: it answers only the kinds that need no training).
+        self.learners = learners
         self.outbox = UpdateOutbox(directory / "outbox.sqlite3")
         self.state = StateFile(directory / "state.json")
         self.transport = HubTransport(credential.hub_url, credential.cert_pem, auth=credential.auth())
@@ -294,6 +295,9 @@ class SyncLoop:
             except TaskRefused as exc:  # the budget ran out between the check and the release
                 self._refuse(task, str(exc))
                 continue
+            except LearningRefused as exc:  # too few labels, a model without an embedding: say why
+                self._refuse(task, str(exc))
+                continue
             except TaskError as exc:
                 self._skipped[task.task_id] = str(exc)
                 logger.warning("uplink: task %s (%s) not answered: %s", task.task_id, task.kind.value, exc)
@@ -337,10 +341,7 @@ class SyncLoop:
             model = self.slot.current()
         except (ModelError, ConfigError):
             model = None
-        if task.kind in ANSWERABLE_KINDS or self.learner is None:
-            answer = answer_task(task, params, model, local_stats(self.store))
-        else:
-            answer = self.learner(task, params)
+        answer = answer_with_learners(task, params, model, local_stats(self.store), self.learners)
         payload = encode_tensors(answer.tensors)
         if len(payload) > task.max_update_bytes:
             raise TaskError(
@@ -422,6 +423,19 @@ def sync_loop_for(settings: EdgeSettings, slot: ModelSlot, store: NodeState) -> 
         return None
     if slot.trusted_keys is None:
         slot.trusted_keys = directory / "hub.pub"
+    learning = settings.learning
+    external = None
+    if learning.torch_command is not None:
+        torch_learner = ExternalLearner(
+            learning.torch_command, learner_dir(settings.data_dir), timeout_s=learning.torch_timeout_s
+        )
+        external = torch_learner.answer
+    learners = Learners(
+        labeled=LabelStore(store.db).labeled_instances,
+        personal_heads=slot.personal_heads or PersonalHeadStore.in_data_dir(settings.data_dir),
+        external=external,
+        prepared_set=learning.training_set_file,
+    )
     return SyncLoop(
         directory,
         credential,
@@ -430,5 +444,5 @@ def sync_loop_for(settings: EdgeSettings, slot: ModelSlot, store: NodeState) -> 
         edge_version=__version__,
         extra_trusted_keys=settings.trusted_keys,
         gate=PrivacyGate.in_data_dir(settings.privacy, settings.data_dir),
-        learner=TrainingTaskAnswerer.from_settings(settings.learning, settings.data_dir),
+        learners=learners,
     )

@@ -17,12 +17,12 @@ from harness.flbench.datasets import CLINICS, LARGE_CLINICS, SMALL_CLINICS, TASK
 from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
-from hub.models.fedhelp_nets import fedhelp_large, fedhelp_small
+from hub.models.fedhelp_nets import fedhelp_small
 from hub.models.fl_cnn import Norm, fl_cnn
 from hub.models.hsl_mmoe import hsl_mmoe
 from hub.training.distill import count_params, distill_student, save_student
 from hub.training.fedhelp_kd import RankSign
-from hub.training.fedhelp_train import FedHelpLargeLearner, FedHelpSmallLearner
+from hub.training.fedhelp_train import FedHelpLargeLearner, FedHelpSmallLearner, fedhelp_learner
 from hub.training.foundation import stored_soft_labels
 from hub.training.hsl_train import HslLearner, anchor_choices, anchored, predict_self_paired
 from hub.training.learners import (
@@ -257,22 +257,18 @@ def run_fedhelp(
     for k, c in enumerate(CLINICS):
         small = fedhelp_small(public_classes=soft.shape[1])
         small.load_state_dict(init.state_dict())
-        if c in large_ids:
-            large = _seeded(ctx.seed * 100 + k, fedhelp_large)
-            learners[c] = FedHelpLargeLearner(
-                c,
-                small,
-                large,
-                data.clinics[c],
-                cfg,
-                ctx.seed * 100 + k,
-                kl_weight=ctx.cfg.fedhelp_kl_weight,
-                rank_sign=rank_sign,
-            )
-        else:
-            learners[c] = FedHelpSmallLearner(
-                c, small, data.clinics[c], data.public_x, soft_t, cfg, ctx.seed * 100 + k
-            )
+        learners[c] = fedhelp_learner(
+            "large" if c in large_ids else "small",
+            c,
+            small,
+            data.clinics[c],
+            cfg,
+            ctx.seed * 100 + k,
+            kl_weight=ctx.cfg.fedhelp_kl_weight,
+            rank_sign=rank_sign,
+            public_x=data.public_x,
+            soft_labels=soft_t,
+        )
     # The large hospitals' learners, largest first (the first one hosts the distillation).
     hospitals = [h for c in large_ids if isinstance(h := learners[c], FedHelpLargeLearner)]
     strategy.initialize(to_params(init), list(CLINICS))

@@ -56,10 +56,14 @@ def build_bundle(
     int8: bool = True,
     int8_tolerance: float | None = None,
     data_root: Path | None = None,
+    training: str = "supervised",
+    federation: str | None = None,
+    round_number: int | None = None,
 ) -> ExportReport:
     """Export a training checkpoint as a signed bundle, checked on the dataset's real test split; int8 is
     calibrated on the val split (public data) and shipped only within ``int8_tolerance`` AUC of fp32
-    (default: the pipeline's ``DEFAULT_AUC_TOLERANCE``)."""
+    (default: the pipeline's ``DEFAULT_AUC_TOLERANCE``). ``training``, ``federation`` and ``round_number``
+    go into the manifest's provenance."""
     from export.pipeline import EvalData, ExportRequest, export_bundle
     from export.quantize import DEFAULT_AUC_TOLERANCE
     from hub.data.medmnist import load_medmnist
@@ -81,6 +85,9 @@ def build_bundle(
         training_metrics={k: v for k, v in cfg.metrics.items() if k.startswith("val_")},
         int8=int8,
         int8_tolerance=DEFAULT_AUC_TOLERANCE if int8_tolerance is None else int8_tolerance,
+        training=training,
+        federation=federation,
+        round=round_number,
     )
     return export_bundle(
         ckpt.build_model(),

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -38,6 +39,19 @@ def _parse_config(pairs: list[str]) -> dict[str, float | int | str | bool]:
             fail(f"--config {key}: only numbers, true/false and text are allowed")
         out[key] = value
     return out
+
+
+def _public_tensors(path: Path) -> dict[str, np.ndarray]:
+    """``--public``: x and soft_labels from the npz, named as the round's plan expects them."""
+    from hub.rounds.plan import PUBLIC_PREFIX
+
+    try:
+        arrays = decode_tensors(path.read_bytes())
+    except (OSError, EncodingError) as exc:
+        fail(f"cannot read {path} as npz tensors: {exc}")
+    if "x" not in arrays or not {"soft_labels", "y"} & set(arrays):
+        fail(f"{path} needs x (N, C, H, W) with soft_labels (N, K) for fedhelp or y (N,) for hsl")
+    return {PUBLIC_PREFIX + k: v for k, v in arrays.items() if k in ("x", "soft_labels", "y")}
 
 
 def _table(rounds: Sequence[RoundInfo]) -> Table:
@@ -72,7 +86,7 @@ def _protection(
 @app.command("start")
 def start(
     strategy: Annotated[
-        str, typer.Option("--strategy", help="hub.fl strategy (fedavg, …), stats or public_logits.")
+        str, typer.Option("--strategy", help="hub.fl strategy (fedavg, head_avg, …), stats or public_logits.")
     ],
     data_dir: DataDirOption = None,
     model: Annotated[
@@ -99,14 +113,30 @@ def start(
         CompressionKind, typer.Option("--compression", help="Compression of plain updates.")
     ] = CompressionKind.NONE,
     secagg: Annotated[bool, typer.Option("--secagg", help="Ask for secure aggregation.")] = False,
+    large: Annotated[
+        list[str] | None,
+        typer.Option("--large", help="fedhelp: node id in the large-client role (repeat); others small."),
+    ] = None,
+    public: Annotated[
+        Path | None,
+        typer.Option(
+            "--public",
+            help="fedhelp/hsl: npz of the public set (x, as preprocessed for inference) with its "
+            "foundation soft_labels (fedhelp) or labels y (hsl), shipped once with this round's tasks.",
+        ),
+    ] = None,
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Open a round: each node gets a task; it closes when all answered, or at the deadline with ≥ k.
+
+    FedHelp: each `--large` node trains a private large model and the small proxy by dual distillation
+    (it needs the torch learner); the others are small clients. Each task's config carries its role.
 
     Nodes check the stated protection (clip, epsilon, compression, secure aggregation, and the round's
     size) against their own privacy floor and refuse a round below it; refusals show in `rounds status`.
     """
     from hub.rounds.controller import RoundController
+    from hub.rounds.plan import LARGE_CLIENTS
     from hub.store.artifacts import store_tensors
 
     settings = settings_for(data_dir)
@@ -119,11 +149,20 @@ def start(
                     tensors = decode_tensors(model.read_bytes())
                 except (OSError, EncodingError) as exc:
                     fail(f"cannot read {model} as npz tensors: {exc}")
+                if public is not None:
+                    tensors.update(_public_tensors(public))
                 with db.session() as session:
                     artifact = store_tensors(session, tensors, note=f"from {model.name}")
+            elif public is not None:
+                fail("--public ships with the round's starting model: pass --model as well")
+            settings_map = _parse_config(config or [])
+            if large:
+                if strategy != "fedhelp":
+                    fail("--large names FedHelp's large clients; use it with --strategy fedhelp")
+                settings_map[LARGE_CLIENTS] = ",".join(sorted(set(large)))
             request = RoundStart(
                 strategy=strategy,
-                config=_parse_config(config or []),
+                config=settings_map,
                 nodes=nodes or [],
                 min_results=min_results,
                 deadline_s=deadline,

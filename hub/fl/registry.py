@@ -10,6 +10,7 @@ from hub.fl.fedavg import FedAvg
 from hub.fl.fedbn import FedBN
 from hub.fl.fedhelp import FedHelp
 from hub.fl.fedprox import FedProx
+from hub.fl.head_averaging import HeadAveraging
 from hub.fl.hsl import HSL
 from hub.fl.pfednet import PFedNet
 from hub.fl.privacy import DifferentialPrivacy
@@ -20,7 +21,7 @@ __all__ = ["STRATEGIES", "available_strategies", "make_strategy"]
 
 #: Strategy name -> class; every class has explicit keyword-only constructor arguments (see its docstring).
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedBN, HSL, FedHelp, PFedNet)
+    cls.name: cls for cls in (FedAvg, FedProx, FedBN, HSL, FedHelp, PFedNet, HeadAveraging)
 }
 
 

@@ -23,6 +23,8 @@ from hub.rounds.strategy_state import restore_strategy, save_strategy
 
 __all__ = [
     "COLLECTIONS",
+    "LARGE_CLIENTS",
+    "PUBLIC_PREFIX",
     "LogitsCollection",
     "PlannedTask",
     "RoundPlan",
@@ -62,11 +64,19 @@ class RoundPlan(ABC):
 
 
 class StrategyPlan(RoundPlan):
-    def __init__(self, strategy: Strategy, start: Params, nodes: Sequence[str]) -> None:
+    """A ``hub.fl`` strategy's round. ``public``: the public set (``public/x``) with FedHelp's foundation
+    soft labels (``public/soft_labels``) or HSL's anchor labels (``public/y``), shipped with this round's
+    tasks of FedHelp small clients and HSL clients only; nodes keep it, so the operator ships it once
+    (never part of what a node sends back)."""
+
+    def __init__(
+        self, strategy: Strategy, start: Params, nodes: Sequence[str], public: Params | None = None
+    ) -> None:
         self.strategy = strategy
         self.kind = strategy.update_kind
         self.name = strategy.name
         self.max_norm = getattr(strategy, "max_norm", None)
+        self.public = _checked_public(public or {})
         restore_strategy(strategy, start, nodes)
 
     def tasks(self, number: int, nodes: Sequence[str]) -> list[PlannedTask]:
@@ -74,7 +84,10 @@ class StrategyPlan(RoundPlan):
         for task in self.strategy.configure_round(number, nodes):
             self.kind = task.kind
             config = {k: v for k, v in task.config.items() if isinstance(v, (bool, int, float, str))}
-            out.append(PlannedTask(task.client_id, task.params, spec_of(task.params), config))
+            params = task.params
+            if self.public and _takes_public(self.name, config):
+                params = {**task.params, **self.public}  # expected stays the strategy's tensors only
+            out.append(PlannedTask(task.client_id, params, spec_of(task.params), config))
         return out
 
     def aggregate(
@@ -164,23 +177,65 @@ class LogitsCollection(RoundPlan):
 
 
 COLLECTIONS = frozenset({"stats", "public_logits"})
+#: Starting tensors under this prefix are FedHelp's public set, not model tensors (``rounds start --public``).
+PUBLIC_PREFIX = "public/"
+
+
+def _checked_public(public: Params) -> Params:
+    """``public/x`` float32 (N, C, H, W) preprocessed as for inference, with ``public/soft_labels`` float32
+    (N, K) class probabilities (FedHelp's foundation soft labels) and/or ``public/y`` float32 (N,) labels in
+    {0, 1} (HSL's shared anchor task)."""
+    if not public:
+        return {}
+    names = {PUBLIC_PREFIX + n for n in ("x", "soft_labels", "y")}
+    x = public.get(PUBLIC_PREFIX + "x")
+    soft, y = public.get(PUBLIC_PREFIX + "soft_labels"), public.get(PUBLIC_PREFIX + "y")
+    if x is None or (soft is None and y is None) or set(public) - names:
+        raise StrategyConfigError(
+            f"the public set needs {PUBLIC_PREFIX}x with {PUBLIC_PREFIX}soft_labels and/or "
+            f"{PUBLIC_PREFIX}y, got {sorted(public)}"
+        )
+    if x.dtype != np.float32 or x.ndim != 4 or x.shape[0] == 0:
+        raise StrategyConfigError("public x must be float32 (N, C, H, W) with N > 0")
+    if soft is not None:
+        if soft.dtype != np.float32 or soft.shape[:1] != x.shape[:1] or soft.ndim != 2:
+            raise StrategyConfigError(f"public soft_labels must be float32 ({x.shape[0]}, K)")
+        if not np.allclose(soft.sum(axis=1), 1.0, atol=1e-3) or np.any(soft < 0):
+            raise StrategyConfigError("public soft labels must be class probabilities (rows summing to 1)")
+    if y is not None and (y.dtype != np.float32 or y.shape != x.shape[:1] or not np.isin(y, (0, 1)).all()):
+        raise StrategyConfigError(f"public y must be float32 ({x.shape[0]},) labels in {{0, 1}}")
+    return dict(public)
+
+
+#: Who gets the public set: FedHelp's small clients, and every HSL client (its shared anchor task).
+def _takes_public(strategy: str, config: Mapping[str, Any]) -> bool:
+    return config.get("role") == "small" or strategy == "hsl"
+
+
+#: FedHelp's setting naming the nodes that take the large-client role (``rounds start --large``).
+LARGE_CLIENTS = "large_clients"
 
 
 def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: Sequence[str]) -> RoundPlan:
     """The plan for a round: a collection by name, else the ``hub.fl`` strategy with these settings.
 
     Strategy settings are the strategy's own keyword arguments; keys ``client.<name>`` become its
-    ``client_config`` (sent to every node with the task).
+    ``client_config`` (sent to every node with the task). ``large_clients`` may be comma-separated text.
     """
     if strategy == "stats":
         return StatsCollection(config)
     if strategy == "public_logits":
         return LogitsCollection(config, start)
     kwargs: dict[str, Any] = {k: v for k, v in config.items() if not k.startswith("client.")}
+    if isinstance(kwargs.get(LARGE_CLIENTS), str):
+        # Round configs hold scalars: FedHelp's large clients travel as comma-separated node ids.
+        kwargs[LARGE_CLIENTS] = [n for n in kwargs[LARGE_CLIENTS].split(",") if n]
     client: Config = {k.removeprefix("client."): v for k, v in config.items() if k.startswith("client.")}
     if client:
         kwargs["client_config"] = client
     built = make_strategy(strategy, **kwargs)
-    if not start:
+    model = {k: v for k, v in start.items() if not k.startswith(PUBLIC_PREFIX)}
+    public = {k: v for k, v in start.items() if k.startswith(PUBLIC_PREFIX)}
+    if not model:
         raise StrategyConfigError(f"a {strategy} round needs starting tensors: pass a model artifact")
-    return StrategyPlan(built, start, nodes)
+    return StrategyPlan(built, model, nodes, public)

@@ -29,5 +29,7 @@ def save_strategy(strategy: Strategy) -> Params:
 def restore_strategy(strategy: Strategy, state: Params, nodes: Sequence[str]) -> None:
     strategy.initialize(state, list(nodes))
     load = getattr(strategy, "load_state_dict", None)
-    if callable(load) and set(state) - set(strategy.global_params):
+    # Only a saved strategy state names its strategy; starting tensors may also hold tensors the strategy
+    # leaves to the clients (FedHelp's public head), which are no saved state.
+    if callable(load) and "strategy" in state and set(state) - set(strategy.global_params):
         load(state)

@@ -40,6 +40,7 @@ def distill_student(
     batch_size: int = 64,
     augment: bool = True,
     student: nn.Module | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
     """Train ``student`` (default: the 93 k-parameter GroupNorm CNN) to match the teacher's logits.
 
@@ -47,6 +48,7 @@ def distill_student(
     transfer images, each batch freshly intensity-augmented so the student also matches the teacher off the
     transfer set's acquisition profile. No labels are needed. Training runs ``epochs`` passes, or more until
     ``min_steps`` optimiser steps (small transfer sets need more passes), with a cosine learning-rate decay.
+    ``on_epoch(done, total)`` reports progress after each pass.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -59,7 +61,7 @@ def distill_student(
     per_epoch = math.ceil(len(transfer_x01) / batch_size)
     epochs = max(epochs, math.ceil(min_steps / per_epoch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * per_epoch)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         net.train()
         for idx in minibatches(len(transfer_x01), batch_size, gen):
             xb = transfer_x01[idx]
@@ -73,6 +75,8 @@ def distill_student(
             loss.backward()
             opt.step()
             sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
     net.eval()
     return net
 
@@ -85,8 +89,13 @@ def save_student(
     The student is the registered ``fl_cnn`` with GroupNorm; its preprocessing is (x − 0.5) / 0.25 on 28×28
     grey images, and its labels are ``dataset``'s. ``source`` says where it was trained (its provenance).
     """
+    return save_checkpoint(path, student, student_config(dataset, metrics, source=source))
+
+
+def student_config(dataset: str, metrics: Mapping[str, float], *, source: str) -> CheckpointConfig:
+    """The checkpoint config of the default student (``fl_cnn`` with GroupNorm) for ``dataset``."""
     data_config: DataConfig = replace(FL_BENCH_28, labels=tuple(LABELS[dataset]))
-    config = CheckpointConfig(
+    return CheckpointConfig(
         model_name="fl_cnn",
         model_config={"norm": "group"},
         dataset=dataset,
@@ -95,4 +104,3 @@ def save_student(
         metrics={k: float(v) for k, v in metrics.items()},
         train={"source": source},
     )
-    return save_checkpoint(path, student, config)

@@ -11,6 +11,7 @@ from torch import nn
 
 from hub.fl.strategy import ClientResult, ClientTask, Params
 from hub.models.fedhelp_nets import FedHelpSmall
+from hub.models.registry import create_model
 from hub.training.datasets import ClinicData
 from hub.training.fedhelp_kd import RankSign, kl_to_soft_labels, large_loss, proxy_loss
 from hub.training.learners import (
@@ -183,3 +184,35 @@ class FedHelpLargeLearner:
         )
         load_params(self.large, {k[len("large.") :]: v for k, v in state.items() if k.startswith("large.")})
         self.gen.set_state(torch.from_numpy(np.array(state["__rng__"])))
+
+
+def fedhelp_learner(
+    role: str,
+    client_id: str,
+    small: FedHelpSmall,
+    data: ClinicData,
+    default: LocalConfig,
+    seed: int,
+    *,
+    large_model: str = "fedhelp_large",
+    kl_weight: float = 0.1,
+    rank_sign: RankSign = "agree",
+    public_x: torch.Tensor | None = None,
+    soft_labels: torch.Tensor | None = None,
+) -> FedHelpLargeLearner | FedHelpSmallLearner:
+    """The learner of a FedHelp ``role``, built the one way the simulation and real nodes share.
+
+    A large client's private model is the registered ``large_model``, initialised under ``seed``; a small
+    client needs the public images and their one-time foundation soft labels.
+    """
+    if role == "large":
+        torch.manual_seed(seed)
+        large = create_model(large_model)
+        return FedHelpLargeLearner(
+            client_id, small, large, data, default, seed, kl_weight=kl_weight, rank_sign=rank_sign
+        )
+    if role == "small":
+        if public_x is None or soft_labels is None:
+            raise ValueError("a FedHelp small client needs the public images and their soft labels")
+        return FedHelpSmallLearner(client_id, small, data, public_x, soft_labels, default, seed)
+    raise ValueError(f"unknown FedHelp role {role!r}; a task says 'large' or 'small'")

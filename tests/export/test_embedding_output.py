@@ -101,7 +101,8 @@ def test_parity_compares_the_embedding_too(student_checkpoint: Checkpoint, tmp_p
     assert check_parity(wrapped, exported.path, x).max_abs_diff <= 1e-4
     # A change only the embedding shows (channel 0, which the head ignores) is caught all the same.
     with torch.no_grad():
-        bn = model.features[-1][1]  # type: ignore[index]
+        bn = model.get_submodule("features.4.1")  # the last conv block's BatchNorm
+        assert isinstance(bn, nn.BatchNorm2d)
         bn.bias[0] += 0.5
     with torch.inference_mode():
         logits, emb = wrapped(torch.from_numpy(x))

@@ -31,7 +31,8 @@ def build_test_bundle(
     seed: int = 0,
     data_root: Path | None = None,
 ) -> tuple[Path, Path]:
-    """Train, export (fp32 + gated int8) and sign a PneumoniaMNIST student bundle under ``out_dir``.
+    """Train, export (fp32 + gated int8, both with the embedding output) and sign a PneumoniaMNIST student
+    bundle under ``out_dir``.
 
     Returns (bundle directory, public key path). ``out_dir`` also keeps the run (``run/``) and the key pair
     (``keys/hub.key``, ``keys/hub.pub``), so tests can re-sign altered manifests.
@@ -72,7 +73,8 @@ def build_test_bundle(
 
 
 def existing_bundle(out_dir: Path) -> tuple[Path, Path] | None:
-    """``out_dir``'s bundle and key when the bundle still verifies with that key, else None."""
+    """``out_dir``'s bundle and key when the bundle still verifies with that key and carries the embedding
+    output the node's learners need (older bundles lack it and are rebuilt), else None."""
     from edge_node.protocol.bundle import verify_bundle
     from edge_node.protocol.errors import BundleError
     from edge_node.protocol.signing import load_public_keys
@@ -81,8 +83,10 @@ def existing_bundle(out_dir: Path) -> tuple[Path, Path] | None:
     if not (bundle_dir.is_dir() and pub.is_file()):
         return None
     try:
-        verify_bundle(bundle_dir, load_public_keys(pub))
+        verified = verify_bundle(bundle_dir, load_public_keys(pub))
     except BundleError:
+        return None
+    if verified.manifest.head is None:
         return None
     return bundle_dir, pub
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_node.inference.personal_head import PersonalHeadStore
+from edge_node.learning.dispatch import Learners, LearningRefused, answer
 from edge_node.learning.external import ExternalLearner
-from edge_node.learning.options import LearningSettings
 from edge_node.learning.prepared_set import read_prepared_set, write_prepared_set
 from edge_node.learning.training_set import TrainingSet
-from edge_node.learning.training_tasks import TrainingTaskAnswerer
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import Task, TaskState, TensorShape
-from edge_node.uplink.tasks import TaskError
+from edge_node.uplink.tasks import LocalStats, TaskError
 
 #: Writes an update of the expected tensors: params + the mean of x, so the test can tell it read train.npz.
 #: ``MODE`` bends it into each way a learner can be wrong.
@@ -140,21 +140,18 @@ def test_a_missing_command_is_refused(tmp_path: Path) -> None:
         learner.answer(_task(), PARAMS, _training_set())
 
 
-def test_the_answerer_says_why_it_cannot_train(tmp_path: Path) -> None:
-    no_learner = TrainingTaskAnswerer.from_settings(LearningSettings(), tmp_path)
-    with pytest.raises(TaskError, match="torch_command"):
-        no_learner(_task(), PARAMS)
-    no_data = TrainingTaskAnswerer.from_settings(
-        LearningSettings(torch_command=_command(tmp_path, "good")), tmp_path
-    )
-    with pytest.raises(TaskError, match="no labeled examples"):
-        no_data(_task(), PARAMS)
+def test_the_dispatch_says_why_it_cannot_train(tmp_path: Path) -> None:
+    stats = LocalStats(label_counts={}, num_examples=0)
+    heads = PersonalHeadStore.in_data_dir(tmp_path)
+    no_learner = Learners(labeled=list, personal_heads=heads)
+    with pytest.raises(TaskError, match="torch learner"):
+        answer(_task(), PARAMS, None, stats, no_learner)
+    learner = ExternalLearner(_command(tmp_path, "good"), tmp_path / "work")
+    no_data = Learners(labeled=list, personal_heads=heads, external=learner.answer)
+    with pytest.raises(LearningRefused, match="needs a model"):
+        answer(_task(), PARAMS, None, stats, no_data)
     path = tmp_path / "set.npz"
     write_prepared_set(path, _training_set())
     assert read_prepared_set(path).sop_instance_uids[1] == "1.2.3.1"
-    ready = TrainingTaskAnswerer.from_settings(
-        LearningSettings(torch_command=_command(tmp_path, "good"), training_set_file=path), tmp_path
-    )
-    assert ready(_task(), PARAMS).num_examples == 6
-    with pytest.raises(TaskError, match="not trained by the torch learner"):
-        ready(_task(UpdateKind.HEAD_DELTA), PARAMS)
+    ready = Learners(labeled=list, personal_heads=heads, external=learner.answer, prepared_set=path)
+    assert answer(_task(), PARAMS, None, stats, ready).num_examples == 6

@@ -167,10 +167,11 @@ def test_decompress_refuses_malformed_wire_tensors() -> None:
 
 
 def test_registry_builds_every_strategy_by_name() -> None:
-    assert available_strategies() == ["fedavg", "fedbn", "fedhelp", "fedprox", "hsl", "pfednet"]
+    assert available_strategies() == ["fedavg", "fedbn", "fedhelp", "fedprox", "head_avg", "hsl", "pfednet"]
     for name in available_strategies():
         s = make_strategy(name)
-        assert s.name == name and s.update_kind.value == "weights_delta"
+        kind = "head_delta" if name == "head_avg" else "weights_delta"
+        assert s.name == name and s.update_kind.value == kind
     prox = make_strategy("fedprox", mu=0.5)
     assert prox.shares("bn1.weight") and not make_strategy("fedbn").shares("bn1.weight")
     assert isinstance(make_strategy("fedavg", robust="trimmed_mean", trim_beta=0.2), Robust)

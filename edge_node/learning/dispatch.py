@@ -1,0 +1,148 @@
+"""Which learner answers a task: head_delta → the light learner, weights_delta → an external learner when one
+is configured, stats and public_logits → the answers that need no training.
+
+A task the node cannot learn for (too few labels, a model without an embedding output) raises
+``LearningRefused`` with the reason: the uplink tells the hub it refuses, and nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from edge_node.errors import ModelError
+from edge_node.inference.loaded_model import LoadedModel
+from edge_node.inference.personal_head import PersonalHead, PersonalHeadStore
+from edge_node.learning.errors import LearningError
+from edge_node.learning.examples import training_set_from
+from edge_node.learning.light import HeadPair, LightConfig, LightLearner
+from edge_node.learning.prepared_set import read_prepared_set
+from edge_node.learning.training_set import LabeledInstance, TrainingSet
+from edge_node.protocol.tensors import Tensors
+from edge_node.protocol.updates import UpdateKind
+from edge_node.protocol.wire import Task
+from edge_node.uplink.tasks import LocalStats, TaskAnswer, TaskError, answer_task
+
+__all__ = ["ExternalAnswer", "Learners", "LearningRefused", "answer"]
+
+logger = logging.getLogger(__name__)
+
+#: An external learner (e.g. torch in another process): the task, its params and the node's training set in,
+#: the update out.
+ExternalAnswer = Callable[[Task, Tensors, TrainingSet], TaskAnswer]
+
+
+class LearningRefused(TaskError):
+    """The node refuses the task and tells the hub why (too few labels, no embedding output, ...)."""
+
+
+@dataclass
+class Learners:
+    """What a node learns with: its labels, its personal head file and, optionally, an external learner."""
+
+    labeled: Callable[[], Sequence[LabeledInstance]]
+    personal_heads: PersonalHeadStore
+    external: ExternalAnswer | None = None
+    #: A labeled set prepared once outside the node (e.g. a hospital's archive, see ``prepared_set``); when
+    #: given, learners train on it instead of the label store's instances.
+    prepared_set: Path | None = None
+
+
+def _training_set(model: LoadedModel | None, learners: Learners) -> TrainingSet:
+    if learners.prepared_set is not None:
+        try:
+            return read_prepared_set(learners.prepared_set)
+        except ValueError as exc:
+            raise LearningRefused(str(exc)) from exc
+    if model is None:
+        raise LearningRefused(
+            "learning from labeled studies needs a model and none is installed on this node"
+        )
+    examples = training_set_from(
+        learners.labeled(),
+        model.preprocessing,
+        model.task,
+        model_id=model.model_id,
+        channels=model.channels,
+    )
+    return examples.training_set
+
+
+def _head_delta(task: Task, params: Tensors, model: LoadedModel | None, learners: Learners) -> TaskAnswer:
+    if model is None:
+        raise LearningRefused("head_delta needs a model and none is installed on this node")
+    head = model.head
+    if head is None:
+        raise LearningRefused(
+            f"model {model.model_id} {model.model_version} has no embedding output (exported before bundles "
+            "carried one); the light learner needs a bundle that has it"
+        )
+    try:
+        config = LightConfig.from_task(task.config)
+        learner = LightLearner(head, model.task, config)
+        shared = learner.shared_from(params)
+        expected = {spec.name: list(spec.shape) for spec in task.expected}
+        mine = {head.weight.name: head.weight.shape, head.bias.name: head.bias.shape}
+        if expected != mine:
+            raise LearningError(f"the task expects {expected}; this model's head is {mine}")
+        data = _training_set(model, learners)
+        learner.check_labels(data.y)
+        # One run of the frozen backbone: the model's own logits (the served shared head) and the embedding.
+        logits, embeddings = model.logits_and_embedding(data.x)  # (N, K), (N, D)
+        previous = learners.personal_heads.load()
+        start = None
+        if previous is not None and previous.misfit(model.manifest) is None:
+            start = HeadPair(previous.weight, previous.bias)
+        result = learner.train(embeddings, data.y, shared, start, served_logits=logits)
+    except (LearningError, ModelError) as exc:
+        raise LearningRefused(str(exc)) from exc
+    learners.personal_heads.save(
+        PersonalHead(
+            weight=result.personal.weight,
+            bias=result.personal.bias,
+            model_id=model.model_id,
+            trained_round=task.round,
+            trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+    )
+    logger.info(
+        "light learner: round %d, %d examples, loss %.4f -> %.4f",
+        task.round,
+        result.num_examples,
+        result.loss_before,
+        result.loss_after,
+    )
+    tensors: Tensors = {name: np.asarray(arr, dtype=np.float32) for name, arr in result.shared_delta.items()}
+    return TaskAnswer(
+        tensors,
+        result.num_examples,
+        {"loss_before": result.loss_before, "loss_after": result.loss_after},
+    )
+
+
+def _weights_delta(task: Task, params: Tensors, model: LoadedModel | None, learners: Learners) -> TaskAnswer:
+    if learners.external is None:
+        raise TaskError(
+            "weights_delta needs the torch learner (the train extra), which this node does not run; "
+            "it answers head_delta, stats and public_logits"
+        )
+    data = _training_set(model, learners)
+    if len(data) == 0:
+        raise LearningRefused("this node has no labeled examples to train on")
+    return learners.external(task, params, data)
+
+
+def answer(
+    task: Task, params: Tensors, model: LoadedModel | None, stats: LocalStats, learners: Learners | None
+) -> TaskAnswer:
+    """The update for ``task`` from the learner its kind needs."""
+    if learners is not None and task.kind is UpdateKind.HEAD_DELTA:
+        return _head_delta(task, params, model, learners)
+    if learners is not None and task.kind is UpdateKind.WEIGHTS_DELTA:
+        return _weights_delta(task, params, model, learners)
+    return answer_task(task, params, model, stats)
