@@ -47,7 +47,10 @@ def _toml(values: dict[str, Any]) -> str:
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines = []
+    tables = {k: v for k, v in values.items() if isinstance(v, dict)}
     for key, value in values.items():
+        if isinstance(value, dict):
+            continue  # a [section], written after the top-level keys as TOML requires
         if isinstance(value, list):
             items = [
                 "{" + ", ".join(f"{k} = {scalar(x)}" for k, x in v.items()) + "}"
@@ -58,6 +61,9 @@ def _toml(values: dict[str, Any]) -> str:
             lines.append(f"{key} = [{', '.join(items)}]")
         else:
             lines.append(f"{key} = {scalar(value)}")
+    for name, table in tables.items():
+        lines.append(f"\n[{name}]")
+        lines.extend(_toml(table).splitlines())
     return "\n".join(lines) + "\n"
 
 
@@ -164,13 +170,22 @@ class Clinic:
     join_code: str | None = None
     #: Seconds of quiet after a study's last instance before the node analyses it.
     quiet_seconds: float = 5.0
+    #: More edge settings: top-level keys, or TOML sections as dicts (``{"learning": {...}}``).
+    extra_settings: dict[str, Any] = field(default_factory=dict)
     orthanc: Orthanc = field(init=False)
     edge: EdgeNode = field(init=False)
+    page_port: int = field(init=False, default=0)
+
+    @property
+    def page_url(self) -> str:
+        """The node's clinician page (loopback only: no password is set)."""
+        return f"http://127.0.0.1:{self.page_port}"
 
     def start(self, timeout: float = 60.0) -> Clinic:
         self.workdir = self.workdir.resolve()
         self.orthanc = Orthanc(workdir=self.workdir / "orthanc").start()
         port = free_port()
+        self.page_port = free_port()
         settings: dict[str, Any] = {
             "ae_title": self.ae_title,
             "host": "127.0.0.1",
@@ -185,7 +200,9 @@ class Clinic:
             "quiet_seconds": self.quiet_seconds,
             "send_retry_base_seconds": 1.0,
             "log_level": "INFO",
+            "page_port": self.page_port,
         }
+        settings.update(self.extra_settings)
         if self.bundle is not None:
             settings["trusted_keys"] = str(self.bundle.public_key)
         self.edge = EdgeNode(root=self.workdir / "edge", port=port, settings=settings)

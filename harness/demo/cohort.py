@@ -1,6 +1,6 @@
 """The demo's four clinics: the benchmark's partitions and acquisition profiles, and the public data.
 
-Two hospitals (A, B) hold most of PneumoniaMNIST's train split and two small clinics (D, F) tens of images,
+Two hospitals (A, B) hold most of PneumoniaMNIST's train split and two small clinics (C, D) tens of images,
 partitioned with the benchmark's quantity and label skew and rendered with the benchmark's scanner profiles.
 Each clinic's held-out studies are test images under its own profile. The initial student learns from the
 val split (public data: neither a clinic's studies nor a held-out study), so it has seen none of their images.
@@ -24,8 +24,8 @@ DATASET = "pneumoniamnist"
 DEMO_CLINICS: dict[str, str] = {
     "A": "hospital-A",
     "B": "hospital-B",
+    "C": "clinic-C",
     "D": "clinic-D",
-    "F": "clinic-F",
 }
 HOSPITALS = frozenset({"A", "B"})
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -18,10 +18,17 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from harness.demo.cohort import DATASET, build_cohort
+from edge_node.protocol.tensors import encode_tensors
+from harness.demo.cohort import DATASET, ClinicSite, build_cohort
 from harness.demo.federation import ClinicOutcome, Federation, running_federation
+from harness.demo.hub import HubError
 from harness.demo.student import train_public_student
 from hub.commands.export_bundle import build_bundle
+from hub.training.checkpoint import load_checkpoint
+
+#: --strategy: the hospitals' torch rounds (then the small clinics' head_avg rounds), head_avg for all
+#: four clinics, or stats (counts only: no new model).
+STRATEGIES = ("fedavg", "fedprox", "head_avg", "stats")
 
 
 @dataclass(frozen=True)
@@ -32,10 +39,12 @@ class DemoSize:
     held_out: int  # per clinic, sent before and after the rounds
     student_epochs: int
     rounds: int
+    #: Share of each clinic's own studies a clinician confirms (they become labels).
+    labeled: float
 
 
-FULL = DemoSize(max_studies=200, held_out=200, student_epochs=12, rounds=3)
-QUICK = DemoSize(max_studies=40, held_out=60, student_epochs=6, rounds=1)
+FULL = DemoSize(max_studies=120, held_out=120, student_epochs=10, rounds=3, labeled=0.8)
+QUICK = DemoSize(max_studies=40, held_out=120, student_epochs=6, rounds=1, labeled=0.8)
 
 
 def _auc(value: float) -> str:
@@ -48,6 +57,7 @@ def outcome_table(outcomes: Sequence[ClinicOutcome]) -> Table:
         "clinic",
         "role",
         "studies processed",
+        "labels",
         "held-out",
         "AUC before",
         "AUC after",
@@ -61,6 +71,7 @@ def outcome_table(outcomes: Sequence[ClinicOutcome]) -> Table:
             o.site.name,
             "hospital" if o.site.hospital else "small clinic",
             str(o.studies_processed),
+            str(o.labels),
             str(len(o.before)),
             _auc(o.auc_before),
             _auc(o.auc_after),
@@ -79,19 +90,102 @@ def _collect_updates(fed: Federation, outcomes: dict[str, ClinicOutcome]) -> Non
         outcomes[name].studies_processed = processed[name]
 
 
+def _clinic_settings(site: ClinicSite) -> dict[str, Any]:
+    """Hospitals run the torch learner (``fedclinic-learn``, out of process); every node takes rounds of two,
+    since the demo's rounds are the two hospitals or the two small clinics."""
+    settings: dict[str, Any] = {"privacy": {"min_cohort": 2}}
+    if site.hospital:
+        settings["learning"] = {"torch_command": [sys.executable, "-m", "hub.training.node_learner"]}
+    return settings
+
+
+def _student_tensors(checkpoint: Path, out: Path) -> Path:
+    """The student's state dict as npz: the starting tensors of the first learning round."""
+    model = load_checkpoint(checkpoint).build_model()
+    out.write_bytes(encode_tensors({k: v.detach().numpy() for k, v in model.state_dict().items()}))
+    return out
+
+
+#: Local epochs of the hospitals' torch learner in a weights round (their labeled studies: tens to ~100).
+HOSPITAL_EPOCHS = 3
+
+
+@dataclass
+class FederationPlan:
+    """The operator's side of the learning: rounds over the wire, then the next student from the last one."""
+
+    fed: Federation
+    console: Console
+    workdir: Path
+    count: int
+    version: str | None = None
+
+    def rounds(
+        self, strategy: str, nodes: list[str], start: Path | None, config: list[str], title: str
+    ) -> int:
+        """``count`` rounds of ``strategy`` among ``nodes``, the first from ``start`` (npz tensors), each next
+        one from the last one's result (the hub's default); returns the last round's number."""
+        self.console.print(Rule(f"{title} ({self.count} round(s) over the wire)"))
+        last = 0
+        node_args = [x for n in nodes for x in ("--node", n)]
+        for r in range(self.count):
+            model = ["--model", str(start)] if r == 0 and start is not None else []
+            opened = self.fed.hub.start_round(
+                strategy, *model, *config, *node_args, "-k", str(len(nodes)), "--deadline", "600"
+            )
+            with self.console.status(f"round {opened['round']}: the nodes train and send their updates"):
+                done = self.fed.hub.wait_round(opened["round_id"], timeout=700)
+            self.console.print(
+                f"round {done['round']} ({done['strategy']}, {done['kind']}): {done['state']}, "
+                f"{done['accepted']} of {len(done['nodes'])} updates accepted"
+                + (f" ({done['reason']})" if done.get("reason") else "")
+            )
+            if done["state"] != "published":
+                raise HubError(f"round {done['round']} ended {done['state']}: {done.get('reason')}")
+            last = int(done["round"])
+        return last
+
+    def next_student(self, round_number: int, student: Path, version: str) -> Path:
+        """``models from-round``: the round's aggregate applied to ``student``, exported, signed, published;
+        returns the new checkpoint once every node serves it."""
+        self.console.print(Rule(f"hub: student {version} from round {round_number}, signed and published"))
+        out = self.workdir / "students" / version
+        self.fed.hub.cli_json(
+            "models", "from-round", str(round_number),
+            "--student", str(student), "--out", str(out),
+            "--model-version", version, "--publish", "--no-int8",
+        )  # fmt: skip
+        with self.console.status(f"waiting for the four nodes to serve {version}"):
+            self.fed.wait_all_serving(version)
+        self.console.print(f"all four nodes serve {version} (fedclinic-edge status)")
+        self.version = version
+        return out / "checkpoint"
+
+
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Scratch folder; wiped at the start.")] = Path(
         "build/demo"
     ),
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer studies and epochs (CI).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer studies, epochs and rounds (CI).")] = False,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            "--strategy",
+            help="fedavg / fedprox: hospitals train the student with torch, then small clinics train heads "
+            "(head_avg); head_avg: all four with the light learner; stats: counts only, no new model.",
+        ),
+    ] = "fedavg",
     seed: Annotated[int, typer.Option("--seed", help="Partition, profiles and training seed.")] = 0,
 ) -> None:
     """A hub and four clinic nodes with their own Orthanc PACS, as separate processes on this machine.
 
     Hub up (HTTPS, SQLite) → clinics enroll with join codes → the first student, trained at the hub on public
     data only, is published → every node pulls and verifies it → each PACS sends its studies and gets SRs back
-    → held-out studies measure each clinic's AUC → federated rounds over the wire → the table.
+    → held-out studies measure each clinic's AUC → clinicians' labels → federated rounds over the wire → the
+    next student is published and swapped in → held-out studies again → the table.
     """
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"choose one of {', '.join(STRATEGIES)}", param_hint="--strategy")
     size = QUICK if quick else FULL
     torch.set_num_threads(1)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -113,7 +207,9 @@ def demo(
             f"({int(site.study_labels.sum())} pneumonia), {len(site.held_out)} held-out"
         )
 
-    with running_federation(workdir / "federation", cohort.sites, on_step=console.print) as fed:
+    with running_federation(
+        workdir / "federation", cohort.sites, on_step=console.print, settings=_clinic_settings
+    ) as fed:
         console.print(Rule(f"1. hub: the first student, trained on public data only ({DATASET} val split)"))
         checkpoint = train_public_student(
             cohort.public_images,
@@ -140,24 +236,61 @@ def demo(
         console.print(
             Rule("3. clinics: each PACS sends its studies, then its held-out studies; SRs come back")
         )
+        traffic_started = time.monotonic()
         with console.status("PACS → node → SR back in the PACS, four clinics at once"):
             for name, sent in fed.send("own", workdir / "studies").items():
                 outcomes[name].own = sent
             for name, sent in fed.send("held-out", workdir / "studies").items():
                 outcomes[name].before = sent
+        n_sent = sum(len(o.own) + len(o.before) for o in outcomes.values())
+        console.print(
+            f"{n_sent} studies sent, {n_sent} SRs back in {time.monotonic() - traffic_started:.0f} s"
+        )
         for o in outcomes.values():
             console.print(f"{o.site.name}: held-out AUC with 1.0.0 {_auc(o.auc_before)}")
 
-        console.print(Rule(f"4. hub: {size.rounds} round(s) over the wire"))
-        for r in range(size.rounds):
-            started_round = fed.hub.start_round(
-                "stats", "--config", "num_classes=2", "-k", str(len(cohort.sites)), "--deadline", "120"
+        console.print(Rule(f"4. clinicians confirm {size.labeled:.0%} of each clinic's results: labels"))
+        chosen = {n: o.own[: math.ceil(size.labeled * len(o.own))] for n, o in outcomes.items()}
+        for name, held in fed.label(chosen).items():
+            outcomes[name].labels = held
+            console.print(f"{name}: {held} labels at the node (its page's POST /api/labels)")
+
+        plan = FederationPlan(fed, console, workdir, size.rounds)
+        ids = fed.hub.node_ids()
+        hospitals = [ids[s.name] for s in cohort.sites if s.hospital]
+        small = [ids[s.name] for s in cohort.sites if not s.hospital]
+        if strategy == "stats":
+            plan.rounds(
+                "stats", list(ids.values()), None, ["--config", "num_classes=2"], "5. all clinics: stats"
             )
-            done = fed.hub.wait_round(started_round["round_id"], timeout=180)
-            console.print(
-                f"round {r + 1} ({done['strategy']}): {done['state']}, "
-                f"{done['accepted']} of {len(done['nodes'])} updates accepted"
+        elif strategy == "head_avg":
+            start = _student_tensors(checkpoint, workdir / "student-1.0.0.npz")
+            last = plan.rounds("head_avg", list(ids.values()), start, [], "5. all clinics: head_avg")
+            plan.next_student(last, checkpoint, "1.1.0")
+        else:
+            # Hospitals train the whole student with torch; then the small clinics train heads on the result.
+            start = _student_tensors(checkpoint, workdir / "student-1.0.0.npz")
+            torch_config = [
+                "--config",
+                "client.model=student_cnn_s",
+                "--config",
+                f"client.epochs={HOSPITAL_EPOCHS}",
+            ]
+            last = plan.rounds(
+                strategy, hospitals, start, torch_config, f"5. hospitals: {strategy} with torch"
             )
+            second = plan.next_student(last, checkpoint, "1.1.0")
+            start = _student_tensors(second, workdir / "student-1.1.0.npz")
+            last = plan.rounds(
+                "head_avg", small, start, [], "6. small clinics: head_avg with the light learner"
+            )
+            plan.next_student(last, second, "1.2.0")
+        final = plan.version
+        if final is not None:
+            console.print(Rule(f"7. clinics: each PACS sends its held-out studies again ({final})"))
+            with console.status("PACS → node → SR back in the PACS, four clinics at once"):
+                for name, sent in fed.send("held-out", workdir / "studies-after").items():
+                    outcomes[name].after = sent
         _collect_updates(fed, outcomes)
 
     console.print(outcome_table(list(outcomes.values())))

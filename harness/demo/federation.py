@@ -8,6 +8,7 @@ through ``fedclinic-hub … --format json``; never through anyone's database.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import numpy as np
 
 from harness.demo.clinic import Clinic
-from harness.demo.cohort import ClinicSite
+from harness.demo.cohort import DATASET, ClinicSite
 from harness.demo.hub import HubError, HubService
 from harness.demo.traffic import SentStudy, send_studies
+from hub.data.medmnist import LABELS
 from hub.training.supervised import binary_auc
 
 __all__ = ["ClinicOutcome", "Federation", "auc_of", "running_federation"]
@@ -43,6 +46,7 @@ class ClinicOutcome:
     before: list[SentStudy] = field(default_factory=list)
     after: list[SentStudy] = field(default_factory=list)
     studies_processed: int = 0
+    labels: int = 0
     update_bytes: int = 0
     rounds_joined: int = 0
 
@@ -107,6 +111,28 @@ class Federation:
 
         return self.each(rows)
 
+    def label(self, chosen: dict[str, list[SentStudy]]) -> dict[str, int]:
+        """A clinician confirms results: each study in ``chosen`` gets its true class as a label, through its
+        node's clinician page API (``POST /api/labels``). Returns the labels each node then holds
+        (``fedclinic-edge labels list --format json``)."""
+        classes = LABELS[DATASET]
+
+        def run(name: str, clinic: Clinic) -> int:
+            with httpx.Client(base_url=clinic.page_url, timeout=30.0) as page:
+                for study in chosen[name]:
+                    answer = page.post(
+                        "/api/labels",
+                        json={"study_instance_uid": study.study_uid, "label": classes[study.truth]},
+                    )
+                    if answer.status_code != 200:
+                        raise RuntimeError(f"{name}: POST /api/labels -> {answer.status_code}: {answer.text}")
+            listed = clinic.edge.cli("labels", "list", "--format", "json")
+            if listed.returncode != 0:
+                raise RuntimeError(f"{name}: labels list failed:\n{listed.stdout}\n{listed.stderr}")
+            return len(json.loads(listed.stdout)["labels"])
+
+        return self.each(run)
+
     def processed(self) -> dict[str, int]:
         def done(_: str, clinic: Clinic) -> int:
             return int(clinic.edge.status(limit=1)["totals"]["studies"]["done"])
@@ -116,7 +142,11 @@ class Federation:
 
 @contextmanager
 def running_federation(
-    workdir: Path, sites: Sequence[ClinicSite], *, on_step: Callable[[str], None]
+    workdir: Path,
+    sites: Sequence[ClinicSite],
+    *,
+    on_step: Callable[[str], None],
+    settings: Callable[[ClinicSite], dict[str, Any]] = lambda _: {},
 ) -> Iterator[Federation]:
     """Start the hub, enroll and start one clinic per site; everything stops on the way out."""
     hub = HubService(workdir / "hub").init()
@@ -128,10 +158,15 @@ def running_federation(
             code = hub.join_code(site.name)
             on_step(f"{site.name}: Orthanc PACS + edge node enrolled with its join code")
             clinics[site.name] = Clinic(
-                workdir=workdir / site.name, join_code=code, ae_title=f"EDGE{i + 1}", quiet_seconds=1.0
+                workdir=workdir / site.name,
+                join_code=code,
+                ae_title=f"EDGE{i + 1}",
+                quiet_seconds=1.0,
+                extra_settings=settings(site),
             ).start()
         yield Federation(hub, clinics, {s.name: s for s in sites})
     finally:
-        for clinic in clinics.values():
-            clinic.stop()
+        # Each node drains and stops on its own; stopping them side by side saves the sum of their waits.
+        with ThreadPoolExecutor(max_workers=max(1, len(clinics))) as pool:
+            list(pool.map(Clinic.stop, clinics.values()))
         hub.stop()

@@ -136,6 +136,12 @@ class HubService:
     def join_code(self, name: str) -> str:
         return str(self.cli_json("nodes", "enroll", name)["join_code"])
 
+    def node_ids(self) -> dict[str, str]:
+        """Node id by node name (``fedclinic-hub nodes list --format json``)."""
+        listed = self.cli_json("nodes", "list")
+        rows = listed["nodes"] if isinstance(listed, dict) else listed
+        return {str(n["node_name"]): str(n["node_id"]) for n in rows}
+
     def publish(self, bundle: Path) -> dict[str, Any]:
         return dict(self.cli_json("models", "publish", str(bundle)))
 
