@@ -497,12 +497,14 @@ def states() -> None:
 
 
 from edge_node.uplink.commands import (  # noqa: E402 (the commands live with the uplink)
+    credential_app,
     enroll_command,
     updates_command,
 )
 
 app.command("enroll")(enroll_command)
 app.command("updates")(updates_command)
+app.add_typer(credential_app, name="credential")
 
 if __name__ == "__main__":
     app()

@@ -86,6 +86,7 @@ class Node:
                 acse_timeout=settings.acse_timeout_s,
                 dimse_timeout=settings.dimse_timeout_s,
                 network_timeout=settings.network_timeout_s,
+                max_pdu=settings.max_pdu_bytes,
             ),
             self.spool,
             on_complete=self.worker.wake,

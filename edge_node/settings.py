@@ -145,6 +145,8 @@ class EdgeSettings(BaseSettings):
     quiet_seconds: float = Field(default=30.0, gt=0)
     #: A study is analysed only once no new instance came for this many seconds, even after its sender
     #: released: a PACS that sends each instance in its own association then causes one run, not one each.
+    #: A PACS that sends a whole study in one association (Orthanc does) can set 0: the study then runs as
+    #: soon as the association is released, which takes this wait off every result's latency.
     study_quiet_seconds: float = Field(default=2.0, ge=0)
     #: Spool retention: instances of finished studies older than this many days are removed (none: kept).
     spool_retention_days: float | None = Field(default=30.0, gt=0)
@@ -187,6 +189,9 @@ class EdgeSettings(BaseSettings):
     dimse_timeout_s: float = Field(default=30.0, gt=0)
     #: Seconds an association may stay idle on the network before it is aborted.
     network_timeout_s: float = Field(default=30.0, gt=0)
+    #: Largest PDU (P-DATA-TF) the listener accepts, in bytes: announced to senders, and a connection whose
+    #: PDU claims more is closed before it is read. 1 MiB: as fast as unlimited with dcmtk-based senders.
+    max_pdu_bytes: int = Field(default=1024 * 1024, ge=4096, le=64 * 1024 * 1024)
     #: A study whose runs killed the node this many times in a row is set aside as failed, not retried.
     max_run_attempts: int = Field(default=3, ge=1)
     #: Instances larger than this are refused with "out of resources" (0xA700).

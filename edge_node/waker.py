@@ -25,8 +25,10 @@ class Waker:
             self.stopping = True
             self._cond.notify_all()
 
-    def wait(self, timeout: float | None) -> None:
+    def wait(self, timeout: float | None) -> bool:
+        """Sleep until woken, stopped or ``timeout`` passes; True when ``wake`` was called."""
         with self._cond:
             if not self._flag and not self.stopping:
                 self._cond.wait(timeout)
-            self._flag = False
+            woken, self._flag = self._flag, False
+            return woken

@@ -1,5 +1,10 @@
 """The worker: claims ready studies, analyses them, and records each outcome with its outbox entries.
 
+The studies ready together go through the stages together: read and preprocess each, one model run over
+all their images (a backlog is inferred in batches), write each study's results, then one transaction for
+all their outcomes (one commit, not one per study). A batch is bounded (``batch_max``), so the first
+results of a backlog are not held back.
+
 A thread that sleeps on a ``Waker`` until there is something to do: a study completes (the listener calls
 ``wake``), or a quiet deadline passes. Idle, it uses no CPU.
 """
@@ -8,41 +13,36 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from edge_node.analysis.analyzer import StudyOutcome, analyze_study
+from edge_node.analysis.analyzer import (
+    PreparedStudy,
+    StudyOutcome,
+    finish_study,
+    prepare_study,
+    score_studies,
+)
 from edge_node.analysis.result_file import ResultFile
 from edge_node.delivery.destination import Destination
 from edge_node.delivery.outbox import Outbox
 from edge_node.errors import InferenceError, ModelError
 from edge_node.inference.loaded_model import LoadedModel
-from edge_node.state.lifecycle import StudyEvent
-from edge_node.state.runs import Claim, FindingRow, InstanceRow, ModelInUse, ReportRef, Runs
+from edge_node.state.lifecycle import StudyEvent, StudyState
+from edge_node.state.runs import Claim, FindingRow, ModelInUse, ReportRef, Runs
 from edge_node.waker import Waker
 
-__all__ = ["MODEL_POLL_SECONDS", "Analyzer", "ModelSource", "Worker", "WorkerConfig"]
+__all__ = ["MODEL_POLL_SECONDS", "ModelSource", "Worker", "WorkerConfig"]
 
 logger = logging.getLogger(__name__)
 
 #: While studies wait for a model, look this often for a newly installed one (installed by another process).
 MODEL_POLL_SECONDS = 5.0
-
-
-class Analyzer(Protocol):
-    def __call__(
-        self,
-        instances: Sequence[InstanceRow],
-        model: LoadedModel,
-        out_dir: Path,
-        *,
-        secondary_capture: bool,
-        predecessor: ReportRef | None,
-    ) -> StudyOutcome: ...
 
 
 class ModelSource(Protocol):
@@ -59,6 +59,9 @@ class WorkerConfig:
     max_attempts: int = 3
     #: A released study runs only after this long without a new instance, whatever the associations.
     study_quiet_seconds: float = 0.0
+    #: Studies taken together when several are ready: one model run for all their images, one transaction
+    #: for all their outcomes. Bounded so that a backlog's first results are not held back long.
+    batch_max: int = 8
 
     @property
     def settle_seconds(self) -> float:
@@ -67,7 +70,7 @@ class WorkerConfig:
 
 
 class Worker:
-    """Takes ready studies one at a time and runs them through the analysis."""
+    """Takes the ready studies (up to ``batch_max`` at a time) and runs them through the analysis stages."""
 
     def __init__(
         self,
@@ -76,14 +79,12 @@ class Worker:
         models: ModelSource,
         config: WorkerConfig,
         *,
-        analyzer: Analyzer = analyze_study,
         on_results: Callable[[], None] = lambda: None,
     ) -> None:
         self.runs = runs
         self.outbox = outbox
         self.models = models
         self.config = config
-        self.analyzer = analyzer
         self.on_results = on_results
         self.waker = Waker()
         self._thread: threading.Thread | None = None
@@ -126,16 +127,22 @@ class Worker:
                 self.waker.wait(timeout)
 
     def step(self) -> float | None:
-        """Process at most one study; return how long to sleep (0: go again at once, None: until woken)."""
+        """Process the ready studies, at most ``batch_max``; return how long to sleep (0: go again at once,
+        None: until woken)."""
         quiet, settle = self.config.quiet_seconds, self.config.settle_seconds
         model = self._model()
         if model is None:
             ready = self.runs.has_ready(quiet, settle_seconds=settle)
             return MODEL_POLL_SECONDS if ready else self._until_quiet_deadline()
-        claim = self.runs.claim_next(quiet, settle_seconds=settle)
-        if claim is None:
+        claims: list[Claim] = []
+        while len(claims) < max(1, self.config.batch_max):
+            claim = self.runs.claim_next(quiet, settle_seconds=settle)
+            if claim is None:
+                break
+            claims.append(claim)
+        if not claims:
             return self._until_quiet_deadline()
-        self.process(claim, model)
+        self.process_batch(claims, model)
         return 0.0
 
     def _until_quiet_deadline(self) -> float | None:
@@ -156,74 +163,147 @@ class Worker:
 
     def process(self, claim: Claim, model: LoadedModel) -> None:
         """Run one claimed study and record its outcome; never raises for a bad study."""
-        sid = self.runs.db.uid_hash(claim.study_uid)
-        out_dir = self._run_dir(claim.run_id)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True, mode=0o700)
+        self.process_batch([claim], model)
+
+    def process_batch(self, claims: Sequence[Claim], model: LoadedModel) -> None:
+        """Run claimed studies through the stages and record their outcomes; never raises for a bad study.
+
+        Read and preprocess each study, run the model once over all their images, write each study's
+        results, then record every outcome (with its outbox entries) in one transaction.
+        """
         t0 = time.perf_counter()
-        findings: list[FindingRow] = []
-        outputs: list[ResultFile] = []
-        report: ReportRef | None = None
+        runs = [_Run(claim, self._run_dir(claim.run_id)) for claim in claims]
+        waiting: list[tuple[_Run, PreparedStudy]] = []
+        for run in runs:
+            shutil.rmtree(run.out_dir, ignore_errors=True)
+            run.out_dir.mkdir(parents=True, mode=0o700)
+            try:
+                prepared = prepare_study(
+                    run.claim.instances, model, secondary_capture=self.config.secondary_capture
+                )
+            except Exception as exc:
+                run.fail(exc, self.runs.db.uid_hash(run.claim.study_uid))
+                continue
+            if isinstance(prepared, StudyOutcome):
+                run.take(prepared)
+            else:
+                waiting.append((run, prepared))
         try:
-            outcome = self.analyzer(
-                claim.instances,
-                model,
-                out_dir,
-                secondary_capture=self.config.secondary_capture,
-                predecessor=self.runs.last_report(claim.study_id),
+            scores = score_studies([p for _, p in waiting], model)
+        except InferenceError as exc:  # a single study: its own failure
+            scores = [exc]
+        for (run, prepared), probs in zip(waiting, scores, strict=True):
+            sid = self.runs.db.uid_hash(run.claim.study_uid)
+            if isinstance(probs, InferenceError):
+                run.fail(probs, sid)
+                continue
+            try:
+                outcome = finish_study(
+                    prepared,
+                    probs,
+                    model,
+                    run.out_dir,
+                    secondary_capture=self.config.secondary_capture,
+                    predecessor=self.runs.last_report(run.claim.study_id),
+                )
+            except Exception as exc:
+                run.fail(exc, sid)
+                continue
+            run.take(outcome)
+        self._record(runs, model)
+        seconds = time.perf_counter() - t0
+        for run in runs:
+            logger.info(
+                "study %s: %s (%d instances, %d findings, %d result files) in %.2f s (batch of %d) -> %s",
+                self.runs.db.uid_hash(run.claim.study_uid),
+                run.event.value,
+                len(run.claim.instances),
+                len(run.findings),
+                len(run.outputs),
+                seconds,
+                len(runs),
+                run.state.value if run.state is not None else "?",
             )
-            event = StudyEvent.DONE if outcome.status == "done" else StudyEvent.SKIPPED
-            reason = outcome.reason
-            findings = [FindingRow(f.sop_instance_uid, float(f.score), f.label) for f in outcome.findings]
-            outputs = list(outcome.outputs)  # written durably: the outbox never points at a lost file
-            report = outcome.report
-        except InferenceError as exc:
-            event, reason = StudyEvent.FAILED, str(exc)
-            logger.error("study %s failed: %s", sid, exc)
-        except Exception as exc:
-            event, reason = StudyEvent.FAILED, f"internal error ({type(exc).__name__}); see the node log"
-            logger.exception("study %s failed with an unexpected error", sid)
+        if any(run.queued for run in runs):
+            self.on_results()
+
+    def _record(self, runs: Sequence[_Run], model: LoadedModel) -> None:
+        """Every outcome in one transaction; when that fails, each alone (a failure is recorded as such)."""
         destinations = self.config.destinations
         now = time.time()
         in_use = ModelInUse(model.model_id, model.model_version, model.provider)
         try:
             with self.runs.db.tx() as c:
-                queued = self.outbox.enqueue(c, claim.run_id, claim.study_id, outputs, destinations, now)
-                state = self.runs.finish(
-                    c,
-                    claim,
-                    event,
-                    reason=reason,
-                    findings=findings,
-                    model=in_use,
-                    report=report,
-                    results_pending=queued > 0,
-                    now=now,
-                )
-        except Exception as exc:
-            # The outcome could not be recorded (disk full, I/O error): record the failure instead, without
-            # results, so the study does not stay PROCESSING until a restart. If even that fails, recovery
-            # at the next start counts the run as interrupted (and sets the study aside after N of them).
-            logger.error("study %s: its outcome cannot be recorded (%s)", sid, type(exc).__name__)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            failure = f"the run's outcome could not be recorded ({type(exc).__name__}); check the disk"
-            with self.runs.db.tx() as c:
-                state = self.runs.finish(
-                    c, claim, StudyEvent.FAILED, reason=failure, findings=[], model=in_use, now=now
-                )
-            event, queued, findings, outputs = StudyEvent.FAILED, 0, [], []
-        if not outputs:
-            # A skipped or failed run leaves no result directory behind (nor any partial file in it).
-            shutil.rmtree(out_dir, ignore_errors=True)
-        logger.info(
-            "study %s: %s (%d instances, %d findings, %d result files) in %.2f s -> %s",
-            sid,
-            event.value,
-            len(claim.instances),
-            len(findings),
-            len(outputs),
-            time.perf_counter() - t0,
-            state.value,
-        )
-        if queued:
-            self.on_results()
+                for run in runs:
+                    run.queued = self.outbox.enqueue(
+                        c, run.claim.run_id, run.claim.study_id, run.outputs, destinations, now
+                    )
+                    run.state = self.runs.finish(
+                        c,
+                        run.claim,
+                        run.event,
+                        reason=run.reason,
+                        findings=run.findings,
+                        model=in_use,
+                        report=run.report,
+                        results_pending=run.queued > 0,
+                        now=now,
+                    )
+        except Exception:
+            if len(runs) > 1:
+                for run in runs:
+                    run.queued, run.state = 0, None
+                    self._record([run], model)
+                return
+            (run,) = runs
+            sid = self.runs.db.uid_hash(run.claim.study_uid)
+            self._record_failure(run, in_use, now, sid)
+        for run in runs:
+            if not run.outputs:
+                # A skipped or failed run leaves no result directory behind (nor any partial file in it).
+                shutil.rmtree(run.out_dir, ignore_errors=True)
+
+    def _record_failure(self, run: _Run, in_use: ModelInUse, now: float, sid: str) -> None:
+        # The outcome could not be recorded (disk full, I/O error): record the failure instead, without
+        # results, so the study does not stay PROCESSING until a restart. If even that fails, recovery
+        # at the next start counts the run as interrupted (and sets the study aside after N of them).
+        exc_name = type(sys.exc_info()[1]).__name__
+        logger.error("study %s: its outcome cannot be recorded (%s)", sid, exc_name)
+        shutil.rmtree(run.out_dir, ignore_errors=True)
+        failure = f"the run's outcome could not be recorded ({exc_name}); check the disk"
+        with self.runs.db.tx() as c:
+            run.state = self.runs.finish(
+                c, run.claim, StudyEvent.FAILED, reason=failure, findings=[], model=in_use, now=now
+            )
+        run.event, run.queued, run.findings, run.outputs = StudyEvent.FAILED, 0, [], []
+
+
+@dataclass
+class _Run:
+    """One claimed study on its way through a batch: its outcome so far, then what was recorded."""
+
+    claim: Claim
+    out_dir: Path
+    event: StudyEvent = StudyEvent.FAILED
+    reason: str | None = "not analysed"
+    findings: list[FindingRow] = field(default_factory=list)
+    outputs: list[ResultFile] = field(default_factory=list)
+    report: ReportRef | None = None
+    queued: int = 0
+    state: StudyState | None = None
+
+    def take(self, outcome: StudyOutcome) -> None:
+        self.event = StudyEvent.DONE if outcome.status == "done" else StudyEvent.SKIPPED
+        self.reason = outcome.reason
+        self.findings = [FindingRow(f.sop_instance_uid, float(f.score), f.label) for f in outcome.findings]
+        self.outputs = list(outcome.outputs)  # written durably: the outbox never points at a lost file
+        self.report = outcome.report
+
+    def fail(self, exc: Exception, sid: str) -> None:
+        self.event = StudyEvent.FAILED
+        if isinstance(exc, InferenceError):
+            self.reason = str(exc)
+            logger.error("study %s failed: %s", sid, exc)
+        else:
+            self.reason = f"internal error ({type(exc).__name__}); see the node log"
+            logger.error("study %s failed with an unexpected error", sid, exc_info=exc)

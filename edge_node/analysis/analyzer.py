@@ -12,10 +12,12 @@ from typing import Literal
 import numpy as np
 from pydicom.dataset import Dataset
 
-from edge_node.analysis.capture_sc import capture_display, write_sc
+from edge_node.analysis.capture_sc import capture_display
+from edge_node.analysis.capture_template import write_fast_sc
 from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
 from edge_node.analysis.preprocessing import Prepared, SkipReason, preprocess
-from edge_node.analysis.report_sr import sr_series_uid, write_sr
+from edge_node.analysis.report_sr import sr_series_uid
+from edge_node.analysis.report_template import write_fast_sr
 from edge_node.analysis.result_file import ResultFile
 from edge_node.analysis.selection import (
     Candidate,
@@ -30,7 +32,7 @@ from edge_node.errors import InferenceError
 from edge_node.inference.loaded_model import LoadedModel
 from edge_node.state.runs import InstanceRow, ReportRef
 
-__all__ = ["StudyOutcome", "analyze_study"]
+__all__ = ["PreparedStudy", "StudyOutcome", "analyze_study", "finish_study", "prepare_study", "score_studies"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +98,26 @@ def _prepare(cand: Candidate, ds: Dataset, model: LoadedModel, *, keep_display: 
     return _Analysed(candidate=cand, dataset=ds, prepared=prepared)
 
 
-def analyze_study(
-    instances: Sequence[InstanceRow],
-    model: LoadedModel,
-    out_dir: Path,
-    *,
-    secondary_capture: bool = True,
-    predecessor: ReportRef | None = None,
-) -> StudyOutcome:
-    """Analyse the instances of one study and write the results into ``out_dir``.
+@dataclass
+class PreparedStudy:
+    """A study read and preprocessed, waiting for the model: its images' inputs and what was left out."""
+
+    analysed: list[_Analysed]
+    ignored: list[Ignored]
+
+    @property
+    def batch(self) -> np.ndarray:
+        return np.stack([a.prepared.tensor for a in self.analysed])  # (N, C, H, W)
+
+
+def prepare_study(
+    instances: Sequence[InstanceRow], model: LoadedModel, *, secondary_capture: bool = True
+) -> PreparedStudy | StudyOutcome:
+    """Select, read and preprocess a study's instances: a PreparedStudy, or the ``skipped`` outcome.
 
     The rows decide first (no file read for a non-image or a refused modality); each remaining file is read
     once. Never raises for bad input: unreadable files, non-images, refused modalities and undecodable
-    pixels are reasons, and a study with nothing left to analyse is ``skipped``. A failing model raises
-    InferenceError. ``predecessor`` is the SR an earlier run sent for this study.
+    pixels are reasons, and a study with nothing left to analyse is ``skipped``.
     """
     ignored: list[Ignored] = []
     headers: list[InstanceHeader] = []
@@ -142,15 +150,54 @@ def analyze_study(
         reason = summarise_reasons(ignored) if ignored else "the study has no instances"
         logger.info("study skipped: %s", reason)
         return StudyOutcome(status="skipped", reason=reason, findings=[], outputs=[], ignored=ignored)
+    return PreparedStudy(analysed=analysed, ignored=ignored)
 
-    batch = np.stack([a.prepared.tensor for a in analysed])  # (N, C, H, W)
+
+def _probabilities(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
     try:
-        probs = model.probabilities(batch)
+        return model.probabilities(batch)
     except Exception as exc:
         raise InferenceError(
-            f"model {model.model_id} {model.model_version} failed on {len(analysed)} image(s) "
+            f"model {model.model_id} {model.model_version} failed on {batch.shape[0]} image(s) "
             f"({type(exc).__name__}: {exc}); check the bundle and the runtime"
         ) from exc
+
+
+def score_studies(studies: Sequence[PreparedStudy], model: LoadedModel) -> list[np.ndarray | InferenceError]:
+    """The model's probabilities for every image of several studies, in one run: one array per study.
+
+    When the run over all of them fails, each study is run alone, so that one study's bad input fails that
+    study only (its entry is the InferenceError).
+    """
+    if not studies:
+        return []
+    try:
+        probs = _probabilities(model, np.concatenate([s.batch for s in studies]))
+    except InferenceError:
+        if len(studies) == 1:
+            raise
+        out: list[np.ndarray | InferenceError] = []
+        for study in studies:
+            try:
+                out.append(_probabilities(model, study.batch))
+            except InferenceError as exc:
+                out.append(exc)
+        return out
+    bounds = np.cumsum([len(s.analysed) for s in studies])[:-1]
+    return list(np.split(probs, bounds))
+
+
+def finish_study(
+    study: PreparedStudy,
+    probs: np.ndarray,
+    model: LoadedModel,
+    out_dir: Path,
+    *,
+    secondary_capture: bool = True,
+    predecessor: ReportRef | None = None,
+) -> StudyOutcome:
+    """Findings from the model's probabilities, and the SR (and SCs) written durably into ``out_dir``."""
+    analysed, ignored = study.analysed, list(study.ignored)
     scored = findings_from_probabilities(probs, [a.image for a in analysed], model.task)
     # A non-finite score (a broken model or input) is that instance's reason; it never reaches a result.
     kept = [i for i, f in enumerate(scored) if math.isfinite(f.score)]
@@ -170,7 +217,7 @@ def analyze_study(
         by_study.setdefault(a.candidate.header.study_instance_uid, []).append(i)
     for indices in by_study.values():
         sources = [analysed[i].dataset for i in indices]
-        sr = write_sr(
+        sr = write_fast_sr(
             sources, [findings[i] for i in indices], model.manifest, out_dir, predecessor=predecessor
         )
         outputs.append(sr)
@@ -178,7 +225,7 @@ def analyze_study(
     report = ReportRef(outputs[0].sop_instance_uid, sr_series_uid(first_study, model.manifest))
     if secondary_capture:
         for i, (a, f) in enumerate(zip(analysed, findings, strict=True)):
-            outputs.append(write_sc(a.dataset, a.prepared.display, f, model.manifest, out_dir, index=i))
+            outputs.append(write_fast_sc(a.dataset, a.prepared.display, f, model.manifest, out_dir, index=i))
     logger.info(
         "study analysed: %d image(s), %d present, %d ignored, %d result file(s)",
         len(findings),
@@ -188,4 +235,27 @@ def analyze_study(
     )
     return StudyOutcome(
         status="done", reason=None, findings=findings, outputs=outputs, ignored=ignored, report=report
+    )
+
+
+def analyze_study(
+    instances: Sequence[InstanceRow],
+    model: LoadedModel,
+    out_dir: Path,
+    *,
+    secondary_capture: bool = True,
+    predecessor: ReportRef | None = None,
+) -> StudyOutcome:
+    """Analyse the instances of one study and write the results into ``out_dir`` (the three stages in one).
+
+    Never raises for bad input (see ``prepare_study``); a failing model raises InferenceError.
+    ``predecessor`` is the SR an earlier run sent for this study.
+    """
+    prepared = prepare_study(instances, model, secondary_capture=secondary_capture)
+    if isinstance(prepared, StudyOutcome):
+        return prepared
+    (probs,) = score_studies([prepared], model)
+    assert not isinstance(probs, InferenceError)  # a single study's failure is raised
+    return finish_study(
+        prepared, probs, model, out_dir, secondary_capture=secondary_capture, predecessor=predecessor
     )

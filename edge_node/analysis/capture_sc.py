@@ -26,7 +26,9 @@ __all__ = [
     "build_sc",
     "caption",
     "capture_display",
+    "orientation",
     "render",
+    "source_reference",
     "write_sc",
 ]
 
@@ -92,7 +94,8 @@ def render(display: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def _orientation(source: Dataset) -> tuple[str, str] | None:
+def orientation(source: Dataset) -> tuple[str, str] | None:
+    """The source's PatientOrientation when it is two valid biped directions, else None."""
     value = source.get("PatientOrientation")
     if value and len(value) == 2 and all(str(v) in _ORIENTATION for v in value):
         return str(value[0]), str(value[1])
@@ -106,7 +109,7 @@ def build_sc(
     study_uid = str(source.StudyInstanceUID)
     mid, version = manifest.model_id, manifest.model_version
     pixels = render(display, caption(finding, manifest))
-    orientation = _orientation(source)
+    sides = orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
         # Header only (the pixels are the rendered capture), Type 2 values and names it accepts.
         ref_dataset=for_highdicom(source, pixels=False),
@@ -123,7 +126,7 @@ def build_sc(
         manufacturer=MANUFACTURER,
         # highdicom insists on an orientation for PATIENT images; a source without one gets an empty value
         # below, which is what Type 2C allows, rather than an invented direction.
-        patient_orientation=orientation or ("L", "F"),
+        patient_orientation=sides or ("L", "F"),
         series_description=SERIES_DESCRIPTION,
     )
     restore_source(sc, source)
@@ -131,18 +134,23 @@ def build_sc(
     # (unknown), rather than leaving validators to guess whether the part is paired.
     side = str(source.get("Laterality", "") or "")
     sc.Laterality = side if side in ("R", "L") else ""
-    if orientation is None:
+    if sides is None:
         sc["PatientOrientation"].value = None
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = NOT_FOR_DIAGNOSIS
     sc.DerivationDescription = f"{mid} {version} result burnt into the source image"[:1024]
+    sc.SourceImageSequence = [source_reference(finding)]
+    return sc
+
+
+def source_reference(finding: Finding) -> Dataset:
+    """The Source Image Sequence item of a capture: the analysed instance (and frame)."""
     ref = Dataset()
     ref.ReferencedSOPClassUID = finding.sop_class_uid
     ref.ReferencedSOPInstanceUID = finding.sop_instance_uid
     if finding.number_of_frames > 1:
         ref.ReferencedFrameNumber = finding.frame_index + 1
-    sc.SourceImageSequence = [ref]
-    return sc
+    return ref
 
 
 def write_sc(

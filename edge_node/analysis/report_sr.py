@@ -36,6 +36,9 @@ __all__ = [
     "SR_SERIES_NUMBER",
     "build_sr",
     "class_concept",
+    "coding_scheme_identification",
+    "predecessor_item",
+    "save_sr",
     "sr_series_uid",
     "write_sr",
 ]
@@ -132,12 +135,21 @@ def _group(
     )
 
 
+def coding_scheme_identification() -> Dataset:
+    """The Coding Scheme Identification item (PS3.3 C.12.1) that declares our private scheme."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "fedclinic model concepts"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
+
+
 def sr_series_uid(study_uid: str, manifest: Manifest) -> str:
     """The series every SR of this model version for this study goes into."""
     return result_uid("sr-series", study_uid, manifest.model_id, manifest.model_version)
 
 
-def _predecessor(study_uid: str, prior: ReportRef) -> Dataset:
+def predecessor_item(study_uid: str, prior: ReportRef) -> Dataset:
     """One item of the Predecessor Documents Sequence (SOP Instance Reference Macro, PS3.3 C.17.2.3)."""
     sop = Dataset()
     sop.ReferencedSOPClassUID = ComprehensiveSRStorage
@@ -211,9 +223,24 @@ def build_sr(
         series_description=SERIES_DESCRIPTION,
     )
     restore_source(sr, sources[0])
+    # The score concept is always a private code: a reader learns from here whose scheme 99FEDCLINIC is.
+    sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
     if predecessor is not None and predecessor.sop_instance_uid != sop_uid:
-        sr.PredecessorDocumentsSequence = [_predecessor(study_uid, predecessor)]
+        sr.PredecessorDocumentsSequence = [predecessor_item(study_uid, predecessor)]
     return sr
+
+
+def save_sr(sr: Dataset, out_dir: Path) -> ResultFile:
+    """Write a built SR durably as a DICOM file (with file meta) into ``out_dir``."""
+    path = out_dir / f"sr-{sr.SOPInstanceUID}.dcm"
+    # 0600 like the spool: the SR carries the patient's name and IDs.
+    write_durably(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True), mode=0o600)
+    return ResultFile(
+        path=path,
+        sop_class_uid=str(sr.SOPClassUID),
+        sop_instance_uid=str(sr.SOPInstanceUID),
+        transfer_syntax=str(sr.file_meta.TransferSyntaxUID),
+    )
 
 
 def write_sr(
@@ -224,14 +251,5 @@ def write_sr(
     *,
     predecessor: ReportRef | None = None,
 ) -> ResultFile:
-    """Build the SR and write it durably as a DICOM file (with file meta) into ``out_dir``."""
-    sr = build_sr(sources, findings, manifest, predecessor=predecessor)
-    path = out_dir / f"sr-{sr.SOPInstanceUID}.dcm"
-    # 0600 like the spool: the SR carries the patient's name and IDs.
-    write_durably(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True), mode=0o600)
-    return ResultFile(
-        path=path,
-        sop_class_uid=str(sr.SOPClassUID),
-        sop_instance_uid=str(sr.SOPInstanceUID),
-        transfer_syntax=str(sr.file_meta.TransferSyntaxUID),
-    )
+    """Build the SR with highdicom and write it durably into ``out_dir``."""
+    return save_sr(build_sr(sources, findings, manifest, predecessor=predecessor), out_dir)

@@ -1,7 +1,8 @@
 """Build one throw-away SR and SC at start, so that the first real study does not pay highdicom's set-up.
 
-highdicom reads the DICOM standard's module tables (~0.6 s) and PIL loads its font the first time a result
-is built. The warm-up builds both objects in memory from a synthetic image (no patient data, nothing written).
+highdicom reads the DICOM standard's module tables (~0.6 s), the model's SR template is built (with
+highdicom), and PIL loads its font the first time a result is built. The warm-up builds both objects in
+memory from a synthetic image (no patient data, nothing written).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from edge_node.analysis.capture_sc import build_sc
+from edge_node.analysis.capture_template import fast_sc
 from edge_node.analysis.findings import Finding
-from edge_node.analysis.report_sr import build_sr
+from edge_node.analysis.report_template import fast_sr
 from edge_node.protocol.manifest import Manifest
 
 __all__ = ["synthetic_source", "warm_up_results"]
@@ -55,6 +56,6 @@ def warm_up_results(manifest: Manifest) -> float:
         label=manifest.task.classes[0].name,
         present=False,
     )
-    build_sr([source], [finding], manifest)
-    build_sc(source, np.zeros((8, 8), dtype=np.float64), finding, manifest, 0)
+    fast_sr([source], [finding], manifest)  # builds the model's SR template
+    fast_sc(source, np.zeros((8, 8), dtype=np.float64), finding, manifest, 0)  # and its SC template
     return time.perf_counter() - t0

@@ -21,7 +21,14 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import VALIDATORS
 
-__all__ = ["PERSON_NAME_KEYWORDS", "TYPE2_KEYWORDS", "conforming", "for_highdicom", "restore_source"]
+__all__ = [
+    "DEIDENTIFICATION_NOT_STATED",
+    "PERSON_NAME_KEYWORDS",
+    "TYPE2_KEYWORDS",
+    "conforming",
+    "for_highdicom",
+    "restore_source",
+]
 
 #: The PN attributes highdicom checks when it copies a source's patient and study modules.
 PERSON_NAME_KEYWORDS = ("PatientName", "ReferringPhysicianName")
@@ -37,6 +44,12 @@ TYPE2_KEYWORDS = (
     "StudyID",
     "AccessionNumber",
 )
+#: The Patient module's de-identification attributes (PS3.3 C.7.1.1): a result says what its source says.
+_DEIDENTIFICATION_KEYWORDS = ("DeidentificationMethod", "DeidentificationMethodCodeSequence")
+#: DeidentificationMethod when the source says PatientIdentityRemoved YES without naming a method: the
+#: attribute is Type 1C then, and the result must not invent a method the source did not state.
+DEIDENTIFICATION_NOT_STATED = "identity removed by the source; method not stated by the source"
+_SPECIFIC_CHARACTER_SET = 0x00080005
 #: Enumerated values (PS3.3 C.7.1.1): highdicom refuses anything else.
 _PATIENT_SEX = frozenset({"M", "F", "O"})
 
@@ -137,6 +150,9 @@ def for_highdicom(ds: Dataset, *, pixels: bool = True) -> Dataset:
                 # A value pydicom cannot convert (unknown VR, bad length, ...) is left out of what highdicom
                 # sees: the result never needs it, and reading it would fail the whole study.
                 continue
+            if key == _SPECIFIC_CHARACTER_SET and elem.is_empty:
+                # Empty means the default repertoire, as no element does; highdicom refuses the empty value.
+                continue
             view.add(elem)
     if hasattr(ds, "file_meta"):
         view.file_meta = ds.file_meta
@@ -160,3 +176,30 @@ def restore_source(result: Dataset, source: Dataset) -> None:
         assert tag is not None
         kept = conforming(source, keyword)
         result.add(DataElement(tag, dictionary_VR(tag), None if kept is None else kept.value))
+    _restore_deidentification(result, source)
+
+
+def _restore_deidentification(result: Dataset, source: Dataset) -> None:
+    """PatientIdentityRemoved and, when it is YES, the method (Type 1C), as the source states them."""
+    for keyword in ("PatientIdentityRemoved", *_DEIDENTIFICATION_KEYWORDS):
+        if keyword in result:
+            del result[keyword]
+    removed = conforming(source, "PatientIdentityRemoved")
+    if removed is None or str(removed.value) not in ("YES", "NO"):
+        return
+    result.PatientIdentityRemoved = str(removed.value)
+    if removed.value != "YES":
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a warning about a broken value would quote it
+        try:
+            method = source.get("DeidentificationMethod")
+            codes = source.get("DeidentificationMethodCodeSequence")
+        except Exception:  # undecodable: treated as not stated
+            method = codes = None
+    if method:
+        result.DeidentificationMethod = method
+    if codes:
+        result.DeidentificationMethodCodeSequence = codes
+    if not method and not codes:
+        result.DeidentificationMethod = DEIDENTIFICATION_NOT_STATED

@@ -1,10 +1,10 @@
 """The DICOM listener: a pynetdicom Storage SCP whose handlers spool, record and answer, and nothing more.
 
-The C-STORE handler writes the data set exactly as received (no decode and re-encode) behind a File Meta
-header it encodes itself, makes it durable through the spool (one fsync, see ``edge_node.ingest.spool``), and
-only then answers success. Everything slow (parsing pixels, the model) happens in the worker, queued when the
-association is released. Every failure becomes a DICOM status with a short comment for the sender, and a log
-line without identifiers; no exception reaches pynetdicom's thread.
+The C-STORE handler takes the data set exactly as received (no decode and re-encode), which pynetdicom's
+chunked receive has written behind a File Meta header, makes it durable through the spool (one fsync, see
+``edge_node.ingest.spool``), and only then answers success. Everything slow (parsing pixels, the model)
+happens in the worker, queued when the association is released. Every failure becomes a DICOM status with a
+short comment for the sender, and a log line without identifiers; no exception reaches pynetdicom's thread.
 
 Statuses sent (PS3.4 B.2.3, PS3.7 C):
 
@@ -29,12 +29,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from pydicom import Dataset
-from pynetdicom import (
-    AE,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    evt,
-)
+from pynetdicom import AE, evt
 from pynetdicom import (
     _config as pynetdicom_config,
 )
@@ -43,7 +38,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
-from edge_node.ingest.part10 import dataset_after_meta, part10_stream
+from edge_node.ingest.pdu_limit import limit_pdus
 from edge_node.ingest.peer_limit import PeerLimitedServer
 from edge_node.ingest.poll_pacer import PollPacer
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
@@ -76,10 +71,17 @@ STATUS_PROCESSING_FAILURE = 0x0110
 #: price is CPU while an association is open and idle: ~17 % of a core instead of ~10 % (the association's
 #: own 1 ms loop), for at most the network timeout; a closed association costs nothing.
 DUL_LOOP_DELAY_S = 0.0002
-#: ... and once an association has received nothing for a sweep (0.25 s): an open, idle association then
-#: costs 20 polls a second instead of 5,000 (``edge_node.ingest.poll_pacer``), and the first PDU after a
-#: pause waits at most this long.
-IDLE_DUL_LOOP_DELAY_S = 0.05
+#: ... and once an association has received nothing for a sweep (0.25 s): its association loop is then parked
+#: and its DUL polls 10 times a second instead of 5,000 (``edge_node.ingest.poll_pacer``), and the first PDU
+#: after a pause waits at most this long.
+IDLE_DUL_LOOP_DELAY_S = 0.1
+
+
+#: The listener's maximum PDU length by default. dcmtk senders (storescu, Orthanc) send PDUs of at most
+#: 128 KiB whatever we allow: 6 per 512x512 CT slice from 128 KiB up, 34 at 16 KiB (dcmtk's and pynetdicom's
+#: own default), and every PDU is a turn of pynetdicom's DUL loop and state machine. 1 MiB lets senders that
+#: honour larger limits (pynetdicom) use few PDUs, while receiving one still costs at most a few MiB.
+DEFAULT_MAX_PDU = 1024 * 1024
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -107,6 +109,8 @@ class ListenerConfig:
     dimse_timeout: float = 30.0
     #: Seconds an association may stay idle on the network before it is aborted.
     network_timeout: float = 30.0
+    #: Largest P-DATA-TF PDU accepted (announced in the A-ASSOCIATE-AC, enforced while receiving).
+    max_pdu: int = DEFAULT_MAX_PDU
 
 
 class Listener:
@@ -129,9 +133,8 @@ class Listener:
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
-        # Our maximum PDU length, announced to the sender: unlimited lets it send each data set in few large
-        # PDUs, which costs pynetdicom far less per instance than many 16 kB ones.
-        ae.maximum_pdu_size = 0
+        # Our maximum PDU length, announced to the sender (and enforced: ``edge_node.ingest.pdu_limit``).
+        ae.maximum_pdu_size = self.config.max_pdu
         ae.maximum_associations = self.config.max_associations
         ae.acse_timeout = self.config.acse_timeout
         ae.dimse_timeout = self.config.dimse_timeout
@@ -159,6 +162,7 @@ class Listener:
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         handlers: list[evt.EventHandlerType] = [
             *NODELAY_HANDLERS,
+            (evt.EVT_CONN_OPEN, limit_pdus(self.config.max_pdu)),
             (evt.EVT_CONN_OPEN, self._pacer.on_activity),
             (evt.EVT_DATA_RECV, self._pacer.on_activity),
             (evt.EVT_C_STORE, self._on_store),
@@ -166,6 +170,7 @@ class Listener:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._pacer.on_closed),
         ]
         server = cast(
             PeerLimitedServer,
@@ -212,15 +217,10 @@ class Listener:
             received = event.dataset_path
             # Before reading a byte of it: an instance too large (or a full disk) is refused here.
             self.spool.check_room(received.stat().st_size)
-            # Our own File Meta, not pynetdicom's: it names this node's implementation and costs less.
-            stream = part10_stream(
-                dataset_after_meta(received.read_bytes()),
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                transfer_syntax=str(event.context.transfer_syntax),
-                implementation_uid=PYNETDICOM_IMPLEMENTATION_UID,
-                implementation_version=PYNETDICOM_IMPLEMENTATION_VERSION,
-            )
+            # pynetdicom's file is already the Part 10 stream we keep: its File Meta (from the request's UIDs
+            # and the context's transfer syntax) in front of the data set as received. Spooled as it is:
+            # re-wrapping it cost two more copies of every instance for the same bytes.
+            stream = received.read_bytes()
             receipt = self.spool.put(
                 stream,
                 calling_ae=calling,

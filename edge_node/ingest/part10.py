@@ -1,8 +1,8 @@
-"""Part 10 streams on the hot path: the File Meta header the listener writes, the header scan the spool reads.
+"""Part 10 streams on the hot path: the header scan the spool reads from every received instance.
 
-Both are done by hand for the common case because pydicom's general machinery cost more per instance than
-the rest of ingest together (measured on 512x512 CT slices: File Meta ~0.8 ms, read_partial ~3 ms, against
-~0.5 ms for the scan below); pydicom still reads everything the scanner declines.
+Done by hand for the common case because pydicom's general machinery cost more per instance than the rest
+of ingest together (measured on 512x512 CT slices: read_partial ~3 ms, against ~0.5 ms for the scan below);
+pydicom still reads everything the scanner declines.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydicom.tag import BaseTag, Tag
 
 from edge_node.errors import BadInstanceError
 
-__all__ = ["MAX_NESTING", "Header", "dataset_after_meta", "parse_header", "part10_stream"]
+__all__ = ["MAX_NESTING", "Header", "parse_header"]
 
 _PREAMBLE = 128
 _HEADER_TAGS: list[BaseTag | int] = [
@@ -44,61 +44,6 @@ class Header:
     series_uid: str
     modality: str | None
     transfer_syntax: str
-
-
-def _meta_element(group_elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
-    if len(value) % 2:
-        value += pad
-    tag = struct.pack("<HH", group_elem >> 16, group_elem & 0xFFFF)
-    if vr == b"OB":  # OB has a reserved field and a 4-byte length (PS3.5 7.1.2)
-        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
-    return tag + vr + struct.pack("<H", len(value)) + value
-
-
-def part10_stream(
-    dataset: bytes,
-    *,
-    sop_class_uid: str,
-    sop_instance_uid: str,
-    transfer_syntax: str,
-    implementation_uid: str,
-    implementation_version: str,
-) -> bytes:
-    """Preamble, prefix and File Meta Information (PS3.10 7.1) in front of a data set as received.
-
-    Encoded by hand: the meta group is five short elements, and building it through pydicom cost ~0.8 ms per
-    instance (a pydicom Dataset, UID validation, the generic writer) on the listener's critical path.
-    """
-    body = b"".join(
-        (
-            _meta_element(0x00020001, b"OB", b"\0\1", b"\0"),
-            _meta_element(0x00020002, b"UI", sop_class_uid.encode("ascii", "replace"), b"\0"),
-            _meta_element(0x00020003, b"UI", sop_instance_uid.encode("ascii", "replace"), b"\0"),
-            _meta_element(0x00020010, b"UI", transfer_syntax.encode("ascii", "replace"), b"\0"),
-            _meta_element(0x00020012, b"UI", implementation_uid.encode("ascii", "replace"), b"\0"),
-            _meta_element(0x00020013, b"SH", implementation_version.encode("ascii", "replace")[:16], b" "),
-        )
-    )
-    group_length = _meta_element(0x00020000, b"UL", struct.pack("<I", len(body)), b"\0")
-    return b"".join((bytes(_PREAMBLE), b"DICM", group_length, body, dataset))
-
-
-def dataset_after_meta(file: bytes) -> bytes:
-    """The data set of a Part 10 file whose File Meta group starts with its group length, as written by
-    pynetdicom's chunked receive; raises BadInstanceError when the file is not shaped so."""
-    # preamble, "DICM", then (0002,0000) UL explicit VR: tag 4, VR 2, length 2, value 4 bytes.
-    start = _PREAMBLE + 4
-    if (
-        len(file) < start + 12
-        or file[_PREAMBLE:start] != b"DICM"
-        or file[start : start + 6] != b"\x02\x00\x00\x00UL"
-    ):
-        raise BadInstanceError("the received file has no File Meta group length")
-    group_length = int.from_bytes(file[start + 8 : start + 12], "little")
-    end = start + 12 + group_length
-    if end > len(file):
-        raise BadInstanceError("the received file's File Meta group is cut short")
-    return file[end:]
 
 
 def _uid(values: Mapping[str, object], keyword: str) -> str:

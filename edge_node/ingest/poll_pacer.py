@@ -1,12 +1,23 @@
-"""The poll pacer: an association's DUL reactor polls fast while PDUs flow and slowly once it has gone idle.
+"""The poll pacer: an association's two pynetdicom loops run fast while PDUs flow and cost nothing when idle.
 
-pynetdicom's DUL reactor sleeps ``_run_loop_delay`` between polls of its socket whenever it finds nothing
-to do. A short sleep keeps each C-STORE round trip short (see ``DUL_LOOP_DELAY_S`` in the listener); the
-same short sleep on an association that only stays open costs CPU for nothing: measured with
-``bench/idle_associations.py``, 50 idle associations held most of a core. The pacer gives every
-association the short delay when it opens and on every PDU it receives (``EVT_DATA_RECV``), and a sweep
-every ``sweep_s`` gives the long one to those that received nothing since the previous sweep. The first PDU
-after a pause then waits at most one long delay; PDUs after it are served at the fast pace.
+pynetdicom 3.0 runs two polling loops per association. The DUL reactor sleeps ``_run_loop_delay`` between
+polls of its socket; the association loop (``Association._run_reactor``) sleeps a fixed 1 ms per turn and
+then waits on ``_reactor_checkpoint``, the event pynetdicom itself clears to pause that loop (its ``send_*``
+methods) and sets again in ``abort()`` and ``kill()``. Measured with ``bench/idle_associations.py``, 50 open
+associations that say nothing held three quarters of a core, almost all of it the association loops waking
+1,000 times a second each.
+
+The pacer gives every association the short DUL delay and an open checkpoint when it opens and on every PDU
+it receives (``EVT_DATA_RECV``, fired by the DUL thread before the PDU reaches DIMSE, so the association
+loop is running by the time a message is complete). A sweep every ``sweep_s`` finds the associations that
+received nothing since the previous sweep: their DUL gets the long delay and their association loop is
+parked on the checkpoint, where it costs no CPU. While parked, the sweep does that loop's checks for it:
+when the network timeout has expired, the DUL thread has ended or an abort is pending, it opens the
+checkpoint again, and pynetdicom's own loop aborts, releases or ends the association as it would have. The
+ACSE timeout is the DUL's ARTIM timer, which the DUL loop checks on every poll, parked or not.
+
+Cost of a parked association: ``1 / idle_s`` DUL polls a second; the first PDU after a pause waits at most
+``idle_s`` (the DUL's sleep), then the association runs at full pace again.
 """
 
 from __future__ import annotations
@@ -32,8 +43,14 @@ def _set_delay(assoc: Association, seconds: float) -> None:
         dul._run_loop_delay = seconds
 
 
+def _needs_its_loop(assoc: Association) -> bool:
+    """True when the association loop has work that comes without a PDU: a timeout, an ended DUL, an abort."""
+    dul = assoc.dul
+    return bool(assoc.is_aborted or assoc.is_released or not dul.is_alive() or dul.idle_timer_expired())
+
+
 class PollPacer:
-    """Sets each open association's DUL poll delay: ``active_s`` while it receives, ``idle_s`` when not."""
+    """Sets each open association's pace: ``active_s`` DUL polls while it receives, parked when not."""
 
     def __init__(
         self,
@@ -48,15 +65,23 @@ class PollPacer:
         self.idle_s = idle_s
         self.sweep_s = sweep_s
         self._busy: set[int] = set()
+        # One lock for "received something" and "park": a PDU that arrives while a sweep decides cannot be
+        # followed by the sweep parking its association.
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def on_activity(self, event: Event) -> None:
-        """``EVT_CONN_OPEN`` and ``EVT_DATA_RECV`` handler: this association polls fast again."""
-        _set_delay(event.assoc, self.active_s)
+        """``EVT_CONN_OPEN`` and ``EVT_DATA_RECV`` handler: this association runs at full pace again."""
+        assoc = event.assoc
         with self._lock:
-            self._busy.add(id(event.assoc))
+            self._busy.add(id(assoc))
+            _set_delay(assoc, self.active_s)
+            assoc._reactor_checkpoint.set()
+
+    def on_closed(self, event: Event) -> None:
+        """``EVT_CONN_CLOSE`` handler: a parked loop must run to notice that its connection is gone."""
+        event.assoc._reactor_checkpoint.set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edge-dicom-poll-pacer", daemon=True)
@@ -66,18 +91,26 @@ class PollPacer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        # Whatever is still open runs its own loop again (the listener aborts it next).
+        for assoc in list(self._associations()):
+            assoc._reactor_checkpoint.set()
 
     def sweep(self) -> None:
-        """Slow down every association that received nothing since the last sweep."""
+        """Park every association that received nothing since the last sweep; wake those with work."""
         with self._lock:
             busy, self._busy = self._busy, set()
-        for assoc in list(self._associations()):
-            if id(assoc) not in busy:
-                _set_delay(assoc, self.idle_s)
+            for assoc in list(self._associations()):
+                if _needs_its_loop(assoc):
+                    assoc._reactor_checkpoint.set()
+                elif id(assoc) not in busy and assoc.is_established:
+                    _set_delay(assoc, self.idle_s)
+                    assoc._reactor_checkpoint.clear()
 
     def _run(self) -> None:
         while not self._stop.wait(self.sweep_s):
             try:
                 self.sweep()
-            except Exception:  # only a speed knob: a failed sweep must not end the pacer
+            except Exception:  # only a pace: a failed sweep must not end the pacer
                 logger.exception("poll pacer sweep failed")
+                for assoc in list(self._associations()):  # never leave a loop parked after a failure
+                    assoc._reactor_checkpoint.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import zipfile
 from collections.abc import Mapping
 
@@ -12,6 +13,11 @@ from edge_node.protocol.errors import EncodingError
 
 #: A model state or update: tensor name -> array.
 Tensors = dict[str, np.ndarray]
+
+# numpy parses each npy header with ast.literal_eval, and CPython 3.11's AST construction keeps its recursion
+# depth in interpreter-wide state: two threads decoding at once can fail with "SystemError: AST constructor
+# recursion depth mismatch" (CPython gh-106905). Decoding is serialised; it holds the GIL nearly throughout.
+_DECODE_LOCK = threading.Lock()
 
 
 def encode_tensors(tensors: Mapping[str, np.ndarray], *, compress: bool = True) -> bytes:
@@ -32,7 +38,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], *, compress: bool = True) 
 def decode_tensors(raw: bytes) -> Tensors:
     """Load npz bytes with allow_pickle=False; malformed payloads raise EncodingError."""
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+        with _DECODE_LOCK, np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise EncodingError(f"tensor payload is not a valid npz without pickle: {exc}") from exc

@@ -344,6 +344,8 @@ class NodeInfo(_Wire):
     model_version: str | None
     publication_id: str | None
     health: str | None
+    #: When the node's current credential was set: at enrollment, or at its last rotation.
+    credential_since: datetime | None = None
 
 
 class JoinCodeIssued(_Wire):

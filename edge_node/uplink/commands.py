@@ -15,7 +15,7 @@ from edge_node import __version__
 from edge_node.errors import ConfigError, EdgeError
 from edge_node.settings import EdgeSettings, load_settings
 
-__all__ = ["enroll_command", "print_uplink_status", "updates_command", "uplink_status"]
+__all__ = ["credential_app", "enroll_command", "print_uplink_status", "updates_command", "uplink_status"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -192,3 +192,65 @@ def updates_command(
             u.task_id,
         )
     console.print(table)
+
+
+credential_app = typer.Typer(help="This node's credential at the hub: rotate it.", no_args_is_help=True)
+
+
+@credential_app.command("rotate")
+def rotate_command(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML settings file; FEDCLINIC_EDGE_* variables override it."),
+    ] = None,
+    output: Annotated[
+        str, typer.Option("--format", help="text for people, json for scripts (stable keys).")
+    ] = "text",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the hub.")] = 15.0,
+) -> None:
+    """Give this node a new secret at the hub; the old one is refused from its next request on.
+
+    The new secret is generated here and only its hash reaches the hub. A running node (serve) picks the new
+    secret up by itself. If the hub's answer is lost, run the command again: it first finishes the rotation
+    that was under way. No other node is touched. The secret is never printed.
+
+    Example: fedclinic-edge credential rotate --config /etc/fedclinic/edge.toml --format json
+    """
+    import json
+
+    from edge_node.uplink.credential import NodeCredential, uplink_dir
+    from edge_node.uplink.rotation import rotate_credential
+
+    logging.basicConfig(level=logging.WARNING)
+    if output not in ("text", "json"):
+        err_console.print("[red]error:[/red] --format is text or json")
+        raise typer.Exit(2)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    directory = uplink_dir(settings.data_dir)
+    try:
+        rotation = rotate_credential(directory, timeout=timeout)
+    except EdgeError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    credential = rotation.credential
+    if output == "json":
+        doc = {
+            "node_id": credential.node_id,
+            "node_name": credential.node_name,
+            "hub_url": credential.hub_url,
+            "rotated": True,
+            "resumed": rotation.resumed,
+            "credential_file": str(NodeCredential.path_in(directory)),
+        }
+        typer.echo(json.dumps(doc, indent=1))
+        return
+    how = "finished the interrupted rotation" if rotation.resumed else "rotated the credential"
+    console.print(
+        f"[green]{how}[/green] of {credential.node_name} (node {credential.node_id}) with "
+        f"{credential.hub_url}; the previous secret is refused from now on",
+        highlight=False,
+    )

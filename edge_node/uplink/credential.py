@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from edge_node.protocol.wire import node_authorization
 from edge_node.uplink.errors import UplinkError
 
-__all__ = ["BearerAuth", "NodeCredential", "new_secret", "uplink_dir", "write_private"]
+__all__ = ["BearerAuth", "CredentialFileAuth", "NodeCredential", "new_secret", "uplink_dir", "write_private"]
 
 
 def uplink_dir(data_dir: Path) -> Path:
@@ -103,5 +103,40 @@ class BearerAuth(httpx.Auth):
         self._header = header
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._header
+        yield request
+
+
+class CredentialFileAuth(httpx.Auth):
+    """The node's ``Authorization`` header, re-read when the credential file is replaced.
+
+    A rotation by ``fedclinic-edge credential rotate`` replaces the file while the node runs; the hub refuses
+    the old secret from then on, so the running node picks up the new one on its next request instead of
+    being locked out until a restart. Checking costs one ``stat`` per request.
+    """
+
+    def __init__(self, uplink_dir: Path, credential: NodeCredential) -> None:
+        self._dir = uplink_dir
+        self._node_id = credential.node_id
+        self._header = node_authorization(credential.node_id, credential.secret)
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(NodeCredential.path_in(self._dir))
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns  # the file is replaced by rename: a new inode each time
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        stamp = self._file_stamp()
+        if stamp is not None and stamp != self._stamp:
+            try:
+                fresh = NodeCredential.load(self._dir)
+            except UplinkError:
+                fresh = None  # a damaged file: keep the secret this process has
+            if fresh is not None and fresh.node_id == self._node_id:
+                self._header = node_authorization(fresh.node_id, fresh.secret)
+            self._stamp = stamp
         request.headers["Authorization"] = self._header
         yield request

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from edge_node.protocol.wire import (
-    CredentialRotation,
     EnrollRequest,
     EnrollResponse,
     JoinCodeError,
@@ -26,7 +25,7 @@ from edge_node.uplink.credential import NodeCredential, new_secret
 from edge_node.uplink.errors import EnrollmentError, HubRefusedError, UplinkError
 from edge_node.uplink.transport import DEFAULT_TIMEOUT, HubTransport, fetch_certificate
 
-__all__ = ["enroll", "rotate_credential"]
+__all__ = ["enroll"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,21 +98,3 @@ def enroll(
     credential.save(uplink_dir)
     logger.info("enrolled as %s (%s) with %s", answer.node_name, answer.node_id, code.hub_url)
     return credential
-
-
-def rotate_credential(uplink_dir: Path, *, timeout: float = DEFAULT_TIMEOUT) -> NodeCredential:
-    """Replace the node's secret at the hub, then on disk; the old secret stops working at once."""
-    current = NodeCredential.load(uplink_dir)
-    if current is None:
-        raise EnrollmentError("this node is not enrolled; run `fedclinic-edge enroll CODE` first")
-    secret = new_secret()
-    rotated = current.model_copy(update={"secret": secret})
-    # Kept beside the credential first: if the hub's answer is lost, the new secret is not.
-    rotated.save(uplink_dir / "rotating")
-    with HubTransport(current.hub_url, current.cert_pem, auth=current.auth(), timeout=timeout) as transport:
-        transport.request(
-            "POST", "/v1/node/credential", json=CredentialRotation(new_credential=secret).model_dump()
-        )
-    rotated.save(uplink_dir)
-    NodeCredential.path_in(uplink_dir / "rotating").unlink(missing_ok=True)
-    return rotated

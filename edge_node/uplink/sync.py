@@ -51,7 +51,7 @@ from edge_node.protocol.wire import (
 from edge_node.state.labels import LabelStore
 from edge_node.state.node_state import NodeState
 from edge_node.uplink.backoff import Backoff
-from edge_node.uplink.credential import NodeCredential, uplink_dir
+from edge_node.uplink.credential import CredentialFileAuth, NodeCredential, uplink_dir
 from edge_node.uplink.errors import HubRefusedError, PinningError, UplinkError
 from edge_node.uplink.outbox import UpdateOutbox
 from edge_node.uplink.state import StateFile
@@ -104,7 +104,10 @@ class SyncLoop:
         self.learners = learners
         self.outbox = UpdateOutbox(directory / "outbox.sqlite3")
         self.state = StateFile(directory / "state.json")
-        self.transport = HubTransport(credential.hub_url, credential.cert_pem, auth=credential.auth())
+        # The secret is re-read when a rotation replaces the credential file while the node runs.
+        self.transport = HubTransport(
+            credential.hub_url, credential.cert_pem, auth=CredentialFileAuth(directory, credential)
+        )
         self.heartbeat_interval = max(1.0, credential.heartbeat_interval_s)
         self._next_heartbeat = 0.0
         self._failures = 0
@@ -270,6 +273,11 @@ class SyncLoop:
     @property
     def _open_skipped(self) -> bool:
         return bool(self._skipped)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Open tasks this node did not answer, by task id, with the reason (refused or not computable)."""
+        return dict(self._skipped)
 
     def pull_tasks(self, wait_seconds: float = 0.0) -> int:
         """Answer the node's open tasks into the outbox; returns how many new answers were queued."""

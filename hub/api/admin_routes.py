@@ -25,7 +25,7 @@ from edge_node.protocol.wire import (
 )
 from hub.api.auth import AdminToken, require_admin
 from hub.api.context import HubContext, context_of
-from hub.service.enrollment import issue_join_code, node_info, revoke_node
+from hub.service.enrollment import issue_join_code, listed_nodes, node_info, revoke_node
 from hub.service.publishing import list_publications, rollback
 from hub.store.schema import Node, Publication, Round
 
@@ -57,7 +57,7 @@ def hub_url(ctx: HubContext, request: Request) -> str:
 def list_nodes(request: Request, token: AdminToken) -> NodeList:
     ctx = _admin(request, token)
     with ctx.db.session() as session:
-        return NodeList(nodes=[node_info(n) for n in session.scalars(select(Node).order_by(Node.name))])
+        return NodeList(nodes=listed_nodes(session))
 
 
 @router.post("/nodes", response_model=JoinCodeIssued, status_code=201, responses=_NOT_FOUND)

@@ -136,15 +136,18 @@ def create_app(settings: HubSettings, *, tick: bool = True) -> FastAPI:
 
 async def _tick_forever(ctx: HubContext) -> None:
     """Close rounds at their deadline and take over work of dead processes, every ``tick_s`` seconds."""
-    marker: object = None
+    collecting: set[str] | None = None
     while True:
         try:
             await run_in_threadpool(ctx.rounds.tick)
-            # Rounds started or closed by another worker or by the CLI wake this worker's long-polls too.
-            now = await run_in_threadpool(ctx.rounds.activity_marker)
-            if now != marker:
-                marker = now
+            # A round that another worker or the CLI started wakes this worker's long-polls too. Only a round
+            # that entered collecting can have tasks for them: a round that closed wakes nobody, so the end of
+            # a round does not send every idle node back to the store.
+            _newest, ids = await run_in_threadpool(ctx.rounds.activity_marker)
+            now = set(ids)
+            if collecting is None or now - collecting:
                 ctx.signal.notify()
+            collecting = now
         except Exception:  # the ticker must outlive a busy store or one bad round; the log says what happened
             logger.exception("round tick failed")
         await asyncio.sleep(ctx.settings.tick_s)

@@ -151,15 +151,20 @@ async def tasks(
 
     node_id = await run_in_threadpool(_auth)
     deadline = time.monotonic() + min(wait, ctx.settings.max_wait_s)
-    while True:
-        generation = ctx.signal.generation
-        found = await run_in_threadpool(ctx.rounds.open_tasks, node_id)
+    generation = ctx.signal.generation  # read before the look, so a change during it is not missed
+    found = await run_in_threadpool(ctx.rounds.open_tasks, node_id)
+    while not found:
         remaining = deadline - time.monotonic()
-        if found or remaining <= 0 or await request.is_disconnected():
-            return TaskList(tasks=found)
-        # An idle node costs nothing until rounds change (this worker's signal, or the ticker's check of
-        # the store), and at most one look every few seconds so a disconnected client is noticed.
+        if remaining <= 0 or await request.is_disconnected():
+            break
+        # An idle node costs the store nothing: it is looked at again only when rounds changed (this
+        # worker's signal, or the ticker's check of the store). The wait wakes every few seconds only to
+        # notice a client that went away.
         await ctx.signal.wait_past(generation, min(remaining, 5.0))
+        if ctx.signal.generation != generation:
+            generation = ctx.signal.generation
+            found = await run_in_threadpool(ctx.rounds.open_tasks, node_id)
+    return TaskList(tasks=found)
 
 
 @router.get(

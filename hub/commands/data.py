@@ -172,3 +172,64 @@ def dicomize(
     for w in written:
         table.add_row(w.path.name, LABELS[name][int(images.labels[w.index])])
     Console().print(table)
+
+
+@app.command("public")
+def public_set(
+    out: Annotated[Path, typer.Option("--out", help="The npz to write, for `rounds start --public`.")],
+    dataset: Annotated[
+        DatasetName, typer.Option("--dataset", help="Public dataset every node may hold.")
+    ] = DatasetName.pneumoniamnist,
+    split: Annotated[Split, typer.Option("--split", help="Its split.")] = Split.val,
+    size: Annotated[int, typer.Option("--size", min=1, help="The first SIZE images.")] = 512,
+    soft_labels: Annotated[
+        bool,
+        typer.Option("--soft-labels/--no-soft-labels", help="Compute the foundation soft labels (FedHelp)."),
+    ] = True,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Foundation model training passes.")] = 15,
+    seed: Annotated[int, typer.Option("--seed", help="Foundation model seed.")] = 0,
+    root: Annotated[Path | None, typer.Option("--root", help=f"Data folder (default: ${DATA_ENV}).")] = None,
+    output: FormatOption = OutputFormat.table,
+) -> None:
+    """Write the public set a FedHelp or HSL round ships once: x (preprocessed as for inference, float32
+    (N, 1, 28, 28)), y (its labels, float32) and, for FedHelp, the foundation model's soft labels computed
+    once here (a deeper CNN trained on this public set; docs/learners.md).
+
+    Example: fedclinic-hub data public --out public.npz --size 512
+    """
+    import numpy as np
+    import torch
+
+    from edge_node.protocol.tensors import encode_tensors
+    from hub.data.medmnist import load_medmnist
+    from hub.training.datasets import NORM_MEAN, NORM_STD
+    from hub.training.foundation import TeacherSoftLabels
+
+    if out.exists():
+        Console(stderr=True).print(f"[red]error:[/red] {out} already exists; choose a new --out")
+        raise typer.Exit(EXIT_FAILED)
+    images = load_medmnist(dataset.value, split.value, root)
+    if images.images.ndim != 3:
+        Console(stderr=True).print(f"[red]error:[/red] {dataset.value} is not grey-scale")
+        raise typer.Exit(EXIT_FAILED)
+    x01 = images.images[:size, None].astype(np.float32) / np.float32(255.0)  # (N, 1, H, W) in [0, 1]
+    y = images.labels[:size].reshape(-1).astype(np.float32)  # (N,)
+    arrays = {"x": ((x01 - NORM_MEAN) / NORM_STD).astype(np.float32), "y": y}
+    if soft_labels:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        console = Console(stderr=output is OutputFormat.json)
+        with console.status(f"training the foundation model on {len(y)} public images ({epochs} passes)"):
+            teacher = TeacherSoftLabels(torch.from_numpy(x01), torch.from_numpy(y), epochs=epochs, seed=seed)
+            arrays["soft_labels"] = teacher.soft_labels(torch.from_numpy(x01))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_tensors(arrays))
+    report = {
+        "out": str(out),
+        "dataset": dataset.value,
+        "split": split.value,
+        "images": len(y),
+        "positives": int(y.sum()),
+        "soft_labels": soft_labels,
+        "bytes": out.stat().st_size,
+    }
+    emit(output, report, lambda console: console.print(report))

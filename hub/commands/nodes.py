@@ -66,8 +66,19 @@ def enroll(
 
 def _nodes_table(nodes: Sequence[NodeInfo]) -> Table:
     table = Table(title="nodes")
-    for col in ("id", "name", "cohort", "state", "last heartbeat", "edge", "model", "health"):
-        table.add_column(col)
+    for col in (
+        "id",
+        "name",
+        "cohort",
+        "state",
+        "last heartbeat",
+        "credential since",
+        "edge",
+        "model",
+        "health",
+    ):
+        # Identifiers never wrap: an operator copies them into the next command.
+        table.add_column(col, no_wrap=col in ("id", "name"))
     for n in nodes:
         model = f"{n.model_id} {n.model_version}" if n.model_id else "-"
         table.add_row(
@@ -76,6 +87,7 @@ def _nodes_table(nodes: Sequence[NodeInfo]) -> Table:
             n.cohort,
             n.state.value,
             _ago(n.last_heartbeat),
+            _ago(n.credential_since) if n.credential_since else "-",
             n.edge_version or "-",
             model,
             n.health or "-",
@@ -85,14 +97,11 @@ def _nodes_table(nodes: Sequence[NodeInfo]) -> Table:
 
 @app.command("list")
 def list_nodes(data_dir: DataDirOption = None, fmt: FormatOption = OutputFormat.table) -> None:
-    """Nodes with their state, last heartbeat and versions."""
-    from sqlalchemy import select
-
-    from hub.service.enrollment import node_info
-    from hub.store.schema import Node
+    """Nodes with their state, last heartbeat, when their credential was set (enrolled, rotated), versions."""
+    from hub.service.enrollment import listed_nodes
 
     with hub_database(settings_for(data_dir)) as db, db.session() as session:
-        nodes = [node_info(n) for n in session.scalars(select(Node).order_by(Node.name))]
+        nodes = listed_nodes(session)
     emit_list(fmt, "nodes", nodes, _nodes_table)
 
 

@@ -10,7 +10,7 @@ import logging
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from edge_node.protocol.wire import (
@@ -29,6 +29,7 @@ __all__ = [
     "authenticate_node",
     "enroll_node",
     "issue_join_code",
+    "listed_nodes",
     "node_info",
     "revoke_node",
     "rotate_credential",
@@ -43,7 +44,7 @@ def secret_digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def node_info(node: Node) -> NodeInfo:
+def node_info(node: Node, credential_since: datetime | None = None) -> NodeInfo:
     return NodeInfo(
         node_id=node.id,
         node_name=node.name,
@@ -56,7 +57,21 @@ def node_info(node: Node) -> NodeInfo:
         model_version=node.model_version,
         publication_id=node.publication_id,
         health=node.health,
+        credential_since=credential_since,
     )
+
+
+def listed_nodes(session: Session) -> list[NodeInfo]:
+    """Every node by name, with when its current credential was set (the operator's view of rotation)."""
+    since: dict[str, datetime] = {
+        node_id: at
+        for node_id, at in session.execute(
+            select(Credential.node_id, func.max(Credential.created_at))
+            .where(Credential.kind == "node", Credential.revoked_at.is_(None))
+            .group_by(Credential.node_id)
+        )
+    }
+    return [node_info(n, since.get(n.id)) for n in session.scalars(select(Node).order_by(Node.name))]
 
 
 def issue_join_code(

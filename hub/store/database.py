@@ -41,7 +41,14 @@ class Database:
         self.url = url
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
-            self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            # A pool as large as the API's thread pool: opening a connection (and its pragmas) per request
+            # when the pool overflows costs more than the query.
+            self.engine: Engine = create_engine(
+                url,
+                connect_args={"timeout": 30, "check_same_thread": False},
+                pool_size=20,
+                max_overflow=40,
+            )
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)

@@ -38,7 +38,7 @@ from edge_node.protocol.updates import UpdateKind
 from hub.fl.strategy import ClientResult, ClientTask, Config, Params
 from hub.models.fedhelp_nets import FedHelpSmall
 from hub.models.hsl_mmoe import HslMmoe
-from hub.models.registry import create_model
+from hub.models.registry import create_model, get_data_config
 from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
 from hub.training.fedhelp_train import fedhelp_learner
 from hub.training.hsl_train import HslLearner
@@ -130,6 +130,24 @@ def _model_args(config: Config) -> dict[str, Any]:
     return {k.removeprefix("model."): v for k, v in config.items() if k.startswith("model.")}
 
 
+def _model_name(config: Config, strategy: str) -> str:
+    default = "hsl_mmoe" if strategy == "hsl" else "fedhelp_small" if "role" in config else "fl_cnn"
+    return str(config.get("model", default))
+
+
+def _check_normalisation(name: str) -> None:
+    """The node's inputs come normalised as the bundle says; the learners undo and redo (x − 0.5) / 0.25."""
+    try:
+        data_config = get_data_config(name)
+    except KeyError as exc:
+        raise LearnerInputError(str(exc)) from exc
+    if tuple(data_config.mean) != (NORM_MEAN,) or tuple(data_config.std) != (NORM_STD,):
+        raise LearnerInputError(
+            f"model {name} normalises with mean {data_config.mean} / std {data_config.std}; the torch "
+            f"learner trains models normalised with ({NORM_MEAN},) / ({NORM_STD},)"
+        )
+
+
 @dataclass(frozen=True)
 class PublicSet:
     """The public images in [0, 1] (N, C, H, W) with FedHelp's one-time foundation soft labels (N, K)
@@ -176,7 +194,7 @@ def build_learner(
     role = config.get("role")
     torch.manual_seed(seed)
     if isinstance(role, str):
-        model = create_model(str(config.get("model", "fedhelp_small")), **_model_args(config))
+        model = create_model(_model_name(config, strategy), **_model_args(config))
         if not isinstance(model, FedHelpSmall):
             raise LearnerInputError(f"a FedHelp task needs a FedHelp small model, not {type(model).__name__}")
         if role == "small" and (public is None or public.soft_labels is None):
@@ -202,11 +220,11 @@ def build_learner(
                 "HSL needs the public anchor set with its labels, which this node has not received "
                 "(the hub ships it with a round started with --public)"
             )
-        mmoe = create_model(str(config.get("model", "hsl_mmoe")), **_model_args(config))
+        mmoe = create_model(_model_name(config, strategy), **_model_args(config))
         if not isinstance(mmoe, HslMmoe):
             raise LearnerInputError(f"an HSL task needs the two-task MMoE, not {type(mmoe).__name__}")
         return HslLearner(CLIENT_ID, mmoe, data, public.x01, public.labels, default, seed)
-    model = create_model(str(config.get("model", "fl_cnn")), **_model_args(config))
+    model = create_model(_model_name(config, strategy), **_model_args(config))
     return SupervisedLearner(CLIENT_ID, model, data, default, seed)
 
 
@@ -228,6 +246,7 @@ def learn(workdir: Path) -> ClientResult:
     task = NodeTask.read(workdir)
     if task.kind is not UpdateKind.WEIGHTS_DELTA:
         raise LearnerInputError(f"the torch learner answers weights_delta, not {task.kind.value}")
+    _check_normalisation(_model_name(task.config, task.strategy))
     private = workdir / "private"
     private.mkdir(mode=0o700, exist_ok=True)
     public = _public_set(workdir, task.params)

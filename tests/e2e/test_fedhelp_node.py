@@ -1,14 +1,19 @@
-"""FedHelp's large-client role over the wire: a real hub over HTTPS on loopback and a real hospital node that
-trains with the torch learner (``fedclinic[train]``, out of process) on real labeled chest X-rays.
+"""FedHelp's roles over the wire: a real hub over HTTPS on loopback, a real hospital node in the large-client
+role (dual KD) and a real clinic node in the small-client role, both training with the torch learner
+(``fedclinic[train]``, out of process) on real labeled chest X-rays.
 
-The node's uploaded update is exactly the simulation's for the same data, task and seed; only the small
-proxy travels, and the private large model stays in the node's learner directory.
+Each node's uploaded update is exactly the simulation's for the same data, task and seed; only the small
+model travels, the private large model stays in the hospital's learner directory, and the public set ships
+once to the small client. The hub turns the round into the next student (`models from-round`: exported,
+signed, published) and the nodes serve it.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +25,15 @@ from edge_node.learning.prepared_set import write_prepared_set
 from edge_node.learning.training_set import TrainingSet
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from edge_node.protocol.updates import UpdateKind
-from hub.data.medmnist import load_medmnist
+from hub.data.medmnist import LABELS, load_medmnist
 from hub.fl.strategy import ClientTask
+from hub.models.fl_cnn import FL_BENCH_28
 from hub.models.registry import create_model
+from hub.training.checkpoint import CheckpointConfig, save_checkpoint
 from hub.training.learners import to_params
-from hub.training.node_learner import CLIENT_ID, build_learner, clinic_data
-from tests.e2e.federation import enroll, make_hub, make_node, wait_for
+from hub.training.node_learner import CLIENT_ID, PublicSet, build_learner, clinic_data
+from tests.e2e.federation import HUB_BIN, active_model, enroll, make_hub, make_node, wait_for
+from tests.edge_node.conftest import EdgeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -33,44 +41,61 @@ SEED = 11
 N_TRAIN = 192
 
 
-def _hospital_set(path: Path) -> TrainingSet:
+def _labeled_set(path: Path, first: int, count: int) -> TrainingSet:
     """Real pneumonia X-rays with their labels, preprocessed as the bundle does: (x / 255 − 0.5) / 0.25."""
     images = load_medmnist("pneumoniamnist", "train")
-    x01 = images.images[:N_TRAIN].astype(np.float32)[:, None] / 255.0  # (N, 1, 28, 28)
+    x01 = images.images[first : first + count].astype(np.float32)[:, None] / 255.0  # (N, 1, 28, 28)
     data = TrainingSet(
         x=((x01 - 0.5) / 0.25).astype(np.float32),
-        y=images.labels[:N_TRAIN].astype(np.int64).reshape(-1),
-        sop_instance_uids=tuple(f"1.2.826.0.1.3680043.10.{i}" for i in range(N_TRAIN)),
+        y=images.labels[first : first + count].astype(np.int64).reshape(-1),
+        sop_instance_uids=tuple(f"1.2.826.0.1.3680043.10.{first + i}" for i in range(count)),
     )
     write_prepared_set(path, data)
     return data
 
 
-@pytest.mark.timeout(600)
-def test_a_hospital_node_takes_the_fedhelp_large_role_over_the_wire(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    data = _hospital_set(tmp_path / "hospital-set.npz")
-    hub = make_hub(tmp_path / "hub")
-    hub.start()
-    node = make_node(tmp_path, "hospital-a")
-    # The node's [learning] and [privacy] sections: the torch learner, its labeled set; a one-node round.
+def _torch_node(tmp_path: Path, name: str, data_file: Path) -> EdgeProcess:
+    """A node whose [learning] runs the torch learner on its labeled set; [privacy] allows small rounds."""
+    node = make_node(tmp_path, name)
     learn = json.dumps([sys.executable, "-m", "hub.training.node_learner"])
     with node.config.open("a") as config:
-        config.write(f"\n[learning]\ntorch_command = {learn}\n")
-        config.write(f'training_set_file = "{tmp_path / "hospital-set.npz"}"\n\n[privacy]\nmin_cohort = 1\n')
+        config.write(f'\n[learning]\ntorch_command = {learn}\ntraining_set_file = "{data_file}"\n')
+        config.write("\n[privacy]\nmin_cohort = 1\n")
+    return node
+
+
+@pytest.mark.timeout(900)
+def test_fedhelp_roles_over_the_wire_and_the_next_student(tmp_path: Path) -> None:
+    """A hospital node takes the large role (dual KD), a clinic node the small role with the public set the
+    hub ships once; the round becomes the next student, which the nodes verify and serve."""
+    torch.set_num_threads(1)
+    sets = {
+        "hospital-a": _labeled_set(tmp_path / "hospital-a.npz", 0, N_TRAIN),
+        "clinic-b": _labeled_set(tmp_path / "clinic-b.npz", N_TRAIN, 48),
+    }
+    hub = make_hub(tmp_path / "hub")
+    hub.start()
+    nodes = {name: _torch_node(tmp_path, name, tmp_path / f"{name}.npz") for name in sets}
     try:
-        enroll(hub, node, "hospital-a")
-        node.start()
-        node_id = wait_for("the node's first heartbeat", lambda: _heartbeat(hub, "hospital-a"))
+        for name, node in nodes.items():
+            enroll(hub, node, name)
+            node.start()
+        wait_for("the nodes' first heartbeats", lambda: all(_heartbeat(hub, n) for n in nodes))
+        ids = {n: str(_heartbeat(hub, n)) for n in nodes}
         torch.manual_seed(0)
         start = to_params(create_model("fedhelp_small"))
         (tmp_path / "start.npz").write_bytes(encode_tensors(start))
+        public_file = tmp_path / "public.npz"
+        subprocess.run(
+            [str(HUB_BIN), "data", "public", "--out", str(public_file), "--size", "64", "--epochs", "1"],
+            check=True, capture_output=True, env=hub.env, timeout=300,
+        )  # fmt: skip
         started = hub.cli_json(
-            "rounds", "start", "--strategy", "fedhelp", "--large", node_id,
-            "--model", str(tmp_path / "start.npz"),
+            "rounds", "start", "--strategy", "fedhelp", "--large", ids["hospital-a"],
+            "--model", str(tmp_path / "start.npz"), "--public", str(public_file),
             "--config", "client.model=fedhelp_small", "--config", "client.epochs=1",
             "--config", "client.batch_size=32", "--config", f"client.seed={SEED}",
-            "-k", "1", "--deadline", "400",
+            "-k", "2", "--deadline", "500",
         )  # fmt: skip
         round_id = started["round_id"]
         done = wait_for(
@@ -80,41 +105,84 @@ def test_a_hospital_node_takes_the_fedhelp_large_role_over_the_wire(tmp_path: Pa
                 in ("published", "failed")
                 and r
             ),
-            timeout=400,
+            timeout=500,
             every=1.0,
         )
-        assert done["state"] == "published", (done, node.log_text()[-3000:])
+        assert done["state"] == "published", (done, [n.log_text()[-2000:] for n in nodes.values()])
+
+        # The round becomes the next student: exported, signed, published; the nodes verify and serve it.
+        student = _student_checkpoint(tmp_path / "student", start)
+        made = subprocess.run(
+            [
+                str(HUB_BIN), "models", "from-round", str(started["round"]), "--student", str(student),
+                "--out", str(tmp_path / "next"), "--model-version", "1.1.0", "--no-int8", "--publish",
+                "--format", "json", "--data-dir", str(hub.data_dir),
+            ],
+            capture_output=True, text=True, env=hub.env, timeout=500,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr[-3000:]
+        report = json.loads(made.stdout)
+        provenance = report["provenance"]
+        assert (provenance["round"], provenance["federation"]) == (started["round"], hub.url)
+        serving = (report["model_id"], "1.1.0")
+        wait_for(
+            "the nodes to serve the student of the round",
+            lambda: all(active_model(node) == serving for node in nodes.values()),
+            timeout=180,
+            every=1.0,
+        )
     finally:
-        if node.alive():
-            node.stop()
+        for node in nodes.values():
+            if node.alive():
+                node.stop()
         hub.stop()
 
-    # The task told the node its role; the node answered with the proxy's delta only.
-    ((config_json,),) = hub.query("SELECT config FROM tasks WHERE round_id = :r", {"r": round_id})
-    task_config = json.loads(config_json) if isinstance(config_json, str) else dict(config_json)
-    assert task_config["role"] == "large"
-    ((payload,),) = hub.query("SELECT payload FROM updates WHERE round_id = :r", {"r": round_id})
-    update = decode_tensors(bytes(payload))
+    public = decode_tensors(public_file.read_bytes())
     sent = {k: v for k, v in start.items() if not k.startswith("public_head")}
-    assert sorted(update) == sorted(sent)
+    for name, data in sets.items():
+        rows = hub.query(
+            "SELECT t.config, t.params_artifact, u.payload FROM tasks t JOIN updates u ON u.task_id = t.id "
+            "WHERE t.round_id = :r AND t.node_id = :n",
+            {"r": round_id, "n": ids[name]},
+        )
+        ((config_json, params_artifact, payload),) = rows
+        config = json.loads(config_json) if isinstance(config_json, str) else dict(config_json)
+        ((shipped_blob,),) = hub.query("SELECT data FROM artifacts WHERE id = :a", {"a": params_artifact})
+        shipped = decode_tensors(bytes(shipped_blob))
+        update = decode_tensors(bytes(payload))
+        # Each task told its node its role; only the small client got the public set; only the small model
+        # (without its public head) came back.
+        assert config["role"] == ("large" if name == "hospital-a" else "small")
+        assert ("public/soft_labels" in shipped) == (config["role"] == "small")
+        assert sorted(update) == sorted(sent)
+        # Exactly what the simulation computes for the same data, task and seed.
+        held = PublicSet.from_arrays(public) if config["role"] == "small" else None
+        learner = build_learner(config, clinic_data(data.x, data.y), SEED, held, strategy="fedhelp")
+        expected = learner.fit(ClientTask(CLIENT_ID, 1, UpdateKind.WEIGHTS_DELTA, sent, config)).update
+        assert any(np.abs(a).max() > 0 for a in expected.values())
+        for tensor, arr in expected.items():
+            np.testing.assert_array_equal(update[tensor], arr, err_msg=f"{name}: {tensor}")
 
-    # Exactly what the simulation computes for the same data, task and seed.
-    learner = build_learner(task_config, clinic_data(data.x, data.y), SEED)
-    expected = learner.fit(ClientTask(CLIENT_ID, 1, UpdateKind.WEIGHTS_DELTA, sent, task_config)).update
-    assert any(np.abs(a).max() > 0 for a in expected.values())
-    for name, arr in expected.items():
-        np.testing.assert_array_equal(update[name], arr, err_msg=name)
-
-    # The aggregate is the next small model; the large model never left the node.
-    ((blob,),) = hub.query("SELECT data FROM artifacts WHERE id = :a", {"a": done["result_artifact"]})
-    aggregate = decode_tensors(bytes(blob))
-    name = "features.0.conv.weight"
-    np.testing.assert_allclose(aggregate[name], sent[name] + update[name], rtol=0, atol=1e-7)
-    state = node.data_dir / "learning" / "torch" / "private" / "state.npz"
-    with np.load(state, allow_pickle=False) as private:
-        large = [k for k in private.files if k.startswith("large.")]
-    assert large and not any(k.startswith("large.") for k in update)
+    # The large model never left the hospital; the clinic kept the public set for later rounds.
+    hospital_dir = nodes["hospital-a"].data_dir / "learning" / "torch"
+    with np.load(hospital_dir / "private" / "state.npz", allow_pickle=False) as private:
+        assert any(k.startswith("large.") for k in private.files)
     assert not any(b"large." in bytes(p) for (p,) in hub.query("SELECT payload FROM updates"))
+    assert (nodes["clinic-b"].data_dir / "learning" / "torch" / "public.npz").is_file()
+
+
+def _student_checkpoint(path: Path, params: dict[str, np.ndarray]) -> Path:
+    """The student the round started from, as the checkpoint `models from-round` updates."""
+    model = create_model("fedhelp_small")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    config = CheckpointConfig(
+        model_name="fedhelp_small",
+        model_config={},
+        dataset="pneumoniamnist",
+        data_config=replace(FL_BENCH_28, labels=tuple(LABELS["pneumoniamnist"])),
+        epoch=0,
+    )
+    return save_checkpoint(path, model, config)
 
 
 def _heartbeat(hub: Any, name: str) -> str | None:

@@ -1,9 +1,10 @@
-"""Clinics learn without torch: head_delta rounds over real HTTPS with a real hub and two edge-only nodes.
+"""Clinics learn without torch: head_delta rounds over real HTTPS with a real hub and edge-only nodes.
 
 Must-show 2: a shifted clinic (the benchmark's unseen-clinic acquisition profile) with labeled real
-pneumonia studies, dicomized, computes a head_delta in an interpreter where torch cannot be imported; after
-the round its held-out AUC is higher than the initial model's. Must-show 6: two clinics with different
-personal heads score the same image differently, and neither personal head is in any update they sent.
+pneumonia studies, dicomized and brought in with ``fedclinic-edge labels import``, computes a head_delta in
+an interpreter where torch cannot be imported; after the round its held-out AUC is higher than the initial
+model's. Must-show 6: two clinics with different personal heads score the same image differently, and
+neither personal head is in any update they sent. A third clinic with four labels refuses, saying why.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from harness.flbench.profiles import CLINIC_PROFILES, UNSEEN_PROFILE, Acquisitio
 from hub.data.dicomize import dicomize_images
 from hub.data.medmnist import load_medmnist
 from tests.e2e.federation import HubProcess, enroll, make_hub, make_node, wait_for
-from tests.edge_node.conftest import EdgeProcess, find_test_bundle
+from tests.edge_node.conftest import EdgeProcess, find_test_bundle, storescu
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +155,12 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
         written = dicomize_images(
             labeled_images, node.root / "labeled", dataset="pneumoniamnist", split="train"
         )
-        labeled = _rows(written, train.labels[idx], names)
+        # The clinic's labeled archive goes in as a hospital's would: files plus labels.csv, imported.
+        with (node.root / "labeled" / "labels.csv").open("w") as csv:
+            csv.write("sop_instance_uid,label\n")
+            csv.writelines(f"{r['sop']},{r['label']}\n" for r in _rows(written, train.labels[idx], names))
+        imported = node.cli("labels", "import", str(node.root / "labeled"))
+        assert imported.returncode == 0, imported.stdout + imported.stderr
         if not held_rows:  # the unseen clinic's held-out studies; the other clinic scores the same files
             held_images = _clinic_images(test.images[held_idx], profile, seed + 100)
             held = dicomize_images(
@@ -162,7 +168,7 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
             )
             held_rows = _rows(held, test.labels[held_idx], names)
         nodes[name] = node
-        jobs[name] = {"labeled": labeled, "held_out": held_rows, "timeout": 120}
+        jobs[name] = {"held_out": held_rows, "timeout": 120}
 
     start = _student_npz(found.bundle.parent, tmp_path / "student.npz")
     started = hub.cli_json(
@@ -237,3 +243,23 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
         assert status["personal_head"]["sent"] is False
         assert status["personal_head"]["trained_round"] == started["round"]
         assert "serves a personalised head" in node.cli("status").stdout
+
+    # The running nodes serve the same: each PACS sends the same studies, each node's SR scores are its own.
+    served = {"clinic-unseen": served_u, "clinic-e": served_e}
+    pick = [int(i) for i in np.argsort(-np.abs(served_u - served_e))[:3]]
+    files = [Path(held_rows[i]["path"]) for i in pick]
+    for name, node in nodes.items():
+        node.start()
+        try:
+            sent = storescu(node.port, files)
+            assert sent.returncode == 0, sent.stderr
+            node.wait_idle()
+            for i in pick:
+                rows = node.query(
+                    "SELECT score FROM findings WHERE sop_instance_uid = ?", (held_rows[i]["sop"],)
+                )
+                assert len(rows) == 1, (name, rows)
+                assert float(str(rows[0][0])) == pytest.approx(served[name][i], abs=1e-5)
+            assert "serving a personalised head" in node.log_text()
+        finally:
+            node.stop()

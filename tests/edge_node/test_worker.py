@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_node.delivery.destination import Destination
 from edge_node.delivery.outbox import Outbox
-from edge_node.delivery.sender import Sender, backoff_seconds
+from edge_node.delivery.sender import LINGER_SECONDS, Sender, backoff_seconds
 from edge_node.inference.model_slot import ModelSlot
 from edge_node.ingest.spool import Spool
 from edge_node.state.node_state import NodeState
@@ -75,7 +75,9 @@ def test_study_is_analysed_recorded_and_sent(
     assert summary.model is not None and summary.model.startswith(node.models.current().model_id)  # type: ignore[union-attr]
     findings = node.store.db.query("SELECT COUNT(*) FROM findings")[0][0]
     assert findings == 3
-    assert node.sender.step() is None  # everything sent, nothing to retry
+    # Everything sent, nothing to retry: the sender sleeps until its association's linger ends (then None).
+    assert 0 < (node.sender.step() or 0) <= LINGER_SECONDS
+    node.sender.close_links()
     assert node.store.status.counts()["outbox_sent"] > 0 and node.store.status.counts()["outbox_pending"] == 0
     assert node.store.status.recent_studies()[0].results == "sent"
     received = {p.name.split(".", 1)[1] for p in pacs.files()}
@@ -199,3 +201,24 @@ def test_results_are_private_and_a_skipped_run_leaves_no_directory(
     assert node.receive(make_ct_instances(tmp_path / "ct", 1)) == 1
     assert node.worker.step() == 0.0
     assert len(list((tmp_path / "node" / "results").iterdir())) == 1
+
+
+def test_ready_studies_go_through_together_in_bounded_batches(
+    tmp_path: Path, test_bundle: TrustedBundle
+) -> None:
+    node = Node(tmp_path / "node", test_bundle, [Destination("PACS", "127.0.0.1", free_port())])
+    node.models.install(test_bundle.bundle)
+    node.worker.config.batch_max = 3
+    for i in range(4):
+        assert node.receive(make_ct_instances(tmp_path / f"dx{i}", 2, source=DX)) == 1
+    assert node.receive(make_ct_instances(tmp_path / "ct", 1)) == 1  # refused by this CR/DX model
+    assert node.worker.step() == 0.0
+    assert len(node.store.db.query("SELECT id FROM runs")) == 3  # the first batch: three studies
+    assert node.worker.step() == 0.0
+    states = sorted(str(r[0]) for r in node.store.db.query("SELECT state FROM studies"))
+    assert states == ["done", "done", "done", "done", "skipped"]
+    assert node.store.db.query("SELECT COUNT(*) FROM findings")[0][0] == 4 * 2
+    # One SR per done study, each in its own run's directory; the skipped one left none.
+    assert node.store.db.query("SELECT COUNT(DISTINCT run_id) FROM outbox")[0][0] == 4
+    assert len(list((tmp_path / "node" / "results").iterdir())) == 4
+    assert node.worker.step() is None

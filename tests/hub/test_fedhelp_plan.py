@@ -3,10 +3,16 @@ train on it (FedHelp's small clients, every HSL client), never asked back."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from edge_node.protocol.tensors import decode_tensors
+from hub.cli import app
 from hub.fl.errors import StrategyConfigError
 from hub.models.registry import create_model
 from hub.rounds.plan import PUBLIC_PREFIX, build_plan
@@ -69,3 +75,19 @@ def test_hsl_ships_the_anchor_set_to_every_client() -> None:
 def test_large_clients_must_take_part() -> None:
     with pytest.raises(StrategyConfigError, match="not among the clients"):
         build_plan("fedhelp", {"large_clients": "n-z"}, _start(), ["n-a"])
+
+
+def test_the_public_set_command_writes_what_a_round_ships(tmp_path: Path) -> None:
+    out = tmp_path / "public.npz"
+    args = ["data", "public", "--out", str(out), "--size", "48", "--epochs", "1", "--format", "json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["images"] == 48
+    arrays = decode_tensors(out.read_bytes())
+    assert arrays["x"].shape == (48, 1, 28, 28) and arrays["soft_labels"].shape == (48, 2)
+    public = {PUBLIC_PREFIX + k: v for k, v in arrays.items()}
+    plan = build_plan("fedhelp", {}, {**_start(), **public}, ["n-a"])
+    (task,) = plan.tasks(1, ["n-a"])
+    np.testing.assert_array_equal(task.params[PUBLIC_PREFIX + "soft_labels"], arrays["soft_labels"])
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "already exists" in again.output

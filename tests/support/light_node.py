@@ -2,11 +2,12 @@
 
     python -m tests.support.light_node EDGE_TOML JOB_JSON OUT_JSON
 
-JOB_JSON: ``labeled`` and ``held_out`` lists of {path, label, sop, study}, ``timeout`` seconds. The node
-opens its own database, model slot and uplink exactly as ``fedclinic-edge serve`` does, answers the hub's
-open head_delta task from the labeled instances over HTTPS, sends the update, then scores the held-out
-instances with the model it now serves (backbone + shared head + its personal head) and without the
-personal head. OUT_JSON gets the scores, labels and the held-out embeddings' file for the hub-side check.
+JOB_JSON: ``held_out``, a list of {path, label, sop, study}, and ``timeout`` seconds. The node opens its
+own database, model slot, label store and uplink exactly as ``fedclinic-edge serve`` does, answers the
+hub's open head_delta task from the labels in its store (``fedclinic-edge labels import``) over HTTPS,
+sends the update, then scores the held-out instances with the model it now serves (backbone + shared head
++ its personal head) and without the personal head. OUT_JSON gets the scores and labels, and a file beside
+it the held-out embeddings, for the hub-side check.
 """
 
 from __future__ import annotations
@@ -40,13 +41,11 @@ def main(config: Path, job_path: Path, out_path: Path) -> int:
     loop = sync_loop_for(settings, slot, state)
     if loop is None or loop.learners is None:
         raise SystemExit("the node is not enrolled")
-    labeled = _instances(job["labeled"])
-    loop.learners.labeled = lambda: labeled
     deadline = time.time() + float(job["timeout"])
     answered = 0
     while answered == 0 and time.time() < deadline:
         answered = loop.pull_tasks(wait_seconds=2.0)
-        if loop._skipped:  # a refusal or skip is the answer this run reports
+        if loop.skipped:  # a refusal or skip is the answer this run reports
             break
     sent = loop.flush_outbox()
     model = slot.current()
@@ -62,7 +61,7 @@ def main(config: Path, job_path: Path, out_path: Path) -> int:
     out = {
         "answered": answered,
         "sent": sent,
-        "skipped": dict(loop._skipped),
+        "skipped": loop.skipped,
         "personal": personal is not None,
         "labels": held.y.tolist(),
         "served": served.tolist(),

@@ -14,8 +14,11 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from edge_node.errors import ConfigError
 from edge_node.ingest.listener import Listener, ListenerConfig
 from edge_node.ingest.spool import Spool
+from edge_node.node import Node
+from edge_node.settings import load_settings
 from edge_node.state.node_state import NodeState
 from tests.edge_node.conftest import acknowledged_files, echoscu, make_ct_instances, storescu
 
@@ -118,4 +121,28 @@ def test_floods_from_one_address_leave_the_pacs_answered(
 def test_listener_settings_reach_pynetdicom(listener: Listener) -> None:
     ae = listener._ae
     assert (ae.maximum_associations, ae.acse_timeout, ae.network_timeout) == (6, 2.0, 4.0)
+    assert ae.maximum_pdu_size == 1024 * 1024  # bounded by default, never 0 (unlimited)
     logging.getLogger(__name__).debug("settings %s", ae.dimse_timeout)
+
+
+def test_the_node_passes_its_listener_settings_through(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        data_dir=tmp_path / "data",
+        port=0,
+        max_pdu_bytes=65536,
+        max_associations=7,
+        max_associations_per_peer=2,
+        network_timeout_s=12.0,
+    )
+    node = Node(settings)
+    try:
+        config = node.listener.config
+        assert (config.max_pdu, config.max_associations, config.max_associations_per_peer) == (65536, 7, 2)
+        assert node.listener._ae.maximum_pdu_size == 65536
+        assert config.network_timeout == 12.0
+    finally:
+        node.state.close()
+    # 0 would mean unlimited in DICOM: refused, naming the key.
+    with pytest.raises(ConfigError, match="max_pdu_bytes"):
+        load_settings(None, data_dir=tmp_path / "data", max_pdu_bytes=0)

@@ -8,14 +8,16 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import generate_uid
-from pynetdicom import AE, _config
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, _config
+from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from edge_node.ingest.listener import (
@@ -51,10 +53,24 @@ class Running:
         return self.listener.address[1]
 
 
-def _start(tmp_path: Path, *, max_instance_bytes: int = 10**8, allowed: list[str] | None = None) -> Running:
+def _start(
+    tmp_path: Path,
+    *,
+    max_instance_bytes: int = 10**8,
+    allowed: list[str] | None = None,
+    network_timeout: float = 30.0,
+    max_pdu: int = 1024 * 1024,
+) -> Running:
     store = NodeState.open(tmp_path / "edge.sqlite3")
     spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=max_instance_bytes, min_free_bytes=0)
-    config = ListenerConfig("EDGE", "127.0.0.1", 0, allowed_calling_aes=allowed)
+    config = ListenerConfig(
+        "EDGE",
+        "127.0.0.1",
+        0,
+        allowed_calling_aes=allowed,
+        network_timeout=network_timeout,
+        max_pdu=max_pdu,
+    )
     running: Running
 
     def completed() -> None:
@@ -117,10 +133,44 @@ def test_an_idle_association_polls_slowly_until_it_receives_again(edge: Running)
         acceptor = server.active_associations[0]
         time.sleep(0.8)  # more than two sweeps without a PDU
         assert acceptor.dul._run_loop_delay == IDLE_DUL_LOOP_DELAY_S
-        assert int(assoc.send_c_echo().Status) == 0  # answered, at most one slow poll late
+        # The association loop is parked on pynetdicom's checkpoint (no 1 ms wake-ups) ...
+        assert not acceptor._reactor_checkpoint.is_set()
+        assert acceptor._is_paused
+        # ... and runs again for the next PDU: answered, at most one slow poll late.
+        assert int(assoc.send_c_echo().Status) == 0
         assert acceptor.dul._run_loop_delay == DUL_LOOP_DELAY_S
+        assert acceptor._reactor_checkpoint.is_set()
+        assert int(assoc.send_c_echo().Status) == 0
     finally:
         assoc.release()
+    # A release reaches a parked loop too: the acceptor is gone, not left waiting.
+    deadline = time.monotonic() + 5
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.active_associations
+
+
+def test_a_parked_idle_association_still_ends_at_the_network_timeout(tmp_path: Path) -> None:
+    running = _start(tmp_path, network_timeout=1.0)
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert assoc.is_established
+        server = running.listener._server
+        assert server is not None
+        time.sleep(0.6)  # parked by now
+        assert server.active_associations and not server.active_associations[0]._reactor_checkpoint.is_set()
+        deadline = time.monotonic() + 5
+        while (server.active_associations or assoc.is_established) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # pynetdicom's own loop, woken by the pacer, aborted it (network_timeout_response A-ABORT).
+        assert not server.active_associations
+        assert assoc.is_aborted
+        assert echoscu(running.port)
+    finally:
+        running.listener.stop()
+        running.store.close()
 
 
 def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path) -> None:
@@ -135,6 +185,27 @@ def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path
         ds = pydicom.dcmread(f)
         spooled = edge.listener.spool.path_for(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
         assert pydicom.dcmread(spooled).PixelData == ds.PixelData
+
+
+def test_the_spooled_file_is_the_data_set_as_sent_behind_pynetdicoms_file_meta(edge: Running) -> None:
+    ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")  # explicit VR little endian
+    for sop_instance in (generate_uid(), "1.2.3.45"):  # odd and even UID lengths: padding in the meta
+        ds.SOPInstanceUID = sop_instance
+        assert _scu(edge.port, ds) == 0
+        (row,) = edge.store.db.query("SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance,))
+        spooled = Path(row["path"]).read_bytes()
+        meta = create_file_meta(
+            sop_class_uid=UID(str(ds.SOPClassUID)),
+            sop_instance_uid=UID(sop_instance),
+            transfer_syntax=ExplicitVRLittleEndian,
+        )
+        # After the spool's own preamble: exactly what pynetdicom's encoded_dataset(include_meta=True) gives.
+        dataset = encode(ds, False, True)
+        assert dataset is not None
+        assert spooled[128:] == b"DICM" + encode_file_meta(meta) + dataset
+        read = pydicom.dcmread(BytesIO(spooled))
+        assert read.file_meta.ImplementationClassUID == PYNETDICOM_IMPLEMENTATION_UID
+        assert read.PixelData == ds.PixelData
 
 
 def test_missing_uid_is_cannot_understand_and_listener_lives(edge: Running) -> None:
@@ -266,3 +337,68 @@ def test_deep_nesting_and_unknown_vr_are_cannot_understand_in_one_line(
     ]
     assert len(refusals) == 2 and not any(r.exc_info for r in caplog.records)
     assert "Traceback" not in caplog.text
+
+
+def test_the_max_pdu_is_announced_and_a_conforming_sender_stores_through_it(tmp_path: Path) -> None:
+    running = _start(tmp_path, max_pdu=16384)
+    try:
+        ds = pydicom.dcmread(make_ct_instances(tmp_path / "ct", 1)[0])  # ~0.5 MB: 33 PDUs of 16 KiB
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert assoc.is_established
+        try:
+            assert assoc.acceptor.maximum_length == 16384
+            assert int(assoc.send_c_store(ds).Status) == 0
+        finally:
+            assoc.release()
+        assert running.store.status.counts()["instances"] == 1
+    finally:
+        running.listener.stop()
+        running.store.close()
+
+
+def _pdu_header(pdu_type: int, length: int) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, length)
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_pdu_longer_than_the_max_closes_the_connection_unread(
+    edge: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Inside an association: a P-DATA-TF header claiming 1 GiB, then a trickle of its body.
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE")
+    assert assoc.is_established
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+    raw = assoc.dul.socket.socket
+    server = edge.listener._server
+    assert server is not None
+    acceptor = server.active_associations[0]
+    with caplog.at_level(logging.WARNING, logger="edge_node.ingest.pdu_limit"):
+        raw.sendall(_pdu_header(0x04, 1 << 30) + bytes(4096))
+        deadline = time.monotonic() + 5
+        while acceptor.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not acceptor.is_alive(), "the acceptor should have ended the association"
+    assert any("claims 1073741824 bytes (limit 1048576)" in r.getMessage() for r in caplog.records)
+    assoc.abort()
+
+    # Before any association: an A-ASSOCIATE-RQ header claiming 64 MiB.
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        s.sendall(_pdu_header(0x01, 64 << 20) + bytes(1024))
+        assert _closed_by_peer(s, within=5.0)
+    assert echoscu(edge.port)
+    assert edge.store.status.counts()["instances"] == 0

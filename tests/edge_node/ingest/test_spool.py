@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
+from pydicom.uid import generate_uid
 
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolFullError
-from edge_node.ingest.part10 import _read_header, _scan_header, _Unscannable, parse_header, part10_stream
+from edge_node.ingest.part10 import _read_header, _scan_header, _Unscannable, parse_header
 from edge_node.ingest.spool import POOL_BATCH, Spool
 from edge_node.state.node_state import NodeState
 from edge_node.state.status_queries import StatusQueries
@@ -61,30 +59,6 @@ def test_pool_refills_in_batches(spool: Spool, ct: pydicom.Dataset) -> None:
         spool.put(_bytes(ct), calling_ae="A")
     assert len(list(spool.pool_dir.iterdir())) == POOL_BATCH - 1
     assert StatusQueries(spool.records.db).counts()["instances"] == POOL_BATCH + 1
-
-
-def test_part10_stream_matches_pydicom_file_meta(ct: pydicom.Dataset) -> None:
-    dataset = encode(ct, False, True)  # CT_small is explicit VR little endian
-    assert dataset is not None
-    for sop_instance in (str(ct.SOPInstanceUID), "1.2.3.45"):  # odd and even lengths: padding
-        stream = part10_stream(
-            dataset,
-            sop_class_uid=str(ct.SOPClassUID),
-            sop_instance_uid=sop_instance,
-            transfer_syntax=ExplicitVRLittleEndian,
-            implementation_uid=PYNETDICOM_IMPLEMENTATION_UID,
-            implementation_version=PYNETDICOM_IMPLEMENTATION_VERSION,
-        )
-        meta = create_file_meta(
-            sop_class_uid=UID(str(ct.SOPClassUID)),
-            sop_instance_uid=UID(sop_instance),
-            transfer_syntax=ExplicitVRLittleEndian,
-        )
-        # Byte for byte what pynetdicom's ``Event.encoded_dataset(include_meta=True)`` builds.
-        assert stream == bytes(128) + b"DICM" + encode_file_meta(meta) + dataset
-        read = pydicom.dcmread(BytesIO(stream))
-        assert read.file_meta.MediaStorageSOPInstanceUID == sop_instance
-        assert read.PixelData == ct.PixelData
 
 
 def test_resend_overwrites_the_same_file(spool: Spool, ct: pydicom.Dataset) -> None:

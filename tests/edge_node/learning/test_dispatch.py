@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.console import Console
 
 from edge_node.errors import ModelError
 from edge_node.inference.backend import CPU
@@ -21,8 +22,11 @@ from edge_node.learning.examples import training_set_from
 from edge_node.learning.training_set import LabeledInstance
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import Task, TaskState, TensorShape
+from edge_node.settings import load_settings
 from edge_node.state.database import Database
 from edge_node.state.model_registry import ModelRegistry
+from edge_node.state.node_state import NodeState
+from edge_node.status_report import StatusReport
 from edge_node.uplink.tasks import LocalStats, TaskError
 from hub.data.dicomize import dicomize_images
 from hub.data.medmnist import load_medmnist
@@ -138,6 +142,14 @@ def test_head_delta_sends_the_shared_delta_and_the_node_serves_its_personal_head
     for sent in got.tensors.values():
         for secret in (saved.weight, saved.bias):
             assert sent.shape != secret.shape or not np.allclose(sent, secret, atol=1e-6)
+    # Public logits come from the shared model alone: the personal head cannot leak through them either.
+    anchors = x[:8]
+    logits_task = _task(model, UpdateKind.PUBLIC_LOGITS).model_copy(
+        update={"expected": [TensorShape(name="logits", shape=[8, 1], dtype="float32")]}
+    )
+    public = answer(logits_task, {"inputs": anchors}, served, NO_STATS, learners)
+    own_logits, _ = served.logits_and_embedding(anchors)
+    np.testing.assert_array_equal(public.tensors["logits"], own_logits.astype(np.float32))
     # The same task, labels and seed give the same update.
     again = answer(
         _task(model),
@@ -252,3 +264,32 @@ def test_a_head_that_does_not_fit_the_new_bundle_is_retired(slot: ModelSlot, tmp
     assert _model(slot).personal is None
     note = store.retired()
     assert note is not None and "trained for model another-model" in str(note["reason"])
+
+
+def test_status_says_what_the_personal_head_is(slot: ModelSlot, tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path)
+    state = NodeState.open(settings.db_path)  # the slot's database: the same node
+    model = _model(slot)
+    head = model.head
+    assert head is not None
+    store = PersonalHeadStore(tmp_path / "learning")
+    assert StatusReport.collect(settings, state, 5).personal_head is None
+    store.save(PersonalHead(np.ones(head.weight.shape), np.zeros(head.bias.shape), model.model_id, 7, "t"))
+    report = StatusReport.collect(settings, state, 5)
+    assert report.personal_head == {
+        "state": "serving",
+        "trained_round": 7,
+        "trained_at": "t",
+        "model_id": model.model_id,
+        "sent": False,
+    }
+    console = Console(record=True, width=200)
+    report.print_text(console)
+    assert "serves a personalised head (trained in round 7 at t, never sent)" in console.export_text()
+    store.retire("a new bundle: it was trained for model x")
+    report = StatusReport.collect(settings, state, 5)
+    assert report.personal_head is not None and report.personal_head["state"] == "retired"
+    console = Console(record=True, width=200)
+    report.print_text(console)
+    assert "retired (a new bundle: it was trained for model x)" in console.export_text()
+    state.close()

@@ -168,7 +168,7 @@ def test_a_dead_process_s_aggregation_is_taken_over_after_its_lease(
         body = UpdateSubmission(
             task_id=task.task_id, envelope=envelope, payload_b64=base64.b64encode(payload).decode()
         )
-        rc._submit(node, task.task_id, body)  # stored, but this "process" dies before closing the round
+        rc.intake.accept(node, task.task_id, body)  # stored, but this "process" dies before closing the round
     with db.session() as session:  # it had claimed the aggregation just now
         session.execute(
             update(Round)
@@ -240,3 +240,40 @@ def test_the_next_round_starts_from_the_state_the_last_one_saved(db: Database, s
         saved = session.get(Round, info.round_id)
         assert saved is not None and saved.strategy_state is not None
         np.testing.assert_array_equal(decode_tensors(saved.strategy_state)["w"], np.full(3, 2.0))
+
+
+def test_the_aggregate_uses_tensors_decoded_at_intake_only_when_they_match_the_store(
+    db: Database, settings: HubSettings
+) -> None:
+    nodes = enroll(db, 2)
+    with db.session() as session:
+        art = store_tensors(session, {"w": np.ones((2, 2), np.float32)})
+    rc = RoundController(db, settings)
+    info = rc.start(RoundStart(strategy="fedavg", model_artifact=art, deadline_s=60), actor="t")
+    first, second = nodes
+    (task,) = rc.open_tasks(first)
+    assert answer(rc, task, first, {"w": np.full((2, 2), 0.5, np.float32)})
+    kept = rc.intake.decoded
+    assert kept is rc.closer.decoded and kept.nbytes == 16  # decoded once, kept for the aggregation
+    # A kept entry whose sha256 is not the stored row's is never used: the store is the truth.
+    kept.keep(info.round_id, first, "0" * 64, {"w": np.full((2, 2), 99.0, np.float32)})
+    (task,) = rc.open_tasks(second)
+    assert answer(rc, task, second, {"w": np.full((2, 2), 1.5, np.float32)})
+    assert rc.info(info.round_id).state is RoundState.PUBLISHED
+    assert kept.nbytes == 0  # taken by the aggregation
+    np.testing.assert_allclose(rc.result(info.round_id)["w"], np.full((2, 2), 2.0, np.float32))
+
+
+def test_decoded_updates_are_bounded_in_bytes_and_rounds() -> None:
+    from hub.rounds.decoded_updates import DecodedUpdates
+
+    tensors = {"w": np.zeros(4, np.float32)}  # 16 bytes
+    kept = DecodedUpdates(max_rounds=2, max_bytes=40)
+    kept.keep("r1", "a", "s", tensors)
+    kept.keep("r1", "b", "s", tensors)
+    kept.keep("r1", "c", "s", tensors)  # over 40 bytes: not kept, the aggregation decodes it from the store
+    assert set(kept.take("r1")) == {"a", "b"} and kept.nbytes == 0
+    for r in ("r1", "r2", "r3"):
+        kept.keep(r, "a", "s", tensors)
+    assert kept.take("r1") == {}  # the oldest round was forgotten when the third began
+    assert set(kept.take("r3")) == {"a"} and set(kept.take("r2")) == {"a"} and kept.nbytes == 0

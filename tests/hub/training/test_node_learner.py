@@ -189,6 +189,9 @@ def test_a_task_the_learner_cannot_take_is_refused_with_the_reason(
     (task,) = strategy.configure_round(1, [CLIENT_ID])  # a small client: needs the public set
     with pytest.raises(TaskError, match="public set"):
         ExternalLearner(LEARN, tmp_path / "w").answer(_wire_task(task, "fedhelp"), task.params, hospital)
+    unknown = _wire_task(task, "fedhelp").model_copy(update={"config": {**task.config, "model": "nope"}})
+    with pytest.raises(TaskError, match="unknown model 'nope'"):
+        ExternalLearner(LEARN, tmp_path / "w").answer(unknown, task.params, hospital)
     labels3 = TrainingSet(x=hospital.x[:4], y=np.array([0, 1, 2, 1]), sop_instance_uids=("a", "b", "c", "d"))
     with pytest.raises(TaskError, match="labels must be 0 or 1"):
         ExternalLearner(LEARN, tmp_path / "w").answer(_wire_task(task, "fedhelp"), task.params, labels3)
