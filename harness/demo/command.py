@@ -26,9 +26,9 @@ from harness.demo.student import train_public_student
 from hub.commands.export_bundle import build_bundle
 from hub.training.checkpoint import load_checkpoint
 
-#: --strategy: the hospitals' torch rounds (then the small clinics' head_avg rounds), head_avg for all
-#: four clinics, or stats (counts only: no new model).
-STRATEGIES = ("fedavg", "fedprox", "head_avg", "stats")
+#: --strategy: head_avg for all four clinics (the default), the hospitals' torch rounds then the small
+#: clinics' head_avg rounds, or stats (counts only: no new model).
+STRATEGIES = ("head_avg", "fedavg", "fedprox", "stats")
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,10 @@ def demo(
         str,
         typer.Option(
             "--strategy",
-            help="fedavg / fedprox: hospitals train the student with torch, then small clinics train heads "
-            "(head_avg); head_avg: all four with the light learner; stats: counts only, no new model.",
+            help="head_avg: all four clinics train heads with the light learner; fedavg / fedprox: hospitals "
+            "train the student with torch, then small clinics train heads; stats: counts only, no new model.",
         ),
-    ] = "fedavg",
+    ] = "head_avg",
     seed: Annotated[int, typer.Option("--seed", help="Partition, profiles and training seed.")] = 0,
 ) -> None:
     """A hub and four clinic nodes with their own Orthanc PACS, as separate processes on this machine.
