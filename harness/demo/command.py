@@ -44,7 +44,7 @@ class DemoSize:
 
 
 FULL = DemoSize(max_studies=120, held_out=120, student_epochs=10, rounds=3, labeled=0.8)
-QUICK = DemoSize(max_studies=40, held_out=120, student_epochs=6, rounds=1, labeled=0.8)
+QUICK = DemoSize(max_studies=80, held_out=120, student_epochs=10, rounds=2, labeled=0.8)
 
 
 def _auc(value: float) -> str:
@@ -287,7 +287,7 @@ def demo(
             plan.next_student(last, second, "1.2.0")
         final = plan.version
         if final is not None:
-            console.print(Rule(f"7. clinics: each PACS sends its held-out studies again ({final})"))
+            console.print(Rule(f"clinics: each PACS sends its held-out studies again ({final})"))
             with console.status("PACS → node → SR back in the PACS, four clinics at once"):
                 for name, sent in fed.send("held-out", workdir / "studies-after").items():
                     outcomes[name].after = sent
