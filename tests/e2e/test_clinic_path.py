@@ -57,7 +57,9 @@ def _independent_scores(images: np.ndarray, manifest: Manifest, model_path: Path
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {session.get_inputs()[0].name: batch})
+    # A bundle with an embedding output has two; the score comes from the prediction output.
+    output = manifest.head.prediction_output if manifest.head is not None else session.get_outputs()[0].name
+    (logits,) = session.run([output], {session.get_inputs()[0].name: batch})
     return np.asarray(1.0 / (1.0 + np.exp(-logits[:, 0].astype(np.float64))))
 
 
