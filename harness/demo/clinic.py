@@ -47,7 +47,10 @@ def _toml(values: dict[str, Any]) -> str:
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines = []
+    tables = {k: v for k, v in values.items() if isinstance(v, dict)}
     for key, value in values.items():
+        if isinstance(value, dict):
+            continue  # a [section], written after the top-level keys as TOML requires
         if isinstance(value, list):
             items = [
                 "{" + ", ".join(f"{k} = {scalar(x)}" for k, x in v.items()) + "}"
@@ -58,6 +61,9 @@ def _toml(values: dict[str, Any]) -> str:
             lines.append(f"{key} = [{', '.join(items)}]")
         else:
             lines.append(f"{key} = {scalar(value)}")
+    for name, table in tables.items():
+        lines.append(f"\n[{name}]")
+        lines.extend(_toml(table).splitlines())
     return "\n".join(lines) + "\n"
 
 
@@ -129,6 +135,14 @@ class EdgeNode:
         report: dict[str, Any] = json.loads(done.stdout)
         return report
 
+    def updates(self) -> dict[str, Any]:
+        """``fedclinic-edge updates --format json``: each update that left the clinic, with its bytes."""
+        done = self.cli("updates", "--format", "json")
+        if done.returncode != 0:
+            raise RuntimeError(f"fedclinic-edge updates failed:\n{done.stdout}\n{done.stderr}")
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report
+
 
 def table_rows(text: str) -> list[list[str]]:
     """The body rows of a rich table in ``text`` as lists of cell texts (header and rules left out)."""
@@ -148,41 +162,59 @@ class Clinic:
     """Orthanc + an edge node wired both ways; ``start()`` returns when Orthanc can C-ECHO the node."""
 
     workdir: Path
-    bundle: BundleFiles
+    #: A signed bundle installed before the node starts (a stand-alone clinic), or None.
+    bundle: BundleFiles | None = None
     secondary_capture: bool = True
     ae_title: str = "EDGE"
+    #: A join code from ``fedclinic-hub nodes enroll``: the node enrolls before it starts and pulls its model.
+    join_code: str | None = None
+    #: Seconds of quiet after a study's last instance before the node analyses it.
+    quiet_seconds: float = 5.0
+    #: More edge settings: top-level keys, or TOML sections as dicts (``{"learning": {...}}``).
+    extra_settings: dict[str, Any] = field(default_factory=dict)
     orthanc: Orthanc = field(init=False)
     edge: EdgeNode = field(init=False)
+    page_port: int = field(init=False, default=0)
+
+    @property
+    def page_url(self) -> str:
+        """The node's clinician page (loopback only: no password is set)."""
+        return f"http://127.0.0.1:{self.page_port}"
 
     def start(self, timeout: float = 60.0) -> Clinic:
         self.workdir = self.workdir.resolve()
         self.orthanc = Orthanc(workdir=self.workdir / "orthanc").start()
         port = free_port()
-        self.edge = EdgeNode(
-            root=self.workdir / "edge",
-            port=port,
-            settings={
-                "ae_title": self.ae_title,
-                "host": "127.0.0.1",
-                "port": port,
-                "data_dir": str(self.workdir / "edge" / "data"),
-                "providers": ["CPUExecutionProvider"],
-                "intra_op_threads": 1,
-                "trusted_keys": str(self.bundle.public_key),
-                "send_secondary_capture": self.secondary_capture,
-                "destinations": [
-                    {"ae_title": self.orthanc.aet, "host": "127.0.0.1", "port": self.orthanc.dicom_port}
-                ],
-                "quiet_seconds": 5.0,
-                "send_retry_base_seconds": 1.0,
-                "log_level": "INFO",
-            },
-        )
+        self.page_port = free_port()
+        settings: dict[str, Any] = {
+            "ae_title": self.ae_title,
+            "host": "127.0.0.1",
+            "port": port,
+            "data_dir": str(self.workdir / "edge" / "data"),
+            "providers": ["CPUExecutionProvider"],
+            "intra_op_threads": 1,
+            "send_secondary_capture": self.secondary_capture,
+            "destinations": [
+                {"ae_title": self.orthanc.aet, "host": "127.0.0.1", "port": self.orthanc.dicom_port}
+            ],
+            "quiet_seconds": self.quiet_seconds,
+            "send_retry_base_seconds": 1.0,
+            "log_level": "INFO",
+            "page_port": self.page_port,
+        }
+        settings.update(self.extra_settings)
+        if self.bundle is not None:
+            settings["trusted_keys"] = str(self.bundle.public_key)
+        self.edge = EdgeNode(root=self.workdir / "edge", port=port, settings=settings)
         self.edge.write_config()
-        installed = self.edge.cli("install-bundle", str(self.bundle.bundle))
-        if installed.returncode != 0:
-            self.orthanc.stop()
-            raise RuntimeError(f"install-bundle failed:\n{installed.stdout}\n{installed.stderr}")
+        steps = [("install-bundle", str(self.bundle.bundle))] if self.bundle is not None else []
+        if self.join_code is not None:
+            steps.append(("enroll", self.join_code))
+        for step in steps:
+            done = self.edge.cli(*step)
+            if done.returncode != 0:
+                self.orthanc.stop()
+                raise RuntimeError(f"fedclinic-edge {step[0]} failed:\n{done.stdout}\n{done.stderr}")
         self.orthanc.put_modality("edge", Modality(self.ae_title, "127.0.0.1", port))
         self.edge.start()
         deadline = time.monotonic() + timeout

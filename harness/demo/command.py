@@ -1,103 +1,297 @@
-"""`fedclinic-lab demo`: the whole product on real data, from training to results in the clinics' PACS."""
+"""`fedclinic-lab demo`: a hub and four clinics as separate processes, from the first model to the table."""
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.rule import Rule
+from rich.table import Table
 
-from export.signing import create_keypair
-from harness.demo.clinic import BundleFiles
-from harness.demo.run import DATASET, deploy_and_run, results_table, skipped_lines
-from harness.flbench.benchmark import BenchSpec, run_benchmark
-from harness.flbench.command import RichBenchProgress, print_summary
-from harness.flbench.methods import BenchConfig
+from edge_node.protocol.tensors import encode_tensors
+from harness.demo.cohort import DATASET, ClinicSite, build_cohort
+from harness.demo.federation import ClinicOutcome, Federation, running_federation
+from harness.demo.hub import HubError
+from harness.demo.student import train_public_student
 from hub.commands.export_bundle import build_bundle
-from hub.training.supervised import TrainConfig, train_supervised
+from hub.training.checkpoint import load_checkpoint
 
-#: The federation the demo simulates: every strategy on the same six clinics, one seed, a short budget.
-DEMO_METHODS = ("local", "central", "fedavg", "fedbn", "hsl", "fedhelp", "pfednet")
+#: --strategy: head_avg for all four clinics (the default), the hospitals' torch rounds then the small
+#: clinics' head_avg rounds, or stats (counts only: no new model).
+STRATEGIES = ("head_avg", "fedavg", "fedprox", "stats")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much data flows: hospitals' studies are capped so that the PACS traffic fits the time budget."""
+
+    max_studies: int  # per hospital (the small clinics send all theirs: tens)
+    held_out: int  # per clinic, sent before and after the rounds
+    student_epochs: int
+    rounds: int
+    #: Share of each clinic's own studies a clinician confirms (they become labels).
+    labeled: float
+
+
+FULL = DemoSize(max_studies=120, held_out=120, student_epochs=10, rounds=3, labeled=0.8)
+QUICK = DemoSize(max_studies=80, held_out=120, student_epochs=10, rounds=2, labeled=0.8)
+
+
+def _auc(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
+def outcome_table(outcomes: Sequence[ClinicOutcome]) -> Table:
+    table = Table(title="the federation: each clinic's held-out studies through its PACS, before and after")
+    columns = (
+        "clinic",
+        "role",
+        "studies processed",
+        "labels",
+        "held-out",
+        "AUC before",
+        "AUC after",
+        "update bytes sent",
+        "rounds joined",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("clinic", "role") else "right")
+    for o in outcomes:
+        table.add_row(
+            o.site.name,
+            "hospital" if o.site.hospital else "small clinic",
+            str(o.studies_processed),
+            str(o.labels),
+            str(len(o.before)),
+            _auc(o.auc_before),
+            _auc(o.auc_after),
+            f"{o.update_bytes:,}",
+            str(o.rounds_joined),
+        )
+    return table
+
+
+def _collect_updates(fed: Federation, outcomes: dict[str, ClinicOutcome]) -> None:
+    processed = fed.processed()
+    for name, rows in fed.updates().items():
+        sent = [r for r in rows if r["state"] == "sent"]
+        outcomes[name].update_bytes = sum(int(r["payload_bytes"]) for r in sent)
+        outcomes[name].rounds_joined = len({r["round"] for r in sent})
+        outcomes[name].studies_processed = processed[name]
+
+
+def _clinic_settings(site: ClinicSite) -> dict[str, Any]:
+    """Hospitals run the torch learner (``fedclinic-learn``, out of process); every node takes rounds of two,
+    since the demo's rounds are the two hospitals or the two small clinics."""
+    settings: dict[str, Any] = {"privacy": {"min_cohort": 2}}
+    if site.hospital:
+        settings["learning"] = {"torch_command": [sys.executable, "-m", "hub.training.node_learner"]}
+    return settings
+
+
+def _student_tensors(checkpoint: Path, out: Path) -> Path:
+    """The student's state dict as npz: the starting tensors of the first learning round."""
+    model = load_checkpoint(checkpoint).build_model()
+    out.write_bytes(encode_tensors({k: v.detach().numpy() for k, v in model.state_dict().items()}))
+    return out
+
+
+#: Local epochs of the hospitals' torch learner in a weights round (their labeled studies: tens to ~100).
+HOSPITAL_EPOCHS = 3
+
+
+@dataclass
+class FederationPlan:
+    """The operator's side of the learning: rounds over the wire, then the next student from the last one."""
+
+    fed: Federation
+    console: Console
+    workdir: Path
+    count: int
+    version: str | None = None
+
+    def rounds(
+        self, strategy: str, nodes: list[str], start: Path | None, config: list[str], title: str
+    ) -> int:
+        """``count`` rounds of ``strategy`` among ``nodes``, the first from ``start`` (npz tensors), each next
+        one from the last one's result (the hub's default); returns the last round's number."""
+        self.console.print(Rule(f"{title} ({self.count} round(s) over the wire)"))
+        last = 0
+        node_args = [x for n in nodes for x in ("--node", n)]
+        for r in range(self.count):
+            model = ["--model", str(start)] if r == 0 and start is not None else []
+            opened = self.fed.hub.start_round(
+                strategy, *model, *config, *node_args, "-k", str(len(nodes)), "--deadline", "600"
+            )
+            with self.console.status(f"round {opened['round']}: the nodes train and send their updates"):
+                done = self.fed.hub.wait_round(opened["round_id"], timeout=700)
+            self.console.print(
+                f"round {done['round']} ({done['strategy']}, {done['kind']}): {done['state']}, "
+                f"{done['accepted']} of {len(done['nodes'])} updates accepted"
+                + (f" ({done['reason']})" if done.get("reason") else "")
+            )
+            if done["state"] != "published":
+                raise HubError(f"round {done['round']} ended {done['state']}: {done.get('reason')}")
+            last = int(done["round"])
+        return last
+
+    def next_student(self, round_number: int, student: Path, version: str) -> Path:
+        """``models from-round``: the round's aggregate applied to ``student``, exported, signed, published;
+        returns the new checkpoint once every node serves it."""
+        self.console.print(Rule(f"hub: student {version} from round {round_number}, signed and published"))
+        out = self.workdir / "students" / version
+        self.fed.hub.cli_json(
+            "models", "from-round", str(round_number),
+            "--student", str(student), "--out", str(out),
+            "--model-version", version, "--publish", "--no-int8",
+        )  # fmt: skip
+        with self.console.status(f"waiting for the four nodes to serve {version}"):
+            self.fed.wait_all_serving(version)
+        self.console.print(f"all four nodes serve {version} (fedclinic-edge status)")
+        self.version = version
+        return out / "checkpoint"
 
 
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Scratch folder; wiped at the start.")] = Path(
         "build/demo"
     ),
-    clinics: Annotated[
-        int, typer.Option("--clinics", min=1, max=6, help="Clinic nodes, each with its PACS.")
-    ] = 3,
-    studies: Annotated[int, typer.Option("--studies", min=2, help="CR studies each PACS sends.")] = 12,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student training epochs.")] = 8,
-    rounds: Annotated[
-        int, typer.Option("--rounds", min=0, help="Federated rounds (0 skips the federation).")
-    ] = 4,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer studies, epochs and rounds (CI).")] = False,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            "--strategy",
+            help="head_avg: all four clinics train heads with the light learner; fedavg / fedprox: hospitals "
+            "train the student with torch, then small clinics train heads; stats: counts only, no new model.",
+        ),
+    ] = "head_avg",
+    seed: Annotated[int, typer.Option("--seed", help="Partition, profiles and training seed.")] = 0,
 ) -> None:
-    """Train and sign a student, deploy it to clinic nodes with their own Orthanc PACS, show the results."""
+    """A hub and four clinic nodes with their own Orthanc PACS, as separate processes on this machine.
+
+    Hub up (HTTPS, SQLite) → clinics enroll with join codes → the first student, trained at the hub on public
+    data only, is published → every node pulls and verifies it → each PACS sends its studies and gets SRs back
+    → held-out studies measure each clinic's AUC → clinicians' labels → federated rounds over the wire → the
+    next student is published and swapped in → held-out studies again → the table.
+    """
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"choose one of {', '.join(STRATEGIES)}", param_hint="--strategy")
+    size = QUICK if quick else FULL
     torch.set_num_threads(1)
-    # The demo talks to Orthanc's REST API many times a second; its request log is noise here.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Piped into a log (CI, `make demo | tee`), rich would wrap the tables at 80 columns.
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     started = time.monotonic()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    workdir = workdir.resolve()
 
-    if rounds:
-        console.print(
-            Rule("0. federation: six clinics (two hospitals, four small clinics) + an unseen clinic")
-        )
-        spec = BenchSpec(
-            task="pneumonia",
-            seeds=(0,),
-            methods=DEMO_METHODS,
-            cfg=BenchConfig(rounds=rounds, distill_epochs=2, distill_min_steps=0),
-        )
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
-            sink = RichBenchProgress(progress, console, len(DEMO_METHODS))
-            results = run_benchmark(spec, workdir / "federation", progress=sink)
-        print_summary(
-            results, f"federated strategies on PneumoniaMNIST, combined skew, {rounds} rounds", console
-        )
-
-    console.print(Rule("1. hub: signing keys"))
-    private_key, public_key = create_keypair(workdir / "keys")
-    console.print(f"hub key pair in {private_key.parent} (clinics trust only {public_key.name})")
-
-    console.print(Rule(f"2. hub: train the student on {DATASET}"))
-    run = train_supervised(
-        TrainConfig(model="student_cnn_s", dataset=DATASET, epochs=epochs),
-        workdir / "runs" / "student",
-        console=console,
-    )
-
-    console.print(Rule("3. hub: export a signed bundle (ONNX parity-checked, int8 gated on AUC)"))
-    bundle_dir = workdir / "bundles" / "pneumonia-1.0.0"
-    report = build_bundle(run.best_path, private_key, bundle_dir, model_version="1.0.0")
     console.print(
-        f"parity max |diff| {report.parity.max_abs_diff:.1e}; test AUC fp32 {report.fp32_auc:.4f}; "
-        f"shipped: {', '.join(report.shipped)}"
+        Rule("0. data: two hospitals and two small clinics, partitioned and profiled as in bench fl")
     )
+    cohort = build_cohort(seed, max_studies=size.max_studies, held_out=size.held_out)
+    for site in cohort.sites:
+        console.print(
+            f"{site.name}: {len(site.studies)} studies in its PACS "
+            f"({int(site.study_labels.sum())} pneumonia), {len(site.held_out)} held-out"
+        )
 
-    console.print(Rule(f"4. clinics: {clinics} edge nodes, each with its own Orthanc PACS"))
-    reports = deploy_and_run(
-        BundleFiles(bundle_dir, public_key),
-        workdir / "clinics",
-        clinics=clinics,
-        studies_per_clinic=studies,
-        console=console,
-    )
-    console.print(results_table(reports))
-    for line in skipped_lines(reports):
-        console.print(line)
+    with running_federation(
+        workdir / "federation", cohort.sites, on_step=console.print, settings=_clinic_settings
+    ) as fed:
+        console.print(Rule(f"1. hub: the first student, trained on public data only ({DATASET} val split)"))
+        checkpoint = train_public_student(
+            cohort.public_images,
+            cohort.public_labels,
+            workdir / "runs" / "student-1",
+            dataset=DATASET,
+            epochs=size.student_epochs,
+            seed=seed,
+            console=console,
+        )
+        bundle = workdir / "bundles" / "pneumonia-1.0.0"
+        report = build_bundle(
+            checkpoint, fed.hub.data_dir / "keys" / "hub.key", bundle, model_version="1.0.0", int8=False
+        )
+        console.print(f"signed bundle, ONNX parity max |diff| {report.parity.max_abs_diff:.1e}")
+
+        console.print(Rule("2. hub: fedclinic-hub models publish; every node pulls, verifies and serves it"))
+        fed.hub.publish(bundle)
+        with console.status("waiting for the four nodes to serve 1.0.0"):
+            fed.wait_all_serving("1.0.0")
+        console.print("all four nodes serve 1.0.0 (fedclinic-edge status)")
+
+        outcomes = {s.name: ClinicOutcome(s) for s in cohort.sites}
+        console.print(
+            Rule("3. clinics: each PACS sends its studies, then its held-out studies; SRs come back")
+        )
+        traffic_started = time.monotonic()
+        with console.status("PACS → node → SR back in the PACS, four clinics at once"):
+            for name, sent in fed.send("own", workdir / "studies").items():
+                outcomes[name].own = sent
+            for name, sent in fed.send("held-out", workdir / "studies").items():
+                outcomes[name].before = sent
+        n_sent = sum(len(o.own) + len(o.before) for o in outcomes.values())
+        console.print(
+            f"{n_sent} studies sent, {n_sent} SRs back in {time.monotonic() - traffic_started:.0f} s"
+        )
+        for o in outcomes.values():
+            console.print(f"{o.site.name}: held-out AUC with 1.0.0 {_auc(o.auc_before)}")
+
+        console.print(Rule(f"4. clinicians confirm {size.labeled:.0%} of each clinic's results: labels"))
+        chosen = {n: o.own[: math.ceil(size.labeled * len(o.own))] for n, o in outcomes.items()}
+        for name, held in fed.label(chosen).items():
+            outcomes[name].labels = held
+            console.print(f"{name}: {held} labels at the node (its page's POST /api/labels)")
+
+        plan = FederationPlan(fed, console, workdir, size.rounds)
+        ids = fed.hub.node_ids()
+        hospitals = [ids[s.name] for s in cohort.sites if s.hospital]
+        small = [ids[s.name] for s in cohort.sites if not s.hospital]
+        if strategy == "stats":
+            plan.rounds(
+                "stats", list(ids.values()), None, ["--config", "num_classes=2"], "5. all clinics: stats"
+            )
+        elif strategy == "head_avg":
+            start = _student_tensors(checkpoint, workdir / "student-1.0.0.npz")
+            last = plan.rounds("head_avg", list(ids.values()), start, [], "5. all clinics: head_avg")
+            plan.next_student(last, checkpoint, "1.1.0")
+        else:
+            # Hospitals train the whole student with torch; then the small clinics train heads on the result.
+            start = _student_tensors(checkpoint, workdir / "student-1.0.0.npz")
+            torch_config = [
+                "--config",
+                "client.model=student_cnn_s",
+                "--config",
+                f"client.epochs={HOSPITAL_EPOCHS}",
+            ]
+            last = plan.rounds(
+                strategy, hospitals, start, torch_config, f"5. hospitals: {strategy} with torch"
+            )
+            second = plan.next_student(last, checkpoint, "1.1.0")
+            start = _student_tensors(second, workdir / "student-1.1.0.npz")
+            last = plan.rounds(
+                "head_avg", small, start, [], "6. small clinics: head_avg with the light learner"
+            )
+            plan.next_student(last, second, "1.2.0")
+        final = plan.version
+        if final is not None:
+            console.print(Rule(f"clinics: each PACS sends its held-out studies again ({final})"))
+            with console.status("PACS → node → SR back in the PACS, four clinics at once"):
+                for name, sent in fed.send("held-out", workdir / "studies-after").items():
+                    outcomes[name].after = sent
+        _collect_updates(fed, outcomes)
+
+    console.print(outcome_table(list(outcomes.values())))
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; everything is under {workdir}")

@@ -80,6 +80,9 @@ class Orthanc:
             "Plugins": [],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
+            # Orthanc 1.10's web server drops an idle kept-alive connection within a second, and a client that
+            # reuses it just then gets "server disconnected": one connection per request is reliable.
+            "KeepAlive": False,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomServerEnabled": True,

@@ -23,7 +23,7 @@ import pytest
 from edge_node.protocol.manifest import Manifest, parse_manifest
 from harness.demo.clinic import Clinic
 from harness.demo.orthanc import orthanc_available
-from harness.demo.run import sr_score
+from harness.demo.traffic import sr_score
 from tests.e2e.clinic import node_studies, obtain_bundle
 from tests.support.dicomgen import WrappedImage, medmnist_studies
 
@@ -57,7 +57,9 @@ def _independent_scores(images: np.ndarray, manifest: Manifest, model_path: Path
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {session.get_inputs()[0].name: batch})
+    # A bundle with an embedding output has two; the score comes from the prediction output.
+    output = manifest.head.prediction_output if manifest.head is not None else session.get_outputs()[0].name
+    (logits,) = session.run([output], {session.get_inputs()[0].name: batch})
     return np.asarray(1.0 / (1.0 + np.exp(-logits[:, 0].astype(np.float64))))
 
 
