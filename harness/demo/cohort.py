@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.flbench.datasets import CLINICS, LABEL_SKEW_PREVALENCE, TASKS
+from harness.flbench.datasets import SIX_CLINICS
 from harness.flbench.partition import clinic_sizes, partition_indices, stratified_subset
-from harness.flbench.profiles import CLINIC_PROFILES, render, to_unit
+from harness.flbench.profiles import render, to_unit
 from hub.data.medmnist import load_medmnist
 
 __all__ = ["DATASET", "DEMO_CLINICS", "ClinicSite", "Cohort", "build_cohort"]
@@ -60,16 +60,17 @@ def build_cohort(seed: int, *, max_studies: int, held_out: int) -> Cohort:
     The partition is the benchmark's (all six clinics are drawn, so the four kept ones hold exactly what they
     hold in ``bench fl``); the cap only trims how many of a hospital's studies its PACS sends in the demo.
     """
-    spec = TASKS["pneumonia"]
+    setting = SIX_CLINICS
+    shares = [c.share("pneumonia") for c in setting.clinics]
+    prevalences = [c.prevalence for c in setting.clinics]
+    profiles = {c.name: c.profile for c in setting.clinics}
     train = load_medmnist(DATASET, "train")
     test = load_medmnist(DATASET, "test")
     rng = np.random.default_rng(seed)
     parts = dict(
         zip(
-            CLINICS,
-            partition_indices(
-                train.labels, clinic_sizes(len(train), spec.shares), LABEL_SKEW_PREVALENCE, rng
-            ),
+            setting.names,
+            partition_indices(train.labels, clinic_sizes(len(train), shares), prevalences, rng),
             strict=True,
         )
     )
@@ -78,7 +79,7 @@ def build_cohort(seed: int, *, max_studies: int, held_out: int) -> Cohort:
     sites = []
     for letter, name in DEMO_CLINICS.items():
         idx = parts[letter][:max_studies] if letter in HOSPITALS else parts[letter]
-        profile = CLINIC_PROFILES[letter]
+        profile = profiles[letter]
         sites.append(
             ClinicSite(
                 letter=letter,
