@@ -83,15 +83,20 @@ class StoreLink:
         ae.dimse_timeout = timeout
         ae.network_timeout = timeout
         ae.connection_timeout = timeout
-        # Every result class with every syntax results are written in: one association takes any result.
+        # Every result class with every syntax results are written in, each pair its own context: one
+        # association takes any result, and a peer that supports a file's syntax takes its bytes as they are.
         for sop_class in RESULT_SOP_CLASSES:
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                ae.add_requested_context(sop_class, syntax)
         self.dest = dest
         self._assoc = ae.associate(
             dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=list(NODELAY_HANDLERS)
         )
         if not self._assoc.is_established:
             raise SendError(why_not_established(self._assoc, dest, calling_ae, timeout))
+        self._as_is = {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in self._assoc.accepted_contexts
+        }
         _set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
         self._parked: threading.Event | None = None
         self._park_its_loop()
@@ -162,15 +167,15 @@ class StoreLink:
             self._wake_its_loop()
             raise SendError(f"association with {where} was lost before sending {name}")
         _set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
-        # Process-wide pynetdicom setting, read at each send_c_store: a path is sent as its bytes on disk. The
-        # node's only C-STORE SCU is this link; every result file is written with its file meta.
+        # Process-wide pynetdicom setting, read at each send_c_store: a path is sent as its bytes on disk (no
+        # decode and re-encode). The node's only C-STORE SCU is this link; result files carry their file meta.
         _config.STORE_SEND_CHUNKED_DATASET = True
         try:
-            try:
+            if (f.sop_class_uid, f.transfer_syntax) in self._as_is:
                 status = self._assoc.send_c_store(f.path)
-            except ValueError:
-                # The peer did not accept the file's own transfer syntax (chunks cannot be converted): the
-                # decoded data set goes instead, which pynetdicom re-encodes in a syntax that was accepted.
+            else:
+                # The peer did not accept the file's own syntax (bytes cannot be converted): the decoded data
+                # set goes instead, which pynetdicom re-encodes in a syntax that was accepted.
                 status = self._assoc.send_c_store(dcmread(f.path))
         except ValueError as exc:  # no accepted presentation context for this class/syntax
             raise SendError(f"{where} accepted no presentation context for {name}: {exc}") from exc
