@@ -44,6 +44,8 @@ class Link(Protocol):
 
     def store(self, f: ResultFile) -> None: ...
 
+    def pace(self, busy: bool) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -124,12 +126,24 @@ class Sender:
                 except Exception:
                     logger.exception("sender step failed")
                     timeout = self.base_seconds
+                if timeout is None or timeout > 0:
+                    self._pace(busy=False)  # nothing to send right now: open associations idle cheaply
                 woken = (timeout is None or timeout > 0) and self.waker.wait(timeout)
-                if woken and self.batch_wait > 0 and not self.waker.stopping:
-                    # Woken by new results: let the ones right behind them join this round.
-                    time.sleep(self.batch_wait)
+                if woken and not self.waker.stopping:
+                    # Results are coming: associations poll fast again while the batch gathers.
+                    self._pace(busy=True)
+                    if self.batch_wait > 0:
+                        # Woken by new results: let the ones right behind them join this round.
+                        time.sleep(self.batch_wait)
         finally:
             self.close_links()
+
+    def _pace(self, *, busy: bool) -> None:
+        for dest, link in list(self._links.items()):
+            try:
+                link.pace(busy)
+            except Exception as exc:  # only a pace: the next store finds out whether the link still works
+                logger.debug("pacing the association with %s: %s", dest.address, type(exc).__name__)
 
     def close_links(self) -> None:
         """Release every open association (at stop, or when they have been idle too long)."""

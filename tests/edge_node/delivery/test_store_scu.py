@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
 import pydicom
 import pytest
-from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
@@ -17,7 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from edge_node.analysis.analyzer import analyze_study
 from edge_node.analysis.result_file import ResultFile
 from edge_node.delivery.destination import Destination
-from edge_node.delivery.store_scu import send_files
+from edge_node.delivery.store_scu import RESULT_SOP_CLASSES, StoreLink, send_files
 from edge_node.errors import SendError
 from edge_node.inference.loaded_model import load_model
 from harness.demo.orthanc import Orthanc, free_port
@@ -109,3 +116,107 @@ def test_failure_status_is_a_send_error_with_the_status(
             "FC",
         )
     assert len(received) == 1  # stops at the first refused file
+
+
+@pytest.fixture
+def implicit_only_scp() -> Iterator[tuple[int, list[pydicom.Dataset], list[str]]]:
+    """A pynetdicom SCP that accepts results in Implicit VR Little Endian only, keeping what it receives."""
+    received: list[pydicom.Dataset] = []
+    syntaxes: list[str] = []
+
+    def on_store(event: Event) -> int:
+        request = cast(C_STORE, event.request)
+        syntaxes.append(str(event.context.transfer_syntax))
+        received.append(event.dataset)
+        assert request.AffectedSOPInstanceUID == event.dataset.SOPInstanceUID
+        return 0x0000
+
+    ae = AE(ae_title="IMPLICIT")
+    for sop_class in RESULT_SOP_CLASSES:
+        ae.add_supported_context(sop_class, ImplicitVRLittleEndian)
+    port = free_port()
+    server = cast(
+        ThreadedAssociationServer,
+        ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]),
+    )
+    try:
+        yield port, received, syntaxes
+    finally:
+        server.shutdown()
+
+
+def test_a_peer_without_the_files_syntax_gets_the_data_set_converted(
+    results: list[ResultFile], implicit_only_scp: tuple[int, list[pydicom.Dataset], list[str]]
+) -> None:
+    port, received, syntaxes = implicit_only_scp
+    # The SR is written in Explicit VR: its bytes cannot go as they are, its data set is converted.
+    assert any(f.transfer_syntax == ExplicitVRLittleEndian for f in results)
+    send_files(results, Destination("IMPLICIT", "127.0.0.1", port), "FC")
+    assert syntaxes == [ImplicitVRLittleEndian] * len(results)
+    for f, ds in zip(results, received, strict=True):
+        on_disk = pydicom.dcmread(f.path)
+        assert ds.SOPInstanceUID == on_disk.SOPInstanceUID
+        assert [e.tag for e in ds] == [e.tag for e in on_disk]
+
+
+def test_the_files_bytes_go_as_they_are_on_disk(
+    results: list[ResultFile], refusing_scp: tuple[int, list[str]], tmp_path: Path
+) -> None:
+    # An SCP that stores every object: what it receives equals the file's data set byte for byte.
+    got: list[bytes] = []
+
+    def on_store(event: Event) -> int:
+        got.append(bytes(cast(C_STORE, event.request).DataSet.getvalue()))  # type: ignore[union-attr]
+        return 0x0000
+
+    ae = AE(ae_title="KEEPER")
+    for sop_class in RESULT_SOP_CLASSES:
+        ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = cast(
+        ThreadedAssociationServer,
+        ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]),
+    )
+    try:
+        send_files(results, Destination("KEEPER", "127.0.0.1", port), "FC")
+    finally:
+        server.shutdown()
+    for f, data in zip(results, got, strict=True):
+        raw = f.path.read_bytes()
+        assert raw.endswith(data)  # the file is its meta, then exactly the bytes that were sent
+
+
+def test_a_resting_link_notices_that_the_peer_aborted(results: list[ResultFile]) -> None:
+    links: list[Association] = []
+    ae = AE(ae_title="ABORTER")
+    for sop_class in RESULT_SOP_CLASSES:
+        ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = cast(
+        ThreadedAssociationServer,
+        ae.start_server(
+            ("127.0.0.1", port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_STORE, lambda event: 0x0000),
+                (evt.EVT_ESTABLISHED, lambda event: links.append(event.assoc)),
+            ],
+        ),
+    )
+    try:
+        link = StoreLink(Destination("ABORTER", "127.0.0.1", port), "FC")
+        link.store(results[0])
+        link.pace(False)
+        assert link.alive
+        links[0].abort()
+        deadline = time.monotonic() + 5
+        while link.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not link.alive
+        t0 = time.monotonic()
+        link.close()
+        assert time.monotonic() - t0 < 2  # no A-RELEASE waiting for an answer from a peer that is gone
+        with pytest.raises(SendError, match=r"ABORTER@127\.0\.0\.1"):
+            link.store(results[1])
+    finally:
+        server.shutdown()
