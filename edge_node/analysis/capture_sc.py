@@ -14,10 +14,9 @@ from pydicom.dataset import Dataset
 
 from edge_node.analysis.findings import Finding
 from edge_node.analysis.report_sr import MANUFACTURER
-from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.result_file import ResultFile, save_result
 from edge_node.analysis.result_uids import result_uid
 from edge_node.analysis.source_view import for_highdicom, restore_source
-from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import Manifest
 
 __all__ = [
@@ -158,12 +157,4 @@ def write_sc(
 ) -> ResultFile:
     """Build the SC and write it durably as a DICOM file into ``out_dir``."""
     sc = build_sc(source, display, finding, manifest, index)
-    path = out_dir / f"sc-{sc.SOPInstanceUID}.dcm"
-    # 0600 like the spool: the capture carries the patient's image, name and IDs.
-    write_durably(path, lambda tmp: sc.save_as(tmp, enforce_file_format=True), mode=0o600)
-    return ResultFile(
-        path=path,
-        sop_class_uid=str(sc.SOPClassUID),
-        sop_instance_uid=str(sc.SOPInstanceUID),
-        transfer_syntax=str(sc.file_meta.TransferSyntaxUID),
-    )
+    return save_result(sc, out_dir, "sc")

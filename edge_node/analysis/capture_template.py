@@ -24,11 +24,10 @@ from pydicom.valuerep import DA, TM
 
 from edge_node.analysis.capture_sc import build_sc, caption, orientation, render, source_reference
 from edge_node.analysis.findings import Finding
-from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.result_file import ResultFile, save_result
 from edge_node.analysis.result_parts import acquisition_equipment, encoded, mark_encoded
 from edge_node.analysis.result_uids import result_uid
 from edge_node.analysis.source_view import for_highdicom, restore_source
-from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import Manifest
 
 __all__ = ["CaptureTemplate", "fast_sc", "write_fast_sc"]
@@ -164,12 +163,4 @@ def write_fast_sc(
 ) -> ResultFile:
     """Build the capture through the template and write it durably into ``out_dir``."""
     sc = fast_sc(source, display, finding, manifest, index)
-    path = out_dir / f"sc-{sc.SOPInstanceUID}.dcm"
-    # 0600 like the spool: the capture carries the patient's image, name and IDs.
-    write_durably(path, lambda tmp: sc.save_as(tmp, enforce_file_format=True), mode=0o600)
-    return ResultFile(
-        path=path,
-        sop_class_uid=str(sc.SOPClassUID),
-        sop_instance_uid=str(sc.SOPInstanceUID),
-        transfer_syntax=str(sc.file_meta.TransferSyntaxUID),
-    )
+    return save_result(sc, out_dir, "sc")

@@ -22,10 +22,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage
 
 from edge_node.analysis.findings import Finding
-from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.result_file import ResultFile, save_result
 from edge_node.analysis.result_uids import result_uid
 from edge_node.analysis.source_view import for_highdicom, restore_source
-from edge_node.protocol.durable_file import write_durably
 from edge_node.protocol.manifest import ClassLabel, Manifest
 from edge_node.state.runs import ReportRef
 
@@ -163,6 +162,20 @@ def predecessor_item(study_uid: str, prior: ReportRef) -> Dataset:
     return item
 
 
+def sr_study_uid(sources: Sequence[Dataset], findings: Sequence[Finding]) -> str:
+    """The one study the SR is about; ValueError when the sources and findings cannot make one SR."""
+    if not sources or not findings:
+        raise ValueError("an SR needs at least one analysed source instance and one finding")
+    study_uid = str(sources[0].StudyInstanceUID)
+    if any(str(ds.StudyInstanceUID) != study_uid for ds in sources):
+        raise ValueError("all source instances of one SR must belong to the same study")
+    known = {str(ds.SOPInstanceUID) for ds in sources}
+    missing = [f.sop_instance_uid for f in findings if f.sop_instance_uid not in known]
+    if missing:
+        raise ValueError(f"{len(missing)} finding(s) refer to instances missing from the sources")
+    return study_uid
+
+
 def build_sr(
     sources: Sequence[Dataset],
     findings: Sequence[Finding],
@@ -177,15 +190,7 @@ def build_sr(
     so a re-send is the same object and a re-analysis with more instances a new one. ``predecessor``, the SR
     an earlier run sent for this study, is referenced when it is another object.
     """
-    if not sources or not findings:
-        raise ValueError("an SR needs at least one analysed source instance and one finding")
-    study_uid = str(sources[0].StudyInstanceUID)
-    if any(str(ds.StudyInstanceUID) != study_uid for ds in sources):
-        raise ValueError("all source instances of one SR must belong to the same study")
-    known = {str(ds.SOPInstanceUID) for ds in sources}
-    missing = [f.sop_instance_uid for f in findings if f.sop_instance_uid not in known]
-    if missing:
-        raise ValueError(f"{len(missing)} finding(s) refer to instances missing from the sources")
+    study_uid = sr_study_uid(sources, findings)
     mid, version = manifest.model_id, manifest.model_version
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=result_uid("device", "", mid, version),
@@ -232,15 +237,7 @@ def build_sr(
 
 def save_sr(sr: Dataset, out_dir: Path) -> ResultFile:
     """Write a built SR durably as a DICOM file (with file meta) into ``out_dir``."""
-    path = out_dir / f"sr-{sr.SOPInstanceUID}.dcm"
-    # 0600 like the spool: the SR carries the patient's name and IDs.
-    write_durably(path, lambda tmp: sr.save_as(tmp, enforce_file_format=True), mode=0o600)
-    return ResultFile(
-        path=path,
-        sop_class_uid=str(sr.SOPClassUID),
-        sop_instance_uid=str(sr.SOPInstanceUID),
-        transfer_syntax=str(sr.file_meta.TransferSyntaxUID),
-    )
+    return save_result(sr, out_dir, "sr")
 
 
 def write_sr(

@@ -40,6 +40,7 @@ from edge_node.analysis.report_sr import (
     predecessor_item,
     save_sr,
     sr_series_uid,
+    sr_study_uid,
 )
 from edge_node.analysis.result_file import ResultFile
 from edge_node.analysis.result_parts import acquisition_equipment, encoded, mark_encoded, patient_study_tags
@@ -253,15 +254,7 @@ class ReportTemplate:
         now: datetime.datetime | None = None,
     ) -> Dataset:
         """The SR ``build_sr`` would make for these sources and findings (same checks, same UIDs)."""
-        if not sources or not findings:
-            raise ValueError("an SR needs at least one analysed source instance and one finding")
-        study_uid = str(sources[0].StudyInstanceUID)
-        if any(str(ds.StudyInstanceUID) != study_uid for ds in sources):
-            raise ValueError("all source instances of one SR must belong to the same study")
-        known = {str(ds.SOPInstanceUID) for ds in sources}
-        missing = [f.sop_instance_uid for f in findings if f.sop_instance_uid not in known]
-        if missing:
-            raise ValueError(f"{len(missing)} finding(s) refer to instances missing from the sources")
+        study_uid = sr_study_uid(sources, findings)
         m = self.manifest
         analysed = sorted(f"{f.sop_instance_uid}/{f.frame_index}" for f in findings)
         sop_uid = result_uid("sr", study_uid, m.model_id, m.model_version, *analysed)
