@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import (
@@ -64,6 +64,8 @@ class TaskDesk:
                     Round.deadline > now,
                 )
                 .order_by(Round.number)
+                # A node polls often: its task's row is all it needs, not the tensors or strategy state.
+                .options(defer(Artifact.data), defer(Round.strategy_state))
             ).all()
             return [self._wire_task(t, r, a) for t, r, a in rows]
 

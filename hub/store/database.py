@@ -41,13 +41,13 @@ class Database:
         self.url = url
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
-            # A pool as large as the API's thread pool: opening a connection (and its pragmas) per request
-            # when the pool overflows costs more than the query.
+            # A pool larger than the API's thread pool (40): opening a connection (and its pragmas) per
+            # request when the pool overflows costs more than the query.
             self.engine: Engine = create_engine(
                 url,
                 connect_args={"timeout": 30, "check_same_thread": False},
-                pool_size=20,
-                max_overflow=40,
+                pool_size=48,
+                max_overflow=16,
             )
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
