@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -14,7 +13,6 @@ from pydicom.dataset import Dataset
 
 from edge_node.analysis.findings import Finding
 from edge_node.analysis.report_sr import MANUFACTURER
-from edge_node.analysis.result_file import ResultFile, save_result
 from edge_node.analysis.result_uids import result_uid
 from edge_node.analysis.source_view import for_highdicom, restore_source
 from edge_node.protocol.manifest import Manifest
@@ -28,7 +26,6 @@ __all__ = [
     "orientation",
     "render",
     "source_reference",
-    "write_sc",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,11 +147,3 @@ def source_reference(finding: Finding) -> Dataset:
     if finding.number_of_frames > 1:
         ref.ReferencedFrameNumber = finding.frame_index + 1
     return ref
-
-
-def write_sc(
-    source: Dataset, display: np.ndarray, finding: Finding, manifest: Manifest, out_dir: Path, index: int = 0
-) -> ResultFile:
-    """Build the SC and write it durably as a DICOM file into ``out_dir``."""
-    sc = build_sc(source, display, finding, manifest, index)
-    return save_result(sc, out_dir, "sc")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -22,7 +21,6 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage
 
 from edge_node.analysis.findings import Finding
-from edge_node.analysis.result_file import ResultFile, save_result
 from edge_node.analysis.result_uids import result_uid
 from edge_node.analysis.source_view import for_highdicom, restore_source
 from edge_node.protocol.manifest import ClassLabel, Manifest
@@ -37,9 +35,7 @@ __all__ = [
     "class_concept",
     "coding_scheme_identification",
     "predecessor_item",
-    "save_sr",
     "sr_series_uid",
-    "write_sr",
 ]
 
 logger = logging.getLogger(__name__)
@@ -233,20 +229,3 @@ def build_sr(
     if predecessor is not None and predecessor.sop_instance_uid != sop_uid:
         sr.PredecessorDocumentsSequence = [predecessor_item(study_uid, predecessor)]
     return sr
-
-
-def save_sr(sr: Dataset, out_dir: Path) -> ResultFile:
-    """Write a built SR durably as a DICOM file (with file meta) into ``out_dir``."""
-    return save_result(sr, out_dir, "sr")
-
-
-def write_sr(
-    sources: Sequence[Dataset],
-    findings: Sequence[Finding],
-    manifest: Manifest,
-    out_dir: Path,
-    *,
-    predecessor: ReportRef | None = None,
-) -> ResultFile:
-    """Build the SR with highdicom and write it durably into ``out_dir``."""
-    return save_sr(build_sr(sources, findings, manifest, predecessor=predecessor), out_dir)

@@ -38,11 +38,10 @@ from edge_node.analysis.report_sr import (
     build_sr,
     coding_scheme_identification,
     predecessor_item,
-    save_sr,
     sr_series_uid,
     sr_study_uid,
 )
-from edge_node.analysis.result_file import ResultFile
+from edge_node.analysis.result_file import ResultFile, save_result
 from edge_node.analysis.result_parts import acquisition_equipment, encoded, mark_encoded, patient_study_tags
 from edge_node.analysis.result_uids import result_uid
 from edge_node.analysis.source_view import for_highdicom, restore_source
@@ -367,4 +366,4 @@ def write_fast_sr(
     predecessor: ReportRef | None = None,
 ) -> ResultFile:
     """Build the SR through the template and write it durably into ``out_dir``."""
-    return save_sr(fast_sr(sources, findings, manifest, predecessor=predecessor), out_dir)
+    return save_result(fast_sr(sources, findings, manifest, predecessor=predecessor), out_dir, "sr")

@@ -22,8 +22,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from edge_node.analysis.capture_sc import build_sc
 from edge_node.analysis.capture_template import fast_sc
 from edge_node.analysis.findings import Finding
-from edge_node.analysis.report_sr import build_sr, save_sr
+from edge_node.analysis.report_sr import build_sr
 from edge_node.analysis.report_template import ReportTemplate, fast_sr
+from edge_node.analysis.result_file import save_result
 from edge_node.analysis.source_view import DEIDENTIFICATION_NOT_STATED
 from edge_node.protocol.manifest import Manifest
 from edge_node.state.runs import ReportRef
@@ -270,7 +271,7 @@ def test_every_sr_and_sc_passes_dciodvfy(
         sc = fast_sc(ds, np.linspace(0, 1, 64 * 48).reshape(64, 48), finding, binary, 0)
         sc_path = tmp_path / f"sc-{n}.dcm"
         sc.save_as(sc_path, enforce_file_format=True)
-        for kind, path in (("SR", save_sr(sr, tmp_path).path), ("SC", sc_path)):
+        for kind, path in (("SR", save_result(sr, tmp_path, "sr").path), ("SC", sc_path)):
             assert _dciodvfy_errors(path) == [], f"{kind} of {name}"
             checked += 1
     assert checked >= 2 * 80

@@ -14,10 +14,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
-from edge_node.analysis.capture_sc import MIN_SIDE, build_sc, write_sc
+from edge_node.analysis.capture_sc import MIN_SIDE, build_sc
+from edge_node.analysis.capture_template import write_fast_sc
 from edge_node.analysis.findings import Finding
 from edge_node.analysis.preprocessing import preprocess
-from edge_node.analysis.report_sr import SCORE_CODE_VALUE, build_sr, write_sr
+from edge_node.analysis.report_sr import SCORE_CODE_VALUE, build_sr
+from edge_node.analysis.report_template import write_fast_sr
 from edge_node.protocol.manifest import Manifest
 from edge_node.state.runs import ReportRef
 from tests.support.onnxgen import make_bundle
@@ -67,7 +69,7 @@ def test_sr_in_source_study_with_references_scores_and_codes(
 ) -> None:
     scores = [0.91234567, 0.12, 0.5]
     findings = _findings(sources, scores)
-    path = write_sr(sources, findings, manifest, tmp_path / "out").path
+    path = write_fast_sr(sources, findings, manifest, tmp_path / "out").path
     assert path.parent == tmp_path / "out" and path.read_bytes()[128:132] == b"DICM"
 
     sr = pydicom.dcmread(path)
@@ -153,7 +155,7 @@ def test_sr_for_a_multiclass_model_codes_the_predicted_class(tmp_path: Path, sou
         label="grade2",
         present=True,
     )
-    path = write_sr(sources[:1], [finding], manifest, tmp_path).path
+    path = write_fast_sr(sources[:1], [finding], manifest, tmp_path).path
     report = hd.sr.srread(path).content
     assert isinstance(report, hd.sr.MeasurementReport)
     (group,) = report.get_image_measurement_groups()
@@ -181,7 +183,7 @@ def test_sc_burns_the_result_into_the_image(
     src = sources[0]
     display = preprocess(src, manifest.preprocessing).display  # (16, 16)
     present, absent = _findings([src, src], [0.93, 0.07])
-    path = write_sc(src, display, present, manifest, tmp_path).path
+    path = write_fast_sc(src, display, present, manifest, tmp_path).path
     sc = pydicom.dcmread(path)
     assert sc.SOPClassUID == SecondaryCaptureImageStorage
     assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.PatientID == src.PatientID
@@ -207,7 +209,7 @@ def test_sc_without_source_orientation_has_an_empty_one(
     src.PatientOrientation = None
     display = preprocess(src, manifest.preprocessing).display
     (finding,) = _findings([src], [0.4])
-    sc = pydicom.dcmread(write_sc(src, display, finding, manifest, tmp_path).path)
+    sc = pydicom.dcmread(write_fast_sc(src, display, finding, manifest, tmp_path).path)
     assert not sc.PatientOrientation
     assert max(sc.Rows, sc.Columns) >= MIN_SIDE
 
@@ -232,8 +234,8 @@ def test_results_for_single_component_names_carry_no_phi_into_warnings_or_logs(
     display = preprocess(study[0], manifest.preprocessing).display
     # Every level of every logger, highdicom's included (the CLI raises its level, and that sticks).
     with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="highdicom"):
-        sr = pydicom.dcmread(write_sr(study, findings, manifest, tmp_path).path)
-        sc = pydicom.dcmread(write_sc(study[0], display, findings[0], manifest, tmp_path).path)
+        sr = pydicom.dcmread(write_fast_sr(study, findings, manifest, tmp_path).path)
+        sc = pydicom.dcmread(write_fast_sc(study[0], display, findings[0], manifest, tmp_path).path)
     phi = (name, patient_id, physician)
     assert [str(w.message) for w in recwarn] == []
     leaked = [r.getMessage() for r in caplog.records if any(v in r.getMessage() for v in phi)]
@@ -258,8 +260,8 @@ def test_non_conforming_patient_and_study_values_are_emptied_not_copied(
     del src.ReferringPhysicianName
     findings = _findings([src], [0.7])
     with caplog.at_level(logging.DEBUG):
-        sr = pydicom.dcmread(write_sr([src], findings, manifest, tmp_path).path)
-        sc = pydicom.dcmread(write_sc(src, np.zeros((32, 32)), findings[0], manifest, tmp_path).path)
+        sr = pydicom.dcmread(write_fast_sr([src], findings, manifest, tmp_path).path)
+        sc = pydicom.dcmread(write_fast_sc(src, np.zeros((32, 32)), findings[0], manifest, tmp_path).path)
     for result in (sr, sc):
         for keyword in (
             "PatientSex",
@@ -283,6 +285,6 @@ def test_an_element_pydicom_cannot_convert_does_not_stop_the_result(
     # As dcmread leaves an element with an unknown VR: raw until something reads it, then NotImplementedError.
     src[0x00091001] = RawDataElement(Tag(0x00091001), "ZZ", 4, b"1234", 0, False, True)
     findings = _findings([src], [0.7])
-    sr = pydicom.dcmread(write_sr([src], findings, manifest, tmp_path).path)
-    sc = pydicom.dcmread(write_sc(src, np.zeros((32, 32)), findings[0], manifest, tmp_path).path)
+    sr = pydicom.dcmread(write_fast_sr([src], findings, manifest, tmp_path).path)
+    sc = pydicom.dcmread(write_fast_sc(src, np.zeros((32, 32)), findings[0], manifest, tmp_path).path)
     assert sr.StudyInstanceUID == sc.StudyInstanceUID == src.StudyInstanceUID
