@@ -28,11 +28,8 @@ from edge_node.state.model_registry import ModelRegistry
 from edge_node.state.node_state import NodeState
 from edge_node.status_report import StatusReport
 from edge_node.uplink.tasks import LocalStats, TaskError
-from hub.data.dicomize import dicomize_images
-from hub.data.medmnist import load_medmnist
 from tests.edge_node.conftest import TrustedBundle, make_signed_bundle
-
-NAMES = ("normal", "pneumonia")
+from tests.support.labeled_studies import labeled_pneumonia
 
 
 @pytest.fixture()
@@ -54,21 +51,7 @@ def slot(tmp_path: Path, test_bundle: TrustedBundle) -> Iterator[ModelSlot]:
 @pytest.fixture(scope="module")
 def labeled(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> list[LabeledInstance]:
     """40 real PneumoniaMNIST images as DICOM studies, half of each class, labeled by their ground truth."""
-    train = load_medmnist("pneumoniamnist", "train", shared_data)
-    idx = np.concatenate([np.flatnonzero(train.labels == c)[:20] for c in (0, 1)])
-    written = dicomize_images(
-        train.images,
-        tmp_path_factory.mktemp("spool"),
-        dataset="pneumoniamnist",
-        split="train",
-        indices=[int(i) for i in idx],
-    )
-    return [
-        LabeledInstance(
-            w.sop_instance_uid, w.study_instance_uid, w.path, NAMES[int(train.labels[w.index])], "import"
-        )
-        for w in written
-    ]
+    return labeled_pneumonia(tmp_path_factory.mktemp("spool"), shared_data, normal=20, pneumonia=20)
 
 
 def _model(slot: ModelSlot) -> LoadedModel:

@@ -27,15 +27,13 @@ from edge_node.state.database import Database
 from edge_node.state.model_registry import ModelRegistry
 from edge_node.uplink.tasks import LocalStats
 from harness.flbench.light_clinic import LightClinic
-from hub.data.dicomize import dicomize_images
-from hub.data.medmnist import load_medmnist
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import ClientResult, ClientTask, Params
 from hub.training.simulation import RoundCheckpoint, run_federation
 from tests.edge_node.conftest import find_test_bundle
+from tests.support.labeled_studies import labeled_pneumonia
 
 CLINIC = "clinic-1"
-NAMES = ("normal", "pneumonia")
 ROUNDS = 3
 
 
@@ -87,21 +85,7 @@ def model(tmp_path: Path) -> Iterator[LoadedModel]:
 @pytest.fixture(scope="module")
 def labeled(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> list[LabeledInstance]:
     """48 real PneumoniaMNIST images as DICOM studies (18 normal, 30 pneumonia), labeled by ground truth."""
-    train = load_medmnist("pneumoniamnist", "train", shared_data)
-    idx = np.concatenate([np.flatnonzero(train.labels == 0)[:18], np.flatnonzero(train.labels == 1)[:30]])
-    written = dicomize_images(
-        train.images,
-        tmp_path_factory.mktemp("spool"),
-        dataset="pneumoniamnist",
-        split="train",
-        indices=[int(i) for i in idx],
-    )
-    return [
-        LabeledInstance(
-            w.sop_instance_uid, w.study_instance_uid, w.path, NAMES[int(train.labels[w.index])], "import"
-        )
-        for w in written
-    ]
+    return labeled_pneumonia(tmp_path_factory.mktemp("spool"), shared_data, normal=18, pneumonia=30)
 
 
 def _wire_task(task: ClientTask) -> Task:
