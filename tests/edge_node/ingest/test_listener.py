@@ -1,4 +1,7 @@
-"""The DICOM listener in-process against dcmtk and pynetdicom peers: echo, store, refusals, survival."""
+"""The DICOM listener in-process against dcmtk and pynetdicom peers: echo, store, refusals, survival.
+
+Every test that does not look inside a transport runs against both (the ``transport`` fixture).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import logging
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -16,7 +20,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, _config
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -27,7 +31,9 @@ from edge_node.ingest.listener import (
     STATUS_PROCESSING_FAILURE,
     Listener,
     ListenerConfig,
+    ReceiveTransport,
 )
+from edge_node.ingest.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
 from edge_node.ingest.spool import Spool
 from edge_node.state.node_state import NodeState
@@ -55,6 +61,7 @@ class Running:
 
 def _start(
     tmp_path: Path,
+    transport: ReceiveTransport,
     *,
     max_instance_bytes: int = 10**8,
     allowed: list[str] | None = None,
@@ -70,6 +77,7 @@ def _start(
         allowed_calling_aes=allowed,
         network_timeout=network_timeout,
         max_pdu=max_pdu,
+        transport=transport,
     )
     running: Running
 
@@ -82,8 +90,8 @@ def _start(
 
 
 @pytest.fixture
-def edge(tmp_path: Path) -> Iterator[Running]:
-    running = _start(tmp_path)
+def edge(tmp_path: Path, transport: ReceiveTransport) -> Iterator[Running]:
+    running = _start(tmp_path, transport)
     yield running
     running.listener.stop()
     running.store.close()
@@ -110,6 +118,13 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
     try:
         assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
         assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        native = edge.listener.native_server
+        if native is not None:
+            (connection,) = native.connections
+            assert connection.established
+            assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert int(assoc.send_c_echo().Status) == 0
+            return
         server = edge.listener._server
         assert server is not None and server.active_associations, "the acceptor association should be open"
         acceptor = server.active_associations[0].dul.socket
@@ -122,7 +137,46 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
         assoc.release()
 
 
-def test_an_idle_association_polls_slowly_until_it_receives_again(edge: Running) -> None:
+@pytest.fixture
+def pynetdicom_edge(tmp_path: Path) -> Iterator[Running]:
+    running = _start(tmp_path, "pynetdicom")
+    yield running
+    running.listener.stop()
+    running.store.close()
+
+
+def _cpu_ticks(thread_id: int) -> int:
+    """User + system clock ticks of one thread of this process (/proc/self/task/TID/stat)."""
+    fields = Path(f"/proc/self/task/{thread_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_an_idle_native_association_costs_no_cpu(tmp_path: Path) -> None:
+    running = _start(tmp_path, "native")
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert assoc.is_established
+        native = running.listener.native_server
+        assert native is not None
+        threads = {t.native_id for t in threading.enumerate() if t.name == "edge-dicom-association"}
+        acceptors = {t.native_id for t in threading.enumerate() if t.name == "edge-dicom-acceptor"}
+        assert len(threads) == 1 and len(acceptors) == 1
+        ids = [i for i in threads | acceptors if i is not None]
+        before = sum(_cpu_ticks(i) for i in ids)
+        time.sleep(1.5)
+        # Both threads are blocked in the kernel (recv, accept): not one clock tick (10 ms) between them.
+        assert sum(_cpu_ticks(i) for i in ids) - before == 0
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+    finally:
+        running.listener.stop()
+        running.store.close()
+
+
+def test_an_idle_association_polls_slowly_until_it_receives_again(pynetdicom_edge: Running) -> None:
+    edge = pynetdicom_edge
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE")
@@ -150,22 +204,26 @@ def test_an_idle_association_polls_slowly_until_it_receives_again(edge: Running)
     assert not server.active_associations
 
 
-def test_a_parked_idle_association_still_ends_at_the_network_timeout(tmp_path: Path) -> None:
-    running = _start(tmp_path, network_timeout=1.0)
+def test_an_idle_association_ends_at_the_network_timeout(tmp_path: Path, transport: ReceiveTransport) -> None:
+    running = _start(tmp_path, transport, network_timeout=1.0)
     try:
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
         assert assoc.is_established
         server = running.listener._server
-        assert server is not None
-        time.sleep(0.6)  # parked by now
-        assert server.active_associations and not server.active_associations[0]._reactor_checkpoint.is_set()
+        if server is not None:
+            time.sleep(0.6)  # parked by now
+            assert server.active_associations
+            assert not server.active_associations[0]._reactor_checkpoint.is_set()
         deadline = time.monotonic() + 5
-        while (server.active_associations or assoc.is_established) and time.monotonic() < deadline:
+        while (running.listener.open_connections("127.0.0.1") or assoc.is_established) and (
+            time.monotonic() < deadline
+        ):
             time.sleep(0.05)
-        # pynetdicom's own loop, woken by the pacer, aborted it (network_timeout_response A-ABORT).
-        assert not server.active_associations
+        # Aborted by the node (pynetdicom: its own loop, woken by the pacer; native: the blocked read's
+        # timeout), with an A-ABORT the sender sees.
+        assert running.listener.open_connections("127.0.0.1") == 0
         assert assoc.is_aborted
         assert echoscu(running.port)
     finally:
@@ -187,7 +245,14 @@ def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path
         assert pydicom.dcmread(spooled).PixelData == ds.PixelData
 
 
-def test_the_spooled_file_is_the_data_set_as_sent_behind_pynetdicoms_file_meta(edge: Running) -> None:
+def test_the_spooled_file_is_the_data_set_as_sent_behind_its_transports_file_meta(
+    edge: Running, transport: ReceiveTransport
+) -> None:
+    implementation = (
+        (UID(IMPLEMENTATION_CLASS_UID), IMPLEMENTATION_VERSION_NAME)
+        if transport == "native"
+        else (PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
+    )
     ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")  # explicit VR little endian
     for sop_instance in (generate_uid(), "1.2.3.45"):  # odd and even UID lengths: padding in the meta
         ds.SOPInstanceUID = sop_instance
@@ -198,13 +263,16 @@ def test_the_spooled_file_is_the_data_set_as_sent_behind_pynetdicoms_file_meta(e
             sop_class_uid=UID(str(ds.SOPClassUID)),
             sop_instance_uid=UID(sop_instance),
             transfer_syntax=ExplicitVRLittleEndian,
+            implementation_uid=implementation[0],
+            implementation_version=implementation[1],
         )
-        # After the spool's own preamble: exactly what pynetdicom's encoded_dataset(include_meta=True) gives.
+        # After the spool's own preamble: the File Meta pynetdicom's encoded_dataset(include_meta=True)
+        # would give for the transport's implementation, then the data set as sent.
         dataset = encode(ds, False, True)
         assert dataset is not None
         assert spooled[128:] == b"DICM" + encode_file_meta(meta) + dataset
         read = pydicom.dcmread(BytesIO(spooled))
-        assert read.file_meta.ImplementationClassUID == PYNETDICOM_IMPLEMENTATION_UID
+        assert read.file_meta.ImplementationClassUID == implementation[0]
         assert read.PixelData == ds.PixelData
 
 
@@ -217,8 +285,8 @@ def test_missing_uid_is_cannot_understand_and_listener_lives(edge: Running) -> N
     assert echoscu(edge.port)
 
 
-def test_too_large_is_out_of_resources(tmp_path: Path) -> None:
-    running = _start(tmp_path, max_instance_bytes=2048)
+def test_too_large_is_out_of_resources(tmp_path: Path, transport: ReceiveTransport) -> None:
+    running = _start(tmp_path, transport, max_instance_bytes=2048)
     try:
         files = make_ct_instances(tmp_path / "ct", 1)
         proc = storescu(running.port, files)
@@ -239,8 +307,8 @@ def test_handler_errors_become_a_failure_status(edge: Running) -> None:
     assert echoscu(edge.port)
 
 
-def test_calling_ae_allow_list_and_called_ae(tmp_path: Path) -> None:
-    running = _start(tmp_path, allowed=["GOODSCU"])
+def test_calling_ae_allow_list_and_called_ae(tmp_path: Path, transport: ReceiveTransport) -> None:
+    running = _start(tmp_path, transport, allowed=["GOODSCU"])
     try:
         assert echoscu(running.port, calling="GOODSCU")
         assert not echoscu(running.port, calling="BADSCU")
@@ -339,8 +407,10 @@ def test_deep_nesting_and_unknown_vr_are_cannot_understand_in_one_line(
     assert "Traceback" not in caplog.text
 
 
-def test_the_max_pdu_is_announced_and_a_conforming_sender_stores_through_it(tmp_path: Path) -> None:
-    running = _start(tmp_path, max_pdu=16384)
+def test_the_max_pdu_is_announced_and_a_conforming_sender_stores_through_it(
+    tmp_path: Path, transport: ReceiveTransport
+) -> None:
+    running = _start(tmp_path, transport, max_pdu=16384)
     try:
         ds = pydicom.dcmread(make_ct_instances(tmp_path / "ct", 1)[0])  # ~0.5 MB: 33 PDUs of 16 KiB
         ae = AE(ae_title="PYSCU")
@@ -384,15 +454,13 @@ def test_a_pdu_longer_than_the_max_closes_the_connection_unread(
     assert assoc.is_established
     assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
     raw = assoc.dul.socket.socket
-    server = edge.listener._server
-    assert server is not None
-    acceptor = server.active_associations[0]
-    with caplog.at_level(logging.WARNING, logger="edge_node.ingest.pdu_limit"):
+    assert edge.listener.open_connections("127.0.0.1") == 1
+    with caplog.at_level(logging.WARNING):
         raw.sendall(_pdu_header(0x04, 1 << 30) + bytes(4096))
         deadline = time.monotonic() + 5
-        while acceptor.is_alive() and time.monotonic() < deadline:
+        while edge.listener.open_connections("127.0.0.1") and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not acceptor.is_alive(), "the acceptor should have ended the association"
+        assert edge.listener.open_connections("127.0.0.1") == 0, "the node should have ended the association"
     assert any("claims 1073741824 bytes (limit 1048576)" in r.getMessage() for r in caplog.records)
     assoc.abort()
 
