@@ -69,6 +69,7 @@ def _start(
     allowed: list[str] | None = None,
     network_timeout: float = 30.0,
     max_pdu: int = 1024 * 1024,
+    max_associations: int = 10,
 ) -> Running:
     store = NodeState.open(tmp_path / "edge.sqlite3")
     spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=max_instance_bytes, min_free_bytes=0)
@@ -79,6 +80,7 @@ def _start(
         allowed_calling_aes=allowed,
         network_timeout=network_timeout,
         max_pdu=max_pdu,
+        max_associations=max_associations,
         transport=transport,
     )
     running: Running
@@ -513,3 +515,78 @@ def test_dcmtk_sends_every_transfer_syntax_we_accept_and_the_pixels_arrive_as_se
     # Some samples are one instance in several encodings (the same SOP Instance UID): one row each UID.
     uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in samples.values()}
     assert edge.store.status.counts()["instances"] == len(uids)
+
+
+def _associate_rq(called: bytes = b"EDGE", contexts: bytes | None = None) -> bytes:
+    """A hand-made A-ASSOCIATE-RQ proposing Verification (PS3.8 9.3.2)."""
+
+    def item(kind: int, value: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(value)) + value
+
+    if contexts is None:
+        contexts = item(
+            0x20, bytes((1, 0, 0, 0)) + item(0x30, b"1.2.840.10008.1.1") + item(0x40, b"1.2.840.10008.1.2")
+        )
+    body = struct.pack(">HH", 1, 0) + called.ljust(16) + b"RAWSCU".ljust(16) + bytes(32)
+    body += item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + item(0x50, item(0x51, struct.pack(">L", 16384)))
+    return _pdu_header(0x01, len(body)) + body
+
+
+def _p_data(context_id: int, control: int, value: bytes) -> bytes:
+    pdv = struct.pack(">LBB", len(value) + 2, context_id, control) + value
+    return _pdu_header(0x04, len(pdv)) + pdv
+
+
+def test_hostile_pdus_end_their_connection_at_once_and_the_listener_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The native transport's own PDU parsing (pynetdicom waits for some of these until the ARTIM timer,
+    # and logs its decoder's traceback for others).
+    edge = _start(tmp_path, "native")
+    accepted = _associate_rq()
+    cases = {
+        "data before association": _p_data(1, 3, b"\0" * 16),
+        "truncated request": _pdu_header(0x01, 10) + bytes(10),
+        # A context whose abstract syntax sub-item claims 500 bytes of a 7-byte item.
+        "items past the end": _associate_rq(contexts=b"\x20\x00\x00\x0b\x01\0\0\0\x30\x00\x01\xf41.2"),
+        "unknown PDU type": _pdu_header(0x09, 4) + bytes(4),
+        "PDV for a context never proposed": accepted + _p_data(99, 3, b"\0" * 16),
+        "PDV length past its PDU": accepted
+        + _pdu_header(0x04, 8)
+        + struct.pack(">LBB", 1000, 1, 3)
+        + b"\0\0",
+        "command outside group 0000": accepted
+        + _p_data(1, 3, struct.pack("<HHL", 0x0008, 0x0100, 2) + b"\0\0"),
+        "second association request": accepted + accepted,
+    }
+    with caplog.at_level(logging.INFO):
+        for name, data in cases.items():
+            with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+                s.sendall(data)
+                assert _closed_by_peer(s, within=5.0), name
+    assert echoscu(edge.port)
+    assert edge.store.status.counts()["instances"] == 0
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    edge.listener.stop()
+    edge.store.close()
+
+
+def test_associations_beyond_the_limit_are_rejected_as_local_limit(
+    tmp_path: Path, transport: ReceiveTransport
+) -> None:
+    running = _start(tmp_path, transport, max_associations=1)
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert first.is_established
+        second = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert second.is_rejected
+        first.release()
+        deadline = time.monotonic() + 5
+        while running.listener.open_connections("127.0.0.1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert echoscu(running.port)
+    finally:
+        running.listener.stop()
+        running.store.close()
