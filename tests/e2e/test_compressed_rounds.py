@@ -4,7 +4,8 @@ The hub starts a ``public_logits`` round with ``--compression topk``; each node'
 the top-k wire tensors of its logits, keeping what top-k dropped as an error-feedback residual in its data
 directory; the hub's intake decodes them and the round's aggregate is the mean of what the wire carried.
 The nodes restart between two rounds, and the second round's aggregate shows the residual carried over.
-The bytes ``fedclinic-edge updates`` reports are the bytes the hub stored.
+The bytes ``fedclinic-edge updates`` reports are the bytes the hub stored; the hub's update cap sits between
+the dense and the compressed size.
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ def test_topk_rounds_travel_compressed_and_the_residual_survives_a_node_restart(
     anchors.write_bytes(encode_tensors({"inputs": inputs}))
     logits = _node_logits(found.bundle / "model.onnx", inputs)  # (N, 2)
 
-    hub = make_hub(tmp_path / "hub")
+    # The hub's smallest cap on an update: the dense logits are over it, their top-k wire tensors are not,
+    # so the round also shows that a node checks the cap on what it sends, not on what it computed.
+    cap = 1024
+    assert len(encode_tensors({"logits": logits})) > cap
+    hub = make_hub(tmp_path / "hub", extra_env={"FEDCLINIC_HUB_MAX_UPDATE_BYTES": str(cap)})
     hub.start()
     nodes: dict[str, EdgeProcess] = {}
     try:
