@@ -11,6 +11,10 @@ Wire names are ``<tensor>::<part>``:
 - ``Int8Compressor()``: per float tensor, ``::q`` int8 in [−127, 127] and ``::scale`` (float64 scalar,
   max|x|/127), decoded as q·scale.
 - ``Fp16Compressor()``: per float tensor, ``::h`` float16 (values beyond ±65504 saturate).
+- ``TopKInt8Compressor(fraction)``: top-k as above, but the indices travel delta-coded as ``::gap`` (the
+  first index, then the distance from each kept index to the previous one, in the narrowest unsigned
+  dtype that holds the largest) and the values int8-quantised as ``::q`` with their ``::scale``: about
+  2 bytes per kept value instead of 8.
 
 Integer tensors travel unchanged as ``::raw``. ``ErrorFeedback`` wraps either compressor on the client:
 what compression dropped this round (update + carried residual − what was sent) is added to the next
@@ -40,6 +44,7 @@ __all__ = [
     "Layout",
     "TensorLayout",
     "TopKCompressor",
+    "TopKInt8Compressor",
     "layout_of",
     "wire_bytes",
 ]
@@ -139,10 +144,9 @@ class TopKCompressor(Compressor):
 
     def _encode(self, arr: np.ndarray) -> dict[str, np.ndarray]:
         flat = arr.ravel()
-        k = max(1, math.ceil(self.fraction * flat.size)) if flat.size else 0
         # int32 indices (int64 only past 2^31 entries): they are half of what top-k sends.
         index_dtype = np.int32 if flat.size < 2**31 else np.int64
-        idx = np.sort(np.argsort(-np.abs(flat), kind="stable")[:k]).astype(index_dtype)
+        idx = _top_indices(flat, self.fraction).astype(index_dtype)
         return {"idx": idx, "val": flat[idx].copy()}
 
     def _decode(self, parts: Mapping[str, np.ndarray], spec: TensorLayout) -> np.ndarray:
@@ -157,25 +161,76 @@ class TopKCompressor(Compressor):
         return flat.reshape(spec.shape)
 
 
+def _top_indices(flat: np.ndarray, fraction: float) -> np.ndarray:
+    """Ascending flat indices of the ceil(fraction·size) largest-magnitude entries (ties: lower index)."""
+    k = max(1, math.ceil(fraction * flat.size)) if flat.size else 0
+    return np.sort(np.argsort(-np.abs(flat), kind="stable")[:k])
+
+
+def _quantise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit codes in [−127, 127] and the float64 scale max|x| / 127 (0 for an all-zero x)."""
+    x = x.astype(np.float64)
+    scale = float(np.max(np.abs(x))) / 127.0 if x.size else 0.0
+    q = np.zeros(x.shape) if scale == 0 else np.clip(np.rint(x / scale), -127, 127)
+    return q.astype(np.int8), np.array(scale, dtype=np.float64)
+
+
+def _dequantise(q: np.ndarray, scale: np.ndarray, spec: TensorLayout) -> np.ndarray:
+    if q.dtype != np.int8 or scale.shape != () or scale.dtype.kind != "f":
+        raise EncodingError(f"malformed int8 parts for a tensor of {spec}")
+    if not np.isfinite(scale):
+        raise EncodingError("int8 scale is not finite")
+    return q.astype(np.float64) * float(scale)
+
+
+class TopKInt8Compressor(Compressor):
+    """Top-k with delta-coded indices and int8 values: ``::gap``, ``::q``, ``::scale`` per float tensor."""
+
+    parts = ("gap", "q", "scale")
+
+    def __init__(self, fraction: float) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+
+    def _encode(self, arr: np.ndarray) -> dict[str, np.ndarray]:
+        flat = arr.ravel()
+        idx = _top_indices(flat, self.fraction)
+        gaps = np.diff(idx, prepend=0)
+        # Sorted indices of a dense-ish selection are close together: most gaps fit in one byte.
+        largest = int(gaps.max()) if gaps.size else 0
+        gap_dtype = next(d for d in (np.uint8, np.uint16, np.uint32, np.uint64) if largest <= np.iinfo(d).max)
+        q, scale = _quantise(flat[idx])
+        return {"gap": gaps.astype(gap_dtype), "q": q, "scale": scale}
+
+    def _decode(self, parts: Mapping[str, np.ndarray], spec: TensorLayout) -> np.ndarray:
+        gap, q = parts["gap"], parts["q"]
+        size = math.prod(spec.shape)
+        if gap.dtype.kind != "u" or gap.ndim != 1 or q.shape != gap.shape or gap.size > size:
+            raise EncodingError(f"malformed top-k gaps for a tensor of {spec}")
+        if gap.size > 1 and int(gap[1:].min()) == 0:
+            raise EncodingError("top-k gaps repeat an index")
+        idx = np.cumsum(gap.astype(np.uint64))
+        if idx.size and int(idx[-1]) >= size:
+            raise EncodingError(f"top-k index out of range for a tensor of size {size}")
+        flat = np.zeros(size, dtype=np.float64)
+        flat[idx.astype(np.int64)] = _dequantise(q, parts["scale"], spec)
+        return flat.astype(spec.dtype).reshape(spec.shape)
+
+
 class Int8Compressor(Compressor):
     """Symmetric per-tensor 8-bit quantisation: q = rint(x / s), s = max|x| / 127."""
 
     parts = ("q", "scale")
 
     def _encode(self, arr: np.ndarray) -> dict[str, np.ndarray]:
-        x = arr.astype(np.float64)
-        peak = float(np.max(np.abs(x))) if x.size else 0.0
-        scale = peak / 127.0
-        q = np.zeros(x.shape, dtype=np.int8) if scale == 0 else np.clip(np.rint(x / scale), -127, 127)
-        return {"q": q.astype(np.int8), "scale": np.array(scale, dtype=np.float64)}
+        q, scale = _quantise(arr)
+        return {"q": q, "scale": scale}
 
     def _decode(self, parts: Mapping[str, np.ndarray], spec: TensorLayout) -> np.ndarray:
-        q, scale = parts["q"], parts["scale"]
-        if q.dtype != np.int8 or q.shape != spec.shape or scale.shape != () or scale.dtype.kind != "f":
+        if parts["q"].shape != spec.shape:
             raise EncodingError(f"malformed int8 parts for a tensor of {spec}")
-        if not np.isfinite(scale):
-            raise EncodingError("int8 scale is not finite")
-        return (q.astype(np.float64) * float(scale)).astype(spec.dtype)
+        return _dequantise(parts["q"], parts["scale"], spec).astype(spec.dtype)
 
 
 class Fp16Compressor(Compressor):

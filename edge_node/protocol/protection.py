@@ -11,6 +11,7 @@ from edge_node.protocol.compression import (
     Fp16Compressor,
     Int8Compressor,
     TopKCompressor,
+    TopKInt8Compressor,
 )
 from edge_node.protocol.updates import UpdateKind
 
@@ -24,6 +25,7 @@ class CompressionKind(str, Enum):
     TOPK = "topk"
     INT8 = "int8"
     FP16 = "fp16"
+    TOPK_INT8 = "topk_int8"  # top-k with delta-coded indices and 8-bit values
 
 
 class ProtectionSpec(BaseModel):
@@ -63,6 +65,8 @@ class ProtectionSpec(BaseModel):
         """The codec of a plain update, or None for dense float tensors."""
         if self.compression is CompressionKind.TOPK:
             return TopKCompressor(self.topk_fraction)
+        if self.compression is CompressionKind.TOPK_INT8:
+            return TopKInt8Compressor(self.topk_fraction)
         if self.compression is CompressionKind.INT8:
             return Int8Compressor()
         if self.compression is CompressionKind.FP16:
