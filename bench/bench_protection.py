@@ -15,7 +15,9 @@ with each protection switched on in turn:
   unmasking) with the node client and hub server; bytes are every message a clinic sends plus its masked
   payload; the hub learns only the sum (so the mean is unweighted);
 - ``poison_*``: clinic A sends its update sign-flipped and scaled ×10, aggregated by plain FedAvg, the
-  coordinate-wise median, the trimmed mean (β = 0.2) and the norm filter.
+  coordinate-wise median, the trimmed mean (β = 0.2), the norm filter (unweighted, ``normfilter``, or
+  FedAvg's weights, ``normfilterw``), the norm bound (``normbound``: clip every update to the median norm)
+  and the norm bound then the trimmed mean (``normboundtrim``).
 - ``clean_*``: the same robust reductions without a poisoned clinic (what robustness costs on non-IID
   clinics by itself).
 - ``light_plain`` / ``light_dp_eps{1,4,8}``: the light learner's ``head_delta`` federation (the
@@ -95,11 +97,13 @@ CONFIGS = (
     "poison_median",
     "poison_trimmed",
     "poison_normfilter",
+    "poison_normfilterw",
     "poison_normbound",
     "poison_normboundtrim",
     "clean_median",
     "clean_trimmed",
     "clean_normfilter",
+    "clean_normfilterw",
     "clean_normbound",
     "clean_normboundtrim",
     "without_A",
@@ -285,6 +289,8 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         strategy = Robust(FedAvg(), "trimmed_mean", beta=0.2)
     elif name.endswith("_normfilter"):
         strategy = Robust(FedAvg(), "norm_filter")
+    elif name.endswith("_normfilterw"):
+        strategy = Robust(FedAvg(), "norm_filter_weighted")
     elif name.endswith("_normbound"):
         strategy = Robust(FedAvg(), "norm_bound")
     elif name.endswith("_normboundtrim"):

@@ -16,6 +16,7 @@ from hub.fl.aggregate import (
     norm_filtered_mean,
     trimmed_mean,
     unweighted_mean,
+    weighted_mean,
 )
 from hub.fl.errors import AggregationError, StrategyConfigError
 from hub.fl.state import nest, read_json, unnest
@@ -38,9 +39,12 @@ __all__ = [
     "clip_to_median_norm",
     "norm_bounded_mean",
     "norm_bounded_trimmed_mean",
+    "norm_filtered_weighted_mean",
 ]
 
-RobustMethod = Literal["median", "trimmed_mean", "norm_filter", "norm_bound", "norm_bound_trimmed"]
+RobustMethod = Literal[
+    "median", "trimmed_mean", "norm_filter", "norm_filter_weighted", "norm_bound", "norm_bound_trimmed"
+]
 
 
 def _joint_norm(params: Params) -> float:
@@ -73,6 +77,27 @@ def clip_to_median_norm(params_list: Sequence[Params], factor: float = 1.0) -> l
             }
         )
     return out
+
+
+def norm_filtered_weighted_mean(
+    params_list: Sequence[Params], weights: Sequence[float], *, factor: float = 3.0
+) -> Params:
+    """FedAvg's weighted mean of the updates whose joint L2 norm is at most ``factor`` × the median norm.
+
+    Unlike ``norm_filtered_mean`` it keeps the sample-count weights of the updates that pass, so dropping
+    one clinic leaves what FedAvg over the others would give. The weights are the clients' word, but a
+    weighted mean of vectors each within the bound stays within it: a client that lies about its count
+    can pull the aggregate at most ``factor`` × the median norm, in the direction of its own update.
+    """
+    check_compatible(params_list)
+    if len(weights) != len(params_list):
+        raise AggregationError(f"got {len(params_list)} tensor sets but {len(weights)} weights")
+    if not factor >= 1.0:
+        raise AggregationError(f"norm filter factor must be >= 1, got {factor}")
+    norms = np.array([_joint_norm(p) for p in params_list])
+    bound = factor * float(np.median(norms))
+    kept = [k for k, n in enumerate(norms) if n <= bound]
+    return weighted_mean([params_list[k] for k in kept], [weights[k] for k in kept])
 
 
 def norm_bounded_mean(
@@ -169,11 +194,13 @@ class Robust(WrappedStrategy):
 
     ``method="median"``: coordinate-wise median; ``"trimmed_mean"``: drop the floor(beta·K) largest and
     smallest values per coordinate, then average; ``"norm_filter"``: drop updates whose L2 norm exceeds
-    ``norm_factor`` × the median norm, then average; ``"norm_bound"``: clip every update to
+    ``norm_factor`` × the median norm, then average; ``"norm_filter_weighted"``: the same filter, then
+    FedAvg's weighted mean of what passed; ``"norm_bound"``: clip every update to
     ``bound_factor`` × the median norm, then average; ``"norm_bound_trimmed"``: clip the same way, then the
-    trimmed mean with ``beta``. All ignore sample counts (a client could lie about
-    them). Everything else — validation, what is shared, personal parts — is the inner strategy's. They
-    need the individual updates, so none combines with secure aggregation (the hub sees only the sum);
+    trimmed mean with ``beta``. All but ``norm_filter_weighted`` ignore sample counts (a client could lie
+    about them; under the norm filter a lie can only move the aggregate within the norm bound). Everything
+    else — validation, what is shared, personal parts — is the inner strategy's. They need the individual
+    updates, so none combines with secure aggregation (the hub sees only the sum);
     there the nodes' clip bounds each clinic's influence instead.
     """
 
@@ -195,10 +222,11 @@ class Robust(WrappedStrategy):
             if not 0.0 <= beta < 0.5:
                 raise StrategyConfigError(f"trimmed_mean needs 0 <= beta < 0.5, got {beta}")
             reducer = partial(trimmed_mean, beta=beta)
-        elif method == "norm_filter":
+        elif method in ("norm_filter", "norm_filter_weighted"):
             if not norm_factor >= 1.0:
-                raise StrategyConfigError(f"norm_filter needs norm_factor >= 1, got {norm_factor}")
-            reducer = partial(norm_filtered_mean, factor=norm_factor)
+                raise StrategyConfigError(f"{method} needs norm_factor >= 1, got {norm_factor}")
+            filtered = norm_filtered_mean if method == "norm_filter" else norm_filtered_weighted_mean
+            reducer = partial(filtered, factor=norm_factor)
         elif method in ("norm_bound", "norm_bound_trimmed"):
             if not bound_factor > 0.0 or not math.isfinite(bound_factor):
                 raise StrategyConfigError(f"{method} needs a positive bound_factor, got {bound_factor}")
@@ -210,8 +238,8 @@ class Robust(WrappedStrategy):
                 reducer = partial(norm_bounded_trimmed_mean, factor=bound_factor, beta=beta)
         else:
             raise StrategyConfigError(
-                "robust method must be 'median', 'trimmed_mean', 'norm_filter', 'norm_bound' or "
-                f"'norm_bound_trimmed', got {method!r}"
+                "robust method must be 'median', 'trimmed_mean', 'norm_filter', 'norm_filter_weighted', "
+                f"'norm_bound' or 'norm_bound_trimmed', got {method!r}"
             )
         self.method = method
         self.beta = beta
