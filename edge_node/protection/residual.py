@@ -35,7 +35,7 @@ class ResidualStore:
 
     def path(self, kind: CompressionKind, topk_fraction: float) -> Path:
         # Top-k residuals depend on the fraction; a quantiser's do not.
-        suffix = f"-{topk_fraction:g}" if kind is CompressionKind.TOPK else ""
+        suffix = f"-{topk_fraction:g}" if kind in (CompressionKind.TOPK, CompressionKind.TOPK_INT8) else ""
         return self.directory / f"{kind.value}{suffix}.npz"
 
     def load(self, kind: CompressionKind, topk_fraction: float) -> Tensors:

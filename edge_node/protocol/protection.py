@@ -11,6 +11,7 @@ from edge_node.protocol.compression import (
     Fp16Compressor,
     Int8Compressor,
     TopKCompressor,
+    TopKInt8Compressor,
 )
 from edge_node.protocol.updates import UpdateKind
 
@@ -24,12 +25,15 @@ class CompressionKind(str, Enum):
     TOPK = "topk"
     INT8 = "int8"
     FP16 = "fp16"
+    TOPK_INT8 = "topk_int8"  # top-k with delta-coded indices and 8-bit values
 
 
 def compressor_for(kind: CompressionKind, topk_fraction: float = 0.01) -> Compressor | None:
     """The codec of a plain update compressed as ``kind``; None for dense float tensors."""
     if kind is CompressionKind.TOPK:
         return TopKCompressor(topk_fraction)
+    if kind is CompressionKind.TOPK_INT8:
+        return TopKInt8Compressor(topk_fraction)
     if kind is CompressionKind.INT8:
         return Int8Compressor()
     if kind is CompressionKind.FP16:
