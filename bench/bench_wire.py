@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.flbench.methods import BenchConfig
-from harness.wirebench.comparison import METRIC_KEYS, SeedComparison, compare_seed, summarize
+from harness.wirebench.comparison import METRIC_KEYS, QUICK, Caps, SeedComparison, compare_seed, summarize
 
 LABELS = {
     "small_auc": "small-clinic mean AUC",
@@ -79,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cfg = BenchConfig(rounds=args.rounds, local_epochs=args.local_epochs)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    caps = QUICK if args.quick else Caps()
     console = Console()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        rows = [compare_seed(s, cfg, work / f"seed{s}", quick=args.quick, on_step=console.log) for s in seeds]
+        rows = [compare_seed(s, cfg, work / f"seed{s}", caps=caps, on_step=console.log) for s in seeds]
     render(rows, console)
     console.print(f"total wall {time.perf_counter() - t0:.0f} s")
     if args.json is not None:

@@ -32,7 +32,7 @@ from harness.wirebench.student import light_student
 from harness.wirebench.wire_federation import WireOutcome, run_light_head_wire
 from hub.training.learners import to_params
 
-__all__ = ["METRIC_KEYS", "SeedComparison", "compare_seed", "summarize"]
+__all__ = ["METRIC_KEYS", "QUICK", "Caps", "SeedComparison", "compare_seed", "summarize"]
 
 #: The figures compared, each read from a finalized benchmark record.
 METRIC_KEYS: dict[str, Callable[[Record], float]] = {
@@ -79,22 +79,33 @@ def _gap(replay: ReplicaRun, wire: WireOutcome) -> dict[str, float]:
     return {"shared_head": shared, "personal_heads": personal}
 
 
+@dataclass(frozen=True)
+class Caps:
+    """Size caps of the benchmark data (``build_bench_data``'s); None is the full benchmark."""
+
+    train_per_clinic: int | None = None
+    test: int | None = None
+    public: int | None = None
+
+
+#: ``bench fl --quick``'s caps.
+QUICK = Caps(QUICK_TRAIN_PER_CLINIC, QUICK_TEST, QUICK_PUBLIC)
+
+
 def compare_seed(
-    seed: int, cfg: BenchConfig, work: Path, *, quick: bool, on_step: Callable[[str], None] = lambda _: None
+    seed: int, cfg: BenchConfig, work: Path, *, caps: Caps, on_step: Callable[[str], None] = lambda _: None
 ) -> SeedComparison:
-    """Sim and wire ``light_head`` for ``seed`` (``quick``: ``bench fl --quick``'s caps)."""
+    """Sim and wire ``light_head`` for ``seed`` on the benchmark data under ``caps``."""
     data = build_bench_data(
         "pneumonia", "combined", seed,
-        max_train_per_clinic=QUICK_TRAIN_PER_CLINIC if quick else None,
-        max_test=QUICK_TEST if quick else None,
-        public_size=QUICK_PUBLIC if quick else None,
+        max_train_per_clinic=caps.train_per_clinic, max_test=caps.test, public_size=caps.public,
         panel=load_panel(),
     )  # fmt: skip
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     sim_raw = METHODS["light_head"](data, MethodContext(cfg, work / "sim", seed))
     seconds["sim"] = time.perf_counter() - t0
-    config = {"quick": quick, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs}
+    config = {"caps": caps.__dict__, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs}
     sim = finalize_record("light_head", seed, sim_raw, seconds["sim"], config)
     on_step(f"seed {seed}: simulation done in {seconds['sim']:.0f} s")
 
