@@ -5,10 +5,13 @@ association per run, then (``--associations 1 4``) from four storescu processes 
 sending a quarter of them, as a PACS with parallel senders does. Receivers, alternating in the same session,
 each started fresh per run:
 
-* ``edge``: a real ``fedclinic-edge serve`` process; every instance is written into a spool slot whose
-  name is already durable, fsynced (one flush), renamed into place and its row committed to SQLite (WAL,
-  synchronous=NORMAL) before the success status goes back (see ``edge_node.ingest.spool``). No model is
-  installed, so the worker does not compete for the CPU: this measures ingest only.
+* ``edge``: a real ``fedclinic-edge serve`` process with the native receive transport (the default,
+  ``edge_node.ingest.native_transport``); every instance is written into a spool slot whose name is already
+  durable as its fragments arrive, fsynced (one flush), renamed into place and its row committed to SQLite
+  (WAL, synchronous=NORMAL) before the success status goes back (see ``edge_node.ingest.spool``). No model
+  is installed, so the worker does not compete for the CPU: this measures ingest only.
+* ``edge-pynetdicom``: the same node with ``receive_transport = "pynetdicom"``; the ratio of the two, taken
+  in the same run, is what a loaded machine disturbs least.
 * ``storescp``: dcmtk's ``storescp -od DIR`` (no fsync), the reference; ``--fork`` (a process per
   association) when there are several associations.
 * ``pynetdicom-null``: a pynetdicom 3.0 SCP that answers success without touching the disk (TCP_NODELAY,
@@ -17,7 +20,7 @@ each started fresh per run:
 
 storescu and storescp run with ``TCP_NODELAY=1``; the edge listener sets TCP_NODELAY itself. The number
 reported is the median files/s over the repetitions, and the ratio edge/storescp (targets: ≥ 0.5 with one
-association, ≥ 0.7 with four).
+association, ≥ 0.7 with four), beside edge/edge-pynetdicom.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ingest.py --associations 1 4 --json build/bench_ingest.json
 """
@@ -25,6 +28,7 @@ association, ≥ 0.7 with four).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -123,14 +128,18 @@ def send(port: int, aet: str, files: list[Path], associations: int) -> float:
     return elapsed
 
 
-def run_edge(files: list[Path], work: Path, associations: int, max_pdu: int) -> float:
+def run_edge(
+    files: list[Path], work: Path, associations: int, max_pdu: int, transport: str = "native"
+) -> float:
     port = free_port()
     root = work / f"edge-{time.monotonic_ns()}"
     root.mkdir()
     config = root / "edge.toml"
     config.write_text(
         f'ae_title = "EDGE"\nport = {port}\ndata_dir = "{root / "data"}"\nquiet_seconds = 3600\n'
-        f'log_level = "WARNING"\nmax_pdu_bytes = {max_pdu}\n'
+        f'log_level = "WARNING"\nmax_pdu_bytes = {max_pdu}\nreceive_transport = "{transport}"\n'
+        # No clinician page: its fixed default port may be taken on a shared machine, and it is not ingest.
+        "page_enabled = false\n"
         # Room for the parallel senders and the C-ECHO probe whose connection may still be closing.
         f"max_associations_per_peer = {associations + 2}\n"
     )
@@ -226,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1024 * 1024,
         help="the edge's max_pdu_bytes (and the pynetdicom-null receiver's); default 1 MiB",
     )
+    parser.add_argument(
+        "--receivers",
+        nargs="+",
+        default=["edge", "edge-pynetdicom", "storescp", "pynetdicom-null"],
+        choices=["edge", "edge-pynetdicom", "storescp", "pynetdicom-null"],
+        help="receivers to measure (default all; edge and storescp are needed for the ratio)",
+    )
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "build" / "bench_ingest.json")
     parser.add_argument("--serve-null", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -234,8 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     console = Console()
 
-    runners = {"edge": run_edge, "storescp": run_storescp, "pynetdicom-null": run_null}
+    runners: dict[str, Callable[[list[Path], Path, int, int], float]] = {
+        "edge": run_edge,
+        "edge-pynetdicom": functools.partial(run_edge, transport="pynetdicom"),
+        "storescp": run_storescp,
+        "pynetdicom-null": run_null,
+    }
+    runners = {name: runners[name] for name in args.receivers}
     results = []
+    load_at_start = os.getloadavg()
+    console.print(
+        f"load average at start: {load_at_start[0]:.1f} {load_at_start[1]:.1f} {load_at_start[2]:.1f}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         files = make_slices(work / "src", args.files)
@@ -263,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "max_pdu_bytes": args.max_pdu,
         "runs": results,
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "targets": {"1": TARGET_RATIO, "4": TARGET_RATIO_FOUR},
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -289,10 +316,13 @@ def _summary(
         table.add_column(column)
     kinds = (
         ("edge", "fsync per instance, SQLite"),
+        ("edge-pynetdicom", "fsync per instance, SQLite"),
         ("storescp", "no fsync"),
         ("pynetdicom-null", "nothing written"),
     )
     for name, durable in kinds:
+        if name not in median:
+            continue
         table.add_row(
             name,
             durable,
@@ -304,15 +334,27 @@ def _summary(
     target = TARGET_RATIO_FOUR if associations >= 4 else TARGET_RATIO
     verdict = "[green]meets[/green]" if ratio >= target else "[red]misses[/red]"
     console.print(f"edge / storescp = {ratio:.2f} ({verdict} the target ≥ {target})")
-    ceiling = median["pynetdicom-null"] / median["storescp"]
-    console.print(f"pynetdicom-null / storescp = {ceiling:.2f} (the ceiling of a pynetdicom listener here)")
+    ratios = {"ratio_edge_over_storescp": ratio}
+    if "edge-pynetdicom" in median:
+        ratios["ratio_edge_over_edge_pynetdicom"] = median["edge"] / median["edge-pynetdicom"]
+        ratios["ratio_edge_pynetdicom_over_storescp"] = median["edge-pynetdicom"] / median["storescp"]
+        console.print(
+            f"edge (native) / edge-pynetdicom = {ratios['ratio_edge_over_edge_pynetdicom']:.2f}; "
+            f"edge-pynetdicom / storescp = {ratios['ratio_edge_pynetdicom_over_storescp']:.2f}"
+        )
+    if "pynetdicom-null" in median:
+        ratios["ratio_pynetdicom_null_over_storescp"] = median["pynetdicom-null"] / median["storescp"]
+        console.print(
+            f"pynetdicom-null / storescp = {ratios['ratio_pynetdicom_null_over_storescp']:.2f} "
+            "(the ceiling of a pynetdicom listener here)"
+        )
     return {
         "associations": associations,
         "seconds": times,
         "files_per_s": rates,
         "median_files_per_s": median,
-        "ratio_edge_over_storescp": ratio,
-        "ratio_pynetdicom_null_over_storescp": ceiling,
+        "load_average": os.getloadavg(),
+        **ratios,
     }
 
 

@@ -185,7 +185,8 @@ class EdgeSettings(BaseSettings):
     max_associations_per_peer: int = Field(default=4, ge=1)
     #: Seconds a new connection may take to request an association (silent sockets are closed after it).
     acse_timeout_s: float = Field(default=10.0, gt=0)
-    #: Seconds to wait for the next DIMSE message inside an association.
+    #: Seconds to wait for the next DIMSE message inside an association (the pynetdicom transport; the
+    #: native one bounds every read inside an association by network_timeout_s).
     dimse_timeout_s: float = Field(default=30.0, gt=0)
     #: Seconds an association may stay idle on the network before it is aborted.
     network_timeout_s: float = Field(default=30.0, gt=0)
