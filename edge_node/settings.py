@@ -197,7 +197,7 @@ class EdgeSettings(BaseSettings):
     #: data written straight into the spool as it arrives; about twice as fast) or "pynetdicom" (the
     #: pynetdicom 3.0 server). Both acknowledge an instance only after it is fsynced, answer the same
     #: statuses and apply the same limits; docs/benchmarks.md ("DICOM ingest") compares them.
-    receive_transport: Literal["native", "pynetdicom"] = "pynetdicom"
+    receive_transport: Literal["native", "pynetdicom"] = "native"
     #: A study whose runs killed the node this many times in a row is set aside as failed, not retried.
     max_run_attempts: int = Field(default=3, ge=1)
     #: Instances larger than this are refused with "out of resources" (0xA700).

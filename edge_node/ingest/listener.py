@@ -125,7 +125,7 @@ class ListenerConfig:
     #: Largest P-DATA-TF PDU accepted (announced in the A-ASSOCIATE-AC, enforced while receiving).
     max_pdu: int = DEFAULT_MAX_PDU
     #: Which receive transport runs under the handlers (see the module docstring).
-    transport: ReceiveTransport = "pynetdicom"
+    transport: ReceiveTransport = "native"
 
 
 class Listener:
