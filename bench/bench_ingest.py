@@ -106,8 +106,24 @@ def wait_echo(port: int, aet: str, proc: subprocess.Popen[bytes], timeout: float
     raise SystemExit(f"{aet} did not answer C-ECHO within {timeout} s")
 
 
-def send(port: int, aet: str, files: list[Path], associations: int) -> float:
-    """Seconds for ``associations`` storescu processes, started together, to send ``files`` between them."""
+_TICK = os.sysconf("SC_CLK_TCK")
+#: CPU seconds each receiver process spent in its last run (user + system, reaped children included),
+#: keyed by receiver: unlike files/s, CPU per instance hardly moves with other engineers' load.
+CPU_SECONDS: dict[int, float] = {}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of ``pid`` (/proc/PID/stat fields 14-17)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / _TICK
+
+
+def send(port: int, aet: str, files: list[Path], associations: int, receiver: int | None = None) -> float:
+    """Seconds for ``associations`` storescu processes, started together, to send ``files`` between them.
+
+    With ``receiver`` (its pid), the CPU it spent meanwhile goes to ``CPU_SECONDS[receiver]``.
+    """
+    cpu0 = cpu_seconds(receiver) if receiver is not None else 0.0
     shares = [files[i::associations] for i in range(associations)]
     t0 = time.perf_counter()
     procs = [
@@ -122,6 +138,9 @@ def send(port: int, aet: str, files: list[Path], associations: int) -> float:
     ]
     errors = [proc.communicate(timeout=600)[1] for proc in procs]
     elapsed = time.perf_counter() - t0
+    if receiver is not None:
+        time.sleep(0.3)  # storescp --fork reaps its children after they answer: count them too
+        CPU_SECONDS[receiver] = cpu_seconds(receiver) - cpu0
     for proc, err in zip(procs, errors, strict=True):
         if proc.returncode != 0:
             raise SystemExit(f"storescu to {aet} failed: {err[-2000:]}")
@@ -150,7 +169,7 @@ def run_edge(
     )
     try:
         wait_echo(port, "EDGE", proc)
-        elapsed = send(port, "EDGE", files, associations)
+        elapsed = send(port, "EDGE", files, associations, proc.pid)
         conn = sqlite3.connect(root / "data" / "edge.sqlite3")
         stored = conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
         conn.close()
@@ -187,7 +206,7 @@ def run_null(files: list[Path], work: Path, associations: int, max_pdu: int) -> 
     )
     try:
         wait_echo(port, "NULLSCP", proc)
-        return send(port, "NULLSCP", files, associations)
+        return send(port, "NULLSCP", files, associations, proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -208,7 +227,7 @@ def run_storescp(files: list[Path], work: Path, associations: int, max_pdu: int)
     )
     try:
         wait_echo(port, "DCMTKSCP", proc)
-        elapsed = send(port, "DCMTKSCP", files, associations)
+        elapsed = send(port, "DCMTKSCP", files, associations, proc.pid)
         stored = sum(1 for p in out.iterdir() if p.is_file())
         if stored != len(files):
             raise SystemExit(f"storescp wrote {stored} of {len(files)} files")
@@ -268,17 +287,21 @@ def main(argv: list[str] | None = None) -> int:
         total_bytes = sum(p.stat().st_size for p in files)
         for associations in args.associations:
             times: dict[str, list[float]] = {name: [] for name in runners}
+            cpu: dict[str, list[float]] = {name: [] for name in runners}
             for rep in range(args.repeats):
                 # Rotate which goes first, so that none always enjoys a warmer page cache or a quieter moment.
                 names = list(runners)
                 order = names[rep % len(names) :] + names[: rep % len(names)]
                 for name in order:
+                    CPU_SECONDS.clear()
                     t = runners[name](files, work, associations, args.max_pdu)
                     times[name].append(t)
+                    cpu_ms = 1000 * sum(CPU_SECONDS.values()) / args.files
+                    cpu[name].append(cpu_ms)
                     rate = args.files / t
                     label = f"{associations} assoc. run {rep + 1} {name:15s}"
-                    console.print(f"{label} {rate:7.1f} files/s ({t:.2f} s)")
-            results.append(_summary(console, args, associations, times, total_bytes))
+                    console.print(f"{label} {rate:7.1f} files/s ({t:.2f} s), CPU {cpu_ms:.2f} ms/instance")
+            results.append(_summary(console, args, associations, times, total_bytes, cpu))
 
     target = {1: TARGET_RATIO, 4: TARGET_RATIO_FOUR}
     met = all(r["ratio_edge_over_storescp"] >= target.get(r["associations"], TARGET_RATIO) for r in results)
@@ -302,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(
-    console: Console, args: argparse.Namespace, associations: int, times: dict[str, list[float]], total: int
+    console: Console,
+    args: argparse.Namespace,
+    associations: int,
+    times: dict[str, list[float]],
+    total: int,
+    cpu: dict[str, list[float]],
 ) -> dict[str, object]:
     rates = {k: [args.files / t for t in v] for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in rates.items()}
@@ -312,7 +340,8 @@ def _summary(
         title=f"ingest: {args.files} CT slices 512x512 ({mb:.0f} MB), {associations} association(s), "
         f"max PDU {args.max_pdu}"
     )
-    for column in ("receiver", "durable", "median files/s", "runs files/s", "median MB/s"):
+    cpu_median = {k: statistics.median(v) for k, v in cpu.items()}
+    for column in ("receiver", "durable", "median files/s", "runs files/s", "median MB/s", "CPU ms/instance"):
         table.add_column(column)
     kinds = (
         ("edge", "fsync per instance, SQLite"),
@@ -329,6 +358,7 @@ def _summary(
             f"{median[name]:.1f}",
             ", ".join(f"{r:.1f}" for r in rates[name]),
             f"{median[name] * mb / args.files:.1f}",
+            f"{cpu_median[name]:.2f}",
         )
     console.print(table)
     target = TARGET_RATIO_FOUR if associations >= 4 else TARGET_RATIO
@@ -353,6 +383,8 @@ def _summary(
         "seconds": times,
         "files_per_s": rates,
         "median_files_per_s": median,
+        "cpu_ms_per_instance": cpu,
+        "median_cpu_ms_per_instance": cpu_median,
         "load_average": os.getloadavg(),
         **ratios,
     }
