@@ -117,14 +117,15 @@ class ListenerConfig:
     max_associations_per_peer: int = 4
     #: Seconds a connection may wait for its A-ASSOCIATE-RQ (and an association for release answers).
     acse_timeout: float = 10.0
-    #: Seconds to wait for a DIMSE message inside an association.
+    #: Seconds to wait for a DIMSE message inside an association (pynetdicom transport; the native one
+    #: bounds every read by network_timeout).
     dimse_timeout: float = 30.0
     #: Seconds an association may stay idle on the network before it is aborted.
     network_timeout: float = 30.0
     #: Largest P-DATA-TF PDU accepted (announced in the A-ASSOCIATE-AC, enforced while receiving).
     max_pdu: int = DEFAULT_MAX_PDU
     #: Which receive transport runs under the handlers (see the module docstring).
-    transport: ReceiveTransport = "pynetdicom"
+    transport: ReceiveTransport = "native"
 
 
 class Listener:
@@ -196,7 +197,6 @@ class Listener:
             max_associations=config.max_associations,
             per_peer=config.max_associations_per_peer,
             acse_timeout=config.acse_timeout,
-            dimse_timeout=config.dimse_timeout,
             network_timeout=config.network_timeout,
             max_pdu=config.max_pdu,
         )

@@ -99,8 +99,11 @@ class NativeSettings:
     allowed_calling: list[str]
     max_associations: int
     per_peer: int
+    #: Seconds a connection may take to send its A-ASSOCIATE-RQ (the ARTIM timer).
     acse_timeout: float
-    dimse_timeout: float
+    #: Seconds any read inside an association may wait: an idle association, and a message whose next
+    #: fragment does not come, are both aborted after it (the acceptor waits for no DIMSE reply, so
+    #: pynetdicom's separate dimse_timeout has nothing to bound here).
     network_timeout: float
     max_pdu: int
 
