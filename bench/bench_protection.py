@@ -405,6 +405,9 @@ def run_light(
 
     res = evaluate(data, {c: served(clinics[c]) for c in CLINICS}, shared_only)
     aucs = {c: res["clinics"][c]["auc"] for c in CLINICS}
+    # the shared head alone on every clinic: what the federated (and noised) part carries by itself
+    alone = evaluate(data, dict.fromkeys(CLINICS, shared_only), shared_only)
+    extra["shared_head_auc"] = float(np.mean([alone["clinics"][c]["auc"] for c in CLINICS]))
     sigmas = [s for lr in learners.values() for s in lr.sigmas]
     if sigmas:  # what one clinic spent over the run, from the σ its pipeline actually used
         per_clinic = [GaussianRelease(s) for s in learners[CLINICS[-1]].sigmas]
