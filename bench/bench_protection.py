@@ -7,8 +7,8 @@ FedAvg through ``hub.training.simulation.run_federation`` — the same strategy 
 with each protection switched on in turn:
 
 - ``plain``: fp32 deltas, weighted FedAvg (the reference);
-- ``topk`` / ``int8`` / ``fp16``: each clinic runs the node's ``ProtectionPipeline`` with that codec and
-  error feedback; bytes are the encoded npz payload the pipeline produced, the hub decodes it;
+- ``topk`` / ``topk_int8`` / ``int8`` / ``fp16``: each clinic runs the node's ``ProtectionPipeline`` with
+  that codec and error feedback; bytes are the encoded npz payload the pipeline produced, the hub decodes it;
 - ``dp_eps{1,4,8}``: central DP at the hub (``DifferentialPrivacy``: clip, unweighted mean, Gaussian noise),
   σ calibrated by the shared accountant so that the whole run spends ε at δ = 1e-5;
 - ``secagg``: every round runs the full secure-aggregation protocol (keys, Shamir shares, masked inputs,
@@ -83,10 +83,10 @@ from hub.training.simulation import run_federation
 
 log = logging.getLogger("bench_protection")
 
+#: What a run without ``--configs`` measures: the first table of docs/benchmarks.md "Protection".
 CONFIGS = (
     "plain",
     "topk",
-    "topk_int8",
     "int8",
     "fp16",
     "dp_eps1",
@@ -97,12 +97,16 @@ CONFIGS = (
     "poison_median",
     "poison_trimmed",
     "poison_normfilter",
-    "poison_normfilterw",
-    "poison_normbound",
-    "poison_normboundtrim",
     "clean_median",
     "clean_trimmed",
     "clean_normfilter",
+)
+#: Asked for by name (``--configs``): the later rows, each with its own command in the docs.
+MORE_CONFIGS = (
+    "topk_int8",
+    "poison_normfilterw",
+    "poison_normbound",
+    "poison_normboundtrim",
     "clean_normfilterw",
     "clean_normbound",
     "clean_normboundtrim",
@@ -405,6 +409,9 @@ def run_light(
 
     res = evaluate(data, {c: served(clinics[c]) for c in CLINICS}, shared_only)
     aucs = {c: res["clinics"][c]["auc"] for c in CLINICS}
+    # the shared head alone on every clinic: what the federated (and noised) part carries by itself
+    alone = evaluate(data, dict.fromkeys(CLINICS, shared_only), shared_only)
+    extra["shared_head_auc"] = float(np.mean([alone["clinics"][c]["auc"] for c in CLINICS]))
     sigmas = [s for lr in learners.values() for s in lr.sigmas]
     if sigmas:  # what one clinic spent over the run, from the σ its pipeline actually used
         per_clinic = [GaussianRelease(s) for s in learners[CLINICS[-1]].sigmas]
@@ -460,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(configs) - set(CONFIGS) - set(MORE_CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS + MORE_CONFIGS)}")
     rows: list[dict[str, Any]] = []
     for seed in seeds:
         data = build_bench_data(
