@@ -192,6 +192,11 @@ class EdgeSettings(BaseSettings):
     #: Largest PDU (P-DATA-TF) the listener accepts, in bytes: announced to senders, and a connection whose
     #: PDU claims more is closed before it is read. 1 MiB: as fast as unlimited with dcmtk-based senders.
     max_pdu_bytes: int = Field(default=1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    #: How the DICOM listener receives: "native" (one blocking reader per connection, PDUs parsed by hand,
+    #: data written straight into the spool as it arrives; about twice as fast) or "pynetdicom" (the
+    #: pynetdicom 3.0 server). Both acknowledge an instance only after it is fsynced, answer the same
+    #: statuses and apply the same limits; docs/benchmarks.md ("DICOM ingest") compares them.
+    receive_transport: Literal["native", "pynetdicom"] = "pynetdicom"
     #: A study whose runs killed the node this many times in a row is set aside as failed, not retried.
     max_run_attempts: int = Field(default=3, ge=1)
     #: Instances larger than this are refused with "out of resources" (0xA700).
