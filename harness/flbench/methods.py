@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
-from harness.flbench.frozen_student import FrozenStudent, binary_task
+from harness.flbench.frozen_student import FrozenStudent, bench_task, primary_scores
 from harness.flbench.light_clinic import LightClinic
 from harness.flbench.scoring import METRICS, threshold_metrics, validation_threshold
 from hub.fl.aggregate import unweighted_mean, weighted_mean
@@ -214,7 +214,7 @@ def run_local(
     cfg = LocalConfig(**{**cfg.__dict__, "epochs": ctx.cfg.rounds * ctx.cfg.local_epochs})
     models: dict[str, nn.Module] = {}
     for k, c in enumerate(data.names):
-        model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
+        model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
         train_local(
             model,
             data.clinics[c].train_x,
@@ -235,7 +235,7 @@ def run_central(
 ) -> dict[str, Any]:
     """All clinics' rendered data pooled (the upper bound that moves raw data), same number of epochs."""
     x, y = data.pooled_train()
-    model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
+    model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
     gen = torch.Generator().manual_seed(ctx.seed * 100)
     cfg = _local_cfg(ctx, augment=ctx.cfg.augment if augment is None else augment)
     best = BestRound(data, to_params(model))
@@ -264,14 +264,14 @@ def run_averaging(
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms."""
     augment = ctx.cfg.augment if augment is None else augment
-    init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
+    init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
     settings: dict[str, Any] = {"client_config": {"augment": augment}}
     if strategy_name == "fedprox":
         settings["mu"] = ctx.cfg.fedprox_mu
     strategy = make_strategy(strategy_name, **settings)
     learners: dict[str, SupervisedLearner] = {}
     for k, c in enumerate(data.names):
-        model = fl_cnn(norm=norm)
+        model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
         learners[c] = SupervisedLearner(
             c, model, data.clinics[c], _local_cfg(ctx, augment=augment), ctx.seed * 100 + k
@@ -286,7 +286,7 @@ def run_averaging(
         if ctx.on_round is not None:
             ctx.on_round(rnd)
         if selectable:
-            candidate = fl_cnn(norm=norm)
+            candidate = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
             params = strategy.global_params
             load_params(candidate, params)
             best.offer(rnd, params, _predictor(candidate))
@@ -297,7 +297,7 @@ def run_averaging(
     for c, learner in learners.items():
         load_params(learner.model, shared)  # FedBN: the clinic keeps its own norm tensors
         per_clinic[c] = _predictor(learner.model)
-    global_model = fl_cnn(norm=norm)
+    global_model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
     local_names = [n for n in to_params(init) if n not in shared]
     if local_names:
         # The unseen clinic has no norms of its own: sample-weighted mean of the clinics' (calibration §1).
@@ -316,13 +316,13 @@ def run_averaging(
 
 def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     """HSL: two-task MMoE, shared anchor task on the public set, every tensor averaged unweighted."""
-    init = _seeded(ctx.seed, hsl_mmoe)
+    init = _seeded(ctx.seed, lambda: hsl_mmoe(num_outputs=data.spec.num_outputs))
     aug = ctx.cfg.augment
     cfg = _local_cfg(ctx, augment=aug, weight_decay=1e-4)  # AdamW lr 1e-3, wd 1e-4 (Core_HSL, §1.4)
     strategy = make_strategy("hsl", client_config={"augment": aug})
     learners = {}
     for k, c in enumerate(data.names):
-        model = hsl_mmoe()
+        model = hsl_mmoe(num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
         learners[c] = HslLearner(
             c, model, data.clinics[c], data.public_x, data.public_y, cfg, ctx.seed * 100 + k
@@ -335,13 +335,13 @@ def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         # HSL keeps its best round (§1.4), chosen on the small clinics' validation splits, never on test.
         if ctx.on_round is not None:
             ctx.on_round(rnd)
-        candidate = hsl_mmoe()
+        candidate = hsl_mmoe(num_outputs=data.spec.num_outputs)
         params = strategy.global_params
         load_params(candidate, params)
         best.offer(rnd, params, _predictor(anchored(candidate.eval(), choices["mean"])))
 
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
-    net = hsl_mmoe()
+    net = hsl_mmoe(num_outputs=data.spec.num_outputs)
     load_params(net, best.params)  # the round with the best small-clinic validation AUC
     net.eval()
     deploy = anchored(net, choices["mean"])
@@ -381,14 +381,16 @@ def run_fedhelp(
     """FedHelp: roles by data volume, dual KD at the large hospitals, FM soft labels at the small clinics."""
     soft = stored_soft_labels(ctx.out_dir / f"foundation-{data.task}.npz", data.public_x, data.public_y)
     soft_t = torch.from_numpy(soft)
-    init = _seeded(ctx.seed, lambda: fedhelp_small(public_classes=soft.shape[1]))
+    init = _seeded(
+        ctx.seed, lambda: fedhelp_small(public_classes=soft.shape[1], num_outputs=data.spec.num_outputs)
+    )
     sizes = {c: data.clinics[c].n_train for c in data.names}
     large_ids = sorted(sizes, key=lambda c: -sizes[c])[:2]  # top 2 by data volume (§2.1)
     strategy = make_strategy("fedhelp", large_clients=large_ids, client_config={"augment": ctx.cfg.augment})
     cfg = _local_cfg(ctx, augment=ctx.cfg.augment)
     learners: dict[str, FedHelpLargeLearner | FedHelpSmallLearner] = {}
     for k, c in enumerate(data.names):
-        small = fedhelp_small(public_classes=soft.shape[1])
+        small = fedhelp_small(public_classes=soft.shape[1], num_outputs=data.spec.num_outputs)
         small.load_state_dict(init.state_dict())
         learners[c] = fedhelp_learner(
             "large" if c in large_ids else "small",
@@ -406,7 +408,7 @@ def run_fedhelp(
     hospitals = [h for c in large_ids if isinstance(h := learners[c], FedHelpLargeLearner)]
     strategy.initialize(to_params(init), list(data.names))
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
-    global_small = fedhelp_small(public_classes=soft.shape[1])
+    global_small = fedhelp_small(public_classes=soft.shape[1], num_outputs=data.spec.num_outputs)
     load_params(global_small, strategy.global_params)
     g = _predictor(global_small)
     # Small clinics use the global small model; large hospitals their private large model (§2.5).
@@ -432,7 +434,12 @@ def _distill(data: BenchData, ctx: MethodContext, hospital: FedHelpLargeLearner)
     transfer = torch.cat([hospital.data.train_x, data.public_x])
     t0 = time.perf_counter()
     student = distill_student(
-        teacher, transfer, epochs=ctx.cfg.distill_epochs, min_steps=ctx.cfg.distill_min_steps, seed=ctx.seed
+        teacher,
+        transfer,
+        epochs=ctx.cfg.distill_epochs,
+        min_steps=ctx.cfg.distill_min_steps,
+        seed=ctx.seed,
+        num_outputs=data.spec.num_outputs,
     )
     t_eval = evaluate(data, dict.fromkeys(data.names, _predictor(teacher)), _predictor(teacher))
     s_eval = evaluate(data, dict.fromkeys(data.names, _predictor(student)), _predictor(student))
@@ -461,7 +468,7 @@ def _distill(data: BenchData, ctx: MethodContext, hospital: FedHelpLargeLearner)
 
 def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     """pFedNet: shared extractor averaged; personal head + norm affines fused over the sketch graph (ADMM)."""
-    init = _seeded(ctx.seed, lambda: fl_cnn(norm="group"))
+    init = _seeded(ctx.seed, lambda: fl_cnn(norm="group", num_outputs=data.spec.num_outputs))
     strategy = make_strategy(
         "pfednet",
         is_personal=is_personal_tensor,
@@ -475,11 +482,12 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     )
     learners: dict[str, PFedNetLearner] = {}
     for k, c in enumerate(data.names):
-        model = fl_cnn(norm="group")
+        model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
         learners[c] = PFedNetLearner(
             c, model, data.clinics[c], _local_cfg(ctx, augment=ctx.cfg.augment), ctx.seed * 100 + k
         )
+        learners[c].num_classes = data.spec.num_classes
     strategy.initialize(to_params(init), list(data.names))
     # Round 1 is the stats round (similarity graph); then the same R training rounds as the others.
     bytes_up = _run(strategy, learners, ctx.cfg.rounds + 1, ctx)
@@ -490,7 +498,7 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         load_params(learner.model, params)
         per_clinic[c] = _predictor(learner.model)
         personal.append({n: a for n, a in params.items() if is_personal_tensor(n)})
-    global_model = fl_cnn(norm="group")
+    global_model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
     load_params(global_model, {**strategy.global_params, **unweighted_mean(personal)})
     result = evaluate(data, per_clinic, _predictor(global_model))
     result["bytes_per_client_round"] = bytes_up
@@ -523,7 +531,7 @@ def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     head alone.
     """
     torch.manual_seed(ctx.seed)
-    student = student_cnn_s()
+    student = student_cnn_s(num_outputs=data.spec.num_outputs)
     large = [c for c in data.names if c not in data.small]
     x = torch.cat([data.clinics[c].train_x for c in large])
     y = torch.cat([data.clinics[c].train_y for c in large])
@@ -540,7 +548,7 @@ def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     for c in data.names:
         logits, emb = frozen.logits_and_embedding(data.clinics[c].train_x)
         y_c = data.clinics[c].train_y.numpy().astype(np.int64).reshape(-1)
-        learners[c] = LightClinic(c, head, binary_task(), logits, emb, y_c)
+        learners[c] = LightClinic(c, head, bench_task(data.spec.num_classes), logits, emb, y_c)
     start = to_params(student)
     strategy.initialize(start, list(data.names))
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
@@ -554,18 +562,22 @@ def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     def served(clinic: LightClinic) -> Predictor:
         def scores(x01: torch.Tensor) -> np.ndarray:
             emb = frozen.logits_and_embedding(x01)[1]
-            return (shared_logits(x01) + clinic.personal_logits(emb))[:, 0]
+            return primary_scores(shared_logits(x01) + clinic.personal_logits(emb))
 
         return scores
 
-    result = evaluate(data, {c: served(learners[c]) for c in data.names}, lambda x: shared_logits(x)[:, 0])
+    result = evaluate(
+        data, {c: served(learners[c]) for c in data.names}, lambda x: primary_scores(shared_logits(x))
+    )
     initial = evaluate(
         data,
-        dict.fromkeys(data.names, lambda x: frozen.logits_and_embedding(x)[0][:, 0].astype(np.float64)),
-        lambda x: frozen.logits_and_embedding(x)[0][:, 0].astype(np.float64),
+        dict.fromkeys(data.names, lambda x: primary_scores(frozen.logits_and_embedding(x)[0])),
+        lambda x: primary_scores(frozen.logits_and_embedding(x)[0]),
     )
     shared_only = evaluate(
-        data, dict.fromkeys(data.names, lambda x: shared_logits(x)[:, 0]), lambda x: shared_logits(x)[:, 0]
+        data,
+        dict.fromkeys(data.names, lambda x: primary_scores(shared_logits(x))),
+        lambda x: primary_scores(shared_logits(x)),
     )
     result["bytes_per_client_round"] = bytes_up
     result["extra"] = {
