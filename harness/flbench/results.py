@@ -278,8 +278,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         )
     lines += [
         "",
-        "Balanced accuracy and sensitivity at the validation-chosen threshold (small clinics), "
-        "small-clinic validation AUC (what selection sees):",
+        "Balanced accuracy and sensitivity at the validation-chosen threshold (small clinics; for K classes "
+        "at the argmax, sensitivity = a grade above 0 called above 0), small-clinic validation AUC (what "
+        "selection sees):",
         "",
         "| method | small bacc | small sensitivity | small val AUC | unseen bacc |",
         "|---|---|---|---|---|",
