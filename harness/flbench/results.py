@@ -16,6 +16,15 @@ OURS: tuple[str, ...] = ("hsl", "fedhelp", "pfednet")
 #: The fair references: augmented like the strategies, GroupNorm.
 REF_LOCAL, REF_CENTRAL, REF_FEDAVG = "local_aug", "central_aug", "fedavg_aug"
 _CLINIC_METRICS: tuple[str, ...] = ("auc", "bacc", "sens")
+#: (method, its ablation): the mechanism's worth is the paired difference, reported when both ran.
+ABLATIONS: tuple[tuple[str, str], ...] = (
+    ("hsl", "hsl_noanchor"),
+    ("hsl_concat", "hsl_concat_noanchor"),
+    ("hsl", "fedavg_hslsteps"),
+    ("fedavg_hslsteps", "fedavg_aug"),
+    ("fedhelp", "fedhelp_nofm"),
+    ("fedhelp", "fedhelp_norank"),
+)
 
 
 def _finite_mean(values: Sequence[float]) -> float:
@@ -166,6 +175,10 @@ def _worst(a: Record, b: Record) -> float:
     return float(a["worst_auc"] - b["worst_auc"])
 
 
+def _unseen(a: Record, b: Record) -> float:
+    return float(a["unseen"]["auc"] - b["unseen"]["auc"])
+
+
 def _panel(a: Record, b: Record) -> float:
     if not a.get("panel_mean") or not b.get("panel_mean"):
         return math.nan
@@ -209,6 +222,16 @@ def targets(records: Sequence[Record]) -> dict[str, Any]:
             note="both measured from the codec's npz payloads; HSL here uses compact encoders, not ResNet-18",
         )
     )
+
+    # Each mechanism against its ablation, paired by seed.
+    def differences(m: str, ablated: str) -> dict[str, dict[str, float] | None]:
+        kinds = (("small", _small), ("worst", _worst), ("unseen", _unseen), ("panel", _panel))
+        found = {k: [v for v in _paired(by, m, ablated, fn) if math.isfinite(v)] for k, fn in kinds}
+        return {k: _ms(v) if v else None for k, v in found.items()}
+
+    out["ablations"] = {
+        f"{m} − {ablated}": differences(m, ablated) for m, ablated in ABLATIONS if m in by and ablated in by
+    }
     # Every method against every reference, for the reading (not targets).
     out["paired"] = {
         m: {
@@ -322,6 +345,13 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     ]
     for m, p in tg["paired"].items():
         lines.append(f"| {m} | " + " | ".join(_f(p[c]) for c in cols) + " |")
+    if tg.get("ablations"):
+        lines += ["", "Each mechanism against its ablation, paired by seed (AUC differences, mean±sd):", ""]
+        lines += ["| method − ablation | small | worst | unseen | panel |", "|---|---|---|---|---|"]
+        for pair, d in tg["ablations"].items():
+            lines.append(
+                f"| {pair} | {_f(d['small'])} | {_f(d['worst'])} | {_f(d['unseen'])} | {_f(d['panel'])} |"
+            )
     lines += [
         "",
         f"Targets (best fedclinic strategy by {tg.get('chosen_on', 'small-clinic validation AUC')}: "

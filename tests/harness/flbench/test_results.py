@@ -118,3 +118,18 @@ def test_markdown_lists_every_method_and_target() -> None:
     assert "small AUC − fedavg_aug" in md
     assert "best fedclinic strategy by small-clinic validation AUC: **fedhelp**" in md
     assert "| p1 | p2 | mean |" in md
+
+
+def test_each_mechanism_is_paired_with_its_ablation() -> None:
+    recs = _records()
+    for seed, small in ((0, 0.90), (1, 0.93)):
+        recs.append(finalize_record("hsl_noanchor", seed, _raw([small] * 6, 0.70, val=0.7), 1, {}))
+    tg = targets(recs)
+    d = tg["ablations"]["hsl − hsl_noanchor"]
+    assert d["small"]["mean"] == pytest.approx(0.95 - 0.915) and d["small"]["n"] == 2
+    assert d["unseen"]["mean"] == pytest.approx(0.08)
+    # Pairs whose ablation did not run are left out, not reported as zero.
+    assert "fedhelp − fedhelp_nofm" not in tg["ablations"]
+    md = render_markdown(build_results(recs, {"task": "t", "skew": "s", "seeds": [0, 1], "rounds": 1,
+                                              "local_epochs": 1, "quick": True}))  # fmt: skip
+    assert "| hsl − hsl_noanchor | 0.035±0.021 |" in md
