@@ -56,9 +56,13 @@ def ranking_hinge(
     return (per_sample / (2 * k)).mean()
 
 
-def proxy_loss(proxy_logit: torch.Tensor, large_logit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Large → proxy (full KD): CE(P(x), y) + KL(L(x) ‖ P(x)) at T = 1; the large model is frozen."""
-    return F.binary_cross_entropy_with_logits(proxy_logit, y) + binary_kl(large_logit.detach(), proxy_logit)
+def proxy_loss(
+    proxy_logit: torch.Tensor, large_logit: torch.Tensor, y: torch.Tensor, *, kd_weight: float = 1.0
+) -> torch.Tensor:
+    """Large → proxy (full KD): CE(P(x), y) + kd_weight·KL(L(x) ‖ P(x)) at T = 1; L is frozen."""
+    return F.binary_cross_entropy_with_logits(proxy_logit, y) + kd_weight * binary_kl(
+        large_logit.detach(), proxy_logit
+    )
 
 
 def large_loss(
