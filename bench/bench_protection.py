@@ -457,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--topk", type=float, default=0.01, help="top-k fraction")
     parser.add_argument(
-        "--dp-clip", type=float, default=0.0, help="central-DP clip norm (0: median plain norm)"
+        "--dp-clip", type=float, default=0.0, help="DP clip norm, central and light (0: median plain norm)"
     )
     parser.add_argument("--secagg-clip", type=float, default=100.0, help="node clip before masking")
     parser.add_argument("--secagg-nodes", type=int, default=20)
