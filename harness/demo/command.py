@@ -23,7 +23,6 @@ from harness.demo.cohort import DATASET, ClinicSite, build_cohort
 from harness.demo.federation import ClinicOutcome, Federation, running_federation
 from harness.demo.hub import HubError
 from harness.demo.student import train_public_student
-from hub.commands.export_bundle import build_bundle
 from hub.training.checkpoint import load_checkpoint
 
 #: --strategy: fedhelp (the default: the hospitals in FedHelp's large role with torch, then the small clinics'
@@ -254,10 +253,11 @@ def demo(
             console=console,
         )
         bundle = workdir / "bundles" / "pneumonia-1.0.0"
-        report = build_bundle(
-            checkpoint, fed.hub.data_dir / "keys" / "hub.key", bundle, model_version="1.0.0", int8=False
+        report = fed.hub.export(checkpoint, bundle, "1.0.0")
+        console.print(
+            f"fedclinic-hub export: {report['model_id']} {report['model_version']} signed, "
+            f"ONNX parity max |diff| {report['parity']['max_abs_diff']:.1e}"
         )
-        console.print(f"signed bundle, ONNX parity max |diff| {report.parity.max_abs_diff:.1e}")
 
         console.print(Rule("2. hub: fedclinic-hub models publish; every node pulls, verifies and serves it"))
         fed.hub.publish(bundle)
