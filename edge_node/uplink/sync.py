@@ -34,7 +34,7 @@ from edge_node.learning.external import ExternalLearner, learner_dir
 from edge_node.protection.errors import TaskRefused
 from edge_node.protection.gate import PrivacyGate
 from edge_node.protocol.errors import EncodingError, ProtocolError, PublicationError
-from edge_node.protocol.protection import ProtectionSpec
+from edge_node.protocol.protection import CompressionKind, ProtectionSpec
 from edge_node.protocol.publication import SignedPublication, check_publication
 from edge_node.protocol.signing import load_public_keys
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
@@ -350,14 +350,21 @@ class SyncLoop:
         except (ModelError, ConfigError):
             model = None
         answer = answer_with_learners(task, params, model, local_stats(self.store), self.learners)
+        spec = self._spec(task)
         payload = encode_tensors(answer.tensors)
-        if len(payload) > task.max_update_bytes:
+        # A compressed round's cap applies to the compressed payload, known only after the release.
+        if spec.compression is CompressionKind.NONE and len(payload) > task.max_update_bytes:
             raise TaskError(
                 f"the answer is {len(payload)} bytes, over the task's cap {task.max_update_bytes}"
             )
         if self.gate is not None:
             # Protected and charged to the ledger before it enters the outbox: nothing leaves unrecorded.
-            payload = self.gate.release(task.task_id, task.round, answer.tensors, self._spec(task)).payload
+            payload = self.gate.release(task.task_id, task.round, answer.tensors, spec).payload
+            if len(payload) > task.max_update_bytes:  # charged but not sent: the ledger overstates
+                raise TaskError(
+                    f"the protected answer is {len(payload)} bytes, over the task's cap "
+                    f"{task.max_update_bytes}"
+                )
         envelope = UpdateEnvelope(
             node_id=self.credential.node_id,
             round=task.round,

@@ -94,13 +94,28 @@ class StepCounter:
             handle.remove()
 
 
+#: Settings that only one family of methods reads: (key prefix, the method-name prefix that reads it).
+#: A cached record stays valid when only another family's settings changed.
+_FAMILY_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("distill_", "fedhelp"),
+    ("fedhelp_", "fedhelp"),
+    ("hsl_", "hsl"),
+    ("pfednet_", "pfednet"),
+    ("fedprox_", "fedprox"),
+)
+
+
 def same_settings(method: str, cached: dict[str, Any] | None, config: dict[str, Any]) -> bool:
-    """Whether a cached record was run with these settings; distillation settings only matter to fedhelp."""
+    """Whether a cached record was run with these settings; a family's own settings (distillation and
+    FedHelp's, HSL's, pFedNet's, FedProx's) only matter to that family's methods."""
     if cached is None:
         return False
 
+    def read_by_method(key: str) -> bool:
+        return all(method.startswith(family) for prefix, family in _FAMILY_SETTINGS if key.startswith(prefix))
+
     def relevant(cfg: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in cfg.items() if method == "fedhelp" or not k.startswith("distill_")}
+        return {k: v for k, v in cfg.items() if read_by_method(k)}
 
     return relevant(cached) == relevant(config)
 

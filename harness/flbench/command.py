@@ -125,6 +125,24 @@ def fl(
     pfednet_gamma: Annotated[
         float, typer.Option(min=0.0, help="pFedNet differentially sparse upload γ (0 = off).")
     ] = 0.0,
+    fedhelp_kd_weight: Annotated[
+        float, typer.Option(min=0.0, help="FedHelp large→proxy KD weight (the full soft labels).")
+    ] = 1.0,
+    fedhelp_kl_weight: Annotated[
+        float, typer.Option(min=0.0, help="FedHelp proxy→large KL weight (the weak direction).")
+    ] = 0.1,
+    fedhelp_rank_weight: Annotated[
+        float, typer.Option(min=0.0, help="FedHelp proxy→large ranking-hinge weight.")
+    ] = 0.2,
+    fedhelp_fm_weight: Annotated[
+        float, typer.Option(min=0.0, help="FedHelp small clinics' foundation-head KD weight.")
+    ] = 1.0,
+    distill: Annotated[
+        bool, typer.Option(help="fedhelp also distils the hub student (--no-distill saves CPU).")
+    ] = True,
+    hsl_anchor_weight: Annotated[
+        float, typer.Option(min=0.0, help="HSL's shared-anchor loss weight (the primary task keeps 0.5).")
+    ] = 0.5,
     track: Annotated[
         Track, typer.Option(help="aug: every method augments; none: no method does; both: two runs.")
     ] = Track.aug,
@@ -154,13 +172,23 @@ def fl(
     for augment in tracks:
         if topk <= 0.0:
             raise typer.BadParameter("--topk must be above 0 (1 sends every value)")
+        weights: dict[str, Any] = {
+            "fedhelp_kd_weight": fedhelp_kd_weight,
+            "fedhelp_kl_weight": fedhelp_kl_weight,
+            "fedhelp_rank_weight": fedhelp_rank_weight,
+            "fedhelp_fm_weight": fedhelp_fm_weight,
+            "hsl_anchor_weight": hsl_anchor_weight,
+            "fedhelp_distill": distill,
+        }
         cfg = BenchConfig(
-            rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk, pfednet_gamma=pfednet_gamma
-        )
+            rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk, pfednet_gamma=pfednet_gamma,
+            **weights,
+        )  # fmt: skip
         if quick:
             cfg = BenchConfig(
                 rounds=min(rounds, 2), local_epochs=1, distill_epochs=1, distill_min_steps=0, augment=augment,
-                topk=topk, pfednet_gamma=pfednet_gamma,
+                topk=topk, pfednet_gamma=pfednet_gamma, fedhelp_foundation_max_train=256,
+                fedhelp_foundation_epochs=1, **weights,
             )  # fmt: skip
         spec = BenchSpec(
             task=task.value, skew=skew.value, seeds=seed_list, methods=method_names, cfg=cfg, quick=quick,

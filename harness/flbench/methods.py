@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ from torch import nn
 from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
 from harness.flbench.frozen_student import FrozenStudent, bench_task, primary_scores
 from harness.flbench.light_clinic import LightClinic
+from harness.flbench.public_corpus import BenchFoundation
 from harness.flbench.scoring import METRICS, threshold_metrics, validation_threshold
 from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.compress import TopKCompressor
@@ -24,13 +26,20 @@ from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
 from hub.models.fedhelp_nets import fedhelp_small
 from hub.models.fl_cnn import Norm, fl_cnn
-from hub.models.hsl_mmoe import hsl_mmoe
+from hub.models.hsl_mmoe import Fusion, HslMmoe
+from hub.models.hsl_mmoe import hsl_mmoe as build_hsl
 from hub.models.student import student_cnn_s
 from hub.training.distill import count_params, distill_student, save_student
 from hub.training.fedhelp_kd import RankSign
 from hub.training.fedhelp_train import FedHelpLargeLearner, FedHelpSmallLearner, fedhelp_learner
 from hub.training.foundation import stored_soft_labels
-from hub.training.hsl_train import HslLearner, anchor_choices, anchored, predict_self_paired
+from hub.training.hsl_train import (
+    HslLearner,
+    HslStepsLearner,
+    anchor_choices,
+    anchored,
+    predict_self_paired,
+)
 from hub.training.learners import (
     LocalConfig,
     SupervisedLearner,
@@ -68,7 +77,20 @@ class BenchConfig:
     pfednet_eta: float = 0.01
     #: pFedNet's differentially sparse upload of the shared part (γ of hub.fl.differential_sparsity; 0 = off).
     pfednet_gamma: float = 0.0
+    #: FedHelp's dual KD: proxy→large KL and ranking weights, large→proxy KD weight, and the small clinics'
+    #: foundation-head KD weight (0 = the ablation without the foundation head).
     fedhelp_kl_weight: float = 0.1
+    fedhelp_rank_weight: float = 0.2
+    fedhelp_kd_weight: float = 1.0
+    fedhelp_fm_weight: float = 1.0
+    #: Whether `fedhelp` also distils its hub student (the distillation table; off saves CPU).
+    fedhelp_distill: bool = True
+    #: The foundation teachers' budget: at most this many corpus images and epochs per teacher.
+    fedhelp_foundation_max_train: int = 2000
+    fedhelp_foundation_epochs: int = 12
+    #: HSL's shared-anchor loss weight (the primary task keeps 0.5) and its fusion (hub.models.hsl_mmoe).
+    hsl_anchor_weight: float = 0.5
+    hsl_fusion: str = "softmax"
     distill_epochs: int = 10
     #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
     distill_min_steps: int = 1000
@@ -314,15 +336,32 @@ def run_averaging(
 # -- fedclinic strategies -------------------------------------------------------------------------------
 
 
-def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
-    """HSL: two-task MMoE, shared anchor task on the public set, every tensor averaged unweighted."""
-    init = _seeded(ctx.seed, lambda: hsl_mmoe(num_outputs=data.spec.num_outputs))
+def _fusion(name: str) -> Fusion:
+    if name not in ("softmax", "concat"):
+        raise ValueError(f"unknown HSL fusion {name!r}; choose 'softmax' or 'concat'")
+    return "softmax" if name == "softmax" else "concat"
+
+
+def run_hsl(
+    data: BenchData, ctx: MethodContext, *, anchor_weight: float | None = None, fusion: str | None = None
+) -> dict[str, Any]:
+    """HSL: two-task MMoE, shared anchor task on the public set, every tensor averaged unweighted.
+
+    ``anchor_weight`` / ``fusion`` override the config's (the ablations: weight 0 is HSL without its anchor).
+    """
+    sat_weight = ctx.cfg.hsl_anchor_weight if anchor_weight is None else anchor_weight
+    how = _fusion(ctx.cfg.hsl_fusion if fusion is None else fusion)
+
+    def hsl_mmoe() -> HslMmoe:
+        return build_hsl(fusion=how, num_outputs=data.spec.num_outputs)
+
+    init = _seeded(ctx.seed, hsl_mmoe)
     aug = ctx.cfg.augment
     cfg = _local_cfg(ctx, augment=aug, weight_decay=1e-4)  # AdamW lr 1e-3, wd 1e-4 (Core_HSL, §1.4)
-    strategy = make_strategy("hsl", client_config={"augment": aug})
+    strategy = make_strategy("hsl", sat_weight=sat_weight, client_config={"augment": aug})
     learners = {}
     for k, c in enumerate(data.names):
-        model = hsl_mmoe(num_outputs=data.spec.num_outputs)
+        model = hsl_mmoe()
         model.load_state_dict(init.state_dict())
         learners[c] = HslLearner(
             c, model, data.clinics[c], data.public_x, data.public_y, cfg, ctx.seed * 100 + k
@@ -335,13 +374,13 @@ def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         # HSL keeps its best round (§1.4), chosen on the small clinics' validation splits, never on test.
         if ctx.on_round is not None:
             ctx.on_round(rnd)
-        candidate = hsl_mmoe(num_outputs=data.spec.num_outputs)
+        candidate = hsl_mmoe()
         params = strategy.global_params
         load_params(candidate, params)
         best.offer(rnd, params, _predictor(anchored(candidate.eval(), choices["mean"])))
 
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
-    net = hsl_mmoe(num_outputs=data.spec.num_outputs)
+    net = hsl_mmoe()
     load_params(net, best.params)  # the round with the best small-clinic validation AUC
     net.eval()
     deploy = anchored(net, choices["mean"])
@@ -366,6 +405,8 @@ def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     result["bytes_per_client_round"] = bytes_up
     result["extra"] = {
         "deploy_anchor": "mean",
+        "anchor_weight": sat_weight,
+        "fusion": how,
         **best.extra(),
         "anchor_auc": stability,
         "anchor_auc_spread": float(max(means) - min(means)),
@@ -375,18 +416,85 @@ def run_hsl(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     return result
 
 
+def run_fedavg_hsl_steps(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
+    """FedAvg's GroupNorm CNN trained with HSL's loop and averaging, without the anchor task or the MMoE.
+
+    Each clinic takes max(n, |public set|) class-balanced items per epoch (AdamW, wd 1e-4) and the mean is
+    unweighted, as in HSL; the best round is kept on the small clinics' validation AUC, as for HSL.
+    """
+    init = _seeded(ctx.seed, lambda: fl_cnn(norm="group", num_outputs=data.spec.num_outputs))
+    aug = ctx.cfg.augment
+    cfg = _local_cfg(ctx, augment=aug, weight_decay=1e-4)
+    strategy = make_strategy("hsl", client_config={"augment": aug})
+    learners: dict[str, HslStepsLearner] = {}
+    for k, c in enumerate(data.names):
+        model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
+        model.load_state_dict(init.state_dict())
+        learners[c] = HslStepsLearner(c, model, data.clinics[c], len(data.public_y), cfg, ctx.seed * 100 + k)
+    strategy.initialize(to_params(init), list(data.names))
+    best = BestRound(data, to_params(init))
+
+    def score_round(rnd: int) -> None:
+        if ctx.on_round is not None:
+            ctx.on_round(rnd)
+        candidate = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
+        params = strategy.global_params
+        load_params(candidate, params)
+        best.offer(rnd, params, _predictor(candidate))
+
+    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
+    model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
+    load_params(model, best.params)
+    p = _predictor(model)
+    result = evaluate(data, dict.fromkeys(data.names, p), p)
+    result["bytes_per_client_round"] = bytes_up
+    result["extra"] = best.extra()
+    return result
+
+
+def foundation_soft_labels(data: BenchData, ctx: MethodContext) -> tuple[np.ndarray, dict[str, Any]]:
+    """The public set's foundation soft labels (computed once per out dir and public set) and their quality
+    on the public set, held out (harness.flbench.public_corpus)."""
+    stem = f"foundation-corpus-{data.task}-{len(data.public_y)}"
+    quality_path = ctx.out_dir / f"{stem}.json"
+    provider = BenchFoundation(
+        data.task,
+        len(data.public_y),
+        quality_path,
+        max_train=ctx.cfg.fedhelp_foundation_max_train,
+        max_epochs=ctx.cfg.fedhelp_foundation_epochs,
+    )
+    soft = stored_soft_labels(ctx.out_dir / f"{stem}.npz", data.public_x, data.public_y, provider)
+    quality = json.loads(quality_path.read_text()) if quality_path.is_file() else {}
+    return soft, quality
+
+
 def run_fedhelp(
-    data: BenchData, ctx: MethodContext, *, rank_sign: RankSign = "agree", distill: bool = True
+    data: BenchData,
+    ctx: MethodContext,
+    *,
+    rank_sign: RankSign = "agree",
+    distill: bool = True,
+    fm_weight: float | None = None,
+    rank_weight: float | None = None,
 ) -> dict[str, Any]:
-    """FedHelp: roles by data volume, dual KD at the large hospitals, FM soft labels at the small clinics."""
-    soft = stored_soft_labels(ctx.out_dir / f"foundation-{data.task}.npz", data.public_x, data.public_y)
+    """FedHelp: roles by data volume, dual KD at the large hospitals, FM soft labels at the small clinics.
+
+    ``fm_weight`` / ``rank_weight`` override the config's (the ablations: 0 drops the foundation head's KD
+    at the small clinics / the ranking term of the reverse KD).
+    """
+    soft, quality = foundation_soft_labels(data, ctx)
+    fm = ctx.cfg.fedhelp_fm_weight if fm_weight is None else fm_weight
+    rank = ctx.cfg.fedhelp_rank_weight if rank_weight is None else rank_weight
     soft_t = torch.from_numpy(soft)
     init = _seeded(
         ctx.seed, lambda: fedhelp_small(public_classes=soft.shape[1], num_outputs=data.spec.num_outputs)
     )
     sizes = {c: data.clinics[c].n_train for c in data.names}
     large_ids = sorted(sizes, key=lambda c: -sizes[c])[:2]  # top 2 by data volume (§2.1)
-    strategy = make_strategy("fedhelp", large_clients=large_ids, client_config={"augment": ctx.cfg.augment})
+    strategy = make_strategy(
+        "fedhelp", large_clients=large_ids, rank_weight=rank, client_config={"augment": ctx.cfg.augment}
+    )
     cfg = _local_cfg(ctx, augment=ctx.cfg.augment)
     learners: dict[str, FedHelpLargeLearner | FedHelpSmallLearner] = {}
     for k, c in enumerate(data.names):
@@ -400,6 +508,8 @@ def run_fedhelp(
             cfg,
             ctx.seed * 100 + k,
             kl_weight=ctx.cfg.fedhelp_kl_weight,
+            kd_weight=ctx.cfg.fedhelp_kd_weight,
+            fm_weight=fm,
             rank_sign=rank_sign,
             public_x=data.public_x,
             soft_labels=soft_t,
@@ -419,11 +529,16 @@ def run_fedhelp(
     result["extra"] = {
         "large_clients": large_ids,
         "rank_sign": rank_sign,
+        "fm_weight": fm,
+        "rank_weight": rank,
+        "kd_weight": ctx.cfg.fedhelp_kd_weight,
+        "kl_weight": ctx.cfg.fedhelp_kl_weight,
+        "foundation": quality.get("quality_held_out", {}),
         "global_small_auc": {c: proxy_view["clinics"][c]["auc"] for c in data.names},
         "small_model_params": count_params(global_small),
         "large_model_params": count_params(hospitals[0].large),
     }
-    if distill:
+    if distill and ctx.cfg.fedhelp_distill:
         result["extra"]["distill"] = _distill(data, ctx, hospitals[0])
     return result
 
@@ -607,6 +722,15 @@ METHODS: dict[str, MethodFn] = {
     "fedavg_aug": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group"),
     "central_aug": lambda d, c: run_central(d, c, augment=True, norm="group"),
     "fedhelp_snapshot": lambda d, c: run_fedhelp(d, c, rank_sign="snapshot", distill=False),
+    # FedHelp's ablations: without the foundation head's KD at the small clinics, without the ranking term.
+    "fedhelp_nofm": lambda d, c: run_fedhelp(d, c, fm_weight=0.0, distill=False),
+    "fedhelp_norank": lambda d, c: run_fedhelp(d, c, rank_weight=0.0, distill=False),
+    # HSL's ablations: without the anchor task (its loss weight 0), with the fusion softmax removed, and
+    # plain FedAvg given HSL's sampling, steps and unweighted mean.
+    "hsl_noanchor": lambda d, c: run_hsl(d, c, anchor_weight=0.0),
+    "hsl_concat": lambda d, c: run_hsl(d, c, fusion="concat"),
+    "hsl_concat_noanchor": lambda d, c: run_hsl(d, c, fusion="concat", anchor_weight=0.0),
+    "fedavg_hslsteps": run_fedavg_hsl_steps,
 }
 BASELINES: tuple[str, ...] = ("local", "central", "fedavg", "fedprox", "fedbn")
 OURS: tuple[str, ...] = ("hsl", "fedhelp", "pfednet")

@@ -357,6 +357,14 @@ def _extras_line(extras: Sequence[Mapping[str, Any]]) -> str:
                 f"({value['student_params']}"
                 f" params): teacher {_f(t)}, student {_f(s)}, gap {_f(gaps)}"
             )
+        elif isinstance(value, Mapping) and key == "foundation" and value:
+            q = {
+                k: _ms([float(e[key][k]) for e in extras if k in e[key]]) for k in ("accuracy", "auc", "ece")
+            }
+            parts.append(
+                f"foundation soft labels on the held-out public set: accuracy {_f(q['accuracy'])}, "
+                f"AUC {_f(q['auc'])}, ECE {_f(q['ece'])}"
+            )
         elif isinstance(value, Mapping) and key == "anchor_auc":
             per = {a: _ms([float(e[key][a]["mean_clinic_auc"]) for e in extras]) for a in value}
             parts.append("anchor → mean clinic AUC: " + ", ".join(f"{a} {_f(v)}" for a, v in per.items()))

@@ -42,6 +42,6 @@ def fedhelp_large(norm: Norm = "group", num_outputs: int = 1) -> FlCnn:
 
 
 @register_model(data_config=FL_BENCH_28)
-def foundation_cnn(norm: Norm = "group", num_outputs: int = 2) -> FlCnn:
-    """Stand-in "foundation model": a deeper CNN (48/96/192, 2 convs per stage), trained once."""
-    return FlCnn(widths=(48, 96, 192), norm=norm, depth=2, num_outputs=num_outputs)
+def foundation_cnn(norm: Norm = "group", num_outputs: int = 2, depth: int = 2) -> FlCnn:
+    """The hub's own "foundation model": a wider CNN (48/96/192, ``depth`` convs per stage), trained once."""
+    return FlCnn(widths=(48, 96, 192), norm=norm, depth=depth, num_outputs=num_outputs)

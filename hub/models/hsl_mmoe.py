@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -9,6 +11,11 @@ from hub.models.fl_cnn import FL_BENCH_28, FlCnnFeatures, Norm
 from hub.models.registry import register_model
 
 PRIMARY, ANCHOR = 0, 1
+
+#: How the two encoders' outputs are fused before the experts and gates. "softmax": the paper's softmax over
+#: the concatenated dims at temperature T; "concat": the concatenation itself. With 2E = 128 dims the
+#: softmax makes every fused value ≈ 1/128, so experts and gates see an almost constant input.
+Fusion = Literal["softmax", "concat"]
 
 
 class Encoder(nn.Module):
@@ -26,7 +33,8 @@ class Encoder(nn.Module):
 class HslMmoe(nn.Module):
     """Branch A (primary image) and branch B (shared-anchor image), MMoE with one gate and tower per task.
 
-    Fusion: concat(hA, hB) then a softmax over its dims at temperature T (as in HSL). Each task's feature is
+    Fusion: concat(hA, hB), then (``fusion="softmax"``, as in HSL) a softmax over its dims at temperature T.
+    Each task's feature is
     its gate's mixture of the experts plus a residual linear map of that task's own encoder output. Forward
     returns logits (B, K + 1): columns 0..K−1 the primary task (K = ``primary_outputs``: 1 sigmoid logit for
     a binary task, one per class otherwise), column K the (binary) anchor task.
@@ -43,10 +51,14 @@ class HslMmoe(nn.Module):
         tower_hidden: int = 16,
         temperature: float = 3.0,
         dropout: float = 0.2,
+        fusion: Fusion = "softmax",
         primary_outputs: int = 1,
     ) -> None:
         super().__init__()
+        if fusion not in ("softmax", "concat"):
+            raise ValueError(f"unknown HSL fusion {fusion!r}; choose 'softmax' or 'concat'")
         self.temperature = temperature
+        self.fusion = fusion
         self.primary_outputs = primary_outputs
         self.encoders = nn.ModuleList([Encoder(widths, norm, embed) for _ in (PRIMARY, ANCHOR)])
         self.experts = nn.ModuleList(
@@ -78,7 +90,9 @@ class HslMmoe(nn.Module):
 
     def forward(self, x_primary: torch.Tensor, x_anchor: torch.Tensor) -> torch.Tensor:
         h = [self.encoders[PRIMARY](x_primary), self.encoders[ANCHOR](x_anchor)]  # 2 × (B, E)
-        fused = torch.softmax(torch.cat(h, dim=1) / self.temperature, dim=1)  # (B, 2E)
+        fused = torch.cat(h, dim=1)  # (B, 2E)
+        if self.fusion == "softmax":
+            fused = torch.softmax(fused / self.temperature, dim=1)
         experts = torch.stack([e(fused) for e in self.experts], dim=1)  # (B, K, D)
         logits = []
         for task in (PRIMARY, ANCHOR):
@@ -109,7 +123,13 @@ class AnchoredHsl(nn.Module):
 
 
 @register_model(data_config=FL_BENCH_28)
-def hsl_mmoe(norm: Norm = "group", n_experts: int = 6, embed: int = 64, num_outputs: int = 1) -> HslMmoe:
+def hsl_mmoe(
+    norm: Norm = "group",
+    n_experts: int = 6,
+    embed: int = 64,
+    fusion: Fusion = "softmax",
+    num_outputs: int = 1,
+) -> HslMmoe:
     """HSL two-branch MMoE (2 compact CNN encoders, 6 experts, a gate and tower per task); ``num_outputs``
     primary logits."""
-    return HslMmoe(norm=norm, n_experts=n_experts, embed=embed, primary_outputs=num_outputs)
+    return HslMmoe(norm=norm, n_experts=n_experts, embed=embed, fusion=fusion, primary_outputs=num_outputs)

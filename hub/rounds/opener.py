@@ -119,17 +119,12 @@ class RoundOpener:
             protection.spec(kind, cohort)
         except ValueError as exc:
             raise RoundConfigError(f"protection: {exc}") from exc
-        # The hub aggregates dense plain tensors; it does not yet decode compressed payloads or run the
-        # secure-aggregation messages over the API, so it refuses to ask for them rather than fail later.
+        # Secure aggregation needs the protocol's message phases, which this hub does not run over the API:
+        # it refuses to ask for it rather than fail the round later.
         if protection.secure_aggregation:
             raise RoundConfigError(
                 "protection: secure aggregation is not served over the API by this hub yet; start the round "
-                "without it (clipping and noise are available)"
-            )
-        if protection.compression.value != "none":
-            raise RoundConfigError(
-                f"protection: this hub does not decode {protection.compression.value} updates yet; "
-                "use compression 'none'"
+                "without it (clipping, noise and compression are available)"
             )
         return protection.model_dump(mode="json")
 

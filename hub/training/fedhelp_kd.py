@@ -97,9 +97,11 @@ def hard_label_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y.long())
 
 
-def proxy_loss(proxy_logit: torch.Tensor, large_logit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Large → proxy (full KD): CE(P(x), y) + KL(L(x) ‖ P(x)) at T = 1; the large model is frozen."""
-    return hard_label_loss(proxy_logit, y) + class_kl(large_logit.detach(), proxy_logit)
+def proxy_loss(
+    proxy_logit: torch.Tensor, large_logit: torch.Tensor, y: torch.Tensor, *, kd_weight: float = 1.0
+) -> torch.Tensor:
+    """Large → proxy (full KD): CE(P(x), y) + kd_weight·KL(L(x) ‖ P(x)) at T = 1; L is frozen."""
+    return hard_label_loss(proxy_logit, y) + kd_weight * class_kl(large_logit.detach(), proxy_logit)
 
 
 def large_loss(

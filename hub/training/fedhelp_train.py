@@ -32,9 +32,10 @@ def _rng_state(gen: torch.Generator) -> np.ndarray:
 
 
 class FedHelpSmallLearner:
-    """Small clinic: per private minibatch, (A) CE on private data, then (B) KL toward the foundation soft
-    labels on one public minibatch through the public head (docs/algorithms.md §2.3).
-    Uploads φ + private head."""
+    """Small clinic: per private minibatch, (A) CE on private data, then (B) ``fm_weight``·KL toward the
+    foundation soft labels on one public minibatch through the public head (docs/algorithms.md §2.3).
+    Uploads φ + private head. ``fm_weight`` 0 (or the task's ``fm_weight``) skips step B: the ablation
+    without the foundation head."""
 
     def __init__(
         self,
@@ -45,10 +46,13 @@ class FedHelpSmallLearner:
         soft_labels: torch.Tensor,
         default: LocalConfig,
         seed: int,
+        *,
+        fm_weight: float = 1.0,
     ) -> None:
         self.client_id = client_id
         self.model = model
         self.data = data
+        self.fm_weight = fm_weight
         self.public_x = public_x
         self.soft_labels = soft_labels
         self.default = default
@@ -66,6 +70,7 @@ class FedHelpSmallLearner:
 
     def fit(self, task: ClientTask) -> ClientResult:
         cfg = LocalConfig.from_task(task.config, self.default)
+        fm_weight = float(task.config.get("fm_weight", self.fm_weight))
         load_params(self.model, task.params)
         opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model.train()
@@ -79,8 +84,11 @@ class FedHelpSmallLearner:
                 opt.zero_grad(set_to_none=True)
                 loss_a.backward()
                 opt.step()
+                if fm_weight <= 0.0:
+                    losses.append(float(loss_a.detach()))
+                    continue
                 pidx = self._public_batch(min(cfg.batch_size, len(self.public_x)))
-                loss_b = kl_to_soft_labels(
+                loss_b = fm_weight * kl_to_soft_labels(
                     self.soft_labels[pidx], self.model.forward_public(normalize(self.public_x[pidx]))
                 )
                 opt.zero_grad(set_to_none=True)
@@ -110,7 +118,8 @@ class FedHelpSmallLearner:
 class FedHelpLargeLearner:
     """Large hospital: a private large model and the small proxy, trained by asymmetric dual KD (§2.4).
 
-    Per minibatch: (1) large model frozen, the proxy learns CE + KL(L ‖ P); (2) proxy frozen, the large model
+    Per minibatch: (1) large model frozen, the proxy learns CE + kd_weight·KL(L ‖ P); (2) proxy frozen, the
+    large model
     learns CE + kl_weight·KL(P ‖ L) + rank_weight·ranking hinge. Only the proxy (φ + private head) is
     uploaded; the large model never leaves and is what this hospital evaluates with.
     """
@@ -125,6 +134,7 @@ class FedHelpLargeLearner:
         seed: int,
         *,
         kl_weight: float = 0.1,
+        kd_weight: float = 1.0,
         rank_sign: RankSign = "agree",
     ) -> None:
         self.client_id = client_id
@@ -133,6 +143,7 @@ class FedHelpLargeLearner:
         self.data = data
         self.default = default
         self.kl_weight = kl_weight
+        self.kd_weight = kd_weight
         self.rank_sign: RankSign = rank_sign
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -154,7 +165,7 @@ class FedHelpLargeLearner:
                 x, y = normalize(xb), self.data.train_y[idx]
                 with torch.no_grad():
                     z_large = primary_logits(self.large(x))
-                loss_p = proxy_loss(primary_logits(self.model(x)), z_large, y)
+                loss_p = proxy_loss(primary_logits(self.model(x)), z_large, y, kd_weight=self.kd_weight)
                 opt_p.zero_grad(set_to_none=True)
                 loss_p.backward()
                 opt_p.step()
@@ -201,6 +212,8 @@ def fedhelp_learner(
     *,
     large_model: str = "fedhelp_large",
     kl_weight: float = 0.1,
+    kd_weight: float = 1.0,
+    fm_weight: float = 1.0,
     rank_sign: RankSign = "agree",
     public_x: torch.Tensor | None = None,
     soft_labels: torch.Tensor | None = None,
@@ -215,10 +228,13 @@ def fedhelp_learner(
         torch.manual_seed(seed)
         large = create_model(large_model, **_outputs(small))
         return FedHelpLargeLearner(
-            client_id, small, large, data, default, seed, kl_weight=kl_weight, rank_sign=rank_sign
-        )
+            client_id, small, large, data, default, seed, kl_weight=kl_weight, kd_weight=kd_weight,
+            rank_sign=rank_sign,
+        )  # fmt: skip
     if role == "small":
         if public_x is None or soft_labels is None:
             raise ValueError("a FedHelp small client needs the public images and their soft labels")
-        return FedHelpSmallLearner(client_id, small, data, public_x, soft_labels, default, seed)
+        return FedHelpSmallLearner(
+            client_id, small, data, public_x, soft_labels, default, seed, fm_weight=fm_weight
+        )
     raise ValueError(f"unknown FedHelp role {role!r}; a task says 'large' or 'small'")

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hub.fl.strategy import ClientResult, ClientTask, Params
 from hub.models.hsl_mmoe import AnchoredHsl, HslMmoe
@@ -112,6 +113,60 @@ class HslLearner:
                 opt.step()
                 losses.append(float(loss.detach()))
         return local_result(self.client_id, task, self.model, n_p, losses)
+
+    def state(self) -> Params:
+        return {**to_params(self.model), "__rng__": self.gen.get_state().numpy().copy()}
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        load_params(self.model, {k: v for k, v in state.items() if k != "__rng__"})
+        self.gen.set_state(torch.from_numpy(np.array(state["__rng__"])))
+
+
+class HslStepsLearner:
+    """HSL's training loop without the anchor task, for any single-input model: the ablation that shows
+    what HSL's sampling does on its own.
+
+    Per epoch, ``max(n, steps_like)`` primary items (``steps_like`` = the anchor set's size, so a small
+    clinic takes as many steps as under HSL), class-balanced as in HSL, AdamW.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        model: nn.Module,
+        data: ClinicData,
+        steps_like: int,
+        default: LocalConfig,
+        seed: int,
+    ) -> None:
+        self.client_id = client_id
+        self.model = model
+        self.data = data
+        self.steps_like = steps_like
+        self.default = default
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def fit(self, task: ClientTask) -> ClientResult:
+        cfg = LocalConfig.from_task(task.config, self.default)
+        load_params(self.model, task.params)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model.train()
+        n = self.data.n_train
+        length = max(n, self.steps_like)
+        losses: list[float] = []
+        for _ in range(cfg.epochs):
+            idx = balance_primary(padded_order(n, length, self.gen), self.data.train_y, self.gen)
+            for start in range(0, length, cfg.batch_size):
+                bi = idx[start : start + cfg.batch_size]
+                xb = self.data.train_x[bi]  # (b, 1, H, W)
+                if cfg.augment:
+                    xb = AUGMENT(xb, self.gen)
+                loss = task_loss(primary_logits(self.model(normalize(xb))), self.data.train_y[bi])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        return local_result(self.client_id, task, self.model, n, losses)
 
     def state(self) -> Params:
         return {**to_params(self.model), "__rng__": self.gen.get_state().numpy().copy()}

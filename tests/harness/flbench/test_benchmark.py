@@ -16,6 +16,11 @@ def test_cached_runs_are_reused_only_with_the_same_settings() -> None:
     # Distillation settings only change fedhelp's result.
     assert same_settings("hsl", {"task": "breast", "rounds": 12}, cfg)
     assert not same_settings("fedhelp", {"task": "breast", "rounds": 12}, cfg)
+    # A family's own settings only change that family's runs (ablations included).
+    hsl = {**cfg, "hsl_anchor_weight": 0.5}
+    assert same_settings("fedavg_aug", {**hsl, "hsl_anchor_weight": 2.0}, hsl)
+    assert not same_settings("hsl_noanchor", {**hsl, "hsl_anchor_weight": 2.0}, hsl)
+    assert same_settings("fedavg", {**cfg, "fedprox_mu": 0.1}, {**cfg, "fedprox_mu": 0.01})
 
 
 def test_parse_methods() -> None:

@@ -91,7 +91,10 @@ def test_a_refusal_does_not_stop_k_of_n(db: Database, rc: RoundController) -> No
     [
         (RoundProtection(epsilon=1.0), "needs a clip_norm"),
         (RoundProtection(clip_norm=1.0, secure_aggregation=True), "secure aggregation is not served"),
-        (RoundProtection(compression=CompressionKind.TOPK), "does not decode topk"),
+        (
+            RoundProtection(clip_norm=1.0, compression=CompressionKind.TOPK, secure_aggregation=True),
+            "ring encoding is the codec",
+        ),
     ],
 )
 def test_protection_the_hub_cannot_serve_is_refused_at_start(
