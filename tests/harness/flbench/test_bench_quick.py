@@ -44,8 +44,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     hsl = next(r for r in doc["records"] if r["method"] == "hsl")
     assert len(hsl["extra"]["anchor_auc"]) >= 6  # the mean anchor + single images of both classes
     for r in doc["records"]:  # one global model → its best round on validation; the others: their last
-        one_global = ("fedavg", "fedprox", "fedavg_aug", "central", "central_aug", "fedavg_hslsteps")
-        if r["method"] in one_global or r["method"].startswith("hsl"):
+        one_model = ("fedavg", "fedprox", "fedavg_aug", "central", "central_aug", "fedavg_hslsteps")
+        if r["method"] in one_model or r["method"].startswith("hsl"):
             assert 1 <= r["extra"]["best_round"] <= 2, r["method"]
         else:
             assert "best_round" not in r["extra"], r["method"]
@@ -55,7 +55,12 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert sum(p.numel() for p in student.parameters()) == distill["student_params"]
     assert (out / "results.md").read_text().startswith("# bench fl")
     assert (out / "auc.png").stat().st_size > 10_000
-    assert list(out.glob("foundation-corpus-pneumonia-*.npz"))
+    assert (out / "foundation-corpus-pneumonia-96.npz").is_file()
+    quality = json.loads((out / "foundation-corpus-pneumonia-96.json").read_text())["quality_held_out"]
+    assert {"accuracy", "auc", "ece"} <= set(quality)
+    fedhelp = next(r for r in doc["records"] if r["method"] == "fedhelp")
+    assert fedhelp["extra"]["foundation"] == quality
+    assert "hsl − hsl_noanchor" in doc["targets"]["ablations"]
 
     # --resume reuses every finished (method, seed) and rewrites the same reports.
     again = runner.invoke(
