@@ -127,6 +127,11 @@ class RoundOpener:
                     f"protection: secure aggregation needs at least 2 nodes and a threshold of at least 2 "
                     f"(cohort {cohort}, threshold {threshold}): a sum of one update is that update"
                 )
+            if kind is UpdateKind.STATS:
+                raise RoundConfigError(
+                    "protection: secure aggregation sums float tensors in a ring; a stats round's counts are "
+                    "integers: start it without --secagg"
+                )
         return protection.model_dump(mode="json")
 
     def _latest_result(self, session: Session, strategy: str) -> str | None:

@@ -108,3 +108,11 @@ def test_protection_the_hub_cannot_serve_is_refused_at_start(
     with pytest.raises(RoundConfigError, match=words):
         rc.start(RoundStart(strategy="stats", config={"num_classes": 2}, protection=protection), actor="t")
     assert rc.recent() == []
+
+
+def test_secure_aggregation_of_integer_counts_is_refused_at_start(db: Database, rc: RoundController) -> None:
+    enroll(db, 2)
+    protection = RoundProtection(clip_norm=1.0, secure_aggregation=True)
+    with pytest.raises(RoundConfigError, match="counts are integers"):
+        rc.start(RoundStart(strategy="stats", config={"num_classes": 2}, protection=protection), actor="t")
+    assert rc.recent() == []
