@@ -28,7 +28,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from edge_node.protocol.errors import SecAggError
 from edge_node.protocol.secagg import (
@@ -137,7 +137,13 @@ class _Stored:
             for r in session.scalars(select(SecAggStepRow).where(SecAggStepRow.round_id == rnd.id))
         }
         self.messages: dict[SecAggStep, dict[str, SecAggMessageRow]] = {s: {} for s in STEPS}
-        for row in session.scalars(select(SecAggMessageRow).where(SecAggMessageRow.round_id == rnd.id)):
+        # Payloads (masked vectors) are read only when the sum is rebuilt, not on every poll.
+        rows = session.scalars(
+            select(SecAggMessageRow)
+            .options(defer(SecAggMessageRow.payload))
+            .where(SecAggMessageRow.round_id == rnd.id)
+        )
+        for row in rows:
             step = SecAggStep(row.step)
             closed = self.closed.get(step)
             if closed is None or row.node_id in closed.members:
@@ -169,10 +175,12 @@ class _Stored:
         if SecAggStep.SHARE not in self.closed:
             return server
         server.share_list()
+        if SecAggStep.MASKED not in self.closed:
+            # The masked inputs kept so far are decoded only to unmask: a new one is checked on its own
+            # (its replay by the store's key).
+            return server
         for row in self.messages[SecAggStep.MASKED].values():
             server.receive_masked(MaskedInput.model_validate(row.body), row.payload or b"")
-        if SecAggStep.MASKED not in self.closed:
-            return server
         server.unmask_request()
         for row in self.messages[SecAggStep.UNMASK].values():
             server.receive_unmask(UnmaskResponse.model_validate(row.body))
