@@ -22,6 +22,7 @@ from hub.fl.validation import update_problem
 from hub.rounds.decoded_updates import DecodedUpdates
 from hub.rounds.ledger import answered_count
 from hub.rounds.round_codec import dense_update, round_compressor
+from hub.rounds.secagg_desk import is_secagg
 from hub.rounds.task_desk import own_task
 from hub.rounds.tensor_specs import expected_specs
 from hub.service.audit import audit
@@ -94,6 +95,11 @@ class UpdateIntake:
                 raise TaskClosedError(f"round {rnd.number} is {rnd.state}: the update arrived too late")
             if now >= rnd.deadline:
                 raise TaskClosedError(f"the deadline of round {rnd.number} has passed: the update is late")
+            if is_secagg(rnd):
+                raise UpdateRejected(
+                    f"round {rnd.number} runs secure aggregation: send the masked input to "
+                    f"/v1/secagg/{rnd.id}/masked, never a plain update"
+                )
             if env.round != rnd.number:
                 raise UpdateRejected(f"the update is for round {env.round}, the task's round is {rnd.number}")
             if env.kind.value != rnd.kind:
