@@ -9,6 +9,7 @@ wrong-round message are refused with the reason (and recorded); below the thresh
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,19 +38,30 @@ from hub.store.artifacts import store_tensors
 from hub.store.database import Database, open_database
 from tests.hub.service.conftest import SERVICE_ENV, bundle_root, submission
 from tests.support.hub_server import EnrolledNode, HubServer, init_hub
+from tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.hub
 
 START = {"w": np.zeros((40, 25), np.float32), "b": np.zeros(10, np.float32)}
 LAYOUT = layout_of(START)
-STEP_S = 3.0
+#: Long enough for ten threads on a loaded machine to answer a step; the dropped nodes cost one of it.
+STEP_S = 8.0
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
-    root = tmp_path_factory.mktemp("hub-secagg")
-    init_hub(root, signing_key=bundle_root() / "keys" / "hub.key")
-    server = HubServer(root, env={**SERVICE_ENV, "FEDCLINIC_HUB_SECAGG_STEP_S": str(STEP_S)})
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def hub(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+    """A hub on SQLite (one worker) and on PostgreSQL with two workers (their steps must agree)."""
+    root = tmp_path_factory.mktemp(f"hub-secagg-{request.param}")
+    url = None
+    if request.param == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("pg")
+        url = cluster.create_database(f"hub_{os.urandom(4).hex()}")
+    init_hub(root, database_url=url, signing_key=bundle_root() / "keys" / "hub.key")
+    server = HubServer(
+        root,
+        workers=2 if url else 1,
+        env={**SERVICE_ENV, "FEDCLINIC_HUB_SECAGG_STEP_S": str(STEP_S)},
+    )
     server.start()
     try:
         yield server
