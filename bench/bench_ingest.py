@@ -5,10 +5,13 @@ association per run, then (``--associations 1 4``) from four storescu processes 
 sending a quarter of them, as a PACS with parallel senders does. Receivers, alternating in the same session,
 each started fresh per run:
 
-* ``edge``: a real ``fedclinic-edge serve`` process; every instance is written into a spool slot whose
-  name is already durable, fsynced (one flush), renamed into place and its row committed to SQLite (WAL,
-  synchronous=NORMAL) before the success status goes back (see ``edge_node.ingest.spool``). No model is
-  installed, so the worker does not compete for the CPU: this measures ingest only.
+* ``edge``: a real ``fedclinic-edge serve`` process with the native receive transport (the default,
+  ``edge_node.ingest.native_transport``); every instance is written into a spool slot whose name is already
+  durable as its fragments arrive, fsynced (one flush), renamed into place and its row committed to SQLite
+  (WAL, synchronous=NORMAL) before the success status goes back (see ``edge_node.ingest.spool``). No model
+  is installed, so the worker does not compete for the CPU: this measures ingest only.
+* ``edge-pynetdicom``: the same node with ``receive_transport = "pynetdicom"``; the ratio of the two, taken
+  in the same run, is what a loaded machine disturbs least.
 * ``storescp``: dcmtk's ``storescp -od DIR`` (no fsync), the reference; ``--fork`` (a process per
   association) when there are several associations.
 * ``pynetdicom-null``: a pynetdicom 3.0 SCP that answers success without touching the disk (TCP_NODELAY,
@@ -17,7 +20,7 @@ each started fresh per run:
 
 storescu and storescp run with ``TCP_NODELAY=1``; the edge listener sets TCP_NODELAY itself. The number
 reported is the median files/s over the repetitions, and the ratio edge/storescp (targets: ≥ 0.5 with one
-association, ≥ 0.7 with four).
+association, ≥ 0.7 with four), beside edge/edge-pynetdicom.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ingest.py --associations 1 4 --json build/bench_ingest.json
 """
@@ -25,6 +28,7 @@ association, ≥ 0.7 with four).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -101,8 +106,24 @@ def wait_echo(port: int, aet: str, proc: subprocess.Popen[bytes], timeout: float
     raise SystemExit(f"{aet} did not answer C-ECHO within {timeout} s")
 
 
-def send(port: int, aet: str, files: list[Path], associations: int) -> float:
-    """Seconds for ``associations`` storescu processes, started together, to send ``files`` between them."""
+_TICK = os.sysconf("SC_CLK_TCK")
+#: CPU seconds each receiver process spent in its last run (user + system, reaped children included),
+#: keyed by receiver: unlike files/s, CPU per instance hardly moves with other engineers' load.
+CPU_SECONDS: dict[int, float] = {}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of ``pid`` (/proc/PID/stat fields 14-17)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / _TICK
+
+
+def send(port: int, aet: str, files: list[Path], associations: int, receiver: int | None = None) -> float:
+    """Seconds for ``associations`` storescu processes, started together, to send ``files`` between them.
+
+    With ``receiver`` (its pid), the CPU it spent meanwhile goes to ``CPU_SECONDS[receiver]``.
+    """
+    cpu0 = cpu_seconds(receiver) if receiver is not None else 0.0
     shares = [files[i::associations] for i in range(associations)]
     t0 = time.perf_counter()
     procs = [
@@ -117,20 +138,27 @@ def send(port: int, aet: str, files: list[Path], associations: int) -> float:
     ]
     errors = [proc.communicate(timeout=600)[1] for proc in procs]
     elapsed = time.perf_counter() - t0
+    if receiver is not None:
+        time.sleep(0.3)  # storescp --fork reaps its children after they answer: count them too
+        CPU_SECONDS[receiver] = cpu_seconds(receiver) - cpu0
     for proc, err in zip(procs, errors, strict=True):
         if proc.returncode != 0:
             raise SystemExit(f"storescu to {aet} failed: {err[-2000:]}")
     return elapsed
 
 
-def run_edge(files: list[Path], work: Path, associations: int, max_pdu: int) -> float:
+def run_edge(
+    files: list[Path], work: Path, associations: int, max_pdu: int, transport: str = "native"
+) -> float:
     port = free_port()
     root = work / f"edge-{time.monotonic_ns()}"
     root.mkdir()
     config = root / "edge.toml"
     config.write_text(
         f'ae_title = "EDGE"\nport = {port}\ndata_dir = "{root / "data"}"\nquiet_seconds = 3600\n'
-        f'log_level = "WARNING"\nmax_pdu_bytes = {max_pdu}\n'
+        f'log_level = "WARNING"\nmax_pdu_bytes = {max_pdu}\nreceive_transport = "{transport}"\n'
+        # No clinician page: its fixed default port may be taken on a shared machine, and it is not ingest.
+        "page_enabled = false\n"
         # Room for the parallel senders and the C-ECHO probe whose connection may still be closing.
         f"max_associations_per_peer = {associations + 2}\n"
     )
@@ -141,7 +169,7 @@ def run_edge(files: list[Path], work: Path, associations: int, max_pdu: int) -> 
     )
     try:
         wait_echo(port, "EDGE", proc)
-        elapsed = send(port, "EDGE", files, associations)
+        elapsed = send(port, "EDGE", files, associations, proc.pid)
         conn = sqlite3.connect(root / "data" / "edge.sqlite3")
         stored = conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
         conn.close()
@@ -178,7 +206,7 @@ def run_null(files: list[Path], work: Path, associations: int, max_pdu: int) -> 
     )
     try:
         wait_echo(port, "NULLSCP", proc)
-        return send(port, "NULLSCP", files, associations)
+        return send(port, "NULLSCP", files, associations, proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -199,7 +227,7 @@ def run_storescp(files: list[Path], work: Path, associations: int, max_pdu: int)
     )
     try:
         wait_echo(port, "DCMTKSCP", proc)
-        elapsed = send(port, "DCMTKSCP", files, associations)
+        elapsed = send(port, "DCMTKSCP", files, associations, proc.pid)
         stored = sum(1 for p in out.iterdir() if p.is_file())
         if stored != len(files):
             raise SystemExit(f"storescp wrote {stored} of {len(files)} files")
@@ -226,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1024 * 1024,
         help="the edge's max_pdu_bytes (and the pynetdicom-null receiver's); default 1 MiB",
     )
+    parser.add_argument(
+        "--receivers",
+        nargs="+",
+        default=["edge", "edge-pynetdicom", "storescp", "pynetdicom-null"],
+        choices=["edge", "edge-pynetdicom", "storescp", "pynetdicom-null"],
+        help="receivers to measure (default all; edge and storescp are needed for the ratio)",
+    )
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "build" / "bench_ingest.json")
     parser.add_argument("--serve-null", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -234,25 +269,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     console = Console()
 
-    runners = {"edge": run_edge, "storescp": run_storescp, "pynetdicom-null": run_null}
+    runners: dict[str, Callable[[list[Path], Path, int, int], float]] = {
+        "edge": run_edge,
+        "edge-pynetdicom": functools.partial(run_edge, transport="pynetdicom"),
+        "storescp": run_storescp,
+        "pynetdicom-null": run_null,
+    }
+    runners = {name: runners[name] for name in args.receivers}
     results = []
+    load_at_start = os.getloadavg()
+    console.print(
+        f"load average at start: {load_at_start[0]:.1f} {load_at_start[1]:.1f} {load_at_start[2]:.1f}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         files = make_slices(work / "src", args.files)
         total_bytes = sum(p.stat().st_size for p in files)
         for associations in args.associations:
             times: dict[str, list[float]] = {name: [] for name in runners}
+            cpu: dict[str, list[float]] = {name: [] for name in runners}
             for rep in range(args.repeats):
                 # Rotate which goes first, so that none always enjoys a warmer page cache or a quieter moment.
                 names = list(runners)
                 order = names[rep % len(names) :] + names[: rep % len(names)]
                 for name in order:
+                    CPU_SECONDS.clear()
                     t = runners[name](files, work, associations, args.max_pdu)
                     times[name].append(t)
+                    cpu_ms = 1000 * sum(CPU_SECONDS.values()) / args.files
+                    cpu[name].append(cpu_ms)
                     rate = args.files / t
                     label = f"{associations} assoc. run {rep + 1} {name:15s}"
-                    console.print(f"{label} {rate:7.1f} files/s ({t:.2f} s)")
-            results.append(_summary(console, args, associations, times, total_bytes))
+                    console.print(f"{label} {rate:7.1f} files/s ({t:.2f} s), CPU {cpu_ms:.2f} ms/instance")
+            results.append(_summary(console, args, associations, times, total_bytes, cpu))
 
     target = {1: TARGET_RATIO, 4: TARGET_RATIO_FOUR}
     met = all(r["ratio_edge_over_storescp"] >= target.get(r["associations"], TARGET_RATIO) for r in results)
@@ -263,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "max_pdu_bytes": args.max_pdu,
         "runs": results,
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "targets": {"1": TARGET_RATIO, "4": TARGET_RATIO_FOUR},
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -275,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(
-    console: Console, args: argparse.Namespace, associations: int, times: dict[str, list[float]], total: int
+    console: Console,
+    args: argparse.Namespace,
+    associations: int,
+    times: dict[str, list[float]],
+    total: int,
+    cpu: dict[str, list[float]],
 ) -> dict[str, object]:
     rates = {k: [args.files / t for t in v] for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in rates.items()}
@@ -285,34 +340,53 @@ def _summary(
         title=f"ingest: {args.files} CT slices 512x512 ({mb:.0f} MB), {associations} association(s), "
         f"max PDU {args.max_pdu}"
     )
-    for column in ("receiver", "durable", "median files/s", "runs files/s", "median MB/s"):
+    cpu_median = {k: statistics.median(v) for k, v in cpu.items()}
+    for column in ("receiver", "durable", "median files/s", "runs files/s", "median MB/s", "CPU ms/instance"):
         table.add_column(column)
     kinds = (
         ("edge", "fsync per instance, SQLite"),
+        ("edge-pynetdicom", "fsync per instance, SQLite"),
         ("storescp", "no fsync"),
         ("pynetdicom-null", "nothing written"),
     )
     for name, durable in kinds:
+        if name not in median:
+            continue
         table.add_row(
             name,
             durable,
             f"{median[name]:.1f}",
             ", ".join(f"{r:.1f}" for r in rates[name]),
             f"{median[name] * mb / args.files:.1f}",
+            f"{cpu_median[name]:.2f}",
         )
     console.print(table)
     target = TARGET_RATIO_FOUR if associations >= 4 else TARGET_RATIO
     verdict = "[green]meets[/green]" if ratio >= target else "[red]misses[/red]"
     console.print(f"edge / storescp = {ratio:.2f} ({verdict} the target ≥ {target})")
-    ceiling = median["pynetdicom-null"] / median["storescp"]
-    console.print(f"pynetdicom-null / storescp = {ceiling:.2f} (the ceiling of a pynetdicom listener here)")
+    ratios = {"ratio_edge_over_storescp": ratio}
+    if "edge-pynetdicom" in median:
+        ratios["ratio_edge_over_edge_pynetdicom"] = median["edge"] / median["edge-pynetdicom"]
+        ratios["ratio_edge_pynetdicom_over_storescp"] = median["edge-pynetdicom"] / median["storescp"]
+        console.print(
+            f"edge (native) / edge-pynetdicom = {ratios['ratio_edge_over_edge_pynetdicom']:.2f}; "
+            f"edge-pynetdicom / storescp = {ratios['ratio_edge_pynetdicom_over_storescp']:.2f}"
+        )
+    if "pynetdicom-null" in median:
+        ratios["ratio_pynetdicom_null_over_storescp"] = median["pynetdicom-null"] / median["storescp"]
+        console.print(
+            f"pynetdicom-null / storescp = {ratios['ratio_pynetdicom_null_over_storescp']:.2f} "
+            "(the ceiling of a pynetdicom listener here)"
+        )
     return {
         "associations": associations,
         "seconds": times,
         "files_per_s": rates,
         "median_files_per_s": median,
-        "ratio_edge_over_storescp": ratio,
-        "ratio_pynetdicom_null_over_storescp": ceiling,
+        "cpu_ms_per_instance": cpu,
+        "median_cpu_ms_per_instance": cpu_median,
+        "load_average": os.getloadavg(),
+        **ratios,
     }
 
 

@@ -7,17 +7,27 @@ FedAvg through ``hub.training.simulation.run_federation`` — the same strategy 
 with each protection switched on in turn:
 
 - ``plain``: fp32 deltas, weighted FedAvg (the reference);
-- ``topk`` / ``int8`` / ``fp16``: each clinic runs the node's ``ProtectionPipeline`` with that codec and
-  error feedback; bytes are the encoded npz payload the pipeline produced, the hub decodes it;
+- ``topk`` / ``topk_int8`` / ``int8`` / ``fp16``: each clinic runs the node's ``ProtectionPipeline`` with
+  that codec and error feedback; bytes are the encoded npz payload the pipeline produced, the hub decodes it;
 - ``dp_eps{1,4,8}``: central DP at the hub (``DifferentialPrivacy``: clip, unweighted mean, Gaussian noise),
   σ calibrated by the shared accountant so that the whole run spends ε at δ = 1e-5;
 - ``secagg``: every round runs the full secure-aggregation protocol (keys, Shamir shares, masked inputs,
   unmasking) with the node client and hub server; bytes are every message a clinic sends plus its masked
   payload; the hub learns only the sum (so the mean is unweighted);
 - ``poison_*``: clinic A sends its update sign-flipped and scaled ×10, aggregated by plain FedAvg, the
-  coordinate-wise median, the trimmed mean (β = 0.2) and the norm filter.
+  coordinate-wise median, the trimmed mean (β = 0.2), the norm filter (unweighted, ``normfilter``, or
+  FedAvg's weights, ``normfilterw``), the norm bound (``normbound``: clip every update to the median norm)
+  and the norm bound then the trimmed mean (``normboundtrim``).
 - ``clean_*``: the same robust reductions without a poisoned clinic (what robustness costs on non-IID
   clinics by itself).
+- ``light_plain`` / ``light_dp_eps{1,4,8}``: the light learner's ``head_delta`` federation (the
+  ``light_head`` method of ``bench fl``: a student trained by the two large clinics, its backbone frozen,
+  the node's own numpy learner on every clinic, shared head averaged, personal heads kept) with and
+  without DP at the node: each clinic's ``ProtectionPipeline`` clips its head delta (to the median norm of
+  the plain light run) and adds Gaussian noise calibrated by the accountant so that the whole run spends ε
+  at δ = 1e-5 for the clinic (one clinic's data is the neighbour: user-level, local DP).
+- ``without_A``: plain FedAvg over the five other clinics, A left out: the best a reduction that (rightly)
+  ignores everything the poisoned clinic sends can do.
 
 AUC: the final global model on each clinic's own (profiled) test set, mean over clinics and over the four
 small clinics C–F. Also times the hub's side of secure aggregation at 20 nodes on a vector of the CNN's size.
@@ -43,24 +53,37 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_node.protection import ProtectionPipeline, SecAggClient
-from edge_node.protocol.accountant import noise_multiplier_for
+from edge_node.protocol.accountant import GaussianRelease, epsilon_of, noise_multiplier_for
 from edge_node.protocol.compression import layout_of
 from edge_node.protocol.protection import CompressionKind, ProtectionSpec
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
+from edge_node.protocol.updates import UpdateKind
 from harness.flbench.datasets import CLINICS, SMALL_CLINICS, build_bench_data
+from harness.flbench.frozen_student import FrozenStudent, binary_task
+from harness.flbench.light_clinic import LightClinic
 from harness.flbench.methods import evaluate
 from hub.fl.aggregate import unweighted_mean
 from hub.fl.fedavg import FedAvg
 from hub.fl.privacy import DifferentialPrivacy
+from hub.fl.registry import make_strategy
 from hub.fl.robust import Robust
 from hub.fl.secagg import SecAggServer
 from hub.fl.strategy import ClientResult, ClientTask, Params, Strategy
 from hub.models.fl_cnn import fl_cnn
-from hub.training.learners import LocalConfig, SupervisedLearner, load_params, predict, to_params
+from hub.models.student import student_cnn_s
+from hub.training.learners import (
+    LocalConfig,
+    SupervisedLearner,
+    load_params,
+    predict,
+    to_params,
+    train_local,
+)
 from hub.training.simulation import run_federation
 
 log = logging.getLogger("bench_protection")
 
+#: What a run without ``--configs`` measures: the first table of docs/benchmarks.md "Protection".
 CONFIGS = (
     "plain",
     "topk",
@@ -78,6 +101,21 @@ CONFIGS = (
     "clean_trimmed",
     "clean_normfilter",
 )
+#: Asked for by name (``--configs``): the later rows, each with its own command in the docs.
+MORE_CONFIGS = (
+    "topk_int8",
+    "poison_normfilterw",
+    "poison_normbound",
+    "poison_normboundtrim",
+    "clean_normfilterw",
+    "clean_normbound",
+    "clean_normboundtrim",
+    "without_A",
+    "light_plain",
+    "light_dp_eps1",
+    "light_dp_eps4",
+    "light_dp_eps8",
+)
 POISONED = "A"
 DELTA = 1e-5
 
@@ -87,7 +125,7 @@ class MeteredLearner:
 
     def __init__(
         self,
-        inner: SupervisedLearner,
+        inner: SupervisedLearner | LightClinic,
         spec: ProtectionSpec | None,
         bytes_log: dict[str, list[int]],
         *,
@@ -100,6 +138,7 @@ class MeteredLearner:
         self.bytes_log = bytes_log
         self.poison = poison
         self.norms: list[float] = []
+        self.sigmas: list[float] = []  # the noise multiplier of every noised release
 
     def fit(self, task: ClientTask) -> ClientResult:
         result = self.inner.fit(task)
@@ -109,14 +148,16 @@ class MeteredLearner:
         self.norms.append(
             float(np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in update.values())))
         )
-        if self.spec is None or self.spec.compressor() is None:
+        if self.spec is None:
             self.bytes_log[self.client_id].append(len(encode_tensors(update)))
             return ClientResult(result.client_id, result.round, result.num_examples, update, result.metrics)
         protected = self.pipeline.protect(update, self.spec)
         self.bytes_log[self.client_id].append(protected.payload_bytes)
+        if protected.noise_multiplier is not None:
+            self.sigmas.append(protected.noise_multiplier)
         compressor = self.spec.compressor()
-        assert compressor is not None
-        dense = compressor.decompress(decode_tensors(protected.payload), layout_of(update))
+        wire = decode_tensors(protected.payload)  # what the hub receives
+        dense = wire if compressor is None else compressor.decompress(wire, layout_of(update))
         return ClientResult(result.client_id, result.round, result.num_examples, dense, result.metrics)
 
     def state(self) -> Params:
@@ -232,7 +273,7 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
     cfg = LocalConfig(epochs=1, lr=1e-3, batch_size=64)
     bytes_log: dict[str, list[int]] = {c: [] for c in CLINICS}
     spec: ProtectionSpec | None = None
-    if name in ("topk", "int8", "fp16"):
+    if name in ("topk", "int8", "fp16", "topk_int8"):
         spec = ProtectionSpec(
             cohort_size=len(CLINICS), compression=CompressionKind(name), topk_fraction=args.topk
         )
@@ -252,6 +293,12 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         strategy = Robust(FedAvg(), "trimmed_mean", beta=0.2)
     elif name.endswith("_normfilter"):
         strategy = Robust(FedAvg(), "norm_filter")
+    elif name.endswith("_normfilterw"):
+        strategy = Robust(FedAvg(), "norm_filter_weighted")
+    elif name.endswith("_normbound"):
+        strategy = Robust(FedAvg(), "norm_bound")
+    elif name.endswith("_normboundtrim"):
+        strategy = Robust(FedAvg(), "norm_bound_trimmed", beta=0.2)
     elif name == "secagg":
         reducer = SecureMean(clip_norm=args.secagg_clip, bytes_log=bytes_log)
         assert isinstance(strategy, FedAvg)
@@ -261,13 +308,15 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
     learner_log = {c: [] for c in CLINICS} if reducer is not None else bytes_log
     learners = {}
     for k, c in enumerate(CLINICS):
+        if name == "without_A" and c == POISONED:
+            continue
         model = fl_cnn(norm="group")
         model.load_state_dict(init.state_dict())
         inner = SupervisedLearner(c, model, data.clinics[c], cfg, seed * 100 + k)
         learners[c] = MeteredLearner(
             inner, spec, learner_log, poison=name.startswith("poison") and c == POISONED
         )
-    strategy.initialize(to_params(init), list(CLINICS))
+    strategy.initialize(to_params(init), list(learners))
     t0 = time.perf_counter()
     run = run_federation(strategy, learners, args.rounds)
     seconds = time.perf_counter() - t0
@@ -286,6 +335,98 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         "raw_fp32_bytes": len(encode_tensors(to_params(init), compress=False)),
         "median_update_norm": float(np.median([n for lr in learners.values() for n in lr.norms])),
         "failures": failures,
+        "seconds": seconds,
+        **extra,
+    }
+
+
+class LightSetup:
+    """One seed's frozen student and its clinics' embeddings, shared by the light configurations."""
+
+    def __init__(self, data: Any, seed: int, rounds: int) -> None:
+        torch.manual_seed(seed)
+        student = student_cnn_s()
+        large = [c for c in CLINICS if c not in SMALL_CLINICS]
+        x = torch.cat([data.clinics[c].train_x for c in large])
+        y = torch.cat([data.clinics[c].train_y for c in large])
+        # as the light_head method: the large clinics train the student for as many epochs as rounds
+        pre = LocalConfig(epochs=rounds, lr=1e-3, batch_size=64)
+        train_local(student, x, y, pre, torch.Generator().manual_seed(seed * 100))
+        self.start = to_params(student)
+        self.frozen = FrozenStudent(student, x[:2])
+        self.train = {c: self.frozen.logits_and_embedding(data.clinics[c].train_x) for c in CLINICS}
+        self.labels = {c: data.clinics[c].train_y.numpy().astype(np.int64).reshape(-1) for c in CLINICS}
+
+
+def run_light(
+    name: str, data: Any, seed: int, args: argparse.Namespace, setup: LightSetup, clip: float
+) -> dict[str, Any]:
+    """The light learner's head_delta federation, plain or with the node's clip + noise."""
+    head = setup.frozen.head
+    spec: ProtectionSpec | None = None
+    extra: dict[str, Any] = {}
+    if name.startswith("light_dp_eps"):
+        eps = float(name.removeprefix("light_dp_eps"))
+        sigma = noise_multiplier_for(eps, DELTA, rounds=args.rounds)
+        # the node states ε per round: the ε of one release at this σ (R of them compose to ≤ eps)
+        per_round = epsilon_of([GaussianRelease(sigma)], DELTA)
+        spec = ProtectionSpec(
+            kind=UpdateKind.HEAD_DELTA,
+            cohort_size=len(CLINICS),
+            clip_norm=clip,
+            epsilon=per_round,
+            delta=DELTA,
+        )
+        extra.update(epsilon_per_round=per_round, clip_norm=clip)
+    strategy = make_strategy(
+        "head_avg", head=f"{head.weight.name},{head.bias.name}", client_config={"seed": seed}
+    )
+    bytes_log: dict[str, list[int]] = {c: [] for c in CLINICS}
+    clinics: dict[str, LightClinic] = {}
+    learners: dict[str, MeteredLearner] = {}
+    for c in CLINICS:
+        logits, emb = setup.train[c]
+        clinics[c] = LightClinic(c, head, binary_task(), logits, emb, setup.labels[c])
+        learners[c] = MeteredLearner(clinics[c], spec, bytes_log)
+        learners[c].pipeline = ProtectionPipeline(rng=np.random.default_rng(seed * 100 + len(learners)))
+    strategy.initialize(setup.start, list(CLINICS))
+    t0 = time.perf_counter()
+    run = run_federation(strategy, learners, args.rounds)
+    seconds = time.perf_counter() - t0
+    shared = strategy.global_params
+    w = np.asarray(shared[head.weight.name], dtype=np.float64)  # (K, D)
+    b = np.asarray(shared[head.bias.name], dtype=np.float64)  # (K,)
+
+    def served(clinic: LightClinic) -> Any:
+        def scores(x01: torch.Tensor) -> np.ndarray:
+            emb = setup.frozen.logits_and_embedding(x01)[1].astype(np.float64)
+            return (emb @ w.T + b + clinic.personal_logits(emb))[:, 0]
+
+        return scores
+
+    def shared_only(x01: torch.Tensor) -> np.ndarray:
+        return (setup.frozen.logits_and_embedding(x01)[1].astype(np.float64) @ w.T + b)[:, 0]
+
+    res = evaluate(data, {c: served(clinics[c]) for c in CLINICS}, shared_only)
+    aucs = {c: res["clinics"][c]["auc"] for c in CLINICS}
+    # the shared head alone on every clinic: what the federated (and noised) part carries by itself
+    alone = evaluate(data, dict.fromkeys(CLINICS, shared_only), shared_only)
+    extra["shared_head_auc"] = float(np.mean([alone["clinics"][c]["auc"] for c in CLINICS]))
+    sigmas = [s for lr in learners.values() for s in lr.sigmas]
+    if sigmas:  # what one clinic spent over the run, from the σ its pipeline actually used
+        per_clinic = [GaussianRelease(s) for s in learners[CLINICS[-1]].sigmas]
+        extra.update(noise_multiplier=float(np.mean(sigmas)), epsilon_spent=epsilon_of(per_clinic, DELTA))
+    return {
+        "config": name,
+        "seed": seed,
+        "mean_clinic_auc": float(np.mean(list(aucs.values()))),
+        "small_clinic_auc": float(np.mean([aucs[c] for c in SMALL_CLINICS])),
+        "unseen_auc": float(res["unseen"]["auc"]),
+        "bytes_per_clinic_round": float(np.mean([np.mean(v) for v in bytes_log.values() if v])),
+        "raw_fp32_bytes": len(encode_tensors({k: v for k, v in shared.items()}, compress=False)),
+        "median_update_norm": float(np.median([n for lr in learners.values() for n in lr.norms])),
+        "head_params": int(w.size + b.size),
+        "failures": [f for r in run.rounds for f in r.failures],
         "seconds": seconds,
         **extra,
     }
@@ -316,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--topk", type=float, default=0.01, help="top-k fraction")
     parser.add_argument(
-        "--dp-clip", type=float, default=0.0, help="central-DP clip norm (0: median plain norm)"
+        "--dp-clip", type=float, default=0.0, help="DP clip norm, central and light (0: median plain norm)"
     )
     parser.add_argument("--secagg-clip", type=float, default=100.0, help="node clip before masking")
     parser.add_argument("--secagg-nodes", type=int, default=20)
@@ -326,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(configs) - set(CONFIGS) - set(MORE_CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS + MORE_CONFIGS)}")
     rows: list[dict[str, Any]] = []
     for seed in seeds:
         data = build_bench_data(
@@ -337,10 +481,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             public_size=16,
         )
         clip = args.dp_clip
+        light_clip = args.dp_clip
+        setup: LightSetup | None = None
         for name in configs:
-            row = run_config(name, data, seed, args, clip or 1.0)
-            if name == "plain" and not args.dp_clip:
-                clip = row["median_update_norm"]  # DP clips at the median norm of the plain run
+            if name.startswith("light_"):
+                setup = setup or LightSetup(data, seed, args.rounds)
+                row = run_light(name, data, seed, args, setup, light_clip or 1.0)
+                if name == "light_plain" and not args.dp_clip:
+                    light_clip = row["median_update_norm"]
+            else:
+                row = run_config(name, data, seed, args, clip or 1.0)
+                if name == "plain" and not args.dp_clip:
+                    clip = row["median_update_norm"]  # DP clips at the median norm of the plain run
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "failures"}), flush=True)
     timing = secagg_hub_time(

@@ -3,7 +3,7 @@
 Starts ``fedclinic-edge serve``, opens N associations that then say nothing, and reports the node's CPU
 (user + system) over a window, as a percentage of one core, next to the same node with none open.
 
-    python bench/idle_associations.py --associations 50 --seconds 10
+    python bench/idle_associations.py --associations 50 --seconds 10 [--transport native|pynetdicom]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--associations", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--transport", choices=["native", "pynetdicom"], default="native")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -56,6 +57,9 @@ def main() -> None:
             f'ae_title = "EDGE"\nport = {port}\ndata_dir = "{root / "data"}"\nlog_level = "WARNING"\n'
             f"max_associations = {room}\nmax_associations_per_peer = {room}\n"
             "network_timeout_s = 600\ndimse_timeout_s = 600\n"
+            f'receive_transport = "{args.transport}"\n'
+            # No clinician page: its fixed default port may be taken on a shared machine.
+            "page_enabled = false\n"
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCLINIC_EDGE_")}
         log = (root / "edge.log").open("wb")
@@ -96,6 +100,7 @@ def main() -> None:
             log.close()
     result = {
         "associations": args.associations,
+        "receive_transport": args.transport,
         "window_s": args.seconds,
         "node_cpu_percent_no_association": round(base, 1),
         "node_cpu_percent_idle_associations": round(idle, 1),

@@ -87,6 +87,7 @@ class Node:
                 dimse_timeout=settings.dimse_timeout_s,
                 network_timeout=settings.network_timeout_s,
                 max_pdu=settings.max_pdu_bytes,
+                transport=settings.receive_transport,
             ),
             self.spool,
             on_complete=self.worker.wake,

@@ -185,13 +185,19 @@ class EdgeSettings(BaseSettings):
     max_associations_per_peer: int = Field(default=4, ge=1)
     #: Seconds a new connection may take to request an association (silent sockets are closed after it).
     acse_timeout_s: float = Field(default=10.0, gt=0)
-    #: Seconds to wait for the next DIMSE message inside an association.
+    #: Seconds to wait for the next DIMSE message inside an association (the pynetdicom transport; the
+    #: native one bounds every read inside an association by network_timeout_s).
     dimse_timeout_s: float = Field(default=30.0, gt=0)
     #: Seconds an association may stay idle on the network before it is aborted.
     network_timeout_s: float = Field(default=30.0, gt=0)
     #: Largest PDU (P-DATA-TF) the listener accepts, in bytes: announced to senders, and a connection whose
     #: PDU claims more is closed before it is read. 1 MiB: as fast as unlimited with dcmtk-based senders.
     max_pdu_bytes: int = Field(default=1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    #: How the DICOM listener receives: "native" (one blocking reader per connection, PDUs parsed by hand,
+    #: data written straight into the spool as it arrives; about twice as fast) or "pynetdicom" (the
+    #: pynetdicom 3.0 server). Both acknowledge an instance only after it is fsynced, answer the same
+    #: statuses and apply the same limits; docs/benchmarks.md ("DICOM ingest") compares them.
+    receive_transport: Literal["native", "pynetdicom"] = "native"
     #: A study whose runs killed the node this many times in a row is set aside as failed, not retried.
     max_run_attempts: int = Field(default=3, ge=1)
     #: Instances larger than this are refused with "out of resources" (0xA700).

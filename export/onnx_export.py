@@ -61,6 +61,14 @@ def export_onnx(
             "ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning
         )
         warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
+        # GroupNorm's input-size check (torch.nn.functional) reads a traced shape product as a bool; the
+        # check is about the example batch only, so the trace is right for every batch size.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Converting a tensor to a Python boolean",
+            category=torch.jit.TracerWarning,
+            module=r"torch\.nn\.functional",
+        )
         torch.onnx.export(
             model,
             (example,),

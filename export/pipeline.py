@@ -27,7 +27,8 @@ from edge_node.protocol.manifest import (
 from edge_node.protocol.signing import fingerprint
 from export.bundle_writer import BundleFile, producer_info, write_bundle
 from export.embedding_head import WithEmbedding, check_head, final_linear, head_spec
-from export.metrics import roc_auc
+from export.errors import ExportError
+from export.metrics import output_accuracy, output_auc
 from export.onnx_export import EMBEDDING_NAME, INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
 from export.parity import DEFAULT_BOUND, ParityReport, check_parity, cpu_session, run_onnx_outputs
 from export.quantize import DEFAULT_AUC_TOLERANCE, QuantizationReport, quantize_gated
@@ -96,6 +97,23 @@ def preprocessing_for(data_config: DataConfig, modalities: Sequence[str]) -> Pre
     )
 
 
+def task_spec(data_config: DataConfig, classes: Sequence[ClassLabel]) -> TaskSpec:
+    """The manifest's task: binary (one sigmoid logit, class 1 positive) or softmax over K > 2 classes.
+
+    The classes must be the model's: two for one logit, K for K logits, indexed 0..K−1 in order.
+    """
+    k = data_config.num_outputs
+    want = 2 if k == 1 else k
+    if [c.index for c in classes] != list(range(want)):
+        raise ExportError(
+            f"the model emits {k} logit(s), so the bundle needs classes 0..{want - 1} in order; "
+            f"got indexes {[c.index for c in classes]}"
+        )
+    if k == 1:
+        return TaskSpec(kind="binary", classes=list(classes), positive_class=1, output_activation="sigmoid")
+    return TaskSpec(kind="multiclass", classes=list(classes), output_activation="softmax")
+
+
 def export_bundle(
     model: nn.Module,
     data_config: DataConfig,
@@ -106,9 +124,12 @@ def export_bundle(
     private_key: Ed25519PrivateKey,
     out_dir: Path,
 ) -> ExportReport:
-    """Run the whole export; raises ParityError/QuantizationError/ExportError before anything is published."""
-    if data_config.num_outputs != 1:
-        raise ValueError("export writes binary (one-logit, sigmoid) bundles; this model has several outputs")
+    """Run the whole export; raises ParityError/QuantizationError/ExportError before anything is published.
+
+    A one-logit model becomes a binary (sigmoid) bundle; a model with K > 1 outputs a K-class bundle whose
+    manifest declares softmax over its K classes (the node turns the logits into class probabilities).
+    """
+    task = task_spec(data_config, request.classes)
     model = model.eval()
     test_x = data_config.preprocess(test.images)  # (N, 1, H, W)
     # The embedding output (the final linear layer's input) lets an edge node train that layer without torch.
@@ -122,7 +143,7 @@ def export_bundle(
         )
         parity = check_parity(exported, onnx_file.path, test_x, bound=request.parity_bound)
         outputs = run_onnx_outputs(cpu_session(onnx_file.path), test_x)
-        fp32_auc = roc_auc(test.labels, outputs[0][:, 0])
+        fp32_auc = output_auc(test.labels, outputs[0])
         output_specs = [TensorSpec(name=OUTPUT_NAME, shape=onnx_file.output_shape)]
         if linear is not None and onnx_file.embedding_shape is not None:
             check_head(outputs[0], outputs[1], linear[1], bound=request.parity_bound)
@@ -144,8 +165,12 @@ def export_bundle(
             if quant.accepted and quant.path is not None:
                 files.append(BundleFile(quant.path, INT8_FILE, "variant", variant="int8"))
         metrics = {**request.training_metrics, f"{test.name}_auc_fp32": fp32_auc}
+        if task.kind == "multiclass":
+            metrics[f"{test.name}_accuracy_fp32"] = output_accuracy(test.labels, outputs[0])
         if quant is not None:
             metrics[f"{test.name}_auc_int8"] = quant.int8_auc
+            if quant.int8_accuracy is not None:
+                metrics[f"{test.name}_accuracy_int8"] = quant.int8_accuracy
         c, h, w = data_config.input_size
         manifest = write_bundle(
             out_dir,
@@ -153,9 +178,7 @@ def export_bundle(
             model_id=request.model_id,
             model_version=request.model_version,
             description=request.description,
-            task=TaskSpec(
-                kind="binary", classes=request.classes, positive_class=1, output_activation="sigmoid"
-            ),
+            task=task,
             io=IOSpec(
                 inputs=[TensorSpec(name=INPUT_NAME, shape=[-1, c, h, w])],
                 outputs=output_specs,

@@ -19,7 +19,7 @@ from onnxruntime.quantization import (
 )
 
 from export.errors import QuantizationError
-from export.metrics import roc_auc
+from export.metrics import output_accuracy, output_auc
 from export.parity import cpu_session, run_onnx
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class QuantizationReport:
     size_bytes: int
     calibration_images: int
     reason: str
+    #: Top-1 accuracy of a K-class model (the gate's second check); None for a binary model.
+    fp32_accuracy: float | None = None
+    int8_accuracy: float | None = None
 
 
 def quantize_int8(model_path: Path, out_path: Path, calibration: np.ndarray) -> Path:
@@ -107,13 +110,15 @@ def quantize_gated(
     test_y: np.ndarray,
     tolerance: float = DEFAULT_AUC_TOLERANCE,
 ) -> QuantizationReport:
-    """Quantize, then keep the int8 model only if ``fp32_auc - int8_auc <= tolerance`` on the test split.
+    """Quantize, then keep the int8 model only if ``fp32_auc - int8_auc <= tolerance`` on the test split
+    (macro AUC for a K-class model, whose top-1 accuracy must also stay within ``tolerance``).
 
     A negative tolerance demands that int8 beats fp32 by that much, so ``-1`` refuses every variant.
     """
     quantize_int8(model_path, out_path, calibration)
-    fp32_auc = roc_auc(test_y, run_onnx(cpu_session(model_path), test_x)[:, 0])
-    int8_auc = roc_auc(test_y, run_onnx(cpu_session(out_path), test_x)[:, 0])
+    fp32_out = run_onnx(cpu_session(model_path), test_x)
+    int8_out = run_onnx(cpu_session(out_path), test_x)
+    fp32_auc, int8_auc = output_auc(test_y, fp32_out), output_auc(test_y, int8_out)
     drop = fp32_auc - int8_auc
     accepted = bool(drop <= tolerance)
     if accepted:
@@ -122,6 +127,19 @@ def quantize_gated(
         reason = (
             f"int8 AUC {int8_auc:.4f} vs fp32 {fp32_auc:.4f}: drop {drop:+.4f} exceeds tolerance {tolerance}"
         )
+    fp32_acc = int8_acc = None
+    if fp32_out.shape[1] > 1:
+        # K classes: the macro AUC can hold while the argmax moves; the served top class must hold too.
+        fp32_acc, int8_acc = output_accuracy(test_y, fp32_out), output_accuracy(test_y, int8_out)
+        acc_drop = fp32_acc - int8_acc
+        if accepted and not acc_drop <= tolerance:
+            accepted = False
+            reason = (
+                f"int8 accuracy {int8_acc:.4f} vs fp32 {fp32_acc:.4f}: drop {acc_drop:+.4f} exceeds "
+                f"tolerance {tolerance} (AUC {int8_auc:.4f} vs {fp32_auc:.4f})"
+            )
+        elif accepted:
+            reason += f"; accuracy {int8_acc:.4f} vs {fp32_acc:.4f}"
     size = out_path.stat().st_size
     if not accepted:
         out_path.unlink()
@@ -135,4 +153,6 @@ def quantize_gated(
         size_bytes=size,
         calibration_images=len(calibration),
         reason=reason,
+        fp32_accuracy=fp32_acc,
+        int8_accuracy=int8_acc,
     )

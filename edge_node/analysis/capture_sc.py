@@ -47,7 +47,11 @@ def caption(finding: Finding, manifest: Manifest) -> list[str]:
         first = f"{name}: {state}  (score {finding.score:.3f})"
     else:
         first = f"{finding.label}  (score {finding.score:.3f})"
-    return [first, f"model {manifest.model_id} {manifest.model_version}", NOT_FOR_DIAGNOSIS]
+    lines = [first]
+    # Multiclass: every class's probability, four to a line so that the text stays readable.
+    shares = [f"{c.name} {p:.3f}" for c, p in zip(manifest.task.classes, finding.probabilities, strict=False)]
+    lines += ["  ".join(shares[i : i + 4]) for i in range(0, len(shares), 4)]
+    return [*lines, f"model {manifest.model_id} {manifest.model_version}", NOT_FOR_DIAGNOSIS]
 
 
 def _scaled(display: np.ndarray) -> Image.Image:

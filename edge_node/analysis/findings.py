@@ -26,6 +26,8 @@ class Finding:
     frame_index: int = 0
     #: Number of frames of the source instance; frame references are written only for multi-frame sources.
     number_of_frames: int = 1
+    #: Multiclass: every class's probability, by class index (the SR reports each); empty for binary tasks.
+    probabilities: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,13 @@ def findings_from_probabilities(
     """One Finding per analysed instance from (N, K) class probabilities.
 
     Binary: the score is the positive class's probability and the finding is present at or above the
-    manifest's threshold. Multiclass: the score is the top class's probability, the label its name, and the
-    finding is present unless the top class is the first (reference) class.
+    manifest's threshold. Multiclass: the score is the top class's probability, the label its name, the
+    finding is present unless the top class is the first (reference) class, and every class's probability
+    goes with it.
     """
     findings: list[Finding] = []
     for row, image in zip(probs, analysed, strict=True):
+        probabilities: tuple[float, ...] = ()
         if task.kind == "binary":
             score = float(row[task.positive_class])
             present = score >= task.decision_threshold
@@ -60,6 +64,7 @@ def findings_from_probabilities(
             score = float(row[top])
             label = next((c.name for c in task.classes if c.index == top), str(top))
             present = top != task.classes[0].index
+            probabilities = tuple(float(v) for v in row)
         findings.append(
             Finding(
                 sop_instance_uid=image.sop_instance_uid,
@@ -70,6 +75,7 @@ def findings_from_probabilities(
                 present=present,
                 frame_index=image.frame_index,
                 number_of_frames=image.number_of_frames,
+                probabilities=probabilities,
             )
         )
     return findings

@@ -2,7 +2,9 @@
 
 One SR per analysed study. Each analysed source instance gets a measurement group (TID 1501) that references
 it and holds the finding as a coded qualitative evaluation (present/absent) and the model score as a numeric
-measurement; the algorithm (model id and version) is named in every group and as the device observer.
+measurement; a multiclass model's group names its top class as the finding and adds one measurement per
+class, that class's probability. The algorithm (model id and version) is named in every group and as the
+device observer.
 
 The SR's SOP Instance UID derives from the study, the model and the set of analysed instances: a re-send of
 the same run (or a re-run after a crash) is the same object again, while a re-analysis after a late instance
@@ -33,6 +35,7 @@ __all__ = [
     "SR_SERIES_NUMBER",
     "build_sr",
     "class_concept",
+    "class_probability_concept",
     "coding_scheme_identification",
     "predecessor_item",
     "sr_series_uid",
@@ -58,6 +61,18 @@ def class_concept(label: ClassLabel) -> hd.sr.CodedConcept:
         )
     return hd.sr.CodedConcept(
         value=label.name.upper()[:16], scheme_designator=PRIVATE_SCHEME, meaning=label.name
+    )
+
+
+def class_probability_concept(label: ClassLabel) -> hd.sr.CodedConcept:
+    """The private concept of one class's probability (a multiclass model reports every class's)."""
+    meaning = (
+        label.code_meaning if label.code_value and label.code_scheme and label.code_meaning else label.name
+    )
+    return hd.sr.CodedConcept(
+        value=f"CLASSPROB{label.index}",
+        scheme_designator=PRIVATE_SCHEME,
+        meaning=f"Probability of {meaning}"[:64],
     )
 
 
@@ -109,6 +124,21 @@ def _group(
         algorithm_id=algorithm,
         referenced_images=[source_for_measurement],
     )
+    if task.kind != "binary" and finding.probabilities and len(finding.probabilities) != len(task.classes):
+        raise ValueError(
+            f"a finding has {len(finding.probabilities)} class probabilities; "
+            f"the model has {len(task.classes)} classes"
+        )
+    per_class = [
+        hd.sr.Measurement(
+            name=class_probability_concept(label),
+            value=float(p),
+            unit=codes.UCUM.NoUnits,
+            algorithm_id=algorithm,
+            referenced_images=[source_for_measurement],
+        )
+        for label, p in zip(task.classes, finding.probabilities, strict=False)
+    ]
     tracking = hd.sr.TrackingIdentifier(
         uid=result_uid(
             "sr-tracking",
@@ -124,7 +154,7 @@ def _group(
         tracking_identifier=tracking,
         finding_type=concept,
         algorithm_id=algorithm,
-        measurements=[score],
+        measurements=[score, *per_class],
         qualitative_evaluations=[evaluation],
         source_images=[source_for_group],
     )

@@ -10,7 +10,8 @@ highdicom itself (``build_sr`` on a probe image) and every study gets a new docu
   Study information entities of the source's IOD, from highdicom's tables of the standard),
 * its own evidence, contributing equipment, UIDs and times,
 * one measurement group per finding: the template's group for that concept and presence, with the probe's
-  references, tracking UID, identifier, frame and score replaced by the finding's.
+  references, tracking UID, identifier, frame and score (and a multiclass model's class probabilities)
+  replaced by the finding's.
 
 The result equals what ``build_sr`` makes, element by element (a test holds the two side by side on real
 and minimal headers); only the creation times differ.
@@ -141,6 +142,8 @@ class _GroupKey:
     concept: str
     present: bool
     frames: bool
+    #: Class probabilities the group reports (multiclass; 0 for binary).
+    classes: int = 0
 
 
 class ReportTemplate:
@@ -180,7 +183,7 @@ class ReportTemplate:
             setattr(ds, keyword, None)
         return ds
 
-    def _probe_finding(self, label: str, present: bool, *, frames: bool) -> Finding:
+    def _probe_finding(self, label: str, present: bool, *, frames: bool, classes: int = 0) -> Finding:
         return Finding(
             sop_instance_uid=str(self._probe.SOPInstanceUID),
             series_instance_uid=str(self._probe.SeriesInstanceUID),
@@ -190,19 +193,25 @@ class ReportTemplate:
             present=present,
             frame_index=0,
             number_of_frames=2 if frames else 1,
+            probabilities=(0.5,) * classes,
         )
 
     def _key(self, finding: Finding) -> _GroupKey:
         task = self.manifest.task
         concept = finding.label if task.kind != "binary" else ""
-        return _GroupKey(concept=concept, present=finding.present, frames=finding.number_of_frames > 1)
+        return _GroupKey(
+            concept=concept,
+            present=finding.present,
+            frames=finding.number_of_frames > 1,
+            classes=len(finding.probabilities),
+        )
 
     def _group(self, key: _GroupKey) -> Dataset:
         """The probe's measurement group for ``key``, built by highdicom the first time it is needed."""
         with self._lock:
             group = self._groups.get(key)
             if group is None:
-                probe = self._probe_finding(key.concept, key.present, frames=key.frames)
+                probe = self._probe_finding(key.concept, key.present, frames=key.frames, classes=key.classes)
                 ref = build_sr([self._probe], [probe], self.manifest)
                 container = next(i for i in ref.ContentSequence if _code(i) == _IMAGING_MEASUREMENTS)
                 computed = frozenset({_MEASURED_VALUE, _FRAME_NUMBER})
@@ -226,10 +235,12 @@ class ReportTemplate:
             ),
             _FIRST_IDENTIFIER: f"finding {index + 1}",
         }
-        score = float(finding.score)
+        # The group's NUM items in document order: the score, then each class's probability (multiclass).
+        scores = iter([float(finding.score), *(float(p) for p in finding.probabilities)])
 
         def measured() -> DicomSequence:
             # As highdicom's NUM content item writes a float: a decimal string and the exact double.
+            score = next(scores)
             item = Dataset()
             item.NumericValue = DS(score, auto_format=True)
             item.FloatingPointValue = score

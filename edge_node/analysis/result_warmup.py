@@ -55,6 +55,8 @@ def warm_up_results(manifest: Manifest) -> float:
         score=0.5,
         label=manifest.task.classes[0].name,
         present=False,
+        # A multiclass finding carries every class's probability: warm the group a real study uses.
+        probabilities=(() if manifest.task.kind == "binary" else (0.0,) * len(manifest.task.classes)),
     )
     fast_sr([source], [finding], manifest)  # builds the model's SR template
     fast_sc(source, np.zeros((8, 8), dtype=np.float64), finding, manifest, 0)  # and its SC template

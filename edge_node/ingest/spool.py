@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -49,11 +50,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
-from edge_node.ingest.part10 import Header, parse_header
+from edge_node.ingest.part10 import Header, file_meta, parse_header
 from edge_node.protocol.durable_file import fsync_directory
 from edge_node.state.ingest_records import IngestRecords, InstanceRecord
 
-__all__ = ["POOL_BATCH", "Spool", "SpoolReceipt"]
+__all__ = ["POOL_BATCH", "IncomingInstance", "Spool", "SpoolReceipt"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,12 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _spool_error(exc: OSError) -> SpoolError:
+    if exc.errno in (_ENOSPC, _EDQUOT):
+        return SpoolFullError(f"the spool's disk is full: {exc.strerror}")
+    return SpoolError(f"cannot write to the spool: {exc.strerror}")
+
+
 def _is_complete(data: bytes) -> bool:
     if len(data) < _PREAMBLE + 4:
         return False
@@ -100,6 +107,11 @@ class _SlotPool:
         self.directory = directory
         self._lock = threading.Lock()
         self._free: list[Path] = []
+
+    def give_back(self, slot: Path) -> None:
+        """A slot emptied again (its instance refused): its durable name serves the next instance."""
+        with self._lock:
+            self._free.append(slot)
 
     def adopt(self, slots: list[Path]) -> None:
         """Empty slots found at start (their names became durable when they were made)."""
@@ -231,18 +243,24 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if not dest.parent.is_dir():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                fsync_directory(self.root)  # the new study directory's entry (once per study)
-            # No directory fsync: if a power cut loses this rename, the complete, checksummed instance is
-            # still under the slot's durable name, and ``recover`` moves it here (see the module docstring).
-            os.replace(slot, dest)
+            self._place(slot, dest)
         except OSError as exc:
             if slot is not None:
                 slot.unlink(missing_ok=True)
-            if exc.errno in (_ENOSPC, _EDQUOT):
-                raise SpoolFullError(f"the spool's disk is full: {exc.strerror}") from exc
-            raise SpoolError(f"cannot write to the spool: {exc.strerror}") from exc
+            raise _spool_error(exc) from exc
+
+    def _place(self, slot: Path, dest: Path) -> None:
+        """Move a complete, fsynced slot to its durable name (step 2 of the module docstring)."""
+        if not dest.parent.is_dir():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fsync_directory(self.root)  # the new study directory's entry (once per study)
+        # No directory fsync: if a power cut loses this rename, the complete, checksummed instance is
+        # still under the slot's durable name, and ``recover`` moves it here (see the module docstring).
+        os.replace(slot, dest)
+
+    def receive(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> IncomingInstance:
+        """An instance about to arrive in fragments, written into a slot as they come (IncomingInstance)."""
+        return IncomingInstance(self, file_meta(sop_class_uid, sop_instance_uid, transfer_syntax))
 
     def recover(self) -> tuple[int, int]:
         """At start, before the listener runs: drop partial writes, index complete files that have no row.
@@ -313,3 +331,121 @@ class Spool:
         if path != self.path_for(header.study_uid, header.sop_instance_uid):
             raise BadInstanceError(f"{path.name} does not belong where it lies in the spool")
         self._record(header, path, len(stream), "(recovered)")
+
+
+class IncomingInstance:
+    """One instance received fragment by fragment straight into a spool slot, then made durable or dropped.
+
+    The native receive transport appends each P-DATA fragment as it arrives (the CRC of the spool's
+    preamble computed on the way), so an instance is never held in memory; one larger than
+    max_instance_bytes stops being written at the first fragment over the budget and is refused at the end.
+    Errors do not raise here: they are kept and raised by ``commit``, where the listener turns every error
+    into its status, so the transport only has to keep reading the sender's fragments.
+
+    The stream in the slot is the same as ``Spool.put`` writes: the spool's preamble (written last, at
+    offset 0, just before the one fsync: a slot cut short by a crash has none and is removed by
+    ``recover``), ``DICM``, a File Meta group built from the request, then the data set as received.
+    """
+
+    def __init__(self, spool: Spool, prefix: bytes) -> None:
+        self._spool = spool
+        self._size = _PREAMBLE + len(prefix)
+        self._crc = zlib.crc32(prefix)
+        self._error: SpoolError | None = None
+        self._slot: Path | None = None
+        self._fd = -1
+        try:
+            spool.check_room(self._size)
+            self._slot = spool._pool.take()
+            self._fd = os.open(self._slot, os.O_RDWR)
+            _write_all(self._fd, bytes(_PREAMBLE) + prefix)
+        except SpoolError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            self._fail(_spool_error(exc))
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def append(self, fragment: memoryview) -> None:
+        """Write one data fragment (after the ones before it); past the size budget, drop it."""
+        self._size += len(fragment)
+        if self._error is not None:
+            return
+        if self._size > self._spool.max_instance_bytes:
+            self._fail(
+                SpoolFullError(
+                    f"instance of more than {self._spool.max_instance_bytes} bytes exceeds max_instance_bytes"
+                )
+            )
+            return
+        try:
+            _write_all(self._fd, fragment)
+        except OSError as exc:
+            self._fail(_spool_error(exc))
+            return
+        self._crc = zlib.crc32(fragment, self._crc)
+
+    def _fail(self, error: SpoolError) -> None:
+        """Keep the first error for ``commit`` and give the slot back emptied: nothing more is written."""
+        if self._error is None:
+            self._error = error
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop what was written (an aborted transfer, a refused instance); the slot serves again."""
+        slot, fd = self._slot, self._fd
+        self._slot, self._fd = None, -1
+        if fd >= 0:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                slot = None  # cannot empty it: leave it to ``recover`` (partial, never acknowledged)
+            finally:
+                os.close(fd)
+        if slot is not None:
+            self._spool._pool.give_back(slot)
+
+    def commit(self, *, calling_ae: str, expected_sop_class: str, expected_sop_instance: str) -> SpoolReceipt:
+        """Check, fsync, place and record the instance; return only when it is on disk.
+
+        Raises SpoolFullError, SpoolError, BadInstanceError or InstanceMismatchError (the instance is then
+        dropped), like ``Spool.put``.
+        """
+        try:
+            if self._error is not None:
+                raise self._error
+            spool = self._spool
+            spool.check_room(self._size)
+            with mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ) as view:
+                header = parse_header(view)  # type: ignore[arg-type]  # a read-only buffer, as bytes
+            if header.sop_class_uid != expected_sop_class:
+                raise InstanceMismatchError("the data set's SOP Class UID differs from the C-STORE request's")
+            if header.sop_instance_uid != expected_sop_instance:
+                raise InstanceMismatchError(
+                    "the data set's SOP Instance UID differs from the C-STORE request's"
+                )
+            mark = _MARK.pack(_MAGIC, self._size, self._crc)
+            dest = spool.path_for(header.study_uid, header.sop_instance_uid)
+            slot, fd = self._slot, self._fd
+            assert slot is not None
+            try:
+                os.pwrite(fd, mark, 0)
+                # The one flush: data, size and preamble; the slot's name was made durable beforehand.
+                os.fsync(fd)
+            except OSError as exc:
+                raise _spool_error(exc) from exc
+            self._slot, self._fd = None, -1
+            os.close(fd)
+            with spool._flock(fcntl.LOCK_SH):  # a purge waits until the file and its row are both there
+                try:
+                    spool._place(slot, dest)
+                except OSError as exc:
+                    slot.unlink(missing_ok=True)
+                    raise _spool_error(exc) from exc
+                study_id = spool._record(header, dest, self._size, calling_ae)
+            return SpoolReceipt(study_id=study_id, path=dest, size=self._size)
+        except BaseException:
+            self.discard()
+            raise

@@ -52,6 +52,11 @@ class PrivacyFloor(BaseModel):
             )
         if self.require_secure_aggregation and not spec.secure_aggregation:
             return "this clinic sends updates only under secure aggregation, and this round is plain"
+        if spec.noise_shares > 1 and spec.noise_shares < self.min_cohort:
+            return (
+                f"the round splits its noise over a secure-aggregation threshold of {spec.noise_shares} "
+                f"clinics, fewer than this clinic's minimum of {self.min_cohort} per sum"
+            )
         if self.needs_noise and spec.epsilon is None:
             return "this clinic sends only differentially private updates, and this round adds no noise"
         if spec.delta > self.delta:

@@ -12,6 +12,7 @@ from edge_node.protection.errors import TaskRefused
 from edge_node.protection.floor import PrivacyFloor
 from edge_node.protection.ledger import PrivacyLedger
 from edge_node.protection.pipeline import Masker, ProtectedUpdate, ProtectionPipeline
+from edge_node.protection.residual import ResidualStore
 from edge_node.protocol.protection import ProtectionSpec
 
 __all__ = ["PrivacyGate"]
@@ -33,8 +34,9 @@ class PrivacyGate:
 
     @classmethod
     def in_data_dir(cls, floor: PrivacyFloor, data_dir: Path) -> PrivacyGate:
-        """A gate whose ledger lives under the node's data directory."""
-        return cls(floor, PrivacyLedger.in_data_dir(data_dir, delta=floor.delta), ProtectionPipeline())
+        """A gate whose ledger and compression residuals live under the node's data directory."""
+        pipeline = ProtectionPipeline(residuals=ResidualStore.in_data_dir(data_dir))
+        return cls(floor, PrivacyLedger.in_data_dir(data_dir, delta=floor.delta), pipeline)
 
     def refusal(self, spec: ProtectionSpec) -> str | None:
         """Why the clinic refuses a round under ``spec`` (floor first, then budget); None if it accepts."""

@@ -84,6 +84,19 @@ class SecAggClient:
         self._inbox: dict[str, str] = {}  # sender -> ciphertext of its shares for this node
         self._answered = False
 
+    def trust(self, peers: Mapping[str, Ed25519PublicKey]) -> None:
+        """Take signing keys of peers this client did not know (the roster the hub relays for the round).
+
+        A key that contradicts one the client already holds is refused: the hub may add peers, never
+        replace one.
+        """
+        for node, key in peers.items():
+            known = self._peers.get(node)
+            if known is None:
+                self._peers[node] = key
+            elif known.public_bytes_raw() != key.public_bytes_raw():
+                raise SecAggError(f"the roster gives {node!r} another signing key than the one known")
+
     # -- messages ------------------------------------------------------------------------------------------
 
     def advertise(self) -> AdvertiseKeys:

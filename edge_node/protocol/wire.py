@@ -378,6 +378,8 @@ class RoundProtection(_Wire):
     compression: CompressionKind = CompressionKind.NONE
     topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.01
     secure_aggregation: bool = False
+    #: Secure aggregation's threshold t (fewest inputs unmasked); each node adds 1/t of the noise variance.
+    secagg_threshold: Annotated[int | None, Field(ge=1)] = None
 
     def spec(self, kind: UpdateKind, cohort_size: int) -> ProtectionSpec:
         """The ``ProtectionSpec`` a task of this round carries (ValueError when it is inconsistent)."""

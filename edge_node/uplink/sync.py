@@ -17,10 +17,12 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
@@ -33,8 +35,9 @@ from edge_node.learning.dispatch import answer as answer_with_learners
 from edge_node.learning.external import ExternalLearner, learner_dir
 from edge_node.protection.errors import TaskRefused
 from edge_node.protection.gate import PrivacyGate
-from edge_node.protocol.errors import EncodingError, ProtocolError, PublicationError
-from edge_node.protocol.protection import ProtectionSpec
+from edge_node.protection.pipeline import ProtectionPipeline
+from edge_node.protocol.errors import EncodingError, ProtocolError, PublicationError, SecAggError
+from edge_node.protocol.protection import CompressionKind, ProtectionSpec
 from edge_node.protocol.publication import SignedPublication, check_publication
 from edge_node.protocol.signing import load_public_keys
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
@@ -54,6 +57,7 @@ from edge_node.uplink.backoff import Backoff
 from edge_node.uplink.credential import CredentialFileAuth, NodeCredential, uplink_dir
 from edge_node.uplink.errors import HubRefusedError, PinningError, UplinkError
 from edge_node.uplink.outbox import UpdateOutbox
+from edge_node.uplink.secure_aggregation import SecureAggregationRound
 from edge_node.uplink.state import StateFile
 from edge_node.uplink.tasks import LocalStats, TaskError
 from edge_node.uplink.transport import HubTransport
@@ -112,6 +116,8 @@ class SyncLoop:
         self._next_heartbeat = 0.0
         self._failures = 0
         self._skipped: dict[str, str] = {}  # task_id -> why this node cannot answer it
+        #: Tasks this process took through secure aggregation (answered or failed: never run twice).
+        self._answered_masked: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -290,7 +296,7 @@ class SyncLoop:
         for task in tasks:
             if task.state is not TaskState.OPEN or task.task_id in self._skipped:
                 continue
-            if self.outbox.has(task.task_id):
+            if self.outbox.has(task.task_id) or task.task_id in self._answered_masked:
                 continue
             if task.deadline <= datetime.now(timezone.utc):
                 continue
@@ -350,14 +356,24 @@ class SyncLoop:
         except (ModelError, ConfigError):
             model = None
         answer = answer_with_learners(task, params, model, local_stats(self.store), self.learners)
+        spec = self._spec(task)
+        if spec.secure_aggregation:
+            self._answer_masked(task, answer.tensors, spec)
+            return
         payload = encode_tensors(answer.tensors)
-        if len(payload) > task.max_update_bytes:
+        # A compressed round's cap applies to the compressed payload, known only after the release.
+        if spec.compression is CompressionKind.NONE and len(payload) > task.max_update_bytes:
             raise TaskError(
                 f"the answer is {len(payload)} bytes, over the task's cap {task.max_update_bytes}"
             )
         if self.gate is not None:
             # Protected and charged to the ledger before it enters the outbox: nothing leaves unrecorded.
-            payload = self.gate.release(task.task_id, task.round, answer.tensors, self._spec(task)).payload
+            payload = self.gate.release(task.task_id, task.round, answer.tensors, spec).payload
+            if len(payload) > task.max_update_bytes:  # charged but not sent: the ledger overstates
+                raise TaskError(
+                    f"the protected answer is {len(payload)} bytes, over the task's cap "
+                    f"{task.max_update_bytes}"
+                )
         envelope = UpdateEnvelope(
             node_id=self.credential.node_id,
             round=task.round,
@@ -370,6 +386,37 @@ class SyncLoop:
         self.outbox.put(task.task_id, envelope.model_dump_json(), payload)
         self.state.answered()
         logger.info("uplink: task %s (%s, round %d) answered", task.task_id, task.kind.value, task.round)
+
+    def _answer_masked(self, task: Task, update: Mapping[str, np.ndarray], spec: ProtectionSpec) -> None:
+        """Take part in the round's secure aggregation; the masked input goes to the hub, not the outbox.
+
+        The protocol's steps wait for the other nodes, so this blocks the loop for up to a few of the hub's
+        step times. A masked input is never re-sent (its masks belong to this one run of the protocol): a
+        failure leaves the task unanswered, with the reason.
+        """
+        protocol = SecureAggregationRound.for_task(self.transport, self.credential.node_id, task)
+        gate = self.gate
+        try:
+            protocol.advertise()
+            protocol.share()
+            if gate is not None:
+                # Protected (clip, noise, mask) and charged to the ledger before anything leaves.
+                protected = gate.release(task.task_id, task.round, update, spec, masker=protocol.client.mask)
+            else:
+                protected = protocol.protect(update, spec, ProtectionPipeline())
+            protocol.send_masked(protected)
+            protocol.unmask()
+        except (SecAggError, HubRefusedError) as exc:
+            raise TaskError(f"secure aggregation of round {task.round} did not complete: {exc}") from exc
+        finally:
+            self._answered_masked.add(task.task_id)
+        self.state.answered()
+        logger.info(
+            "uplink: task %s (round %d) answered under secure aggregation: %d bytes sent",
+            task.task_id,
+            task.round,
+            protocol.bytes_sent,
+        )
 
     # -- outbox ----------------------------------------------------------------------------------------------
 

@@ -68,8 +68,25 @@ class HubService:
 
     def cli(self, *args: str, timeout: float = 300.0) -> str:
         """Run ``fedclinic-hub ARGS --data-dir …``; returns stdout, HubError with the output on failure."""
+        return self._run(*args, "--data-dir", str(self.data_dir), timeout=timeout)
+
+    def export(self, checkpoint: Path, out: Path, version: str) -> dict[str, Any]:
+        """``fedclinic-hub export``: ``checkpoint`` as a bundle signed with the hub's key (no int8 variant);
+        returns the command's JSON report."""
+        key = self.data_dir / "keys" / "hub.key"
+        return dict(
+            json.loads(
+                self._run(
+                    *("export", "--checkpoint", str(checkpoint), "--key", str(key), "--out", str(out)),
+                    *("--model-version", version, "--no-int8", "--format", "json"),
+                    timeout=600.0,
+                )
+            )
+        )
+
+    def _run(self, *args: str, timeout: float) -> str:
         done = subprocess.run(
-            [str(HUB_BIN), *args, "--data-dir", str(self.data_dir)],
+            [str(HUB_BIN), *args],
             capture_output=True,
             text=True,
             env=self.env or self._environment(),

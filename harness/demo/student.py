@@ -18,7 +18,9 @@ from hub.training.supervised import binary_auc, predict_logits
 
 __all__ = ["train_public_student"]
 
-MODEL = "student_cnn_s"
+#: FedHelp's small shared model: its private head is the deployed classifier (the light learner's head on
+#: the exported embedding), so FedHelp rounds, head rounds and the bundle export all take it as it is.
+MODEL = "fedhelp_small"
 
 
 def train_public_student(
@@ -31,7 +33,8 @@ def train_public_student(
     seed: int,
     console: Console,
 ) -> Path:
-    """Train ``student_cnn_s`` on public ``images`` (N, H, W) uint8; returns the best checkpoint directory.
+    """Train ``fedhelp_small`` (its private-head path) on public ``images`` (N, H, W) uint8; returns the
+    best checkpoint directory.
 
     A fifth of the images (stratified by the seed) chooses the epoch; the other four fifths train.
     """

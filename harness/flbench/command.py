@@ -31,6 +31,7 @@ class Task(str, enum.Enum):
 
     pneumonia = "pneumonia"
     breast = "breast"
+    retina = "retina"
 
 
 class Skew(str, enum.Enum):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,18 +35,31 @@ MIN_VAL = 6
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A benchmark task: primary dataset and public dataset (clinic shares live in the setting file)."""
+    """A benchmark task: primary dataset and public dataset (clinic shares live in the setting file).
+
+    ``num_classes`` 2 is a binary task (one sigmoid logit); more is a K-class task (K softmax logits).
+    """
 
     name: str
     primary: str
     public: str
     public_size: int = 512
+    num_classes: int = 2
+
+    @property
+    def num_outputs(self) -> int:
+        """Logits a model of this task emits: 1 for a binary task, K for K classes."""
+        return 1 if self.num_classes == 2 else self.num_classes
 
 
 TASKS: dict[str, TaskSpec] = {
     "pneumonia": TaskSpec("pneumonia", "pneumoniamnist", "breastmnist"),
     "breast": TaskSpec("breast", "breastmnist", "pneumoniamnist"),
+    # 5-level diabetic-retinopathy grade on colour fundus photographs, read as grey (see ``unit_images``).
+    "retina": TaskSpec("retina", "retinamnist", "pneumoniamnist", num_classes=5),
 }
+#: ITU-R BT.601 luma weights (R, G, B): the edge's preprocessing turns colour into this one channel.
+BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,10 @@ class BenchData:
     small: tuple[str, ...] = SMALL_CLINICS
     #: The unseen-clinic panel: the test split rendered with each panel profile (labels ``unseen_y``).
     panel: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.task]
 
     def pooled_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         xs = [c.train_x for c in self.clinics.values()]
@@ -89,6 +107,39 @@ def skew_flags(skew: str) -> tuple[bool, bool, bool]:
 
 def _as_tensor(x01: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x01[:, None, :, :], dtype=np.float32))  # (N, 1, H, W)
+
+
+def unit_images(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) grey or (N, H, W, 3) RGB → float32 (N, H, W) in [0, 1].
+
+    Colour becomes one channel with BT.601 luma weights, as an edge node's preprocessing does with a
+    colour DICOM (manifest ``color = "luminance"``): the models, the acquisition profiles and the training
+    augmentation are single-channel, and what the bench trains on must be what the edge will feed. The
+    grading loses the colour cues of fundus photographs (red lesions on the orange background); green
+    carries most of the lesion contrast and weighs most in luma.
+    """
+    if images.ndim == 4 and images.shape[-1] == 3:
+        return (images.astype(np.float32) @ BT601) / 255.0
+    if images.ndim != 3:
+        raise ValueError(f"bench fl expects (N, H, W) grey or (N, H, W, 3) colour images, got {images.shape}")
+    return to_unit(images)
+
+
+def mix_sample(labels: np.ndarray, mix: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """The largest subset of ``labels`` (without replacement) with these class proportions (K classes).
+
+    The K-class form of ``prevalence_sample``; every class with a share keeps at least one image.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    props = np.asarray(mix, dtype=np.float64) / float(np.sum(mix))
+    pools = [np.flatnonzero(labels == k) for k in range(len(props))]
+    n = int(min(len(pool) / p for pool, p in zip(pools, props, strict=True) if p > 0))
+    picked = [
+        rng.choice(pool, min(len(pool), max(1, round(n * p))), replace=False)
+        for pool, p in zip(pools, props, strict=True)
+        if p > 0 and len(pool)
+    ]
+    return np.sort(np.concatenate(picked))
 
 
 def prevalence_sample(labels: np.ndarray, prevalence: float, rng: np.random.Generator) -> np.ndarray:
@@ -132,9 +183,6 @@ def build_bench_data(
     val = load_medmnist(spec.primary, "val", data_root)
     test = load_medmnist(spec.primary, "test", data_root)
     public = load_medmnist(spec.public, "train", data_root)
-    if train.images.ndim != 3:
-        raise ValueError(f"{spec.primary} is not single-channel; bench fl expects grayscale images")
-
     n_clinics = len(setting.clinics)
     shares = [c.share(task) for c in setting.clinics]
     sizes = clinic_sizes(len(train), shares)
@@ -145,26 +193,36 @@ def build_bench_data(
     if max_train_per_clinic is not None:
         sizes = [min(s, max_train_per_clinic) for s in sizes]
         val_sizes = [min(s, max(MIN_VAL, max_train_per_clinic // 4)) for s in val_sizes]
-    base_prev = float(train.labels.mean())
-    prevalences = [c.prevalence for c in setting.clinics] if label else [base_prev] * n_clinics
-    parts = partition_indices(train.labels, sizes, prevalences, rng)
-    val_parts = partition_indices(val.labels, val_sizes, prevalences, rng)
+    base = np.bincount(train.labels.reshape(-1), minlength=spec.num_classes) / len(train)
+    if spec.num_classes == 2:  # binary: a positive prevalence per clinic, exactly as before K classes
+        mixes: list[tuple[float, ...]] = [
+            (1.0 - p, p)
+            for p in ([c.prevalence for c in setting.clinics] if label else [float(base[1])] * n_clinics)
+        ]
+    else:
+        mixes = [c.label_mix(task, base.tolist()) if label else tuple(base.tolist()) for c in setting.clinics]
+    parts = partition_indices(train.labels, sizes, mixes, rng)
+    val_parts = partition_indices(val.labels, val_sizes, mixes, rng)
 
     test_idx = np.arange(len(test))
     if max_test is not None and max_test < len(test):
         test_idx = stratified_subset(test.labels, max_test, np.random.default_rng(seed + 1))
-    test01 = to_unit(test.images[test_idx])
+    test01 = unit_images(test.images[test_idx])
     test_labels = test.labels[test_idx].reshape(-1)
     test_y = torch.from_numpy(test_labels.astype(np.float32))
-    train01, val01 = to_unit(train.images), to_unit(val.images)
+    train01, val01 = unit_images(train.images), unit_images(val.images)
 
     def labels_of(values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(values.reshape(-1).astype(np.float32))
 
     clinics: dict[str, ClinicData] = {}
-    for c, idx, v_idx, prev in zip(setting.clinics, parts, val_parts, prevalences, strict=True):
+    for c, idx, v_idx, mix in zip(setting.clinics, parts, val_parts, mixes, strict=True):
         profile = c.profile.scaled(strength) if feature else IDENTITY
-        own = prevalence_sample(test_labels, prev, rng)
+        own = (
+            prevalence_sample(test_labels, mix[1], rng)
+            if len(mix) == 2
+            else mix_sample(test_labels, mix, rng)
+        )
         clinics[c.name] = ClinicData(
             name=c.name,
             train_x=_as_tensor(render(train01[idx], profile, rng)),
@@ -180,7 +238,7 @@ def build_bench_data(
 
     size = public_size if public_size is not None else spec.public_size
     pub_idx = stratified_subset(public.labels, size, np.random.default_rng(PUBLIC_SEED))
-    public_x = _as_tensor(to_unit(public.images[pub_idx]))
+    public_x = _as_tensor(unit_images(public.images[pub_idx]))
     public_y = torch.from_numpy(public.labels[pub_idx].astype(np.float32))
     log.info(
         "bench data task=%s skew=%s seed=%d clinics=%d train sizes=%s public=%d test=%d panel=%d",

@@ -15,17 +15,34 @@ from edge_node.protocol.manifest import ClassLabel, HeadSpec, TaskSpec
 from export.embedding_head import WithEmbedding, final_linear, head_spec
 from hub.training.learners import normalize
 
-__all__ = ["FrozenStudent", "binary_task"]
+__all__ = ["FrozenStudent", "bench_task", "binary_task", "primary_scores"]
 
 
 def binary_task() -> TaskSpec:
-    """The benchmark's tasks as a bundle states them: one sigmoid logit, class 1 positive."""
+    """The benchmark's binary tasks as a bundle states them: one sigmoid logit, class 1 positive."""
     return TaskSpec(
         kind="binary",
         classes=[ClassLabel(index=0, name="negative"), ClassLabel(index=1, name="positive")],
         positive_class=1,
         output_activation="sigmoid",
     )
+
+
+def bench_task(num_classes: int) -> TaskSpec:
+    """A benchmark task as a bundle states it: binary (one sigmoid logit) or softmax over K classes."""
+    if num_classes == 2:
+        return binary_task()
+    return TaskSpec(
+        kind="multiclass",
+        classes=[ClassLabel(index=k, name=f"class{k}") for k in range(num_classes)],
+        output_activation="softmax",
+    )
+
+
+def primary_scores(logits: np.ndarray) -> np.ndarray:
+    """(N, K) logits as the bench scores them: the one logit (N,) of a binary head, all K columns else."""
+    out = np.asarray(logits, dtype=np.float64)
+    return out[:, 0] if out.shape[1] == 1 else out
 
 
 class FrozenStudent:

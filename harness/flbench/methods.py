@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
-from harness.flbench.frozen_student import FrozenStudent, binary_task
+from harness.flbench.frozen_student import FrozenStudent, bench_task, primary_scores
 from harness.flbench.light_clinic import LightClinic
 from harness.flbench.public_corpus import BenchFoundation
 from harness.flbench.scoring import METRICS, threshold_metrics, validation_threshold
@@ -236,7 +236,7 @@ def run_local(
     cfg = LocalConfig(**{**cfg.__dict__, "epochs": ctx.cfg.rounds * ctx.cfg.local_epochs})
     models: dict[str, nn.Module] = {}
     for k, c in enumerate(data.names):
-        model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
+        model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
         train_local(
             model,
             data.clinics[c].train_x,
@@ -257,7 +257,7 @@ def run_central(
 ) -> dict[str, Any]:
     """All clinics' rendered data pooled (the upper bound that moves raw data), same number of epochs."""
     x, y = data.pooled_train()
-    model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
+    model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
     gen = torch.Generator().manual_seed(ctx.seed * 100)
     cfg = _local_cfg(ctx, augment=ctx.cfg.augment if augment is None else augment)
     best = BestRound(data, to_params(model))
@@ -286,14 +286,14 @@ def run_averaging(
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms."""
     augment = ctx.cfg.augment if augment is None else augment
-    init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm))
+    init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
     settings: dict[str, Any] = {"client_config": {"augment": augment}}
     if strategy_name == "fedprox":
         settings["mu"] = ctx.cfg.fedprox_mu
     strategy = make_strategy(strategy_name, **settings)
     learners: dict[str, SupervisedLearner] = {}
     for k, c in enumerate(data.names):
-        model = fl_cnn(norm=norm)
+        model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
         learners[c] = SupervisedLearner(
             c, model, data.clinics[c], _local_cfg(ctx, augment=augment), ctx.seed * 100 + k
@@ -308,7 +308,7 @@ def run_averaging(
         if ctx.on_round is not None:
             ctx.on_round(rnd)
         if selectable:
-            candidate = fl_cnn(norm=norm)
+            candidate = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
             params = strategy.global_params
             load_params(candidate, params)
             best.offer(rnd, params, _predictor(candidate))
@@ -319,7 +319,7 @@ def run_averaging(
     for c, learner in learners.items():
         load_params(learner.model, shared)  # FedBN: the clinic keeps its own norm tensors
         per_clinic[c] = _predictor(learner.model)
-    global_model = fl_cnn(norm=norm)
+    global_model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
     local_names = [n for n in to_params(init) if n not in shared]
     if local_names:
         # The unseen clinic has no norms of its own: sample-weighted mean of the clinics' (calibration §1).
@@ -353,7 +353,7 @@ def run_hsl(
     how = _fusion(ctx.cfg.hsl_fusion if fusion is None else fusion)
 
     def hsl_mmoe() -> HslMmoe:
-        return build_hsl(fusion=how)
+        return build_hsl(fusion=how, num_outputs=data.spec.num_outputs)
 
     init = _seeded(ctx.seed, hsl_mmoe)
     aug = ctx.cfg.augment
@@ -422,13 +422,13 @@ def run_fedavg_hsl_steps(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     Each clinic takes max(n, |public set|) class-balanced items per epoch (AdamW, wd 1e-4) and the mean is
     unweighted, as in HSL; the best round is kept on the small clinics' validation AUC, as for HSL.
     """
-    init = _seeded(ctx.seed, lambda: fl_cnn(norm="group"))
+    init = _seeded(ctx.seed, lambda: fl_cnn(norm="group", num_outputs=data.spec.num_outputs))
     aug = ctx.cfg.augment
     cfg = _local_cfg(ctx, augment=aug, weight_decay=1e-4)
     strategy = make_strategy("hsl", client_config={"augment": aug})
     learners: dict[str, HslStepsLearner] = {}
     for k, c in enumerate(data.names):
-        model = fl_cnn(norm="group")
+        model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
         learners[c] = HslStepsLearner(c, model, data.clinics[c], len(data.public_y), cfg, ctx.seed * 100 + k)
     strategy.initialize(to_params(init), list(data.names))
@@ -437,13 +437,13 @@ def run_fedavg_hsl_steps(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     def score_round(rnd: int) -> None:
         if ctx.on_round is not None:
             ctx.on_round(rnd)
-        candidate = fl_cnn(norm="group")
+        candidate = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
         params = strategy.global_params
         load_params(candidate, params)
         best.offer(rnd, params, _predictor(candidate))
 
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
-    model = fl_cnn(norm="group")
+    model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
     load_params(model, best.params)
     p = _predictor(model)
     result = evaluate(data, dict.fromkeys(data.names, p), p)
@@ -487,7 +487,9 @@ def run_fedhelp(
     fm = ctx.cfg.fedhelp_fm_weight if fm_weight is None else fm_weight
     rank = ctx.cfg.fedhelp_rank_weight if rank_weight is None else rank_weight
     soft_t = torch.from_numpy(soft)
-    init = _seeded(ctx.seed, lambda: fedhelp_small(public_classes=soft.shape[1]))
+    init = _seeded(
+        ctx.seed, lambda: fedhelp_small(public_classes=soft.shape[1], num_outputs=data.spec.num_outputs)
+    )
     sizes = {c: data.clinics[c].n_train for c in data.names}
     large_ids = sorted(sizes, key=lambda c: -sizes[c])[:2]  # top 2 by data volume (§2.1)
     strategy = make_strategy(
@@ -496,7 +498,7 @@ def run_fedhelp(
     cfg = _local_cfg(ctx, augment=ctx.cfg.augment)
     learners: dict[str, FedHelpLargeLearner | FedHelpSmallLearner] = {}
     for k, c in enumerate(data.names):
-        small = fedhelp_small(public_classes=soft.shape[1])
+        small = fedhelp_small(public_classes=soft.shape[1], num_outputs=data.spec.num_outputs)
         small.load_state_dict(init.state_dict())
         learners[c] = fedhelp_learner(
             "large" if c in large_ids else "small",
@@ -516,7 +518,7 @@ def run_fedhelp(
     hospitals = [h for c in large_ids if isinstance(h := learners[c], FedHelpLargeLearner)]
     strategy.initialize(to_params(init), list(data.names))
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
-    global_small = fedhelp_small(public_classes=soft.shape[1])
+    global_small = fedhelp_small(public_classes=soft.shape[1], num_outputs=data.spec.num_outputs)
     load_params(global_small, strategy.global_params)
     g = _predictor(global_small)
     # Small clinics use the global small model; large hospitals their private large model (§2.5).
@@ -547,7 +549,12 @@ def _distill(data: BenchData, ctx: MethodContext, hospital: FedHelpLargeLearner)
     transfer = torch.cat([hospital.data.train_x, data.public_x])
     t0 = time.perf_counter()
     student = distill_student(
-        teacher, transfer, epochs=ctx.cfg.distill_epochs, min_steps=ctx.cfg.distill_min_steps, seed=ctx.seed
+        teacher,
+        transfer,
+        epochs=ctx.cfg.distill_epochs,
+        min_steps=ctx.cfg.distill_min_steps,
+        seed=ctx.seed,
+        num_outputs=data.spec.num_outputs,
     )
     t_eval = evaluate(data, dict.fromkeys(data.names, _predictor(teacher)), _predictor(teacher))
     s_eval = evaluate(data, dict.fromkeys(data.names, _predictor(student)), _predictor(student))
@@ -576,7 +583,7 @@ def _distill(data: BenchData, ctx: MethodContext, hospital: FedHelpLargeLearner)
 
 def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     """pFedNet: shared extractor averaged; personal head + norm affines fused over the sketch graph (ADMM)."""
-    init = _seeded(ctx.seed, lambda: fl_cnn(norm="group"))
+    init = _seeded(ctx.seed, lambda: fl_cnn(norm="group", num_outputs=data.spec.num_outputs))
     strategy = make_strategy(
         "pfednet",
         is_personal=is_personal_tensor,
@@ -590,11 +597,12 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     )
     learners: dict[str, PFedNetLearner] = {}
     for k, c in enumerate(data.names):
-        model = fl_cnn(norm="group")
+        model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
         learners[c] = PFedNetLearner(
             c, model, data.clinics[c], _local_cfg(ctx, augment=ctx.cfg.augment), ctx.seed * 100 + k
         )
+        learners[c].num_classes = data.spec.num_classes
     strategy.initialize(to_params(init), list(data.names))
     # Round 1 is the stats round (similarity graph); then the same R training rounds as the others.
     bytes_up = _run(strategy, learners, ctx.cfg.rounds + 1, ctx)
@@ -605,7 +613,7 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         load_params(learner.model, params)
         per_clinic[c] = _predictor(learner.model)
         personal.append({n: a for n, a in params.items() if is_personal_tensor(n)})
-    global_model = fl_cnn(norm="group")
+    global_model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
     load_params(global_model, {**strategy.global_params, **unweighted_mean(personal)})
     result = evaluate(data, per_clinic, _predictor(global_model))
     result["bytes_per_client_round"] = bytes_up
@@ -638,7 +646,7 @@ def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     head alone.
     """
     torch.manual_seed(ctx.seed)
-    student = student_cnn_s()
+    student = student_cnn_s(num_outputs=data.spec.num_outputs)
     large = [c for c in data.names if c not in data.small]
     x = torch.cat([data.clinics[c].train_x for c in large])
     y = torch.cat([data.clinics[c].train_y for c in large])
@@ -655,7 +663,7 @@ def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     for c in data.names:
         logits, emb = frozen.logits_and_embedding(data.clinics[c].train_x)
         y_c = data.clinics[c].train_y.numpy().astype(np.int64).reshape(-1)
-        learners[c] = LightClinic(c, head, binary_task(), logits, emb, y_c)
+        learners[c] = LightClinic(c, head, bench_task(data.spec.num_classes), logits, emb, y_c)
     start = to_params(student)
     strategy.initialize(start, list(data.names))
     bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx)
@@ -669,18 +677,22 @@ def run_light_head(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     def served(clinic: LightClinic) -> Predictor:
         def scores(x01: torch.Tensor) -> np.ndarray:
             emb = frozen.logits_and_embedding(x01)[1]
-            return (shared_logits(x01) + clinic.personal_logits(emb))[:, 0]
+            return primary_scores(shared_logits(x01) + clinic.personal_logits(emb))
 
         return scores
 
-    result = evaluate(data, {c: served(learners[c]) for c in data.names}, lambda x: shared_logits(x)[:, 0])
+    result = evaluate(
+        data, {c: served(learners[c]) for c in data.names}, lambda x: primary_scores(shared_logits(x))
+    )
     initial = evaluate(
         data,
-        dict.fromkeys(data.names, lambda x: frozen.logits_and_embedding(x)[0][:, 0].astype(np.float64)),
-        lambda x: frozen.logits_and_embedding(x)[0][:, 0].astype(np.float64),
+        dict.fromkeys(data.names, lambda x: primary_scores(frozen.logits_and_embedding(x)[0])),
+        lambda x: primary_scores(frozen.logits_and_embedding(x)[0]),
     )
     shared_only = evaluate(
-        data, dict.fromkeys(data.names, lambda x: shared_logits(x)[:, 0]), lambda x: shared_logits(x)[:, 0]
+        data,
+        dict.fromkeys(data.names, lambda x: primary_scores(shared_logits(x))),
+        lambda x: primary_scores(shared_logits(x)),
     )
     result["bytes_per_client_round"] = bytes_up
     result["extra"] = {

@@ -104,6 +104,15 @@ def summarize_method(records: Sequence[Record]) -> dict[str, Any]:
         "steps": _ms([r.get("steps", 0) for r in records]),
         "wall_s": _ms([r["wall_s"] for r in records]),
     }
+    classes = sorted(k for k in records[0]["clinics"][names[0]] if k.startswith("auc_c"))
+    if classes:
+        # K-class tasks: each class's one-vs-rest AUC, averaged over the clinics (those where it is defined).
+        out["class_auc"] = {
+            k[len("auc_") :]: _ms(
+                [_finite_mean([r["clinics"][c].get(k, math.nan) for c in names]) for r in records]
+            )
+            for k in classes
+        }
     if all(r.get("panel") for r in records):
         out["panel"] = {n: _ms([r["panel"][n]["auc"] for r in records]) for n in records[0]["panel"]}
         out["panel_auc"] = _ms([r["panel_mean"]["auc"] for r in records])
@@ -292,8 +301,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         )
     lines += [
         "",
-        "Balanced accuracy and sensitivity at the validation-chosen threshold (small clinics), "
-        "small-clinic validation AUC (what selection sees):",
+        "Balanced accuracy and sensitivity at the validation-chosen threshold (small clinics; for K classes "
+        "at the argmax, sensitivity = a grade above 0 called above 0), small-clinic validation AUC (what "
+        "selection sees):",
         "",
         "| method | small bacc | small sensitivity | small val AUC | unseen bacc |",
         "|---|---|---|---|---|",
@@ -303,6 +313,18 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             f"| {m} | {_f(s['small_bacc'])} | {_f(s['small_sens'])} | {_f(s['small_val_auc'])} | "
             f"{_f(s['unseen']['bacc'])} |"
         )
+    class_names = next((list(s["class_auc"]) for s in methods.values() if "class_auc" in s), [])
+    if class_names:
+        lines += [
+            "",
+            "Per-class one-vs-rest AUC (mean over clinics; a clinic's macro AUC is the mean over its "
+            "classes):",
+            "",
+        ]
+        lines += ["| method | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 1) + "|"]
+        for m, s in methods.items():
+            if "class_auc" in s:
+                lines.append(f"| {m} | " + " | ".join(_f(s["class_auc"][k]) for k in class_names) + " |")
     panel_names = next((list(s["panel"]) for s in methods.values() if "panel" in s), [])
     if panel_names:
         lines += ["", "Out-of-envelope unseen panel (AUC):", ""]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,42 @@ _PROFILE_KEYS = {f.name: f.type for f in fields(AcquisitionProfile)}
 
 @dataclass(frozen=True)
 class ClinicSpec:
-    """One simulated clinic: its share of each task's train split, positive prevalence, scanner profile."""
+    """One simulated clinic: its share of each task's train split, label skew, scanner profile.
+
+    The label skew is ``prevalence``, the fraction of images with a finding (any class above 0), and, for a
+    task with more than two classes, optionally ``mixes[task]``: the clinic's own proportion of every class.
+    """
 
     name: str
     small: bool
     shares: Mapping[str, float]
     prevalence: float
     profile: AcquisitionProfile
+    mixes: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def share(self, task: str) -> float:
         if task not in self.shares:
             raise ValueError(f"clinic {self.name} has no share for task {task!r}")
         return self.shares[task]
+
+    def label_mix(self, task: str, base: Sequence[float]) -> tuple[float, ...]:
+        """The clinic's proportion of each class; ``base`` is the split's own (its length is K).
+
+        Two classes: (1 − prevalence, prevalence). K classes: the clinic file's ``mix.<task>`` if it has
+        one, else the prevalence spread over the classes above 0 as the split spreads them (so a file
+        written for binary tasks skews a grading task the same way: how many images show a finding).
+        """
+        if len(base) == 2:
+            return (1.0 - self.prevalence, self.prevalence)
+        if task in self.mixes:
+            mix = self.mixes[task]
+            if len(mix) != len(base):
+                raise ValueError(
+                    f"clinic {self.name}: mix.{task} has {len(mix)} classes, the task {len(base)}"
+                )
+            return tuple(v / sum(mix) for v in mix)
+        findings = sum(base[1:])
+        return (1.0 - self.prevalence, *(self.prevalence * b / findings for b in base[1:]))
 
 
 @dataclass(frozen=True)
@@ -92,8 +116,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def load_setting(path: Path = DEFAULT_SETTING) -> BenchSetting:
-    """Read a clinics file: ``[[clinic]]`` tables (name, small, share.<task>, prevalence, [clinic.profile])
-    and ``[unseen.<name>]`` profile tables."""
+    """Read a clinics file: ``[[clinic]]`` tables (name, small, share.<task>, prevalence, optional
+    mix.<task> class proportions, [clinic.profile]) and ``[unseen.<name>]`` profile tables."""
     doc = _read(path)
     raw = doc.get("clinic")
     if not isinstance(raw, list) or len(raw) < 2:
@@ -108,6 +132,9 @@ def load_setting(path: Path = DEFAULT_SETTING) -> BenchSetting:
         prevalence = float(c["prevalence"])
         if not 0.0 < prevalence < 1.0 or any(not 0.0 < v <= 1.0 for v in shares.values()):
             raise ValueError(f"{where}: prevalence must lie in (0, 1) and shares in (0, 1]")
+        mixes = {str(t): tuple(float(v) for v in m) for t, m in c.get("mix", {}).items()}
+        if any(len(m) < 3 or min(m) < 0 or sum(m) <= 0 for m in mixes.values()):
+            raise ValueError(f"{where}: a mix lists ≥ 3 class proportions, none negative, not all 0")
         clinics.append(
             ClinicSpec(
                 str(c["name"]),
@@ -115,6 +142,7 @@ def load_setting(path: Path = DEFAULT_SETTING) -> BenchSetting:
                 shares,
                 prevalence,
                 parse_profile(f"{where} profile", c.get("profile", {})),
+                mixes,
             )
         )
     names = [c.name for c in clinics]

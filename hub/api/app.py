@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_node.protocol.wire import WIRE_VERSION, ErrorBody, ErrorCode, HubHealth
 from hub import __version__
-from hub.api import admin_routes, node_routes
+from hub.api import admin_routes, node_routes, secagg_routes
 from hub.api.context import HubContext
 from hub.api.dashboard import dashboard_router
 from hub.api.limits import BodyLimit
@@ -121,11 +121,12 @@ def create_app(settings: HubSettings, *, tick: bool = True) -> FastAPI:
         return HubHealth(status="ok", version=__version__, wire_version=WIRE_VERSION)
 
     app.include_router(node_routes.router)
+    app.include_router(secagg_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(dashboard_router(ctx.db, ctx.is_admin_token))
 
     def limit_for(path: str) -> int:
-        if path.endswith("/update"):
+        if path.endswith("/update") or (path.startswith("/v1/secagg/") and path.endswith("/masked")):
             # base64 grows the npz by 4/3; the envelope and JSON framing need a little more.
             return settings.max_update_bytes * 4 // 3 + 16 * 1024
         return SMALL_BODY_LIMIT

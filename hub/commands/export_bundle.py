@@ -27,15 +27,33 @@ if TYPE_CHECKING:
 DATASET_MODALITIES = {"pneumoniamnist": ["CR", "DX"], "breastmnist": ["US"], "retinamnist": ["OP"]}
 #: Coded concepts for the SR finding of the positive class.
 POSITIVE_CODES = {"pneumoniamnist": ("233604007", "SCT", "Pneumonia")}
+#: fedclinic's own coding scheme (a "99" private designator: the SR declares it in its
+#: CodingSchemeIdentificationSequence) for the grades of the International Clinical DR severity scale.
+FEDCLINIC_SCHEME = "99FEDCLINIC"
+#: A coded concept for every class of a K-class dataset, by class index.
+CLASS_CODES: dict[str, list[tuple[str, str, str]]] = {
+    "retinamnist": [
+        ("DR0", FEDCLINIC_SCHEME, "No diabetic retinopathy"),
+        ("DR1", FEDCLINIC_SCHEME, "Mild non-proliferative diabetic retinopathy"),
+        ("DR2", FEDCLINIC_SCHEME, "Moderate non-proliferative diabetic retinopathy"),
+        ("DR3", FEDCLINIC_SCHEME, "Severe non-proliferative diabetic retinopathy"),
+        ("DR4", FEDCLINIC_SCHEME, "Proliferative diabetic retinopathy"),
+    ]
+}
 
 
 def class_labels(dataset: str, labels: tuple[str, ...]) -> list[ClassLabel]:
+    """The manifest's classes: the checkpoint's label names, each with its coded concept where one is known
+    (every class of a K-class dataset; the positive class of a binary one)."""
     from edge_node.protocol.manifest import ClassLabel
 
-    code = POSITIVE_CODES.get(dataset)
+    codes: dict[int, tuple[str, str, str]] = dict(enumerate(CLASS_CODES.get(dataset, [])))
+    if dataset in POSITIVE_CODES:
+        codes[1] = POSITIVE_CODES[dataset]
     out = []
     for index, name in enumerate(labels):
-        if index == 1 and code is not None:
+        code = codes.get(index) if len(labels) == len(codes) or dataset in POSITIVE_CODES else None
+        if code is not None:
             out.append(
                 ClassLabel(
                     index=index, name=name, code_value=code[0], code_scheme=code[1], code_meaning=code[2]

@@ -73,13 +73,23 @@ def _table(rounds: Sequence[RoundInfo]) -> Table:
 
 
 def _protection(
-    clip: float | None, epsilon: float | None, delta: float, compression: CompressionKind, secagg: bool
+    clip: float | None,
+    epsilon: float | None,
+    delta: float,
+    compression: CompressionKind,
+    topk_fraction: float,
+    secagg: bool,
 ) -> RoundProtection | None:
     """The round's protection from the options; None when none was asked (a plain round)."""
     if clip is None and epsilon is None and compression is CompressionKind.NONE and not secagg:
         return None
     return RoundProtection(
-        clip_norm=clip, epsilon=epsilon, delta=delta, compression=compression, secure_aggregation=secagg
+        clip_norm=clip,
+        epsilon=epsilon,
+        delta=delta,
+        compression=compression,
+        topk_fraction=topk_fraction,
+        secure_aggregation=secagg,
     )
 
 
@@ -110,8 +120,13 @@ def start(
     ] = None,
     delta: Annotated[float, typer.Option("--delta", help="Delta of --epsilon.")] = 1e-5,
     compression: Annotated[
-        CompressionKind, typer.Option("--compression", help="Compression of plain updates.")
+        CompressionKind,
+        typer.Option("--compression", help="Compression of plain updates (nodes keep error feedback)."),
     ] = CompressionKind.NONE,
+    topk_fraction: Annotated[
+        float,
+        typer.Option("--topk-fraction", min=0, max=1, help="topk: fraction of each tensor's entries sent."),
+    ] = 0.01,
     secagg: Annotated[bool, typer.Option("--secagg", help="Ask for secure aggregation.")] = False,
     large: Annotated[
         list[str] | None,
@@ -167,7 +182,7 @@ def start(
                 min_results=min_results,
                 deadline_s=deadline,
                 model_artifact=artifact,
-                protection=_protection(clip, epsilon, delta, compression, secagg),
+                protection=_protection(clip, epsilon, delta, compression, topk_fraction, secagg),
             )
             info = RoundController(db, settings).start(request, actor="cli")
         except ValueError as exc:

@@ -1,14 +1,24 @@
-"""Robust aggregation as a wrapper: a strategy whose mean is replaced by a median or a trimmed mean."""
+"""Robust aggregation as a wrapper: a strategy whose mean is replaced by a median, trimmed or bounded mean."""
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from functools import partial
 from typing import Literal
 
-from hub.fl.aggregate import coordinate_median, norm_filtered_mean, trimmed_mean
-from hub.fl.errors import StrategyConfigError
+import numpy as np
+
+from hub.fl.aggregate import (
+    check_compatible,
+    coordinate_median,
+    norm_filtered_mean,
+    trimmed_mean,
+    unweighted_mean,
+    weighted_mean,
+)
+from hub.fl.errors import AggregationError, StrategyConfigError
 from hub.fl.state import nest, read_json, unnest
 from hub.fl.strategy import (
     Capability,
@@ -22,9 +32,94 @@ from hub.fl.strategy import (
     Strategy,
 )
 
-__all__ = ["Robust", "RobustMethod", "WrappedStrategy"]
+__all__ = [
+    "Robust",
+    "RobustMethod",
+    "WrappedStrategy",
+    "clip_to_median_norm",
+    "norm_bounded_mean",
+    "norm_bounded_trimmed_mean",
+    "norm_filtered_weighted_mean",
+]
 
-RobustMethod = Literal["median", "trimmed_mean", "norm_filter"]
+RobustMethod = Literal[
+    "median", "trimmed_mean", "norm_filter", "norm_filter_weighted", "norm_bound", "norm_bound_trimmed"
+]
+
+
+def _joint_norm(params: Params) -> float:
+    return math.sqrt(
+        sum(float(np.sum(a.astype(np.float64) ** 2)) for a in params.values() if a.dtype.kind == "f")
+    )
+
+
+def clip_to_median_norm(params_list: Sequence[Params], factor: float = 1.0) -> list[Params]:
+    """Every update scaled down so its joint L2 norm is at most ``factor`` × the median norm.
+
+    The median norm is set by the honest majority, so a scaled (poisoned) update keeps its vote but loses
+    its weight; unlike dropping it, an honest large update that happens to point elsewhere still counts.
+    Integer tensors (counters) are left as they are.
+    """
+    check_compatible(params_list)
+    if not factor > 0.0 or not math.isfinite(factor):
+        raise AggregationError(f"norm bound factor must be a positive number, got {factor}")
+    norms = [_joint_norm(p) for p in params_list]
+    if not all(math.isfinite(n) for n in norms):
+        raise AggregationError("an update has non-finite values; it cannot be norm-bounded")
+    bound = factor * float(np.median(norms))
+    out: list[Params] = []
+    for params, norm in zip(params_list, norms, strict=True):
+        scale = bound / norm if norm > bound else 1.0
+        out.append(
+            {
+                n: (a.astype(np.float64) * scale).astype(a.dtype) if a.dtype.kind == "f" else a
+                for n, a in params.items()
+            }
+        )
+    return out
+
+
+def norm_filtered_weighted_mean(
+    params_list: Sequence[Params], weights: Sequence[float], *, factor: float = 3.0
+) -> Params:
+    """FedAvg's weighted mean of the updates whose joint L2 norm is at most ``factor`` × the median norm.
+
+    Unlike ``norm_filtered_mean`` it keeps the sample-count weights of the updates that pass, so dropping
+    one clinic leaves what FedAvg over the others would give. The weights are the clients' word, but a
+    weighted mean of vectors each within the bound stays within it: a client that lies about its count
+    can pull the aggregate at most ``factor`` × the median norm, in the direction of its own update.
+    """
+    check_compatible(params_list)
+    if len(weights) != len(params_list):
+        raise AggregationError(f"got {len(params_list)} tensor sets but {len(weights)} weights")
+    if not factor >= 1.0:
+        raise AggregationError(f"norm filter factor must be >= 1, got {factor}")
+    norms = np.array([_joint_norm(p) for p in params_list])
+    bound = factor * float(np.median(norms))
+    kept = [k for k, n in enumerate(norms) if n <= bound]
+    return weighted_mean([params_list[k] for k in kept], [weights[k] for k in kept])
+
+
+def norm_bounded_mean(
+    params_list: Sequence[Params], weights: Sequence[float] | None = None, *, factor: float = 1.0
+) -> Params:
+    """Unweighted mean after clipping every update to ``factor`` × the median norm; weights are ignored."""
+    return unweighted_mean(clip_to_median_norm(params_list, factor))
+
+
+def norm_bounded_trimmed_mean(
+    params_list: Sequence[Params],
+    weights: Sequence[float] | None = None,
+    *,
+    factor: float = 1.0,
+    beta: float = 0.2,
+) -> Params:
+    """Trimmed mean (``beta`` per side) of the updates clipped to ``factor`` × the median norm.
+
+    The clip takes a scaled attacker's magnitude, the trim what is left of its direction where it is
+    extreme in a coordinate.
+    """
+    return trimmed_mean(clip_to_median_norm(params_list, factor), beta=beta)
 
 
 class WrappedStrategy(Strategy):
@@ -99,16 +194,25 @@ class Robust(WrappedStrategy):
 
     ``method="median"``: coordinate-wise median; ``"trimmed_mean"``: drop the floor(beta·K) largest and
     smallest values per coordinate, then average; ``"norm_filter"``: drop updates whose L2 norm exceeds
-    ``norm_factor`` × the median norm, then average. All ignore sample counts (a client could lie about
-    them). Everything else — validation, what is shared, personal parts — is the inner strategy's. They
-    need the individual updates, so none combines with secure aggregation (the hub sees only the sum);
+    ``norm_factor`` × the median norm, then average; ``"norm_filter_weighted"``: the same filter, then
+    FedAvg's weighted mean of what passed; ``"norm_bound"``: clip every update to
+    ``bound_factor`` × the median norm, then average; ``"norm_bound_trimmed"``: clip the same way, then the
+    trimmed mean with ``beta``. All but ``norm_filter_weighted`` ignore sample counts (a client could lie
+    about them; under the norm filter a lie can only move the aggregate within the norm bound). Everything
+    else — validation, what is shared, personal parts — is the inner strategy's. They need the individual
+    updates, so none combines with secure aggregation (the hub sees only the sum);
     there the nodes' clip bounds each clinic's influence instead.
     """
 
     name = "robust"
 
     def __init__(
-        self, inner: Strategy, method: RobustMethod = "median", beta: float = 0.1, norm_factor: float = 3.0
+        self,
+        inner: Strategy,
+        method: RobustMethod = "median",
+        beta: float = 0.1,
+        norm_factor: float = 3.0,
+        bound_factor: float = 1.0,
     ) -> None:
         super().__init__(inner)
         reducer: Reducer
@@ -118,13 +222,24 @@ class Robust(WrappedStrategy):
             if not 0.0 <= beta < 0.5:
                 raise StrategyConfigError(f"trimmed_mean needs 0 <= beta < 0.5, got {beta}")
             reducer = partial(trimmed_mean, beta=beta)
-        elif method == "norm_filter":
+        elif method in ("norm_filter", "norm_filter_weighted"):
             if not norm_factor >= 1.0:
-                raise StrategyConfigError(f"norm_filter needs norm_factor >= 1, got {norm_factor}")
-            reducer = partial(norm_filtered_mean, factor=norm_factor)
+                raise StrategyConfigError(f"{method} needs norm_factor >= 1, got {norm_factor}")
+            filtered = norm_filtered_mean if method == "norm_filter" else norm_filtered_weighted_mean
+            reducer = partial(filtered, factor=norm_factor)
+        elif method in ("norm_bound", "norm_bound_trimmed"):
+            if not bound_factor > 0.0 or not math.isfinite(bound_factor):
+                raise StrategyConfigError(f"{method} needs a positive bound_factor, got {bound_factor}")
+            if method == "norm_bound":
+                reducer = partial(norm_bounded_mean, factor=bound_factor)
+            else:
+                if not 0.0 <= beta < 0.5:
+                    raise StrategyConfigError(f"norm_bound_trimmed needs 0 <= beta < 0.5, got {beta}")
+                reducer = partial(norm_bounded_trimmed_mean, factor=bound_factor, beta=beta)
         else:
             raise StrategyConfigError(
-                f"robust method must be 'median', 'trimmed_mean' or 'norm_filter', got {method!r}"
+                "robust method must be 'median', 'trimmed_mean', 'norm_filter', 'norm_filter_weighted', "
+                f"'norm_bound' or 'norm_bound_trimmed', got {method!r}"
             )
         self.method = method
         self.beta = beta

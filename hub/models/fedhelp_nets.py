@@ -10,34 +10,35 @@ from hub.models.registry import register_model
 
 
 class FedHelpSmall(nn.Module):
-    """The small shared architecture: extractor φ, private head (1 logit), public head (public classes).
+    """The small shared architecture: extractor φ, private head (1 logit, or one per class), public head
+    (public classes).
 
     ``forward`` is the private (primary-task) path, so the model deploys as a plain single-input classifier.
     """
 
-    def __init__(self, norm: Norm = "group", public_classes: int = 2) -> None:
+    def __init__(self, norm: Norm = "group", public_classes: int = 2, num_outputs: int = 1) -> None:
         super().__init__()
         self.features = FlCnnFeatures(1, (32, 64, 128), norm)
-        self.private_head = nn.Linear(self.features.out_features, 1)
+        self.private_head = nn.Linear(self.features.out_features, num_outputs)
         self.public_head = nn.Linear(self.features.out_features, public_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.private_head(self.features(x))  # (B, 1)
+        return self.private_head(self.features(x))  # (B, num_outputs)
 
     def forward_public(self, x: torch.Tensor) -> torch.Tensor:
         return self.public_head(self.features(x))  # (B, public_classes)
 
 
 @register_model(data_config=FL_BENCH_28)
-def fedhelp_small(norm: Norm = "group", public_classes: int = 2) -> FedHelpSmall:
+def fedhelp_small(norm: Norm = "group", public_classes: int = 2, num_outputs: int = 1) -> FedHelpSmall:
     """FedHelp surrogate/proxy: the 93 k-parameter compact CNN with a private and a public head."""
-    return FedHelpSmall(norm=norm, public_classes=public_classes)
+    return FedHelpSmall(norm=norm, public_classes=public_classes, num_outputs=num_outputs)
 
 
 @register_model(data_config=FL_BENCH_28)
-def fedhelp_large(norm: Norm = "group") -> FlCnn:
+def fedhelp_large(norm: Norm = "group", num_outputs: int = 1) -> FlCnn:
     """FedHelp large client's private model: the wider CNN (48/96/192; about 209 k parameters)."""
-    return FlCnn(widths=(48, 96, 192), norm=norm)
+    return FlCnn(widths=(48, 96, 192), norm=norm, num_outputs=num_outputs)
 
 
 @register_model(data_config=FL_BENCH_28)

@@ -36,7 +36,8 @@ class HslMmoe(nn.Module):
     Fusion: concat(hA, hB), then (``fusion="softmax"``, as in HSL) a softmax over its dims at temperature T.
     Each task's feature is
     its gate's mixture of the experts plus a residual linear map of that task's own encoder output. Forward
-    returns logits (B, 2): column 0 the primary task, column 1 the anchor task.
+    returns logits (B, K + 1): columns 0..K−1 the primary task (K = ``primary_outputs``: 1 sigmoid logit for
+    a binary task, one per class otherwise), column K the (binary) anchor task.
     """
 
     def __init__(
@@ -51,12 +52,14 @@ class HslMmoe(nn.Module):
         temperature: float = 3.0,
         dropout: float = 0.2,
         fusion: Fusion = "softmax",
+        primary_outputs: int = 1,
     ) -> None:
         super().__init__()
         if fusion not in ("softmax", "concat"):
             raise ValueError(f"unknown HSL fusion {fusion!r}; choose 'softmax' or 'concat'")
         self.temperature = temperature
         self.fusion = fusion
+        self.primary_outputs = primary_outputs
         self.encoders = nn.ModuleList([Encoder(widths, norm, embed) for _ in (PRIMARY, ANCHOR)])
         self.experts = nn.ModuleList(
             nn.Sequential(
@@ -76,9 +79,9 @@ class HslMmoe(nn.Module):
                 nn.Linear(expert_out, tower_hidden),
                 nn.ReLU(inplace=True),
                 nn.Dropout(dropout),
-                nn.Linear(tower_hidden, 1),
+                nn.Linear(tower_hidden, primary_outputs if task == PRIMARY else 1),
             )
-            for _ in (PRIMARY, ANCHOR)
+            for task in (PRIMARY, ANCHOR)
         )
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -95,14 +98,18 @@ class HslMmoe(nn.Module):
         for task in (PRIMARY, ANCHOR):
             gate = torch.softmax(self.gates[task](fused), dim=1)  # (B, K)
             feat = torch.einsum("bk,bkd->bd", gate, experts) + self.residuals[task](h[task])  # (B, D)
-            logits.append(self.towers[task](feat))  # (B, 1)
-        return torch.cat(logits, dim=1)  # (B, 2)
+            logits.append(self.towers[task](feat))  # (B, K) primary, (B, 1) anchor
+        return torch.cat(logits, dim=1)  # (B, K + 1)
+
+    def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward's output as (primary logits (B, K), anchor logit (B,))."""
+        return logits[:, : self.primary_outputs], logits[:, self.primary_outputs]
 
 
 class AnchoredHsl(nn.Module):
     """Deployment form: one input; branch B always sees a fixed, frozen anchor image (a buffer).
 
-    The anchor is stored normalised, (1, 1, 28, 28). Output: the primary-task logit (B, 1).
+    The anchor is stored normalised, (1, 1, 28, 28). Output: the primary-task logits (B, K).
     """
 
     def __init__(self, net: HslMmoe, anchor: torch.Tensor) -> None:
@@ -112,12 +119,17 @@ class AnchoredHsl(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         anchor: torch.Tensor = self.anchor  # type: ignore[assignment]
-        return self.net(x, anchor.expand(x.shape[0], -1, -1, -1))[:, PRIMARY : PRIMARY + 1]
+        return self.net.split(self.net(x, anchor.expand(x.shape[0], -1, -1, -1)))[0]
 
 
 @register_model(data_config=FL_BENCH_28)
 def hsl_mmoe(
-    norm: Norm = "group", n_experts: int = 6, embed: int = 64, fusion: Fusion = "softmax"
+    norm: Norm = "group",
+    n_experts: int = 6,
+    embed: int = 64,
+    fusion: Fusion = "softmax",
+    num_outputs: int = 1,
 ) -> HslMmoe:
-    """HSL two-branch MMoE (2 compact CNN encoders, 6 experts, a gate and tower per task)."""
-    return HslMmoe(norm=norm, n_experts=n_experts, embed=embed, fusion=fusion)
+    """HSL two-branch MMoE (2 compact CNN encoders, 6 experts, a gate and tower per task); ``num_outputs``
+    primary logits."""
+    return HslMmoe(norm=norm, n_experts=n_experts, embed=embed, fusion=fusion, primary_outputs=num_outputs)

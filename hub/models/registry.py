@@ -22,6 +22,10 @@ __all__ = [
 ]
 
 
+#: ITU-R BT.601 luma weights (R, G, B), the edge preprocessing's colour → grey.
+BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How images must look when they reach the model: what a bundle's preprocessing is built from.
@@ -39,13 +43,25 @@ class DataConfig:
     num_outputs: int = 1
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
-        """8-bit images (N, H, W) -> model input (N, C, H, W) float32: x/255, then (x - mean) / std."""
+        """8-bit images (N, H, W), or RGB (N, H, W, 3), -> model input (N, C, H, W) float32: x/255, then
+        (x - mean) / std. RGB becomes one channel with BT.601 luma weights, as the edge does (colour
+        "luminance" in the manifest's preprocessing)."""
         if images.dtype != np.uint8:
             raise ValueError(f"expected uint8 images, got {images.dtype}")
         c, h, w = self.input_size
-        if images.ndim != 3 or images.shape[1:] != (h, w) or c != 1:
-            raise ValueError(f"expected grey images of shape (N, {h}, {w}), got {images.shape}")
-        x = images.astype(np.float32)[:, None, :, :] / np.float32(255.0)  # (N, 1, H, W) in [0, 1]
+        if images.ndim == 4 and images.shape[-1] == 3:
+            grey = images.astype(np.float64) @ BT601  # (N, H, W), the edge's luminance
+        elif images.ndim == 3:
+            grey = images.astype(np.float64)
+        else:
+            raise ValueError(
+                f"expected grey (N, {h}, {w}) or RGB (N, {h}, {w}, 3) images, got shape {images.shape}"
+            )
+        if grey.shape[1:] != (h, w) or c != 1:
+            raise ValueError(
+                f"expected images of shape (N, {h}, {w}) for a {c}-channel input, got {images.shape}"
+            )
+        x = grey.astype(np.float32)[:, None, :, :] / np.float32(255.0)  # (N, 1, H, W) in [0, 1]
         mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
         return np.ascontiguousarray((x - mean) / std, dtype=np.float32)

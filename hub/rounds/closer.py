@@ -7,10 +7,12 @@ of any process takes the round over. The result is written only by the process t
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, defer
 
+from edge_node.protocol.compression import Compressor
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from edge_node.protocol.wire import RoundState, TaskState
 from hub.fl.errors import FlError
@@ -21,6 +23,9 @@ from hub.rounds.ledger import accepted_count, refused_count
 from hub.rounds.lifecycle import TERMINAL, check_transition
 from hub.rounds.plan import build_plan
 from hub.rounds.reports import round_row
+from hub.rounds.round_codec import dense_update, round_compressor
+from hub.rounds.secagg_desk import SUM_CLIENT, SecAggDesk, is_secagg
+from hub.rounds.tensor_specs import expected_specs
 from hub.rounds.transition import enter_state
 from hub.service.audit import audit
 from hub.service.errors import ConflictError
@@ -87,7 +92,10 @@ class RoundCloser:
             row = session.get(Round, round_id)
             if row is None:
                 return
-            if row.state == RoundState.COLLECTING.value:
+            if row.state == RoundState.COLLECTING.value and is_secagg(row):
+                if not self._secagg_ready(session, row, now):
+                    return
+            elif row.state == RoundState.COLLECTING.value:
                 done = accepted_count(session, round_id)
                 refused = refused_count(session, round_id)
                 if done + refused < len(row.nodes) and now < row.deadline:
@@ -120,6 +128,28 @@ class RoundCloser:
                 return
         self._aggregate(round_id)
 
+    def _secagg_ready(self, session: Session, row: Round, now: datetime) -> bool:
+        """A round under secure aggregation aggregates once its sum is unmasked; at the deadline without
+        it, the round fails with the step that was still open."""
+        if SecAggDesk.result(session, row) is not None:
+            check_transition(RoundState.COLLECTING, RoundState.AGGREGATING)
+            aggregating = RoundState.AGGREGATING
+            if not self.claims.claim(session, row.id, RoundState.COLLECTING, new_state=aggregating):
+                return False
+            _close_tasks(session, row.id)
+            audit(session, "hub", "round.aggregating", row.id, "secure aggregation unmasked the sum")
+            return True
+        if now < row.deadline:
+            return False
+        if self.claims.claim(session, row.id, RoundState.COLLECTING):
+            session.refresh(row)
+            _close_tasks(session, row.id)
+            enter_state(
+                session, row, RoundState.FAILED, "deadline passed before secure aggregation unmasked the sum"
+            )
+            row.claimed_by = None
+        return False
+
     def _aggregate(self, round_id: str) -> None:
         with self.db.session() as session:
             row = session.get(Round, round_id)
@@ -127,7 +157,12 @@ class RoundCloser:
             start = load_tensors(session, row.model_artifact) if row.model_artifact else {}
             number, strategy, config, nodes = row.number, row.strategy, dict(row.config), list(row.nodes)
             kept = self.decoded.take(round_id)
+            compressor = round_compressor(row.protection)
             results = []
+            secagg = SecAggDesk.result(session, row) if is_secagg(row) else None
+            if secagg is not None:
+                # The strategy sees one result: the survivors' mean, never a single node's update.
+                results.append(ClientResult(SUM_CLIENT, number, len(secagg.survivors), secagg.mean(), {}))
             # The payload column is read only for updates this process did not decode when it took them.
             for u in session.scalars(
                 select(Update)
@@ -136,7 +171,10 @@ class RoundCloser:
                 .order_by(Update.node_id)
             ):
                 entry = kept.get(u.node_id)
-                tensors = entry[1] if entry and entry[0] == u.payload_sha256 else decode_tensors(u.payload)
+                if entry and entry[0] == u.payload_sha256:
+                    tensors = entry[1]
+                else:  # accepted by another process (or before a restart): decoded as the intake did
+                    tensors = self._stored_update(session, u, compressor)
                 results.append(ClientResult(u.node_id, number, int(u.num_examples), tensors, dict(u.metrics)))
             refusals = {
                 t.node_id: t.reason or "refused"
@@ -145,6 +183,9 @@ class RoundCloser:
                 )
             }
         answered = {r.client_id for r in results}
+        if secagg is not None:
+            # The strategy's round has one client, the sum: what it was asked for is what it gets.
+            nodes = [SUM_CLIENT]
         failures = [
             ClientFailure(n, number, refusals.get(n, "no update before the deadline"))
             for n in nodes
@@ -172,6 +213,15 @@ class RoundCloser:
                 enter_state(session, row, RoundState.PUBLISHED, f"aggregated {len(results)} updates")
             row.claimed_by = None
             row.claimed_at = None
+
+    @staticmethod
+    def _stored_update(session: Session, u: Update, compressor: Compressor | None) -> Params:
+        wire = decode_tensors(u.payload)
+        if compressor is None:
+            return wire
+        task = session.get(Task, u.task_id)
+        assert task is not None  # foreign key
+        return dense_update(compressor, wire, expected_specs(task.expected))
 
     def cancel(self, round_id: str, *, actor: str) -> None:
         with self.db.session() as session:

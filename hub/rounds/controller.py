@@ -22,6 +22,7 @@ from hub.rounds.decoded_updates import DecodedUpdates
 from hub.rounds.intake import UpdateIntake
 from hub.rounds.opener import RoundOpener
 from hub.rounds.reports import RoundReports
+from hub.rounds.secagg_desk import SecAggDesk
 from hub.rounds.task_desk import TaskDesk
 from hub.service.settings import HubSettings
 from hub.store.database import Database
@@ -45,6 +46,7 @@ class RoundController:
         self.desk = TaskDesk(db, settings, self.closer.close_round)
         self.intake = UpdateIntake(db, settings, self.closer.close_round, decoded)
         self.reports = RoundReports(db)
+        self.secagg = SecAggDesk(db, settings, self.closer.close_round)
 
     # -- the operator ---------------------------------------------------------------------------------------
 
@@ -91,7 +93,8 @@ class RoundController:
     # -- time -----------------------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Close rounds whose deadline passed; take over work a dead process had claimed."""
+        """Close due secure-aggregation steps and rounds whose deadline passed; take over dead work."""
+        self.secagg.tick()
         self.closer.tick()
 
     def close_round(self, round_id: str) -> None:

@@ -21,6 +21,8 @@ from hub.fl.strategy import Params
 from hub.fl.validation import update_problem
 from hub.rounds.decoded_updates import DecodedUpdates
 from hub.rounds.ledger import answered_count
+from hub.rounds.round_codec import dense_update, round_compressor
+from hub.rounds.secagg_desk import is_secagg
 from hub.rounds.task_desk import own_task
 from hub.rounds.tensor_specs import expected_specs
 from hub.service.audit import audit
@@ -93,6 +95,11 @@ class UpdateIntake:
                 raise TaskClosedError(f"round {rnd.number} is {rnd.state}: the update arrived too late")
             if now >= rnd.deadline:
                 raise TaskClosedError(f"the deadline of round {rnd.number} has passed: the update is late")
+            if is_secagg(rnd):
+                raise UpdateRejected(
+                    f"round {rnd.number} runs secure aggregation: send the masked input to "
+                    f"/v1/secagg/{rnd.id}/masked, never a plain update"
+                )
             if env.round != rnd.number:
                 raise UpdateRejected(f"the update is for round {env.round}, the task's round is {rnd.number}")
             if env.kind.value != rnd.kind:
@@ -110,10 +117,16 @@ class UpdateIntake:
                 )
             except (PayloadError, EncodingError) as exc:
                 raise UpdateRejected(f"payload refused: {exc}") from exc
+            expected = expected_specs(task.expected)
+            try:
+                # A compressed round's wire tensors are checked as the dense update they decode to.
+                dense = dense_update(round_compressor(rnd.protection), result.update, expected)
+            except EncodingError as exc:
+                raise UpdateRejected(f"payload refused: {exc}") from exc
             max_norm = rnd.config.get("max_norm")
             problem = update_problem(
-                result.update,
-                expected_specs(task.expected),
+                dense,
+                expected,
                 max_norm=float(max_norm) if isinstance(max_norm, (int, float)) else None,
             )
             if problem is not None:
@@ -134,4 +147,4 @@ class UpdateIntake:
             audit(session, node_id, "update.accepted", task_id, f"round={rnd.number} bytes={len(payload)}")
             session.flush()
             complete = answered_count(session, rnd.id) >= len(rnd.nodes)
-            return _receipt(rnd, row, first_time=True), complete, result.update
+            return _receipt(rnd, row, first_time=True), complete, dense

@@ -20,6 +20,7 @@ from hub.fl.errors import FlError
 from hub.fl.strategy import Params
 from hub.rounds.claims import RoundClaims
 from hub.rounds.plan import COLLECTIONS, build_plan
+from hub.rounds.secagg_desk import secagg_threshold
 from hub.rounds.tensor_specs import expected_json
 from hub.rounds.transition import enter_state
 from hub.service.audit import audit
@@ -119,18 +120,18 @@ class RoundOpener:
             protection.spec(kind, cohort)
         except ValueError as exc:
             raise RoundConfigError(f"protection: {exc}") from exc
-        # The hub aggregates dense plain tensors; it does not yet decode compressed payloads or run the
-        # secure-aggregation messages over the API, so it refuses to ask for them rather than fail later.
         if protection.secure_aggregation:
-            raise RoundConfigError(
-                "protection: secure aggregation is not served over the API by this hub yet; start the round "
-                "without it (clipping and noise are available)"
-            )
-        if protection.compression.value != "none":
-            raise RoundConfigError(
-                f"protection: this hub does not decode {protection.compression.value} updates yet; "
-                "use compression 'none'"
-            )
+            threshold = secagg_threshold(protection.secagg_threshold, cohort)
+            if cohort < 2 or threshold < 2:
+                raise RoundConfigError(
+                    f"protection: secure aggregation needs at least 2 nodes and a threshold of at least 2 "
+                    f"(cohort {cohort}, threshold {threshold}): a sum of one update is that update"
+                )
+            if kind is UpdateKind.STATS:
+                raise RoundConfigError(
+                    "protection: secure aggregation sums float tensors in a ring; a stats round's counts are "
+                    "integers: start it without --secagg"
+                )
         return protection.model_dump(mode="json")
 
     def _latest_result(self, session: Session, strategy: str) -> str | None:

@@ -45,6 +45,8 @@ class HubSettings(BaseSettings):
     publication_ttl_days: float = Field(default=365.0, gt=0)
     #: Longest long-poll of ``GET /v1/node/tasks?wait=``.
     max_wait_s: float = Field(default=30.0, ge=0)
+    #: How long a secure-aggregation step waits for missing nodes after the previous step closed.
+    secagg_step_s: float = Field(default=60.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

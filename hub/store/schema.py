@@ -28,6 +28,8 @@ __all__ = [
     "Node",
     "Publication",
     "Round",
+    "SecAggMessageRow",
+    "SecAggStepRow",
     "Task",
     "UTCDateTime",
     "Update",
@@ -200,3 +202,31 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str | None] = mapped_column(String(128))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class SecAggMessageRow(Base):
+    """One node's message of one secure-aggregation step; the key makes a second one a replay."""
+
+    __tablename__ = "secagg_messages"
+
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    step: Mapped[str] = mapped_column(String(16), primary_key=True)
+    #: The signed protocol message (and, for ``advertise``, the signing key it carries) as JSON.
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: The masked vector's npz (``masked`` only): the hub never holds an unmasked update.
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary)
+    received_at: Mapped[datetime]
+
+
+class SecAggStepRow(Base):
+    """A closed step of a round's secure aggregation: who took part; after ``unmask``, the ring sum."""
+
+    __tablename__ = "secagg_steps"
+
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    step: Mapped[str] = mapped_column(String(16), primary_key=True)
+    members: Mapped[list[Any]] = mapped_column(JSON)
+    closed_at: Mapped[datetime]
+    #: The unmasked sum of the survivors' inputs as ring elements (npz), on the ``unmask`` row only.
+    ring_sum: Mapped[bytes | None] = mapped_column(LargeBinary)

@@ -13,7 +13,8 @@ NORM_STD = 0.25
 
 @dataclass(frozen=True)
 class ClinicData:
-    """One clinic's rendered images in [0, 1], (N, 1, H, W) float32, labels (N,) float32 in {0, 1}.
+    """One clinic's rendered images in [0, 1], (N, 1, H, W) float32, labels (N,) float32 class ids
+    (0/1 for a binary task, 0..K−1 for a K-class one).
 
     The validation split (empty when a clinic has none) is what thresholds and any model or round
     selection may look at; the test split is read once, at the end.

@@ -15,8 +15,8 @@ from hub.data.medmnist import LABELS
 from hub.models.fl_cnn import FL_BENCH_28, fl_cnn
 from hub.models.registry import DataConfig
 from hub.training.checkpoint import CheckpointConfig, save_checkpoint
-from hub.training.fedhelp_kd import binary_kl
-from hub.training.learners import AUGMENT, minibatches, normalize
+from hub.training.fedhelp_kd import class_kl
+from hub.training.learners import AUGMENT, minibatches, normalize, primary_logits
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,12 @@ def distill_student(
     augment: bool = True,
     student: nn.Module | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
+    num_outputs: int = 1,
 ) -> nn.Module:
     """Train ``student`` (default: the 93 k-parameter GroupNorm CNN) to match the teacher's logits.
 
-    Loss: KL between the teacher's and the student's two-class distributions at temperature T (×T²), on the
+    Loss: KL between the teacher's and the student's class distributions at temperature T (×T²): two
+    classes from one logit, or the softmax over ``num_outputs`` class logits of a K-class teacher; on the
     transfer images, each batch freshly intensity-augmented so the student also matches the teacher off the
     transfer set's acquisition profile. No labels are needed. Training runs ``epochs`` passes, or more until
     ``min_steps`` optimiser steps (small transfer sets need more passes), with a cosine learning-rate decay.
@@ -52,7 +54,7 @@ def distill_student(
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = student if student is not None else fl_cnn(norm="group")
+    net = student if student is not None else fl_cnn(norm="group", num_outputs=num_outputs)
     if count_params(net) > MAX_STUDENT_PARAMS:
         raise ValueError(
             f"student has {count_params(net)} parameters; the edge budget is {MAX_STUDENT_PARAMS}"
@@ -69,8 +71,8 @@ def distill_student(
                 xb = AUGMENT(xb, gen)
             x = normalize(xb)
             with torch.no_grad():
-                z_teacher = teacher(x)[:, 0]
-            loss = binary_kl(z_teacher, net(x)[:, 0], temperature)
+                z_teacher = primary_logits(teacher(x))
+            loss = class_kl(z_teacher, primary_logits(net(x)), temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -87,17 +89,20 @@ def save_student(
     """Write the student as a checkpoint (safetensors + config.json) that `fedclinic-hub export` bundles.
 
     The student is the registered ``fl_cnn`` with GroupNorm; its preprocessing is (x − 0.5) / 0.25 on 28×28
-    grey images, and its labels are ``dataset``'s. ``source`` says where it was trained (its provenance).
+    grey images, and its labels are ``dataset``'s (one logit for two classes, one per class for more).
+    ``source`` says where it was trained (its provenance).
     """
     return save_checkpoint(path, student, student_config(dataset, metrics, source=source))
 
 
 def student_config(dataset: str, metrics: Mapping[str, float], *, source: str) -> CheckpointConfig:
     """The checkpoint config of the default student (``fl_cnn`` with GroupNorm) for ``dataset``."""
-    data_config: DataConfig = replace(FL_BENCH_28, labels=tuple(LABELS[dataset]))
+    labels = tuple(LABELS[dataset])
+    outputs = 1 if len(labels) == 2 else len(labels)
+    data_config: DataConfig = replace(FL_BENCH_28, labels=labels, num_outputs=outputs)
     return CheckpointConfig(
         model_name="fl_cnn",
-        model_config={"norm": "group"},
+        model_config={"norm": "group", **({"num_outputs": outputs} if outputs > 1 else {})},
         dataset=dataset,
         data_config=data_config,
         epoch=0,

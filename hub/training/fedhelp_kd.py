@@ -1,7 +1,8 @@
-"""FedHelp's asymmetric dual knowledge-distillation losses (docs/algorithms.md §2.3–2.4) for binary heads.
+"""FedHelp's asymmetric dual knowledge-distillation losses (docs/algorithms.md §2.3–2.4).
 
-A binary head emits one logit z; its two-class logits are [0, z] (softmax([0, z]) = [1 − σ(z), σ(z)]), so
-KL and the ranking hinge are defined on those two classes.
+A binary head emits one logit z (B,); its two-class logits are [0, z] (softmax([0, z]) = [1 − σ(z), σ(z)]),
+so KL and the ranking hinge are defined on those two classes. A K-class head emits (B, K) logits, and the
+same losses run on its K classes (softmax KL, the proxy's top class ranked above each of the others).
 """
 
 from __future__ import annotations
@@ -56,13 +57,51 @@ def ranking_hinge(
     return (per_sample / (2 * k)).mean()
 
 
+def class_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL between teacher and student class distributions at temperature T (×T²), batch mean.
+
+    One logit per image (B,) is the binary form (``binary_kl``); (B, K) logits use the softmax over K.
+    """
+    if teacher_logits.ndim == 1:
+        return binary_kl(teacher_logits, student_logits, temperature)
+    target = torch.softmax(teacher_logits / temperature, dim=1)
+    return kl_to_soft_labels(target, student_logits / temperature) * temperature**2
+
+
+def class_ranking_hinge(
+    large_logits: torch.Tensor, proxy_logits: torch.Tensor, *, margin: float = 0.0, sign: RankSign = "agree"
+) -> torch.Tensor:
+    """The ranking loss for (B, K) logits: i the proxy's top class, each other class j gives
+    relu(m − (z_L[i] − z_L[j])) ("agree") or relu(z_L[i] − z_L[j]) ("snapshot"), averaged over the K − 1
+    pairs and the batch. (B,) logits are the binary case (``ranking_hinge``)."""
+    if large_logits.ndim == 1:
+        return ranking_hinge(large_logits, proxy_logits, margin=margin, sign=sign)
+    top = proxy_logits.detach().argmax(dim=1, keepdim=True)  # (B, 1)
+    gap = large_logits.gather(1, top) - large_logits  # (B, K); 0 at the top class itself
+    others = torch.ones_like(gap).scatter_(1, top, 0.0)
+    if sign == "agree":
+        per_pair = F.relu(margin - gap)
+    elif sign == "snapshot":
+        per_pair = F.relu(gap)
+    else:
+        raise ValueError(f"unknown ranking sign {sign!r}; choose 'agree' or 'snapshot'")
+    return ((per_pair * others).sum(dim=1) / (2 * others.sum(dim=1))).mean()
+
+
+def hard_label_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BCE on one logit (B,), cross-entropy on (B, K) class logits."""
+    if logits.ndim == 1:
+        return F.binary_cross_entropy_with_logits(logits, y)
+    return F.cross_entropy(logits, y.long())
+
+
 def proxy_loss(
     proxy_logit: torch.Tensor, large_logit: torch.Tensor, y: torch.Tensor, *, kd_weight: float = 1.0
 ) -> torch.Tensor:
     """Large → proxy (full KD): CE(P(x), y) + kd_weight·KL(L(x) ‖ P(x)) at T = 1; L is frozen."""
-    return F.binary_cross_entropy_with_logits(proxy_logit, y) + kd_weight * binary_kl(
-        large_logit.detach(), proxy_logit
-    )
+    return hard_label_loss(proxy_logit, y) + kd_weight * class_kl(large_logit.detach(), proxy_logit)
 
 
 def large_loss(
@@ -78,7 +117,7 @@ def large_loss(
     """Proxy → large (weak): CE(L(x), y) + kl_weight·KL(P ‖ L) + rank_weight·ranking; the proxy is frozen."""
     p = proxy_logit.detach()
     return (
-        F.binary_cross_entropy_with_logits(large_logit, y)
-        + kl_weight * binary_kl(p, large_logit)
-        + rank_weight * ranking_hinge(large_logit, p, margin=margin, sign=sign)
+        hard_label_loss(large_logit, y)
+        + kl_weight * class_kl(p, large_logit)
+        + rank_weight * class_ranking_hinge(large_logit, p, margin=margin, sign=sign)
     )

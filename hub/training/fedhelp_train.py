@@ -6,7 +6,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hub.fl.strategy import ClientResult, ClientTask, Params
@@ -22,6 +21,8 @@ from hub.training.learners import (
     minibatches,
     normalize,
     predict,
+    primary_logits,
+    task_loss,
     to_params,
 )
 
@@ -79,9 +80,7 @@ class FedHelpSmallLearner:
                 xb = self.data.train_x[idx]
                 if cfg.augment:
                     xb = AUGMENT(xb, self.gen)
-                loss_a = F.binary_cross_entropy_with_logits(
-                    self.model(normalize(xb))[:, 0], self.data.train_y[idx]
-                )
+                loss_a = task_loss(primary_logits(self.model(normalize(xb))), self.data.train_y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss_a.backward()
                 opt.step()
@@ -165,16 +164,16 @@ class FedHelpLargeLearner:
                     xb = AUGMENT(xb, self.gen)
                 x, y = normalize(xb), self.data.train_y[idx]
                 with torch.no_grad():
-                    z_large = self.large(x)[:, 0]
-                loss_p = proxy_loss(self.model(x)[:, 0], z_large, y, kd_weight=self.kd_weight)
+                    z_large = primary_logits(self.large(x))
+                loss_p = proxy_loss(primary_logits(self.model(x)), z_large, y, kd_weight=self.kd_weight)
                 opt_p.zero_grad(set_to_none=True)
                 loss_p.backward()
                 opt_p.step()
                 with torch.no_grad():
-                    z_proxy = self.model(x)[:, 0]
+                    z_proxy = primary_logits(self.model(x))
                 loss_l = large_loss(
-                    self.large(x)[:, 0], z_proxy, y, kl_weight=self.kl_weight, rank_weight=rank_weight,
-                    margin=margin, sign=self.rank_sign,
+                    primary_logits(self.large(x)), z_proxy, y, kl_weight=self.kl_weight,
+                    rank_weight=rank_weight, margin=margin, sign=self.rank_sign,
                 )  # fmt: skip
                 opt_l.zero_grad(set_to_none=True)
                 loss_l.backward()
@@ -197,6 +196,12 @@ class FedHelpLargeLearner:
         self.gen.set_state(torch.from_numpy(np.array(state["__rng__"])))
 
 
+def _outputs(small: FedHelpSmall) -> dict[str, int]:
+    # Binary models keep the registry's default signature; a K-class one asks for K outputs.
+    k = small.private_head.out_features
+    return {} if k == 1 else {"num_outputs": k}
+
+
 def fedhelp_learner(
     role: str,
     client_id: str,
@@ -215,12 +220,13 @@ def fedhelp_learner(
 ) -> FedHelpLargeLearner | FedHelpSmallLearner:
     """The learner of a FedHelp ``role``, built the one way the simulation and real nodes share.
 
-    A large client's private model is the registered ``large_model``, initialised under ``seed``; a small
+    A large client's private model is the registered ``large_model`` with as many outputs as ``small``'s
+    private head, initialised under ``seed``; a small
     client needs the public images and their one-time foundation soft labels.
     """
     if role == "large":
         torch.manual_seed(seed)
-        large = create_model(large_model)
+        large = create_model(large_model, **_outputs(small))
         return FedHelpLargeLearner(
             client_id, small, large, data, default, seed, kl_weight=kl_weight, kd_weight=kd_weight,
             rank_sign=rank_sign,

@@ -11,9 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from hub.fl.strategy import ClientResult, ClientTask, Params
-from hub.models.hsl_mmoe import ANCHOR, PRIMARY, AnchoredHsl, HslMmoe
+from hub.models.hsl_mmoe import AnchoredHsl, HslMmoe
 from hub.training.datasets import ClinicData
-from hub.training.learners import AUGMENT, LocalConfig, load_params, local_result, normalize, to_params
+from hub.training.learners import (
+    AUGMENT,
+    LocalConfig,
+    load_params,
+    local_result,
+    normalize,
+    primary_logits,
+    task_loss,
+    to_params,
+)
 
 
 def padded_order(n: int, length: int, gen: torch.Generator) -> torch.Tensor:
@@ -27,8 +36,19 @@ def padded_order(n: int, length: int, gen: torch.Generator) -> torch.Tensor:
 def balance_primary(idx: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Replace majority-class picks by random minority items with probability (0.5 − p_min)/p_max.
 
-    p are the clinic's class proportions; the expected class mix of the result is 50/50 (§1.4).
+    p are the clinic's class proportions; the expected class mix of the result is 50/50 (§1.4). With more
+    than two classes, every pick is replaced by a random item of a uniformly drawn class present at the
+    clinic: the expected mix is again uniform over its classes.
     """
+    present = torch.unique(labels)
+    if len(present) > 2 or (len(present) > 0 and float(present.max()) > 1):
+        cls = present[torch.randint(0, len(present), (len(idx),), generator=gen)]  # (n,)
+        picks = torch.empty_like(idx)
+        for c in present:
+            pool = torch.nonzero(labels == c).reshape(-1)
+            mine = cls == c
+            picks[mine] = pool[torch.randint(0, len(pool), (int(mine.sum()),), generator=gen)]
+        return picks
     p_pos = float(labels.mean())
     if p_pos in (0.0, 1.0) or math.isclose(p_pos, 0.5):
         return idx
@@ -83,10 +103,11 @@ class HslLearner:
                 xp = self.data.train_x[pi]  # (b, 1, H, W) primary images of this clinic's profile
                 if cfg.augment:
                     xp = AUGMENT(xp, self.gen)
-                logits = self.model(normalize(xp), normalize(self.anchor_x[ai]))  # (b, 2)
-                loss = w_primary * F.binary_cross_entropy_with_logits(
-                    logits[:, PRIMARY], self.data.train_y[pi]
-                ) + w_anchor * F.binary_cross_entropy_with_logits(logits[:, ANCHOR], self.anchor_y[ai])
+                logits = self.model(normalize(xp), normalize(self.anchor_x[ai]))  # (b, K + 1)
+                primary, anchor = self.model.split(logits)
+                loss = w_primary * task_loss(primary_logits(primary), self.data.train_y[pi]) + (
+                    w_anchor * F.binary_cross_entropy_with_logits(anchor, self.anchor_y[ai])
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -140,9 +161,7 @@ class HslStepsLearner:
                 xb = self.data.train_x[bi]  # (b, 1, H, W)
                 if cfg.augment:
                     xb = AUGMENT(xb, self.gen)
-                loss = F.binary_cross_entropy_with_logits(
-                    self.model(normalize(xb))[:, 0], self.data.train_y[bi]
-                )
+                loss = task_loss(primary_logits(self.model(normalize(xb))), self.data.train_y[bi])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -185,7 +204,7 @@ def predict_self_paired(model: HslMmoe, x01: torch.Tensor) -> np.ndarray:
     """Demo.py's inference: the test image fed to both branches (reported for comparison only)."""
     model.eval()
     out = [
-        model(normalize(x01[i : i + 512]), normalize(x01[i : i + 512]))[:, PRIMARY]
+        primary_logits(model.split(model(normalize(x01[i : i + 512]), normalize(x01[i : i + 512])))[0])
         for i in range(0, len(x01), 512)
     ]
     return torch.cat(out).numpy().astype(np.float64)

@@ -67,12 +67,25 @@ def minibatches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch
         yield order[start : start + batch_size]
 
 
+def primary_logits(out: torch.Tensor) -> torch.Tensor:
+    """A model's output (B, K) as the task's logits: (B,) for one sigmoid logit, (B, K) for K classes."""
+    return out[:, 0] if out.shape[1] == 1 else out
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits on one logit (B,) against {0, 1}; softmax cross-entropy on (B, K) against class ids."""
+    if logits.ndim == 1:
+        return F.binary_cross_entropy_with_logits(logits, y)
+    return F.cross_entropy(logits, y.long())
+
+
 @torch.inference_mode()
 def predict(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], x01: torch.Tensor) -> np.ndarray:
-    """Primary-task logits (N,) of a single-input model on rendered images (N, 1, H, W) in [0, 1]."""
+    """Primary-task logits of a single-input model on rendered images (N, 1, H, W) in [0, 1]: (N,) for a
+    binary model (one logit), (N, K) for a K-class model."""
     if isinstance(model, nn.Module):
         model.eval()
-    out = [model(normalize(x01[i : i + 512]))[:, 0] for i in range(0, len(x01), 512)]
+    out = [primary_logits(model(normalize(x01[i : i + 512]))) for i in range(0, len(x01), 512)]
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -87,8 +100,9 @@ def binary_metrics(labels: torch.Tensor | np.ndarray, logits: np.ndarray) -> dic
     }
 
 
-def bce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(model(x)[:, 0], y)
+def supervised_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The task's loss on a batch: BCE for a one-logit model, cross-entropy for a K-class one."""
+    return task_loss(primary_logits(model(x)), y)
 
 
 def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -135,7 +149,7 @@ def train_local(
     cfg: LocalConfig,
     gen: torch.Generator,
     *,
-    loss_fn: LossFn = bce,
+    loss_fn: LossFn = supervised_loss,
     prox_anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
     """Train ``cfg.epochs`` passes over (x01, y); returns the mean loss of the last epoch."""

@@ -23,9 +23,11 @@ def is_personal_tensor(name: str) -> bool:
     return name.startswith("head.") or ".norm." in name
 
 
-def sketch(train_x: torch.Tensor, train_y: torch.Tensor) -> Params:
-    """The clinic's sketch: class counts (2,) and a 4×4 pooled mean image (16,) in [0, 1]."""
-    counts = torch.stack([(train_y == 0).sum(), (train_y == 1).sum()]).to(torch.float32)
+def sketch(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int = 2) -> Params:
+    """The clinic's sketch: class counts (K,), K = 2 or the task's classes, and a 4×4 pooled mean image
+    (16,) in [0, 1]."""
+    k = max(2, num_classes)
+    counts = torch.stack([(train_y == c).sum() for c in range(k)]).to(torch.float32)
     mean_image = train_x.mean(dim=0, keepdim=True)  # (1, 1, H, W)
     pooled = F.adaptive_avg_pool2d(mean_image, SKETCH_SIDE).reshape(-1)  # (16,)
     return {LABEL_COUNTS: counts.numpy(), FEATURE_MEAN: pooled.numpy().astype("float32")}
@@ -42,6 +44,8 @@ class PFedNetLearner(SupervisedLearner):
     """
 
     sparsifier: DifferentialSparsifier | None = None
+    #: Classes of the task (the sketch counts each); the benchmark sets it for K-class tasks.
+    num_classes: int = 2
 
     def fit(self, task: ClientTask) -> ClientResult:
         if task.kind == UpdateKind.STATS:
@@ -49,7 +53,7 @@ class PFedNetLearner(SupervisedLearner):
                 client_id=self.client_id,
                 round=task.round,
                 num_examples=self.data.n_train,
-                update=sketch(self.data.train_x, self.data.train_y),
+                update=sketch(self.data.train_x, self.data.train_y, self.num_classes),
             )
         result = super().fit(task)
         gamma = float(task.config.get("differential_gamma", 0.0))

@@ -200,3 +200,31 @@ def test_shamir_threshold_by_hand() -> None:
     with pytest.raises(SecAggError, match="do not belong"):
         shamir.combine(shares[:2], 2)
     assert shamir.Share.from_bytes(shares[1].to_bytes()) == shares[1]
+
+
+def test_distributed_noise_the_unmasked_sum_carries_at_least_the_stated_variance() -> None:
+    """Each of 10 nodes adds σ²C²/t (t = 6, the threshold); 3 drop after masking, so the sum the hub
+    unmasks holds 7 shares: its noise variance is 7/6·σ²C² ≥ σ²C² (chi-square interval, level 1e-6)."""
+    spec = SPEC.model_copy(update={"secagg_threshold": 6})
+    fed = _federation(threshold=6)
+    _exchange_keys(fed)
+    rng = np.random.default_rng(21)
+    pipeline = ProtectionPipeline(rng=rng)
+    zero = {name: np.zeros(s.shape, dtype=np.float32) for name, s in LAYOUT.items()}
+    dropped = {"node-01", "node-04", "node-08"}
+    for node, client in fed.clients.items():
+        protected = pipeline.protect(zero, spec, masker=client.mask)
+        if node not in dropped:
+            fed.server.receive_masked(client.masked_input(protected.payload), protected.payload)
+    request = fed.server.unmask_request()
+    assert len(request.survivors) == 7
+    for node in request.survivors:
+        fed.server.receive_unmask(fed.clients[node].unmask(request))
+    noise = flatten(fed.server.sum(), LAYOUT)  # (1010,): the updates were zero, the sum is pure noise
+    sigma = pipeline.noise_multiplier(spec)
+    assert sigma is not None
+    full = (sigma * 1.0) ** 2
+    ss = float(noise @ noise)
+    lo, hi = ss / stats.chi2.ppf(1 - 5e-7, noise.size), ss / stats.chi2.ppf(5e-7, noise.size)
+    assert lo <= 7 / 6 * full <= hi
+    assert lo > full / 6  # far more than one node's share: the shares added up

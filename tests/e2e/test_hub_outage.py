@@ -2,8 +2,8 @@
 reaches the hub exactly once after it returns.
 
 Real processes: ``fedclinic-hub serve`` over HTTPS (SQLite), three clinics each with an Orthanc PACS and a
-``fedclinic-edge serve`` node enrolled with a join code. The outage here is OUTAGE_S seconds (kill -9 of the
-hub); the nodes' retry backoff is capped at a minute, so a two-minute outage runs the same way, only longer.
+``fedclinic-edge serve`` node enrolled with a join code. The outage is the issue's two minutes (kill -9 of
+the hub); the nodes' retry backoff is capped at a minute, so each is back within a minute of the hub's return.
 The round is opened while the hub is down (the operator's CLI writes to the hub's store, not through the
 API), so no node can have its task before the outage: every update goes after the hub returns.
 """
@@ -32,7 +32,10 @@ pytestmark = [
 ]
 
 NAMES = ("clinic-north", "clinic-south", "clinic-east")
-OUTAGE_S = 30.0
+#: Two minutes down, as the issue states; the checks below run inside them.
+OUTAGE_S = 120.0
+#: How long before the hub returns the PACS send their last studies of the outage.
+LATE_STUDY_S = 20.0
 
 
 @pytest.fixture
@@ -80,17 +83,20 @@ def test_hub_down_during_a_round_nodes_serve_their_pacs_and_each_update_arrives_
     round_id = started["round_id"]
     assert len(started["nodes"]) == len(NAMES)
 
-    # During the outage each PACS sends a study and gets its SR back: the nodes never needed the hub for that.
-    for i, (name, clinic) in enumerate(clinics.items()):
-        sent = send_studies(
-            clinic,
-            images.images[i : i + 1],
-            images.labels,
-            tmp_path / "outage" / name,
-            tag="outage",
-            timeout=120,
-        )
-        assert len(sent) == 1 and 0.0 <= sent[0].score <= 1.0
+    def each_pacs_sends_a_study(first: int, tag: str) -> None:
+        # The nodes never need the hub for this: the study goes PACS → node → SR back in the PACS.
+        for i, (name, clinic) in enumerate(clinics.items()):
+            sent = send_studies(
+                clinic,
+                images.images[first + i : first + i + 1],
+                images.labels,
+                tmp_path / tag / name,
+                tag=tag,
+                timeout=120,
+            )
+            assert len(sent) == 1 and 0.0 <= sent[0].score <= 1.0, (name, tag)
+
+    each_pacs_sends_a_study(0, "outage-start")
     # And each node says the hub is unreachable (it noticed the outage; nothing was answered yet).
     for name, clinic in clinics.items():
         wait_for(
@@ -101,8 +107,11 @@ def test_hub_down_during_a_round_nodes_serve_their_pacs_and_each_update_arrives_
         )
         assert clinic.edge.updates()["updates"] == []
     assert hub.round_status(round_id)["accepted"] == 0
-    # At least OUTAGE_S down (longer when the checks above took longer on a busy machine).
+    # Late in the outage, with every node's retries long since at their cap, each PACS is still answered.
+    time.sleep(max(0.0, OUTAGE_S - LATE_STUDY_S - (time.monotonic() - down_at)))
+    each_pacs_sends_a_study(len(NAMES), "outage-end")
     time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
+    assert all(clinic.edge.updates()["updates"] == [] for clinic in clinics.values())
 
     hub.start()
     done = hub.wait_round(round_id, timeout=240)

@@ -73,6 +73,19 @@ def test_preprocess_refuses_wrong_dtype_and_shape() -> None:
         cfg.preprocess(np.zeros((1, 28, 28), dtype=np.float32))
     with pytest.raises(ValueError, match="shape"):
         cfg.preprocess(np.zeros((1, 32, 32), dtype=np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        cfg.preprocess(np.zeros((1, 28, 28, 4), dtype=np.uint8))
+
+
+def test_preprocess_turns_rgb_into_the_edges_bt601_luma() -> None:
+    cfg = get_data_config("student_cnn_s")
+    rgb = np.zeros((1, 28, 28, 3), dtype=np.uint8)
+    rgb[0, 0, 0] = (255, 0, 0)
+    rgb[0, 0, 1] = (0, 0, 255)
+    grey = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    want = cfg.preprocess(np.zeros((1, 28, 28), dtype=np.uint8))
+    want[0, 0] += np.float32(grey[0] / 255.0 / cfg.std[0])
+    assert cfg.preprocess(rgb) == pytest.approx(want, abs=1e-6)
 
 
 def test_data_config_round_trips_through_a_dict() -> None:

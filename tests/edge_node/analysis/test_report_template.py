@@ -19,14 +19,14 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from edge_node.analysis.capture_sc import build_sc
+from edge_node.analysis.capture_sc import build_sc, caption
 from edge_node.analysis.capture_template import fast_sc
-from edge_node.analysis.findings import Finding
+from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
 from edge_node.analysis.report_sr import build_sr
 from edge_node.analysis.report_template import ReportTemplate, fast_sr
 from edge_node.analysis.result_file import save_result
 from edge_node.analysis.source_view import DEIDENTIFICATION_NOT_STATED
-from edge_node.protocol.manifest import Manifest
+from edge_node.protocol.manifest import ClassLabel, Manifest, TaskSpec
 from edge_node.state.runs import ReportRef
 from tests.support.onnxgen import make_bundle
 
@@ -204,6 +204,7 @@ def test_several_findings_frames_multiclass_and_a_predecessor(shared_data: Path,
             score=0.2 + 0.3 * i,
             label=classes[i % len(classes)],
             present=True,
+            probabilities=(0.1 * i, 0.2, 0.8 - 0.1 * i),
         )
         for i, ds in enumerate(sources)
     ]
@@ -213,11 +214,20 @@ def test_several_findings_frames_multiclass_and_a_predecessor(shared_data: Path,
     assert differences(fast, reference) == []
     container = [i for i in fast.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
     assert len(container[0].ContentSequence) == 3  # one measurement group per finding
+    # Each group: the top class as the finding, its score, and every class's probability.
+    nums = [i for i in container[0].ContentSequence[1].ContentSequence if i.ValueType == "NUM"]
+    assert [i.ConceptNameCodeSequence[0].CodeValue for i in nums] == ["MODELSCORE"] + [
+        f"CLASSPROB{k}" for k in range(3)
+    ]
+    assert [float(i.MeasuredValueSequence[0].FloatingPointValue) for i in nums] == pytest.approx(
+        [0.5, 0.1, 0.2, 0.7]
+    )
     # A multi-frame source: the frame reference is the analysed frame's.
     mr = pydicom.dcmread(shared_data / "dicom" / "pydicom_data" / "emri_small.dcm", stop_before_pixels=True)
     finding = Finding(
-        str(mr.SOPInstanceUID), str(mr.SeriesInstanceUID), str(mr.SOPClassUID), 0.5, classes[2], True, 3, 10
-    )
+        str(mr.SOPInstanceUID), str(mr.SeriesInstanceUID), str(mr.SOPClassUID), 0.5, classes[2], True, 3, 10,
+        (0.25, 0.25, 0.5),
+    )  # fmt: skip
     assert differences(fast_sr([mr], [finding], manifest), build_sr([mr], [finding], manifest)) == []
 
 
@@ -275,3 +285,73 @@ def test_every_sr_and_sc_passes_dciodvfy(
             assert _dciodvfy_errors(path) == [], f"{kind} of {name}"
             checked += 1
     assert checked >= 2 * 80
+
+
+def _graded(manifest: Manifest) -> Manifest:
+    """The multiclass test bundle's manifest with coded grades, as `fedclinic-hub export` writes them."""
+    classes = [
+        ClassLabel(index=k, name=f"grade{k}", code_value=f"DR{k}", code_scheme="99FEDCLINIC", code_meaning=m)
+        for k, m in enumerate(("No diabetic retinopathy", "Mild NPDR", "Proliferative diabetic retinopathy"))
+    ]
+    return manifest.model_copy(
+        update={"task": TaskSpec(kind="multiclass", classes=classes, output_activation="softmax")}
+    )
+
+
+def _graded_finding(ds: Dataset, manifest: Manifest, n: int) -> Finding:
+    probs = np.array([1.0 + n % 3, 1.0 + (n * 7) % 5, 1.0 + (n * 3) % 4])
+    probs /= probs.sum()
+    return findings_from_probabilities(
+        probs[None, :],
+        [
+            AnalysedImage(
+                str(ds.SOPInstanceUID),
+                str(ds.SeriesInstanceUID),
+                str(ds.SOPClassUID),
+                int(ds.get("NumberOfFrames", 1) or 1) - 1,
+                int(ds.get("NumberOfFrames", 1) or 1),
+            )
+        ],
+        manifest.task,
+    )[0]
+
+
+def test_the_fast_sr_and_sc_of_a_graded_model_equal_highdicoms_and_pass_dciodvfy(
+    shared_data: Path, dicomized: list[Dataset], tmp_path: Path
+) -> None:
+    manifest = _graded(make_bundle(tmp_path / "graded", kind="multiclass").manifest)
+    dciodvfy = shutil.which("dciodvfy") is not None
+    compared = 0
+    for n, (name, ds) in enumerate(_sources(shared_data, dicomized)):
+        finding = _graded_finding(ds, manifest, n)
+        assert len(finding.probabilities) == 3 and finding.score == max(finding.probabilities)
+        reference = build_sr([ds], [finding], manifest)
+        fast = fast_sr([ds], [finding], manifest)
+        assert differences(fast, reference) == [], name
+        assert differences(_written(fast), _written(reference)) == [], name
+        display = np.linspace(0, 1, 40 * 30).reshape(40, 30)
+        sc_ref, sc = build_sc(ds, display, finding, manifest, n), fast_sc(ds, display, finding, manifest, n)
+        assert differences(sc, sc_ref) == [], name
+        if dciodvfy and n % 8 == 0:  # a spread of sources: dciodvfy takes ~0.2 s a file
+            sc_path = tmp_path / f"sc-{n}.dcm"
+            sc.save_as(sc_path, enforce_file_format=True)
+            for kind, path in (("SR", save_result(fast, tmp_path, "sr").path), ("SC", sc_path)):
+                assert _dciodvfy_errors(path) == [], f"{kind} of {name}"
+        compared += 1
+    assert compared >= 80
+    # The grade concepts and the probabilities' private concepts are declared once, as 99FEDCLINIC.
+    assert [i.CodingSchemeDesignator for i in fast.CodingSchemeIdentificationSequence] == ["99FEDCLINIC"]
+    group = next(i for i in fast.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    items = group.ContentSequence[0].ContentSequence
+    top = int(np.argmax(finding.probabilities))
+    finding_type = next(i for i in items if i.ConceptNameCodeSequence[0].CodeValue == "121071")
+    assert finding_type.ConceptCodeSequence[0].CodeValue == f"DR{top}"
+    meanings = [i.ConceptNameCodeSequence[0].CodeMeaning for i in items if i.ValueType == "NUM"]
+    assert meanings[1:] == [
+        "Probability of No diabetic retinopathy",
+        "Probability of Mild NPDR",
+        "Probability of Proliferative diabetic retinopathy",
+    ]
+    text = caption(finding, manifest)
+    assert text[0].startswith(f"grade{top}  (score") and text[1].startswith("grade0 0.")
+    assert all(f"grade{k} {p:.3f}" in text[1] for k, p in enumerate(finding.probabilities))

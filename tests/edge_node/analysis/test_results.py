@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +155,7 @@ def test_sr_for_a_multiclass_model_codes_the_predicted_class(tmp_path: Path, sou
         score=0.6,
         label="grade2",
         present=True,
+        probabilities=(0.1, 0.3, 0.6),
     )
     path = write_fast_sr(sources[:1], [finding], manifest, tmp_path).path
     report = hd.sr.srread(path).content
@@ -162,6 +164,11 @@ def test_sr_for_a_multiclass_model_codes_the_predicted_class(tmp_path: Path, sou
     (evaluation,) = group.get_qualitative_evaluations()
     assert (evaluation.name.scheme_designator, evaluation.name.meaning) == ("99FEDCLINIC", "grade2")
     assert cast(hd.sr.CodedConcept, evaluation.value).value == "52101004"  # Present
+    # The top class's score, then every class's probability, as read back by highdicom.
+    measured = [(m.name.value, m.value) for m in group.get_measurements()]
+    assert measured == [("MODELSCORE", 0.6), ("CLASSPROB0", 0.1), ("CLASSPROB1", 0.3), ("CLASSPROB2", 0.6)]
+    with pytest.raises(ValueError, match="2 class probabilities"):
+        build_sr(sources[:1], [dataclasses.replace(finding, probabilities=(0.4, 0.6))], manifest)
 
 
 def test_sr_refuses_inconsistent_input(sources: list[Dataset], manifest: Manifest) -> None:

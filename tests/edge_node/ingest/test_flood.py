@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edge_node.errors import ConfigError
-from edge_node.ingest.listener import Listener, ListenerConfig
+from edge_node.ingest.listener import Listener, ListenerConfig, ReceiveTransport
 from edge_node.ingest.spool import Spool
 from edge_node.node import Node
 from edge_node.settings import load_settings
@@ -30,7 +30,7 @@ PER_PEER = 3
 
 
 @pytest.fixture
-def listener(tmp_path: Path) -> Iterator[Listener]:
+def listener(tmp_path: Path, transport: ReceiveTransport) -> Iterator[Listener]:
     store = NodeState.open(tmp_path / "edge.sqlite3")
     spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=10**8, min_free_bytes=0)
     config = ListenerConfig(
@@ -41,6 +41,7 @@ def listener(tmp_path: Path) -> Iterator[Listener]:
         max_associations_per_peer=PER_PEER,
         acse_timeout=2.0,
         network_timeout=4.0,
+        transport=transport,
     )
     running = Listener(config, spool, lambda: None)
     running.start()
@@ -111,14 +112,19 @@ def test_floods_from_one_address_leave_the_pacs_answered(
 
     # Silent connections are closed by the ACSE timeout, so the address gets its slots back.
     time.sleep(2.5)
-    server = listener._server
-    assert server is not None and server.open_connections(FLOOD_FROM) == 0
+    assert listener.open_connections(FLOOD_FROM) == 0
     refusals = [r for r in caplog.records if "refused connections from" in r.getMessage()]
     assert refusals and all(FLOOD_FROM in r.getMessage() for r in refusals)
     assert len(refusals) <= 3  # rate-limited: a flood does not flood the log
 
 
-def test_listener_settings_reach_pynetdicom(listener: Listener) -> None:
+def test_listener_settings_reach_the_transport(listener: Listener) -> None:
+    native = listener.native_server
+    if native is not None:
+        settings = native.settings
+        assert (settings.max_associations, settings.acse_timeout, settings.network_timeout) == (6, 2.0, 4.0)
+        assert (settings.per_peer, settings.max_pdu) == (PER_PEER, 1024 * 1024)
+        return
     ae = listener._ae
     assert (ae.maximum_associations, ae.acse_timeout, ae.network_timeout) == (6, 2.0, 4.0)
     assert ae.maximum_pdu_size == 1024 * 1024  # bounded by default, never 0 (unlimited)
@@ -134,6 +140,7 @@ def test_the_node_passes_its_listener_settings_through(tmp_path: Path) -> None:
         max_associations=7,
         max_associations_per_peer=2,
         network_timeout_s=12.0,
+        receive_transport="native",
     )
     node = Node(settings)
     try:
@@ -141,6 +148,7 @@ def test_the_node_passes_its_listener_settings_through(tmp_path: Path) -> None:
         assert (config.max_pdu, config.max_associations, config.max_associations_per_peer) == (65536, 7, 2)
         assert node.listener._ae.maximum_pdu_size == 65536
         assert config.network_timeout == 12.0
+        assert config.transport == "native"
     finally:
         node.state.close()
     # 0 would mean unlimited in DICOM: refused, naming the key.

@@ -1,4 +1,7 @@
-"""The DICOM listener in-process against dcmtk and pynetdicom peers: echo, store, refusals, survival."""
+"""The DICOM listener in-process against dcmtk and pynetdicom peers: echo, store, refusals, survival.
+
+Every test that does not look inside a transport runs against both (the ``transport`` fixture).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import logging
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -16,7 +20,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, _config
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -27,8 +31,11 @@ from edge_node.ingest.listener import (
     STATUS_PROCESSING_FAILURE,
     Listener,
     ListenerConfig,
+    ReceiveTransport,
 )
+from edge_node.ingest.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
+from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES
 from edge_node.ingest.spool import Spool
 from edge_node.state.node_state import NodeState
 from tests.edge_node.conftest import (
@@ -37,6 +44,7 @@ from tests.edge_node.conftest import (
     dicom_dir,
     echoscu,
     make_ct_instances,
+    propose_flag,
     storescu,
 )
 from tests.support.dcmtk import dcmtk
@@ -55,11 +63,13 @@ class Running:
 
 def _start(
     tmp_path: Path,
+    transport: ReceiveTransport,
     *,
     max_instance_bytes: int = 10**8,
     allowed: list[str] | None = None,
     network_timeout: float = 30.0,
     max_pdu: int = 1024 * 1024,
+    max_associations: int = 10,
 ) -> Running:
     store = NodeState.open(tmp_path / "edge.sqlite3")
     spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=max_instance_bytes, min_free_bytes=0)
@@ -70,6 +80,8 @@ def _start(
         allowed_calling_aes=allowed,
         network_timeout=network_timeout,
         max_pdu=max_pdu,
+        max_associations=max_associations,
+        transport=transport,
     )
     running: Running
 
@@ -82,8 +94,8 @@ def _start(
 
 
 @pytest.fixture
-def edge(tmp_path: Path) -> Iterator[Running]:
-    running = _start(tmp_path)
+def edge(tmp_path: Path, transport: ReceiveTransport) -> Iterator[Running]:
+    running = _start(tmp_path, transport)
     yield running
     running.listener.stop()
     running.store.close()
@@ -110,6 +122,13 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
     try:
         assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
         assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        native = edge.listener.native_server
+        if native is not None:
+            (connection,) = native.connections
+            assert connection.established
+            assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert int(assoc.send_c_echo().Status) == 0
+            return
         server = edge.listener._server
         assert server is not None and server.active_associations, "the acceptor association should be open"
         acceptor = server.active_associations[0].dul.socket
@@ -122,7 +141,46 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
         assoc.release()
 
 
-def test_an_idle_association_polls_slowly_until_it_receives_again(edge: Running) -> None:
+@pytest.fixture
+def pynetdicom_edge(tmp_path: Path) -> Iterator[Running]:
+    running = _start(tmp_path, "pynetdicom")
+    yield running
+    running.listener.stop()
+    running.store.close()
+
+
+def _cpu_ticks(thread_id: int) -> int:
+    """User + system clock ticks of one thread of this process (/proc/self/task/TID/stat)."""
+    fields = Path(f"/proc/self/task/{thread_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_an_idle_native_association_costs_no_cpu(tmp_path: Path) -> None:
+    running = _start(tmp_path, "native")
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert assoc.is_established
+        native = running.listener.native_server
+        assert native is not None
+        threads = {t.native_id for t in threading.enumerate() if t.name == "edge-dicom-association"}
+        acceptors = {t.native_id for t in threading.enumerate() if t.name == "edge-dicom-acceptor"}
+        assert len(threads) == 1 and len(acceptors) == 1
+        ids = [i for i in threads | acceptors if i is not None]
+        before = sum(_cpu_ticks(i) for i in ids)
+        time.sleep(1.5)
+        # Both threads are blocked in the kernel (recv, accept): not one clock tick (10 ms) between them.
+        assert sum(_cpu_ticks(i) for i in ids) - before == 0
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+    finally:
+        running.listener.stop()
+        running.store.close()
+
+
+def test_an_idle_association_polls_slowly_until_it_receives_again(pynetdicom_edge: Running) -> None:
+    edge = pynetdicom_edge
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE")
@@ -150,22 +208,26 @@ def test_an_idle_association_polls_slowly_until_it_receives_again(edge: Running)
     assert not server.active_associations
 
 
-def test_a_parked_idle_association_still_ends_at_the_network_timeout(tmp_path: Path) -> None:
-    running = _start(tmp_path, network_timeout=1.0)
+def test_an_idle_association_ends_at_the_network_timeout(tmp_path: Path, transport: ReceiveTransport) -> None:
+    running = _start(tmp_path, transport, network_timeout=1.0)
     try:
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
         assert assoc.is_established
         server = running.listener._server
-        assert server is not None
-        time.sleep(0.6)  # parked by now
-        assert server.active_associations and not server.active_associations[0]._reactor_checkpoint.is_set()
+        if server is not None:
+            time.sleep(0.6)  # parked by now
+            assert server.active_associations
+            assert not server.active_associations[0]._reactor_checkpoint.is_set()
         deadline = time.monotonic() + 5
-        while (server.active_associations or assoc.is_established) and time.monotonic() < deadline:
+        while (running.listener.open_connections("127.0.0.1") or assoc.is_established) and (
+            time.monotonic() < deadline
+        ):
             time.sleep(0.05)
-        # pynetdicom's own loop, woken by the pacer, aborted it (network_timeout_response A-ABORT).
-        assert not server.active_associations
+        # Aborted by the node (pynetdicom: its own loop, woken by the pacer; native: the blocked read's
+        # timeout), with an A-ABORT the sender sees.
+        assert running.listener.open_connections("127.0.0.1") == 0
         assert assoc.is_aborted
         assert echoscu(running.port)
     finally:
@@ -187,7 +249,14 @@ def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path
         assert pydicom.dcmread(spooled).PixelData == ds.PixelData
 
 
-def test_the_spooled_file_is_the_data_set_as_sent_behind_pynetdicoms_file_meta(edge: Running) -> None:
+def test_the_spooled_file_is_the_data_set_as_sent_behind_its_transports_file_meta(
+    edge: Running, transport: ReceiveTransport
+) -> None:
+    implementation = (
+        (UID(IMPLEMENTATION_CLASS_UID), IMPLEMENTATION_VERSION_NAME)
+        if transport == "native"
+        else (PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
+    )
     ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")  # explicit VR little endian
     for sop_instance in (generate_uid(), "1.2.3.45"):  # odd and even UID lengths: padding in the meta
         ds.SOPInstanceUID = sop_instance
@@ -198,13 +267,16 @@ def test_the_spooled_file_is_the_data_set_as_sent_behind_pynetdicoms_file_meta(e
             sop_class_uid=UID(str(ds.SOPClassUID)),
             sop_instance_uid=UID(sop_instance),
             transfer_syntax=ExplicitVRLittleEndian,
+            implementation_uid=implementation[0],
+            implementation_version=implementation[1],
         )
-        # After the spool's own preamble: exactly what pynetdicom's encoded_dataset(include_meta=True) gives.
+        # After the spool's own preamble: the File Meta pynetdicom's encoded_dataset(include_meta=True)
+        # would give for the transport's implementation, then the data set as sent.
         dataset = encode(ds, False, True)
         assert dataset is not None
         assert spooled[128:] == b"DICM" + encode_file_meta(meta) + dataset
         read = pydicom.dcmread(BytesIO(spooled))
-        assert read.file_meta.ImplementationClassUID == PYNETDICOM_IMPLEMENTATION_UID
+        assert read.file_meta.ImplementationClassUID == implementation[0]
         assert read.PixelData == ds.PixelData
 
 
@@ -217,8 +289,8 @@ def test_missing_uid_is_cannot_understand_and_listener_lives(edge: Running) -> N
     assert echoscu(edge.port)
 
 
-def test_too_large_is_out_of_resources(tmp_path: Path) -> None:
-    running = _start(tmp_path, max_instance_bytes=2048)
+def test_too_large_is_out_of_resources(tmp_path: Path, transport: ReceiveTransport) -> None:
+    running = _start(tmp_path, transport, max_instance_bytes=2048)
     try:
         files = make_ct_instances(tmp_path / "ct", 1)
         proc = storescu(running.port, files)
@@ -239,8 +311,8 @@ def test_handler_errors_become_a_failure_status(edge: Running) -> None:
     assert echoscu(edge.port)
 
 
-def test_calling_ae_allow_list_and_called_ae(tmp_path: Path) -> None:
-    running = _start(tmp_path, allowed=["GOODSCU"])
+def test_calling_ae_allow_list_and_called_ae(tmp_path: Path, transport: ReceiveTransport) -> None:
+    running = _start(tmp_path, transport, allowed=["GOODSCU"])
     try:
         assert echoscu(running.port, calling="GOODSCU")
         assert not echoscu(running.port, calling="BADSCU")
@@ -339,8 +411,10 @@ def test_deep_nesting_and_unknown_vr_are_cannot_understand_in_one_line(
     assert "Traceback" not in caplog.text
 
 
-def test_the_max_pdu_is_announced_and_a_conforming_sender_stores_through_it(tmp_path: Path) -> None:
-    running = _start(tmp_path, max_pdu=16384)
+def test_the_max_pdu_is_announced_and_a_conforming_sender_stores_through_it(
+    tmp_path: Path, transport: ReceiveTransport
+) -> None:
+    running = _start(tmp_path, transport, max_pdu=16384)
     try:
         ds = pydicom.dcmread(make_ct_instances(tmp_path / "ct", 1)[0])  # ~0.5 MB: 33 PDUs of 16 KiB
         ae = AE(ae_title="PYSCU")
@@ -384,15 +458,13 @@ def test_a_pdu_longer_than_the_max_closes_the_connection_unread(
     assert assoc.is_established
     assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
     raw = assoc.dul.socket.socket
-    server = edge.listener._server
-    assert server is not None
-    acceptor = server.active_associations[0]
-    with caplog.at_level(logging.WARNING, logger="edge_node.ingest.pdu_limit"):
+    assert edge.listener.open_connections("127.0.0.1") == 1
+    with caplog.at_level(logging.WARNING):
         raw.sendall(_pdu_header(0x04, 1 << 30) + bytes(4096))
         deadline = time.monotonic() + 5
-        while acceptor.is_alive() and time.monotonic() < deadline:
+        while edge.listener.open_connections("127.0.0.1") and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not acceptor.is_alive(), "the acceptor should have ended the association"
+        assert edge.listener.open_connections("127.0.0.1") == 0, "the node should have ended the association"
     assert any("claims 1073741824 bytes (limit 1048576)" in r.getMessage() for r in caplog.records)
     assoc.abort()
 
@@ -402,3 +474,119 @@ def test_a_pdu_longer_than_the_max_closes_the_connection_unread(
         assert _closed_by_peer(s, within=5.0)
     assert echoscu(edge.port)
     assert edge.store.status.counts()["instances"] == 0
+
+
+def _one_sample_per_transfer_syntax() -> dict[str, Path]:
+    """A real sample of an accepted SOP class for each transfer syntax the samples come in."""
+    found: dict[str, Path] = {}
+    for path in sorted(p for p in dicom_dir().rglob("*.dcm") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ts, sop_class = str(ds.file_meta.TransferSyntaxUID), str(ds.SOPClassUID)
+        except Exception:
+            continue
+        if sop_class in STORAGE_SOP_CLASSES and ts not in found:
+            found[ts] = path
+    return found
+
+
+def test_dcmtk_sends_every_transfer_syntax_we_accept_and_the_pixels_arrive_as_sent(edge: Running) -> None:
+    samples = _one_sample_per_transfer_syntax()
+    compressed = set(samples) - {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+    assert len(compressed) >= 5, sorted(samples)  # JPEG, JPEG-LS, JPEG 2000, RLE, deflated among the samples
+    for ts, path in samples.items():
+        flags = propose_flag(path) or (["-xi"] if ts == "1.2.840.10008.1.2" else ["-xe"])
+        proc = storescu(edge.port, [path], flags=flags)
+        ok, bad = acknowledged_files(proc.stdout + proc.stderr)
+        assert len(ok) == 1 and not bad, (ts, proc.stdout + proc.stderr)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        spooled = edge.listener.spool.path_for(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)).read_bytes()
+        received = pydicom.dcmread(BytesIO(spooled))
+        if ts == "1.2.840.10008.1.2.2":
+            # Big endian is not accepted (retired): storescu converts it to explicit VR little endian.
+            assert received.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert (received.pixel_array == pydicom.dcmread(path).pixel_array).all()
+            continue
+        assert str(received.file_meta.TransferSyntaxUID) == ts
+        # dcmtk re-encodes the header it sends, not the (compressed) pixel data; it pads an odd-length value
+        # (one sample has one) to even length, as PS3.5 7.1.1 requires.
+        sent = pydicom.dcmread(path).PixelData
+        assert received.PixelData == sent + b"\0" * (len(sent) % 2), ts
+    # Some samples are one instance in several encodings (the same SOP Instance UID): one row each UID.
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in samples.values()}
+    assert edge.store.status.counts()["instances"] == len(uids)
+
+
+def _associate_rq(called: bytes = b"EDGE", contexts: bytes | None = None) -> bytes:
+    """A hand-made A-ASSOCIATE-RQ proposing Verification (PS3.8 9.3.2)."""
+
+    def item(kind: int, value: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(value)) + value
+
+    if contexts is None:
+        contexts = item(
+            0x20, bytes((1, 0, 0, 0)) + item(0x30, b"1.2.840.10008.1.1") + item(0x40, b"1.2.840.10008.1.2")
+        )
+    body = struct.pack(">HH", 1, 0) + called.ljust(16) + b"RAWSCU".ljust(16) + bytes(32)
+    body += item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + item(0x50, item(0x51, struct.pack(">L", 16384)))
+    return _pdu_header(0x01, len(body)) + body
+
+
+def _p_data(context_id: int, control: int, value: bytes) -> bytes:
+    pdv = struct.pack(">LBB", len(value) + 2, context_id, control) + value
+    return _pdu_header(0x04, len(pdv)) + pdv
+
+
+def test_hostile_pdus_end_their_connection_at_once_and_the_listener_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The native transport's own PDU parsing (pynetdicom waits for some of these until the ARTIM timer,
+    # and logs its decoder's traceback for others).
+    edge = _start(tmp_path, "native")
+    accepted = _associate_rq()
+    cases = {
+        "data before association": _p_data(1, 3, b"\0" * 16),
+        "truncated request": _pdu_header(0x01, 10) + bytes(10),
+        # A context whose abstract syntax sub-item claims 500 bytes of a 7-byte item.
+        "items past the end": _associate_rq(contexts=b"\x20\x00\x00\x0b\x01\0\0\0\x30\x00\x01\xf41.2"),
+        "unknown PDU type": _pdu_header(0x09, 4) + bytes(4),
+        "PDV for a context never proposed": accepted + _p_data(99, 3, b"\0" * 16),
+        "PDV length past its PDU": accepted
+        + _pdu_header(0x04, 8)
+        + struct.pack(">LBB", 1000, 1, 3)
+        + b"\0\0",
+        "command outside group 0000": accepted
+        + _p_data(1, 3, struct.pack("<HHL", 0x0008, 0x0100, 2) + b"\0\0"),
+        "second association request": accepted + accepted,
+    }
+    with caplog.at_level(logging.INFO):
+        for name, data in cases.items():
+            with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+                s.sendall(data)
+                assert _closed_by_peer(s, within=5.0), name
+    assert echoscu(edge.port)
+    assert edge.store.status.counts()["instances"] == 0
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    edge.listener.stop()
+    edge.store.close()
+
+
+def test_associations_beyond_the_limit_are_rejected_as_local_limit(
+    tmp_path: Path, transport: ReceiveTransport
+) -> None:
+    running = _start(tmp_path, transport, max_associations=1)
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert first.is_established
+        second = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
+        assert second.is_rejected
+        first.release()
+        deadline = time.monotonic() + 5
+        while running.listener.open_connections("127.0.0.1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert echoscu(running.port)
+    finally:
+        running.listener.stop()
+        running.store.close()

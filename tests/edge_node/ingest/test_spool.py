@@ -10,8 +10,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolFullError
-from edge_node.ingest.part10 import _read_header, _scan_header, _Unscannable, parse_header
-from edge_node.ingest.spool import POOL_BATCH, Spool
+from edge_node.ingest.part10 import _read_header, _scan_header, _Unscannable, file_meta, parse_header
+from edge_node.ingest.spool import POOL_BATCH, IncomingInstance, Spool, _is_complete, _marked
 from edge_node.state.node_state import NodeState
 from edge_node.state.status_queries import StatusQueries
 from tests.edge_node.conftest import dicom_dir
@@ -201,3 +201,81 @@ def test_recover_moves_a_slot_whose_row_survived_without_a_new_revision(
     assert receipt.path.read_bytes()[128:] == raw[128:] and not slot.exists()
     rows = spool.records.db.query("SELECT revision FROM instances")
     assert [r[0] for r in rows] == [1]
+
+
+def _data_set(raw: bytes) -> bytes:
+    """The data set of a Part 10 stream: what a sender puts in its P-DATA fragments."""
+    ds = pydicom.dcmread(BytesIO(raw))
+    return raw[ds.file_meta["FileMetaInformationGroupLength"].value + 144 :]
+
+
+def _receive(spool: Spool, ct: pydicom.Dataset, raw: bytes, fragment: int = 1000) -> IncomingInstance:
+    incoming = spool.receive(str(ct.SOPClassUID), str(ct.SOPInstanceUID), str(ct.file_meta.TransferSyntaxUID))
+    data = memoryview(_data_set(raw))
+    for start in range(0, len(data), fragment):
+        incoming.append(data[start : start + fragment])
+    return incoming
+
+
+def test_a_received_instance_is_written_as_it_arrives_and_equals_put(
+    spool: Spool, ct: pydicom.Dataset
+) -> None:
+    ct.SOPInstanceUID = generate_uid()
+    raw = _bytes(ct)
+    incoming = _receive(spool, ct, raw)
+    receipt = incoming.commit(
+        calling_ae="TESTSCU",
+        expected_sop_class=str(ct.SOPClassUID),
+        expected_sop_instance=str(ct.SOPInstanceUID),
+    )
+    spooled = receipt.path.read_bytes()
+    # The same mark (magic, length, CRC) as a whole-stream put of the same bytes: recovery proves both.
+    stream = bytes(128) + file_meta(
+        str(ct.SOPClassUID), str(ct.SOPInstanceUID), str(ct.file_meta.TransferSyntaxUID)
+    )
+    stream += _data_set(raw)
+    assert spooled[:128] == _marked(stream) and spooled[128:] == stream[128:]
+    assert _is_complete(spooled)
+    assert pydicom.dcmread(receipt.path).PixelData == ct.PixelData
+    assert StatusQueries(spool.records.db).counts()["instances"] == 1
+    assert len(list(spool.pool_dir.iterdir())) == POOL_BATCH - 1
+
+
+def test_a_received_instance_over_the_budget_stops_being_written(tmp_path: Path, ct: pydicom.Dataset) -> None:
+    store = NodeState.open(tmp_path / "edge.sqlite3")
+    spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=4096, min_free_bytes=0)
+    incoming = _receive(spool, ct, _bytes(ct))
+    assert incoming.size > 4096
+    # Given back emptied at the first fragment over the budget: nothing more was written.
+    assert all(p.stat().st_size == 0 for p in spool.pool_dir.iterdir())
+    with pytest.raises(SpoolFullError, match="max_instance_bytes"):
+        incoming.commit(calling_ae="A", expected_sop_class=str(ct.SOPClassUID), expected_sop_instance="1.2")
+    assert StatusQueries(store.db).counts()["instances"] == 0
+    assert len(list(spool.pool_dir.iterdir())) == POOL_BATCH
+
+
+def test_a_received_instance_that_does_not_match_or_parse_is_dropped(
+    spool: Spool, ct: pydicom.Dataset
+) -> None:
+    raw = _bytes(ct)
+    with pytest.raises(InstanceMismatchError):
+        _receive(spool, ct, raw).commit(
+            calling_ae="A", expected_sop_class=str(ct.SOPClassUID), expected_sop_instance="1.2.3"
+        )
+    garbage = spool.receive(str(ct.SOPClassUID), "1.2.3", str(ct.file_meta.TransferSyntaxUID))
+    garbage.append(memoryview(b"\x08\x00\x18\x00UI\xff\xff" + bytes(64)))
+    with pytest.raises(BadInstanceError):
+        garbage.commit(calling_ae="A", expected_sop_class=str(ct.SOPClassUID), expected_sop_instance="1.2.3")
+    assert StatusQueries(spool.records.db).counts()["instances"] == 0
+    assert all(p.stat().st_size == 0 for p in spool.pool_dir.iterdir())
+
+
+def test_a_transfer_cut_short_leaves_a_slot_recovery_removes(spool: Spool, ct: pydicom.Dataset) -> None:
+    raw = _bytes(ct)
+    incoming = spool.receive(str(ct.SOPClassUID), str(ct.SOPInstanceUID), str(ct.file_meta.TransferSyntaxUID))
+    incoming.append(memoryview(_data_set(raw))[:5000])
+    # A crash now (the process dies, nothing discards it): the slot holds a stream without the spool's mark.
+    (written,) = [p for p in spool.pool_dir.iterdir() if p.stat().st_size]
+    assert not _is_complete(written.read_bytes())
+    assert spool.recover() == (1, 0)
+    assert not written.exists()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from edge_node.protection import ProtectionError, ProtectionPipeline, clip_l2, l2_norm
+from edge_node.protection.residual import ResidualStore
 from edge_node.protocol.accountant import GaussianRelease, epsilon_of
 from edge_node.protocol.compression import TopKCompressor, layout_of
 from edge_node.protocol.protection import CompressionKind, ProtectionSpec
@@ -64,6 +67,30 @@ def test_topk_compression_cuts_the_measured_bytes_twentyfold_and_loses_nothing_o
     # error feedback: what was sent plus what is still carried is everything clipped so far
     residual = pipe._feedback[(CompressionKind.TOPK, 0.01)].residual["w"]
     np.testing.assert_allclose(sent + residual, total, atol=1e-5)
+
+
+def test_the_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
+    """A pipeline that restarts from the node's data directory still owes what the last round dropped."""
+    rng = np.random.default_rng(2)
+    spec = _spec(compression=CompressionKind.TOPK, topk_fraction=0.05)
+    layout = layout_of({"w": np.zeros(2_000, dtype=np.float32)})
+    updates = [{"w": rng.normal(size=2_000).astype(np.float32)} for _ in range(3)]
+    store = ResidualStore.in_data_dir(tmp_path)
+    sent = np.zeros(2_000)
+    first = ProtectionPipeline(residuals=store)
+    sent += TopKCompressor(0.05).decompress(first.protect(updates[0], spec).wire, layout)["w"]
+    assert store.path(CompressionKind.TOPK, 0.05).is_file()
+    assert store.path(CompressionKind.TOPK, 0.05).name == "topk-0.05.npz"
+    for update in updates[1:]:  # each round in a fresh process: only the file carries the debt
+        again = ProtectionPipeline(residuals=ResidualStore.in_data_dir(tmp_path))
+        sent += TopKCompressor(0.05).decompress(again.protect(update, spec).wire, layout)["w"]
+    owed = store.load(CompressionKind.TOPK, 0.05)["w"]
+    total = sum(u["w"].astype(np.float64) for u in updates)
+    np.testing.assert_allclose(sent + owed, total, atol=1e-5)
+    # A corrupt residual file is ignored with a warning, not fatal: the update still leaves.
+    store.path(CompressionKind.TOPK, 0.05).write_bytes(b"not an npz")
+    assert store.load(CompressionKind.TOPK, 0.05) == {}
+    assert ProtectionPipeline(residuals=store).protect(updates[0], spec).payload_bytes > 0
 
 
 @pytest.mark.parametrize("kind", [CompressionKind.INT8, CompressionKind.FP16])

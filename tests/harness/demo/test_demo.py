@@ -38,8 +38,9 @@ def test_table_rows_reads_the_body_of_a_rich_table_as_the_node_prints_it() -> No
 def test_quick_demo_no_clinic_gets_worse_and_the_small_clinics_improve(
     tmp_path: Path, shared_data: Path
 ) -> None:
-    """Must-show 5, the quick demo as CI runs it (head_avg rounds): labels through each node's page, the
-    next student swapped in; no clinic's held-out AUC goes down and each small clinic's goes up."""
+    """Must-show 5, the quick demo as CI runs it (the default: FedHelp rounds of the hospitals with torch,
+    then head rounds of the small clinics with the light learner): labels through each node's page, the
+    next students swapped in; no clinic's held-out AUC goes down and each small clinic's goes up."""
     workdir = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), "--quick"])
     assert result.exit_code == 0, result.output
@@ -64,4 +65,7 @@ def test_quick_demo_no_clinic_gets_worse_and_the_small_clinics_improve(
         assert float(after) >= float(before), rows[name]
         if role == "small clinic":
             assert float(after) > float(before), rows[name]
-    assert (workdir / "students" / "1.1.0" / "bundle" / "manifest.sig").is_file()
+    # The hospitals' FedHelp rounds made student 1.1.0, the small clinics' head rounds 1.2.0: both signed.
+    for version in ("1.1.0", "1.2.0"):
+        assert (workdir / "students" / version / "bundle" / "manifest.sig").is_file()
+    assert "fedhelp, weights_delta" in result.output and "head_avg, head_delta" in result.output

@@ -90,8 +90,15 @@ def test_a_refusal_does_not_stop_k_of_n(db: Database, rc: RoundController) -> No
     ("protection", "words"),
     [
         (RoundProtection(epsilon=1.0), "needs a clip_norm"),
-        (RoundProtection(clip_norm=1.0, secure_aggregation=True), "secure aggregation is not served"),
-        (RoundProtection(compression=CompressionKind.TOPK), "does not decode topk"),
+        # one node: a "sum" of one update is that update
+        (
+            RoundProtection(clip_norm=1.0, secure_aggregation=True),
+            "secure aggregation needs at least 2 nodes",
+        ),
+        (
+            RoundProtection(clip_norm=1.0, compression=CompressionKind.TOPK, secure_aggregation=True),
+            "ring encoding is the codec",
+        ),
     ],
 )
 def test_protection_the_hub_cannot_serve_is_refused_at_start(
@@ -99,5 +106,13 @@ def test_protection_the_hub_cannot_serve_is_refused_at_start(
 ) -> None:
     enroll(db, 1)
     with pytest.raises(RoundConfigError, match=words):
+        rc.start(RoundStart(strategy="stats", config={"num_classes": 2}, protection=protection), actor="t")
+    assert rc.recent() == []
+
+
+def test_secure_aggregation_of_integer_counts_is_refused_at_start(db: Database, rc: RoundController) -> None:
+    enroll(db, 2)
+    protection = RoundProtection(clip_norm=1.0, secure_aggregation=True)
+    with pytest.raises(RoundConfigError, match="counts are integers"):
         rc.start(RoundStart(strategy="stats", config={"num_classes": 2}, protection=protection), actor="t")
     assert rc.recent() == []

@@ -20,13 +20,13 @@ TABLES = {"nodes", "credentials", "artifacts", "rounds", "tasks", "updates", "pu
 def _check(url: str) -> None:
     db = open_database(url)
     try:
-        assert db.current_revision() == db.head_revision() == "0002"
+        assert db.current_revision() == db.head_revision() == "0003"
         names = set(inspect(db.engine).get_table_names())
         assert names >= TABLES and "alembic_version" in names
         for table in Base.metadata.sorted_tables:  # the migration and the models agree column by column
             migrated = {c["name"] for c in inspect(db.engine).get_columns(table.name)}
             assert migrated == {c.name for c in table.columns}, table.name
-        assert db.migrate() == "0002"  # running it again is a no-op
+        assert db.migrate() == "0003"  # running it again is a no-op
     finally:
         db.close()
 

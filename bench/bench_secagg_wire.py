@@ -1,0 +1,172 @@
+"""Secure aggregation over the wire: hub time per round and bytes per node at N nodes, real HTTPS on loopback.
+
+A real ``fedclinic-hub serve`` (SQLite, one worker) and N nodes in one process, one thread each, every one
+running the node's own protocol code (``SecureAggregationRound`` over the pinned ``HubTransport``): advertise,
+share, mask (clip at the node, then the ring encoding and masks), unmask. The update is a float32 vector of
+``--values`` entries (93,025: the protection benchmark's CNN). Per round:
+
+- hub CPU: the hub process's user+system CPU seconds over the round (every request, relay poll, unmask);
+- unmask → published: from the hub's own records, the closing of the unmask step (rebuilding the sum from
+  the stored masked vectors and shares) to the published aggregate;
+- bytes per node: request and response bodies of the protocol as the node counted them, against the deflated
+  npz of its plain fp32 update (what a plain round sends).
+
+    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python bench/bench_secagg_wire.py --nodes 10 20 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import text
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from edge_node.protection import ProtectionPipeline  # noqa: E402
+from edge_node.protocol.protection import ProtectionSpec  # noqa: E402
+from edge_node.protocol.tensors import encode_tensors  # noqa: E402
+from edge_node.protocol.wire import Task, TaskList  # noqa: E402
+from edge_node.uplink.credential import BearerAuth  # noqa: E402
+from edge_node.uplink.secure_aggregation import SecureAggregationRound  # noqa: E402
+from edge_node.uplink.transport import HubTransport  # noqa: E402
+from hub.service.settings import load_settings  # noqa: E402
+from hub.store.artifacts import store_tensors  # noqa: E402
+from hub.store.database import open_database  # noqa: E402
+from tests.support.hub_server import EnrolledNode, HubServer, init_hub  # noqa: E402
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _at(value: Any) -> float:
+    stamp = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return stamp.replace(tzinfo=timezone.utc).timestamp() if stamp.tzinfo is None else stamp.timestamp()
+
+
+def _node_round(
+    hub: HubServer, node: EnrolledNode, task: Task, spec: ProtectionSpec, seed: int, poll_s: float
+) -> dict[str, int]:
+    rng = np.random.default_rng(seed)
+    update = {e.name: rng.normal(0, 1e-3, e.shape).astype(np.float32) for e in task.expected}
+    auth = BearerAuth(node.headers["Authorization"])
+    with HubTransport(hub.url, hub.cert.read_text(), auth=auth, timeout=120) as transport:
+        protocol = SecureAggregationRound.for_task(transport, node.node_id, task)
+        protocol.poll_s = poll_s
+        protected = protocol.run(update, spec, ProtectionPipeline(rng=rng))
+    return {
+        "sent": protocol.bytes_sent,
+        "received": protocol.bytes_received,
+        "masked_npz": len(protected.payload),
+        "plain_npz": len(encode_tensors(update)),
+    }
+
+
+def run(n: int, rounds: int, values: int, workdir: Path, poll_s: float) -> list[dict[str, Any]]:
+    root = workdir / f"hub-{n}"
+    init_hub(root)
+    hub = HubServer(root, env={"FEDCLINIC_HUB_SECAGG_STEP_S": "60", "FEDCLINIC_HUB_TICK_S": "1"})
+    hub.start()
+    db = open_database(load_settings(root).db_url, migrate=False)
+    out = []
+    try:
+        with hub.client() as client:
+            nodes = [hub.enroll(client, f"bench-{i:03d}") for i in range(n)]
+            with db.session() as session:
+                art = store_tensors(session, {"w": np.zeros(values, np.float32)})
+            for r in range(rounds):
+                assert hub.proc is not None
+                made = client.post(
+                    "/v1/admin/rounds",
+                    json={
+                        "strategy": "fedavg",
+                        "model_artifact": art,
+                        "deadline_s": 600,
+                        "protection": {"clip_norm": 1.0, "secure_aggregation": True},
+                    },
+                    headers=hub.admin_headers,
+                )
+                made.raise_for_status()
+                round_id = made.json()["round_id"]
+                tasks = []
+                for node in nodes:
+                    listed = TaskList.model_validate(
+                        client.get("/v1/node/tasks", headers=node.headers).json()
+                    )
+                    tasks.append(next(t for t in listed.tasks if t.round_id == round_id))
+                spec = tasks[0].protection
+                assert spec is not None
+                cpu0, wall0 = _cpu_seconds(hub.proc.pid), time.perf_counter()
+                with ThreadPoolExecutor(max_workers=n) as pool:
+                    futures = [
+                        pool.submit(_node_round, hub, node, task, spec, 1000 * r + i, poll_s)
+                        for i, (node, task) in enumerate(zip(nodes, tasks, strict=True))
+                    ]
+                    per_node = [f.result() for f in futures]
+                while (info := client.get(f"/v1/admin/rounds/{round_id}", headers=hub.admin_headers).json())[
+                    "state"
+                ] not in ("published", "failed"):
+                    time.sleep(0.1)
+                wall = time.perf_counter() - wall0
+                cpu = _cpu_seconds(hub.proc.pid) - cpu0
+                with db.session() as session:
+                    (closed,) = session.execute(
+                        text("SELECT closed_at FROM secagg_steps WHERE round_id = :r AND step = 'unmask'"),
+                        {"r": round_id},
+                    ).one()
+                unmask_s = _at(info["updated_at"]) - _at(closed)
+                row = {
+                    "nodes": n,
+                    "poll_s": poll_s,
+                    "round": info["round"],
+                    "state": info["state"],
+                    "wall_s": round(wall, 2),
+                    "hub_cpu_s": round(cpu, 2),
+                    "unmask_to_published_s": round(unmask_s, 3),
+                    "bytes_sent_per_node": int(statistics.mean(p["sent"] for p in per_node)),
+                    "bytes_received_per_node": int(statistics.mean(p["received"] for p in per_node)),
+                    "masked_npz": int(statistics.mean(p["masked_npz"] for p in per_node)),
+                    "plain_npz": int(statistics.mean(p["plain_npz"] for p in per_node)),
+                    "load_avg": round(os.getloadavg()[0], 1),
+                }
+                print(json.dumps(row), flush=True)
+                out.append(row)
+    finally:
+        db.close()
+        hub.stop()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--values", type=int, default=93025)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--poll-s", type=float, default=0.5, help="how often a waiting node asks the hub")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+        for n in args.nodes:
+            rows += run(n, args.rounds, args.values, Path(tmp), args.poll_s)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

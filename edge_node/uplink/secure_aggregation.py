@@ -1,0 +1,183 @@
+"""SecureAggregationRound: this node's part in one round's secure aggregation, over the hub API.
+
+The node makes an Ed25519 signing key for the round and sends its public half with its advertised keys;
+the hub binds it to this node's credential and relays every node's key in the roster. The steps, in
+order: ``advertise`` → wait for the roster → ``share`` → wait for the peers' shares → ``send_masked``
+(the protection pipeline's clip → noise → mask) → wait for the unmask request → ``unmask``. A step
+the hub has not closed yet is polled; a round that failed (below the threshold) raises with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge_node.protection.masking import SecAggClient
+from edge_node.protection.pipeline import ProtectedUpdate, ProtectionPipeline
+from edge_node.protocol.compression import Layout, TensorLayout
+from edge_node.protocol.errors import SecAggError
+from edge_node.protocol.protection import ProtectionSpec
+from edge_node.protocol.secagg import public_raw
+from edge_node.protocol.secagg_exchange import (
+    SecAggAdvertisement,
+    SecAggMasked,
+    SecAggRelay,
+    SecAggStep,
+)
+from edge_node.protocol.wire import Task
+from edge_node.uplink.transport import HubTransport
+
+__all__ = ["SecureAggregationRound"]
+
+logger = logging.getLogger(__name__)
+
+
+class SecureAggregationRound:
+    """One node in one round (``round_id`` binds every message; ``round`` is its number)."""
+
+    def __init__(
+        self,
+        transport: HubTransport,
+        *,
+        node_id: str,
+        round_id: str,
+        round: int,
+        layout: Mapping[str, TensorLayout],
+        poll_s: float = 0.2,
+        wait_s: float = 300.0,
+    ) -> None:
+        self.transport = transport
+        self.node_id = node_id
+        self.round_id = round_id
+        self.round = round
+        self.layout = dict(layout)
+        self.poll_s = poll_s
+        self.wait_s = wait_s
+        self._key = Ed25519PrivateKey.generate()
+        self._client: SecAggClient | None = None
+        #: Bytes this node sent and received in the protocol (request and response bodies).
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @classmethod
+    def for_task(cls, transport: HubTransport, node_id: str, task: Task) -> SecureAggregationRound:
+        """The protocol for ``task``'s round, over the tensors the task expects back."""
+        layout = {t.name: Layout(tuple(t.shape), np.dtype(t.dtype)) for t in task.expected}
+        return cls(transport, node_id=node_id, round_id=task.round_id, round=task.round, layout=layout)
+
+    @property
+    def signing_public(self) -> str:
+        """Hex of this round's signing key (what the hub binds to the node's credential)."""
+        return public_raw(self._key)
+
+    @property
+    def client(self) -> SecAggClient:
+        if self._client is None:
+            raise SecAggError("advertise keys first")
+        return self._client
+
+    def _path(self, step: SecAggStep) -> str:
+        return f"/v1/secagg/{self.round_id}/{step.value}"
+
+    def _post(self, step: SecAggStep, body: str) -> None:
+        data = body.encode()
+        self.bytes_sent += len(data)
+        self.transport.request(
+            "POST", self._path(step), content=data, headers={"Content-Type": "application/json"}
+        )
+
+    def relay(self, step: SecAggStep) -> SecAggRelay:
+        """What the hub relays for ``step`` now (``ready`` False while the step is open)."""
+        response = self.transport.request("GET", self._path(step))
+        self.bytes_received += len(response.content)
+        return SecAggRelay.model_validate_json(response.content)
+
+    def wait(self, step: SecAggStep) -> SecAggRelay:
+        """Poll until the hub closed ``step``; SecAggError if the round failed or the wait ran out."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            relayed = self.relay(step)
+            if relayed.failed:
+                raise SecAggError(f"the round failed: {relayed.failed}")
+            if relayed.ready:
+                return relayed
+            if time.monotonic() >= deadline:
+                raise SecAggError(f"the hub did not close the {step.value} step within {self.wait_s:.0f} s")
+            time.sleep(self.poll_s)
+
+    # -- the steps ----------------------------------------------------------------------------------------
+
+    def advertise(self) -> None:
+        """Step 1: fresh keys for the round, at the threshold the hub states for it."""
+        threshold = self.relay(SecAggStep.ADVERTISE).threshold
+        own: dict[str, Ed25519PublicKey] = {self.node_id: self._key.public_key()}
+        self._client = SecAggClient(
+            self.node_id,
+            self._key,
+            own,
+            task_id=self.round_id,
+            round=self.round,
+            threshold=threshold,
+            layout=self.layout,
+        )
+        body = SecAggAdvertisement(signing_public=public_raw(self._key), message=self._client.advertise())
+        self._post(SecAggStep.ADVERTISE, body.model_dump_json())
+
+    def share(self) -> None:
+        """Step 2: take the roster, share this node's secrets with every peer in it, take theirs."""
+        roster = self.wait(SecAggStep.ADVERTISE)
+        mine = roster.signing_keys.get(self.node_id)
+        if mine != public_raw(self._key):
+            raise SecAggError("the roster does not carry this node's own signing key")
+        try:
+            keys = roster.signing_keys
+            peers = {n: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for n, k in keys.items()}
+        except ValueError as exc:
+            raise SecAggError("the roster carries a malformed signing key") from exc
+        self.client.trust(peers)
+        shares = self.client.share_keys(roster.advertised)
+        self._post(SecAggStep.SHARE, shares.model_dump_json())
+        self.client.receive_shares(self.wait(SecAggStep.SHARE).shares)
+
+    def protect(
+        self, update: Mapping[str, np.ndarray], spec: ProtectionSpec, pipeline: ProtectionPipeline
+    ) -> ProtectedUpdate:
+        """Step 3's input: the update clipped, noised and masked (nothing is sent yet)."""
+        return pipeline.protect(update, spec, masker=self.client.mask)
+
+    def send_masked(self, protected: ProtectedUpdate) -> None:
+        """Step 3: the masked payload and the signed message that covers it."""
+        body = SecAggMasked(
+            message=self.client.masked_input(protected.payload),
+            payload_b64=base64.b64encode(protected.payload).decode(),
+        )
+        self._post(SecAggStep.MASKED, body.model_dump_json())
+
+    def unmask(self) -> None:
+        """Step 4: answer the hub's unmask request once."""
+        request = self.wait(SecAggStep.MASKED).unmask_request
+        if request is None:
+            raise SecAggError("the hub closed the masked step without an unmask request")
+        self._post(SecAggStep.UNMASK, self.client.unmask(request).model_dump_json())
+
+    def run(
+        self, update: Mapping[str, np.ndarray], spec: ProtectionSpec, pipeline: ProtectionPipeline
+    ) -> ProtectedUpdate:
+        """All four steps for ``update``; returns what left the node (masked)."""
+        self.advertise()
+        self.share()
+        protected = self.protect(update, spec, pipeline)
+        self.send_masked(protected)
+        self.unmask()
+        logger.info(
+            "secure aggregation of round %d: %d bytes sent, %d received",
+            self.round,
+            self.bytes_sent,
+            self.bytes_received,
+        )
+        return protected
