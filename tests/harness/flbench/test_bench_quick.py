@@ -19,6 +19,7 @@ from hub.training.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1200)  # every method and ablation, then a resume: > 10 min on a busy 2-core box
 def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     runner = CliRunner()
