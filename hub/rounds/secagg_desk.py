@@ -2,9 +2,9 @@
 
 The hub is the protocol's relay. Each node message is kept as one row keyed by (round, node, step), so a
 second message of a step is a replay and is refused; each closed step is a row that fixes who took part.
-Every message is checked, before it is kept, by ``SecAggServer`` rebuilt from the stored rows (signature,
-binding to the round, membership of the previous step), so several API processes agree without shared
-memory.
+Every message is checked, before it is kept, by a ``SecAggServer`` fed the stored rows (signature, binding
+to the round, membership of the previous step), so several API processes agree without shared memory; each
+worker keeps that server between requests and feeds it only the rows it lacks (``SecAggServers``).
 
 A step closes when every node of the previous step has sent its message, or ``secagg_step_s`` after the
 previous step closed (the first step: that long three times before the round's deadline, the time the
@@ -47,6 +47,7 @@ from edge_node.protocol.wire import RoundState, TaskState
 from hub.fl.secagg import SecAggServer
 from hub.fl.strategy import Params
 from hub.fl.validation import TensorSpec
+from hub.rounds.secagg_servers import FedServer, SecAggServers
 from hub.rounds.task_desk import round_protection
 from hub.rounds.tensor_specs import expected_specs
 from hub.rounds.transition import enter_state
@@ -129,7 +130,7 @@ def _public(hex_key: str) -> Ed25519PublicKey:
 class _Stored:
     """The rows of one round's secure aggregation as they stand."""
 
-    def __init__(self, session: Session, rnd: Round) -> None:
+    def __init__(self, session: Session, rnd: Round, *, bodies: bool = True) -> None:
         # Closed steps first: a step's row is written after its messages, so they are all found below. A
         # message that raced the closing of its step is not part of it and is left out.
         self.closed: dict[SecAggStep, SecAggStepRow] = {
@@ -137,11 +138,13 @@ class _Stored:
             for r in session.scalars(select(SecAggStepRow).where(SecAggStepRow.round_id == rnd.id))
         }
         self.messages: dict[SecAggStep, dict[str, SecAggMessageRow]] = {s: {} for s in STEPS}
-        # Payloads (masked vectors) are read only when the sum is rebuilt, not on every poll.
+        # Payloads (masked vectors) are read only when the sum is rebuilt, not on every poll; closing steps
+        # needs only who sent what, so the bodies wait until a server is fed.
+        deferred = [defer(SecAggMessageRow.payload)]
+        if not bodies:
+            deferred.append(defer(SecAggMessageRow.body))
         rows = session.scalars(
-            select(SecAggMessageRow)
-            .options(defer(SecAggMessageRow.payload))
-            .where(SecAggMessageRow.round_id == rnd.id)
+            select(SecAggMessageRow).options(*deferred).where(SecAggMessageRow.round_id == rnd.id)
         )
         for row in rows:
             step = SecAggStep(row.step)
@@ -152,40 +155,6 @@ class _Stored:
     def signing_keys(self) -> dict[str, str]:
         return {n: r.body["signing_public"] for n, r in self.messages[SecAggStep.ADVERTISE].items()}
 
-    def server(self, session: Session, rnd: Round, extra: Mapping[str, Ed25519PublicKey]) -> SecAggServer:
-        """``SecAggServer`` fed every stored message and step closing, in order (they were checked before)."""
-        keys: dict[str, Ed25519PublicKey] = {n: _NOBODY for n in rnd.nodes}
-        keys.update({n: _public(k) for n, k in self.signing_keys().items()})
-        keys.update(extra)
-        server = SecAggServer(
-            task_id=rnd.id,
-            round=rnd.number,
-            node_keys=keys,
-            threshold=_threshold(rnd),
-            layout=_layout(session, rnd),
-            frac_bits=_FRAC_BITS,
-        )
-        for row in self.messages[SecAggStep.ADVERTISE].values():
-            server.receive_advertise(AdvertiseKeys.model_validate(row.body["message"]))
-        if SecAggStep.ADVERTISE not in self.closed:
-            return server
-        server.key_list()
-        for row in self.messages[SecAggStep.SHARE].values():
-            server.receive_shares(ShareKeys.model_validate(row.body))
-        if SecAggStep.SHARE not in self.closed:
-            return server
-        server.share_list()
-        if SecAggStep.MASKED not in self.closed:
-            # The masked inputs kept so far are decoded only to unmask: a new one is checked on its own
-            # (its replay by the store's key).
-            return server
-        for row in self.messages[SecAggStep.MASKED].values():
-            server.receive_masked(MaskedInput.model_validate(row.body), row.payload or b"")
-        server.unmask_request()
-        for row in self.messages[SecAggStep.UNMASK].values():
-            server.receive_unmask(UnmaskResponse.model_validate(row.body))
-        return server
-
 
 class SecAggDesk:
     """Take nodes' protocol messages, relay closed steps, close steps on time; ``close_round`` at the end."""
@@ -194,6 +163,29 @@ class SecAggDesk:
         self.db = db
         self.settings = settings
         self.close_round = close_round
+        self._servers = SecAggServers()
+
+    def _server(self, session: Session, rnd: Round, stored: _Stored) -> FedServer:
+        """This worker's server of the round, now the caller's alone, fed every stored (checked) row."""
+        fed = self._servers.take(rnd.id)
+        if fed is not None:
+            try:
+                if fed.catch_up(session, rnd.id, stored.messages, stored.closed, _public):
+                    return fed
+            except SecAggError:  # it disagrees with the store: the store is the truth
+                pass
+        fed = FedServer(
+            SecAggServer(
+                task_id=rnd.id,
+                round=rnd.number,
+                node_keys={n: _NOBODY for n in rnd.nodes},
+                threshold=_threshold(rnd),
+                layout=_layout(session, rnd),
+                frac_bits=_FRAC_BITS,
+            )
+        )
+        fed.catch_up(session, rnd.id, stored.messages, stored.closed, _public)
+        return fed
 
     # -- nodes ---------------------------------------------------------------------------------------------
 
@@ -210,7 +202,7 @@ class SecAggDesk:
         """Check and keep one node message; a refusal is recorded in the audit log with its reason."""
         self.advance(round_id)  # a step that is due closes first, so a late message is refused as such
         try:
-            self._keep(node_id, round_id, step, body, signing_public, payload)
+            fed = self._keep(node_id, round_id, step, body, signing_public, payload)
         except IntegrityError:  # the same message raced itself in two requests: the second is a replay
             self._refused(node_id, round_id, step, "a second message for this step (replay)")
             reason = f"refused: {node_id} already sent its {step.value} message (replay)"
@@ -218,6 +210,9 @@ class SecAggDesk:
         except HubServiceError as exc:
             self._refused(node_id, round_id, step, str(exc))
             raise
+        # Kept only now that the message is committed: the server then matches the store.
+        fed.fed[step].add(node_id)
+        self._servers.give_back(round_id, fed)
         self.advance(round_id)
         return SecAggReceipt(round_id=round_id, node_id=node_id, step=step)
 
@@ -229,7 +224,7 @@ class SecAggDesk:
         body: SecAggMessage,
         signing_public: str | None,
         payload: bytes | None,
-    ) -> None:
+    ) -> FedServer:
         with self.db.session() as session:
             rnd = self._round(session, round_id, node_id)
             if body.node_id != node_id:
@@ -254,11 +249,9 @@ class SecAggDesk:
             index = STEPS.index(step)
             if index > 0 and STEPS[index - 1] not in stored.closed:
                 raise ConflictError(f"refused: the {step.value} step of round {rnd.number} is not open yet")
-            extra: dict[str, Ed25519PublicKey] = {}
             if step is SecAggStep.ADVERTISE:
                 assert signing_public is not None  # the route's body carries it
-                extra[node_id] = _public(signing_public)
-                key = extra[node_id]
+                key = _public(signing_public)
             else:
                 known = stored.signing_keys().get(node_id)
                 key = _public(known) if known is not None else _NOBODY
@@ -266,9 +259,11 @@ class SecAggDesk:
                 raise ForbiddenError(
                     f"refused: the {step.value} message of {node_id} is not signed by its round signing key"
                 )
-            server = stored.server(session, rnd, extra)
+            fed = self._server(session, rnd, stored)
+            server = fed.server
             try:
                 if isinstance(body, AdvertiseKeys):
+                    server.bind_key(node_id, key)
                     server.receive_advertise(body)
                 elif isinstance(body, ShareKeys):
                     server.receive_shares(body)
@@ -294,6 +289,7 @@ class SecAggDesk:
                 )
             )
             audit(session, node_id, f"secagg.{step.value}", rnd.id, f"round={rnd.number}")
+        return fed
 
     def _refused(self, node_id: str, round_id: str, step: SecAggStep, reason: str) -> None:
         with self.db.session() as session:
@@ -377,7 +373,7 @@ class SecAggDesk:
             rnd = session.get(Round, round_id)
             if rnd is None or rnd.state != RoundState.COLLECTING.value or not is_secagg(rnd):
                 return False
-            stored = _Stored(session, rnd)
+            stored = _Stored(session, rnd, bodies=False)
             threshold = _threshold(rnd)
             for index, step in enumerate(STEPS):
                 if step in stored.closed:
@@ -417,7 +413,7 @@ class SecAggDesk:
                 row = SecAggStepRow(round_id=rnd.id, step=step.value, members=members, closed_at=now)
                 stored.closed[step] = row
                 if step is SecAggStep.UNMASK:
-                    total = stored.server(session, rnd, {}).ring_sum()
+                    total = self._server(session, rnd, stored).server.ring_sum()
                     row.ring_sum = encode_tensors({_RING_SUM: total}, compress=False)
                     survivors = stored.closed[SecAggStep.MASKED].members
                     session.execute(
