@@ -20,6 +20,8 @@ the peers' signing keys from the hub's roster (see docs/hub-service.md).
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -73,6 +75,8 @@ SUM_CLIENT = "secagg-sum"
 _RING_SUM = "ring_sum"
 #: Fixed-point bits of the ring encoding: the protocol's default, which the nodes' clients use too.
 _FRAC_BITS = 16
+#: Closed steps whose relay body a worker keeps (four rounds' worth of the three relayed steps).
+_KEPT_RELAYS = 12
 #: A key nobody holds: a node that has not advertised yet cannot sign as itself.
 _NOBODY = Ed25519PrivateKey.generate().public_key()
 
@@ -164,6 +168,8 @@ class SecAggDesk:
         self.settings = settings
         self.close_round = close_round
         self._servers = SecAggServers()
+        self._relays: OrderedDict[tuple[str, SecAggStep], tuple[SecAggRelay, bytes]] = OrderedDict()
+        self._relays_lock = threading.Lock()
 
     def _server(self, session: Session, rnd: Round, stored: _Stored) -> FedServer:
         """This worker's server of the round, now the caller's alone, fed every stored (checked) row."""
@@ -298,42 +304,66 @@ class SecAggDesk:
 
     def relay(self, node_id: str, round_id: str, step: SecAggStep) -> SecAggRelay:
         """What the hub hands on after ``step`` closed (``ready`` False while it is open)."""
+        return self._relay(node_id, round_id, step)[0]
+
+    def relay_json(self, node_id: str, round_id: str, step: SecAggStep) -> bytes:
+        """``relay`` as its JSON body; a closed step's body is serialised once per worker, not per request."""
+        relay, body = self._relay(node_id, round_id, step)
+        return body if body is not None else relay.model_dump_json(by_alias=True).encode()
+
+    def _relay(self, node_id: str, round_id: str, step: SecAggStep) -> tuple[SecAggRelay, bytes | None]:
         self.advance(round_id)
         with self.db.session() as session:
             rnd = self._round(session, round_id, node_id)
-            stored = _Stored(session, rnd)
+            failed = rnd.reason if rnd.state == RoundState.FAILED.value else None
             relay = SecAggRelay(
                 round_id=rnd.id,
                 round=rnd.number,
                 step=step,
                 ready=False,
                 threshold=_threshold(rnd),
-                failed=rnd.reason if rnd.state == RoundState.FAILED.value else None,
+                failed=failed,
             )
-            closed = stored.closed.get(step)
+            closed = session.get(SecAggStepRow, (rnd.id, step.value))
             if closed is None or step is SecAggStep.UNMASK:
-                return relay
-            members: list[str] = list(closed.members)
-            if node_id not in members:
+                return relay, None
+            if node_id not in closed.members:
                 raise ForbiddenError(f"this node took no part in the {step.value} step of round {rnd.number}")
-            update_: dict[str, Any] = {"ready": True}
-            if step is SecAggStep.ADVERTISE:
-                keys = stored.signing_keys()
-                update_["signing_keys"] = {n: keys[n] for n in members}
-                update_["advertised"] = [
-                    AdvertiseKeys.model_validate(stored.messages[step][n].body["message"]) for n in members
-                ]
-            elif step is SecAggStep.SHARE:
-                update_["shares"] = [ShareKeys.model_validate(stored.messages[step][n].body) for n in members]
-            else:
-                shared = stored.closed[SecAggStep.SHARE].members
-                update_["unmask_request"] = UnmaskRequest(
-                    task_id=rnd.id,
-                    round=rnd.number,
-                    survivors=sorted(members),
-                    dropped=sorted(set(shared) - set(members)),
-                )
-            return relay.model_copy(update=update_)
+            with self._relays_lock:
+                kept = self._relays.get((rnd.id, step))
+            if kept is None:
+                # A closed step's relay never changes (its members and their messages are fixed).
+                ready = relay.model_copy(update=self._relayed(session, rnd, step, list(closed.members)))
+                kept = (ready, ready.model_dump_json(by_alias=True).encode())
+                with self._relays_lock:
+                    self._relays[(rnd.id, step)] = kept
+                    while len(self._relays) > _KEPT_RELAYS:
+                        self._relays.popitem(last=False)
+            if failed is not None:
+                return kept[0].model_copy(update={"failed": failed}), None
+            return kept
+
+    @staticmethod
+    def _relayed(session: Session, rnd: Round, step: SecAggStep, members: list[str]) -> dict[str, Any]:
+        stored = _Stored(session, rnd)
+        update_: dict[str, Any] = {"ready": True}
+        if step is SecAggStep.ADVERTISE:
+            keys = stored.signing_keys()
+            update_["signing_keys"] = {n: keys[n] for n in members}
+            update_["advertised"] = [
+                AdvertiseKeys.model_validate(stored.messages[step][n].body["message"]) for n in members
+            ]
+        elif step is SecAggStep.SHARE:
+            update_["shares"] = [ShareKeys.model_validate(stored.messages[step][n].body) for n in members]
+        else:
+            shared = stored.closed[SecAggStep.SHARE].members
+            update_["unmask_request"] = UnmaskRequest(
+                task_id=rnd.id,
+                round=rnd.number,
+                survivors=sorted(members),
+                dropped=sorted(set(shared) - set(members)),
+            )
+        return update_
 
     def _round(self, session: Session, round_id: str, node_id: str) -> Round:
         rnd = session.get(Round, round_id)
