@@ -49,7 +49,7 @@ from edge_node.protocol.wire import RoundState, TaskState
 from hub.fl.secagg import SecAggServer
 from hub.fl.strategy import Params
 from hub.fl.validation import TensorSpec
-from hub.rounds.secagg_servers import FedServer, SecAggServers
+from hub.rounds.secagg_servers import FedServer, SecAggServers, ServerSlot
 from hub.rounds.task_desk import round_protection
 from hub.rounds.tensor_specs import expected_specs
 from hub.rounds.transition import enter_state
@@ -171,9 +171,9 @@ class SecAggDesk:
         self._relays: OrderedDict[tuple[str, SecAggStep], tuple[SecAggRelay, bytes]] = OrderedDict()
         self._relays_lock = threading.Lock()
 
-    def _server(self, session: Session, rnd: Round, stored: _Stored) -> FedServer:
-        """This worker's server of the round, now the caller's alone, fed every stored (checked) row."""
-        fed = self._servers.take(rnd.id)
+    def _server(self, session: Session, rnd: Round, stored: _Stored, slot: ServerSlot) -> FedServer:
+        """The slot's server of the round (taken out of it) fed every stored (checked) row, else a new one."""
+        fed, slot.fed = slot.fed, None
         if fed is not None:
             try:
                 if fed.catch_up(session, rnd.id, stored.messages, stored.closed, _public):
@@ -208,7 +208,11 @@ class SecAggDesk:
         """Check and keep one node message; a refusal is recorded in the audit log with its reason."""
         self.advance(round_id)  # a step that is due closes first, so a late message is refused as such
         try:
-            fed = self._keep(node_id, round_id, step, body, signing_public, payload)
+            with self._servers.hold(round_id) as slot:
+                fed = self._keep(node_id, round_id, step, body, signing_public, payload, slot)
+                # Kept only now that the message is committed: the server then matches the store.
+                fed.fed[step].add(node_id)
+                slot.fed = fed
         except IntegrityError:  # the same message raced itself in two requests: the second is a replay
             self._refused(node_id, round_id, step, "a second message for this step (replay)")
             reason = f"refused: {node_id} already sent its {step.value} message (replay)"
@@ -216,9 +220,6 @@ class SecAggDesk:
         except HubServiceError as exc:
             self._refused(node_id, round_id, step, str(exc))
             raise
-        # Kept only now that the message is committed: the server then matches the store.
-        fed.fed[step].add(node_id)
-        self._servers.give_back(round_id, fed)
         self.advance(round_id)
         return SecAggReceipt(round_id=round_id, node_id=node_id, step=step)
 
@@ -230,6 +231,7 @@ class SecAggDesk:
         body: SecAggMessage,
         signing_public: str | None,
         payload: bytes | None,
+        slot: ServerSlot,
     ) -> FedServer:
         with self.db.session() as session:
             rnd = self._round(session, round_id, node_id)
@@ -265,7 +267,7 @@ class SecAggDesk:
                 raise ForbiddenError(
                     f"refused: the {step.value} message of {node_id} is not signed by its round signing key"
                 )
-            fed = self._server(session, rnd, stored)
+            fed = self._server(session, rnd, stored, slot)
             server = fed.server
             try:
                 if isinstance(body, AdvertiseKeys):
@@ -443,7 +445,9 @@ class SecAggDesk:
                 row = SecAggStepRow(round_id=rnd.id, step=step.value, members=members, closed_at=now)
                 stored.closed[step] = row
                 if step is SecAggStep.UNMASK:
-                    total = self._server(session, rnd, stored).server.ring_sum()
+                    # This transaction may hold the database's write lock: never wait for the round's server.
+                    with self._servers.hold(rnd.id, wait=False) as slot:
+                        total = self._server(session, rnd, stored, slot).server.ring_sum()
                     row.ring_sum = encode_tensors({_RING_SUM: total}, compress=False)
                     survivors = stored.closed[SecAggStep.MASKED].members
                     session.execute(

@@ -3,15 +3,17 @@
 The store stays the truth. A kept server remembers which stored messages it was fed and which step closings
 it applied; before use it is checked against the rows as they stand and fed only what it lacks. A server
 that holds a message the store does not (one that raced the closing of its step) is thrown away and rebuilt.
-A server is lent to one request at a time (taken out, put back after the request's commit), so two threads
-of a worker never feed the same one, and a request that fails leaves nothing half-fed behind.
+A round's server serves one request at a time (the others of that round wait), so two threads of a worker
+never feed the same one; it is kept only after the request's commit, so a request that fails leaves
+nothing half-fed behind.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
@@ -22,7 +24,7 @@ from edge_node.protocol.secagg_exchange import SecAggStep
 from hub.fl.secagg import SecAggServer
 from hub.store.schema import SecAggMessageRow, SecAggStepRow
 
-__all__ = ["FedServer", "SecAggServers"]
+__all__ = ["FedServer", "SecAggServers", "ServerSlot"]
 
 STEPS = list(SecAggStep)
 #: Rounds whose servers a worker keeps; a round past them is rebuilt on its next message.
@@ -96,22 +98,45 @@ class FedServer:
         return True
 
 
+class ServerSlot:
+    """A round's place in ``SecAggServers`` while one request holds it: ``fed`` is kept when it ends."""
+
+    def __init__(self, fed: FedServer | None) -> None:
+        self.fed = fed
+
+
 class SecAggServers:
-    """The servers one worker keeps, lent out one request at a time."""
+    """The servers one worker keeps; a round's server serves one request at a time."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: OrderedDict[str, FedServer] = OrderedDict()
+        # One lock per round ever seen by this worker: a few bytes a round, so they are not pruned.
+        self._rounds: dict[str, threading.Lock] = {}
 
-    def take(self, round_id: str) -> FedServer | None:
-        """The kept server of a round, now the caller's alone; None if none is kept."""
-        with self._lock:
-            return self._kept.pop(round_id, None)
+    @contextmanager
+    def hold(self, round_id: str, *, wait: bool = True) -> Iterator[ServerSlot]:
+        """The round's kept server, the caller's alone until the block ends; what ``slot.fed`` then is stays.
 
-    def give_back(self, round_id: str, fed: FedServer) -> None:
-        """Keep a server whose messages are all in the store (after the request's commit)."""
+        Requests of one round wait for each other (``wait``) rather than each rebuilding the server. A
+        caller that may hold a database lock passes ``wait=False``: if the round is busy it gets an empty
+        slot (a rebuild), never a deadlock against a request waiting on the database.
+        """
         with self._lock:
-            self._kept[round_id] = fed
-            self._kept.move_to_end(round_id)
-            while len(self._kept) > _KEPT_ROUNDS:
-                self._kept.popitem(last=False)
+            lock = self._rounds.setdefault(round_id, threading.Lock())
+        if not lock.acquire(blocking=wait):
+            yield ServerSlot(None)
+            return
+        try:
+            with self._lock:
+                slot = ServerSlot(self._kept.pop(round_id, None))
+            try:
+                yield slot
+            finally:
+                if slot.fed is not None:
+                    with self._lock:
+                        self._kept[round_id] = slot.fed
+                        while len(self._kept) > _KEPT_ROUNDS:
+                            self._kept.popitem(last=False)
+        finally:
+            lock.release()
