@@ -134,7 +134,7 @@ def _public(hex_key: str) -> Ed25519PublicKey:
 class _Stored:
     """The rows of one round's secure aggregation as they stand."""
 
-    def __init__(self, session: Session, rnd: Round, *, bodies: bool = True) -> None:
+    def __init__(self, session: Session, rnd: Round) -> None:
         # Closed steps first: a step's row is written after its messages, so they are all found below. A
         # message that raced the closing of its step is not part of it and is left out.
         self.closed: dict[SecAggStep, SecAggStepRow] = {
@@ -142,13 +142,11 @@ class _Stored:
             for r in session.scalars(select(SecAggStepRow).where(SecAggStepRow.round_id == rnd.id))
         }
         self.messages: dict[SecAggStep, dict[str, SecAggMessageRow]] = {s: {} for s in STEPS}
-        # Payloads (masked vectors) are read only when the sum is rebuilt, not on every poll; closing steps
-        # needs only who sent what, so the bodies wait until a server is fed.
-        deferred = [defer(SecAggMessageRow.payload)]
-        if not bodies:
-            deferred.append(defer(SecAggMessageRow.body))
+        # Payloads (masked vectors) are read only when the sum is rebuilt, not on every request.
         rows = session.scalars(
-            select(SecAggMessageRow).options(*deferred).where(SecAggMessageRow.round_id == rnd.id)
+            select(SecAggMessageRow)
+            .options(defer(SecAggMessageRow.payload))
+            .where(SecAggMessageRow.round_id == rnd.id)
         )
         for row in rows:
             step = SecAggStep(row.step)
@@ -405,10 +403,21 @@ class SecAggDesk:
             rnd = session.get(Round, round_id)
             if rnd is None or rnd.state != RoundState.COLLECTING.value or not is_secagg(rnd):
                 return False
-            stored = _Stored(session, rnd, bodies=False)
+            # Closing steps needs only who sent what: node ids, not message rows (this runs on every request).
+            closed: dict[SecAggStep, SecAggStepRow] = {
+                SecAggStep(r.step): r
+                for r in session.scalars(select(SecAggStepRow).where(SecAggStepRow.round_id == rnd.id))
+            }
+            sent_by: dict[SecAggStep, set[str]] = {s: set() for s in STEPS}
+            for step_value, sender in session.execute(
+                select(SecAggMessageRow.step, SecAggMessageRow.node_id).where(
+                    SecAggMessageRow.round_id == rnd.id
+                )
+            ):
+                sent_by[SecAggStep(step_value)].add(sender)
             threshold = _threshold(rnd)
             for index, step in enumerate(STEPS):
-                if step in stored.closed:
+                if step in closed:
                     continue
                 if index == 0:
                     refused = set(
@@ -421,10 +430,10 @@ class SecAggDesk:
                     waiting = set(rnd.nodes) - refused
                     due = rnd.deadline - 3 * step_s
                 else:
-                    previous = stored.closed[STEPS[index - 1]]
+                    previous = closed[STEPS[index - 1]]
                     waiting = set(previous.members)
                     due = previous.closed_at + step_s
-                sent = set(stored.messages[step])
+                sent = sent_by[step]
                 if not (waiting <= sent or now >= due):
                     return False
                 members = sorted(sent)
@@ -443,13 +452,15 @@ class SecAggDesk:
                     )
                     return False
                 row = SecAggStepRow(round_id=rnd.id, step=step.value, members=members, closed_at=now)
-                stored.closed[step] = row
+                closed[step] = row
                 if step is SecAggStep.UNMASK:
+                    stored = _Stored(session, rnd)
+                    stored.closed[step] = row
                     # This transaction may hold the database's write lock: never wait for the round's server.
                     with self._servers.hold(rnd.id, wait=False) as slot:
                         total = self._server(session, rnd, stored, slot).server.ring_sum()
                     row.ring_sum = encode_tensors({_RING_SUM: total}, compress=False)
-                    survivors = stored.closed[SecAggStep.MASKED].members
+                    survivors = closed[SecAggStep.MASKED].members
                     session.execute(
                         update(Task)
                         .where(Task.round_id == rnd.id, Task.node_id.in_(survivors))
