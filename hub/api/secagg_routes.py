@@ -6,7 +6,7 @@ import base64
 import binascii
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from edge_node.protocol.secagg import ShareKeys, UnmaskResponse
 from edge_node.protocol.secagg_exchange import (
@@ -72,7 +72,9 @@ def unmask(request: Request, token: NodeToken, round_id: str, body: UnmaskRespon
 
 
 @router.get("/{round_id}/{step}", response_model=SecAggRelay, responses=_ERRORS)
-def relay(request: Request, token: NodeToken, round_id: str, step: SecAggStep) -> SecAggRelay:
+def relay(request: Request, token: NodeToken, round_id: str, step: SecAggStep) -> Response:
     """What the hub relays once ``step`` closed: the roster, the shares, or the unmask request."""
     ctx = context_of(request)
-    return ctx.rounds.secagg.relay(_node(request, token), round_id, step)
+    # A ``SecAggRelay`` body serialised by the desk (once per closed step), not again per request.
+    body = ctx.rounds.secagg.relay_json(_node(request, token), round_id, step)
+    return Response(content=body, media_type="application/json")

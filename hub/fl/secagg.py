@@ -97,6 +97,14 @@ class SecAggServer:
         if type(msg).__name__ in self._closed:
             raise SecAggError(f"refused: the {type(msg).__name__} step of this round is closed (too late)")
 
+    def bind_key(self, node_id: str, key: Ed25519PublicKey) -> None:
+        """Set the signing key of a cohort node that has not advertised yet (it arrives with its message)."""
+        if node_id not in self._keys:
+            raise SecAggError(f"refused: {node_id!r} is not in this round's cohort")
+        if node_id in self.advertised:
+            raise SecAggError(f"refused: {node_id!r} already sent its AdvertiseKeys (replay)")
+        self._keys[node_id] = key
+
     def receive_advertise(self, msg: AdvertiseKeys) -> None:
         """Step 1 from a node."""
         self._accept(msg, self.advertised, self._keys)

@@ -2,9 +2,9 @@
 
 The hub is the protocol's relay. Each node message is kept as one row keyed by (round, node, step), so a
 second message of a step is a replay and is refused; each closed step is a row that fixes who took part.
-Every message is checked, before it is kept, by ``SecAggServer`` rebuilt from the stored rows (signature,
-binding to the round, membership of the previous step), so several API processes agree without shared
-memory.
+Every message is checked, before it is kept, by a ``SecAggServer`` fed the stored rows (signature, binding
+to the round, membership of the previous step), so several API processes agree without shared memory; each
+worker keeps that server between requests and feeds it only the rows it lacks (``SecAggServers``).
 
 A step closes when every node of the previous step has sent its message, or ``secagg_step_s`` after the
 previous step closed (the first step: that long three times before the round's deadline, the time the
@@ -20,6 +20,8 @@ the peers' signing keys from the hub's roster (see docs/hub-service.md).
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -47,6 +49,7 @@ from edge_node.protocol.wire import RoundState, TaskState
 from hub.fl.secagg import SecAggServer
 from hub.fl.strategy import Params
 from hub.fl.validation import TensorSpec
+from hub.rounds.secagg_servers import FedServer, SecAggServers, ServerSlot
 from hub.rounds.task_desk import round_protection
 from hub.rounds.tensor_specs import expected_specs
 from hub.rounds.transition import enter_state
@@ -72,6 +75,8 @@ SUM_CLIENT = "secagg-sum"
 _RING_SUM = "ring_sum"
 #: Fixed-point bits of the ring encoding: the protocol's default, which the nodes' clients use too.
 _FRAC_BITS = 16
+#: Closed steps whose relay body a worker keeps (four rounds' worth of the three relayed steps).
+_KEPT_RELAYS = 12
 #: A key nobody holds: a node that has not advertised yet cannot sign as itself.
 _NOBODY = Ed25519PrivateKey.generate().public_key()
 
@@ -137,7 +142,7 @@ class _Stored:
             for r in session.scalars(select(SecAggStepRow).where(SecAggStepRow.round_id == rnd.id))
         }
         self.messages: dict[SecAggStep, dict[str, SecAggMessageRow]] = {s: {} for s in STEPS}
-        # Payloads (masked vectors) are read only when the sum is rebuilt, not on every poll.
+        # Payloads (masked vectors) are read only when the sum is rebuilt, not on every request.
         rows = session.scalars(
             select(SecAggMessageRow)
             .options(defer(SecAggMessageRow.payload))
@@ -152,40 +157,6 @@ class _Stored:
     def signing_keys(self) -> dict[str, str]:
         return {n: r.body["signing_public"] for n, r in self.messages[SecAggStep.ADVERTISE].items()}
 
-    def server(self, session: Session, rnd: Round, extra: Mapping[str, Ed25519PublicKey]) -> SecAggServer:
-        """``SecAggServer`` fed every stored message and step closing, in order (they were checked before)."""
-        keys: dict[str, Ed25519PublicKey] = {n: _NOBODY for n in rnd.nodes}
-        keys.update({n: _public(k) for n, k in self.signing_keys().items()})
-        keys.update(extra)
-        server = SecAggServer(
-            task_id=rnd.id,
-            round=rnd.number,
-            node_keys=keys,
-            threshold=_threshold(rnd),
-            layout=_layout(session, rnd),
-            frac_bits=_FRAC_BITS,
-        )
-        for row in self.messages[SecAggStep.ADVERTISE].values():
-            server.receive_advertise(AdvertiseKeys.model_validate(row.body["message"]))
-        if SecAggStep.ADVERTISE not in self.closed:
-            return server
-        server.key_list()
-        for row in self.messages[SecAggStep.SHARE].values():
-            server.receive_shares(ShareKeys.model_validate(row.body))
-        if SecAggStep.SHARE not in self.closed:
-            return server
-        server.share_list()
-        if SecAggStep.MASKED not in self.closed:
-            # The masked inputs kept so far are decoded only to unmask: a new one is checked on its own
-            # (its replay by the store's key).
-            return server
-        for row in self.messages[SecAggStep.MASKED].values():
-            server.receive_masked(MaskedInput.model_validate(row.body), row.payload or b"")
-        server.unmask_request()
-        for row in self.messages[SecAggStep.UNMASK].values():
-            server.receive_unmask(UnmaskResponse.model_validate(row.body))
-        return server
-
 
 class SecAggDesk:
     """Take nodes' protocol messages, relay closed steps, close steps on time; ``close_round`` at the end."""
@@ -194,6 +165,31 @@ class SecAggDesk:
         self.db = db
         self.settings = settings
         self.close_round = close_round
+        self._servers = SecAggServers()
+        self._relays: OrderedDict[tuple[str, SecAggStep], tuple[SecAggRelay, bytes]] = OrderedDict()
+        self._relays_lock = threading.Lock()
+
+    def _server(self, session: Session, rnd: Round, stored: _Stored, slot: ServerSlot) -> FedServer:
+        """The slot's server of the round (taken out of it) fed every stored (checked) row, else a new one."""
+        fed, slot.fed = slot.fed, None
+        if fed is not None:
+            try:
+                if fed.catch_up(session, rnd.id, stored.messages, stored.closed, _public):
+                    return fed
+            except SecAggError:  # it disagrees with the store: the store is the truth
+                pass
+        fed = FedServer(
+            SecAggServer(
+                task_id=rnd.id,
+                round=rnd.number,
+                node_keys={n: _NOBODY for n in rnd.nodes},
+                threshold=_threshold(rnd),
+                layout=_layout(session, rnd),
+                frac_bits=_FRAC_BITS,
+            )
+        )
+        fed.catch_up(session, rnd.id, stored.messages, stored.closed, _public)
+        return fed
 
     # -- nodes ---------------------------------------------------------------------------------------------
 
@@ -210,7 +206,11 @@ class SecAggDesk:
         """Check and keep one node message; a refusal is recorded in the audit log with its reason."""
         self.advance(round_id)  # a step that is due closes first, so a late message is refused as such
         try:
-            self._keep(node_id, round_id, step, body, signing_public, payload)
+            with self._servers.hold(round_id) as slot:
+                fed = self._keep(node_id, round_id, step, body, signing_public, payload, slot)
+                # Kept only now that the message is committed: the server then matches the store.
+                fed.fed[step].add(node_id)
+                slot.fed = fed
         except IntegrityError:  # the same message raced itself in two requests: the second is a replay
             self._refused(node_id, round_id, step, "a second message for this step (replay)")
             reason = f"refused: {node_id} already sent its {step.value} message (replay)"
@@ -229,7 +229,8 @@ class SecAggDesk:
         body: SecAggMessage,
         signing_public: str | None,
         payload: bytes | None,
-    ) -> None:
+        slot: ServerSlot,
+    ) -> FedServer:
         with self.db.session() as session:
             rnd = self._round(session, round_id, node_id)
             if body.node_id != node_id:
@@ -254,11 +255,9 @@ class SecAggDesk:
             index = STEPS.index(step)
             if index > 0 and STEPS[index - 1] not in stored.closed:
                 raise ConflictError(f"refused: the {step.value} step of round {rnd.number} is not open yet")
-            extra: dict[str, Ed25519PublicKey] = {}
             if step is SecAggStep.ADVERTISE:
                 assert signing_public is not None  # the route's body carries it
-                extra[node_id] = _public(signing_public)
-                key = extra[node_id]
+                key = _public(signing_public)
             else:
                 known = stored.signing_keys().get(node_id)
                 key = _public(known) if known is not None else _NOBODY
@@ -266,9 +265,11 @@ class SecAggDesk:
                 raise ForbiddenError(
                     f"refused: the {step.value} message of {node_id} is not signed by its round signing key"
                 )
-            server = stored.server(session, rnd, extra)
+            fed = self._server(session, rnd, stored, slot)
+            server = fed.server
             try:
                 if isinstance(body, AdvertiseKeys):
+                    server.bind_key(node_id, key)
                     server.receive_advertise(body)
                 elif isinstance(body, ShareKeys):
                     server.receive_shares(body)
@@ -294,6 +295,7 @@ class SecAggDesk:
                 )
             )
             audit(session, node_id, f"secagg.{step.value}", rnd.id, f"round={rnd.number}")
+        return fed
 
     def _refused(self, node_id: str, round_id: str, step: SecAggStep, reason: str) -> None:
         with self.db.session() as session:
@@ -302,42 +304,66 @@ class SecAggDesk:
 
     def relay(self, node_id: str, round_id: str, step: SecAggStep) -> SecAggRelay:
         """What the hub hands on after ``step`` closed (``ready`` False while it is open)."""
+        return self._relay(node_id, round_id, step)[0]
+
+    def relay_json(self, node_id: str, round_id: str, step: SecAggStep) -> bytes:
+        """``relay`` as its JSON body; a closed step's body is serialised once per worker, not per request."""
+        relay, body = self._relay(node_id, round_id, step)
+        return body if body is not None else relay.model_dump_json(by_alias=True).encode()
+
+    def _relay(self, node_id: str, round_id: str, step: SecAggStep) -> tuple[SecAggRelay, bytes | None]:
         self.advance(round_id)
         with self.db.session() as session:
             rnd = self._round(session, round_id, node_id)
-            stored = _Stored(session, rnd)
+            failed = rnd.reason if rnd.state == RoundState.FAILED.value else None
             relay = SecAggRelay(
                 round_id=rnd.id,
                 round=rnd.number,
                 step=step,
                 ready=False,
                 threshold=_threshold(rnd),
-                failed=rnd.reason if rnd.state == RoundState.FAILED.value else None,
+                failed=failed,
             )
-            closed = stored.closed.get(step)
+            closed = session.get(SecAggStepRow, (rnd.id, step.value))
             if closed is None or step is SecAggStep.UNMASK:
-                return relay
-            members: list[str] = list(closed.members)
-            if node_id not in members:
+                return relay, None
+            if node_id not in closed.members:
                 raise ForbiddenError(f"this node took no part in the {step.value} step of round {rnd.number}")
-            update_: dict[str, Any] = {"ready": True}
-            if step is SecAggStep.ADVERTISE:
-                keys = stored.signing_keys()
-                update_["signing_keys"] = {n: keys[n] for n in members}
-                update_["advertised"] = [
-                    AdvertiseKeys.model_validate(stored.messages[step][n].body["message"]) for n in members
-                ]
-            elif step is SecAggStep.SHARE:
-                update_["shares"] = [ShareKeys.model_validate(stored.messages[step][n].body) for n in members]
-            else:
-                shared = stored.closed[SecAggStep.SHARE].members
-                update_["unmask_request"] = UnmaskRequest(
-                    task_id=rnd.id,
-                    round=rnd.number,
-                    survivors=sorted(members),
-                    dropped=sorted(set(shared) - set(members)),
-                )
-            return relay.model_copy(update=update_)
+            with self._relays_lock:
+                kept = self._relays.get((rnd.id, step))
+            if kept is None:
+                # A closed step's relay never changes (its members and their messages are fixed).
+                ready = relay.model_copy(update=self._relayed(session, rnd, step, list(closed.members)))
+                kept = (ready, ready.model_dump_json(by_alias=True).encode())
+                with self._relays_lock:
+                    self._relays[(rnd.id, step)] = kept
+                    while len(self._relays) > _KEPT_RELAYS:
+                        self._relays.popitem(last=False)
+            if failed is not None:
+                return kept[0].model_copy(update={"failed": failed}), None
+            return kept
+
+    @staticmethod
+    def _relayed(session: Session, rnd: Round, step: SecAggStep, members: list[str]) -> dict[str, Any]:
+        stored = _Stored(session, rnd)
+        update_: dict[str, Any] = {"ready": True}
+        if step is SecAggStep.ADVERTISE:
+            keys = stored.signing_keys()
+            update_["signing_keys"] = {n: keys[n] for n in members}
+            update_["advertised"] = [
+                AdvertiseKeys.model_validate(stored.messages[step][n].body["message"]) for n in members
+            ]
+        elif step is SecAggStep.SHARE:
+            update_["shares"] = [ShareKeys.model_validate(stored.messages[step][n].body) for n in members]
+        else:
+            shared = stored.closed[SecAggStep.SHARE].members
+            update_["unmask_request"] = UnmaskRequest(
+                task_id=rnd.id,
+                round=rnd.number,
+                survivors=sorted(members),
+                dropped=sorted(set(shared) - set(members)),
+            )
+        return update_
 
     def _round(self, session: Session, round_id: str, node_id: str) -> Round:
         rnd = session.get(Round, round_id)
@@ -377,10 +403,21 @@ class SecAggDesk:
             rnd = session.get(Round, round_id)
             if rnd is None or rnd.state != RoundState.COLLECTING.value or not is_secagg(rnd):
                 return False
-            stored = _Stored(session, rnd)
+            # Closing steps needs only who sent what: node ids, not message rows (this runs on every request).
+            closed: dict[SecAggStep, SecAggStepRow] = {
+                SecAggStep(r.step): r
+                for r in session.scalars(select(SecAggStepRow).where(SecAggStepRow.round_id == rnd.id))
+            }
+            sent_by: dict[SecAggStep, set[str]] = {s: set() for s in STEPS}
+            for step_value, sender in session.execute(
+                select(SecAggMessageRow.step, SecAggMessageRow.node_id).where(
+                    SecAggMessageRow.round_id == rnd.id
+                )
+            ):
+                sent_by[SecAggStep(step_value)].add(sender)
             threshold = _threshold(rnd)
             for index, step in enumerate(STEPS):
-                if step in stored.closed:
+                if step in closed:
                     continue
                 if index == 0:
                     refused = set(
@@ -393,10 +430,10 @@ class SecAggDesk:
                     waiting = set(rnd.nodes) - refused
                     due = rnd.deadline - 3 * step_s
                 else:
-                    previous = stored.closed[STEPS[index - 1]]
+                    previous = closed[STEPS[index - 1]]
                     waiting = set(previous.members)
                     due = previous.closed_at + step_s
-                sent = set(stored.messages[step])
+                sent = sent_by[step]
                 if not (waiting <= sent or now >= due):
                     return False
                 members = sorted(sent)
@@ -415,11 +452,15 @@ class SecAggDesk:
                     )
                     return False
                 row = SecAggStepRow(round_id=rnd.id, step=step.value, members=members, closed_at=now)
-                stored.closed[step] = row
+                closed[step] = row
                 if step is SecAggStep.UNMASK:
-                    total = stored.server(session, rnd, {}).ring_sum()
+                    stored = _Stored(session, rnd)
+                    stored.closed[step] = row
+                    # This transaction may hold the database's write lock: never wait for the round's server.
+                    with self._servers.hold(rnd.id, wait=False) as slot:
+                        total = self._server(session, rnd, stored, slot).server.ring_sum()
                     row.ring_sum = encode_tensors({_RING_SUM: total}, compress=False)
-                    survivors = stored.closed[SecAggStep.MASKED].members
+                    survivors = closed[SecAggStep.MASKED].members
                     session.execute(
                         update(Task)
                         .where(Task.round_id == rnd.id, Task.node_id.in_(survivors))

@@ -1,0 +1,142 @@
+"""SecAggServers: each worker's rebuilt ``SecAggServer`` per round, extended with new rows instead of rebuilt.
+
+The store stays the truth. A kept server remembers which stored messages it was fed and which step closings
+it applied; before use it is checked against the rows as they stand and fed only what it lacks. A server
+that holds a message the store does not (one that raced the closing of its step) is thrown away and rebuilt.
+A round's server serves one request at a time (the others of that round wait), so two threads of a worker
+never feed the same one; it is kept only after the request's commit, so a request that fails leaves
+nothing half-fed behind.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from edge_node.protocol.secagg import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskResponse
+from edge_node.protocol.secagg_exchange import SecAggStep
+from hub.fl.secagg import SecAggServer
+from hub.store.schema import SecAggMessageRow, SecAggStepRow
+
+__all__ = ["FedServer", "SecAggServers", "ServerSlot"]
+
+STEPS = list(SecAggStep)
+#: Rounds whose servers a worker keeps; a round past them is rebuilt on its next message.
+_KEPT_ROUNDS = 16
+
+
+class FedServer:
+    """A ``SecAggServer`` and what it was fed: the nodes of each step, the step closings applied."""
+
+    def __init__(self, server: SecAggServer) -> None:
+        self.server = server
+        self.fed: dict[SecAggStep, set[str]] = {s: set() for s in STEPS}
+        self.closed: set[SecAggStep] = set()
+
+    def catch_up(
+        self,
+        session: Session,
+        round_id: str,
+        messages: Mapping[SecAggStep, Mapping[str, SecAggMessageRow]],
+        closed: Mapping[SecAggStep, SecAggStepRow],
+        public: Callable[[str], Ed25519PublicKey],
+    ) -> bool:
+        """Feed the stored messages and step closings this server lacks, in order; False if it is stale.
+
+        ``messages`` are the stored rows of each step (of a closed step only its members'), ``closed`` the
+        closed steps. The masked inputs of an open masked step are not fed from the store: each new one is
+        checked on its own (its replay by the store's key), and they are all fed once the step closed.
+        """
+        for step in STEPS:
+            stored = messages[step]
+            if not self.fed[step] <= set(stored):
+                return False
+            if step is SecAggStep.MASKED and step not in closed:
+                return True
+            missing = [n for n in stored if n not in self.fed[step]]
+            payloads: dict[str, bytes] = {}
+            if step is SecAggStep.MASKED and missing:
+                # Only the masked vectors this server lacks are read (the rows' payloads are deferred).
+                payloads = {
+                    node: payload or b""
+                    for node, payload in session.execute(
+                        select(SecAggMessageRow.node_id, SecAggMessageRow.payload).where(
+                            SecAggMessageRow.round_id == round_id,
+                            SecAggMessageRow.step == step.value,
+                            SecAggMessageRow.node_id.in_(missing),
+                        )
+                    )
+                }
+            for node in missing:
+                body = stored[node].body
+                if step is SecAggStep.ADVERTISE:
+                    self.server.bind_key(node, public(body["signing_public"]))
+                    self.server.receive_advertise(AdvertiseKeys.model_validate(body["message"]))
+                elif step is SecAggStep.SHARE:
+                    self.server.receive_shares(ShareKeys.model_validate(body))
+                elif step is SecAggStep.MASKED:
+                    self.server.receive_masked(MaskedInput.model_validate(body), payloads[node])
+                else:
+                    self.server.receive_unmask(UnmaskResponse.model_validate(body))
+                self.fed[step].add(node)
+            if step not in closed:
+                return True
+            if step not in self.closed:
+                if step is SecAggStep.ADVERTISE:
+                    self.server.key_list()
+                elif step is SecAggStep.SHARE:
+                    self.server.share_list()
+                elif step is SecAggStep.MASKED:
+                    self.server.unmask_request()
+                self.closed.add(step)
+        return True
+
+
+class ServerSlot:
+    """A round's place in ``SecAggServers`` while one request holds it: ``fed`` is kept when it ends."""
+
+    def __init__(self, fed: FedServer | None) -> None:
+        self.fed = fed
+
+
+class SecAggServers:
+    """The servers one worker keeps; a round's server serves one request at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[str, FedServer] = OrderedDict()
+        # One lock per round ever seen by this worker: a few bytes a round, so they are not pruned.
+        self._rounds: dict[str, threading.Lock] = {}
+
+    @contextmanager
+    def hold(self, round_id: str, *, wait: bool = True) -> Iterator[ServerSlot]:
+        """The round's kept server, the caller's alone until the block ends; what ``slot.fed`` then is stays.
+
+        Requests of one round wait for each other (``wait``) rather than each rebuilding the server. A
+        caller that may hold a database lock passes ``wait=False``: if the round is busy it gets an empty
+        slot (a rebuild), never a deadlock against a request waiting on the database.
+        """
+        with self._lock:
+            lock = self._rounds.setdefault(round_id, threading.Lock())
+        if not lock.acquire(blocking=wait):
+            yield ServerSlot(None)
+            return
+        try:
+            with self._lock:
+                slot = ServerSlot(self._kept.pop(round_id, None))
+            try:
+                yield slot
+            finally:
+                if slot.fed is not None:
+                    with self._lock:
+                        self._kept[round_id] = slot.fed
+                        while len(self._kept) > _KEPT_ROUNDS:
+                            self._kept.popitem(last=False)
+        finally:
+            lock.release()
