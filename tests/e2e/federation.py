@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import numpy as np
+import onnxruntime as ort
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import create_engine, text
@@ -265,6 +267,38 @@ def enroll(hub: HubProcess, node: EdgeProcess, name: str, *, cli: bool = False) 
     code = hub.join_code(name, cli=cli)
     done = node.cli("enroll", code)
     assert done.returncode == 0, f"enroll {name} failed:\n{done.stdout}\n{done.stderr}"
+
+
+def start_serving(
+    nodes: dict[str, EdgeProcess],
+    root: Path,
+    hub: HubProcess,
+    names: tuple[str, ...],
+    bundle: Path,
+    public_key: Path,
+) -> None:
+    """Nodes ``names`` install ``bundle``, enroll at ``hub`` and serve until each has sent a heartbeat.
+
+    Each started node goes into ``nodes`` at once, so that the caller's cleanup stops it whatever fails next.
+    """
+    for name in names:
+        node = make_node(root, name, trusted_keys=str(public_key))
+        installed = node.cli("install-bundle", str(bundle))
+        assert installed.returncode == 0, installed.stderr
+        enroll(hub, node, name)
+        node.start()
+        nodes[name] = node
+    wait_for("every heartbeat", lambda: all(n["last_heartbeat"] for n in hub.nodes().values()))
+
+
+def public_logits_of(model: Path, inputs: np.ndarray) -> np.ndarray:
+    """What a node answers to a public_logits task over ``inputs``: its ONNX model's sigmoid logit z as the
+    two-class logits (0, z)."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    (z,) = session.run(["logits"], {"image": inputs})  # (N, 1)
+    out = np.zeros((inputs.shape[0], 2), dtype=np.float32)  # (N, 2)
+    out[:, 1] = z[:, 0]
+    return out
 
 
 def uplink_state(node: EdgeProcess) -> dict[str, Any]:

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from edge_node.protocol.compression import ErrorFeedback, TopKCompressor, layout_of
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from hub.data.medmnist import load_medmnist
-from tests.e2e.federation import HubProcess, enroll, make_hub, make_node, wait_for
+from tests.e2e.federation import HubProcess, make_hub, public_logits_of, start_serving, wait_for
 from tests.edge_node.conftest import EdgeProcess, find_test_bundle
 
 pytestmark = pytest.mark.slow
@@ -30,16 +29,6 @@ NAMES = ("clinic-north", "clinic-south", "clinic-east")
 #: Public anchors scored by every node: real PneumoniaMNIST test images.
 ANCHORS = 256
 FRACTION = 0.05
-
-
-def _node_logits(model: Path, inputs: np.ndarray) -> np.ndarray:
-    """What each node computes for the anchors: its ONNX model's single sigmoid logit as two-class
-    logits (0, z), the way the node's answer to a public_logits task shapes them."""
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    (z,) = session.run(["logits"], {"image": inputs})  # (N, 1)
-    out = np.zeros((inputs.shape[0], 2), dtype=np.float64)  # (N, 2)
-    out[:, 1] = z[:, 0]
-    return out.astype(np.float32)
 
 
 def _round(hub: HubProcess, round_id: str) -> dict[str, Any]:
@@ -78,7 +67,7 @@ def test_topk_rounds_travel_compressed_and_the_residual_survives_a_node_restart(
     inputs = (images.astype(np.float32) / 255.0)[:, None, :, :]  # (N, 1, 28, 28)
     anchors = tmp_path / "anchors.npz"
     anchors.write_bytes(encode_tensors({"inputs": inputs}))
-    logits = _node_logits(found.bundle / "model.onnx", inputs)  # (N, 2)
+    logits = public_logits_of(found.bundle / "model.onnx", inputs)  # (N, 2)
 
     # The hub's smallest cap on an update: the dense logits are over it, their top-k wire tensors are not,
     # so the round also shows that a node checks the cap on what it sends, not on what it computed.
@@ -88,14 +77,7 @@ def test_topk_rounds_travel_compressed_and_the_residual_survives_a_node_restart(
     hub.start()
     nodes: dict[str, EdgeProcess] = {}
     try:
-        for name in NAMES:
-            node = make_node(tmp_path, name, trusted_keys=str(found.public_key))
-            installed = node.cli("install-bundle", str(found.bundle))
-            assert installed.returncode == 0, installed.stderr
-            enroll(hub, node, name)
-            node.start()
-            nodes[name] = node
-        wait_for("three heartbeats", lambda: all(n["last_heartbeat"] for n in hub.nodes().values()))
+        start_serving(nodes, tmp_path, hub, NAMES, found.bundle, found.public_key)
 
         # What the nodes send, computed here with the protocol's codec and an in-memory error feedback.
         feedback = ErrorFeedback(TopKCompressor(FRACTION))

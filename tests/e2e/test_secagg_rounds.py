@@ -10,27 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from hub.data.medmnist import load_medmnist
-from tests.e2e.federation import enroll, make_hub, make_node, wait_for
+from tests.e2e.federation import make_hub, public_logits_of, start_serving, wait_for
 from tests.edge_node.conftest import EdgeProcess, find_test_bundle
 
 pytestmark = pytest.mark.slow
 
 NAMES = ("clinic-north", "clinic-south", "clinic-east")
 ANCHORS = 128
-
-
-def _node_logits(model: Path, inputs: np.ndarray) -> np.ndarray:
-    """Each node's answer: its ONNX model's sigmoid logit z as two-class logits (0, z)."""
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    (z,) = session.run(["logits"], {"image": inputs})  # (N, 1)
-    out = np.zeros((inputs.shape[0], 2), dtype=np.float32)  # (N, 2)
-    out[:, 1] = z[:, 0]
-    return out
 
 
 @pytest.mark.timeout(600)
@@ -43,20 +33,13 @@ def test_three_serving_nodes_answer_a_secure_aggregation_round(tmp_path: Path, s
     inputs = (images.astype(np.float32) / 255.0)[:, None, :, :]  # (N, 1, 28, 28)
     anchors = tmp_path / "anchors.npz"
     anchors.write_bytes(encode_tensors({"inputs": inputs}))
-    logits = _node_logits(found.bundle / "model.onnx", inputs)  # (N, 2)
+    logits = public_logits_of(found.bundle / "model.onnx", inputs)  # (N, 2)
 
     hub = make_hub(tmp_path / "hub", extra_env={"FEDCLINIC_HUB_SECAGG_STEP_S": "30"})
     hub.start()
     nodes: dict[str, EdgeProcess] = {}
     try:
-        for name in NAMES:
-            node = make_node(tmp_path, name, trusted_keys=str(found.public_key))
-            installed = node.cli("install-bundle", str(found.bundle))
-            assert installed.returncode == 0, installed.stderr
-            enroll(hub, node, name)
-            node.start()
-            nodes[name] = node
-        wait_for("three heartbeats", lambda: all(n["last_heartbeat"] for n in hub.nodes().values()))
+        start_serving(nodes, tmp_path, hub, NAMES, found.bundle, found.public_key)
         started = hub.cli_json(
             "rounds", "start", "--strategy", "public_logits", "--model", str(anchors),
             "--config", "num_classes=2", "--secagg", "--clip", "1000", "-k", "3", "--deadline", "180",
