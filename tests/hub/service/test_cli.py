@@ -43,7 +43,7 @@ def test_operator_contract(tmp_path: Path) -> None:
     env = {"FEDCLINIC_HUB_DATA_DIR": str(data)}
 
     report = run_json("init", "--public-url", "https://127.0.0.1:9443", env=env)
-    assert report["migration"] == "0002" and len(report["tls_sha256"]) == 64
+    assert report["migration"] == "0003" and len(report["tls_sha256"]) == 64
     assert not any(p.endswith("hub.key") for p in report["created"])  # an existing key is never replaced
     assert run_json("init", "--data-dir", str(data))["created"] == []
 
