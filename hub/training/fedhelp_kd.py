@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from hub.training.learners import task_loss
+
 #: "agree": relu(m − (z_L[i] − z_L[j])) rewards the large model for ranking the proxy's top class first.
 #: "snapshot": relu(z_L[i] − z_L[j]), the sign in the code snapshot, which penalises that agreement.
 RankSign = Literal["agree", "snapshot"]
@@ -90,18 +92,11 @@ def class_ranking_hinge(
     return ((per_pair * others).sum(dim=1) / (2 * others.sum(dim=1))).mean()
 
 
-def hard_label_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """BCE on one logit (B,), cross-entropy on (B, K) class logits."""
-    if logits.ndim == 1:
-        return F.binary_cross_entropy_with_logits(logits, y)
-    return F.cross_entropy(logits, y.long())
-
-
 def proxy_loss(
     proxy_logit: torch.Tensor, large_logit: torch.Tensor, y: torch.Tensor, *, kd_weight: float = 1.0
 ) -> torch.Tensor:
     """Large → proxy (full KD): CE(P(x), y) + kd_weight·KL(L(x) ‖ P(x)) at T = 1; L is frozen."""
-    return hard_label_loss(proxy_logit, y) + kd_weight * class_kl(large_logit.detach(), proxy_logit)
+    return task_loss(proxy_logit, y) + kd_weight * class_kl(large_logit.detach(), proxy_logit)
 
 
 def large_loss(
@@ -117,7 +112,7 @@ def large_loss(
     """Proxy → large (weak): CE(L(x), y) + kl_weight·KL(P ‖ L) + rank_weight·ranking; the proxy is frozen."""
     p = proxy_logit.detach()
     return (
-        hard_label_loss(large_logit, y)
+        task_loss(large_logit, y)
         + kl_weight * class_kl(p, large_logit)
         + rank_weight * class_ranking_hinge(large_logit, p, margin=margin, sign=sign)
     )
