@@ -14,6 +14,9 @@ from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import Task, UpdateSubmission
 from hub.fl.codec import encode_result
 from hub.fl.strategy import ClientResult
+from hub.rounds.controller import RoundController
+from hub.service.settings import HubSettings
+from hub.store.database import Database, open_database
 from tests.support.hub_server import HubServer, init_hub
 from tests.support.postgres import PostgresCluster, find_pg_bin, postgres_cluster
 
@@ -24,6 +27,24 @@ SERVICE_ENV = {
     "FEDCLINIC_HUB_MAX_UPDATE_BYTES": str(1024 * 1024),
     "FEDCLINIC_HUB_MAX_UNPACKED_BYTES": str(8 * 1024 * 1024),
 }
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Iterator[Database]:
+    """An in-process hub store on SQLite (the round controller's tests)."""
+    database = open_database(f"sqlite:///{tmp_path / 'hub.db'}")
+    yield database
+    database.close()
+
+
+@pytest.fixture()
+def settings(tmp_path: Path) -> HubSettings:
+    return HubSettings(data_dir=tmp_path, aggregation_lease_s=5)
+
+
+@pytest.fixture()
+def rc(db: Database, settings: HubSettings) -> RoundController:
+    return RoundController(db, settings)
 
 
 def bundle_root() -> Path:

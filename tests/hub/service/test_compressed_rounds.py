@@ -4,7 +4,6 @@ codecs, checks and aggregates the dense update, and refuses a payload that is no
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +19,10 @@ from hub.rounds.controller import RoundController
 from hub.service.errors import UpdateRejected
 from hub.service.settings import HubSettings
 from hub.store.artifacts import store_tensors
-from hub.store.database import Database, open_database
+from hub.store.database import Database
 from tests.hub.service.test_rounds import answer, enroll
 
 pytestmark = pytest.mark.hub
-
-
-@pytest.fixture()
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = open_database(f"sqlite:///{tmp_path / 'hub.db'}")
-    yield database
-    database.close()
-
-
-@pytest.fixture()
-def rc(db: Database, tmp_path: Path) -> RoundController:
-    return RoundController(db, HubSettings(data_dir=tmp_path, aggregation_lease_s=5))
 
 
 def _logits_round(db: Database, rc: RoundController, protection: RoundProtection, n: int) -> str:

@@ -3,9 +3,6 @@ reason and count as failures for k of n; protection the hub cannot serve is refu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,23 +10,10 @@ from edge_node.protocol.protection import CompressionKind
 from edge_node.protocol.wire import RoundProtection, RoundStart, RoundState
 from hub.rounds.controller import RoundController
 from hub.service.errors import ForbiddenError, RoundConfigError, TaskClosedError
-from hub.service.settings import HubSettings
-from hub.store.database import Database, open_database
+from hub.store.database import Database
 from tests.hub.service.test_rounds import answer, enroll
 
 pytestmark = pytest.mark.hub
-
-
-@pytest.fixture()
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = open_database(f"sqlite:///{tmp_path / 'hub.db'}")
-    yield database
-    database.close()
-
-
-@pytest.fixture()
-def rc(db: Database, tmp_path: Path) -> RoundController:
-    return RoundController(db, HubSettings(data_dir=tmp_path, aggregation_lease_s=5))
 
 
 def test_tasks_carry_the_round_protection_and_its_size(db: Database, rc: RoundController) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import secrets
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,22 +29,10 @@ from hub.service.enrollment import enroll_node, issue_join_code
 from hub.service.errors import RoundConfigError, TaskClosedError
 from hub.service.settings import HubSettings
 from hub.store.artifacts import store_tensors
-from hub.store.database import Database, open_database
+from hub.store.database import Database
 from hub.store.schema import Round, utcnow
 
 pytestmark = pytest.mark.hub
-
-
-@pytest.fixture()
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = open_database(f"sqlite:///{tmp_path / 'hub.db'}")
-    yield database
-    database.close()
-
-
-@pytest.fixture()
-def settings(tmp_path: Path) -> HubSettings:
-    return HubSettings(data_dir=tmp_path, aggregation_lease_s=5)
 
 
 def enroll(db: Database, n: int) -> list[str]:
