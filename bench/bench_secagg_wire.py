@@ -5,7 +5,8 @@ running the node's own protocol code (``SecureAggregationRound`` over the pinned
 share, mask (clip at the node, then the ring encoding and masks), unmask. The update is a float32 vector of
 ``--values`` entries (93,025: the protection benchmark's CNN). Per round:
 
-- hub CPU: the hub process's user+system CPU seconds over the round (every request, relay poll, unmask);
+- hub CPU: the hub process's user+system CPU seconds over the round (every request, relay poll, unmask), and
+  of that its event-loop thread's (TLS, HTTP, reading and parsing bodies; the routes run in a thread pool);
 - unmask → published: from the hub's own records, the closing of the unmask step (rebuilding the sum from
   the stored masked vectors and shares) to the published aggregate;
 - bytes per node: request and response bodies of the protocol as the node counted them, against the deflated
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,9 +50,10 @@ from hub.store.database import open_database  # noqa: E402
 from tests.support.hub_server import EnrolledNode, HubServer, init_hub  # noqa: E402
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process, or of its thread ``tid`` (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat") if tid is None else Path(f"/proc/{pid}/task/{tid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -76,7 +80,17 @@ def _node_round(
     }
 
 
-def run(n: int, rounds: int, values: int, workdir: Path, poll_s: float) -> list[dict[str, Any]]:
+def _profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the hub process (collapsed stacks, idle threads left out) until it gets SIGINT."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    cmd = [str(spy), "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--nonblocking", "--gil"]
+    return subprocess.Popen([*cmd, "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run(
+    n: int, rounds: int, values: int, workdir: Path, poll_s: float, profile: Path | None = None
+) -> list[dict[str, Any]]:
     root = workdir / f"hub-{n}"
     init_hub(root)
     hub = HubServer(root, env={"FEDCLINIC_HUB_SECAGG_STEP_S": "60", "FEDCLINIC_HUB_TICK_S": "1"})
@@ -110,7 +124,11 @@ def run(n: int, rounds: int, values: int, workdir: Path, poll_s: float) -> list[
                     tasks.append(next(t for t in listed.tasks if t.round_id == round_id))
                 spec = tasks[0].protection
                 assert spec is not None
-                cpu0, wall0 = _cpu_seconds(hub.proc.pid), time.perf_counter()
+                spy = _profiler(hub.proc.pid, profile / f"hub-{n}-r{r + 1}.txt") if profile else None
+                if spy is not None:
+                    time.sleep(1.0)  # py-spy attaches
+                pid = hub.proc.pid
+                cpu0, loop0, wall0 = _cpu_seconds(pid), _cpu_seconds(pid, pid), time.perf_counter()
                 with ThreadPoolExecutor(max_workers=n) as pool:
                     futures = [
                         pool.submit(_node_round, hub, node, task, spec, 1000 * r + i, poll_s)
@@ -122,7 +140,11 @@ def run(n: int, rounds: int, values: int, workdir: Path, poll_s: float) -> list[
                 ] not in ("published", "failed"):
                     time.sleep(0.1)
                 wall = time.perf_counter() - wall0
-                cpu = _cpu_seconds(hub.proc.pid) - cpu0
+                cpu = _cpu_seconds(pid) - cpu0
+                loop_cpu = _cpu_seconds(pid, pid) - loop0
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
                 with db.session() as session:
                     (closed,) = session.execute(
                         text("SELECT closed_at FROM secagg_steps WHERE round_id = :r AND step = 'unmask'"),
@@ -136,6 +158,7 @@ def run(n: int, rounds: int, values: int, workdir: Path, poll_s: float) -> list[
                     "state": info["state"],
                     "wall_s": round(wall, 2),
                     "hub_cpu_s": round(cpu, 2),
+                    "hub_loop_cpu_s": round(loop_cpu, 2),
                     "unmask_to_published_s": round(unmask_s, 3),
                     "bytes_sent_per_node": int(statistics.mean(p["sent"] for p in per_node)),
                     "bytes_received_per_node": int(statistics.mean(p["received"] for p in per_node)),
@@ -158,11 +181,14 @@ def main() -> None:
     parser.add_argument("--values", type=int, default=93025)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--poll-s", type=float, default=0.5, help="how often a waiting node asks the hub")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="a folder: py-spy's collapsed stacks of the hub per round"
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
         for n in args.nodes:
-            rows += run(n, args.rounds, args.values, Path(tmp), args.poll_s)
+            rows += run(n, args.rounds, args.values, Path(tmp), args.poll_s, args.profile)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))
