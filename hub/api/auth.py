@@ -21,11 +21,13 @@ def _bearer(authorization: str | None) -> str:
     return token
 
 
-def node_token(authorization: Annotated[str | None, Header(description=_AUTH_HELP)] = None) -> str:
+# ``async``: parsing a header needs no thread, and FastAPI runs a plain ``def`` dependency in its thread
+# pool, a hop per request.
+async def node_token(authorization: Annotated[str | None, Header(description=_AUTH_HELP)] = None) -> str:
     return _bearer(authorization)
 
 
-def admin_token(authorization: Annotated[str | None, Header(description=_AUTH_HELP)] = None) -> str:
+async def admin_token(authorization: Annotated[str | None, Header(description=_AUTH_HELP)] = None) -> str:
     return _bearer(authorization)
 
 
