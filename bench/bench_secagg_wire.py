@@ -63,14 +63,14 @@ def _at(value: Any) -> float:
 
 
 def _node_round(
-    hub: HubServer, node: EnrolledNode, task: Task, spec: ProtectionSpec, seed: int, poll_s: float
+    hub: HubServer, node: EnrolledNode, task: Task, spec: ProtectionSpec, seed: int, long_poll_s: float
 ) -> dict[str, int]:
     rng = np.random.default_rng(seed)
     update = {e.name: rng.normal(0, 1e-3, e.shape).astype(np.float32) for e in task.expected}
     auth = BearerAuth(node.headers["Authorization"])
     with HubTransport(hub.url, hub.cert.read_text(), auth=auth, timeout=120) as transport:
         protocol = SecureAggregationRound.for_task(transport, node.node_id, task)
-        protocol.poll_s = poll_s
+        protocol.long_poll_s = long_poll_s
         protected = protocol.run(update, spec, ProtectionPipeline(rng=rng))
     return {
         "sent": protocol.bytes_sent,
@@ -84,12 +84,15 @@ def _profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy sampling the hub process (collapsed stacks, idle threads left out) until it gets SIGINT."""
     out.parent.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).with_name("py-spy")
-    cmd = [str(spy), "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--nonblocking", "--gil"]
-    return subprocess.Popen([*cmd, "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # --gil: only the thread holding the GIL, i.e. Python at work (TLS, zlib and SQLite release it).
+    cmd = [str(spy), "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--nonblocking"]
+    cmd.append("--gil")
+    quiet = subprocess.DEVNULL
+    return subprocess.Popen([*cmd, "--output", str(out)], stdout=quiet, stderr=quiet)
 
 
 def run(
-    n: int, rounds: int, values: int, workdir: Path, poll_s: float, profile: Path | None = None
+    n: int, rounds: int, values: int, workdir: Path, long_poll_s: float, profile: Path | None = None
 ) -> list[dict[str, Any]]:
     root = workdir / f"hub-{n}"
     init_hub(root)
@@ -131,7 +134,7 @@ def run(
                 cpu0, loop0, wall0 = _cpu_seconds(pid), _cpu_seconds(pid, pid), time.perf_counter()
                 with ThreadPoolExecutor(max_workers=n) as pool:
                     futures = [
-                        pool.submit(_node_round, hub, node, task, spec, 1000 * r + i, poll_s)
+                        pool.submit(_node_round, hub, node, task, spec, 1000 * r + i, long_poll_s)
                         for i, (node, task) in enumerate(zip(nodes, tasks, strict=True))
                     ]
                     per_node = [f.result() for f in futures]
@@ -153,7 +156,7 @@ def run(
                 unmask_s = _at(info["updated_at"]) - _at(closed)
                 row = {
                     "nodes": n,
-                    "poll_s": poll_s,
+                    "long_poll_s": long_poll_s,
                     "round": info["round"],
                     "state": info["state"],
                     "wall_s": round(wall, 2),
@@ -180,7 +183,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--values", type=int, default=93025)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--poll-s", type=float, default=0.5, help="how often a waiting node asks the hub")
+    parser.add_argument(
+        "--long-poll-s", type=float, default=25.0, help="how long one relay request of a node may wait"
+    )
     parser.add_argument(
         "--profile", type=Path, default=None, help="a folder: py-spy's collapsed stacks of the hub per round"
     )
@@ -188,7 +193,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
         for n in args.nodes:
-            rows += run(n, args.rounds, args.values, Path(tmp), args.poll_s, args.profile)
+            rows += run(n, args.rounds, args.values, Path(tmp), args.long_poll_s, args.profile)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -15,7 +15,7 @@ from edge_node.protocol.compression import (
 )
 from edge_node.protocol.updates import UpdateKind
 
-__all__ = ["CompressionKind", "ProtectionSpec", "compressor_for"]
+__all__ = ["CompressionKind", "ProtectionSpec", "compressor_for", "secagg_threshold"]
 
 
 class CompressionKind(str, Enum):
@@ -39,6 +39,14 @@ def compressor_for(kind: CompressionKind, topk_fraction: float = 0.01) -> Compre
     if kind is CompressionKind.FP16:
         return Fp16Compressor()
     return None
+
+
+def secagg_threshold(stated: int | None, cohort: int) -> int:
+    """Secure aggregation's t: the stated one, else the smallest strict two-thirds majority of the cohort
+    (at least 2). Hub and nodes both derive it, so a node knows it from its task."""
+    if stated is not None:
+        return stated
+    return min(cohort, max(2, (2 * cohort) // 3 + 1))
 
 
 class ProtectionSpec(BaseModel):
@@ -88,6 +96,11 @@ class ProtectionSpec(BaseModel):
                     f"secagg_threshold {self.secagg_threshold} exceeds the round's {self.cohort_size} nodes"
                 )
         return self
+
+    @property
+    def unmask_threshold(self) -> int:
+        """The round's secure-aggregation threshold t (``secagg_threshold``, derived if not stated)."""
+        return secagg_threshold(self.secagg_threshold, self.cohort_size)
 
     @property
     def noise_shares(self) -> int:

@@ -5,24 +5,40 @@ nodes) and number. A node signs with an Ed25519 key it makes for the round; it s
 its ``AdvertiseKeys``, and the hub binds that key to the node's API credential (the request's sender). The
 hub relays each closed step to the nodes that took part in it: the roster (advertised keys and the signing
 keys they are bound to), the share messages, then the unmask request.
+
+The masked input, the one large message, travels as a binary body (``pack_masked``): the signed
+``MaskedInput`` (which carries the payload's sha256 and length) and the npz payload it covers, with no
+base64 or JSON around the payload.
 """
 
 from __future__ import annotations
 
+import struct
 from enum import Enum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge_node.protocol.errors import SecAggError
 from edge_node.protocol.secagg import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskRequest
 
 __all__ = [
+    "MASKED_MEDIA_TYPE",
+    "MAX_MASKED_MESSAGE",
     "SecAggAdvertisement",
-    "SecAggMasked",
     "SecAggReceipt",
     "SecAggRelay",
     "SecAggStep",
+    "pack_masked",
+    "unpack_masked",
 ]
+
+#: The media type of the masked step's body.
+MASKED_MEDIA_TYPE = "application/octet-stream"
+#: The masked body's header: the length of the message's JSON that follows it (4 bytes, big-endian).
+_HEADER = struct.Struct(">I")
+#: The signed message is a few hundred bytes; a header naming more is not a masked body.
+MAX_MASKED_MESSAGE = 16 * 1024
 
 
 class SecAggStep(str, Enum):
@@ -45,11 +61,35 @@ class SecAggAdvertisement(_Body):
     message: AdvertiseKeys
 
 
-class SecAggMasked(_Body):
-    """Step 3's body: the signed message and the npz payload of the masked vector it covers (base64)."""
+def pack_masked(message: MaskedInput, payload: bytes) -> bytes:
+    """Step 3's body: the message's JSON length (4 bytes, big-endian), the JSON, then the npz payload."""
+    head = message.model_dump_json().encode()
+    return _HEADER.pack(len(head)) + head + payload
 
-    message: MaskedInput
-    payload_b64: str
+
+def unpack_masked(body: bytes) -> tuple[MaskedInput, bytes]:
+    """The signed message and the payload of a ``pack_masked`` body; SecAggError if it is not one.
+
+    Whether the payload is the one the message covers (sha256, length) and who signed it is checked by
+    the receiver, as for every message.
+    """
+    if len(body) < _HEADER.size:
+        raise SecAggError(f"the masked body is {len(body)} bytes, shorter than its 4-byte header")
+    (size,) = _HEADER.unpack_from(body)
+    if size > MAX_MASKED_MESSAGE or _HEADER.size + size > len(body):
+        raise SecAggError(
+            f"the masked body's header names a {size}-byte message; the body has "
+            f"{len(body) - _HEADER.size} bytes after it (at most {MAX_MASKED_MESSAGE} are a message)"
+        )
+    end = _HEADER.size + size
+    try:
+        message = MaskedInput.model_validate_json(body[_HEADER.size : end])
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(p) for p in problem.get("loc", ())) or "the message"
+        reason = f"the masked body's message is not a MaskedInput ({where}: {problem['msg']})"
+        raise SecAggError(reason) from None
+    return message, body[end:]
 
 
 class SecAggReceipt(_Body):

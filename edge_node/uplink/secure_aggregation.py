@@ -3,13 +3,13 @@
 The node makes an Ed25519 signing key for the round and sends its public half with its advertised keys;
 the hub binds it to this node's credential and relays every node's key in the roster. The steps, in
 order: ``advertise`` → wait for the roster → ``share`` → wait for the peers' shares → ``send_masked``
-(the protection pipeline's clip → noise → mask) → wait for the unmask request → ``unmask``. A step
-the hub has not closed yet is polled; a round that failed (below the threshold) raises with the reason.
+(the protection pipeline's clip → noise → mask) → wait for the unmask request → ``unmask``. A node
+waits for a step to close with long-polls of the hub (each up to ``long_poll_s``, never asked more often
+than every ``poll_s``); a round that failed (below the threshold) raises with the reason.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Mapping
@@ -24,13 +24,14 @@ from edge_node.protocol.errors import SecAggError
 from edge_node.protocol.protection import ProtectionSpec
 from edge_node.protocol.secagg import public_raw
 from edge_node.protocol.secagg_exchange import (
+    MASKED_MEDIA_TYPE,
     SecAggAdvertisement,
-    SecAggMasked,
     SecAggRelay,
     SecAggStep,
+    pack_masked,
 )
 from edge_node.protocol.wire import Task
-from edge_node.uplink.transport import HubTransport
+from edge_node.uplink.transport import DEFAULT_TIMEOUT, HubTransport
 
 __all__ = ["SecureAggregationRound"]
 
@@ -49,7 +50,9 @@ class SecureAggregationRound:
         round: int,
         layout: Mapping[str, TensorLayout],
         poll_s: float = 0.2,
+        long_poll_s: float = 25.0,
         wait_s: float = 300.0,
+        threshold: int | None = None,
     ) -> None:
         self.transport = transport
         self.node_id = node_id
@@ -57,7 +60,10 @@ class SecureAggregationRound:
         self.round = round
         self.layout = dict(layout)
         self.poll_s = poll_s
+        self.long_poll_s = long_poll_s
         self.wait_s = wait_s
+        #: The round's t, from the task's protection (None: asked of the hub before advertising).
+        self.threshold = threshold
         self._key = Ed25519PrivateKey.generate()
         self._client: SecAggClient | None = None
         #: Bytes this node sent and received in the protocol (request and response bodies).
@@ -68,7 +74,15 @@ class SecureAggregationRound:
     def for_task(cls, transport: HubTransport, node_id: str, task: Task) -> SecureAggregationRound:
         """The protocol for ``task``'s round, over the tensors the task expects back."""
         layout = {t.name: Layout(tuple(t.shape), np.dtype(t.dtype)) for t in task.expected}
-        return cls(transport, node_id=node_id, round_id=task.round_id, round=task.round, layout=layout)
+        threshold = task.protection.unmask_threshold if task.protection is not None else None
+        return cls(
+            transport,
+            node_id=node_id,
+            round_id=task.round_id,
+            round=task.round,
+            layout=layout,
+            threshold=threshold,
+        )
 
     @property
     def signing_public(self) -> str:
@@ -84,37 +98,45 @@ class SecureAggregationRound:
     def _path(self, step: SecAggStep) -> str:
         return f"/v1/secagg/{self.round_id}/{step.value}"
 
-    def _post(self, step: SecAggStep, body: str) -> None:
-        data = body.encode()
+    def _post(self, step: SecAggStep, body: str | bytes, media_type: str = "application/json") -> None:
+        data = body.encode() if isinstance(body, str) else body
         self.bytes_sent += len(data)
-        self.transport.request(
-            "POST", self._path(step), content=data, headers={"Content-Type": "application/json"}
-        )
+        self.transport.request("POST", self._path(step), content=data, headers={"Content-Type": media_type})
 
-    def relay(self, step: SecAggStep) -> SecAggRelay:
-        """What the hub relays for ``step`` now (``ready`` False while the step is open)."""
-        response = self.transport.request("GET", self._path(step))
+    def relay(self, step: SecAggStep, wait_s: float = 0.0) -> SecAggRelay:
+        """What the hub relays for ``step`` (``ready`` False while it is open), waiting up to ``wait_s``."""
+        if wait_s > 0:
+            params = {"wait": f"{wait_s:.1f}"}
+            response = self.transport.request(
+                "GET", self._path(step), params=params, timeout=wait_s + DEFAULT_TIMEOUT
+            )
+        else:
+            response = self.transport.request("GET", self._path(step))
         self.bytes_received += len(response.content)
         return SecAggRelay.model_validate_json(response.content)
 
     def wait(self, step: SecAggStep) -> SecAggRelay:
-        """Poll until the hub closed ``step``; SecAggError if the round failed or the wait ran out."""
+        """Long-poll until the hub closed ``step``; SecAggError if the round failed or the wait ran out."""
         deadline = time.monotonic() + self.wait_s
         while True:
-            relayed = self.relay(step)
+            asked = time.monotonic()
+            relayed = self.relay(step, wait_s=max(0.0, min(self.long_poll_s, deadline - asked)))
             if relayed.failed:
                 raise SecAggError(f"the round failed: {relayed.failed}")
             if relayed.ready:
                 return relayed
             if time.monotonic() >= deadline:
                 raise SecAggError(f"the hub did not close the {step.value} step within {self.wait_s:.0f} s")
-            time.sleep(self.poll_s)
+            # A hub whose own bound is shorter answers early: never ask more often than every poll_s.
+            time.sleep(max(0.0, self.poll_s - (time.monotonic() - asked)))
 
     # -- the steps ----------------------------------------------------------------------------------------
 
     def advertise(self) -> None:
-        """Step 1: fresh keys for the round, at the threshold the hub states for it."""
-        threshold = self.relay(SecAggStep.ADVERTISE).threshold
+        """Step 1: fresh keys for the round, at its threshold (the task's; else the hub is asked)."""
+        if self.threshold is None:
+            self.threshold = self.relay(SecAggStep.ADVERTISE).threshold
+        threshold = self.threshold
         own: dict[str, Ed25519PublicKey] = {self.node_id: self._key.public_key()}
         self._client = SecAggClient(
             self.node_id,
@@ -131,6 +153,11 @@ class SecureAggregationRound:
     def share(self) -> None:
         """Step 2: take the roster, share this node's secrets with every peer in it, take theirs."""
         roster = self.wait(SecAggStep.ADVERTISE)
+        if roster.threshold != self.client.threshold:
+            raise SecAggError(
+                f"the hub runs the round at threshold {roster.threshold}; this node's task says "
+                f"{self.client.threshold}"
+            )
         mine = roster.signing_keys.get(self.node_id)
         if mine != public_raw(self._key):
             raise SecAggError("the roster does not carry this node's own signing key")
@@ -151,12 +178,9 @@ class SecureAggregationRound:
         return pipeline.protect(update, spec, masker=self.client.mask)
 
     def send_masked(self, protected: ProtectedUpdate) -> None:
-        """Step 3: the masked payload and the signed message that covers it."""
-        body = SecAggMasked(
-            message=self.client.masked_input(protected.payload),
-            payload_b64=base64.b64encode(protected.payload).decode(),
-        )
-        self._post(SecAggStep.MASKED, body.model_dump_json())
+        """Step 3: the masked payload and the signed message that covers it, as one binary body."""
+        body = pack_masked(self.client.masked_input(protected.payload), protected.payload)
+        self._post(SecAggStep.MASKED, body, MASKED_MEDIA_TYPE)
 
     def unmask(self) -> None:
         """Step 4: answer the hub's unmask request once."""

@@ -138,14 +138,23 @@ class HubTransport:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
         ok: tuple[int, ...] = (200, 201, 202, 204),
+        timeout: float | None = None,
     ) -> httpx.Response:
         """Send one request; return the (fully read) response when its status is in ``ok``.
+
+        ``timeout`` (seconds) replaces the client's for this request, e.g. for a long-poll.
 
         Raises HubRefusedError for any other status (with the hub's error code and reason),
         HubUnreachableError when nothing answered, PinningError when the peer is not the pinned hub.
         """
         request = self._client.build_request(
-            method, path, json=json, content=content, headers=headers, params=params
+            method,
+            path,
+            json=json,
+            content=content,
+            headers=headers,
+            params=params,
+            timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
         )
         try:
             response = self._client.send(request, stream=True)

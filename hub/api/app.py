@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edge_node.protocol.secagg_exchange import MAX_MASKED_MESSAGE
 from edge_node.protocol.wire import WIRE_VERSION, ErrorBody, ErrorCode, HubHealth
 from hub import __version__
 from hub.api import admin_routes, node_routes, secagg_routes
@@ -66,6 +67,7 @@ def create_app(settings: HubSettings, *, tick: bool = True) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         ctx.signal.bind(asyncio.get_running_loop())
+        ctx.secagg_signal.bind(asyncio.get_running_loop())
         ticker = asyncio.create_task(_tick_forever(ctx)) if tick else None
         try:
             yield
@@ -126,7 +128,10 @@ def create_app(settings: HubSettings, *, tick: bool = True) -> FastAPI:
     app.include_router(dashboard_router(ctx.db, ctx.is_admin_token))
 
     def limit_for(path: str) -> int:
-        if path.endswith("/update") or (path.startswith("/v1/secagg/") and path.endswith("/masked")):
+        if path.startswith("/v1/secagg/") and path.endswith("/masked"):
+            # A binary body: the npz and the signed message before it.
+            return settings.max_update_bytes + MAX_MASKED_MESSAGE + 4
+        if path.endswith("/update"):
             # base64 grows the npz by 4/3; the envelope and JSON framing need a little more.
             return settings.max_update_bytes * 4 // 3 + 16 * 1024
         return SMALL_BODY_LIMIT

@@ -30,13 +30,15 @@ class HubContext:
     tls_sha256: str
     #: Wakes long-polling nodes when rounds change.
     signal: TaskSignal = field(default_factory=TaskSignal)
+    #: Wakes long-polling secure-aggregation relays when a step may have closed (``SecAggDesk.watch``).
+    secagg_signal: TaskSignal = field(default_factory=TaskSignal)
 
     @classmethod
     def build(cls, settings: HubSettings) -> HubContext:
         db = open_database(settings.db_url)
         key = load_signing_key(settings)
         cert = settings.tls_cert_path
-        return cls(
+        ctx = cls(
             settings=settings,
             db=db,
             rounds=RoundController(db, settings),
@@ -45,6 +47,8 @@ class HubContext:
             admin_sha256=hashlib.sha256(read_admin_token(settings).encode()).hexdigest(),
             tls_sha256=certificate_sha256(cert),
         )
+        ctx.rounds.secagg.watch(ctx.secagg_signal.notify)
+        return ctx
 
     def is_admin_token(self, token: str) -> bool:
         return admin_token_matches(self.admin_sha256, token)

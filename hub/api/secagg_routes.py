@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-from typing import Any
+import time
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
+from edge_node.protocol.errors import SecAggError
 from edge_node.protocol.secagg import ShareKeys, UnmaskResponse
 from edge_node.protocol.secagg_exchange import (
+    MASKED_MEDIA_TYPE,
     SecAggAdvertisement,
-    SecAggMasked,
     SecAggReceipt,
     SecAggRelay,
     SecAggStep,
+    unpack_masked,
 )
 from edge_node.protocol.wire import ErrorBody
-from hub.api.auth import NodeToken, node_in
+from hub.api.auth import NodeToken
 from hub.api.context import context_of
+from hub.service.enrollment import authenticate_node_id
 from hub.service.errors import UpdateRejected
 
 __all__ = ["router"]
@@ -32,7 +35,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _node(request: Request, token: str) -> str:
     with context_of(request).db.session() as session:
-        return node_in(session, token).id
+        return authenticate_node_id(session, token)
 
 
 @router.post("/{round_id}/advertise", response_model=SecAggReceipt, responses=_ERRORS)
@@ -52,16 +55,38 @@ def share(request: Request, token: NodeToken, round_id: str, body: ShareKeys) ->
     return ctx.rounds.secagg.receive(_node(request, token), round_id, SecAggStep.SHARE, body)
 
 
-@router.post("/{round_id}/masked", response_model=SecAggReceipt, responses=_ERRORS)
-def masked(request: Request, token: NodeToken, round_id: str, body: SecAggMasked) -> SecAggReceipt:
-    """Step 3: the masked input and the signed message that covers its payload."""
+_MASKED_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {MASKED_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.post(
+    "/{round_id}/masked", response_model=SecAggReceipt, responses=_ERRORS, openapi_extra=_MASKED_BODY
+)
+async def masked(request: Request, token: NodeToken, round_id: str) -> SecAggReceipt:
+    """Step 3: the masked input, a binary body: the length of the signed ``MaskedInput``'s JSON (4 bytes,
+    big-endian), that JSON, then the npz payload it covers (its sha256 and length are in the message)."""
     ctx = context_of(request)
-    node_id = _node(request, token)
-    try:
-        payload = base64.b64decode(body.payload_b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise UpdateRejected("payload_b64 is not valid base64") from exc
-    return ctx.rounds.secagg.receive(node_id, round_id, SecAggStep.MASKED, body.message, payload=payload)
+    body = await request.body()
+    json_sent = request.headers.get("content-type", "").startswith("application/json")
+
+    def take() -> SecAggReceipt:
+        node_id = _node(request, token)
+        if json_sent:
+            raise UpdateRejected(
+                f"the masked input travels as {MASKED_MEDIA_TYPE} (the signed message, then the payload), "
+                "not JSON: this node's software is older than the hub's"
+            )
+        try:
+            message, payload = unpack_masked(body)
+        except SecAggError as exc:
+            raise UpdateRejected(str(exc)) from exc
+        return ctx.rounds.secagg.receive(node_id, round_id, SecAggStep.MASKED, message, payload=payload)
+
+    return await run_in_threadpool(take)
 
 
 @router.post("/{round_id}/unmask", response_model=SecAggReceipt, responses=_ERRORS)
@@ -72,9 +97,39 @@ def unmask(request: Request, token: NodeToken, round_id: str, body: UnmaskRespon
 
 
 @router.get("/{round_id}/{step}", response_model=SecAggRelay, responses=_ERRORS)
-def relay(request: Request, token: NodeToken, round_id: str, step: SecAggStep) -> Response:
-    """What the hub relays once ``step`` closed: the roster, the shares, or the unmask request."""
+async def relay(
+    request: Request,
+    token: NodeToken,
+    round_id: str,
+    step: SecAggStep,
+    wait: Annotated[
+        float, Query(ge=0, le=300, description="Long-poll up to this many seconds for the step to close")
+    ] = 0.0,
+) -> Response:
+    """What the hub relays once ``step`` closed: the roster, the shares, or the unmask request.
+
+    With ``wait`` the answer comes as soon as the step closed or the round failed (long-poll, bounded by
+    the hub's ``max_wait_s``); a waiting node costs the store a look only when a step may have closed.
+    """
     ctx = context_of(request)
-    # A ``SecAggRelay`` body serialised by the desk (once per closed step), not again per request.
-    body = ctx.rounds.secagg.relay_json(_node(request, token), round_id, step)
+    desk, signal = ctx.rounds.secagg, ctx.secagg_signal
+    deadline = time.monotonic() + min(wait, ctx.settings.max_wait_s)
+    generation = signal.generation  # read before the look, so a closing during it is not missed
+
+    def first_look() -> tuple[str, bytes, bool]:
+        node_id = _node(request, token)
+        # A ``SecAggRelay`` body serialised by the desk (once per closed step), not again per request.
+        return (node_id, *desk.relay_json(node_id, round_id, step))
+
+    node_id, body, final = await run_in_threadpool(first_look)
+    while not final:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or await request.is_disconnected():
+            break
+        # Woken by a closing in this worker, or by the tick's look at the store (another worker's closing);
+        # every few seconds only to notice a client that went away.
+        await signal.wait_past(generation, min(remaining, 5.0))
+        if signal.generation != generation:
+            generation = signal.generation
+            body, final = await run_in_threadpool(desk.relay_json, node_id, round_id, step)
     return Response(content=body, media_type="application/json")

@@ -1,4 +1,4 @@
-"""TaskSignal: wakes long-polling nodes when rounds change, instead of each of them polling the store."""
+"""TaskSignal: wakes long-polling nodes when rounds or secure-aggregation steps change, not polling."""
 
 from __future__ import annotations
 

@@ -105,6 +105,10 @@ class SecAggServer:
             raise SecAggError(f"refused: {node_id!r} already sent its AdvertiseKeys (replay)")
         self._keys[node_id] = key
 
+    def signing_key(self, node_id: str) -> Ed25519PublicKey | None:
+        """The signing key this server checks ``node_id``'s messages with (None: not in the cohort)."""
+        return self._keys.get(node_id)
+
     def receive_advertise(self, msg: AdvertiseKeys) -> None:
         """Step 1 from a node."""
         self._accept(msg, self.advertised, self._keys)

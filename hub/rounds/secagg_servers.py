@@ -1,7 +1,8 @@
 """SecAggServers: each worker's rebuilt ``SecAggServer`` per round, extended with new rows instead of rebuilt.
 
 The store stays the truth. A kept server remembers which stored messages it was fed and which step closings
-it applied; before use it is checked against the rows as they stand and fed only what it lacks. A server
+it applied; before use it is checked against who sent what as the store says (node ids, not message rows)
+and fed only what it lacks, so a request reads message bodies only for rows another worker stored. A server
 that holds a message the store does not (one that raced the closing of its step) is thrown away and rebuilt.
 A round's server serves one request at a time (the others of that round wait), so two threads of a worker
 never feed the same one; it is kept only after the request's commit, so a request that fails leaves
@@ -12,23 +13,24 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from edge_node.protocol.secagg import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskResponse
 from edge_node.protocol.secagg_exchange import SecAggStep
 from hub.fl.secagg import SecAggServer
-from hub.store.schema import SecAggMessageRow, SecAggStepRow
 
-__all__ = ["FedServer", "SecAggServers", "ServerSlot"]
+__all__ = ["Bodies", "FedServer", "SecAggServers", "ServerSlot"]
 
 STEPS = list(SecAggStep)
 #: Rounds whose servers a worker keeps; a round past them is rebuilt on its next message.
 _KEPT_ROUNDS = 16
+
+#: Reads the stored messages of a step for the nodes given: node -> (the message's JSON, the masked payload).
+Bodies = Callable[[SecAggStep, list[str]], Mapping[str, tuple[dict[str, Any], bytes | None]]]
 
 
 class FedServer:
@@ -41,47 +43,35 @@ class FedServer:
 
     def catch_up(
         self,
-        session: Session,
-        round_id: str,
-        messages: Mapping[SecAggStep, Mapping[str, SecAggMessageRow]],
-        closed: Mapping[SecAggStep, SecAggStepRow],
+        sent: Mapping[SecAggStep, Collection[str]],
+        closed: Collection[SecAggStep],
+        bodies: Bodies,
         public: Callable[[str], Ed25519PublicKey],
     ) -> bool:
         """Feed the stored messages and step closings this server lacks, in order; False if it is stale.
 
-        ``messages`` are the stored rows of each step (of a closed step only its members'), ``closed`` the
-        closed steps. The masked inputs of an open masked step are not fed from the store: each new one is
+        ``sent`` are the nodes with a stored message of each step (of a closed step only its members),
+        ``closed`` the closed steps; ``bodies`` reads the stored messages of the nodes given, only those this
+        server lacks. The masked inputs of an open masked step are not fed from the store: each new one is
         checked on its own (its replay by the store's key), and they are all fed once the step closed.
         """
         for step in STEPS:
-            stored = messages[step]
-            if not self.fed[step] <= set(stored):
+            stored = set(sent[step])
+            if not self.fed[step] <= stored:
                 return False
             if step is SecAggStep.MASKED and step not in closed:
                 return True
-            missing = [n for n in stored if n not in self.fed[step]]
-            payloads: dict[str, bytes] = {}
-            if step is SecAggStep.MASKED and missing:
-                # Only the masked vectors this server lacks are read (the rows' payloads are deferred).
-                payloads = {
-                    node: payload or b""
-                    for node, payload in session.execute(
-                        select(SecAggMessageRow.node_id, SecAggMessageRow.payload).where(
-                            SecAggMessageRow.round_id == round_id,
-                            SecAggMessageRow.step == step.value,
-                            SecAggMessageRow.node_id.in_(missing),
-                        )
-                    )
-                }
+            missing = sorted(stored - self.fed[step])
+            read = bodies(step, missing) if missing else {}
             for node in missing:
-                body = stored[node].body
+                body, payload = read[node]
                 if step is SecAggStep.ADVERTISE:
                     self.server.bind_key(node, public(body["signing_public"]))
                     self.server.receive_advertise(AdvertiseKeys.model_validate(body["message"]))
                 elif step is SecAggStep.SHARE:
                     self.server.receive_shares(ShareKeys.model_validate(body))
                 elif step is SecAggStep.MASKED:
-                    self.server.receive_masked(MaskedInput.model_validate(body), payloads[node])
+                    self.server.receive_masked(MaskedInput.model_validate(body), payload or b"")
                 else:
                     self.server.receive_unmask(UnmaskResponse.model_validate(body))
                 self.fed[step].add(node)

@@ -43,7 +43,7 @@ class HubSettings(BaseSettings):
     #: An aggregation claimed longer ago than this (its process died) is taken over.
     aggregation_lease_s: float = Field(default=15.0, gt=0)
     publication_ttl_days: float = Field(default=365.0, gt=0)
-    #: Longest long-poll of ``GET /v1/node/tasks?wait=``.
+    #: Longest long-poll of ``GET /v1/node/tasks?wait=`` and ``GET /v1/secagg/{round}/{step}?wait=``.
     max_wait_s: float = Field(default=30.0, ge=0)
     #: How long a secure-aggregation step waits for missing nodes after the previous step closed.
     secagg_step_s: float = Field(default=60.0, gt=0)

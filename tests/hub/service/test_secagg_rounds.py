@@ -27,7 +27,7 @@ from edge_node.protocol.compression import layout_of
 from edge_node.protocol.errors import SecAggError
 from edge_node.protocol.protection import ProtectionSpec
 from edge_node.protocol.secagg import MASKED_TENSOR, encode_fixed, flatten, public_raw
-from edge_node.protocol.secagg_exchange import SecAggAdvertisement
+from edge_node.protocol.secagg_exchange import MASKED_MEDIA_TYPE, SecAggAdvertisement, pack_masked
 from edge_node.protocol.tensors import Tensors, decode_tensors
 from edge_node.protocol.wire import Task, TaskList
 from edge_node.uplink.credential import BearerAuth
@@ -270,6 +270,65 @@ def test_replayed_forged_and_wrong_round_messages_are_refused_and_recorded(
     ) + _rows(db, "SELECT detail FROM audit_log WHERE action = 'secagg.refused' AND subject = :v", r2)
     assert len(refusals) == 6
     assert any("replay" in d for (d,) in refusals) and any("bound to round" in d for (d,) in refusals)
+
+
+def test_masked_inputs_travel_binary_and_a_tampered_replayed_or_wrong_round_one_is_refused(
+    hub: HubServer, db: Database
+) -> None:
+    spec = ProtectionSpec(cohort_size=3, clip_norm=1.0, secure_aggregation=True, secagg_threshold=2)
+    with hub.client() as client:
+        a, b, c = [hub.enroll(client, f"sm-{i}") for i in range(3)]
+        first = _start(hub, client, db, [a, b, c], threshold=2)
+        second = _start(hub, client, db, [a, b, c], threshold=2)
+        r1, r2 = first["round_id"], second["round_id"]
+        tasks = {n.node_id: _task(client, n, r1) for n in (a, b, c)}
+    sessions: dict[str, SecureAggregationRound] = {}
+
+    def run(node: EnrolledNode) -> None:
+        transport = _transport(hub, node)
+        sa = SecureAggregationRound.for_task(transport, node.node_id, tasks[node.node_id])
+        sa.advertise()
+        sa.share()
+        sessions[node.node_id] = sa
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for f in [pool.submit(run, n) for n in (a, b, c)]:
+            f.result()
+    update = {name: np.full(s.shape, 0.01, np.float32) for name, s in LAYOUT.items()}
+    sa = sessions[a.node_id]
+    payload = sa.protect(update, spec, ProtectionPipeline(rng=np.random.default_rng(3))).payload
+    body = pack_masked(sa.client.masked_input(payload), payload)
+    binary = {"Content-Type": MASKED_MEDIA_TYPE}
+    with hub.client() as client:
+
+        def post(node: EnrolledNode, round_id: str, content: bytes, kind: dict[str, str]) -> httpx.Response:
+            url = f"/v1/secagg/{round_id}/masked"
+            return client.post(url, content=content, headers={**node.headers, **kind})
+
+        # tampered: one byte of the payload changed after signing
+        tampered = body[:-10] + bytes([body[-10] ^ 1]) + body[-9:]
+        _refused(post(a, r1, tampered, binary), 422, "not the one it signed")
+        # forged: a's body sent with b's credential
+        _refused(post(b, r1, body, binary), 403, "credential")
+        # wrong round: a's round-1 body posted to round 2
+        _refused(post(a, r2, body, binary), 409, "bound to round")
+        # not an envelope: a header naming more than the body holds, and JSON from an older node
+        _refused(post(a, r1, b"\x00\x01\x00\x00{}", binary), 422, "header names")
+        _refused(post(a, r1, b'{"message": {}}', {"Content-Type": "application/json"}), 422, "not JSON")
+        assert post(a, r1, body, binary).status_code == 200
+        # replayed: the very body again
+        _refused(post(a, r1, body, binary), 409, "(replay)")
+        for round_id in (r1, r2):
+            client.post(f"/v1/admin/rounds/{round_id}/cancel", headers=hub.admin_headers)
+    for node in sessions.values():
+        node.transport.close()
+    stored = _rows(
+        db, "SELECT node_id, payload FROM secagg_messages WHERE round_id = :v AND step = 'masked'", r1
+    )
+    assert [(n, bytes(p)) for n, p in stored] == [(a.node_id, payload)]  # exactly the signed payload
+    refusals = _rows(db, "SELECT detail FROM audit_log WHERE action = 'secagg.refused' AND subject = :v", r1)
+    # the envelope-level refusals (not an envelope, JSON) never reach the protocol, so they are not audited
+    assert sum("masked:" in d for (d,) in refusals) == 3
 
 
 def test_a_step_below_the_threshold_fails_the_round_with_the_reason(hub: HubServer, db: Database) -> None:

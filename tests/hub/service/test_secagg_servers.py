@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy.orm import Session
 
 from edge_node.protection.masking import SecAggClient
 from edge_node.protocol.compression import layout_of
 from edge_node.protocol.secagg_exchange import SecAggStep
 from hub.fl.secagg import SecAggServer
 from hub.rounds.secagg_servers import FedServer, SecAggServers
-from hub.store.schema import SecAggMessageRow, SecAggStepRow
+from hub.store.schema import SecAggMessageRow
 
 TASK = "round-1"
 LAYOUT = layout_of({"w": np.zeros((4, 5), dtype=np.float32)})
@@ -46,41 +45,45 @@ def _advertise_rows() -> dict[str, SecAggMessageRow]:
     return rows
 
 
-def _messages(advertised: dict[str, SecAggMessageRow]) -> dict[SecAggStep, dict[str, SecAggMessageRow]]:
-    out: dict[SecAggStep, dict[str, SecAggMessageRow]] = {s: {} for s in SecAggStep}
-    out[SecAggStep.ADVERTISE] = advertised
-    return out
+class Store:
+    """The stored advertise rows; counts the bodies a server reads (only those it lacks)."""
 
+    def __init__(self, rows: dict[str, SecAggMessageRow]) -> None:
+        self.rows = rows
+        self.read: list[str] = []
 
-def _closed(members: list[str]) -> dict[SecAggStep, SecAggStepRow]:
-    row = SecAggStepRow(
-        round_id=TASK, step="advertise", members=members, closed_at=datetime.now(timezone.utc)
-    )
-    return {SecAggStep.ADVERTISE: row}
+    def sent(self, nodes: list[str]) -> dict[SecAggStep, list[str]]:
+        out: dict[SecAggStep, list[str]] = {s: [] for s in SecAggStep}
+        out[SecAggStep.ADVERTISE] = nodes
+        return out
+
+    def bodies(self, step: SecAggStep, nodes: list[str]) -> dict[str, tuple[dict[str, Any], bytes | None]]:
+        assert step is SecAggStep.ADVERTISE
+        self.read += nodes
+        return {n: (self.rows[n].body, None) for n in nodes}
 
 
 def test_a_kept_server_is_fed_only_what_it_lacks_then_the_step_closing() -> None:
-    rows = _advertise_rows()
+    store = Store(_advertise_rows())
     fed = _server()
-    session = Session()
-    first = {n: rows[n] for n in ["a", "b"]}
-    assert fed.catch_up(session, TASK, _messages(first), {}, _public)
+    assert fed.catch_up(store.sent(["a", "b"]), set(), store.bodies, _public)
     assert fed.fed[SecAggStep.ADVERTISE] == {"a", "b"}
     # Fed again with the same rows plus one: a second feeding of a or b would be refused as a replay.
-    assert fed.catch_up(session, TASK, _messages(rows), _closed(NODES), _public)
+    assert fed.catch_up(store.sent(NODES), {SecAggStep.ADVERTISE}, store.bodies, _public)
     assert sorted(fed.server.advertised) == NODES
     assert fed.closed == {SecAggStep.ADVERTISE}
     assert [m.node_id for m in fed.server.key_list()] == NODES
+    assert store.read == NODES  # every body read once, never again
+    assert fed.catch_up(store.sent(NODES), {SecAggStep.ADVERTISE}, store.bodies, _public)
+    assert store.read == NODES
 
 
 def test_a_server_holding_a_message_the_closed_step_left_out_is_stale() -> None:
-    rows = _advertise_rows()
+    store = Store(_advertise_rows())
     fed = _server()
-    session = Session()
-    assert fed.catch_up(session, TASK, _messages(rows), {}, _public)
+    assert fed.catch_up(store.sent(NODES), set(), store.bodies, _public)
     # c's message raced the closing of the step: the store's step has only a and b.
-    kept = {n: rows[n] for n in ["a", "b"]}
-    assert not fed.catch_up(session, TASK, _messages(kept), _closed(["a", "b"]), _public)
+    assert not fed.catch_up(store.sent(["a", "b"]), {SecAggStep.ADVERTISE}, store.bodies, _public)
 
 
 def test_a_round_server_serves_one_request_and_is_kept_only_when_handed_back() -> None:
