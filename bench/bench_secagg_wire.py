@@ -2,11 +2,11 @@
 
 A real ``fedclinic-hub serve`` (SQLite, one worker) and N nodes in one process, one thread each, every one
 running the node's own protocol code (``SecureAggregationRound`` over the pinned ``HubTransport``): advertise,
-share, mask (clip at the node, then the ring encoding and masks), unmask. The update is a float32 vector of
-``--values`` entries (93,025: the protection benchmark's CNN). Per round:
+share, mask (clip at the node, then the ring encoding and masks), unmask; a node long-polls each step. The
+update is a float32 vector of ``--values`` entries (93,025: the protection benchmark's CNN). Per round:
 
-- hub CPU: the hub process's user+system CPU seconds over the round (every request, relay poll, unmask), and
-  of that its event-loop thread's (TLS, HTTP, reading and parsing bodies; the routes run in a thread pool);
+- hub CPU: the hub process's user+system CPU seconds over the round (every request, relay long-poll,
+  unmask), and of that its event-loop thread's (TLS, HTTP, reading bodies; the routes run in a thread pool);
 - unmask → published: from the hub's own records, the closing of the unmask step (rebuilding the sum from
   the stored masked vectors and shares) to the published aggregate;
 - bytes per node: request and response bodies of the protocol as the node counted them, against the deflated
