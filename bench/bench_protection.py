@@ -525,6 +525,19 @@ def bench_data(seed: int, args: argparse.Namespace) -> Any:
     )
 
 
+def best_on_validation(scores: Mapping[str, Mapping[str, float]], grid: Sequence[str]) -> str:
+    """The grid entry with the best small-clinic validation AUC; a tie goes to the better all-clinic
+    validation AUC, then to the earlier entry. Compared at 1e-9, so that a tie is not decided by a float's
+    last digit."""
+    return max(
+        grid,  # max keeps the first of equal keys
+        key=lambda g: (
+            round(scores[g]["small_clinic_val_auc"], 9),
+            round(scores[g]["mean_clinic_val_auc"], 9),
+        ),
+    )
+
+
 def choose_light_clips(
     dp_configs: Sequence[str], grid: Sequence[str], tune_seeds: Sequence[int], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -533,7 +546,7 @@ def choose_light_clips(
     On every tuning seed: ``light_plain`` (for the ``median`` rule), then every configuration at every
     grid entry, each scored by its clinics' validation AUCs only (no test split is read). Each
     configuration (each ε) gets the entry with the best small-clinic validation AUC averaged over the
-    tuning seeds; a tie goes to the better mean over all clinics, then to the earlier grid entry.
+    tuning seeds (``best_on_validation``).
     """
     rows: list[dict[str, Any]] = []
     for seed in tune_seeds:
@@ -563,8 +576,7 @@ def choose_light_clips(
                 "clips": [r["clip_norm"] for r in rs],
                 "per_seed_small_val_auc": [r["small_clinic_val_auc"] for r in rs],
             }
-        by = scores[name]
-        chosen[name] = max(grid, key=lambda g: (by[g]["small_clinic_val_auc"], by[g]["mean_clinic_val_auc"]))
+        chosen[name] = best_on_validation(scores[name], grid)
     return {
         "tune_seeds": list(tune_seeds),
         "grid": list(grid),

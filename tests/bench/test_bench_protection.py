@@ -62,6 +62,20 @@ def test_delta_is_paired_by_seed_against_the_reference(bench: ModuleType) -> Non
     assert d == pytest.approx({0: 0.01, 1: -0.05})
 
 
+def test_a_tie_on_the_small_clinics_goes_to_all_clinics_then_to_the_earlier_entry(bench: ModuleType) -> None:
+    def score(small: float, mean: float) -> dict[str, float]:
+        return {"small_clinic_val_auc": small, "mean_clinic_val_auc": mean}
+
+    grid = ["0.01", "0.02", "median"]
+    scores = {"0.01": score(0.90, 0.95), "0.02": score(0.90, 0.97), "median": score(0.80, 0.99)}
+    assert bench.best_on_validation(scores, grid) == "0.02"
+    scores["median"] = score(0.91, 0.50)
+    assert bench.best_on_validation(scores, grid) == "median"
+    # equal up to a float's last digit: the earlier entry
+    scores = {"0.01": score(0.9425, 0.9569733333333332), "0.02": score(0.9425, 0.9569733333333333)}
+    assert bench.best_on_validation(scores, ["0.01", "0.02"]) == "0.01"
+
+
 def test_tuning_reads_validation_only_and_picks_the_best_small_clinic_validation_auc(
     bench: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
