@@ -23,14 +23,20 @@ with each protection switched on in turn:
 - ``light_plain`` / ``light_dp_eps{1,4,8}``: the light learner's ``head_delta`` federation (the
   ``light_head`` method of ``bench fl``: a student trained by the two large clinics, its backbone frozen,
   the node's own numpy learner on every clinic, shared head averaged, personal heads kept) with and
-  without DP at the node: each clinic's ``ProtectionPipeline`` clips its head delta (to the median norm of
-  the plain light run) and adds Gaussian noise calibrated by the accountant so that the whole run spends ε
-  at δ = 1e-5 for the clinic (one clinic's data is the neighbour: user-level, local DP).
+  without DP at the node: each clinic's ``ProtectionPipeline`` clips its head delta and adds Gaussian
+  noise calibrated by the accountant so that the whole run spends ε at δ = 1e-5 for the clinic (one
+  clinic's data is the neighbour: user-level, local DP). The clip is ``--dp-clip`` (0: the median norm of
+  the plain light run), or chosen from ``--light-clip-grid`` on the validation splits of ``--tune-seeds``
+  (seeds that are not reported; the test split is read only by the reported runs).
+- ``light_unshared``: the same, but every clinic's head delta is replaced by zeros, so the shared head
+  stays the student's head and only the personal heads learn: what the federation of the head adds.
 - ``without_A``: plain FedAvg over the five other clinics, A left out: the best a reduction that (rightly)
   ignores everything the poisoned clinic sends can do.
 
 AUC: the final global model on each clinic's own (profiled) test set, mean over clinics and over the four
-small clinics C–F. Also times the hub's side of secure aggregation at 20 nodes on a vector of the CNN's size.
+small clinics C–F; beside it the same on each clinic's validation split (``harness.flbench.datasets``: the
+clinic's share of the validation split at its label mix, rendered with its profile). Also times the hub's
+side of secure aggregation at 20 nodes on a vector of the CNN's size.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_protection.py --seeds 0,1,2 --rounds 5 \\
         --json out/bench-protection.json
@@ -61,7 +67,7 @@ from edge_node.protocol.updates import UpdateKind
 from harness.flbench.datasets import CLINICS, SMALL_CLINICS, build_bench_data
 from harness.flbench.frozen_student import FrozenStudent, binary_task
 from harness.flbench.light_clinic import LightClinic
-from harness.flbench.methods import evaluate
+from harness.flbench.methods import evaluate, validation_aucs
 from hub.fl.aggregate import unweighted_mean
 from hub.fl.fedavg import FedAvg
 from hub.fl.privacy import DifferentialPrivacy
@@ -115,6 +121,7 @@ MORE_CONFIGS = (
     "light_dp_eps1",
     "light_dp_eps4",
     "light_dp_eps8",
+    "light_unshared",
 )
 POISONED = "A"
 DELTA = 1e-5
@@ -130,6 +137,7 @@ class MeteredLearner:
         bytes_log: dict[str, list[int]],
         *,
         poison: bool = False,
+        unshared: bool = False,
     ) -> None:
         self.inner = inner
         self.client_id = inner.client_id
@@ -137,12 +145,15 @@ class MeteredLearner:
         self.pipeline = ProtectionPipeline(rng=np.random.default_rng(0))
         self.bytes_log = bytes_log
         self.poison = poison
+        self.unshared = unshared
         self.norms: list[float] = []
         self.sigmas: list[float] = []  # the noise multiplier of every noised release
 
     def fit(self, task: ClientTask) -> ClientResult:
         result = self.inner.fit(task)
         update = result.update
+        if self.unshared:  # nothing of the update is federated: the hub averages zeros
+            update = {n: np.zeros_like(a) for n, a in update.items()}
         if self.poison:  # sign-flipped and scaled ×10
             update = {n: (-10.0 * a).astype(a.dtype) if a.dtype.kind == "f" else a for n, a in update.items()}
         self.norms.append(
@@ -253,17 +264,26 @@ def secure_sum(
     return total, hub_s, sent
 
 
+def _clinic_aucs(res: Mapping[str, Any]) -> dict[str, float]:
+    """Mean test and validation AUC over the clinics and over the small ones, from ``evaluate``'s result."""
+    test = {c: res["clinics"][c]["auc"] for c in CLINICS}
+    val = {c: res["clinics"][c]["val_auc"] for c in CLINICS}
+    return {
+        "mean_clinic_auc": float(np.mean(list(test.values()))),
+        "small_clinic_auc": float(np.mean([test[c] for c in SMALL_CLINICS])),
+        "mean_clinic_val_auc": float(np.nanmean(list(val.values()))),
+        "small_clinic_val_auc": float(np.nanmean([val[c] for c in SMALL_CLINICS])),
+        "unseen_auc": float(res["unseen"]["auc"]),
+    }
+
+
 def _global_auc(data: Any, params: Params) -> dict[str, float]:
     model = fl_cnn(norm="group")
     load_params(model, params)
     model.eval()
-    res = evaluate(data, dict.fromkeys(CLINICS, lambda x: predict(model, x)), lambda x: predict(model, x))
-    aucs = {c: res["clinics"][c]["auc"] for c in CLINICS}
-    return {
-        "mean_clinic_auc": float(np.mean(list(aucs.values()))),
-        "small_clinic_auc": float(np.mean([aucs[c] for c in SMALL_CLINICS])),
-        "unseen_auc": float(res["unseen"]["auc"]),
-    }
+    return _clinic_aucs(
+        evaluate(data, dict.fromkeys(CLINICS, lambda x: predict(model, x)), lambda x: predict(model, x))
+    )
 
 
 def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: float) -> dict[str, Any]:
@@ -359,9 +379,20 @@ class LightSetup:
 
 
 def run_light(
-    name: str, data: Any, seed: int, args: argparse.Namespace, setup: LightSetup, clip: float
+    name: str,
+    data: Any,
+    seed: int,
+    args: argparse.Namespace,
+    setup: LightSetup,
+    clip: float,
+    *,
+    test: bool = True,
 ) -> dict[str, Any]:
-    """The light learner's head_delta federation, plain or with the node's clip + noise."""
+    """The light learner's head_delta federation, plain or with the node's clip + noise.
+
+    ``test=False`` scores the clinics on their validation splits only (a tuning run: the test split is not
+    read); the row then has no test AUCs.
+    """
     head = setup.frozen.head
     spec: ProtectionSpec | None = None
     extra: dict[str, Any] = {}
@@ -387,7 +418,7 @@ def run_light(
     for c in CLINICS:
         logits, emb = setup.train[c]
         clinics[c] = LightClinic(c, head, binary_task(), logits, emb, setup.labels[c])
-        learners[c] = MeteredLearner(clinics[c], spec, bytes_log)
+        learners[c] = MeteredLearner(clinics[c], spec, bytes_log, unshared=name == "light_unshared")
         learners[c].pipeline = ProtectionPipeline(rng=np.random.default_rng(seed * 100 + len(learners)))
     strategy.initialize(setup.start, list(CLINICS))
     t0 = time.perf_counter()
@@ -407,11 +438,17 @@ def run_light(
     def shared_only(x01: torch.Tensor) -> np.ndarray:
         return (setup.frozen.logits_and_embedding(x01)[1].astype(np.float64) @ w.T + b)[:, 0]
 
-    res = evaluate(data, {c: served(clinics[c]) for c in CLINICS}, shared_only)
-    aucs = {c: res["clinics"][c]["auc"] for c in CLINICS}
-    # the shared head alone on every clinic: what the federated (and noised) part carries by itself
-    alone = evaluate(data, dict.fromkeys(CLINICS, shared_only), shared_only)
-    extra["shared_head_auc"] = float(np.mean([alone["clinics"][c]["auc"] for c in CLINICS]))
+    if test:
+        scores = _clinic_aucs(evaluate(data, {c: served(clinics[c]) for c in CLINICS}, shared_only))
+        # the shared head alone on every clinic: what the federated (and noised) part carries by itself
+        alone = evaluate(data, dict.fromkeys(CLINICS, shared_only), shared_only)
+        extra["shared_head_auc"] = float(np.mean([alone["clinics"][c]["auc"] for c in CLINICS]))
+    else:
+        val = validation_aucs(data, {c: served(clinics[c]) for c in CLINICS})
+        scores = {
+            "mean_clinic_val_auc": float(np.nanmean(list(val.values()))),
+            "small_clinic_val_auc": float(np.nanmean([val[c] for c in SMALL_CLINICS])),
+        }
     sigmas = [s for lr in learners.values() for s in lr.sigmas]
     if sigmas:  # what one clinic spent over the run, from the σ its pipeline actually used
         per_clinic = [GaussianRelease(s) for s in learners[CLINICS[-1]].sigmas]
@@ -419,9 +456,7 @@ def run_light(
     return {
         "config": name,
         "seed": seed,
-        "mean_clinic_auc": float(np.mean(list(aucs.values()))),
-        "small_clinic_auc": float(np.mean([aucs[c] for c in SMALL_CLINICS])),
-        "unseen_auc": float(res["unseen"]["auc"]),
+        **scores,
         "bytes_per_clinic_round": float(np.mean([np.mean(v) for v in bytes_log.values() if v])),
         "raw_fp32_bytes": len(encode_tensors({k: v for k, v in shared.items()}, compress=False)),
         "median_update_norm": float(np.median([n for lr in learners.values() for n in lr.norms])),
@@ -446,6 +481,129 @@ def secagg_hub_time(nodes: int, length: int, repeats: int) -> list[float]:
     return out
 
 
+#: In a clip grid: "clip at the median head-delta norm of the same seed's ``light_plain`` run".
+MEDIAN = "median"
+
+
+def parse_clip_grid(text: str) -> list[str]:
+    """``"0.01,0.05,median"`` → ``["0.01", "0.05", "median"]``: each a positive number or ``median``."""
+    grid = [g.strip() for g in text.split(",") if g.strip()]
+    for g in grid:
+        if g != MEDIAN and not (_is_number(g) and float(g) > 0):
+            raise ValueError(f"clip grid entry {g!r} is neither a positive number nor {MEDIAN!r}")
+    if not grid:
+        raise ValueError("empty clip grid")
+    return grid
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def clip_value(rule: str, plain_norm: float | None) -> float:
+    """The clip a grid entry stands for on one seed (``median`` needs that seed's plain run)."""
+    if rule != MEDIAN:
+        return float(rule)
+    if plain_norm is None:
+        raise ValueError("clip 'median' needs light_plain to run first on the same seed")
+    return plain_norm
+
+
+def bench_data(seed: int, args: argparse.Namespace) -> Any:
+    """One seed's clinics at the run's sizes (train, validation and test split per clinic)."""
+    return build_bench_data(
+        "pneumonia",
+        "combined",
+        seed,
+        max_train_per_clinic=args.train_per_clinic,
+        max_test=args.test,
+        public_size=16,
+    )
+
+
+def best_on_validation(scores: Mapping[str, Mapping[str, float]], grid: Sequence[str]) -> str:
+    """The grid entry with the best small-clinic validation AUC; a tie goes to the better all-clinic
+    validation AUC, then to the earlier entry. Compared at 1e-9, so that a tie is not decided by a float's
+    last digit."""
+    return max(
+        grid,  # max keeps the first of equal keys
+        key=lambda g: (
+            round(scores[g]["small_clinic_val_auc"], 9),
+            round(scores[g]["mean_clinic_val_auc"], 9),
+        ),
+    )
+
+
+def choose_light_clips(
+    dp_configs: Sequence[str], grid: Sequence[str], tune_seeds: Sequence[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The node-side DP clip of each ``light_dp_eps*`` configuration, chosen on validation.
+
+    On every tuning seed: ``light_plain`` (for the ``median`` rule), then every configuration at every
+    grid entry, each scored by its clinics' validation AUCs only (no test split is read). Each
+    configuration (each ε) gets the entry with the best small-clinic validation AUC averaged over the
+    tuning seeds (``best_on_validation``).
+    """
+    rows: list[dict[str, Any]] = []
+    for seed in tune_seeds:
+        data = bench_data(seed, args)
+        setup = LightSetup(data, seed, args.rounds)
+        plain = run_light("light_plain", data, seed, args, setup, 1.0, test=False)
+        rows.append({**plain, "clip_rule": None})
+        log.warning("tune seed %d light_plain val small %.3f", seed, plain["small_clinic_val_auc"])
+        for name in dp_configs:
+            for rule in grid:
+                clip = clip_value(rule, plain["median_update_norm"])
+                row = run_light(name, data, seed, args, setup, clip, test=False)
+                rows.append({**row, "clip_rule": rule})
+                log.warning(
+                    "tune seed %d %s clip %s (%.4g): val small %.3f, val mean %.3f",
+                    seed, name, rule, clip, row["small_clinic_val_auc"], row["mean_clinic_val_auc"],
+                )  # fmt: skip
+    scores: dict[str, dict[str, dict[str, Any]]] = {}
+    chosen: dict[str, str] = {}
+    for name in dp_configs:
+        scores[name] = {}
+        for rule in grid:
+            rs = [r for r in rows if r["config"] == name and r["clip_rule"] == rule]
+            scores[name][rule] = {
+                "small_clinic_val_auc": float(np.mean([r["small_clinic_val_auc"] for r in rs])),
+                "mean_clinic_val_auc": float(np.mean([r["mean_clinic_val_auc"] for r in rs])),
+                "clips": [r["clip_norm"] for r in rs],
+                "per_seed_small_val_auc": [r["small_clinic_val_auc"] for r in rs],
+            }
+        chosen[name] = best_on_validation(scores[name], grid)
+    return {
+        "tune_seeds": list(tune_seeds),
+        "grid": list(grid),
+        "chosen": chosen,
+        "scores": scores,
+        "rows": rows,
+    }
+
+
+def selection_table(selection: Mapping[str, Any]) -> str:
+    """Markdown: small-clinic validation AUC (mean over tuning seeds) of every grid entry, chosen in bold."""
+    grid = selection["grid"]
+    lines = [
+        "| config | " + " | ".join(f"C = {g}" for g in grid) + " | chosen |",
+        "|---" * (len(grid) + 2) + "|",
+    ]
+    for name, by in selection["scores"].items():
+        cells = [
+            f"**{by[g]['small_clinic_val_auc']:.3f}**"
+            if g == selection["chosen"][name]
+            else f"{by[g]['small_clinic_val_auc']:.3f}"
+            for g in grid
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {selection['chosen'][name]} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -459,6 +617,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--dp-clip", type=float, default=0.0, help="DP clip norm, central and light (0: median plain norm)"
     )
+    parser.add_argument(
+        "--light-clip-grid",
+        default="",
+        help="choose each light_dp_eps* clip from this grid on validation (numbers and/or 'median'), "
+        "on the --tune-seeds; overrides --dp-clip for those configurations",
+    )
+    parser.add_argument(
+        "--tune-seeds", default="100", help="seeds the clip is chosen on (none of them may be reported)"
+    )
     parser.add_argument("--secagg-clip", type=float, default=100.0, help="node clip before masking")
     parser.add_argument("--secagg-nodes", type=int, default=20)
     parser.add_argument("--json", type=Path)
@@ -470,25 +637,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(configs) - set(CONFIGS) - set(MORE_CONFIGS))
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS + MORE_CONFIGS)}")
+    light_dp = [c for c in configs if c.startswith("light_dp_eps")]
+    selection: dict[str, Any] | None = None
+    if args.light_clip_grid:
+        try:
+            grid = parse_clip_grid(args.light_clip_grid)
+        except ValueError as exc:
+            parser.error(str(exc))
+        tune_seeds = [int(s) for s in args.tune_seeds.split(",")]
+        if set(tune_seeds) & set(seeds):
+            parser.error(f"tuning seeds {sorted(set(tune_seeds) & set(seeds))} are also reported seeds")
+        if not light_dp:
+            parser.error("--light-clip-grid chooses the clip of light_dp_eps* configurations: none asked for")
+        if MEDIAN in grid and (
+            "light_plain" not in configs
+            or configs.index("light_plain") > min(configs.index(c) for c in light_dp)
+        ):
+            parser.error("clip 'median' needs light_plain before the light_dp_eps* configurations")
+        selection = choose_light_clips(light_dp, grid, tune_seeds, args)
+        print(selection_table(selection), flush=True)
     rows: list[dict[str, Any]] = []
     for seed in seeds:
-        data = build_bench_data(
-            "pneumonia",
-            "combined",
-            seed,
-            max_train_per_clinic=args.train_per_clinic,
-            max_test=args.test,
-            public_size=16,
-        )
+        data = bench_data(seed, args)
         clip = args.dp_clip
         light_clip = args.dp_clip
+        plain_norm: float | None = None
         setup: LightSetup | None = None
         for name in configs:
             if name.startswith("light_"):
                 setup = setup or LightSetup(data, seed, args.rounds)
-                row = run_light(name, data, seed, args, setup, light_clip or 1.0)
-                if name == "light_plain" and not args.dp_clip:
-                    light_clip = row["median_update_norm"]
+                if selection is not None and name in selection["chosen"]:
+                    rule = selection["chosen"][name]
+                    row = run_light(name, data, seed, args, setup, clip_value(rule, plain_norm))
+                    row["clip_rule"] = rule
+                else:
+                    row = run_light(name, data, seed, args, setup, light_clip or 1.0)
+                if name == "light_plain":
+                    plain_norm = row["median_update_norm"]
+                    if not args.dp_clip:
+                        light_clip = plain_norm
             else:
                 row = run_config(name, data, seed, args, clip or 1.0)
                 if name == "plain" and not args.dp_clip:
@@ -500,25 +687,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     summary = {"hub_seconds_secagg_nodes": args.secagg_nodes, "hub_seconds": timing}
     print(json.dumps(summary))
-    table = summarise(rows)
-    print(table)
+    if selection is not None:
+        print(selection_table(selection))
+    print(summarise(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
-            json.dumps({"rows": rows, "secagg_timing": summary, "args": vars(args)}, default=str)
+            json.dumps(
+                {"rows": rows, "secagg_timing": summary, "clip_selection": selection, "args": vars(args)},
+                default=str,
+            )
         )
     return 0
 
 
+def _reference(name: str) -> str:
+    """The configuration a row's Δ is paired against: the light learner's own plain run, or ``plain``."""
+    return "light_plain" if name.startswith("light_") else "plain"
+
+
+def paired_delta(rows: Sequence[Mapping[str, Any]], name: str, key: str) -> dict[int, float]:
+    """Seed → ``key`` of ``name`` minus that of its reference on the same seed (seeds that ran both)."""
+    ref = {r["seed"]: r[key] for r in rows if r["config"] == _reference(name)}
+    return {r["seed"]: r[key] - ref[r["seed"]] for r in rows if r["config"] == name and r["seed"] in ref}
+
+
 def summarise(rows: list[dict[str, Any]]) -> str:
-    """A markdown table: mean ± spread over seeds per configuration."""
+    """A markdown table: mean (range) over seeds per configuration, test and validation AUC, and Δ paired
+    by seed against the reference (``plain``, or ``light_plain`` for the light rows), mean ± sd."""
     lines = [
-        "| config | mean clinic AUC | small clinics AUC | bytes / clinic / round | fewer than plain npz "
+        "| config | clip | ε spent | mean clinic AUC | Δ vs ref | small clinics AUC | Δ small | "
+        "val mean clinic AUC | val small clinics AUC | bytes / clinic / round | fewer than plain npz "
         "| fewer than raw fp32 |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     plain = [r["bytes_per_clinic_round"] for r in rows if r["config"] == "plain"]
     base = statistics.mean(plain) if plain else float("nan")
+    per_seed: list[str] = []
     for name in dict.fromkeys(r["config"] for r in rows):
         rs = [r for r in rows if r["config"] == name]
 
@@ -526,12 +731,29 @@ def summarise(rows: list[dict[str, Any]]) -> str:
             vals = [r[key] for r in rs]
             return f"{statistics.mean(vals):.3f} ({min(vals):.3f}–{max(vals):.3f})"
 
+        def delta(key: str, name: str = name) -> str:
+            d = list(paired_delta(rows, name, key).values())
+            if not d or name == _reference(name):
+                return "—"
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            return f"{statistics.mean(d):+.3f} ± {sd:.3f}"
+
+        clips = sorted({r["clip_norm"] for r in rs if "clip_norm" in r})
+        clip = ", ".join(f"{c:.4g}" for c in clips) or "—"
+        eps = [r["epsilon_spent"] for r in rs if "epsilon_spent" in r]
+        spent = f"{statistics.mean(eps):.2f}" if eps else "—"
         b = statistics.mean(r["bytes_per_clinic_round"] for r in rs)
         raw = rs[0]["raw_fp32_bytes"]
         lines.append(
-            f"| {name} | {fmt('mean_clinic_auc')} | {fmt('small_clinic_auc')} | {b:,.0f} | {base / b:.1f}× "
-            f"| {raw / b:.1f}× |"
+            f"| {name} | {clip} | {spent} | {fmt('mean_clinic_auc')} | {delta('mean_clinic_auc')} "
+            f"| {fmt('small_clinic_auc')} | {delta('small_clinic_auc')} | {fmt('mean_clinic_val_auc')} "
+            f"| {fmt('small_clinic_val_auc')} | {b:,.0f} | {base / b:.1f}× | {raw / b:.1f}× |"
         )
+        d = paired_delta(rows, name, "small_clinic_auc")
+        if d and name != _reference(name):
+            per_seed.append(f"{name}: " + ", ".join(f"seed {s} {v:+.3f}" for s, v in d.items()))
+    if per_seed:
+        lines += ["", "Δ small clinics, per seed:", *per_seed]
     return "\n".join(lines)
 
 

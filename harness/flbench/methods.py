@@ -157,6 +157,19 @@ def evaluate(
     return result
 
 
+def validation_aucs(data: BenchData, per_clinic: Mapping[str, Predictor]) -> dict[str, float]:
+    """Each given clinic's validation AUC (NaN where its split is empty); no test split is read.
+
+    What a choice made on validation (a round, a clip, a hyper-parameter) may look at.
+    """
+    return {
+        c: threshold_metrics(data.clinics[c].val_y.numpy(), predictor(data.clinics[c].val_x), 0.0)["auc"]
+        if len(data.clinics[c].val_y)
+        else math.nan
+        for c, predictor in per_clinic.items()
+    }
+
+
 class BestRound:
     """Keeps the round whose model has the best mean small-clinic validation AUC; the test split plays no
     part. Methods with one deployable global model (FedAvg, FedProx, the central model, HSL) report that
@@ -169,13 +182,7 @@ class BestRound:
         self.params: Params = dict(initial)
 
     def offer(self, rnd: int, params: Params, predictor: Predictor) -> None:
-        aucs = [
-            threshold_metrics(self.data.clinics[c].val_y.numpy(), predictor(self.data.clinics[c].val_x), 0.0)[
-                "auc"
-            ]
-            for c in self.data.small
-            if len(self.data.clinics[c].val_y)
-        ]
+        aucs = validation_aucs(self.data, dict.fromkeys(self.data.small, predictor)).values()
         finite = [a for a in aucs if math.isfinite(a)]
         score = float(np.mean(finite)) if finite else -math.inf
         if score > self.val_auc:
