@@ -665,6 +665,8 @@ def run_pfednet(
     global_model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
     load_params(global_model, {**strategy.global_params, **unweighted_mean(parts)})
     result = evaluate(data, per_clinic, _predictor(global_model))
+    # What personalisation buys: every clinic scored with the clinics' mean personal part instead of its own.
+    with_mean = evaluate(data, dict.fromkeys(data.names, _predictor(global_model)), _predictor(global_model))
     result["bytes_per_client_round"] = bytes_up
     result["stats_bytes_per_client_round"] = ctx.stats_bytes
     graph = getattr(strategy, "graph", None)
@@ -677,6 +679,8 @@ def run_pfednet(
         # Per training round (by number), per clinic: ‖fused − unfused‖ of the personal part and its distance
         # from the clinics' mean before and after the fusion (hub.fl.pfednet.FusionRecord).
         "fusion": fusion,
+        "mean_personal_auc": {c: m["auc"] for c, m in with_mean["clinics"].items()},
+        "mean_personal_val_auc": {c: m["val_auc"] for c, m in with_mean["clinics"].items()},
         "differential_gamma": ctx.cfg.pfednet_gamma,
         "differential_groups_zeroed": float(
             np.mean(
