@@ -590,8 +590,9 @@ PFEDNET_GRAPHS: dict[str, tuple[str, ...]] = {
     "labels+features": ("label_counts", "feature_mean"),
     "features": ("feature_mean",),
 }
-#: pFedNet's personal parts: the head and norm affines (577 parameters), or those plus the last conv block.
-PFEDNET_PERSONAL: tuple[str, ...] = ("head_norm", "last_block")
+#: pFedNet's personal parts: the head and norm affines (577 parameters), those plus the last conv block, or
+#: the head alone (129; the norm affines then shared, averaged sample-weighted with the convolutions).
+PFEDNET_PERSONAL: tuple[str, ...] = ("head_norm", "last_block", "head")
 
 
 def run_pfednet(
@@ -617,9 +618,11 @@ def run_pfednet(
             f"{tuple(PFEDNET_GRAPHS)}"
         )
     init = _seeded(ctx.seed, lambda: fl_cnn(norm="group", num_outputs=data.spec.num_outputs))
-    is_personal = (
-        is_personal_tensor if personal == "head_norm" else last_block_personal(list(to_params(init)))
-    )
+    is_personal: Callable[[str], bool] = {
+        "head_norm": is_personal_tensor,
+        "last_block": last_block_personal(list(to_params(init))),
+        "head": lambda name: name.startswith("head."),
+    }[personal]
     strategy = make_strategy(
         "pfednet",
         is_personal=is_personal,
