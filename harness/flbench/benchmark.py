@@ -133,7 +133,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 def total_rounds(method: str, cfg: BenchConfig) -> int:
     """Progress units of one (method, seed): pFedNet has its stats round in front."""
-    return cfg.rounds + (1 if method == "pfednet" else 0)
+    return cfg.rounds + (1 if method.startswith("pfednet") else 0)
 
 
 def _write_json(path: Path, doc: Any) -> None:

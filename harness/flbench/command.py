@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from harness.flbench.benchmark import BenchSpec, parse_methods, report_from_cache, run_benchmark
-from harness.flbench.methods import BenchConfig
+from harness.flbench.methods import PFEDNET_GRAPHS, PFEDNET_PERSONAL, BenchConfig
 from harness.flbench.results import Record
 from harness.flbench.setting import DEFAULT_PANEL, DEFAULT_SETTING, load_panel, load_setting
 from hub.commands.output import FormatOption, OutputFormat, emit
@@ -125,6 +125,15 @@ def fl(
     pfednet_gamma: Annotated[
         float, typer.Option(min=0.0, help="pFedNet differentially sparse upload γ (0 = off).")
     ] = 0.0,
+    pfednet_lam: Annotated[
+        float, typer.Option(min=0.0, help="pFedNet graph-fusion λ (pfednet_nograph is λ = 0).")
+    ] = 10.0,
+    pfednet_personal: Annotated[
+        str, typer.Option(help="pFedNet personal part: head_norm (head + norm affines), last_block or head.")
+    ] = "head_norm",
+    pfednet_graph: Annotated[
+        str, typer.Option(help="pFedNet graph sketches: labels+features or features (mean image only).")
+    ] = "labels+features",
     fedhelp_kd_weight: Annotated[
         float, typer.Option(min=0.0, help="FedHelp large→proxy KD weight (the full soft labels).")
     ] = 1.0,
@@ -156,6 +165,10 @@ def fl(
     Thresholds and the best-strategy choice use each clinic's validation split; the test split is read once.
     With ``--track both`` the two tracks go to OUT/track-aug and OUT/track-none.
     """
+    if pfednet_personal not in PFEDNET_PERSONAL:
+        raise typer.BadParameter(f"--pfednet-personal: choose from {', '.join(PFEDNET_PERSONAL)}")
+    if pfednet_graph not in PFEDNET_GRAPHS:
+        raise typer.BadParameter(f"--pfednet-graph: choose from {', '.join(PFEDNET_GRAPHS)}")
     try:
         method_names = parse_methods(methods)
         load_setting(clinics)
@@ -178,6 +191,9 @@ def fl(
             "fedhelp_rank_weight": fedhelp_rank_weight,
             "fedhelp_fm_weight": fedhelp_fm_weight,
             "hsl_anchor_weight": hsl_anchor_weight,
+            "pfednet_lam": pfednet_lam,
+            "pfednet_personal": pfednet_personal,
+            "pfednet_graph": pfednet_graph,
             "fedhelp_distill": distill,
         }
         cfg = BenchConfig(

@@ -48,7 +48,7 @@ from hub.training.learners import (
     to_params,
     train_local,
 )
-from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor
+from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor, last_block_personal
 from hub.training.simulation import ClientLearner, RoundCheckpoint, run_federation
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,9 @@ class BenchConfig:
     fedprox_mu: float = 0.01
     pfednet_lam: float = 10.0
     pfednet_eta: float = 0.01
+    #: pFedNet's personal part (``PFEDNET_PERSONAL``) and the sketches of its graph (``PFEDNET_GRAPHS``).
+    pfednet_personal: str = "head_norm"
+    pfednet_graph: str = "labels+features"
     #: pFedNet's differentially sparse upload of the shared part (γ of hub.fl.differential_sparsity; 0 = off).
     pfednet_gamma: float = 0.0
     #: FedHelp's dual KD: proxy→large KL and ranking weights, large→proxy KD weight, and the small clinics'
@@ -588,20 +591,69 @@ def _distill(data: BenchData, ctx: MethodContext, hospital: FedHelpLargeLearner)
     }
 
 
-def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
-    """pFedNet: shared extractor averaged; personal head + norm affines fused over the sketch graph (ADMM)."""
+#: pFedNet's similarity-graph sketches: the label mix and the 4×4 mean image, or the mean image alone
+#: (clinics alike in acquisition, whatever their label mix).
+PFEDNET_GRAPHS: dict[str, tuple[str, ...]] = {
+    "labels+features": ("label_counts", "feature_mean"),
+    "features": ("feature_mean",),
+}
+#: pFedNet's personal parts: the head and norm affines (577 parameters), those plus the last conv block, or
+#: the head alone (129; the norm affines then shared, averaged sample-weighted with the convolutions).
+PFEDNET_PERSONAL: tuple[str, ...] = ("head_norm", "last_block", "head")
+
+
+def run_pfednet(
+    data: BenchData,
+    ctx: MethodContext,
+    *,
+    lam: float | None = None,
+    personal: str | None = None,
+    graph: str | None = None,
+) -> dict[str, Any]:
+    """pFedNet: shared extractor averaged; the personal part fused over the sketch graph (ADMM).
+
+    ``lam``, ``personal`` and ``graph`` default to the config's ``pfednet_lam``, ``pfednet_personal`` and
+    ``pfednet_graph``; ``lam=0`` is the ablation without the graph fusion (each clinic keeps its own
+    personal part, the same rounds, data and seeds otherwise).
+    """
+    lam = ctx.cfg.pfednet_lam if lam is None else lam
+    personal = ctx.cfg.pfednet_personal if personal is None else personal
+    graph_name = ctx.cfg.pfednet_graph if graph is None else graph
+    if personal not in PFEDNET_PERSONAL or graph_name not in PFEDNET_GRAPHS:
+        raise ValueError(
+            f"pfednet: personal {personal!r} / graph {graph_name!r}; choose from {PFEDNET_PERSONAL} / "
+            f"{tuple(PFEDNET_GRAPHS)}"
+        )
     init = _seeded(ctx.seed, lambda: fl_cnn(norm="group", num_outputs=data.spec.num_outputs))
+    is_personal: Callable[[str], bool] = {
+        "head_norm": is_personal_tensor,
+        "last_block": last_block_personal(list(to_params(init))),
+        "head": lambda name: name.startswith("head."),
+    }[personal]
     strategy = make_strategy(
         "pfednet",
-        is_personal=is_personal_tensor,
-        lam=ctx.cfg.pfednet_lam,
+        is_personal=is_personal,
+        lam=lam,
         eta=ctx.cfg.pfednet_eta,
         mean_gradient=False,
         graph_k=2,
-        graph_keys=("label_counts", "feature_mean"),
+        graph_keys=PFEDNET_GRAPHS[graph_name],
         client_config={"augment": ctx.cfg.augment},
         differential_gamma=ctx.cfg.pfednet_gamma,
     )
+    fusion: dict[str, dict[str, dict[str, float]]] = {}
+
+    def record_fusion(rnd: int) -> None:
+        if ctx.on_round is not None:
+            ctx.on_round(rnd)
+        last = getattr(strategy, "last_fusion", None)
+        if last is not None:  # None in the stats round and in rounds replayed from a checkpoint
+            fusion[str(rnd)] = {
+                "shift": dict(last.shift),
+                "unfused_spread": dict(last.unfused_spread),
+                "fused_spread": dict(last.fused_spread),
+            }
+
     learners: dict[str, PFedNetLearner] = {}
     for k, c in enumerate(data.names):
         model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
@@ -612,22 +664,33 @@ def run_pfednet(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         learners[c].num_classes = data.spec.num_classes
     strategy.initialize(to_params(init), list(data.names))
     # Round 1 is the stats round (similarity graph); then the same R training rounds as the others.
-    bytes_up = _run(strategy, learners, ctx.cfg.rounds + 1, ctx)
+    bytes_up = _run(strategy, learners, ctx.cfg.rounds + 1, ctx, on_round=record_fusion)
     per_clinic: dict[str, Predictor] = {}
-    personal: list[Params] = []
+    parts: list[Params] = []
     for c, learner in learners.items():
         params = strategy.params_for(c)
         load_params(learner.model, params)
         per_clinic[c] = _predictor(learner.model)
-        personal.append({n: a for n, a in params.items() if is_personal_tensor(n)})
+        parts.append({n: a for n, a in params.items() if is_personal(n)})
     global_model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
-    load_params(global_model, {**strategy.global_params, **unweighted_mean(personal)})
+    load_params(global_model, {**strategy.global_params, **unweighted_mean(parts)})
     result = evaluate(data, per_clinic, _predictor(global_model))
+    # What personalisation buys: every clinic scored with the clinics' mean personal part instead of its own.
+    with_mean = evaluate(data, dict.fromkeys(data.names, _predictor(global_model)), _predictor(global_model))
     result["bytes_per_client_round"] = bytes_up
     result["stats_bytes_per_client_round"] = ctx.stats_bytes
     graph = getattr(strategy, "graph", None)
     result["extra"] = {
         "graph_edges": [[data.names[i], data.names[j]] for i, j in graph.edges] if graph is not None else [],
+        "lam": lam,
+        "personal": personal,
+        "graph": graph_name,
+        "personal_params": int(sum(a.size for a in parts[0].values())),
+        # Per training round (by number), per clinic: ‖fused − unfused‖ of the personal part and its distance
+        # from the clinics' mean before and after the fusion (hub.fl.pfednet.FusionRecord).
+        "fusion": fusion,
+        "mean_personal_auc": {c: m["auc"] for c, m in with_mean["clinics"].items()},
+        "mean_personal_val_auc": {c: m["val_auc"] for c, m in with_mean["clinics"].items()},
         "differential_gamma": ctx.cfg.pfednet_gamma,
         "differential_groups_zeroed": float(
             np.mean(
@@ -724,6 +787,8 @@ METHODS: dict[str, MethodFn] = {
     "hsl": run_hsl,
     "fedhelp": run_fedhelp,
     "pfednet": run_pfednet,
+    # pFedNet's ablation: λ = 0, no graph fusion (each clinic keeps its own personal part).
+    "pfednet_nograph": lambda d, c: run_pfednet(d, c, lam=0.0),
     "light_head": run_light_head,
     "local_aug": lambda d, c: run_local(d, c, augment=True, norm="group"),
     "fedavg_aug": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group"),

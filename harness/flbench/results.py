@@ -24,6 +24,7 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("fedavg_hslsteps", "fedavg_aug"),
     ("fedhelp", "fedhelp_nofm"),
     ("fedhelp", "fedhelp_norank"),
+    ("pfednet", "pfednet_nograph"),
 )
 
 

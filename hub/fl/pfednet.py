@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,7 +53,7 @@ from hub.fl.strategy import (
     StateDict,
 )
 
-__all__ = ["PFedNet", "group_soft_threshold", "is_head_tensor", "proximal_personal_step"]
+__all__ = ["FusionRecord", "PFedNet", "group_soft_threshold", "is_head_tensor", "proximal_personal_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,21 @@ def proximal_personal_step(
     return z
 
 
+def _spread(z: np.ndarray, i: int) -> float:
+    """‖z_i − mean_n z_n‖ for the columns of ``z`` (d2, N)."""
+    return float(np.linalg.norm(z[:, i] - z.mean(axis=1)))
+
+
+@dataclass(frozen=True)
+class FusionRecord:
+    """One personal step, per client id: how far the fusion moved its personal part (‖fused − unfused‖),
+    and its distance from the clients' mean before (unfused) and after the fusion."""
+
+    shift: dict[str, float]
+    unfused_spread: dict[str, float]
+    fused_spread: dict[str, float]
+
+
 class PFedNet(DeltaAveraging):
     """Shared tensors by sample-weighted FedAvg; personal tensors per client by the graph-fused proximal step.
 
@@ -175,6 +190,8 @@ class PFedNet(DeltaAveraging):
         self._personal: dict[str, Params] = {}
         self._personal_names: tuple[str, ...] = ()
         self._stats_rounds: set[int] = set()
+        #: The last training round's personal step (None before the first); not part of the state.
+        self.last_fusion: FusionRecord | None = None
 
     # -- state --------------------------------------------------------------------------------------------
 
@@ -339,6 +356,7 @@ class PFedNet(DeltaAveraging):
         for res in accepted:
             delta = self._flatten({n: res.update[n] for n in self._personal_names})
             g[:, column[res.client_id]] = -delta / self.eta  # G_n = −delta_n / η
+        base = z_t - self.eta * (g / len(clients) if self.mean_gradient else g)
         z = proximal_personal_step(
             g,
             z_t,
@@ -348,6 +366,12 @@ class PFedNet(DeltaAveraging):
             rho=self.rho,
             iterations=self.admm_iterations,
             mean_gradient=self.mean_gradient,
+        )
+        # What the fusion did this round: each client's ‖fused − unfused‖ (0 when λ = 0) and its spread.
+        self.last_fusion = FusionRecord(
+            shift={cid: float(np.linalg.norm(z[:, i] - base[:, i])) for cid, i in column.items()},
+            unfused_spread={cid: _spread(base, i) for cid, i in column.items()},
+            fused_spread={cid: _spread(z, i) for cid, i in column.items()},
         )
         for cid, i in column.items():
             self._personal[cid] = self._unflatten(z[:, i], self._personal[cid])

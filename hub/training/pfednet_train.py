@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -21,6 +21,18 @@ SKETCH_SIDE = 4
 def is_personal_tensor(name: str) -> bool:
     """Personal part: the classifier head and the normalisation affine parameters (GroupNorm: no buffers)."""
     return name.startswith("head.") or ".norm." in name
+
+
+def last_block_personal(names: list[str]) -> Callable[[str], bool]:
+    """A larger personal part: ``is_personal_tensor``'s tensors plus the last conv block of ``features``.
+
+    ``names`` are the model's tensor names; the last block is the highest-numbered ``features.<i>.conv``.
+    """
+    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("features.") and ".conv." in n})
+    if not blocks:
+        raise ValueError("no features.<i>.conv tensor among the names: not an fl_cnn-style model")
+    prefix = f"features.{blocks[-1]}."
+    return lambda name: is_personal_tensor(name) or name.startswith(prefix)
 
 
 def sketch(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int = 2) -> Params:

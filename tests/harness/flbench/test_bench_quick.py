@@ -109,6 +109,19 @@ def test_bench_fl_rejects_unknown_method_task_and_skew_naming_the_valid_ones(tmp
     assert res.exit_code == 2 and "combined" in res.output and "quantity" in res.output
 
 
+def test_bench_fl_rejects_an_unknown_pfednet_personal_part_or_graph(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for option, value, valid in (
+        ("--pfednet-personal", "all", "last_block"),
+        ("--pfednet-graph", "random", "labels+features"),
+    ):
+        res = runner.invoke(
+            app, ["bench", "fl", option, value, "--out", str(tmp_path)], env={"COLUMNS": "300"}
+        )
+        assert res.exit_code == 2 and valid in res.output
+    assert not (tmp_path / "cache").exists()
+
+
 def test_task_and_skew_choices_match_the_benchmark_tables() -> None:
     assert sorted(t.value for t in Task) == sorted(TASKS)
     assert [s.value for s in Skew] == list(SKEWS)

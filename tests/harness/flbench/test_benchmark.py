@@ -33,4 +33,5 @@ def test_parse_methods() -> None:
 def test_pfednet_has_one_extra_round_for_its_stats() -> None:
     cfg = BenchConfig(rounds=12)
     assert total_rounds("pfednet", cfg) == 13
+    assert total_rounds("pfednet_nograph", cfg) == 13  # the ablation keeps the stats round: same rounds
     assert total_rounds("fedavg", cfg) == 12

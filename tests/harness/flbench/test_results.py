@@ -130,6 +130,12 @@ def test_each_mechanism_is_paired_with_its_ablation() -> None:
     assert d["unseen"]["mean"] == pytest.approx(0.08)
     # Pairs whose ablation did not run are left out, not reported as zero.
     assert "fedhelp − fedhelp_nofm" not in tg["ablations"]
+    assert "pfednet − pfednet_nograph" not in tg["ablations"]
+    for seed, (fused, alone) in enumerate(((0.90, 0.91), (0.92, 0.95))):
+        recs.append(finalize_record("pfednet", seed, _raw([fused] * 6, 0.8), 1, {}))
+        recs.append(finalize_record("pfednet_nograph", seed, _raw([alone] * 6, 0.8), 1, {}))
+    graph = targets(recs)["ablations"]["pfednet − pfednet_nograph"]
+    assert graph["small"]["mean"] == pytest.approx(-0.02) and graph["worst"]["n"] == 2
     md = render_markdown(build_results(recs, {"task": "t", "skew": "s", "seeds": [0, 1], "rounds": 1,
                                               "local_epochs": 1, "quick": True}))  # fmt: skip
     assert "| hsl − hsl_noanchor | 0.035±0.021 |" in md

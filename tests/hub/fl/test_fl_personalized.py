@@ -222,6 +222,45 @@ def test_pfednet_huge_lambda_fuses_neighbours_only() -> None:
     np.testing.assert_allclose(zc, [3.0, 3.0], atol=1e-9)
 
 
+def _fused_rounds(lam: float, rounds: int) -> tuple[PFedNet, dict[str, np.ndarray]]:
+    """Clients a–b joined by an edge, c alone; each pulls its personal part halfway to its own optimum
+    every round (delta = (target − z)/2), as a clinic whose personal optimum differs from its neighbour's."""
+    targets = {"a": np.array([4.0, 0.0]), "b": np.array([0.0, 2.0]), "c": np.array([-3.0, -3.0])}
+    s = PFedNet(lam=lam, eta=0.5, mean_gradient=False, edges=[("a", "b")])
+    s.initialize(_pmodel(), ["a", "b", "c"])
+    for rnd in range(1, rounds + 1):
+        tasks = s.configure_round(rnd, ["a", "b", "c"])
+        results = [
+            make_result(
+                t, {"conv.weight": [0, 0], "fc.weight": (targets[t.client_id] - t.params["fc.weight"]) / 2}, 1
+            )
+            for t in tasks
+        ]
+        s.aggregate(rnd, results, [])
+    return s, {c: s.params_for(c)["fc.weight"] for c in "abc"}
+
+
+def test_pfednet_fusion_over_rounds_joins_neighbours_only_when_lambda_is_large() -> None:
+    # λ = 0: every client reaches its own optimum; the neighbours stay ‖t_a − t_b‖ = √20 apart
+    s0, z0 = _fused_rounds(0.0, 40)
+    np.testing.assert_allclose(z0["a"], [4.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(z0["b"], [0.0, 2.0], atol=1e-6)
+    assert s0.last_fusion is not None and max(s0.last_fusion.shift.values()) == 0.0
+    # λ large: a and b converge to one personal part, the minimiser of their summed objectives (the
+    # midpoint of the targets); c, without an edge, still reaches its own optimum
+    s1, z1 = _fused_rounds(1e4, 40)
+    np.testing.assert_allclose(z1["a"], z1["b"], atol=1e-6)
+    np.testing.assert_allclose(z1["a"], [2.0, 1.0], atol=1e-5)
+    np.testing.assert_allclose(z1["c"], [-3.0, -3.0], atol=1e-6)
+    assert s1.last_fusion is not None
+    assert s1.last_fusion.shift["a"] > 1.0 and s1.last_fusion.shift["c"] < 1e-9
+    assert s1.last_fusion.fused_spread["a"] < s1.last_fusion.unfused_spread["a"]
+    # a moderate λ (ηλ = 0.5 below half the gap) pulls them part of the way: strictly between the two
+    _, zm = _fused_rounds(1.0, 40)
+    gap = float(np.linalg.norm(zm["a"] - zm["b"]))
+    assert 1e-3 < gap < np.sqrt(20.0) - 1e-3
+
+
 def test_pfednet_builds_its_graph_from_a_stats_round() -> None:
     s = PFedNet(lam=0.0, graph_k=1)
     ids = ["a", "b", "c", "d"]

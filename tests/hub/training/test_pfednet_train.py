@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Strategy
-from hub.models.fl_cnn import fl_cnn
+from hub.models.fl_cnn import FlCnn, fl_cnn
 from hub.training.datasets import ClinicData
 from hub.training.learners import LocalConfig, to_params
-from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor, sketch
+from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor, last_block_personal, sketch
 from hub.training.simulation import RoundCheckpoint, run_federation
 
 
@@ -31,6 +32,20 @@ def test_personal_part_is_head_and_norm_affines() -> None:
     personal = [n for n in names if is_personal_tensor(n)]
     assert "head.weight" in personal and "features.0.norm.weight" in personal
     assert "features.0.conv.weight" not in personal
+
+
+def test_larger_personal_part_adds_the_last_conv_block_only() -> None:
+    names = list(to_params(fl_cnn(norm="group")))
+    is_personal = last_block_personal(names)
+    personal = {n for n in names if is_personal(n)}
+    assert personal - {n for n in names if is_personal_tensor(n)} == {"features.2.conv.weight"}
+    assert "features.1.conv.weight" not in personal and "head.bias" in personal
+    deeper = list(to_params(FlCnn(norm="group", depth=2)))  # two blocks per width: the last is features.5
+    assert {n for n in deeper if last_block_personal(deeper)(n) and ".conv." in n} == {
+        "features.5.conv.weight"
+    }
+    with pytest.raises(ValueError, match="fl_cnn"):
+        last_block_personal(["fc.weight"])
 
 
 def test_pfednet_stats_round_then_training_rounds(clinics: dict[str, ClinicData]) -> None:
