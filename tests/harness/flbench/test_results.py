@@ -102,6 +102,20 @@ def test_targets_are_paired_by_seed_with_the_strategy_chosen_on_validation() -> 
     assert tg["paired"]["hsl"]["small_minus_fedavg_aug"]["mean"] == pytest.approx(0.95 - 0.8125)
 
 
+def test_a_small_clinic_validation_tie_goes_to_all_clinics_validation() -> None:
+    """The small clinics' few validation images often give every strategy AUC 1.0: the hospitals decide."""
+    recs = []
+    for seed in (0, 1):
+        recs.append(finalize_record("fedavg_aug", seed, _raw([0.8] * 6, 0.7), 1, {}))
+        hsl = _raw([0.9] * 6, 0.8, val=1.0)
+        pfednet = _raw([0.7] * 6, 0.6, val=1.0)
+        hsl["clinics"]["A"]["val_auc"] = 0.95
+        pfednet["clinics"]["A"]["val_auc"] = 0.97
+        recs.append(finalize_record("hsl", seed, hsl, 1, {}))
+        recs.append(finalize_record("pfednet", seed, pfednet, 1, {}))
+    assert targets(recs)["best_strategy"] == "pfednet"  # tied on C–F, higher on A; its test AUC plays no part
+
+
 def test_markdown_lists_every_method_and_target() -> None:
     meta = {
         "task": "pneumonia",
@@ -116,7 +130,10 @@ def test_markdown_lists_every_method_and_target() -> None:
     for m in ("central_aug", "local_aug", "fedavg_aug", "hsl", "fedhelp"):
         assert f"| {m} |" in md
     assert "small AUC − fedavg_aug" in md
-    assert "best fedclinic strategy by small-clinic validation AUC: **fedhelp**" in md
+    assert (
+        "best fedclinic strategy by small-clinic validation AUC, ties broken by all clinics' validation AUC: **fedhelp**"
+        in md
+    )
     assert "| p1 | p2 | mean |" in md
 
 
