@@ -3,7 +3,9 @@
 A real ``fedclinic-hub serve`` (SQLite, one worker) and N nodes in one process, one thread each, every one
 running the node's own protocol code (``SecureAggregationRound`` over the pinned ``HubTransport``): advertise,
 share, mask (clip at the node, then the ring encoding and masks), unmask; a node long-polls each step. The
-update is a float32 vector of ``--values`` entries (93,025: the protection benchmark's CNN). Per round:
+update is a float32 vector of ``--values`` entries (93,025: the protection benchmark's CNN). Rounds
+alternate between ``--connections``: ``kept`` (each node one HubTransport for the run, as its sync loop
+keeps one) and ``fresh`` (a new connection per node per round). Per round:
 
 - hub CPU: the hub process's user+system CPU seconds over the round (every request, relay long-poll,
   unmask), and of that its event-loop thread's (TLS, HTTP, reading bodies; the routes run in a thread pool);
