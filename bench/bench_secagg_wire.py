@@ -3,7 +3,9 @@
 A real ``fedclinic-hub serve`` (SQLite, one worker) and N nodes in one process, one thread each, every one
 running the node's own protocol code (``SecureAggregationRound`` over the pinned ``HubTransport``): advertise,
 share, mask (clip at the node, then the ring encoding and masks), unmask; a node long-polls each step. The
-update is a float32 vector of ``--values`` entries (93,025: the protection benchmark's CNN). Per round:
+update is a float32 vector of ``--values`` entries (93,025: the protection benchmark's CNN). Rounds
+alternate between ``--connections``: ``kept`` (each node one HubTransport for the run, as its sync loop
+keeps one) and ``fresh`` (a new connection per node per round). Per round:
 
 - hub CPU: the hub process's user+system CPU seconds over the round (every request, relay long-poll,
   unmask), and of that its event-loop thread's (TLS, HTTP, reading bodies; the routes run in a thread pool);
@@ -18,6 +20,8 @@ update is a float32 vector of ``--values`` entries (93,025: the protection bench
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import signal
@@ -62,13 +66,26 @@ def _at(value: Any) -> float:
     return stamp.replace(tzinfo=timezone.utc).timestamp() if stamp.tzinfo is None else stamp.timestamp()
 
 
+def _transport(hub: HubServer, node: EnrolledNode) -> HubTransport:
+    """A node's pinned keep-alive client, as ``SyncLoop`` makes one for its whole life."""
+    auth = BearerAuth(node.headers["Authorization"])
+    return HubTransport(hub.url, hub.cert.read_text(), auth=auth, timeout=120)
+
+
 def _node_round(
-    hub: HubServer, node: EnrolledNode, task: Task, spec: ProtectionSpec, seed: int, long_poll_s: float
+    hub: HubServer,
+    node: EnrolledNode,
+    task: Task,
+    spec: ProtectionSpec,
+    seed: int,
+    long_poll_s: float,
+    kept: HubTransport | None,
 ) -> dict[str, int]:
+    """One node's protocol run, over its kept transport, or (``kept`` None) a connection of its own."""
     rng = np.random.default_rng(seed)
     update = {e.name: rng.normal(0, 1e-3, e.shape).astype(np.float32) for e in task.expected}
-    auth = BearerAuth(node.headers["Authorization"])
-    with HubTransport(hub.url, hub.cert.read_text(), auth=auth, timeout=120) as transport:
+    with contextlib.ExitStack() as stack:
+        transport = kept if kept is not None else stack.enter_context(_transport(hub, node))
         protocol = SecureAggregationRound.for_task(transport, node.node_id, task)
         protocol.long_poll_s = long_poll_s
         protected = protocol.run(update, spec, ProtectionPipeline(rng=rng))
@@ -92,7 +109,13 @@ def _profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
 
 
 def run(
-    n: int, rounds: int, values: int, workdir: Path, long_poll_s: float, profile: Path | None = None
+    n: int,
+    rounds: int,
+    values: int,
+    workdir: Path,
+    long_poll_s: float,
+    connections: list[str],
+    profile: Path | None = None,
 ) -> list[dict[str, Any]]:
     root = workdir / f"hub-{n}"
     init_hub(root)
@@ -100,12 +123,16 @@ def run(
     hub.start()
     db = open_database(load_settings(root).db_url, migrate=False)
     out = []
+    transports: list[HubTransport] = []
     try:
         with hub.client() as client:
             nodes = [hub.enroll(client, f"bench-{i:03d}") for i in range(n)]
+            if "kept" in connections:
+                transports = [_transport(hub, node) for node in nodes]
             with db.session() as session:
                 art = store_tensors(session, {"w": np.zeros(values, np.float32)})
-            for r in range(rounds):
+            for r, connection in itertools.product(range(rounds), connections):
+                keep = connection == "kept"
                 assert hub.proc is not None
                 made = client.post(
                     "/v1/admin/rounds",
@@ -120,21 +147,36 @@ def run(
                 made.raise_for_status()
                 round_id = made.json()["round_id"]
                 tasks = []
-                for node in nodes:
-                    listed = TaskList.model_validate(
-                        client.get("/v1/node/tasks", headers=node.headers).json()
-                    )
+                for i, node in enumerate(nodes):
+                    if keep:  # the node learns of the task over its own connection, as its sync loop does
+                        listed = TaskList.model_validate_json(
+                            transports[i].request("GET", "/v1/node/tasks").content
+                        )
+                    else:
+                        listed = TaskList.model_validate(
+                            client.get("/v1/node/tasks", headers=node.headers).json()
+                        )
                     tasks.append(next(t for t in listed.tasks if t.round_id == round_id))
                 spec = tasks[0].protection
                 assert spec is not None
-                spy = _profiler(hub.proc.pid, profile / f"hub-{n}-r{r + 1}.txt") if profile else None
+                name = f"hub-{n}-r{r + 1}-{connection}.txt"
+                spy = _profiler(hub.proc.pid, profile / name) if profile else None
                 if spy is not None:
                     time.sleep(1.0)  # py-spy attaches
                 pid = hub.proc.pid
                 cpu0, loop0, wall0 = _cpu_seconds(pid), _cpu_seconds(pid, pid), time.perf_counter()
                 with ThreadPoolExecutor(max_workers=n) as pool:
                     futures = [
-                        pool.submit(_node_round, hub, node, task, spec, 1000 * r + i, long_poll_s)
+                        pool.submit(
+                            _node_round,
+                            hub,
+                            node,
+                            task,
+                            spec,
+                            1000 * r + i,
+                            long_poll_s,
+                            transports[i] if keep else None,
+                        )
                         for i, (node, task) in enumerate(zip(nodes, tasks, strict=True))
                     ]
                     per_node = [f.result() for f in futures]
@@ -156,6 +198,7 @@ def run(
                 unmask_s = _at(info["updated_at"]) - _at(closed)
                 row = {
                     "nodes": n,
+                    "connection": connection,
                     "long_poll_s": long_poll_s,
                     "round": info["round"],
                     "state": info["state"],
@@ -172,6 +215,8 @@ def run(
                 print(json.dumps(row), flush=True)
                 out.append(row)
     finally:
+        for transport in transports:
+            transport.close()
         db.close()
         hub.stop()
     return out
@@ -187,13 +232,23 @@ def main() -> None:
         "--long-poll-s", type=float, default=25.0, help="how long one relay request of a node may wait"
     )
     parser.add_argument(
+        "--connections",
+        nargs="+",
+        choices=("fresh", "kept"),
+        default=["fresh", "kept"],
+        help="fresh: each node opens a connection per round; kept: one per node for the run, as a node's "
+        "sync loop keeps (rounds alternate between the two)",
+    )
+    parser.add_argument(
         "--profile", type=Path, default=None, help="a folder: py-spy's collapsed stacks of the hub per round"
     )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
         for n in args.nodes:
-            rows += run(n, args.rounds, args.values, Path(tmp), args.long_poll_s, args.profile)
+            rows += run(
+                n, args.rounds, args.values, Path(tmp), args.long_poll_s, args.connections, args.profile
+            )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

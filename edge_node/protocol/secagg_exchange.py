@@ -6,6 +6,9 @@ its ``AdvertiseKeys``, and the hub binds that key to the node's API credential (
 hub relays each closed step to the nodes that took part in it: the roster (advertised keys and the signing
 keys they are bound to), the share messages, then the unmask request.
 
+A node may ask the POST of its step's message to wait for the step to close (``?wait=``, as a relay GET):
+the receipt then carries the step's relay, and the node needs no GET for it.
+
 The masked input, the one large message, travels as a binary body (``pack_masked``): the signed
 ``MaskedInput`` (which carries the payload's sha256 and length) and the npz payload it covers, with no
 base64 or JSON around the payload.
@@ -30,6 +33,7 @@ __all__ = [
     "SecAggRelay",
     "SecAggStep",
     "pack_masked",
+    "receipt_json",
     "unpack_masked",
 ]
 
@@ -92,12 +96,6 @@ def unpack_masked(body: bytes) -> tuple[MaskedInput, bytes]:
     return message, body[end:]
 
 
-class SecAggReceipt(_Body):
-    round_id: str
-    node_id: str
-    step: SecAggStep
-
-
 class SecAggRelay(_Body):
     """What the hub relays after a step closed; ``ready`` is False while it is still open.
 
@@ -117,3 +115,22 @@ class SecAggRelay(_Body):
     shares: list[ShareKeys] = Field(default_factory=list)
     #: After ``masked``: who sent an input, who dropped.
     unmask_request: UnmaskRequest | None = None
+
+
+class SecAggReceipt(_Body):
+    """The hub kept a node's message. ``relay``: the step's relay once it closed, when the POST asked to
+    wait for it (``?wait=``) and it closed (or the round failed) within the wait; else absent."""
+
+    round_id: str
+    node_id: str
+    step: SecAggStep
+    relay: SecAggRelay | None = None
+
+
+def receipt_json(receipt: SecAggReceipt, relay_json: bytes | None) -> bytes:
+    """``receipt`` as JSON with ``relay_json`` (a ``SecAggRelay``'s JSON, serialised once per closed step
+    by the hub) as its ``relay``, without parsing and serialising the relay again."""
+    plain = receipt.model_dump_json(exclude_none=True).encode()
+    if relay_json is None:
+        return plain
+    return plain[:-1] + b',"relay":' + relay_json + b"}"

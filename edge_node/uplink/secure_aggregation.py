@@ -5,7 +5,9 @@ the hub binds it to this node's credential and relays every node's key in the ro
 order: ``advertise`` → wait for the roster → ``share`` → wait for the peers' shares → ``send_masked``
 (the protection pipeline's clip → noise → mask) → wait for the unmask request → ``unmask``. A node
 waits for a step to close with long-polls of the hub (each up to ``long_poll_s``, never asked more often
-than every ``poll_s``); a round that failed (below the threshold) raises with the reason.
+than every ``poll_s``): first the POST of its message, whose receipt carries the step's relay once it
+closed, then, if it did not close in that time, GETs of the relay; a round that failed (below the
+threshold) raises with the reason.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from edge_node.protocol.secagg import public_raw
 from edge_node.protocol.secagg_exchange import (
     MASKED_MEDIA_TYPE,
     SecAggAdvertisement,
+    SecAggReceipt,
     SecAggRelay,
     SecAggStep,
     pack_masked,
@@ -66,6 +69,8 @@ class SecureAggregationRound:
         self.threshold = threshold
         self._key = Ed25519PrivateKey.generate()
         self._client: SecAggClient | None = None
+        #: Relays the hub sent with this node's receipts (a POST that waited for its step to close).
+        self._relayed: dict[SecAggStep, SecAggRelay] = {}
         #: Bytes this node sent and received in the protocol (request and response bodies).
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -98,10 +103,31 @@ class SecureAggregationRound:
     def _path(self, step: SecAggStep) -> str:
         return f"/v1/secagg/{self.round_id}/{step.value}"
 
-    def _post(self, step: SecAggStep, body: str | bytes, media_type: str = "application/json") -> None:
+    def _post(
+        self, step: SecAggStep, body: str | bytes, media_type: str = "application/json", *, wait: bool = True
+    ) -> None:
+        """Send this node's message of ``step``; with ``wait`` the hub answers once the step closed (within
+        ``long_poll_s``) with its relay, kept for ``wait`` (else ``wait`` asks with GETs)."""
         data = body.encode() if isinstance(body, str) else body
         self.bytes_sent += len(data)
-        self.transport.request("POST", self._path(step), content=data, headers={"Content-Type": media_type})
+        headers = {"Content-Type": media_type}
+        if wait and self.long_poll_s > 0:
+            params = {"wait": f"{self.long_poll_s:.1f}"}
+            timeout = self.long_poll_s + DEFAULT_TIMEOUT
+            response = self.transport.request(
+                "POST", self._path(step), content=data, headers=headers, params=params, timeout=timeout
+            )
+        else:
+            response = self.transport.request("POST", self._path(step), content=data, headers=headers)
+        self.bytes_received += len(response.content)
+        if wait:
+            receipt = SecAggReceipt.model_validate_json(response.content)
+            if (
+                receipt.relay is not None
+                and receipt.relay.step is step
+                and receipt.relay.round_id == self.round_id
+            ):
+                self._relayed[step] = receipt.relay
 
     def relay(self, step: SecAggStep, wait_s: float = 0.0) -> SecAggRelay:
         """What the hub relays for ``step`` (``ready`` False while it is open), waiting up to ``wait_s``."""
@@ -120,7 +146,9 @@ class SecureAggregationRound:
         deadline = time.monotonic() + self.wait_s
         while True:
             asked = time.monotonic()
-            relayed = self.relay(step, wait_s=max(0.0, min(self.long_poll_s, deadline - asked)))
+            relayed = self._relayed.pop(step, None) or self.relay(
+                step, wait_s=max(0.0, min(self.long_poll_s, deadline - asked))
+            )
             if relayed.failed:
                 raise SecAggError(f"the round failed: {relayed.failed}")
             if relayed.ready:
@@ -187,7 +215,7 @@ class SecureAggregationRound:
         request = self.wait(SecAggStep.MASKED).unmask_request
         if request is None:
             raise SecAggError("the hub closed the masked step without an unmask request")
-        self._post(SecAggStep.UNMASK, self.client.unmask(request).model_dump_json())
+        self._post(SecAggStep.UNMASK, self.client.unmask(request).model_dump_json(), wait=False)
 
     def run(
         self, update: Mapping[str, np.ndarray], spec: ProtectionSpec, pipeline: ProtectionPipeline

@@ -223,6 +223,7 @@ def test_replayed_forged_and_wrong_round_messages_are_refused_and_recorded(
         task_a = _task(client, a, r1)
         with _transport(hub, a) as transport:
             sa = SecureAggregationRound.for_task(transport, a.node_id, task_a)
+            sa.long_poll_s = 0.0  # only advertise: do not wait for the roster
             sa.advertise()
         sent = SecAggAdvertisement(signing_public=sa.signing_public, message=sa.client.advertise())
         # replayed: the very message again (Ed25519 signatures are deterministic: byte for byte the same)
@@ -270,6 +271,51 @@ def test_replayed_forged_and_wrong_round_messages_are_refused_and_recorded(
     ) + _rows(db, "SELECT detail FROM audit_log WHERE action = 'secagg.refused' AND subject = :v", r2)
     assert len(refusals) == 6
     assert any("replay" in d for (d,) in refusals) and any("bound to round" in d for (d,) in refusals)
+
+
+def test_a_post_that_waits_answers_with_its_step_relay_once_closed_and_refusals_are_unchanged(
+    hub: HubServer, db: Database
+) -> None:
+    with hub.client() as client:
+        nodes = [hub.enroll(client, f"sw-{i}") for i in range(3)]
+        started = _start(hub, client, db, nodes, threshold=2)
+        round_id = started["round_id"]
+        keys = [Ed25519PrivateKey.generate() for _ in nodes]
+        bodies = [
+            SecAggAdvertisement(
+                signing_public=public_raw(key),
+                message=SecAggClient(
+                    n.node_id, key, {n.node_id: key.public_key()}, task_id=round_id,
+                    round=started["round"], threshold=2, layout=LAYOUT,
+                ).advertise(),
+            ).model_dump_json()
+            for n, key in zip(nodes, keys, strict=True)
+        ]  # fmt: skip
+
+        def post(i: int, wait: float, body: str | None = None, as_node: int | None = None) -> httpx.Response:
+            node = nodes[i if as_node is None else as_node]
+            headers = {**node.headers, "Content-Type": "application/json"}
+            url = f"/v1/secagg/{round_id}/advertise"
+            return client.post(url, content=body or bodies[i], headers=headers, params={"wait": wait})
+
+        # the step stays open past the wait: a plain receipt, no relay
+        alone = post(0, 1.0)
+        assert alone.status_code == 200, alone.text
+        assert alone.json() == {"round_id": round_id, "node_id": nodes[0].node_id, "step": "advertise"}
+        # refusals come at once, waiting or not: a replay, another node's credential
+        _refused(post(0, 30.0), 409, "(replay)")
+        _refused(post(1, 30.0, as_node=2), 403, "credential")
+        # the two others: whoever is first waits for the other's message to close the step
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            answers = [f.result() for f in [pool.submit(post, i, 30.0) for i in (1, 2)]]
+        roster = client.get(f"/v1/secagg/{round_id}/advertise", headers=nodes[1].headers).json()
+        assert roster["ready"] and set(roster["signing_keys"]) == {n.node_id for n in nodes}
+        for i, answer in zip((1, 2), answers, strict=True):
+            assert answer.status_code == 200, answer.text
+            receipt = answer.json()
+            assert (receipt["node_id"], receipt["step"]) == (nodes[i].node_id, "advertise")
+            assert receipt["relay"] == roster  # the relay a GET gets, as the POST's answer
+        client.post(f"/v1/admin/rounds/{round_id}/cancel", headers=hub.admin_headers)
 
 
 def test_masked_inputs_travel_binary_and_a_tampered_replayed_or_wrong_round_one_is_refused(
