@@ -1,0 +1,50 @@
+"""The round kept for one-global-model methods: chosen on validation, ties on the small clinics broken."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.flbench.methods import BestRound, validation_aucs
+
+
+def _data() -> Any:
+    """Two hospitals with 40 validation images, two small clinics with 6; the image is its own score."""
+    rng = np.random.default_rng(0)
+
+    def clinic(n: int) -> SimpleNamespace:
+        y = np.arange(n) % 2
+        return SimpleNamespace(val_x=torch.tensor(y + rng.normal(0, 0.1, n)), val_y=torch.tensor(y))
+
+    clinics = {"A": clinic(40), "B": clinic(40), "C": clinic(6), "D": clinic(6)}
+    return SimpleNamespace(names=("A", "B", "C", "D"), small=("C", "D"), clinics=clinics)
+
+
+def _model(noise: float, seed: int) -> Any:
+    """Scores the image plus noise: less noise, a better model."""
+    rng = np.random.default_rng(seed)
+    return lambda x: x.numpy() + rng.normal(0, noise, len(x))
+
+
+def test_a_tie_on_the_small_clinics_goes_to_the_round_better_on_every_clinic() -> None:
+    data = _data()
+    first = validation_aucs(data, dict.fromkeys(data.names, _model(0.45, 2)))
+    assert first["C"] == first["D"] == 1.0 and first["A"] < 1.0 and first["B"] < 1.0  # the tie this is about
+    best = BestRound(data, {})
+    best.offer(1, {"r": np.zeros(1)}, _model(0.45, 2))  # separates C and D perfectly, not A and B
+    best.offer(2, {"r": np.ones(1)}, _model(0.0, 2))  # perfect everywhere
+    best.offer(3, {"r": np.full(1, 3.0)}, _model(0.45, 2))  # same as round 1: no better, not taken
+    assert best.round == 2 and best.params["r"][0] == 1.0
+    assert best.extra()["best_round_val_auc"] == 1.0 and best.extra()["best_round_all_val_auc"] == 1.0
+
+
+def test_the_small_clinics_come_first() -> None:
+    data = _data()
+    best = BestRound(data, {})
+    best.offer(1, {}, _model(0.0, 0))
+    flip_small = _model(0.0, 0)
+    best.offer(2, {}, lambda x: -flip_small(x) if len(x) == 6 else flip_small(x))  # worse on C, D only
+    assert best.round == 1
