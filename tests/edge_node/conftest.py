@@ -312,6 +312,38 @@ class EdgeProcess:
         raise AssertionError(f"edge node not idle after {timeout} s:\n{self.log_text()[-4000:]}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process it started, still running (a node and its receiver processes)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):  # each thread lists the children it started
+        try:
+            children += [int(c) for c in task.read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return [pid, *(p for child in children for p in process_tree(child))]
+
+
+def process_runs(pid: int) -> bool:
+    """Whether process ``pid`` runs (neither gone nor a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def peak_rss(pid: int) -> int:
+    """Peak resident memory (VmHWM) of ``pid`` and of its running children, added up (a bound on the
+    node's peak: its receiver processes hold what they receive)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        total += next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM:"))
+    return total
+
+
 def write_config(path: Path, **values: object) -> None:
     lines = []
     for key, value in values.items():
