@@ -18,6 +18,10 @@ Limits are those of the pynetdicom listener: connections per source address coun
 max_pdu; any other PDU: ``MAX_CONTROL_PDU``), a command set bounded, an instance bounded by the spool's
 max_instance_bytes while it arrives. Logs name the peer's address and AE titles, never a value of what
 was received.
+
+Where a connection runs: in a thread of this process (``NativeServer`` without receivers), or in a receiver
+process the server hands it to (``receive_processes``; ``edge_node.ingest.receiver_process``), which runs
+the same ``Connection`` and asks the server, which keeps the counts, to admit its association.
 """
 
 from __future__ import annotations
@@ -466,6 +470,7 @@ class NativeServer:
         self._numbers = itertools.count(1)
         self._established = 0
         self._refused_logged: dict[str, float] = {}
+        self._unhanded_logged = -_LOG_EVERY_S
         self._listening = socket.create_server(address, backlog=128)
         self.server_address: tuple[str, int] = self._listening.getsockname()[:2]
         self._acceptor: threading.Thread | None = None
@@ -565,7 +570,10 @@ class NativeServer:
         try:
             if not self._receivers.hand(sock, connection):
                 self.forget(connection)
-                logger.warning("closed a connection from %s: no receiver process can take it now", peer)
+                now = time.monotonic()
+                if now - self._unhanded_logged >= _LOG_EVERY_S:  # a sender retrying must not flood the log
+                    self._unhanded_logged = now
+                    logger.warning("closed a connection from %s: no receiver process can take it now", peer)
         finally:
             sock.close()  # the receiver holds its own descriptor of the connection now
 

@@ -130,6 +130,10 @@ def _scu(port: int, ds: pydicom.Dataset, calling: str = "PYSCU") -> int:
 
 def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
     assert echoscu(edge.port)
+    # echoscu's connection is closed when its thread (or receiver) has seen the release: wait for that.
+    deadline = time.monotonic() + 5
+    while edge.listener.open_connections("127.0.0.1") and time.monotonic() < deadline:
+        time.sleep(0.02)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
