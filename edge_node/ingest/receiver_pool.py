@@ -151,6 +151,8 @@ class _Receiver:
                 channel = self._spawn()
             except OSError as exc:
                 self._settle(f"cannot be started ({exc.strerror})")
+                if self._ever_ready:
+                    logger.error("receiver process %d cannot be started again: %s", self.index, exc.strerror)
             else:
                 self._serve(channel)
                 self._reap(channel)
