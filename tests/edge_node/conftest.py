@@ -211,15 +211,25 @@ class Storescp:
 
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[Storescp]:
-    port = free_port()
     out = tmp_path / "pacs"
     out.mkdir()
     log = (tmp_path / "storescp.log").open("wb")
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), "-od", str(out), "-aet", "PACS", str(port)], stdout=log, stderr=log, env=DCMTK_ENV
-    )
     deadline = time.time() + 10
-    while not echoscu(port, called="PACS"):
+    proc: subprocess.Popen[bytes] | None = None
+    port = 0
+    while True:
+        if proc is None or proc.poll() is not None:
+            # A free port can be taken (by any outgoing connection's ephemeral port) before storescp binds
+            # it: storescp then exits at once with "Address already in use", and another port is tried.
+            port = free_port()
+            proc = subprocess.Popen(
+                [dcmtk("storescp"), "-od", str(out), "-aet", "PACS", str(port)],
+                stdout=log,
+                stderr=log,
+                env=DCMTK_ENV,
+            )
+        if echoscu(port, called="PACS"):
+            break
         if time.time() > deadline:
             proc.kill()
             pytest.fail("storescp did not start")
