@@ -5,13 +5,18 @@ association per run, then (``--associations 1 4``) from four storescu processes 
 sending a quarter of them, as a PACS with parallel senders does. Receivers, alternating in the same session,
 each started fresh per run:
 
-* ``edge``: a real ``fedclinic-edge serve`` process with the native receive transport (the default,
-  ``edge_node.ingest.native_transport``); every instance is written into a spool slot whose name is already
-  durable as its fragments arrive, fsynced (one flush), renamed into place and its row committed to SQLite
-  (WAL, synchronous=NORMAL) before the success status goes back (see ``edge_node.ingest.spool``). No model
-  is installed, so the worker does not compete for the CPU: this measures ingest only.
-* ``edge-pynetdicom``: the same node with ``receive_transport = "pynetdicom"``; the ratio of the two, taken
-  in the same run, is what a loaded machine disturbs least.
+* ``edge``: a real ``fedclinic-edge serve`` process as installed: the native receive transport
+  (``edge_node.ingest.native_transport``) with ``receive_processes`` receiver processes (default 2,
+  ``--receive-processes``; ``edge_node.ingest.receiver_process``): the node accepts and hands each
+  connection to a receiver. Every instance is written into a spool slot whose name is already durable as
+  its fragments arrive, fsynced (one flush), renamed into place and its row committed to SQLite (WAL,
+  synchronous=NORMAL) before the success status goes back (see ``edge_node.ingest.spool``). No model is
+  installed, so the worker does not compete for the CPU: this measures ingest only. Its CPU figure adds up
+  the node and its receivers.
+* ``edge-threads``: the same node with ``receive_processes = 0``: every association a thread of the node's
+  one process (one interpreter lock for all of them).
+* ``edge-pynetdicom``: the same node with ``receive_transport = "pynetdicom"``; the ratios of the three,
+  taken in the same run, are what a loaded machine disturbs least.
 * ``storescp``: dcmtk's ``storescp -od DIR`` (no fsync), the reference; ``--fork`` (a process per
   association) when there are several associations.
 * ``pynetdicom-null``: a pynetdicom 3.0 SCP that answers success without touching the disk (TCP_NODELAY,
@@ -20,7 +25,7 @@ each started fresh per run:
 
 storescu and storescp run with ``TCP_NODELAY=1``; the edge listener sets TCP_NODELAY itself. The number
 reported is the median files/s over the repetitions, and the ratio edge/storescp (targets: ≥ 0.5 with one
-association, ≥ 0.7 with four), beside edge/edge-pynetdicom.
+association, ≥ 0.7 with four), beside edge/edge-threads and edge/edge-pynetdicom.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ingest.py --associations 1 4 --json build/bench_ingest.json
 """
@@ -113,9 +118,21 @@ CPU_SECONDS: dict[int, float] = {}
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime + cutime + cstime of ``pid`` (/proc/PID/stat fields 14-17)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / _TICK
+    """utime + stime + cutime + cstime of ``pid`` (/proc/PID/stat fields 14-17), plus the same of its
+    running children (the edge node's receiver processes; storescp --fork's children are reaped, so they
+    are in its cutime + cstime)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    own = sum(int(f) for f in fields[11:15]) / _TICK
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):  # each thread lists the children it started
+        try:
+            kids += [int(c) for c in task.read_text().split()]
+        except FileNotFoundError:
+            continue
+    return own + sum(cpu_seconds(kid) for kid in kids)
 
 
 def send(port: int, aet: str, files: list[Path], associations: int, receiver: int | None = None) -> float:
@@ -148,7 +165,12 @@ def send(port: int, aet: str, files: list[Path], associations: int, receiver: in
 
 
 def run_edge(
-    files: list[Path], work: Path, associations: int, max_pdu: int, transport: str = "native"
+    files: list[Path],
+    work: Path,
+    associations: int,
+    max_pdu: int,
+    transport: str = "native",
+    receive_processes: int = 2,
 ) -> float:
     port = free_port()
     root = work / f"edge-{time.monotonic_ns()}"
@@ -157,6 +179,7 @@ def run_edge(
     config.write_text(
         f'ae_title = "EDGE"\nport = {port}\ndata_dir = "{root / "data"}"\nquiet_seconds = 3600\n'
         f'log_level = "WARNING"\nmax_pdu_bytes = {max_pdu}\nreceive_transport = "{transport}"\n'
+        f"receive_processes = {receive_processes}\n"
         # No clinician page: its fixed default port may be taken on a shared machine, and it is not ingest.
         "page_enabled = false\n"
         # Room for the parallel senders and the C-ECHO probe whose connection may still be closing.
@@ -255,10 +278,16 @@ def main(argv: list[str] | None = None) -> int:
         help="the edge's max_pdu_bytes (and the pynetdicom-null receiver's); default 1 MiB",
     )
     parser.add_argument(
+        "--receive-processes",
+        type=int,
+        default=2,
+        help="the edge's receive_processes (default 2, the node's default); edge-threads runs with 0",
+    )
+    parser.add_argument(
         "--receivers",
         nargs="+",
-        default=["edge", "edge-pynetdicom", "storescp", "pynetdicom-null"],
-        choices=["edge", "edge-pynetdicom", "storescp", "pynetdicom-null"],
+        default=["edge", "edge-threads", "edge-pynetdicom", "storescp", "pynetdicom-null"],
+        choices=["edge", "edge-threads", "edge-pynetdicom", "storescp", "pynetdicom-null"],
         help="receivers to measure (default all; edge and storescp are needed for the ratio)",
     )
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "build" / "bench_ingest.json")
@@ -270,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
 
     runners: dict[str, Callable[[list[Path], Path, int, int], float]] = {
-        "edge": run_edge,
-        "edge-pynetdicom": functools.partial(run_edge, transport="pynetdicom"),
+        "edge": functools.partial(run_edge, receive_processes=args.receive_processes),
+        "edge-threads": functools.partial(run_edge, receive_processes=0),
+        "edge-pynetdicom": functools.partial(run_edge, transport="pynetdicom", receive_processes=0),
         "storescp": run_storescp,
         "pynetdicom-null": run_null,
     }
@@ -311,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": total_bytes,
         "repeats": args.repeats,
         "max_pdu_bytes": args.max_pdu,
+        "receive_processes": args.receive_processes,
         "runs": results,
         "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
@@ -338,13 +369,14 @@ def _summary(
     mb = total / 1e6
     table = Table(
         title=f"ingest: {args.files} CT slices 512x512 ({mb:.0f} MB), {associations} association(s), "
-        f"max PDU {args.max_pdu}"
+        f"max PDU {args.max_pdu}, edge with {args.receive_processes} receiver processes"
     )
     cpu_median = {k: statistics.median(v) for k, v in cpu.items()}
     for column in ("receiver", "durable", "median files/s", "runs files/s", "median MB/s", "CPU ms/instance"):
         table.add_column(column)
     kinds = (
         ("edge", "fsync per instance, SQLite"),
+        ("edge-threads", "fsync per instance, SQLite"),
         ("edge-pynetdicom", "fsync per instance, SQLite"),
         ("storescp", "no fsync"),
         ("pynetdicom-null", "nothing written"),
@@ -365,11 +397,18 @@ def _summary(
     verdict = "[green]meets[/green]" if ratio >= target else "[red]misses[/red]"
     console.print(f"edge / storescp = {ratio:.2f} ({verdict} the target ≥ {target})")
     ratios = {"ratio_edge_over_storescp": ratio}
+    if "edge-threads" in median:
+        ratios["ratio_edge_over_edge_threads"] = median["edge"] / median["edge-threads"]
+        ratios["ratio_edge_threads_over_storescp"] = median["edge-threads"] / median["storescp"]
+        console.print(
+            f"edge (receiver processes) / edge-threads = {ratios['ratio_edge_over_edge_threads']:.2f}; "
+            f"edge-threads / storescp = {ratios['ratio_edge_threads_over_storescp']:.2f}"
+        )
     if "edge-pynetdicom" in median:
         ratios["ratio_edge_over_edge_pynetdicom"] = median["edge"] / median["edge-pynetdicom"]
         ratios["ratio_edge_pynetdicom_over_storescp"] = median["edge-pynetdicom"] / median["storescp"]
         console.print(
-            f"edge (native) / edge-pynetdicom = {ratios['ratio_edge_over_edge_pynetdicom']:.2f}; "
+            f"edge / edge-pynetdicom = {ratios['ratio_edge_over_edge_pynetdicom']:.2f}; "
             f"edge-pynetdicom / storescp = {ratios['ratio_edge_pynetdicom_over_storescp']:.2f}"
         )
     if "pynetdicom-null" in median:

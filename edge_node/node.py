@@ -88,6 +88,7 @@ class Node:
                 network_timeout=settings.network_timeout_s,
                 max_pdu=settings.max_pdu_bytes,
                 transport=settings.receive_transport,
+                receive_processes=settings.receive_processes,
             ),
             self.spool,
             on_complete=self.worker.wake,

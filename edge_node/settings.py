@@ -198,6 +198,13 @@ class EdgeSettings(BaseSettings):
     #: pynetdicom 3.0 server). Both acknowledge an instance only after it is fsynced, answer the same
     #: statuses and apply the same limits; docs/benchmarks.md ("DICOM ingest") compares them.
     receive_transport: Literal["native", "pynetdicom"] = "native"
+    #: Processes that receive associations (native transport): the node's process accepts, applies the
+    #: limits and hands each connection to the receiver process holding the fewest. 0 receives every
+    #: association in a thread of the node's own process: one interpreter lock shared by all of them, so
+    #: several associations at once gain little. 2, one per core of a small box, lets two associations
+    #: receive in parallel; a receiver that dies is started again (its open associations drop, and their
+    #: senders retry what was not acknowledged). The pynetdicom transport ignores it.
+    receive_processes: int = Field(default=2, ge=0, le=64)
     #: A study whose runs killed the node this many times in a row is set aside as failed, not retried.
     max_run_attempts: int = Field(default=3, ge=1)
     #: Instances larger than this are refused with "out of resources" (0xA700).

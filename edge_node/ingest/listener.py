@@ -13,24 +13,19 @@ model) happens in the worker, queued when the association is released. Every fai
 with a short comment for the sender, and a log line without identifiers; no exception reaches pynetdicom's
 thread.
 
-Statuses sent (PS3.4 B.2.3, PS3.7 C):
+With the native transport, ``receive_processes`` > 0 moves the associations out of this process: the native
+server here accepts and applies the limits, and hands each connection to one of that many receiver
+processes (``edge_node.ingest.receiver_pool``), which run the same association code into the same spool and
+database; this process then only learns when the worker should look again.
 
-=========  =====================================================================================
-0x0000     success: on disk (fsync) and recorded
-0xA700     refused, out of resources: instance larger than max_instance_bytes, disk (nearly) full
-0xA701     refused, out of resources: the spool cannot be written (I/O error, data_dir unwritable)
-0xA900     error, data set does not match SOP class: SOP Class/Instance UID differ from the request
-0xC000     error, cannot understand: the data set cannot be parsed, or a mandatory UID (study, series,
-           instance) is missing or invalid
-0x0110     processing failure: anything unexpected (a bug), logged with a traceback
-=========  =====================================================================================
+Every C-STORE's outcome becomes a status through ``edge_node.ingest.storage_sink`` (the table of statuses is
+there), and every association's studies are queued or left to their quiet time there too.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -44,15 +39,23 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
-from edge_node.ingest.command_set import Command
 from edge_node.ingest.native_transport import NativeServer, NativeSettings
 from edge_node.ingest.pdu_limit import limit_pdus
 from edge_node.ingest.peer_limit import PeerLimitedServer
 from edge_node.ingest.poll_pacer import PollPacer
+from edge_node.ingest.receiver_pool import ReceiverPool, ReceiverSpec
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
 from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
-from edge_node.ingest.spool import IncomingInstance, Spool, SpoolReceipt
+from edge_node.ingest.spool import Spool, SpoolReceipt
+from edge_node.ingest.storage_sink import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SPOOL_FAILURE,
+    STATUS_SUCCESS,
+    StorageSink,
+)
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -67,13 +70,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_SPOOL_FAILURE = 0xA701
-STATUS_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_PROCESSING_FAILURE = 0x0110
 
 #: Seconds pynetdicom's DUL reactor sleeps when it finds nothing to do (pynetdicom's default: 1 ms). Every
 #: C-STORE waits on this poll twice (the data set's last PDU, then our response), so a shorter sleep shortens
@@ -126,10 +122,14 @@ class ListenerConfig:
     max_pdu: int = DEFAULT_MAX_PDU
     #: Which receive transport runs under the handlers (see the module docstring).
     transport: ReceiveTransport = "native"
+    #: Receiver processes the native transport hands connections to (0: every association is a thread of
+    #: this process). The pynetdicom transport always receives in this process.
+    receive_processes: int = 0
 
 
 class Listener:
-    """Accepts associations, C-ECHO and C-STORE; calls ``on_complete`` when a sender releases."""
+    """Accepts associations, C-ECHO and C-STORE; calls ``on_complete`` when the worker should look again
+    (a release queued studies, a new study arrived, an association ended: ``StorageSink``)."""
 
     def __init__(self, config: ListenerConfig, spool: Spool, on_complete: Callable[[], None]) -> None:
         self.config = config
@@ -138,9 +138,7 @@ class Listener:
         self._server: PeerLimitedServer | None = None
         self._native: NativeServer | None = None
         self._ae = self._make_ae()
-        # Studies touched by each open association, queued together when it is released.
-        self._touched: dict[int, set[int]] = {}
-        self._touched_lock = threading.Lock()
+        self.sink = StorageSink(spool, on_complete)
         self._pacer = PollPacer(
             lambda: [] if self._server is None else self._server.active_associations,
             active_s=DUL_LOOP_DELAY_S,
@@ -200,11 +198,18 @@ class Listener:
             network_timeout=config.network_timeout,
             max_pdu=config.max_pdu,
         )
-        server = NativeServer((config.host, config.port), settings, self.spool, self)
+        receivers = None
+        if config.receive_processes > 0:
+            spec = ReceiverSpec.of(settings, self.spool)
+            receivers = ReceiverPool(config.receive_processes, spec, on_studies=self._on_complete)
+        server = NativeServer((config.host, config.port), settings, self.spool, self.sink, receivers)
         server.start()
         self._native = server
         host, port = self.address
-        logger.info("DICOM listener %s on %s:%d (native transport)", config.ae_title, host, port)
+        where = (
+            f"{config.receive_processes} receiver processes" if config.receive_processes > 0 else "threads"
+        )
+        logger.info("DICOM listener %s on %s:%d (native transport, %s)", config.ae_title, host, port, where)
         return host, port
 
     def _start_pynetdicom(self) -> tuple[str, int]:
@@ -285,86 +290,14 @@ class Listener:
                 expected_sop_instance=str(request.AffectedSOPInstanceUID),
             )
 
-        code, comment = self._stored(id(event.assoc), calling, spool_it)
+        code, comment = self.sink.stored(id(event.assoc), calling, spool_it)
         return code if code == STATUS_SUCCESS else _status(code, comment)
 
-    def _stored(self, key: int, calling: str, spool_it: Callable[[], SpoolReceipt]) -> tuple[int, str]:
-        """Run ``spool_it`` and turn its outcome into (status, error comment): every transport's C-STORE."""
-        t0 = time.perf_counter()
-        try:
-            receipt = spool_it()
-        except SpoolFullError as exc:
-            logger.warning("refused an instance from %s: %s", calling, exc)
-            return STATUS_OUT_OF_RESOURCES, "refused: out of resources"
-        except SpoolError as exc:
-            logger.error("could not spool an instance from %s: %s", calling, exc)
-            return STATUS_SPOOL_FAILURE, "refused: cannot store the instance now"
-        except InstanceMismatchError as exc:
-            logger.warning("rejected an instance from %s: %s", calling, exc)
-            return STATUS_MISMATCH, "data set does not match the request"
-        except BadInstanceError as exc:
-            logger.warning("rejected an instance from %s: %s", calling, exc)
-            return STATUS_CANNOT_UNDERSTAND, str(exc)
-        except Exception:
-            logger.exception("unexpected error while storing an instance from %s", calling)
-            return STATUS_PROCESSING_FAILURE, "internal error; see the edge node log"
-        with self._touched_lock:
-            self._touched.setdefault(key, set()).add(receipt.study_id)
-        logger.debug(
-            "spooled %d bytes from %s in %.1f ms", receipt.size, calling, (time.perf_counter() - t0) * 1000
-        )
-        return STATUS_SUCCESS, ""
-
-    # -- the native transport's sink (``edge_node.ingest.native_transport.AssociationSink``) ---------------
-
-    def store(
-        self, key: int, calling_ae: str, incoming: IncomingInstance, command: Command
-    ) -> tuple[int, str]:
-        return self._stored(
-            key,
-            calling_ae,
-            lambda: incoming.commit(
-                calling_ae=calling_ae,
-                expected_sop_class=command.affected_sop_class,
-                expected_sop_instance=command.affected_sop_instance,
-            ),
-        )
-
-    def released(self, key: int) -> None:
-        self._complete(self._take(key))
-
-    def aborted(self, key: int) -> None:
-        self._waiting(self._take(key))
-
-    def closed(self, key: int) -> None:
-        self._take(key)
-
-    def _take(self, key: int) -> set[int]:
-        with self._touched_lock:
-            return self._touched.pop(key, set())
-
     def _on_released(self, event: Event) -> None:
-        self._complete(self._take(id(event.assoc)))
-
-    def _complete(self, studies: set[int]) -> None:
-        try:
-            if studies:
-                queued = self.spool.records.mark_complete(sorted(studies))
-                logger.info("association released: %d studies complete, %d queued", len(studies), queued)
-                self._on_complete()
-        except Exception:
-            # The studies stay RECEIVED and become ready after quiet_seconds; nothing is lost.
-            logger.exception("could not queue the studies of a released association")
+        self.sink.released(id(event.assoc))
 
     def _on_aborted(self, event: Event) -> None:
-        # An aborted association may be retried by the sender, so its studies are not complete yet: they wait
-        # for quiet_seconds without a new instance (the worker's timer), like studies whose sender vanished.
-        self._waiting(self._take(id(event.assoc)))
-
-    def _waiting(self, studies: set[int]) -> None:
-        if studies:
-            logger.info("association aborted: %d studies wait for quiet time", len(studies))
+        self.sink.aborted(id(event.assoc))
 
     def _on_closed(self, event: Event) -> None:
-        # Drop the bookkeeping of connections that ended without release or abort (peer vanished).
-        self._take(id(event.assoc))
+        self.sink.closed(id(event.assoc))

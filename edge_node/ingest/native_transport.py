@@ -18,11 +18,16 @@ Limits are those of the pynetdicom listener: connections per source address coun
 max_pdu; any other PDU: ``MAX_CONTROL_PDU``), a command set bounded, an instance bounded by the spool's
 max_instance_bytes while it arrives. Logs name the peer's address and AE titles, never a value of what
 was received.
+
+Where a connection runs: in a thread of this process (``NativeServer`` without receivers), or in a receiver
+process the server hands it to (``receive_processes``; ``edge_node.ingest.receiver_process``), which runs
+the same ``Connection`` and asks the server, which keeps the counts, to admit its association.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import struct
@@ -43,7 +48,6 @@ from edge_node.ingest.command_set import (
     response,
 )
 from edge_node.ingest.negotiation import VERIFICATION, Accepted, negotiate
-from edge_node.ingest.pdu_limit import MAX_CONTROL_PDU
 from edge_node.ingest.spool import IncomingInstance, Spool
 from edge_node.ingest.upper_layer import (
     A_ABORT,
@@ -53,6 +57,7 @@ from edge_node.ingest.upper_layer import (
     ABORT_NOT_SPECIFIED,
     ABORT_UNEXPECTED_PDU,
     HEADER,
+    MAX_CONTROL_PDU,
     P_DATA_TF,
     PduError,
     abort,
@@ -64,7 +69,15 @@ from edge_node.ingest.upper_layer import (
     release_rp,
 )
 
-__all__ = ["AssociationSink", "NativeServer", "NativeSettings"]
+__all__ = [
+    "AssociationSink",
+    "Connection",
+    "ConnectionHost",
+    "HandedConnection",
+    "NativeServer",
+    "NativeSettings",
+    "Receivers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +121,48 @@ class NativeSettings:
     max_pdu: int
 
 
+class ConnectionHost(Protocol):
+    """Who runs connections: the in-process ``NativeServer``, or a receiver process
+    (``edge_node.ingest.receiver_process``) whose connections the node's server handed over."""
+
+    @property
+    def settings(self) -> NativeSettings: ...
+
+    @property
+    def spool(self) -> Spool: ...
+
+    @property
+    def sink(self) -> AssociationSink: ...
+
+    def admit(self, connection: Connection) -> bool:
+        """Count a negotiated association against max_associations; False: reject it (limit, stopping)."""
+
+    def forget(self, connection: Connection) -> None:
+        """The connection has closed (it counted against its address, and as an association if admitted)."""
+
+
+@dataclass(eq=False)
+class HandedConnection:
+    """A connection the server handed to a receiver process: counted here until the receiver says it ended."""
+
+    number: int
+    peer: str
+    established: bool = False
+
+
+class Receivers(Protocol):
+    """Receiver processes that run the connections the server accepts (``edge_node.ingest.receiver_pool``)."""
+
+    def start(self, server: NativeServer) -> None:
+        """Start every receiver and return once all of them are ready (raise when one cannot start)."""
+
+    def hand(self, sock: socket.socket, connection: HandedConnection) -> bool:
+        """Pass ``sock`` to a receiver; False when none can take it (the caller then closes it)."""
+
+    def stop(self) -> None:
+        """Abort the receivers' associations and end the processes."""
+
+
 class _Closed(Exception):
     """The peer closed the connection (or it failed): end the association without another word."""
 
@@ -132,13 +187,17 @@ def _valid_uid(text: str) -> bool:
     return 0 < len(text) <= 64 and set(text) <= _UID_CHARS
 
 
-class _Connection:
-    """One accepted connection and, once negotiated, its association; run by its own thread."""
+class Connection:
+    """One accepted connection and, once negotiated, its association; run by its own thread.
 
-    def __init__(self, server: NativeServer, sock: socket.socket, peer: str) -> None:
-        self.server = server
+    ``number`` names it to its host (a receiver process reports it to the node by this number).
+    """
+
+    def __init__(self, host: ConnectionHost, sock: socket.socket, peer: str, number: int = 0) -> None:
+        self.server = host
         self.sock = sock
         self.peer = peer
+        self.number = number
         self.established = False
         self.calling_ae = ""
         self._contexts: dict[int, tuple[str, str]] = {}
@@ -242,7 +301,7 @@ class _Connection:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
-            self.server._forget(self)
+            self.server.forget(self)
 
     def _associate(self) -> bool:
         settings = self.server.settings
@@ -261,7 +320,7 @@ class _Connection:
             )
             self._send(associate_rj(outcome.result, outcome.source, outcome.reason))
             return False
-        if not self.server._admit(self):
+        if not self.server.admit(self):
             logger.warning(
                 "rejected an association from %s: %d associations open (limit)",
                 self.peer,
@@ -385,34 +444,79 @@ class _Connection:
 
 
 class NativeServer:
-    """Accepts connections and runs each in a thread of its own (see the module docstring)."""
+    """Accepts connections and runs each in a thread of its own, or hands it to a receiver process.
+
+    Without ``receivers`` every connection runs here (see the module docstring). With them
+    (``receive_processes`` > 0, ``edge_node.ingest.receiver_pool``) this process only accepts: it applies
+    the per-address limit at accept, hands the socket to a receiver process, answers that process when the
+    association asks to be admitted (max_associations, counted here across every receiver) and counts the
+    connection until the receiver reports its end (or dies, which ends its connections).
+    """
 
     def __init__(
-        self, address: tuple[str, int], settings: NativeSettings, spool: Spool, sink: AssociationSink
+        self,
+        address: tuple[str, int],
+        settings: NativeSettings,
+        spool: Spool,
+        sink: AssociationSink,
+        receivers: Receivers | None = None,
     ) -> None:
-        self.settings = settings
-        self.spool = spool
-        self.sink = sink
+        self._settings = settings
+        self._spool = spool
+        self._sink = sink
+        self._receivers = receivers
         self._lock = threading.Lock()
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection | HandedConnection] = set()
+        self._numbers = itertools.count(1)
         self._established = 0
         self._refused_logged: dict[str, float] = {}
+        self._unhanded_logged = -_LOG_EVERY_S
         self._listening = socket.create_server(address, backlog=128)
         self.server_address: tuple[str, int] = self._listening.getsockname()[:2]
         self._acceptor: threading.Thread | None = None
         self._stopping = False
 
+    @property
+    def settings(self) -> NativeSettings:
+        return self._settings
+
+    @property
+    def spool(self) -> Spool:
+        return self._spool
+
+    @property
+    def sink(self) -> AssociationSink:
+        return self._sink
+
+    @property
+    def receivers(self) -> Receivers | None:
+        """The receiver processes connections are handed to (None: every connection runs here)."""
+        return self._receivers
+
     def start(self) -> None:
+        """Start the receivers (if any; they are ready when this returns), then accept."""
+        if self._receivers is not None:
+            try:
+                self._receivers.start(self)
+            except BaseException:
+                self._listening.close()
+                raise
         self._acceptor = threading.Thread(target=self._accept_loop, name="edge-dicom-acceptor", daemon=True)
         self._acceptor.start()
 
     def open_connections(self, address: str) -> int:
-        """Connections from ``address`` that are accepted and not yet closed."""
+        """Connections from ``address`` that are accepted and not yet closed (here or in a receiver)."""
         with self._lock:
             return sum(c.peer == address for c in self._connections)
 
     @property
-    def connections(self) -> list[_Connection]:
+    def established(self) -> int:
+        """Associations admitted and not yet closed, here and in every receiver."""
+        with self._lock:
+            return self._established
+
+    @property
+    def connections(self) -> list[Connection | HandedConnection]:
         with self._lock:
             return list(self._connections)
 
@@ -428,6 +532,7 @@ class NativeServer:
             self._take(sock, str(address[0]))
 
     def _take(self, sock: socket.socket, peer: str) -> None:
+        connection: Connection | HandedConnection
         with self._lock:
             count = sum(c.peer == peer for c in self._connections)
             if count >= self.settings.per_peer:
@@ -438,7 +543,11 @@ class NativeServer:
                 refused = True
             else:
                 refused = log = False
-                connection = _Connection(self, sock, peer)
+                number = next(self._numbers)
+                if self._receivers is None:
+                    connection = Connection(self, sock, peer, number)
+                else:
+                    connection = HandedConnection(number, peer)
                 self._connections.add(connection)
         if refused:
             sock.close()
@@ -454,18 +563,37 @@ class NativeServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             logger.warning("could not set TCP_NODELAY on an association socket: %s", exc)
-        threading.Thread(target=connection.run, name="edge-dicom-association", daemon=True).start()
+        if isinstance(connection, Connection):
+            threading.Thread(target=connection.run, name="edge-dicom-association", daemon=True).start()
+            return
+        assert self._receivers is not None
+        try:
+            if not self._receivers.hand(sock, connection):
+                self.forget(connection)
+                now = time.monotonic()
+                if now - self._unhanded_logged >= _LOG_EVERY_S:  # a sender retrying must not flood the log
+                    self._unhanded_logged = now
+                    logger.warning("closed a connection from %s: no receiver process can take it now", peer)
+        finally:
+            sock.close()  # the receiver holds its own descriptor of the connection now
 
-    def _admit(self, connection: _Connection) -> bool:
+    def admit(self, connection: Connection | HandedConnection) -> bool:
         with self._lock:
-            if self._established >= self.settings.max_associations or self._stopping:
+            if (
+                self._established >= self.settings.max_associations
+                or self._stopping
+                or connection not in self._connections
+            ):
                 return False
-            self._established += 1
-            connection.established = True
+            if not connection.established:
+                self._established += 1
+                connection.established = True
             return True
 
-    def _forget(self, connection: _Connection) -> None:
+    def forget(self, connection: Connection | HandedConnection) -> None:
         with self._lock:
+            if connection not in self._connections:
+                return
             self._connections.discard(connection)
             if connection.established:
                 self._established -= 1
@@ -479,7 +607,11 @@ class NativeServer:
         if self._acceptor is not None:
             self._acceptor.join(timeout=5)
         for connection in self.connections:
+            if not isinstance(connection, Connection):
+                continue
             with contextlib.suppress(OSError):
                 if connection.established:
                     connection.sock.sendall(abort(ABORT_NOT_SPECIFIED))
                 connection.sock.shutdown(socket.SHUT_RDWR)
+        if self._receivers is not None:
+            self._receivers.stop()

@@ -23,12 +23,12 @@ from collections.abc import Callable
 
 from pynetdicom.events import Event
 
+from edge_node.ingest.upper_layer import MAX_CONTROL_PDU
+
 __all__ = ["MAX_CONTROL_PDU", "PduLimitedSocket", "limit_pdus"]
 
 logger = logging.getLogger(__name__)
 
-#: Largest non-data PDU accepted (bytes after the 6-byte header).
-MAX_CONTROL_PDU = 1024 * 1024
 _HEADER = 6
 _P_DATA_TF = 0x04
 _socket_recv = socket.socket.recv

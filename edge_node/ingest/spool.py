@@ -31,6 +31,12 @@ is the Part 10 stream exactly as built from what was received.
 
 File names are salted hashes of the Study and SOP Instance UIDs: stable (a resend overwrites the same
 file) and free of identifiers.
+
+Receiver processes (``edge_node.ingest.receiver_process``) write into the same spool, each with a slot pool
+of its own under ``spool/.pool/<name>`` (``Spool(..., pool_name=...)``), so no two processes ever hand out
+the same slot. A receiver that starts (again, after one died) recovers its own pool as ``recover`` does
+(``recover_own_slots``); the node's ``recover`` at start goes through every pool, so a slot left by a
+receiver is never lost, whatever ``receive_processes`` says now.
 """
 
 from __future__ import annotations
@@ -139,15 +145,27 @@ class Spool:
     """Writes received instances durably under ``root`` and indexes them in the store."""
 
     def __init__(
-        self, root: Path, records: IngestRecords, *, max_instance_bytes: int, min_free_bytes: int
+        self,
+        root: Path,
+        records: IngestRecords,
+        *,
+        max_instance_bytes: int,
+        min_free_bytes: int,
+        pool_name: str | None = None,
     ) -> None:
         self.root = root
         self.records = records
         self.max_instance_bytes = max_instance_bytes
         self.min_free_bytes = min_free_bytes
-        self._pool = _SlotPool(root / ".pool")
+        pools = root / ".pool"
+        self._pool = _SlotPool(pools / pool_name if pool_name else pools)
         try:
-            self._pool.directory.mkdir(parents=True, exist_ok=True)
+            if not self._pool.directory.is_dir():
+                self._pool.directory.mkdir(parents=True, exist_ok=True)
+                # The pool's own entry must be durable too: its slots' names are what a power cut keeps.
+                fsync_directory(root)
+                if pool_name:
+                    fsync_directory(pools)
         except OSError as exc:
             raise SpoolError(f"cannot create the spool at {root}: {exc}; make data_dir writable") from exc
 
@@ -268,7 +286,12 @@ class Spool:
         Returns (partial files removed, files indexed again). Unreadable files without a row are removed.
         """
         known = self.records.spool_paths()
-        partial, indexed = self._recover_slots(known)
+        partial, indexed = self._recover_slots(self._pool.directory, known, adopt=True)
+        # Receivers' pools: what a receiver left (complete or partial) is handled here; their empty slots
+        # stay where they are, for the receiver that owns the pool.
+        for pool in sorted(p for p in self._pool.directory.iterdir() if p.is_dir()):
+            more_partial, more_indexed = self._recover_slots(pool, known, adopt=False)
+            partial, indexed = partial + more_partial, indexed + more_indexed
         for study_dir in self.root.iterdir():
             if study_dir.name.startswith(".") or not study_dir.is_dir():
                 continue
@@ -289,15 +312,37 @@ class Spool:
             )
         return partial, indexed
 
-    def _recover_slots(self, known: set[Path]) -> tuple[int, int]:
-        """Slots: empty ones go back to the pool, complete ones into place, partial ones away.
+    def recover_own_slots(self) -> tuple[int, int]:
+        """A receiver process at its start: its pool's slots, as ``recover`` handles them (while others run).
+
+        Returns (partial slots removed, instances indexed again). A complete slot here was fsynced but never
+        acknowledged (the receiver died before its response), so it is placed like any resend would be.
+        """
+        slots = sorted(self._pool.directory.glob("*.slot"))
+        if all(slot.stat().st_size == 0 for slot in slots):
+            self._pool.adopt(slots)
+            return 0, 0
+        with self._flock(fcntl.LOCK_SH):  # as for a new instance: a purge waits for the file and its row
+            known = self.records.spool_paths()
+            partial, indexed = self._recover_slots(self._pool.directory, known, adopt=True)
+        if partial or indexed:
+            logger.warning(
+                "receiver pool recovery: %d partial writes removed, %d instances indexed again",
+                partial,
+                indexed,
+            )
+        return partial, indexed
+
+    def _recover_slots(self, directory: Path, known: set[Path], *, adopt: bool) -> tuple[int, int]:
+        """Slots in ``directory``: complete ones into place, partial ones away, empty ones back to the pool
+        (``adopt``, the pool this spool hands out) or left for the pool's owner.
 
         A complete slot whose row exists (a power cut lost only its rename) is moved without recording it
         again, so its study does not get a new revision and run a second time.
         """
         empty: list[Path] = []
         partial = indexed = 0
-        for slot in sorted(self._pool.directory.glob("*.slot")):
+        for slot in sorted(directory.glob("*.slot")):
             data = slot.read_bytes()
             if not data:
                 empty.append(slot)
@@ -322,8 +367,9 @@ class Spool:
                 known.add(dest)
                 indexed += 1
         if partial or indexed:
-            fsync_directory(self._pool.directory)
-        self._pool.adopt(empty)
+            fsync_directory(directory)
+        if adopt:
+            self._pool.adopt(empty)
         return partial, indexed
 
     def _index(self, path: Path, stream: bytes) -> None:

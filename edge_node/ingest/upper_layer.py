@@ -26,6 +26,7 @@ __all__ = [
     "A_RELEASE_RP",
     "A_RELEASE_RQ",
     "HEADER",
+    "MAX_CONTROL_PDU",
     "P_DATA_TF",
     "AssociationRequest",
     "PduError",
@@ -43,6 +44,9 @@ A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
 #: Every PDU starts with type (1), reserved (1) and the length of what follows (4, big endian).
 HEADER = struct.Struct(">BBL")
+#: Largest non-data PDU accepted (bytes after the 6-byte header): far more than a real A-ASSOCIATE-RQ with
+#: every presentation context. Both receive transports enforce it.
+MAX_CONTROL_PDU = 1024 * 1024
 #: The DICOM application context name (PS3.7 A.2.1), the only one there is.
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 

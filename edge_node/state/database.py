@@ -19,12 +19,18 @@ FULL every commit also fsyncs the log (one more disk flush, ~15 % of the ingest 
 
 One connection is shared by the listener's association threads, the worker and the sender, guarded by a
 lock: SQLite serialises writers anyway, and every statement here is short (no file I/O under the lock).
-Other processes (the CLI) open their own ``Database``; ``busy_timeout`` makes them wait instead of failing.
+Other processes (receiver processes, the CLI) open their own ``Database``. Their write transactions queue on
+an flock of ``<database>.writers`` before they begin: a writer that finds another process's transaction
+open then sleeps in the kernel and wakes the moment it ends, where SQLite's busy handler would poll it with
+sleeps of 1, 2, 5, 10 ms and more (receivers commit an instance row each, hundreds a second).
+``busy_timeout`` still bounds any wait that remains (a checkpoint, a process without the flock).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import secrets
 import sqlite3
 import threading
@@ -44,6 +50,7 @@ class Database:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
+        self._writers = os.open(f"{path}.writers", os.O_RDWR | os.O_CREAT, 0o600)
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write transaction takes the write
         # lock up front and never fails half-way with SQLITE_BUSY on lock upgrade.
         self._conn = sqlite3.connect(
@@ -72,6 +79,7 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            os.close(self._writers)
 
     @contextmanager
     def tx(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
@@ -82,6 +90,7 @@ class Database:
         with self._lock:
             if durable:  # the safety level cannot change inside a transaction
                 self._conn.execute("PRAGMA synchronous=FULL")
+            fcntl.flock(self._writers, fcntl.LOCK_EX)  # other processes' writers queue here, not in SQLite
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -91,6 +100,7 @@ class Database:
                     raise
                 self._conn.execute("COMMIT")
             finally:
+                fcntl.flock(self._writers, fcntl.LOCK_UN)
                 if durable:
                     self._conn.execute("PRAGMA synchronous=NORMAL")
 

@@ -211,15 +211,25 @@ class Storescp:
 
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[Storescp]:
-    port = free_port()
     out = tmp_path / "pacs"
     out.mkdir()
     log = (tmp_path / "storescp.log").open("wb")
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), "-od", str(out), "-aet", "PACS", str(port)], stdout=log, stderr=log, env=DCMTK_ENV
-    )
     deadline = time.time() + 10
-    while not echoscu(port, called="PACS"):
+    proc: subprocess.Popen[bytes] | None = None
+    port = 0
+    while True:
+        if proc is None or proc.poll() is not None:
+            # A free port can be taken (by any outgoing connection's ephemeral port) before storescp binds
+            # it: storescp then exits at once with "Address already in use", and another port is tried.
+            port = free_port()
+            proc = subprocess.Popen(
+                [dcmtk("storescp"), "-od", str(out), "-aet", "PACS", str(port)],
+                stdout=log,
+                stderr=log,
+                env=DCMTK_ENV,
+            )
+        if echoscu(port, called="PACS"):
+            break
         if time.time() > deadline:
             proc.kill()
             pytest.fail("storescp did not start")
@@ -310,6 +320,38 @@ class EdgeProcess:
                 return
             time.sleep(0.2)
         raise AssertionError(f"edge node not idle after {timeout} s:\n{self.log_text()[-4000:]}")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process it started, still running (a node and its receiver processes)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):  # each thread lists the children it started
+        try:
+            children += [int(c) for c in task.read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return [pid, *(p for child in children for p in process_tree(child))]
+
+
+def process_runs(pid: int) -> bool:
+    """Whether process ``pid`` runs (neither gone nor a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def peak_rss(pid: int) -> int:
+    """Peak resident memory (VmHWM) of ``pid`` and of its running children, added up (a bound on the
+    node's peak: its receiver processes hold what they receive)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        total += next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM:"))
+    return total
 
 
 def write_config(path: Path, **values: object) -> None:

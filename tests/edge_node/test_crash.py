@@ -19,6 +19,8 @@ from tests.edge_node.conftest import (
     dicom_dir,
     echoscu,
     make_ct_instances,
+    process_runs,
+    process_tree,
 )
 from tests.support.dcmtk import dcmtk
 
@@ -26,12 +28,21 @@ DX = dicom_dir() / "highdicom" / "dx_image.dcm"
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("receive_processes", [0, 2], ids=["threads", "processes"])
 def test_sigkill_mid_burst_loses_no_acknowledged_instance_and_runs_each_study_once(
-    edge_factory: Callable[..., EdgeProcess], test_bundle: TrustedBundle, tmp_path: Path
+    edge_factory: Callable[..., EdgeProcess],
+    test_bundle: TrustedBundle,
+    tmp_path: Path,
+    receive_processes: int,
 ) -> None:
     files = make_ct_instances(tmp_path / "burst", 200, studies=4)
-    edge = edge_factory(trusted_keys=str(test_bundle.public_key), quiet_seconds=1.0)
+    edge = edge_factory(
+        trusted_keys=str(test_bundle.public_key), quiet_seconds=1.0, receive_processes=receive_processes
+    )
     edge.start()
+    assert edge.proc is not None
+    node = process_tree(edge.proc.pid)
+    assert len(node) == 1 + receive_processes  # the node, and its receivers
     assert edge.cli("install-bundle", str(test_bundle.bundle)).returncode == 0
 
     log_path = tmp_path / "storescu.log"
@@ -60,6 +71,11 @@ def test_sigkill_mid_burst_loses_no_acknowledged_instance_and_runs_each_study_on
             time.sleep(0.005)
         edge.kill9()
         sender.wait(60)
+    # The receivers die with the node (before it starts again and recovers the spool they wrote to).
+    deadline = time.time() + 5
+    while any(map(process_runs, node)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(process_runs, node))
     ok, _ = acknowledged_files(log_path.read_text())
     assert 70 <= len(ok) < 200, f"the kill should land mid-burst ({len(ok)} acknowledged)"
 

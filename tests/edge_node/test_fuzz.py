@@ -15,7 +15,7 @@ from pynetdicom import _config
 
 from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES
 from harness.fuzz_cases import fuzz_cases, send_cases, source_files, text_values
-from tests.edge_node.conftest import EdgeProcess, TrustedBundle, dicom_dir, echoscu
+from tests.edge_node.conftest import EdgeProcess, TrustedBundle, dicom_dir, echoscu, peak_rss
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +23,9 @@ SEED = 20261203
 N_CASES = 2100  # some cases cannot be sent by the fuzzer itself (no usable file meta)
 #: Instances per association: a PACS sends a study in one; it also keeps the test within a few minutes.
 BATCH = 100
-#: The stated bound on the node's peak resident memory over the whole run (VmHWM).
+#: The stated bound on the node's peak resident memory over the whole run (VmHWM, its receivers' added).
 RSS_BUDGET_BYTES = 700 * 1024 * 1024
 FINAL_STATES = {"done", "skipped", "failed"}
-
-
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 def test_two_thousand_mutated_instances_over_real_associations(
@@ -68,7 +61,7 @@ def test_two_thousand_mutated_instances_over_real_associations(
     assert states <= FINAL_STATES, states
     assert edge.query("SELECT COUNT(*) FROM runs WHERE status = 'processing'")[0][0] == 0
     assert echoscu(edge.port)
-    peak = _peak_rss(edge.proc.pid)
+    peak = peak_rss(edge.proc.pid)
     assert peak < RSS_BUDGET_BYTES, f"peak RSS {peak / 2**20:.0f} MiB"
     log = edge.log_text()
     leaked = sorted(v for v in secrets if v in log)

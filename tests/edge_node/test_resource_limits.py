@@ -19,24 +19,19 @@ from tests.edge_node.conftest import (
     dicom_dir,
     echoscu,
     make_ct_instances,
+    peak_rss,
     propose_flag,
     storescu,
 )
 
 pytestmark = pytest.mark.slow
 
-#: The stated bound: the node's peak resident memory (VmHWM) while it refuses the bombs below. A node that
+#: The stated bound: the node's peak resident memory (VmHWM, its receiver processes' added) while it refuses
+#: the bombs below. A node that
 #: decoded the 8192² bomb would pass 1.5 GB (float64 copies of 67 M pixels).
 RSS_BUDGET_BYTES = 700 * 1024 * 1024
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX = dicom_dir() / "highdicom" / "dx_image.dcm"
-
-
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc")
 
 
 def _rle_bomb(path: Path, side: int) -> None:
@@ -100,7 +95,7 @@ def test_bombs_are_refused_within_the_memory_budget(
     assert [s[0] for s in states] == ["skipped", "skipped"]
     reasons = [r[0] for r in edge.query("SELECT reason FROM runs")]
     assert all("decoding budget" in str(r) for r in reasons), reasons
-    peak = _peak_rss(edge.proc.pid)
+    peak = peak_rss(edge.proc.pid)
     assert peak < RSS_BUDGET_BYTES, f"peak RSS {peak / 2**20:.0f} MiB"
     # And the node still serves: a normal study gets its result.
     good = make_ct_instances(tmp_path / "good", 1, source=DX)
@@ -148,14 +143,14 @@ def test_an_oversized_instance_is_refused_without_being_held_in_memory(
     edge.start()
     assert edge.proc is not None
     assert echoscu(edge.port)
-    before = _peak_rss(edge.proc.pid)
+    before = peak_rss(edge.proc.pid)
     big = tmp_path / "big.dcm"
     _oversized(big, 200 * 1024 * 1024)
     proc = storescu(edge.port, [big])
     ok, bad = acknowledged_files(proc.stdout + proc.stderr)
     assert not ok and len(bad) == 1, proc.stdout + proc.stderr
     assert "Refused: OutOfResources" in proc.stdout + proc.stderr
-    grown = _peak_rss(edge.proc.pid) - before
+    grown = peak_rss(edge.proc.pid) - before
     # Received to a file as it arrived and refused by its size: the 200 MB never sat in memory.
     assert grown < 48 * 1024 * 1024, f"peak RSS grew by {grown / 2**20:.0f} MiB"
     assert edge.query("SELECT COUNT(*) FROM instances") == [(0,)]

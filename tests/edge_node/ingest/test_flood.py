@@ -15,12 +15,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edge_node.errors import ConfigError
-from edge_node.ingest.listener import Listener, ListenerConfig, ReceiveTransport
+from edge_node.ingest.listener import Listener, ListenerConfig
 from edge_node.ingest.spool import Spool
 from edge_node.node import Node
 from edge_node.settings import load_settings
 from edge_node.state.node_state import NodeState
 from tests.edge_node.conftest import acknowledged_files, echoscu, make_ct_instances, storescu
+from tests.edge_node.ingest.conftest import ReceiveMode
 
 #: The stated bound: a legitimate C-ECHO, and a C-STORE of one image, each answered within this time while
 #: the flood holds every connection its address may have.
@@ -30,7 +31,7 @@ PER_PEER = 3
 
 
 @pytest.fixture
-def listener(tmp_path: Path, transport: ReceiveTransport) -> Iterator[Listener]:
+def listener(tmp_path: Path, mode: ReceiveMode) -> Iterator[Listener]:
     store = NodeState.open(tmp_path / "edge.sqlite3")
     spool = Spool(tmp_path / "spool", store.ingest, max_instance_bytes=10**8, min_free_bytes=0)
     config = ListenerConfig(
@@ -41,7 +42,8 @@ def listener(tmp_path: Path, transport: ReceiveTransport) -> Iterator[Listener]:
         max_associations_per_peer=PER_PEER,
         acse_timeout=2.0,
         network_timeout=4.0,
-        transport=transport,
+        transport=mode.transport,
+        receive_processes=mode.processes,
     )
     running = Listener(config, spool, lambda: None)
     running.start()

@@ -1,6 +1,8 @@
 """The DICOM listener in-process against dcmtk and pynetdicom peers: echo, store, refusals, survival.
 
-Every test that does not look inside a transport runs against both (the ``transport`` fixture).
+Every test that does not look inside a transport runs in every receive mode (the ``mode`` fixture: native
+threads, native receiver processes, pynetdicom). A receiver process's log records are emitted by the node's
+process (``edge_node.ingest.receiver_pool``), so ``caplog`` sees them in every mode.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -31,9 +33,10 @@ from edge_node.ingest.listener import (
     STATUS_PROCESSING_FAILURE,
     Listener,
     ListenerConfig,
-    ReceiveTransport,
 )
+from edge_node.ingest.native_transport import HandedConnection
 from edge_node.ingest.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from edge_node.ingest.receiver_pool import ReceiverPool
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
 from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES
 from edge_node.ingest.spool import Spool
@@ -47,6 +50,7 @@ from tests.edge_node.conftest import (
     propose_flag,
     storescu,
 )
+from tests.edge_node.ingest.conftest import PYNETDICOM, THREADS, ReceiveMode
 from tests.support.dcmtk import dcmtk
 
 
@@ -54,7 +58,17 @@ class Running:
     def __init__(self, listener: Listener, store: NodeState) -> None:
         self.listener = listener
         self.store = store
-        self.completions = 0
+        #: The study counts each time the listener woke the worker (``on_complete``).
+        self.wakes: list[dict[str, int]] = []
+
+    def woken(self, seen: Callable[[dict[str, int]], bool], within: float = 5.0) -> bool:
+        """Whether a wake-up saw counts for which ``seen`` holds (receivers report asynchronously)."""
+        deadline = time.monotonic() + within
+        while not any(seen(w) for w in list(self.wakes)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     @property
     def port(self) -> int:
@@ -63,7 +77,7 @@ class Running:
 
 def _start(
     tmp_path: Path,
-    transport: ReceiveTransport,
+    mode: ReceiveMode,
     *,
     max_instance_bytes: int = 10**8,
     allowed: list[str] | None = None,
@@ -81,12 +95,13 @@ def _start(
         network_timeout=network_timeout,
         max_pdu=max_pdu,
         max_associations=max_associations,
-        transport=transport,
+        transport=mode.transport,
+        receive_processes=mode.processes,
     )
     running: Running
 
     def completed() -> None:
-        running.completions += 1
+        running.wakes.append(store.status.counts())
 
     running = Running(Listener(config, spool, completed), store)
     running.listener.start()
@@ -94,8 +109,8 @@ def _start(
 
 
 @pytest.fixture
-def edge(tmp_path: Path, transport: ReceiveTransport) -> Iterator[Running]:
-    running = _start(tmp_path, transport)
+def edge(tmp_path: Path, mode: ReceiveMode) -> Iterator[Running]:
+    running = _start(tmp_path, mode)
     yield running
     running.listener.stop()
     running.store.close()
@@ -115,6 +130,10 @@ def _scu(port: int, ds: pydicom.Dataset, calling: str = "PYSCU") -> int:
 
 def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
     assert echoscu(edge.port)
+    # echoscu's connection is closed when its thread (or receiver) has seen the release: wait for that.
+    deadline = time.monotonic() + 5
+    while edge.listener.open_connections("127.0.0.1") and time.monotonic() < deadline:
+        time.sleep(0.02)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
@@ -126,7 +145,12 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
         if native is not None:
             (connection,) = native.connections
             assert connection.established
-            assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            if isinstance(connection, HandedConnection):
+                # Run by a receiver process: the node set TCP_NODELAY on the socket before handing it over.
+                assert isinstance(native.receivers, ReceiverPool)
+                assert sorted(native.receivers.loads) == [0, 1]
+            else:
+                assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             assert int(assoc.send_c_echo().Status) == 0
             return
         server = edge.listener._server
@@ -143,7 +167,7 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
 
 @pytest.fixture
 def pynetdicom_edge(tmp_path: Path) -> Iterator[Running]:
-    running = _start(tmp_path, "pynetdicom")
+    running = _start(tmp_path, PYNETDICOM)
     yield running
     running.listener.stop()
     running.store.close()
@@ -156,7 +180,7 @@ def _cpu_ticks(thread_id: int) -> int:
 
 
 def test_an_idle_native_association_costs_no_cpu(tmp_path: Path) -> None:
-    running = _start(tmp_path, "native")
+    running = _start(tmp_path, THREADS)
     try:
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(Verification)
@@ -208,8 +232,8 @@ def test_an_idle_association_polls_slowly_until_it_receives_again(pynetdicom_edg
     assert not server.active_associations
 
 
-def test_an_idle_association_ends_at_the_network_timeout(tmp_path: Path, transport: ReceiveTransport) -> None:
-    running = _start(tmp_path, transport, network_timeout=1.0)
+def test_an_idle_association_ends_at_the_network_timeout(tmp_path: Path, mode: ReceiveMode) -> None:
+    running = _start(tmp_path, mode, network_timeout=1.0)
     try:
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(Verification)
@@ -242,7 +266,8 @@ def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path
     assert len(ok) == 5 and not bad, proc.stdout + proc.stderr
     counts = edge.store.status.counts()
     assert counts["instances"] == 5 and counts["queued"] == 1
-    assert edge.completions == 1
+    # The worker was woken once the study was queued (and, before, when it first arrived).
+    assert edge.woken(lambda c: c["queued"] == 1)
     for f in files:  # each spooled file holds exactly the bytes sent (storescu sends the file as is)
         ds = pydicom.dcmread(f)
         spooled = edge.listener.spool.path_for(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
@@ -250,11 +275,11 @@ def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path
 
 
 def test_the_spooled_file_is_the_data_set_as_sent_behind_its_transports_file_meta(
-    edge: Running, transport: ReceiveTransport
+    edge: Running, mode: ReceiveMode
 ) -> None:
     implementation = (
         (UID(IMPLEMENTATION_CLASS_UID), IMPLEMENTATION_VERSION_NAME)
-        if transport == "native"
+        if mode.transport == "native"
         else (PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
     )
     ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")  # explicit VR little endian
@@ -289,8 +314,8 @@ def test_missing_uid_is_cannot_understand_and_listener_lives(edge: Running) -> N
     assert echoscu(edge.port)
 
 
-def test_too_large_is_out_of_resources(tmp_path: Path, transport: ReceiveTransport) -> None:
-    running = _start(tmp_path, transport, max_instance_bytes=2048)
+def test_too_large_is_out_of_resources(tmp_path: Path, mode: ReceiveMode) -> None:
+    running = _start(tmp_path, mode, max_instance_bytes=2048)
     try:
         files = make_ct_instances(tmp_path / "ct", 1)
         proc = storescu(running.port, files)
@@ -304,15 +329,17 @@ def test_too_large_is_out_of_resources(tmp_path: Path, transport: ReceiveTranspo
 
 
 def test_handler_errors_become_a_failure_status(edge: Running) -> None:
-    edge.store.close()  # every database call now raises: the handler must answer, not crash
+    # Recording an instance now raises (in every process: they share the file): answer, do not crash.
+    with edge.store.db.tx() as c:
+        c.execute("ALTER TABLE instances RENAME TO instances_gone")
     ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")
     ds.SOPInstanceUID = generate_uid()
     assert _scu(edge.port, ds) == STATUS_PROCESSING_FAILURE
     assert echoscu(edge.port)
 
 
-def test_calling_ae_allow_list_and_called_ae(tmp_path: Path, transport: ReceiveTransport) -> None:
-    running = _start(tmp_path, transport, allowed=["GOODSCU"])
+def test_calling_ae_allow_list_and_called_ae(tmp_path: Path, mode: ReceiveMode) -> None:
+    running = _start(tmp_path, mode, allowed=["GOODSCU"])
     try:
         assert echoscu(running.port, calling="GOODSCU")
         assert not echoscu(running.port, calling="BADSCU")
@@ -346,7 +373,9 @@ def test_aborted_association_waits_for_quiet_time(edge: Running) -> None:
     assert echoscu(edge.port)
     counts = edge.store.status.counts()
     assert counts["received"] == 1 and counts["queued"] == 0
-    assert edge.completions == 0
+    # The worker was woken (it waits for the study's quiet time), never with the study queued.
+    assert edge.woken(lambda c: c["received"] == 1)
+    assert not any(w["queued"] for w in edge.wakes)
 
 
 def _raw_with(tmp_path: Path, name: str, inserted: bytes) -> Path:
@@ -393,7 +422,10 @@ def _send_file(port: int, path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
 
 
 def test_deep_nesting_and_unknown_vr_are_cannot_understand_in_one_line(
-    edge: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    edge: Running,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     unknown_vr = struct.pack("<HH2sH", 0x0008, 0x1150, b"ZZ", 4) + b"1234"
     cases = {"deep.dcm": _deep_sequence(5000), "vr.dcm": unknown_vr}
@@ -405,16 +437,16 @@ def test_deep_nesting_and_unknown_vr_are_cannot_understand_in_one_line(
     assert edge.store.status.counts()["instances"] == 0
     assert echoscu(edge.port)
     refusals = [
-        r for r in caplog.records if r.name == "edge_node.ingest.listener" and "rejected" in r.message
+        r for r in caplog.records if r.name == "edge_node.ingest.storage_sink" and "rejected" in r.message
     ]
-    assert len(refusals) == 2 and not any(r.exc_info for r in caplog.records)
+    assert len(refusals) == 2 and not any(r.exc_info or r.exc_text for r in caplog.records)
     assert "Traceback" not in caplog.text
 
 
 def test_the_max_pdu_is_announced_and_a_conforming_sender_stores_through_it(
-    tmp_path: Path, transport: ReceiveTransport
+    tmp_path: Path, mode: ReceiveMode
 ) -> None:
-    running = _start(tmp_path, transport, max_pdu=16384)
+    running = _start(tmp_path, mode, max_pdu=16384)
     try:
         ds = pydicom.dcmread(make_ct_instances(tmp_path / "ct", 1)[0])  # ~0.5 MB: 33 PDUs of 16 KiB
         ae = AE(ae_title="PYSCU")
@@ -542,7 +574,7 @@ def test_hostile_pdus_end_their_connection_at_once_and_the_listener_serves(
 ) -> None:
     # The native transport's own PDU parsing (pynetdicom waits for some of these until the ARTIM timer,
     # and logs its decoder's traceback for others).
-    edge = _start(tmp_path, "native")
+    edge = _start(tmp_path, THREADS)
     accepted = _associate_rq()
     cases = {
         "data before association": _p_data(1, 3, b"\0" * 16),
@@ -571,10 +603,8 @@ def test_hostile_pdus_end_their_connection_at_once_and_the_listener_serves(
     edge.store.close()
 
 
-def test_associations_beyond_the_limit_are_rejected_as_local_limit(
-    tmp_path: Path, transport: ReceiveTransport
-) -> None:
-    running = _start(tmp_path, transport, max_associations=1)
+def test_associations_beyond_the_limit_are_rejected_as_local_limit(tmp_path: Path, mode: ReceiveMode) -> None:
+    running = _start(tmp_path, mode, max_associations=1)
     try:
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(Verification)
