@@ -47,23 +47,9 @@ from edge_node.ingest.receiver_pool import ReceiverPool, ReceiverSpec
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
 from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from edge_node.ingest.spool import Spool, SpoolReceipt
-from edge_node.ingest.storage_sink import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_MISMATCH,
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_PROCESSING_FAILURE,
-    STATUS_SPOOL_FAILURE,
-    STATUS_SUCCESS,
-    StorageSink,
-)
+from edge_node.ingest.storage_sink import STATUS_SUCCESS, StorageSink
 
 __all__ = [
-    "STATUS_CANNOT_UNDERSTAND",
-    "STATUS_MISMATCH",
-    "STATUS_OUT_OF_RESOURCES",
-    "STATUS_PROCESSING_FAILURE",
-    "STATUS_SPOOL_FAILURE",
-    "STATUS_SUCCESS",
     "Listener",
     "ListenerConfig",
     "ReceiveTransport",

@@ -29,8 +29,6 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from edge_node.ingest.listener import (
     DUL_LOOP_DELAY_S,
     IDLE_DUL_LOOP_DELAY_S,
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_PROCESSING_FAILURE,
     Listener,
     ListenerConfig,
 )
@@ -40,6 +38,7 @@ from edge_node.ingest.receiver_pool import ReceiverPool
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
 from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES
 from edge_node.ingest.spool import Spool
+from edge_node.ingest.storage_sink import STATUS_CANNOT_UNDERSTAND, STATUS_PROCESSING_FAILURE
 from edge_node.state.node_state import NodeState
 from tests.edge_node.conftest import (
     DCMTK_ENV,
