@@ -68,6 +68,7 @@ from harness.flbench.datasets import CLINICS, SMALL_CLINICS, build_bench_data
 from harness.flbench.frozen_student import FrozenStudent, binary_task
 from harness.flbench.light_clinic import LightClinic
 from harness.flbench.methods import evaluate, validation_aucs
+from harness.flbench.scoring import selection_key
 from hub.fl.aggregate import unweighted_mean
 from hub.fl.fedavg import FedAvg
 from hub.fl.privacy import DifferentialPrivacy
@@ -531,10 +532,7 @@ def best_on_validation(scores: Mapping[str, Mapping[str, float]], grid: Sequence
     last digit."""
     return max(
         grid,  # max keeps the first of equal keys
-        key=lambda g: (
-            round(scores[g]["small_clinic_val_auc"], 9),
-            round(scores[g]["mean_clinic_val_auc"], 9),
-        ),
+        key=lambda g: selection_key(scores[g]["small_clinic_val_auc"], scores[g]["mean_clinic_val_auc"]),
     )
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,13 @@ from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchD
 from harness.flbench.frozen_student import FrozenStudent, bench_task, primary_scores
 from harness.flbench.light_clinic import LightClinic
 from harness.flbench.public_corpus import BenchFoundation
-from harness.flbench.scoring import METRICS, threshold_metrics, validation_threshold
+from harness.flbench.scoring import (
+    METRICS,
+    finite_mean,
+    selection_key,
+    threshold_metrics,
+    validation_threshold,
+)
 from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.compress import TopKCompressor
 from hub.fl.registry import make_strategy
@@ -183,29 +189,23 @@ class BestRound:
     def __init__(self, data: BenchData, initial: Params) -> None:
         self.data = data
         self.round = 0
-        self.val_auc = -math.inf
         self.score: tuple[float, float] = (-math.inf, -math.inf)
         self.params: Params = dict(initial)
 
     def offer(self, rnd: int, params: Params, predictor: Predictor) -> None:
         aucs = validation_aucs(self.data, dict.fromkeys(self.data.names, predictor))
-        small = _rounded_mean([aucs[c] for c in self.data.small])
-        score = (small, _rounded_mean(list(aucs.values())))
+        score = selection_key(
+            finite_mean([aucs[c] for c in self.data.small]), finite_mean(list(aucs.values()))
+        )
         if score > self.score:
-            self.round, self.val_auc, self.score, self.params = rnd, small, score, params
+            self.round, self.score, self.params = rnd, score, params
 
     def extra(self) -> dict[str, float]:
         return {
             "best_round": float(self.round),
-            "best_round_val_auc": self.val_auc,
+            "best_round_val_auc": self.score[0],
             "best_round_all_val_auc": self.score[1],
         }
-
-
-def _rounded_mean(values: Sequence[float]) -> float:
-    """Mean of the finite values to 1e-9 (so that float noise does not break a tie); -inf if none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return round(float(np.mean(finite)), 9) if finite else -math.inf
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from harness.flbench.datasets import SMALL_CLINICS
+from harness.flbench.scoring import finite_mean, selection_key
 
 Record = dict[str, Any]
 #: fedclinic's own strategies: "the best fedclinic strategy" is picked among these, on validation.
@@ -26,11 +27,6 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("fedhelp", "fedhelp_norank"),
     ("pfednet", "pfednet_nograph"),
 )
-
-
-def _finite_mean(values: Sequence[float]) -> float:
-    arr = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
-    return float(arr.mean()) if len(arr) else math.nan
 
 
 def finalize_record(
@@ -62,9 +58,9 @@ def finalize_record(
         "panel_mean": {k: float(v) for k, v in raw.get("panel_mean", {}).items()},
         "small_auc": float(np.mean([aucs[c] for c in small])),
         "small_bacc": float(np.mean([clinics[c]["bacc"] for c in small])),
-        "small_sens": _finite_mean([float(clinics[c].get("sens", math.nan)) for c in small]),
-        "small_val_auc": _finite_mean([float(clinics[c].get("val_auc", math.nan)) for c in small]),
-        "val_auc": _finite_mean([float(clinics[c].get("val_auc", math.nan)) for c in names]),
+        "small_sens": finite_mean([float(clinics[c].get("sens", math.nan)) for c in small]),
+        "small_val_auc": finite_mean([float(clinics[c].get("val_auc", math.nan)) for c in small]),
+        "val_auc": finite_mean([float(clinics[c].get("val_auc", math.nan)) for c in names]),
         "worst_auc": aucs[worst],
         "worst_clinic": worst,
         "bytes_per_client_round": bytes_up,
@@ -112,7 +108,7 @@ def summarize_method(records: Sequence[Record]) -> dict[str, Any]:
         # K-class tasks: each class's one-vs-rest AUC, averaged over the clinics (those where it is defined).
         out["class_auc"] = {
             k[len("auc_") :]: _ms(
-                [_finite_mean([r["clinics"][c].get(k, math.nan) for c in names]) for r in records]
+                [finite_mean([r["clinics"][c].get(k, math.nan) for c in names]) for r in records]
             )
             for k in classes
         }
@@ -160,7 +156,7 @@ def _all_clinics_val_auc(r: Record) -> float:
     """Mean validation AUC over every clinic of a record (older records lack the stored field)."""
     if "val_auc" in r:
         return float(r["val_auc"])
-    return _finite_mean([float(c.get("val_auc", math.nan)) for c in r["clinics"].values()])
+    return finite_mean([float(c.get("val_auc", math.nan)) for c in r["clinics"].values()])
 
 
 #: How the best strategy is chosen. The small clinics' validation splits hold 6–10 images, so their AUC is
@@ -176,13 +172,9 @@ def best_ours(summary: Mapping[str, Mapping[str, Any]]) -> str | None:
     if not present:
         return None
 
-    def finite(v: float) -> float:
-        return round(v, 9) if math.isfinite(v) else -math.inf
-
     def key(m: str) -> tuple[float, float]:
-        small = summary[m]["small_val_auc"]["mean"]
         every = summary[m].get("val_auc", {}).get("mean", math.nan)
-        return finite(small), finite(every)
+        return selection_key(summary[m]["small_val_auc"]["mean"], every)
 
     return max(present, key=key)
 

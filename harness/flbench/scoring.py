@@ -9,6 +9,7 @@ for class 0): a multi-class prediction has no threshold to choose.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.special import softmax
@@ -71,3 +72,20 @@ def multiclass_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, floa
     }
     out.update({f"auc_c{c}": a for c, a in enumerate(class_aucs(y, probs))})
     return out
+
+
+def finite_mean(values: Sequence[float]) -> float:
+    """Mean of the finite values (a clinic without a validation split gives NaN); NaN if none."""
+    arr = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    return float(arr.mean()) if len(arr) else math.nan
+
+
+def selection_key(small_val_auc: float, all_val_auc: float) -> tuple[float, float]:
+    """How anything chosen on validation is ranked: the small clinics' validation AUC, a tie going to the
+    validation AUC over all clinics. Compared to 1e-9, so that a float's last digit decides no tie (the
+    small clinics' 6–10 validation images often give AUC 1.0 to every candidate); NaN ranks last."""
+
+    def rounded(v: float) -> float:
+        return round(v, 9) if math.isfinite(v) else -math.inf
+
+    return rounded(small_val_auc), rounded(all_val_auc)
