@@ -134,7 +134,7 @@ def test_round_closes_at_k_of_n_and_survives_a_hub_kill9(federation: Federation,
         browser.get(f"{hub.url}/dashboard")
         browser.type(browser.find("#token"), hub.admin_token)
         browser.click(browser.find("#sign-in"))
-        nodes_text = browser.text(browser.find("#nodes"))
+        nodes_text = browser.text(browser.wait_for("#nodes"))
         rounds_text = browser.text(browser.find("#rounds"))
         (tmp_path / "dashboard.png").write_bytes(browser.screenshot_png())
     for name in NAMES:
