@@ -51,6 +51,7 @@ class Node:
             self.state.ingest,
             max_instance_bytes=settings.max_instance_bytes,
             min_free_bytes=settings.min_free_bytes,
+            reserve=settings.spool_reserve,
         )
         self.models = ModelSlot.from_settings(self.state.models, settings, on_loaded=self._on_model_loaded)
         self.uplink = sync_loop_for(settings, self.models, self.state)  # None when not enrolled

@@ -32,6 +32,7 @@ from pydantic_settings import (
 from edge_node.delivery.destination import Destination
 from edge_node.errors import ConfigError
 from edge_node.ingest.retention import RetentionPolicy
+from edge_node.ingest.slot_pool import SpoolReserve
 from edge_node.learning.options import LearningSettings
 from edge_node.page.bind_address import is_loopback
 from edge_node.page.password import is_password_hash
@@ -211,6 +212,15 @@ class EdgeSettings(BaseSettings):
     max_instance_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     #: Instances are refused (0xA700) when the spool's file system has less free space than this.
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    #: Disk the spool keeps written through ahead of time, in idle time, for each process that receives
+    #: (each receiver process; the node's own with receive_processes = 0): an instance written into such a
+    #: slot is flushed without waiting for the file system's journal (~1 ms instead of ~2.3 ms for a CT
+    #: slice), which is most of the node's time per instance when a PACS sends one at a time. 512 MiB holds
+    #: a CT series of ~500 slices; a burst beyond it is received as without a reserve. 0: none.
+    spool_reserve_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    #: Size of one reserve slot: an instance up to this size gets the fast flush (a 512x512 CT slice is
+    #: ~0.53 MB); a larger one grows its slot, at the cost of an ordinary write.
+    spool_slot_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
     #: First retry delay for a failed send; doubles per attempt up to send_retry_max_seconds.
     send_retry_base_seconds: float = Field(default=5.0, gt=0)
     send_retry_max_seconds: float = Field(default=900.0, gt=0)
@@ -333,6 +343,13 @@ class EdgeSettings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def spool_reserve(self) -> SpoolReserve:
+        """The spool's reserve of written-through slots (``edge_node.ingest.slot_pool``)."""
+        return SpoolReserve(
+            slots=self.spool_reserve_bytes // self.spool_slot_bytes, slot_bytes=self.spool_slot_bytes
+        )
 
     @property
     def results_dir(self) -> Path:

@@ -190,6 +190,8 @@ class Listener:
             receivers = ReceiverPool(config.receive_processes, spec, on_studies=self._on_complete)
         server = NativeServer((config.host, config.port), settings, self.spool, self.sink, receivers)
         server.start()
+        if receivers is None:  # receiving here: the reserve is this process's to keep
+            self.spool.start_reserve()
         self._native = server
         host, port = self.address
         where = (
@@ -227,6 +229,7 @@ class Listener:
         )
         # What AE.start_server(block=False) does, with the per-peer server class.
         self._ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
+        self.spool.start_reserve()
         threading.Thread(target=server.serve_forever, name="edge-dicom-acceptor", daemon=True).start()
         self._server = server
         self._pacer.start()
@@ -236,6 +239,7 @@ class Listener:
 
     def stop(self) -> None:
         """Stop accepting and abort open associations (senders retry what was not acknowledged)."""
+        self.spool.stop_reserve()
         if self._native is not None:
             native, self._native = self._native, None
             native.stop()

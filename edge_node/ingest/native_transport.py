@@ -429,9 +429,12 @@ class Connection:
         if incoming is None:
             self._answer(context_id, command, refusal or (STATUS_CANNOT_UNDERSTAND, ""))
             return
-        self._answer(
-            context_id, command, self.server.sink.store(self.key, self.calling_ae, incoming, command)
-        )
+        try:
+            self._answer(
+                context_id, command, self.server.sink.store(self.key, self.calling_ae, incoming, command)
+            )
+        finally:
+            incoming.settle()  # after the response, out of the sender's wait
 
     def _answer(self, context_id: int, command: Command, status: tuple[int, str]) -> None:
         self._send(p_data(context_id, True, True, response(command, status[0], status[1] or None)))

@@ -40,6 +40,7 @@ from typing import Any
 
 from edge_node.ingest.native_transport import Connection, NativeSettings
 from edge_node.ingest.receiver_channel import Channel, ChannelClosed
+from edge_node.ingest.slot_pool import SpoolReserve
 from edge_node.ingest.spool import Spool
 from edge_node.ingest.storage_sink import StorageSink
 from edge_node.ingest.upper_layer import ABORT_NOT_SPECIFIED, abort
@@ -74,10 +75,14 @@ class ReceiverSpec:
     max_instance_bytes: int
     min_free_bytes: int
     log_level: int
+    #: Each receiver's reserve of written-through slots (``edge_node.ingest.slot_pool``).
+    reserve_slots: int = 0
+    slot_bytes: int = SpoolReserve().slot_bytes
 
     @classmethod
     def of(cls, settings: NativeSettings, spool: Spool) -> ReceiverSpec:
-        """The spec for receivers of ``spool`` (its database, its limits) logging at the node's level."""
+        """The spec for receivers of ``spool`` (its database, its limits, its reserve each) logging at the
+        node's level."""
         return cls(
             settings=settings,
             spool_root=str(spool.root),
@@ -85,6 +90,8 @@ class ReceiverSpec:
             max_instance_bytes=spool.max_instance_bytes,
             min_free_bytes=spool.min_free_bytes,
             log_level=logging.getLogger().getEffectiveLevel(),
+            reserve_slots=spool.reserve.slots,
+            slot_bytes=spool.reserve.slot_bytes,
         )
 
     def to_json(self) -> str:
@@ -278,6 +285,7 @@ def main(argv: list[str]) -> int:
             max_instance_bytes=spec.max_instance_bytes,
             min_free_bytes=spec.min_free_bytes,
             pool_name=f"r{index}",
+            reserve=SpoolReserve(slots=spec.reserve_slots, slot_bytes=spec.slot_bytes),
         )
         spool.recover_own_slots()
     except Exception:
@@ -288,6 +296,8 @@ def main(argv: list[str]) -> int:
         channel.send({"op": "ready"})
     except ChannelClosed:
         return 0
+    spool.start_reserve()
     receiver.serve()
+    spool.stop_reserve()
     channel.close()
     return 0

@@ -119,6 +119,7 @@ class StorageSink:
         studies = self._take(key)
         try:
             if studies:
+                self.spool.settled()  # every instance cut to its length before the worker reads it
                 queued = self.spool.records.mark_complete(sorted(studies))
                 logger.info("association released: %d studies complete, %d queued", len(studies), queued)
                 self._wake()

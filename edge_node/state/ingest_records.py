@@ -105,6 +105,10 @@ class IngestRecords:
                     queued += 1
         return queued
 
+    def spool_sizes(self) -> dict[Path, int]:
+        """Every spooled file with a row, and the size recorded for it."""
+        return {Path(r["path"]): int(r["size"]) for r in self.db.query("SELECT path, size FROM instances")}
+
     def spool_paths(self) -> set[Path]:
         """Every spooled file with a row (the spool's recovery indexes the others)."""
         return {Path(r["path"]) for r in self.db.query("SELECT path FROM instances")}

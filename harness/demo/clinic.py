@@ -201,6 +201,8 @@ class Clinic:
             "send_retry_base_seconds": 1.0,
             "log_level": "INFO",
             "page_port": self.page_port,
+            # A demo clinic receives a few dozen single images: a small reserve, not 512 MiB per clinic.
+            "spool_reserve_bytes": 16 * 1024 * 1024,
         }
         settings.update(self.extra_settings)
         if self.bundle is not None:
