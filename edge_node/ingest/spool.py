@@ -148,16 +148,20 @@ def _cut(fd: int, size: int) -> None:
 
 
 class _Cutter:
-    """Cuts the reserve zeros after committed streams in a thread of its own, started at its first cut."""
+    """Cuts the reserve zeros after committed streams in a thread of its own, started at its first cut.
+
+    The receive path only puts on a C queue and counts; the thread that cuts does the waking."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[int, int]] = queue.Queue()
+        self._queue: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._pending = 0
+        self._cond = threading.Condition()
 
     def cut(self, fd: int, size: int) -> None:
         """Cut the file open as ``fd`` to ``size`` bytes, then close ``fd``."""
-        with self._lock:
+        with self._cond:
+            self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="edge-spool-cut", daemon=True)
                 self._thread.start()
@@ -165,7 +169,9 @@ class _Cutter:
 
     def wait(self) -> None:
         """Until every cut asked for so far is done."""
-        self._queue.join()
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
 
     def _run(self) -> None:
         while True:
@@ -176,7 +182,10 @@ class _Cutter:
                 logger.warning("could not cut a spool file to its instance (%s); recovery will", exc.strerror)
             finally:
                 os.close(fd)
-                self._queue.task_done()
+                with self._cond:
+                    self._pending -= 1
+                    if not self._pending:
+                        self._cond.notify_all()
 
 
 class Spool:
