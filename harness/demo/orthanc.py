@@ -110,6 +110,19 @@ class Orthanc:
         }
 
     def start(self, timeout: float = 30.0) -> Orthanc:
+        """Start Orthanc and wait for its REST API. Ports left at 0 are picked free; if another process took
+        one between the pick and Orthanc's bind ("already in use"), new ones are picked, up to three times."""
+        chosen = not self.http_port and not self.dicom_port
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except OrthancError as exc:
+                if not (chosen and "already in use" in str(exc)) or attempt == 2:
+                    raise
+                self.http_port = self.dicom_port = 0
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> Orthanc:
         if not orthanc_available():
             raise OrthancError(f"Orthanc not found at {ORTHANC_BINARY} (apt-get install orthanc)")
         # Orthanc runs with the work dir as cwd and resolves its config against it: keep paths absolute.
