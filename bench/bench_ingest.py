@@ -28,9 +28,10 @@ each started fresh per run:
   same contexts as the edge). Not a target: it is the ceiling any pynetdicom-based listener can reach on
   this machine, so it shows how much of the gap is the toolkit and how much is durability.
 
-storescu and storescp run with ``TCP_NODELAY=1``; the edge listener sets TCP_NODELAY itself. The number
-reported is the median files/s over the repetitions, and the ratio edge/storescp (targets: ≥ 0.5 with one
-association, ≥ 0.7 with four), beside edge/edge-threads and edge/edge-pynetdicom.
+storescu and storescp run with ``TCP_NODELAY=1``; the edge listener sets TCP_NODELAY itself. Every run
+starts after a ``sync``, so that no receiver's flushes wait behind the data an earlier one left unwritten.
+The number reported is the median files/s over the repetitions, and the ratio edge/storescp (targets: ≥ 0.5
+with one association, ≥ 0.7 with four), beside edge/edge-threads and edge/edge-pynetdicom.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ingest.py --associations 1 4 --json build/bench_ingest.json
 """
@@ -357,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                 names = list(runners)
                 order = names[rep % len(names) :] + names[: rep % len(names)]
                 for name in order:
+                    # What the last receiver left to write (storescp never flushes its 160 MB) goes to disk
+                    # now, not during the next receiver's run, whose flushes would wait behind it.
+                    os.sync()
                     CPU_SECONDS.clear()
                     t = runners[name](files, work, associations, args.max_pdu)
                     times[name].append(t)
