@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -23,7 +24,13 @@ PROCESSES = ReceiveMode("native", processes=2)
 PYNETDICOM = ReceiveMode("pynetdicom")
 
 
-@pytest.fixture(params=[THREADS, PROCESSES, PYNETDICOM], ids=["native", "processes", "pynetdicom"])
+MODES = {"native": THREADS, "processes": PROCESSES, "pynetdicom": PYNETDICOM}
+#: ``FEDCLINIC_TEST_RECEIVE_MODES`` (comma-separated ids) narrows the modes: the edge-only packaging test
+#: runs the listener suite once more in a fresh environment, in the node's default mode only.
+_CHOSEN = [m for m in os.environ.get("FEDCLINIC_TEST_RECEIVE_MODES", ",".join(MODES)).split(",") if m]
+
+
+@pytest.fixture(params=[MODES[m] for m in _CHOSEN], ids=_CHOSEN)
 def mode(request: pytest.FixtureRequest) -> ReceiveMode:
     """The receive mode under test (``receive_transport``, ``receive_processes``)."""
     value: ReceiveMode = request.param
