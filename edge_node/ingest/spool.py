@@ -63,7 +63,6 @@ from pathlib import Path
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
 from edge_node.ingest.part10 import Header, file_meta, parse_header
 from edge_node.ingest.slot_pool import POOL_BATCH, Slot, SlotPool, SpoolReserve
-from edge_node.ingest.writeback import WRITEBACK_STEP, start_writeback
 from edge_node.protocol.durable_file import fsync_directory
 from edge_node.state.ingest_records import IngestRecords, InstanceRecord
 
@@ -488,7 +487,6 @@ class IncomingInstance:
         self._taken = False  # a slot was taken from the pool: ``SlotPool.done`` is owed, once
         self._fd = -1
         self._cut_fd = -1  # a committed slot with reserve zeros after its stream, until ``settle``
-        self._started = 0  # bytes whose write-back was started (``edge_node.ingest.writeback``)
         try:
             spool.check_room(self._size)
             slot = spool._pool.take()
@@ -522,9 +520,6 @@ class IncomingInstance:
             self._fail(_spool_error(exc))
             return
         self._crc = zlib.crc32(fragment, self._crc)
-        if self._size - self._started >= WRITEBACK_STEP:  # the disk starts on it while the rest arrives
-            start_writeback(self._fd, self._started, self._size - self._started)
-            self._started = self._size
 
     def _fail(self, error: SpoolError) -> None:
         """Keep the first error for ``commit`` and give the slot back emptied: nothing more is written."""
