@@ -214,9 +214,9 @@ class EdgeSettings(BaseSettings):
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     #: Disk the spool keeps written through ahead of time, in idle time, for each process that receives
     #: (each receiver process; the node's own with receive_processes = 0): an instance written into such a
-    #: slot is flushed without waiting for the file system's journal (~1 ms instead of ~2.3 ms for a CT
-    #: slice), which is most of the node's time per instance when a PACS sends one at a time. 512 MiB holds
-    #: a CT series of ~500 slices; a burst beyond it is received as without a reserve. 0: none.
+    #: slot is flushed without waiting for the file system's journal (0.55-0.77 of the time for a CT
+    #: slice: bench/bench_flush.py), most of the node's time per instance when a PACS sends one at a time.
+    #: 512 MiB holds a CT series of ~500 slices; a burst beyond it is received as without a reserve. 0: none.
     spool_reserve_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     #: Size of one reserve slot: an instance up to this size gets the fast flush (a 512x512 CT slice is
     #: ~0.53 MB); a larger one grows its slot, at the cost of an ordinary write.

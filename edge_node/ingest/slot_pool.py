@@ -3,10 +3,11 @@ slots whose blocks are already written, so that the instance's one flush is a da
 
 Why a reserve. An instance written into an empty file needs the file system to allocate its blocks and
 commit that to its journal before the flush returns: measured on this project's machine (ext4 on a
-virtual disk), write + fsync of a 530 KB CT slice into an empty file takes ~2.3 ms; into a file whose
-blocks were written (with zeros) and flushed beforehand, ~0.9-1.0 ms, because only data goes to disk and no
-journal commit waits. With one association the sender waits for each response, so this flush is most of
-the node's time per instance. ``posix_fallocate`` does not help (~1.7 ms: its unwritten extents must be
+virtual disk; ``bench/bench_flush.py``), write + flush of a 530 KB CT slice into an empty file takes
+1.5-1.8 ms (2.3-2.5 ms back to back); into a file whose blocks were written (with zeros) and flushed
+beforehand, 0.55-0.77 of that, because only data goes to disk and no journal commit waits. With one
+association the sender waits for each response, so this flush is most of the node's time per instance.
+``posix_fallocate`` does not help (0.78-1.07 of the empty file's time: its unwritten extents must be
 converted at the first write, a journal commit again). Databases do the same with their write-ahead log
 segments.
 

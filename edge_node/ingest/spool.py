@@ -7,7 +7,7 @@ fsync. So the directory entries are made durable *ahead of time*, in batches: th
 ``POOL_BATCH`` slots). Receiving an instance then writes it into a slot and flushes that file (fdatasync):
 its data, its size and its (already durable) name are all on disk after that one flush. Where instances are
 received, a reserve of slots whose blocks were written with zeros in idle time makes that flush a data
-flush only (``edge_node.ingest.slot_pool``: ~1 ms against ~2.3 ms for a CT slice here).
+flush only (``edge_node.ingest.slot_pool``; ``bench/bench_flush.py``).
 
 Order of a ``put`` and what a crash (kill -9 or power cut) at each point leaves behind:
 
