@@ -436,26 +436,16 @@ def _summary(
     verdict = "[green]meets[/green]" if ratio >= target else "[red]misses[/red]"
     console.print(f"edge / storescp = {ratio:.2f} ({verdict} the target ≥ {target})")
     ratios = {"ratio_edge_over_storescp": ratio}
-    if "edge-noreserve" in median:
-        ratios["ratio_edge_over_edge_noreserve"] = median["edge"] / median["edge-noreserve"]
-        ratios["ratio_edge_noreserve_over_storescp"] = median["edge-noreserve"] / median["storescp"]
+    # The same node another way, in the same run: edge over it, and it over storescp.
+    for other in ("edge-noreserve", "edge-threads", "edge-pynetdicom"):
+        if other not in median:
+            continue
+        key = other.replace("-", "_")
+        ratios[f"ratio_edge_over_{key}"] = median["edge"] / median[other]
+        ratios[f"ratio_{key}_over_storescp"] = median[other] / median["storescp"]
         console.print(
-            f"edge / edge-noreserve = {ratios['ratio_edge_over_edge_noreserve']:.2f}; "
-            f"edge-noreserve / storescp = {ratios['ratio_edge_noreserve_over_storescp']:.2f}"
-        )
-    if "edge-threads" in median:
-        ratios["ratio_edge_over_edge_threads"] = median["edge"] / median["edge-threads"]
-        ratios["ratio_edge_threads_over_storescp"] = median["edge-threads"] / median["storescp"]
-        console.print(
-            f"edge (receiver processes) / edge-threads = {ratios['ratio_edge_over_edge_threads']:.2f}; "
-            f"edge-threads / storescp = {ratios['ratio_edge_threads_over_storescp']:.2f}"
-        )
-    if "edge-pynetdicom" in median:
-        ratios["ratio_edge_over_edge_pynetdicom"] = median["edge"] / median["edge-pynetdicom"]
-        ratios["ratio_edge_pynetdicom_over_storescp"] = median["edge-pynetdicom"] / median["storescp"]
-        console.print(
-            f"edge / edge-pynetdicom = {ratios['ratio_edge_over_edge_pynetdicom']:.2f}; "
-            f"edge-pynetdicom / storescp = {ratios['ratio_edge_pynetdicom_over_storescp']:.2f}"
+            f"edge / {other} = {ratios[f'ratio_edge_over_{key}']:.2f}; "
+            f"{other} / storescp = {ratios[f'ratio_{key}_over_storescp']:.2f}"
         )
     if "pynetdicom-null" in median:
         ratios["ratio_pynetdicom_null_over_storescp"] = median["pynetdicom-null"] / median["storescp"]
