@@ -91,14 +91,15 @@ class SlotPool:
     def take(self) -> Slot:
         """A slot for one instance; ``done`` must follow (after its commit or its discard)."""
         with self._lock:
-            self._in_use += 1
             if self._primed:
                 slot = Slot(self._primed.pop(), primed=True)
                 self._wanted.set()
-                return slot
-            if not self._free:
-                self._refill()
-            return Slot(self._free.pop(), primed=False)
+            else:
+                if not self._free:
+                    self._refill()  # may raise: then no slot was taken and no ``done`` is owed
+                slot = Slot(self._free.pop(), primed=False)
+            self._in_use += 1
+            return slot
 
     def done(self) -> None:
         """An instance finished with its slot (placed or given back): the idle clock starts again."""

@@ -454,8 +454,8 @@ class Spool:
     def _index(self, path: Path, stream: bytes) -> None:
         length = _complete_length(stream)
         if length is not None and length < len(stream):
-            # A reserve slot renamed into place whose cut was lost with a power cut (file systems whose
-            # journal keeps metadata changes in order, as ext4 and XFS do, never leave this).
+            # A reserve slot in place without its row and without its cut: a crash between the rename and the
+            # row (the cut comes after the response).
             os.truncate(path, length)
             stream = stream[:length]
         header = parse_header(stream)
@@ -605,10 +605,10 @@ class IncomingInstance:
         Neither in the sender's wait nor in this thread's: cutting frees blocks, ~0.8 ms on this project's
         disk (mounted with ``discard``), so a thread of the spool's does it (``Spool.settled`` waits for it
         before a study is handed to the worker). Not flushed either: a file left uncut (a crash between the
-        response and the cut) still reads as its instance (pydicom stops at the zeros), and
-        ``Spool.recover`` cuts it at the next start. Safe against a resend of the same instance meanwhile:
-        the cut applies to the file written here, through its descriptor, never to whatever now has its
-        name.
+        response and the cut) still parses (pydicom reads the zeros as one empty element after the data
+        set), and ``Spool.recover`` cuts it at the next start. Safe against a resend of the same instance
+        meanwhile: the cut applies to the file written here, through its descriptor, never to whatever now
+        has its name.
         """
         fd, self._cut_fd = self._cut_fd, -1
         if fd >= 0:
