@@ -4,6 +4,7 @@ length, and recovered after a crash at any step (``edge_node.ingest.slot_pool``)
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from io import BytesIO
@@ -13,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from edge_node.errors import SpoolError
 from edge_node.ingest.spool import IncomingInstance, Spool, SpoolReserve, _complete_length, _marked
 from edge_node.state.node_state import NodeState
 from edge_node.state.status_queries import StatusQueries
@@ -221,3 +223,12 @@ def test_the_cut_never_touches_a_resend_that_replaced_the_file(spool: Spool, ct:
     first.settle()
     spool.settled()
     _exactly(path, ct)
+
+
+def test_a_slot_that_could_not_be_made_keeps_nothing_busy(spool: Spool, ct: pydicom.Dataset) -> None:
+    shutil.rmtree(spool.pool_dir)  # the next refill fails
+    with pytest.raises(SpoolError):
+        spool.put(_bytes(ct), calling_ae="A")
+    spool.pool_dir.mkdir()
+    spool.start_reserve()  # nothing is in progress: the reserve is made
+    assert _until(lambda: spool.reserve_ready == SLOTS)
