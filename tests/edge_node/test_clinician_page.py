@@ -6,6 +6,7 @@ import base64
 import io
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -261,6 +262,11 @@ def test_a_node_whose_page_port_is_taken_still_serves_its_pacs(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         edge = edge_factory(page_port=taken.getsockname()[1])
-        edge.start()  # returns once the DICOM listener answers C-ECHO
-        assert "the clinician page cannot listen on 127.0.0.1" in edge.log_text()
+        edge.start()  # returns once the DICOM listener answers C-ECHO; the page starts after it
+        refused = "the clinician page cannot listen on 127.0.0.1"
+        deadline = time.monotonic() + 30
+        while refused not in edge.log_text() and time.monotonic() < deadline and edge.alive():
+            time.sleep(0.05)
+        assert refused in edge.log_text()
+        assert edge.alive()  # still serving its PACS
         assert edge.stop() == 0
