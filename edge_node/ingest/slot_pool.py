@@ -19,9 +19,9 @@ reserve is made again at the next pause. It holds ``slots`` × ``slot_bytes`` of
 against ``min_free_bytes`` like any other; none is made when the disk is short of room).
 
 An instance larger than its slot grows the file past the written blocks: correct, at the empty-file cost.
-One smaller leaves zeros after it; the spool cuts them off before the slot is renamed into place (the
-spool's mark, in the preamble, states the instance's length, so recovery cuts them too; see
-``edge_node.ingest.spool``).
+One smaller leaves zeros after it; the spool cuts them off after the sender has its response, in a thread
+of its own (the spool's mark, in the preamble, states the instance's length, so recovery cuts what a crash
+left; see ``edge_node.ingest.spool``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from edge_node.protocol.durable_file import fsync_directory
 
-__all__ = ["POOL_BATCH", "Slot", "SlotPool", "SpoolReserve"]
+__all__ = ["POOL_BATCH", "SlotPool", "SpoolReserve"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ class SpoolReserve:
     slot_bytes: int = 1024 * 1024
     #: Seconds without an instance in progress before the reserve is made (again).
     idle_s: float = 0.2
-
-
-@dataclass(frozen=True)
-class Slot:
-    """A slot handed out: its path, and whether its blocks were written beforehand (the reserve)."""
-
-    path: Path
-    primed: bool
 
 
 class SlotPool:
@@ -88,16 +80,17 @@ class SlotPool:
 
     # -- handing out ---------------------------------------------------------------------------------------
 
-    def take(self) -> Slot:
-        """A slot for one instance; ``done`` must follow (after its commit or its discard)."""
+    def take(self) -> Path:
+        """A slot for one instance (from the reserve first); ``done`` must follow (after its commit or its
+        discard)."""
         with self._lock:
             if self._primed:
-                slot = Slot(self._primed.pop(), primed=True)
+                slot = self._primed.pop()
                 self._wanted.set()
             else:
                 if not self._free:
                     self._refill()  # may raise: then no slot was taken and no ``done`` is owed
-                slot = Slot(self._free.pop(), primed=False)
+                slot = self._free.pop()
             self._in_use += 1
             return slot
 

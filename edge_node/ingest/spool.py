@@ -62,7 +62,7 @@ from pathlib import Path
 
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
 from edge_node.ingest.part10 import Header, file_meta, parse_header
-from edge_node.ingest.slot_pool import POOL_BATCH, Slot, SlotPool, SpoolReserve
+from edge_node.ingest.slot_pool import POOL_BATCH, SlotPool, SpoolReserve
 from edge_node.protocol.durable_file import fsync_directory
 from edge_node.state.ingest_records import IngestRecords, InstanceRecord
 
@@ -319,10 +319,10 @@ class Spool:
         return study_id
 
     def _write_durably(self, dest: Path, data: bytes) -> None:
-        slot: Slot | None = None
+        slot: Path | None = None
         try:
             slot = self._pool.take()
-            fd = os.open(slot.path, os.O_WRONLY)
+            fd = os.open(slot, os.O_WRONLY)
             try:
                 _write_all(fd, _marked(data))
                 _write_all(fd, memoryview(data)[_PREAMBLE:])
@@ -331,10 +331,10 @@ class Spool:
                 _cut(fd, len(data))
             finally:
                 os.close(fd)
-            self._place(slot.path, dest)
+            self._place(slot, dest)
         except OSError as exc:
             if slot is not None:
-                slot.path.unlink(missing_ok=True)
+                slot.unlink(missing_ok=True)
             raise _spool_error(exc) from exc
         finally:
             if slot is not None:
@@ -489,8 +489,8 @@ class IncomingInstance:
         self._cut_fd = -1  # a committed slot with reserve zeros after its stream, until ``settle``
         try:
             spool.check_room(self._size)
-            slot = spool._pool.take()
-            self._taken, self._slot = True, slot.path
+            self._slot = spool._pool.take()
+            self._taken = True
             self._fd = os.open(self._slot, os.O_RDWR)
             _write_all(self._fd, bytes(_PREAMBLE) + prefix)
         except SpoolError as exc:
