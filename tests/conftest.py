@@ -13,8 +13,9 @@ pytest_plugins = ["tests.support.orthanc_fixtures"]
 # stalls for the dcmtk / Orthanc processes the tests start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TCP_NODELAY", "1")
-# Every node a test starts keeps a spool reserve of 8 slots, not the 512 MiB of a clinic's node: the
-# reserve's path runs, without writing half a gigabyte per node (tests of the reserve set their own).
+# Every node a test runs in this process or starts with this environment keeps a spool reserve of 8 slots,
+# not the 512 MiB of a clinic's node: the reserve's path runs, without writing half a gigabyte per node (tests
+# of the reserve set their own; nodes started with a clean environment write it in their edge.toml).
 os.environ.setdefault("FEDCLINIC_EDGE_SPOOL_RESERVE_BYTES", str(8 * 1024 * 1024))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

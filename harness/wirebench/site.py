@@ -75,6 +75,8 @@ class WireSite:
             "quiet_seconds": 1.0,
             "trusted_keys": str(trusted_key),
             "log_level": "INFO",
+            # A site learns from a few hundred small images: a small spool reserve, not 512 MiB per process.
+            "spool_reserve_bytes": 16 * 1024 * 1024,
         }
         node = EdgeNode(root=root, settings=settings)
         node.write_config()

@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, text
 
 from edge_node.protocol.manifest import Manifest
 from edge_node.uplink.transport import pinned_context
-from tests.edge_node.conftest import EdgeProcess, free_port, write_config
+from tests.edge_node.conftest import TEST_SPOOL_RESERVE_BYTES, EdgeProcess, free_port, write_config
 from tests.support.postgres import PostgresCluster
 
 HUB_BIN = Path(sys.executable).parent / "fedclinic-hub"
@@ -254,6 +254,7 @@ def make_node(root: Path, name: str, **settings: object) -> EdgeProcess:
         "quiet_seconds": 2.0,
         "providers": ["CPUExecutionProvider"],
         "log_level": "INFO",
+        "spool_reserve_bytes": TEST_SPOOL_RESERVE_BYTES,
     }
     values.update(settings)
     config = node_root / "edge.toml"

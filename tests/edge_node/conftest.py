@@ -377,6 +377,12 @@ def write_config(path: Path, **values: object) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+#: The spool reserve of a node a test starts in its own process: 8 slots, so the reserve's path runs without
+#: writing the 1 GiB of zeros a clinic's node keeps (two receiving processes of 512 MiB). Those processes get
+#: an environment without FEDCLINIC_EDGE_*, so tests/conftest.py's setting does not reach them.
+TEST_SPOOL_RESERVE_BYTES = 8 * 1024 * 1024
+
+
 @pytest.fixture
 def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
     """Build (not start) edge processes: ``edge_factory(**settings)``; all are stopped at the end."""
@@ -394,6 +400,7 @@ def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
             "quiet_seconds": 2.0,
             "providers": ["CPUExecutionProvider"],
             "log_level": "INFO",
+            "spool_reserve_bytes": TEST_SPOOL_RESERVE_BYTES,
         }
         values.update(settings)
         config = root / "edge.toml"
