@@ -9,10 +9,10 @@ each started fresh per run:
   (``edge_node.ingest.native_transport``) with ``receive_processes`` receiver processes (default 2,
   ``--receive-processes``; ``edge_node.ingest.receiver_process``): the node accepts and hands each
   connection to a receiver. Every instance is written into a spool slot whose name is already durable as
-  its fragments arrive, fsynced (one flush), renamed into place and its row committed to SQLite (WAL,
-  synchronous=NORMAL) before the success status goes back (see ``edge_node.ingest.spool``). No model is
-  installed, so the worker does not compete for the CPU: this measures ingest only. Its CPU figure adds up
-  the node and its receivers.
+  its fragments arrive and fsynced (one flush) before the success status goes back; after it, the slot is
+  renamed into place and its row committed to SQLite (WAL, synchronous=NORMAL) (see
+  ``edge_node.ingest.spool``). No model is installed, so the worker does not compete for the CPU: this
+  measures ingest only. Its CPU figure adds up the node and its receivers.
   Each receiver keeps its spool reserve (``spool_reserve_bytes``, 512 MiB by default: slots written
   through with zeros in idle time, so that an instance's flush waits for no journal commit;
   ``edge_node.ingest.slot_pool``); the run starts once the reserve is made, as on a node that has been idle.
@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "build" / "bench_ingest.json")
     parser.add_argument("--serve-null", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not {"edge", "storescp"} <= set(args.receivers) and not args.serve_null:
+        parser.error("--receivers must include edge and storescp (the ratio is edge / storescp)")
     if args.serve_null:
         serve_null(args.serve_null, args.max_pdu)
         return 0

@@ -99,6 +99,9 @@ class AssociationSink(Protocol):
     ) -> tuple[int, str]:
         """Make ``incoming`` durable and return (status, error comment or "")."""
 
+    def settle(self, key: int, incoming: IncomingInstance) -> None:
+        """After the response to ``store``: what is left to do with the instance (it must not raise)."""
+
     def released(self, key: int) -> None: ...
 
     def aborted(self, key: int) -> None: ...
@@ -434,7 +437,7 @@ class Connection:
                 context_id, command, self.server.sink.store(self.key, self.calling_ae, incoming, command)
             )
         finally:
-            incoming.settle()  # after the response, out of the sender's wait
+            self.server.sink.settle(self.key, incoming)  # after the response, out of the sender's wait
 
     def _answer(self, context_id: int, command: Command, status: tuple[int, str]) -> None:
         self._send(p_data(context_id, True, True, response(command, status[0], status[1] or None)))

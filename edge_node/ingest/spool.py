@@ -9,24 +9,29 @@ its data, its size and its (already durable) name are all on disk after that one
 received, a reserve of slots whose blocks were written with zeros in idle time makes that flush a data
 flush only (``edge_node.ingest.slot_pool``; ``bench/bench_flush.py``).
 
-Order of a ``put`` and what a crash (kill -9 or power cut) at each point leaves behind:
+Order of an instance received by the native transport (``IncomingInstance``) and what a crash (kill -9 or
+power cut) at each point leaves behind:
 
-1. write the stream into a slot, preamble first (see below), and flush it
+1. write the stream into a slot, with its mark in the preamble (see below), and flush it
        -> a slot with a partial or complete instance: ``recover`` moves a complete one into place (cutting
           a reserve slot's zeros after it: its mark states its length) and indexes it, and removes a
           partial one (it was never acknowledged)
-2. rename the slot to ``spool/<study>/<sop>.dcm`` (no directory fsync)
+2. the listener returns 0x0000 -> only now does the PACS consider it delivered; the instance is complete,
+   checksummed and flushed under the slot's durable name, which is all ``recover`` needs
+3. rename the slot to ``spool/<study>/<sop>.dcm`` (no directory fsync) (``IncomingInstance.settle``, after
+   the response, out of the sender's wait)
        -> after a power cut the rename may be lost: the inode is then still under its slot name (rename
           is atomic), complete and checksummed, and ``recover`` handles it as in 1; after kill -9 it is
           in place
-3. commit the instance row (synchronous=NORMAL)
+4. commit the instance row (synchronous=NORMAL)
        -> a file in place without a row: ``recover`` indexes it (see ``edge_node.state.database``)
-4. the listener returns 0x0000 -> only now does the PACS consider it delivered
-5. a reserve slot's zeros after the stream are cut (``IncomingInstance.settle``; a whole-stream ``put``
-   cuts them before step 2) -> a file in place longer than its row says: ``recover`` cuts it
+5. a reserve slot's zeros after the stream are cut, by a thread of the spool's -> a file in place longer
+   than its row says: ``recover`` cuts it
 
-So every acknowledged instance is fsynced, and reachable under a durable name, before its response; a crash
-at any point loses nothing acknowledged. A new study directory's entry is still fsynced (once per study).
+A whole-stream ``put`` (the pynetdicom transport) does 1, 3 (cutting before the rename) and 4, then returns
+for the listener's 2. So every acknowledged instance is fsynced under a durable name before its response; a
+crash at any point loses nothing acknowledged. A new study directory's entry is still fsynced (once per
+study).
 
 How ``recover`` tells a complete slot from a partial one: PS3.10 7.1 leaves the 128-byte preamble to the
 implementation, so the spool writes its own there: a magic string, the stream's length and a CRC-32 of
@@ -392,8 +397,8 @@ class Spool:
     def recover_own_slots(self) -> tuple[int, int]:
         """A receiver process at its start: its pool's slots, as ``recover`` handles them (while others run).
 
-        Returns (partial slots removed, instances indexed again). A complete slot here was fsynced but never
-        acknowledged (the receiver died before its response), so it is placed like any resend would be.
+        Returns (partial slots removed, instances indexed again). A complete slot here was fsynced and maybe
+        acknowledged (the receiver died before it was placed), so it is placed like any resend would be.
         """
         slots = sorted(self._pool.directory.glob("*.slot"))
         if all(_unused(slot) for slot in slots):
@@ -465,7 +470,8 @@ class Spool:
 
 
 class IncomingInstance:
-    """One instance received fragment by fragment straight into a spool slot, then made durable or dropped.
+    """One instance received fragment by fragment straight into a spool slot, then made durable (``commit``)
+    and placed (``settle``), or dropped.
 
     The native receive transport appends each P-DATA fragment as it arrives (the CRC of the spool's
     preamble computed on the way), so an instance is never held in memory; one larger than
@@ -486,7 +492,10 @@ class IncomingInstance:
         self._slot: Path | None = None
         self._taken = False  # a slot was taken from the pool: ``SlotPool.done`` is owed, once
         self._fd = -1
-        self._cut_fd = -1  # a committed slot with reserve zeros after its stream, until ``settle``
+        # A committed instance (flushed under its slot's name) until ``settle`` places and records it: its
+        # header, destination and calling AE title (its slot stays open: the cut of reserve zeros uses it).
+        self._committed: tuple[Header, Path, str] | None = None
+        self._placed = False  # ``settle`` renamed it into place (its row may still be missing)
         try:
             spool.check_room(self._size)
             self._slot = spool._pool.take()
@@ -547,11 +556,12 @@ class IncomingInstance:
             self._taken = False
             self._spool._pool.done()
 
-    def commit(self, *, calling_ae: str, expected_sop_class: str, expected_sop_instance: str) -> SpoolReceipt:
-        """Check, fsync, place and record the instance; return only when it is on disk.
+    def commit(self, *, calling_ae: str, expected_sop_class: str, expected_sop_instance: str) -> None:
+        """Check and flush the instance under its slot's durable name; return only when it is on disk.
 
         Raises SpoolFullError, SpoolError, BadInstanceError or InstanceMismatchError (the instance is then
-        dropped), like ``Spool.put``. The caller calls ``settle`` once the sender has its response.
+        dropped), like ``Spool.put``. The caller answers the sender, then calls ``settle``, which places and
+        records the instance (steps 3 to 5 of the module docstring).
         """
         try:
             if self._error is not None:
@@ -567,54 +577,56 @@ class IncomingInstance:
                     "the data set's SOP Instance UID differs from the C-STORE request's"
                 )
             mark = _MARK.pack(_MAGIC, self._size, self._crc)
-            dest = spool.path_for(header.study_uid, header.sop_instance_uid)
-            slot, fd = self._slot, self._fd
-            assert slot is not None
             try:
-                os.pwrite(fd, mark, 0)
+                os.pwrite(self._fd, mark, 0)
                 # The one flush: data, size and preamble; the slot's name was made durable beforehand.
                 # A data flush: the name needs nothing, and the size (the only metadata that matters) is
                 # flushed with the data when it changed (the reserve's slots keep theirs: no journal wait).
-                os.fdatasync(fd)
-                zeros_after = os.fstat(fd).st_size > self._size
+                os.fdatasync(self._fd)
             except OSError as exc:
                 raise _spool_error(exc) from exc
-            self._slot, self._fd = None, -1
-            if zeros_after:
-                self._cut_fd = fd  # ``settle`` cuts them: the descriptor follows the inode through its rename
-            else:
-                os.close(fd)
-            with spool._flock(fcntl.LOCK_SH):  # a purge waits until the file and its row are both there
-                try:
-                    spool._place(slot, dest)
-                except OSError as exc:
-                    slot.unlink(missing_ok=True)
-                    raise _spool_error(exc) from exc
-                study_id = spool._record(header, dest, self._size, calling_ae)
-            return SpoolReceipt(study_id=study_id, path=dest, size=self._size)
+            self._committed = (header, spool.path_for(header.study_uid, header.sop_instance_uid), calling_ae)
         except BaseException:
             self.discard()
-            self._close_cut()
             raise
         finally:
             self._done()
 
-    def settle(self) -> None:
-        """After the sender has its response: cut a reserve slot's zeros after the committed stream.
+    def settle(self) -> SpoolReceipt | None:
+        """After the sender has its response: move a committed instance into place and record it.
 
-        Neither in the sender's wait nor in this thread's: cutting frees blocks, ~0.8 ms on this project's
-        disk (mounted with ``discard``), so a thread of the spool's does it (``Spool.settled`` waits for it
-        before a study is handed to the worker). Not flushed either: a file left uncut (a crash between the
-        response and the cut) still parses (pydicom reads the zeros as one empty element after the data
-        set), and ``Spool.recover`` cuts it at the next start. Safe against a resend of the same instance
-        meanwhile: the cut applies to the file written here, through its descriptor, never to whatever now
-        has its name.
+        Returns its receipt, or None when nothing was committed (or it was settled already). Out of the
+        sender's wait: the rename, the purge lock and the row (a SQLite transaction, shared with every
+        receiving process) were a fifth of the time between an instance's last byte and its response
+        (py-spy, four associations). Nothing acknowledged depends on them: a crash before they are done
+        leaves a complete, flushed slot that ``recover`` places and indexes. When they fail (a full or
+        broken database, an I/O error) this raises SpoolError and keeps the instance as it is, for another
+        ``settle`` (``StorageSink`` tries again before it acknowledges anything else) or the next start's
+        ``recover``.
+
+        A reserve slot's zeros after the stream are cut by a thread of the spool's (``Spool.settled`` waits
+        for it before a study goes to the worker): cutting frees blocks, ~0.8 ms on this project's disk
+        (mounted with ``discard``). Not flushed: a file left uncut (a crash before the cut) still parses
+        (pydicom reads the zeros as one empty element after the data set), and ``Spool.recover`` cuts it.
+        The cut applies to the file written here, through its descriptor, never to whatever has its name
+        now (a resend of the same instance placed meanwhile).
         """
-        fd, self._cut_fd = self._cut_fd, -1
-        if fd >= 0:
-            self._spool._cutter.cut(fd, self._size)
-
-    def _close_cut(self) -> None:
-        fd, self._cut_fd = self._cut_fd, -1
-        if fd >= 0:
+        committed, slot, fd = self._committed, self._slot, self._fd
+        if committed is None or slot is None:
+            return None
+        header, dest, calling_ae = committed
+        spool = self._spool
+        try:
+            with spool._flock(fcntl.LOCK_SH):  # a purge waits until the file and its row are both there
+                if not self._placed:
+                    spool._place(slot, dest)
+                    self._placed = True
+                study_id = spool._record(header, dest, self._size, calling_ae)
+        except Exception as exc:
+            raise SpoolError(f"an acknowledged instance could not be placed and recorded ({exc})") from exc
+        self._committed, self._slot, self._fd = None, None, -1
+        if os.fstat(fd).st_size > self._size:
+            spool._cutter.cut(fd, self._size)  # closes fd
+        else:
             os.close(fd)
+        return SpoolReceipt(study_id=study_id, path=dest, size=self._size)

@@ -1,10 +1,11 @@
 """What a received instance becomes: a DICOM status for the sender, and the studies its association touched.
 
 Every receive transport ends a C-STORE here, wherever it runs (the node's process, or a receiver process,
-``edge_node.ingest.receiver_process``): ``stored`` runs the transport's way of making the instance durable
-and turns the outcome into a status with a short comment for the sender, and a log line without
-identifiers; no exception leaves it. It also remembers which studies each open association touched, so
-that when the association ends:
+``edge_node.ingest.receiver_process``): ``stored`` (a whole stream) and ``store`` (the native transport's
+instance, written as it arrived) run the transport's way of making the instance durable and turn the outcome
+into a status with a short comment for the sender, and a log line without identifiers; no exception leaves
+them. The native transport calls ``settle`` after its response, which places and records the instance.
+The sink also remembers which studies each open association touched, so that when the association ends:
 
 * released: its studies are complete and queued for the worker at once;
 * aborted, or the connection dropped without a release: the sender may retry, so its studies are not
@@ -33,6 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from edge_node.errors import BadInstanceError, InstanceMismatchError, SpoolError, SpoolFullError
 from edge_node.ingest.command_set import Command
@@ -50,6 +52,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_R = TypeVar("_R")
+
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SPOOL_FAILURE = 0xA701
@@ -66,56 +70,123 @@ class StorageSink:
         self._on_studies = on_studies
         # Studies touched by each open association, keyed by the transport's association key.
         self._touched: dict[int, set[int]] = {}
+        # Acknowledged instances whose ``settle`` failed (with their association's key), oldest first.
+        self._unsettled: list[tuple[int, IncomingInstance]] = []
         self._lock = threading.Lock()
+        self._retry_lock = threading.Lock()
 
     def stored(self, key: int, calling: str, spool_it: Callable[[], SpoolReceipt]) -> tuple[int, str]:
-        """Run ``spool_it`` and turn its outcome into (status, error comment): every transport's C-STORE."""
-        t0 = time.perf_counter()
-        try:
-            receipt = spool_it()
-        except SpoolFullError as exc:
-            logger.warning("refused an instance from %s: %s", calling, exc)
-            return STATUS_OUT_OF_RESOURCES, "refused: out of resources"
-        except SpoolError as exc:
-            logger.error("could not spool an instance from %s: %s", calling, exc)
-            return STATUS_SPOOL_FAILURE, "refused: cannot store the instance now"
-        except InstanceMismatchError as exc:
-            logger.warning("rejected an instance from %s: %s", calling, exc)
-            return STATUS_MISMATCH, "data set does not match the request"
-        except BadInstanceError as exc:
-            logger.warning("rejected an instance from %s: %s", calling, exc)
-            return STATUS_CANNOT_UNDERSTAND, str(exc)
-        except Exception:
-            logger.exception("unexpected error while storing an instance from %s", calling)
-            return STATUS_PROCESSING_FAILURE, "internal error; see the edge node log"
-        with self._lock:
-            studies = self._touched.setdefault(key, set())
-            new_study = receipt.study_id not in studies
-            studies.add(receipt.study_id)
-        if new_study:
-            self._wake()
-        logger.debug(
-            "spooled %d bytes from %s in %.1f ms", receipt.size, calling, (time.perf_counter() - t0) * 1000
-        )
-        return STATUS_SUCCESS, ""
+        """Run ``spool_it`` (a whole-stream ``Spool.put``): (status, error comment) for the sender."""
+        status, receipt = self._status(calling, spool_it)
+        if receipt is not None:
+            self._touch(key, receipt)
+        return status
 
     # -- the native transport's sink (``edge_node.ingest.native_transport.AssociationSink``) ---------------
 
     def store(
         self, key: int, calling_ae: str, incoming: IncomingInstance, command: Command
     ) -> tuple[int, str]:
-        return self.stored(
-            key,
-            calling_ae,
-            lambda: incoming.commit(
+        """Flush ``incoming`` (``IncomingInstance.commit``): the status for its sender. ``settle`` follows.
+
+        Refused (0xA701) while an instance this process acknowledged could not be recorded: so a broken
+        database costs the sender one acknowledged instance (durable, recorded later or at the next start)
+        and then failure statuses, as before the row moved after the response.
+        """
+
+        def make_durable() -> None:
+            try:
+                self._settle_earlier()
+            except BaseException:
+                incoming.discard()
+                raise
+            incoming.commit(
                 calling_ae=calling_ae,
                 expected_sop_class=command.affected_sop_class,
                 expected_sop_instance=command.affected_sop_instance,
-            ),
-        )
+            )
+
+        status, _ = self._status(calling_ae, make_durable)
+        return status
+
+    def settle(self, key: int, incoming: IncomingInstance) -> None:
+        """After the response: place and record what ``store`` flushed; its study joins the association's.
+
+        When that fails, the instance waits here and ``store`` tries again before its next success."""
+        try:
+            receipt = incoming.settle()
+        except SpoolError as exc:
+            logger.error("%s; it is tried again before the next instance is acknowledged", exc)
+            with self._lock:
+                self._unsettled.append((key, incoming))
+            return
+        if receipt is not None:
+            self._touch(key, receipt)
+
+    def _settle_earlier(self) -> None:
+        """Settle the instances whose ``settle`` failed; raise SpoolError while one still fails."""
+        if not self._unsettled:  # the common case, without a lock: only settle and this change the list
+            return
+        with self._retry_lock:
+            with self._lock:
+                waiting, self._unsettled = self._unsettled, []
+            failed: list[tuple[int, IncomingInstance]] = []
+            error: SpoolError | None = None
+            for key, incoming in waiting:
+                if error is not None:
+                    failed.append((key, incoming))
+                    continue
+                try:
+                    receipt = incoming.settle()
+                except SpoolError as exc:
+                    error = exc
+                    failed.append((key, incoming))
+                    continue
+                if receipt is not None:
+                    logger.info("an acknowledged instance that had waited was placed and recorded")
+                    self._touch(key, receipt)
+            if failed:
+                with self._lock:
+                    self._unsettled[:0] = failed
+                raise SpoolError(f"refused while {len(failed)} earlier instance(s) wait: {error}")
+
+    def _status(self, calling: str, make_durable: Callable[[], _R]) -> tuple[tuple[int, str], _R | None]:
+        """Run ``make_durable``: (status, error comment) for the sender, and its result (None on error)."""
+        t0 = time.perf_counter()
+        try:
+            made = make_durable()
+        except SpoolFullError as exc:
+            logger.warning("refused an instance from %s: %s", calling, exc)
+            return (STATUS_OUT_OF_RESOURCES, "refused: out of resources"), None
+        except SpoolError as exc:
+            logger.error("could not spool an instance from %s: %s", calling, exc)
+            return (STATUS_SPOOL_FAILURE, "refused: cannot store the instance now"), None
+        except InstanceMismatchError as exc:
+            logger.warning("rejected an instance from %s: %s", calling, exc)
+            return (STATUS_MISMATCH, "data set does not match the request"), None
+        except BadInstanceError as exc:
+            logger.warning("rejected an instance from %s: %s", calling, exc)
+            return (STATUS_CANNOT_UNDERSTAND, str(exc)), None
+        except Exception:
+            logger.exception("unexpected error while storing an instance from %s", calling)
+            return (STATUS_PROCESSING_FAILURE, "internal error; see the edge node log"), None
+        logger.debug("spooled an instance from %s in %.1f ms", calling, (time.perf_counter() - t0) * 1000)
+        return (STATUS_SUCCESS, ""), made
+
+    def _touch(self, key: int, receipt: SpoolReceipt) -> None:
+        with self._lock:
+            studies = self._touched.setdefault(key, set())
+            new_study = receipt.study_id not in studies
+            studies.add(receipt.study_id)
+        if new_study:
+            self._wake()
 
     def released(self, key: int) -> None:
         """The sender released the association: its studies are complete."""
+        try:
+            self._settle_earlier()
+        except SpoolError:  # logged when it first failed; the studies go on, and it joins them once recorded
+            pass
         studies = self._take(key)
         try:
             if studies:

@@ -7,6 +7,7 @@ process (``edge_node.ingest.receiver_pool``), so ``caplog`` sees them in every m
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import struct
@@ -38,7 +39,12 @@ from edge_node.ingest.receiver_pool import ReceiverPool
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
 from edge_node.ingest.sop_classes import STORAGE_SOP_CLASSES
 from edge_node.ingest.spool import Spool
-from edge_node.ingest.storage_sink import STATUS_CANNOT_UNDERSTAND, STATUS_PROCESSING_FAILURE
+from edge_node.ingest.storage_sink import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SPOOL_FAILURE,
+    STATUS_SUCCESS,
+)
 from edge_node.state.node_state import NodeState
 from tests.edge_node.conftest import (
     DCMTK_ENV,
@@ -327,13 +333,34 @@ def test_too_large_is_out_of_resources(tmp_path: Path, mode: ReceiveMode) -> Non
         running.listener.stop()
 
 
-def test_handler_errors_become_a_failure_status(edge: Running) -> None:
+def test_handler_errors_become_a_failure_status(edge: Running, mode: ReceiveMode) -> None:
     # Recording an instance now raises (in every process: they share the file): answer, do not crash.
     with edge.store.db.tx() as c:
         c.execute("ALTER TABLE instances RENAME TO instances_gone")
-    ds = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")
-    ds.SOPInstanceUID = generate_uid()
-    assert _scu(edge.port, ds) == STATUS_PROCESSING_FAILURE
+    ct = pydicom.dcmread(dicom_dir() / "pydicom_testfiles" / "CT_small.dcm")
+    sent = []
+    for _ in range(3):
+        ct.SOPInstanceUID = generate_uid()
+        sent.append(copy.deepcopy(ct))
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
+    try:
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in sent[:2]]
+        if mode == PYNETDICOM:  # a whole stream is recorded before its response
+            assert statuses == [STATUS_PROCESSING_FAILURE, STATUS_PROCESSING_FAILURE]
+            return
+        # The native transport records after the response: the first is acknowledged (flushed under its
+        # slot's durable name), and nothing more is while its row cannot be written.
+        assert statuses == [STATUS_SUCCESS, STATUS_SPOOL_FAILURE]
+        with edge.store.db.tx() as c:
+            c.execute("ALTER TABLE instances_gone RENAME TO instances")
+        # Back: the waiting instance is recorded before the next is acknowledged.
+        assert int(assoc.send_c_store(sent[2]).Status) == STATUS_SUCCESS
+    finally:
+        assoc.release()
+    rows = edge.store.db.query("SELECT sop_instance_uid FROM instances")
+    assert sorted(r[0] for r in rows) == sorted(str(ds.SOPInstanceUID) for ds in (sent[0], sent[2]))
     assert echoscu(edge.port)
 
 

@@ -223,11 +223,15 @@ def test_a_received_instance_is_written_as_it_arrives_and_equals_put(
     ct.SOPInstanceUID = generate_uid()
     raw = _bytes(ct)
     incoming = _receive(spool, ct, raw)
-    receipt = incoming.commit(
+    incoming.commit(
         calling_ae="TESTSCU",
         expected_sop_class=str(ct.SOPClassUID),
         expected_sop_instance=str(ct.SOPInstanceUID),
     )
+    # Flushed under its slot's name, not yet placed or recorded: what the sender's response waits for.
+    assert StatusQueries(spool.records.db).counts()["instances"] == 0
+    receipt = incoming.settle()
+    assert receipt is not None and incoming.settle() is None
     spooled = receipt.path.read_bytes()
     # The same mark (magic, length, CRC) as a whole-stream put of the same bytes: recovery proves both.
     stream = bytes(128) + file_meta(

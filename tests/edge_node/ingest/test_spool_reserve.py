@@ -4,7 +4,9 @@ length, and recovered after a crash at any step (``edge_node.ingest.slot_pool``)
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from io import BytesIO
@@ -91,18 +93,27 @@ def _receive(spool: Spool, ds: pydicom.Dataset) -> IncomingInstance:
     return incoming
 
 
-def _commit(incoming: IncomingInstance, ds: pydicom.Dataset) -> Path:
-    """Commit as the transport does: the response would go here, then ``settle``."""
-    path = incoming.commit(
+def _flush(incoming: IncomingInstance, ds: pydicom.Dataset) -> Path:
+    """Commit as the transport does before its response: the instance flushed in its slot (returned)."""
+    slot = incoming._slot
+    incoming.commit(
         calling_ae="TESTSCU",
         expected_sop_class=str(ds.SOPClassUID),
         expected_sop_instance=str(ds.SOPInstanceUID),
-    ).path
-    if path.stat().st_size == SLOT:  # a reserve slot: committed with its zeros, cut by settle
-        assert _complete_length(path.read_bytes()) < path.stat().st_size
-    incoming.settle()
+    )
+    assert slot is not None
+    return slot
+
+
+def _commit(incoming: IncomingInstance, ds: pydicom.Dataset) -> Path:
+    """Commit as the transport does: the response would go here, then ``settle``; the placed file."""
+    slot = _flush(incoming, ds)
+    if slot.stat().st_size == SLOT:  # a reserve slot: flushed with its zeros, cut after settle
+        assert _complete_length(slot.read_bytes()) < slot.stat().st_size
+    receipt = incoming.settle()
+    assert receipt is not None and not slot.exists()
     incoming._spool.settled()
-    return path
+    return receipt.path
 
 
 def test_the_reserve_is_made_in_idle_time_and_used_first(spool: Spool, ct: pydicom.Dataset) -> None:
@@ -190,39 +201,85 @@ def test_recovery_after_a_crash_at_each_step_with_reserve_slots(tmp_path: Path, 
     assert StatusQueries(again.records.db).counts()["instances"] == 2
 
 
-def test_a_crash_before_the_cut_is_cut_at_the_next_start(tmp_path: Path, ct: pydicom.Dataset) -> None:
+def test_a_crash_after_the_response_before_settle_loses_nothing(tmp_path: Path, ct: pydicom.Dataset) -> None:
     root, db = tmp_path / "spool", tmp_path / "edge.sqlite3"
     spool = _open(root, db)
     spool.start_reserve()
     assert _until(lambda: spool.reserve_ready == SLOTS)
     incoming = _receive(spool, ct)
-    receipt = incoming.commit(
-        calling_ae="A", expected_sop_class=str(ct.SOPClassUID), expected_sop_instance=str(ct.SOPInstanceUID)
-    )
+    slot = _flush(incoming, ct)
     spool.stop_reserve()
-    # Acknowledged, then killed before ``settle``: in place and recorded, with the reserve's zeros after it.
-    assert receipt.path.stat().st_size == SLOT > receipt.size
+    # Acknowledged, then killed before ``settle``: flushed in its reserve slot with the zeros after it,
+    # neither placed nor recorded. The next start places it, cuts it and indexes it.
+    assert slot.stat().st_size == SLOT
+    os.close(incoming._fd)
+    again = _open(root, db)
+    assert again.recover() == (0, 1)
+    path = again.path_for(str(ct.StudyInstanceUID), str(ct.SOPInstanceUID))
+    _exactly(path, ct)
+    assert not slot.exists() and StatusQueries(again.records.db).counts()["instances"] == 1
+
+
+def test_a_crash_before_the_cut_is_cut_at_the_next_start(
+    tmp_path: Path, ct: pydicom.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, db = tmp_path / "spool", tmp_path / "edge.sqlite3"
+    spool = _open(root, db)
+    spool.start_reserve()
+    assert _until(lambda: spool.reserve_ready == SLOTS)
+    spool.stop_reserve()
+    monkeypatch.setattr(spool._cutter, "cut", lambda fd, size: os.close(fd))  # killed before the cut
+    incoming = _receive(spool, ct)
+    _flush(incoming, ct)
+    receipt = incoming.settle()
+    # In place and recorded, with the reserve's zeros after it.
+    assert receipt is not None and receipt.path.stat().st_size == SLOT > receipt.size
     again = _open(root, db)
     assert again.recover() == (0, 0)
     assert receipt.path.stat().st_size == receipt.size
     _exactly(receipt.path, ct)
-    incoming._close_cut()
 
 
-def test_the_cut_never_touches_a_resend_that_replaced_the_file(spool: Spool, ct: pydicom.Dataset) -> None:
+def test_an_instance_that_cannot_be_recorded_after_its_response_waits_for_recovery(
+    tmp_path: Path, ct: pydicom.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, db = tmp_path / "spool", tmp_path / "edge.sqlite3"
+    spool = _open(root, db)
+
+    def no_room(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(spool, "_record", no_room)
+    incoming = _receive(spool, ct)
+    _flush(incoming, ct)
+    with pytest.raises(SpoolError, match=r"could not be placed and recorded \(database or disk is full\)"):
+        incoming.settle()
+    assert StatusQueries(spool.records.db).counts()["instances"] == 0
+    os.close(incoming._fd)  # killed now: in place without its row
+    again = _open(root, db)
+    assert again.recover() == (0, 1)
+    _exactly(again.path_for(str(ct.StudyInstanceUID), str(ct.SOPInstanceUID)), ct)
+
+
+def test_the_last_instance_placed_wins_and_each_cut_keeps_to_its_own_file(
+    spool: Spool, ct: pydicom.Dataset
+) -> None:
     spool.start_reserve()
     assert _until(lambda: spool.reserve_ready == SLOTS)
+    original = copy.deepcopy(ct)
     first = _receive(spool, ct)
-    path = first.commit(
-        calling_ae="A", expected_sop_class=str(ct.SOPClassUID), expected_sop_instance=str(ct.SOPInstanceUID)
-    ).path
-    # The same instance again, longer, from another association, before the first one's cut.
+    _flush(first, ct)
+    # The same instance again, longer, from another association, placed before the first one.
     ct.ImageComments = "x" * 5000
-    second = _receive(spool, ct)
-    assert _commit(second, ct) == path
-    first.settle()
-    spool.settled()
+    path = _commit(_receive(spool, ct), ct)
     _exactly(path, ct)
+    receipt = first.settle()
+    spool.settled()
+    # The first one's settle came last: its stream replaced the second's, and its cut did not shorten it.
+    assert receipt is not None and receipt.path == path
+    _exactly(path, original)
+    rows = spool.records.db.query("SELECT size FROM instances")
+    assert [r["size"] for r in rows] == [path.stat().st_size]
 
 
 def test_a_slot_that_could_not_be_made_keeps_nothing_busy(spool: Spool, ct: pydicom.Dataset) -> None:
