@@ -8,7 +8,8 @@ starts one again when it dies). Each receiver runs the same association code as 
 (``Connection``: a thread per connection blocked in its socket read, each fragment written into a spool
 slot) with its own slot pool (``spool/.pool/r<index>``) and its own connection to the SQLite database (WAL,
 a busy timeout: writers of several processes wait for each other, briefly), so the durability rule is the
-node's: an instance is fsynced, in place and recorded before its success status leaves.
+node's: an instance is fsynced under a durable name before its success status leaves, then placed and
+recorded (``edge_node.ingest.spool``).
 
 What the receiver asks of the node, over its control channel (``edge_node.ingest.receiver_channel``):
 whether a negotiated association may count against ``max_associations`` (counted in the node across every
