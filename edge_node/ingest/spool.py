@@ -625,7 +625,11 @@ class IncomingInstance:
         except Exception as exc:
             raise SpoolError(f"an acknowledged instance could not be placed and recorded ({exc})") from exc
         self._committed, self._slot, self._fd = None, None, -1
-        if os.fstat(fd).st_size > self._size:
+        try:
+            zeros_after = os.fstat(fd).st_size > self._size
+        except OSError:
+            zeros_after = False  # left uncut, which ``recover`` mends: placed and recorded is what counts
+        if zeros_after:
             spool._cutter.cut(fd, self._size)  # closes fd
         else:
             os.close(fd)

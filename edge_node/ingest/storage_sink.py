@@ -30,6 +30,7 @@ Statuses (PS3.4 B.2.3, PS3.7 C):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -183,10 +184,9 @@ class StorageSink:
 
     def released(self, key: int) -> None:
         """The sender released the association: its studies are complete."""
-        try:
+        # One still waiting was logged when it first failed; the studies go on, it joins them once recorded.
+        with contextlib.suppress(SpoolError):
             self._settle_earlier()
-        except SpoolError:  # logged when it first failed; the studies go on, and it joins them once recorded
-            pass
         studies = self._take(key)
         try:
             if studies:
