@@ -325,11 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "build" / "bench_ingest.json")
     parser.add_argument("--serve-null", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not {"edge", "storescp"} <= set(args.receivers) and not args.serve_null:
-        parser.error("--receivers must include edge and storescp (the ratio is edge / storescp)")
     if args.serve_null:
         serve_null(args.serve_null, args.max_pdu)
         return 0
+    if not {"edge", "storescp"} <= set(args.receivers):
+        parser.error("--receivers must include edge and storescp (the ratio is edge / storescp)")
     console = Console()
 
     runners: dict[str, Callable[[list[Path], Path, int, int], float]] = {

@@ -493,8 +493,8 @@ class IncomingInstance:
         self._taken = False  # a slot was taken from the pool: ``SlotPool.done`` is owed, once
         self._fd = -1
         # A committed instance (flushed under its slot's name) until ``settle`` places and records it: its
-        # header, destination and calling AE title (its slot stays open: the cut of reserve zeros uses it).
-        self._committed: tuple[Header, Path, str] | None = None
+        # header and calling AE title (its slot stays open: the cut of reserve zeros uses it).
+        self._committed: tuple[Header, str] | None = None
         self._placed = False  # ``settle`` renamed it into place (its row may still be missing)
         try:
             spool.check_room(self._size)
@@ -585,7 +585,7 @@ class IncomingInstance:
                 os.fdatasync(self._fd)
             except OSError as exc:
                 raise _spool_error(exc) from exc
-            self._committed = (header, spool.path_for(header.study_uid, header.sop_instance_uid), calling_ae)
+            self._committed = (header, calling_ae)
         except BaseException:
             self.discard()
             raise
@@ -614,8 +614,9 @@ class IncomingInstance:
         committed, slot, fd = self._committed, self._slot, self._fd
         if committed is None or slot is None:
             return None
-        header, dest, calling_ae = committed
+        header, calling_ae = committed
         spool = self._spool
+        dest = spool.path_for(header.study_uid, header.sop_instance_uid)
         try:
             with spool._flock(fcntl.LOCK_SH):  # a purge waits until the file and its row are both there
                 if not self._placed:

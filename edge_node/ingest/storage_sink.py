@@ -131,25 +131,18 @@ class StorageSink:
         with self._retry_lock:
             with self._lock:
                 waiting, self._unsettled = self._unsettled, []
-            failed: list[tuple[int, IncomingInstance]] = []
-            error: SpoolError | None = None
-            for key, incoming in waiting:
-                if error is not None:
-                    failed.append((key, incoming))
-                    continue
+            for i, (key, incoming) in enumerate(waiting):
                 try:
                     receipt = incoming.settle()
                 except SpoolError as exc:
-                    error = exc
-                    failed.append((key, incoming))
-                    continue
+                    with self._lock:
+                        self._unsettled[:0] = waiting[i:]  # still oldest first
+                    raise SpoolError(
+                        f"refused while {len(waiting) - i} earlier instance(s) wait: {exc}"
+                    ) from exc
                 if receipt is not None:
                     logger.info("an acknowledged instance that had waited was placed and recorded")
                     self._touch(key, receipt)
-            if failed:
-                with self._lock:
-                    self._unsettled[:0] = failed
-                raise SpoolError(f"refused while {len(failed)} earlier instance(s) wait: {error}")
 
     def _status(self, calling: str, make_durable: Callable[[], _R]) -> tuple[tuple[int, str], _R | None]:
         """Run ``make_durable``: (status, error comment) for the sender, and its result (None on error)."""

@@ -377,6 +377,16 @@ def write_config(path: Path, **values: object) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def until(condition: Callable[[], bool], within: float = 20.0) -> bool:
+    """Poll ``condition`` every 50 ms until it holds (True) or ``within`` seconds pass (False)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 #: The spool reserve of a node a test starts in its own process: 8 slots, so the reserve's path runs without
 #: writing the 1 GiB of zeros a clinic's node keeps (two receiving processes of 512 MiB). Those processes get
 #: an environment without FEDCLINIC_EDGE_*, so tests/conftest.py's setting does not reach them.

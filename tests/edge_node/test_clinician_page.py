@@ -6,7 +6,6 @@ import base64
 import io
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from edge_node.state.database import Database
 from edge_node.state.ingest_records import InstanceRecord
 from edge_node.state.labels import LabelStore
 from edge_node.state.node_state import NodeState
-from tests.edge_node.conftest import EDGE_BIN, EdgeProcess, TrustedBundle, free_port, storescu
+from tests.edge_node.conftest import EDGE_BIN, EdgeProcess, TrustedBundle, free_port, storescu, until
 from tests.support.chromium import chromium_paths, headless_chromium
 from tests.support.dicomgen import medmnist_studies
 
@@ -264,9 +263,7 @@ def test_a_node_whose_page_port_is_taken_still_serves_its_pacs(
         edge = edge_factory(page_port=taken.getsockname()[1])
         edge.start()  # returns once the DICOM listener answers C-ECHO; the page starts after it
         refused = "the clinician page cannot listen on 127.0.0.1"
-        deadline = time.monotonic() + 30
-        while refused not in edge.log_text() and time.monotonic() < deadline and edge.alive():
-            time.sleep(0.05)
+        until(lambda: refused in edge.log_text() or not edge.alive(), within=30)
         assert refused in edge.log_text()
         assert edge.alive()  # still serving its PACS
         assert edge.stop() == 0

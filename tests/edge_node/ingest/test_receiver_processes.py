@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from tests.edge_node.conftest import (
     make_ct_instances,
     process_runs,
     storescu,
+    until,
 )
 from tests.support.dcmtk import dcmtk
 
@@ -88,15 +88,6 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         node.stop()
 
 
-def _until(condition: Callable[[], bool], within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def _connect(port: int, source: str) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
 
@@ -120,10 +111,10 @@ def test_concurrent_associations_spread_over_the_receivers_and_every_instance_is
     # Two associations at once land on different receivers.
     held = [_verification(node.port) for _ in range(RECEIVERS)]
     assert all(a.is_established for a in held)  # type: ignore[attr-defined]
-    assert _until(lambda: node.pool.loads == [1] * RECEIVERS)
+    assert until(lambda: node.pool.loads == [1] * RECEIVERS)
     for a in held:
         a.release()  # type: ignore[attr-defined]
-    assert _until(lambda: node.listener.open_connections("127.0.0.1") == 0)
+    assert until(lambda: node.listener.open_connections("127.0.0.1") == 0)
 
     # Four storescu associations started together, ten instances each (two studies).
     shares = [make_ct_instances(tmp_path / f"ct{i}", 10, studies=1 + i % 2) for i in range(4)]
@@ -148,7 +139,7 @@ def test_concurrent_associations_spread_over_the_receivers_and_every_instance_is
     for share in shares:  # each spooled file is the instance as sent
         assert _spooled(node, share[-1]).PixelData == pydicom.dcmread(share[-1]).PixelData
     assert node.wakes >= 6
-    assert _until(lambda: node.listener.open_connections("127.0.0.1") == 0)
+    assert until(lambda: node.listener.open_connections("127.0.0.1") == 0)
 
 
 def test_a_receiver_killed_mid_association_loses_no_acknowledged_instance_and_is_started_again(
@@ -166,7 +157,7 @@ def test_a_receiver_killed_mid_association_loses_no_acknowledged_instance_and_is
             stderr=subprocess.STDOUT,
             env=DCMTK_ENV,
         )
-        assert _until(lambda: log_path.read_text().count("Received Store Response (Success") >= 20, 60)
+        assert until(lambda: log_path.read_text().count("Received Store Response (Success") >= 20, 60)
         (busy,) = [i for i, load in enumerate(node.pool.loads) if load]
         victim = node.pool.pids[busy]
         assert victim is not None
@@ -183,8 +174,8 @@ def test_a_receiver_killed_mid_association_loses_no_acknowledged_instance_and_is
         assert str(ds.SOPInstanceUID) in stored, f"{Path(name).name} was acknowledged but is lost"
         assert _spooled(node, Path(name)).PixelData == ds.PixelData
     # The dead receiver's connection no longer counts, and a new receiver took its place.
-    assert _until(lambda: node.listener.open_connections("127.0.0.1") == 0)
-    assert _until(lambda: None not in node.pool.loads and node.pool.pids[busy] != victim, 30)
+    assert until(lambda: node.listener.open_connections("127.0.0.1") == 0)
+    assert until(lambda: None not in node.pool.loads and node.pool.pids[busy] != victim, 30)
     assert not process_runs(victim)
     assert any(f"receiver process {busy} was killed by SIGKILL" in r.getMessage() for r in caplog.records)
     # The new receiver recovered its pool: no slot left with a partial instance in it.
@@ -203,11 +194,11 @@ def test_limits_are_counted_across_receivers(node_factory: Callable[..., Node]) 
     node = node_factory(max_associations=2, max_associations_per_peer=3, acse_timeout=2.0)
     first, second = _verification(node.port), _verification(node.port)
     assert first.is_established and second.is_established  # type: ignore[attr-defined]
-    assert _until(lambda: node.pool.loads == [1, 1])  # one in each receiver
+    assert until(lambda: node.pool.loads == [1, 1])  # one in each receiver
     third = _verification(node.port)
     assert third.is_rejected  # type: ignore[attr-defined]  # local limit exceeded, counted in the node
     first.release()  # type: ignore[attr-defined]
-    assert _until(lambda: node.listener.open_connections("127.0.0.1") == 1)
+    assert until(lambda: node.listener.open_connections("127.0.0.1") == 1)
     fourth = _verification(node.port)
     assert fourth.is_established  # type: ignore[attr-defined]
     for a in (second, fourth):
@@ -216,13 +207,13 @@ def test_limits_are_counted_across_receivers(node_factory: Callable[..., Node]) 
     # Per address: three silent connections from 127.0.0.2 (whichever receivers hold them), a fourth is
     # closed at once by the node; the PACS's address is served meanwhile.
     silent = [_connect(node.port, "127.0.0.2") for _ in range(3)]
-    assert _until(lambda: node.listener.open_connections("127.0.0.2") == 3)
+    assert until(lambda: node.listener.open_connections("127.0.0.2") == 3)
     with _connect(node.port, "127.0.0.2") as over:
         over.settimeout(2.0)
         assert over.recv(1) == b""  # closed without a word
     assert echoscu(node.port)
     # The ACSE timeout ends the silent ones in their receivers; the node gets the count back.
-    assert _until(lambda: node.listener.open_connections("127.0.0.2") == 0, 10)
+    assert until(lambda: node.listener.open_connections("127.0.0.2") == 0, 10)
     for s in silent:
         s.close()
 
@@ -254,7 +245,7 @@ def test_receiver_log_lines_reach_the_node_log_without_element_values(
         return [r for r in caplog.records if r.process in pids]
 
     # The receiver's lines are in the node's log (its refusal, and DEBUG lines for each instance) ...
-    assert _until(lambda: any("released" in r.getMessage() for r in from_receivers()))
+    assert until(lambda: any("released" in r.getMessage() for r in from_receivers()))
     lines = [r.getMessage() + (r.exc_text or "") for r in from_receivers()]
     assert any("rejected an instance from TESTSCU" in line for line in lines), lines
     assert sum("spooled" in line for line in lines) == 2, lines

@@ -8,7 +8,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from edge_node.errors import SpoolError
 from edge_node.ingest.spool import IncomingInstance, Spool, SpoolReserve, _complete_length, _marked
 from edge_node.state.node_state import NodeState
 from edge_node.state.status_queries import StatusQueries
-from tests.edge_node.conftest import dicom_dir
+from tests.edge_node.conftest import dicom_dir, until
 
 SLOT = 256 * 1024
 SLOTS = 3
@@ -30,15 +30,6 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
-
-
-def _until(check: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _open(root: Path, db: Path, *, min_free: int = 0, slots: int = SLOTS) -> Spool:
@@ -119,7 +110,7 @@ def _commit(incoming: IncomingInstance, ds: pydicom.Dataset) -> Path:
 def test_the_reserve_is_made_in_idle_time_and_used_first(spool: Spool, ct: pydicom.Dataset) -> None:
     assert spool.reserve_ready == 0
     spool.start_reserve()
-    assert _until(lambda: spool.reserve_ready == SLOTS)
+    assert until(lambda: spool.reserve_ready == SLOTS)
     assert len(_primed(spool)) == SLOTS
     # Received (fragments) and put (a whole stream): each into a reserve slot, cut to its own length.
     for how in ("received", "put"):
@@ -134,7 +125,7 @@ def test_the_reserve_is_made_in_idle_time_and_used_first(spool: Spool, ct: pydic
         _exactly(path, ct)
         assert path.stat().st_size < SLOT
     # Made again at the next pause.
-    assert _until(lambda: spool.reserve_ready == SLOTS)
+    assert until(lambda: spool.reserve_ready == SLOTS)
     assert StatusQueries(spool.records.db).counts()["instances"] == 2
 
 
@@ -142,7 +133,7 @@ def test_an_instance_larger_than_its_slot_grows_it(spool: Spool) -> None:
     big = pydicom.dcmread(next(iter(sorted((dicom_dir() / "tcia_covid19_ny_sbu").rglob("*.dcm")))))
     assert len(_bytes(big)) > SLOT
     spool.start_reserve()
-    assert _until(lambda: spool.reserve_ready == SLOTS)
+    assert until(lambda: spool.reserve_ready == SLOTS)
     big.SOPInstanceUID = generate_uid()
     path = _commit(_receive(spool, big), big)
     _exactly(path, big)
@@ -154,7 +145,7 @@ def test_nothing_is_primed_while_an_instance_is_received(spool: Spool, ct: pydic
     time.sleep(0.5)
     assert spool.reserve_ready == 0 and not _primed(spool)
     _commit(incoming, ct)
-    assert _until(lambda: spool.reserve_ready == SLOTS)
+    assert until(lambda: spool.reserve_ready == SLOTS)
 
 
 def test_no_reserve_on_a_disk_short_of_room(tmp_path: Path) -> None:
@@ -169,7 +160,7 @@ def test_recovery_after_a_crash_at_each_step_with_reserve_slots(tmp_path: Path, 
     root, db = tmp_path / "spool", tmp_path / "edge.sqlite3"
     spool = _open(root, db)
     spool.start_reserve()
-    assert _until(lambda: spool.reserve_ready == SLOTS)
+    assert until(lambda: spool.reserve_ready == SLOTS)
     spool.stop_reserve()
     first, second, third = _primed(spool)
     # 1. Flushed, then the power went before the cut and the rename: the slot holds the stream, then zeros.
@@ -205,7 +196,7 @@ def test_a_crash_after_the_response_before_settle_loses_nothing(tmp_path: Path, 
     root, db = tmp_path / "spool", tmp_path / "edge.sqlite3"
     spool = _open(root, db)
     spool.start_reserve()
-    assert _until(lambda: spool.reserve_ready == SLOTS)
+    assert until(lambda: spool.reserve_ready == SLOTS)
     incoming = _receive(spool, ct)
     slot = _flush(incoming, ct)
     spool.stop_reserve()
@@ -226,7 +217,7 @@ def test_a_crash_before_the_cut_is_cut_at_the_next_start(
     root, db = tmp_path / "spool", tmp_path / "edge.sqlite3"
     spool = _open(root, db)
     spool.start_reserve()
-    assert _until(lambda: spool.reserve_ready == SLOTS)
+    assert until(lambda: spool.reserve_ready == SLOTS)
     spool.stop_reserve()
     monkeypatch.setattr(spool._cutter, "cut", lambda fd, size: os.close(fd))  # killed before the cut
     incoming = _receive(spool, ct)
@@ -265,7 +256,7 @@ def test_the_last_instance_placed_wins_and_each_cut_keeps_to_its_own_file(
     spool: Spool, ct: pydicom.Dataset
 ) -> None:
     spool.start_reserve()
-    assert _until(lambda: spool.reserve_ready == SLOTS)
+    assert until(lambda: spool.reserve_ready == SLOTS)
     original = copy.deepcopy(ct)
     first = _receive(spool, ct)
     _flush(first, ct)
@@ -288,4 +279,4 @@ def test_a_slot_that_could_not_be_made_keeps_nothing_busy(spool: Spool, ct: pydi
         spool.put(_bytes(ct), calling_ae="A")
     spool.pool_dir.mkdir()
     spool.start_reserve()  # nothing is in progress: the reserve is made
-    assert _until(lambda: spool.reserve_ready == SLOTS)
+    assert until(lambda: spool.reserve_ready == SLOTS)
