@@ -7,9 +7,10 @@ connections (``edge_node.ingest.receiver_process``), over that receiver's contro
 copy. One supervisor thread per receiver starts its process, answers it (may this association be
 admitted? this connection ended; the worker should look), and, when the process ends unasked, forgets the
 connections it held (they closed with it: their senders see the connection drop and retry whatever was not
-acknowledged, and nothing acknowledged is lost: it was fsynced, in place and recorded first) and starts a
-new one, after a pause that grows while the receiver keeps dying young, so a receiver that cannot run does
-not spin.
+acknowledged; nothing acknowledged is lost: it was fsynced under a durable name in the receiver's own slot
+pool first, and the new receiver places and records what its predecessor had not, before it is ready) and
+starts a new one, after a pause that grows while the receiver keeps dying young, so a receiver that cannot
+run does not spin.
 
 Processes are started with ``subprocess`` (fork and exec, no Python code between them), never by forking
 the threaded node; each gets the node's ``sys.path``, so it runs the very code the node runs.

@@ -18,20 +18,25 @@ power cut) at each point leaves behind:
           partial one (it was never acknowledged)
 2. the listener returns 0x0000 -> only now does the PACS consider it delivered; the instance is complete,
    checksummed and flushed under the slot's durable name, which is all ``recover`` needs
-3. rename the slot to ``spool/<study>/<sop>.dcm`` (no directory fsync) (``IncomingInstance.settle``, after
-   the response, out of the sender's wait)
+3. commit the instance row (synchronous=NORMAL), naming the file's place (``IncomingInstance.settle``,
+   after the response, out of the sender's wait)
+       -> a row whose file is still in its slot: ``recover`` (or, for a receiver process killed here,
+          the receiver started in its place: ``recover_own_slots``) moves the slot into place without
+          recording it again
+4. rename the slot to ``spool/<study>/<sop>.dcm`` (no directory fsync)
        -> after a power cut the rename may be lost: the inode is then still under its slot name (rename
-          is atomic), complete and checksummed, and ``recover`` handles it as in 1; after kill -9 it is
-          in place
-4. commit the instance row (synchronous=NORMAL)
-       -> a file in place without a row: ``recover`` indexes it (see ``edge_node.state.database``)
+          is atomic), complete and checksummed, and ``recover`` handles it as in 3; after kill -9 it is
+          in place. If the row was lost and the rename kept, a file in place without a row: ``recover``
+          indexes it (see ``edge_node.state.database``)
 5. a reserve slot's zeros after the stream are cut, by a thread of the spool's -> a file in place longer
    than its row says: ``recover`` cuts it
 
-A whole-stream ``put`` (the pynetdicom transport) does 1, 3 (cutting before the rename) and 4, then returns
-for the listener's 2. So every acknowledged instance is fsynced under a durable name before its response; a
-crash at any point loses nothing acknowledged. A new study directory's entry is still fsynced (once per
-study).
+The row comes before the rename so that whatever a killed receiver leaves of an acknowledged instance is in
+its own pool, where the receiver started in its place looks (the study directories are only gone through
+when the node starts). A whole-stream ``put`` (the pynetdicom transport) renames (cutting before it), then
+records, then returns for the listener's 2: nothing of it is acknowledged before both are done. So every
+acknowledged instance is fsynced under a durable name before its response; a crash at any point loses
+nothing acknowledged. A new study directory's entry is still fsynced (once per study).
 
 How ``recover`` tells a complete slot from a partial one: PS3.10 7.1 leaves the 128-byte preamble to the
 implementation, so the spool writes its own there: a magic string, the stream's length and a CRC-32 of
@@ -346,7 +351,7 @@ class Spool:
                 self._pool.done()
 
     def _place(self, slot: Path, dest: Path) -> None:
-        """Move a complete, fsynced slot to its durable name (step 2 of the module docstring)."""
+        """Move a complete, fsynced slot to its durable name (step 4 of the module docstring)."""
         if not dest.parent.is_dir():
             dest.parent.mkdir(parents=True, exist_ok=True)
             fsync_directory(self.root)  # the new study directory's entry (once per study)
@@ -419,8 +424,9 @@ class Spool:
         """Slots in ``directory``: complete ones into place, partial ones away, empty ones back to the pool
         (``adopt``, the pool this spool hands out) or left for the pool's owner.
 
-        A complete slot whose row exists (a power cut lost only its rename) is moved without recording it
-        again, so its study does not get a new revision and run a second time.
+        A complete slot whose row exists (a power cut lost only its rename, or a receiver was killed between
+        its row and its rename) is moved without recording it again, so its study does not get a new
+        revision and run a second time.
         """
         empty: list[Path] = []
         partial = indexed = 0
@@ -492,10 +498,10 @@ class IncomingInstance:
         self._slot: Path | None = None
         self._taken = False  # a slot was taken from the pool: ``SlotPool.done`` is owed, once
         self._fd = -1
-        # A committed instance (flushed under its slot's name) until ``settle`` places and records it: its
+        # A committed instance (flushed under its slot's name) until ``settle`` records and places it: its
         # header and calling AE title (its slot stays open: the cut of reserve zeros uses it).
         self._committed: tuple[Header, str] | None = None
-        self._placed = False  # ``settle`` renamed it into place (its row may still be missing)
+        self._study_id: int | None = None  # ``settle`` recorded it (the rename may still be missing)
         try:
             spool.check_room(self._size)
             self._slot = spool._pool.take()
@@ -593,16 +599,16 @@ class IncomingInstance:
             self._done()
 
     def settle(self) -> SpoolReceipt | None:
-        """After the sender has its response: move a committed instance into place and record it.
+        """After the sender has its response: record a committed instance, then move it into place.
 
         Returns its receipt, or None when nothing was committed (or it was settled already). Out of the
-        sender's wait: the rename, the purge lock and the row (a SQLite transaction, shared with every
-        receiving process) were a fifth of the time between an instance's last byte and its response
-        (py-spy, four associations). Nothing acknowledged depends on them: a crash before they are done
-        leaves a complete, flushed slot that ``recover`` places and indexes. When they fail (a full or
-        broken database, an I/O error) this raises SpoolError and keeps the instance as it is, for another
-        ``settle`` (``StorageSink`` tries again before it acknowledges anything else) or the next start's
-        ``recover``.
+        sender's wait: the purge lock, the row (a SQLite transaction, shared with every receiving process)
+        and the rename were a fifth of the time between an instance's last byte and its response (py-spy,
+        four associations). Nothing acknowledged depends on them: a crash before they are done leaves a
+        complete, flushed slot that ``recover`` places, and indexes unless its row was written. When they
+        fail (a full or broken database, an I/O error) this raises SpoolError and keeps the instance as it
+        is (a row once written is not written again), for another ``settle`` (``StorageSink`` tries again
+        before it acknowledges anything else) or the next start's ``recover``.
 
         A reserve slot's zeros after the stream are cut by a thread of the spool's (``Spool.settled`` waits
         for it before a study goes to the worker): cutting frees blocks, ~0.8 ms on this project's disk
@@ -619,17 +625,17 @@ class IncomingInstance:
         dest = spool.path_for(header.study_uid, header.sop_instance_uid)
         try:
             with spool._flock(fcntl.LOCK_SH):  # a purge waits until the file and its row are both there
-                if not self._placed:
-                    spool._place(slot, dest)
-                    self._placed = True
-                study_id = spool._record(header, dest, self._size, calling_ae)
+                if self._study_id is None:  # the row first: see steps 3 and 4 of the module docstring
+                    self._study_id = spool._record(header, dest, self._size, calling_ae)
+                study_id = self._study_id
+                spool._place(slot, dest)
         except Exception as exc:
-            raise SpoolError(f"an acknowledged instance could not be placed and recorded ({exc})") from exc
+            raise SpoolError(f"an acknowledged instance could not be recorded and placed ({exc})") from exc
         self._committed, self._slot, self._fd = None, None, -1
         try:
             zeros_after = os.fstat(fd).st_size > self._size
         except OSError:
-            zeros_after = False  # left uncut, which ``recover`` mends: placed and recorded is what counts
+            zeros_after = False  # left uncut, which ``recover`` mends: recorded and placed is what counts
         if zeros_after:
             spool._cutter.cut(fd, self._size)  # closes fd
         else:

@@ -4,7 +4,7 @@ Every receive transport ends a C-STORE here, wherever it runs (the node's proces
 ``edge_node.ingest.receiver_process``): ``stored`` (a whole stream) and ``store`` (the native transport's
 instance, written as it arrived) run the transport's way of making the instance durable and turn the outcome
 into a status with a short comment for the sender, and a log line without identifiers; no exception leaves
-them. The native transport calls ``settle`` after its response, which places and records the instance.
+them. The native transport calls ``settle`` after its response, which records the instance and places it.
 The sink also remembers which studies each open association touched, so that when the association ends:
 
 * released: its studies are complete and queued for the worker at once;
@@ -111,7 +111,7 @@ class StorageSink:
         return status
 
     def settle(self, key: int, incoming: IncomingInstance) -> None:
-        """After the response: place and record what ``store`` flushed; its study joins the association's.
+        """After the response: record and place what ``store`` flushed; its study joins the association's.
 
         When that fails, the instance waits here and ``store`` tries again before its next success."""
         try:
@@ -141,7 +141,7 @@ class StorageSink:
                         f"refused while {len(waiting) - i} earlier instance(s) wait: {exc}"
                     ) from exc
                 if receipt is not None:
-                    logger.info("an acknowledged instance that had waited was placed and recorded")
+                    logger.info("an acknowledged instance that had waited was recorded and placed")
                     self._touch(key, receipt)
 
     def _status(self, calling: str, make_durable: Callable[[], _R]) -> tuple[tuple[int, str], _R | None]:

@@ -167,17 +167,19 @@ def test_a_receiver_killed_mid_association_loses_no_acknowledged_instance_and_is
     assert 20 <= len(ok) < len(files), f"the kill should land mid-association ({len(ok)} acknowledged)"
     assert sender.returncode != 0  # the association dropped with the receiver
 
-    # Every acknowledged instance is recorded and on disk, as sent.
+    # The dead receiver's connection no longer counts, and a new receiver took its place (ready only once
+    # it has recovered the dead one's slots).
+    assert until(lambda: node.listener.open_connections("127.0.0.1") == 0)
+    assert until(lambda: None not in node.pool.loads and node.pool.pids[busy] != victim, 30)
+    assert not process_runs(victim)
+    assert any(f"receiver process {busy} was killed by SIGKILL" in r.getMessage() for r in caplog.records)
+    # Every acknowledged instance is recorded and on disk, as sent: one the dead receiver had answered but
+    # not yet recorded (its row follows the response) was placed and recorded by the new one.
     stored = node.sop_uids()
     for name in ok:
         ds = pydicom.dcmread(name)
         assert str(ds.SOPInstanceUID) in stored, f"{Path(name).name} was acknowledged but is lost"
         assert _spooled(node, Path(name)).PixelData == ds.PixelData
-    # The dead receiver's connection no longer counts, and a new receiver took its place.
-    assert until(lambda: node.listener.open_connections("127.0.0.1") == 0)
-    assert until(lambda: None not in node.pool.loads and node.pool.pids[busy] != victim, 30)
-    assert not process_runs(victim)
-    assert any(f"receiver process {busy} was killed by SIGKILL" in r.getMessage() for r in caplog.records)
     # The new receiver recovered its pool: no slot left with a partial instance in it.
     pool_dir = node.spool.root / ".pool" / f"r{busy}"
     assert all(slot.stat().st_size == 0 for slot in pool_dir.glob("*.slot"))

@@ -32,12 +32,13 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _open(root: Path, db: Path, *, min_free: int = 0, slots: int = SLOTS) -> Spool:
+def _open(root: Path, db: Path, *, min_free: int = 0, slots: int = SLOTS, pool: str | None = None) -> Spool:
     return Spool(
         root,
         NodeState.open(db).ingest,
         max_instance_bytes=10**8,
         min_free_bytes=min_free,
+        pool_name=pool,
         reserve=SpoolReserve(slots=slots, slot_bytes=SLOT, idle_s=0.05),
     )
 
@@ -243,13 +244,60 @@ def test_an_instance_that_cannot_be_recorded_after_its_response_waits_for_recove
     monkeypatch.setattr(spool, "_record", no_room)
     incoming = _receive(spool, ct)
     _flush(incoming, ct)
-    with pytest.raises(SpoolError, match=r"could not be placed and recorded \(database or disk is full\)"):
+    with pytest.raises(SpoolError, match=r"could not be recorded and placed \(database or disk is full\)"):
         incoming.settle()
     assert StatusQueries(spool.records.db).counts()["instances"] == 0
-    os.close(incoming._fd)  # killed now: in place without its row
+    os.close(incoming._fd)  # killed now: still in its slot, without its row
     again = _open(root, db)
     assert again.recover() == (0, 1)
     _exactly(again.path_for(str(ct.StudyInstanceUID), str(ct.SOPInstanceUID)), ct)
+
+
+def _revisions(spool: Spool) -> list[int]:
+    return [r["revision"] for r in spool.records.db.query("SELECT revision FROM studies")]
+
+
+def test_a_receiver_killed_between_the_row_and_the_rename_leaves_it_to_the_next_one(
+    tmp_path: Path, ct: pydicom.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, db = tmp_path / "spool", tmp_path / "edge.sqlite3"
+    spool = _open(root, db, pool="r0")
+
+    def cut_off(slot: Path, dest: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool, "_place", cut_off)
+    incoming = _receive(spool, ct)
+    slot = _flush(incoming, ct)
+    with pytest.raises(SpoolError, match="could not be recorded and placed"):
+        incoming.settle()
+    # Recorded, still in the receiver's own pool: where the receiver started in its place looks.
+    assert slot.exists() and _revisions(spool) == [1]
+    os.close(incoming._fd)  # killed now
+    again = _open(root, db, pool="r0")
+    assert again.recover_own_slots() == (0, 0)  # placed, not recorded a second time
+    _exactly(again.path_for(str(ct.StudyInstanceUID), str(ct.SOPInstanceUID)), ct)
+    assert not slot.exists() and _revisions(again) == [1]
+
+
+def test_a_rename_that_failed_is_tried_again_without_a_second_row(
+    spool: Spool, ct: pydicom.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    place = spool._place
+
+    def fails_once(slot: Path, dest: Path) -> None:
+        monkeypatch.setattr(spool, "_place", place)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "_place", fails_once)
+    incoming = _receive(spool, ct)
+    _flush(incoming, ct)
+    with pytest.raises(SpoolError, match="No space left on device"):
+        incoming.settle()
+    receipt = incoming.settle()
+    assert receipt is not None
+    _exactly(receipt.path, ct)
+    assert _revisions(spool) == [1] and StatusQueries(spool.records.db).counts()["instances"] == 1
 
 
 def test_the_last_instance_placed_wins_and_each_cut_keeps_to_its_own_file(
