@@ -270,8 +270,9 @@ def test_store_spools_and_release_queues_the_study(edge: Running, tmp_path: Path
     proc = storescu(edge.port, files)
     ok, bad = acknowledged_files(proc.stdout + proc.stderr)
     assert len(ok) == 5 and not bad, proc.stdout + proc.stderr
-    counts = edge.store.status.counts()
-    assert counts["instances"] == 5 and counts["queued"] == 1
+    # The transports record the last instance and queue the study after their responses: poll.
+    assert until(lambda: edge.store.status.counts()["queued"] == 1, 10), edge.store.status.counts()
+    assert edge.store.status.counts()["instances"] == 5
     # The worker was woken once the study was queued (and, before, when it first arrived).
     assert edge.woken(lambda c: c["queued"] == 1)
     for f in files:  # each spooled file holds exactly the bytes sent (storescu sends the file as is)
