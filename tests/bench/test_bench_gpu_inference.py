@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_node.inference.backend import CPU, CUDA
 from edge_node.protocol.errors import SignatureError
-from tests.edge_node.conftest import TrustedBundle, find_test_bundle
+from tests.edge_node.conftest import TrustedBundle, require_test_bundle
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_gpu_inference.py"
 TINY = ["--n", "20", "--warmup", "2", "--batches", "8", "300", "--repeats", "2"]
@@ -36,10 +36,7 @@ def bench() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def trusted() -> TrustedBundle:
-    found = find_test_bundle()
-    if found is None:
-        pytest.skip("no model bundle: set FEDCLINIC_TEST_BUNDLE (make test builds build/test-bundle)")
-    return found
+    return require_test_bundle()
 
 
 def test_each_plan_reports_what_it_got_and_agrees_with_the_cpu(

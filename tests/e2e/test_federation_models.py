@@ -25,7 +25,7 @@ from tests.e2e.federation import (
     uplink_state,
     wait_for,
 )
-from tests.edge_node.conftest import TrustedBundle, echoscu, find_test_bundle
+from tests.edge_node.conftest import TrustedBundle, echoscu, require_test_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,7 @@ NAMES = ("clinic-north", "clinic-south", "clinic-east")
 
 @pytest.fixture(scope="module")
 def test_bundle() -> TrustedBundle:
-    found = find_test_bundle()
-    if found is None:
-        pytest.skip("no model bundle: set FEDCLINIC_TEST_BUNDLE (make test-bundle builds one)")
-    return found
+    return require_test_bundle()
 
 
 @pytest.fixture(params=STORES)

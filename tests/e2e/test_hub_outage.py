@@ -24,7 +24,7 @@ from harness.demo.orthanc import orthanc_available
 from harness.demo.traffic import send_studies
 from hub.data.medmnist import load_medmnist
 from tests.e2e.federation import signed_bundle, wait_for
-from tests.edge_node.conftest import TrustedBundle, find_test_bundle
+from tests.edge_node.conftest import require_test_bundle
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,9 +40,7 @@ LATE_STUDY_S = 20.0
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[tuple[HubService, dict[str, Clinic]]]:
-    found: TrustedBundle | None = find_test_bundle()
-    if found is None:
-        pytest.skip("no model bundle: set FEDCLINIC_TEST_BUNDLE (make test-bundle builds one)")
+    found = require_test_bundle()
     hub = HubService(tmp_path / "hub").init()
     clinics: dict[str, Clinic] = {}
     try:

@@ -56,15 +56,20 @@ def find_test_bundle() -> TrustedBundle | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def test_bundle() -> TrustedBundle:
+def require_test_bundle() -> TrustedBundle:
+    """The test bundle, or skip the test that needs it (``find_test_bundle`` says where it is looked for)."""
     found = find_test_bundle()
     if found is None:
         pytest.skip(
-            "no model bundle for the edge tests: set FEDCLINIC_TEST_BUNDLE to a directory with bundle/ and "
-            "hub.pub, or build build/dev-bundle (see docs)"
+            "no model bundle: set FEDCLINIC_TEST_BUNDLE to a directory with bundle/ and hub.pub "
+            "(`make test-bundle` builds build/test-bundle), or build build/dev-bundle"
         )
     return found
+
+
+@pytest.fixture(scope="session")
+def test_bundle() -> TrustedBundle:
+    return require_test_bundle()
 
 
 def instance_rows(paths: list[Path]) -> list[InstanceRow]:

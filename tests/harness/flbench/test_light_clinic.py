@@ -30,7 +30,7 @@ from harness.flbench.light_clinic import LightClinic
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import ClientResult, ClientTask, Params
 from hub.training.simulation import RoundCheckpoint, run_federation
-from tests.edge_node.conftest import find_test_bundle
+from tests.edge_node.conftest import require_test_bundle
 from tests.support.labeled_studies import labeled_pneumonia
 
 CLINIC = "clinic-1"
@@ -63,9 +63,7 @@ class Recording:
 
 @pytest.fixture()
 def model(tmp_path: Path) -> Iterator[LoadedModel]:
-    found = find_test_bundle()
-    if found is None:
-        pytest.skip("no model bundle: set FEDCLINIC_TEST_BUNDLE (`make test-bundle` builds one)")
+    found = require_test_bundle()
     db = Database(tmp_path / "edge.sqlite3")
     slot = ModelSlot(
         ModelRegistry(db),
