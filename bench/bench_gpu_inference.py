@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -32,26 +31,15 @@ from edge_node.inference.loaded_model import LoadedModel, load_model
 from edge_node.protocol.bundle import verify_bundle
 from edge_node.protocol.signing import load_public_keys
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import batch1_latency
+
 PLANS: dict[str, list[str]] = {
     "cpu": [CPU],
     "cuda": [CUDA, CPU],
     # What a node configured for TensorRT asks for: where TensorRT cannot load, the session says so.
     "tensorrt": [TENSORRT, CUDA, CPU],
 }
-
-
-def _latency_ms(model: LoadedModel, images: np.ndarray, n: int, warmup: int) -> dict[str, float]:
-    """Per-image latency at batch 1: median and p95 over ``n`` calls after ``warmup`` untimed ones."""
-    for i in range(warmup):
-        model.predict(images[i % len(images)][None])
-    times = []
-    for i in range(n):
-        x = images[i % len(images)][None]
-        t0 = time.perf_counter()
-        model.predict(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p95_ms": times[int(0.95 * (len(times) - 1))]}
 
 
 def _throughput(model: LoadedModel, images: np.ndarray, batch: int, repeats: int) -> float:
@@ -91,14 +79,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "asked": providers,
                 "got": model.provider,
                 "max_abs_diff_vs_cpu": float(np.max(np.abs(scores - reference))),
-                "batch1": _latency_ms(model, images, args.n, args.warmup),
+                "batch1": batch1_latency(model.predict, images, args.n, args.warmup),
                 "images_per_s": {str(b): _throughput(model, images, b, args.repeats) for b in args.batches},
             }
             out["plans"][name] = row
             print(f"{name:9s} got {model.provider}: {json.dumps(row['batch1'])}", flush=True)
     cpu = out["plans"]["cpu"]
     for row in out["plans"].values():
-        row["batch1_median_vs_cpu"] = row["batch1"]["median_ms"] / cpu["batch1"]["median_ms"]
+        row["batch1_p50_vs_cpu"] = row["batch1"]["p50_ms"] / cpu["batch1"]["p50_ms"]
         row["throughput_vs_cpu"] = {
             b: row["images_per_s"][b] / cpu["images_per_s"][b] for b in row["images_per_s"]
         }

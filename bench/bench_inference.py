@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,8 @@ def _load_runner(backend: str, artifact: Path) -> Any:
     return run_ort
 
 
-def worker(backend: str, artifact: Path, inputs: Path, n: int, warmup: int) -> dict[str, Any]:
-    x = np.load(inputs, allow_pickle=False)  # (N, C, H, W) float32, preprocessed real test images
-    run = _load_runner(backend, artifact)
+def batch1_latency(run: Callable[[np.ndarray], Any], x: np.ndarray, n: int, warmup: int) -> dict[str, float]:
+    """Per-image latency of ``run`` at batch 1 over ``n`` calls (images of ``x`` in turn) after ``warmup``."""
     for i in range(warmup):
         run(x[i % len(x)][None])
     times = np.empty(n, dtype=np.float64)
@@ -75,13 +75,16 @@ def worker(backend: str, artifact: Path, inputs: Path, n: int, warmup: int) -> d
         run(one)
         times[i] = (time.perf_counter_ns() - start) / 1e6
     return {
-        "backend": backend,
-        "n": n,
         "p50_ms": float(np.percentile(times, 50)),
         "p95_ms": float(np.percentile(times, 95)),
         "mean_ms": float(times.mean()),
         "min_ms": float(times.min()),
     }
+
+
+def worker(backend: str, artifact: Path, inputs: Path, n: int, warmup: int) -> dict[str, Any]:
+    x = np.load(inputs, allow_pickle=False)  # (N, C, H, W) float32, preprocessed real test images
+    return {"backend": backend, "n": n, **batch1_latency(_load_runner(backend, artifact), x, n, warmup)}
 
 
 # -- driver side --------------------------------------------------------------------------------------------

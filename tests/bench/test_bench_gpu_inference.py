@@ -57,13 +57,13 @@ def test_each_plan_reports_what_it_got_and_agrees_with_the_cpu(
     result = json.loads(out.read_text())
     assert set(result["plans"]) == {"cpu", "cuda", "tensorrt"}
     plans = result["plans"]
-    assert plans["cpu"]["got"] == CPU and plans["cpu"]["batch1_median_vs_cpu"] == 1.0
+    assert plans["cpu"]["got"] == CPU and plans["cpu"]["batch1_p50_vs_cpu"] == 1.0
     if CUDA not in ort.get_available_providers():  # this machine: the wish is not what the node reports
         assert plans["cuda"]["got"] == CPU and plans["tensorrt"]["got"] == CPU
     for row in plans.values():
-        assert row["got"] == row["asked"][0] or row["got"] in row["asked"][1:]
+        assert row["got"] in row["asked"]
         assert row["max_abs_diff_vs_cpu"] < 1e-4
-        assert 0 < row["batch1"]["median_ms"] <= row["batch1"]["p95_ms"]
+        assert 0 < row["batch1"]["p50_ms"] <= row["batch1"]["p95_ms"]
         assert set(row["images_per_s"]) == {"8", "300"} and all(v > 0 for v in row["images_per_s"].values())
 
 
