@@ -6,14 +6,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from edge_node.protocol.durable_file import write_text_durably
 from harness.flbench.datasets import BenchData, build_bench_data
@@ -21,6 +17,7 @@ from harness.flbench.methods import METHODS, BenchConfig, MethodContext
 from harness.flbench.plots import plot_auc
 from harness.flbench.results import Record, build_results, finalize_record, render_markdown
 from harness.flbench.setting import DEFAULT_PANEL, DEFAULT_SETTING, load_panel, load_setting
+from harness.flbench.steps import StepCounter
 from hub.training.simulation import RoundCheckpoint
 
 log = logging.getLogger(__name__)
@@ -73,25 +70,6 @@ class BenchSpec:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class StepCounter:
-    """Counts optimiser steps of every torch optimiser while active (a global post-step hook), so that
-    each method's budget is reported as it was spent, whatever its training loop does."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    @contextmanager
-    def counting(self) -> Iterator[StepCounter]:
-        def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-            self.steps += 1
-
-        handle = register_optimizer_step_post_hook(hook)
-        try:
-            yield self
-        finally:
-            handle.remove()
 
 
 #: Settings that only one family of methods reads: (key prefix, the method-name prefix that reads it).
@@ -186,7 +164,9 @@ def run_benchmark(
             t0 = time.perf_counter()
             with StepCounter().counting() as counter:
                 raw = METHODS[method](data, ctx)
-            record = finalize_record(method, seed, raw, time.perf_counter() - t0, config, counter.steps)
+            record = finalize_record(
+                method, seed, raw, time.perf_counter() - t0, config, counter.steps, counter.one_time_steps
+            )
             _write_json(cache, record)
             ckpt.clear()
             records.append(record)

@@ -26,6 +26,7 @@ from harness.flbench.scoring import (
     threshold_metrics,
     validation_threshold,
 )
+from harness.flbench.steps import one_time_work
 from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.compress import TopKCompressor
 from hub.fl.registry import make_strategy
@@ -487,7 +488,8 @@ def foundation_soft_labels(data: BenchData, ctx: MethodContext) -> tuple[np.ndar
         max_train=ctx.cfg.fedhelp_foundation_max_train,
         max_epochs=ctx.cfg.fedhelp_foundation_epochs,
     )
-    soft = stored_soft_labels(ctx.out_dir / f"{stem}.npz", data.public_x, data.public_y, provider)
+    with one_time_work():  # trained once per out dir, shared by every FedHelp run in it
+        soft = stored_soft_labels(ctx.out_dir / f"{stem}.npz", data.public_x, data.public_y, provider)
     quality = json.loads(quality_path.read_text()) if quality_path.is_file() else {}
     return soft, quality
 

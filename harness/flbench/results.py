@@ -36,11 +36,13 @@ def finalize_record(
     wall_s: float,
     config: Mapping[str, Any],
     steps: int = 0,
+    one_time_steps: int = 0,
 ) -> Record:
     """A method's raw metrics for one seed plus the derived columns (small-clinic mean, worst clinic).
 
     ``raw["small"]`` names the small clinics (default: those of the six-clinic setting); ``steps`` is the
-    number of optimiser steps the method took over every clinic, so that budgets can be compared.
+    number of optimiser steps the method took over every clinic, so that budgets can be compared;
+    ``one_time_steps`` those of shared one-time work it happened to do (``harness.flbench.steps``).
     """
     clinics = raw["clinics"]
     names = list(clinics)
@@ -69,6 +71,7 @@ def finalize_record(
             c: float(b) for c, b in raw.get("stats_bytes_per_client_round", {}).items()
         },
         "steps": int(steps),
+        "one_time_steps": int(one_time_steps),
         "wall_s": float(wall_s),
         "extra": raw.get("extra", {}),
         "config": dict(config),
@@ -101,6 +104,7 @@ def summarize_method(records: Sequence[Record]) -> dict[str, Any]:
         "worst_auc": _ms([r["worst_auc"] for r in records]),
         "worst_clinics": [r["worst_clinic"] for r in records],
         "steps": _ms([r.get("steps", 0) for r in records]),
+        "one_time_steps": int(sum(r.get("one_time_steps", 0) for r in records)),
         "wall_s": _ms([r["wall_s"] for r in records]),
     }
     classes = sorted(k for k in records[0]["clinics"][names[0]] if k.startswith("auc_c"))
@@ -311,6 +315,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             f"{_kb(s.get('mean_bytes_per_client_round'))} | {s['steps']['mean']:.0f} | "
             f"{s['wall_s']['mean']:.0f} |"
         )
+    one_time = {m: s["one_time_steps"] for m, s in methods.items() if s.get("one_time_steps")}
+    if one_time:
+        lines += [
+            "",
+            "Not in the steps column: shared one-time work (FedHelp's foundation teacher, trained once per "
+            "out dir and reused by every run in it): "
+            + ", ".join(f"{n} steps in {m}'s runs" for m, n in one_time.items())
+            + ".",
+        ]
     lines += [
         "",
         "Balanced accuracy and sensitivity at the validation-chosen threshold (small clinics; for K classes "

@@ -154,3 +154,16 @@ def test_each_mechanism_is_paired_with_its_ablation() -> None:
     md = render_markdown(build_results(recs, {"task": "t", "skew": "s", "seeds": [0, 1], "rounds": 1,
                                               "local_epochs": 1, "quick": True}))  # fmt: skip
     assert "| hsl − hsl_noanchor | 0.035±0.021 |" in md
+
+
+def test_one_time_work_is_counted_apart_from_the_steps_column() -> None:
+    recs = [
+        finalize_record("fedhelp", 0, _raw([0.9] * 6, 0.8), 1, {}, steps=288, one_time_steps=768),
+        finalize_record("fedhelp", 1, _raw([0.9] * 6, 0.8), 1, {}, steps=288),
+    ]
+    meta = {"task": "breast", "skew": "combined", "seeds": [0, 1], "rounds": 1, "local_epochs": 1}
+    meta["quick"] = True
+    results = build_results(recs, meta)
+    assert results["methods"]["fedhelp"]["steps"]["mean"] == 288
+    assert results["methods"]["fedhelp"]["one_time_steps"] == 768
+    assert "768 steps in fedhelp's runs" in render_markdown(results)

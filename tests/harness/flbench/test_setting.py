@@ -37,6 +37,19 @@ def test_zipf16_has_sixteen_clinics_with_zipf_sizes() -> None:
     np.testing.assert_allclose(np.log(ratio[1:]) / np.log(np.arange(2, 17)), 1.1, atol=1e-3)
 
 
+def test_grouped_file_is_the_six_clinics_in_two_scanner_groups_that_match_the_label_groups() -> None:
+    six, grouped = load_setting(DEFAULT_SETTING), load_setting(SETTINGS_DIR / "six-clinics-grouped.toml")
+    assert [(c.name, c.small, c.prevalence, dict(c.shares)) for c in grouped.clinics] == [
+        (c.name, c.small, c.prevalence, dict(c.shares)) for c in six.clinics
+    ]
+    profile = {c.name: c.profile for c in grouped.clinics}
+    assert profile["A"] == profile["C"] == profile["E"] == CLINIC_PROFILES["C"]
+    assert profile["B"] == profile["D"] == profile["F"] == CLINIC_PROFILES["D"]
+    # The groups are the clinics that the similarity graph joins by label mix: high vs low prevalence.
+    high = {c.name for c in grouped.clinics if c.prevalence >= 0.75}
+    assert high == {"A", "C", "E"}
+
+
 def test_panel_is_outside_the_augmentation_envelope() -> None:
     panel = load_panel(DEFAULT_PANEL)
     assert len(panel) >= 4
