@@ -32,7 +32,8 @@ class Browser:
     """One WebDriver session."""
 
     def __init__(self, base: str, session_id: str) -> None:
-        self._http = httpx.Client(base_url=f"{base}/session/{session_id}", timeout=60)
+        self._session = f"{base}/session/{session_id}"
+        self._http = httpx.Client(base_url=self._session, timeout=60)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = self._http.request(method, path, json=body)
@@ -83,8 +84,13 @@ class Browser:
         return base64.b64decode(self._call("GET", "/screenshot"))
 
     def close(self) -> None:
+        """Ends the session, which makes chromedriver quit the browser. The session's own URL, not the
+        client's base (httpx would add a trailing slash, which chromedriver answers with 404 and the browser
+        outlives the test)."""
         try:
-            self._http.delete("")
+            response = self._http.delete(self._session)
+            if response.status_code != 200:
+                raise AssertionError(f"WebDriver could not end the session: {response.status_code}")
         finally:
             self._http.close()
 
