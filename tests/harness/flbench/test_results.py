@@ -8,6 +8,16 @@ import pytest
 
 from harness.flbench.results import build_results, finalize_record, render_markdown, targets
 
+#: What a bench run records about itself (results.json "meta"), for the reports built here.
+META = {
+    "task": "pneumonia",
+    "skew": "combined",
+    "seeds": [0, 1],
+    "rounds": 12,
+    "local_epochs": 1,
+    "quick": False,
+}
+
 
 def _raw(
     aucs: list[float],
@@ -117,15 +127,7 @@ def test_a_small_clinic_validation_tie_goes_to_all_clinics_validation() -> None:
 
 
 def test_markdown_lists_every_method_and_target() -> None:
-    meta = {
-        "task": "pneumonia",
-        "skew": "combined",
-        "seeds": [0, 1],
-        "rounds": 12,
-        "local_epochs": 1,
-        "quick": False,
-    }
-    results = build_results(_records(), meta)
+    results = build_results(_records(), META)
     md = render_markdown(results)
     for m in ("central_aug", "local_aug", "fedavg_aug", "hsl", "fedhelp"):
         assert f"| {m} |" in md
@@ -151,8 +153,7 @@ def test_each_mechanism_is_paired_with_its_ablation() -> None:
         recs.append(finalize_record("pfednet_nograph", seed, _raw([alone] * 6, 0.8), 1, {}))
     graph = targets(recs)["ablations"]["pfednet − pfednet_nograph"]
     assert graph["small"]["mean"] == pytest.approx(-0.02) and graph["worst"]["n"] == 2
-    md = render_markdown(build_results(recs, {"task": "t", "skew": "s", "seeds": [0, 1], "rounds": 1,
-                                              "local_epochs": 1, "quick": True}))  # fmt: skip
+    md = render_markdown(build_results(recs, META))
     assert "| hsl − hsl_noanchor | 0.035±0.021 |" in md
 
 
@@ -161,9 +162,7 @@ def test_one_time_work_is_counted_apart_from_the_steps_column() -> None:
         finalize_record("fedhelp", 0, _raw([0.9] * 6, 0.8), 1, {}, steps=288, one_time_steps=768),
         finalize_record("fedhelp", 1, _raw([0.9] * 6, 0.8), 1, {}, steps=288),
     ]
-    meta = {"task": "breast", "skew": "combined", "seeds": [0, 1], "rounds": 1, "local_epochs": 1}
-    meta["quick"] = True
-    results = build_results(recs, meta)
+    results = build_results(recs, META)
     assert results["methods"]["fedhelp"]["steps"]["mean"] == 288
     assert results["methods"]["fedhelp"]["one_time_steps"] == 768
     assert "768 steps in fedhelp's runs" in render_markdown(results)
