@@ -110,6 +110,7 @@ def c_echo(dest: Destination, calling_ae: str, *, timeout: float = 10.0) -> Echo
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     from edge_node.delivery.association_failure import why_not_established
+    from edge_node.delivery.association_loop import ParkedLoop
     from edge_node.ingest.socket_options import NODELAY_HANDLERS
 
     client = AE(ae_title=calling_ae)
@@ -127,11 +128,11 @@ def c_echo(dest: Destination, calling_ae: str, *, timeout: float = 10.0) -> Echo
     )
     if not assoc.is_established:
         return result(False, why_not_established(assoc, dest, calling_ae, timeout))
+    held = ParkedLoop(assoc)  # pynetdicom's loop cannot take the answer
     try:
         answer = assoc.send_c_echo()
     finally:
-        if assoc.is_established:
-            assoc.release()
+        held.end()
     if not answer or "Status" not in answer:
         return result(False, f"no C-ECHO response within {timeout:.0f} s")
     code = int(answer.Status)

@@ -16,6 +16,8 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom import AE
 
+from edge_node.delivery.association_loop import ParkedLoop
+
 __all__ = ["TEXT_VRS", "FuzzCase", "fuzz_cases", "send_cases", "source_files", "text_values"]
 
 #: VRs whose values are free text an attacker or a PACS could put PHI in.
@@ -195,30 +197,35 @@ def fuzz_cases(sources: list[Path], out: Path, n: int, seed: int, batch: int) ->
 def send_cases(port: int, cases: list[FuzzCase], called: str = "EDGE") -> dict[int, int | None]:
     """C-STORE each case's bytes as they are (not re-encoded) in one association; status per case.
 
-    -1: the fuzzer itself cannot send the case (no usable file meta); None: no answer.
+    -1: the fuzzer itself cannot send the case (no usable file meta); None: no answer. pynetdicom's
+    association loop is parked while the fuzzer holds an association (``ParkedLoop``), so it cannot take a
+    response meant for ``send_c_store``: a None is the node's.
     """
     ae = AE(ae_title="FUZZER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     contexts = sorted({(c.sop_class_uid, c.transfer_syntax) for c in cases})
     for sop_class, ts in contexts[:128]:
         ae.add_requested_context(sop_class, ts)
+
+    def associate() -> ParkedLoop:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        if not assoc.is_established:
+            raise RuntimeError("the node refused the fuzzer's association")
+        return ParkedLoop(assoc)
+
     answers: dict[int, int | None] = {}
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    if not assoc.is_established:
-        raise RuntimeError("the node refused the fuzzer's association")
+    held = associate()
     try:
         for case in cases:
-            if not assoc.is_established:
-                assoc = ae.associate("127.0.0.1", port, ae_title=called)
-                if not assoc.is_established:
-                    raise RuntimeError("the node refused the fuzzer's association")
+            if held.needs_loop() or not held.assoc.is_established:
+                held.end()
+                held = associate()
             try:
-                status = assoc.send_c_store(case.path)
+                status = held.assoc.send_c_store(case.path)
             except (ValueError, AttributeError, EOFError, KeyError, TypeError, OSError):
                 answers[case.index] = -1
                 continue
             answers[case.index] = int(status.Status) if "Status" in status else None
     finally:
-        if assoc.is_established:
-            assoc.release()
+        held.end()
     return answers

@@ -68,6 +68,8 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float =
     """C-ECHO ``called_ae`` at host:port as ``calling_ae``; never raises for a network problem."""
     from pynetdicom import AE
 
+    from edge_node.delivery.association_loop import ParkedLoop
+
     started = time.perf_counter()
 
     def outcome(ok: bool, problem: str = "", fix: str = "") -> EchoOutcome:
@@ -112,11 +114,11 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float =
                 f"{host}:{port} accepted TCP but did not speak DICOM (wrong port?)",
                 "check that this is the PACS's DICOM port, not its web port",
             )
+        held = ParkedLoop(assoc)  # pynetdicom's loop cannot take the answer
         try:
             answer = assoc.send_c_echo()
         finally:
-            if assoc.is_established:
-                assoc.release()
+            held.end()
     finally:
         quiet.setLevel(level)
     status = int(answer.Status) if answer is not None and "Status" in answer else -1
@@ -253,6 +255,8 @@ def send_test_report(
     """C-STORE the test SR; the outcome explains a failure like ``echo`` does."""
     from pynetdicom import AE
 
+    from edge_node.delivery.association_loop import ParkedLoop
+
     reached = echo(host, port, called_ae, calling_ae, timeout)
     if not reached.ok:
         return reached
@@ -271,11 +275,11 @@ def send_test_report(
             "the PACS refused the association for storing",
             "ask the PACS administrator to accept storage from this AE",
         )
+    held = ParkedLoop(assoc)
     try:
         answer = assoc.send_c_store(report)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        held.end()
     status = int(answer.Status) if answer is not None and "Status" in answer else -1
     ms = (time.perf_counter() - started) * 1000
     if status not in (0x0000, 0xB000, 0xB007, 0xB006):

@@ -5,16 +5,15 @@ its DUL loop, which polls the socket and sleeps ``_run_loop_delay`` between poll
 also waits for the GIL. The link keeps those rounds short: the file's bytes go out as they are on disk
 (pynetdicom's chunked sending: no decode and re-encode per object), the DUL polls every ``ACTIVE_DUL_DELAY_S``
 while results flow and every ``RESTING_DUL_DELAY_S`` between batches (``pace(False)``), and pynetdicom's
-association loop stays paused while the link holds the association: it takes no part in the round trips and
-costs no CPU while the association lingers. The link does that loop's checks itself (abort, release request,
-ended DUL, network timeout) before it uses or closes the association.
+association loop stays parked while the link holds the association (``ParkedLoop``): it takes no part in the
+round trips, cannot take a response meant for ``send_c_store``, and costs no CPU while the association
+lingers. The link does that loop's checks (``ParkedLoop.needs_loop``) before it uses or closes the
+association.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Sequence
 
 from pydicom import dcmread
@@ -34,6 +33,7 @@ from pynetdicom.status import code_to_category
 
 from edge_node.analysis.result_file import ResultFile
 from edge_node.delivery.association_failure import why_not_established
+from edge_node.delivery.association_loop import ParkedLoop
 from edge_node.delivery.destination import Destination
 from edge_node.errors import SendError
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
@@ -98,57 +98,13 @@ class StoreLink:
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in self._assoc.accepted_contexts
         }
         _set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
-        self._parked: threading.Event | None = None
-        self._park_its_loop()
-
-    def _park_its_loop(self) -> None:
-        """Take pynetdicom's association loop out of every C-STORE round trip while this link holds it.
-
-        ``send_c_store`` clears ``_reactor_checkpoint``, waits (polling every 0.1 ms) until the loop paused
-        on it, and sets it again when the response is in: per object, two more threads to wake, each waiting
-        for the GIL under load. Here the loop is paused once, on its own event, and ``send_c_store`` is given
-        a separate event to clear and set: the loop stays paused, and the link does its checks
-        (``_needs_its_loop``) before it uses or closes the association. Should the loop look the attribute up
-        again before it waits, it pauses on the new event and behaves as without the link's help.
-        """
-        assoc = self._assoc
-        checkpoint = assoc._reactor_checkpoint
-        checkpoint.clear()
-        deadline = time.monotonic() + 1.0
-        while not assoc._is_paused and time.monotonic() < deadline:
-            time.sleep(0.0001)
-        if not assoc._is_paused:
-            checkpoint.set()  # the loop did not pause (it may be ending): leave it as pynetdicom runs it
-            return
-        self._parked = checkpoint
-        assoc._reactor_checkpoint = threading.Event()
-
-    def _wake_its_loop(self) -> None:
-        parked, self._parked = self._parked, None
-        if parked is None:
-            return
-        given = self._assoc._reactor_checkpoint
-        self._assoc._reactor_checkpoint = parked
-        parked.set()
-        given.set()  # in case the loop paused on the given event after all
-
-    def _needs_its_loop(self) -> bool:
-        """True when pynetdicom's association loop has work that came without our asking."""
-        assoc = self._assoc
-        return bool(
-            assoc.is_aborted
-            or assoc.is_released
-            or not assoc.dul.is_alive()
-            or assoc.dul.idle_timer_expired()
-            or assoc.acse.is_aborted()
-            or assoc.acse.is_release_requested()
-        )
+        self._loop = ParkedLoop(self._assoc)
 
     @property
     def alive(self) -> bool:
-        if self._needs_its_loop():
+        if self._loop.needs_loop():
             # The peer aborted, released or went away while the loop was paused: it ends the association now.
-            self._wake_its_loop()
+            self._loop.wake()
             return False
         return bool(self._assoc.is_established)
 
@@ -163,8 +119,8 @@ class StoreLink:
             raise SendError(f"result file {name} is of a class or syntax results are never sent in")
         if not f.path.is_file():
             raise SendError(f"result file {name} is missing from the results directory; it cannot be sent")
-        if self._needs_its_loop():
-            self._wake_its_loop()
+        if self._loop.needs_loop():
+            self._loop.wake()
             raise SendError(f"association with {where} was lost before sending {name}")
         _set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
         # Process-wide pynetdicom setting, read at each send_c_store: a path is sent as its bytes on disk (no
@@ -198,16 +154,8 @@ class StoreLink:
             logger.info("%s stored %s with warning 0x%04X", where, name, code)
 
     def close(self) -> None:
-        gone = self._needs_its_loop()
-        self._wake_its_loop()
         _set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
-        if gone:
-            self._assoc.abort()  # gone or going: an A-RELEASE would only wait for an answer that never comes
-            return
-        if self._assoc.is_established:
-            self._assoc.release()
-        if self._assoc.is_established:
-            self._assoc.abort()
+        self._loop.end()
 
 
 def send_files(

@@ -1,0 +1,94 @@
+"""pynetdicom's association loop, held still while we send requests on an association we opened.
+
+pynetdicom 3.0 runs an association loop (``Association._run_reactor``) beside the DUL thread. Each turn it
+sets ``_is_paused``, waits on ``_reactor_checkpoint``, clears ``_is_paused`` and takes any complete DIMSE
+message off the queue to serve it as a request. Its ``send_*`` methods pause that loop so that it does not
+take their response: they clear the checkpoint and spin until ``_is_paused`` is true. That flag is also true
+for the moment between the loop's ``wait()`` returning and its next line, so under CPU contention a sender
+can go ahead while the loop is about to run one more turn; if the peer answers within that turn (a refusal
+comes back in a few milliseconds), the loop takes the response, and the sender waits out its DIMSE timeout
+and gets no status. The fuzz test's sender met it once: two of its 2,000 C-STOREs unanswered on a loaded
+machine, while the node's log shows the first answered in time.
+
+``ParkedLoop`` pauses the loop once and checks that it is really blocked: the loop's thread is among the
+checkpoint's waiters, which the flag alone cannot show. Then the association's ``_reactor_checkpoint`` is
+replaced by a fresh event for ``send_*`` to clear and set, and the loop stays where it is for as long as the
+association is held: it never competes for a response and costs no CPU. While it is parked, nobody does its
+checks (abort, release request, ended DUL, network timeout), so ``needs_loop()`` does them; ``wake()`` gives
+the loop back, and ``end()`` does so before it releases or aborts the association.
+
+Private pynetdicom attributes, hence the pin (pynetdicom<3.1); ``threading.Event``'s condition and its
+waiters are CPython's own (unchanged since 3.2). Where either is missing the loop is left as pynetdicom runs
+it, which only reopens the race.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pynetdicom.association import Association
+
+__all__ = ["ParkedLoop"]
+
+
+def _waited_on(event: threading.Event) -> bool:
+    """True when a thread is blocked in ``event.wait()`` (the event being clear)."""
+    cond = getattr(event, "_cond", None)
+    return bool(getattr(cond, "_waiters", None))
+
+
+class ParkedLoop:
+    """Park ``assoc``'s association loop for as long as the caller holds the association."""
+
+    def __init__(self, assoc: Association, *, wait_s: float = 1.0) -> None:
+        self.assoc = assoc
+        self._parked: threading.Event | None = None
+        checkpoint = assoc._reactor_checkpoint
+        checkpoint.clear()
+        deadline = time.monotonic() + wait_s
+        while not _waited_on(checkpoint):
+            if time.monotonic() >= deadline:
+                checkpoint.set()  # the loop did not block (it may be ending): leave it as pynetdicom runs it
+                return
+            time.sleep(0.0001)
+        self._parked = checkpoint
+        assoc._reactor_checkpoint = threading.Event()
+
+    @property
+    def parked(self) -> bool:
+        return self._parked is not None
+
+    def needs_loop(self) -> bool:
+        """True when the association loop has work that came without our asking (the peer's, or a timeout)."""
+        assoc = self.assoc
+        return bool(
+            assoc.is_aborted
+            or assoc.is_released
+            or not assoc.dul.is_alive()
+            or assoc.dul.idle_timer_expired()
+            or assoc.acse.is_aborted()
+            or assoc.acse.is_release_requested()
+        )
+
+    def end(self) -> None:
+        """Wake the loop and end the association: released, or aborted when the peer is gone or silent."""
+        gone = self.needs_loop()
+        self.wake()
+        if gone:
+            self.assoc.abort()  # gone or going: an A-RELEASE would only wait for an answer that never comes
+            return
+        if self.assoc.is_established:
+            self.assoc.release()
+        if self.assoc.is_established:
+            self.assoc.abort()
+
+    def wake(self) -> None:
+        """Give the loop back to pynetdicom (before a release or an abort, or when ``needs_loop()``)."""
+        parked, self._parked = self._parked, None
+        if parked is None:
+            return
+        given = self.assoc._reactor_checkpoint
+        self.assoc._reactor_checkpoint = parked
+        parked.set()
+        given.set()
