@@ -39,6 +39,9 @@ def test_a_tie_on_the_small_clinics_goes_to_the_round_better_on_every_clinic() -
     best.offer(3, {"r": np.full(1, 3.0)}, _model(0.45, 2))  # same as round 1: no better, not taken
     assert best.round == 2 and best.params["r"][0] == 1.0
     assert best.extra()["best_round_val_auc"] == 1.0 and best.extra()["best_round_all_val_auc"] == 1.0
+    # The last round's reading is kept beside the best one's: what a choice between methods compares.
+    assert best.extra()["last_round_val_auc"] == 1.0
+    assert best.extra()["last_round_all_val_auc"] == np.mean([first["A"], first["B"], 1.0, 1.0])
 
 
 def test_the_small_clinics_come_first() -> None:

@@ -126,13 +126,28 @@ def test_a_small_clinic_validation_tie_goes_to_all_clinics_validation() -> None:
     assert targets(recs)["best_strategy"] == "pfednet"  # tied on C–F, higher on A; its test AUC plays no part
 
 
+def test_strategies_are_compared_at_their_last_round_not_at_a_kept_best_round() -> None:
+    """A best round kept on validation reads high on validation by construction: the choice does not look."""
+    recs = []
+    for seed in (0, 1):
+        recs.append(finalize_record("fedavg_aug", seed, _raw([0.8] * 6, 0.7), 1, {}))
+        last = {"last_round_val_auc": 0.70, "last_round_all_val_auc": 0.72}
+        recs.append(finalize_record("hsl", seed, _raw([0.8] * 6, 0.7, val=0.95, extra=last), 1, {}))
+        recs.append(finalize_record("pfednet", seed, _raw([0.8] * 6, 0.7, val=0.85), 1, {}))
+    assert targets(recs)["best_strategy"] == "pfednet"
+    # Records made before the last round was recorded are compared on what they have.
+    for r in recs:
+        r["extra"] = {}
+    assert targets(recs)["best_strategy"] == "hsl"
+
+
 def test_markdown_lists_every_method_and_target() -> None:
     results = build_results(_records(), META)
     md = render_markdown(results)
     for m in ("central_aug", "local_aug", "fedavg_aug", "hsl", "fedhelp"):
         assert f"| {m} |" in md
     assert "small AUC − fedavg_aug" in md
-    chosen = "small-clinic validation AUC, ties broken by all clinics' validation AUC"
+    chosen = "small-clinic validation AUC at the last round, ties broken by all clinics'"
     assert f"best fedclinic strategy by {chosen}: **fedhelp**" in md
     assert "| p1 | p2 | mean |" in md
 
