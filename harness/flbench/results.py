@@ -105,6 +105,9 @@ def summarize_method(records: Sequence[Record]) -> dict[str, Any]:
         "choice_val_auc": tuple(
             finite_mean(list(v)) for v in zip(*(_last_round_val(r) for r in records), strict=True)
         ),
+        "choice_val_is_kept_round": any(
+            "best_round" in r.get("extra", {}) and "last_round_val_auc" not in r["extra"] for r in records
+        ),
         "worst_auc": _ms([r["worst_auc"] for r in records]),
         "worst_clinics": [r["worst_clinic"] for r in records],
         "steps": _ms([r.get("steps", 0) for r in records]),
@@ -355,8 +358,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     for m, s in methods.items():
         lines.append(
             f"| {m} | {_f(s['small_bacc'])} | {_f(s['small_sens'])} | {_f(s['small_val_auc'])} | "
-            f"{s['choice_val_auc'][0]:.3f} | {_f(s['unseen']['bacc'])} |"
+            f"{s['choice_val_auc'][0]:.3f}{'*' if s['choice_val_is_kept_round'] else ''} | "
+            f"{_f(s['unseen']['bacc'])} |"
         )
+    if any(s["choice_val_is_kept_round"] for s in methods.values()):
+        lines += ["", "\\* the kept round's: runs made before the last round's was recorded."]
     class_names = next((list(s["class_auc"]) for s in methods.values() if "class_auc" in s), [])
     if class_names:
         lines += [

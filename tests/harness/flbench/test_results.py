@@ -135,10 +135,13 @@ def test_strategies_are_compared_at_their_last_round_not_at_a_kept_best_round() 
         recs.append(finalize_record("hsl", seed, _raw([0.8] * 6, 0.7, val=0.95, extra=last), 1, {}))
         recs.append(finalize_record("pfednet", seed, _raw([0.8] * 6, 0.7, val=0.85), 1, {}))
     assert targets(recs)["best_strategy"] == "pfednet"
-    # Records made before the last round was recorded are compared on what they have.
+    assert "\\* the kept round's" not in render_markdown(build_results(recs, META))
+    # Records made before the last round was recorded are compared on what they have, and marked.
     for r in recs:
-        r["extra"] = {}
+        r["extra"] = {"best_round": 3.0} if r["method"] == "hsl" else {}
     assert targets(recs)["best_strategy"] == "hsl"
+    md = render_markdown(build_results(recs, META))
+    assert "| 0.950* |" in md and "\\* the kept round's" in md
 
 
 def test_markdown_lists_every_method_and_target() -> None:
