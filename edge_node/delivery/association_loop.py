@@ -17,6 +17,9 @@ association is held: it never competes for a response and costs no CPU. While it
 checks (abort, release request, ended DUL, network timeout), so ``needs_loop()`` does them; ``wake()`` gives
 the loop back, and ``end()`` does so before it releases or aborts the association.
 
+``loop_has_work`` and ``set_dul_delay`` serve the receiving side too (``edge_node.ingest.poll_pacer``, which
+parks idle acceptor loops).
+
 Private pynetdicom attributes, hence the pin (pynetdicom<3.1); ``threading.Event``'s condition and its
 waiters are CPython's own (unchanged since 3.2). Where either is missing the loop is left as pynetdicom runs
 it, which only reopens the race.
@@ -29,7 +32,31 @@ import time
 
 from pynetdicom.association import Association
 
-__all__ = ["ParkedLoop"]
+__all__ = ["ParkedLoop", "loop_has_work", "set_dul_delay"]
+
+
+def set_dul_delay(assoc: Association, seconds: float) -> None:
+    """How long the association's DUL loop sleeps between socket polls.
+
+    ``_run_loop_delay`` is the knob pynetdicom 3.0 documents in DULServiceProvider.__init__ ("Controls the
+    minimum delay between loops"); private, hence pinned. Without it only the speed changes, never
+    correctness.
+    """
+    if hasattr(assoc.dul, "_run_loop_delay"):
+        assoc.dul._run_loop_delay = seconds
+
+
+def loop_has_work(assoc: Association) -> bool:
+    """True when the association loop has work that came without our asking: the peer aborted or asked to
+    release, the DUL ended, or the network timeout expired. A parked loop must then run again."""
+    return bool(
+        assoc.is_aborted
+        or assoc.is_released
+        or not assoc.dul.is_alive()
+        or assoc.dul.idle_timer_expired()
+        or assoc.acse.is_aborted()
+        or assoc.acse.is_release_requested()
+    )
 
 
 def _waited_on(event: threading.Event) -> bool:
@@ -60,16 +87,8 @@ class ParkedLoop:
         return self._parked is not None
 
     def needs_loop(self) -> bool:
-        """True when the association loop has work that came without our asking (the peer's, or a timeout)."""
-        assoc = self.assoc
-        return bool(
-            assoc.is_aborted
-            or assoc.is_released
-            or not assoc.dul.is_alive()
-            or assoc.dul.idle_timer_expired()
-            or assoc.acse.is_aborted()
-            or assoc.acse.is_release_requested()
-        )
+        """``loop_has_work`` for the held association."""
+        return loop_has_work(self.assoc)
 
     def end(self) -> None:
         """Wake the loop and end the association: released, or aborted when the peer is gone or silent."""
@@ -84,11 +103,10 @@ class ParkedLoop:
             self.assoc.abort()
 
     def wake(self) -> None:
-        """Give the loop back to pynetdicom (before a release or an abort, or when ``needs_loop()``)."""
+        """Give the loop back to pynetdicom (before a release or an abort, or when ``needs_loop()``): the loop
+        is blocked on the parked event, which becomes its checkpoint again and is set."""
         parked, self._parked = self._parked, None
         if parked is None:
             return
-        given = self.assoc._reactor_checkpoint
         self.assoc._reactor_checkpoint = parked
         parked.set()
-        given.set()

@@ -28,12 +28,11 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, _config
-from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
 from edge_node.analysis.result_file import ResultFile
 from edge_node.delivery.association_failure import why_not_established
-from edge_node.delivery.association_loop import ParkedLoop
+from edge_node.delivery.association_loop import ParkedLoop, set_dul_delay
 from edge_node.delivery.destination import Destination
 from edge_node.errors import SendError
 from edge_node.ingest.socket_options import NODELAY_HANDLERS
@@ -63,13 +62,6 @@ ACTIVE_DUL_DELAY_S = 0.0002
 RESTING_DUL_DELAY_S = 0.02
 
 
-def _set_dul_delay(assoc: Association, seconds: float) -> None:
-    # ``_run_loop_delay`` is pynetdicom 3.0's documented knob ("Controls the minimum delay between loops"),
-    # private, hence pinned (pynetdicom<3.1); without it only the speed changes, never correctness.
-    if hasattr(assoc.dul, "_run_loop_delay"):
-        assoc.dul._run_loop_delay = seconds
-
-
 class StoreLink:
     """One open association to a destination, reused for every result file that is ready for it.
 
@@ -97,7 +89,7 @@ class StoreLink:
         self._as_is = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in self._assoc.accepted_contexts
         }
-        _set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
+        set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
         self._loop = ParkedLoop(self._assoc)
 
     @property
@@ -110,7 +102,7 @@ class StoreLink:
 
     def pace(self, busy: bool) -> None:
         """Busy: the DUL polls fast, results are coming. Not busy: it polls slowly while the link lingers."""
-        _set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S if busy else RESTING_DUL_DELAY_S)
+        set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S if busy else RESTING_DUL_DELAY_S)
 
     def store(self, f: ResultFile) -> None:
         """C-STORE one result file; Warning statuses (0xB000, 0xB007, 0xB006) count as stored."""
@@ -122,7 +114,7 @@ class StoreLink:
         if self._loop.needs_loop():
             self._loop.wake()
             raise SendError(f"association with {where} was lost before sending {name}")
-        _set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
+        set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
         # Process-wide pynetdicom setting, read at each send_c_store: a path is sent as its bytes on disk (no
         # decode and re-encode). The node's only C-STORE SCU is this link; result files carry their file meta.
         _config.STORE_SEND_CHUNKED_DATASET = True
@@ -154,7 +146,7 @@ class StoreLink:
             logger.info("%s stored %s with warning 0x%04X", where, name, code)
 
     def close(self) -> None:
-        _set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
+        set_dul_delay(self._assoc, ACTIVE_DUL_DELAY_S)
         self._loop.end()
 
 

@@ -12,9 +12,10 @@ it receives (``EVT_DATA_RECV``, fired by the DUL thread before the PDU reaches D
 loop is running by the time a message is complete). A sweep every ``sweep_s`` finds the associations that
 received nothing since the previous sweep: their DUL gets the long delay and their association loop is
 parked on the checkpoint, where it costs no CPU. While parked, the sweep does that loop's checks for it:
-when the network timeout has expired, the DUL thread has ended or an abort is pending, it opens the
-checkpoint again, and pynetdicom's own loop aborts, releases or ends the association as it would have. The
-ACSE timeout is the DUL's ARTIM timer, which the DUL loop checks on every poll, parked or not.
+when the network timeout has expired, the DUL thread has ended, or an abort or a release request is pending
+(``loop_has_work``), it opens the checkpoint again, and pynetdicom's own loop aborts, releases or ends the
+association as it would have. The ACSE timeout is the DUL's ARTIM timer, which the DUL loop checks on every
+poll, parked or not.
 
 Cost of a parked association: ``1 / idle_s`` DUL polls a second; the first PDU after a pause waits at most
 ``idle_s`` (the DUL's sleep), then the association runs at full pace again.
@@ -29,24 +30,11 @@ from collections.abc import Callable, Iterable
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from edge_node.delivery.association_loop import loop_has_work, set_dul_delay
+
 __all__ = ["PollPacer"]
 
 logger = logging.getLogger(__name__)
-
-
-def _set_delay(assoc: Association, seconds: float) -> None:
-    # ``_run_loop_delay`` is the knob pynetdicom 3.0 documents in DULServiceProvider.__init__ ("Controls the
-    # minimum delay between loops"); private, hence pinned (pynetdicom<3.1). A release without it only
-    # changes speed, never correctness.
-    dul = assoc.dul
-    if hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = seconds
-
-
-def _needs_its_loop(assoc: Association) -> bool:
-    """True when the association loop has work that comes without a PDU: a timeout, an ended DUL, an abort."""
-    dul = assoc.dul
-    return bool(assoc.is_aborted or assoc.is_released or not dul.is_alive() or dul.idle_timer_expired())
 
 
 class PollPacer:
@@ -76,7 +64,7 @@ class PollPacer:
         assoc = event.assoc
         with self._lock:
             self._busy.add(id(assoc))
-            _set_delay(assoc, self.active_s)
+            set_dul_delay(assoc, self.active_s)
             assoc._reactor_checkpoint.set()
 
     def on_closed(self, event: Event) -> None:
@@ -100,10 +88,10 @@ class PollPacer:
         with self._lock:
             busy, self._busy = self._busy, set()
             for assoc in list(self._associations()):
-                if _needs_its_loop(assoc):
+                if loop_has_work(assoc):
                     assoc._reactor_checkpoint.set()
                 elif id(assoc) not in busy and assoc.is_established:
-                    _set_delay(assoc, self.idle_s)
+                    set_dul_delay(assoc, self.idle_s)
                     assoc._reactor_checkpoint.clear()
 
     def _run(self) -> None:

@@ -101,7 +101,7 @@ def test_the_loop_is_parked_even_when_it_was_just_let_through(storage_scp: int) 
     assert assoc.is_released
 
 
-def test_a_peer_abort_is_seen_while_the_loop_is_parked(storage_scp: int) -> None:
+def test_a_lost_connection_is_seen_while_the_loop_is_parked(storage_scp: int) -> None:
     assoc = _associate(storage_scp)
     loop = ParkedLoop(assoc)
     assert loop.parked
