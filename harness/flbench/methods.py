@@ -825,18 +825,9 @@ METHODS: dict[str, MethodFn] = {
     "hsl_concat_noanchor": lambda d, c: run_hsl(d, c, fusion="concat", anchor_weight=0.0),
     "fedavg_hslsteps": run_fedavg_hsl_steps,
 }
-BASELINES: tuple[str, ...] = ("local", "central", "fedavg", "fedprox", "fedbn")
-OURS: tuple[str, ...] = ("hsl", "fedhelp", "pfednet")
-FEDERATED: frozenset[str] = frozenset(set(METHODS) - {"local", "central", "local_aug", "central_aug"})
-#: The references the targets are scored against (always augmented, GroupNorm, like the strategies).
-REFERENCES: tuple[str, ...] = ("local_aug", "central_aug", "fedavg_aug")
 __all__ = [
-    "BASELINES",
-    "FEDERATED",
     "LARGE_CLINICS",
     "METHODS",
-    "OURS",
-    "REFERENCES",
     "SMALL_CLINICS",
     "BenchConfig",
     "MethodContext",
