@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -24,9 +25,11 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config
+from pynetdicom.association import Association
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from edge_node.delivery.association_loop import ParkedLoop
 from edge_node.ingest.listener import (
     DUL_LOOP_DELAY_S,
     IDLE_DUL_LOOP_DELAY_S,
@@ -122,16 +125,25 @@ def edge(tmp_path: Path, mode: ReceiveMode) -> Iterator[Running]:
     running.store.close()
 
 
+@contextmanager
+def sending(ae: AE, port: int, *, nodelay: bool = False) -> Iterator[Association]:
+    """An association to the node for a test to send on, released at the end. Its association loop is
+    parked meanwhile (``ParkedLoop``), so it cannot take a response meant for ``send_*``."""
+    handlers = list(NODELAY_HANDLERS) if nodelay else []
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE", evt_handlers=handlers)
+    assert assoc.is_established
+    held = ParkedLoop(assoc)
+    try:
+        yield assoc
+    finally:
+        held.end()
+
+
 def _scu(port: int, ds: pydicom.Dataset, calling: str = "PYSCU") -> int:
     ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(ds)
-        return int(status.Status)
-    finally:
-        assoc.release()
+    with sending(ae, port, nodelay=True) as assoc:
+        return int(assoc.send_c_store(ds).Status)
 
 
 def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
@@ -142,9 +154,7 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
         time.sleep(0.02)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
-    assert assoc.is_established
-    try:
+    with sending(ae, edge.port, nodelay=True) as assoc:
         assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
         assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         native = edge.listener.native_server
@@ -167,8 +177,6 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
         # The acceptor's DUL reactor polls faster than pynetdicom's default (1 ms): shorter round trips.
         assert server.active_associations[0].dul._run_loop_delay == DUL_LOOP_DELAY_S < 0.001
         assert int(assoc.send_c_echo().Status) == 0
-    finally:
-        assoc.release()
 
 
 @pytest.fixture
@@ -190,20 +198,18 @@ def test_an_idle_native_association_costs_no_cpu(tmp_path: Path) -> None:
     try:
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
-        assert assoc.is_established
-        native = running.listener.native_server
-        assert native is not None
-        threads = {t.native_id for t in threading.enumerate() if t.name == "edge-dicom-association"}
-        acceptors = {t.native_id for t in threading.enumerate() if t.name == "edge-dicom-acceptor"}
-        assert len(threads) == 1 and len(acceptors) == 1
-        ids = [i for i in threads | acceptors if i is not None]
-        before = sum(_cpu_ticks(i) for i in ids)
-        time.sleep(1.5)
-        # Both threads are blocked in the kernel (recv, accept): not one clock tick (10 ms) between them.
-        assert sum(_cpu_ticks(i) for i in ids) - before == 0
-        assert int(assoc.send_c_echo().Status) == 0
-        assoc.release()
+        with sending(ae, running.port) as assoc:
+            native = running.listener.native_server
+            assert native is not None
+            threads = {t.native_id for t in threading.enumerate() if t.name == "edge-dicom-association"}
+            acceptors = {t.native_id for t in threading.enumerate() if t.name == "edge-dicom-acceptor"}
+            assert len(threads) == 1 and len(acceptors) == 1
+            ids = [i for i in threads | acceptors if i is not None]
+            before = sum(_cpu_ticks(i) for i in ids)
+            time.sleep(1.5)
+            # Both threads are blocked in the kernel (recv, accept): not one clock tick (10 ms) between them.
+            assert sum(_cpu_ticks(i) for i in ids) - before == 0
+            assert int(assoc.send_c_echo().Status) == 0
     finally:
         running.listener.stop()
         running.store.close()
@@ -213,9 +219,7 @@ def test_an_idle_association_polls_slowly_until_it_receives_again(pynetdicom_edg
     edge = pynetdicom_edge
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE")
-    assert assoc.is_established
-    try:
+    with sending(ae, edge.port) as assoc:
         server = edge.listener._server
         assert server is not None and server.active_associations
         acceptor = server.active_associations[0]
@@ -229,8 +233,6 @@ def test_an_idle_association_polls_slowly_until_it_receives_again(pynetdicom_edg
         assert acceptor.dul._run_loop_delay == DUL_LOOP_DELAY_S
         assert acceptor._reactor_checkpoint.is_set()
         assert int(assoc.send_c_echo().Status) == 0
-    finally:
-        assoc.release()
     # A release reaches a parked loop too: the acceptor is gone, not left waiting.
     deadline = time.monotonic() + 5
     while server.active_associations and time.monotonic() < deadline:
@@ -346,8 +348,7 @@ def test_handler_errors_become_a_failure_status(edge: Running, mode: ReceiveMode
         sent.append(copy.deepcopy(ct))
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
-    try:
+    with sending(ae, edge.port, nodelay=True) as assoc:
         statuses = [int(assoc.send_c_store(ds).Status) for ds in sent[:2]]
         if mode == PYNETDICOM:  # a whole stream is recorded before its response
             assert statuses == [STATUS_PROCESSING_FAILURE, STATUS_PROCESSING_FAILURE]
@@ -359,8 +360,6 @@ def test_handler_errors_become_a_failure_status(edge: Running, mode: ReceiveMode
             c.execute("ALTER TABLE instances_gone RENAME TO instances")
         # Back: the waiting instance is recorded before the next is acknowledged.
         assert int(assoc.send_c_store(sent[2]).Status) == STATUS_SUCCESS
-    finally:
-        assoc.release()
     rows = edge.store.db.query("SELECT sop_instance_uid FROM instances")
     assert sorted(r[0] for r in rows) == sorted(str(ds.SOPInstanceUID) for ds in (sent[0], sent[2]))
     assert echoscu(edge.port)
@@ -396,7 +395,9 @@ def test_aborted_association_waits_for_quiet_time(edge: Running) -> None:
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE", evt_handlers=list(NODELAY_HANDLERS))
+    held = ParkedLoop(assoc)
     assert int(assoc.send_c_store(ds).Status) == 0
+    held.wake()
     assoc.abort()
     assert echoscu(edge.port)
     # The native transports write the row after the response (and an abort comes with no release to wait
@@ -443,12 +444,8 @@ def _send_file(port: int, path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the bytes as they are, not re-encoded
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE")
-    assert assoc.is_established
-    try:
+    with sending(ae, port) as assoc:
         return int(assoc.send_c_store(path).Status)
-    finally:
-        assoc.release()
 
 
 def test_deep_nesting_and_unknown_vr_are_cannot_understand_in_one_line(
@@ -481,13 +478,9 @@ def test_the_max_pdu_is_announced_and_a_conforming_sender_stores_through_it(
         ds = pydicom.dcmread(make_ct_instances(tmp_path / "ct", 1)[0])  # ~0.5 MB: 33 PDUs of 16 KiB
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", running.port, ae_title="EDGE")
-        assert assoc.is_established
-        try:
+        with sending(ae, running.port) as assoc:
             assert assoc.acceptor.maximum_length == 16384
             assert int(assoc.send_c_store(ds).Status) == 0
-        finally:
-            assoc.release()
         assert running.store.status.counts()["instances"] == 1
     finally:
         running.listener.stop()
