@@ -29,6 +29,8 @@ LARGE_CLINICS: tuple[str, ...] = SIX_CLINICS.large
 SMALL_CLINICS: tuple[str, ...] = SIX_CLINICS.small
 #: The public/anchor subset is the same for every seed and every node (HSL's "held identically").
 PUBLIC_SEED = 20_251_122
+#: The unseen clinics' unlabeled adaptation images draw their noise from rng([seed, ADAPT_STREAM]).
+ADAPT_STREAM = 7
 #: The fewest validation images a clinic gets (both classes present), however small its share.
 MIN_VAL = 6
 
@@ -80,6 +82,10 @@ class BenchData:
     small: tuple[str, ...] = SMALL_CLINICS
     #: The unseen-clinic panel: the test split rendered with each panel profile (labels ``unseen_y``).
     panel: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Each unseen clinic's own unlabeled images, keyed like its test ("unseen", "panel/<name>"): the whole
+    #: validation split rendered with its profile, what a new clinic holds before its first prediction. For
+    #: methods that adapt to a clinic without labels (AdaBN); no label of them exists here.
+    adapt_x: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def spec(self) -> TaskSpec:
@@ -235,6 +241,12 @@ def build_bench_data(
     unseen_profile = next(iter(setting.unseen.values()))
     unseen_x = _as_tensor(render(test01, unseen_profile, rng))
     rendered_panel = {name: _as_tensor(render(test01, prof, rng)) for name, prof in (panel or {}).items()}
+    # Their unlabeled images, from a stream of their own: every rendering above is as it was without them.
+    adapt_rng = np.random.default_rng([seed, ADAPT_STREAM])
+    adapt_x = {"unseen": _as_tensor(render(val01, unseen_profile, adapt_rng))}
+    adapt_x.update(
+        {f"panel/{name}": _as_tensor(render(val01, prof, adapt_rng)) for name, prof in (panel or {}).items()}
+    )
 
     size = public_size if public_size is not None else spec.public_size
     pub_idx = stratified_subset(public.labels, size, np.random.default_rng(PUBLIC_SEED))
@@ -247,5 +259,5 @@ def build_bench_data(
     )  # fmt: skip
     return BenchData(
         task, skew, seed, clinics, unseen_x, test_y, public_x, public_y,
-        setting.names, setting.small, rendered_panel,
+        setting.names, setting.small, rendered_panel, adapt_x,
     )  # fmt: skip

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.flbench.adapt import adapt_norms
 from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
 from harness.flbench.frozen_student import FrozenStudent, bench_task, primary_scores
 from harness.flbench.light_clinic import LightClinic
@@ -139,12 +140,17 @@ def _mean_metrics(each: list[dict[str, float]]) -> dict[str, float]:
 
 
 def evaluate(
-    data: BenchData, per_clinic: Mapping[str, Predictor], unseen: Predictor | list[Predictor]
+    data: BenchData,
+    per_clinic: Mapping[str, Predictor],
+    unseen: Predictor | list[Predictor],
+    adapted: Mapping[str, Predictor] | None = None,
 ) -> dict[str, Any]:
     """Each clinic's model on its own test set (its prevalence, its profile) at a threshold chosen on its own
     validation split; the unseen clinic and the panel at a threshold chosen on the pooled validation split.
 
     A list for ``unseen`` (local-only) scores every model there and reports the mean of their metrics.
+    ``adapted`` gives an unseen clinic ("unseen", "panel/<name>") a model of its own (adapted to its
+    unlabeled images, ``BenchData.adapt_x``) in place of ``unseen``.
     """
     clinics = {
         c: _scores(
@@ -159,6 +165,8 @@ def evaluate(
     pooled = data.pooled_val()
     runs = [_scores(p, pooled, tests) for p in (unseen if isinstance(unseen, list) else [unseen])]
     merged = {name: _mean_metrics([r[name] for r in runs]) for name in tests}
+    for name, own in (adapted or {}).items():
+        merged[name] = _scores(own, pooled, {name: tests[name]})[name]
     result: dict[str, Any] = {"clinics": clinics, "small": list(data.small), "unseen": merged["unseen"]}
     panel = {n: merged[f"panel/{n}"] for n in data.panel}
     if panel:
@@ -313,8 +321,13 @@ def run_averaging(
     *,
     augment: bool | None = None,
     norm: Norm = "batch",
+    adabn: bool = False,
 ) -> dict[str, Any]:
-    """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms."""
+    """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms.
+
+    ``adabn``: each unseen clinic re-estimates the BatchNorm statistics on its own unlabeled images
+    (``adapt_norms``) before it predicts; the clinics that trained are scored as without it.
+    """
     augment = ctx.cfg.augment if augment is None else augment
     init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
     settings: dict[str, Any] = {"client_config": {"augment": augment}}
@@ -356,7 +369,10 @@ def run_averaging(
         norms = [{n: to_params(learners[c].model)[n] for n in local_names} for c in data.names]
         load_params(global_model, weighted_mean(norms, [data.clinics[c].n_train for c in data.names]))
     load_params(global_model, shared)
-    result = evaluate(data, per_clinic, _predictor(global_model))
+    adapted: dict[str, Predictor] | None = None
+    if adabn:
+        adapted = {n: _predictor(adapt_norms(global_model, x)) for n, x in data.adapt_x.items()}
+    result = evaluate(data, per_clinic, _predictor(global_model), adapted)
     result["bytes_per_client_round"] = bytes_up
     if selectable:
         result["extra"] = best.extra()
@@ -805,6 +821,9 @@ METHODS: dict[str, MethodFn] = {
     "fedavg": lambda d, c: run_averaging(d, c, "fedavg"),
     "fedprox": lambda d, c: run_averaging(d, c, "fedprox"),
     "fedbn": lambda d, c: run_averaging(d, c, "fedbn"),
+    # The unseen clinics re-estimate BatchNorm statistics on their own unlabeled images (AdaBN).
+    "fedbn_adabn": lambda d, c: run_averaging(d, c, "fedbn", adabn=True),
+    "fedavg_adabn": lambda d, c: run_averaging(d, c, "fedavg", adabn=True),
     "hsl": run_hsl,
     "fedhelp": run_fedhelp,
     "pfednet": run_pfednet,

@@ -26,6 +26,8 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("fedhelp", "fedhelp_nofm"),
     ("fedhelp", "fedhelp_norank"),
     ("pfednet", "pfednet_nograph"),
+    ("fedbn_adabn", "fedbn"),
+    ("fedavg_adabn", "fedavg"),
 )
 
 

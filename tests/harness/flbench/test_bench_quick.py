@@ -45,7 +45,15 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     hsl = next(r for r in doc["records"] if r["method"] == "hsl")
     assert len(hsl["extra"]["anchor_auc"]) >= 6  # the mean anchor + single images of both classes
     for r in doc["records"]:  # one global model → its best round on validation; the others: their last
-        one_model = ("fedavg", "fedprox", "fedavg_aug", "central", "central_aug", "fedavg_hslsteps")
+        one_model = (
+            "fedavg",
+            "fedprox",
+            "fedavg_aug",
+            "central",
+            "central_aug",
+            "fedavg_hslsteps",
+            "fedavg_adabn",
+        )
         if r["method"] in one_model or r["method"].startswith("hsl"):
             assert 1 <= r["extra"]["best_round"] <= 2, r["method"]
         else:
@@ -62,6 +70,12 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     fedhelp = next(r for r in doc["records"] if r["method"] == "fedhelp")
     assert fedhelp["extra"]["foundation"] == quality
     assert "hsl − hsl_noanchor" in doc["targets"]["ablations"]
+    # AdaBN changes what the unseen clinics see and nothing else: the clinics that trained score the same.
+    by = {r["method"]: r for r in doc["records"]}
+    for adapted, plain in (("fedbn_adabn", "fedbn"), ("fedavg_adabn", "fedavg")):
+        assert by[adapted]["clinics"] == by[plain]["clinics"]
+        assert by[adapted]["panel"] != by[plain]["panel"]
+        assert f"{adapted} − {plain}" in doc["targets"]["ablations"]
 
     # --resume reuses every finished (method, seed) and rewrites the same reports.
     again = runner.invoke(

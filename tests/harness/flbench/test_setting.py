@@ -50,8 +50,9 @@ def test_grouped_file_is_the_six_clinics_in_two_scanner_groups_that_match_the_la
     assert high == {"A", "C", "E"}
 
 
-def test_panel_is_outside_the_augmentation_envelope() -> None:
-    panel = load_panel(DEFAULT_PANEL)
+@pytest.mark.parametrize("path", [DEFAULT_PANEL, SETTINGS_DIR / "unseen-panel-b.toml"], ids=lambda p: p.stem)
+def test_panel_is_outside_the_augmentation_envelope(path: Path) -> None:
+    panel = load_panel(path)
     assert len(panel) >= 4
     # Every panel profile uses at least one operation the training augmentation never produces.
     for name, p in panel.items():
