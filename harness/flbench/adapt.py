@@ -2,8 +2,8 @@
 
 A model trained elsewhere meets a new clinic's scanner with the training clinics' normalisation statistics.
 The clinic has images before it has labels, so it can re-estimate those statistics on its own images and
-keep every learned weight (Li et al., "Revisiting batch normalization for practical domain adaptation",
-2016). GroupNorm models have no statistics to re-estimate; they come back unchanged.
+keep every learned weight (AdaBN; what it does on the bench's panels: docs/benchmarks.md, "AdaBN").
+GroupNorm models have no statistics to re-estimate; they come back unchanged.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -379,7 +380,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                 lines.append(f"| {m} | " + " | ".join(_f(s["class_auc"][k]) for k in class_names) + " |")
     panel_names = next((list(s["panel"]) for s in methods.values() if "panel" in s), [])
     if panel_names:
-        lines += ["", "Out-of-envelope unseen panel (AUC):", ""]
+        source = f", `{PurePath(meta['panel_file']).name}`" if meta.get("panel_file") else ""
+        lines += ["", f"Out-of-envelope unseen panel (AUC{source}):", ""]
         lines += [
             "| method | " + " | ".join(panel_names) + " | mean |",
             "|---" * (len(panel_names) + 2) + "|",
@@ -404,12 +406,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {pair} | {_f(d['small'])} | {_f(d['worst'])} | {_f(d['unseen'])} | {_f(d['panel'])} |"
             )
-    lines += [
-        "",
-        f"Targets (best fedclinic strategy by {tg.get('chosen_on', 'small-clinic validation AUC')}: "
-        f"**{tg['best_strategy']}**):",
-        "",
-    ]
+    best = tg["best_strategy"]
+    chosen = f"**{best}**" if best else "none of HSL, FedHelp and pFedNet ran, so its lines are left out"
+    rule = tg.get("chosen_on", "small-clinic validation AUC")
+    lines += ["", f"Targets (best fedclinic strategy by {rule}: {chosen}):", ""]
     lines += ["| target | value | threshold | seeds passing | status |", "|---|---|---|---|---|"]
     for t in tg["checks"]:
         value = _f(t.get("value")) if t.get("value") else "–"

@@ -153,6 +153,13 @@ def test_markdown_lists_every_method_and_target() -> None:
     chosen = "small-clinic validation AUC at the last round, ties broken by all clinics'"
     assert f"best fedclinic strategy by {chosen}: **fedhelp**" in md
     assert "| p1 | p2 | mean |" in md
+    assert "Out-of-envelope unseen panel (AUC, `my-panel.toml`)" in render_markdown(
+        build_results(_records(), {**META, "panel_file": "/home/me/clinics/my-panel.toml"})
+    )
+    # Without any fedclinic strategy the heading says so (it printed **None**).
+    baselines = [r for r in _records() if r["method"] not in ("hsl", "fedhelp", "pfednet")]
+    md = render_markdown(build_results(baselines, META))
+    assert "none of HSL, FedHelp and pFedNet ran" in md and "None" not in md
 
 
 def test_each_mechanism_is_paired_with_its_ablation() -> None:
