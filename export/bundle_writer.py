@@ -24,6 +24,7 @@ from edge_node.protocol.manifest import (
     EngineEntry,
     FileEntry,
     HeadSpec,
+    InputEnvelope,
     IOSpec,
     Manifest,
     Preprocessing,
@@ -112,6 +113,7 @@ def write_bundle(
     description: str = "",
     engines: Sequence[EngineEntry] = (),
     head: HeadSpec | None = None,
+    envelope: InputEnvelope | None = None,
 ) -> Manifest:
     """Copy ``files`` into a new bundle directory ``out_dir``, hash them, write and sign the manifest.
 
@@ -152,6 +154,7 @@ def write_bundle(
             producer=producer,
             provenance=provenance,
             head=head,
+            envelope=envelope,
         )
         # Pretty for people; the signature covers the canonical bytes, which the edge recomputes.
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")

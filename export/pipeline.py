@@ -14,9 +14,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
+from edge_node.protocol.envelope import EnvelopeCheck
 from edge_node.protocol.manifest import (
     ClassLabel,
     HeadSpec,
+    InputEnvelope,
     IOSpec,
     Manifest,
     Preprocessing,
@@ -27,6 +29,7 @@ from edge_node.protocol.manifest import (
 from edge_node.protocol.signing import fingerprint
 from export.bundle_writer import BundleFile, producer_info, write_bundle
 from export.embedding_head import WithEmbedding, check_head, final_linear, head_spec
+from export.envelope import DEFAULT_QUANTILE, fit_envelope
 from export.errors import ExportError
 from export.metrics import output_accuracy, output_auc
 from export.onnx_export import EMBEDDING_NAME, INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
@@ -66,6 +69,9 @@ class ExportRequest:
     parity_bound: float = DEFAULT_BOUND
     federation: str | None = None
     round: int | None = None
+    #: Ship the input envelope (needs the embedding output), fitted on the calibration images.
+    envelope: bool = True
+    envelope_quantile: float = DEFAULT_QUANTILE
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,17 @@ def preprocessing_for(data_config: DataConfig, modalities: Sequence[str]) -> Pre
         mean=list(data_config.mean),
         std=list(data_config.std),
     )
+
+
+def _envelope(onnx_path: Path, calibration_x: np.ndarray, request: ExportRequest) -> InputEnvelope | None:
+    """The input envelope from the fp32 model's embeddings of the calibration (validation) images, or None
+    with a warning where it cannot be fitted (too few images, too wide an embedding)."""
+    embedding = run_onnx_outputs(cpu_session(onnx_path), calibration_x)[1]
+    try:
+        return fit_envelope(embedding, quantile=request.envelope_quantile)
+    except ExportError as exc:
+        logger.warning("%s ships without an input envelope: %s", request.model_id, exc)
+        return None
 
 
 def task_spec(data_config: DataConfig, classes: Sequence[ClassLabel]) -> TaskSpec:
@@ -151,6 +168,9 @@ def export_bundle(
             output_specs.append(TensorSpec(name=EMBEDDING_NAME, shape=onnx_file.embedding_shape))
         else:
             logger.warning("%s has no linear layer; exported without an embedding output", request.model_id)
+        envelope: InputEnvelope | None = None
+        if head is not None and request.envelope:
+            envelope = _envelope(onnx_file.path, data_config.preprocess(calibration.images), request)
         files = [BundleFile(onnx_file.path, MODEL_FILE, "model")]
         quant = None
         if request.int8:
@@ -171,6 +191,12 @@ def export_bundle(
             metrics[f"{test.name}_auc_int8"] = quant.int8_auc
             if quant.int8_accuracy is not None:
                 metrics[f"{test.name}_accuracy_int8"] = quant.int8_accuracy
+        if envelope is not None:
+            check = EnvelopeCheck.of(envelope)
+            metrics[f"{test.name}_outside_envelope_fp32"] = float(check.outside(outputs[1]).mean())
+            if quant is not None and quant.accepted and quant.path is not None:
+                int8_embedding = run_onnx_outputs(cpu_session(quant.path), test_x)[1]
+                metrics[f"{test.name}_outside_envelope_int8"] = float(check.outside(int8_embedding).mean())
         c, h, w = data_config.input_size
         manifest = write_bundle(
             out_dir,
@@ -184,6 +210,7 @@ def export_bundle(
                 outputs=output_specs,
             ),
             head=head,
+            envelope=envelope,
             preprocessing=preprocessing_for(data_config, request.modalities),
             provenance=Provenance(
                 training=request.training,

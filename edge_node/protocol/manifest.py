@@ -12,6 +12,7 @@ from pydantic import (
     SerializationInfo,
     SerializerFunctionWrapHandler,
     model_serializer,
+    model_validator,
 )
 
 from edge_node.protocol.errors import SchemaError
@@ -98,6 +99,35 @@ class HeadSpec(_Strict):
     @property
     def num_outputs(self) -> int:
         return int(self.weight.shape[0])
+
+
+class InputEnvelope(_Strict):
+    """Where the model's embeddings of the images it was checked on lie, so a node can tell an image unlike
+    them (a scanner, a protocol or a display the model never saw) from one like them.
+
+    An image is outside the envelope when the squared Mahalanobis distance of its embedding (the head's
+    ``embedding_output``) from ``mean`` exceeds ``threshold``: ``|W (e - mean)|^2 > threshold``. ``W`` whitens
+    a shrunk covariance of the embeddings (``W Σ Wᵀ = I``). The mean and covariance come from the exporter's
+    validation images; the threshold is the ``quantile`` of their cross-fitted distances (each image's
+    distance from an envelope fitted on the other ``folds``), so about ``1 - quantile`` of images like the
+    validation set fall outside by chance.
+    """
+
+    #: (D,)
+    mean: list[float]
+    #: (D, D)
+    whitening: list[list[float]]
+    threshold: float
+    quantile: float
+    #: Ledoit–Wolf weight of the scaled identity in the covariance (0 = the sample covariance).
+    shrinkage: float
+    #: Validation images the mean and covariance were fitted on, and the folds that set the threshold.
+    fitted_on: int
+    folds: int
+
+    @property
+    def dim(self) -> int:
+        return len(self.mean)
 
 
 class Preprocessing(_Strict):
@@ -189,14 +219,34 @@ class Manifest(_Strict):
     min_edge_version: str = "0.1.0"
     #: The final linear layer behind the embedding output; None for bundles exported without one.
     head: HeadSpec | None = None
+    #: Where the embeddings of the validation images lie; None for bundles exported without one.
+    envelope: InputEnvelope | None = None
+
+    @model_validator(mode="after")
+    def _envelope_fits_head(self) -> Manifest:
+        env = self.envelope
+        if env is None:
+            return self
+        if self.head is None:
+            raise ValueError("an input envelope needs the head's embedding output; the manifest has no head")
+        d = self.head.embedding_dim
+        if env.dim != d or len(env.whitening) != d or any(len(row) != d for row in env.whitening):
+            raise ValueError(
+                f"the input envelope must be over the {d}-dimensional embedding: mean (D,), whitening (D, D)"
+            )
+        if not (0.0 < env.quantile < 1.0) or not env.threshold > 0.0:
+            raise ValueError("the input envelope needs 0 < quantile < 1 and a positive threshold")
+        return self
 
     @model_serializer(mode="wrap")
-    def _omit_absent_head(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
-        # Bundles signed before the head existed have no "head" key: leaving it out when absent keeps their
-        # canonical bytes, and so their signatures, valid.
+    def _omit_absent_parts(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        # Bundles signed before the head (or the envelope) existed have no such key: leaving them out when
+        # absent keeps those bundles' canonical bytes, and so their signatures, valid.
         data = handler(self)
-        if isinstance(data, dict) and data.get("head") is None:
-            data.pop("head", None)
+        if isinstance(data, dict):
+            for key in ("head", "envelope"):
+                if data.get(key) is None:
+                    data.pop(key, None)
         return data
 
     def canonical_bytes(self) -> bytes:

@@ -183,9 +183,23 @@ def report_json(report: ExportReport, zipped: Path | None) -> dict[str, Any]:
         },
         "test_auc_fp32": report.fp32_auc,
         "int8": None if q is None else {"test_auc": q.int8_auc, "shipped": q.accepted, "reason": q.reason},
+        "envelope": envelope_json(report),
         "sizes": report.sizes,
         "shipped": report.shipped,
         "key_fingerprint": report.key_fingerprint,
+    }
+
+
+def envelope_json(report: ExportReport) -> dict[str, Any] | None:
+    """The bundle's input envelope in brief: how it was fitted and how much of the test split is outside."""
+    env = report.manifest.envelope
+    if env is None:
+        return None
+    return {
+        "quantile": env.quantile,
+        "fitted_on": env.fitted_on,
+        "folds": env.folds,
+        "test_outside": report.manifest.provenance.metrics.get("test_outside_envelope_fp32"),
     }
 
 
@@ -263,6 +277,16 @@ def export(
         else:
             verdict = "[green]shipped[/green]" if q.accepted else "[yellow]not shipped[/yellow]"
             table.add_row("test AUC int8", f"{q.int8_auc:.4f} ({verdict}: {q.reason})")
+        env = envelope_json(report)
+        if env is None:
+            table.add_row("input envelope", "none (no embedding output, or too few validation images)")
+        else:
+            table.add_row(
+                "input envelope",
+                f"{env['test_outside']:.1%} of test images outside (expected {1 - env['quantile']:.0%}; "
+                f"fitted on {env['fitted_on']} validation images, threshold cross-fitted in {env['folds']} "
+                "folds)",
+            )
         for name, size in report.sizes.items():
             table.add_row(f"size {name}", f"{size / 1024:.1f} KiB")
         table.add_row("shipped", ", ".join(report.shipped))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import stat
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from edge_node.protocol.bundle import verify_bundle
+from edge_node.protocol.envelope import EnvelopeCheck
 from edge_node.protocol.manifest import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -28,7 +30,7 @@ from export.bundle_writer import BundleFile, producer_info, sha256_file, write_b
 from export.errors import ExportError, KeyFileError, ParityError
 from export.metrics import roc_auc
 from export.onnx_export import OPSET, export_onnx
-from export.parity import check_parity, cpu_session, run_onnx
+from export.parity import check_parity, cpu_session, run_onnx, run_onnx_outputs
 from export.pipeline import EvalData, ExportRequest, export_bundle, preprocessing_for
 from export.quantize import quantize_gated
 from export.signing import (
@@ -179,6 +181,15 @@ def test_full_export_writes_a_bundle_the_edge_verifies(
     assert m.provenance.parity_max_abs_diff is not None and m.provenance.parity_max_abs_diff <= 1e-4
     assert m.provenance.metrics["test_auc_fp32"] == pytest.approx(report.fp32_auc)
     assert "test_auc_int8" in m.provenance.metrics
+    # The input envelope: fitted on the validation images, about 1 % of test images outside by chance.
+    assert m.envelope is not None and m.head is not None
+    assert m.envelope.fitted_on == len(pneumonia_val.labels)
+    assert m.envelope.dim == m.head.embedding_dim and m.envelope.quantile == 0.99
+    test_x = cfg.preprocess(pneumonia_test.images)
+    embedding = run_onnx_outputs(cpu_session(report.bundle_dir / "model.onnx"), test_x)[1]
+    outside = float(EnvelopeCheck.of(m.envelope).outside(embedding).mean())
+    assert m.provenance.metrics["test_outside_envelope_fp32"] == pytest.approx(outside)
+    assert outside <= 0.05 and m.provenance.metrics["test_outside_envelope_int8"] <= 0.05
     # Pretty on disk, signed over canonical bytes.
     raw = (report.bundle_dir / MANIFEST_FILE).read_bytes()
     assert b"\n  " in raw and canonical_json(json.loads(raw)) == m.canonical_bytes()
@@ -219,6 +230,26 @@ def test_export_without_accepted_int8_ships_fp32_only(
     assert report.shipped == ["model.onnx"]
     assert report.quantization is not None and not report.quantization.accepted
     assert not (tmp_path / "bundle" / "model.int8.onnx").exists()
+
+
+def test_export_without_an_envelope_leaves_the_key_out(
+    student_checkpoint: Checkpoint, pneumonia_test: ImageSet, pneumonia_val: ImageSet, tmp_path: Path
+) -> None:
+    private, public = create_keypair(tmp_path / "keys")
+    request = dataclasses.replace(_request(int8=False), envelope=False)
+    report = export_bundle(
+        student_checkpoint.build_model(),
+        student_checkpoint.config.data_config,
+        request,
+        test=EvalData(pneumonia_test.images, pneumonia_test.labels, "test"),
+        calibration=EvalData(pneumonia_val.images, pneumonia_val.labels, "val"),
+        private_key=load_private_key(private),
+        out_dir=tmp_path / "bundle",
+    )
+    assert report.manifest.envelope is None
+    assert "envelope" not in json.loads((report.bundle_dir / MANIFEST_FILE).read_bytes())
+    assert not any("envelope" in k for k in report.manifest.provenance.metrics)
+    assert verify_bundle(report.bundle_dir, [load_public_key_file(public)]).manifest.envelope is None
 
 
 def test_bundle_file_names_must_be_plain(signed_parts: dict[str, Any], tmp_path: Path) -> None:

@@ -91,6 +91,7 @@ def test_train_export_and_show_key(runner: CliRunner, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "parity" in result.output and "test AUC fp32" in result.output and "not requested" in result.output
+    assert "input envelope" in result.output and "of test images outside" in result.output
 
     trusted = load_public_keys(tmp_path / "keys" / "hub.pub")
     verified = verify_bundle(bundle, trusted)
@@ -109,6 +110,13 @@ def test_train_export_and_show_key(runner: CliRunner, tmp_path: Path) -> None:
     assert report["model_version"] == "1.0.1" and report["shipped"] == ["model.onnx"]
     assert report["zip"] == str(tmp_path / "bundles" / "pneumonia-1.0.1.zip") and report["int8"] is None
     assert 0.5 < report["test_auc_fp32"] <= 1.0 and report["key_fingerprint"] == fingerprint(trusted[0])
+    manifest = verify_bundle(bundle2, trusted).manifest
+    assert manifest.envelope is not None and report["envelope"] == {
+        "quantile": manifest.envelope.quantile,
+        "fitted_on": manifest.envelope.fitted_on,
+        "folds": manifest.envelope.folds,
+        "test_outside": manifest.provenance.metrics["test_outside_envelope_fp32"],
+    }
     from_zip = verify_bundle(Path(report["zip"]), trusted, extract_to=tmp_path / "unzipped")
     assert from_zip.manifest == verify_bundle(bundle2, trusted).manifest
 

@@ -1,0 +1,105 @@
+"""The bundle's input envelope: where the model's embeddings of its validation images lie.
+
+All images fit the mean and a Ledoit–Wolf shrunk covariance. The threshold is the ``quantile`` of
+cross-fitted squared Mahalanobis distances: each image's distance from an envelope fitted on the other
+folds. Distances of the images that were fitted would be too small (a fitted point is nearer its own mean),
+so new images like them would fall outside more often than ``1 - quantile``; cross-fitting gives every
+image a held-out distance, which matters where a validation split holds a few dozen images.
+docs/envelope.md explains the choice and its limits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_node.protocol.envelope import EnvelopeCheck
+from edge_node.protocol.manifest import InputEnvelope
+from export.errors import ExportError
+
+__all__ = [
+    "DEFAULT_QUANTILE",
+    "FOLDS",
+    "MAX_ENVELOPE_DIM",
+    "MIN_IMAGES",
+    "cross_fitted_distances",
+    "fit_envelope",
+    "ledoit_wolf",
+]
+
+DEFAULT_QUANTILE = 0.99
+#: The whitening matrix is D × D numbers in the signed manifest: 128² keeps it under half a megabyte.
+MAX_ENVELOPE_DIM = 128
+#: Fewer validation images than this give no envelope worth shipping.
+MIN_IMAGES = 40
+#: Folds of the cross-fitted threshold.
+FOLDS = 5
+
+
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """(N, D) samples → (the shrunk covariance (D, D), the shrinkage weight in [0, 1]).
+
+    The covariance is ``(1 - a) S + a m I`` with S the sample covariance (divided by N), m its mean
+    eigenvalue and ``a`` the weight that minimises the expected squared error (Ledoit and Wolf, 2004).
+    """
+    n, d = x.shape
+    xc = x - x.mean(axis=0)
+    s = xc.T @ xc / n
+    m = float(np.trace(s)) / d
+    delta = float(np.sum((s - m * np.eye(d)) ** 2))
+    if delta <= 0.0:
+        return s, 0.0
+    # Σ_k |x_k x_kᵀ − S|² = Σ_k |x_k|⁴ − n |S|² (each outer product's cross term with S sums to n |S|²).
+    beta = (float(np.sum(np.sum(xc**2, axis=1) ** 2)) - n * float(np.sum(s**2))) / n**2
+    a = min(max(beta, 0.0), delta) / delta
+    return (1.0 - a) * s + a * m * np.eye(d), a
+
+
+def _whitened(x: np.ndarray) -> tuple[EnvelopeCheck, float]:
+    """The envelope check of samples ``x`` (threshold left at 1) and its shrinkage weight."""
+    cov, shrinkage = ledoit_wolf(x)
+    d = x.shape[1]
+    try:
+        chol = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        # Every embedding equal along some direction and no shrinkage to lift it: lift it by a hair.
+        chol = np.linalg.cholesky(cov + 1e-9 * max(float(np.trace(cov)) / d, 1.0) * np.eye(d))
+    whitening = np.linalg.inv(chol)  # W Σ Wᵀ = I
+    return EnvelopeCheck(mean=x.mean(axis=0), whitening=whitening, threshold=1.0), shrinkage
+
+
+def cross_fitted_distances(e: np.ndarray, folds: int = FOLDS) -> np.ndarray:
+    """(N,) each row's squared distance from an envelope fitted on the rows of the other folds (row i is in
+    fold i mod ``folds``)."""
+    out = np.empty(len(e))
+    fold = np.arange(len(e)) % folds
+    for k in range(folds):
+        check, _ = _whitened(e[fold != k])
+        out[fold == k] = check.distances(e[fold == k])
+    return out
+
+
+def fit_envelope(embeddings: np.ndarray, *, quantile: float = DEFAULT_QUANTILE) -> InputEnvelope:
+    """(N, D) embeddings of validation images → the envelope (fitted on all, cross-fitted threshold)."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    if e.ndim != 2:
+        raise ExportError(f"the envelope needs (N, D) embeddings, got shape {e.shape}")
+    n, d = e.shape
+    if n < MIN_IMAGES:
+        raise ExportError(f"the envelope needs at least {MIN_IMAGES} validation images, got {n}")
+    if d > MAX_ENVELOPE_DIM:
+        raise ExportError(f"the envelope is limited to {MAX_ENVELOPE_DIM}-dimensional embeddings, got {d}")
+    if not np.all(np.isfinite(e)):
+        raise ExportError("the validation embeddings are not all finite; the model is broken")
+    if not 0.0 < quantile < 1.0:
+        raise ExportError(f"the envelope's quantile must lie in (0, 1), got {quantile}")
+    check, shrinkage = _whitened(e)
+    threshold = float(np.quantile(cross_fitted_distances(e), quantile, method="higher"))
+    return InputEnvelope(
+        mean=[float(v) for v in check.mean],
+        whitening=[[float(v) for v in row] for row in check.whitening],
+        threshold=max(threshold, np.finfo(np.float64).tiny),
+        quantile=quantile,
+        shrinkage=float(shrinkage),
+        fitted_on=n,
+        folds=FOLDS,
+    )
