@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from harness.flbench.adapt import adapt_norms
 from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
+from harness.flbench.envelope_rates import Embedder, envelope_rates, feature_embedder
 from harness.flbench.frozen_student import FrozenStudent, bench_task, primary_scores
 from harness.flbench.light_clinic import LightClinic
 from harness.flbench.public_corpus import BenchFoundation
@@ -62,6 +63,7 @@ from hub.training.simulation import ClientLearner, RoundCheckpoint, run_federati
 log = logging.getLogger(__name__)
 
 Predictor = Callable[[torch.Tensor], np.ndarray]
+M = TypeVar("M", bound=nn.Module)
 OnRound = Callable[[int], None]
 
 
@@ -144,13 +146,15 @@ def evaluate(
     per_clinic: Mapping[str, Predictor],
     unseen: Predictor | list[Predictor],
     adapted: Mapping[str, Predictor] | None = None,
+    embed: Embedder | None = None,
 ) -> dict[str, Any]:
     """Each clinic's model on its own test set (its prevalence, its profile) at a threshold chosen on its own
     validation split; the unseen clinic and the panel at a threshold chosen on the pooled validation split.
 
     A list for ``unseen`` (local-only) scores every model there and reports the mean of their metrics.
     ``adapted`` gives an unseen clinic ("unseen", "panel/<name>") a model of its own (adapted to its
-    unlabeled images, ``BenchData.adapt_x``) in place of ``unseen``.
+    unlabeled images, ``BenchData.adapt_x``) in place of ``unseen``. ``embed`` (a method with one deployable
+    model) adds how many test images of each clinic fall outside that model's input envelope (``envelope``).
     """
     clinics = {
         c: _scores(
@@ -172,6 +176,8 @@ def evaluate(
     if panel:
         result["panel"] = panel
         result["panel_mean"] = {k: float(np.mean([m[k] for m in panel.values()])) for k in METRICS}
+    if embed is not None:
+        result["envelope"] = envelope_rates(data, embed)
     return result
 
 
@@ -223,7 +229,7 @@ class BestRound:
         }
 
 
-def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+def _seeded(seed: int, build: Callable[[], M]) -> M:
     torch.manual_seed(seed)
     return build()
 
@@ -306,7 +312,7 @@ def run_central(
             ctx.on_round(rnd)
     load_params(model, best.params)
     p = _predictor(model)
-    result = evaluate(data, dict.fromkeys(data.names, p), p)
+    result = evaluate(data, dict.fromkeys(data.names, p), p, embed=feature_embedder(model))
     result["extra"] = best.extra()
     return result
 
@@ -372,7 +378,9 @@ def run_averaging(
     adapted: dict[str, Predictor] | None = None
     if adabn:
         adapted = {n: _predictor(adapt_norms(global_model, x)) for n, x in data.adapt_x.items()}
-    result = evaluate(data, per_clinic, _predictor(global_model), adapted)
+    # One deployable model (every tensor shared): its input envelope, as its bundle would carry it.
+    embed = feature_embedder(global_model) if selectable and not adabn else None
+    result = evaluate(data, per_clinic, _predictor(global_model), adapted, embed=embed)
     result["bytes_per_client_round"] = bytes_up
     if selectable:
         result["extra"] = best.extra()
@@ -492,7 +500,7 @@ def run_fedavg_hsl_steps(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
     load_params(model, best.params)
     p = _predictor(model)
-    result = evaluate(data, dict.fromkeys(data.names, p), p)
+    result = evaluate(data, dict.fromkeys(data.names, p), p, embed=feature_embedder(model))
     result["bytes_per_client_round"] = bytes_up
     result["extra"] = best.extra()
     return result

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_node.protocol.envelope import DRIFT_ALARM_P, DRIFT_TOLERANCE, drift_alarm
 from harness.flbench.datasets import SMALL_CLINICS
 from harness.flbench.scoring import finite_mean, selection_key
 
@@ -53,6 +54,8 @@ def finalize_record(
     aucs = {c: float(clinics[c]["auc"]) for c in names}
     worst = min(names, key=lambda c: aucs[c] if math.isfinite(aucs[c]) else -1.0)
     bytes_up = {c: float(b) for c, b in raw.get("bytes_per_client_round", {}).items()}
+    # Counts outside the model's input envelope (methods with one deployable model; see envelope_rates).
+    envelope = {"envelope": raw["envelope"]} if "envelope" in raw else {}
     return {
         "method": method,
         "seed": seed,
@@ -78,6 +81,7 @@ def finalize_record(
         "wall_s": float(wall_s),
         "extra": raw.get("extra", {}),
         "config": dict(config),
+        **envelope,
     }
 
 
@@ -129,6 +133,8 @@ def summarize_method(records: Sequence[Record]) -> dict[str, Any]:
     if all(r.get("panel") for r in records):
         out["panel"] = {n: _ms([r["panel"][n]["auc"] for r in records]) for n in records[0]["panel"]}
         out["panel_auc"] = _ms([r["panel_mean"]["auc"] for r in records])
+    if all(r.get("envelope") for r in records):
+        out["envelope"] = _envelope_summary([r["envelope"] for r in records])
     if any(r["bytes_per_client_round"] for r in records):
         out["bytes_per_client_round"] = {
             c: _ms([r["bytes_per_client_round"][c] for r in records if c in r["bytes_per_client_round"]])[
@@ -139,6 +145,25 @@ def summarize_method(records: Sequence[Record]) -> dict[str, Any]:
         }
         out["mean_bytes_per_client_round"] = _ms([r["mean_bytes_per_client_round"] for r in records])["mean"]
     return out
+
+
+def _envelope_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per place (each trained clinic, ``unseen``, ``panel/<name>``): the share of test images outside the
+    envelope over seeds, and in how many seeds the count is more than chance (a node's drift alarm)."""
+    quantile = float(runs[0]["quantile"])
+
+    def places(run: Mapping[str, Any]) -> dict[str, Mapping[str, int]]:
+        out = {**run["clinics"], "unseen": run["unseen"]}
+        out.update({f"panel/{n}": c for n, c in run.get("panel", {}).items()})
+        return out
+
+    names = list(places(runs[0]))
+    counts = [places(r) for r in runs]
+    return {
+        "expected": 1.0 - quantile,
+        "rate": {n: _ms([c[n]["outside"] / max(c[n]["n"], 1) for c in counts]) for n in names},
+        "alarms": {n: sum(drift_alarm(c[n]["outside"], c[n]["n"], quantile) for c in counts) for n in names},
+    }
 
 
 def _paired(by: Mapping[str, Mapping[int, Record]], a: str, b: str, fn: Any) -> list[float]:
@@ -390,6 +415,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             if "panel" in s:
                 cells = [_f(s["panel"][n]) for n in panel_names]
                 lines.append(f"| {m} | " + " | ".join(cells) + f" | {_f(s['panel_auc'])} |")
+    lines += _envelope_lines(methods)
     tg = results["targets"]
     cols = [k for k in next(iter(tg["paired"].values()), {})]
     lines += ["", "Paired by seed against the fair references (mean±sd over seeds):", ""]
@@ -422,6 +448,29 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         if extras:
             lines.append(f"- **{m}**: " + _extras_line(extras))
     return "\n".join(lines) + "\n"
+
+
+def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
+    with_envelope = {m: s["envelope"] for m, s in methods.items() if "envelope" in s}
+    if not with_envelope:
+        return []
+    first = next(iter(with_envelope.values()))
+    names = list(first["rate"])
+    lines = [
+        "",
+        "Input envelope (as the model's bundle would carry it, fitted on the pooled validation split): "
+        f"share of each place's test images outside (expected by chance {first['expected']:.0%}), and in "
+        f"how many seeds a node's drift alarm fires (one-sided binomial p < {DRIFT_ALARM_P} against "
+        f"{DRIFT_TOLERANCE:g} × the chance rate):",
+        "",
+        "| method | " + " | ".join(n.removeprefix("panel/") for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for m, env in with_envelope.items():
+        n_seeds = env["rate"][names[0]]["n"]
+        cells = [f"{env['rate'][n]['mean']:.1%} ({env['alarms'][n]}/{n_seeds})" for n in names]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _extras_line(extras: Sequence[Mapping[str, Any]]) -> str:

@@ -77,6 +77,18 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         assert by[adapted]["panel"] != by[plain]["panel"]
         assert f"{adapted} − {plain}" in doc["targets"]["ablations"]
 
+    # Methods with one deployable model count each place's test images outside that model's envelope.
+    deployable = {"central", "central_aug", "fedavg", "fedprox", "fedavg_aug", "fedavg_hslsteps"}
+    assert {m for m, r in by.items() if "envelope" in r} == deployable
+    env = by["fedavg_aug"]["envelope"]
+    assert set(env["clinics"]) == set("ABCDEF") and set(env["panel"]) == set(by["fedavg_aug"]["panel"])
+    for count in [*env["clinics"].values(), env["unseen"], *env["panel"].values()]:
+        assert 0 <= count["outside"] <= count["n"] and count["n"] > 0
+    assert sum(c["outside"] for c in env["panel"].values()) > 0  # the panel is unlike the training images
+    rates = doc["methods"]["fedavg_aug"]["envelope"]["rate"]
+    assert rates["A"]["mean"] == env["clinics"]["A"]["outside"] / env["clinics"]["A"]["n"]
+    assert "Input envelope" in (out / "results.md").read_text()
+
     # --resume reuses every finished (method, seed) and rewrites the same reports.
     again = runner.invoke(
         app, ["bench", "fl", "--task", "pneumonia", "--quick", "--resume", "--out", str(out)]
