@@ -163,7 +163,8 @@ def status(
     limit: Annotated[int, typer.Option(help="How many recent studies to list.")] = 20,
     output: FormatOption = OutputFormat.text,
 ) -> None:
-    """Show whether the node runs, the model in use (and the processor it really runs on), totals and the
+    """Show whether the node runs, the model in use (and the processor it really runs on), totals, how many
+    recent images lay outside each model's input envelope (with a warning when far more than chance) and the
     recent studies.
 
     Study identifiers are shown only as short hashes, never as patient data. "runs on CPUExecutionProvider"

@@ -1,4 +1,5 @@
-"""What ``fedclinic-edge status`` reports: whether the node runs, its model, totals and recent studies.
+"""What ``fedclinic-edge status`` reports: whether the node runs, its model, totals, the input envelope
+monitor and recent studies.
 
 Built once from the node's files (database, serving record, lock), then written as JSON for scripts or as
 text for people: a table on a wide terminal, one block per study when piped or narrow, so that nothing
@@ -8,16 +9,18 @@ text for people: a table on a wide terminal, one block per study when piped or n
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_node.inference.personal_head import PersonalHeadStore
 from edge_node.inference.serving_record import ServingRecord, read_serving
 from edge_node.node_lock import running_node
 from edge_node.settings import EdgeSettings
+from edge_node.state.envelope_monitor import EnvelopeWindow
 from edge_node.state.model_registry import ModelRecord
 from edge_node.state.node_state import NodeState
 from edge_node.state.status_queries import StudySummary
@@ -50,6 +53,8 @@ class StatusReport:
     #: The clinic's personal head: serving (with the round that trained it) or retired (with why); None if
     #: the node never trained one.
     personal_head: dict[str, Any] | None = None
+    #: Per model version with an input envelope: the latest analysed images and how many lay outside it.
+    envelope: list[EnvelopeWindow] = field(default_factory=list)
 
     @classmethod
     def collect(cls, settings: EdgeSettings, state: NodeState, limit: int) -> StatusReport:
@@ -65,6 +70,7 @@ class StatusReport:
             studies=[(state.db.uid_hash(s.study_uid), s) for s in state.status.recent_studies(limit)],
             limit=limit,
             personal_head=_personal_head(PersonalHeadStore.in_data_dir(settings.data_dir), state),
+            envelope=state.envelope.recent(),
         )
 
     # -- JSON ----------------------------------------------------------------------------------------------
@@ -98,6 +104,7 @@ class StatusReport:
             },
             "last_send_error": self.last_send_error,
             "personal_head": self.personal_head,
+            "input_envelope": [w.to_json() for w in self.envelope],
             "studies": [
                 {
                     "study": key,
@@ -162,6 +169,7 @@ class StatusReport:
         if self.personal_head is not None:
             console.print(f"[bold]personal head:[/bold] {self.personal_line()}", highlight=False)
         console.print(f"[bold]totals:[/bold] {self.totals_line()}", highlight=False)
+        self._print_envelope(console)
         if self.last_send_error:
             console.print(f"[yellow]last send error:[/yellow] {self.last_send_error}", highlight=False)
         if not self.studies:
@@ -196,6 +204,39 @@ class StatusReport:
                 "did not load: check the CUDA / cuDNN / TensorRT libraries)"
             )
         console.print(f"[bold]serving:[/bold] {variant}, {where}, since {since}", highlight=False)
+
+    def _print_envelope(self, console: Console) -> None:
+        """The input envelope monitor: a table on a wide terminal, a line per model version otherwise; a
+        warning under it for each window with far more images outside than chance explains."""
+        if not self.envelope:
+            return
+        if console.is_terminal and console.width >= TABLE_MIN_WIDTH:
+            table = Table(title="input envelope (latest analysed images per model version)")
+            for column in ("model", "images", "outside", "rate", "expected by chance", "drifting"):
+                table.add_column(column, overflow="fold")
+            for w in self.envelope:
+                table.add_row(
+                    escape(f"{w.model_id} {w.model_version}"),
+                    f"{w.images} (window {w.window})",
+                    str(w.outside),
+                    f"{w.rate:.1%}",
+                    f"{w.expected_rate:.1%}",
+                    "[yellow]yes[/yellow]" if w.drifting else "no",
+                )
+            console.print(table)
+        else:
+            for w in self.envelope:
+                model = escape(f"{w.model_id} {w.model_version}")
+                console.print(
+                    f"[bold]input envelope:[/bold] {model}: {w.outside} of the last {w.images} analysed"
+                    f" images outside ({w.rate:.1%}; {w.expected_rate:.1%} expected by chance)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+        for w in self.envelope:
+            warning = w.warning()
+            if warning is not None:
+                console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
 
     def _print_table(self, console: Console) -> None:
         table = Table(title=f"recent studies (last {self.limit})")

@@ -192,15 +192,15 @@ class Worker:
             scores = score_studies([p for _, p in waiting], model)
         except InferenceError as exc:  # a single study: its own failure
             scores = [exc]
-        for (run, prepared), probs in zip(waiting, scores, strict=True):
+        for (run, prepared), scored in zip(waiting, scores, strict=True):
             sid = self.runs.db.uid_hash(run.claim.study_uid)
-            if isinstance(probs, InferenceError):
-                run.fail(probs, sid)
+            if isinstance(scored, InferenceError):
+                run.fail(scored, sid)
                 continue
             try:
                 outcome = finish_study(
                     prepared,
-                    probs,
+                    scored,
                     model,
                     run.out_dir,
                     secondary_capture=self.config.secondary_capture,
@@ -231,7 +231,13 @@ class Worker:
         """Every outcome in one transaction; when that fails, each alone (a failure is recorded as such)."""
         destinations = self.config.destinations
         now = time.time()
-        in_use = ModelInUse(model.model_id, model.model_version, model.provider)
+        envelope = model.manifest.envelope
+        in_use = ModelInUse(
+            model.model_id,
+            model.model_version,
+            model.provider,
+            envelope_quantile=envelope.quantile if envelope is not None else None,
+        )
         try:
             with self.runs.db.tx() as c:
                 for run in runs:
@@ -295,7 +301,10 @@ class _Run:
     def take(self, outcome: StudyOutcome) -> None:
         self.event = StudyEvent.DONE if outcome.status == "done" else StudyEvent.SKIPPED
         self.reason = outcome.reason
-        self.findings = [FindingRow(f.sop_instance_uid, float(f.score), f.label) for f in outcome.findings]
+        self.findings = [
+            FindingRow(f.sop_instance_uid, float(f.score), f.label, f.outside_envelope, f.envelope_ratio)
+            for f in outcome.findings
+        ]
         self.outputs = list(outcome.outputs)  # written durably: the outbox never points at a lost file
         self.report = outcome.report
 

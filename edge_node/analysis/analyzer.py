@@ -29,7 +29,7 @@ from edge_node.analysis.selection import (
     summarise_reasons,
 )
 from edge_node.errors import InferenceError
-from edge_node.inference.loaded_model import LoadedModel
+from edge_node.inference.loaded_model import LoadedModel, ModelScores
 from edge_node.state.runs import InstanceRow, ReportRef
 
 __all__ = ["PreparedStudy", "StudyOutcome", "analyze_study", "finish_study", "prepare_study", "score_studies"]
@@ -153,9 +153,9 @@ def prepare_study(
     return PreparedStudy(analysed=analysed, ignored=ignored)
 
 
-def _probabilities(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
+def _scores(model: LoadedModel, batch: np.ndarray) -> ModelScores:
     try:
-        return model.probabilities(batch)
+        return model.scores(batch)
     except Exception as exc:
         raise InferenceError(
             f"model {model.model_id} {model.model_version} failed on {batch.shape[0]} image(s) "
@@ -163,47 +163,67 @@ def _probabilities(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
         ) from exc
 
 
-def score_studies(studies: Sequence[PreparedStudy], model: LoadedModel) -> list[np.ndarray | InferenceError]:
-    """The model's probabilities for every image of several studies, in one run: one array per study.
+def score_studies(studies: Sequence[PreparedStudy], model: LoadedModel) -> list[ModelScores | InferenceError]:
+    """The model's scores for every image of several studies, in one run: one ModelScores per study.
 
-    When the run over all of them fails, each study is run alone, so that one study's bad input fails that
-    study only (its entry is the InferenceError).
+    The scores are the probabilities and, when the bundle has an input envelope, each image's envelope
+    result from the same run. When the run over all of them fails, each study is run alone, so that one
+    study's bad input fails that study only (its entry is the InferenceError).
     """
     if not studies:
         return []
     try:
-        probs = _probabilities(model, np.concatenate([s.batch for s in studies]))
+        scores = _scores(model, np.concatenate([s.batch for s in studies]))
     except InferenceError:
         if len(studies) == 1:
             raise
-        out: list[np.ndarray | InferenceError] = []
+        out: list[ModelScores | InferenceError] = []
         for study in studies:
             try:
-                out.append(_probabilities(model, study.batch))
+                out.append(_scores(model, study.batch))
             except InferenceError as exc:
                 out.append(exc)
         return out
-    bounds = np.cumsum([len(s.analysed) for s in studies])[:-1]
-    return list(np.split(probs, bounds))
+    return list(scores.split([len(s.analysed) for s in studies]))
+
+
+def _unusable(finding: Finding) -> str | None:
+    """Why a finding cannot reach a result (a broken model or input), or None."""
+    if not math.isfinite(finding.score):
+        return "the model's score is not finite"
+    if finding.envelope_ratio is not None and not math.isfinite(finding.envelope_ratio):
+        return "the model's embedding is not finite"
+    return None
 
 
 def finish_study(
     study: PreparedStudy,
-    probs: np.ndarray,
+    scores: ModelScores,
     model: LoadedModel,
     out_dir: Path,
     *,
     secondary_capture: bool = True,
     predecessor: ReportRef | None = None,
 ) -> StudyOutcome:
-    """Findings from the model's probabilities, and the SR (and SCs) written durably into ``out_dir``."""
+    """Findings from the model's scores, and the SR (and SCs) written durably into ``out_dir``."""
     analysed, ignored = study.analysed, list(study.ignored)
-    scored = findings_from_probabilities(probs, [a.image for a in analysed], model.task)
-    # A non-finite score (a broken model or input) is that instance's reason; it never reaches a result.
-    kept = [i for i, f in enumerate(scored) if math.isfinite(f.score)]
-    for i in sorted(set(range(len(scored))) - set(kept)):
+    scored = findings_from_probabilities(
+        scores.probabilities,
+        [a.image for a in analysed],
+        model.task,
+        outside_envelope=scores.outside_envelope,
+        envelope_ratio=scores.envelope_ratio,
+    )
+    # A non-finite score or embedding (a broken model or input) is that instance's reason; it never reaches
+    # a result.
+    kept: list[int] = []
+    for i, f in enumerate(scored):
+        reason = _unusable(f)
+        if reason is None:
+            kept.append(i)
+            continue
         h = analysed[i].candidate.header
-        ignored.append(Ignored(h.path, h.sop_instance_uid or None, "the model's score is not finite"))
+        ignored.append(Ignored(h.path, h.sop_instance_uid or None, reason))
     analysed = [analysed[i] for i in kept]
     findings = [scored[i] for i in kept]
     if not analysed:
@@ -226,12 +246,16 @@ def finish_study(
     if secondary_capture:
         for i, (a, f) in enumerate(zip(analysed, findings, strict=True)):
             outputs.append(write_fast_sc(a.dataset, a.prepared.display, f, model.manifest, out_dir, index=i))
+    # Counts only: the envelope's part is there when the bundle has one (the line is as before otherwise).
+    outside = sum(bool(f.outside_envelope) for f in findings)
+    envelope = "" if model.envelope is None else f", {outside:d} outside the input envelope"
     logger.info(
-        "study analysed: %d image(s), %d present, %d ignored, %d result file(s)",
+        "study analysed: %d image(s), %d present, %d ignored, %d result file(s)%s",
         len(findings),
         sum(f.present for f in findings),
         len(ignored),
         len(outputs),
+        envelope,
     )
     return StudyOutcome(
         status="done", reason=None, findings=findings, outputs=outputs, ignored=ignored, report=report
@@ -254,8 +278,8 @@ def analyze_study(
     prepared = prepare_study(instances, model, secondary_capture=secondary_capture)
     if isinstance(prepared, StudyOutcome):
         return prepared
-    (probs,) = score_studies([prepared], model)
-    assert not isinstance(probs, InferenceError)  # a single study's failure is raised
+    (scores,) = score_studies([prepared], model)
+    assert not isinstance(scores, InferenceError)  # a single study's failure is raised
     return finish_study(
-        prepared, probs, model, out_dir, secondary_capture=secondary_capture, predecessor=predecessor
+        prepared, scores, model, out_dir, secondary_capture=secondary_capture, predecessor=predecessor
     )

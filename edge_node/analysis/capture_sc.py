@@ -19,6 +19,7 @@ from edge_node.protocol.manifest import Manifest
 
 __all__ = [
     "NOT_FOR_DIAGNOSIS",
+    "OUTSIDE_ENVELOPE",
     "SC_SERIES_NUMBER",
     "build_sc",
     "caption",
@@ -31,6 +32,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
+#: Burnt in under the result of an image unlike those the model was checked on (bundles with an envelope).
+OUTSIDE_ENVELOPE = "Outside the model's input envelope: result less reliable"
 SC_SERIES_NUMBER = 9902
 SERIES_DESCRIPTION = "AI result image (fedclinic) - NOT FOR DIAGNOSTIC USE"
 #: Small images (MedMNIST is 28x28) are enlarged so that the text is readable; huge ones are reduced.
@@ -51,6 +54,8 @@ def caption(finding: Finding, manifest: Manifest) -> list[str]:
     # Multiclass: every class's probability, four to a line so that the text stays readable.
     shares = [f"{c.name} {p:.3f}" for c, p in zip(manifest.task.classes, finding.probabilities, strict=False)]
     lines += ["  ".join(shares[i : i + 4]) for i in range(0, len(shares), 4)]
+    if finding.outside_envelope:
+        lines.append(OUTSIDE_ENVELOPE)
     return [*lines, f"model {manifest.model_id} {manifest.model_version}", NOT_FOR_DIAGNOSIS]
 
 

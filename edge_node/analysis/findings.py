@@ -28,6 +28,12 @@ class Finding:
     number_of_frames: int = 1
     #: Multiclass: every class's probability, by class index (the SR reports each); empty for binary tasks.
     probabilities: tuple[float, ...] = ()
+    #: Whether the image lies outside the model's input envelope (images unlike those the model was checked
+    #: on: its result is less reliable); None when the bundle has no envelope.
+    outside_envelope: bool | None = None
+    #: The image's envelope distance as a multiple of the envelope's threshold (above 1: outside); None when
+    #: the bundle has no envelope.
+    envelope_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -42,17 +48,30 @@ class AnalysedImage:
 
 
 def findings_from_probabilities(
-    probs: np.ndarray, analysed: Sequence[AnalysedImage], task: TaskSpec
+    probs: np.ndarray,
+    analysed: Sequence[AnalysedImage],
+    task: TaskSpec,
+    *,
+    outside_envelope: np.ndarray | None = None,
+    envelope_ratio: np.ndarray | None = None,
 ) -> list[Finding]:
     """One Finding per analysed instance from (N, K) class probabilities.
 
     Binary: the score is the positive class's probability and the finding is present at or above the
     manifest's threshold. Multiclass: the score is the top class's probability, the label its name, the
     finding is present unless the top class is the first (reference) class, and every class's probability
-    goes with it.
+    goes with it. ``outside_envelope`` and ``envelope_ratio`` (N,), when the bundle has an input envelope,
+    go with each finding as they are.
     """
+    if (outside_envelope is None) != (envelope_ratio is None):
+        raise ValueError("an input envelope result needs both the outside flags and the distance ratios")
+    n = len(analysed)
+    outside: list[bool | None] = [None] * n
+    ratios: list[float | None] = [None] * n
+    if outside_envelope is not None and envelope_ratio is not None:
+        outside, ratios = [bool(v) for v in outside_envelope], [float(v) for v in envelope_ratio]
     findings: list[Finding] = []
-    for row, image in zip(probs, analysed, strict=True):
+    for row, image, out, ratio in zip(probs, analysed, outside, ratios, strict=True):
         probabilities: tuple[float, ...] = ()
         if task.kind == "binary":
             score = float(row[task.positive_class])
@@ -76,6 +95,8 @@ def findings_from_probabilities(
                 frame_index=image.frame_index,
                 number_of_frames=image.number_of_frames,
                 probabilities=probabilities,
+                outside_envelope=out,
+                envelope_ratio=ratio,
             )
         )
     return findings

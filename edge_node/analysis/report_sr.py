@@ -29,6 +29,8 @@ from edge_node.protocol.manifest import ClassLabel, Manifest
 from edge_node.state.runs import ReportRef
 
 __all__ = [
+    "ENVELOPE_CODE_VALUE",
+    "ENVELOPE_RATIO_CODE_VALUE",
     "MANUFACTURER",
     "PRIVATE_SCHEME",
     "SCORE_CODE_VALUE",
@@ -37,6 +39,8 @@ __all__ = [
     "class_concept",
     "class_probability_concept",
     "coding_scheme_identification",
+    "envelope_concept",
+    "envelope_ratio_concept",
     "predecessor_item",
     "sr_series_uid",
 ]
@@ -47,6 +51,8 @@ MANUFACTURER = "fedclinic"
 #: Private coding scheme (PS3.16 8.2: designators starting with 99 are local) for concepts without a code.
 PRIVATE_SCHEME = "99FEDCLINIC"
 SCORE_CODE_VALUE = "MODELSCORE"
+ENVELOPE_CODE_VALUE = "INENVELOPE"
+ENVELOPE_RATIO_CODE_VALUE = "ENVRATIO"
 SR_SERIES_NUMBER = 9901
 SERIES_DESCRIPTION = "AI result (fedclinic) - NOT FOR DIAGNOSTIC USE"
 
@@ -82,6 +88,51 @@ def _score_concept(manifest: Manifest) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(
         value=SCORE_CODE_VALUE, scheme_designator=PRIVATE_SCHEME, meaning=f"Model score ({target})"
     )
+
+
+def envelope_concept() -> hd.sr.CodedConcept:
+    """The private concept of the envelope's Yes/No: is the image like those the model was checked on."""
+    return hd.sr.CodedConcept(
+        value=ENVELOPE_CODE_VALUE,
+        scheme_designator=PRIVATE_SCHEME,
+        meaning="Image within the model's input envelope",
+    )
+
+
+def envelope_ratio_concept() -> hd.sr.CodedConcept:
+    """The private concept of the image's envelope distance over the envelope's threshold."""
+    return hd.sr.CodedConcept(
+        value=ENVELOPE_RATIO_CODE_VALUE,
+        scheme_designator=PRIVATE_SCHEME,
+        meaning="Input envelope distance / threshold",
+    )
+
+
+def _envelope_items(
+    finding: Finding,
+    manifest: Manifest,
+    algorithm: hd.sr.AlgorithmIdentification,
+    source: hd.sr.SourceImageForMeasurement,
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """The group's envelope items: none without an envelope, else the ratio and the Yes/No."""
+    outside, ratio = finding.outside_envelope, finding.envelope_ratio
+    if manifest.envelope is None:
+        if outside is not None or ratio is not None:
+            raise ValueError("a finding has an input envelope result; the model has no input envelope")
+        return [], []
+    if outside is None or ratio is None:
+        raise ValueError("the model has an input envelope; a finding has no result for it")
+    measurement = hd.sr.Measurement(
+        name=envelope_ratio_concept(),
+        value=float(ratio),
+        unit=codes.UCUM.Ratio,
+        algorithm_id=algorithm,
+        referenced_images=[source],
+    )
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=envelope_concept(), value=codes.SCT.No if outside else codes.SCT.Yes
+    )
+    return [measurement], [evaluation]
 
 
 def _algorithm(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
@@ -139,6 +190,9 @@ def _group(
         )
         for label, p in zip(task.classes, finding.probabilities, strict=False)
     ]
+    envelope_measurements, envelope_evaluations = _envelope_items(
+        finding, manifest, algorithm, source_for_measurement
+    )
     tracking = hd.sr.TrackingIdentifier(
         uid=result_uid(
             "sr-tracking",
@@ -154,8 +208,8 @@ def _group(
         tracking_identifier=tracking,
         finding_type=concept,
         algorithm_id=algorithm,
-        measurements=[score, *per_class],
-        qualitative_evaluations=[evaluation],
+        measurements=[score, *per_class, *envelope_measurements],
+        qualitative_evaluations=[evaluation, *envelope_evaluations],
         source_images=[source_for_group],
     )
 

@@ -9,9 +9,9 @@ highdicom itself (``build_sr`` on a probe image) and every study gets a new docu
 * its own patient and study attributes, copied from the source as highdicom copies them (the Patient and
   Study information entities of the source's IOD, from highdicom's tables of the standard),
 * its own evidence, contributing equipment, UIDs and times,
-* one measurement group per finding: the template's group for that concept and presence, with the probe's
-  references, tracking UID, identifier, frame and score (and a multiclass model's class probabilities)
-  replaced by the finding's.
+* one measurement group per finding: the template's group for that concept, presence (and, with an input
+  envelope, the image's Yes/No for it), with the probe's references, tracking UID, identifier, frame and
+  score (and a multiclass model's class probabilities, and the envelope ratio) replaced by the finding's.
 
 The result equals what ``build_sr`` makes, element by element (a test holds the two side by side on real
 and minimal headers); only the creation times differ.
@@ -144,6 +144,8 @@ class _GroupKey:
     frames: bool
     #: Class probabilities the group reports (multiclass; 0 for binary).
     classes: int = 0
+    #: The image outside the input envelope (True), within it (False), or no envelope (None).
+    envelope: bool | None = None
 
 
 class ReportTemplate:
@@ -152,7 +154,9 @@ class ReportTemplate:
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self._probe = self._probe_source()
-        ref = build_sr([self._probe], [self._probe_finding("", True, frames=False)], manifest)
+        outside = None if manifest.envelope is None else False
+        probe = self._probe_finding("", True, frames=False, outside=outside)
+        ref = build_sr([self._probe], [probe], manifest)
         self._file_meta = ref.file_meta
         own = set(patient_study_tags(_PROBE_CLASS))
         self._shared = [encoded(e) for e in ref if e.tag not in _PER_DOCUMENT and e.tag not in own]
@@ -183,7 +187,9 @@ class ReportTemplate:
             setattr(ds, keyword, None)
         return ds
 
-    def _probe_finding(self, label: str, present: bool, *, frames: bool, classes: int = 0) -> Finding:
+    def _probe_finding(
+        self, label: str, present: bool, *, frames: bool, classes: int = 0, outside: bool | None = None
+    ) -> Finding:
         return Finding(
             sop_instance_uid=str(self._probe.SOPInstanceUID),
             series_instance_uid=str(self._probe.SeriesInstanceUID),
@@ -194,6 +200,8 @@ class ReportTemplate:
             frame_index=0,
             number_of_frames=2 if frames else 1,
             probabilities=(0.5,) * classes,
+            outside_envelope=outside,
+            envelope_ratio=None if outside is None else (2.0 if outside else 0.5),
         )
 
     def _key(self, finding: Finding) -> _GroupKey:
@@ -204,6 +212,7 @@ class ReportTemplate:
             present=finding.present,
             frames=finding.number_of_frames > 1,
             classes=len(finding.probabilities),
+            envelope=finding.outside_envelope,
         )
 
     def _group(self, key: _GroupKey) -> Dataset:
@@ -211,7 +220,9 @@ class ReportTemplate:
         with self._lock:
             group = self._groups.get(key)
             if group is None:
-                probe = self._probe_finding(key.concept, key.present, frames=key.frames, classes=key.classes)
+                probe = self._probe_finding(
+                    key.concept, key.present, frames=key.frames, classes=key.classes, outside=key.envelope
+                )
                 ref = build_sr([self._probe], [probe], self.manifest)
                 container = next(i for i in ref.ContentSequence if _code(i) == _IMAGING_MEASUREMENTS)
                 computed = frozenset({_MEASURED_VALUE, _FRAME_NUMBER})
@@ -235,20 +246,23 @@ class ReportTemplate:
             ),
             _FIRST_IDENTIFIER: f"finding {index + 1}",
         }
-        # The group's NUM items in document order: the score, then each class's probability (multiclass).
-        scores = iter([float(finding.score), *(float(p) for p in finding.probabilities)])
+        # The group's NUM items in document order: the score, then each class's probability (multiclass), then
+        # the envelope ratio (with an input envelope); each keeps its units from the template.
+        numbers = [float(finding.score), *(float(p) for p in finding.probabilities)]
+        if finding.envelope_ratio is not None:
+            numbers.append(float(finding.envelope_ratio))
+        group = self._group(self._key(finding))
+        values_with_units = iter(zip(numbers, list(_measured_units(group)), strict=True))
 
         def measured() -> DicomSequence:
             # As highdicom's NUM content item writes a float: a decimal string and the exact double.
-            score = next(scores)
+            value, units = next(values_with_units)
             item = Dataset()
-            item.NumericValue = DS(score, auto_format=True)
-            item.FloatingPointValue = score
+            item.NumericValue = DS(value, auto_format=True)
+            item.FloatingPointValue = value
             item.MeasurementUnitsCodeSequence = units
             return DicomSequence([item])
 
-        group = self._group(self._key(finding))
-        units = next(_measured_units(group))
         computed: dict[BaseTag, Callable[[], object]] = {
             _MEASURED_VALUE: measured,
             _FRAME_NUMBER: lambda: finding.frame_index + 1,
@@ -317,7 +331,7 @@ class ReportTemplate:
 
 
 def _measured_units(group: Dataset) -> Iterator[DicomSequence]:
-    """The units sequence of the group's NUM item (shared: the same for every score)."""
+    """The units sequence of each of the group's NUM items, in document order (shared by every document)."""
     for item in group.ContentSequence:
         if _MEASURED_VALUE in item:
             yield item[_MEASURED_VALUE].value[0].MeasurementUnitsCodeSequence

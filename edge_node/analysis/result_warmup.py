@@ -57,6 +57,9 @@ def warm_up_results(manifest: Manifest) -> float:
         present=False,
         # A multiclass finding carries every class's probability: warm the group a real study uses.
         probabilities=(() if manifest.task.kind == "binary" else (0.0,) * len(manifest.task.classes)),
+        # With an input envelope every group says where its image lies: warm the group of an image within.
+        outside_envelope=None if manifest.envelope is None else False,
+        envelope_ratio=None if manifest.envelope is None else 0.5,
     )
     fast_sr([source], [finding], manifest)  # builds the model's SR template
     fast_sc(source, np.zeros((8, 8), dtype=np.float64), finding, manifest, 0)  # and its SC template

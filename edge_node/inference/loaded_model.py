@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -14,12 +14,14 @@ import numpy as np
 from edge_node.errors import ModelError
 from edge_node.inference.backend import Backend, BackendOptions, OnnxRuntimeBackend, Runtime
 from edge_node.inference.personal_head import PersonalHead
+from edge_node.protocol.envelope import EnvelopeCheck
 from edge_node.protocol.manifest import FileEntry, HeadSpec, Manifest, Preprocessing, TaskSpec
 
 __all__ = [
     "MAX_BATCH",
     "BundleView",
     "LoadedModel",
+    "ModelScores",
     "Precision",
     "load_model",
     "pick_model_file",
@@ -92,6 +94,37 @@ def scores_from_outputs(raw: np.ndarray, task: TaskSpec) -> np.ndarray:
     return _sigmoid(logits)
 
 
+@dataclass(frozen=True)
+class ModelScores:
+    """What one model run says about a batch of images: their class probabilities and, when the bundle has an
+    input envelope, where each image's embedding lies relative to it (both from the same run)."""
+
+    #: (N, K)
+    probabilities: np.ndarray
+    #: (N,) bool: outside the bundle's input envelope (``EnvelopeCheck.outside``); None without an envelope.
+    outside_envelope: np.ndarray | None = None
+    #: (N,) each image's squared Mahalanobis distance as a multiple of the envelope's threshold (above 1:
+    #: outside); None without an envelope.
+    envelope_ratio: np.ndarray | None = None
+
+    def split(self, sizes: Sequence[int]) -> list[ModelScores]:
+        """The scores of consecutive groups of ``sizes`` images each (one per study of a batch)."""
+        bounds = np.cumsum(sizes)[:-1]
+
+        def parts(a: np.ndarray | None) -> list[np.ndarray | None]:
+            return [None] * len(sizes) if a is None else list(np.split(a, bounds))
+
+        return [
+            ModelScores(p, o, r)
+            for p, o, r in zip(
+                np.split(self.probabilities, bounds),
+                parts(self.outside_envelope),
+                parts(self.envelope_ratio),
+                strict=True,
+            )
+        ]
+
+
 @dataclass
 class LoadedModel:
     """A model ready to run; ``provider`` is what the session really got, not what was asked for."""
@@ -102,6 +135,12 @@ class LoadedModel:
     precision: str
     #: The clinic's personal head, added to the shared one when set (``ModelSlot`` keeps it current).
     personal: PersonalHead | None = None
+    #: The manifest's input envelope as arrays (None without one), built once per loaded model.
+    envelope: EnvelopeCheck | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        found = self.manifest.envelope
+        self.envelope = EnvelopeCheck.of(found) if found is not None else None
 
     @property
     def model_id(self) -> str:
@@ -177,12 +216,37 @@ class LoadedModel:
         personal = self.personal  # read once: the slot may swap it between studies
         if personal is not None and self.head is not None:
             logits, embedding = self.logits_and_embedding(batch)
-            raw = logits.astype(np.float64) + personal.logits(embedding)  # (N, K)
-            return scores_from_outputs(raw, self.task)
+            return self._probabilities_of(logits, embedding, personal)
         step = self._step()
         parts = [self.backend.run(batch[i : i + step]) for i in range(0, batch.shape[0], step)]
         raw = np.concatenate(parts, axis=0) if parts else np.zeros((0, 1), dtype=np.float32)
         return scores_from_outputs(raw, self.task)
+
+    def _probabilities_of(
+        self, logits: np.ndarray, embedding: np.ndarray, personal: PersonalHead | None
+    ) -> np.ndarray:
+        """(N, K) probabilities from the bundle's logits, plus the personal head's logits of the embedding."""
+        raw = logits.astype(np.float64)
+        if personal is not None:
+            raw = raw + personal.logits(embedding)  # (N, K)
+        return scores_from_outputs(raw, self.task)
+
+    def scores(self, batch: np.ndarray) -> ModelScores:
+        """(N, C, H, W) → the probabilities and, when the bundle has an input envelope, each image's place
+        relative to it, from ONE model run (the embedding judged is the one the probabilities came from).
+
+        Without an envelope this is ``probabilities`` exactly, as before envelopes existed.
+        """
+        check = self.envelope
+        if check is None:
+            return ModelScores(self.probabilities(batch))
+        personal = self.personal  # read once: the slot may swap it between studies
+        logits, embedding = self.logits_and_embedding(np.asarray(batch))
+        return ModelScores(
+            probabilities=self._probabilities_of(logits, embedding, personal),
+            outside_envelope=check.outside(embedding),
+            envelope_ratio=check.distances(embedding) / check.threshold,
+        )
 
     def warm_up(self) -> float:
         """Run one all-zero image through the model; returns the seconds it took.

@@ -42,6 +42,7 @@ header p { max-width: 60rem; }
 .study { background: #fff; border: 1px solid #ccc; border-radius: 6px; padding: 0.75rem; width: 17rem; }
 .study img { width: 256px; height: 256px; object-fit: contain; background: #000; display: block; }
 .study .finding { font-weight: 600; margin: 0.5rem 0 0.25rem; }
+.study .envelope { color: #8a4b00; margin: 0.25rem 0; }
 .study .label { margin: 0.25rem 0 0.5rem; }
 .study .label[data-label=""] { color: #666; }
 .study button { margin: 0.2rem 0.2rem 0.2rem 0; }
@@ -97,6 +98,13 @@ async function sendLabel(card, study, label) {
   }
 }
 
+function envelopeNote(study) {
+  const where = study.envelope_images > 1
+    ? study.outside_envelope + " of " + study.envelope_images + " images outside"
+    : "Outside";
+  return where + " the model's input envelope: result less reliable";
+}
+
 function studyCard(study, classes) {
   const card = el("article", { class: "study", "data-key": String(study.key) });
   card.appendChild(el("img", { src: study.thumbnail, alt: "image of the study" }));
@@ -104,6 +112,9 @@ function studyCard(study, classes) {
     ? "No finding (" + study.state + ")"
     : "Finding: " + study.finding + ", score " + study.score.toFixed(2);
   card.appendChild(el("p", { class: "finding" }, finding));
+  if (study.outside_envelope) {
+    card.appendChild(el("p", { class: "envelope" }, envelopeNote(study)));
+  }
   card.appendChild(el("p", { class: "meta" }, "Received " + study.received_at));
   card.appendChild(el("p", { class: "label" }));
   showLabel(card, study);

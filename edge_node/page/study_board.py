@@ -1,4 +1,5 @@
-"""What the page lists: the recent studies with the model's finding, its score and the label in force."""
+"""What the page lists: the recent studies with the model's finding, its score and the label in force, and
+how many of the analysed images lay outside the model's input envelope (bundles with one)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class BoardStudy:
     model: str | None
     label: str | None
     labeled_by: str | None
+    #: Of the latest run's images: how many had an input envelope result and how many lay outside; None
+    #: when the run's model has no envelope (or no run finished).
+    envelope_images: int | None = None
+    outside_envelope: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -35,6 +40,8 @@ class BoardStudy:
             "model": self.model,
             "label": self.label,
             "labeled_by": self.labeled_by,
+            "envelope_images": self.envelope_images,
+            "outside_envelope": self.outside_envelope,
             "thumbnail": f"/thumbnails/{self.key}.png",
         }
 
@@ -48,6 +55,8 @@ def recent_board(db: Database, limit: int = 50) -> list[BoardStudy]:
                  ORDER BY f.score DESC LIMIT 1) AS score,
                (SELECT f.label FROM findings f WHERE f.run_id = lr.id
                  ORDER BY f.score DESC LIMIT 1) AS finding,
+               (SELECT COUNT(*) FROM envelope_results e WHERE e.run_id = lr.id) AS envelope_images,
+               (SELECT SUM(e.outside) FROM envelope_results e WHERE e.run_id = lr.id) AS outside_envelope,
                l.label, l.source, l.who
         FROM studies s
         LEFT JOIN runs lr ON lr.id =
@@ -70,6 +79,8 @@ def recent_board(db: Database, limit: int = 50) -> list[BoardStudy]:
             model=f"{r['model_id']} {r['model_version']}" if r["model_id"] else None,
             label=None if r["label"] is None else str(r["label"]),
             labeled_by=None if r["label"] is None else f"{r['who']} ({r['source']})",
+            envelope_images=int(r["envelope_images"]) if r["outside_envelope"] is not None else None,
+            outside_envelope=None if r["outside_envelope"] is None else int(r["outside_envelope"]),
         )
         for r in rows
     ]

@@ -1,1 +1,2 @@
-"""The node's durable state in SQLite, split by concern: schema, ingest records, runs, status, models."""
+"""The node's durable state in SQLite, split by concern: schema, ingest records, runs, status, models, and the
+input envelope monitor."""

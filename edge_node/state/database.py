@@ -2,7 +2,8 @@
 
 The tables are in ``schema``; each concern reads and writes its own through this object: ``ingest_records``
 (studies and instances as they arrive), ``runs`` (claims, runs and findings), ``status_queries`` (what
-``fedclinic-edge status`` shows), ``model_registry`` (installed models and the active one) and
+``fedclinic-edge status`` shows), ``model_registry`` (installed models and the active one),
+``envelope_monitor`` (each analysed image's input envelope result, written with its run) and
 ``edge_node.delivery.outbox`` (results waiting for their destinations).
 
 Durability, and why ``synchronous`` is NORMAL for most writes and FULL for a few: SQLite runs in WAL mode.

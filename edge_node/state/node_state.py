@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_node.state.database import Database
+from edge_node.state.envelope_monitor import EnvelopeMonitor
 from edge_node.state.ingest_records import IngestRecords
 from edge_node.state.model_registry import ModelRegistry
 from edge_node.state.runs import Runs
@@ -16,18 +17,19 @@ __all__ = ["NodeState"]
 
 @dataclass(frozen=True)
 class NodeState:
-    """One database, read and written by concern: ingest, runs, status, models."""
+    """One database, read and written by concern: ingest, runs, status, models, the envelope monitor."""
 
     db: Database
     ingest: IngestRecords
     runs: Runs
     status: StatusQueries
     models: ModelRegistry
+    envelope: EnvelopeMonitor
 
     @classmethod
     def open(cls, path: Path) -> NodeState:
         db = Database(path)
-        return cls(db, IngestRecords(db), Runs(db), StatusQueries(db), ModelRegistry(db))
+        return cls(db, IngestRecords(db), Runs(db), StatusQueries(db), ModelRegistry(db), EnvelopeMonitor(db))
 
     def close(self) -> None:
         self.db.close()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_node.state.database import Database
+from edge_node.state.envelope_monitor import EnvelopeResult, record_envelope_results
 from edge_node.state.lifecycle import StudyEvent, StudyState, next_state
 
 __all__ = ["Claim", "FindingRow", "InstanceRow", "ModelInUse", "ReportRef", "Runs", "settle_sent_results"]
@@ -42,6 +43,9 @@ class FindingRow:
     sop_instance_uid: str
     score: float
     label: str
+    #: The image's input envelope result (``Finding``'s); None when the model has no envelope.
+    outside_envelope: bool | None = None
+    envelope_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class ModelInUse:
     model_id: str
     model_version: str
     provider: str
+    #: The quantile of the model's input envelope (what share of images like its validation images lie
+    #: within it); None when the bundle has no envelope.
+    envelope_quantile: float | None = None
 
 
 #: Ready: released and quiet for the settle time, or still receiving and quiet for the (longer) quiet time.
@@ -186,6 +193,7 @@ class Runs:
             "INSERT INTO findings (run_id, sop_instance_uid, score, label) VALUES (?, ?, ?, ?)",
             [(claim.run_id, f.sop_instance_uid, f.score, f.label) for f in findings],
         )
+        self._record_envelope(c, claim.run_id, findings, model)
         c.execute(
             "UPDATE instances SET state = 'processed' WHERE study_id = ? AND revision <= ?",
             (claim.study_id, claim.revision),
@@ -199,6 +207,24 @@ class Runs:
             (state.value, now, results_pending, claim.study_id),
         )
         return state
+
+    @staticmethod
+    def _record_envelope(
+        c: sqlite3.Connection, run_id: int, findings: Sequence[FindingRow], model: ModelInUse | None
+    ) -> None:
+        """The findings' input envelope results, for the drift monitor and the page (envelope bundles)."""
+        results = [
+            EnvelopeResult(f.sop_instance_uid, f.outside_envelope, f.envelope_ratio)
+            for f in findings
+            if f.outside_envelope is not None and f.envelope_ratio is not None
+        ]
+        if not results:
+            return
+        if model is None or model.envelope_quantile is None:
+            raise ValueError("findings with input envelope results need the model's envelope quantile")
+        record_envelope_results(
+            c, run_id, model.model_id, model.model_version, model.envelope_quantile, results
+        )
 
     def recover(self, max_attempts: int = 3) -> list[int]:
         """At start: runs left 'processing' by a crash become 'interrupted'; their studies are queued again.

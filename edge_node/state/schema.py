@@ -4,10 +4,11 @@ from __future__ import annotations
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Studies and their instances (ingest), runs and findings (analysis), the outbox (delivery), the model
-#: registry with its activation log, and (version 2) the clinic's labels with every change made to them.
+#: registry with its activation log, (version 2) the clinic's labels with every change made to them, and
+#: (version 3) each analysed image's input envelope result (bundles with an envelope), for the drift monitor.
 #: The outbox row carries what a C-STORE needs besides the bytes (SOP class and instance, transfer syntax),
 #: so sending does not open the file to learn them.
 SCHEMA = """
@@ -116,4 +117,16 @@ CREATE TABLE IF NOT EXISTS label_history (
     who TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS envelope_results (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs (id),
+    sop_instance_uid TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    outside INTEGER NOT NULL CHECK (outside IN (0, 1)),
+    ratio REAL NOT NULL,
+    quantile REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS envelope_results_by_model ON envelope_results (model_id, model_version, id);
+CREATE INDEX IF NOT EXISTS envelope_results_by_run ON envelope_results (run_id);
 """

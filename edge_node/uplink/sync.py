@@ -65,7 +65,7 @@ from edge_node.uplink.transport import HubTransport
 if TYPE_CHECKING:
     from edge_node.settings import EdgeSettings
 
-__all__ = ["SyncLoop", "local_stats", "sync_loop_for", "uplink_dir"]
+__all__ = ["SyncLoop", "heartbeat_counts", "local_stats", "sync_loop_for", "uplink_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,15 +192,14 @@ class SyncLoop:
 
     def heartbeat(self) -> HeartbeatReply:
         active = self.store.models.active()
-        counts = {k: v for k, v in self.store.status.counts().items() if v >= 0}
-        counts.update({f"updates_{k}": v for k, v in self.outbox.counts().items()})
+        counts = heartbeat_counts(self.store, self.outbox.counts())
         beat = Heartbeat(
             edge_version=self.edge_version,
             model_id=active.model_id if active else None,
             model_version=active.version if active else None,
             publication_id=self.state.state.publication_id,
             health="ok" if active is not None else "no_model",
-            counts=dict(list(counts.items())[:32]),
+            counts=counts,
         )
         response = self.transport.request("POST", "/v1/node/heartbeat", json=beat.model_dump(mode="json"))
         return HeartbeatReply.model_validate_json(response.content)
@@ -449,6 +448,25 @@ class SyncLoop:
 
     def _retry_later(self, entry_id: int, attempts: int, error: str) -> None:
         self.outbox.mark_retry(entry_id, error, time.time() + self.backoff.delay(attempts + 1))
+
+
+def heartbeat_counts(store: NodeState, updates: Mapping[str, int]) -> dict[str, int]:
+    """The heartbeat's counters: studies by state, instances, results, updates by state and, when the active
+    model has an input envelope, its latest analysed images, how many lay outside it and whether that
+    raises the drift alarm (counts only)."""
+    counts = {k: v for k, v in store.status.counts().items() if v >= 0}
+    counts.update({f"updates_{k}": v for k, v in updates.items()})
+    active = store.models.active()
+    window = store.envelope.window_of(active.model_id, active.version) if active is not None else None
+    if window is not None:
+        counts.update(
+            {
+                "envelope_images": window.images,
+                "envelope_outside": window.outside,
+                "envelope_drifting": int(window.drifting),
+            }
+        )
+    return dict(list(counts.items())[:32])
 
 
 def local_stats(store: NodeState) -> LocalStats:

@@ -10,12 +10,14 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.sr.codedict import codes
 
+from edge_node.analysis.report_sr import SCORE_CODE_VALUE, envelope_concept
 from harness.demo.clinic import Clinic
 from harness.demo.orthanc import OrthancError
 from hub.data.dicomize import dicomize_images
 
-__all__ = ["SentStudy", "TrafficError", "send_studies", "sr_score"]
+__all__ = ["SentStudy", "TrafficError", "send_studies", "sr_outside_envelope", "sr_score"]
 
 #: Studies per C-STORE job Orthanc runs toward the node (one association each).
 BATCH = 50
@@ -30,16 +32,28 @@ class SentStudy:
     study_uid: str
     truth: int
     score: float  # the model's score as the SR in the PACS states it
+    #: Whether the SR says the image lay outside the model's input envelope (None: the bundle has none).
+    outside_envelope: bool | None = None
 
 
-def sr_score(sr: pydicom.Dataset) -> float:
-    """The model's score from our SR: the one numeric measurement of its image measurement group."""
+def _group(sr: pydicom.Dataset) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     report = hd.sr.ComprehensiveSR.from_dataset(sr).content
     if not isinstance(report, hd.sr.MeasurementReport):
         raise ValueError("the SR holds no measurement report")
     (group,) = report.get_image_measurement_groups()
-    (measurement,) = group.get_measurements()
+    return group
+
+
+def sr_score(sr: pydicom.Dataset) -> float:
+    """The model's score from our SR: the measurement named by the score concept in its one image group."""
+    (measurement,) = [m for m in _group(sr).get_measurements() if m.name.value == SCORE_CODE_VALUE]
     return float(measurement.value)
+
+
+def sr_outside_envelope(sr: pydicom.Dataset) -> bool | None:
+    """Whether our SR says its image lay outside the model's input envelope; None when it says nothing."""
+    said = _group(sr).get_qualitative_evaluations(name=envelope_concept())
+    return None if not said else said[0].value == codes.SCT.No
 
 
 def _sr_by_study(clinic: Clinic) -> dict[str, str]:
@@ -76,5 +90,7 @@ def send_studies(
     out_rows = []
     for w, study_id in zip(written, orthanc_ids, strict=True):
         sr = pydicom.dcmread(io.BytesIO(clinic.orthanc.instance_file(srs[study_id])))
-        out_rows.append(SentStudy(w.study_instance_uid, int(labels[w.index]), sr_score(sr)))
+        out_rows.append(
+            SentStudy(w.study_instance_uid, int(labels[w.index]), sr_score(sr), sr_outside_envelope(sr))
+        )
     return out_rows

@@ -102,13 +102,19 @@ def test_cr_studies_get_sr_and_sc_with_the_model_score(
         refs = [img.ReferencedSOPSequence[0] for img in group.source_images]
         assert [r.ReferencedSOPInstanceUID for r in refs] == [study.sop_instance_uid]
         assert refs[0].ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
-        (score,) = group.get_measurements()
+        # The score, then the image's distance from the bundle's input envelope (docs/envelope.md).
+        score, ratio = group.get_measurements()
+        assert (score.name.value, ratio.name.value) == ("MODELSCORE", "ENVRATIO")
         measured_on = [
             img.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for img in score.referenced_images
         ]
         assert measured_on == [study.sop_instance_uid]
         assert score.value == pytest.approx(want, abs=1e-5)
-        (evaluation,) = group.get_qualitative_evaluations()
+        evaluation, inside = group.get_qualitative_evaluations()
+        assert inside.name.value == "INENVELOPE"
+        # A test image like the bundle's validation images: Yes exactly when its ratio is at most 1.
+        yes_no = "373066001" if ratio.value <= 1 else "373067005"  # SCT Yes / No
+        assert cast(hd.sr.CodedConcept, inside.value).value == yes_no
         assert evaluation.name.value == "233604007"
         assert cast(hd.sr.CodedConcept, evaluation.value).value == (
             "52101004" if want >= 0.5 else "272519000"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,12 +12,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.console import Console
 from typer.testing import CliRunner
 
 from edge_node.cli import app
 from edge_node.errors import ConfigError
 from edge_node.settings import load_settings
 from edge_node.state.database import Database
+from edge_node.state.node_state import NodeState
+from edge_node.status_report import StatusReport
 from tests.edge_node.conftest import (
     EDGE_BIN,
     EdgeProcess,
@@ -29,6 +33,7 @@ from tests.edge_node.conftest import (
     storescu,
     write_config,
 )
+from tests.edge_node.state.test_envelope_monitor import record_run
 
 runner = CliRunner()
 DX = dicom_dir() / "highdicom" / "dx_image.dcm"
@@ -105,6 +110,47 @@ def test_status_before_anything_was_received(config: Path, tmp_path: Path) -> No
     result = runner.invoke(app, ["status", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "none installed" in result.output and "nothing received yet" in result.output
+
+
+def test_status_shows_the_input_envelope_monitor_and_warns_on_drift(config: Path, tmp_path: Path) -> None:
+    state = NodeState.open(tmp_path / "data" / "edge.sqlite3")
+    try:
+        record_run(state, [False] * 60, model=("test-student", "1.0.0"))
+        record_run(state, [True] * 25 + [False] * 15, model=("test-student", "1.1.0"))
+    finally:
+        state.close()
+    text = runner.invoke(app, ["status", "--config", str(config)])
+    assert text.exit_code == 0, text.output
+    said = " ".join(text.output.split())
+    assert "input envelope: test-student 1.1.0: 25 of the last 40 analysed images outside (62.5%" in said
+    assert "input envelope: test-student 1.0.0: 0 of the last 60 analysed images outside (0.0%" in said
+    warnings = [line for line in text.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "test-student 1.1.0" in warnings[0]
+    assert "never checked on" in said
+
+    doc = json.loads(runner.invoke(app, ["status", "--config", str(config), "--format", "json"]).output)
+    newest, oldest = doc["input_envelope"]
+    assert (newest["model_version"], newest["images"], newest["outside"]) == ("1.1.0", 40, 25)
+    assert newest["window"] == 200 and newest["expected_rate"] == pytest.approx(0.01)
+    assert newest["rate"] == pytest.approx(25 / 40) and newest["drifting"] is True and newest["warning"]
+    assert (oldest["model_version"], oldest["outside"], oldest["drifting"], oldest["warning"]) == (
+        "1.0.0",
+        0,
+        False,
+        None,
+    )
+
+    # On a wide terminal: a table, and the same warning under it.
+    state = NodeState.open(tmp_path / "data" / "edge.sqlite3")
+    try:
+        report = StatusReport.collect(load_settings(config_file=config), state, 20)
+    finally:
+        state.close()
+    console = Console(force_terminal=True, width=160, record=True)
+    report.print_text(console)
+    shown = console.export_text()
+    assert "input envelope (latest analysed images per model version)" in shown
+    assert "40 (window 200)" in shown and "62.5%" in shown and "warning:" in shown
 
 
 def test_install_refuse_and_rollback(

@@ -24,7 +24,9 @@ from edge_node.settings import load_settings
 from edge_node.state.database import Database
 from edge_node.state.ingest_records import InstanceRecord
 from edge_node.state.labels import LabelStore
+from edge_node.state.lifecycle import StudyEvent
 from edge_node.state.node_state import NodeState
+from edge_node.state.runs import FindingRow, ModelInUse
 from tests.edge_node.conftest import EDGE_BIN, EdgeProcess, TrustedBundle, free_port, storescu, until
 from tests.support.chromium import chromium_paths, headless_chromium
 from tests.support.dicomgen import medmnist_studies
@@ -166,6 +168,53 @@ def test_the_api_takes_labels_only_from_the_page_itself(node_db: NodeState, tmp_
     finally:
         page.stop()
     assert [(r.uid, r.label) for r in LabelStore(node_db.db).labels()] == [(STUDY, "pneumonia")]
+
+
+def _analysed(state: NodeState, findings: list[FindingRow], quantile: float | None) -> None:
+    """The ready study's run, finished with ``findings`` by a model with (or without) an input envelope."""
+    claim = state.runs.claim_next(quiet_seconds=0.0, now=1e12)
+    assert claim is not None
+    model = ModelInUse("pneumonia-student", "1.0.0", "CPUExecutionProvider", envelope_quantile=quantile)
+    with state.db.tx() as c:
+        state.runs.finish(c, claim, StudyEvent.DONE, reason=None, findings=findings, model=model)
+
+
+def test_a_study_with_images_outside_the_input_envelope_is_marked(node_db: NodeState, tmp_path: Path) -> None:
+    if chromium_paths() is None:
+        pytest.fail("needs Debian's chromium and chromium-driver (make system)")
+    _analysed(
+        node_db,
+        [
+            FindingRow(STUDY + ".1.1", 0.81, "pneumonia", True, 4.2),
+            FindingRow(STUDY + ".1.2", 0.30, "normal", False, 0.4),
+        ],
+        0.99,
+    )
+    plain = STUDY + "2"  # analysed by a bundle without an envelope: no mark, whatever its images
+    node_db.ingest.record_instance(
+        InstanceRecord(plain, plain + ".1", plain + ".1.1", "1.2.840.10008.5.1.4.1.1.1",
+                       "1.2.840.10008.1.2.1", "CR", tmp_path / "missing2.dcm", 10, "TESTSCU")
+    )  # fmt: skip
+    _analysed(node_db, [FindingRow(plain + ".1.1", 0.9, "pneumonia")], None)
+    page = _page(node_db, tmp_path)
+    host, port = page.address
+    base = f"http://{host}:{port}"
+    try:
+        studies = {
+            s["study_instance_uid"]: s for s in httpx.get(f"{base}/api/studies", timeout=30).json()["studies"]
+        }
+        marked, unmarked = studies[STUDY], studies[plain]
+        assert (marked["envelope_images"], marked["outside_envelope"]) == (2, 1)
+        assert (unmarked["envelope_images"], unmarked["outside_envelope"]) == (None, None)
+        with headless_chromium(tmp_path / "profile") as browser:
+            browser.get(base + "/")
+            note = browser.wait_for(f'.study[data-key="{marked["key"]}"] .envelope')
+            assert (
+                browser.text(note) == "1 of 2 images outside the model's input envelope: result less reliable"
+            )
+            assert browser.find_all(f'.study[data-key="{unmarked["key"]}"] .envelope') == []
+    finally:
+        page.stop()
 
 
 def test_a_password_guards_the_page_and_a_lan_bind_needs_one(node_db: NodeState, tmp_path: Path) -> None:

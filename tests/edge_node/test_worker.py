@@ -25,6 +25,7 @@ from tests.edge_node.conftest import (
     make_ct_instances,
     make_signed_bundle,
 )
+from tests.support.dicomgen import medmnist_studies
 
 DX = dicom_dir() / "highdicom" / "dx_image.dcm"
 
@@ -88,6 +89,29 @@ def test_study_is_analysed_recorded_and_sent(
     assert received == sent
     # Idle: nothing waits, so the worker would sleep until woken (no polling).
     assert node.worker.step() is None
+
+
+def test_each_analysed_image_feeds_the_input_envelope_monitor(
+    tmp_path: Path, test_bundle: TrustedBundle, shared_data: Path
+) -> None:
+    node = Node(tmp_path / "node", test_bundle, [])
+    node.models.install(test_bundle.bundle)
+    model = node.models.current()
+    assert model is not None and model.manifest.envelope is not None
+    written = medmnist_studies("pneumoniamnist", "test", [0, 1, 2, 3], tmp_path / "cr", root=shared_data)
+    node.receive([w.path for w in written])  # four one-image studies, analysed in one batch
+    assert node.worker.step() == 0.0
+    rows = node.store.db.query(
+        "SELECT e.sop_instance_uid, e.outside, e.ratio, e.model_id, e.model_version, e.quantile"
+        " FROM envelope_results e JOIN findings f ON f.run_id = e.run_id"
+        " AND f.sop_instance_uid = e.sop_instance_uid"
+    )
+    assert sorted(r[0] for r in rows) == sorted(w.sop_instance_uid for w in written)
+    quantile = model.manifest.envelope.quantile
+    assert all((r[3], r[4], r[5]) == (model.model_id, model.model_version, quantile) for r in rows)
+    assert all(bool(r[1]) == (r[2] > 1.0) for r in rows)  # the flag and the ratio tell the same
+    window = node.store.envelope.window_of(model.model_id, model.model_version)
+    assert window is not None and (window.images, window.outside) == (4, sum(r[1] for r in rows))
 
 
 def test_skipped_study_records_the_reason(tmp_path: Path, test_bundle: TrustedBundle) -> None:

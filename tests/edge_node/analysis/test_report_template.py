@@ -1,11 +1,13 @@
 """The fast SR and SC equal highdicom's own construction, and every SR and SC the node builds passes dciodvfy.
 
 Real inputs: every DICOM image in the shared data that highdicom takes as SR evidence, studies made by
-``fedclinic-hub data dicomize``, minimal (Type 1 only) CR and DX headers, odd but legal names under UTF-8.
+``fedclinic-hub data dicomize``, minimal (Type 1 only) CR and DX headers, odd but legal names under UTF-8;
+binary and multiclass toy bundles, and the real test bundle, whose input envelope adds an item per group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import shutil
@@ -26,8 +28,11 @@ from edge_node.analysis.report_sr import build_sr
 from edge_node.analysis.report_template import ReportTemplate, fast_sr
 from edge_node.analysis.result_file import save_result
 from edge_node.analysis.source_view import DEIDENTIFICATION_NOT_STATED
+from edge_node.protocol.bundle import verify_bundle
 from edge_node.protocol.manifest import ClassLabel, Manifest, TaskSpec
+from edge_node.protocol.signing import load_public_keys
 from edge_node.state.runs import ReportRef
+from tests.edge_node.conftest import find_test_bundle
 from tests.support.onnxgen import make_bundle
 
 pytestmark = pytest.mark.slow
@@ -355,3 +360,66 @@ def test_the_fast_sr_and_sc_of_a_graded_model_equal_highdicoms_and_pass_dciodvfy
     text = caption(finding, manifest)
     assert text[0].startswith(f"grade{top}  (score") and text[1].startswith("grade0 0.")
     assert all(f"grade{k} {p:.3f}" in text[1] for k, p in enumerate(finding.probabilities))
+
+
+def _with_envelope(finding: Finding, outside: bool, ratio: float) -> Finding:
+    return dataclasses.replace(finding, outside_envelope=outside, envelope_ratio=ratio)
+
+
+def test_the_fast_sr_with_an_input_envelope_equals_highdicoms_and_passes_dciodvfy(
+    shared_data: Path, dicomized: list[Dataset], tmp_path: Path
+) -> None:
+    """The real test bundle's manifest (it has an envelope): every group carries the Yes/No and the ratio."""
+    found = find_test_bundle()
+    if found is None:
+        pytest.skip("no test bundle with an input envelope (FEDCLINIC_TEST_BUNDLE)")
+    manifest = verify_bundle(found.bundle, load_public_keys(found.public_key)).manifest
+    assert manifest.envelope is not None, "the test bundle has no input envelope; rebuild it"
+    dciodvfy = shutil.which("dciodvfy") is not None
+    compared = 0
+    for n, (name, ds) in enumerate(_sources(shared_data, dicomized)):
+        if n % 3:  # a spread of sources: each build through highdicom takes ~0.15 s
+            continue
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        for outside, ratio in ((False, 0.4127), (True, 17.25 + n)):
+            plain = _finding(
+                ds, manifest, present=(n + int(outside)) % 2 == 0, score=0.3 + n / 1000, frame=frames - 1
+            )
+            finding = _with_envelope(plain, outside, ratio)
+            reference = build_sr([ds], [finding], manifest)
+            fast = fast_sr([ds], [finding], manifest)
+            assert differences(fast, reference) == [], name
+            assert differences(_written(fast), _written(reference)) == [], name
+            compared += 1
+        sc_ref = build_sc(ds, np.zeros((8, 8)), finding, manifest, n)
+        assert differences(fast_sc(ds, np.zeros((8, 8)), finding, manifest, n), sc_ref) == [], name
+        if dciodvfy and n % 12 == 0:
+            assert _dciodvfy_errors(save_result(fast, tmp_path, "sr").path) == [], name
+    assert compared >= 2 * 25
+    # Several findings in one SR, inside and outside, with a predecessor: still element for element.
+    root = shared_data / "dicom" / "pydicom_testfiles" / "dicomdirtests" / "77654033"
+    sources = [
+        pydicom.dcmread(root / n, stop_before_pixels=True) for n in ("CR1/6154", "CR2/6247", "CR3/6278")
+    ]
+    findings = [
+        _with_envelope(_finding(ds, manifest, present=i != 1, score=0.2 + 0.3 * i), i == 2, 0.5 + 2.0 * i)
+        for i, ds in enumerate(sources)
+    ]
+    prior = ReportRef(generate_uid(), generate_uid())
+    fast = fast_sr(sources, findings, manifest, predecessor=prior)
+    assert differences(fast, build_sr(sources, findings, manifest, predecessor=prior)) == []
+    container = next(i for i in fast.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    for group, finding in zip(container.ContentSequence, findings, strict=True):
+        items = group.ContentSequence
+        nums = [i for i in items if i.ValueType == "NUM"]
+        assert [i.ConceptNameCodeSequence[0].CodeValue for i in nums] == ["MODELSCORE", "ENVRATIO"]
+        assert float(nums[1].MeasuredValueSequence[0].FloatingPointValue) == finding.envelope_ratio
+        unit = nums[1].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
+        assert (unit.CodingSchemeDesignator, unit.CodeValue) == ("UCUM", "{ratio}")
+        (judged,) = [i for i in items if i.ConceptNameCodeSequence[0].CodeValue == "INENVELOPE"]
+        assert judged.ConceptNameCodeSequence[0].CodingSchemeDesignator == "99FEDCLINIC"
+        assert judged.ConceptCodeSequence[0].CodeValue == (
+            "373067005" if finding.outside_envelope else "373066001"
+        )
+    if dciodvfy:
+        assert _dciodvfy_errors(save_result(fast, tmp_path, "sr").path) == []

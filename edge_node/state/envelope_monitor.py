@@ -1,0 +1,158 @@
+"""The input envelope monitor: per model version, how many of the latest analysed images lay outside the
+model's input envelope, and whether that is more than a clinic like the validation set shows.
+
+A bundle's envelope (``edge_node.protocol.manifest.InputEnvelope``) is set so that ``1 - quantile`` of images
+like its validation images (1 %) fall outside by chance. One image outside says little; a clinic where far
+more do, over its latest ``WINDOW`` analysed images, is sending images the model was never checked on
+(another scanner or protocol, an inverted display, another body part). The monitor warns when the protocol's
+``drift_alarm`` says so (one-sided binomial tail below ``DRIFT_ALARM_P``, at ``DRIFT_TOLERANCE`` times the
+chance rate: the same rule the exporter's and the benchmark's figures use) and the window holds at least
+``MIN_IMAGES`` images. docs/envelope.md describes the method.
+
+Each analysed image's result is one row of ``envelope_results``, written in the transaction that records its
+run (``Runs.finish``), so the window survives a restart and the clinician page can mark a run's study. A
+study analysed again counts again: the window is of analyses, not of distinct images. Counts only leave the
+node (status, heartbeat); never a UID.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edge_node.protocol.envelope import drift_alarm
+from edge_node.state.database import Database
+
+__all__ = [
+    "MIN_IMAGES",
+    "WINDOW",
+    "EnvelopeMonitor",
+    "EnvelopeResult",
+    "EnvelopeWindow",
+    "record_envelope_results",
+]
+
+#: The latest analysed images per model version the rate is taken over.
+WINDOW = 200
+#: Fewer images than this in the window and no warning is given, however many lay outside.
+MIN_IMAGES = 30
+
+
+@dataclass(frozen=True)
+class EnvelopeResult:
+    """One analysed image's envelope result, as a run records it."""
+
+    sop_instance_uid: str
+    outside: bool
+    #: The image's envelope distance as a multiple of the threshold (above 1: outside).
+    ratio: float
+
+
+@dataclass(frozen=True)
+class EnvelopeWindow:
+    """The latest analysed images of one model version and how many of them lay outside its envelope."""
+
+    model_id: str
+    model_version: str
+    #: The window's size: at most this many of the latest images are counted.
+    window: int
+    images: int
+    outside: int
+    #: The envelope's quantile (from the signed manifest): ``1 - quantile`` fall outside by chance.
+    quantile: float
+
+    @property
+    def rate(self) -> float:
+        return self.outside / self.images if self.images else 0.0
+
+    @property
+    def expected_rate(self) -> float:
+        return 1.0 - self.quantile
+
+    @property
+    def drifting(self) -> bool:
+        """Far more images outside than a clinic like the validation set shows, on enough images to say so."""
+        return self.images >= MIN_IMAGES and drift_alarm(self.outside, self.images, self.quantile)
+
+    def warning(self) -> str | None:
+        """A plain-words warning when the window is drifting, else None."""
+        if not self.drifting:
+            return None
+        model = f"{self.model_id} {self.model_version}"
+        return (
+            f"{self.outside} of the last {self.images} images analysed by {model} were outside its input"
+            f" envelope ({self.rate:.1%}; about {self.expected_rate:.1%} expected by chance): this clinic may"
+            " be sending images the model was never checked on (another scanner or protocol, an inverted"
+            " display, another body part). Its results on them are less reliable; check the images and tell"
+            " the hub operator."
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "model_version": self.model_version,
+            "window": self.window,
+            "images": self.images,
+            "outside": self.outside,
+            "rate": self.rate,
+            "expected_rate": self.expected_rate,
+            "drifting": self.drifting,
+            "warning": self.warning(),
+        }
+
+
+def record_envelope_results(
+    c: sqlite3.Connection,
+    run_id: int,
+    model_id: str,
+    model_version: str,
+    quantile: float,
+    results: Sequence[EnvelopeResult],
+) -> None:
+    """Inside the caller's transaction (the one that records the run): one row per analysed image."""
+    c.executemany(
+        "INSERT INTO envelope_results (run_id, sop_instance_uid, model_id, model_version, outside, ratio,"
+        " quantile) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (run_id, r.sop_instance_uid, model_id, model_version, int(r.outside), float(r.ratio), quantile)
+            for r in results
+        ],
+    )
+
+
+class EnvelopeMonitor:
+    """The windows of ``envelope_results``, read from the node's database."""
+
+    def __init__(self, db: Database, window: int = WINDOW) -> None:
+        self.db = db
+        self.window = window
+
+    def window_of(self, model_id: str, model_version: str) -> EnvelopeWindow | None:
+        """The latest ``window`` results of one model version; None when it has none (no envelope)."""
+        rows = self.db.query(
+            "SELECT outside, quantile FROM envelope_results WHERE model_id = ? AND model_version = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (model_id, model_version, self.window),
+        )
+        if not rows:
+            return None
+        return EnvelopeWindow(
+            model_id=model_id,
+            model_version=model_version,
+            window=self.window,
+            images=len(rows),
+            outside=sum(int(r["outside"]) for r in rows),
+            quantile=float(rows[0]["quantile"]),
+        )
+
+    def recent(self, versions: int = 5) -> list[EnvelopeWindow]:
+        """The windows of the model versions that analysed images most recently, latest first."""
+        rows = self.db.query(
+            "SELECT model_id, model_version, MAX(id) AS last FROM envelope_results"
+            " GROUP BY model_id, model_version ORDER BY last DESC LIMIT ?",
+            (versions,),
+        )
+        found = (self.window_of(str(r["model_id"]), str(r["model_version"])) for r in rows)
+        return [w for w in found if w is not None]
