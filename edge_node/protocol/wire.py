@@ -346,6 +346,11 @@ class NodeInfo(_Wire):
     health: str | None
     #: When the node's current credential was set: at enrollment, or at its last rotation.
     credential_since: datetime | None = None
+    #: From the last heartbeat, when its model has an input envelope: the latest analysed images, how many
+    #: lay outside it, and whether the node's drift alarm is raised.
+    envelope_images: int | None = None
+    envelope_outside: int | None = None
+    envelope_drifting: bool | None = None
 
 
 class JoinCodeIssued(_Wire):

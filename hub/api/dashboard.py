@@ -17,6 +17,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 
+from hub.service.heartbeat import EnvelopeCounts, envelope_counts
 from hub.store.database import Database
 from hub.store.schema import Node, Publication, Round, Update
 
@@ -35,7 +36,7 @@ th, td { border-bottom: 1px solid #d0d7de; padding: .3rem .7rem; text-align: lef
 th { background: #f6f8fa; } .muted { color: #57606a; } .empty { color: #57606a; font-style: italic; }
 .state-active, .state-published { color: #1a7f37; } .state-revoked, .state-failed { color: #cf222e; }
 .state-collecting, .state-aggregating, .state-open, .state-pending { color: #9a6700; }
-progress { width: 8rem; }
+progress { width: 8rem; } .alarm { color: #cf222e; font-weight: 600; }
 """
 
 
@@ -67,6 +68,15 @@ def _table(table_id: str, headers: Sequence[str], rows: Iterable[Sequence[str]],
 
 def _state(value: str) -> str:
     return f'<span class="state-{_esc(value)}">{_esc(value)}</span>'
+
+
+def _envelope_cell(counts: EnvelopeCounts | None) -> str:
+    """The node's latest images outside its model's input envelope; a raised drift alarm stands out."""
+    if counts is None:
+        return ""
+    if counts.drifting:
+        return f'<span class="alarm" title="more images outside than chance">{_esc(counts.describe())}</span>'
+    return _esc(counts.describe())
 
 
 def _page(title: str, body: str, *, refresh: bool) -> str:
@@ -103,6 +113,7 @@ def render_dashboard(db: Database, now: datetime | None = None) -> str:
             _esc(f"{n.model_id} {n.model_version}" if n.model_id else ""),
             _esc(n.publication_id or ""),
             _esc(n.health or ""),
+            _envelope_cell(envelope_counts(n.counts)),
         ]
         for n in nodes
     ]
@@ -148,7 +159,18 @@ def render_dashboard(db: Database, now: datetime | None = None) -> str:
         "<h2>Nodes</h2>"
         + _table(
             "nodes",
-            ["name", "id", "cohort", "state", "last heartbeat", "edge", "model", "publication", "health"],
+            [
+                "name",
+                "id",
+                "cohort",
+                "state",
+                "last heartbeat",
+                "edge",
+                "model",
+                "publication",
+                "health",
+                "input envelope",
+            ],
             node_rows,
             "No nodes yet: fedclinic-hub nodes enroll NAME",
         )

@@ -76,6 +76,7 @@ def _nodes_table(nodes: Sequence[NodeInfo]) -> Table:
         "edge",
         "model",
         "health",
+        "input envelope",
     ):
         # Identifiers never wrap: an operator copies them into the next command.
         table.add_column(col, no_wrap=col in ("id", "name"))
@@ -91,8 +92,17 @@ def _nodes_table(nodes: Sequence[NodeInfo]) -> Table:
             n.edge_version or "-",
             model,
             n.health or "-",
+            _envelope_cell(n),
         )
     return table
+
+
+def _envelope_cell(n: NodeInfo) -> str:
+    """The node's latest images outside its model's input envelope; the drift alarm in red."""
+    if n.envelope_images is None or n.envelope_outside is None:
+        return "-"
+    text = f"{n.envelope_outside} of {n.envelope_images} outside"
+    return f"[red]{text} (drift)[/red]" if n.envelope_drifting else text
 
 
 @app.command("list")

@@ -23,6 +23,7 @@ from edge_node.protocol.wire import (
 )
 from hub.service.audit import audit
 from hub.service.errors import AuthError, ConflictError, JoinCodeRefused, NotFoundError, RevokedError
+from hub.service.heartbeat import envelope_counts
 from hub.store.schema import Credential, Node, utcnow
 
 __all__ = [
@@ -45,6 +46,7 @@ def secret_digest(secret: str) -> str:
 
 
 def node_info(node: Node, credential_since: datetime | None = None) -> NodeInfo:
+    envelope = envelope_counts(node.counts)
     return NodeInfo(
         node_id=node.id,
         node_name=node.name,
@@ -58,6 +60,9 @@ def node_info(node: Node, credential_since: datetime | None = None) -> NodeInfo:
         publication_id=node.publication_id,
         health=node.health,
         credential_since=credential_since,
+        envelope_images=envelope.images if envelope else None,
+        envelope_outside=envelope.outside if envelope else None,
+        envelope_drifting=envelope.drifting if envelope else None,
     )
 
 

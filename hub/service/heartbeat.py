@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 from edge_node.protocol.wire import Heartbeat
 from hub.store.schema import Node, utcnow
 
-__all__ = ["record_heartbeat"]
+__all__ = ["EnvelopeCounts", "envelope_counts", "record_heartbeat"]
 
 
 def record_heartbeat(node: Node, beat: Heartbeat) -> None:
@@ -17,3 +21,32 @@ def record_heartbeat(node: Node, beat: Heartbeat) -> None:
     node.publication_id = beat.publication_id
     node.health = beat.health
     node.counts = dict(beat.counts)
+
+
+@dataclass(frozen=True)
+class EnvelopeCounts:
+    """A node's latest analysed images, how many lay outside its model's input envelope, and whether the
+    node's drift alarm is raised (docs/envelope.md)."""
+
+    images: int
+    outside: int
+    drifting: bool
+
+    def describe(self) -> str:
+        text = f"{self.outside} of {self.images} outside"
+        return text + " (drift)" if self.drifting else text
+
+
+def envelope_counts(counts: Mapping[str, Any] | None) -> EnvelopeCounts | None:
+    """The envelope counters of a node's last heartbeat, or None when it sent none (no envelope, an older
+    edge) or sent values that are not counts."""
+    sent = counts or {}
+    images, outside = _count(sent.get("envelope_images")), _count(sent.get("envelope_outside"))
+    if images is None or outside is None or outside > images:
+        return None
+    return EnvelopeCounts(images=images, outside=outside, drifting=sent.get("envelope_drifting") == 1)
+
+
+def _count(value: object) -> int | None:
+    """``value`` when it is a count (a non-negative int, not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

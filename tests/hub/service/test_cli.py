@@ -54,16 +54,22 @@ def test_operator_contract(tmp_path: Path) -> None:
     db = open_database(load_settings(data).db_url, migrate=False)
     try:
         with db.session() as session:
-            node_id = enroll_node(
+            node = enroll_node(
                 session,
                 EnrollRequest(
                     join_secret=code.secret, credential=secrets.token_urlsafe(32), edge_version="0.1"
                 ),
-            ).id
+            )
+            # As its last heartbeat would leave them: 30 of its latest 120 images outside the envelope.
+            node.counts = {"envelope_images": 120, "envelope_outside": 30, "envelope_drifting": 1}
+            node_id = node.id
     finally:
         db.close()
     listed = run_json("nodes", "list", "--data-dir", str(data))["nodes"]
     assert [(n["node_id"], n["state"], n["last_heartbeat"]) for n in listed] == [(node_id, "active", None)]
+    assert [(n["envelope_images"], n["envelope_outside"], n["envelope_drifting"]) for n in listed] == [
+        (120, 30, True)
+    ]
     assert "clinic-a" in run("nodes", "list", env=env)
 
     started = run_json(
