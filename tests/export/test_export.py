@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_node.protocol.bundle import verify_bundle
 from edge_node.protocol.envelope import EnvelopeCheck
@@ -31,7 +32,7 @@ from export.errors import ExportError, KeyFileError, ParityError
 from export.metrics import roc_auc
 from export.onnx_export import OPSET, export_onnx
 from export.parity import check_parity, cpu_session, run_onnx, run_onnx_outputs
-from export.pipeline import EvalData, ExportRequest, export_bundle, preprocessing_for
+from export.pipeline import EvalData, ExportReport, ExportRequest, export_bundle, preprocessing_for
 from export.quantize import quantize_gated
 from export.signing import (
     create_keypair,
@@ -152,20 +153,34 @@ def _request(int8: bool, tolerance: float = 0.01) -> ExportRequest:
     )
 
 
+def _export(
+    checkpoint: Checkpoint,
+    request: ExportRequest,
+    test: ImageSet,
+    val: ImageSet,
+    key: Ed25519PrivateKey,
+    out: Path,
+) -> ExportReport:
+    """The whole export of the trained student, checked on the test split, int8 calibrated on val."""
+    return export_bundle(
+        checkpoint.build_model(),
+        checkpoint.config.data_config,
+        request,
+        test=EvalData(test.images, test.labels, "test"),
+        calibration=EvalData(val.images, val.labels, "val"),
+        private_key=key,
+        out_dir=out,
+    )
+
+
 def test_full_export_writes_a_bundle_the_edge_verifies(
     student_checkpoint: Checkpoint, pneumonia_test: ImageSet, pneumonia_val: ImageSet, tmp_path: Path
 ) -> None:
     private, public = create_keypair(tmp_path / "keys")
     key = load_private_key(private)
     cfg = student_checkpoint.config.data_config
-    report = export_bundle(
-        student_checkpoint.build_model(),
-        cfg,
-        _request(int8=True),
-        test=EvalData(pneumonia_test.images, pneumonia_test.labels, "test"),
-        calibration=EvalData(pneumonia_val.images, pneumonia_val.labels, "val"),
-        private_key=key,
-        out_dir=tmp_path / "bundle",
+    report = _export(
+        student_checkpoint, _request(int8=True), pneumonia_test, pneumonia_val, key, tmp_path / "bundle"
     )
     assert report.shipped == ["model.onnx", "model.int8.onnx"]
     assert sorted(p.name for p in report.bundle_dir.iterdir()) == sorted(
@@ -204,28 +219,21 @@ def test_full_export_writes_a_bundle_the_edge_verifies(
     assert verified_zip.manifest == m
     # Bundles are immutable: the same folder is never written twice.
     with pytest.raises(ExportError, match="immutable"):
-        export_bundle(
-            student_checkpoint.build_model(),
-            cfg,
-            _request(int8=False),
-            test=EvalData(pneumonia_test.images, pneumonia_test.labels, "test"),
-            calibration=EvalData(pneumonia_val.images, pneumonia_val.labels, "val"),
-            private_key=key,
-            out_dir=tmp_path / "bundle",
+        _export(
+            student_checkpoint, _request(int8=False), pneumonia_test, pneumonia_val, key, tmp_path / "bundle"
         )
 
 
 def test_export_without_accepted_int8_ships_fp32_only(
     student_checkpoint: Checkpoint, pneumonia_test: ImageSet, pneumonia_val: ImageSet, tmp_path: Path
 ) -> None:
-    report = export_bundle(
-        student_checkpoint.build_model(),
-        student_checkpoint.config.data_config,
+    report = _export(
+        student_checkpoint,
         _request(int8=True, tolerance=-1),
-        test=EvalData(pneumonia_test.images, pneumonia_test.labels, "test"),
-        calibration=EvalData(pneumonia_val.images, pneumonia_val.labels, "val"),
-        private_key=generate_private_key(),
-        out_dir=tmp_path / "bundle",
+        pneumonia_test,
+        pneumonia_val,
+        generate_private_key(),
+        tmp_path / "bundle",
     )
     assert report.shipped == ["model.onnx"]
     assert report.quantization is not None and not report.quantization.accepted
@@ -237,14 +245,13 @@ def test_export_without_an_envelope_leaves_the_key_out(
 ) -> None:
     private, public = create_keypair(tmp_path / "keys")
     request = dataclasses.replace(_request(int8=False), envelope=False)
-    report = export_bundle(
-        student_checkpoint.build_model(),
-        student_checkpoint.config.data_config,
+    report = _export(
+        student_checkpoint,
         request,
-        test=EvalData(pneumonia_test.images, pneumonia_test.labels, "test"),
-        calibration=EvalData(pneumonia_val.images, pneumonia_val.labels, "val"),
-        private_key=load_private_key(private),
-        out_dir=tmp_path / "bundle",
+        pneumonia_test,
+        pneumonia_val,
+        load_private_key(private),
+        tmp_path / "bundle",
     )
     assert report.manifest.envelope is None
     assert "envelope" not in json.loads((report.bundle_dir / MANIFEST_FILE).read_bytes())
