@@ -72,6 +72,7 @@ def outcome_table(outcomes: Sequence[ClinicOutcome]) -> Table:
         "held-out",
         "AUC before",
         "AUC after",
+        "outside envelope",
         "update bytes sent",
         "rounds joined",
     )
@@ -86,6 +87,7 @@ def outcome_table(outcomes: Sequence[ClinicOutcome]) -> Table:
             str(len(o.before)),
             _auc(o.auc_before),
             _auc(o.auc_after),
+            "-" if o.outside_after is None else f"{o.outside_after} of {len(o.after)}",
             f"{o.update_bytes:,}",
             str(o.rounds_joined),
         )

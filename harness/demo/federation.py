@@ -58,6 +58,13 @@ class ClinicOutcome:
     def auc_after(self) -> float:
         return auc_of(self.after) if self.after else math.nan
 
+    @property
+    def outside_after(self) -> int | None:
+        """Held-out studies whose SR said the image lay outside the final model's input envelope (None: the
+        model has none)."""
+        said = [s.outside_envelope for s in self.after if s.outside_envelope is not None]
+        return sum(said) if said else None
+
 
 @dataclass
 class Federation:
