@@ -1,0 +1,48 @@
+"""bench/envelope_shifts.py on the test bundle: images like the validation set stay inside its envelope,
+heavily altered ones fall outside, and a bundle without an envelope is refused with a clear message."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from edge_node.protocol.manifest import MANIFEST_FILE
+from tests.edge_node.conftest import require_test_bundle
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "envelope_shifts.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("envelope_shifts", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shifts_fall_outside_and_the_test_split_does_not(
+    bench: ModuleType, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = require_test_bundle().bundle
+    assert bench.main(["--bundle", str(bundle), "--format", "json"]) == 0
+    outside = json.loads(capsys.readouterr().out)["outside"]
+    assert outside["unchanged"] < 0.05  # about 1 % by chance (the test split is a little unlike val)
+    assert outside["Gaussian noise, sd 25 grey levels"] > 0.9
+    assert outside["BreastMNIST test images"] > 0.3
+    assert all(outside[name] > outside["unchanged"] for name in outside if name != "unchanged")
+
+
+def test_a_bundle_without_an_envelope_is_refused(bench: ModuleType, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(require_test_bundle().bundle, bundle)
+    doc = json.loads((bundle / MANIFEST_FILE).read_bytes())
+    doc.pop("envelope")
+    (bundle / MANIFEST_FILE).write_text(json.dumps(doc))
+    with pytest.raises(SystemExit):
+        bench.main(["--bundle", str(bundle)])
