@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
@@ -103,10 +104,12 @@ def preprocessing_for(data_config: DataConfig, modalities: Sequence[str]) -> Pre
     )
 
 
-def _envelope(onnx_path: Path, calibration_x: np.ndarray, request: ExportRequest) -> InputEnvelope | None:
+def _envelope(
+    session: ort.InferenceSession, calibration_x: np.ndarray, request: ExportRequest
+) -> InputEnvelope | None:
     """The input envelope from the fp32 model's embeddings of the calibration (validation) images, or None
     with a warning where it cannot be fitted (too few images, too wide an embedding)."""
-    embedding = run_onnx_outputs(cpu_session(onnx_path), calibration_x)[1]
+    embedding = run_onnx_outputs(session, calibration_x)[1]
     try:
         return fit_envelope(embedding, quantile=request.envelope_quantile)
     except ExportError as exc:
@@ -149,6 +152,7 @@ def export_bundle(
     task = task_spec(data_config, request.classes)
     model = model.eval()
     test_x = data_config.preprocess(test.images)  # (N, 1, H, W)
+    calibration_x = data_config.preprocess(calibration.images)
     # The embedding output (the final linear layer's input) lets an edge node train that layer without torch.
     linear = final_linear(model, torch.from_numpy(test_x[:2]))
     exported: nn.Module = WithEmbedding(model, linear[1]).eval() if linear is not None else model
@@ -159,7 +163,8 @@ def export_bundle(
             exported, data_config.input_size, work / MODEL_FILE, with_embedding=linear is not None
         )
         parity = check_parity(exported, onnx_file.path, test_x, bound=request.parity_bound)
-        outputs = run_onnx_outputs(cpu_session(onnx_file.path), test_x)
+        fp32 = cpu_session(onnx_file.path)
+        outputs = run_onnx_outputs(fp32, test_x)
         fp32_auc = output_auc(test.labels, outputs[0])
         output_specs = [TensorSpec(name=OUTPUT_NAME, shape=onnx_file.output_shape)]
         if linear is not None and onnx_file.embedding_shape is not None:
@@ -170,14 +175,14 @@ def export_bundle(
             logger.warning("%s has no linear layer; exported without an embedding output", request.model_id)
         envelope: InputEnvelope | None = None
         if head is not None and request.envelope:
-            envelope = _envelope(onnx_file.path, data_config.preprocess(calibration.images), request)
+            envelope = _envelope(fp32, calibration_x, request)
         files = [BundleFile(onnx_file.path, MODEL_FILE, "model")]
         quant = None
         if request.int8:
             quant = quantize_gated(
                 onnx_file.path,
                 work / INT8_FILE,
-                calibration=data_config.preprocess(calibration.images),
+                calibration=calibration_x,
                 test_x=test_x,
                 test_y=test.labels,
                 tolerance=request.int8_tolerance,

@@ -242,10 +242,11 @@ class LoadedModel:
             return ModelScores(self.probabilities(batch))
         personal = self.personal  # read once: the slot may swap it between studies
         logits, embedding = self.logits_and_embedding(np.asarray(batch))
+        outside, ratio = check.judge(embedding)
         return ModelScores(
             probabilities=self._probabilities_of(logits, embedding, personal),
-            outside_envelope=check.outside(embedding),
-            envelope_ratio=check.distances(embedding) / check.threshold,
+            outside_envelope=outside,
+            envelope_ratio=ratio,
         )
 
     def warm_up(self) -> float:

@@ -42,8 +42,15 @@ class EnvelopeCheck:
 
     def outside(self, embedding: np.ndarray) -> np.ndarray:
         """(N, D) embeddings → (N,) bool: farther than the threshold (a non-finite distance is outside)."""
+        return self.judge(embedding)[0]
+
+    def judge(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, D) embeddings → (outside (N,) bool, each distance over the threshold (N,)), from one pass."""
         d = self.distances(embedding)
-        return ~(d <= self.threshold)
+        # A degenerate envelope's tiny threshold gives an infinite ratio: outside, and no warning.
+        with np.errstate(over="ignore"):
+            ratio = d / self.threshold
+        return ~(d <= self.threshold), ratio
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:

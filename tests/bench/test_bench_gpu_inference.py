@@ -6,7 +6,6 @@ script reported CUDA (docs/benchmarks.md, "Inference on an NVIDIA GPU").
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -20,18 +19,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edge_node.inference.backend import CPU, CUDA
 from edge_node.protocol.errors import SignatureError
 from tests.edge_node.conftest import TrustedBundle, require_test_bundle
+from tests.support.bench_script import load_bench_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_gpu_inference.py"
 TINY = ["--n", "20", "--warmup", "2", "--batches", "8", "300", "--repeats", "2"]
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_gpu_inference", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("bench_gpu_inference")
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ Real data (PneumoniaMNIST from ``FEDCLINIC_DATA``), at sizes that keep a run to 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,19 +16,14 @@ import numpy as np
 import pytest
 
 from harness.flbench.methods import validation_aucs
+from tests.support.bench_script import load_bench_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_protection.py"
 TINY = ["--rounds", "2", "--train-per-clinic", "40", "--test", "60", "--secagg-nodes", "2"]
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_protection", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_protection"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("bench_protection")
 
 
 def _args() -> argparse.Namespace:

@@ -3,7 +3,6 @@ heavily altered ones fall outside, and a bundle without an envelope is refused w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,17 +12,12 @@ import pytest
 
 from edge_node.protocol.manifest import MANIFEST_FILE
 from tests.edge_node.conftest import require_test_bundle
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "envelope_shifts.py"
+from tests.support.bench_script import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("envelope_shifts", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("envelope_shifts")
 
 
 def test_the_shifts_fall_outside_and_the_test_split_does_not(
