@@ -5,24 +5,30 @@ cross-fitted squared Mahalanobis distances: each image's distance from an envelo
 folds. Distances of the images that were fitted would be too small (a fitted point is nearer its own mean),
 so new images like them would fall outside more often than ``1 - quantile``; cross-fitting gives every
 image a held-out distance, which matters where a validation split holds a few dozen images.
-docs/envelope.md explains the choice and its limits.
+The intensity part is fitted the same way on each image's grey-value quantiles, not on the model's
+embedding. docs/envelope.md explains the choices and their limits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
-from edge_node.protocol.envelope import EnvelopeCheck
-from edge_node.protocol.manifest import InputEnvelope
+from edge_node.protocol.envelope import EnvelopeCheck, intensity_features
+from edge_node.protocol.manifest import InputEnvelope, IntensityEnvelope
 from export.errors import ExportError
 
 __all__ = [
     "DEFAULT_QUANTILE",
     "FOLDS",
+    "INTENSITY_LEVELS",
     "MAX_ENVELOPE_DIM",
     "MIN_IMAGES",
     "cross_fitted_distances",
     "fit_envelope",
+    "fit_intensity_envelope",
     "ledoit_wolf",
 ]
 
@@ -33,6 +39,9 @@ MAX_ENVELOPE_DIM = 128
 MIN_IMAGES = 40
 #: Folds of the cross-fitted threshold.
 FOLDS = 5
+#: The grey-value quantiles of each image that the intensity envelope is over: the body of the histogram
+#: and both tails (docs/envelope.md).
+INTENSITY_LEVELS = (0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98)
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -78,28 +87,50 @@ def cross_fitted_distances(e: np.ndarray, folds: int = FOLDS) -> np.ndarray:
     return out
 
 
-def fit_envelope(embeddings: np.ndarray, *, quantile: float = DEFAULT_QUANTILE) -> InputEnvelope:
-    """(N, D) embeddings of validation images → the envelope (fitted on all, cross-fitted threshold)."""
-    e = np.asarray(embeddings, dtype=np.float64)
+def _fitted(features: np.ndarray, quantile: float, what: str) -> dict[str, Any]:
+    """The fields of a Gaussian envelope over (N, D) features (fitted on all, cross-fitted threshold)."""
+    e = np.asarray(features, dtype=np.float64)
     if e.ndim != 2:
-        raise ExportError(f"the envelope needs (N, D) embeddings, got shape {e.shape}")
+        raise ExportError(f"the {what} needs (N, D) features, got shape {e.shape}")
     n, d = e.shape
     if n < MIN_IMAGES:
-        raise ExportError(f"the envelope needs at least {MIN_IMAGES} validation images, got {n}")
+        raise ExportError(f"the {what} needs at least {MIN_IMAGES} validation images, got {n}")
     if d > MAX_ENVELOPE_DIM:
-        raise ExportError(f"the envelope is limited to {MAX_ENVELOPE_DIM}-dimensional embeddings, got {d}")
+        raise ExportError(f"the {what} is limited to {MAX_ENVELOPE_DIM}-dimensional features, got {d}")
     if not np.all(np.isfinite(e)):
-        raise ExportError("the validation embeddings are not all finite; the model is broken")
+        raise ExportError(f"the {what}'s validation features are not all finite; the model is broken")
     if not 0.0 < quantile < 1.0:
-        raise ExportError(f"the envelope's quantile must lie in (0, 1), got {quantile}")
+        raise ExportError(f"the {what}'s quantile must lie in (0, 1), got {quantile}")
     check, shrinkage = _whitened(e)
     threshold = float(np.quantile(cross_fitted_distances(e), quantile, method="higher"))
-    return InputEnvelope(
-        mean=[float(v) for v in check.mean],
-        whitening=[[float(v) for v in row] for row in check.whitening],
-        threshold=max(threshold, np.finfo(np.float64).tiny),
-        quantile=quantile,
-        shrinkage=float(shrinkage),
-        fitted_on=n,
-        folds=FOLDS,
+    return {
+        "mean": [float(v) for v in check.mean],
+        "whitening": [[float(v) for v in row] for row in check.whitening],
+        "threshold": max(threshold, np.finfo(np.float64).tiny),
+        "quantile": quantile,
+        "shrinkage": float(shrinkage),
+        "fitted_on": n,
+        "folds": FOLDS,
+    }
+
+
+def fit_envelope(embeddings: np.ndarray, *, quantile: float = DEFAULT_QUANTILE) -> InputEnvelope:
+    """(N, D) embeddings of validation images → the envelope (fitted on all, cross-fitted threshold)."""
+    return InputEnvelope(**_fitted(embeddings, quantile, "input envelope"))
+
+
+def fit_intensity_envelope(
+    grey: np.ndarray,
+    *,
+    levels: Sequence[float] = INTENSITY_LEVELS,
+    quantile: float = DEFAULT_QUANTILE,
+) -> IntensityEnvelope:
+    """(N, H, W) validation images as the model sees them before normalisation (grey values in [0, 1]) →
+    the intensity envelope over their grey-value quantiles at ``levels``."""
+    g = np.asarray(grey, dtype=np.float64)
+    if g.ndim < 2:
+        raise ExportError(f"the intensity envelope needs (N, H, W) images, got shape {g.shape}")
+    features = intensity_features(g, list(levels))
+    return IntensityEnvelope(
+        levels=[float(v) for v in levels], **_fitted(features, quantile, "intensity envelope")
     )

@@ -15,7 +15,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
-from edge_node.protocol.envelope import EnvelopeCheck
+from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
 from edge_node.protocol.manifest import (
     ClassLabel,
     HeadSpec,
@@ -30,7 +30,7 @@ from edge_node.protocol.manifest import (
 from edge_node.protocol.signing import fingerprint
 from export.bundle_writer import BundleFile, producer_info, write_bundle
 from export.embedding_head import WithEmbedding, check_head, final_linear, head_spec
-from export.envelope import DEFAULT_QUANTILE, fit_envelope
+from export.envelope import DEFAULT_QUANTILE, fit_envelope, fit_intensity_envelope
 from export.errors import ExportError
 from export.metrics import output_accuracy, output_auc
 from export.onnx_export import EMBEDDING_NAME, INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
@@ -105,16 +105,33 @@ def preprocessing_for(data_config: DataConfig, modalities: Sequence[str]) -> Pre
 
 
 def _envelope(
-    session: ort.InferenceSession, calibration_x: np.ndarray, request: ExportRequest
+    session: ort.InferenceSession, calibration_x: np.ndarray, data_config: DataConfig, request: ExportRequest
 ) -> InputEnvelope | None:
-    """The input envelope from the fp32 model's embeddings of the calibration (validation) images, or None
-    with a warning where it cannot be fitted (too few images, too wide an embedding)."""
+    """The input envelope from the fp32 model's embeddings of the calibration (validation) images and from
+    those images' grey values, or None with a warning where it cannot be fitted (too few images, too wide an
+    embedding)."""
     embedding = run_onnx_outputs(session, calibration_x)[1]
     try:
-        return fit_envelope(embedding, quantile=request.envelope_quantile)
+        envelope = fit_envelope(embedding, quantile=request.envelope_quantile)
+        intensity = fit_intensity_envelope(
+            grey_of(calibration_x, data_config), quantile=request.envelope_quantile
+        )
     except ExportError as exc:
         logger.warning("%s ships without an input envelope: %s", request.model_id, exc)
         return None
+    return envelope.model_copy(update={"intensity": intensity})
+
+
+def grey_of(x: np.ndarray, data_config: DataConfig) -> np.ndarray:
+    """(N, C, H, W) normalised model input → (N, H, W) grey values in [0, 1] (channel 0, un-normalised)."""
+    return np.asarray(x[:, 0], dtype=np.float64) * float(data_config.std[0]) + float(data_config.mean[0])
+
+
+def _intensity_outside(envelope: InputEnvelope, grey: np.ndarray) -> np.ndarray:
+    """(N,) bool: outside the envelope's intensity part (all False without one)."""
+    if envelope.intensity is None:
+        return np.zeros(len(grey), dtype=bool)
+    return IntensityCheck.of(envelope.intensity).judge(grey).outside
 
 
 def task_spec(data_config: DataConfig, classes: Sequence[ClassLabel]) -> TaskSpec:
@@ -175,7 +192,7 @@ def export_bundle(
             logger.warning("%s has no linear layer; exported without an embedding output", request.model_id)
         envelope: InputEnvelope | None = None
         if head is not None and request.envelope:
-            envelope = _envelope(fp32, calibration_x, request)
+            envelope = _envelope(fp32, calibration_x, data_config, request)
         files = [BundleFile(onnx_file.path, MODEL_FILE, "model")]
         quant = None
         if request.int8:
@@ -197,11 +214,16 @@ def export_bundle(
             if quant.int8_accuracy is not None:
                 metrics[f"{test.name}_accuracy_int8"] = quant.int8_accuracy
         if envelope is not None:
+            # As a node judges: outside the embedding part or the intensity part (the same for both variants).
             check = EnvelopeCheck.of(envelope)
-            metrics[f"{test.name}_outside_envelope_fp32"] = float(check.outside(outputs[1]).mean())
+            grey_outside = _intensity_outside(envelope, grey_of(test_x, data_config))
+            metrics[f"{test.name}_outside_intensity"] = float(grey_outside.mean())
+            outside = check.outside(outputs[1]) | grey_outside
+            metrics[f"{test.name}_outside_envelope_fp32"] = float(outside.mean())
             if quant is not None and quant.accepted and quant.path is not None:
                 int8_embedding = run_onnx_outputs(cpu_session(quant.path), test_x)[1]
-                metrics[f"{test.name}_outside_envelope_int8"] = float(check.outside(int8_embedding).mean())
+                outside = check.outside(int8_embedding) | grey_outside
+                metrics[f"{test.name}_outside_envelope_int8"] = float(outside.mean())
         c, h, w = data_config.input_size
         manifest = write_bundle(
             out_dir,

@@ -14,7 +14,7 @@ import numpy as np
 from edge_node.errors import ModelError
 from edge_node.inference.backend import Backend, BackendOptions, OnnxRuntimeBackend, Runtime
 from edge_node.inference.personal_head import PersonalHead
-from edge_node.protocol.envelope import EnvelopeCheck
+from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
 from edge_node.protocol.manifest import FileEntry, HeadSpec, Manifest, Preprocessing, TaskSpec
 
 __all__ = [
@@ -104,8 +104,14 @@ class ModelScores:
     #: (N,) bool: outside the bundle's input envelope (``EnvelopeCheck.outside``); None without an envelope.
     outside_envelope: np.ndarray | None = None
     #: (N,) each image's squared Mahalanobis distance as a multiple of the envelope's threshold (above 1:
-    #: outside); None without an envelope.
+    #: outside); with an intensity part, the larger of the two parts' ratios. None without an envelope.
     envelope_ratio: np.ndarray | None = None
+    #: (N,) bool: outside the envelope's intensity part (its grey values unlike the validation images');
+    #: ``outside_envelope`` includes these. None without an intensity part.
+    intensity_outside: np.ndarray | None = None
+    #: (N,) bool: outside the intensity part, while the image's inverse lies well inside (it looks like a
+    #: negative, ``IntensityCheck.judge``). None without an intensity part.
+    negative: np.ndarray | None = None
 
     def split(self, sizes: Sequence[int]) -> list[ModelScores]:
         """The scores of consecutive groups of ``sizes`` images each (one per study of a batch)."""
@@ -115,11 +121,13 @@ class ModelScores:
             return [None] * len(sizes) if a is None else list(np.split(a, bounds))
 
         return [
-            ModelScores(p, o, r)
-            for p, o, r in zip(
+            ModelScores(p, o, r, i, n)
+            for p, o, r, i, n in zip(
                 np.split(self.probabilities, bounds),
                 parts(self.outside_envelope),
                 parts(self.envelope_ratio),
+                parts(self.intensity_outside),
+                parts(self.negative),
                 strict=True,
             )
         ]
@@ -137,10 +145,14 @@ class LoadedModel:
     personal: PersonalHead | None = None
     #: The manifest's input envelope as arrays (None without one), built once per loaded model.
     envelope: EnvelopeCheck | None = field(init=False, default=None, repr=False)
+    #: The envelope's intensity part as arrays (None without one).
+    intensity: IntensityCheck | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         found = self.manifest.envelope
         self.envelope = EnvelopeCheck.of(found) if found is not None else None
+        if found is not None and found.intensity is not None:
+            self.intensity = IntensityCheck.of(found.intensity)
 
     @property
     def model_id(self) -> str:
@@ -241,13 +253,26 @@ class LoadedModel:
         if check is None:
             return ModelScores(self.probabilities(batch))
         personal = self.personal  # read once: the slot may swap it between studies
-        logits, embedding = self.logits_and_embedding(np.asarray(batch))
+        batch = np.asarray(batch)
+        logits, embedding = self.logits_and_embedding(batch)
         outside, ratio = check.judge(embedding)
+        probabilities = self._probabilities_of(logits, embedding, personal)
+        if self.intensity is None:
+            return ModelScores(probabilities, outside_envelope=outside, envelope_ratio=ratio)
+        seen = self.intensity.judge(self.grey(batch))
         return ModelScores(
-            probabilities=self._probabilities_of(logits, embedding, personal),
-            outside_envelope=outside,
-            envelope_ratio=ratio,
+            probabilities,
+            outside_envelope=outside | seen.outside,
+            envelope_ratio=np.maximum(ratio, seen.ratio),
+            intensity_outside=seen.outside,
+            negative=seen.negative,
         )
+
+    def grey(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) model input → (N, H, W) its grey values before normalisation (channel 0; every
+        channel repeats the one grey image, preprocessing step 8)."""
+        pre = self.preprocessing
+        return np.asarray(batch[:, 0], dtype=np.float64) * float(pre.std[0]) + float(pre.mean[0])
 
     def warm_up(self) -> float:
         """Run one all-zero image through the model; returns the seconds it took.

@@ -1,4 +1,4 @@
-"""The input envelope's distance: the exporter sets its threshold with it, the node applies it."""
+"""The input envelope's distances: the exporter sets its thresholds with them, the node applies them."""
 
 from __future__ import annotations
 
@@ -7,9 +7,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_node.protocol.manifest import InputEnvelope
+from edge_node.protocol.manifest import GaussianEnvelope, IntensityEnvelope
 
-__all__ = ["DRIFT_ALARM_P", "DRIFT_TOLERANCE", "EnvelopeCheck", "binomial_tail", "drift_alarm"]
+__all__ = [
+    "DRIFT_ALARM_P",
+    "DRIFT_TOLERANCE",
+    "NEGATIVE_MARGIN",
+    "EnvelopeCheck",
+    "IntensityCheck",
+    "IntensityJudgement",
+    "binomial_tail",
+    "drift_alarm",
+    "intensity_features",
+    "looks_negative",
+]
 
 #: A count of images outside the envelope whose binomial tail is below this is more than chance.
 DRIFT_ALARM_P = 0.001
@@ -17,6 +28,9 @@ DRIFT_ALARM_P = 0.001
 #: at the edge of the validation set's (a few per cent outside) is not drifting; docs/envelope.md says how
 #: this was chosen.
 DRIFT_TOLERANCE = 5.0
+#: An image outside the intensity envelope "looks negative" when its inverse (1 − grey) lies inside it and
+#: this many times nearer its mean (in units of the threshold) than the image itself.
+NEGATIVE_MARGIN = 4.0
 
 
 @dataclass(frozen=True)
@@ -28,7 +42,7 @@ class EnvelopeCheck:
     threshold: float
 
     @classmethod
-    def of(cls, envelope: InputEnvelope) -> EnvelopeCheck:
+    def of(cls, envelope: GaussianEnvelope) -> EnvelopeCheck:
         return cls(
             mean=np.asarray(envelope.mean, dtype=np.float64),
             whitening=np.asarray(envelope.whitening, dtype=np.float64),
@@ -51,6 +65,48 @@ class EnvelopeCheck:
         with np.errstate(over="ignore"):
             ratio = d / self.threshold
         return ~(d <= self.threshold), ratio
+
+
+def intensity_features(grey: np.ndarray, levels: tuple[float, ...] | list[float]) -> np.ndarray:
+    """(N, ...) grey images in [0, 1] → (N, L): each image's grey-value quantiles at ``levels``."""
+    g = np.asarray(grey, dtype=np.float64)
+    if len(g) == 0:
+        return np.zeros((0, len(levels)))
+    flat = g.reshape(len(g), -1)
+    return np.quantile(flat, np.asarray(levels, dtype=np.float64), axis=1).T
+
+
+@dataclass(frozen=True)
+class IntensityJudgement:
+    """Where each of N images' grey values lie relative to the intensity envelope."""
+
+    #: (N,) bool: outside the intensity envelope.
+    outside: np.ndarray
+    #: (N,) each image's distance over the threshold.
+    ratio: np.ndarray
+    #: (N,) bool: outside, while its inverse lies inside and ``NEGATIVE_MARGIN`` times nearer.
+    negative: np.ndarray
+
+
+@dataclass(frozen=True)
+class IntensityCheck:
+    """The manifest's intensity envelope as arrays (built once per loaded model)."""
+
+    levels: tuple[float, ...]
+    check: EnvelopeCheck
+
+    @classmethod
+    def of(cls, envelope: IntensityEnvelope) -> IntensityCheck:
+        return cls(levels=tuple(envelope.levels), check=EnvelopeCheck.of(envelope))
+
+    def judge(self, grey: np.ndarray) -> IntensityJudgement:
+        """(N, ...) grey images in [0, 1] (the model input before normalisation) → their judgement."""
+        g = np.asarray(grey, dtype=np.float64)
+        outside, ratio = self.check.judge(intensity_features(g, self.levels))
+        _, inverse = self.check.judge(intensity_features(1.0 - g, self.levels))
+        with np.errstate(invalid="ignore"):
+            negative = outside & (inverse <= 1.0) & (inverse * NEGATIVE_MARGIN < ratio)
+        return IntensityJudgement(outside=outside, ratio=ratio, negative=negative)
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:
@@ -82,3 +138,11 @@ def drift_alarm(outside: int, n: int, quantile: float) -> bool:
     count is improbable (p < ``DRIFT_ALARM_P``) even at ``DRIFT_TOLERANCE`` times the chance rate."""
     rate = min(1.0, DRIFT_TOLERANCE * (1.0 - quantile))
     return n > 0 and binomial_tail(outside, n, rate) < DRIFT_ALARM_P
+
+
+def looks_negative(intensity_outside: int, negative: int, n: int, quantile: float) -> bool:
+    """Whether a clinic's recent images look like negatives of the validation images: more of them lie
+    outside the intensity envelope than chance allows (``drift_alarm``) and at least half of those look
+    negative (their inverse lies well inside). The usual cause is a display header that says the wrong
+    thing (MONOCHROME1 against MONOCHROME2, a Presentation LUT Shape of INVERSE)."""
+    return drift_alarm(intensity_outside, n, quantile) and 2 * negative >= intensity_outside > 0

@@ -101,16 +101,13 @@ class HeadSpec(_Strict):
         return int(self.weight.shape[0])
 
 
-class InputEnvelope(_Strict):
-    """Where the model's embeddings of the images it was checked on lie, so a node can tell an image unlike
-    them (a scanner, a protocol or a display the model never saw) from one like them.
-
-    An image is outside the envelope when the squared Mahalanobis distance of its embedding (the head's
-    ``embedding_output``) from ``mean`` exceeds ``threshold``: ``|W (e - mean)|^2 > threshold``. ``W`` whitens
-    a shrunk covariance of the embeddings (``W Σ Wᵀ = I``). The mean and covariance come from the exporter's
-    validation images; the threshold is the ``quantile`` of their cross-fitted distances (each image's
-    distance from an envelope fitted on the other ``folds``), so about ``1 - quantile`` of images like the
-    validation set fall outside by chance.
+class GaussianEnvelope(_Strict):
+    """A region of feature space: a point is outside when its squared Mahalanobis distance from ``mean``
+    exceeds ``threshold``: ``|W (f - mean)|^2 > threshold``. ``W`` whitens a shrunk covariance of the
+    features (``W Σ Wᵀ = I``). The mean and covariance come from the exporter's validation images; the
+    threshold is the ``quantile`` of their cross-fitted distances (each image's distance from an envelope
+    fitted on the other ``folds``), so about ``1 - quantile`` of images like the validation set fall outside
+    by chance.
     """
 
     #: (D,)
@@ -128,6 +125,42 @@ class InputEnvelope(_Strict):
     @property
     def dim(self) -> int:
         return len(self.mean)
+
+    def _check_shape(self, d: int, what: str) -> None:
+        if self.dim != d or len(self.whitening) != d or any(len(row) != d for row in self.whitening):
+            raise ValueError(f"the {what} must be {d}-dimensional: mean (D,), whitening (D, D)")
+        if not (0.0 < self.quantile < 1.0) or not self.threshold > 0.0:
+            raise ValueError(f"the {what} needs 0 < quantile < 1 and a positive threshold")
+
+
+class IntensityEnvelope(GaussianEnvelope):
+    """Where the validation images' own grey values lie, whatever the model makes of them: the features
+    are each image's grey-value quantiles at ``levels``, taken on the model input before normalisation
+    (preprocessing step 7, values in [0, 1]). A model trained to ignore intensity changes embeds an
+    inverted display much like a normal one; its histogram still says what happened.
+    """
+
+    #: Increasing, in [0, 1]: the quantiles of an image's grey values that are its features (D of them).
+    levels: list[float]
+
+
+class InputEnvelope(GaussianEnvelope):
+    """Where the model's embeddings of the images it was checked on lie (the features are the head's
+    ``embedding_output``), and optionally where those images' grey values lie (``intensity``), so a node can
+    tell an image unlike them (a scanner, a protocol or a display the model never saw) from one like them.
+    An image outside either part is outside the envelope.
+    """
+
+    #: The images' own grey values; None for bundles exported before it existed.
+    intensity: IntensityEnvelope | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_intensity(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        # Envelopes signed before the intensity part existed have no such key: keep their bytes.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("intensity") is None:
+            data.pop("intensity", None)
+        return data
 
 
 class Preprocessing(_Strict):
@@ -229,13 +262,12 @@ class Manifest(_Strict):
             return self
         if self.head is None:
             raise ValueError("an input envelope needs the head's embedding output; the manifest has no head")
-        d = self.head.embedding_dim
-        if env.dim != d or len(env.whitening) != d or any(len(row) != d for row in env.whitening):
-            raise ValueError(
-                f"the input envelope must be over the {d}-dimensional embedding: mean (D,), whitening (D, D)"
-            )
-        if not (0.0 < env.quantile < 1.0) or not env.threshold > 0.0:
-            raise ValueError("the input envelope needs 0 < quantile < 1 and a positive threshold")
+        env._check_shape(self.head.embedding_dim, "input envelope")
+        if env.intensity is not None:
+            levels = env.intensity.levels
+            env.intensity._check_shape(len(levels), "intensity envelope")
+            if not levels or any(not 0.0 <= v <= 1.0 for v in levels) or sorted(set(levels)) != levels:
+                raise ValueError("the intensity envelope's levels must increase strictly within [0, 1]")
         return self
 
     @model_serializer(mode="wrap")

@@ -3,8 +3,11 @@
 The envelope is fitted as the exporter fits it (``export.envelope.fit_envelope``) on the model's embeddings
 of the pooled validation split of the clinics that trained: the images the model was checked on. Each
 clinic's test images, the unseen clinic's and every panel profile's are then counted inside or outside,
-so the share outside can be set beside the AUC there. No label is read: the count is what a node's drift
-monitor sees.
+so the share outside can be set beside the AUC there. The envelope's intensity part is fitted on the same
+images' grey values (``export.envelope.fit_intensity_envelope``; the bench's images are the model input in
+[0, 1]). Per place: ``outside`` as a node counts it (outside either part), and apart ``embedding``,
+``intensity`` and ``negative`` (outside the intensity part and looking like a negative). No label is read:
+the counts are what a node's drift monitor sees.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_node.protocol.envelope import EnvelopeCheck
-from export.envelope import DEFAULT_QUANTILE, fit_envelope
+from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
+from export.envelope import DEFAULT_QUANTILE, fit_envelope, fit_intensity_envelope
 from harness.flbench.datasets import BenchData
 from hub.models.fl_cnn import FlCnn
 
@@ -38,19 +41,34 @@ def feature_embedder(model: FlCnn, batch_size: int = 512) -> Embedder:
     return embed
 
 
-def _count(check: EnvelopeCheck, embedding: np.ndarray) -> dict[str, int]:
-    return {"outside": int(check.outside(embedding).sum()), "n": len(embedding)}
+def _count(
+    check: EnvelopeCheck, grey_check: IntensityCheck, embed: Embedder, x: torch.Tensor
+) -> dict[str, int]:
+    embedding = check.outside(embed(x))
+    seen = grey_check.judge(x[:, 0].numpy())
+    return {
+        "outside": int((embedding | seen.outside).sum()),
+        "n": len(x),
+        "embedding": int(embedding.sum()),
+        "intensity": int(seen.outside.sum()),
+        "negative": int(seen.negative.sum()),
+    }
 
 
 def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_QUANTILE) -> dict[str, Any]:
     """Counts outside the envelope per trained clinic (its test split), the unseen clinic and the panel."""
     val_x, _ = data.pooled_val()
     check = EnvelopeCheck.of(fit_envelope(embed(val_x), quantile=quantile))
+    grey_check = IntensityCheck.of(fit_intensity_envelope(val_x[:, 0].numpy(), quantile=quantile))
+
+    def count(x: torch.Tensor) -> dict[str, int]:
+        return _count(check, grey_check, embed, x)
+
     out: dict[str, Any] = {
         "quantile": quantile,
-        "clinics": {c: _count(check, embed(data.clinics[c].test_x)) for c in data.names},
-        "unseen": _count(check, embed(data.unseen_x)),
+        "clinics": {c: count(data.clinics[c].test_x) for c in data.names},
+        "unseen": count(data.unseen_x),
     }
     if data.panel:
-        out["panel"] = {n: _count(check, embed(x)) for n, x in data.panel.items()}
+        out["panel"] = {n: count(x) for n, x in data.panel.items()}
     return out

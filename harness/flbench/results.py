@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_node.protocol.envelope import DRIFT_ALARM_P, DRIFT_TOLERANCE, drift_alarm
+from edge_node.protocol.envelope import DRIFT_ALARM_P, DRIFT_TOLERANCE, drift_alarm, looks_negative
 from harness.flbench.datasets import SMALL_CLINICS
 from harness.flbench.scoring import finite_mean, selection_key
 
@@ -159,11 +159,26 @@ def _envelope_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     names = list(places(runs[0]))
     counts = [places(r) for r in runs]
-    return {
+    out: dict[str, Any] = {
         "expected": 1.0 - quantile,
         "rate": {n: _ms([c[n]["outside"] / max(c[n]["n"], 1) for c in counts]) for n in names},
         "alarms": {n: sum(drift_alarm(c[n]["outside"], c[n]["n"], quantile) for c in counts) for n in names},
     }
+    if all("intensity" in c[n] for c in counts for n in names):
+        # Runs since the intensity part: each part alone, and the node's "looks negative" diagnosis.
+        out["expected"] = 2.0 * (1.0 - quantile)
+        out["parts"] = {
+            n: {
+                "intensity_rate": _ms([c[n]["intensity"] / max(c[n]["n"], 1) for c in counts]),
+                "embedding_alarms": sum(drift_alarm(c[n]["embedding"], c[n]["n"], quantile) for c in counts),
+                "intensity_alarms": sum(drift_alarm(c[n]["intensity"], c[n]["n"], quantile) for c in counts),
+                "negative": sum(
+                    looks_negative(c[n]["intensity"], c[n]["negative"], c[n]["n"], quantile) for c in counts
+                ),
+            }
+            for n in names
+        }
+    return out
 
 
 def _paired(by: Mapping[str, Mapping[int, Record]], a: str, b: str, fn: Any) -> list[float]:
@@ -470,6 +485,26 @@ def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
         n_seeds = env["rate"][names[0]]["n"]
         cells = [f"{env['rate'][n]['mean']:.1%} ({env['alarms'][n]}/{n_seeds})" for n in names]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    with_parts = {m: env for m, env in with_envelope.items() if "parts" in env}
+    if with_parts:
+        lines += [
+            "",
+            "Its two parts (a node counts an image outside either): the share outside the grey-value part, "
+            "then in how many seeds the alarm fires on the embedding part alone / on the grey-value part "
+            "alone, and in how many the node says the images look like negatives:",
+            "",
+            "| method | " + " | ".join(n.removeprefix("panel/") for n in names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for m, env in with_parts.items():
+            n_seeds = env["rate"][names[0]]["n"]
+            parts = env["parts"]
+            cells = [
+                f"{parts[n]['intensity_rate']['mean']:.1%}; {parts[n]['embedding_alarms']}/"
+                f"{parts[n]['intensity_alarms']}; neg {parts[n]['negative']}/{n_seeds}"
+                for n in names
+            ]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -200,6 +200,8 @@ def envelope_json(report: ExportReport) -> dict[str, Any] | None:
         "fitted_on": env.fitted_on,
         "folds": env.folds,
         "test_outside": report.manifest.provenance.metrics.get("test_outside_envelope_fp32"),
+        "intensity": env.intensity is not None,
+        "test_outside_intensity": report.manifest.provenance.metrics.get("test_outside_intensity"),
     }
 
 
@@ -281,12 +283,15 @@ def export(
         if env is None:
             table.add_row("input envelope", "none (no embedding output, or too few validation images)")
         else:
+            expected = (2 if env["intensity"] else 1) * (1 - env["quantile"])
             table.add_row(
                 "input envelope",
-                f"{env['test_outside']:.1%} of test images outside (expected {1 - env['quantile']:.0%}; "
+                f"{env['test_outside']:.1%} of test images outside (expected {expected:.0%}; "
                 f"fitted on {env['fitted_on']} validation images, threshold cross-fitted in {env['folds']} "
                 "folds)",
             )
+            if env["test_outside_intensity"] is not None:
+                table.add_row("  its grey-value part", f"{env['test_outside_intensity']:.1%} outside")
         for name, size in report.sizes.items():
             table.add_row(f"size {name}", f"{size / 1024:.1f} KiB")
         table.add_row("shipped", ", ".join(report.shipped))

@@ -29,10 +29,10 @@ def test_the_manifest_refuses_an_envelope_that_does_not_fit_its_head(test_bundle
     assert parse_manifest(_manifest_with(good, raw)).envelope == m.envelope
     assert parse_manifest(_manifest_with(None, raw)).envelope is None
     short = {**good, "mean": good["mean"][:-1]}
-    with pytest.raises(SchemaError, match="dimensional embedding"):
+    with pytest.raises(SchemaError, match="input envelope must be"):
         parse_manifest(_manifest_with(short, raw))
     ragged = {**good, "whitening": [*good["whitening"][:-1], good["whitening"][-1][:-1]]}
-    with pytest.raises(SchemaError, match="dimensional embedding"):
+    with pytest.raises(SchemaError, match="input envelope must be"):
         parse_manifest(_manifest_with(ragged, raw))
     with pytest.raises(SchemaError, match="positive threshold"):
         parse_manifest(_manifest_with({**good, "threshold": 0.0}, raw))
@@ -41,3 +41,25 @@ def test_the_manifest_refuses_an_envelope_that_does_not_fit_its_head(test_bundle
     with pytest.raises(SchemaError, match="no head"):
         parse_manifest(json.dumps(headless).encode())
     assert InputEnvelope.model_validate(good).dim == m.head.embedding_dim
+
+
+def test_the_intensity_part_must_fit_its_levels_and_is_left_out_when_absent(
+    test_bundle: TrustedBundle,
+) -> None:
+    raw = (test_bundle.bundle / MANIFEST_FILE).read_bytes()
+    m = parse_manifest(raw)
+    assert m.envelope is not None and m.envelope.intensity is not None, "rebuild the test bundle"
+    good = m.envelope.model_dump()
+    part = good["intensity"]
+    assert len(part["levels"]) == m.envelope.intensity.dim
+    assert parse_manifest(_manifest_with(good, raw)).envelope == m.envelope
+    for levels in ([*part["levels"][:-1], 1.5], list(reversed(part["levels"]))):
+        with pytest.raises(SchemaError, match="levels must increase"):
+            parse_manifest(_manifest_with({**good, "intensity": {**part, "levels": levels}}, raw))
+    with pytest.raises(SchemaError, match="intensity envelope must be"):
+        parse_manifest(_manifest_with({**good, "intensity": {**part, "levels": part["levels"][:-1]}}, raw))
+    # An envelope from before the intensity part keeps its bytes: no "intensity" key, not even null.
+    without = {k: v for k, v in good.items() if k != "intensity"}
+    older = parse_manifest(_manifest_with(without, raw))
+    assert older.envelope is not None and older.envelope.intensity is None
+    assert "intensity" not in json.loads(older.canonical_bytes())["envelope"]

@@ -16,7 +16,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_node.protocol.bundle import verify_bundle
-from edge_node.protocol.envelope import EnvelopeCheck
+from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
 from edge_node.protocol.manifest import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -202,7 +202,14 @@ def test_full_export_writes_a_bundle_the_edge_verifies(
     assert m.envelope.dim == m.head.embedding_dim and m.envelope.quantile == 0.99
     test_x = cfg.preprocess(pneumonia_test.images)
     embedding = run_onnx_outputs(cpu_session(report.bundle_dir / "model.onnx"), test_x)[1]
-    outside = float(EnvelopeCheck.of(m.envelope).outside(embedding).mean())
+    # Its intensity part: the same validation images' grey values, before normalisation.
+    assert m.envelope.intensity is not None and m.envelope.intensity.fitted_on == len(pneumonia_val.labels)
+    grey = test_x[:, 0].astype(np.float64) * cfg.std[0] + cfg.mean[0]
+    np.testing.assert_allclose(grey, pneumonia_test.images / 255.0, atol=1e-6)
+    grey_outside = IntensityCheck.of(m.envelope.intensity).judge(grey).outside
+    assert m.provenance.metrics["test_outside_intensity"] == pytest.approx(float(grey_outside.mean()))
+    # A node counts an image outside either part.
+    outside = float((EnvelopeCheck.of(m.envelope).outside(embedding) | grey_outside).mean())
     assert m.provenance.metrics["test_outside_envelope_fp32"] == pytest.approx(outside)
     assert outside <= 0.05 and m.provenance.metrics["test_outside_envelope_int8"] <= 0.05
     # Pretty on disk, signed over canonical bytes.

@@ -92,6 +92,7 @@ def test_train_export_and_show_key(runner: CliRunner, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "parity" in result.output and "test AUC fp32" in result.output and "not requested" in result.output
     assert "input envelope" in result.output and "of test images outside" in result.output
+    assert "its grey-value part" in result.output
 
     trusted = load_public_keys(tmp_path / "keys" / "hub.pub")
     verified = verify_bundle(bundle, trusted)
@@ -116,6 +117,8 @@ def test_train_export_and_show_key(runner: CliRunner, tmp_path: Path) -> None:
         "fitted_on": manifest.envelope.fitted_on,
         "folds": manifest.envelope.folds,
         "test_outside": manifest.provenance.metrics["test_outside_envelope_fp32"],
+        "intensity": True,
+        "test_outside_intensity": manifest.provenance.metrics["test_outside_intensity"],
     }
     from_zip = verify_bundle(Path(report["zip"]), trusted, extract_to=tmp_path / "unzipped")
     assert from_zip.manifest == verify_bundle(bundle2, trusted).manifest

@@ -3,14 +3,17 @@ personal head's path kept, a bundle without an envelope scored exactly as before
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from edge_node.inference.loaded_model import LoadedModel, ModelScores, load_model
 from edge_node.inference.personal_head import PersonalHead
 from edge_node.protocol.bundle import verify_bundle
-from edge_node.protocol.envelope import EnvelopeCheck
+from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
 from edge_node.protocol.signing import load_public_keys
+from hub.data.medmnist import load_medmnist
 from tests.edge_node.conftest import TrustedBundle
 
 
@@ -46,6 +49,40 @@ def test_scores_give_the_probabilities_and_the_envelope_of_the_same_embedding(mo
     assert [len(p.probabilities) for p in parts] == [15, 0, 25]
     assert parts[2].outside_envelope is not None
     np.testing.assert_array_equal(parts[2].outside_envelope, scores.outside_envelope[15:])
+
+
+def test_the_grey_values_count_too(model: LoadedModel, shared_data: Path) -> None:
+    envelope = model.manifest.envelope
+    assert envelope is not None and envelope.intensity is not None, "rebuild the test bundle"
+    pre = model.preprocessing
+    images = load_medmnist("pneumoniamnist", "test", shared_data).images[:40] / 255.0
+    images[20:] = 1.0 - images[20:]  # half of them a negative display
+    batch = ((images - pre.mean[0]) / pre.std[0])[:, None].astype(np.float32)
+    np.testing.assert_allclose(model.grey(batch), images, atol=1e-6)
+    scores = model.scores(batch)
+    seen = IntensityCheck.of(envelope.intensity).judge(model.grey(batch))
+    embedding_outside = EnvelopeCheck.of(envelope).outside(model.embed(batch))
+    assert scores.intensity_outside is not None and scores.negative is not None
+    np.testing.assert_array_equal(scores.intensity_outside, seen.outside)
+    np.testing.assert_array_equal(scores.negative, seen.negative)
+    np.testing.assert_array_equal(scores.outside_envelope, embedding_outside | seen.outside)
+    assert scores.envelope_ratio is not None
+    assert (scores.envelope_ratio >= seen.ratio - 1e-12).all()
+    assert seen.outside[20:].sum() > seen.outside[:20].sum()
+    part = scores.split([5, 35])[1]
+    assert part.negative is not None
+    np.testing.assert_array_equal(part.negative, seen.negative[5:])
+    # Without the intensity part the flags are absent and the envelope is the embedding's alone.
+    no_grey = envelope.model_copy(update={"intensity": None})
+    plain = LoadedModel(
+        manifest=model.manifest.model_copy(update={"envelope": no_grey}),
+        backend=model.backend,
+        model_file=model.model_file,
+        precision=model.precision,
+    )
+    alone = plain.scores(batch)
+    assert alone.intensity_outside is None and alone.negative is None
+    np.testing.assert_array_equal(alone.outside_envelope, embedding_outside)
 
 
 def test_a_personal_head_changes_the_probabilities_not_the_envelope(model: LoadedModel) -> None:

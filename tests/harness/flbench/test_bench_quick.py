@@ -84,10 +84,22 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert set(env["clinics"]) == set("ABCDEF") and set(env["panel"]) == set(by["fedavg_aug"]["panel"])
     for count in [*env["clinics"].values(), env["unseen"], *env["panel"].values()]:
         assert 0 <= count["outside"] <= count["n"] and count["n"] > 0
+        # A node counts an image outside either part; only images outside the grey-value part look negative.
+        assert max(count["embedding"], count["intensity"]) <= count["outside"]
+        assert count["outside"] <= count["embedding"] + count["intensity"]
+        assert count["negative"] <= count["intensity"]
     assert sum(c["outside"] for c in env["panel"].values()) > 0  # the panel is unlike the training images
-    rates = doc["methods"]["fedavg_aug"]["envelope"]["rate"]
+    # The grey-value part is the model's input alone: every deployable method sees the same counts.
+    assert (
+        by["central_aug"]["envelope"]["panel"]["inverted"]["intensity"]
+        == env["panel"]["inverted"]["intensity"]
+    )
+    summary = doc["methods"]["fedavg_aug"]["envelope"]
+    rates = summary["rate"]
     assert rates["A"]["mean"] == env["clinics"]["A"]["outside"] / env["clinics"]["A"]["n"]
-    assert "Input envelope" in (out / "results.md").read_text()
+    assert set(summary["parts"]) == set(rates) and summary["expected"] == pytest.approx(0.02)
+    report = (out / "results.md").read_text()
+    assert "Input envelope" in report and "look like negatives" in report
 
     # --resume reuses every finished (method, seed) and rewrites the same reports.
     again = runner.invoke(
