@@ -212,7 +212,16 @@ class StatusReport:
             return
         if console.is_terminal and console.width >= TABLE_MIN_WIDTH:
             table = Table(title="input envelope (latest analysed images per model version)")
-            for column in ("model", "images", "outside", "rate", "expected by chance", "drifting"):
+            columns = (
+                "model",
+                "images",
+                "outside",
+                "rate",
+                "expected by chance",
+                "drifting",
+                "look negative",
+            )
+            for column in columns:
                 table.add_column(column, overflow="fold")
             for w in self.envelope:
                 table.add_row(
@@ -220,8 +229,9 @@ class StatusReport:
                     f"{w.images} (window {w.window})",
                     str(w.outside),
                     f"{w.rate:.1%}",
-                    f"{w.expected_rate:.1%}",
+                    w.expected_words,
                     "[yellow]yes[/yellow]" if w.drifting else "no",
+                    _negative_cell(w),
                 )
             console.print(table)
         else:
@@ -229,7 +239,8 @@ class StatusReport:
                 model = escape(f"{w.model_id} {w.model_version}")
                 console.print(
                     f"[bold]input envelope:[/bold] {model}: {w.outside} of the last {w.images} analysed"
-                    f" images outside ({w.rate:.1%}; {w.expected_rate:.1%} expected by chance)",
+                    f" images outside ({w.rate:.1%}; {w.expected_words} expected by chance)"
+                    + _negative_words(w),
                     highlight=False,
                     soft_wrap=True,
                 )
@@ -306,3 +317,20 @@ def _personal_head(store: PersonalHeadStore, state: NodeState) -> dict[str, Any]
             "sent": False,
         }
     return None
+
+
+def _negative_cell(w: EnvelopeWindow) -> str:
+    """The status table's "look negative" cell: how many of the images with unusual grey values look like
+    negatives of the validation images, in yellow when that names the likely cause; "-" without an
+    intensity part."""
+    if w.intensity_outside is None:
+        return "-"
+    counts = f"{w.negative} of {w.intensity_outside} with unusual grey values"
+    return f"[yellow]yes[/yellow]: {counts}" if w.looks_negative else f"no: {counts}"
+
+
+def _negative_words(w: EnvelopeWindow) -> str:
+    """The narrow status line's words on images that look negative; empty without an intensity part."""
+    if w.intensity_outside is None:
+        return ""
+    return f"; {w.negative} of the {w.intensity_outside} with unusual grey values look negative"

@@ -302,7 +302,15 @@ class _Run:
         self.event = StudyEvent.DONE if outcome.status == "done" else StudyEvent.SKIPPED
         self.reason = outcome.reason
         self.findings = [
-            FindingRow(f.sop_instance_uid, float(f.score), f.label, f.outside_envelope, f.envelope_ratio)
+            FindingRow(
+                f.sop_instance_uid,
+                float(f.score),
+                f.label,
+                f.outside_envelope,
+                f.envelope_ratio,
+                f.intensity_outside,
+                f.negative,
+            )
             for f in outcome.findings
         ]
         self.outputs = list(outcome.outputs)  # written durably: the outbox never points at a lost file

@@ -213,6 +213,8 @@ def finish_study(
         model.task,
         outside_envelope=scores.outside_envelope,
         envelope_ratio=scores.envelope_ratio,
+        intensity_outside=scores.intensity_outside,
+        negative=scores.negative,
     )
     # A non-finite score or embedding (a broken model or input) is that instance's reason; it never reaches
     # a result.

@@ -34,6 +34,12 @@ class Finding:
     #: The image's envelope distance as a multiple of the envelope's threshold (above 1: outside); None when
     #: the bundle has no envelope.
     envelope_ratio: float | None = None
+    #: Whether the image's grey values lie outside the envelope's intensity part (``outside_envelope`` is
+    #: then True too); None when the bundle's envelope has no intensity part.
+    intensity_outside: bool | None = None
+    #: Whether the image looks like a negative of the validation images (outside the intensity part while
+    #: its inverse lies well inside); None when the bundle's envelope has no intensity part.
+    negative: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ def findings_from_probabilities(
     *,
     outside_envelope: np.ndarray | None = None,
     envelope_ratio: np.ndarray | None = None,
+    intensity_outside: np.ndarray | None = None,
+    negative: np.ndarray | None = None,
 ) -> list[Finding]:
     """One Finding per analysed instance from (N, K) class probabilities.
 
@@ -61,23 +69,34 @@ def findings_from_probabilities(
     manifest's threshold. Multiclass: the score is the top class's probability, the label its name, the
     finding is present unless the top class is the first (reference) class, and every class's probability
     goes with it. ``outside_envelope`` and ``envelope_ratio`` (N,), when the bundle has an input envelope,
-    go with each finding as they are.
+    go with each finding as they are; so do ``intensity_outside`` and ``negative`` (N,) when the envelope
+    has an intensity part.
     """
     if (outside_envelope is None) != (envelope_ratio is None):
         raise ValueError("an input envelope result needs both the outside flags and the distance ratios")
+    if (intensity_outside is None) != (negative is None):
+        raise ValueError("an intensity result needs both the outside flags and the negative flags")
+    if intensity_outside is not None and outside_envelope is None:
+        raise ValueError("an intensity result is part of an input envelope result; the envelope's is missing")
     n = len(analysed)
     outside: list[bool | None] = [None] * n
     ratios: list[float | None] = [None] * n
+    grey_outside: list[bool | None] = [None] * n
+    negatives: list[bool | None] = [None] * n
     if outside_envelope is not None and envelope_ratio is not None:
         outside, ratios = [bool(v) for v in outside_envelope], [float(v) for v in envelope_ratio]
+    if intensity_outside is not None and negative is not None:
+        grey_outside, negatives = [bool(v) for v in intensity_outside], [bool(v) for v in negative]
     findings: list[Finding] = []
-    for row, image, out, ratio in zip(probs, analysed, outside, ratios, strict=True):
+    for row, image, out, ratio, grey_out, neg in zip(
+        probs, analysed, outside, ratios, grey_outside, negatives, strict=True
+    ):
         probabilities: tuple[float, ...] = ()
         if task.kind == "binary":
             score = float(row[task.positive_class])
             present = score >= task.decision_threshold
-            negative = next((c.name for c in task.classes if c.index != task.positive_class), "absent")
-            label = task.classes[task.positive_class].name if present else negative
+            absent = next((c.name for c in task.classes if c.index != task.positive_class), "absent")
+            label = task.classes[task.positive_class].name if present else absent
         else:
             top = int(np.argmax(row))
             score = float(row[top])
@@ -97,6 +116,8 @@ def findings_from_probabilities(
                 probabilities=probabilities,
                 outside_envelope=out,
                 envelope_ratio=ratio,
+                intensity_outside=grey_out,
+                negative=neg,
             )
         )
     return findings

@@ -268,6 +268,9 @@ class Manifest(_Strict):
             env.intensity._check_shape(len(levels), "intensity envelope")
             if not levels or any(not 0.0 <= v <= 1.0 for v in levels) or sorted(set(levels)) != levels:
                 raise ValueError("the intensity envelope's levels must increase strictly within [0, 1]")
+            if env.intensity.quantile != env.quantile:
+                # A node's monitor and drift alarm use one chance rate for both parts.
+                raise ValueError("the intensity envelope's quantile must be the input envelope's")
         return self
 
     @model_serializer(mode="wrap")

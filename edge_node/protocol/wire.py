@@ -351,6 +351,9 @@ class NodeInfo(_Wire):
     envelope_images: int | None = None
     envelope_outside: int | None = None
     envelope_drifting: bool | None = None
+    #: Whether those images look like negatives of the validation images (a display header that says the
+    #: wrong thing); None when the envelope has no intensity part or the node is older.
+    envelope_negative: bool | None = None
 
 
 class JoinCodeIssued(_Wire):

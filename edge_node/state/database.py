@@ -39,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from edge_node.state.schema import SCHEMA, SCHEMA_VERSION
+from edge_node.state.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
 
 __all__ = ["Database"]
 
@@ -65,9 +65,15 @@ class Database:
             if statement.strip():
                 self._conn.execute(statement)
         with self.tx(durable=True) as c:
+            # Inside the write transaction: two processes opening an older database add each column once.
+            for table, column, definition in ADDED_COLUMNS:
+                present = {str(r["name"]) for r in c.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             c.execute(
                 # The tables are created with IF NOT EXISTS above, so an older database gains the new
-                # ones; its recorded version then moves up (never down, should an older node open it).
+                # ones (and the columns just added); its recorded version then moves up (never down, should
+                # an older node open it).
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE"
                 " SET value = excluded.value WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
                 (str(SCHEMA_VERSION),),

@@ -46,6 +46,10 @@ class FindingRow:
     #: The image's input envelope result (``Finding``'s); None when the model has no envelope.
     outside_envelope: bool | None = None
     envelope_ratio: float | None = None
+    #: Its intensity part's (``Finding``'s): outside it, and looking like a negative; None when the
+    #: envelope has no intensity part.
+    intensity_outside: bool | None = None
+    negative: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,9 @@ class Runs:
     ) -> None:
         """The findings' input envelope results, for the drift monitor and the page (envelope bundles)."""
         results = [
-            EnvelopeResult(f.sop_instance_uid, f.outside_envelope, f.envelope_ratio)
+            EnvelopeResult(
+                f.sop_instance_uid, f.outside_envelope, f.envelope_ratio, f.intensity_outside, f.negative
+            )
             for f in findings
             if f.outside_envelope is not None and f.envelope_ratio is not None
         ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION"]
+__all__ = ["ADDED_COLUMNS", "SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Studies and their instances (ingest), runs and findings (analysis), the outbox (delivery), the model
 #: registry with its activation log, (version 2) the clinic's labels with every change made to them, and
-#: (version 3) each analysed image's input envelope result (bundles with an envelope), for the drift monitor.
+#: (version 3) each analysed image's input envelope result (bundles with an envelope), for the drift monitor,
+#: with (version 4) its intensity part's result (NULL for envelopes without one, and for rows written before).
 #: The outbox row carries what a C-STORE needs besides the bytes (SOP class and instance, transfer syntax),
 #: so sending does not open the file to learn them.
 SCHEMA = """
@@ -125,8 +126,18 @@ CREATE TABLE IF NOT EXISTS envelope_results (
     model_version TEXT NOT NULL,
     outside INTEGER NOT NULL CHECK (outside IN (0, 1)),
     ratio REAL NOT NULL,
-    quantile REAL NOT NULL
+    quantile REAL NOT NULL,
+    intensity_outside INTEGER CHECK (intensity_outside IN (0, 1)),
+    negative INTEGER CHECK (negative IN (0, 1))
 );
 CREATE INDEX IF NOT EXISTS envelope_results_by_model ON envelope_results (model_id, model_version, id);
 CREATE INDEX IF NOT EXISTS envelope_results_by_run ON envelope_results (run_id);
 """
+
+#: Columns added to a table after it was first created: (table, column, its definition). ``CREATE TABLE IF
+#: NOT EXISTS`` gives a new database the whole table; an older one gains each missing column when it opens,
+#: NULL in the rows it already has.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("envelope_results", "intensity_outside", "INTEGER CHECK (intensity_outside IN (0, 1))"),  # version 4
+    ("envelope_results", "negative", "INTEGER CHECK (negative IN (0, 1))"),  # version 4
+)

@@ -453,7 +453,7 @@ class SyncLoop:
 def heartbeat_counts(store: NodeState, updates: Mapping[str, int]) -> dict[str, int]:
     """The heartbeat's counters: studies by state, instances, results, updates by state and, when the active
     model has an input envelope, its latest analysed images, how many lay outside it and whether that
-    raises the drift alarm (counts only)."""
+    raises the drift alarm, and with an intensity part whether they look like negatives (counts only)."""
     counts = {k: v for k, v in store.status.counts().items() if v >= 0}
     counts.update({f"updates_{k}": v for k, v in updates.items()})
     active = store.models.active()
@@ -466,6 +466,8 @@ def heartbeat_counts(store: NodeState, updates: Mapping[str, int]) -> dict[str, 
                 "envelope_drifting": int(window.drifting),
             }
         )
+        if window.intensity_outside is not None:
+            counts["envelope_negative"] = int(window.looks_negative)
     return dict(list(counts.items())[:32])
 
 

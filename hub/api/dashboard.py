@@ -71,9 +71,13 @@ def _state(value: str) -> str:
 
 
 def _envelope_cell(counts: EnvelopeCounts | None) -> str:
-    """The node's latest images outside its model's input envelope; a raised drift alarm stands out."""
+    """The node's latest images outside its model's input envelope; a raised drift alarm stands out, and so
+    do images that look like negatives of the validation images (with the likely cause as the title)."""
     if counts is None:
         return ""
+    if counts.negative:
+        why = "their grey values look like negatives of the validation images: check the display header"
+        return f'<span class="alarm" title="{_esc(why)}">{_esc(counts.describe())}</span>'
     if counts.drifting:
         return f'<span class="alarm" title="more images outside than chance">{_esc(counts.describe())}</span>'
     return _esc(counts.describe())

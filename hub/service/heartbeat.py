@@ -25,16 +25,21 @@ def record_heartbeat(node: Node, beat: Heartbeat) -> None:
 
 @dataclass(frozen=True)
 class EnvelopeCounts:
-    """A node's latest analysed images, how many lay outside its model's input envelope, and whether the
-    node's drift alarm is raised (docs/envelope.md)."""
+    """A node's latest analysed images, how many lay outside its model's input envelope, whether the node's
+    drift alarm is raised, and whether the images look like negatives of the validation images (None when
+    the node did not say: no intensity part, an older edge) (docs/envelope.md)."""
 
     images: int
     outside: int
     drifting: bool
+    negative: bool | None = None
 
     def describe(self) -> str:
+        notes = [
+            note for note, raised in (("drift", self.drifting), ("looks negative", self.negative)) if raised
+        ]
         text = f"{self.outside} of {self.images} outside"
-        return text + " (drift)" if self.drifting else text
+        return f"{text} ({', '.join(notes)})" if notes else text
 
 
 def envelope_counts(counts: Mapping[str, Any] | None) -> EnvelopeCounts | None:
@@ -44,7 +49,13 @@ def envelope_counts(counts: Mapping[str, Any] | None) -> EnvelopeCounts | None:
     images, outside = _count(sent.get("envelope_images")), _count(sent.get("envelope_outside"))
     if images is None or outside is None or outside > images:
         return None
-    return EnvelopeCounts(images=images, outside=outside, drifting=sent.get("envelope_drifting") == 1)
+    negative = sent.get("envelope_negative")
+    return EnvelopeCounts(
+        images=images,
+        outside=outside,
+        drifting=sent.get("envelope_drifting") == 1,
+        negative=None if negative is None else negative == 1,
+    )
 
 
 def _count(value: object) -> int | None:

@@ -153,6 +153,47 @@ def test_status_shows_the_input_envelope_monitor_and_warns_on_drift(config: Path
     assert "40 (window 200)" in shown and "62.5%" in shown and "warning:" in shown
 
 
+def test_status_says_when_the_images_look_like_negatives(config: Path, tmp_path: Path) -> None:
+    state = NodeState.open(tmp_path / "data" / "edge.sqlite3")
+    try:
+        record_run(state, [False] * 60, model=("test-student", "1.0.0"))  # an envelope without intensity part
+        grey = [(True, True)] * 50 + [(True, False)] * 10 + [(False, False)] * 140
+        record_run(state, [True] * 60 + [False] * 140, model=("test-student", "1.1.0"), grey=grey)
+    finally:
+        state.close()
+    text = runner.invoke(app, ["status", "--config", str(config)])
+    assert text.exit_code == 0, text.output
+    said = " ".join(text.output.split())
+    assert (
+        "input envelope: test-student 1.1.0: 60 of the last 200 analysed images outside (30.0%; up to 2.0%"
+        " expected by chance); 50 of the 60 with unusual grey values look negative"
+    ) in said
+    assert "test-student 1.0.0: 0 of the last 60 analysed images outside (0.0%; about 1.0% expected" in said
+    (warning,) = [" ".join(w.split()) for w in text.output.split("warning:")[1:]]
+    assert "test-student 1.1.0" in warning and "50 of the 60 images whose grey values were unlike" in warning
+    assert "check the display header (Photometric Interpretation MONOCHROME1 or MONOCHROME2" in warning
+
+    doc = json.loads(runner.invoke(app, ["status", "--config", str(config), "--format", "json"]).output)
+    newest, oldest = doc["input_envelope"]
+    assert (newest["intensity_outside"], newest["negative"], newest["looks_negative"]) == (60, 50, True)
+    assert newest["expected_rate"] == pytest.approx(0.02) and "display header" in newest["warning"]
+    assert (oldest["intensity_outside"], oldest["negative"], oldest["looks_negative"]) == (None, None, False)
+
+    state = NodeState.open(tmp_path / "data" / "edge.sqlite3")
+    try:
+        report = StatusReport.collect(load_settings(config_file=config), state, 20)
+    finally:
+        state.close()
+    console = Console(force_terminal=True, width=240, record=True)
+    report.print_text(console)
+    rows = console.export_text().splitlines()
+    assert any("look negative" in line for line in rows)
+    (negative_row,) = [line for line in rows if "test-student 1.1.0" in line and "200 (window 200)" in line]
+    assert "yes: 50 of 60 with unusual grey values" in negative_row and "up to 2.0%" in negative_row
+    (plain_row,) = [line for line in rows if "test-student 1.0.0" in line and "60 (window 200)" in line]
+    assert plain_row.rstrip(" │").endswith("-") and "about 1.0%" in plain_row
+
+
 def test_install_refuse_and_rollback(
     config: Path, tmp_path: Path, signing_key: tuple[Ed25519PrivateKey, Path]
 ) -> None:

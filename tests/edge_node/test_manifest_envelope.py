@@ -58,6 +58,8 @@ def test_the_intensity_part_must_fit_its_levels_and_is_left_out_when_absent(
             parse_manifest(_manifest_with({**good, "intensity": {**part, "levels": levels}}, raw))
     with pytest.raises(SchemaError, match="intensity envelope must be"):
         parse_manifest(_manifest_with({**good, "intensity": {**part, "levels": part["levels"][:-1]}}, raw))
+    with pytest.raises(SchemaError, match="quantile must be the input envelope's"):
+        parse_manifest(_manifest_with({**good, "intensity": {**part, "quantile": 0.95}}, raw))
     # An envelope from before the intensity part keeps its bytes: no "intensity" key, not even null.
     without = {k: v for k, v in good.items() if k != "intensity"}
     older = parse_manifest(_manifest_with(without, raw))

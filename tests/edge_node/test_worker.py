@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydicom.uid import generate_uid
 
 from edge_node.delivery.destination import Destination
 from edge_node.delivery.outbox import Outbox
@@ -98,20 +99,35 @@ def test_each_analysed_image_feeds_the_input_envelope_monitor(
     node.models.install(test_bundle.bundle)
     model = node.models.current()
     assert model is not None and model.manifest.envelope is not None
+    assert model.manifest.envelope.intensity is not None, "rebuild the test bundle: it has no intensity part"
     written = medmnist_studies("pneumoniamnist", "test", [0, 1, 2, 3], tmp_path / "cr", root=shared_data)
-    node.receive([w.path for w in written])  # four one-image studies, analysed in one batch
-    assert node.worker.step() == 0.0
+    # Test image 3 again in a study of its own, its header saying MONOCHROME1 for MONOCHROME2 pixels: its
+    # grey values look like a negative of the validation images' (tests/edge_node/analysis/test_envelope.py).
+    ds = pydicom.dcmread(written[3].path)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(tmp_path / "negative.dcm", enforce_file_format=True)
+    node.receive([*(w.path for w in written), tmp_path / "negative.dcm"])  # five one-image studies
+    assert node.worker.step() == 0.0  # analysed in one batch
     rows = node.store.db.query(
-        "SELECT e.sop_instance_uid, e.outside, e.ratio, e.model_id, e.model_version, e.quantile"
+        "SELECT e.sop_instance_uid, e.outside, e.ratio, e.model_id, e.model_version, e.quantile,"
+        " e.intensity_outside, e.negative"
         " FROM envelope_results e JOIN findings f ON f.run_id = e.run_id"
         " AND f.sop_instance_uid = e.sop_instance_uid"
     )
-    assert sorted(r[0] for r in rows) == sorted(w.sop_instance_uid for w in written)
+    assert sorted(r[0] for r in rows) == sorted([*(w.sop_instance_uid for w in written), ds.SOPInstanceUID])
     quantile = model.manifest.envelope.quantile
     assert all((r[3], r[4], r[5]) == (model.model_id, model.model_version, quantile) for r in rows)
     assert all(bool(r[1]) == (r[2] > 1.0) for r in rows)  # the flag and the ratio tell the same
+    assert all(r[6] in (0, 1) and r[7] in (0, 1) for r in rows)  # every image's grey values were judged
+    assert all(r[1] >= r[6] >= r[7] for r in rows)  # outside the intensity part is outside; negative too
+    assert [(r[6], r[7]) for r in rows if r[0] == ds.SOPInstanceUID] == [(1, 1)]
+    assert sum(r[7] for r in rows) == 1  # only the image with the wrong header looks negative
     window = node.store.envelope.window_of(model.model_id, model.model_version)
-    assert window is not None and (window.images, window.outside) == (4, sum(r[1] for r in rows))
+    assert window is not None and (window.images, window.outside) == (5, sum(r[1] for r in rows))
+    assert (window.intensity_outside, window.negative) == (sum(r[6] for r in rows), 1)
+    assert not window.looks_negative  # one image of five: too few to say
 
 
 def test_skipped_study_records_the_reason(tmp_path: Path, test_bundle: TrustedBundle) -> None:

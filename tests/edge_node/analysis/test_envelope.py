@@ -1,7 +1,8 @@
-"""The input envelope at the edge: the real test bundle (PneumoniaMNIST student with an envelope), ONNX
-Runtime, real CR instances. Each SR group says whether its image lies within the envelope, agreeing with an
-independent computation on that image's embedding; a noise image is outside; a bundle without an envelope
-gives the SR it always gave; the capture says so too; the log line carries counts only."""
+"""The input envelope at the edge: the real test bundle (PneumoniaMNIST student with an envelope and its
+intensity part), ONNX Runtime, real CR instances. Each SR group says whether its image lies within the
+envelope, agreeing with an independent computation on that image's embedding and grey values; a noise image
+is outside; an image whose header says MONOCHROME1 for MONOCHROME2 pixels looks negative; a bundle without an
+envelope gives the SR it always gave; the capture says so too; the log line carries counts only."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pydicom.uid import generate_uid
 
 from edge_node.analysis.analyzer import StudyOutcome, analyze_study
 from edge_node.analysis.capture_sc import OUTSIDE_ENVELOPE, caption
-from edge_node.analysis.findings import Finding
+from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
 from edge_node.analysis.preprocessing import preprocess
 from edge_node.analysis.report_sr import (
     ENVELOPE_CODE_VALUE,
@@ -40,15 +41,19 @@ from edge_node.analysis.report_sr import (
 )
 from edge_node.inference.loaded_model import LoadedModel, load_model
 from edge_node.protocol.bundle import verify_bundle
-from edge_node.protocol.envelope import EnvelopeCheck
+from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
 from edge_node.protocol.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest, canonical_json
 from edge_node.protocol.signing import load_public_keys
 from tests.edge_node.analysis.test_report_template import differences
 from tests.edge_node.conftest import TrustedBundle, instance_rows
 from tests.support.dicomgen import medmnist_studies
 
-#: PneumoniaMNIST test images analysed as one CR study; the last instance of the study is strong noise.
+#: PneumoniaMNIST test images analysed as one CR study; then one of them again with a display header that
+#: says the wrong thing, and strong noise.
 TEST_IMAGES = [0, 1, 2, 3, 4, 5]
+#: The test image sent again as MONOCHROME1: its inverse lies outside the bundle's intensity envelope (most
+#: inverted PneumoniaMNIST images do not, their histograms being nearly symmetric).
+NEGATIVE_IMAGE = 3
 ENVELOPE_ITEMS = frozenset({ENVELOPE_CODE_VALUE, ENVELOPE_RATIO_CODE_VALUE})
 
 
@@ -59,8 +64,10 @@ def _load(bundle: Path, public_key: Path) -> LoadedModel:
 @pytest.fixture(scope="module")
 def envelope_model(test_bundle: TrustedBundle) -> LoadedModel:
     model = _load(test_bundle.bundle, test_bundle.public_key)
-    if model.manifest.envelope is None:
-        pytest.fail(f"the test bundle at {test_bundle.bundle} has no input envelope; rebuild it")
+    if model.manifest.envelope is None or model.manifest.envelope.intensity is None:
+        pytest.fail(
+            f"the test bundle at {test_bundle.bundle} has no input envelope with intensity; rebuild it"
+        )
     return model
 
 
@@ -88,11 +95,14 @@ class Study:
     paths: list[Path]
     #: The instance whose pixels were replaced by noise.
     noise_uid: str
+    #: A test image again with MONOCHROME1 in its header for MONOCHROME2 pixels: it looks like a negative.
+    negative_uid: str
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Study:
-    """Six real test images and one of uniform noise over the whole stored range, as one CR study."""
+    """Six real test images, one of them again as MONOCHROME1, and one of uniform noise over the whole stored
+    range, as one CR study."""
     out = tmp_path_factory.mktemp("study")
     written = medmnist_studies("pneumoniamnist", "test", TEST_IMAGES, out, root=shared_data)
     study_uid = generate_uid()
@@ -102,6 +112,14 @@ def study(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Study:
         ds.StudyInstanceUID = study_uid
         ds.save_as(w.path, enforce_file_format=True)
         paths.append(w.path)
+    ds = pydicom.dcmread(written[TEST_IMAGES.index(NEGATIVE_IMAGE)].path)
+    assert ds.PhotometricInterpretation == "MONOCHROME2"
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    negative_path = out / "negative.dcm"
+    ds.save_as(negative_path, enforce_file_format=True)
+    paths.append(negative_path)
+    negative_uid = str(ds.SOPInstanceUID)
     ds = pydicom.dcmread(written[0].path)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     pixels = ds.pixel_array
@@ -110,19 +128,48 @@ def study(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Study:
     ds.PixelData = noise.astype(pixels.dtype).tobytes()
     noise_path = out / "noise.dcm"
     ds.save_as(noise_path, enforce_file_format=True)
-    return Study([*paths, noise_path], str(ds.SOPInstanceUID))
+    return Study([*paths, noise_path], str(ds.SOPInstanceUID), negative_uid)
 
 
-def _embeddings(manifest: Manifest, bundle: Path, paths: list[Path]) -> dict[str, np.ndarray]:
-    """Each instance's embedding, computed here: the manifest's preprocessing, then ONNX Runtime directly."""
+@dataclass(frozen=True)
+class Expected:
+    """One image's envelope result, computed here from its embedding and its grey values."""
+
+    outside: bool
+    ratio: float
+    #: The embedding part's alone.
+    embedding_outside: bool
+    embedding_ratio: float
+    intensity_outside: bool
+    negative: bool
+
+
+def _expected(manifest: Manifest, bundle: Path, paths: list[Path]) -> dict[str, Expected]:
+    """Each instance's envelope result, computed here: the manifest's preprocessing, ONNX Runtime directly for
+    the embedding, and the model input before normalisation for the grey values."""
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert manifest.head is not None
-    out: dict[str, np.ndarray] = {}
+    assert manifest.head is not None and manifest.envelope is not None
+    assert manifest.envelope.intensity is not None
+    check = EnvelopeCheck.of(manifest.envelope)
+    grey_check = IntensityCheck.of(manifest.envelope.intensity)
+    pre = manifest.preprocessing
+    out: dict[str, Expected] = {}
     for path in paths:
         ds = pydicom.dcmread(path)
-        tensor = preprocess(ds, manifest.preprocessing).tensor[None].astype(np.float32)
+        tensor = preprocess(ds, pre).tensor[None].astype(np.float32)
         (embedding,) = session.run([manifest.head.embedding_output], {manifest.io.inputs[0].name: tensor})
-        out[str(ds.SOPInstanceUID)] = np.asarray(embedding, dtype=np.float64)  # (1, D)
+        embedding_outside = bool(check.outside(embedding)[0])
+        embedding_ratio = float(check.distances(embedding)[0] / check.threshold)
+        grey = tensor[:, 0].astype(np.float64) * pre.std[0] + pre.mean[0]  # (1, H, W) in [0, 1]
+        seen = grey_check.judge(grey)
+        out[str(ds.SOPInstanceUID)] = Expected(
+            outside=embedding_outside or bool(seen.outside[0]),
+            ratio=max(embedding_ratio, float(seen.ratio[0])),
+            embedding_outside=embedding_outside,
+            embedding_ratio=embedding_ratio,
+            intensity_outside=bool(seen.outside[0]),
+            negative=bool(seen.negative[0]),
+        )
     return out
 
 
@@ -161,28 +208,31 @@ def test_each_group_says_whether_its_image_lies_within_the_envelope(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     manifest = envelope_model.manifest
-    assert manifest.envelope is not None
-    check = EnvelopeCheck.of(manifest.envelope)
-    embeddings = _embeddings(manifest, test_bundle.bundle, study.paths)
-    expected = {
-        uid: (bool(check.outside(e)[0]), float(check.distances(e)[0])) for uid, e in embeddings.items()
-    }
+    expected = _expected(manifest, test_bundle.bundle, study.paths)
     # The noise image is surely outside: far beyond the threshold, not at its edge.
-    assert expected[study.noise_uid][1] > 5 * check.threshold
-    assert not all(out for out, _ in expected.values())  # and real test images are inside (most of them)
+    assert expected[study.noise_uid].embedding_ratio > 5
+    assert not all(e.outside for e in expected.values())  # and real test images are inside (most of them)
+    # The image with the wrong display header: outside by its grey values, and like a negative of the
+    # validation images; no real test image looks negative.
+    assert (expected[study.negative_uid].intensity_outside, expected[study.negative_uid].negative) == (
+        True,
+        True,
+    )
+    assert [uid for uid, e in expected.items() if e.negative] == [study.negative_uid]
 
     with caplog.at_level(logging.INFO, logger="edge_node"):
         outcome = analyze_study(instance_rows(study.paths), envelope_model, tmp_path / "out")
     assert outcome.status == "done" and len(outcome.findings) == len(study.paths)
     for f in outcome.findings:
-        outside, distance = expected[f.sop_instance_uid]
-        assert f.outside_envelope is outside
-        assert f.envelope_ratio == pytest.approx(distance / check.threshold, rel=1e-5)
+        e = expected[f.sop_instance_uid]
+        assert f.outside_envelope is e.outside
+        assert f.envelope_ratio == pytest.approx(e.ratio, rel=1e-5)
+        assert (f.intensity_outside, f.negative) == (e.intensity_outside, e.negative)
 
     groups = _groups(_sr_path(outcome))
     assert set(groups) == set(expected)
     for uid, group in groups.items():
-        outside, distance = expected[uid]
+        outside, ratio = expected[uid].outside, expected[uid].ratio
         (evaluation,) = group.get_qualitative_evaluations(name=envelope_concept())
         assert evaluation.name.scheme_designator == PRIVATE_SCHEME
         value = cast(hd.sr.CodedConcept, evaluation.value)
@@ -190,9 +240,9 @@ def test_each_group_says_whether_its_image_lies_within_the_envelope(
             "SCT",
             "373067005" if outside else "373066001",
         )  # No/Yes
-        (ratio,) = group.get_measurements(name=envelope_ratio_concept())
-        assert ratio.value == pytest.approx(distance / check.threshold, rel=1e-5)
-        assert (ratio.unit.scheme_designator, ratio.unit.value) == ("UCUM", "{ratio}")
+        (measured,) = group.get_measurements(name=envelope_ratio_concept())
+        assert measured.value == pytest.approx(ratio, rel=1e-5)
+        assert (measured.unit.scheme_designator, measured.unit.value) == ("UCUM", "{ratio}")
         # The finding and its score come first, as in every SR (readers that take the first keep working).
         assert group.get_measurements()[0].name.value == SCORE_CODE_VALUE
         assert group.get_qualitative_evaluations()[0].name.value == "233604007"  # pneumonia
@@ -208,12 +258,12 @@ def test_each_group_says_whether_its_image_lies_within_the_envelope(
         if result.path.name.startswith("sc-"):
             sc = pydicom.dcmread(result.path)
             rows[str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)] = int(sc.Rows)
-    inside_uid = next(uid for uid, (out, _) in expected.items() if not out)
+    inside_uid = next(uid for uid, e in expected.items() if not e.outside)
     assert rows[study.noise_uid] > rows[inside_uid]
     assert OUTSIDE_ENVELOPE in caption(by_uid[study.noise_uid], manifest)
     assert OUTSIDE_ENVELOPE not in caption(by_uid[inside_uid], manifest)
     # The log says how many, never which.
-    n_outside = sum(out for out, _ in expected.values())
+    n_outside = sum(e.outside for e in expected.values())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study analysed")]
     assert len(lines) == 1 and f", {n_outside} outside the input envelope" in lines[0]
     text = caplog.text
@@ -243,6 +293,7 @@ def test_a_bundle_without_an_envelope_gives_the_sr_it_always_gave(
     plain = analyze_study(instance_rows(study.paths), plain_model, tmp_path / "plain")
     with_envelope = analyze_study(instance_rows(study.paths), envelope_model, tmp_path / "envelope")
     assert all(f.outside_envelope is None and f.envelope_ratio is None for f in plain.findings)
+    assert all(f.intensity_outside is None and f.negative is None for f in plain.findings)
     # The same scores: the envelope adds an output to the same run, it changes no probability.
     assert [f.score for f in plain.findings] == pytest.approx(
         [f.score for f in with_envelope.findings], abs=1e-12
@@ -277,3 +328,32 @@ def test_an_envelope_result_and_a_manifest_must_agree(
     judged = Finding(**{**bare.__dict__, "outside_envelope": True, "envelope_ratio": 3.5})
     with pytest.raises(ValueError, match="the model has no input envelope"):
         build_sr([ds], [judged], plain_model.manifest)
+
+
+def test_an_intensity_result_goes_with_each_finding_only_whole(envelope_model: LoadedModel) -> None:
+    images = [AnalysedImage(f"1.2.3.{i}", "1.2.3", "1.2.840.10008.5.1.4.1.1.1.1", 0, 1) for i in range(2)]
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    task = envelope_model.task
+    outside, ratio = np.array([True, False]), np.array([3.0, 0.5])
+    grey_outside, negative = np.array([True, False]), np.array([True, False])
+    findings = findings_from_probabilities(
+        probs,
+        images,
+        task,
+        outside_envelope=outside,
+        envelope_ratio=ratio,
+        intensity_outside=grey_outside,
+        negative=negative,
+    )
+    assert [(f.intensity_outside, f.negative) for f in findings] == [(True, True), (False, False)]
+    with pytest.raises(ValueError, match="both the outside flags and the negative flags"):
+        findings_from_probabilities(
+            probs,
+            images,
+            task,
+            outside_envelope=outside,
+            envelope_ratio=ratio,
+            intensity_outside=grey_outside,
+        )
+    with pytest.raises(ValueError, match="the envelope's is missing"):
+        findings_from_probabilities(probs, images, task, intensity_outside=grey_outside, negative=negative)

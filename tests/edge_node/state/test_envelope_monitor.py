@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+from collections.abc import Sequence
 from fractions import Fraction
 from itertools import count
 from pathlib import Path
@@ -42,8 +43,11 @@ def record_run(
     *,
     model: tuple[str, str] = ("pneumonia-student", "1.0.0"),
     quantile: float | None = QUANTILE,
+    grey: Sequence[tuple[bool, bool]] | None = None,
 ) -> int:
-    """One study analysed by ``model``: one finding per entry of ``outside``, recorded as the worker does."""
+    """One study analysed by ``model``: one finding per entry of ``outside``, recorded as the worker does.
+    ``grey``: each image's intensity result (outside the intensity part, looks negative), for an envelope
+    with an intensity part."""
     study = f"1.2.826.0.1.3680043.8.498.{next(_uids)}"
     sops = [f"{study}.1.{i}" for i in range(len(outside) or 1)]
     for sop in sops:
@@ -53,11 +57,12 @@ def record_run(
         )  # fmt: skip
     claim = state.runs.claim_next(quiet_seconds=0.0, now=1e12)
     assert claim is not None and claim.study_uid == study
+    intensity: Sequence[tuple[bool | None, bool | None]] = grey or [(None, None)] * len(outside)
     findings = [
         FindingRow(sop, 0.5, "normal")
         if quantile is None  # a bundle without an envelope: no result to record
-        else FindingRow(sop, 0.5, "normal", out, 2.0 if out else 0.5)
-        for sop, out in zip(sops, outside, strict=False)
+        else FindingRow(sop, 0.5, "normal", out, 2.0 if out else 0.5, grey_out, negative)
+        for sop, out, (grey_out, negative) in zip(sops, outside, intensity, strict=False)
     ]
     in_use = ModelInUse(model[0], model[1], "CPUExecutionProvider", envelope_quantile=quantile)
     with state.db.tx() as c:
@@ -190,8 +195,145 @@ def test_the_heartbeat_carries_the_active_models_counts_only(state: NodeState, t
     counts = heartbeat_counts(state, {"pending": 0, "sent": 2})
     assert counts["envelope_images"] == 10 and counts["envelope_outside"] == 3
     assert counts["envelope_drifting"] == 0  # 10 images are too few to raise the alarm
+    assert "envelope_negative" not in counts  # the envelope has no intensity part: nothing to say
     assert counts["updates_sent"] == 2 and counts["done"] == 1 and len(counts) <= 32
     assert all(isinstance(v, int) for v in counts.values())
     other = state.models.add("plain", "1.0.0", tmp_path, "1" * 64, "test")
     state.models.activate(other, "install")  # a model without an envelope: no envelope counters
     assert "envelope_images" not in heartbeat_counts(state, {})
+
+
+def test_a_window_of_images_like_negatives_names_the_display_header(tmp_path: Path) -> None:
+    cases = {
+        # (images outside, of them outside the intensity part, of those looking negative) -> looks negative
+        "inverted": ((60, 60, 50), True),
+        "half": ((60, 60, 30), True),  # at least half of those outside the intensity part
+        "few negative": ((60, 60, 10), False),
+        "just under half": ((60, 60, 29), False),
+        "embedding only": ((60, 0, 0), False),  # outside, but the grey values are like the validation's
+        "chance": ((4, 4, 4), False),  # no more outside the intensity part than chance allows
+    }
+    for name, ((outside, grey_outside, negative), looks) in cases.items():
+        grey = [(True, True)] * negative + [(True, False)] * (grey_outside - negative)
+        grey += [(False, False)] * (WINDOW - grey_outside)
+        state = NodeState.open(tmp_path / f"{name}.sqlite3")
+        try:
+            record_run(state, [True] * outside + [False] * (WINDOW - outside), grey=grey)
+            w = state.envelope.window_of("pneumonia-student", "1.0.0")
+        finally:
+            state.close()
+        assert w is not None and (w.images, w.outside) == (WINDOW, outside)
+        assert (w.intensity_outside, w.negative) == (grey_outside, negative), name
+        assert w.looks_negative is looks, name
+        # Each part lets 1 - quantile through by chance: up to twice that outside the envelope.
+        assert w.expected_rate == pytest.approx(2 * (1 - QUANTILE)) and w.expected_words == "up to 2.0%"
+        doc = w.to_json()
+        assert (doc["intensity_outside"], doc["negative"], doc["looks_negative"]) == (
+            grey_outside,
+            negative,
+            looks,
+        )
+        warning = w.warning()
+        assert (warning is not None) is w.drifting, name
+        said = f"{negative} of the {grey_outside} images whose grey values were unlike the validation images'"
+        assert (said in (warning or "")) is looks, name
+        if looks:
+            assert "MONOCHROME1 or MONOCHROME2, Presentation LUT Shape" in (warning or "")
+            assert "up to 2.0% expected by chance" in (warning or "")
+    # Too few images: all negative, and still no diagnosis yet.
+    state = NodeState.open(tmp_path / "few.sqlite3")
+    try:
+        record_run(state, [True] * (MIN_IMAGES - 1), grey=[(True, True)] * (MIN_IMAGES - 1))
+        w = state.envelope.window_of("pneumonia-student", "1.0.0")
+        assert w is not None and w.negative == MIN_IMAGES - 1 and not w.looks_negative
+        record_run(state, [True], grey=[(True, True)])
+        w = state.envelope.window_of("pneumonia-student", "1.0.0")
+        assert w is not None and w.looks_negative
+    finally:
+        state.close()
+
+
+def test_without_an_intensity_part_the_window_has_no_intensity_counts(state: NodeState) -> None:
+    record_run(state, [True] * 40)
+    w = state.envelope.window_of("pneumonia-student", "1.0.0")
+    assert w is not None and w.drifting
+    assert (w.intensity_outside, w.negative, w.looks_negative) == (None, None, False)
+    assert w.expected_rate == pytest.approx(1 - QUANTILE) and w.expected_words == "about 1.0%"
+    doc = w.to_json()
+    assert (doc["intensity_outside"], doc["negative"], doc["looks_negative"]) == (None, None, False)
+    assert "grey values" not in (w.warning() or "grey values")
+    rows = state.db.query("SELECT intensity_outside, negative FROM envelope_results")
+    assert len(rows) == 40 and all(tuple(r) == (None, None) for r in rows)
+
+
+def test_a_version_3_database_keeps_its_rows_and_gains_the_intensity_columns(tmp_path: Path) -> None:
+    path = tmp_path / "edge.sqlite3"
+    state = NodeState.open(path)
+    record_run(state, [True] * 3 + [False] * 7)
+    state.close()
+    # The envelope_results table as schema version 3 had it: no intensity columns.
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE envelope_results DROP COLUMN intensity_outside")
+    conn.execute("ALTER TABLE envelope_results DROP COLUMN negative")
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.commit()
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(envelope_results)")]
+    before = conn.execute("SELECT * FROM envelope_results ORDER BY id").fetchall()
+    conn.close()
+    assert "intensity_outside" not in columns and "negative" not in columns and len(before) == 10
+
+    state = NodeState.open(path)
+    try:
+        assert SCHEMA_VERSION == 4
+        version = state.db.query("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"]
+        assert version == "4"
+        rows = state.db.query(
+            f"SELECT {', '.join(columns)}, intensity_outside, negative FROM envelope_results ORDER BY id"
+        )
+        assert [tuple(r)[: len(columns)] for r in rows] == before  # every row as it was
+        assert all((r["intensity_outside"], r["negative"]) == (None, None) for r in rows)
+        w = state.envelope.window_of("pneumonia-student", "1.0.0")
+        assert w is not None and (w.images, w.outside, w.intensity_outside, w.negative) == (10, 3, None, None)
+        # The node now judges grey values: the counts are over the images that have a result.
+        record_run(state, [True, True, False], grey=[(True, True), (True, False), (False, False)])
+        w = state.envelope.window_of("pneumonia-student", "1.0.0")
+        assert w is not None and (w.images, w.outside, w.intensity_outside, w.negative) == (13, 5, 2, 1)
+    finally:
+        state.close()
+    # Opened again (as every receiver process does), nothing is added twice.
+    Database(path).close()
+
+
+def test_a_version_3_node_can_still_record_in_a_version_4_database(tmp_path: Path) -> None:
+    path = tmp_path / "edge.sqlite3"
+    Database(path).close()
+    conn = sqlite3.connect(path)
+    # The INSERT of schema version 3 names its columns: the new ones stay NULL.
+    conn.execute(
+        "INSERT INTO envelope_results (run_id, sop_instance_uid, model_id, model_version, outside, ratio,"
+        " quantile) VALUES (1, '1.2.3', 'm', '1', 1, 2.0, 0.99)"
+    )
+    conn.commit()
+    assert conn.execute("SELECT intensity_outside, negative FROM envelope_results").fetchall() == [
+        (None, None)
+    ]
+    conn.close()
+
+
+def test_the_heartbeat_says_whether_the_active_models_images_look_negative(
+    state: NodeState, tmp_path: Path
+) -> None:
+    row = state.models.add("pneumonia-student", "1.0.0", tmp_path, "0" * 64, "test")
+    state.models.activate(row, "install")
+    record_run(state, [False] * 100, grey=[(False, False)] * 100)
+    counts = heartbeat_counts(state, {})
+    assert (counts["envelope_drifting"], counts["envelope_negative"]) == (0, 0)
+    record_run(
+        state,
+        [True] * 60 + [False] * 40,
+        grey=[(True, True)] * 50 + [(True, False)] * 10 + [(False, False)] * 40,
+    )
+    counts = heartbeat_counts(state, {"pending": 0, "sent": 0})
+    assert (counts["envelope_images"], counts["envelope_outside"]) == (200, 60)
+    assert (counts["envelope_drifting"], counts["envelope_negative"]) == (1, 1)
+    assert len(counts) <= 32 and all(isinstance(v, int) for v in counts.values())

@@ -17,6 +17,7 @@ from hub.cli import app
 from hub.service.enrollment import enroll_node
 from hub.service.settings import load_settings
 from hub.store.database import open_database
+from hub.store.schema import Node
 from tests.hub.service.conftest import bundle_root
 
 pytestmark = pytest.mark.hub
@@ -60,17 +61,38 @@ def test_operator_contract(tmp_path: Path) -> None:
                     join_secret=code.secret, credential=secrets.token_urlsafe(32), edge_version="0.1"
                 ),
             )
-            # As its last heartbeat would leave them: 30 of its latest 120 images outside the envelope.
-            node.counts = {"envelope_images": 120, "envelope_outside": 30, "envelope_drifting": 1}
+            # As its last heartbeat would leave them: 30 of its latest 120 images outside the envelope, and
+            # they look like negatives of the validation images.
+            node.counts = {
+                "envelope_images": 120,
+                "envelope_outside": 30,
+                "envelope_drifting": 1,
+                "envelope_negative": 1,
+            }
             node_id = node.id
     finally:
         db.close()
     listed = run_json("nodes", "list", "--data-dir", str(data))["nodes"]
     assert [(n["node_id"], n["state"], n["last_heartbeat"]) for n in listed] == [(node_id, "active", None)]
-    assert [(n["envelope_images"], n["envelope_outside"], n["envelope_drifting"]) for n in listed] == [
-        (120, 30, True)
-    ]
-    assert "clinic-a" in run("nodes", "list", env=env)
+    assert [
+        (n["envelope_images"], n["envelope_outside"], n["envelope_drifting"], n["envelope_negative"])
+        for n in listed
+    ] == [(120, 30, True, True)]
+    table = run("nodes", "list", env={**env, "COLUMNS": "300"})
+    assert "clinic-a" in table and "30 of 120 outside (drift, looks negative)" in table
+    # An older edge's heartbeat says nothing about negatives: none is shown.
+    db = open_database(load_settings(data).db_url, migrate=False)
+    try:
+        with db.session() as session:
+            node = session.get(Node, node_id)
+            assert node is not None
+            node.counts = {"envelope_images": 120, "envelope_outside": 30, "envelope_drifting": 1}
+    finally:
+        db.close()
+    (older,) = run_json("nodes", "list", "--data-dir", str(data))["nodes"]
+    assert (older["envelope_drifting"], older["envelope_negative"]) == (True, None)
+    table = run("nodes", "list", env={**env, "COLUMNS": "300"})
+    assert "30 of 120 outside (drift)" in table and "negative" not in table
 
     started = run_json(
         "rounds", "start", "--strategy", "stats", "--config", "num_classes=2", "--deadline", "600", env=env

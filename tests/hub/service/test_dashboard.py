@@ -66,8 +66,18 @@ def _populate(db: Database) -> None:
             node.model_id, node.model_version = "pneumonia-student", "1.0.0"
             # What the nodes' last heartbeats said of their images and the model's input envelope.
             node.counts = {
-                "clinic-north": {"envelope_images": 200, "envelope_outside": 3, "envelope_drifting": 0},
-                "clinic-south": {"envelope_images": 200, "envelope_outside": 41, "envelope_drifting": 1},
+                "clinic-north": {
+                    "envelope_images": 200,
+                    "envelope_outside": 3,
+                    "envelope_drifting": 0,
+                    "envelope_negative": 0,
+                },
+                "clinic-south": {
+                    "envelope_images": 200,
+                    "envelope_outside": 41,
+                    "envelope_drifting": 1,
+                    "envelope_negative": 1,
+                },
                 "clinic-east": {"envelope_images": "200", "envelope_outside": -1},  # not counts: ignored
             }[name]
             nodes.append(node.id)
@@ -167,8 +177,10 @@ def test_the_drift_alarm_stands_out_on_the_dashboard(dashboard_url: str) -> None
     with httpx.Client(verify=False) as client:
         page = client.get(f"{dashboard_url}/dashboard", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert page.status_code == 200
-    alarms = re.findall(r'<span class="alarm"[^>]*>([^<]*)</span>', page.text)
-    assert alarms == ["41 of 200 outside (drift)"]
+    alarms = re.findall(r'<span class="alarm" title="([^"]*)">([^<]*)</span>', page.text)
+    assert [text for _, text in alarms] == ["41 of 200 outside (drift, looks negative)"]
+    assert "check the display header" in alarms[0][0]  # the likely cause, on hover
+    assert "3 of 200 outside</td>" in page.text  # clinic-north: nothing to note
 
 
 def test_dashboard_in_headless_chromium(dashboard_url: str, tmp_path: Path) -> None:
@@ -190,6 +202,6 @@ def test_dashboard_in_headless_chromium(dashboard_url: str, tmp_path: Path) -> N
     ages = [int(a) for a in re.findall(r"(\d+) s ago", nodes)]
     assert len(ages) == 3 and all(12 <= a < 120 for a in ages)  # the heartbeats, 12 s old when written
     assert "pneumonia-student 1.0.0" in nodes
-    assert "3 of 200 outside" in nodes and "41 of 200 outside (drift)" in nodes
+    assert "3 of 200 outside" in nodes and "41 of 200 outside (drift, looks negative)" in nodes
     assert nodes.count("outside") == 2  # clinic-east sent values that are not counts
     assert "published" in rounds and "2 of 3 (needs 2)" in rounds
