@@ -18,6 +18,7 @@ from edge_node.analysis.source_view import for_highdicom, restore_source
 from edge_node.protocol.manifest import Manifest
 
 __all__ = [
+    "LOOKS_NEGATIVE",
     "NOT_FOR_DIAGNOSIS",
     "OUTSIDE_ENVELOPE",
     "SC_SERIES_NUMBER",
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
 #: Burnt in under the result of an image unlike those the model was checked on (bundles with an envelope).
 OUTSIDE_ENVELOPE = "Outside the model's input envelope: result less reliable"
+#: And under it when the image's grey values look like a negative of the validation images'.
+LOOKS_NEGATIVE = "Its grey values look inverted (a negative image?): check the display header"
 SC_SERIES_NUMBER = 9902
 SERIES_DESCRIPTION = "AI result image (fedclinic) - NOT FOR DIAGNOSTIC USE"
 #: Small images (MedMNIST is 28x28) are enlarged so that the text is readable; huge ones are reduced.
@@ -56,6 +59,8 @@ def caption(finding: Finding, manifest: Manifest) -> list[str]:
     lines += ["  ".join(shares[i : i + 4]) for i in range(0, len(shares), 4)]
     if finding.outside_envelope:
         lines.append(OUTSIDE_ENVELOPE)
+    if finding.negative:
+        lines.append(LOOKS_NEGATIVE)
     return [*lines, f"model {manifest.model_id} {manifest.model_version}", NOT_FOR_DIAGNOSIS]
 
 

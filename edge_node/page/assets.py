@@ -102,7 +102,10 @@ function envelopeNote(study) {
   const where = study.envelope_images > 1
     ? study.outside_envelope + " of " + study.envelope_images + " images outside"
     : "Outside";
-  return where + " the model's input envelope: result less reliable";
+  const n = study.negative_images;
+  const who = study.envelope_images === 1 ? "it looks" : n === 1 ? "1 looks" : n + " look";
+  const why = n ? " (" + who + " like a negative image: check the display header)" : "";
+  return where + " the model's input envelope: result less reliable" + why;
 }
 
 function studyCard(study, classes) {

@@ -28,6 +28,8 @@ class BoardStudy:
     #: when the run's model has no envelope (or no run finished).
     envelope_images: int | None = None
     outside_envelope: int | None = None
+    #: Of those, how many looked like negatives of the validation images; None without an intensity part.
+    negative_images: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -42,6 +44,7 @@ class BoardStudy:
             "labeled_by": self.labeled_by,
             "envelope_images": self.envelope_images,
             "outside_envelope": self.outside_envelope,
+            "negative_images": self.negative_images,
             "thumbnail": f"/thumbnails/{self.key}.png",
         }
 
@@ -57,6 +60,7 @@ def recent_board(db: Database, limit: int = 50) -> list[BoardStudy]:
                  ORDER BY f.score DESC LIMIT 1) AS finding,
                (SELECT COUNT(*) FROM envelope_results e WHERE e.run_id = lr.id) AS envelope_images,
                (SELECT SUM(e.outside) FROM envelope_results e WHERE e.run_id = lr.id) AS outside_envelope,
+               (SELECT SUM(e.negative) FROM envelope_results e WHERE e.run_id = lr.id) AS negative_images,
                l.label, l.source, l.who
         FROM studies s
         LEFT JOIN runs lr ON lr.id =
@@ -81,6 +85,7 @@ def recent_board(db: Database, limit: int = 50) -> list[BoardStudy]:
             labeled_by=None if r["label"] is None else f"{r['who']} ({r['source']})",
             envelope_images=int(r["envelope_images"]) if r["outside_envelope"] is not None else None,
             outside_envelope=None if r["outside_envelope"] is None else int(r["outside_envelope"]),
+            negative_images=None if r["negative_images"] is None else int(r["negative_images"]),
         )
         for r in rows
     ]

@@ -187,6 +187,7 @@ def test_a_study_with_images_outside_the_input_envelope_is_marked(node_db: NodeS
         [
             FindingRow(STUDY + ".1.1", 0.81, "pneumonia", True, 4.2),
             FindingRow(STUDY + ".1.2", 0.30, "normal", False, 0.4),
+            FindingRow(STUDY + ".1.3", 0.55, "pneumonia", True, 9.0, True, True),  # a negative image
         ],
         0.99,
     )
@@ -204,13 +205,15 @@ def test_a_study_with_images_outside_the_input_envelope_is_marked(node_db: NodeS
             s["study_instance_uid"]: s for s in httpx.get(f"{base}/api/studies", timeout=30).json()["studies"]
         }
         marked, unmarked = studies[STUDY], studies[plain]
-        assert (marked["envelope_images"], marked["outside_envelope"]) == (2, 1)
+        assert (marked["envelope_images"], marked["outside_envelope"], marked["negative_images"]) == (3, 2, 1)
         assert (unmarked["envelope_images"], unmarked["outside_envelope"]) == (None, None)
+        assert unmarked["negative_images"] is None
         with headless_chromium(tmp_path / "profile") as browser:
             browser.get(base + "/")
             note = browser.wait_for(f'.study[data-key="{marked["key"]}"] .envelope')
-            assert (
-                browser.text(note) == "1 of 2 images outside the model's input envelope: result less reliable"
+            assert browser.text(note) == (
+                "2 of 3 images outside the model's input envelope: result less reliable (1 looks like a"
+                " negative image: check the display header)"
             )
             assert browser.find_all(f'.study[data-key="{unmarked["key"]}"] .envelope') == []
     finally:

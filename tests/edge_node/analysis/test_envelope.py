@@ -27,7 +27,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from edge_node.analysis.analyzer import StudyOutcome, analyze_study
-from edge_node.analysis.capture_sc import OUTSIDE_ENVELOPE, caption
+from edge_node.analysis.capture_sc import LOOKS_NEGATIVE, OUTSIDE_ENVELOPE, caption
 from edge_node.analysis.findings import AnalysedImage, Finding, findings_from_probabilities
 from edge_node.analysis.preprocessing import preprocess
 from edge_node.analysis.report_sr import (
@@ -262,6 +262,10 @@ def test_each_group_says_whether_its_image_lies_within_the_envelope(
     assert rows[study.noise_uid] > rows[inside_uid]
     assert OUTSIDE_ENVELOPE in caption(by_uid[study.noise_uid], manifest)
     assert OUTSIDE_ENVELOPE not in caption(by_uid[inside_uid], manifest)
+    # The negative one also says why, one line more in its secondary capture.
+    assert LOOKS_NEGATIVE in caption(by_uid[study.negative_uid], manifest)
+    assert LOOKS_NEGATIVE not in caption(by_uid[study.noise_uid], manifest)
+    assert rows[study.negative_uid] > rows[study.noise_uid]
     # The log says how many, never which.
     n_outside = sum(e.outside for e in expected.values())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study analysed")]
