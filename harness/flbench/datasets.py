@@ -86,6 +86,9 @@ class BenchData:
     #: validation split rendered with its profile, what a new clinic holds before its first prediction. For
     #: methods that adapt to a clinic without labels (AdaBN); no label of them exists here.
     adapt_x: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The primary task's whole validation split, raw (no clinic's profile): what the hub itself holds, and
+    #: what ``fedclinic-hub export`` fits a bundle's input envelope on. No method trains or selects on it.
+    hub_val_x: torch.Tensor | None = None
 
     @property
     def spec(self) -> TaskSpec:
@@ -259,5 +262,5 @@ def build_bench_data(
     )  # fmt: skip
     return BenchData(
         task, skew, seed, clinics, unseen_x, test_y, public_x, public_y,
-        setting.names, setting.small, rendered_panel, adapt_x,
+        setting.names, setting.small, rendered_panel, adapt_x, _as_tensor(val01),
     )  # fmt: skip

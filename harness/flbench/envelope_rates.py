@@ -8,6 +8,9 @@ images' grey values (``export.envelope.fit_intensity_envelope``; the bench's ima
 [0, 1]). Per place: ``outside`` as a node counts it (outside either part), and apart ``embedding``,
 ``intensity`` and ``negative`` (outside the intensity part and looking like a negative). No label is read:
 the counts are what a node's drift monitor sees.
+
+``hub`` holds the same counts for the envelope fitted on the hub's own validation split (raw images, no
+clinic's profile), which is what ``fedclinic-hub export`` ships today: the hub holds no clinic's images.
 """
 
 from __future__ import annotations
@@ -58,14 +61,22 @@ def _count(
 def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_QUANTILE) -> dict[str, Any]:
     """Counts outside the envelope per trained clinic (its test split), the unseen clinic and the panel."""
     val_x, _ = data.pooled_val()
-    check = EnvelopeCheck.of(fit_envelope(embed(val_x), quantile=quantile))
-    grey_check = IntensityCheck.of(fit_intensity_envelope(val_x[:, 0].numpy(), quantile=quantile))
+    out: dict[str, Any] = {"quantile": quantile, **_places(data, embed, val_x, quantile)}
+    if data.hub_val_x is not None:
+        # The envelope the product ships today: fitted on the hub's own (raw) validation split.
+        out["hub"] = _places(data, embed, data.hub_val_x, quantile)
+    return out
+
+
+def _places(data: BenchData, embed: Embedder, fit_x: torch.Tensor, quantile: float) -> dict[str, Any]:
+    """Counts per place for the envelope fitted on ``fit_x`` (both parts)."""
+    check = EnvelopeCheck.of(fit_envelope(embed(fit_x), quantile=quantile))
+    grey_check = IntensityCheck.of(fit_intensity_envelope(fit_x[:, 0].numpy(), quantile=quantile))
 
     def count(x: torch.Tensor) -> dict[str, int]:
         return _count(check, grey_check, embed, x)
 
     out: dict[str, Any] = {
-        "quantile": quantile,
         "clinics": {c: count(data.clinics[c].test_x) for c in data.names},
         "unseen": count(data.unseen_x),
     }

@@ -164,6 +164,13 @@ def _envelope_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "rate": {n: _ms([c[n]["outside"] / max(c[n]["n"], 1) for c in counts]) for n in names},
         "alarms": {n: sum(drift_alarm(c[n]["outside"], c[n]["n"], quantile) for c in counts) for n in names},
     }
+    if all("hub" in r for r in runs):
+        # The envelope fitted on the hub's own validation split, as the product ships it today.
+        hub = [places(r["hub"]) for r in runs]
+        out["hub"] = {
+            "rate": {n: _ms([c[n]["outside"] / max(c[n]["n"], 1) for c in hub]) for n in names},
+            "alarms": {n: sum(drift_alarm(c[n]["outside"], c[n]["n"], quantile) for c in hub) for n in names},
+        }
     if all("intensity" in c[n] for c in counts for n in names):
         # Runs since the intensity part: each part alone, and the node's "looks negative" diagnosis.
         out["expected"] = 2.0 * (1.0 - quantile)
@@ -485,6 +492,20 @@ def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
         n_seeds = env["rate"][names[0]]["n"]
         cells = [f"{env['rate'][n]['mean']:.1%} ({env['alarms'][n]}/{n_seeds})" for n in names]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    with_hub = {m: env["hub"] for m, env in with_envelope.items() if "hub" in env}
+    if with_hub:
+        lines += [
+            "",
+            "The same, for the envelope fitted on the hub's own validation split (raw images, no clinic's "
+            "profile), as `fedclinic-hub export` ships it today:",
+            "",
+            "| method | " + " | ".join(n.removeprefix("panel/") for n in names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for m, hub in with_hub.items():
+            n_seeds = hub["rate"][names[0]]["n"]
+            cells = [f"{hub['rate'][n]['mean']:.1%} ({hub['alarms'][n]}/{n_seeds})" for n in names]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     with_parts = {m: env for m, env in with_envelope.items() if "parts" in env}
     if with_parts:
         lines += [

@@ -98,8 +98,13 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     rates = summary["rate"]
     assert rates["A"]["mean"] == env["clinics"]["A"]["outside"] / env["clinics"]["A"]["n"]
     assert set(summary["parts"]) == set(rates) and summary["expected"] == pytest.approx(0.02)
+    # And for the envelope the product ships: fitted on the hub's raw validation split, not the clinics'.
+    assert set(env["hub"]["clinics"]) == set("ABCDEF") and set(env["hub"]["panel"]) == set(env["panel"])
+    assert env["hub"]["unseen"]["n"] == env["unseen"]["n"]
+    assert set(summary["hub"]["rate"]) == set(rates)
     report = (out / "results.md").read_text()
     assert "Input envelope" in report and "look like negatives" in report
+    assert "as `fedclinic-hub export` ships it today" in report
 
     # --resume reuses every finished (method, seed) and rewrites the same reports.
     again = runner.invoke(
