@@ -142,6 +142,10 @@ class IntensityEnvelope(GaussianEnvelope):
 
     #: Increasing, in [0, 1]: the quantiles of an image's grey values that are its features (D of them).
     levels: list[float]
+    #: Each validation image also entered the fit this many times more, through the training augmentation
+    #: (random gamma, contrast, offset, blur, noise): the grey values the model was trained to take in
+    #: stride, not only the hub's own scanners'. ``fitted_on`` counts the images, not the copies.
+    augmented_copies: int = 0
 
 
 class InputEnvelope(GaussianEnvelope):

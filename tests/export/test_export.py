@@ -28,6 +28,7 @@ from edge_node.protocol.manifest import (
 )
 from edge_node.protocol.signing import fingerprint, verify_signature
 from export.bundle_writer import BundleFile, producer_info, sha256_file, write_bundle, zip_bundle
+from export.envelope import INTENSITY_COPIES
 from export.errors import ExportError, KeyFileError, ParityError
 from export.metrics import roc_auc
 from export.onnx_export import OPSET, export_onnx
@@ -204,6 +205,7 @@ def test_full_export_writes_a_bundle_the_edge_verifies(
     embedding = run_onnx_outputs(cpu_session(report.bundle_dir / "model.onnx"), test_x)[1]
     # Its intensity part: the same validation images' grey values, before normalisation.
     assert m.envelope.intensity is not None and m.envelope.intensity.fitted_on == len(pneumonia_val.labels)
+    assert m.envelope.intensity.augmented_copies == INTENSITY_COPIES
     grey = test_x[:, 0].astype(np.float64) * cfg.std[0] + cfg.mean[0]
     np.testing.assert_allclose(grey, pneumonia_test.images / 255.0, atol=1e-6)
     grey_outside = IntensityCheck.of(m.envelope.intensity).judge(grey).outside
