@@ -478,54 +478,50 @@ def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
         return []
     first = next(iter(with_envelope.values()))
     names = list(first["rate"])
-    lines = [
-        "",
+
+    def table(intro: str, cells: Mapping[str, list[str]]) -> list[str]:
+        """One row per method, one column per place."""
+        head = ["", intro, "", "| method | " + " | ".join(n.removeprefix("panel/") for n in names) + " |"]
+        return [
+            *head,
+            "|---" * (len(names) + 1) + "|",
+            *(f"| {m} | " + " | ".join(c) + " |" for m, c in cells.items()),
+        ]
+
+    def rates(env: Mapping[str, Any]) -> list[str]:
+        n_seeds = env["rate"][names[0]]["n"]
+        return [f"{env['rate'][n]['mean']:.1%} ({env['alarms'][n]}/{n_seeds})" for n in names]
+
+    def parts(env: Mapping[str, Any]) -> list[str]:
+        n_seeds, p = env["rate"][names[0]]["n"], env["parts"]
+        return [
+            f"{p[n]['intensity_rate']['mean']:.1%}; {p[n]['embedding_alarms']}/{p[n]['intensity_alarms']}; "
+            f"neg {p[n]['negative']}/{n_seeds}"
+            for n in names
+        ]
+
+    lines = table(
         "Input envelope (as the model's bundle would carry it, fitted on the pooled validation split): "
         f"share of each place's test images outside (expected by chance {first['expected']:.0%}), and in "
         f"how many seeds a node's drift alarm fires (one-sided binomial p < {DRIFT_ALARM_P} against "
         f"{DRIFT_TOLERANCE:g} × the chance rate):",
-        "",
-        "| method | " + " | ".join(n.removeprefix("panel/") for n in names) + " |",
-        "|---" * (len(names) + 1) + "|",
-    ]
-    for m, env in with_envelope.items():
-        n_seeds = env["rate"][names[0]]["n"]
-        cells = [f"{env['rate'][n]['mean']:.1%} ({env['alarms'][n]}/{n_seeds})" for n in names]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    with_hub = {m: env["hub"] for m, env in with_envelope.items() if "hub" in env}
+        {m: rates(env) for m, env in with_envelope.items()},
+    )
+    with_hub = {m: rates(env["hub"]) for m, env in with_envelope.items() if "hub" in env}
     if with_hub:
-        lines += [
-            "",
+        lines += table(
             "The same, for the envelope fitted on the hub's own validation split (raw images, no clinic's "
             "profile), as `fedclinic-hub export` ships it today:",
-            "",
-            "| method | " + " | ".join(n.removeprefix("panel/") for n in names) + " |",
-            "|---" * (len(names) + 1) + "|",
-        ]
-        for m, hub in with_hub.items():
-            n_seeds = hub["rate"][names[0]]["n"]
-            cells = [f"{hub['rate'][n]['mean']:.1%} ({hub['alarms'][n]}/{n_seeds})" for n in names]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    with_parts = {m: env for m, env in with_envelope.items() if "parts" in env}
+            with_hub,
+        )
+    with_parts = {m: parts(env) for m, env in with_envelope.items() if "parts" in env}
     if with_parts:
-        lines += [
-            "",
+        lines += table(
             "Its two parts (a node counts an image outside either): the share outside the grey-value part, "
             "then in how many seeds the alarm fires on the embedding part alone / on the grey-value part "
             "alone, and in how many the node says the images look like negatives:",
-            "",
-            "| method | " + " | ".join(n.removeprefix("panel/") for n in names) + " |",
-            "|---" * (len(names) + 1) + "|",
-        ]
-        for m, env in with_parts.items():
-            n_seeds = env["rate"][names[0]]["n"]
-            parts = env["parts"]
-            cells = [
-                f"{parts[n]['intensity_rate']['mean']:.1%}; {parts[n]['embedding_alarms']}/"
-                f"{parts[n]['intensity_alarms']}; neg {parts[n]['negative']}/{n_seeds}"
-                for n in names
-            ]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            with_parts,
+        )
     return lines
 
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -340,24 +341,12 @@ def test_an_intensity_result_goes_with_each_finding_only_whole(envelope_model: L
     task = envelope_model.task
     outside, ratio = np.array([True, False]), np.array([3.0, 0.5])
     grey_outside, negative = np.array([True, False]), np.array([True, False])
-    findings = findings_from_probabilities(
-        probs,
-        images,
-        task,
-        outside_envelope=outside,
-        envelope_ratio=ratio,
-        intensity_outside=grey_outside,
-        negative=negative,
+    with_envelope = partial(
+        findings_from_probabilities, probs, images, task, outside_envelope=outside, envelope_ratio=ratio
     )
+    findings = with_envelope(intensity_outside=grey_outside, negative=negative)
     assert [(f.intensity_outside, f.negative) for f in findings] == [(True, True), (False, False)]
     with pytest.raises(ValueError, match="both the outside flags and the negative flags"):
-        findings_from_probabilities(
-            probs,
-            images,
-            task,
-            outside_envelope=outside,
-            envelope_ratio=ratio,
-            intensity_outside=grey_outside,
-        )
+        with_envelope(intensity_outside=grey_outside)
     with pytest.raises(ValueError, match="the envelope's is missing"):
         findings_from_probabilities(probs, images, task, intensity_outside=grey_outside, negative=negative)
