@@ -30,7 +30,7 @@ from edge_node.protocol.manifest import (
 from edge_node.protocol.signing import fingerprint
 from export.bundle_writer import BundleFile, producer_info, write_bundle
 from export.embedding_head import WithEmbedding, check_head, final_linear, head_spec
-from export.envelope import DEFAULT_QUANTILE, fit_envelope, fit_intensity_envelope
+from export.envelope import DEFAULT_QUANTILE, INTENSITY_COPIES, fit_envelope, fit_intensity_envelope
 from export.errors import ExportError
 from export.metrics import output_accuracy, output_auc
 from export.onnx_export import EMBEDDING_NAME, INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
@@ -73,6 +73,8 @@ class ExportRequest:
     #: Ship the input envelope (needs the embedding output), fitted on the calibration images.
     envelope: bool = True
     envelope_quantile: float = DEFAULT_QUANTILE
+    #: Augmented copies of each calibration image in the envelope's grey-value part (0: the images alone).
+    intensity_copies: int = INTENSITY_COPIES
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,9 @@ def _envelope(
     try:
         envelope = fit_envelope(embedding, quantile=request.envelope_quantile)
         intensity = fit_intensity_envelope(
-            grey_of(calibration_x, data_config), quantile=request.envelope_quantile
+            grey_of(calibration_x, data_config),
+            quantile=request.envelope_quantile,
+            copies=request.intensity_copies,
         )
     except ExportError as exc:
         logger.warning("%s ships without an input envelope: %s", request.model_id, exc)

@@ -77,11 +77,14 @@ def build_bundle(
     training: str = "supervised",
     federation: str | None = None,
     round_number: int | None = None,
+    envelope_copies: int | None = None,
 ) -> ExportReport:
     """Export a training checkpoint as a signed bundle, checked on the dataset's real test split; int8 is
     calibrated on the val split (public data) and shipped only within ``int8_tolerance`` AUC of fp32
     (default: the pipeline's ``DEFAULT_AUC_TOLERANCE``). ``training``, ``federation`` and ``round_number``
-    go into the manifest's provenance."""
+    go into the manifest's provenance. ``envelope_copies`` overrides how many augmented copies of each
+    validation image widen the envelope's grey-value part (default ``INTENSITY_COPIES``)."""
+    from export.envelope import INTENSITY_COPIES
     from export.pipeline import EvalData, ExportRequest, export_bundle
     from export.quantize import DEFAULT_AUC_TOLERANCE
     from hub.data.medmnist import load_medmnist
@@ -106,6 +109,7 @@ def build_bundle(
         training=training,
         federation=federation,
         round=round_number,
+        intensity_copies=INTENSITY_COPIES if envelope_copies is None else envelope_copies,
     )
     return export_bundle(
         ckpt.build_model(),
@@ -202,6 +206,7 @@ def envelope_json(report: ExportReport) -> dict[str, Any] | None:
         "test_outside": report.manifest.provenance.metrics.get("test_outside_envelope_fp32"),
         "intensity": env.intensity is not None,
         "test_outside_intensity": report.manifest.provenance.metrics.get("test_outside_intensity"),
+        "augmented_copies": None if env.intensity is None else env.intensity.augmented_copies,
     }
 
 
@@ -237,6 +242,15 @@ def export(
     zipped: Annotated[
         bool, typer.Option("--zip", help="Also write the bundle as OUT.zip, one file to copy to clinics.")
     ] = False,
+    envelope_copies: Annotated[
+        int | None,
+        typer.Option(
+            "--envelope-copies",
+            min=0,
+            help="Augmented copies of each validation image in the envelope's grey-value part (default 4; "
+            "0 when the validation images already span the clinics' scanners: docs/envelope.md).",
+        ),
+    ] = None,
     output: FormatOption = OutputFormat.table,
 ) -> None:
     """Export a checkpoint as a signed model bundle (ONNX + manifest + signature) for edge nodes.
@@ -257,6 +271,7 @@ def export(
             model_id=model_id,
             int8=int8,
             int8_tolerance=int8_tolerance,
+            envelope_copies=envelope_copies,
         )
         zip_file = write_zip(report.bundle_dir, zip_path_for(out)) if zipped else None
     except (ExportError, CheckpointError, OSError) as exc:
@@ -291,7 +306,11 @@ def export(
                 "folds)",
             )
             if env["test_outside_intensity"] is not None:
-                table.add_row("  its grey-value part", f"{env['test_outside_intensity']:.1%} outside")
+                table.add_row(
+                    "  its grey-value part",
+                    f"{env['test_outside_intensity']:.1%} outside (widened by {env['augmented_copies']} "
+                    "augmented copies of each validation image)",
+                )
         for name, size in report.sizes.items():
             table.add_row(f"size {name}", f"{size / 1024:.1f} KiB")
         table.add_row("shipped", ", ".join(report.shipped))

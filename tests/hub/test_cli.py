@@ -92,7 +92,7 @@ def test_train_export_and_show_key(runner: CliRunner, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "parity" in result.output and "test AUC fp32" in result.output and "not requested" in result.output
     assert "input envelope" in result.output and "of test images outside" in result.output
-    assert "its grey-value part" in result.output
+    assert "its grey-value part" in result.output and "widened by 4 augmented copies" in result.output
 
     trusted = load_public_keys(tmp_path / "keys" / "hub.pub")
     verified = verify_bundle(bundle, trusted)
@@ -104,7 +104,18 @@ def test_train_export_and_show_key(runner: CliRunner, tmp_path: Path) -> None:
     bundle2 = tmp_path / "bundles" / "pneumonia-1.0.1"
     export2 = ["export", "--checkpoint", str(run / "best"), "--key", str(private), "--out", str(bundle2)]
     result = runner.invoke(
-        app, [*export2, "--model-version", "1.0.1", "--no-int8", "--zip", "--format", "json"]
+        app,
+        [
+            *export2,
+            "--model-version",
+            "1.0.1",
+            "--no-int8",
+            "--zip",
+            "--envelope-copies",
+            "0",
+            "--format",
+            "json",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -119,6 +130,7 @@ def test_train_export_and_show_key(runner: CliRunner, tmp_path: Path) -> None:
         "test_outside": manifest.provenance.metrics["test_outside_envelope_fp32"],
         "intensity": True,
         "test_outside_intensity": manifest.provenance.metrics["test_outside_intensity"],
+        "augmented_copies": 0,
     }
     from_zip = verify_bundle(Path(report["zip"]), trusted, extract_to=tmp_path / "unzipped")
     assert from_zip.manifest == verify_bundle(bundle2, trusted).manifest
