@@ -72,8 +72,13 @@ def intensity_features(grey: np.ndarray, levels: tuple[float, ...] | list[float]
     g = np.asarray(grey, dtype=np.float64)
     if len(g) == 0:
         return np.zeros((0, len(levels)))
-    flat = g.reshape(len(g), -1)
-    return np.quantile(flat, np.asarray(levels, dtype=np.float64), axis=1).T
+    ordered = np.sort(g.reshape(len(g), -1), axis=1)  # (N, P)
+    # numpy's default ("linear") quantile: the value at position q (P − 1), between its two neighbours.
+    position = np.asarray(levels, dtype=np.float64) * (ordered.shape[1] - 1)
+    below = np.floor(position).astype(np.intp)
+    above = np.minimum(below + 1, ordered.shape[1] - 1)
+    weight = position - below
+    return ordered[:, below] * (1.0 - weight) + ordered[:, above] * weight
 
 
 @dataclass(frozen=True)
@@ -99,11 +104,23 @@ class IntensityCheck:
     def of(cls, envelope: IntensityEnvelope) -> IntensityCheck:
         return cls(levels=tuple(envelope.levels), check=EnvelopeCheck.of(envelope))
 
+    def features_and_inverse(self, grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, ...) grey images → the features of the images and of their inverses (1 − grey), (N, L) each,
+        from one pass: the inverse's quantile at q is 1 − the image's at 1 − q (exactly, with linear
+        interpolation), so the images' quantiles at the levels and their mirrors give both."""
+        key = {round(v, 12) for v in self.levels} | {round(1.0 - v, 12) for v in self.levels}
+        both = sorted(key)
+        at = {v: i for i, v in enumerate(both)}
+        q = intensity_features(grey, both)  # (N, M)
+        own = q[:, [at[round(v, 12)] for v in self.levels]]
+        flipped = 1.0 - q[:, [at[round(1.0 - v, 12)] for v in self.levels]]
+        return own, flipped
+
     def judge(self, grey: np.ndarray) -> IntensityJudgement:
         """(N, ...) grey images in [0, 1] (the model input before normalisation) → their judgement."""
-        g = np.asarray(grey, dtype=np.float64)
-        outside, ratio = self.check.judge(intensity_features(g, self.levels))
-        _, inverse = self.check.judge(intensity_features(1.0 - g, self.levels))
+        own, flipped = self.features_and_inverse(grey)
+        outside, ratio = self.check.judge(own)
+        _, inverse = self.check.judge(flipped)
         with np.errstate(invalid="ignore"):
             negative = outside & (inverse <= 1.0) & (inverse * NEGATIVE_MARGIN < ratio)
         return IntensityJudgement(outside=outside, ratio=ratio, negative=negative)

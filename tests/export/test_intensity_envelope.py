@@ -32,6 +32,16 @@ def test_the_features_are_each_images_grey_value_quantiles() -> None:
     f = intensity_features(images, [0.1, 0.5, 0.9])
     np.testing.assert_allclose(f, [[0.1, 0.5, 0.9], [0.1, 0.5, 0.9], [0.3, 0.3, 0.3]], atol=1e-12)
     assert intensity_features(np.zeros((0, 4, 4)), [0.5]).shape == (0, 1)
+    # numpy's default quantile, exactly; and an image's inverse from the same pass.
+    rng = np.random.default_rng(1)
+    grey = rng.random((20, 9, 11)) ** 3
+    levels = [0.0, 0.02, 0.1, 0.5, 0.9, 0.98, 1.0]
+    expected = np.quantile(grey.reshape(20, -1), levels, axis=1).T
+    np.testing.assert_allclose(intensity_features(grey, levels), expected, rtol=0, atol=1e-12)
+    check = IntensityCheck.of(fit_intensity_envelope(rng.random((60, 9, 11)), copies=0))
+    own, inverse = check.features_and_inverse(grey)
+    np.testing.assert_allclose(own, intensity_features(grey, check.levels), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(inverse, intensity_features(1.0 - grey, check.levels), rtol=0, atol=1e-12)
 
 
 def test_a_negative_display_is_outside_and_looks_negative_on_real_ultrasound(shared_data: Path) -> None:
