@@ -1,7 +1,8 @@
 """How many of each clinic's test images fall outside a model's input envelope (the bundle's check).
 
-The envelope is fitted as the exporter fits it (``export.envelope.fit_envelope``) on the model's embeddings
-of the pooled validation split of the clinics that trained: the images the model was checked on. Each
+The envelope is fitted with the exporter's functions (``export.envelope.fit_envelope``) on the model's
+embeddings of the pooled validation split of the clinics that trained: the images the model was checked on,
+as a federated envelope would hold them. Each
 clinic's test images, the unseen clinic's and every panel profile's are then counted inside or outside,
 so the share outside can be set beside the AUC there. The envelope's intensity part is fitted on the same
 images' grey values (``export.envelope.fit_intensity_envelope``; the bench's images are the model input in
@@ -11,6 +12,9 @@ the counts are what a node's drift monitor sees.
 
 ``hub`` holds the same counts for the envelope fitted on the hub's own validation split (raw images, no
 clinic's profile), which is what ``fedclinic-hub export`` ships today: the hub holds no clinic's images.
+Its grey-value part is widened by the exporter's augmented copies; the pooled one is not (it already spans
+the clinics' scanners, and copies on top of it take in inverted displays: docs/benchmarks.md, "The envelope
+the product ships").
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
-from export.envelope import DEFAULT_QUANTILE, fit_envelope, fit_intensity_envelope
+from export.envelope import DEFAULT_QUANTILE, INTENSITY_COPIES, fit_envelope, fit_intensity_envelope
 from harness.flbench.datasets import BenchData
 from hub.models.fl_cnn import FlCnn
 
@@ -61,17 +65,21 @@ def _count(
 def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_QUANTILE) -> dict[str, Any]:
     """Counts outside the envelope per trained clinic (its test split), the unseen clinic and the panel."""
     val_x, _ = data.pooled_val()
-    out: dict[str, Any] = {"quantile": quantile, **_places(data, embed, val_x, quantile)}
+    out: dict[str, Any] = {"quantile": quantile, **_places(data, embed, val_x, quantile, copies=0)}
     if data.hub_val_x is not None:
         # The envelope the product ships today: fitted on the hub's own (raw) validation split.
-        out["hub"] = _places(data, embed, data.hub_val_x, quantile)
+        out["hub"] = _places(data, embed, data.hub_val_x, quantile, copies=INTENSITY_COPIES)
     return out
 
 
-def _places(data: BenchData, embed: Embedder, fit_x: torch.Tensor, quantile: float) -> dict[str, Any]:
-    """Counts per place for the envelope fitted on ``fit_x`` (both parts)."""
+def _places(
+    data: BenchData, embed: Embedder, fit_x: torch.Tensor, quantile: float, *, copies: int
+) -> dict[str, Any]:
+    """Counts per place for the envelope fitted on ``fit_x`` (both parts; ``copies`` augmented copies of
+    each image in the grey-value part)."""
     check = EnvelopeCheck.of(fit_envelope(embed(fit_x), quantile=quantile))
-    grey_check = IntensityCheck.of(fit_intensity_envelope(fit_x[:, 0].numpy(), quantile=quantile))
+    grey = fit_intensity_envelope(fit_x[:, 0].numpy(), quantile=quantile, copies=copies)
+    grey_check = IntensityCheck.of(grey)
 
     def count(x: torch.Tensor) -> dict[str, int]:
         return _count(check, grey_check, embed, x)

@@ -501,7 +501,8 @@ def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
         ]
 
     lines = table(
-        "Input envelope (as the model's bundle would carry it, fitted on the pooled validation split): "
+        "Input envelope (fitted on the pooled validation split of the clinics that trained, as a federated "
+        "envelope would be; its grey-value part without augmented copies): "
         f"share of each place's test images outside (expected by chance {first['expected']:.0%}), and in "
         f"how many seeds a node's drift alarm fires (one-sided binomial p < {DRIFT_ALARM_P} against "
         f"{DRIFT_TOLERANCE:g} × the chance rate):",
@@ -511,7 +512,8 @@ def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
     if with_hub:
         lines += table(
             "The same, for the envelope fitted on the hub's own validation split (raw images, no clinic's "
-            "profile), as `fedclinic-hub export` ships it today:",
+            "profile), as `fedclinic-hub export` ships it today (grey-value part widened by augmented "
+            "copies):",
             with_hub,
         )
     with_parts = {m: parts(env) for m, env in with_envelope.items() if "parts" in env}
