@@ -32,6 +32,7 @@ __all__ = [
     "ENVELOPE_CODE_VALUE",
     "ENVELOPE_RATIO_CODE_VALUE",
     "MANUFACTURER",
+    "NEGATIVE_CODE_VALUE",
     "PRIVATE_SCHEME",
     "SCORE_CODE_VALUE",
     "SR_SERIES_NUMBER",
@@ -41,6 +42,7 @@ __all__ = [
     "coding_scheme_identification",
     "envelope_concept",
     "envelope_ratio_concept",
+    "negative_concept",
     "predecessor_item",
     "sr_series_uid",
 ]
@@ -53,6 +55,7 @@ PRIVATE_SCHEME = "99FEDCLINIC"
 SCORE_CODE_VALUE = "MODELSCORE"
 ENVELOPE_CODE_VALUE = "INENVELOPE"
 ENVELOPE_RATIO_CODE_VALUE = "ENVRATIO"
+NEGATIVE_CODE_VALUE = "LOOKSNEG"
 SR_SERIES_NUMBER = 9901
 SERIES_DESCRIPTION = "AI result (fedclinic) - NOT FOR DIAGNOSTIC USE"
 
@@ -108,13 +111,24 @@ def envelope_ratio_concept() -> hd.sr.CodedConcept:
     )
 
 
+def negative_concept() -> hd.sr.CodedConcept:
+    """The private concept of the envelope's grey-value Yes/No: does the image look like a negative of the
+    images the model was checked on (a display header that says the wrong thing)."""
+    return hd.sr.CodedConcept(
+        value=NEGATIVE_CODE_VALUE,
+        scheme_designator=PRIVATE_SCHEME,
+        meaning="Image looks like a negative of the model's validation images",
+    )
+
+
 def _envelope_items(
     finding: Finding,
     manifest: Manifest,
     algorithm: hd.sr.AlgorithmIdentification,
     source: hd.sr.SourceImageForMeasurement,
 ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
-    """The group's envelope items: none without an envelope, else the ratio and the Yes/No."""
+    """The group's envelope items: none without an envelope, else the ratio and the Yes/No, and with a
+    grey-value part whether the image looks like a negative."""
     outside, ratio = finding.outside_envelope, finding.envelope_ratio
     if manifest.envelope is None:
         if outside is not None or ratio is not None:
@@ -122,6 +136,9 @@ def _envelope_items(
         return [], []
     if outside is None or ratio is None:
         raise ValueError("the model has an input envelope; a finding has no result for it")
+    grey = manifest.envelope.intensity is not None
+    if grey != (finding.negative is not None):
+        raise ValueError("a finding's grey-value result does not match the model's input envelope")
     measurement = hd.sr.Measurement(
         name=envelope_ratio_concept(),
         value=float(ratio),
@@ -129,10 +146,16 @@ def _envelope_items(
         algorithm_id=algorithm,
         referenced_images=[source],
     )
-    evaluation = hd.sr.QualitativeEvaluation(
-        name=envelope_concept(), value=codes.SCT.No if outside else codes.SCT.Yes
-    )
-    return [measurement], [evaluation]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=envelope_concept(), value=codes.SCT.No if outside else codes.SCT.Yes)
+    ]
+    if finding.negative is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=negative_concept(), value=codes.SCT.Yes if finding.negative else codes.SCT.No
+            )
+        )
+    return [measurement], evaluations
 
 
 def _algorithm(manifest: Manifest) -> hd.sr.AlgorithmIdentification:

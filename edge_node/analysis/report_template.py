@@ -10,8 +10,9 @@ highdicom itself (``build_sr`` on a probe image) and every study gets a new docu
   Study information entities of the source's IOD, from highdicom's tables of the standard),
 * its own evidence, contributing equipment, UIDs and times,
 * one measurement group per finding: the template's group for that concept, presence (and, with an input
-  envelope, the image's Yes/No for it), with the probe's references, tracking UID, identifier, frame and
-  score (and a multiclass model's class probabilities, and the envelope ratio) replaced by the finding's.
+  envelope, the image's Yes/No for it and, with its grey-value part, whether the image looks negative), with
+  the probe's references, tracking UID, identifier, frame and score (and a multiclass model's class
+  probabilities, and the envelope ratio) replaced by the finding's.
 
 The result equals what ``build_sr`` makes, element by element (a test holds the two side by side on real
 and minimal headers); only the creation times differ.
@@ -146,6 +147,8 @@ class _GroupKey:
     classes: int = 0
     #: The image outside the input envelope (True), within it (False), or no envelope (None).
     envelope: bool | None = None
+    #: The image looks like a negative (True), does not (False), or no grey-value part (None).
+    negative: bool | None = None
 
 
 class ReportTemplate:
@@ -155,7 +158,8 @@ class ReportTemplate:
         self.manifest = manifest
         self._probe = self._probe_source()
         outside = None if manifest.envelope is None else False
-        probe = self._probe_finding("", True, frames=False, outside=outside)
+        negative = None if manifest.envelope is None or manifest.envelope.intensity is None else False
+        probe = self._probe_finding("", True, frames=False, outside=outside, negative=negative)
         ref = build_sr([self._probe], [probe], manifest)
         self._file_meta = ref.file_meta
         own = set(patient_study_tags(_PROBE_CLASS))
@@ -188,7 +192,14 @@ class ReportTemplate:
         return ds
 
     def _probe_finding(
-        self, label: str, present: bool, *, frames: bool, classes: int = 0, outside: bool | None = None
+        self,
+        label: str,
+        present: bool,
+        *,
+        frames: bool,
+        classes: int = 0,
+        outside: bool | None = None,
+        negative: bool | None = None,
     ) -> Finding:
         return Finding(
             sop_instance_uid=str(self._probe.SOPInstanceUID),
@@ -202,6 +213,8 @@ class ReportTemplate:
             probabilities=(0.5,) * classes,
             outside_envelope=outside,
             envelope_ratio=None if outside is None else (2.0 if outside else 0.5),
+            intensity_outside=negative,
+            negative=negative,
         )
 
     def _key(self, finding: Finding) -> _GroupKey:
@@ -213,6 +226,7 @@ class ReportTemplate:
             frames=finding.number_of_frames > 1,
             classes=len(finding.probabilities),
             envelope=finding.outside_envelope,
+            negative=finding.negative,
         )
 
     def _group(self, key: _GroupKey) -> Dataset:
@@ -221,7 +235,12 @@ class ReportTemplate:
             group = self._groups.get(key)
             if group is None:
                 probe = self._probe_finding(
-                    key.concept, key.present, frames=key.frames, classes=key.classes, outside=key.envelope
+                    key.concept,
+                    key.present,
+                    frames=key.frames,
+                    classes=key.classes,
+                    outside=key.envelope,
+                    negative=key.negative,
                 )
                 ref = build_sr([self._probe], [probe], self.manifest)
                 container = next(i for i in ref.ContentSequence if _code(i) == _IMAGING_MEASUREMENTS)

@@ -48,6 +48,7 @@ def warm_up_results(manifest: Manifest) -> float:
     """Build an SR and an SC for ``manifest``'s model in memory; returns the seconds it took."""
     t0 = time.perf_counter()
     source = synthetic_source()
+    grey = None if manifest.envelope is None or manifest.envelope.intensity is None else False
     finding = Finding(
         sop_instance_uid=str(source.SOPInstanceUID),
         series_instance_uid=str(source.SeriesInstanceUID),
@@ -60,6 +61,9 @@ def warm_up_results(manifest: Manifest) -> float:
         # With an input envelope every group says where its image lies: warm the group of an image within.
         outside_envelope=None if manifest.envelope is None else False,
         envelope_ratio=None if manifest.envelope is None else 0.5,
+        # And with its grey-value part whether the image looks negative.
+        intensity_outside=grey,
+        negative=grey,
     )
     fast_sr([source], [finding], manifest)  # builds the model's SR template
     fast_sc(source, np.zeros((8, 8), dtype=np.float64), finding, manifest, 0)  # and its SC template

@@ -34,12 +34,15 @@ from edge_node.analysis.preprocessing import preprocess
 from edge_node.analysis.report_sr import (
     ENVELOPE_CODE_VALUE,
     ENVELOPE_RATIO_CODE_VALUE,
+    NEGATIVE_CODE_VALUE,
     PRIVATE_SCHEME,
     SCORE_CODE_VALUE,
     build_sr,
     envelope_concept,
     envelope_ratio_concept,
+    negative_concept,
 )
+from edge_node.analysis.result_warmup import warm_up_results
 from edge_node.inference.loaded_model import LoadedModel, load_model
 from edge_node.protocol.bundle import verify_bundle
 from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
@@ -55,7 +58,7 @@ TEST_IMAGES = [0, 1, 2, 3, 4, 5]
 #: The test image sent again as MONOCHROME1: its inverse lies outside the bundle's intensity envelope (most
 #: inverted PneumoniaMNIST images do not, their histograms being nearly symmetric).
 NEGATIVE_IMAGE = 3
-ENVELOPE_ITEMS = frozenset({ENVELOPE_CODE_VALUE, ENVELOPE_RATIO_CODE_VALUE})
+ENVELOPE_ITEMS = frozenset({ENVELOPE_CODE_VALUE, ENVELOPE_RATIO_CODE_VALUE, NEGATIVE_CODE_VALUE})
 
 
 def _load(bundle: Path, public_key: Path) -> LoadedModel:
@@ -241,6 +244,9 @@ def test_each_group_says_whether_its_image_lies_within_the_envelope(
             "SCT",
             "373067005" if outside else "373066001",
         )  # No/Yes
+        # With the grey-value part: whether the image looks like a negative, Yes only for the one that does.
+        (looks,) = group.get_qualitative_evaluations(name=negative_concept())
+        assert looks.value == (codes.SCT.Yes if expected[uid].negative else codes.SCT.No)
         (measured,) = group.get_measurements(name=envelope_ratio_concept())
         assert measured.value == pytest.approx(ratio, rel=1e-5)
         assert (measured.unit.scheme_designator, measured.unit.value) == ("UCUM", "{ratio}")
@@ -333,6 +339,9 @@ def test_an_envelope_result_and_a_manifest_must_agree(
     judged = Finding(**{**bare.__dict__, "outside_envelope": True, "envelope_ratio": 3.5})
     with pytest.raises(ValueError, match="the model has no input envelope"):
         build_sr([ds], [judged], plain_model.manifest)
+    # The bundle's envelope has a grey-value part: a finding without its result does not fit it.
+    with pytest.raises(ValueError, match="grey-value result does not match"):
+        build_sr([ds], [judged], envelope_model.manifest)
 
 
 def test_an_intensity_result_goes_with_each_finding_only_whole(envelope_model: LoadedModel) -> None:
@@ -350,3 +359,15 @@ def test_an_intensity_result_goes_with_each_finding_only_whole(envelope_model: L
         with_envelope(intensity_outside=grey_outside)
     with pytest.raises(ValueError, match="the envelope's is missing"):
         findings_from_probabilities(probs, images, task, intensity_outside=grey_outside, negative=negative)
+
+
+def test_the_result_builders_warm_up_for_every_kind_of_envelope(
+    envelope_model: LoadedModel, plain_model: LoadedModel
+) -> None:
+    manifest = envelope_model.manifest
+    assert manifest.envelope is not None and manifest.envelope.intensity is not None
+    embedding_only = manifest.model_copy(
+        update={"envelope": manifest.envelope.model_copy(update={"intensity": None})}
+    )
+    for each in (manifest, embedding_only, plain_model.manifest):
+        assert warm_up_results(each) > 0.0  # raises if the warm-up finding does not fit the manifest

@@ -362,30 +362,36 @@ def test_the_fast_sr_and_sc_of_a_graded_model_equal_highdicoms_and_pass_dciodvfy
     assert all(f"grade{k} {p:.3f}" in text[1] for k, p in enumerate(finding.probabilities))
 
 
-def _with_envelope(finding: Finding, outside: bool, ratio: float) -> Finding:
-    return dataclasses.replace(finding, outside_envelope=outside, envelope_ratio=ratio)
+def _with_envelope(finding: Finding, outside: bool, ratio: float, negative: bool) -> Finding:
+    """The finding with an envelope result, and a grey-value one (the test bundle's envelope has both)."""
+    return dataclasses.replace(
+        finding, outside_envelope=outside, envelope_ratio=ratio, intensity_outside=negative, negative=negative
+    )
 
 
 def test_the_fast_sr_with_an_input_envelope_equals_highdicoms_and_passes_dciodvfy(
     shared_data: Path, dicomized: list[Dataset], tmp_path: Path
 ) -> None:
-    """The real test bundle's manifest (it has an envelope): every group carries the Yes/No and the ratio."""
+    """The real test bundle's manifest (it has an envelope with a grey-value part): every group carries the
+    Yes/No, the ratio and whether the image looks negative."""
     found = find_test_bundle()
     if found is None:
         pytest.skip("no test bundle with an input envelope (FEDCLINIC_TEST_BUNDLE)")
     manifest = verify_bundle(found.bundle, load_public_keys(found.public_key)).manifest
-    assert manifest.envelope is not None, "the test bundle has no input envelope; rebuild it"
+    assert manifest.envelope is not None and manifest.envelope.intensity is not None, (
+        "rebuild the test bundle"
+    )
     dciodvfy = shutil.which("dciodvfy") is not None
     compared = 0
     for n, (name, ds) in enumerate(_sources(shared_data, dicomized)):
         if n % 3:  # a spread of sources: each build through highdicom takes ~0.15 s
             continue
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        for outside, ratio in ((False, 0.4127), (True, 17.25 + n)):
+        for outside, ratio, negative in ((False, 0.4127, False), (True, 17.25 + n, n % 2 == 0)):
             plain = _finding(
                 ds, manifest, present=(n + int(outside)) % 2 == 0, score=0.3 + n / 1000, frame=frames - 1
             )
-            finding = _with_envelope(plain, outside, ratio)
+            finding = _with_envelope(plain, outside, ratio, negative)
             reference = build_sr([ds], [finding], manifest)
             fast = fast_sr([ds], [finding], manifest)
             assert differences(fast, reference) == [], name
@@ -402,7 +408,9 @@ def test_the_fast_sr_with_an_input_envelope_equals_highdicoms_and_passes_dciodvf
         pydicom.dcmread(root / n, stop_before_pixels=True) for n in ("CR1/6154", "CR2/6247", "CR3/6278")
     ]
     findings = [
-        _with_envelope(_finding(ds, manifest, present=i != 1, score=0.2 + 0.3 * i), i == 2, 0.5 + 2.0 * i)
+        _with_envelope(
+            _finding(ds, manifest, present=i != 1, score=0.2 + 0.3 * i), i == 2, 0.5 + 2.0 * i, i == 2
+        )
         for i, ds in enumerate(sources)
     ]
     prior = ReportRef(generate_uid(), generate_uid())
