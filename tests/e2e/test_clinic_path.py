@@ -110,8 +110,10 @@ def test_cr_studies_get_sr_and_sc_with_the_model_score(
         ]
         assert measured_on == [study.sop_instance_uid]
         assert score.value == pytest.approx(want, abs=1e-5)
-        evaluation, inside = group.get_qualitative_evaluations()
-        assert inside.name.value == "INENVELOPE"
+        evaluation, inside, negative = group.get_qualitative_evaluations()
+        assert inside.name.value == "INENVELOPE" and negative.name.value == "LOOKSNEG"
+        # An ordinary test image does not look like a negative of the validation images.
+        assert cast(hd.sr.CodedConcept, negative.value).value == "373067005"  # SCT No
         # A test image like the bundle's validation images: Yes exactly when its ratio is at most 1.
         yes_no = "373066001" if ratio.value <= 1 else "373067005"  # SCT Yes / No
         assert cast(hd.sr.CodedConcept, inside.value).value == yes_no
