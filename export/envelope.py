@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from edge_node.protocol.envelope import EnvelopeCheck, intensity_features
+from edge_node.protocol.envelope import intensity_features
+from edge_node.protocol.envelope_moments import (
+    MomentSums,
+    envelope_fields,
+    fold_sums,
+    held_out_checks,
+    ledoit_wolf,
+)
 from edge_node.protocol.manifest import InputEnvelope, IntensityEnvelope
 from export.errors import ExportError
 
@@ -48,46 +55,14 @@ INTENSITY_LEVELS = (0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98)
 INTENSITY_COPIES = 4
 
 
-def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """(N, D) samples → (the shrunk covariance (D, D), the shrinkage weight in [0, 1]).
-
-    The covariance is ``(1 - a) S + a m I`` with S the sample covariance (divided by N), m its mean
-    eigenvalue and ``a`` the weight that minimises the expected squared error (Ledoit and Wolf, 2004).
-    """
-    n, d = x.shape
-    xc = x - x.mean(axis=0)
-    s = xc.T @ xc / n
-    m = float(np.trace(s)) / d
-    delta = float(np.sum((s - m * np.eye(d)) ** 2))
-    if delta <= 0.0:
-        return s, 0.0
-    # Σ_k |x_k x_kᵀ − S|² = Σ_k |x_k|⁴ − n |S|² (each outer product's cross term with S sums to n |S|²).
-    beta = (float(np.sum(np.sum(xc**2, axis=1) ** 2)) - n * float(np.sum(s**2))) / n**2
-    a = min(max(beta, 0.0), delta) / delta
-    return (1.0 - a) * s + a * m * np.eye(d), a
-
-
-def _whitened(x: np.ndarray) -> tuple[EnvelopeCheck, float]:
-    """The envelope check of samples ``x`` (threshold left at 1) and its shrinkage weight."""
-    cov, shrinkage = ledoit_wolf(x)
-    d = x.shape[1]
-    try:
-        chol = np.linalg.cholesky(cov)
-    except np.linalg.LinAlgError:
-        # Every embedding equal along some direction and no shrinkage to lift it: lift it by a hair.
-        chol = np.linalg.cholesky(cov + 1e-9 * max(float(np.trace(cov)) / d, 1.0) * np.eye(d))
-    whitening = np.linalg.inv(chol)  # W Σ Wᵀ = I
-    return EnvelopeCheck(mean=x.mean(axis=0), whitening=whitening, threshold=1.0), shrinkage
-
-
 def cross_fitted_distances(e: np.ndarray, folds: int = FOLDS, groups: np.ndarray | None = None) -> np.ndarray:
     """(N,) each row's squared distance from an envelope fitted on the rows of the other folds (row i is in
     fold ``groups[i]`` mod ``folds``; ``groups`` defaults to the row index: rows of one group, such as an
     image and its augmented copies, share a fold)."""
     out = np.empty(len(e))
     fold = (np.arange(len(e)) if groups is None else np.asarray(groups)) % folds
-    for k in range(folds):
-        check, _ = _whitened(e[fold != k])
+    checks = held_out_checks(fold_sums(e, fold, folds))
+    for k, check in enumerate(checks):
         out[fold == k] = check.distances(e[fold == k])
     return out
 
@@ -110,17 +85,9 @@ def _fitted(
         raise ExportError(f"the {what}'s validation features are not all finite; the model is broken")
     if not 0.0 < quantile < 1.0:
         raise ExportError(f"the {what}'s quantile must lie in (0, 1), got {quantile}")
-    check, shrinkage = _whitened(e)
+    check, shrinkage = MomentSums.of(e).check()
     threshold = float(np.quantile(cross_fitted_distances(e, groups=groups), quantile, method="higher"))
-    return {
-        "mean": [float(v) for v in check.mean],
-        "whitening": [[float(v) for v in row] for row in check.whitening],
-        "threshold": max(threshold, np.finfo(np.float64).tiny),
-        "quantile": quantile,
-        "shrinkage": float(shrinkage),
-        "fitted_on": n,
-        "folds": FOLDS,
-    }
+    return envelope_fields(check, shrinkage, threshold=threshold, quantile=quantile, fitted_on=n, folds=FOLDS)
 
 
 def fit_envelope(embeddings: np.ndarray, *, quantile: float = DEFAULT_QUANTILE) -> InputEnvelope:
