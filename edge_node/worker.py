@@ -310,6 +310,8 @@ class _Run:
                 f.envelope_ratio,
                 f.intensity_outside,
                 f.negative,
+                embedding=f.embedding,
+                intensity_features=f.intensity_features,
             )
             for f in outcome.findings
         ]

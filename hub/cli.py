@@ -14,6 +14,7 @@ import typer
 from hub import __version__
 from hub.commands import (
     data,
+    envelope,
     export_bundle,
     init,
     installer,
@@ -43,6 +44,7 @@ app.command("serve")(serve.serve)
 app.add_typer(nodes.app, name="nodes")
 app.add_typer(rounds.app, name="rounds")
 app.add_typer(models.app, name="models")
+app.add_typer(envelope.app, name="envelope")
 app.command("status")(status.status)
 app.command("distill")(students.distill)
 models.app.command("from-round")(students.from_round)

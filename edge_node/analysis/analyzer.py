@@ -215,6 +215,8 @@ def finish_study(
         envelope_ratio=scores.envelope_ratio,
         intensity_outside=scores.intensity_outside,
         negative=scores.negative,
+        embedding=scores.embedding,
+        intensity_features=scores.intensity_features,
     )
     # A non-finite score or embedding (a broken model or input) is that instance's reason; it never reaches
     # a result.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,11 @@ class Finding:
     #: Whether the image looks like a negative of the validation images (outside the intensity part while
     #: its inverse lies well inside); None when the bundle's envelope has no intensity part.
     negative: bool | None = None
+    #: (D,) the image's embedding that the envelope judged, kept by the node (``envelope_results``) for the
+    #: envelope's federated refit; None when the bundle has no envelope. Not compared (an array).
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: (L,) the image's own grey-value features that the intensity part judged; None without one.
+    intensity_features: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ def findings_from_probabilities(
     envelope_ratio: np.ndarray | None = None,
     intensity_outside: np.ndarray | None = None,
     negative: np.ndarray | None = None,
+    embedding: np.ndarray | None = None,
+    intensity_features: np.ndarray | None = None,
 ) -> list[Finding]:
     """One Finding per analysed instance from (N, K) class probabilities.
 
@@ -70,7 +77,8 @@ def findings_from_probabilities(
     finding is present unless the top class is the first (reference) class, and every class's probability
     goes with it. ``outside_envelope`` and ``envelope_ratio`` (N,), when the bundle has an input envelope,
     go with each finding as they are; so do ``intensity_outside`` and ``negative`` (N,) when the envelope
-    has an intensity part.
+    has an intensity part. ``embedding`` (N, D) and ``intensity_features`` (N, L), the features those
+    results were judged on, give each finding its row.
     """
     if (outside_envelope is None) != (envelope_ratio is None):
         raise ValueError("an input envelope result needs both the outside flags and the distance ratios")
@@ -79,6 +87,11 @@ def findings_from_probabilities(
     if intensity_outside is not None and outside_envelope is None:
         raise ValueError("an intensity result is part of an input envelope result; the envelope's is missing")
     n = len(analysed)
+    for name, features in (("embedding", embedding), ("intensity features", intensity_features)):
+        if features is not None and len(features) != n:
+            raise ValueError(f"{len(features)} rows of {name} for {n} analysed images")
+    embeddings: list[np.ndarray | None] = [None] * n if embedding is None else list(embedding)
+    greys: list[np.ndarray | None] = [None] * n if intensity_features is None else list(intensity_features)
     outside: list[bool | None] = [None] * n
     ratios: list[float | None] = [None] * n
     grey_outside: list[bool | None] = [None] * n
@@ -88,8 +101,8 @@ def findings_from_probabilities(
     if intensity_outside is not None and negative is not None:
         grey_outside, negatives = [bool(v) for v in intensity_outside], [bool(v) for v in negative]
     findings: list[Finding] = []
-    for row, image, out, ratio, grey_out, neg in zip(
-        probs, analysed, outside, ratios, grey_outside, negatives, strict=True
+    for row, image, out, ratio, grey_out, neg, emb, grey in zip(
+        probs, analysed, outside, ratios, grey_outside, negatives, embeddings, greys, strict=True
     ):
         probabilities: tuple[float, ...] = ()
         if task.kind == "binary":
@@ -118,6 +131,8 @@ def findings_from_probabilities(
                 envelope_ratio=ratio,
                 intensity_outside=grey_out,
                 negative=neg,
+                embedding=emb,
+                intensity_features=grey,
             )
         )
     return findings

@@ -112,6 +112,12 @@ class ModelScores:
     #: (N,) bool: outside the intensity part, while the image's inverse lies well inside (it looks like a
     #: negative, ``IntensityCheck.judge``). None without an intensity part.
     negative: np.ndarray | None = None
+    #: (N, D) the embedding the envelope judged, as the model gave it (the node keeps it for the envelope's
+    #: federated refit). None without an envelope.
+    embedding: np.ndarray | None = None
+    #: (N, L) the images' own grey-value features the intensity part judged (not their inverses'). None
+    #: without an intensity part.
+    intensity_features: np.ndarray | None = None
 
     def split(self, sizes: Sequence[int]) -> list[ModelScores]:
         """The scores of consecutive groups of ``sizes`` images each (one per study of a batch)."""
@@ -121,13 +127,15 @@ class ModelScores:
             return [None] * len(sizes) if a is None else list(np.split(a, bounds))
 
         return [
-            ModelScores(p, o, r, i, n)
-            for p, o, r, i, n in zip(
+            ModelScores(p, o, r, i, n, e, f)
+            for p, o, r, i, n, e, f in zip(
                 np.split(self.probabilities, bounds),
                 parts(self.outside_envelope),
                 parts(self.envelope_ratio),
                 parts(self.intensity_outside),
                 parts(self.negative),
+                parts(self.embedding),
+                parts(self.intensity_features),
                 strict=True,
             )
         ]
@@ -245,7 +253,8 @@ class LoadedModel:
 
     def scores(self, batch: np.ndarray) -> ModelScores:
         """(N, C, H, W) → the probabilities and, when the bundle has an input envelope, each image's place
-        relative to it, from ONE model run (the embedding judged is the one the probabilities came from).
+        relative to it, from ONE model run (the embedding judged is the one the probabilities came from),
+        with the features judged (the embedding and, with an intensity part, the grey-value features).
 
         Without an envelope this is ``probabilities`` exactly, as before envelopes existed.
         """
@@ -258,7 +267,9 @@ class LoadedModel:
         outside, ratio = check.judge(embedding)
         probabilities = self._probabilities_of(logits, embedding, personal)
         if self.intensity is None:
-            return ModelScores(probabilities, outside_envelope=outside, envelope_ratio=ratio)
+            return ModelScores(
+                probabilities, outside_envelope=outside, envelope_ratio=ratio, embedding=embedding
+            )
         seen = self.intensity.judge(self.grey(batch))
         return ModelScores(
             probabilities,
@@ -266,6 +277,8 @@ class LoadedModel:
             envelope_ratio=np.maximum(ratio, seen.ratio),
             intensity_outside=seen.outside,
             negative=seen.negative,
+            embedding=embedding,
+            intensity_features=seen.features,
         )
 
     def grey(self, batch: np.ndarray) -> np.ndarray:

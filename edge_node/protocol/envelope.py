@@ -91,6 +91,8 @@ class IntensityJudgement:
     ratio: np.ndarray
     #: (N,) bool: outside, while its inverse lies inside and ``NEGATIVE_MARGIN`` times nearer.
     negative: np.ndarray
+    #: (N, L) the images' own grey-value features (``intensity_features`` at the levels), the ones judged.
+    features: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ class IntensityCheck:
         _, inverse = self.check.judge(flipped)
         with np.errstate(invalid="ignore"):
             negative = outside & (inverse <= 1.0) & (inverse * NEGATIVE_MARGIN < ratio)
-        return IntensityJudgement(outside=outside, ratio=ratio, negative=negative)
+        return IntensityJudgement(outside=outside, ratio=ratio, negative=negative, features=own)
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:

@@ -8,12 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class UpdateKind(str, Enum):
-    """What a strategy asks a node to compute: a weights delta, a head delta, public logits or statistics."""
+    """What a round asks a node to compute: a weights delta, a head delta, public logits, statistics, or the
+    sums and distance counts that fit a bundle's input envelope on the nodes' images."""
 
     WEIGHTS_DELTA = "weights_delta"
     HEAD_DELTA = "head_delta"
     PUBLIC_LOGITS = "public_logits"
     STATS = "stats"
+    ENVELOPE_MOMENTS = "envelope_moments"
+    ENVELOPE_DISTANCES = "envelope_distances"
 
 
 class UpdateEnvelope(BaseModel):

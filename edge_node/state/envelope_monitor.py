@@ -18,19 +18,23 @@ header that says the wrong thing.
 Each analysed image's result is one row of ``envelope_results``, written in the transaction that records its
 run (``Runs.finish``), so the window survives a restart and the clinician page can mark a run's study. A
 study analysed again counts again: the window is of analyses, not of distinct images. Counts only leave the
-node (status, heartbeat); never a UID.
+node (status, heartbeat); never a UID. The row also keeps the features the image was judged on, for the
+latest ``FEATURES_KEPT`` rows of each model version (``edge_node.state.envelope_features``).
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from edge_node.protocol.envelope import drift_alarm
 from edge_node.protocol.envelope import looks_negative as negatives_alarm
 from edge_node.state.database import Database
+from edge_node.state.envelope_features import feature_blob, prune_features
 
 __all__ = [
     "MIN_IMAGES",
@@ -59,6 +63,11 @@ class EnvelopeResult:
     #: when the envelope has no intensity part.
     intensity_outside: bool | None = None
     negative: bool | None = None
+    #: The features the result was judged on, kept for the envelope's federated refit
+    #: (``edge_node.state.envelope_features``): the embedding (D,) and the image's own grey-value features
+    #: (L,); None when absent (NULL).
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
+    intensity_features: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -157,14 +166,17 @@ def record_envelope_results(
     quantile: float,
     results: Sequence[EnvelopeResult],
 ) -> None:
-    """Inside the caller's transaction (the one that records the run): one row per analysed image."""
+    """Inside the caller's transaction (the one that records the run): one row per analysed image, with the
+    features it was judged on; then the model version's rows beyond the latest ``FEATURES_KEPT`` lose
+    theirs (``prune_features``)."""
 
     def flag(value: bool | None) -> int | None:
         return None if value is None else int(value)
 
     c.executemany(
         "INSERT INTO envelope_results (run_id, sop_instance_uid, model_id, model_version, outside, ratio,"
-        " quantile, intensity_outside, negative) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " quantile, intensity_outside, negative, embedding, intensity_features)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 run_id,
@@ -176,10 +188,14 @@ def record_envelope_results(
                 quantile,
                 flag(r.intensity_outside),
                 flag(r.negative),
+                feature_blob(r.embedding),
+                feature_blob(r.intensity_features),
             )
             for r in results
         ],
     )
+    if results:
+        prune_features(c, model_id, model_version)
 
 
 class EnvelopeMonitor:

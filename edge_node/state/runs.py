@@ -5,8 +5,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from edge_node.state.database import Database
 from edge_node.state.envelope_monitor import EnvelopeResult, record_envelope_results
@@ -50,6 +52,10 @@ class FindingRow:
     #: envelope has no intensity part.
     intensity_outside: bool | None = None
     negative: bool | None = None
+    #: The features those results were judged on (``Finding``'s), kept with them: the embedding (D,) and
+    #: the grey-value features (L,); None without an envelope / without an intensity part.
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
+    intensity_features: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -219,7 +225,13 @@ class Runs:
         """The findings' input envelope results, for the drift monitor and the page (envelope bundles)."""
         results = [
             EnvelopeResult(
-                f.sop_instance_uid, f.outside_envelope, f.envelope_ratio, f.intensity_outside, f.negative
+                f.sop_instance_uid,
+                f.outside_envelope,
+                f.envelope_ratio,
+                f.intensity_outside,
+                f.negative,
+                embedding=f.embedding,
+                intensity_features=f.intensity_features,
             )
             for f in findings
             if f.outside_envelope is not None and f.envelope_ratio is not None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 __all__ = ["ADDED_COLUMNS", "SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Studies and their instances (ingest), runs and findings (analysis), the outbox (delivery), the model
 #: registry with its activation log, (version 2) the clinic's labels with every change made to them, and
 #: (version 3) each analysed image's input envelope result (bundles with an envelope), for the drift monitor,
-#: with (version 4) its intensity part's result (NULL for envelopes without one, and for rows written before).
+#: with (version 4) its intensity part's result (NULL for envelopes without one, and for rows written before)
+#: and (version 5) the features judged: the embedding and the grey-value features, float32 little-endian
+#: bytes, kept for the latest rows of each model version only (``envelope_features``; NULL otherwise).
 #: The outbox row carries what a C-STORE needs besides the bytes (SOP class and instance, transfer syntax),
 #: so sending does not open the file to learn them.
 SCHEMA = """
@@ -128,7 +130,9 @@ CREATE TABLE IF NOT EXISTS envelope_results (
     ratio REAL NOT NULL,
     quantile REAL NOT NULL,
     intensity_outside INTEGER CHECK (intensity_outside IN (0, 1)),
-    negative INTEGER CHECK (negative IN (0, 1))
+    negative INTEGER CHECK (negative IN (0, 1)),
+    embedding BLOB,
+    intensity_features BLOB
 );
 CREATE INDEX IF NOT EXISTS envelope_results_by_model ON envelope_results (model_id, model_version, id);
 CREATE INDEX IF NOT EXISTS envelope_results_by_run ON envelope_results (run_id);
@@ -140,4 +144,6 @@ CREATE INDEX IF NOT EXISTS envelope_results_by_run ON envelope_results (run_id);
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("envelope_results", "intensity_outside", "INTEGER CHECK (intensity_outside IN (0, 1))"),  # version 4
     ("envelope_results", "negative", "INTEGER CHECK (negative IN (0, 1))"),  # version 4
+    ("envelope_results", "embedding", "BLOB"),  # version 5
+    ("envelope_results", "intensity_features", "BLOB"),  # version 5
 )

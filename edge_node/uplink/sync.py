@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,10 +52,12 @@ from edge_node.protocol.wire import (
     TaskState,
     UpdateSubmission,
 )
+from edge_node.state.envelope_features import envelope_features
 from edge_node.state.labels import LabelStore
 from edge_node.state.node_state import NodeState
 from edge_node.uplink.backoff import Backoff
 from edge_node.uplink.credential import CredentialFileAuth, NodeCredential, uplink_dir
+from edge_node.uplink.envelope_answer import ENVELOPE_KINDS, EnvelopeRefused, answer_envelope
 from edge_node.uplink.errors import HubRefusedError, PinningError, UplinkError
 from edge_node.uplink.outbox import UpdateOutbox
 from edge_node.uplink.secure_aggregation import SecureAggregationRound
@@ -308,7 +311,7 @@ class SyncLoop:
             except TaskRefused as exc:  # the budget ran out between the check and the release
                 self._refuse(task, str(exc))
                 continue
-            except LearningRefused as exc:  # too few labels, a model without an embedding: say why
+            except (LearningRefused, EnvelopeRefused) as exc:  # too few labels or images, ...: say why
                 self._refuse(task, str(exc))
                 continue
             except TaskError as exc:
@@ -354,7 +357,10 @@ class SyncLoop:
             model = self.slot.current()
         except (ModelError, ConfigError):
             model = None
-        answer = answer_with_learners(task, params, model, local_stats(self.store), self.learners)
+        if task.kind in ENVELOPE_KINDS:
+            answer = answer_envelope(task, params, model, partial(envelope_features, self.store.db))
+        else:
+            answer = answer_with_learners(task, params, model, local_stats(self.store), self.learners)
         spec = self._spec(task)
         if spec.secure_aggregation:
             self._answer_masked(task, answer.tensors, spec)

@@ -116,6 +116,12 @@ class RoundOpener:
         """The round's protection as stored, after checking that the hub can serve it."""
         if protection is None:
             return None
+        if kind in (UpdateKind.ENVELOPE_MOMENTS, UpdateKind.ENVELOPE_DISTANCES):
+            raise RoundConfigError(
+                "protection: an envelope round's sums and counts take no clipping, noise, compression or "
+                "secure aggregation (they would no longer fit the envelope); each sum a node sends covers at "
+                "least 10 of its images: start it without protection options"
+            )
         try:
             protection.spec(kind, cohort)
         except ValueError as exc:

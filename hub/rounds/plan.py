@@ -2,7 +2,8 @@
 
 ``StrategyPlan`` drives a ``hub.fl`` strategy (weights or head deltas). ``StatsCollection`` and
 ``LogitsCollection`` are collection rounds that need no training on the node: class counts of the node's
-predictions, and soft outputs on public anchor inputs that the task ships (ONNX forward only).
+predictions, and soft outputs on public anchor inputs that the task ships (ONNX forward only). The two
+envelope rounds (``hub.rounds.envelope_plans``) are collections too.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class LogitsCollection(RoundPlan):
         return {"logits": mean}, None
 
 
-COLLECTIONS = frozenset({"stats", "public_logits"})
+COLLECTIONS = frozenset({"stats", "public_logits", "envelope_moments", "envelope_distances"})
 #: Starting tensors under this prefix are FedHelp's public set, not model tensors (``rounds start --public``).
 PUBLIC_PREFIX = "public/"
 
@@ -226,6 +227,14 @@ def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: S
         return StatsCollection(config)
     if strategy == "public_logits":
         return LogitsCollection(config, start)
+    if strategy == "envelope_moments":
+        from hub.rounds.envelope_plans import EnvelopeMoments
+
+        return EnvelopeMoments(config)
+    if strategy == "envelope_distances":
+        from hub.rounds.envelope_plans import EnvelopeDistances
+
+        return EnvelopeDistances(config, start)
     kwargs: dict[str, Any] = {k: v for k, v in config.items() if not k.startswith("client.")}
     if isinstance(kwargs.get(LARGE_CLIENTS), str):
         # Round configs hold scalars: FedHelp's large clients travel as comma-separated node ids.

@@ -355,6 +355,19 @@ def test_an_intensity_result_goes_with_each_finding_only_whole(envelope_model: L
     )
     findings = with_envelope(intensity_outside=grey_outside, negative=negative)
     assert [(f.intensity_outside, f.negative) for f in findings] == [(True, True), (False, False)]
+    assert all(f.embedding is None and f.intensity_features is None for f in findings)
+    # The features judged go with each finding, one row each.
+    embedding, grey = np.arange(6.0).reshape(2, 3), np.arange(4.0).reshape(2, 2)
+    featured = with_envelope(
+        intensity_outside=grey_outside, negative=negative, embedding=embedding, intensity_features=grey
+    )
+    for i, f in enumerate(featured):
+        assert f.embedding is not None and f.intensity_features is not None
+        np.testing.assert_array_equal(f.embedding, embedding[i])
+        np.testing.assert_array_equal(f.intensity_features, grey[i])
+    assert featured == findings  # the arrays take no part in comparing findings
+    with pytest.raises(ValueError, match="3 rows of embedding for 2 analysed images"):
+        with_envelope(embedding=np.zeros((3, 3)))
     with pytest.raises(ValueError, match="both the outside flags and the negative flags"):
         with_envelope(intensity_outside=grey_outside)
     with pytest.raises(ValueError, match="the envelope's is missing"):

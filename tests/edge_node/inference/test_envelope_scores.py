@@ -11,7 +11,7 @@ import pytest
 from edge_node.inference.loaded_model import LoadedModel, ModelScores, load_model
 from edge_node.inference.personal_head import PersonalHead
 from edge_node.protocol.bundle import verify_bundle
-from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
+from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck, intensity_features
 from edge_node.protocol.signing import load_public_keys
 from hub.data.medmnist import load_medmnist
 from tests.edge_node.conftest import TrustedBundle
@@ -44,11 +44,18 @@ def test_scores_give_the_probabilities_and_the_envelope_of_the_same_embedding(mo
     np.testing.assert_array_equal(scores.outside_envelope, check.outside(embedding))
     np.testing.assert_allclose(scores.envelope_ratio, check.distances(embedding) / check.threshold, rtol=1e-6)
     assert scores.outside_envelope[20:].all()  # the far-off half
+    # The embedding judged comes with the scores, as the model gave it.
+    assert scores.embedding is not None and scores.embedding.shape == embedding.shape
+    np.testing.assert_array_equal(scores.embedding, model.logits_and_embedding(batch)[1])
+    np.testing.assert_allclose(scores.envelope_ratio, check.distances(scores.embedding) / check.threshold)
     # Split per study as the worker does.
     parts = scores.split([15, 0, 25])
     assert [len(p.probabilities) for p in parts] == [15, 0, 25]
     assert parts[2].outside_envelope is not None
     np.testing.assert_array_equal(parts[2].outside_envelope, scores.outside_envelope[15:])
+    assert parts[1].embedding is not None and parts[1].embedding.shape == (0, embedding.shape[1])
+    assert parts[2].embedding is not None
+    np.testing.assert_array_equal(parts[2].embedding, scores.embedding[15:])
 
 
 def test_the_grey_values_count_too(model: LoadedModel, shared_data: Path) -> None:
@@ -69,9 +76,19 @@ def test_the_grey_values_count_too(model: LoadedModel, shared_data: Path) -> Non
     assert scores.envelope_ratio is not None
     assert (scores.envelope_ratio >= seen.ratio - 1e-12).all()
     assert seen.outside[20:].sum() > seen.outside[:20].sum()
+    # The grey-value features judged are the images' own (not their inverses'), computed once.
+    own = intensity_features(images, envelope.intensity.levels)
+    assert scores.intensity_features is not None
+    np.testing.assert_array_equal(scores.intensity_features, seen.features)
+    np.testing.assert_allclose(scores.intensity_features, own, atol=1e-6)
+    assert not np.allclose(
+        scores.intensity_features, intensity_features(1.0 - images, envelope.intensity.levels)
+    )
     part = scores.split([5, 35])[1]
     assert part.negative is not None
     np.testing.assert_array_equal(part.negative, seen.negative[5:])
+    assert part.intensity_features is not None
+    np.testing.assert_array_equal(part.intensity_features, scores.intensity_features[5:])
     # Without the intensity part the flags are absent and the envelope is the embedding's alone.
     no_grey = envelope.model_copy(update={"intensity": None})
     plain = LoadedModel(
@@ -81,7 +98,8 @@ def test_the_grey_values_count_too(model: LoadedModel, shared_data: Path) -> Non
         precision=model.precision,
     )
     alone = plain.scores(batch)
-    assert alone.intensity_outside is None and alone.negative is None
+    assert alone.intensity_outside is None and alone.negative is None and alone.intensity_features is None
+    assert alone.embedding is not None and alone.embedding.shape[0] == 40
     np.testing.assert_array_equal(alone.outside_envelope, embedding_outside)
 
 
@@ -117,4 +135,6 @@ def test_without_an_envelope_the_scores_are_the_probabilities_as_before(model: L
     scores = plain.scores(batch)
     assert isinstance(scores, ModelScores)
     assert scores.outside_envelope is None and scores.envelope_ratio is None
+    assert scores.embedding is None and scores.intensity_features is None
+    assert all(p.embedding is None and p.intensity_features is None for p in scores.split([2, 3]))
     np.testing.assert_array_equal(scores.probabilities, plain.probabilities(batch))

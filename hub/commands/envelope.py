@@ -1,0 +1,305 @@
+"""`fedclinic-hub envelope start|threshold|build`: fit a bundle's input envelope on the nodes' own images.
+
+The exporter fits a bundle's envelope on the hub's validation images, which come from fewer scanners than
+the federation's. These commands refit it where the images are, without moving them: ``start`` opens the
+round that collects the sums of each node's analysed images' features, ``threshold`` the round that counts
+their held-out distances, and ``build`` signs the same model files with the envelope both rounds give, as a
+new version (docs/envelope.md, "Fitted by the federation").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edge_node.protocol.wire import RoundInfo, RoundStart
+from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit, fail
+from hub.commands.service_options import DataDirOption, hub_database, settings_for
+
+if TYPE_CHECKING:
+    from edge_node.protocol.bundle import VerifiedBundle
+    from hub.service.settings import HubSettings
+
+app = typer.Typer(
+    help="Refit a bundle's input envelope on the nodes' own images (two rounds, then a new bundle).",
+    no_args_is_help=True,
+)
+
+NodesOption = Annotated[
+    list[str] | None, typer.Option("--node", help="Node id taking part (repeat); default all.")
+]
+MinResultsOption = Annotated[int, typer.Option("--min-results", "-k", min=1, help="Results needed (k of n).")]
+DeadlineOption = Annotated[float, typer.Option("--deadline", help="Seconds the round collects.")]
+
+
+def _verified(bundle: Path, settings: HubSettings) -> VerifiedBundle:
+    from edge_node.protocol.bundle import verify_bundle
+    from edge_node.protocol.errors import BundleError
+    from hub.service.datadir import public_key
+
+    try:
+        return verify_bundle(bundle, [public_key(settings)])
+    except BundleError as exc:
+        fail(f"{bundle} does not verify with this hub's key: {exc}")
+
+
+def _open(request: RoundStart, settings: HubSettings) -> RoundInfo:
+    from hub.rounds.controller import RoundController
+
+    with hub_database(settings) as db:
+        try:
+            return RoundController(db, settings).start(request, actor="cli")
+        except ValueError as exc:
+            fail(str(exc))
+
+
+def _round_table(info: RoundInfo) -> Table:
+    table = Table(title="envelope round")
+    for col in ("#", "id", "strategy", "state", "nodes", "k"):
+        table.add_column(col)
+    table.add_row(
+        str(info.round),
+        info.round_id,
+        info.strategy,
+        info.state.value,
+        str(len(info.nodes)),
+        str(info.min_results),
+    )
+    return table
+
+
+@app.command("start")
+def start(
+    bundle: Annotated[
+        Path, typer.Option("--bundle", help="The published bundle whose envelope is refitted.")
+    ],
+    data_dir: DataDirOption = None,
+    folds: Annotated[
+        int, typer.Option("--folds", min=2, max=20, help="Folds of the held-out threshold.")
+    ] = 5,
+    nodes: NodesOption = None,
+    min_results: MinResultsOption = 1,
+    deadline: DeadlineOption = 3600.0,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Open round one: each node serving BUNDLE sends the per-fold sums of the features it kept of the images
+    it analysed with it (at least 10 images per sum; a node with fewer refuses, saying so)."""
+    from edge_node.protocol.envelope_rounds import EnvelopeRounds
+    from export.envelope import INTENSITY_LEVELS
+
+    settings = settings_for(data_dir)
+    manifest = _verified(bundle, settings).manifest
+    if manifest.head is None:
+        fail(f"{manifest.model_id} {manifest.model_version} has no embedding output, so no envelope to refit")
+    envelope = manifest.envelope
+    levels = envelope.intensity.levels if envelope is not None and envelope.intensity is not None else None
+    if levels is None:
+        fail(
+            f"{manifest.model_id} {manifest.model_version} has no grey-value envelope, so nodes kept no "
+            f"grey-value features (default levels would be {list(INTENSITY_LEVELS)}): export it again first"
+        )
+    try:
+        rounds = EnvelopeRounds(
+            manifest.model_id, manifest.model_version, manifest.head.embedding_dim, tuple(levels), folds
+        )
+    except ValueError as exc:
+        fail(str(exc))
+    request = RoundStart(
+        strategy="envelope_moments",
+        config=dict(rounds.to_config()),
+        nodes=nodes or [],
+        min_results=min_results,
+        deadline_s=deadline,
+    )
+    info = _open(request, settings)
+    emit(fmt, info, lambda console: console.print(_round_table(info)))
+
+
+def _published(number: int, strategy: str, settings: HubSettings) -> tuple[dict[str, Any], str, list[str]]:
+    """Round ``number``'s config, result artifact and nodes; it must be a published ``strategy`` round."""
+    from sqlalchemy import select
+
+    from hub.store.schema import Round
+
+    with hub_database(settings) as db, db.session() as session:
+        row = session.scalars(select(Round).where(Round.number == number)).first()
+        if row is None:
+            fail(f"there is no round {number}; see `fedclinic-hub rounds list`")
+        if row.strategy != strategy:
+            fail(f"round {number} is a {row.strategy} round, not {strategy}")
+        if row.state != "published" or row.result_artifact is None:
+            fail(f"round {number} is {row.state}; only a published round has an aggregate")
+        return dict(row.config), row.result_artifact, list(row.nodes)
+
+
+@app.command("threshold")
+def threshold(
+    round_number: Annotated[int, typer.Option("--round", help="The published envelope_moments round.")],
+    data_dir: DataDirOption = None,
+    nodes: NodesOption = None,
+    min_results: MinResultsOption = 1,
+    deadline: DeadlineOption = 3600.0,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Open round two: each node gets the envelopes fitted without each fold and sends the histogram of its
+    images' held-out distances (no single distance leaves it)."""
+    settings = settings_for(data_dir)
+    config, artifact, moments_nodes = _published(round_number, "envelope_moments", settings)
+    request = RoundStart(
+        strategy="envelope_distances",
+        config=config,
+        nodes=nodes or moments_nodes,
+        min_results=min_results,
+        deadline_s=deadline,
+        model_artifact=artifact,
+    )
+    info = _open(request, settings)
+    emit(fmt, info, lambda console: console.print(_round_table(info)))
+
+
+def _aggregate(
+    number: int, strategy: str, settings: HubSettings
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    from hub.store.artifacts import load_tensors
+
+    config, artifact, _ = _published(number, strategy, settings)
+    with hub_database(settings) as db, db.session() as session:
+        return config, load_tensors(session, artifact)
+
+
+@app.command("build")
+def build(
+    moments_round: Annotated[int, typer.Option("--moments-round", help="The envelope_moments round.")],
+    distances_round: Annotated[int, typer.Option("--distances-round", help="The envelope_distances round.")],
+    bundle: Annotated[Path, typer.Option("--bundle", help="The bundle the rounds were about.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory of the new bundle (must not exist).")],
+    model_version: Annotated[str, typer.Option("--model-version", help="Its version, above the bundle's.")],
+    data_dir: DataDirOption = None,
+    quantile: Annotated[
+        float | None,
+        typer.Option("--quantile", min=0.5, max=0.9999, help="Threshold quantile (default: the bundle's)."),
+    ] = None,
+    publish: Annotated[bool, typer.Option("--publish", help="Publish the new bundle to --cohort.")] = False,
+    cohort: Annotated[str, typer.Option("--cohort", help="The cohort that gets it.")] = "default",
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Sign BUNDLE's model files with the envelope of both rounds as --model-version (and publish it)."""
+    from edge_node.protocol.envelope_rounds import EnvelopeRounds, fitted_envelope
+    from export.envelope import DEFAULT_QUANTILE
+    from export.errors import ExportError
+    from export.rebundle import rebundle_with_envelope
+    from hub.service.datadir import load_signing_key, public_key
+    from hub.service.publishing import publish_bundle
+
+    settings = settings_for(data_dir)
+    config, moments = _aggregate(moments_round, "envelope_moments", settings)
+    later, histograms = _aggregate(distances_round, "envelope_distances", settings)
+    if later != config:
+        fail(f"round {distances_round} was not opened from round {moments_round}'s bundle and folds")
+    rounds = EnvelopeRounds.from_config(config)
+    manifest = _verified(bundle, settings).manifest
+    if (manifest.model_id, manifest.model_version) != (rounds.model_id, rounds.model_version):
+        fail(
+            f"the rounds are about {rounds.model_id} {rounds.model_version}, {bundle} is "
+            f"{manifest.model_id} {manifest.model_version}"
+        )
+    q = (
+        quantile
+        if quantile is not None
+        else manifest.envelope.quantile
+        if manifest.envelope
+        else DEFAULT_QUANTILE
+    )
+    try:
+        envelope = fitted_envelope(moments, histograms, rounds, q)
+    except ValueError as exc:
+        fail(f"no envelope from rounds {moments_round} and {distances_round}: {exc}", EXIT_FAILED)
+    try:
+        written = rebundle_with_envelope(
+            bundle,
+            out,
+            envelope=envelope,
+            model_version=model_version,
+            private_key=load_signing_key(settings),
+            trusted_keys=[public_key(settings)],
+            federation=manifest.provenance.federation or settings.public_url or None,
+            round_number=distances_round,
+        )
+    except ExportError as exc:
+        fail(str(exc), EXIT_FAILED)
+    publication = None
+    if publish:
+        with hub_database(settings) as db:
+            signed = publish_bundle(
+                db,
+                load_signing_key(settings),
+                settings.artifacts_dir,
+                out,
+                cohort=cohort,
+                ttl_days=settings.publication_ttl_days,
+                actor="cli",
+            )
+        publication = signed.record.publication_id
+    result = _report(
+        manifest.envelope, envelope, moments, histograms, out, written.model_version, publication
+    )
+    emit(fmt, result, lambda console: _render(console, result))
+
+
+def _report(
+    before: Any,
+    after: Any,
+    moments: dict[str, np.ndarray],
+    histograms: dict[str, np.ndarray],
+    out: Path,
+    version: str,
+    publication: str | None,
+) -> dict[str, Any]:
+    parts = {}
+    for name, new, old in (
+        ("embedding", after, before),
+        ("intensity", after.intensity, before.intensity if before is not None else None),
+    ):
+        parts[name] = {
+            "fitted_on": new.fitted_on,
+            "threshold": new.threshold,
+            "shrinkage": new.shrinkage,
+            "source_fitted_on": old.fitted_on if old is not None else None,
+            "source_threshold": old.threshold if old is not None else None,
+        }
+    return {
+        "bundle": str(out),
+        "model_version": version,
+        "quantile": after.quantile,
+        "nodes_moments": int(moments["nodes"]),
+        "nodes_distances": int(histograms["nodes"]),
+        "parts": parts,
+        "publication_id": publication,
+    }
+
+
+def _render(console: Console, result: dict[str, Any]) -> None:
+    table = Table(title=f"envelope of {result['bundle']} ({result['model_version']})")
+    for col in ("part", "images", "threshold", "shrinkage", "the source's images", "the source's threshold"):
+        table.add_column(col)
+    for name, p in result["parts"].items():
+        table.add_row(
+            name,
+            str(p["fitted_on"]),
+            f"{p['threshold']:.4g}",
+            f"{p['shrinkage']:.3f}",
+            "" if p["source_fitted_on"] is None else str(p["source_fitted_on"]),
+            "" if p["source_threshold"] is None else f"{p['source_threshold']:.4g}",
+        )
+    console.print(table)
+    console.print(
+        f"sums from {result['nodes_moments']} node(s), distances from {result['nodes_distances']}; "
+        f"quantile {result['quantile']}"
+        + (f"; published as {result['publication_id']}" if result["publication_id"] else ""),
+        markup=False,
+    )

@@ -1,0 +1,114 @@
+"""The two envelope rounds at the hub, on a real SQLite store: tasks, sums, the held-out envelopes sent back,
+an answer over too few images left out, and the protection they refuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_node.protocol.envelope_rounds import (
+    EMBEDDING,
+    INTENSITY,
+    EnvelopeRounds,
+    fitted_envelope,
+    held_out_params,
+    node_histograms,
+    node_moments,
+)
+from edge_node.protocol.tensors import decode_tensors
+from edge_node.protocol.updates import UpdateKind
+from edge_node.protocol.wire import RoundProtection, RoundStart, RoundState
+from hub.rounds.controller import RoundController
+from hub.service.errors import RoundConfigError
+from hub.service.settings import HubSettings
+from hub.store.database import Database
+from tests.hub.service.test_rounds import answer, enroll
+
+pytestmark = pytest.mark.hub
+
+ROUNDS = EnvelopeRounds("chest", "1.0.0", embedding_dim=6, levels=(0.1, 0.5, 0.9), folds=4)
+
+
+def _features(n: int, seed: int) -> tuple[list[str], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    grey = np.sort(rng.uniform(size=(n, 3)), axis=1)
+    return [f"2.25.{seed}.{i}" for i in range(n)], {EMBEDDING: rng.normal(size=(n, 6)), INTENSITY: grey}
+
+
+def test_both_rounds_give_the_envelope_of_the_nodes_images(db: Database, settings: HubSettings) -> None:
+    nodes = enroll(db, 3)
+    data = {nodes[0]: _features(30, 0), nodes[1]: _features(25, 1)}
+    rc = RoundController(db, settings)
+    first = rc.start(RoundStart(strategy="envelope_moments", config=dict(ROUNDS.to_config())), actor="t")
+    assert first.kind is UpdateKind.ENVELOPE_MOMENTS
+    sent = {}
+    for node, (keys, features) in data.items():
+        (task,) = rc.open_tasks(node)
+        assert EnvelopeRounds.from_config(task.config) == ROUNDS
+        assert {e.name: e.shape for e in task.expected}["embedding/s2"] == [4, 6, 6]
+        sent[node] = node_moments(features, keys, ROUNDS)
+        assert answer(rc, task, node, sent[node], n=len(keys))
+    # The third node answers with a fold of 3 images, which no node sends: left out of the sum.
+    (task,) = rc.open_tasks(nodes[2])
+    small_keys, small_features = _features(12, 2)
+    small = node_moments(small_features, small_keys, ROUNDS)
+    small["embedding/n"] = np.array([3.0, 9.0, 0.0, 0.0])
+    assert answer(rc, task, nodes[2], small)
+    assert rc.info(first.round_id).state is RoundState.PUBLISHED
+    moments = rc.result(first.round_id)
+    assert int(moments["nodes"]) == 2
+    np.testing.assert_allclose(
+        moments["embedding/s2"], sent[nodes[0]]["embedding/s2"] + sent[nodes[1]]["embedding/s2"]
+    )
+
+    second = rc.start(
+        RoundStart(
+            strategy="envelope_distances",
+            config=dict(ROUNDS.to_config()),
+            nodes=list(data),
+            model_artifact=_artifact_of(db, first.round_id),
+        ),
+        actor="t",
+    )
+    want_params = held_out_params(moments, ROUNDS)
+    counts = []
+    for node, (keys, features) in data.items():
+        (task,) = rc.open_tasks(node)
+        params = decode_tensors(rc.task_params(node, task.task_id))
+        for name, value in want_params.items():
+            np.testing.assert_array_equal(params[name], value)
+        counts.append(node_histograms(features, keys, ROUNDS, params))
+        assert answer(rc, task, node, counts[-1], n=len(keys))
+    histograms = rc.result(second.round_id)
+    np.testing.assert_array_equal(
+        histograms["intensity/histogram"], counts[0]["intensity/histogram"] + counts[1]["intensity/histogram"]
+    )
+    envelope = fitted_envelope(moments, histograms, ROUNDS, 0.9)
+    assert envelope.fitted_on == 55 and envelope.intensity is not None and envelope.intensity.fitted_on == 55
+
+
+def _artifact_of(db: Database, round_id: str) -> str:
+    from hub.store.schema import Round
+
+    with db.session() as session:
+        row = session.get(Round, round_id)
+        assert row is not None and row.result_artifact is not None
+        return row.result_artifact
+
+
+def test_envelope_rounds_refuse_what_would_not_fit_the_envelope(db: Database, settings: HubSettings) -> None:
+    enroll(db, 3)
+    rc = RoundController(db, settings)
+    with pytest.raises(RoundConfigError, match="no clipping, noise, compression or secure aggregation"):
+        rc.start(
+            RoundStart(
+                strategy="envelope_moments",
+                config=dict(ROUNDS.to_config()),
+                protection=RoundProtection(secure_aggregation=True),
+            ),
+            actor="t",
+        )
+    with pytest.raises(RoundConfigError, match="lacks 'levels'"):
+        rc.start(RoundStart(strategy="envelope_moments", config={"model_id": "m"}), actor="t")
+    with pytest.raises(RoundConfigError, match="starts from an envelope_moments round's aggregate"):
+        rc.start(RoundStart(strategy="envelope_distances", config=dict(ROUNDS.to_config())), actor="t")
