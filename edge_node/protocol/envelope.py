@@ -120,7 +120,11 @@ class IntensityCheck:
 
     def judge(self, grey: np.ndarray) -> IntensityJudgement:
         """(N, ...) grey images in [0, 1] (the model input before normalisation) → their judgement."""
-        own, flipped = self.features_and_inverse(grey)
+        return self.judge_features(*self.features_and_inverse(grey))
+
+    def judge_features(self, own: np.ndarray, flipped: np.ndarray) -> IntensityJudgement:
+        """The judgement from features already taken (``features_and_inverse``): images judged against
+        several envelopes with the same levels take them once."""
         outside, ratio = self.check.judge(own)
         _, inverse = self.check.judge(flipped)
         with np.errstate(invalid="ignore"):

@@ -8,29 +8,59 @@ so the share outside can be set beside the AUC there. The envelope's intensity p
 images' grey values (``export.envelope.fit_intensity_envelope``; the bench's images are the model input in
 [0, 1]). Per place: ``outside`` as a node counts it (outside either part), and apart ``embedding``,
 ``intensity`` and ``negative`` (outside the intensity part and looking like a negative). No label is read:
-the counts are what a node's drift monitor sees.
+the counts are what a node's drift monitor sees. ``thresholds`` holds both parts' thresholds.
 
 ``hub`` holds the same counts for the envelope fitted on the hub's own validation split (raw images, no
 clinic's profile), which is what ``fedclinic-hub export`` ships today: the hub holds no clinic's images.
 Its grey-value part is widened by the exporter's augmented copies; the pooled one is not (it already spans
 the clinics' scanners, and copies on top of it take in inverted displays: docs/benchmarks.md, "The envelope
 the product ships").
+
+``federated`` holds them for the envelope the two envelope rounds fit over the wire
+(``edge_node.protocol.envelope_rounds``): each trained clinic is a node whose images are its validation
+split; it sends per-fold sums, the hub adds them up and sends back the held-out envelopes, each node counts
+its held-out distances in the fixed histogram, and the hub reads the thresholds from the summed histograms.
+A clinic with fewer than ``MIN_FOLD_IMAGES`` validation images sends nothing, as a node would refuse;
+``nodes`` counts the clinics that sent sums. Over the same images the fit equals the pooled one (the sums
+add up) but for the folds (hashed per node here, the row index there) and the histogram's bin width.
+
+Each place's images are embedded, and their grey-value features taken, once; every envelope judges them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
-from export.envelope import DEFAULT_QUANTILE, INTENSITY_COPIES, fit_envelope, fit_intensity_envelope
+from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck, intensity_features
+from edge_node.protocol.envelope_moments import MIN_FOLD_IMAGES
+from edge_node.protocol.envelope_rounds import (
+    EMBEDDING,
+    INTENSITY,
+    MIN_FITTED,
+    EnvelopeRounds,
+    fitted_envelope,
+    held_out_params,
+    node_histograms,
+    node_moments,
+)
+from edge_node.protocol.manifest import InputEnvelope
+from export.envelope import (
+    DEFAULT_QUANTILE,
+    FOLDS,
+    INTENSITY_COPIES,
+    INTENSITY_LEVELS,
+    fit_envelope,
+    fit_intensity_envelope,
+)
 from harness.flbench.datasets import BenchData
 from hub.models.fl_cnn import FlCnn
 
-__all__ = ["Embedder", "envelope_rates", "feature_embedder"]
+__all__ = ["Embedder", "FederatedFit", "envelope_rates", "feature_embedder", "federated_envelope"]
 
 #: (N, 1, H, W) normalised images → (N, D) embeddings (the input of the model's final linear layer).
 Embedder = Callable[[torch.Tensor], np.ndarray]
@@ -48,46 +78,139 @@ def feature_embedder(model: FlCnn, batch_size: int = 512) -> Embedder:
     return embed
 
 
-def _count(
-    check: EnvelopeCheck, grey_check: IntensityCheck, embed: Embedder, x: torch.Tensor
-) -> dict[str, int]:
-    embedding = check.outside(embed(x))
-    seen = grey_check.judge(x[:, 0].numpy())
-    return {
-        "outside": int((embedding | seen.outside).sum()),
-        "n": len(x),
-        "embedding": int(embedding.sum()),
-        "intensity": int(seen.outside.sum()),
-        "negative": int(seen.negative.sum()),
-    }
+@dataclass(frozen=True)
+class FederatedFit:
+    """The envelope the two rounds fit over the clinics' validation images, and who took part."""
+
+    #: None when the clinics that sent sums hold fewer than ``MIN_FITTED`` images (the hub fits nothing).
+    envelope: InputEnvelope | None
+    #: The clinics that sent sums (those with at least ``MIN_FOLD_IMAGES`` validation images).
+    nodes: tuple[str, ...]
+    #: How many images their sums cover.
+    images: int
+
+
+def federated_envelope(
+    embeddings: Mapping[str, np.ndarray],
+    images: Mapping[str, torch.Tensor],
+    quantile: float = DEFAULT_QUANTILE,
+) -> FederatedFit:
+    """Both envelope rounds with each clinic a node: ``embeddings`` (N_c, D) and ``images`` (N_c, 1, H, W)
+    (the model input in [0, 1]) of each clinic's validation split, image i keyed ``f"{clinic}/{i}"``."""
+    dim = next(iter(embeddings.values())).shape[1]
+    rounds = EnvelopeRounds(
+        model_id="bench", model_version="0.0.0", embedding_dim=dim, levels=INTENSITY_LEVELS, folds=FOLDS
+    )
+    sending: dict[str, tuple[list[str], dict[str, np.ndarray]]] = {}
+    for clinic, e in embeddings.items():
+        if len(e) < MIN_FOLD_IMAGES:
+            continue  # a node refuses: no sum over fewer than MIN_FOLD_IMAGES images leaves it
+        grey = intensity_features(images[clinic][:, 0].numpy(), rounds.levels)
+        sending[clinic] = ([f"{clinic}/{i}" for i in range(len(e))], {EMBEDDING: e, INTENSITY: grey})
+    nodes = tuple(sending)
+    n = sum(len(keys) for keys, _ in sending.values())
+    if n < MIN_FITTED:
+        return FederatedFit(None, nodes, n)
+    # Round one: each node's per-fold sums; the hub adds them up and fits each fold's held-out envelope.
+    moments = _summed([node_moments(f, keys, rounds) for keys, f in sending.values()])
+    params = held_out_params(moments, rounds)
+    # Round two: each node counts its held-out distances; the hub adds the histograms up.
+    histograms = _summed([node_histograms(f, keys, rounds, params) for keys, f in sending.values()])
+    return FederatedFit(fitted_envelope(moments, histograms, rounds, quantile), nodes, n)
+
+
+def _summed(sent: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """What the hub adds up: each tensor summed over the nodes that sent it."""
+    return {name: np.sum([s[name] for s in sent], axis=0) for name in sent[0]}
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    check: EnvelopeCheck
+    grey: IntensityCheck
+
+    def thresholds(self) -> dict[str, float]:
+        return {"embedding": self.check.threshold, "intensity": self.grey.check.threshold}
+
+
+@dataclass(frozen=True)
+class _Place:
+    """A place's test images as every envelope sees them: embedded once, grey-value features taken once."""
+
+    n: int
+    embedding: np.ndarray
+    #: levels → (features of the images, of their inverses) (``IntensityCheck.features_and_inverse``).
+    grey: dict[tuple[float, ...], tuple[np.ndarray, np.ndarray]]
+
+    def count(self, envelope: _Envelope) -> dict[str, int]:
+        embedding = envelope.check.outside(self.embedding)
+        seen = envelope.grey.judge_features(*self.grey[envelope.grey.levels])
+        grey_outside, negative = seen.outside, seen.negative
+        return {
+            "outside": int((embedding | grey_outside).sum()),
+            "n": self.n,
+            "embedding": int(embedding.sum()),
+            "intensity": int(grey_outside.sum()),
+            "negative": int(negative.sum()),
+        }
 
 
 def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_QUANTILE) -> dict[str, Any]:
     """Counts outside the envelope per trained clinic (its test split), the unseen clinic and the panel."""
+    # The pooled validation split, embedded once: the pooled fit, and each clinic's rows for the rounds.
     val_x, _ = data.pooled_val()
-    out: dict[str, Any] = {"quantile": quantile, **_places(data, embed, val_x, quantile, copies=0)}
+    val_e = embed(val_x)
+    pooled = _fitted(val_e, val_x, quantile, copies=0)
+    envelopes: dict[str, _Envelope] = {"pooled": pooled}
     if data.hub_val_x is not None:
         # The envelope the product ships today: fitted on the hub's own (raw) validation split.
-        out["hub"] = _places(data, embed, data.hub_val_x, quantile, copies=INTENSITY_COPIES)
+        envelopes["hub"] = _fitted(embed(data.hub_val_x), data.hub_val_x, quantile, copies=INTENSITY_COPIES)
+    sizes = [len(c.val_x) for c in data.clinics.values()]
+    per_clinic = dict(zip(data.clinics, np.split(val_e, np.cumsum(sizes)[:-1]), strict=True))
+    fed = federated_envelope(per_clinic, {c: d.val_x for c, d in data.clinics.items()}, quantile)
+    if fed.envelope is not None and fed.envelope.intensity is not None:  # the rounds fit both parts
+        envelopes["federated"] = _Envelope(
+            EnvelopeCheck.of(fed.envelope), IntensityCheck.of(fed.envelope.intensity)
+        )
+
+    # One intensity check per set of levels (all three share the exporter's): each takes the features.
+    levels = {e.grey.levels: e.grey for e in envelopes.values()}
+    inputs = {f"clinics/{c}": data.clinics[c].test_x for c in data.names}
+    inputs["unseen"] = data.unseen_x
+    inputs.update({f"panel/{n}": x for n, x in data.panel.items()})
+    places = {key: _place(embed, x, levels) for key, x in inputs.items()}
+
+    out: dict[str, Any] = {"quantile": quantile, **_counts(data, places, pooled)}
+    out["thresholds"] = pooled.thresholds()
+    if "hub" in envelopes:
+        out["hub"] = _counts(data, places, envelopes["hub"])
+    federated: dict[str, Any] = {"nodes": len(fed.nodes), "images": fed.images}
+    if "federated" in envelopes:
+        federated.update(_counts(data, places, envelopes["federated"]))
+        federated["thresholds"] = envelopes["federated"].thresholds()
+    out["federated"] = federated
     return out
 
 
-def _places(
-    data: BenchData, embed: Embedder, fit_x: torch.Tensor, quantile: float, *, copies: int
-) -> dict[str, Any]:
-    """Counts per place for the envelope fitted on ``fit_x`` (both parts; ``copies`` augmented copies of
-    each image in the grey-value part)."""
-    check = EnvelopeCheck.of(fit_envelope(embed(fit_x), quantile=quantile))
-    grey = fit_intensity_envelope(fit_x[:, 0].numpy(), quantile=quantile, copies=copies)
-    grey_check = IntensityCheck.of(grey)
+def _fitted(e: np.ndarray, x: torch.Tensor, quantile: float, *, copies: int) -> _Envelope:
+    """The envelope fitted by the exporter on embeddings ``e`` of images ``x`` (both parts; ``copies``
+    augmented copies of each image in the grey-value part)."""
+    grey = fit_intensity_envelope(x[:, 0].numpy(), quantile=quantile, copies=copies)
+    return _Envelope(EnvelopeCheck.of(fit_envelope(e, quantile=quantile)), IntensityCheck.of(grey))
 
-    def count(x: torch.Tensor) -> dict[str, int]:
-        return _count(check, grey_check, embed, x)
 
+def _place(embed: Embedder, x: torch.Tensor, levels: Mapping[tuple[float, ...], IntensityCheck]) -> _Place:
+    grey = x[:, 0].numpy()
+    features = {lv: check.features_and_inverse(grey) for lv, check in levels.items()}
+    return _Place(n=len(x), embedding=embed(x), grey=features)
+
+
+def _counts(data: BenchData, places: Mapping[str, _Place], envelope: _Envelope) -> dict[str, Any]:
+    """Counts per place (trained clinics, the unseen clinic, the panel) for one envelope."""
     out: dict[str, Any] = {
-        "clinics": {c: count(data.clinics[c].test_x) for c in data.names},
-        "unseen": count(data.unseen_x),
+        "clinics": {c: places[f"clinics/{c}"].count(envelope) for c in data.names},
+        "unseen": places["unseen"].count(envelope),
     }
     if data.panel:
-        out["panel"] = {n: count(x) for n, x in data.panel.items()}
+        out["panel"] = {n: places[f"panel/{n}"].count(envelope) for n in data.panel}
     return out

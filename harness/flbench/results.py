@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from edge_node.protocol.envelope import DRIFT_ALARM_P, DRIFT_TOLERANCE, drift_alarm, looks_negative
+from edge_node.protocol.envelope_moments import MIN_FOLD_IMAGES
 from harness.flbench.datasets import SMALL_CLINICS
 from harness.flbench.scoring import finite_mean, selection_key
 
@@ -164,13 +165,30 @@ def _envelope_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "rate": {n: _ms([c[n]["outside"] / max(c[n]["n"], 1) for c in counts]) for n in names},
         "alarms": {n: sum(drift_alarm(c[n]["outside"], c[n]["n"], quantile) for c in counts) for n in names},
     }
+
+    def alarms(envelopes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        other = [places(e) for e in envelopes]
+        return {
+            "rate": {n: _ms([c[n]["outside"] / max(c[n]["n"], 1) for c in other]) for n in names},
+            "alarms": {
+                n: sum(drift_alarm(c[n]["outside"], c[n]["n"], quantile) for c in other) for n in names
+            },
+        }
+
+    def thresholds(envelopes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {p: _ms([e["thresholds"][p] for e in envelopes]) for p in envelopes[0]["thresholds"]}
+
+    if all("thresholds" in r for r in runs):
+        out["thresholds"] = thresholds(runs)
     if all("hub" in r for r in runs):
         # The envelope fitted on the hub's own validation split, as the product ships it today.
-        hub = [places(r["hub"]) for r in runs]
-        out["hub"] = {
-            "rate": {n: _ms([c[n]["outside"] / max(c[n]["n"], 1) for c in hub]) for n in names},
-            "alarms": {n: sum(drift_alarm(c[n]["outside"], c[n]["n"], quantile) for c in hub) for n in names},
-        }
+        out["hub"] = alarms([r["hub"] for r in runs])
+    if all("federated" in r for r in runs):
+        # The envelope the two rounds fit over the clinics' own validation images (those with ≥ 10 send).
+        fed = [r["federated"] for r in runs]
+        out["federated"] = {"nodes": _ms([f["nodes"] for f in fed])}
+        if all("clinics" in f for f in fed):  # every seed's nodes held enough images to fit it
+            out["federated"].update(alarms(fed), thresholds=thresholds(fed))
     if all("intensity" in c[n] for c in counts for n in names):
         # Runs since the intensity part: each part alone, and the node's "looks negative" diagnosis.
         out["expected"] = 2.0 * (1.0 - quantile)
@@ -524,7 +542,44 @@ def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
             "alone, and in how many the node says the images look like negatives:",
             with_parts,
         )
+    with_federated = {m: env["federated"] for m, env in with_envelope.items() if "federated" in env}
+    if with_federated:
+        lines += table(
+            "Federated input envelope (fitted by the two envelope rounds over the clinics' own validation "
+            f"images: each trained clinic a node, one with fewer than {MIN_FOLD_IMAGES} validation images "
+            "sends nothing; grey-value part without augmented copies): share of each place's test images "
+            "outside and in how many seeds the drift alarm fires, as in the first table; in brackets after "
+            "the method, the mean number of clinics that took part:",
+            {
+                f"{m} ({fed['nodes']['mean']:.3g} clinics)": rates(fed)
+                if "rate" in fed
+                else ["not fitted (too few images)"] * len(names)
+                for m, fed in with_federated.items()
+            },
+        )
+        lines += _threshold_lines(with_envelope)
     return lines
+
+
+def _threshold_lines(with_envelope: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The pooled and the federated envelopes' thresholds side by side (squared distances)."""
+    rows = []
+    for m, env in with_envelope.items():
+        pooled, federated = env.get("thresholds", {}), env.get("federated", {}).get("thresholds", {})
+        rows += [
+            f"| {m} | {p} | {_f(pooled[p], 2)} | {_f(federated[p], 2)} |" for p in pooled if p in federated
+        ]
+    if not rows:
+        return []
+    return [
+        "",
+        "Their thresholds against the pooled envelope's (squared distances; the same images, but the folds "
+        "are dealt differently and the federated one is read from the summed histograms):",
+        "",
+        "| method | part | pooled | federated |",
+        "|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _extras_line(extras: Sequence[Mapping[str, Any]]) -> str:

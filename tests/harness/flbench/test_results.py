@@ -191,3 +191,71 @@ def test_one_time_work_is_counted_apart_from_the_steps_column() -> None:
     assert results["methods"]["fedhelp"]["steps"]["mean"] == 288
     assert results["methods"]["fedhelp"]["one_time_steps"] == 768
     assert "768 steps in fedhelp's runs" in render_markdown(results)
+
+
+def _envelope(outside: int, *, federated: bool = True, nodes: int = 5) -> dict[str, Any]:
+    """A synthetic ``envelope_rates`` result: ``outside`` of 100 at every place, for all three envelopes."""
+
+    def counts(k: int) -> dict[str, Any]:
+        c = {"outside": k, "n": 100, "embedding": k, "intensity": 0, "negative": 0}
+        return {"clinics": dict.fromkeys("ABCDEF", c), "unseen": c, "panel": {"p1": c, "p2": c}}
+
+    env: dict[str, Any] = {"quantile": 0.99, **counts(outside), "hub": counts(2 * outside)}
+    if federated:
+        env["thresholds"] = {"embedding": 30.0 + outside, "intensity": 12.0}
+        env["federated"] = {
+            "nodes": nodes,
+            "images": 40 * nodes,
+            **counts(outside + 20),
+            "thresholds": {"embedding": 33.0 + outside, "intensity": 11.0},
+        }
+    return env
+
+
+def test_the_federated_envelope_is_summarised_like_the_hubs() -> None:
+    recs = [
+        finalize_record(
+            "fedavg_aug", seed, {**_raw([0.8] * 6, 0.7), "envelope": _envelope(k, nodes=n)}, 1, {}
+        )
+        for seed, (k, n) in enumerate(((1, 5), (3, 4)))
+    ]
+    results = build_results(recs, META)
+    summary = results["methods"]["fedavg_aug"]["envelope"]
+    fed = summary["federated"]
+    assert fed["nodes"]["mean"] == pytest.approx(4.5) and fed["nodes"]["n"] == 2
+    assert fed["rate"]["A"]["mean"] == pytest.approx(0.22) and set(fed["rate"]) == set(summary["rate"])
+    # 21 and 23 of 100 at 5 × 1 % are drift alarms; the pooled 1 and 3 are not.
+    assert fed["alarms"]["panel/p1"] == 2 and summary["alarms"]["panel/p1"] == 0
+    assert fed["thresholds"]["embedding"]["mean"] == pytest.approx(35.0)
+    assert summary["thresholds"]["embedding"]["mean"] == pytest.approx(32.0)
+    assert summary["hub"]["rate"]["unseen"]["mean"] == pytest.approx(0.04)
+    md = render_markdown(results)
+    assert (
+        "Federated input envelope (fitted by the two envelope rounds over the clinics' own validation" in md
+    )
+    assert "fewer than 10 validation images sends nothing" in md
+    assert "| fedavg_aug (4.5 clinics) | 22.0% (2/2) |" in md
+    assert "| fedavg_aug | embedding | 32.00±1.41 | 35.00±1.41 |" in md
+
+
+def test_records_before_the_federated_envelope_still_summarise() -> None:
+    """results.json files written before the federated envelope have no ``federated`` nor thresholds."""
+    recs = [
+        finalize_record(
+            "fedavg_aug", s, {**_raw([0.8] * 6, 0.7), "envelope": _envelope(1, federated=f)}, 1, {}
+        )
+        for s, f in ((0, False), (1, True))
+    ]
+    results = build_results(recs, META)
+    summary = results["methods"]["fedavg_aug"]["envelope"]
+    assert "federated" not in summary and "thresholds" not in summary and "hub" in summary
+    md = render_markdown(results)
+    assert "as `fedclinic-hub export` ships it today" in md and "Federated input envelope" not in md
+    # A seed whose sending clinics held too few images to fit it: the clinics are counted, no rates.
+    recs[0]["envelope"] = _envelope(1)
+    recs[0]["envelope"]["federated"] = {"nodes": 1, "images": 30}
+    summary = build_results(recs, META)["methods"]["fedavg_aug"]["envelope"]
+    assert summary["federated"] == {"nodes": {"mean": 3.0, "sd": pytest.approx(2**1.5), "n": 2}}
+    assert "| fedavg_aug (3 clinics) | not fitted (too few images) |" in render_markdown(
+        build_results(recs, META)
+    )
