@@ -10,6 +10,7 @@ why, and nothing of it reaches the fit.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,10 @@ def _analysed(node: EdgeProcess) -> int:
     return int(str(rows[0][0]))
 
 
+def _all_analysed(node: EdgeProcess, count: int) -> bool:
+    return _analysed(node) >= count
+
+
 def _published(hub: HubProcess, number: int) -> dict[str, object]:
     def probe() -> dict[str, object] | None:
         info = hub.cli_json("rounds", "status", str(number))
@@ -109,7 +114,7 @@ def test_the_federation_refits_the_envelope_on_its_own_images(
             assert imported.returncode == 0, imported.stdout + imported.stderr
             node.start()
         for name, node in nodes.items():
-            wait_for(f"{name} to analyse its studies", lambda n=node, c=STUDIES[name]: _analysed(n) >= c, 180)
+            wait_for(f"{name} to analyse its studies", partial(_all_analysed, node, STUDIES[name]), 180)
 
         started = hub.cli_json("envelope", "start", "--bundle", str(v1), "-k", "2", "--deadline", "600")
         assert started["strategy"] == "envelope_moments" and len(started["nodes"]) == 3
@@ -117,7 +122,9 @@ def test_the_federation_refits_the_envelope_on_its_own_images(
         second = hub.cli_json("envelope", "threshold", "--round", str(started["round"]), "-k", "2")
         distances = _published(hub, int(second["round"]))
         for info in (moments, distances):
-            (refusal,) = info["refusals"]  # type: ignore[misc]
+            refusals = info["refusals"]
+            assert isinstance(refusals, list) and len(refusals) == 1
+            refusal = refusals[0]
             assert refusal["node_id"] == hub.nodes()["clinic-small"]["node_id"]
             assert "analysed 6 images" in refusal["reason"] and "at least 10" in refusal["reason"]
 
@@ -144,6 +151,7 @@ def test_the_federation_refits_the_envelope_on_its_own_images(
                 f = envelope_features(db, rounds.model_id, rounds.model_version)
             finally:
                 db.close()
+            assert f.intensity is not None
             kept[name] = (list(f.keys), {EMBEDDING: f.embedding, INTENSITY: f.intensity})
         summed_moments = _sum([node_moments(f, k, rounds) for k, f in kept.values()])
         params = held_out_params(summed_moments, rounds)

@@ -154,8 +154,8 @@ def test_every_place_is_embedded_once_and_judged_by_all_three_envelopes() -> Non
     val_x, _ = data.pooled_val()
     pooled = fit_envelope(ref(val_x), quantile=0.95)
     pooled_grey = fit_intensity_envelope(val_x[:, 0].numpy(), quantile=0.95, copies=0)
-    hub = fit_envelope(ref(data.hub_val_x), quantile=0.95)
     assert data.hub_val_x is not None
+    hub = fit_envelope(ref(data.hub_val_x), quantile=0.95)
     hub_grey = fit_intensity_envelope(data.hub_val_x[:, 0].numpy(), quantile=0.95)
     fed = federated_envelope(*_per_clinic(data, ref), 0.95)
     assert fed.envelope is not None and fed.envelope.intensity is not None
