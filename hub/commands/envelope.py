@@ -90,7 +90,6 @@ def start(
     """Open round one: each node serving BUNDLE sends the per-fold sums of the features it kept of the images
     it analysed with it (at least 10 images per sum; a node with fewer refuses, saying so)."""
     from edge_node.protocol.envelope_rounds import EnvelopeRounds
-    from export.envelope import INTENSITY_LEVELS
 
     settings = settings_for(data_dir)
     manifest = _verified(bundle, settings).manifest
@@ -100,8 +99,9 @@ def start(
     levels = envelope.intensity.levels if envelope is not None and envelope.intensity is not None else None
     if levels is None:
         fail(
-            f"{manifest.model_id} {manifest.model_version} has no grey-value envelope, so nodes kept no "
-            f"grey-value features (default levels would be {list(INTENSITY_LEVELS)}): export it again first"
+            f"{manifest.model_id} {manifest.model_version} has no grey-value envelope, so its nodes kept no "
+            "grey-value features: export the model again (`fedclinic-hub export` fits one), publish it, and "
+            "refit that"
         )
     try:
         rounds = EnvelopeRounds(

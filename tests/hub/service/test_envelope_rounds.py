@@ -3,6 +3,10 @@ an answer over too few images left out, and the protection they refuse."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,6 +19,7 @@ from edge_node.protocol.envelope_rounds import (
     node_histograms,
     node_moments,
 )
+from edge_node.protocol.manifest import Manifest
 from edge_node.protocol.tensors import decode_tensors
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import RoundProtection, RoundStart, RoundState
@@ -112,3 +117,42 @@ def test_envelope_rounds_refuse_what_would_not_fit_the_envelope(db: Database, se
         rc.start(RoundStart(strategy="envelope_moments", config={"model_id": "m"}), actor="t")
     with pytest.raises(RoundConfigError, match="starts from an envelope_moments round's aggregate"):
         rc.start(RoundStart(strategy="envelope_distances", config=dict(ROUNDS.to_config())), actor="t")
+
+
+def test_the_envelope_commands_say_what_stands_in_the_way(tmp_path: Path) -> None:
+    from tests.hub.service.conftest import bundle_root
+    from tests.hub.service.test_cli import run, run_json
+
+    data = tmp_path / "hub"
+    (data / "keys").mkdir(parents=True)
+    for name in ("hub.key", "hub.pub"):
+        shutil.copy(bundle_root() / "keys" / name, data / "keys" / name)
+    os.chmod(data / "keys" / "hub.key", 0o600)
+    env = {"FEDCLINIC_HUB_DATA_DIR": str(data)}
+    run_json("init", "--public-url", "https://127.0.0.1:9443", env=env)
+    bundle = bundle_root() / "bundle"
+
+    def said(*args: str) -> str:  # what the command printed, as one line (rich wraps it)
+        return " ".join(run(*args, env=env, code=1).split())
+
+    assert "no active node" in said("envelope", "start", "--bundle", str(bundle))
+    (tmp_path / "other").mkdir()
+    other = _signed_by_another_key(bundle, tmp_path / "other")
+    assert "does not verify with this hub's key" in said("envelope", "start", "--bundle", str(other))
+    assert "there is no round 7" in said("envelope", "threshold", "--round", "7")
+    built = said(
+        "envelope", "build", "--moments-round", "1", "--distances-round", "2", "--bundle", str(bundle),
+        "--out", str(tmp_path / "out"), "--model-version", "9.0.0",
+    )  # fmt: skip
+    assert "there is no round 1" in built and not (tmp_path / "out").exists()
+
+
+def _signed_by_another_key(bundle: Path, dest: Path) -> Path:
+    from export.signing import generate_private_key
+
+    copy = dest / "bundle"
+    shutil.copytree(bundle, copy)
+    data = (copy / "manifest.json").read_bytes()
+    manifest = Manifest.model_validate_json(data)
+    (copy / "manifest.sig").write_bytes(generate_private_key().sign(manifest.canonical_bytes()))
+    return copy
