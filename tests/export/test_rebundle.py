@@ -6,8 +6,9 @@ envelope."""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +26,16 @@ from export.errors import ExportError
 from export.rebundle import rebundle_with_envelope
 from export.signing import generate_private_key, load_private_key
 from hub.data.medmnist import load_medmnist
+from tests.hub.service.conftest import bundle_root
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+Rebundle = Callable[..., Manifest]
+
 CPU = ["CPUExecutionProvider"]
-
-
-def _bundle_root() -> Path:
-    """$FEDCLINIC_TEST_BUNDLE (bundle/, hub.pub, keys/hub.key), else build/dev-bundle; skips without one."""
-    env = os.environ.get("FEDCLINIC_TEST_BUNDLE")
-    root = Path(env) if env else REPO_ROOT / "build" / "dev-bundle"
-    if not (root / "bundle" / "manifest.json").is_file() or not (root / "keys" / "hub.key").is_file():
-        pytest.skip(
-            f"no prebuilt test bundle with its key at {root}: "
-            "run `make test-bundle` or set FEDCLINIC_TEST_BUNDLE"
-        )
-    return root
 
 
 @pytest.fixture(scope="module")
 def root() -> Path:
-    return _bundle_root()
+    return bundle_root()
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +61,12 @@ def source_manifest(source: Path, trusted: list[Ed25519PublicKey]) -> Manifest:
     return manifest
 
 
+@pytest.fixture(scope="module")
+def rebundle(hub_key: Ed25519PrivateKey, trusted: list[Ed25519PublicKey]) -> Rebundle:
+    """``rebundle_with_envelope`` signing with the hub's key and trusting it (a test may pass other keys)."""
+    return partial(rebundle_with_envelope, private_key=hub_key, trusted_keys=trusted)
+
+
 def _envelope(manifest: Manifest, *, threshold: float) -> InputEnvelope:
     assert manifest.envelope is not None
     return manifest.envelope.model_copy(update={"threshold": threshold})
@@ -86,7 +83,7 @@ def _digests(folder: Path) -> dict[str, str]:
 def test_the_rebundled_bundle_verifies_with_the_new_envelope_and_the_source_bytes(
     source: Path,
     source_manifest: Manifest,
-    hub_key: Ed25519PrivateKey,
+    rebundle: Rebundle,
     trusted: list[Ed25519PublicKey],
     tmp_path: Path,
 ) -> None:
@@ -94,13 +91,11 @@ def test_the_rebundled_bundle_verifies_with_the_new_envelope_and_the_source_byte
     before = _digests(source)
     envelope = _envelope(source_manifest, threshold=source_manifest.envelope.threshold * 0.5)
     out = tmp_path / "rebundled"
-    written = rebundle_with_envelope(
+    written = rebundle(
         source,
         out,
         envelope=envelope,
         model_version="1.1.0",
-        private_key=hub_key,
-        trusted_keys=trusted,
         federation="pneumonia-fed",
         round_number=3,
     )
@@ -126,7 +121,7 @@ def test_the_rebundled_bundle_verifies_with_the_new_envelope_and_the_source_byte
 def test_a_zip_source_is_rebundled_and_a_prerelease_above_it_is_forward(
     source: Path,
     source_manifest: Manifest,
-    hub_key: Ed25519PrivateKey,
+    rebundle: Rebundle,
     trusted: list[Ed25519PublicKey],
     tmp_path: Path,
 ) -> None:
@@ -134,13 +129,11 @@ def test_a_zip_source_is_rebundled_and_a_prerelease_above_it_is_forward(
     assert source_manifest.envelope is not None
     envelope = _envelope(source_manifest, threshold=source_manifest.envelope.threshold * 2.0)
     out = tmp_path / "rebundled"
-    rebundle_with_envelope(
+    rebundle(
         archive,
         out,
         envelope=envelope,
         model_version="1.0.1-rc.1",
-        private_key=hub_key,
-        trusted_keys=trusted,
     )
     manifest = verify_bundle(out, trusted).manifest
     assert manifest.envelope == envelope and manifest.model_version == "1.0.1-rc.1"
@@ -153,20 +146,17 @@ def test_a_version_not_above_the_source_is_refused_and_nothing_is_written(
     version: str,
     source: Path,
     source_manifest: Manifest,
-    hub_key: Ed25519PrivateKey,
-    trusted: list[Ed25519PublicKey],
+    rebundle: Rebundle,
     tmp_path: Path,
 ) -> None:
     assert source_manifest.model_version == "1.0.0"
     before = _digests(source)
     with pytest.raises(ExportError, match=r"not above the source bundle's 1\.0\.0"):
-        rebundle_with_envelope(
+        rebundle(
             source,
             tmp_path / "rebundled",
             envelope=_envelope(source_manifest, threshold=10.0),
             model_version=version,
-            private_key=hub_key,
-            trusted_keys=trusted,
         )
     assert list(tmp_path.iterdir()) == []
     assert _digests(source) == before
@@ -175,18 +165,15 @@ def test_a_version_not_above_the_source_is_refused_and_nothing_is_written(
 def test_a_version_that_is_not_semver_is_refused(
     source: Path,
     source_manifest: Manifest,
-    hub_key: Ed25519PrivateKey,
-    trusted: list[Ed25519PublicKey],
+    rebundle: Rebundle,
     tmp_path: Path,
 ) -> None:
     with pytest.raises(ExportError, match="not a semantic version"):
-        rebundle_with_envelope(
+        rebundle(
             source,
             tmp_path / "rebundled",
             envelope=_envelope(source_manifest, threshold=10.0),
             model_version="v2",
-            private_key=hub_key,
-            trusted_keys=trusted,
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -194,7 +181,7 @@ def test_a_version_that_is_not_semver_is_refused(
 def test_a_source_signed_by_another_key_is_refused(
     source: Path,
     source_manifest: Manifest,
-    hub_key: Ed25519PrivateKey,
+    rebundle: Rebundle,
     trusted: list[Ed25519PublicKey],
     tmp_path: Path,
 ) -> None:
@@ -204,12 +191,11 @@ def test_a_source_signed_by_another_key_is_refused(
     for bundle, keys in ((forged, trusted), (source, [other.public_key()])):
         out = tmp_path / "rebundled"
         with pytest.raises(ExportError, match="does not verify") as caught:
-            rebundle_with_envelope(
+            rebundle(
                 bundle,
                 out,
                 envelope=_envelope(source_manifest, threshold=10.0),
                 model_version="1.1.0",
-                private_key=hub_key,
                 trusted_keys=keys,
             )
         assert isinstance(caught.value.__cause__, SignatureError)
@@ -219,8 +205,7 @@ def test_a_source_signed_by_another_key_is_refused(
 def test_an_envelope_of_the_wrong_dimension_is_refused(
     source: Path,
     source_manifest: Manifest,
-    hub_key: Ed25519PrivateKey,
-    trusted: list[Ed25519PublicKey],
+    rebundle: Rebundle,
     tmp_path: Path,
 ) -> None:
     envelope = source_manifest.envelope
@@ -230,13 +215,11 @@ def test_an_envelope_of_the_wrong_dimension_is_refused(
         update={"mean": envelope.mean[:-1], "whitening": [row[:-1] for row in envelope.whitening[:-1]]}
     )
     with pytest.raises(ExportError, match=f"{d - 1}-dimensional but .* has {d} dimensions"):
-        rebundle_with_envelope(
+        rebundle(
             source,
             tmp_path / "rebundled",
             envelope=smaller,
             model_version="1.1.0",
-            private_key=hub_key,
-            trusted_keys=trusted,
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -244,7 +227,7 @@ def test_an_envelope_of_the_wrong_dimension_is_refused(
 def test_the_edge_judges_images_by_the_new_envelope(
     source: Path,
     source_manifest: Manifest,
-    hub_key: Ed25519PrivateKey,
+    rebundle: Rebundle,
     trusted: list[Ed25519PublicKey],
     shared_data: Path,
     tmp_path: Path,
@@ -258,9 +241,7 @@ def test_the_edge_judges_images_by_the_new_envelope(
     # A threshold at the median distance: about half of the images fall outside, where the source's had few.
     envelope = _envelope(source_manifest, threshold=float(np.median(distances)))
     out = tmp_path / "rebundled"
-    rebundle_with_envelope(
-        source, out, envelope=envelope, model_version="1.1.0", private_key=hub_key, trusted_keys=trusted
-    )
+    rebundle(source, out, envelope=envelope, model_version="1.1.0")
     model = load_model(verify_bundle(out, trusted), CPU, 1)
     assert model.model_version == "1.1.0"
     scores = model.scores(batch)
