@@ -103,6 +103,12 @@ def _collect_updates(fed: Federation, outcomes: dict[str, ClinicOutcome]) -> Non
         outcomes[name].studies_processed = processed[name]
 
 
+def _patch_version(version: str) -> str:
+    """1.2.0 → 1.2.1: the same model with a new envelope."""
+    major, minor, patch = version.split(".")
+    return f"{major}.{minor}.{int(patch) + 1}"
+
+
 def _clinic_settings(site: ClinicSite) -> dict[str, Any]:
     """Hospitals run the torch learner (``fedclinic-learn``, out of process); every node takes rounds of two,
     since the demo's rounds are the two hospitals or the two small clinics."""
@@ -192,6 +198,64 @@ class FederationPlan:
         self.console.print(f"all four nodes serve {version} (fedclinic-edge status)")
         self.version = version
         return out / "checkpoint"
+
+    def refit_envelope(self, bundle: Path, nodes: list[str], version: str) -> dict[str, Any]:
+        """``fedclinic-hub envelope start``, ``threshold`` and ``build --publish``: the final bundle's input
+        envelope refitted on the images the clinics analysed with it, signed as ``version``; returns the
+        build's report once every node serves it."""
+        self.console.print(Rule(f"7. the federation refits {self.version}'s input envelope on its images"))
+        node_args = [x for n in nodes for x in ("--node", n)]
+        deadline = ["-k", str(len(nodes)), "--deadline", "600"]
+        first = self.fed.hub.cli_json("envelope", "start", "--bundle", str(bundle), *node_args, *deadline)
+        moments = self._collected(first)
+        second = self.fed.hub.cli_json("envelope", "threshold", "--round", str(moments), *deadline)
+        distances = self._collected(second)
+        out = self.workdir / "bundles" / f"pneumonia-{version}"
+        built = self.fed.hub.cli_json(
+            "envelope", "build", "--moments-round", str(moments), "--distances-round", str(distances),
+            "--bundle", str(bundle), "--out", str(out), "--model-version", version, "--publish",
+        )  # fmt: skip
+        with self.console.status(f"waiting for the four nodes to serve {version}"):
+            self.fed.wait_all_serving(version)
+        self.console.print(envelope_table(built))
+        self.console.print(f"all four nodes serve {version}: the same model files, the federation's envelope")
+        self.version = version
+        return dict(built)
+
+    def _collected(self, opened: dict[str, Any]) -> int:
+        """Wait for an envelope round to publish; its number."""
+        with self.console.status(f"round {opened['round']}: the nodes send {opened['strategy']}"):
+            done = self.fed.hub.wait_round(opened["round_id"], timeout=700)
+        if done["state"] != "published":
+            raise HubError(f"round {done['round']} ended {done['state']}: {done.get('reason')}")
+        self.console.print(
+            f"round {done['round']} ({done['strategy']}): {done['accepted']} of {len(done['nodes'])} nodes "
+            "answered with sums and counts"
+        )
+        return int(done["round"])
+
+
+def envelope_table(built: dict[str, Any]) -> Table:
+    """What ``envelope build`` reports: per part, the images and the threshold, beside the hub's fit."""
+    table = Table(title=f"input envelope of {built['model_version']}: the hub's fit and the federation's")
+    for column in (
+        "part",
+        "hub's images",
+        "hub's threshold",
+        "federation's images",
+        "federation's threshold",
+    ):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for name, part in built["parts"].items():
+        source = part["source_threshold"]
+        table.add_row(
+            name,
+            str(part["source_fitted_on"] or "-"),
+            "-" if source is None else f"{source:.4g}",
+            str(part["fitted_on"]),
+            f"{part['threshold']:.4g}",
+        )
+    return table
 
 
 def demo(
@@ -326,7 +390,11 @@ def demo(
             with console.status("PACS → node → SR back in the PACS, four clinics at once"):
                 for name, sent in fed.send("held-out", workdir / "studies-after").items():
                     outcomes[name].after = sent
-        _collect_updates(fed, outcomes)
+        _collect_updates(fed, outcomes)  # the learning rounds' bytes, before the envelope's sums
+        if final is not None:
+            # The nodes kept the features of the images they just analysed with the final student.
+            final_bundle = workdir / "students" / final / "bundle"
+            plan.refit_envelope(final_bundle, list(ids.values()), _patch_version(final))
 
     console.print(outcome_table(list(outcomes.values())))
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; everything is under {workdir}")

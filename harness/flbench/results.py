@@ -573,8 +573,9 @@ def _threshold_lines(with_envelope: Mapping[str, Mapping[str, Any]]) -> list[str
         return []
     return [
         "",
-        "Their thresholds against the pooled envelope's (squared distances; the same images, but the folds "
-        "are dealt differently and the federated one is read from the summed histograms):",
+        "Their thresholds against the pooled envelope's (squared distances; the pooled one over every "
+        "clinic's validation images, the federated one over those of the clinics that sent, with the folds "
+        "dealt per clinic and the threshold read from the summed histograms):",
         "",
         "| method | part | pooled | federated |",
         "|---|---|---|---|",

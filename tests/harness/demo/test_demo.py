@@ -45,7 +45,8 @@ def test_quick_demo_no_clinic_gets_worse_and_the_small_clinics_improve(
     result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), "--quick"])
     assert result.exit_code == 0, result.output
     print(result.output)  # the demo's table in the CI log
-    rows = {cells[0]: cells for cells in table_rows(result.output)}
+    refit, _, outcome = result.output.partition("the federation: each clinic's held-out studies")
+    rows = {cells[0]: cells for cells in table_rows(outcome)}
     assert sorted(rows) == ["clinic-C", "clinic-D", "hospital-A", "hospital-B"], result.output
     sizes = {
         line.split(":")[0]: int(line.split(": ")[1].split()[0])
@@ -74,3 +75,12 @@ def test_quick_demo_no_clinic_gets_worse_and_the_small_clinics_improve(
     for version in ("1.1.0", "1.2.0"):
         assert (workdir / "students" / version / "bundle" / "manifest.sig").is_file()
     assert "fedhelp, weights_delta" in result.output and "head_avg, head_delta" in result.output
+    # Then the federation refitted 1.2.0's input envelope on the held-out images the four nodes analysed
+    # with it (each node's 120; the round's sums and counts only), and every node serves it as 1.2.1.
+    parts = {cells[0]: cells for cells in table_rows(refit.split("input envelope of 1.2.1")[-1])}
+    assert sorted(parts) == ["embedding", "intensity"], refit[-3000:]
+    for _, hub_images, _, federation_images, threshold in parts.values():
+        assert int(federation_images) == 4 * QUICK.held_out and float(threshold) > 0
+        assert int(hub_images) > 0
+    assert (workdir / "bundles" / "pneumonia-1.2.1" / "manifest.sig").is_file()
+    assert "all four nodes serve 1.2.1" in result.output
