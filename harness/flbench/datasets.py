@@ -31,6 +31,10 @@ SMALL_CLINICS: tuple[str, ...] = SIX_CLINICS.small
 PUBLIC_SEED = 20_251_122
 #: The unseen clinics' unlabeled adaptation images draw their noise from rng([seed, ADAPT_STREAM]).
 ADAPT_STREAM = 7
+#: The trained clinics' analysed images (``traffic_x``) draw theirs from rng([seed, TRAFFIC_STREAM]).
+TRAFFIC_STREAM = 11
+#: Images each trained clinic analyses in ``traffic_x`` (fewer when the validation split is smaller).
+TRAFFIC_IMAGES = 120
 #: The fewest validation images a clinic gets (both classes present), however small its share.
 MIN_VAL = 6
 
@@ -89,6 +93,10 @@ class BenchData:
     #: The primary task's whole validation split, raw (no clinic's profile): what the hub itself holds, and
     #: what ``fedclinic-hub export`` fits a bundle's input envelope on. No method trains or selects on it.
     hub_val_x: torch.Tensor | None = None
+    #: Each trained clinic's analysed images: ``TRAFFIC_IMAGES`` of the validation split (all of it when
+    #: smaller) rendered with the clinic's own profile, what a node has scored in its first weeks and keeps
+    #: the envelope features of. Unlabeled; no method trains, selects or tests on them.
+    traffic_x: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def spec(self) -> TaskSpec:
@@ -251,6 +259,14 @@ def build_bench_data(
         {f"panel/{name}": _as_tensor(render(val01, prof, adapt_rng)) for name, prof in (panel or {}).items()}
     )
 
+    # The trained clinics' analysed images, from a stream of their own as well.
+    traffic_rng = np.random.default_rng([seed, TRAFFIC_STREAM])
+    traffic_x = {}
+    for c in setting.clinics:
+        profile = c.profile.scaled(strength) if feature else IDENTITY
+        pick = traffic_rng.choice(len(val01), min(TRAFFIC_IMAGES, len(val01)), replace=False)
+        traffic_x[c.name] = _as_tensor(render(val01[pick], profile, traffic_rng))
+
     size = public_size if public_size is not None else spec.public_size
     pub_idx = stratified_subset(public.labels, size, np.random.default_rng(PUBLIC_SEED))
     public_x = _as_tensor(unit_images(public.images[pub_idx]))
@@ -262,5 +278,5 @@ def build_bench_data(
     )  # fmt: skip
     return BenchData(
         task, skew, seed, clinics, unseen_x, test_y, public_x, public_y,
-        setting.names, setting.small, rendered_panel, adapt_x, _as_tensor(val01),
+        setting.names, setting.small, rendered_panel, adapt_x, _as_tensor(val01), traffic_x,
     )  # fmt: skip

@@ -24,6 +24,10 @@ A clinic with fewer than ``MIN_FOLD_IMAGES`` validation images sends nothing, as
 ``nodes`` counts the clinics that sent sums. Over the same images the fit equals the pooled one (the sums
 add up) but for the folds (hashed per node here, the row index there) and the histogram's bin width.
 
+``traffic`` holds them for the same rounds over each trained clinic's analysed images
+(``BenchData.traffic_x``: up to 120 validation images rendered with its own profile), which is what a node
+answers from in the product: every clinic takes part, however few labeled images it holds.
+
 Each place's images are embedded, and their grey-value features taken, once; every envelope judges them.
 """
 
@@ -167,13 +171,20 @@ def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_Q
         envelopes["hub"] = _fitted(embed(data.hub_val_x), data.hub_val_x, quantile, copies=INTENSITY_COPIES)
     sizes = [len(c.val_x) for c in data.clinics.values()]
     per_clinic = dict(zip(data.clinics, np.split(val_e, np.cumsum(sizes)[:-1]), strict=True))
-    fed = federated_envelope(per_clinic, {c: d.val_x for c, d in data.clinics.items()}, quantile)
-    if fed.envelope is not None and fed.envelope.intensity is not None:  # the rounds fit both parts
-        envelopes["federated"] = _Envelope(
-            EnvelopeCheck.of(fed.envelope), IntensityCheck.of(fed.envelope.intensity)
-        )
+    fits = {
+        "federated": federated_envelope(per_clinic, {c: d.val_x for c, d in data.clinics.items()}, quantile)
+    }
+    if data.traffic_x:
+        # The same rounds over what each clinic analysed (``BenchData.traffic_x``), as a node answers them.
+        traffic_e = {c: embed(x) for c, x in data.traffic_x.items()}
+        fits["traffic"] = federated_envelope(traffic_e, data.traffic_x, quantile)
+    for name, fit in fits.items():
+        if fit.envelope is not None and fit.envelope.intensity is not None:  # the rounds fit both parts
+            envelopes[name] = _Envelope(
+                EnvelopeCheck.of(fit.envelope), IntensityCheck.of(fit.envelope.intensity)
+            )
 
-    # One intensity check per set of levels (all three share the exporter's): each takes the features.
+    # One intensity check per set of levels (all share the exporter's): each place's features taken once.
     levels = {e.grey.levels: e.grey for e in envelopes.values()}
     inputs = {f"clinics/{c}": data.clinics[c].test_x for c in data.names}
     inputs["unseen"] = data.unseen_x
@@ -184,11 +195,12 @@ def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_Q
     out["thresholds"] = pooled.thresholds()
     if "hub" in envelopes:
         out["hub"] = _counts(data, places, envelopes["hub"])
-    federated: dict[str, Any] = {"nodes": len(fed.nodes), "images": fed.images}
-    if "federated" in envelopes:
-        federated.update(_counts(data, places, envelopes["federated"]))
-        federated["thresholds"] = envelopes["federated"].thresholds()
-    out["federated"] = federated
+    for name, fit in fits.items():
+        counted: dict[str, Any] = {"nodes": len(fit.nodes), "images": fit.images}
+        if name in envelopes:
+            counted.update(_counts(data, places, envelopes[name]))
+            counted["thresholds"] = envelopes[name].thresholds()
+        out[name] = counted
     return out
 
 

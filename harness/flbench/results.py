@@ -183,12 +183,14 @@ def _envelope_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if all("hub" in r for r in runs):
         # The envelope fitted on the hub's own validation split, as the product ships it today.
         out["hub"] = alarms([r["hub"] for r in runs])
-    if all("federated" in r for r in runs):
-        # The envelope the two rounds fit over the clinics' own validation images (those with ≥ 10 send).
-        fed = [r["federated"] for r in runs]
-        out["federated"] = {"nodes": _ms([f["nodes"] for f in fed])}
-        if all("clinics" in f for f in fed):  # every seed's nodes held enough images to fit it
-            out["federated"].update(alarms(fed), thresholds=thresholds(fed))
+    # The envelopes the two rounds fit: over the clinics' own validation images (those with ≥ 10 send), and
+    # over the images each clinic analysed (``traffic``).
+    for fitted in ("federated", "traffic"):
+        if all(fitted in r for r in runs):
+            fed = [r[fitted] for r in runs]
+            out[fitted] = {"nodes": _ms([f["nodes"] for f in fed])}
+            if all("clinics" in f for f in fed):  # every seed's nodes held enough images to fit it
+                out[fitted].update(alarms(fed), thresholds=thresholds(fed))
     if all("intensity" in c[n] for c in counts for n in names):
         # Runs since the intensity part: each part alone, and the node's "looks negative" diagnosis.
         out["expected"] = 2.0 * (1.0 - quantile)
@@ -542,30 +544,38 @@ def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
             "alone, and in how many the node says the images look like negatives:",
             with_parts,
         )
-    with_federated = {m: env["federated"] for m, env in with_envelope.items() if "federated" in env}
-    if with_federated:
+    titles = {
+        "federated": "Federated input envelope (fitted by the two envelope rounds over the clinics' own "
+        f"validation images: each trained clinic a node, one with fewer than {MIN_FOLD_IMAGES} validation "
+        "images sends nothing; grey-value part without augmented copies)",
+        "traffic": "The same rounds over the images each clinic analysed (up to 120 validation images "
+        "rendered with its own profile, as a node answers from the features it kept: every clinic takes "
+        "part)",
+    }
+    for fitted, title in titles.items():
+        with_fitted = {m: env[fitted] for m, env in with_envelope.items() if fitted in env}
+        if not with_fitted:
+            continue
         lines += table(
-            "Federated input envelope (fitted by the two envelope rounds over the clinics' own validation "
-            f"images: each trained clinic a node, one with fewer than {MIN_FOLD_IMAGES} validation images "
-            "sends nothing; grey-value part without augmented copies): share of each place's test images "
-            "outside and in how many seeds the drift alarm fires, as in the first table; in brackets after "
-            "the method, the mean number of clinics that took part:",
+            f"{title}: share of each place's test images outside and in how many seeds the drift alarm "
+            "fires, as in the first table; in brackets after the method, the mean number of clinics that "
+            "took part:",
             {
                 f"{m} ({fed['nodes']['mean']:.3g} clinics)": rates(fed)
                 if "rate" in fed
                 else ["not fitted (too few images)"] * len(names)
-                for m, fed in with_federated.items()
+                for m, fed in with_fitted.items()
             },
         )
-        lines += _threshold_lines(with_envelope)
+        lines += _threshold_lines(with_envelope, fitted)
     return lines
 
 
-def _threshold_lines(with_envelope: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The pooled and the federated envelopes' thresholds side by side (squared distances)."""
+def _threshold_lines(with_envelope: Mapping[str, Mapping[str, Any]], fitted: str) -> list[str]:
+    """The pooled envelope's and a federated fit's thresholds side by side (squared distances)."""
     rows = []
     for m, env in with_envelope.items():
-        pooled, federated = env.get("thresholds", {}), env.get("federated", {}).get("thresholds", {})
+        pooled, federated = env.get("thresholds", {}), env.get(fitted, {}).get("thresholds", {})
         rows += [
             f"| {m} | {p} | {_f(pooled[p], 2)} | {_f(federated[p], 2)} |" for p in pooled if p in federated
         ]
@@ -574,7 +584,7 @@ def _threshold_lines(with_envelope: Mapping[str, Mapping[str, Any]]) -> list[str
     return [
         "",
         "Their thresholds against the pooled envelope's (squared distances; the pooled one over every "
-        "clinic's validation images, the federated one over those of the clinics that sent, with the folds "
+        "clinic's validation images, the rounds' over the images of the clinics that sent, with the folds "
         "dealt per clinic and the threshold read from the summed histograms):",
         "",
         "| method | part | pooled | federated |",

@@ -1,7 +1,9 @@
-"""The bench's envelope counts: the pooled, hub and federated envelopes, each place embedded once."""
+"""The bench's envelope counts: the pooled, hub and federated envelopes (over the validation images and over
+each clinic's analysed images), each place embedded once."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -177,3 +179,24 @@ def test_every_place_is_embedded_once_and_judged_by_all_three_envelopes() -> Non
     # The inverted panel lies outside the grey-value part and looks negative: the rule is exercised.
     assert out["panel"]["inverted"]["negative"] > 0
     assert out["federated"]["panel"]["inverted"]["negative"] > 0
+
+
+def test_the_rounds_over_each_clinics_analysed_images_take_in_every_clinic() -> None:
+    """``traffic``: the rounds over what each clinic analysed, so the clinic with nine validation images
+    takes part too; its fit is ``federated_envelope`` over those images, and it judges every place."""
+    data = _data({"A": 30, "B": 20, "C": 12, "D": 9})
+    traffic = {c: _images(40, seed=200 + k, brightness=0.15 + 0.05 * k) for k, c in enumerate(data.names)}
+    data = replace(data, traffic_x=traffic)
+    out = envelope_rates(data, _Embed(), quantile=0.95)
+    ref = _Embed()
+    fit = federated_envelope({c: ref(x) for c, x in traffic.items()}, traffic, 0.95)
+    assert (
+        fit.nodes == ("A", "B", "C", "D") and fit.envelope is not None and fit.envelope.intensity is not None
+    )
+    assert out["traffic"] == {
+        "nodes": 4,
+        "images": 160,
+        **_expected(data, ref, EnvelopeCheck.of(fit.envelope), IntensityCheck.of(fit.envelope.intensity)),
+        "thresholds": {"embedding": fit.envelope.threshold, "intensity": fit.envelope.intensity.threshold},
+    }
+    assert out["federated"]["nodes"] == 3  # the validation images' rounds leave D out, as before

@@ -259,3 +259,23 @@ def test_records_before_the_federated_envelope_still_summarise() -> None:
     assert "| fedavg_aug (3 clinics) | not fitted (too few images) |" in render_markdown(
         build_results(recs, META)
     )
+
+
+def test_the_rounds_over_the_analysed_images_get_their_own_table() -> None:
+    def with_traffic(k: int) -> dict[str, Any]:
+        env = _envelope(k)
+        env["traffic"] = {**env["federated"], "nodes": 6, "images": 720}
+        env["traffic"]["thresholds"] = {"embedding": 40.0 + k, "intensity": 13.0}
+        return env
+
+    recs = [
+        finalize_record("fedavg_aug", seed, {**_raw([0.8] * 6, 0.7), "envelope": with_traffic(k)}, 1, {})
+        for seed, k in enumerate((1, 3))
+    ]
+    results = build_results(recs, META)
+    summary = results["methods"]["fedavg_aug"]["envelope"]
+    assert summary["traffic"]["nodes"]["mean"] == 6 and summary["traffic"]["alarms"]["panel/p1"] == 2
+    md = render_markdown(results)
+    assert "The same rounds over the images each clinic analysed" in md
+    assert "| fedavg_aug (6 clinics) | 22.0% (2/2) |" in md
+    assert "| fedavg_aug | embedding | 32.00±1.41 | 42.00±1.41 |" in md

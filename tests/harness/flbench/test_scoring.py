@@ -54,3 +54,7 @@ def test_clinics_get_validation_images_and_test_at_their_own_prevalence() -> Non
     assert len(data.panel) >= 4 and all(x.shape == data.unseen_x.shape for x in data.panel.values())
     assert len(data.unseen_y) == 200
     assert not any(torch.equal(x, data.unseen_x) for x in data.panel.values())
+    # Each trained clinic's analysed images: 120 of the validation split under its own profile, unlabeled.
+    assert set(data.traffic_x) == set(data.clinics)
+    assert all(x.shape == (120, 1, 28, 28) for x in data.traffic_x.values())
+    assert not torch.equal(data.traffic_x["A"], data.traffic_x["E"])
