@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -101,6 +101,18 @@ class IntensityCheck:
 
     levels: tuple[float, ...]
     check: EnvelopeCheck
+    #: The quantiles taken of each image: the levels and their mirrors (1 − level), sorted, once each.
+    taken: tuple[float, ...] = field(init=False)
+    #: Where in ``taken`` each level lies, and each level's mirror.
+    own_at: tuple[int, ...] = field(init=False)
+    mirror_at: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        taken = sorted({round(v, 12) for v in self.levels} | {round(1.0 - v, 12) for v in self.levels})
+        at = {v: i for i, v in enumerate(taken)}
+        object.__setattr__(self, "taken", tuple(taken))
+        object.__setattr__(self, "own_at", tuple(at[round(v, 12)] for v in self.levels))
+        object.__setattr__(self, "mirror_at", tuple(at[round(1.0 - v, 12)] for v in self.levels))
 
     @classmethod
     def of(cls, envelope: IntensityEnvelope) -> IntensityCheck:
@@ -110,13 +122,8 @@ class IntensityCheck:
         """(N, ...) grey images → the features of the images and of their inverses (1 − grey), (N, L) each,
         from one pass: the inverse's quantile at q is 1 − the image's at 1 − q (exactly, with linear
         interpolation), so the images' quantiles at the levels and their mirrors give both."""
-        key = {round(v, 12) for v in self.levels} | {round(1.0 - v, 12) for v in self.levels}
-        both = sorted(key)
-        at = {v: i for i, v in enumerate(both)}
-        q = intensity_features(grey, both)  # (N, M)
-        own = q[:, [at[round(v, 12)] for v in self.levels]]
-        flipped = 1.0 - q[:, [at[round(1.0 - v, 12)] for v in self.levels]]
-        return own, flipped
+        q = intensity_features(grey, self.taken)  # (N, M)
+        return q[:, list(self.own_at)], 1.0 - q[:, list(self.mirror_at)]
 
     def judge(self, grey: np.ndarray) -> IntensityJudgement:
         """(N, ...) grey images in [0, 1] (the model input before normalisation) → their judgement."""
