@@ -354,6 +354,10 @@ class NodeInfo(_Wire):
     #: Whether those images look like negatives of the validation images (a display header that says the
     #: wrong thing); None when the envelope has no intensity part or the node is older.
     envelope_negative: bool | None = None
+    #: How many images the node keeps the envelope features of (its model version's, for the envelope's
+    #: refit: a node with fewer than 10 refuses those rounds, one with fewer than 50 fills fewer than 5 folds,
+    #: docs/envelope.md); None when the node did not say (no envelope, an older edge).
+    envelope_kept: int | None = None
 
 
 class JoinCodeIssued(_Wire):

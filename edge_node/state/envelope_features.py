@@ -10,7 +10,7 @@ version keep them: the run that records its rows sets both columns to NULL in th
 (``prune_features``, in the same transaction), so the table's size in features stays bounded.
 
 ``envelope_features`` reads them back: per image (SOP Instance UID) its latest row that has features, newest
-first.
+first; ``kept_images`` counts those images, for the heartbeat.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ __all__ = [
     "EnvelopeFeatures",
     "envelope_features",
     "feature_blob",
+    "kept_images",
     "prune_features",
 ]
 
@@ -72,6 +73,36 @@ def prune_features(c: sqlite3.Connection, model_id: str, model_version: str) -> 
         " AND (embedding IS NOT NULL OR intensity_features IS NOT NULL)",
         {"m": model_id, "v": model_version, "skip": max(FEATURES_KEPT, 1) - 1},
     )
+
+
+#: The rows that keep features: the model version's latest ``FEATURES_KEPT`` (by id) that have an embedding.
+#: Parameters: model id, model version, model id, model version, ``FEATURES_KEPT`` - 1.
+_KEPT_ROWS = (
+    "FROM envelope_results WHERE model_id = ? AND model_version = ? AND embedding IS NOT NULL"
+    " AND id >= COALESCE((SELECT id FROM envelope_results WHERE model_id = ? AND model_version = ?"
+    " ORDER BY id DESC LIMIT 1 OFFSET ?), 0)"
+)
+
+
+def _kept_rows_params(model_id: str, model_version: str) -> tuple[str, str, str, str, int]:
+    return (model_id, model_version, model_id, model_version, max(FEATURES_KEPT, 1) - 1)
+
+
+def kept_images(db: Database, model_id: str, model_version: str) -> int:
+    """How many images (distinct SOP Instance UIDs) the node keeps features of for ``model_id``
+    ``model_version``, for the heartbeat (``envelope_kept``): the images ``envelope_features`` reads, from the
+    same rows (the version's latest ``FEATURES_KEPT``, those with an embedding), an image analysed more than
+    once counted once.
+
+    It reads no blob, so it ignores two rules of ``envelope_features``: an image whose latest row has damaged
+    features, or lacks grey-value features where other rows have them, is counted here and left out there.
+    So the count can be above what a round reads, never below; as the node writes its rows, they are equal.
+    One query, over the index ``envelope_results_by_model`` (at most ``FEATURES_KEPT`` entries)."""
+    rows = db.query(
+        f"SELECT COUNT(DISTINCT sop_instance_uid) AS n {_KEPT_ROWS}",
+        _kept_rows_params(model_id, model_version),
+    )
+    return int(rows[0]["n"]) if rows else 0
 
 
 @dataclass(frozen=True)
@@ -122,11 +153,8 @@ def envelope_features(
     # Only the latest FEATURES_KEPT rows keep features (``prune_features``): the read walks those alone, not
     # every row the model version ever wrote.
     rows = db.query(
-        "SELECT sop_instance_uid, embedding, intensity_features FROM envelope_results"
-        " WHERE model_id = ? AND model_version = ? AND embedding IS NOT NULL"
-        " AND id >= COALESCE((SELECT id FROM envelope_results WHERE model_id = ? AND model_version = ?"
-        " ORDER BY id DESC LIMIT 1 OFFSET ?), 0) ORDER BY id DESC",
-        (model_id, model_version, model_id, model_version, max(FEATURES_KEPT, 1) - 1),
+        f"SELECT sop_instance_uid, embedding, intensity_features {_KEPT_ROWS} ORDER BY id DESC",
+        _kept_rows_params(model_id, model_version),
     )
     latest: dict[str, tuple[bytes, bytes | None]] = {}
     for r in rows:

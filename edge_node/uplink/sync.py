@@ -52,7 +52,7 @@ from edge_node.protocol.wire import (
     TaskState,
     UpdateSubmission,
 )
-from edge_node.state.envelope_features import envelope_features
+from edge_node.state.envelope_features import envelope_features, kept_images
 from edge_node.state.labels import LabelStore
 from edge_node.state.node_state import NodeState
 from edge_node.uplink.backoff import Backoff
@@ -458,8 +458,10 @@ class SyncLoop:
 
 def heartbeat_counts(store: NodeState, updates: Mapping[str, int]) -> dict[str, int]:
     """The heartbeat's counters: studies by state, instances, results, updates by state and, when the active
-    model has an input envelope, its latest analysed images, how many lay outside it and whether that
-    raises the drift alarm, and with an intensity part whether they look like negatives (counts only)."""
+    model has an input envelope, its latest analysed images, how many lay outside it, whether that raises
+    the drift alarm, how many images the node keeps features of for the envelope's refit
+    (``envelope_kept``: ``kept_images``), and with an intensity part whether they look like negatives
+    (counts only)."""
     counts = {k: v for k, v in store.status.counts().items() if v >= 0}
     counts.update({f"updates_{k}": v for k, v in updates.items()})
     active = store.models.active()
@@ -470,6 +472,7 @@ def heartbeat_counts(store: NodeState, updates: Mapping[str, int]) -> dict[str, 
                 "envelope_images": window.images,
                 "envelope_outside": window.outside,
                 "envelope_drifting": int(window.drifting),
+                "envelope_kept": kept_images(store.db, window.model_id, window.model_version),
             }
         )
         if window.intensity_outside is not None:

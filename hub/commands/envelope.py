@@ -116,8 +116,64 @@ def start(
         min_results=min_results,
         deadline_s=deadline,
     )
+    # What stands in the way at each node, as far as its last heartbeat says: on stderr, in both formats
+    # (stdout stays the round's JSON for scripts); the round opens all the same, the operator decides.
+    console = Console(stderr=True)
+    for warning in _node_warnings(settings, nodes or [], manifest.model_id, manifest.model_version, folds):
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     info = _open(request, settings)
     emit(fmt, info, lambda console: console.print(_round_table(info)))
+
+
+def _node_warnings(
+    settings: HubSettings, nodes: list[str], model_id: str, model_version: str, folds: int
+) -> list[str]:
+    """One line per node of an envelope_moments round about ``model_id`` ``model_version`` whose last
+    heartbeat says it will refuse, or will fill fewer than ``folds`` folds (which widens the threshold), or
+    that does not say how many images it keeps features of. The nodes are ``nodes``, else every active node
+    (as ``RoundOpener`` picks them; an id that is not active is the opener's to refuse)."""
+    from sqlalchemy import select
+
+    from edge_node.protocol.envelope_moments import MIN_FOLD_IMAGES
+    from edge_node.protocol.wire import NodeState
+    from hub.service.heartbeat import envelope_counts
+    from hub.store.schema import Node
+
+    query = select(Node).where(Node.state == NodeState.ACTIVE.value)
+    if nodes:
+        query = query.where(Node.id.in_(sorted(set(nodes))))
+    warnings = []
+    with hub_database(settings) as db, db.session() as session:
+        for node in session.scalars(query.order_by(Node.name, Node.id)):
+            who = f"node {node.name} ({node.id})"
+            if node.last_heartbeat is None:
+                warnings.append(
+                    f"{who} has sent no heartbeat yet: nothing is known of what it serves or keeps"
+                )
+                continue
+            if (node.model_id, node.model_version) != (model_id, model_version):
+                serves = (
+                    "no model"
+                    if node.model_id is None or node.model_version is None
+                    else node.model_version
+                    if node.model_id == model_id
+                    else f"{node.model_id} {node.model_version}"
+                )
+                about = model_version if node.model_id == model_id else f"{model_id} {model_version}"
+                warnings.append(f"{who} serves {serves}, the round is about {about}: it will refuse")
+                continue
+            envelope = envelope_counts(node.counts)
+            if envelope is None or envelope.kept is None:
+                why = "none analysed with it yet, or an older edge?" if envelope is None else "an older edge?"
+                warnings.append(f"{who} has not said how many images it keeps features of ({why})")
+            elif envelope.kept < MIN_FOLD_IMAGES:
+                warnings.append(f"{who} keeps {envelope.kept}: it will refuse (fewer than {MIN_FOLD_IMAGES})")
+            elif envelope.kept < folds * MIN_FOLD_IMAGES:
+                warnings.append(
+                    f"{who} keeps {envelope.kept}: it fills fewer than {folds} folds, which widens the "
+                    "threshold (docs/envelope.md)"
+                )
+    return warnings
 
 
 def _published(number: int, strategy: str, settings: HubSettings) -> tuple[dict[str, Any], str, list[str]]:

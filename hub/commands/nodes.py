@@ -98,14 +98,14 @@ def _nodes_table(nodes: Sequence[NodeInfo]) -> Table:
 
 
 def _envelope_cell(n: NodeInfo) -> str:
-    """The node's latest images outside its model's input envelope; the drift alarm (and images that look
-    negative) in red."""
+    """The node's latest images outside its model's input envelope and how many images it keeps features of;
+    the drift alarm (and images that look negative) in red."""
     from hub.service.heartbeat import EnvelopeCounts  # the store's models load only when a table is drawn
 
     if n.envelope_images is None or n.envelope_outside is None:
         return "-"
     counts = EnvelopeCounts(
-        n.envelope_images, n.envelope_outside, bool(n.envelope_drifting), n.envelope_negative
+        n.envelope_images, n.envelope_outside, bool(n.envelope_drifting), n.envelope_negative, n.envelope_kept
     )
     return f"[red]{counts.describe()}[/red]" if counts.drifting or counts.negative else counts.describe()
 

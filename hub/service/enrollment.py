@@ -64,6 +64,7 @@ def node_info(node: Node, credential_since: datetime | None = None) -> NodeInfo:
         envelope_outside=envelope.outside if envelope else None,
         envelope_drifting=envelope.drifting if envelope else None,
         envelope_negative=envelope.negative if envelope else None,
+        envelope_kept=envelope.kept if envelope else None,
     )
 
 

@@ -26,20 +26,23 @@ def record_heartbeat(node: Node, beat: Heartbeat) -> None:
 @dataclass(frozen=True)
 class EnvelopeCounts:
     """A node's latest analysed images, how many lay outside its model's input envelope, whether the node's
-    drift alarm is raised, and whether the images look like negatives of the validation images (None when
-    the node did not say: no intensity part, an older edge) (docs/envelope.md)."""
+    drift alarm is raised, whether the images look like negatives of the validation images (None when
+    the node did not say: no intensity part, an older edge), and how many images it keeps features of for
+    the envelope's refit (None when it did not say: an older edge) (docs/envelope.md)."""
 
     images: int
     outside: int
     drifting: bool
     negative: bool | None = None
+    kept: int | None = None
 
     def describe(self) -> str:
         notes = [
             note for note, raised in (("drift", self.drifting), ("looks negative", self.negative)) if raised
         ]
         text = f"{self.outside} of {self.images} outside"
-        return f"{text} ({', '.join(notes)})" if notes else text
+        text = f"{text} ({', '.join(notes)})" if notes else text
+        return text if self.kept is None else f"{text}; {self.kept} kept"
 
 
 def envelope_counts(counts: Mapping[str, Any] | None) -> EnvelopeCounts | None:
@@ -55,6 +58,7 @@ def envelope_counts(counts: Mapping[str, Any] | None) -> EnvelopeCounts | None:
         outside=outside,
         drifting=sent.get("envelope_drifting") == 1,
         negative=None if negative is None else negative == 1,
+        kept=_count(sent.get("envelope_kept")),
     )
 
 

@@ -28,12 +28,13 @@ from edge_node.inference.loaded_model import LoadedModel
 from edge_node.protocol.envelope import intensity_features
 from edge_node.protocol.manifest import MANIFEST_FILE, SIGNATURE_FILE, canonical_json
 from edge_node.state.database import Database
-from edge_node.state.envelope_features import FEATURES_KEPT, envelope_features
+from edge_node.state.envelope_features import FEATURES_KEPT, envelope_features, kept_images
 from edge_node.state.ingest_records import InstanceRecord
 from edge_node.state.lifecycle import StudyEvent
 from edge_node.state.node_state import NodeState
 from edge_node.state.runs import FindingRow, ModelInUse
 from edge_node.state.schema import SCHEMA_VERSION
+from edge_node.uplink.sync import heartbeat_counts
 from tests.edge_node.conftest import TrustedBundle
 from tests.edge_node.test_worker import Node
 from tests.support.dicomgen import medmnist_studies
@@ -138,6 +139,10 @@ def test_the_latest_row_of_each_image_is_read_back_newest_first(state: NodeState
     assert envelope_features(state.db, *MODEL).keys == kept.keys
     empty = envelope_features(state.db, "other", "1")
     assert empty.keys == () and empty.embedding.shape == (0, 0) and empty.intensity is None
+    # The heartbeat's count of them: the same images.
+    assert kept_images(state.db, *MODEL) == len(kept.keys) == 4
+    assert kept_images(state.db, "pneumonia-student", "2.0.0") == 1
+    assert kept_images(state.db, "other", "1") == 0
 
 
 def test_only_the_latest_rows_of_a_model_version_keep_their_features(
@@ -152,6 +157,7 @@ def test_only_the_latest_rows_of_a_model_version_keep_their_features(
         kept = featured_ids(state.db)
         assert kept == latest_ids(state.db, 4), (run, n)  # exactly the latest FEATURES_KEPT rows
         assert len(envelope_features(state.db, *MODEL).keys) == min(4, sum(sizes[:run]))
+        assert kept_images(state.db, *MODEL) == min(4, sum(sizes[:run]))  # the pruned rows are not counted
     # Pruned rows keep their result, only the features go; another version keeps its own rows.
     rows = state.db.query(
         "SELECT COUNT(*) AS n FROM envelope_results WHERE model_id = ? AND model_version = ?", MODEL
@@ -178,6 +184,8 @@ def test_rows_without_grey_value_features_are_left_out_when_others_have_them(sta
     # Results recorded without features (an older node): not read back at all.
     record(state, ["bare"])
     assert envelope_features(state.db, *MODEL).keys == ("old1", "new1")
+    # The heartbeat's count skips the grey-value rule (it reads no blob): old2 is counted, bare is not.
+    assert kept_images(state.db, *MODEL) == 3
 
 
 def test_damaged_rows_are_left_out_and_named_nowhere(
@@ -201,6 +209,31 @@ def test_damaged_rows_are_left_out_and_named_nowhere(
     assert kept.intensity is not None and kept.intensity.shape == (2, 2)
     assert "left out 3 image(s)" in caplog.text
     assert not any(uid in caplog.text for uid in uids)
+
+
+def test_the_heartbeat_says_how_many_images_the_active_version_keeps_features_of(
+    state: NodeState, tmp_path: Path
+) -> None:
+    record(state, ["a", "b", "c"], **with_features(1))
+    assert "envelope_kept" not in heartbeat_counts(state, {})  # no active model yet
+    row = state.models.add(*MODEL, tmp_path, "0" * 64, "test")
+    state.models.activate(row, "install")
+    counts = heartbeat_counts(state, {"pending": 0, "sent": 0, "refused": 0})
+    assert counts["envelope_kept"] == 3 and counts["envelope_images"] == 3
+    record(state, ["b", "d"], **with_features(2))  # b analysed again: one image
+    record(state, ["bare"])  # a result without features (an older node's row): none kept of it
+    record(state, ["e", "f", "g"], model=("pneumonia-student", "2.0.0"), **with_features(3))  # not active
+    counts = heartbeat_counts(state, {"pending": 0, "sent": 0, "refused": 0})
+    assert counts["envelope_kept"] == 4 == len(envelope_features(state.db, *MODEL).keys)
+    assert counts["envelope_images"] == 6 and len(counts) <= 32
+    assert all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values())
+    # Another version active: its own count; one without an envelope (no results): no envelope counters.
+    later = state.models.add("pneumonia-student", "2.0.0", tmp_path, "1" * 64, "test")
+    state.models.activate(later, "install")
+    assert heartbeat_counts(state, {})["envelope_kept"] == 3
+    plain = state.models.add("plain", "1.0.0", tmp_path, "2" * 64, "test")
+    state.models.activate(plain, "install")
+    assert not any(k.startswith("envelope_") for k in heartbeat_counts(state, {}))
 
 
 def test_a_version_4_database_keeps_its_rows_and_gains_the_feature_columns(tmp_path: Path) -> None:

@@ -196,6 +196,7 @@ def test_the_heartbeat_carries_the_active_models_counts_only(state: NodeState, t
     assert counts["envelope_images"] == 10 and counts["envelope_outside"] == 3
     assert counts["envelope_drifting"] == 0  # 10 images are too few to raise the alarm
     assert "envelope_negative" not in counts  # the envelope has no intensity part: nothing to say
+    assert counts["envelope_kept"] == 0  # these results were recorded without features: none kept
     assert counts["updates_sent"] == 2 and counts["done"] == 1 and len(counts) <= 32
     assert all(isinstance(v, int) for v in counts.values())
     other = state.models.add("plain", "1.0.0", tmp_path, "1" * 64, "test")

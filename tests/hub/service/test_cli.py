@@ -62,12 +62,13 @@ def test_operator_contract(tmp_path: Path) -> None:
                 ),
             )
             # As its last heartbeat would leave them: 30 of its latest 120 images outside the envelope, and
-            # they look like negatives of the validation images.
+            # they look like negatives of the validation images; it keeps the features of 45 images.
             node.counts = {
                 "envelope_images": 120,
                 "envelope_outside": 30,
                 "envelope_drifting": 1,
                 "envelope_negative": 1,
+                "envelope_kept": 45,
             }
             node_id = node.id
     finally:
@@ -75,12 +76,18 @@ def test_operator_contract(tmp_path: Path) -> None:
     listed = run_json("nodes", "list", "--data-dir", str(data))["nodes"]
     assert [(n["node_id"], n["state"], n["last_heartbeat"]) for n in listed] == [(node_id, "active", None)]
     assert [
-        (n["envelope_images"], n["envelope_outside"], n["envelope_drifting"], n["envelope_negative"])
+        (
+            n["envelope_images"],
+            n["envelope_outside"],
+            n["envelope_drifting"],
+            n["envelope_negative"],
+            n["envelope_kept"],
+        )
         for n in listed
-    ] == [(120, 30, True, True)]
+    ] == [(120, 30, True, True, 45)]
     table = run("nodes", "list", env={**env, "COLUMNS": "300"})
-    assert "clinic-a" in table and "30 of 120 outside (drift, looks negative)" in table
-    # An older edge's heartbeat says nothing about negatives: none is shown.
+    assert "clinic-a" in table and "30 of 120 outside (drift, looks negative); 45 kept" in table
+    # An older edge's heartbeat says nothing about negatives or the images it keeps: none is shown.
     db = open_database(load_settings(data).db_url, migrate=False)
     try:
         with db.session() as session:
@@ -90,9 +97,10 @@ def test_operator_contract(tmp_path: Path) -> None:
     finally:
         db.close()
     (older,) = run_json("nodes", "list", "--data-dir", str(data))["nodes"]
-    assert (older["envelope_drifting"], older["envelope_negative"]) == (True, None)
+    assert older["envelope_drifting"] is True
+    assert older["envelope_negative"] is None and older["envelope_kept"] is None
     table = run("nodes", "list", env={**env, "COLUMNS": "300"})
-    assert "30 of 120 outside (drift)" in table and "negative" not in table
+    assert "30 of 120 outside (drift)" in table and "negative" not in table and "kept" not in table
 
     started = run_json(
         "rounds", "start", "--strategy", "stats", "--config", "num_classes=2", "--deadline", "600", env=env

@@ -71,12 +71,14 @@ def _populate(db: Database) -> None:
                     "envelope_outside": 3,
                     "envelope_drifting": 0,
                     "envelope_negative": 0,
+                    "envelope_kept": True,  # not a count: not shown
                 },
                 "clinic-south": {
                     "envelope_images": 200,
                     "envelope_outside": 41,
                     "envelope_drifting": 1,
                     "envelope_negative": 1,
+                    "envelope_kept": 180,
                 },
                 "clinic-east": {"envelope_images": "200", "envelope_outside": -1},  # not counts: ignored
             }[name]
@@ -178,7 +180,7 @@ def test_the_drift_alarm_stands_out_on_the_dashboard(dashboard_url: str) -> None
         page = client.get(f"{dashboard_url}/dashboard", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert page.status_code == 200
     alarms = re.findall(r'<span class="alarm" title="([^"]*)">([^<]*)</span>', page.text)
-    assert [text for _, text in alarms] == ["41 of 200 outside (drift, looks negative)"]
+    assert [text for _, text in alarms] == ["41 of 200 outside (drift, looks negative); 180 kept"]
     assert "check the display header" in alarms[0][0]  # the likely cause, on hover
     assert "3 of 200 outside</td>" in page.text  # clinic-north: nothing to note
 

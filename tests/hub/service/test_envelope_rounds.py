@@ -1,8 +1,10 @@
 """The two envelope rounds at the hub, on a real SQLite store: tasks, sums, the held-out envelopes sent back,
-an answer over too few images left out, and the protection they refuse."""
+an answer over too few images left out, the protection they refuse, and what `envelope start` warns about
+the nodes from their last heartbeats (how many images each keeps features of)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -22,11 +24,13 @@ from edge_node.protocol.envelope_rounds import (
 from edge_node.protocol.manifest import Manifest
 from edge_node.protocol.tensors import decode_tensors
 from edge_node.protocol.updates import UpdateKind
-from edge_node.protocol.wire import RoundProtection, RoundStart, RoundState
+from edge_node.protocol.wire import Heartbeat, RoundProtection, RoundStart, RoundState
 from hub.rounds.controller import RoundController
 from hub.service.errors import RoundConfigError
+from hub.service.heartbeat import envelope_counts, record_heartbeat
 from hub.service.settings import HubSettings
 from hub.store.database import Database
+from hub.store.schema import Node
 from tests.hub.service.test_rounds import answer, enroll
 
 pytestmark = pytest.mark.hub
@@ -145,6 +149,92 @@ def test_the_envelope_commands_say_what_stands_in_the_way(tmp_path: Path) -> Non
         "--out", str(tmp_path / "out"), "--model-version", "9.0.0",
     )  # fmt: skip
     assert "there is no round 1" in built and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [(120, 120), (0, 0), (None, None), (True, None), (False, None), (-3, None), ("120", None), (1.5, None)],
+)
+def test_the_heartbeats_kept_count_is_read_only_when_it_is_a_count(sent: object, kept: int | None) -> None:
+    counts = {"envelope_images": 200, "envelope_outside": 3, "envelope_drifting": 0}
+    envelope = envelope_counts(counts if sent is None else {**counts, "envelope_kept": sent})
+    assert envelope is not None and envelope.kept == kept
+    assert envelope.describe() == ("3 of 200 outside" if kept is None else f"3 of 200 outside; {kept} kept")
+    # Without the other envelope counters a kept count alone says nothing.
+    assert envelope_counts({"envelope_kept": 120}) is None
+
+
+def test_envelope_start_warns_about_the_nodes_that_will_refuse_or_fill_few_folds(tmp_path: Path) -> None:
+    from click.testing import Result
+    from typer.testing import CliRunner
+
+    from hub.cli import app
+    from hub.service.settings import load_settings
+    from hub.store.database import open_database
+    from tests.hub.service.conftest import bundle_root
+    from tests.hub.service.test_cli import run_json
+
+    data = tmp_path / "hub"
+    (data / "keys").mkdir(parents=True)
+    for name in ("hub.key", "hub.pub"):
+        shutil.copy(bundle_root() / "keys" / name, data / "keys" / name)
+    os.chmod(data / "keys" / "hub.key", 0o600)
+    env = {"FEDCLINIC_HUB_DATA_DIR": str(data)}
+    run_json("init", "--public-url", "https://127.0.0.1:9443", env=env)
+    bundle = bundle_root() / "bundle"
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_bytes())
+    model = (manifest.model_id, manifest.model_version)
+    # What each node's last heartbeat said, through the hub's own heartbeat path.
+    beats = {
+        "site-0": Heartbeat(edge_version="t", model_id=model[0], model_version="0.9.0", counts=_kept(200)),
+        "site-1": Heartbeat(edge_version="t", model_id=model[0], model_version=model[1], counts=_kept(6)),
+        "site-2": Heartbeat(edge_version="t", model_id=model[0], model_version=model[1], counts=_kept(30)),
+        "site-3": Heartbeat(edge_version="t", model_id=model[0], model_version=model[1], counts=_kept(120)),
+        "site-4": Heartbeat(  # an older edge: envelope counters, but no kept count
+            edge_version="t", model_id=model[0], model_version=model[1], counts=_kept(None)
+        ),
+    }
+    db = open_database(load_settings(data).db_url, migrate=False)
+    try:
+        ids = dict(zip(beats, enroll(db, len(beats)), strict=True))
+        for name, beat in beats.items():
+            with db.session() as session:
+                node = session.get(Node, ids[name])
+                assert node is not None and node.name == name
+                record_heartbeat(node, beat)
+    finally:
+        db.close()
+
+    runner = CliRunner()
+
+    def start(*args: str) -> Result:
+        result = runner.invoke(app, ["envelope", "start", "--bundle", str(bundle), *args], env=env)
+        assert result.exit_code == 0, result.output
+        return result
+
+    started = start("--format", "json")
+    info = json.loads(started.stdout)  # stdout is the round alone, as scripts read it
+    assert info["strategy"] == "envelope_moments" and info["state"] == "collecting"
+    assert sorted(info["nodes"]) == sorted(ids.values())  # the warnings stop nothing
+    assert started.stderr.splitlines() == [
+        f"warning: node site-0 ({ids['site-0']}) serves 0.9.0, the round is about {model[1]}: it will refuse",
+        f"warning: node site-1 ({ids['site-1']}) keeps 6: it will refuse (fewer than 10)",
+        f"warning: node site-2 ({ids['site-2']}) keeps 30: it fills fewer than 5 folds, which widens the "
+        "threshold (docs/envelope.md)",
+        f"warning: node site-4 ({ids['site-4']}) has not said how many images it keeps features of (an "
+        "older edge?)",
+    ]
+    # For people: the same lines on stderr, about the nodes named alone; a round of 3 folds asks for 30.
+    table = start("--node", ids["site-1"], "--node", ids["site-2"], "--node", ids["site-3"], "--folds", "3")
+    assert table.stderr.splitlines() == [
+        f"warning: node site-1 ({ids['site-1']}) keeps 6: it will refuse (fewer than 10)"
+    ]
+    assert "envelope round" in table.stdout and "warning" not in table.stdout
+
+
+def _kept(n: int | None) -> dict[str, int]:
+    counts = {"envelope_images": 200, "envelope_outside": 2, "envelope_drifting": 0, "envelope_negative": 0}
+    return counts if n is None else {**counts, "envelope_kept": n}
 
 
 def _signed_by_another_key(bundle: Path, dest: Path) -> Path:
