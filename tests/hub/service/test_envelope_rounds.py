@@ -31,6 +31,7 @@ from hub.service.heartbeat import envelope_counts, record_heartbeat
 from hub.service.settings import HubSettings
 from hub.store.database import Database
 from hub.store.schema import Node
+from tests.hub.service.conftest import bundle_root
 from tests.hub.service.test_rounds import answer, enroll
 
 pytestmark = pytest.mark.hub
@@ -123,17 +124,24 @@ def test_envelope_rounds_refuse_what_would_not_fit_the_envelope(db: Database, se
         rc.start(RoundStart(strategy="envelope_distances", config=dict(ROUNDS.to_config())), actor="t")
 
 
-def test_the_envelope_commands_say_what_stands_in_the_way(tmp_path: Path) -> None:
-    from tests.hub.service.conftest import bundle_root
-    from tests.hub.service.test_cli import run, run_json
+def _hub_data_dir(data: Path) -> dict[str, str]:
+    """A hub data directory made by ``fedclinic-hub init`` around the test bundle's signing key; the
+    environment that points the CLI at it."""
+    from tests.hub.service.test_cli import run_json
 
-    data = tmp_path / "hub"
     (data / "keys").mkdir(parents=True)
     for name in ("hub.key", "hub.pub"):
         shutil.copy(bundle_root() / "keys" / name, data / "keys" / name)
     os.chmod(data / "keys" / "hub.key", 0o600)
     env = {"FEDCLINIC_HUB_DATA_DIR": str(data)}
     run_json("init", "--public-url", "https://127.0.0.1:9443", env=env)
+    return env
+
+
+def test_the_envelope_commands_say_what_stands_in_the_way(tmp_path: Path) -> None:
+    from tests.hub.service.test_cli import run
+
+    env = _hub_data_dir(tmp_path / "hub")
     bundle = bundle_root() / "bundle"
 
     def said(*args: str) -> str:  # what the command printed, as one line (rich wraps it)
@@ -171,16 +179,8 @@ def test_envelope_start_warns_about_the_nodes_that_will_refuse_or_fill_few_folds
     from hub.cli import app
     from hub.service.settings import load_settings
     from hub.store.database import open_database
-    from tests.hub.service.conftest import bundle_root
-    from tests.hub.service.test_cli import run_json
 
-    data = tmp_path / "hub"
-    (data / "keys").mkdir(parents=True)
-    for name in ("hub.key", "hub.pub"):
-        shutil.copy(bundle_root() / "keys" / name, data / "keys" / name)
-    os.chmod(data / "keys" / "hub.key", 0o600)
-    env = {"FEDCLINIC_HUB_DATA_DIR": str(data)}
-    run_json("init", "--public-url", "https://127.0.0.1:9443", env=env)
+    env = _hub_data_dir(tmp_path / "hub")
     bundle = bundle_root() / "bundle"
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_bytes())
     model = (manifest.model_id, manifest.model_version)
@@ -194,7 +194,7 @@ def test_envelope_start_warns_about_the_nodes_that_will_refuse_or_fill_few_folds
             edge_version="t", model_id=model[0], model_version=model[1], counts=_kept(None)
         ),
     }
-    db = open_database(load_settings(data).db_url, migrate=False)
+    db = open_database(load_settings(Path(env["FEDCLINIC_HUB_DATA_DIR"])).db_url, migrate=False)
     try:
         ids = dict(zip(beats, enroll(db, len(beats)), strict=True))
         for name, beat in beats.items():
