@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from edge_node.protocol.bundle import VerifiedBundle, verify_bundle
 from edge_node.protocol.errors import BundleError
 from edge_node.protocol.manifest import InputEnvelope, Manifest, Provenance
+from edge_node.protocol.publication import version_key
 from export.bundle_writer import BundleFile, write_bundle
 from export.errors import ExportError
 from export.semver import SEMVER, check_semver
@@ -60,6 +61,11 @@ def _check_forward(source_version: str, model_version: str) -> None:
             f"model version {model_version} is not above the source bundle's {source_version}: nodes only "
             "move forward (they refuse a lower version unless it is an explicit rollback); choose a version "
             f"after {source_version}"
+        )
+    if version_key(model_version) < version_key(source_version):
+        raise ExportError(
+            f"nodes compare versions part by part and would take {model_version} for older than "
+            f"{source_version}, and refuse it; choose a version above it both ways (the next patch version)"
         )
 
 

@@ -162,6 +162,27 @@ def test_a_version_not_above_the_source_is_refused_and_nothing_is_written(
     assert _digests(source) == before
 
 
+def test_a_release_after_its_prerelease_is_refused_where_nodes_would_refuse_it(
+    source: Path,
+    source_manifest: Manifest,
+    rebundle: Rebundle,
+    hub_key: Ed25519PrivateKey,
+    tmp_path: Path,
+) -> None:
+    """Semantic versioning puts 1.0.0 after 1.0.0-rc.1; nodes, comparing part by part
+    (``publication.version_key``), take it for older and refuse it: so it is refused here, before signing."""
+    rc = Path(shutil.copytree(source, tmp_path / "rc"))
+    manifest = source_manifest.model_copy(update={"model_version": "1.0.0-rc.1"})
+    (rc / "manifest.json").write_bytes(manifest.canonical_bytes())
+    (rc / "manifest.sig").write_bytes(hub_key.sign(manifest.canonical_bytes()))
+    envelope = _envelope(source_manifest, threshold=10.0)
+    with pytest.raises(ExportError, match=r"would take 1\.0\.0 for older than 1\.0\.0-rc\.1"):
+        rebundle(rc, tmp_path / "release", envelope=envelope, model_version="1.0.0")
+    assert not (tmp_path / "release").exists()
+    rebundle(rc, tmp_path / "next", envelope=envelope, model_version="1.0.1")
+    assert verify_bundle(tmp_path / "next", [hub_key.public_key()]).manifest.model_version == "1.0.1"
+
+
 def test_a_version_that_is_not_semver_is_refused(
     source: Path,
     source_manifest: Manifest,
