@@ -20,19 +20,9 @@ from edge_node.protocol.wire import node_authorization
 from edge_node.uplink.credential import NodeCredential, new_secret
 from edge_node.uplink.rotation import pending_dir
 from edge_node.uplink.transport import pinned_context
-from tests.e2e.federation import HubProcess, enroll, make_hub, make_node, uplink_state, wait_for
+from tests.e2e.federation import HubProcess, enroll, make_node, uplink_state, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def hub(tmp_path: Path) -> Any:
-    server = make_hub(tmp_path / "hub")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _credential(data_dir: Path) -> NodeCredential:

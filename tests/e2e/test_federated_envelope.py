@@ -9,7 +9,6 @@ why, and nothing of it reaches the fit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +35,6 @@ from tests.e2e.federation import (
     HubProcess,
     active_model,
     enroll,
-    make_hub,
     make_node,
     signed_bundle,
     wait_for,
@@ -48,16 +46,6 @@ pytestmark = pytest.mark.slow
 #: Studies each clinic analyses: two clinics with enough for the fit (at least 40 together), one with six.
 STUDIES = {"clinic-north": 24, "clinic-south": 22, "clinic-small": 6}
 PROFILES = {"clinic-north": "A", "clinic-south": "E", "clinic-small": "C"}
-
-
-@pytest.fixture()
-def hub(tmp_path: Path) -> Iterator[HubProcess]:
-    hub = make_hub(tmp_path / "hub")
-    hub.start()
-    try:
-        yield hub
-    finally:
-        hub.stop()
 
 
 def _analysed(node: EdgeProcess) -> int:

@@ -26,7 +26,7 @@ from export.metrics import roc_auc
 from harness.flbench.profiles import CLINIC_PROFILES, UNSEEN_PROFILE, AcquisitionProfile, render, to_unit
 from hub.data.dicomize import dicomize_images
 from hub.data.medmnist import load_medmnist
-from tests.e2e.federation import HubProcess, enroll, make_hub, make_node, wait_for
+from tests.e2e.federation import HubProcess, enroll, make_node, wait_for
 from tests.edge_node.conftest import EdgeProcess, find_test_bundle, storescu
 
 pytestmark = pytest.mark.slow
@@ -108,16 +108,6 @@ def _run_edge_only(node: EdgeProcess, job: dict[str, Any], work: Path) -> dict[s
     out["embedding"] = np.load(out_path.with_suffix(".embedding.npy"))
     out["log"] = done.stderr
     return out
-
-
-@pytest.fixture()
-def hub(tmp_path: Path) -> Any:
-    hub = make_hub(tmp_path / "hub")
-    hub.start()
-    try:
-        yield hub
-    finally:
-        hub.stop()
 
 
 def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
