@@ -36,6 +36,7 @@ __all__ = [
     "MIN_FITTED",
     "PARTS",
     "EnvelopeRounds",
+    "added_up",
     "fitted_envelope",
     "held_out_params",
     "node_histograms",
@@ -141,6 +142,14 @@ def node_moments(
         out[f"{part}/s3"] = np.stack([s.s3 for s in sums])
         out[f"{part}/s4"] = np.array([s.s4 for s in sums])
     return out
+
+
+def added_up(answers: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """What the hub does with either round's answers: each tensor summed over the nodes that sent it (all
+    answers carry the same names and shapes; the round's plan has checked them)."""
+    if not answers:
+        raise ValueError("no answers to add up")
+    return {name: np.sum([a[name] for a in answers], axis=0) for name in answers[0]}
 
 
 def held_out_params(moments: Mapping[str, np.ndarray], rounds: EnvelopeRounds) -> dict[str, np.ndarray]:

@@ -47,6 +47,7 @@ from edge_node.protocol.envelope_rounds import (
     INTENSITY,
     MIN_FITTED,
     EnvelopeRounds,
+    added_up,
     fitted_envelope,
     held_out_params,
     node_histograms,
@@ -116,16 +117,11 @@ def federated_envelope(
     if n < MIN_FITTED:
         return FederatedFit(None, nodes, n)
     # Round one: each node's per-fold sums; the hub adds them up and fits each fold's held-out envelope.
-    moments = _summed([node_moments(f, keys, rounds) for keys, f in sending.values()])
+    moments = added_up([node_moments(f, keys, rounds) for keys, f in sending.values()])
     params = held_out_params(moments, rounds)
     # Round two: each node counts its held-out distances; the hub adds the histograms up.
-    histograms = _summed([node_histograms(f, keys, rounds, params) for keys, f in sending.values()])
+    histograms = added_up([node_histograms(f, keys, rounds, params) for keys, f in sending.values()])
     return FederatedFit(fitted_envelope(moments, histograms, rounds, quantile), nodes, n)
-
-
-def _summed(sent: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """What the hub adds up: each tensor summed over the nodes that sent it."""
-    return {name: np.sum([s[name] for s in sent], axis=0) for name in sent[0]}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edge_node.protocol.envelope_moments import MIN_FOLD_IMAGES
-from edge_node.protocol.envelope_rounds import PARTS, EnvelopeRounds, held_out_params
+from edge_node.protocol.envelope_rounds import PARTS, EnvelopeRounds, added_up, held_out_params
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.errors import StrategyConfigError
 from hub.fl.strategy import ClientFailure, ClientResult, Params
@@ -31,11 +31,6 @@ def rounds_of(config: Mapping[str, Any]) -> EnvelopeRounds:
         return EnvelopeRounds.from_config(config)
     except ValueError as exc:
         raise StrategyConfigError(f"envelope round: {exc}") from exc
-
-
-def _summed(results: Sequence[ClientResult]) -> dict[str, np.ndarray]:
-    names = results[0].update.keys()
-    return {name: np.sum([r.update[name] for r in results], axis=0) for name in names}
 
 
 def _config(rounds: EnvelopeRounds) -> dict[str, float | int | str | bool]:
@@ -62,7 +57,7 @@ class EnvelopeMoments(RoundPlan):
         kept = [r for r in results if _folds_big_enough(r.update)]
         if not kept:
             return None, f"no node sent sums over folds of at least {MIN_FOLD_IMAGES} images"
-        total = _summed(kept)
+        total = added_up([r.update for r in kept])
         total["nodes"] = np.array(len(kept), dtype=np.int64)
         return total, None
 
@@ -104,6 +99,6 @@ class EnvelopeDistances(RoundPlan):
     ) -> tuple[Params | None, str | None]:
         if any(np.any(r.update[name] < 0) for r in results for name in r.update):
             return None, "a node reported negative counts"
-        total = _summed(results)
+        total = added_up([r.update for r in results])
         total["nodes"] = np.array(len(results), dtype=np.int64)
         return total, None

@@ -24,6 +24,7 @@ from edge_node.protocol.envelope_rounds import (
     EMBEDDING,
     INTENSITY,
     EnvelopeRounds,
+    added_up,
     fitted_envelope,
     held_out_params,
     node_histograms,
@@ -115,15 +116,11 @@ def _nodes(rng: np.random.Generator) -> list[tuple[list[str], dict[str, np.ndarr
     return out
 
 
-def _summed(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.sum([p[name] for p in parts], axis=0) for name in parts[0]}
-
-
 def test_the_two_rounds_fit_the_envelope_of_all_the_nodes_images() -> None:
     nodes = _nodes(np.random.default_rng(3))
-    moments = _summed([node_moments(f, keys, ROUNDS) for keys, f in nodes])
+    moments = added_up([node_moments(f, keys, ROUNDS) for keys, f in nodes])
     params = held_out_params(moments, ROUNDS)
-    histograms = _summed([node_histograms(f, keys, ROUNDS, params) for keys, f in nodes])
+    histograms = added_up([node_histograms(f, keys, ROUNDS, params) for keys, f in nodes])
     envelope = fitted_envelope(moments, histograms, ROUNDS, quantile=0.9)
     assert envelope.intensity is not None
 
@@ -157,6 +154,8 @@ def test_too_few_images_over_all_nodes_fit_no_envelope() -> None:
     moments = node_moments(features, keys, ROUNDS)
     with pytest.raises(ValueError, match="33 images; the envelope needs 40"):
         held_out_params(moments, ROUNDS)
+    with pytest.raises(ValueError, match="no answers"):
+        added_up([])
 
 
 def test_the_rounds_config_travels_as_scalars_and_refuses_what_it_cannot_be() -> None:
@@ -187,9 +186,9 @@ def _ratio_to_pooled_cross_fit(sizes: tuple[int, ...], seed: int) -> float:
         emb = rng.normal(size=(n, 8)) + 1.5 * rng.normal(size=8)
         grey = np.sort(rng.uniform(size=(n, 3)), axis=1)
         nodes.append(([f"2.25.{i}.{j}" for j in range(n)], {EMBEDDING: emb, INTENSITY: grey}))
-    moments = _summed([node_moments(f, keys, rounds) for keys, f in nodes])
+    moments = added_up([node_moments(f, keys, rounds) for keys, f in nodes])
     params = held_out_params(moments, rounds)
-    histograms = _summed([node_histograms(f, keys, rounds, params) for keys, f in nodes])
+    histograms = added_up([node_histograms(f, keys, rounds, params) for keys, f in nodes])
     federated = fitted_envelope(moments, histograms, rounds, quantile=0.9).threshold
     pooled = np.concatenate([f[EMBEDDING] for _, f in nodes])
     return federated / float(np.quantile(cross_fitted_distances(pooled), 0.9, method="higher"))

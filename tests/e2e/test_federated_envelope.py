@@ -21,6 +21,7 @@ from edge_node.protocol.envelope_rounds import (
     EMBEDDING,
     INTENSITY,
     EnvelopeRounds,
+    added_up,
     fitted_envelope,
     held_out_params,
     node_histograms,
@@ -141,9 +142,9 @@ def test_the_federation_refits_the_envelope_on_its_own_images(
                 db.close()
             assert f.intensity is not None
             kept[name] = (list(f.keys), {EMBEDDING: f.embedding, INTENSITY: f.intensity})
-        summed_moments = _sum([node_moments(f, k, rounds) for k, f in kept.values()])
+        summed_moments = added_up([node_moments(f, k, rounds) for k, f in kept.values()])
         params = held_out_params(summed_moments, rounds)
-        summed_counts = _sum([node_histograms(f, k, rounds, params) for k, f in kept.values()])
+        summed_counts = added_up([node_histograms(f, k, rounds, params) for k, f in kept.values()])
         want = fitted_envelope(summed_moments, summed_counts, rounds, source.envelope.quantile)
         got = manifest.envelope
         assert got is not None and got.intensity is not None and want.intensity is not None
@@ -162,7 +163,3 @@ def test_the_federation_refits_the_envelope_on_its_own_images(
         for node in nodes.values():
             if node.alive():
                 node.stop()
-
-
-def _sum(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.sum([p[name] for p in parts], axis=0) for name in parts[0]}
