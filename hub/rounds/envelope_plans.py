@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_node.protocol.envelope_moments import MIN_FOLD_IMAGES
-from edge_node.protocol.envelope_rounds import PARTS, EnvelopeRounds, added_up, held_out_params
+from edge_node.protocol.envelope_rounds import EnvelopeRounds, added_up, held_out_params
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.errors import StrategyConfigError
 from hub.fl.strategy import ClientFailure, ClientResult, Params
@@ -38,8 +37,9 @@ def _config(rounds: EnvelopeRounds) -> dict[str, float | int | str | bool]:
 
 
 class EnvelopeMoments(RoundPlan):
-    """Round one: each node sends the sums of each fold of its images' features; the hub adds them up. A
-    node's answer with a fold of fewer than ``MIN_FOLD_IMAGES`` images is left out (nodes never send one)."""
+    """Round one: each node sends the sums of each fold of its images' features; the hub adds them up. An
+    answer with a fold of fewer than ``MIN_FOLD_IMAGES`` images is refused at intake (nodes never send
+    one; ``hub.rounds.answer_checks``)."""
 
     kind = UpdateKind.ENVELOPE_MOMENTS
     name = "envelope_moments"
@@ -54,20 +54,11 @@ class EnvelopeMoments(RoundPlan):
     def aggregate(
         self, number: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
     ) -> tuple[Params | None, str | None]:
-        kept = [r for r in results if _folds_big_enough(r.update)]
-        if not kept:
-            return None, f"no node sent sums over folds of at least {MIN_FOLD_IMAGES} images"
-        total = added_up([r.update for r in kept])
-        total["nodes"] = np.array(len(kept), dtype=np.int64)
+        if not results:
+            return None, "no node sent its sums"
+        total = added_up([r.update for r in results])
+        total["nodes"] = np.array(len(results), dtype=np.int64)
         return total, None
-
-
-def _folds_big_enough(update: Mapping[str, np.ndarray]) -> bool:
-    for part in PARTS:
-        n = update[f"{part}/n"]
-        if np.any(n < 0) or np.any((n > 0) & (n < MIN_FOLD_IMAGES)) or not np.any(n > 0):
-            return False
-    return True
 
 
 class EnvelopeDistances(RoundPlan):
@@ -97,8 +88,8 @@ class EnvelopeDistances(RoundPlan):
     def aggregate(
         self, number: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
     ) -> tuple[Params | None, str | None]:
-        if any(np.any(r.update[name] < 0) for r in results for name in r.update):
-            return None, "a node reported negative counts"
+        if not results:
+            return None, "no node sent its counts"
         total = added_up([r.update for r in results])
         total["nodes"] = np.array(len(results), dtype=np.int64)
         return total, None

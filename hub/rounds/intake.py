@@ -19,6 +19,7 @@ from hub.fl.codec import decode_result
 from hub.fl.errors import PayloadError
 from hub.fl.strategy import Params
 from hub.fl.validation import update_problem
+from hub.rounds.answer_checks import answer_problem
 from hub.rounds.decoded_updates import DecodedUpdates
 from hub.rounds.ledger import answered_count
 from hub.rounds.round_codec import dense_update, round_compressor
@@ -129,6 +130,8 @@ class UpdateIntake:
                 expected,
                 max_norm=float(max_norm) if isinstance(max_norm, (int, float)) else None,
             )
+            if problem is None:
+                problem = answer_problem(rnd.kind, dense)
             if problem is not None:
                 raise UpdateRejected(problem)
             row = Update(

@@ -26,7 +26,7 @@ from edge_node.protocol.tensors import decode_tensors
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import Heartbeat, RoundProtection, RoundStart, RoundState
 from hub.rounds.controller import RoundController
-from hub.service.errors import RoundConfigError
+from hub.service.errors import RoundConfigError, UpdateRejected
 from hub.service.heartbeat import envelope_counts, record_heartbeat
 from hub.service.settings import HubSettings
 from hub.store.database import Database
@@ -58,12 +58,23 @@ def test_both_rounds_give_the_envelope_of_the_nodes_images(db: Database, setting
         assert {e.name: e.shape for e in task.expected}["embedding/s2"] == [4, 6, 6]
         sent[node] = node_moments(features, keys, ROUNDS)
         assert answer(rc, task, node, sent[node], n=len(keys))
-    # The third node answers with a fold of 3 images, which no node sends: left out of the sum.
+    # The third node answers with what no node sends: each is refused on arrival, with the reason, and its
+    # task stays open; it then refuses the round, as a node with too few images does.
     (task,) = rc.open_tasks(nodes[2])
     small_keys, small_features = _features(12, 2)
-    small = node_moments(small_features, small_keys, ROUNDS)
-    small["embedding/n"] = np.array([3.0, 9.0, 0.0, 0.0])
-    assert answer(rc, task, nodes[2], small)
+    honest = node_moments(small_features, small_keys, ROUNDS)
+    wrong = {
+        "a fold of fewer than 10 images": {"embedding/n": [3.0, 9.0, 0.0, 0.0]},
+        "not a count of images": {"intensity/n": [12.5, 0.0, 0.0, 0.0]},
+        "different numbers of images": {"intensity/n": [0.0, 12.0, 0.0, 0.0]},
+        "counts no image": {"embedding/n": [0.0] * 4, "intensity/n": [0.0] * 4},
+    }
+    for reason, changed in wrong.items():
+        sent_wrong = {**honest, **{name: np.array(value) for name, value in changed.items()}}
+        with pytest.raises(UpdateRejected, match=reason):
+            answer(rc, task, nodes[2], sent_wrong)
+    assert rc.info(first.round_id).state is RoundState.COLLECTING
+    rc.refuse(nodes[2], task.task_id, "fewer than 10 images")
     assert rc.info(first.round_id).state is RoundState.PUBLISHED
     moments = rc.result(first.round_id)
     assert int(moments["nodes"]) == 2
@@ -82,6 +93,13 @@ def test_both_rounds_give_the_envelope_of_the_nodes_images(db: Database, setting
     )
     want_params = held_out_params(moments, ROUNDS)
     counts = []
+    # A node reporting negative counts is refused on arrival too.
+    (task,) = rc.open_tasks(nodes[0])
+    keys, features = data[nodes[0]]
+    negative = node_histograms(features, keys, ROUNDS, want_params)
+    negative["embedding/histogram"][0] = -1
+    with pytest.raises(UpdateRejected, match=r"negative counts in \['embedding/histogram'\]"):
+        answer(rc, task, nodes[0], negative)
     for node, (keys, features) in data.items():
         (task,) = rc.open_tasks(node)
         params = decode_tensors(rc.task_params(node, task.task_id))

@@ -26,7 +26,7 @@ from hub.fl.strategy import ClientResult
 from hub.rounds.controller import RoundController
 from hub.rounds.lifecycle import TERMINAL, TRANSITIONS, IllegalTransition, check_transition, transition_table
 from hub.service.enrollment import enroll_node, issue_join_code
-from hub.service.errors import RoundConfigError, TaskClosedError
+from hub.service.errors import RoundConfigError, TaskClosedError, UpdateRejected
 from hub.service.settings import HubSettings
 from hub.store.artifacts import store_tensors
 from hub.store.database import Database
@@ -91,6 +91,9 @@ def test_stats_round_sums_counts_and_refuses_late_updates(db: Database, settings
         assert answer(rc, task, node, {"label_counts": np.array(c, np.int64)})
     assert rc.info(info.round_id).state is RoundState.COLLECTING  # the third node has not answered yet
     (late_task,) = rc.open_tasks(nodes[2])
+    # Negative counts are refused on arrival, so they never fail the round at aggregation.
+    with pytest.raises(UpdateRejected, match="negative counts in \\['label_counts'\\]"):
+        answer(rc, late_task, nodes[2], {"label_counts": np.array([1, -4, 1], np.int64)})
     with db.session() as session:  # the deadline passes
         session.execute(
             update(Round).where(Round.id == info.round_id).values(deadline=utcnow() - timedelta(seconds=1))
