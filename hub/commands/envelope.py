@@ -22,6 +22,8 @@ from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit, f
 from hub.commands.service_options import DataDirOption, hub_database, settings_for
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from edge_node.protocol.bundle import VerifiedBundle
     from hub.service.settings import HubSettings
 
@@ -176,21 +178,20 @@ def _node_warnings(
     return warnings
 
 
-def _published(number: int, strategy: str, settings: HubSettings) -> tuple[dict[str, Any], str, list[str]]:
+def _published(session: Session, number: int, strategy: str) -> tuple[dict[str, Any], str, list[str]]:
     """Round ``number``'s config, result artifact and nodes; it must be a published ``strategy`` round."""
     from sqlalchemy import select
 
     from hub.store.schema import Round
 
-    with hub_database(settings) as db, db.session() as session:
-        row = session.scalars(select(Round).where(Round.number == number)).first()
-        if row is None:
-            fail(f"there is no round {number}; see `fedclinic-hub rounds list`")
-        if row.strategy != strategy:
-            fail(f"round {number} is a {row.strategy} round, not {strategy}")
-        if row.state != "published" or row.result_artifact is None:
-            fail(f"round {number} is {row.state}; only a published round has an aggregate")
-        return dict(row.config), row.result_artifact, list(row.nodes)
+    row = session.scalars(select(Round).where(Round.number == number)).first()
+    if row is None:
+        fail(f"there is no round {number}; see `fedclinic-hub rounds list`")
+    if row.strategy != strategy:
+        fail(f"round {number} is a {row.strategy} round, not {strategy}")
+    if row.state != "published" or row.result_artifact is None:
+        fail(f"round {number} is {row.state}; only a published round has an aggregate")
+    return dict(row.config), row.result_artifact, list(row.nodes)
 
 
 @app.command("threshold")
@@ -205,7 +206,8 @@ def threshold(
     """Open round two: each node gets the envelopes fitted without each fold and sends the histogram of its
     images' held-out distances (no single distance leaves it)."""
     settings = settings_for(data_dir)
-    config, artifact, moments_nodes = _published(round_number, "envelope_moments", settings)
+    with hub_database(settings) as db, db.session() as session:
+        config, artifact, moments_nodes = _published(session, round_number, "envelope_moments")
     request = RoundStart(
         strategy="envelope_distances",
         config=config,
@@ -218,14 +220,18 @@ def threshold(
     emit(fmt, info, lambda console: console.print(_round_table(info)))
 
 
-def _aggregate(
-    number: int, strategy: str, settings: HubSettings
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _aggregates(
+    settings: HubSettings, moments_round: int, distances_round: int
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Both rounds' config and aggregates; the second must have been opened from the first's config."""
     from hub.store.artifacts import load_tensors
 
-    config, artifact, _ = _published(number, strategy, settings)
     with hub_database(settings) as db, db.session() as session:
-        return config, load_tensors(session, artifact)
+        config, moments, _ = _published(session, moments_round, "envelope_moments")
+        later, histograms, _ = _published(session, distances_round, "envelope_distances")
+        if later != config:
+            fail(f"round {distances_round} was not opened from round {moments_round}'s bundle and folds")
+        return config, load_tensors(session, moments), load_tensors(session, histograms)
 
 
 @app.command("build")
@@ -253,10 +259,7 @@ def build(
     from hub.service.publishing import publish_bundle
 
     settings = settings_for(data_dir)
-    config, moments = _aggregate(moments_round, "envelope_moments", settings)
-    later, histograms = _aggregate(distances_round, "envelope_distances", settings)
-    if later != config:
-        fail(f"round {distances_round} was not opened from round {moments_round}'s bundle and folds")
+    config, moments, histograms = _aggregates(settings, moments_round, distances_round)
     rounds = EnvelopeRounds.from_config(config)
     manifest = _verified(bundle, settings).manifest
     if (manifest.model_id, manifest.model_version) != (rounds.model_id, rounds.model_version):
