@@ -28,11 +28,13 @@ from edge_node.analysis.analyzer import (
     prepare_study,
     score_studies,
 )
+from edge_node.analysis.findings import Finding
 from edge_node.analysis.result_file import ResultFile
 from edge_node.delivery.destination import Destination
 from edge_node.delivery.outbox import Outbox
 from edge_node.errors import InferenceError, ModelError
 from edge_node.inference.loaded_model import LoadedModel
+from edge_node.state.envelope_monitor import EnvelopeResult
 from edge_node.state.lifecycle import StudyEvent, StudyState
 from edge_node.state.runs import Claim, FindingRow, ModelInUse, ReportRef, Runs
 from edge_node.waker import Waker
@@ -284,6 +286,21 @@ class Worker:
         run.event, run.queued, run.findings, run.outputs = StudyEvent.FAILED, 0, [], []
 
 
+def _envelope_result(f: Finding) -> EnvelopeResult | None:
+    """A finding's input envelope result as a run records it; None when the model has no envelope."""
+    if f.outside_envelope is None or f.envelope_ratio is None:
+        return None
+    return EnvelopeResult(
+        f.sop_instance_uid,
+        f.outside_envelope,
+        f.envelope_ratio,
+        f.intensity_outside,
+        f.negative,
+        embedding=f.embedding,
+        intensity_features=f.intensity_features,
+    )
+
+
 @dataclass
 class _Run:
     """One claimed study on its way through a batch: its outcome so far, then what was recorded."""
@@ -302,17 +319,7 @@ class _Run:
         self.event = StudyEvent.DONE if outcome.status == "done" else StudyEvent.SKIPPED
         self.reason = outcome.reason
         self.findings = [
-            FindingRow(
-                f.sop_instance_uid,
-                float(f.score),
-                f.label,
-                f.outside_envelope,
-                f.envelope_ratio,
-                f.intensity_outside,
-                f.negative,
-                embedding=f.embedding,
-                intensity_features=f.intensity_features,
-            )
+            FindingRow(f.sop_instance_uid, float(f.score), f.label, _envelope_result(f))
             for f in outcome.findings
         ]
         self.outputs = list(outcome.outputs)  # written durably: the outbox never points at a lost file

@@ -5,10 +5,8 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from edge_node.state.database import Database
 from edge_node.state.envelope_monitor import EnvelopeResult, record_envelope_results
@@ -42,20 +40,13 @@ class Claim:
 
 @dataclass(frozen=True)
 class FindingRow:
+    """One image's finding as a run records it."""
+
     sop_instance_uid: str
     score: float
     label: str
-    #: The image's input envelope result (``Finding``'s); None when the model has no envelope.
-    outside_envelope: bool | None = None
-    envelope_ratio: float | None = None
-    #: Its intensity part's (``Finding``'s): outside it, and looking like a negative; None when the
-    #: envelope has no intensity part.
-    intensity_outside: bool | None = None
-    negative: bool | None = None
-    #: The features those results were judged on (``Finding``'s), kept with them: the embedding (D,) and
-    #: the grey-value features (L,); None without an envelope / without an intensity part.
-    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
-    intensity_features: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: The image's input envelope result; None when the model has no envelope.
+    envelope: EnvelopeResult | None = None
 
 
 @dataclass(frozen=True)
@@ -223,19 +214,7 @@ class Runs:
         c: sqlite3.Connection, run_id: int, findings: Sequence[FindingRow], model: ModelInUse | None
     ) -> None:
         """The findings' input envelope results, for the drift monitor and the page (envelope bundles)."""
-        results = [
-            EnvelopeResult(
-                f.sop_instance_uid,
-                f.outside_envelope,
-                f.envelope_ratio,
-                f.intensity_outside,
-                f.negative,
-                embedding=f.embedding,
-                intensity_features=f.intensity_features,
-            )
-            for f in findings
-            if f.outside_envelope is not None and f.envelope_ratio is not None
-        ]
+        results = [f.envelope for f in findings if f.envelope is not None]
         if not results:
             return
         if model is None or model.envelope_quantile is None:

@@ -22,6 +22,7 @@ from edge_node.page.thumbnail import study_thumbnail
 from edge_node.protection.floor import PrivacyFloor
 from edge_node.settings import load_settings
 from edge_node.state.database import Database
+from edge_node.state.envelope_monitor import EnvelopeResult
 from edge_node.state.ingest_records import InstanceRecord
 from edge_node.state.labels import LabelStore
 from edge_node.state.lifecycle import StudyEvent
@@ -185,9 +186,11 @@ def test_a_study_with_images_outside_the_input_envelope_is_marked(node_db: NodeS
     _analysed(
         node_db,
         [
-            FindingRow(STUDY + ".1.1", 0.81, "pneumonia", True, 4.2),
-            FindingRow(STUDY + ".1.2", 0.30, "normal", False, 0.4),
-            FindingRow(STUDY + ".1.3", 0.55, "pneumonia", True, 9.0, True, True),  # a negative image
+            FindingRow(STUDY + ".1.1", 0.81, "pneumonia", EnvelopeResult(STUDY + ".1.1", True, 4.2)),
+            FindingRow(STUDY + ".1.2", 0.30, "normal", EnvelopeResult(STUDY + ".1.2", False, 0.4)),
+            FindingRow(  # a negative image
+                STUDY + ".1.3", 0.55, "pneumonia", EnvelopeResult(STUDY + ".1.3", True, 9.0, True, True)
+            ),
         ],
         0.99,
     )

@@ -29,6 +29,7 @@ from edge_node.protocol.envelope import intensity_features
 from edge_node.protocol.manifest import MANIFEST_FILE, SIGNATURE_FILE, canonical_json
 from edge_node.state.database import Database
 from edge_node.state.envelope_features import FEATURES_KEPT, envelope_features, kept_images
+from edge_node.state.envelope_monitor import EnvelopeResult
 from edge_node.state.ingest_records import InstanceRecord
 from edge_node.state.lifecycle import StudyEvent
 from edge_node.state.node_state import NodeState
@@ -69,10 +70,13 @@ def record(
             uid,
             0.5,
             "normal",
-            False,
-            0.5,
-            embedding=None if embedding is None else embedding(uid),
-            intensity_features=None if grey is None else grey(uid),
+            EnvelopeResult(
+                uid,
+                False,
+                0.5,
+                embedding=None if embedding is None else embedding(uid),
+                intensity_features=None if grey is None else grey(uid),
+            ),
         )
         for uid in uids
     ]

@@ -15,7 +15,7 @@ import pytest
 
 from edge_node.protocol.envelope import DRIFT_ALARM_P, DRIFT_TOLERANCE
 from edge_node.state.database import Database
-from edge_node.state.envelope_monitor import MIN_IMAGES, WINDOW, EnvelopeMonitor
+from edge_node.state.envelope_monitor import MIN_IMAGES, WINDOW, EnvelopeMonitor, EnvelopeResult
 from edge_node.state.ingest_records import InstanceRecord
 from edge_node.state.lifecycle import StudyEvent
 from edge_node.state.node_state import NodeState
@@ -61,7 +61,7 @@ def record_run(
     findings = [
         FindingRow(sop, 0.5, "normal")
         if quantile is None  # a bundle without an envelope: no result to record
-        else FindingRow(sop, 0.5, "normal", out, 2.0 if out else 0.5, grey_out, negative)
+        else FindingRow(sop, 0.5, "normal", EnvelopeResult(sop, out, 2.0 if out else 0.5, grey_out, negative))
         for sop, out, (grey_out, negative) in zip(sops, outside, intensity, strict=False)
     ]
     in_use = ModelInUse(model[0], model[1], "CPUExecutionProvider", envelope_quantile=quantile)
@@ -159,7 +159,7 @@ def test_findings_with_an_envelope_result_need_the_models_quantile(state: NodeSt
     )  # fmt: skip
     claim = state.runs.claim_next(quiet_seconds=0.0, now=1e12)
     assert claim is not None
-    findings = [FindingRow(study + ".1.1", 0.5, "normal", True, 3.0)]
+    findings = [FindingRow(study + ".1.1", 0.5, "normal", EnvelopeResult(study + ".1.1", True, 3.0))]
     with pytest.raises(ValueError, match="envelope quantile"), state.db.tx() as c:
         state.runs.finish(
             c, claim, StudyEvent.DONE, reason=None, findings=findings, model=ModelInUse("m", "1", "CPU")
