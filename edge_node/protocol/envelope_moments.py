@@ -48,6 +48,10 @@ HISTOGRAM_BINS = 2400
 _SPAN_DECADES = 3.0
 
 
+#: Relative slack of ``MomentSums.problem``'s checks: float64 sums of float32 features round far below it.
+_CONSISTENT = 1e-7
+
+
 @dataclass(frozen=True)
 class MomentSums:
     """The sums of a set of D-dimensional samples that fix their shrunk Gaussian envelope."""
@@ -122,6 +126,27 @@ class MomentSums:
         beta = (fourth - n * float(np.sum(s**2))) / n**2
         a = min(max(beta, 0.0), delta) / delta
         return mu, (1.0 - a) * s + a * m * np.eye(d), a
+
+    def problem(self) -> str | None:
+        """Why these cannot be the sums of ``n`` real samples, or None. What any set of samples satisfies:
+        Σxxᵀ symmetric with a centred part Σxxᵀ − ΣxΣxᵀ/n that is positive semi-definite;
+        Σ|x|⁴ ≥ (Σ|x|²)²/n and (Σ|x|²x_j)² ≤ Σ|x|⁴ Σx_j² (Cauchy–Schwarz); no sum at all over 0 samples.
+        Checked to a relative ``_CONSISTENT`` of each sum's scale, so rounding never refuses real sums."""
+        if self.n == 0:
+            nothing = not (np.any(self.s1) or np.any(self.s2) or np.any(self.s3) or self.s4)
+            return None if nothing else "sums over 0 images are not 0"
+        scale = max(float(np.trace(self.s2)), float(np.abs(self.s2).max(initial=0.0)), 1e-300)
+        if np.abs(self.s2 - self.s2.T).max(initial=0.0) > _CONSISTENT * scale:
+            return "Σxxᵀ is not symmetric"
+        centred = self.s2 - np.outer(self.s1, self.s1) / self.n
+        if float(np.linalg.eigvalsh((centred + centred.T) / 2.0)[0]) < -_CONSISTENT * scale:
+            return "Σxxᵀ − ΣxΣxᵀ/n has a negative eigenvalue: no samples have these sums"
+        square = float(np.trace(self.s2))  # Σ|x|²
+        if self.s4 < square**2 / self.n * (1.0 - _CONSISTENT):
+            return "Σ|x|⁴ is below (Σ|x|²)²/n: no samples have these sums"
+        if np.any(self.s3**2 > self.s4 * np.diag(self.s2) * (1.0 + _CONSISTENT) + 1e-300):
+            return "Σ|x|²x is beyond what Σ|x|⁴ and Σxxᵀ allow: no samples have these sums"
+        return None
 
     def check(self) -> tuple[EnvelopeCheck, float]:
         """The envelope check of these samples (threshold left at 1) and its shrinkage weight."""

@@ -41,6 +41,7 @@ __all__ = [
     "held_out_params",
     "node_histograms",
     "node_moments",
+    "part_sums",
 ]
 
 EMBEDDING = "embedding"
@@ -122,7 +123,8 @@ class EnvelopeRounds:
         return {f"{part}/histogram": (HISTOGRAM_BINS + 2,) for part in PARTS}
 
 
-def _sums(part: str, tensors: Mapping[str, np.ndarray]) -> list[MomentSums]:
+def part_sums(part: str, tensors: Mapping[str, np.ndarray]) -> list[MomentSums]:
+    """One part's per-fold sums out of round one's tensors (a node's answer or their sum)."""
     n, s1, s2, s3, s4 = (np.asarray(tensors[f"{part}/{name}"], dtype=np.float64) for name in _SUMS)
     return [MomentSums(float(n[k]), s1[k], s2[k], s3[k], float(s4[k])) for k in range(len(n))]
 
@@ -158,7 +160,7 @@ def held_out_params(moments: Mapping[str, np.ndarray], rounds: EnvelopeRounds) -
     images are too few to fit it."""
     out: dict[str, np.ndarray] = {}
     for part in PARTS:
-        sums = _sums(part, moments)
+        sums = part_sums(part, moments)
         total = sum(s.n for s in sums)
         if total < MIN_FITTED:
             raise ValueError(f"the nodes sent sums over {total:g} images; the envelope needs {MIN_FITTED}")
@@ -208,7 +210,7 @@ def fitted_envelope(
     ``quantile`` of their held-out distances. ValueError when they are too few or the rounds disagree."""
     fields: dict[str, dict[str, Any]] = {}
     for part in PARTS:
-        sums = _sums(part, moments)
+        sums = part_sums(part, moments)
         total = sum(sums[1:], sums[0])
         if total.n < MIN_FITTED:
             raise ValueError(f"the nodes sent sums over {total.n:g} images; the envelope needs {MIN_FITTED}")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edge_node.protocol.envelope_moments import MIN_FOLD_IMAGES
-from edge_node.protocol.envelope_rounds import PARTS
+from edge_node.protocol.envelope_rounds import PARTS, part_sums
 from edge_node.protocol.updates import UpdateKind
 
 __all__ = ["answer_problem"]
@@ -32,7 +32,8 @@ def answer_problem(kind: str, update: Mapping[str, np.ndarray]) -> str | None:
 
 def _moments_problem(update: Mapping[str, np.ndarray]) -> str | None:
     """Each fold's image count is a whole number, 0 or at least ``MIN_FOLD_IMAGES`` (no node sends a sum
-    over fewer), the same for both parts, and not 0 everywhere."""
+    over fewer), the same for both parts, and not 0 everywhere; and each fold's sums are what some images
+    could have (``MomentSums.problem``): a buggy or made-up answer is refused before it moves the fit."""
     counts = {part: np.asarray(update[f"{part}/n"]) for part in PARTS}
     for part, n in counts.items():
         if np.any(n < 0) or np.any(n != np.round(n)):
@@ -44,4 +45,9 @@ def _moments_problem(update: Mapping[str, np.ndarray]) -> str | None:
     first, *others = counts.values()
     if any(not np.array_equal(first, n) for n in others):
         return "the parts' folds hold different numbers of images (each image is in one fold of each part)"
+    for part in PARTS:
+        for k, sums in enumerate(part_sums(part, update)):
+            problem = sums.problem()
+            if problem is not None:
+                return f"{part}, fold {k}: {problem}"
     return None

@@ -7,6 +7,8 @@ quantile of the held-out distances.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -67,6 +69,45 @@ def test_sums_add_up_to_the_sums_of_all_samples() -> None:
         strict=True,
     ):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12)
+
+
+def _real_samples() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    wide = rng.normal(size=(10, 64)).astype(np.float32) * 300.0 + 1e3  # fewer images than dimensions
+    return {
+        "gaussian": rng.normal(size=(50, 6)),
+        "fewer than dimensions, far from 0": wide.astype(np.float64),
+        "all alike": np.ones((12, 5)) * 7.5,
+        "one direction constant": np.c_[rng.normal(size=(30, 3)), np.full(30, -2.0)],
+        "heavy tails": rng.standard_t(df=2.5, size=(40, 8)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_real_samples()))
+def test_the_sums_of_real_samples_are_consistent(name: str) -> None:
+    x = _real_samples()[name]
+    assert MomentSums.of(x).problem() is None
+    assert (MomentSums.of(x) + MomentSums.of(x[: len(x) // 2])).problem() is None
+    assert MomentSums.zeros(x.shape[1]).problem() is None
+
+
+def test_sums_no_samples_could_have_are_refused() -> None:
+    x = np.random.default_rng(12).normal(size=(40, 5)) + 3.0
+    real = MomentSums.of(x)
+    skewed = real.s2.copy()
+    skewed[0, 1] += 1.0
+    wrong = {
+        "not symmetric": replace(real, s2=skewed),
+        # Claiming more images than were summed leaves a negative direction in the centred part.
+        "negative eigenvalue": replace(real, n=real.n / 4),
+        # A threshold-widening lie: a larger spread than the images have, without their fourth powers.
+        "Σ|x|⁴ is below": replace(real, s2=real.s2 * 4.0),
+        "beyond what Σ|x|⁴": replace(real, s3=real.s3 * 50.0),
+        "over 0 images are not 0": replace(MomentSums.zeros(5), s4=1.0),
+    }
+    for reason, sums in wrong.items():
+        problem = sums.problem()
+        assert problem is not None and reason in problem, (reason, problem)
 
 
 def test_folds_give_each_sum_enough_images_and_do_not_change_between_rounds() -> None:
