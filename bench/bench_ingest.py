@@ -52,6 +52,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pydicom
 from pydicom.uid import generate_uid
@@ -374,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(_summary(console, args, associations, times, total_bytes, cpu))
 
     target = {1: TARGET_RATIO, 4: TARGET_RATIO_FOUR}
-    met = all(r["ratio_edge_over_storescp"] >= target.get(r["associations"], TARGET_RATIO) for r in results)
+    met = all(
+        cast(float, r["ratio_edge_over_storescp"]) >= target.get(cast(int, r["associations"]), TARGET_RATIO)
+        for r in results
+    )
     result = {
         "benchmark": "ingest",
         "files": args.files,

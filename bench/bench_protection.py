@@ -73,7 +73,7 @@ from hub.fl.aggregate import unweighted_mean
 from hub.fl.fedavg import FedAvg
 from hub.fl.privacy import DifferentialPrivacy
 from hub.fl.registry import make_strategy
-from hub.fl.robust import Robust
+from hub.fl.robust import Robust, WrappedStrategy
 from hub.fl.secagg import SecAggServer
 from hub.fl.strategy import ClientResult, ClientTask, Params, Strategy
 from hub.models.fl_cnn import fl_cnn
@@ -211,6 +211,19 @@ class SecureMean:
         return out
 
 
+class SecureAggregation(WrappedStrategy):
+    """``inner`` (FedAvg) with its mean replaced by a ``SecureMean`` round: the hub learns only the sum."""
+
+    name = "secure_mean"
+
+    def __init__(self, inner: Strategy, mean: SecureMean) -> None:
+        super().__init__(inner)
+        self.mean = mean
+
+    def reduce(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
+        return self.mean(updates, weights)
+
+
 def secure_sum(
     updates: Mapping[str, Params],
     layout: Mapping[str, Any],
@@ -240,27 +253,27 @@ def secure_sum(
         for c in ids
     }
     for c, cl in clients.items():
-        msg = cl.advertise()
-        sent[c] += len(msg.model_dump_json())
-        hub(server.receive_advertise, msg)
+        advertised = cl.advertise()
+        sent[c] += len(advertised.model_dump_json())
+        hub(server.receive_advertise, advertised)
     key_list = hub(server.key_list)
     for c, cl in clients.items():
-        msg = cl.share_keys(key_list)
-        sent[c] += len(msg.model_dump_json())
-        hub(server.receive_shares, msg)
+        shares = cl.share_keys(key_list)
+        sent[c] += len(shares.model_dump_json())
+        hub(server.receive_shares, shares)
     share_list = hub(server.share_list)
     spec = ProtectionSpec(cohort_size=len(ids), clip_norm=clip_norm, secure_aggregation=True)
     for c, cl in clients.items():
         cl.receive_shares(share_list)
         protected = ProtectionPipeline().protect(updates[c], spec, masker=cl.mask)
-        msg = cl.masked_input(protected.payload)
-        sent[c] += len(msg.model_dump_json()) + protected.payload_bytes
-        hub(server.receive_masked, msg, protected.payload)
+        masked = cl.masked_input(protected.payload)
+        sent[c] += len(masked.model_dump_json()) + protected.payload_bytes
+        hub(server.receive_masked, masked, protected.payload)
     request = hub(server.unmask_request)
     for c in request.survivors:
-        msg = clients[c].unmask(request)
-        sent[c] += len(msg.model_dump_json())
-        hub(server.receive_unmask, msg)
+        unmasked = clients[c].unmask(request)
+        sent[c] += len(unmasked.model_dump_json())
+        hub(server.receive_unmask, unmasked)
     total = hub(server.sum)
     return total, hub_s, sent
 
@@ -322,8 +335,7 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         strategy = Robust(FedAvg(), "norm_bound_trimmed", beta=0.2)
     elif name == "secagg":
         reducer = SecureMean(clip_norm=args.secagg_clip, bytes_log=bytes_log)
-        assert isinstance(strategy, FedAvg)
-        strategy.reducer = reducer
+        strategy = SecureAggregation(strategy, reducer)
     # Under secure aggregation the bytes are those of the masked round (SecureMean logs them), not the
     # simulation's in-process copy of the dense update.
     learner_log = {c: [] for c in CLINICS} if reducer is not None else bytes_log

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import numpy as np
@@ -31,10 +31,14 @@ HUB_BIN = Path(sys.executable).parent / "fedclinic-hub"
 T = TypeVar("T")
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, every: float = 0.2) -> T:
-    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
+def wait_for(
+    what: str, probe: Callable[[], T | Literal[False] | None], timeout: float = 60.0, every: float = 0.2
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds.
+
+    A probe may answer ``cond and value``: False (or None) until it holds, then the value."""
     deadline = time.time() + timeout
-    last: T | None = None
+    last: T | Literal[False] | None = None
     while time.time() < deadline:
         last = probe()
         if last:

@@ -42,9 +42,15 @@ def clinic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clinic]:
         yield running
 
 
+def _bundle_dir(clinic: Clinic) -> Path:
+    """The bundle directory the clinic installed (the fixture starts it with one)."""
+    assert clinic.bundle is not None
+    return clinic.bundle.bundle
+
+
 @pytest.fixture(scope="module")
 def manifest(clinic: Clinic) -> Manifest:
-    return parse_manifest((clinic.bundle.bundle / "manifest.json").read_bytes())
+    return parse_manifest((_bundle_dir(clinic) / "manifest.json").read_bytes())
 
 
 def _independent_scores(images: np.ndarray, manifest: Manifest, model_path: Path) -> np.ndarray:
@@ -78,7 +84,7 @@ def test_cr_studies_get_sr_and_sc_with_the_model_score(
     )
     with np.load(shared_data / "medmnist" / "pneumoniamnist.npz", allow_pickle=False) as npz:
         pixels = np.asarray(npz["test_images"])[indices]
-    expected = _independent_scores(pixels, manifest, clinic.bundle.bundle / "model.onnx")
+    expected = _independent_scores(pixels, manifest, _bundle_dir(clinic) / "model.onnx")
 
     orthanc_ids = []
     for study in studies:
@@ -167,7 +173,7 @@ def test_tampered_bundle_is_refused_and_the_running_node_keeps_its_model(
     clinic: Clinic, manifest: Manifest, shared_data: Path, tmp_path: Path
 ) -> None:
     tampered = tmp_path / "tampered"
-    shutil.copytree(clinic.bundle.bundle, tampered)
+    shutil.copytree(_bundle_dir(clinic), tampered)
     weights = tampered / "model.onnx"
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= (
@@ -187,7 +193,7 @@ def test_tampered_bundle_is_refused_and_the_running_node_keeps_its_model(
     series = clinic.wait_results(study_id, ("SR",))
     with np.load(shared_data / "medmnist" / "pneumoniamnist.npz", allow_pickle=False) as npz:
         pixels = np.asarray(npz["test_images"])[[7]]
-    (want,) = _independent_scores(pixels, manifest, clinic.bundle.bundle / "model.onnx")
+    (want,) = _independent_scores(pixels, manifest, _bundle_dir(clinic) / "model.onnx")
     sr = _load_instance(clinic, series["SR"][0]["Instances"][0])
     assert sr_score(sr) == pytest.approx(want, abs=1e-5)
     status = clinic.edge.cli("status")

@@ -25,7 +25,7 @@ from tests.e2e.federation import (
     uplink_state,
     wait_for,
 )
-from tests.edge_node.conftest import TrustedBundle, echoscu, require_test_bundle
+from tests.edge_node.conftest import EdgeProcess, TrustedBundle, echoscu, require_test_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -118,12 +118,12 @@ def test_publish_canary_rollback_and_refusals(
     stored.write_bytes(bytes(data))
     hub.start()
     for name, node in federation.nodes.items():
+
+        def last_refusal(n: EdgeProcess = node) -> str | None:
+            return uplink_state(n).get("last_refusal")
+
         # The nodes lost the hub while it was down and retry with backoff (≤ 60 s, jittered).
-        wait_for(
-            f"{name} to refuse the tampered bundle",
-            lambda n=node: uplink_state(n).get("last_refusal"),
-            timeout=180,
-        )
+        wait_for(f"{name} to refuse the tampered bundle", last_refusal, timeout=180)
         assert "sha256" in uplink_state(node)["last_refusal"]
     assert _all_at(federation, "1.0.0")
 

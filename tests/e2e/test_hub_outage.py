@@ -54,12 +54,11 @@ def federation(tmp_path: Path) -> Iterator[tuple[HubService, dict[str, Clinic]]]
         bundle = signed_bundle(found.bundle, tmp_path / "bundle", key, version="1.0.0")
         hub.publish(bundle)
         for name, clinic in clinics.items():
-            wait_for(
-                f"{name} to serve 1.0.0",
-                lambda c=clinic: (c.edge.status(limit=1)["model"] or {}).get("version") == "1.0.0",
-                timeout=120,
-                every=1.0,
-            )
+
+            def serves_1_0_0(c: Clinic = clinic) -> bool:
+                return (c.edge.status(limit=1)["model"] or {}).get("version") == "1.0.0"
+
+            wait_for(f"{name} to serve 1.0.0", serves_1_0_0, timeout=120, every=1.0)
         yield hub, clinics
     finally:
         for clinic in clinics.values():
@@ -97,12 +96,11 @@ def test_hub_down_during_a_round_nodes_serve_their_pacs_and_each_update_arrives_
     each_pacs_sends_a_study(0, "outage-start")
     # And each node says the hub is unreachable (it noticed the outage; nothing was answered yet).
     for name, clinic in clinics.items():
-        wait_for(
-            f"{name} to report the hub unreachable",
-            lambda c=clinic: "hub unreachable" in c.edge.cli("status").stdout,
-            timeout=90,
-            every=1.0,
-        )
+
+        def reports_hub_unreachable(c: Clinic = clinic) -> bool:
+            return "hub unreachable" in c.edge.cli("status").stdout
+
+        wait_for(f"{name} to report the hub unreachable", reports_hub_unreachable, timeout=90, every=1.0)
         assert clinic.edge.updates()["updates"] == []
     assert hub.round_status(round_id)["accepted"] == 0
     # Late in the outage, with every node's retries long since at their cap, each PACS is still answered.

@@ -241,15 +241,15 @@ def test_edge_only_clinics_learn_a_head_and_keep_their_personal_heads(
     for name, node in nodes.items():
         node.start()
         try:
-            sent = storescu(node.port, files)
-            assert sent.returncode == 0, sent.stderr
+            stored = storescu(node.port, files)
+            assert stored.returncode == 0, stored.stderr
             node.wait_idle()
             for i in pick:
-                rows = node.query(
+                scores = node.query(
                     "SELECT score FROM findings WHERE sop_instance_uid = ?", (held_rows[i]["sop"],)
                 )
-                assert len(rows) == 1, (name, rows)
-                assert float(str(rows[0][0])) == pytest.approx(served[name][i], abs=1e-5)
+                assert len(scores) == 1, (name, scores)
+                assert float(str(scores[0][0])) == pytest.approx(served[name][i], abs=1e-5)
             assert "serving a personalised head" in node.log_text()
         finally:
             node.stop()

@@ -77,7 +77,7 @@ def instance_rows(paths: list[Path]) -> list[InstanceRow]:
 
     A file that does not read stands for one damaged on disk after it was spooled: its row says CR image.
     """
-    rows = []
+    rows: list[InstanceRow] = []
     for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)

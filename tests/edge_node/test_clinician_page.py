@@ -8,6 +8,7 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import numpy as np
@@ -52,7 +53,7 @@ def test_a_clinician_confirms_and_corrects_in_chromium(
     written = medmnist_studies("pneumoniamnist", "test", [0, 1, 2], tmp_path / "studies", root=shared_data)
     assert storescu(edge.port, [w.path for w in written]).returncode == 0
     edge.wait_idle(120)
-    keys = {str(uid): int(key) for key, uid in edge.query("SELECT id, study_uid FROM studies")}
+    keys = {str(uid): cast(int, key) for key, uid in edge.query("SELECT id, study_uid FROM studies")}
     findings = {
         str(uid): str(label)
         for uid, label in edge.query(

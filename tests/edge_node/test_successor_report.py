@@ -6,6 +6,7 @@ import io
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pydicom
 import pytest
@@ -21,7 +22,7 @@ DX = dicom_dir() / "highdicom" / "dx_image.dcm"
 
 def _reports(orthanc: Orthanc) -> dict[str, pydicom.Dataset]:
     """Every SR Orthanc holds, by SOP Instance UID."""
-    found = {}
+    found: dict[str, pydicom.Dataset] = {}
     for study in orthanc.studies():
         for instance in orthanc.study_instances(study):
             ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(instance["ID"])), stop_before_pixels=True)
@@ -85,7 +86,7 @@ def test_a_late_instance_gives_a_successor_sr_and_a_resend_does_not(
     assert str(late_ds.SOPInstanceUID) in evidence and len(evidence) == 3
 
     # The PACS sends an image again: the study runs again on the same images, so it is the same SR again.
-    runs_before = edge.query("SELECT COUNT(*) FROM runs")[0][0]
+    runs_before = cast(int, edge.query("SELECT COUNT(*) FROM runs")[0][0])
     assert storescu(edge.port, [late]).returncode == 0
     edge.wait_idle(90)
     assert edge.query("SELECT COUNT(*) FROM runs")[0][0] == runs_before + 1

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from edge_node.protocol.bundle import verify_bundle
 from edge_node.protocol.signing import fingerprint, load_public_keys

@@ -27,6 +27,7 @@ def strict_pacs() -> Iterator[int]:
     scp.require_calling_aet = ["FEDCLINIC"]
     port = free_port()
     server = scp.start_server(("127.0.0.1", port), block=False)
+    assert server is not None
     try:
         yield port
     finally:

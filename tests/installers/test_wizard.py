@@ -30,7 +30,7 @@ def test_interactive_wizard_completes(
     wizard = pexpect.spawn(
         str(SYSTEM_PYTHON),
         [str(kit.path / "install.py"), "--prefix", str(prefix), "--answers", str(answers)],
-        env=env,  # type: ignore[arg-type]
+        env=env,
         encoding="utf-8",
         timeout=300,
         dimensions=(50, 200),

@@ -45,7 +45,7 @@ class PostgresCluster:
     def data_dir(self) -> Path:
         return self.root / "data"
 
-    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def _run(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
         cmd = [str(a) for a in args]
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", _USER, "--", *cmd]

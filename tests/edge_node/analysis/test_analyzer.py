@@ -37,8 +37,10 @@ def cr_study(shared_data: Path) -> list[Path]:
     return [root / "CR1" / "6154", root / "CR2" / "6247", root / "CR3" / "6278"]
 
 
-def _analyse(paths: list[Path], model: LoadedModel, out: Path, **kwargs: bool) -> StudyOutcome:
-    return analyze_study(instance_rows(paths), model, out, **kwargs)
+def _analyse(
+    paths: list[Path], model: LoadedModel, out: Path, *, secondary_capture: bool = True
+) -> StudyOutcome:
+    return analyze_study(instance_rows(paths), model, out, secondary_capture=secondary_capture)
 
 
 @pytest.fixture
@@ -155,10 +157,15 @@ def test_bad_instances_are_skipped_with_reasons_and_the_good_ones_get_results(
     bad_dir.mkdir()
     good = cr_study[0]
     made: dict[str, Path] = {}
+
+    def nan_window(ds: pydicom.Dataset) -> None:
+        ds.WindowCenter = "NaN"
+        ds.WindowWidth = "NaN"
+
     with pydicom.config.disable_value_validation():  # written as a broken sender would, unchecked
         for name, change in {
             "zero-frames": lambda ds: setattr(ds, "NumberOfFrames", 0),
-            "nan-window": lambda ds: (setattr(ds, "WindowCenter", "NaN"), setattr(ds, "WindowWidth", "NaN")),
+            "nan-window": nan_window,
             "inf-slope": lambda ds: setattr(ds, "RescaleSlope", "1e999"),
         }.items():
             ds = pydicom.dcmread(good)

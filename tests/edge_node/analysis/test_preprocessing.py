@@ -334,7 +334,11 @@ def test_jpeg_decodes_with_permissively_licensed_decoders(
     """JPEG lossless, JPEG-LS and baseline decode with GDCM / CharLS / Pillow, without GPL libjpeg."""
     ds = pydicom.dcmread(shared_data / "dicom" / name)
     decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
-    results = [decoder.as_array(ds, index=0, decoding_plugin=p, as_rgb=False)[0] for p in plugins]
+    # pydicom 3 annotates as_array's **kwargs as DecodeOptions (each value) instead of Unpack[DecodeOptions]
+    results = [
+        decoder.as_array(ds, index=0, decoding_plugin=p, as_rgb=False)[0]  # type: ignore[arg-type]
+        for p in plugins
+    ]
     for arr in results[1:]:
         assert np.abs(arr.astype(np.int64) - results[0].astype(np.int64)).max() <= 1  # lossy: rounding only
     if name.endswith("jpeg_ls_lossless.dcm"):

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from typing import cast
 
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import DimseServiceType
 from pynetdicom.transport import ThreadedAssociationServer
 
 from edge_node.delivery.association_loop import ParkedLoop
@@ -57,7 +58,7 @@ def _instance() -> Dataset:
     ds.SOPInstanceUID = generate_uid()
     ds.PatientID = "LOOP"
     ds.set_original_encoding(False, True)
-    ds.file_meta = Dataset()
+    ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 
@@ -83,7 +84,7 @@ def test_the_loop_is_parked_even_when_it_was_just_let_through(storage_scp: int) 
     turns: list[object] = []
     take = assoc.dimse.get_msg
 
-    def watched(block: bool = False) -> object:
+    def watched(block: bool = False) -> tuple[None, None] | tuple[int, DimseServiceType]:
         if threading.current_thread() is not threading.main_thread():
             turns.append(block)  # the loop took a turn: it looks for a message to serve
         return take(block)

@@ -109,7 +109,10 @@ def scp() -> Iterator[CountingScp]:
     for sop_class in RESULT_SOP_CLASSES:
         ae.add_supported_context(sop_class)
     counting = CountingScp(free_port())
-    handlers = [(evt.EVT_C_STORE, counting.on_store), (evt.EVT_ESTABLISHED, counting.on_established)]
+    handlers: list[evt.EventHandlerType] = [
+        (evt.EVT_C_STORE, counting.on_store),
+        (evt.EVT_ESTABLISHED, counting.on_established),
+    ]
     server = ae.start_server(("127.0.0.1", counting.port), block=False, evt_handlers=handlers)
     assert server is not None
     try:

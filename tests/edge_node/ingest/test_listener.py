@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
+from typing import cast
 
 import pydicom
 import pytest
@@ -164,7 +165,8 @@ def test_echo_and_nodelay_on_both_ends(edge: Running) -> None:
             if isinstance(connection, HandedConnection):
                 # Run by a receiver process: the node set TCP_NODELAY on the socket before handing it over.
                 assert isinstance(native.receivers, ReceiverPool)
-                assert sorted(native.receivers.loads) == [0, 1]
+                loads = native.receivers.loads
+                assert None not in loads and sorted(cast(list[int], loads)) == [0, 1]
             else:
                 assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             assert int(assoc.send_c_echo().Status) == 0

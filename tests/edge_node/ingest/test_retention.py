@@ -102,9 +102,12 @@ def test_a_purge_waits_for_an_instance_being_written(spool: Spool) -> None:
     lock = os.open(spool.root / ".write.lock", os.O_RDWR)
     fcntl.flock(lock, fcntl.LOCK_SH)  # what a put in progress holds
     finished = threading.Event()
-    thread = threading.Thread(
-        target=lambda: (purge_spool(spool, RetentionPolicy(1, None), now=10 * DAY), finished.set())
-    )
+
+    def purge() -> None:
+        purge_spool(spool, RetentionPolicy(1, None), now=10 * DAY)
+        finished.set()
+
+    thread = threading.Thread(target=purge)
     thread.start()
     assert not finished.wait(0.5)
     os.close(lock)

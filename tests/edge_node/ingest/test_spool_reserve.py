@@ -101,7 +101,8 @@ def _commit(incoming: IncomingInstance, ds: pydicom.Dataset) -> Path:
     """Commit as the transport does: the response would go here, then ``settle``; the placed file."""
     slot = _flush(incoming, ds)
     if slot.stat().st_size == SLOT:  # a reserve slot: flushed with its zeros, cut after settle
-        assert _complete_length(slot.read_bytes()) < slot.stat().st_size
+        length = _complete_length(slot.read_bytes())
+        assert length is not None and length < slot.stat().st_size
     receipt = incoming.settle()
     assert receipt is not None and not slot.exists()
     incoming._spool.settled()

@@ -37,7 +37,7 @@ def _variance_interval(sample: np.ndarray, level: float = 1e-6) -> tuple[float, 
 def test_each_node_adds_a_1_over_t_share_and_t_shares_make_the_full_variance() -> None:
     pipe = ProtectionPipeline(rng=np.random.default_rng(5))
     sigma = pipe.noise_multiplier(SPEC)
-    assert sigma is not None
+    assert sigma is not None and SPEC.clip_norm is not None
     full = (sigma * SPEC.clip_norm) ** 2  # the variance the stated ε needs in what is released
     zero = {"w": np.zeros(D)}
     outs = [pipe.protect(zero, SPEC, masker=_identity) for _ in range(T)]

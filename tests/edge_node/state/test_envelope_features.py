@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pydicom
@@ -86,7 +86,14 @@ def record(
     return claim.run_id
 
 
-def with_features(run: int, d: int = 3, levels: int = 2) -> dict[str, Callable[[str], np.ndarray]]:
+class Features(TypedDict):
+    """``record``'s feature functions, as keywords."""
+
+    embedding: Callable[[str], np.ndarray]
+    grey: Callable[[str], np.ndarray]
+
+
+def with_features(run: int, d: int = 3, levels: int = 2) -> Features:
     """Features that differ per image and per run (a re-analysed image's latest row is told apart)."""
     return {
         "embedding": lambda uid: _vec(f"{uid}/{run}/embedding", d),
@@ -131,7 +138,7 @@ def test_the_latest_row_of_each_image_is_read_back_newest_first(state: NodeState
     )
     expected = [e2["embedding"]("d"), e2["embedding"]("b"), e1["embedding"]("c"), e1["embedding"]("a")]
     # Stored as float32: equal to the float32 of what was judged.
-    np.testing.assert_array_equal(kept.embedding, np.float32(expected))
+    np.testing.assert_array_equal(kept.embedding, np.asarray(expected, dtype=np.float32))
     np.testing.assert_array_equal(kept.intensity[1], np.float32(e2["grey"]("b")))
     # At most ``limit`` images, the newest.
     two = envelope_features(state.db, *MODEL, limit=2)
@@ -176,8 +183,7 @@ def test_only_the_latest_rows_of_a_model_version_keep_their_features(
 
 
 def test_rows_without_grey_value_features_are_left_out_when_others_have_them(state: NodeState) -> None:
-    embedding_only = {"embedding": with_features(1)["embedding"]}
-    record(state, ["old1", "old2"], **embedding_only)
+    record(state, ["old1", "old2"], embedding=with_features(1)["embedding"])  # no grey-value features
     kept = envelope_features(state.db, *MODEL)
     assert kept.keys == ("old2", "old1") and kept.intensity is None and kept.embedding.shape == (2, 3)
     record(state, ["new1", "old1"], **with_features(2))

@@ -129,7 +129,7 @@ def test_a_restored_strategy_keeps_what_its_kind_tracks() -> None:
     assert pfed.graph is not None and copy_p.graph is not None
     assert copy_p.graph.edges == pfed.graph.edges
     np.testing.assert_array_equal(copy_p.graph.incidence, pfed.graph.incidence)
-    np.testing.assert_array_equal(copy_p.graph.distances, pfed.graph.distances)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(copy_p.graph.distances, pfed.graph.distances)
 
     dp = DifferentialPrivacy(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, seed=5)
     dp.initialize(_model(), CLIENTS)

@@ -158,11 +158,11 @@ def test_authorization_matrix(any_hub: HubServer, tmp_path: Path) -> None:
             # A used join code, and an expired one, are refused.
             issued = server.join_code(client, f"auth-j-{tag}")
             code = decode_join_code(issued.join_code)
-            body = EnrollRequest(
+            enrollment = EnrollRequest(
                 join_secret=code.secret, credential=secrets.token_urlsafe(32), edge_version="1"
             )
-            assert client.post("/v1/enroll", json=body.model_dump(mode="json")).status_code == 200
-            again = body.model_copy(update={"credential": secrets.token_urlsafe(32)})
+            assert client.post("/v1/enroll", json=enrollment.model_dump(mode="json")).status_code == 200
+            again = enrollment.model_copy(update={"credential": secrets.token_urlsafe(32)})
             r = client.post("/v1/enroll", json=again.model_dump(mode="json"))
             assert r.status_code == 401 and r.json()["code"] == "invalid_join_code"
             assert "already used" in r.json()["reason"]

@@ -91,9 +91,9 @@ def test_operator_contract(tmp_path: Path) -> None:
     db = open_database(load_settings(data).db_url, migrate=False)
     try:
         with db.session() as session:
-            node = session.get(Node, node_id)
-            assert node is not None
-            node.counts = {"envelope_images": 120, "envelope_outside": 30, "envelope_drifting": 1}
+            older_node = session.get(Node, node_id)
+            assert older_node is not None
+            older_node.counts = {"envelope_images": 120, "envelope_outside": 30, "envelope_drifting": 1}
     finally:
         db.close()
     (older,) = run_json("nodes", "list", "--data-dir", str(data))["nodes"]

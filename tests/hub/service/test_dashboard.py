@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -65,7 +66,7 @@ def _populate(db: Database) -> None:
             node.last_heartbeat = utcnow() - timedelta(seconds=12)
             node.model_id, node.model_version = "pneumonia-student", "1.0.0"
             # What the nodes' last heartbeats said of their images and the model's input envelope.
-            node.counts = {
+            heartbeat_counts: dict[str, dict[str, Any]] = {
                 "clinic-north": {
                     "envelope_images": 200,
                     "envelope_outside": 3,
@@ -81,7 +82,8 @@ def _populate(db: Database) -> None:
                     "envelope_kept": 180,
                 },
                 "clinic-east": {"envelope_images": "200", "envelope_outside": -1},  # not counts: ignored
-            }[name]
+            }
+            node.counts = heartbeat_counts[name]
             nodes.append(node.id)
     now = utcnow()
     with db.session() as s:

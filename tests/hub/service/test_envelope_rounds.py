@@ -191,8 +191,7 @@ def test_the_heartbeats_kept_count_is_read_only_when_it_is_a_count(sent: object,
 
 
 def test_envelope_start_warns_about_the_nodes_that_will_refuse_or_fill_few_folds(tmp_path: Path) -> None:
-    from click.testing import Result
-    from typer.testing import CliRunner
+    from typer.testing import CliRunner, Result
 
     from hub.cli import app
     from hub.service.settings import load_settings

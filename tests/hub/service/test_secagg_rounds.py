@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -157,7 +157,7 @@ def test_ten_nodes_three_drop_after_masking_and_the_hub_unmasks_the_exact_sum(
             sa.advertise()
             sa.share()
 
-            def masker(t: Tensors) -> Tensors:
+            def masker(t: Mapping[str, np.ndarray]) -> Tensors:
                 inputs[node.node_id] = dict(t)  # what this node masked: its clipped update
                 return sa.client.mask(t)
 

@@ -127,7 +127,7 @@ def _encoder_grad_ratio(fusion: Fusion, seed: int) -> float:
         net.zero_grad()
         torch.nn.functional.binary_cross_entropy_with_logits(out[:, task], y).backward(retain_graph=True)
         grads = [p.grad for n, p in net.named_parameters() if n.startswith(f"encoders.{PRIMARY}.")]
-        norms.append(float(torch.sqrt(sum((g**2).sum() for g in grads if g is not None))))
+        norms.append(float(torch.sqrt(sum(((g**2).sum() for g in grads if g is not None), torch.zeros(())))))
     return norms[1] / norms[0]
 
 

@@ -24,7 +24,7 @@ from hub.fl.registry import make_strategy
 from hub.fl.strategy import ClientResult, ClientTask, Params, Strategy
 from hub.models.registry import create_model
 from hub.training.learners import to_params
-from hub.training.node_learner import CLIENT_ID, PublicSet, build_learner, clinic_data
+from hub.training.node_learner import CLIENT_ID, NodeLearner, PublicSet, build_learner, clinic_data
 from hub.training.simulation import run_federation
 
 LEARN = [sys.executable, "-m", "hub.training.node_learner"]
@@ -34,7 +34,7 @@ SEED = 7
 class Recording:
     """A simulated clinic whose answers the test keeps (the simulation's side of the comparison)."""
 
-    def __init__(self, inner: object) -> None:
+    def __init__(self, inner: NodeLearner) -> None:
         self.inner = inner
         self.client_id = CLIENT_ID
         self.results: list[ClientResult] = []
@@ -42,15 +42,15 @@ class Recording:
 
     def fit(self, task: ClientTask) -> ClientResult:
         self.tasks.append(task)
-        result = self.inner.fit(task)  # type: ignore[attr-defined]
+        result = self.inner.fit(task)
         self.results.append(result)
         return result
 
     def state(self) -> Params:
-        return self.inner.state()  # type: ignore[attr-defined, no-any-return]
+        return self.inner.state()
 
     def restore(self, state: Mapping[str, np.ndarray]) -> None:
-        self.inner.restore(state)  # type: ignore[attr-defined]
+        self.inner.restore(state)
 
 
 @pytest.fixture(scope="module")

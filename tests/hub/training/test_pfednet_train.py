@@ -66,7 +66,7 @@ def test_pfednet_stats_round_then_training_rounds(clinics: dict[str, ClinicData]
     assert run.rounds[0].bytes_up["A"] < 2000  # a sketch is tiny
     assert run.rounds[1].applied and run.rounds[2].applied
     assert strategy.graph is not None and len(strategy.graph.edges) >= 1  # type: ignore[attr-defined]
-    heads = [strategy.params_for(c)["head.weight"] for c in clinics]  # type: ignore[attr-defined]
+    heads = [strategy.params_for(c)["head.weight"] for c in clinics]
     assert not np.array_equal(heads[0], heads[1])
     assert "head.weight" not in strategy.global_params
 

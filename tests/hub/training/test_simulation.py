@@ -67,7 +67,7 @@ def test_a_failing_clinic_becomes_a_client_failure_and_the_round_goes_on(
     assert run.rounds[0].applied
     assert "B" not in run.rounds[0].bytes_up
     assert run.rounds[0].failures == ["B: RuntimeError: disk full"]
-    assert strategy.history[-1].accepted == ("A", "C")  # type: ignore[attr-defined]
+    assert strategy.history[-1].accepted == ("A", "C")
 
 
 def test_resume_from_round_checkpoint_matches_an_uninterrupted_run(
