@@ -218,6 +218,8 @@ class FederationPlan:
         with self.console.status(f"waiting for the four nodes to serve {version}"):
             self.fed.wait_all_serving(version)
         self.console.print(envelope_table(built))
+        for warning in built["warnings"]:  # what `envelope build` asks the operator to look at
+            self.console.print(f"envelope build: {warning}", style="yellow", markup=False, highlight=False)
         self.console.print(f"all four nodes serve {version}: the same model files, the federation's envelope")
         self.version = version
         return dict(built)

@@ -34,7 +34,7 @@ Each place's images are embedded, and their grey-value features taken, once; eve
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,8 +64,12 @@ from export.envelope import (
 )
 from harness.flbench.datasets import BenchData
 from hub.models.fl_cnn import FlCnn
+from hub.rounds.envelope_influence import audit_answers, thresholds_of
 
 __all__ = ["Embedder", "FederatedFit", "envelope_rates", "feature_embedder", "federated_envelope"]
+
+#: How much wider than its features the hostile node of ``traffic_hostile`` answers (see ``stretch``).
+HOSTILE_STRETCH = 3.0
 
 #: (N, 1, H, W) normalised images → (N, D) embeddings (the input of the model's final linear layer).
 Embedder = Callable[[torch.Tensor], np.ndarray]
@@ -93,15 +97,25 @@ class FederatedFit:
     nodes: tuple[str, ...]
     #: How many images their sums cover.
     images: int
+    #: Per node, what `envelope build` shows of it (``hub.rounds.envelope_influence``): per part, the
+    #: threshold with its counts over the threshold without them (``threshold``) and the fit's spread with
+    #: its sums over that without them (``spread``); None where none can be read without them.
+    influence: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    #: The nodes `envelope build` would warn about (``AnswerAudit.named``).
+    warned: tuple[str, ...] = ()
 
 
 def federated_envelope(
     embeddings: Mapping[str, np.ndarray],
     images: Mapping[str, torch.Tensor],
     quantile: float = DEFAULT_QUANTILE,
+    stretch: Mapping[str, float] | None = None,
 ) -> FederatedFit:
     """Both envelope rounds with each clinic a node: ``embeddings`` (N_c, D) and ``images`` (N_c, 1, H, W)
-    (the model input in [0, 1]) of each clinic's validation split, image i keyed ``f"{clinic}/{i}"``."""
+    (the model input in [0, 1]) of each clinic's validation split, image i keyed ``f"{clinic}/{i}"``.
+    ``stretch`` makes clinics hostile: each answers both rounds, consistently, as if its features lay that
+    many times farther from their mean than they do (sums that pass the hub's checks, meant to widen the
+    envelope so that the drift alarm stays quiet)."""
     dim = next(iter(embeddings.values())).shape[1]
     rounds = EnvelopeRounds(
         model_id="bench", model_version="0.0.0", embedding_dim=dim, levels=INTENSITY_LEVELS, folds=FOLDS
@@ -110,18 +124,36 @@ def federated_envelope(
     for clinic, e in embeddings.items():
         if len(e) < MIN_FOLD_IMAGES:
             continue  # a node refuses: no sum over fewer than MIN_FOLD_IMAGES images leaves it
-        grey = intensity_features(images[clinic][:, 0].numpy(), rounds.levels)
-        sending[clinic] = ([f"{clinic}/{i}" for i in range(len(e))], {EMBEDDING: e, INTENSITY: grey})
+        features = {EMBEDDING: e, INTENSITY: intensity_features(images[clinic][:, 0].numpy(), rounds.levels)}
+        factor = (stretch or {}).get(clinic)
+        if factor is not None:
+            features = {part: f.mean(axis=0) + factor * (f - f.mean(axis=0)) for part, f in features.items()}
+        sending[clinic] = ([f"{clinic}/{i}" for i in range(len(e))], features)
     nodes = tuple(sending)
     n = sum(len(keys) for keys, _ in sending.values())
     if n < MIN_FITTED:
         return FederatedFit(None, nodes, n)
     # Round one: each node's per-fold sums; the hub adds them up and fits each fold's held-out envelope.
-    moments = added_up([node_moments(f, keys, rounds) for keys, f in sending.values()])
+    sums = {c: node_moments(f, keys, rounds) for c, (keys, f) in sending.items()}
+    moments = added_up(list(sums.values()))
     params = held_out_params(moments, rounds)
     # Round two: each node counts its held-out distances; the hub adds the histograms up.
-    histograms = added_up([node_histograms(f, keys, rounds, params) for keys, f in sending.values()])
-    return FederatedFit(fitted_envelope(moments, histograms, rounds, quantile), nodes, n)
+    counts = {c: node_histograms(f, keys, rounds, params) for c, (keys, f) in sending.items()}
+    envelope = fitted_envelope(moments, added_up(list(counts.values())), rounds, quantile)
+    # What `envelope build` shows the operator: how far each node's counts alone move each threshold.
+    audit = audit_answers(sums, counts, rounds, quantile)
+    with_all = thresholds_of(envelope)
+    influence = {
+        node.node_id: {
+            "threshold": {
+                part: None if without is None else with_all[part] / without
+                for part, without in node.threshold_without.items()
+            },
+            "spread": node.widens,
+        }
+        for node in audit.influence
+    }
+    return FederatedFit(envelope, nodes, n, influence, tuple(audit.named(with_all)))
 
 
 @dataclass(frozen=True)
@@ -174,6 +206,12 @@ def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_Q
         # The same rounds over what each clinic analysed (``BenchData.traffic_x``), as a node answers them.
         traffic_e = {c: embed(x) for c, x in data.traffic_x.items()}
         fits["traffic"] = federated_envelope(traffic_e, data.traffic_x, quantile)
+        # One hostile node, the clinic that analysed the most images: it answers as if its features were
+        # spread HOSTILE_STRETCH times wider, to keep everyone's drift alarm quiet.
+        hostile = max(sorted(traffic_e), key=lambda c: len(traffic_e[c]))
+        fits["traffic_hostile"] = federated_envelope(
+            traffic_e, data.traffic_x, quantile, stretch={hostile: HOSTILE_STRETCH}
+        )
     for name, fit in fits.items():
         if fit.envelope is not None and fit.envelope.intensity is not None:  # the rounds fit both parts
             envelopes[name] = _Envelope(
@@ -192,7 +230,14 @@ def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_Q
     if "hub" in envelopes:
         out["hub"] = _counts(data, places, envelopes["hub"])
     for name, fit in fits.items():
-        counted: dict[str, Any] = {"nodes": len(fit.nodes), "images": fit.images}
+        counted: dict[str, Any] = {
+            "nodes": len(fit.nodes),
+            "images": fit.images,
+            "influence": fit.influence,
+            "warned": list(fit.warned),
+        }
+        if name == "traffic_hostile":
+            counted["hostile"] = hostile
         if name in envelopes:
             counted.update(_counts(data, places, envelopes[name]))
             counted["thresholds"] = envelopes[name].thresholds()

@@ -12,7 +12,12 @@ import numpy as np
 from edge_node.protocol.envelope import DRIFT_ALARM_P, DRIFT_TOLERANCE, drift_alarm, looks_negative
 from edge_node.protocol.envelope_moments import MIN_FOLD_IMAGES
 from harness.flbench.datasets import SMALL_CLINICS
+from harness.flbench.envelope_rates import HOSTILE_STRETCH
 from harness.flbench.scoring import finite_mean, selection_key
+from hub.rounds.envelope_influence import INFLUENCE_WARNING
+
+#: The envelopes the two rounds fit (``harness.flbench.envelope_rates``), in the order the report shows them.
+FITTED = ("federated", "traffic", "traffic_hostile")
 
 Record = dict[str, Any]
 #: fedclinic's own strategies: "the best fedclinic strategy" is picked among these, on validation.
@@ -185,10 +190,13 @@ def _envelope_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out["hub"] = alarms([r["hub"] for r in runs])
     # The envelopes the two rounds fit: over the clinics' own validation images (those with ≥ 10 send), and
     # over the images each clinic analysed (``traffic``).
-    for fitted in ("federated", "traffic"):
+    for fitted in FITTED:
         if all(fitted in r for r in runs):
             fed = [r[fitted] for r in runs]
             out[fitted] = {"nodes": _ms([f["nodes"] for f in fed])}
+            if all("warned" in f for f in fed):  # runs since `envelope build` reads each node's part
+                out[fitted]["warned_seeds"] = sum(bool(f["warned"]) for f in fed)
+                out[fitted]["hostile_named"] = sum(f.get("hostile") in f["warned"] for f in fed)
             if all("clinics" in f for f in fed):  # every seed's nodes held enough images to fit it
                 out[fitted].update(alarms(fed), thresholds=thresholds(fed))
     if all("intensity" in c[n] for c in counts for n in names):
@@ -551,6 +559,8 @@ def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
         "traffic": "The same rounds over the images each clinic analysed (up to 120 validation images "
         "rendered with its own profile, as a node answers from the features it kept: every clinic takes "
         "part)",
+        "traffic_hostile": "The same rounds with one hostile node (the clinic that analysed the most images "
+        f"answers as if its features lay {HOSTILE_STRETCH:g} times farther from their mean)",
     }
     for fitted, title in titles.items():
         with_fitted = {m: env[fitted] for m, env in with_envelope.items() if fitted in env}
@@ -568,7 +578,28 @@ def _envelope_lines(methods: Mapping[str, Any]) -> list[str]:
             },
         )
         lines += _threshold_lines(with_envelope, fitted)
+        lines += _warned_lines(with_fitted, fitted)
     return lines
+
+
+def _warned_lines(with_fitted: Mapping[str, Mapping[str, Any]], fitted: str) -> list[str]:
+    """In how many seeds `envelope build` would name a node (and, with a hostile one, name it)."""
+    rows = [
+        f"| {m} | {fed['warned_seeds']} | {fed['hostile_named'] if fitted == 'traffic_hostile' else '–'} |"
+        for m, fed in with_fitted.items()
+        if "warned_seeds" in fed
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "Seeds in which `envelope build` would name a node (its answers alone move a threshold or the "
+        f"fit's spread {INFLUENCE_WARNING:g}× or more), and in which it names the hostile one:",
+        "",
+        "| method | seeds naming a node | naming the hostile node |",
+        "|---|---|---|",
+        *rows,
+    ]
 
 
 def _threshold_lines(with_envelope: Mapping[str, Mapping[str, Any]], fitted: str) -> list[str]:

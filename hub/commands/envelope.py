@@ -9,6 +9,7 @@ new version (docs/envelope.md, "Fitted by the federation").
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from edge_node.protocol.bundle import VerifiedBundle
+    from edge_node.protocol.manifest import InputEnvelope, IntensityEnvelope
+    from hub.rounds.envelope_influence import AnswerAudit
     from hub.service.settings import HubSettings
 
 app = typer.Typer(
@@ -178,8 +181,18 @@ def _node_warnings(
     return warnings
 
 
-def _published(session: Session, number: int, strategy: str) -> tuple[dict[str, Any], str, list[str]]:
-    """Round ``number``'s config, result artifact and nodes; it must be a published ``strategy`` round."""
+@dataclass(frozen=True)
+class _Published:
+    """A published envelope round, as the commands read it."""
+
+    round_id: str
+    config: dict[str, Any]
+    artifact: str
+    nodes: list[str]
+
+
+def _published(session: Session, number: int, strategy: str) -> _Published:
+    """Round ``number``; it must be a published ``strategy`` round."""
     from sqlalchemy import select
 
     from hub.store.schema import Round
@@ -191,7 +204,7 @@ def _published(session: Session, number: int, strategy: str) -> tuple[dict[str, 
         fail(f"round {number} is a {row.strategy} round, not {strategy}")
     if row.state != "published" or row.result_artifact is None:
         fail(f"round {number} is {row.state}; only a published round has an aggregate")
-    return dict(row.config), row.result_artifact, list(row.nodes)
+    return _Published(row.id, dict(row.config), row.result_artifact, list(row.nodes))
 
 
 @app.command("threshold")
@@ -207,31 +220,55 @@ def threshold(
     images' held-out distances (no single distance leaves it)."""
     settings = settings_for(data_dir)
     with hub_database(settings) as db, db.session() as session:
-        config, artifact, moments_nodes = _published(session, round_number, "envelope_moments")
+        first = _published(session, round_number, "envelope_moments")
     request = RoundStart(
         strategy="envelope_distances",
-        config=config,
-        nodes=nodes or moments_nodes,
+        config=first.config,
+        nodes=nodes or first.nodes,
         min_results=min_results,
         deadline_s=deadline,
-        model_artifact=artifact,
+        model_artifact=first.artifact,
     )
     info = _open(request, settings)
     emit(fmt, info, lambda console: console.print(_round_table(info)))
 
 
-def _aggregates(
-    settings: HubSettings, moments_round: int, distances_round: int
-) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Both rounds' config and aggregates; the second must have been opened from the first's config."""
+@dataclass(frozen=True)
+class _Answers:
+    """Both rounds' config, the sums' aggregate and each node's answers (node id → tensors)."""
+
+    config: dict[str, Any]
+    moments: dict[str, np.ndarray]
+    moments_by_node: dict[str, dict[str, np.ndarray]]
+    histograms_by_node: dict[str, dict[str, np.ndarray]]
+    names: dict[str, str]
+
+
+def _answers(settings: HubSettings, moments_round: int, distances_round: int) -> _Answers:
+    """What ``build`` reads; the second round must have been opened from the first's config. The envelope
+    rounds take no compression, so each answer is its stored payload."""
+    from sqlalchemy import select
+
+    from edge_node.protocol.tensors import decode_tensors
     from hub.store.artifacts import load_tensors
+    from hub.store.schema import Node, Update
 
     with hub_database(settings) as db, db.session() as session:
-        config, moments, _ = _published(session, moments_round, "envelope_moments")
-        later, histograms, _ = _published(session, distances_round, "envelope_distances")
-        if later != config:
+        first = _published(session, moments_round, "envelope_moments")
+        second = _published(session, distances_round, "envelope_distances")
+        if second.config != first.config:
             fail(f"round {distances_round} was not opened from round {moments_round}'s bundle and folds")
-        return config, load_tensors(session, moments), load_tensors(session, histograms)
+
+        def by_node(round_id: str) -> dict[str, dict[str, np.ndarray]]:
+            updates = session.scalars(select(Update).where(Update.round_id == round_id))
+            return {u.node_id: decode_tensors(u.payload) for u in updates}
+
+        moments_by_node, histograms_by_node = by_node(first.round_id), by_node(second.round_id)
+        ids = set(moments_by_node) | set(histograms_by_node)
+        names = {n.id: n.name for n in session.scalars(select(Node).where(Node.id.in_(sorted(ids))))}
+        return _Answers(
+            first.config, load_tensors(session, first.artifact), moments_by_node, histograms_by_node, names
+        )
 
 
 @app.command("build")
@@ -255,12 +292,13 @@ def build(
     from export.envelope import DEFAULT_QUANTILE
     from export.errors import ExportError
     from export.rebundle import rebundle_with_envelope
+    from hub.rounds.envelope_influence import audit_answers
     from hub.service.datadir import load_signing_key, public_key
     from hub.service.publishing import publish_bundle
 
     settings = settings_for(data_dir)
-    config, moments, histograms = _aggregates(settings, moments_round, distances_round)
-    rounds = EnvelopeRounds.from_config(config)
+    answers = _answers(settings, moments_round, distances_round)
+    rounds = EnvelopeRounds.from_config(answers.config)
     manifest = _verified(bundle, settings).manifest
     if (manifest.model_id, manifest.model_version) != (rounds.model_id, rounds.model_version):
         fail(
@@ -274,10 +312,23 @@ def build(
         if manifest.envelope
         else DEFAULT_QUANTILE
     )
+    audit = audit_answers(answers.moments_by_node, answers.histograms_by_node, rounds, q)
+    if not audit.influence:
+        fail(f"no node answered both round {moments_round} and round {distances_round}", EXIT_FAILED)
     try:
-        envelope = fitted_envelope(moments, histograms, rounds, q)
+        envelope = fitted_envelope(answers.moments, audit.histograms, rounds, q)
     except ValueError as exc:
-        fail(f"no envelope from rounds {moments_round} and {distances_round}: {exc}", EXIT_FAILED)
+        readable = [
+            answers.names.get(n.node_id, n.node_id)
+            for n in audit.influence
+            if all(t is not None for t in n.threshold_without.values())
+        ]
+        hint = f" (without the counts of {', '.join(readable)} it can be read)" if readable else ""
+        fail(f"no envelope from rounds {moments_round} and {distances_round}: {exc}{hint}", EXIT_FAILED)
+    warnings = _audit_warnings(audit, envelope, answers.names)
+    console = Console(stderr=True)
+    for warning in warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     try:
         written = rebundle_with_envelope(
             bundle,
@@ -304,26 +355,63 @@ def build(
                 actor="cli",
             )
         publication = signed.record.publication_id
-    result = _report(
-        manifest.envelope, envelope, moments, histograms, out, written.model_version, publication
-    )
+    result = _report(manifest.envelope, envelope, answers, audit, out, written.model_version, publication)
+    result["warnings"] = warnings
     emit(fmt, result, lambda console: _render(console, result))
+
+
+def _audit_warnings(audit: AnswerAudit, envelope: InputEnvelope, names: dict[str, str]) -> list[str]:
+    """What the operator should look at before the nodes take the envelope."""
+    from hub.rounds.envelope_influence import INFLUENCE_WARNING, thresholds_of
+
+    def who(node: str) -> str:
+        return f"node {names.get(node, node)} ({node})"
+
+    out = [
+        f"{who(node)} counted distances but sent no sums (it refused the first round): its counts are left "
+        "out of the threshold"
+        for node in audit.without_sums
+    ]
+    out += [
+        f"{who(n.node_id)} counted {n.counted} distances for the {n.images} images it summed: it analysed "
+        "images between the rounds, or its counts are not its images'"
+        for n in audit.influence
+        if n.counted != n.images
+    ]
+    for node, part, factor in audit.widening():
+        moved = "widen" if factor > 1 else "narrow"
+        out.append(
+            f"{who(node)}: its sums alone {moved} the {part} fit {max(factor, 1 / factor):.2f}× (warned from "
+            f"{INFLUENCE_WARNING}×): a clinic unlike the others, or sums made up; rerun both rounds without "
+            "it (`envelope start --node ...`) to compare"
+        )
+    for node, part, factor in audit.strong(thresholds_of(envelope)):
+        moved = "raise" if factor > 1 else "lower"
+        size = "beyond reading without them" if factor == float("inf") else f"{max(factor, 1 / factor):.2f}×"
+        out.append(
+            f"{who(node)}: its counts alone {moved} the {part} threshold {size} (warned from "
+            f"{INFLUENCE_WARNING}×): a clinic unlike the others, or counts made up; rerun both rounds "
+            "without it (`envelope start --node ...`) to compare"
+        )
+    return out
 
 
 def _report(
     before: Any,
-    after: Any,
-    moments: dict[str, np.ndarray],
-    histograms: dict[str, np.ndarray],
+    after: InputEnvelope,
+    answers: _Answers,
+    audit: AnswerAudit,
     out: Path,
     version: str,
     publication: str | None,
 ) -> dict[str, Any]:
+    assert after.intensity is not None  # a federated envelope always has its grey-value part
     parts = {}
-    for name, new, old in (
+    pairs: tuple[tuple[str, InputEnvelope | IntensityEnvelope, Any], ...] = (
         ("embedding", after, before),
         ("intensity", after.intensity, before.intensity if before is not None else None),
-    ):
+    )
+    for name, new, old in pairs:
         parts[name] = {
             "fitted_on": new.fitted_on,
             "threshold": new.threshold,
@@ -335,9 +423,21 @@ def _report(
         "bundle": str(out),
         "model_version": version,
         "quantile": after.quantile,
-        "nodes_moments": int(moments["nodes"]),
-        "nodes_distances": int(histograms["nodes"]),
+        "nodes_moments": len(answers.moments_by_node),
+        "nodes_distances": len(audit.influence),
         "parts": parts,
+        "nodes": [
+            {
+                "node_id": n.node_id,
+                "name": answers.names.get(n.node_id),
+                "images": n.images,
+                "counted": n.counted,
+                "threshold_without": n.threshold_without,
+                "widens": n.widens,
+            }
+            for n in audit.influence
+        ],
+        "counts_left_out": audit.without_sums,
         "publication_id": publication,
     }
 
@@ -356,6 +456,20 @@ def _render(console: Console, result: dict[str, Any]) -> None:
             "" if p["source_threshold"] is None else f"{p['source_threshold']:.4g}",
         )
     console.print(table)
+    nodes = Table(title="each node's part: the thresholds without its counts, the fit's spread with its sums")
+    for col in ("node", "images", "counted", "embedding threshold", "grey threshold", "embedding", "grey"):
+        nodes.add_column(col)
+    parts = ("embedding", "intensity")
+    for n in result["nodes"]:
+        without, widens = n["threshold_without"], n["widens"]
+        nodes.add_row(
+            n["name"] or n["node_id"],
+            str(n["images"]),
+            str(n["counted"]),
+            *("–" if without[part] is None else f"{without[part]:.4g}" for part in parts),
+            *("–" if widens[part] is None else f"{widens[part]:.2f}×" for part in parts),
+        )
+    console.print(nodes)
     console.print(
         f"sums from {result['nodes_moments']} node(s), distances from {result['nodes_distances']}; "
         f"quantile {result['quantile']}"

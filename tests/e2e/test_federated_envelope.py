@@ -123,6 +123,13 @@ def test_the_federation_refits_the_envelope_on_its_own_images(
             "1.1.0", "--publish",
         )  # fmt: skip
         assert built["nodes_moments"] == 2 and built["nodes_distances"] == 2
+        # Each node's part, from its own answers: it counted the images it summed, and the threshold
+        # without its counts is the one read from the other node's alone.
+        assert sorted((n["name"], n["images"], n["counted"]) for n in built["nodes"]) == [
+            (name, STUDIES[name], STUDIES[name]) for name in sorted(("clinic-north", "clinic-south"))
+        ]
+        assert all(t is not None and t > 0 for n in built["nodes"] for t in n["threshold_without"].values())
+        assert built["counts_left_out"] == []
         assert built["parts"]["embedding"]["fitted_on"] == 46
 
         # The same envelope, computed here from what the two clinics kept.

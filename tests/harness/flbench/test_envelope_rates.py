@@ -14,6 +14,7 @@ from edge_node.protocol.envelope import EnvelopeCheck, IntensityCheck
 from export.envelope import fit_envelope, fit_intensity_envelope
 from harness.flbench.datasets import BenchData
 from harness.flbench.envelope_rates import envelope_rates, federated_envelope
+from hub.rounds.envelope_influence import INFLUENCE_WARNING
 from hub.training.datasets import ClinicData
 
 #: A fixed projection of each image's 7 × 7 mean-pooled grey values: a small, smooth embedding.
@@ -116,7 +117,7 @@ def test_too_few_images_over_the_nodes_fit_no_federated_envelope() -> None:
     fed = federated_envelope(*_per_clinic(data, _Embed()), 0.99)
     assert fed.envelope is None and fed.nodes == ("A",) and fed.images == 30
     out = envelope_rates(data, _Embed())
-    assert out["federated"] == {"nodes": 1, "images": 30}
+    assert out["federated"] == {"nodes": 1, "images": 30, "influence": {}, "warned": []}
     assert "clinics" in out and "hub" in out  # the other two are counted as ever
 
 
@@ -173,6 +174,8 @@ def test_every_place_is_embedded_once_and_judged_by_all_three_envelopes() -> Non
     assert out["federated"] == {
         "nodes": 3,
         "images": 62,
+        "influence": fed.influence,
+        "warned": list(fed.warned),
         **federated,
         "thresholds": {"embedding": fed.envelope.threshold, "intensity": fed.envelope.intensity.threshold},
     }
@@ -193,10 +196,23 @@ def test_the_rounds_over_each_clinics_analysed_images_take_in_every_clinic() -> 
     assert (
         fit.nodes == ("A", "B", "C", "D") and fit.envelope is not None and fit.envelope.intensity is not None
     )
+    assert set(fit.influence) == set("ABCD")
     assert out["traffic"] == {
         "nodes": 4,
         "images": 160,
+        "influence": fit.influence,
+        "warned": list(fit.warned),
         **_expected(data, ref, EnvelopeCheck.of(fit.envelope), IntensityCheck.of(fit.envelope.intensity)),
         "thresholds": {"embedding": fit.envelope.threshold, "intensity": fit.envelope.intensity.threshold},
     }
     assert out["federated"]["nodes"] == 3  # the validation images' rounds leave D out, as before
+    # One hostile node (every clinic analysed 40: the first by name) answers as if spread 3 times wider:
+    # its sums pass the hub's checks, widen the fit, and `envelope build` names it.
+    hostile = out["traffic_hostile"]
+    assert hostile["hostile"] == "A" and "A" in hostile["warned"] and "A" not in out["traffic"]["warned"]
+
+    def factors(fit: dict[str, Any]) -> list[float]:
+        return [f for kind in ("threshold", "spread") for f in fit["influence"]["A"][kind].values()]
+
+    assert max(factors(hostile)) >= INFLUENCE_WARNING
+    assert all(1 / INFLUENCE_WARNING < f < INFLUENCE_WARNING for f in factors(out["traffic"]))
