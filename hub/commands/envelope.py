@@ -457,7 +457,16 @@ def _render(console: Console, result: dict[str, Any]) -> None:
         )
     console.print(table)
     nodes = Table(title="each node's part: the thresholds without its counts, the fit's spread with its sums")
-    for col in ("node", "images", "counted", "embedding threshold", "grey threshold", "embedding", "grey"):
+    columns = (
+        "node",
+        "images",
+        "counted",
+        "embedding threshold",
+        "grey threshold",
+        "embedding spread",
+        "grey spread",
+    )
+    for col in columns:
         nodes.add_column(col)
     parts = ("embedding", "intensity")
     for n in result["nodes"]:

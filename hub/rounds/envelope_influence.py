@@ -68,8 +68,11 @@ class AnswerAudit:
 
     def strong(self, thresholds: Mapping[str, float]) -> list[tuple[str, str, float]]:
         """``(node, part, factor)`` for each node whose counts move a part's threshold by at least
-        ``INFLUENCE_WARNING`` (the factor is with / without; ``inf`` when without it none can be read)."""
-        out = []
+        ``INFLUENCE_WARNING`` (the factor is with / without; ``inf`` when without it none can be read). A
+        lone node is the whole envelope: there is nothing to compare it with, and nothing is named."""
+        out: list[tuple[str, str, float]] = []
+        if len(self.influence) < 2:
+            return out
         for node in self.influence:
             for part, without in node.threshold_without.items():
                 factor = float("inf") if without is None else thresholds[part] / without

@@ -17,7 +17,7 @@ from edge_node.protocol.envelope_rounds import (
     node_histograms,
     node_moments,
 )
-from hub.rounds.envelope_influence import INFLUENCE_WARNING, audit_answers
+from hub.rounds.envelope_influence import INFLUENCE_WARNING, audit_answers, thresholds_of
 
 ROUNDS = EnvelopeRounds("chest", "1.0.0", embedding_dim=6, levels=(0.1, 0.5, 0.9), folds=5)
 Q = 0.99
@@ -44,8 +44,7 @@ def test_alike_clinics_each_move_the_threshold_little() -> None:
     sums, counts = _rounds(clinics)
     audit = audit_answers(sums, counts, ROUNDS, Q)
     envelope = fitted_envelope(added_up(list(sums.values())), audit.histograms, ROUNDS, Q)
-    assert envelope.intensity is not None
-    thresholds = {EMBEDDING: envelope.threshold, INTENSITY: envelope.intensity.threshold}
+    thresholds = thresholds_of(envelope)
     assert [(n.node_id, n.images, n.counted) for n in audit.influence] == [
         (f"n-{k}", 120, 120) for k in range(4)
     ]
@@ -80,8 +79,17 @@ def test_made_up_counts_are_named_and_counts_without_sums_left_out() -> None:
         added_up([counts[c] for c in clinics])[f"{INTENSITY}/histogram"],
     )
     envelope = fitted_envelope(added_up(list(sums.values())), audit.histograms, ROUNDS, Q)
-    assert envelope.intensity is not None
-    thresholds = {EMBEDDING: envelope.threshold, INTENSITY: envelope.intensity.threshold}
+    thresholds = thresholds_of(envelope)
     strong = audit.strong(thresholds)
     assert [(node, part) for node, part, _ in strong] == [("n-2", EMBEDDING)]
     assert strong[0][2] > 10.0  # the tail it made up lifts the threshold tenfold and more
+
+
+def test_a_lone_node_is_the_whole_envelope_and_is_not_named() -> None:
+    sums, counts = _rounds({"n-0": _clinic(120, 0)})
+    audit = audit_answers(sums, counts, ROUNDS, Q)
+    envelope = fitted_envelope(added_up(list(sums.values())), audit.histograms, ROUNDS, Q)
+    (node,) = audit.influence
+    assert node.threshold_without == {EMBEDDING: None, INTENSITY: None}
+    assert node.widens == {EMBEDDING: None, INTENSITY: None}
+    assert audit.named(thresholds_of(envelope)) == []
