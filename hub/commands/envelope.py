@@ -35,6 +35,10 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+#: Below this many nodes, honest clinics unlike the others were often named by `build` in the benchmark
+#: (docs/benchmarks.md, "One hostile node in the envelope rounds"); its warnings say so.
+FEW_NODES = 6
+
 NodesOption = Annotated[
     list[str] | None, typer.Option("--node", help="Node id taking part (repeat); default all.")
 ]
@@ -392,6 +396,11 @@ def _audit_warnings(audit: AnswerAudit, envelope: InputEnvelope, names: dict[str
             f"{who(node)}: its counts alone {moved} the {part} threshold {size} (warned from "
             f"{INFLUENCE_WARNING}×): a clinic unlike the others, or counts made up; rerun both rounds "
             "without it (`envelope start --node ...`) to compare"
+        )
+    if audit.named(thresholds_of(envelope)) and len(audit.influence) < FEW_NODES:
+        out.append(
+            f"with {len(audit.influence)} nodes each is a large part of the envelope, and an honest clinic "
+            'unlike the others is named too (docs/envelope.md, "One node\'s answers, read one by one")'
         )
     return out
 

@@ -130,6 +130,10 @@ def test_the_federation_refits_the_envelope_on_its_own_images(
         ]
         assert all(t is not None and t > 0 for n in built["nodes"] for t in n["threshold_without"].values())
         assert built["counts_left_out"] == []
+        # Two honest clinics of different scanners: each is half the envelope, so one may be named, and
+        # the warning then says that with two nodes an honest clinic is named too.
+        named = [w for w in built["warnings"] if "alone" in w]
+        assert not named or built["warnings"][-1].startswith("with 2 nodes each is a large part")
         assert built["parts"]["embedding"]["fitted_on"] == 46
 
         # The same envelope, computed here from what the two clinics kept.

@@ -93,3 +93,19 @@ def test_a_lone_node_is_the_whole_envelope_and_is_not_named() -> None:
     assert node.threshold_without == {EMBEDDING: None, INTENSITY: None}
     assert node.widens == {EMBEDDING: None, INTENSITY: None}
     assert audit.named(thresholds_of(envelope)) == []
+
+
+def test_build_says_when_a_federation_is_too_small_to_tell() -> None:
+    from hub.commands.envelope import FEW_NODES, _audit_warnings
+
+    wide_keys, wide = _clinic(120, 5)
+    wide = {part: f.mean(axis=0) + 4.0 * (f - f.mean(axis=0)) for part, f in wide.items()}
+    clinics = {"n-0": _clinic(120, 0), "n-1": _clinic(120, 1), "n-2": (wide_keys, wide)}
+    sums, counts = _rounds(clinics)
+    audit = audit_answers(sums, counts, ROUNDS, Q)
+    envelope = fitted_envelope(added_up(list(sums.values())), audit.histograms, ROUNDS, Q)
+    warnings = _audit_warnings(audit, envelope, {"n-2": "clinic-wide"})
+    assert audit.named(thresholds_of(envelope)) == ["n-2"] and len(clinics) < FEW_NODES
+    widened = "node clinic-wide (n-2): its sums alone widen the embedding fit"
+    assert any(w.startswith(widened) for w in warnings)
+    assert warnings[-1].startswith("with 3 nodes each is a large part of the envelope")
