@@ -92,15 +92,24 @@ def start(
         int, typer.Option("--folds", min=2, max=20, help="Folds of the held-out threshold.")
     ] = 5,
     nodes: NodesOption = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-node", help="Node id left out (repeat): every other active node takes part."),
+    ] = None,
     min_results: MinResultsOption = 1,
     deadline: DeadlineOption = 3600.0,
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Open round one: each node serving BUNDLE sends the per-fold sums of the features it kept of the images
-    it analysed with it (at least 10 images per sum; a node with fewer refuses, saying so)."""
+    it analysed with it (at least 10 images per sum; a node with fewer refuses, saying so). To compare an
+    envelope with one without a node that `build` named, run both rounds again with --exclude-node."""
     from edge_node.protocol.envelope_rounds import EnvelopeRounds
 
     settings = settings_for(data_dir)
+    if exclude:
+        if nodes:
+            fail("name the nodes that take part (--node) or those left out (--exclude-node), not both")
+        nodes = _all_active_but(settings, exclude)
     manifest = _verified(bundle, settings).manifest
     if manifest.head is None:
         fail(f"{manifest.model_id} {manifest.model_version} has no embedding output, so no envelope to refit")
@@ -132,6 +141,24 @@ def start(
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     info = _open(request, settings)
     emit(fmt, info, lambda console: console.print(_round_table(info)))
+
+
+def _all_active_but(settings: HubSettings, exclude: list[str]) -> list[str]:
+    """Every active node's id but those in ``exclude``, each of which must be an active node."""
+    from sqlalchemy import select
+
+    from edge_node.protocol.wire import NodeState
+    from hub.store.schema import Node
+
+    with hub_database(settings) as db, db.session() as session:
+        active = set(session.scalars(select(Node.id).where(Node.state == NodeState.ACTIVE.value)))
+    unknown = sorted(set(exclude) - active)
+    if unknown:
+        fail(f"not an active node: {', '.join(unknown)}; see `fedclinic-hub nodes list`")
+    left = sorted(active - set(exclude))
+    if not left:
+        fail("no active node is left to take part")
+    return left
 
 
 def _node_warnings(
@@ -387,7 +414,7 @@ def _audit_warnings(audit: AnswerAudit, envelope: InputEnvelope, names: dict[str
         out.append(
             f"{who(node)}: its sums alone {moved} the {part} fit {max(factor, 1 / factor):.2f}× (warned from "
             f"{INFLUENCE_WARNING}×): a clinic unlike the others, or sums made up; rerun both rounds without "
-            "it (`envelope start --node ...`) to compare"
+            f"it (`envelope start --exclude-node {node}`) to compare"
         )
     for node, part, factor in audit.strong(thresholds_of(envelope)):
         moved = "raise" if factor > 1 else "lower"
@@ -395,7 +422,7 @@ def _audit_warnings(audit: AnswerAudit, envelope: InputEnvelope, names: dict[str
         out.append(
             f"{who(node)}: its counts alone {moved} the {part} threshold {size} (warned from "
             f"{INFLUENCE_WARNING}×): a clinic unlike the others, or counts made up; rerun both rounds "
-            "without it (`envelope start --node ...`) to compare"
+            f"without it (`envelope start --exclude-node {node}`) to compare"
         )
     if audit.named(thresholds_of(envelope)) and len(audit.influence) < FEW_NODES:
         out.append(

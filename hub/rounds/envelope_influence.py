@@ -10,8 +10,9 @@ Before ``fedclinic-hub envelope build`` signs an envelope, this module reads the
   counts, and how much wider each part's fit is with its sums than without them (the geometric mean of
   the shrunk covariance's spread over all directions, ``det(Σ)^(1/2D)``): a node whose answers alone move
   either far is named, so that the operator looks at it before the nodes take the envelope (and reruns
-  both rounds without it, ``envelope start --node``, if need be). An honest clinic unlike the others moves
-  them too; a federation of two or three nodes moves them most (docs/envelope.md has the figures).
+  both rounds without it, ``envelope start --exclude-node``, if need be). An honest clinic unlike the
+  others moves them too; a federation of two or three nodes moves them most (docs/envelope.md has the
+  figures).
 """
 
 from __future__ import annotations

@@ -107,5 +107,5 @@ def test_build_says_when_a_federation_is_too_small_to_tell() -> None:
     warnings = _audit_warnings(audit, envelope, {"n-2": "clinic-wide"})
     assert audit.named(thresholds_of(envelope)) == ["n-2"] and len(clinics) < FEW_NODES
     widened = "node clinic-wide (n-2): its sums alone widen the embedding fit"
-    assert any(w.startswith(widened) for w in warnings)
+    assert any(w.startswith(widened) and "`envelope start --exclude-node n-2`" in w for w in warnings)
     assert warnings[-1].startswith("with 3 nodes each is a large part of the envelope")

@@ -247,6 +247,20 @@ def test_envelope_start_warns_about_the_nodes_that_will_refuse_or_fill_few_folds
         f"warning: node site-1 ({ids['site-1']}) keeps 6: it will refuse (fewer than 10)"
     ]
     assert "envelope round" in table.stdout and "warning" not in table.stdout
+    # Every active node but those left out; the warnings are about the nodes that take part.
+    left_out = json.loads(
+        start("--exclude-node", ids["site-0"], "--exclude-node", ids["site-4"], "--format", "json").stdout
+    )
+    assert sorted(left_out["nodes"]) == sorted(ids[n] for n in ("site-1", "site-2", "site-3"))
+
+    def refused(*args: str) -> str:
+        result = runner.invoke(app, ["envelope", "start", "--bundle", str(bundle), *args], env=env)
+        assert result.exit_code == 1, result.output
+        return " ".join(result.stderr.split())
+
+    assert "not an active node: n-nowhere" in refused("--exclude-node", "n-nowhere")
+    assert "not both" in refused("--exclude-node", ids["site-0"], "--node", ids["site-1"])
+    assert "no active node is left" in refused(*[x for i in ids.values() for x in ("--exclude-node", i)])
 
 
 def _kept(n: int | None) -> dict[str, int]:
