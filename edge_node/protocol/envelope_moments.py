@@ -87,6 +87,11 @@ class MomentSums:
     def dim(self) -> int:
         return int(self.s1.shape[0])
 
+    @classmethod
+    def total(cls, sums: Sequence[MomentSums]) -> MomentSums:
+        """The sums of all the given sets' samples together (at least one set)."""
+        return sum(sums[1:], sums[0])
+
     def __add__(self, other: MomentSums) -> MomentSums:
         return MomentSums(
             self.n + other.n, self.s1 + other.s1, self.s2 + other.s2, self.s3 + other.s3, self.s4 + other.s4
@@ -204,7 +209,7 @@ def folds_of(keys: Sequence[str], folds: int, salt: str) -> np.ndarray:
 
 def held_out_checks(per_fold: Sequence[MomentSums]) -> list[EnvelopeCheck]:
     """For each fold, the envelope check fitted on all the other folds' sums (threshold left at 1)."""
-    total = sum(per_fold[1:], per_fold[0])
+    total = MomentSums.total(per_fold)
     return [(total - fold).check()[0] for fold in per_fold]
 
 

@@ -210,8 +210,7 @@ def fitted_envelope(
     ``quantile`` of their held-out distances. ValueError when they are too few or the rounds disagree."""
     fields: dict[str, dict[str, Any]] = {}
     for part in PARTS:
-        sums = part_sums(part, moments)
-        total = sum(sums[1:], sums[0])
+        total = MomentSums.total(part_sums(part, moments))
         if total.n < MIN_FITTED:
             raise ValueError(f"the nodes sent sums over {total.n:g} images; the envelope needs {MIN_FITTED}")
         check, shrinkage = total.check()

@@ -103,6 +103,8 @@ class FederatedFit:
     influence: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     #: The nodes `envelope build` would warn about (``AnswerAudit.named``).
     warned: tuple[str, ...] = ()
+    #: The nodes that answered stretched (``stretch``).
+    hostile: tuple[str, ...] = ()
 
 
 def federated_envelope(
@@ -144,16 +146,10 @@ def federated_envelope(
     audit = audit_answers(sums, counts, rounds, quantile)
     with_all = thresholds_of(envelope)
     influence = {
-        node.node_id: {
-            "threshold": {
-                part: None if without is None else with_all[part] / without
-                for part, without in node.threshold_without.items()
-            },
-            "spread": node.widens,
-        }
-        for node in audit.influence
+        node.node_id: {"threshold": node.moves(with_all), "spread": node.widens} for node in audit.influence
     }
-    return FederatedFit(envelope, nodes, n, influence, tuple(audit.named(with_all)))
+    hostile = tuple(c for c in nodes if c in (stretch or {}))
+    return FederatedFit(envelope, nodes, n, influence, tuple(audit.named(with_all)), hostile)
 
 
 @dataclass(frozen=True)
@@ -208,9 +204,9 @@ def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_Q
         fits["traffic"] = federated_envelope(traffic_e, data.traffic_x, quantile)
         # One hostile node, the clinic that analysed the most images: it answers as if its features were
         # spread HOSTILE_STRETCH times wider, to keep everyone's drift alarm quiet.
-        hostile = max(sorted(traffic_e), key=lambda c: len(traffic_e[c]))
+        largest = max(sorted(traffic_e), key=lambda c: len(traffic_e[c]))
         fits["traffic_hostile"] = federated_envelope(
-            traffic_e, data.traffic_x, quantile, stretch={hostile: HOSTILE_STRETCH}
+            traffic_e, data.traffic_x, quantile, stretch={largest: HOSTILE_STRETCH}
         )
     for name, fit in fits.items():
         if fit.envelope is not None and fit.envelope.intensity is not None:  # the rounds fit both parts
@@ -236,8 +232,8 @@ def envelope_rates(data: BenchData, embed: Embedder, quantile: float = DEFAULT_Q
             "influence": fit.influence,
             "warned": list(fit.warned),
         }
-        if name == "traffic_hostile":
-            counted["hostile"] = hostile
+        if fit.hostile:
+            (counted["hostile"],) = fit.hostile
         if name in envelopes:
             counted.update(_counts(data, places, envelopes[name]))
             counted["thresholds"] = envelopes[name].thresholds()

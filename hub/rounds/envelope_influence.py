@@ -17,10 +17,8 @@ Before ``fedclinic-hub envelope build`` signs an envelope, this module reads the
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import reduce
 
 import numpy as np
 
@@ -57,6 +55,14 @@ class NodeInfluence:
     #: are too few to fit).
     widens: dict[str, float | None]
 
+    def moves(self, thresholds: Mapping[str, float]) -> dict[str, float | None]:
+        """Per part, the envelope's threshold (``thresholds``) over the threshold without its counts; None
+        where none can be read without them."""
+        return {
+            part: None if without is None else thresholds[part] / without
+            for part, without in self.threshold_without.items()
+        }
+
 
 @dataclass(frozen=True)
 class AnswerAudit:
@@ -75,8 +81,8 @@ class AnswerAudit:
         if len(self.influence) < 2:
             return out
         for node in self.influence:
-            for part, without in node.threshold_without.items():
-                factor = float("inf") if without is None else thresholds[part] / without
+            for part, moved in node.moves(thresholds).items():
+                factor = float("inf") if moved is None else moved
                 if _far(factor):
                     out.append((node.node_id, part, factor))
         return out
@@ -116,10 +122,6 @@ def _spread(sums: MomentSums) -> float | None:
     return float(np.exp(logdet / (2 * sums.dim))) if sign > 0 else None
 
 
-def _summed(sums: list[MomentSums]) -> MomentSums:
-    return reduce(operator.add, sums)
-
-
 def _widens(mine: Mapping[str, MomentSums], everyone: Mapping[str, MomentSums]) -> dict[str, float | None]:
     """Per part, the spread of the fit over everyone's sums over that without ``mine``."""
     out: dict[str, float | None] = {}
@@ -127,10 +129,6 @@ def _widens(mine: Mapping[str, MomentSums], everyone: Mapping[str, MomentSums]) 
         with_it, without = _spread(everyone[part]), _spread(everyone[part] - mine[part])
         out[part] = None if with_it is None or not without else with_it / without
     return out
-
-
-def _images(moments: Mapping[str, np.ndarray]) -> int:
-    return int(sum(s.n for s in part_sums(PARTS[0], moments)))
 
 
 def _threshold(counts: np.ndarray, dim: int, quantile: float) -> float | None:
@@ -152,8 +150,14 @@ def audit_answers(
     both = sorted(set(histograms) & set(moments))
     kept = {node: histograms[node] for node in both}
     # Each node's sums over all its folds, and everyone's (the nodes of round one, as the fit has them).
-    node_sums = {n: {part: _summed(part_sums(part, m)) for part in PARTS} for n, m in moments.items()}
-    everyone = {part: _summed([sums[part] for sums in node_sums.values()]) for part in PARTS} if both else {}
+    node_sums = {
+        n: {part: MomentSums.total(part_sums(part, m)) for part in PARTS} for n, m in moments.items()
+    }
+    everyone = (
+        {part: MomentSums.total([sums[part] for sums in node_sums.values()]) for part in PARTS}
+        if both
+        else {}
+    )
     total = added_up(list(kept.values())) if kept else {}
     influence = []
     for node in both:
@@ -162,7 +166,6 @@ def audit_answers(
             rest = total[f"{part}/histogram"] - kept[node][f"{part}/histogram"]
             without[part] = _threshold(rest, rounds.dims[part], quantile) if rest.sum() > 0 else None
         counted = int(np.asarray(kept[node][f"{PARTS[0]}/histogram"]).sum())
-        influence.append(
-            NodeInfluence(node, _images(moments[node]), counted, without, _widens(node_sums[node], everyone))
-        )
+        images = int(node_sums[node][PARTS[0]].n)
+        influence.append(NodeInfluence(node, images, counted, without, _widens(node_sums[node], everyone)))
     return AnswerAudit(total, without_sums, influence)
