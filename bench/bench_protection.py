@@ -18,6 +18,8 @@ with each protection switched on in turn:
   coordinate-wise median, the trimmed mean (β = 0.2), the norm filter (unweighted, ``normfilter``, or
   FedAvg's weights, ``normfilterw``), the norm bound (``normbound``: clip every update to the median norm)
   and the norm bound then the trimmed mean (``normboundtrim``).
+- ``flip_fedavg``: clinic A sends its update sign-flipped at its own norm (a lie the norm filter cannot see),
+  aggregated by plain FedAvg.
 - ``clean_*``: the same robust reductions without a poisoned clinic (what robustness costs on non-IID
   clinics by itself).
 - ``light_plain`` / ``light_dp_eps{1,4,8}``: the light learner's ``head_delta`` federation (the
@@ -33,6 +35,11 @@ with each protection switched on in turn:
 - ``without_A``: plain FedAvg over the five other clinics, A left out: the best a reduction that (rightly)
   ignores everything the poisoned clinic sends can do.
 
+Every configuration but ``secagg`` (where the hub holds only the sum) also reads each round's updates node
+by node as ``fedclinic-hub rounds updates`` does (``hub.fl.update_audit``): which clinics it names, in how
+many rounds, and the honest clinics' extremes (the largest norm over the round's median, the lowest cosine
+with the others' mean).
+
 AUC: the final global model on each clinic's own (profiled) test set, mean over clinics and over the four
 small clinics C–F; beside it the same on each clinic's validation split (``harness.flbench.datasets``: the
 clinic's share of the validation split at its label mix, rendered with its profile). Also times the hub's
@@ -45,6 +52,7 @@ side of secure aggregation at 20 nodes on a vector of the CNN's size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -76,6 +84,8 @@ from hub.fl.registry import make_strategy
 from hub.fl.robust import Robust, WrappedStrategy
 from hub.fl.secagg import SecAggServer
 from hub.fl.strategy import ClientResult, ClientTask, Params, Strategy
+from hub.fl.update_audit import audit_updates
+from hub.fl.validation import l2_norm
 from hub.models.fl_cnn import fl_cnn
 from hub.models.student import student_cnn_s
 from hub.training.learners import (
@@ -118,6 +128,7 @@ MORE_CONFIGS = (
     "clean_normbound",
     "clean_normboundtrim",
     "without_A",
+    "flip_fedavg",
     "light_plain",
     "light_dp_eps1",
     "light_dp_eps4",
@@ -125,6 +136,11 @@ MORE_CONFIGS = (
     "light_unshared",
 )
 POISONED = "A"
+#: What the attacker multiplies its update by: sign-flipped and scaled ×10 (``poison_*``), or sign-flipped
+#: at its own norm (``flip_*``).
+ATTACKS = {"poison": -10.0, "flip": -1.0}
+#: Round → clinic → (the dense update the hub aggregates, the images the clinic says it trained on).
+UpdatesLog = dict[int, dict[str, tuple[Params, int]]]
 DELTA = 1e-5
 
 
@@ -137,15 +153,17 @@ class MeteredLearner:
         spec: ProtectionSpec | None,
         bytes_log: dict[str, list[int]],
         *,
-        poison: bool = False,
+        scale: float = 1.0,
         unshared: bool = False,
+        updates_log: UpdatesLog | None = None,
     ) -> None:
         self.inner = inner
         self.client_id = inner.client_id
         self.spec = spec
         self.pipeline = ProtectionPipeline(rng=np.random.default_rng(0))
         self.bytes_log = bytes_log
-        self.poison = poison
+        self.scale = scale
+        self.updates_log = updates_log
         self.unshared = unshared
         self.norms: list[float] = []
         self.sigmas: list[float] = []  # the noise multiplier of every noised release
@@ -155,21 +173,24 @@ class MeteredLearner:
         update = result.update
         if self.unshared:  # nothing of the update is federated: the hub averages zeros
             update = {n: np.zeros_like(a) for n, a in update.items()}
-        if self.poison:  # sign-flipped and scaled ×10
-            update = {n: (-10.0 * a).astype(a.dtype) if a.dtype.kind == "f" else a for n, a in update.items()}
-        self.norms.append(
-            float(np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in update.values())))
-        )
+        if self.scale != 1.0:  # the attacker's update (ATTACKS)
+            update = {
+                n: (self.scale * a).astype(a.dtype) if a.dtype.kind == "f" else a for n, a in update.items()
+            }
+        self.norms.append(l2_norm(update))
         if self.spec is None:
             self.bytes_log[self.client_id].append(len(encode_tensors(update)))
-            return ClientResult(result.client_id, result.round, result.num_examples, update, result.metrics)
-        protected = self.pipeline.protect(update, self.spec)
-        self.bytes_log[self.client_id].append(protected.payload_bytes)
-        if protected.noise_multiplier is not None:
-            self.sigmas.append(protected.noise_multiplier)
-        compressor = self.spec.compressor()
-        wire = decode_tensors(protected.payload)  # what the hub receives
-        dense = wire if compressor is None else compressor.decompress(wire, layout_of(update))
+            dense = update
+        else:
+            protected = self.pipeline.protect(update, self.spec)
+            self.bytes_log[self.client_id].append(protected.payload_bytes)
+            if protected.noise_multiplier is not None:
+                self.sigmas.append(protected.noise_multiplier)
+            compressor = self.spec.compressor()
+            wire = decode_tensors(protected.payload)  # what the hub receives
+            dense = wire if compressor is None else compressor.decompress(wire, layout_of(update))
+        if self.updates_log is not None:
+            self.updates_log.setdefault(result.round, {})[self.client_id] = (dense, result.num_examples)
         return ClientResult(result.client_id, result.round, result.num_examples, dense, result.metrics)
 
     def state(self) -> Params:
@@ -339,6 +360,9 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
     # Under secure aggregation the bytes are those of the masked round (SecureMean logs them), not the
     # simulation's in-process copy of the dense update.
     learner_log = {c: [] for c in CLINICS} if reducer is not None else bytes_log
+    # Under secure aggregation the hub never holds one clinic's update: nothing to read node by node.
+    updates_log: UpdatesLog | None = {} if reducer is None else None
+    attack = name.split("_", 1)[0]
     learners = {}
     for k, c in enumerate(CLINICS):
         if name == "without_A" and c == POISONED:
@@ -346,9 +370,8 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         model = fl_cnn(norm="group")
         model.load_state_dict(init.state_dict())
         inner = SupervisedLearner(c, model, data.clinics[c], cfg, seed * 100 + k)
-        learners[c] = MeteredLearner(
-            inner, spec, learner_log, poison=name.startswith("poison") and c == POISONED
-        )
+        scale = ATTACKS[attack] if attack in ATTACKS and c == POISONED else 1.0
+        learners[c] = MeteredLearner(inner, spec, learner_log, scale=scale, updates_log=updates_log)
     strategy.initialize(to_params(init), list(learners))
     t0 = time.perf_counter()
     run = run_federation(strategy, learners, args.rounds)
@@ -369,7 +392,36 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         "median_update_norm": float(np.median([n for lr in learners.values() for n in lr.norms])),
         "failures": failures,
         "seconds": seconds,
+        **(
+            {"audit": audit_summary(updates_log, POISONED if attack in ATTACKS else None)}
+            if updates_log
+            else {}
+        ),
         **extra,
+    }
+
+
+def audit_summary(log: UpdatesLog, attacker: str | None) -> dict[str, Any]:
+    """What the hub's node-by-node reading of every round says: the rounds each clinic is named in, the
+    rounds the norm filter would drop it in, and every clinic's figures per round (``nodes``)."""
+    audits = [audit_updates(log[r]) for r in sorted(log)]
+    named: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    for audit in audits:
+        for node, _ in audit.named():
+            named[node.node_id] = named.get(node.node_id, 0) + 1
+        for node in audit.dropped():
+            dropped[node.node_id] = dropped.get(node.node_id, 0) + 1
+    return {
+        "rounds": len(audits),
+        "attacker": attacker,
+        "named": named,
+        "norm_filter_drops": dropped,
+        "nodes": [
+            {"round": r, **dataclasses.asdict(n)}
+            for r, a in zip(sorted(log), audits, strict=True)
+            for n in a.nodes
+        ],
     }
 
 
@@ -764,7 +816,56 @@ def summarise(rows: list[dict[str, Any]]) -> str:
             per_seed.append(f"{name}: " + ", ".join(f"seed {s} {v:+.3f}" for s, v in d.items()))
     if per_seed:
         lines += ["", "Δ small clinics, per seed:", *per_seed]
+    audited = [r for r in rows if "audit" in r]
+    if audited:
+        lines += ["", audit_table(audited)]
     return "\n".join(lines)
+
+
+def audit_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: per configuration, summed over seeds, the rounds in which the hub's reading names the
+    attacker and honest clinics and the norm filter would drop them; the honest clinics' extremes of
+    ``keeps`` and ``agreement`` (``hub.fl.update_audit``) and the attacker's range of each."""
+    lines = [
+        "| config | seeds × rounds | attacker named | honest named (clinic-rounds) | norm filter drops "
+        "(clinic-rounds) | honest min keeps | honest min agreement | attacker keeps | attacker agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r["config"] for r in rows):
+        audits = [r["audit"] for r in rows if r["config"] == name]
+        total = sum(a["rounds"] for a in audits)
+        attacker = audits[0]["attacker"]
+        nodes = [n for a in audits for n in a["nodes"]]
+        honest = [n for n in nodes if n["node_id"] != attacker]
+        hostile = [n for n in nodes if n["node_id"] == attacker]
+        hit = f"{sum(a['named'].get(attacker, 0) for a in audits)} of {total}" if attacker else "–"
+
+        def counted(key: str, audits: list[dict[str, Any]] = audits, attacker: str | None = attacker) -> str:
+            by: dict[str, int] = {}
+            for a in audits:
+                for c, k in a[key].items():
+                    if key != "named" or c != attacker:
+                        by[c] = by.get(c, 0) + k
+            return (
+                ", ".join(f"{'*' if c == attacker else ''}{c} {k}" for c, k in sorted(by.items())) or "none"
+            )
+
+        def extreme(key: str, nodes: list[dict[str, Any]] = honest) -> str:
+            vals = [n[key] for n in nodes if n[key] is not None]
+            return f"{min(vals):+.2f}" if vals else "–"
+
+        def span(key: str, hostile: list[dict[str, Any]] = hostile) -> str:
+            return _span([n[key] for n in hostile if n[key] is not None], "{:+.2f}")
+
+        lines.append(
+            f"| {name} | {total} | {hit} | {counted('named')} | {counted('norm_filter_drops')} "
+            f"| {extreme('keeps')} | {extreme('agreement')} | {span('keeps')} | {span('agreement')} |"
+        )
+    return "\n".join(lines)
+
+
+def _span(values: Sequence[float], fmt: str) -> str:
+    return f"{fmt.format(min(values))} to {fmt.format(max(values))}" if values else "–"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ from rich.table import Table
 
 from edge_node.protocol.wire import RoundInfo, RoundStart
 from hub.commands.output import EXIT_FAILED, FormatOption, OutputFormat, emit, fail
-from hub.commands.service_options import DataDirOption, hub_database, settings_for
+from hub.commands.service_options import (
+    DataDirOption,
+    ExcludeNodesOption,
+    hub_database,
+    settings_for,
+    taking_part,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -92,10 +98,7 @@ def start(
         int, typer.Option("--folds", min=2, max=20, help="Folds of the held-out threshold.")
     ] = 5,
     nodes: NodesOption = None,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option("--exclude-node", help="Node id left out (repeat): every other active node takes part."),
-    ] = None,
+    exclude: ExcludeNodesOption = None,
     min_results: MinResultsOption = 1,
     deadline: DeadlineOption = 3600.0,
     fmt: FormatOption = OutputFormat.table,
@@ -106,10 +109,7 @@ def start(
     from edge_node.protocol.envelope_rounds import EnvelopeRounds
 
     settings = settings_for(data_dir)
-    if exclude:
-        if nodes:
-            fail("name the nodes that take part (--node) or those left out (--exclude-node), not both")
-        nodes = _all_active_but(settings, exclude)
+    nodes = taking_part(settings, nodes, exclude)
     manifest = _verified(bundle, settings).manifest
     if manifest.head is None:
         fail(f"{manifest.model_id} {manifest.model_version} has no embedding output, so no envelope to refit")
@@ -141,24 +141,6 @@ def start(
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     info = _open(request, settings)
     emit(fmt, info, lambda console: console.print(_round_table(info)))
-
-
-def _all_active_but(settings: HubSettings, exclude: list[str]) -> list[str]:
-    """Every active node's id but those in ``exclude``, each of which must be an active node."""
-    from sqlalchemy import select
-
-    from edge_node.protocol.wire import NodeState
-    from hub.store.schema import Node
-
-    with hub_database(settings) as db, db.session() as session:
-        active = set(session.scalars(select(Node.id).where(Node.state == NodeState.ACTIVE.value)))
-    unknown = sorted(set(exclude) - active)
-    if unknown:
-        fail(f"not an active node: {', '.join(unknown)}; see `fedclinic-hub nodes list`")
-    left = sorted(active - set(exclude))
-    if not left:
-        fail("no active node is left to take part")
-    return left
 
 
 def _node_warnings(

@@ -1,12 +1,13 @@
-"""`fedclinic-hub rounds start|status|list|cancel|states`: federated rounds over the enrolled nodes."""
+"""`fedclinic-hub rounds start|status|updates|list|cancel|states`: federated rounds over the nodes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -19,7 +20,16 @@ from edge_node.protocol.protection import CompressionKind
 from edge_node.protocol.tensors import decode_tensors
 from edge_node.protocol.wire import RoundInfo, RoundProtection, RoundStart, RoundState
 from hub.commands.output import EXIT_USAGE, FormatOption, OutputFormat, emit, emit_list, fail
-from hub.commands.service_options import DataDirOption, hub_database, settings_for
+from hub.commands.service_options import (
+    DataDirOption,
+    ExcludeNodesOption,
+    hub_database,
+    settings_for,
+    taking_part,
+)
+
+if TYPE_CHECKING:
+    from hub.rounds.round_updates import RoundUpdates
 
 app = typer.Typer(help="Start, watch, list and cancel federated rounds.", no_args_is_help=True)
 
@@ -108,6 +118,7 @@ def start(
     nodes: Annotated[
         list[str] | None, typer.Option("--node", help="Node id taking part (repeat); default all.")
     ] = None,
+    exclude: ExcludeNodesOption = None,
     min_results: Annotated[
         int, typer.Option("--min-results", "-k", min=1, help="Results needed (k of n).")
     ] = 1,
@@ -147,6 +158,8 @@ def start(
     FedHelp: each `--large` node trains a private large model and the small proxy by dual distillation
     (it needs the torch learner); the others are small clients. Each task's config carries its role.
 
+    To leave out a node that `rounds updates` named, start the next round with --exclude-node.
+
     Nodes check the stated protection (clip, epsilon, compression, secure aggregation, and the round's
     size) against their own privacy floor and refuse a round below it; refusals show in `rounds status`.
     """
@@ -155,6 +168,7 @@ def start(
     from hub.store.artifacts import store_tensors
 
     settings = settings_for(data_dir)
+    nodes = taking_part(settings, nodes, exclude)
     with hub_database(settings) as db:
         # A value the round cannot take (pydantic validation, the strategy's checks) stops it, said why.
         try:
@@ -231,6 +245,105 @@ def status(
     if info.state is RoundState.FAILED:
         # Scripts that wait on a round tell "it ended failed" from "the command failed" (1) by this code.
         raise typer.Exit(EXIT_USAGE)
+
+
+@app.command("updates")
+def updates(
+    round_ref: Annotated[str, typer.Argument(help="Round id or number.")],
+    data_dir: DataDirOption = None,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Each node's update of a training round, read against the others' (while it collects, or after).
+
+    Per node: the images it says it trained on and their share, its update's norm over the round's median
+    and whether the norm filter (robust=norm_filter) keeps it, the median cosine with the other nodes'
+    updates, and the cosine between the round's mean with and without it. A node that alone turns the
+    mean round, or the one that agrees least when several pull it far, is named on stderr with the
+    command that leaves it out of the next round. Not for rounds under secure aggregation (the hub holds
+    only their sum) nor collection rounds.
+    """
+    from hub.rounds.round_updates import read_round_updates
+
+    settings = settings_for(data_dir)
+    with hub_database(settings) as db:
+        read = read_round_updates(db, round_ref)
+    warnings = _update_warnings(read)
+    console = Console(stderr=True)
+    for warning in warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    emit(fmt, _updates_json(read, warnings), lambda console: console.print(_updates_table(read)))
+
+
+def _who(read: RoundUpdates, node_id: str) -> str:
+    return f"node {read.names.get(node_id, node_id)} ({node_id})"
+
+
+def _update_warnings(read: RoundUpdates) -> list[str]:
+    """What the operator should look at before the next round starts from this one."""
+    from hub.fl.robust import NORM_FILTERS
+    from hub.fl.update_audit import MIN_NODES
+
+    audit = read.audit
+    out = [
+        f"{_who(read, node.node_id)}: {reason}: a broken or hostile node, or a clinic unlike every other; "
+        f"leave it out of the next round (`fedclinic-hub rounds start … --exclude-node {node.node_id}`) to "
+        "compare"
+        for node, reason in audit.named()
+    ]
+    if read.robust in NORM_FILTERS:
+        out += [
+            f"the round's norm filter left out {_who(read, n.node_id)}: its update is "
+            f"{n.norm_ratio or 0:.1f}× the median norm (a large clinic's honest update can be this long)"
+            for n in audit.dropped()
+        ]
+    if len(audit.nodes) < MIN_NODES:
+        out.append(
+            f"with {len(audit.nodes)} node(s) the reading names nobody: it cannot tell which of them is off"
+        )
+    return out
+
+
+def _updates_json(read: RoundUpdates, warnings: list[str]) -> dict[str, Any]:
+    return {
+        "round": read.number,
+        "round_id": read.round_id,
+        "strategy": read.strategy,
+        "state": read.state.value,
+        "robust": read.robust,
+        "norm_filter_factor": read.audit.factor,
+        "nodes": [{"name": read.names.get(n.node_id), **dataclasses.asdict(n)} for n in read.audit.nodes],
+        "named": [
+            {"node_id": n.node_id, "name": read.names.get(n.node_id), "reason": reason}
+            for n, reason in read.audit.named()
+        ],
+        "warnings": warnings,
+    }
+
+
+def _updates_table(read: RoundUpdates) -> Table:
+    named = {n.node_id for n, _ in read.audit.named()}
+    title = f"round {read.number} ({read.strategy}, {read.state.value}): each node's update"
+    table = Table(title=title)
+    columns = ("node", "id", "images", "share", "norm × median", "norm filter", "agreement", "keeps", "")
+    for col in columns:
+        table.add_column(col)
+
+    def number(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    for n in read.audit.nodes:
+        table.add_row(
+            read.names.get(n.node_id, ""),
+            n.node_id,
+            str(n.examples),
+            f"{n.share:.0%}",
+            number(n.norm_ratio, ".2f"),
+            "keeps" if n.within_filter else "drops",
+            number(n.agreement, "+.2f"),
+            number(n.keeps, "+.2f"),
+            "named" if n.node_id in named else "",
+        )
+    return table
 
 
 @app.command("list")

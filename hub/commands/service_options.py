@@ -16,7 +16,7 @@ from hub.service.settings import HubSettings, load_settings
 if TYPE_CHECKING:
     from hub.store.database import Database
 
-__all__ = ["DataDirOption", "database", "hub_database", "settings_for"]
+__all__ = ["DataDirOption", "ExcludeNodesOption", "database", "hub_database", "settings_for", "taking_part"]
 
 
 DataDirOption = Annotated[
@@ -27,6 +27,11 @@ DataDirOption = Annotated[
         help="The hub's state directory (keys, database, certificate). Default: ./hub-data.",
         show_default=False,
     ),
+]
+
+ExcludeNodesOption = Annotated[
+    list[str] | None,
+    typer.Option("--exclude-node", help="Node id left out (repeat): every other active node takes part."),
 ]
 
 
@@ -61,3 +66,28 @@ def hub_database(settings: HubSettings) -> Iterator[Database]:
         fail(str(exc))
     finally:
         db.close()
+
+
+def taking_part(
+    settings: HubSettings, nodes: list[str] | None, exclude: list[str] | None
+) -> list[str] | None:
+    """The nodes a round asks: those named (``--node``), or every active node but those left out
+    (``--exclude-node``, each of which must be an active node); None for every active node."""
+    if not exclude:
+        return nodes
+    if nodes:
+        fail("name the nodes that take part (--node) or those left out (--exclude-node), not both")
+    from sqlalchemy import select
+
+    from edge_node.protocol.wire import NodeState
+    from hub.store.schema import Node
+
+    with hub_database(settings) as db, db.session() as session:
+        active = set(session.scalars(select(Node.id).where(Node.state == NodeState.ACTIVE.value)))
+    unknown = sorted(set(exclude) - active)
+    if unknown:
+        fail(f"not an active node: {', '.join(unknown)}; see `fedclinic-hub nodes list`")
+    left = sorted(active - set(exclude))
+    if not left:
+        fail("no active node is left to take part")
+    return left

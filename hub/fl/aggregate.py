@@ -15,8 +15,10 @@ import numpy as np
 
 from hub.fl.errors import AggregationError
 from hub.fl.strategy import Params, Reducer
+from hub.fl.validation import l2_norm
 
 __all__ = [
+    "NORM_FILTER_FACTOR",
     "Reducer",
     "check_compatible",
     "coordinate_median",
@@ -24,6 +26,7 @@ __all__ = [
     "trimmed_mean",
     "unweighted_mean",
     "weighted_mean",
+    "within_norm_filter",
 ]
 
 
@@ -115,14 +118,27 @@ def trimmed_mean(
     return out
 
 
-def _joint_norm(params: Params) -> float:
-    return math.sqrt(
-        sum(float(np.sum(a.astype(np.float64) ** 2)) for a in params.values() if a.dtype.kind == "f")
-    )
+#: The norm filter's default: an update longer than this many times the round's median norm is dropped.
+NORM_FILTER_FACTOR = 3.0
+
+
+def within_norm_filter(norms: Sequence[float], factor: float) -> list[bool]:
+    """Which updates the norm filter keeps: joint L2 norm at most ``factor`` × the median of ``norms``.
+
+    The one rule of both norm filters and of the hub's per-node reading of a round
+    (``hub.fl.update_audit``), so that what the audit says the filter drops is what it drops.
+    """
+    if not factor >= 1.0:
+        raise AggregationError(f"norm filter factor must be >= 1, got {factor}")
+    bound = factor * float(np.median(np.asarray(norms, dtype=np.float64)))
+    return [n <= bound for n in norms]
 
 
 def norm_filtered_mean(
-    params_list: Sequence[Params], weights: Sequence[float] | None = None, *, factor: float = 3.0
+    params_list: Sequence[Params],
+    weights: Sequence[float] | None = None,
+    *,
+    factor: float = NORM_FILTER_FACTOR,
 ) -> Params:
     """Unweighted mean of the updates whose joint L2 norm is at most ``factor`` × the median norm.
 
@@ -130,9 +146,5 @@ def norm_filtered_mean(
     Weights are ignored (a client could lie about them).
     """
     check_compatible(params_list)
-    if not factor >= 1.0:
-        raise AggregationError(f"norm filter factor must be >= 1, got {factor}")
-    norms = np.array([_joint_norm(p) for p in params_list])
-    bound = factor * float(np.median(norms))
-    kept = [p for p, n in zip(params_list, norms, strict=True) if n <= bound]
-    return unweighted_mean(kept)
+    keep = within_norm_filter([l2_norm(p) for p in params_list], factor)
+    return unweighted_mean([p for p, k in zip(params_list, keep, strict=True) if k])

@@ -11,12 +11,14 @@ from typing import Literal
 import numpy as np
 
 from hub.fl.aggregate import (
+    NORM_FILTER_FACTOR,
     check_compatible,
     coordinate_median,
     norm_filtered_mean,
     trimmed_mean,
     unweighted_mean,
     weighted_mean,
+    within_norm_filter,
 )
 from hub.fl.errors import AggregationError, StrategyConfigError
 from hub.fl.state import nest, read_json, unnest
@@ -31,8 +33,10 @@ from hub.fl.strategy import (
     StateDict,
     Strategy,
 )
+from hub.fl.validation import l2_norm
 
 __all__ = [
+    "NORM_FILTERS",
     "Robust",
     "RobustMethod",
     "WrappedStrategy",
@@ -42,15 +46,12 @@ __all__ = [
     "norm_filtered_weighted_mean",
 ]
 
+#: The robust reductions that drop an update beyond the norm bound (``within_norm_filter``).
+NORM_FILTERS = ("norm_filter", "norm_filter_weighted")
+
 RobustMethod = Literal[
     "median", "trimmed_mean", "norm_filter", "norm_filter_weighted", "norm_bound", "norm_bound_trimmed"
 ]
-
-
-def _joint_norm(params: Params) -> float:
-    return math.sqrt(
-        sum(float(np.sum(a.astype(np.float64) ** 2)) for a in params.values() if a.dtype.kind == "f")
-    )
 
 
 def clip_to_median_norm(params_list: Sequence[Params], factor: float = 1.0) -> list[Params]:
@@ -63,7 +64,7 @@ def clip_to_median_norm(params_list: Sequence[Params], factor: float = 1.0) -> l
     check_compatible(params_list)
     if not factor > 0.0 or not math.isfinite(factor):
         raise AggregationError(f"norm bound factor must be a positive number, got {factor}")
-    norms = [_joint_norm(p) for p in params_list]
+    norms = [l2_norm(p) for p in params_list]
     if not all(math.isfinite(n) for n in norms):
         raise AggregationError("an update has non-finite values; it cannot be norm-bounded")
     bound = factor * float(np.median(norms))
@@ -80,7 +81,7 @@ def clip_to_median_norm(params_list: Sequence[Params], factor: float = 1.0) -> l
 
 
 def norm_filtered_weighted_mean(
-    params_list: Sequence[Params], weights: Sequence[float], *, factor: float = 3.0
+    params_list: Sequence[Params], weights: Sequence[float], *, factor: float = NORM_FILTER_FACTOR
 ) -> Params:
     """FedAvg's weighted mean of the updates whose joint L2 norm is at most ``factor`` × the median norm.
 
@@ -92,11 +93,8 @@ def norm_filtered_weighted_mean(
     check_compatible(params_list)
     if len(weights) != len(params_list):
         raise AggregationError(f"got {len(params_list)} tensor sets but {len(weights)} weights")
-    if not factor >= 1.0:
-        raise AggregationError(f"norm filter factor must be >= 1, got {factor}")
-    norms = np.array([_joint_norm(p) for p in params_list])
-    bound = factor * float(np.median(norms))
-    kept = [k for k, n in enumerate(norms) if n <= bound]
+    keep = within_norm_filter([l2_norm(p) for p in params_list], factor)
+    kept = [k for k, ok in enumerate(keep) if ok]
     return weighted_mean([params_list[k] for k in kept], [weights[k] for k in kept])
 
 
@@ -211,7 +209,7 @@ class Robust(WrappedStrategy):
         inner: Strategy,
         method: RobustMethod = "median",
         beta: float = 0.1,
-        norm_factor: float = 3.0,
+        norm_factor: float = NORM_FILTER_FACTOR,
         bound_factor: float = 1.0,
     ) -> None:
         super().__init__(inner)
@@ -222,7 +220,7 @@ class Robust(WrappedStrategy):
             if not 0.0 <= beta < 0.5:
                 raise StrategyConfigError(f"trimmed_mean needs 0 <= beta < 0.5, got {beta}")
             reducer = partial(trimmed_mean, beta=beta)
-        elif method in ("norm_filter", "norm_filter_weighted"):
+        elif method in NORM_FILTERS:
             if not norm_factor >= 1.0:
                 raise StrategyConfigError(f"{method} needs norm_factor >= 1, got {norm_factor}")
             filtered = norm_filtered_mean if method == "norm_filter" else norm_filtered_weighted_mean

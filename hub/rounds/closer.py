@@ -12,8 +12,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, defer
 
-from edge_node.protocol.compression import Compressor
-from edge_node.protocol.tensors import decode_tensors, encode_tensors
+from edge_node.protocol.tensors import encode_tensors
 from edge_node.protocol.wire import RoundState, TaskState
 from hub.fl.errors import FlError
 from hub.fl.strategy import ClientFailure, ClientResult, Params
@@ -23,9 +22,9 @@ from hub.rounds.ledger import accepted_count, refused_count
 from hub.rounds.lifecycle import TERMINAL, check_transition
 from hub.rounds.plan import build_plan
 from hub.rounds.reports import round_row
-from hub.rounds.round_codec import dense_update, round_compressor
+from hub.rounds.round_codec import round_compressor
+from hub.rounds.round_updates import stored_update
 from hub.rounds.secagg_desk import SUM_CLIENT, SecAggDesk, is_secagg
-from hub.rounds.tensor_specs import expected_specs
 from hub.rounds.transition import enter_state
 from hub.service.audit import audit
 from hub.service.errors import ConflictError
@@ -174,7 +173,7 @@ class RoundCloser:
                 if entry and entry[0] == u.payload_sha256:
                     tensors = entry[1]
                 else:  # accepted by another process (or before a restart): decoded as the intake did
-                    tensors = self._stored_update(session, u, compressor)
+                    tensors = stored_update(session, u, compressor)
                 results.append(ClientResult(u.node_id, number, int(u.num_examples), tensors, dict(u.metrics)))
             refusals = {
                 t.node_id: t.reason or "refused"
@@ -213,15 +212,6 @@ class RoundCloser:
                 enter_state(session, row, RoundState.PUBLISHED, f"aggregated {len(results)} updates")
             row.claimed_by = None
             row.claimed_at = None
-
-    @staticmethod
-    def _stored_update(session: Session, u: Update, compressor: Compressor | None) -> Params:
-        wire = decode_tensors(u.payload)
-        if compressor is None:
-            return wire
-        task = session.get(Task, u.task_id)
-        assert task is not None  # foreign key
-        return dense_update(compressor, wire, expected_specs(task.expected))
 
     def cancel(self, round_id: str, *, actor: str) -> None:
         with self.db.session() as session:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,20 @@ def settings(tmp_path: Path) -> HubSettings:
 @pytest.fixture()
 def rc(db: Database, settings: HubSettings) -> RoundController:
     return RoundController(db, settings)
+
+
+def hub_data_dir(data: Path) -> dict[str, str]:
+    """A hub data directory made by ``fedclinic-hub init`` around the test bundle's signing key; the
+    environment that points the CLI at it."""
+    from tests.hub.service.test_cli import run_json
+
+    (data / "keys").mkdir(parents=True)
+    for name in ("hub.key", "hub.pub"):
+        shutil.copy(bundle_root() / "keys" / name, data / "keys" / name)
+    os.chmod(data / "keys" / "hub.key", 0o600)
+    env = {"FEDCLINIC_HUB_DATA_DIR": str(data)}
+    run_json("init", "--public-url", "https://127.0.0.1:9443", env=env)
+    return env
 
 
 def bundle_root() -> Path:

@@ -5,7 +5,6 @@ the nodes from their last heartbeats (how many images each keeps features of).""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from hub.service.heartbeat import envelope_counts, record_heartbeat
 from hub.service.settings import HubSettings
 from hub.store.database import Database
 from hub.store.schema import Node
-from tests.hub.service.conftest import bundle_root
+from tests.hub.service.conftest import bundle_root, hub_data_dir
 from tests.hub.service.test_rounds import answer, enroll
 
 pytestmark = pytest.mark.hub
@@ -142,24 +141,10 @@ def test_envelope_rounds_refuse_what_would_not_fit_the_envelope(db: Database, se
         rc.start(RoundStart(strategy="envelope_distances", config=dict(ROUNDS.to_config())), actor="t")
 
 
-def _hub_data_dir(data: Path) -> dict[str, str]:
-    """A hub data directory made by ``fedclinic-hub init`` around the test bundle's signing key; the
-    environment that points the CLI at it."""
-    from tests.hub.service.test_cli import run_json
-
-    (data / "keys").mkdir(parents=True)
-    for name in ("hub.key", "hub.pub"):
-        shutil.copy(bundle_root() / "keys" / name, data / "keys" / name)
-    os.chmod(data / "keys" / "hub.key", 0o600)
-    env = {"FEDCLINIC_HUB_DATA_DIR": str(data)}
-    run_json("init", "--public-url", "https://127.0.0.1:9443", env=env)
-    return env
-
-
 def test_the_envelope_commands_say_what_stands_in_the_way(tmp_path: Path) -> None:
     from tests.hub.service.test_cli import run
 
-    env = _hub_data_dir(tmp_path / "hub")
+    env = hub_data_dir(tmp_path / "hub")
     bundle = bundle_root() / "bundle"
 
     def said(*args: str) -> str:  # what the command printed, as one line (rich wraps it)
@@ -197,7 +182,7 @@ def test_envelope_start_warns_about_the_nodes_that_will_refuse_or_fill_few_folds
     from hub.service.settings import load_settings
     from hub.store.database import open_database
 
-    env = _hub_data_dir(tmp_path / "hub")
+    env = hub_data_dir(tmp_path / "hub")
     bundle = bundle_root() / "bundle"
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_bytes())
     model = (manifest.model_id, manifest.model_version)

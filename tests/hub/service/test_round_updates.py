@@ -1,0 +1,176 @@
+"""`fedclinic-hub rounds updates` on a real SQLite store: each node's update of a training round read
+against the others', the node that turns the round's mean named on stderr with the command that leaves it
+out, the norm filter's drops said where the round used it, and the rounds it cannot read refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner, Result
+
+from edge_node.protocol.protection import CompressionKind, compressor_for
+from edge_node.protocol.wire import RoundProtection, RoundStart
+from hub.cli import app
+from hub.rounds.controller import RoundController
+from hub.service.settings import load_settings
+from hub.store.artifacts import store_tensors
+from hub.store.database import open_database
+from tests.hub.fl.test_update_audit import honest, scaled
+from tests.hub.service.conftest import hub_data_dir
+from tests.hub.service.test_rounds import answer, enroll
+
+pytestmark = pytest.mark.hub
+
+runner = CliRunner()
+#: Images per node: one hospital, one mid-sized clinic and three small ones.
+IMAGES = [1_000, 300, 60, 40, 30]
+
+
+def _updates(env: dict[str, str], *args: str, code: int = 0) -> Result:
+    result = runner.invoke(app, ["rounds", "updates", *args], env=env)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def _round(
+    rc: RoundController,
+    nodes: list[str],
+    *,
+    flip: str | None = None,
+    answering: int | None = None,
+    protection: RoundProtection | None = None,
+    config: dict[str, float | int | str | bool] | None = None,
+) -> int:
+    """A FedAvg round over ``nodes`` from a model shaped like the test updates; the first ``answering``
+    nodes (all by default) send an honest update (norm ∝ √images), ``flip`` its own sign-flipped, each
+    through the round's codec."""
+    model = {k: np.zeros_like(v) for k, v in honest(0).items() if v.dtype.kind == "f"}
+    with rc.db.session() as session:
+        art = store_tensors(session, model)
+    start = RoundStart(
+        strategy="fedavg",
+        model_artifact=art,
+        nodes=nodes,
+        deadline_s=600,
+        protection=protection,
+        config=config or {},
+    )
+    info = rc.start(start, actor="t")
+    codec = compressor_for(protection.compression) if protection else None
+    for k, node in enumerate(nodes[:answering]):
+        (task,) = [t for t in rc.open_tasks(node) if t.round == info.round]
+        update = {n: a for n, a in honest(k, scale=float(np.sqrt(IMAGES[k] / 100))).items() if n in model}
+        update = scaled(update, -1.0) if node == flip else update
+        assert answer(rc, task, node, codec.compress(update) if codec else update, n=IMAGES[k])
+    return info.round
+
+
+def _controller(env: dict[str, str]) -> RoundController:
+    settings = load_settings(Path(env["FEDCLINIC_HUB_DATA_DIR"]))
+    return RoundController(open_database(settings.db_url, migrate=False), settings)
+
+
+def test_the_node_that_turns_the_round_round_is_named_with_the_command_that_leaves_it_out(
+    tmp_path: Path,
+) -> None:
+    env = hub_data_dir(tmp_path / "hub")
+    rc = _controller(env)
+    try:
+        nodes = enroll(rc.db, len(IMAGES))
+        honest_round = _round(rc, nodes)
+        hostile_round = _round(rc, nodes, flip=nodes[0])
+        partly = _round(rc, nodes, answering=2)
+    finally:
+        rc.db.close()
+
+    # Every node honest: a table of five, nobody named, nothing on stderr.
+    quiet = _updates(env, str(honest_round), "--format", "json")
+    report = json.loads(quiet.stdout)
+    assert quiet.stderr == "" and report["named"] == [] and report["warnings"] == []
+    assert (report["round"], report["strategy"], report["state"]) == (honest_round, "fedavg", "published")
+    rows = {n["node_id"]: n for n in report["nodes"]}
+    assert sorted(rows) == sorted(nodes) and rows[nodes[0]]["name"] == "site-0"
+    assert rows[nodes[0]]["examples"] == 1_000 and rows[nodes[0]]["share"] == pytest.approx(1_000 / 1_430)
+    assert 0 < rows[nodes[0]]["keeps"] < 0.9 < min(rows[n]["keeps"] for n in nodes[1:])
+    # Without a robust reduction the norm filter is only a column: the hospital's update is beyond it.
+    assert rows[nodes[0]]["within_filter"] is False and report["robust"] is None
+
+    # The hospital's update sign-flipped at its own norm: it turns the mean round, and is named.
+    flipped = _updates(env, str(hostile_round), "--format", "json")
+    report = json.loads(flipped.stdout)  # stdout stays the report alone
+    ((named,),) = [[n for n in report["named"] if n["node_id"] == nodes[0]]]
+    assert named["name"] == "site-0" and "point the other way" in named["reason"]
+    assert [n["node_id"] for n in report["named"]] == [nodes[0]]
+    (line,) = flipped.stderr.splitlines()
+    assert line.startswith(f"warning: node site-0 ({nodes[0]}): without it the round's mean would point the")
+    assert line.endswith(f"(`fedclinic-hub rounds start … --exclude-node {nodes[0]}`) to compare")
+    # For people: the table on stdout, the same warning on stderr.
+    table = runner.invoke(app, ["rounds", "updates", str(hostile_round)], env={**env, "COLUMNS": "200"})
+    assert table.exit_code == 0 and "each node's update" in table.stdout and "named" in table.stdout
+    assert "warning" not in table.stdout and "--exclude-node" in table.stderr
+
+    # While a round collects, the updates it holds can be read already; two name nobody.
+    early = json.loads(_updates(env, str(partly), "--format", "json").stdout)
+    assert early["state"] == "collecting" and len(early["nodes"]) == 2 and early["named"] == []
+    assert early["warnings"] == [
+        "with 2 node(s) the reading names nobody: it cannot tell which of them is off"
+    ]
+
+    # The next round without the named node: every other active node takes part.
+    started = runner.invoke(
+        app,
+        ["rounds", "start", "--strategy", "fedavg", "--exclude-node", nodes[0], "--format", "json"],
+        env=env,
+    )
+    assert started.exit_code == 0, started.output
+    assert sorted(json.loads(started.stdout)["nodes"]) == sorted(nodes[1:])
+    mixed = runner.invoke(
+        app,
+        ["rounds", "start", "--strategy", "fedavg", "--node", nodes[1], "--exclude-node", nodes[0]],
+        env=env,
+    )
+    assert mixed.exit_code == 1 and "not both" in " ".join(mixed.stderr.split())
+
+
+def test_a_round_with_the_norm_filter_says_which_updates_it_left_out(tmp_path: Path) -> None:
+    env = hub_data_dir(tmp_path / "hub")
+    rc = _controller(env)
+    try:
+        nodes = enroll(rc.db, len(IMAGES))
+        filtered = _round(rc, nodes, config={"robust": "norm_filter_weighted"})
+    finally:
+        rc.db.close()
+    report = json.loads(_updates(env, str(filtered), "--format", "json").stdout)
+    assert report["robust"] == "norm_filter_weighted" and report["norm_filter_factor"] == 3.0
+    assert report["named"] == []  # an honest hospital: the filter drops it, the reading does not name it
+    (warning,) = report["warnings"]
+    assert warning.startswith(f"the round's norm filter left out node site-0 ({nodes[0]}): its update is")
+    assert "a large clinic's honest update can be this long" in warning
+
+
+def test_rounds_it_cannot_read_node_by_node_are_refused_saying_why(tmp_path: Path) -> None:
+    env = hub_data_dir(tmp_path / "hub")
+    rc = _controller(env)
+    try:
+        nodes = enroll(rc.db, 3)
+        stats = rc.start(RoundStart(strategy="stats", config={"num_classes": 2}), actor="t").round
+        unanswered = _round(rc, nodes, answering=0)
+        secagg = RoundProtection(secure_aggregation=True, clip_norm=5.0)
+        masked = _round(rc, nodes, answering=0, protection=secagg)
+        compressed = _round(rc, nodes, protection=RoundProtection(compression=CompressionKind.INT8))
+    finally:
+        rc.db.close()
+
+    def said(ref: str) -> str:
+        return " ".join(_updates(env, ref, code=1).stderr.split())
+
+    assert "collects stats answers, not model updates" in said(str(stats))
+    assert "no node has answered round" in said(str(unanswered))
+    assert "used secure aggregation: the hub holds masked inputs" in said(str(masked))
+    assert "no round '99'" in said("99")
+    # A compressed round's updates are read as the aggregation reads them: dense, after the codec.
+    report = json.loads(_updates(env, str(compressed), "--format", "json").stdout)
+    assert len(report["nodes"]) == 3 and report["named"] == []
