@@ -20,6 +20,7 @@ with each protection switched on in turn:
   and the norm bound then the trimmed mean (``normboundtrim``).
 - ``flip_fedavg``: clinic A sends its update sign-flipped at its own norm (a lie the norm filter cannot see),
   aggregated by plain FedAvg.
+- ``*_audited``: FedAvg without the updates the hub's node-by-node reading names (``robust=audited``).
 - ``clean_*``: the same robust reductions without a poisoned clinic (what robustness costs on non-IID
   clinics by itself).
 - ``light_plain`` / ``light_dp_eps{1,4,8}``: the light learner's ``head_delta`` federation (the
@@ -129,6 +130,10 @@ MORE_CONFIGS = (
     "clean_normboundtrim",
     "without_A",
     "flip_fedavg",
+    "flip_normfilterw",
+    "poison_audited",
+    "flip_audited",
+    "clean_audited",
     "light_plain",
     "light_dp_eps1",
     "light_dp_eps4",
@@ -350,6 +355,8 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         strategy = Robust(FedAvg(), "norm_filter")
     elif name.endswith("_normfilterw"):
         strategy = Robust(FedAvg(), "norm_filter_weighted")
+    elif name.endswith("_audited"):
+        strategy = Robust(FedAvg(), "audited")
     elif name.endswith("_normbound"):
         strategy = Robust(FedAvg(), "norm_bound")
     elif name.endswith("_normboundtrim"):

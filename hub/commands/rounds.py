@@ -284,10 +284,11 @@ def _update_warnings(read: RoundUpdates) -> list[str]:
     from hub.fl.update_audit import MIN_NODES
 
     audit = read.audit
+    left_out = "the round's audited mean left it out; " if read.robust == "audited" else ""
     out = [
         f"{_who(read, node.node_id)}: {reason}: a broken or hostile node, or a clinic unlike every other; "
-        f"leave it out of the next round (`fedclinic-hub rounds start … --exclude-node {node.node_id}`) to "
-        "compare"
+        f"{left_out}leave it out of the next round (`fedclinic-hub rounds start … --exclude-node "
+        f"{node.node_id}`) to compare"
         for node, reason in audit.named()
     ]
     if read.robust in NORM_FILTERS:
@@ -335,7 +336,7 @@ def _updates_table(read: RoundUpdates) -> Table:
         table.add_row(
             read.names.get(n.node_id, ""),
             n.node_id,
-            str(n.examples),
+            f"{n.examples:g}",
             f"{n.share:.0%}",
             number(n.norm_ratio, ".2f"),
             "keeps" if n.within_filter else "drops",

@@ -43,7 +43,8 @@ def make_strategy(
     """A new strategy of this name built with the keyword settings ``cfg`` (the class's own arguments).
 
     ``robust`` (a ``RobustMethod``: ``"median"``, ``"trimmed_mean"`` with ``trim_beta``, ``"norm_filter"``,
-    ``"norm_filter_weighted"``, ``"norm_bound"``, ``"norm_bound_trimmed"``) wraps it in ``Robust``;
+    ``"norm_filter_weighted"``, ``"norm_bound"``, ``"norm_bound_trimmed"``, ``"audited"``) wraps it in
+    ``Robust``;
     ``dp_clip_norm`` together with ``dp_noise_multiplier`` wraps it in ``DifferentialPrivacy`` (not both).
     Unknown names and unknown or invalid settings raise ``StrategyConfigError`` naming the problem.
     """

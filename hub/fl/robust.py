@@ -33,6 +33,7 @@ from hub.fl.strategy import (
     StateDict,
     Strategy,
 )
+from hub.fl.update_audit import audit_updates
 from hub.fl.validation import l2_norm
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Robust",
     "RobustMethod",
     "WrappedStrategy",
+    "audited_weighted_mean",
     "clip_to_median_norm",
     "norm_bounded_mean",
     "norm_bounded_trimmed_mean",
@@ -50,7 +52,13 @@ __all__ = [
 NORM_FILTERS = ("norm_filter", "norm_filter_weighted")
 
 RobustMethod = Literal[
-    "median", "trimmed_mean", "norm_filter", "norm_filter_weighted", "norm_bound", "norm_bound_trimmed"
+    "median",
+    "trimmed_mean",
+    "norm_filter",
+    "norm_filter_weighted",
+    "norm_bound",
+    "norm_bound_trimmed",
+    "audited",
 ]
 
 
@@ -95,6 +103,22 @@ def norm_filtered_weighted_mean(
         raise AggregationError(f"got {len(params_list)} tensor sets but {len(weights)} weights")
     keep = within_norm_filter([l2_norm(p) for p in params_list], factor)
     kept = [k for k, ok in enumerate(keep) if ok]
+    return weighted_mean([params_list[k] for k in kept], [weights[k] for k in kept])
+
+
+def audited_weighted_mean(params_list: Sequence[Params], weights: Sequence[float]) -> Params:
+    """FedAvg's weighted mean of the updates the hub's node-by-node reading does not name
+    (``hub.fl.update_audit``: an update that alone turns the round's mean round, or the one that agrees
+    least of several that each pull it more than 60°). Unlike the norm filter it does not drop a large
+    clinic's honest update for being long; with fewer than three updates nothing is named, and it is
+    FedAvg."""
+    check_compatible(params_list)
+    if len(weights) != len(params_list):
+        raise AggregationError(f"got {len(params_list)} tensor sets but {len(weights)} weights")
+    ids = [f"{k:06d}" for k in range(len(params_list))]
+    audit = audit_updates({i: (p, w) for i, p, w in zip(ids, params_list, weights, strict=True)})
+    named = {node.node_id for node, _ in audit.named()}
+    kept = [k for k, i in enumerate(ids) if i not in named]
     return weighted_mean([params_list[k] for k in kept], [weights[k] for k in kept])
 
 
@@ -195,11 +219,15 @@ class Robust(WrappedStrategy):
     ``norm_factor`` × the median norm, then average; ``"norm_filter_weighted"``: the same filter, then
     FedAvg's weighted mean of what passed; ``"norm_bound"``: clip every update to
     ``bound_factor`` × the median norm, then average; ``"norm_bound_trimmed"``: clip the same way, then the
-    trimmed mean with ``beta``. All but ``norm_filter_weighted`` ignore sample counts (a client could lie
-    about them; under the norm filter a lie can only move the aggregate within the norm bound). Everything
-    else — validation, what is shared, personal parts — is the inner strategy's. They need the individual
-    updates, so none combines with secure aggregation (the hub sees only the sum);
-    there the nodes' clip bounds each clinic's influence instead.
+    trimmed mean with ``beta``; ``"audited"``: FedAvg's weighted mean without the updates that
+    ``fedclinic-hub rounds updates`` names (``audited_weighted_mean``).
+
+    All but ``norm_filter_weighted`` and ``audited`` ignore sample counts (a client could lie about them;
+    under the norm filter a lie can only move the aggregate within the norm bound, and the audit weighs a
+    node by the images it claims, so a lie that makes it large makes what it does to the mean plainer).
+    Everything else — validation, what is shared, personal parts — is the inner strategy's. They need the
+    individual updates, so none combines with secure aggregation (the hub sees only the sum); there the
+    nodes' clip bounds each clinic's influence instead.
     """
 
     name = "robust"
@@ -234,10 +262,12 @@ class Robust(WrappedStrategy):
                 if not 0.0 <= beta < 0.5:
                     raise StrategyConfigError(f"norm_bound_trimmed needs 0 <= beta < 0.5, got {beta}")
                 reducer = partial(norm_bounded_trimmed_mean, factor=bound_factor, beta=beta)
+        elif method == "audited":
+            reducer = audited_weighted_mean
         else:
             raise StrategyConfigError(
                 "robust method must be 'median', 'trimmed_mean', 'norm_filter', 'norm_filter_weighted', "
-                f"'norm_bound' or 'norm_bound_trimmed', got {method!r}"
+                f"'norm_bound', 'norm_bound_trimmed' or 'audited', got {method!r}"
             )
         self.method = method
         self.beta = beta

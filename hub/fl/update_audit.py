@@ -54,7 +54,7 @@ class NodeUpdate:
 
     node_id: str
     #: The images the node says it trained on (FedAvg's weight).
-    examples: int
+    examples: float
     #: Its share of the round's images.
     share: float
     #: Joint L2 norm over the update's float tensors.
@@ -128,7 +128,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def audit_updates(
-    updates: Mapping[str, tuple[Params, int]], *, factor: float = NORM_FILTER_FACTOR
+    updates: Mapping[str, tuple[Params, float]], *, factor: float = NORM_FILTER_FACTOR
 ) -> UpdateAudit:
     """Read each node's update (node id → (dense update, images it trained on)) against the others'.
 

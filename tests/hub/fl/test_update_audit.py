@@ -9,7 +9,8 @@ import pytest
 
 from hub.fl.aggregate import norm_filtered_mean, within_norm_filter
 from hub.fl.errors import AggregationError
-from hub.fl.robust import norm_filtered_weighted_mean
+from hub.fl.registry import make_strategy
+from hub.fl.robust import Robust, audited_weighted_mean, norm_filtered_weighted_mean
 from hub.fl.strategy import Params
 from hub.fl.update_audit import CONTESTED, MIN_NODES, UpdateAudit, audit_updates
 
@@ -143,3 +144,29 @@ def test_updates_that_cannot_be_read_together_are_refused() -> None:
     # No images claimed by anyone: every node weighs alike, as under FedAvg.
     audit = audit_updates({k: (honest(i), 0) for i, k in enumerate("abc")})
     assert [n.share for n in audit.nodes] == pytest.approx([1 / 3] * 3) and audit.named() == []
+
+
+def test_the_audited_mean_is_fedavg_without_the_named_updates() -> None:
+    strategy = make_strategy("fedavg", robust="audited")
+    assert isinstance(strategy, Robust) and strategy.method == "audited"
+
+    def fedavg(updates: dict[str, tuple[Params, int]], nodes: str) -> np.ndarray:
+        w = np.array([updates[k][1] for k in nodes], dtype=np.float64)
+        total = sum(wk * updates[k][0]["fc.bias"].astype(np.float64) for wk, k in zip(w, nodes, strict=True))
+        return np.asarray(total / w.sum())
+
+    for lies, kept in (({}, "ABCDEF"), ({"A": -1.0}, "BCDEF")):
+        updates = round_of(SIX, **lies)
+        mean = strategy.reduce(
+            [updates[k][0] for k in sorted(updates)], [updates[k][1] for k in sorted(updates)]
+        )
+        np.testing.assert_allclose(mean["fc.bias"], fedavg(updates, kept), rtol=1e-5)
+        assert mean["norm.num_batches_tracked"].dtype == np.int64  # counters averaged as FedAvg does
+    # Unlike the norm filter, it keeps the honest hospital's long update.
+    honest_round = round_of(SIX)
+    params = [honest_round[k][0] for k in sorted(honest_round)]
+    weights = [float(honest_round[k][1]) for k in sorted(honest_round)]
+    filtered = norm_filtered_weighted_mean(params, weights)["fc.bias"]
+    assert not np.allclose(filtered, fedavg(honest_round, "ABCDEF"), rtol=1e-3)
+    with pytest.raises(AggregationError, match="weights"):
+        audited_weighted_mean(params, weights[:2])

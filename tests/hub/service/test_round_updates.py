@@ -135,12 +135,14 @@ def test_the_node_that_turns_the_round_round_is_named_with_the_command_that_leav
     assert mixed.exit_code == 1 and "not both" in " ".join(mixed.stderr.split())
 
 
-def test_a_round_with_the_norm_filter_says_which_updates_it_left_out(tmp_path: Path) -> None:
+def test_the_robust_reductions_say_which_updates_they_left_out(tmp_path: Path) -> None:
     env = hub_data_dir(tmp_path / "hub")
     rc = _controller(env)
     try:
         nodes = enroll(rc.db, len(IMAGES))
         filtered = _round(rc, nodes, config={"robust": "norm_filter_weighted"})
+        audited = _round(rc, nodes, flip=nodes[0], config={"robust": "audited"})
+        result = rc.result(str(audited))
     finally:
         rc.db.close()
     report = json.loads(_updates(env, str(filtered), "--format", "json").stdout)
@@ -149,6 +151,16 @@ def test_a_round_with_the_norm_filter_says_which_updates_it_left_out(tmp_path: P
     (warning,) = report["warnings"]
     assert warning.startswith(f"the round's norm filter left out node site-0 ({nodes[0]}): its update is")
     assert "a large clinic's honest update can be this long" in warning
+    # robust=audited: the round's mean is FedAvg over the nodes the reading does not name.
+    report = json.loads(_updates(env, str(audited), "--format", "json").stdout)
+    assert [n["node_id"] for n in report["named"]] == [nodes[0]]
+    (warning,) = report["warnings"]
+    assert "the round's audited mean left it out" in warning
+    # From a model of zeros: FedAvg's weighted mean of the other four nodes' updates.
+    others = [honest(k, scale=float(np.sqrt(IMAGES[k] / 100))) for k in range(1, len(IMAGES))]
+    for name in result:
+        expected = np.average([u[name] for u in others], axis=0, weights=IMAGES[1:])
+        np.testing.assert_allclose(result[name], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_rounds_it_cannot_read_node_by_node_are_refused_saying_why(tmp_path: Path) -> None:
