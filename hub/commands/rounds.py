@@ -31,7 +31,9 @@ from hub.commands.service_options import (
 if TYPE_CHECKING:
     from hub.rounds.round_updates import RoundUpdates
 
-app = typer.Typer(help="Start, watch, list and cancel federated rounds.", no_args_is_help=True)
+app = typer.Typer(
+    help="Start, watch, read node by node, list and cancel federated rounds.", no_args_is_help=True
+)
 
 
 def _parse_config(pairs: list[str]) -> dict[str, float | int | str | bool]:
