@@ -286,13 +286,15 @@ def _update_warnings(read: RoundUpdates) -> list[str]:
     from hub.fl.update_audit import MIN_NODES
 
     audit = read.audit
-    left_out = "the round's audited mean left it out; " if read.robust == "audited" else ""
-    out = [
-        f"{_who(read, node.node_id)}: {reason}: a broken or hostile node, or a clinic unlike every other; "
-        f"{left_out}leave it out of the next round (`fedclinic-hub rounds start … --exclude-node "
-        f"{node.node_id}`) to compare"
-        for node, reason in audit.named()
-    ]
+    left_out = {n.node_id for n in audit.turning()} if read.robust == "audited" else set()
+    out = []
+    for node, reason in audit.named():
+        dropped = "the round's audited mean left it out; " if node.node_id in left_out else ""
+        out.append(
+            f"{_who(read, node.node_id)}: {reason}: a broken or hostile node, or a clinic unlike every "
+            f"other; {dropped}leave it out of the next round (`fedclinic-hub rounds start … --exclude-node "
+            f"{node.node_id}`) to compare"
+        )
     if read.robust in NORM_FILTERS:
         out += [
             f"the round's norm filter left out {_who(read, n.node_id)}: its update is "

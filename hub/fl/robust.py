@@ -107,18 +107,18 @@ def norm_filtered_weighted_mean(
 
 
 def audited_weighted_mean(params_list: Sequence[Params], weights: Sequence[float]) -> Params:
-    """FedAvg's weighted mean of the updates the hub's node-by-node reading does not name
-    (``hub.fl.update_audit``: an update that alone turns the round's mean round, or the one that agrees
-    least of several that each pull it more than 60°). Unlike the norm filter it does not drop a large
-    clinic's honest update for being long; with fewer than three updates nothing is named, and it is
-    FedAvg."""
+    """FedAvg's weighted mean without the updates that alone turn the round's mean round
+    (``UpdateAudit.turning``, what ``fedclinic-hub rounds updates`` names first). A node named only because
+    it agrees least of several that pull the mean far stays in: dropping it in the rounds where it is named
+    did worse than FedAvg on the benchmark (docs/benchmarks.md). Unlike the norm filter it does not drop a
+    large clinic's honest update for being long; with fewer than three updates it is FedAvg."""
     check_compatible(params_list)
     if len(weights) != len(params_list):
         raise AggregationError(f"got {len(params_list)} tensor sets but {len(weights)} weights")
     ids = [f"{k:06d}" for k in range(len(params_list))]
     audit = audit_updates({i: (p, w) for i, p, w in zip(ids, params_list, weights, strict=True)})
-    named = {node.node_id for node, _ in audit.named()}
-    kept = [k for k, i in enumerate(ids) if i not in named]
+    turning = {node.node_id for node in audit.turning()}
+    kept = [k for k, i in enumerate(ids) if i not in turning]
     return weighted_mean([params_list[k] for k in kept], [weights[k] for k in kept])
 
 

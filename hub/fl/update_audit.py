@@ -88,8 +88,7 @@ class UpdateAudit:
         out = [
             (n, f"without it the round's mean would point the other way (cosine {n.keeps:+.2f} between the "
              "mean with and without it)")
-            for n in self.nodes
-            if n.keeps is not None and n.keeps < TURNS
+            for n in self.turning()
         ]  # fmt: skip
         pulling = [n for n in self.nodes if n.keeps is not None and n.keeps < CONTESTED]
         if len(pulling) >= 2:
@@ -105,6 +104,13 @@ class UpdateAudit:
                     )
                 )
         return out
+
+    def turning(self) -> list[NodeUpdate]:
+        """The nodes that alone turn the round's mean round (``keeps`` below ``TURNS``); none in a round of
+        fewer than ``MIN_NODES`` nodes. What ``robust=audited`` leaves out."""
+        if len(self.nodes) < MIN_NODES:
+            return []
+        return [n for n in self.nodes if n.keeps is not None and n.keeps < TURNS]
 
     def dropped(self) -> list[NodeUpdate]:
         """The updates a norm filter at the audit's factor leaves out."""

@@ -151,6 +151,7 @@ def test_the_audited_mean_is_fedavg_without_the_named_updates() -> None:
     assert isinstance(strategy, Robust) and strategy.method == "audited"
 
     def fedavg(updates: dict[str, tuple[Params, int]], nodes: str) -> np.ndarray:
+        """FedAvg's weighted mean of these nodes' ``fc.bias``."""
         w = np.array([updates[k][1] for k in nodes], dtype=np.float64)
         total = sum(wk * updates[k][0]["fc.bias"].astype(np.float64) for wk, k in zip(w, nodes, strict=True))
         return np.asarray(total / w.sum())
@@ -162,6 +163,13 @@ def test_the_audited_mean_is_fedavg_without_the_named_updates() -> None:
         )
         np.testing.assert_allclose(mean["fc.bias"], fedavg(updates, kept), rtol=1e-5)
         assert mean["norm.num_batches_tracked"].dtype == np.int64  # counters averaged as FedAvg does
+    # Of two equal clinics pulling apart, the one named for agreeing least stays in: the mean is FedAvg's.
+    counts = {"A": 1_000, "B": 1_000, "C": 60, "D": 60, "E": 60, "F": 60}
+    contested = round_of(counts, noise=0.5, A=-1.0)
+    assert [n.node_id for n, _ in audit_updates(contested).named()] == ["A"]
+    assert audit_updates(contested).turning() == []
+    mean = strategy.reduce([contested[k][0] for k in "ABCDEF"], [contested[k][1] for k in "ABCDEF"])
+    np.testing.assert_allclose(mean["fc.bias"], fedavg(contested, "ABCDEF"), rtol=1e-5)
     # Unlike the norm filter, it keeps the honest hospital's long update.
     honest_round = round_of(SIX)
     params = [honest_round[k][0] for k in sorted(honest_round)]
