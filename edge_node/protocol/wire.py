@@ -81,6 +81,7 @@ __all__ = [
     "NodeInfo",
     "NodeList",
     "NodeState",
+    "NodeUpdateInfo",
     "PublicationList",
     "RefusalReceipt",
     "RollbackRequest",
@@ -89,6 +90,7 @@ __all__ = [
     "RoundProtection",
     "RoundStart",
     "RoundState",
+    "RoundUpdatesInfo",
     "Task",
     "TaskList",
     "TaskRefusal",
@@ -447,6 +449,42 @@ class RoundInfo(_Wire):
 
 class RoundList(_Wire):
     rounds: list[RoundInfo]
+
+
+class NodeUpdateInfo(_Wire):
+    """One node's update of a training round, read against the others' (``fedclinic-hub rounds updates``)."""
+
+    node_id: str
+    #: The node's name at enrollment.
+    name: str | None
+    #: The images it says it trained on, and their share of the round's: FedAvg's weight.
+    examples: float
+    share: float
+    #: Joint L2 norm of the update, and that over the round's median (None when the median is 0).
+    norm: float
+    norm_ratio: float | None
+    #: Whether the norm filter (``robust=norm_filter``) keeps it.
+    within_filter: bool
+    #: Median cosine with each other node's update.
+    agreement: float | None
+    #: Cosine between the round's FedAvg mean with and without it (below 0: it turns the mean round).
+    keeps: float | None
+    #: Why it is named, or None.
+    named: str | None = None
+
+
+class RoundUpdatesInfo(_Wire):
+    """A training round's updates, node by node, and what the operator should look at."""
+
+    round_id: str
+    round: int
+    strategy: str
+    state: RoundState
+    #: The robust reduction the round aggregates with, if any.
+    robust: str | None
+    norm_filter_factor: float
+    nodes: list[NodeUpdateInfo]
+    warnings: list[str]
 
 
 class PublicationList(_Wire):

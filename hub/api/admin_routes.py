@@ -22,6 +22,7 @@ from edge_node.protocol.wire import (
     RoundList,
     RoundStart,
     RoundState,
+    RoundUpdatesInfo,
 )
 from hub.api.auth import AdminToken, require_admin
 from hub.api.context import HubContext, context_of
@@ -102,6 +103,14 @@ def start_round(request: Request, token: AdminToken, body: RoundStart) -> RoundI
 def get_round(request: Request, token: AdminToken, round_id: str) -> RoundInfo:
     ctx = _admin(request, token)
     return ctx.rounds.info(round_id)
+
+
+@router.get("/rounds/{round_id}/updates", response_model=RoundUpdatesInfo, responses=_NOT_FOUND)
+def round_updates(request: Request, token: AdminToken, round_id: str) -> RoundUpdatesInfo:
+    """Each node's update of a training round, read against the others' (`fedclinic-hub rounds updates`);
+    409 for a collection round, one under secure aggregation, or one no node has answered yet."""
+    ctx = _admin(request, token)
+    return ctx.rounds.updates(round_id)
 
 
 @router.post("/rounds/{round_id}/cancel", response_model=RoundInfo, responses=_NOT_FOUND)

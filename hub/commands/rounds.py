@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -18,7 +17,7 @@ from rich.table import Table
 from edge_node.protocol.errors import EncodingError
 from edge_node.protocol.protection import CompressionKind
 from edge_node.protocol.tensors import decode_tensors
-from edge_node.protocol.wire import RoundInfo, RoundProtection, RoundStart, RoundState
+from edge_node.protocol.wire import RoundInfo, RoundProtection, RoundStart, RoundState, RoundUpdatesInfo
 from hub.commands.output import EXIT_USAGE, FormatOption, OutputFormat, emit, emit_list, fail
 from hub.commands.service_options import (
     DataDirOption,
@@ -27,9 +26,6 @@ from hub.commands.service_options import (
     settings_for,
     taking_part,
 )
-
-if TYPE_CHECKING:
-    from hub.rounds.round_updates import RoundUpdates
 
 app = typer.Typer(
     help="Start, watch, read node by node, list and cancel federated rounds.", no_args_is_help=True
@@ -264,70 +260,19 @@ def updates(
     command that leaves it out of the next round. Not for rounds under secure aggregation (the hub holds
     only their sum) nor collection rounds.
     """
-    from hub.rounds.round_updates import read_round_updates
+    from hub.rounds.controller import RoundController
 
     settings = settings_for(data_dir)
     with hub_database(settings) as db:
-        read = read_round_updates(db, round_ref)
-    warnings = _update_warnings(read)
+        report = RoundController(db, settings).updates(round_ref)
     console = Console(stderr=True)
-    for warning in warnings:
+    for warning in report.warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
-    emit(fmt, _updates_json(read, warnings), lambda console: console.print(_updates_table(read)))
+    emit(fmt, report, lambda console: console.print(_updates_table(report)))
 
 
-def _who(read: RoundUpdates, node_id: str) -> str:
-    return f"node {read.names.get(node_id, node_id)} ({node_id})"
-
-
-def _update_warnings(read: RoundUpdates) -> list[str]:
-    """What the operator should look at before the next round starts from this one."""
-    from hub.fl.robust import NORM_FILTERS
-    from hub.fl.update_audit import MIN_NODES
-
-    audit = read.audit
-    left_out = {n.node_id for n in audit.turning()} if read.robust == "audited" else set()
-    out = []
-    for node, reason in audit.named():
-        dropped = "the round's audited mean left it out; " if node.node_id in left_out else ""
-        out.append(
-            f"{_who(read, node.node_id)}: {reason}: a broken or hostile node, or a clinic unlike every "
-            f"other; {dropped}leave it out of the next round (`fedclinic-hub rounds start … --exclude-node "
-            f"{node.node_id}`) to compare"
-        )
-    if read.robust in NORM_FILTERS:
-        out += [
-            f"the round's norm filter left out {_who(read, n.node_id)}: its update is "
-            f"{n.norm_ratio or 0:.1f}× the median norm (a large clinic's honest update can be this long)"
-            for n in audit.dropped()
-        ]
-    if len(audit.nodes) < MIN_NODES:
-        out.append(
-            f"with {len(audit.nodes)} node(s) the reading names nobody: it cannot tell which of them is off"
-        )
-    return out
-
-
-def _updates_json(read: RoundUpdates, warnings: list[str]) -> dict[str, Any]:
-    return {
-        "round": read.number,
-        "round_id": read.round_id,
-        "strategy": read.strategy,
-        "state": read.state.value,
-        "robust": read.robust,
-        "norm_filter_factor": read.audit.factor,
-        "nodes": [{"name": read.names.get(n.node_id), **dataclasses.asdict(n)} for n in read.audit.nodes],
-        "named": [
-            {"node_id": n.node_id, "name": read.names.get(n.node_id), "reason": reason}
-            for n, reason in read.audit.named()
-        ],
-        "warnings": warnings,
-    }
-
-
-def _updates_table(read: RoundUpdates) -> Table:
-    named = {n.node_id for n, _ in read.audit.named()}
-    title = f"round {read.number} ({read.strategy}, {read.state.value}): each node's update"
+def _updates_table(report: RoundUpdatesInfo) -> Table:
+    title = f"round {report.round} ({report.strategy}, {report.state.value}): each node's update"
     table = Table(title=title)
     columns = ("node", "id", "images", "share", "norm × median", "norm filter", "agreement", "keeps", "")
     for col in columns:
@@ -336,9 +281,9 @@ def _updates_table(read: RoundUpdates) -> Table:
     def number(value: float | None, spec: str) -> str:
         return "–" if value is None else format(value, spec)
 
-    for n in read.audit.nodes:
+    for n in report.nodes:
         table.add_row(
-            read.names.get(n.node_id, ""),
+            n.name or "",
             n.node_id,
             f"{n.examples:g}",
             f"{n.share:.0%}",
@@ -346,7 +291,7 @@ def _updates_table(read: RoundUpdates) -> Table:
             "keeps" if n.within_filter else "drops",
             number(n.agreement, "+.2f"),
             number(n.keeps, "+.2f"),
-            "named" if n.node_id in named else "",
+            "named" if n.named else "",
         )
     return table
 

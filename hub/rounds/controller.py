@@ -13,7 +13,14 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from edge_node.protocol.wire import RefusalReceipt, RoundInfo, RoundStart, UpdateReceipt, UpdateSubmission
+from edge_node.protocol.wire import (
+    RefusalReceipt,
+    RoundInfo,
+    RoundStart,
+    RoundUpdatesInfo,
+    UpdateReceipt,
+    UpdateSubmission,
+)
 from edge_node.protocol.wire import Task as WireTask
 from hub.fl.strategy import Params
 from hub.rounds.claims import RoundClaims, process_instance
@@ -22,6 +29,7 @@ from hub.rounds.decoded_updates import DecodedUpdates
 from hub.rounds.intake import UpdateIntake
 from hub.rounds.opener import RoundOpener
 from hub.rounds.reports import RoundReports
+from hub.rounds.round_updates import round_updates_report
 from hub.rounds.secagg_desk import SecAggDesk
 from hub.rounds.task_desk import TaskDesk
 from hub.service.settings import HubSettings
@@ -66,6 +74,10 @@ class RoundController:
 
     def result(self, round_ref: str) -> Params:
         return self.reports.result(round_ref)
+
+    def updates(self, round_ref: str) -> RoundUpdatesInfo:
+        """Each node's update of a training round, read against the others' (``hub.rounds.round_updates``)."""
+        return round_updates_report(self.db, round_ref)
 
     def activity_marker(self) -> tuple[int, tuple[str, ...]]:
         """Changes whenever a round starts, enters or leaves collecting: (newest number, collecting ids)."""

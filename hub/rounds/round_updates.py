@@ -1,10 +1,12 @@
-"""A training round's updates as the hub holds them, node by node, for ``fedclinic-hub rounds updates``.
+"""A training round's updates as the hub holds them, node by node: ``fedclinic-hub rounds updates`` and
+``GET /v1/admin/rounds/{round_id}/updates``.
 
 Each accepted update is decoded from the store as the aggregation decodes it (compressed rounds back to
 their dense update), with the images its node says it trained on, and read against the others'
-(``hub.fl.update_audit``). Collection rounds (statistics, public logits, the envelope's sums) hold answers
-that are not model updates, and a round under secure aggregation holds masked inputs whose only readable
-form is their sum: both are refused, saying so.
+(``hub.fl.update_audit``); the report adds what the operator should look at (``warnings``). Collection
+rounds (statistics, public logits, the envelope's sums) hold answers that are not model updates, and a
+round under secure aggregation holds masked inputs whose only readable form is their sum: both are
+refused, saying so.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from sqlalchemy.orm import Session
 from edge_node.protocol.compression import Compressor
 from edge_node.protocol.tensors import decode_tensors
 from edge_node.protocol.updates import UpdateKind
-from edge_node.protocol.wire import RoundState
+from edge_node.protocol.wire import NodeUpdateInfo, RoundState, RoundUpdatesInfo
 from hub.fl.errors import FlError
+from hub.fl.robust import NORM_FILTERS
 from hub.fl.strategy import Params
-from hub.fl.update_audit import UpdateAudit, audit_updates
+from hub.fl.update_audit import MIN_NODES, UpdateAudit, audit_updates
 from hub.rounds.reports import round_row
 from hub.rounds.round_codec import dense_update, round_compressor
 from hub.rounds.secagg_desk import is_secagg
@@ -29,7 +32,7 @@ from hub.service.errors import ConflictError
 from hub.store.database import Database
 from hub.store.schema import Node, Task, Update
 
-__all__ = ["MODEL_UPDATES", "RoundUpdates", "read_round_updates", "stored_update"]
+__all__ = ["MODEL_UPDATES", "RoundUpdates", "read_round_updates", "round_updates_report", "stored_update"]
 
 #: The kinds of round whose answers are model updates.
 MODEL_UPDATES = (UpdateKind.WEIGHTS_DELTA, UpdateKind.HEAD_DELTA)
@@ -100,4 +103,63 @@ def read_round_updates(db: Database, round_ref: str) -> RoundUpdates:
         robust=str(robust) if robust is not None else None,
         names=names,
         audit=audit,
+    )
+
+
+def _warnings(read: RoundUpdates) -> list[str]:
+    """What the operator should look at before the next round starts from this one."""
+
+    def who(node_id: str) -> str:
+        return f"node {read.names.get(node_id, node_id)} ({node_id})"
+
+    audit = read.audit
+    left_out = {n.node_id for n in audit.turning()} if read.robust == "audited" else set()
+    out = []
+    for node, reason in audit.named():
+        dropped = "the round's audited mean left it out; " if node.node_id in left_out else ""
+        out.append(
+            f"{who(node.node_id)}: {reason}: a broken or hostile node, or a clinic unlike every other; "
+            f"{dropped}leave it out of the next round (`fedclinic-hub rounds start … --exclude-node "
+            f"{node.node_id}`) to compare"
+        )
+    if read.robust in NORM_FILTERS:
+        out += [
+            f"the round's norm filter left out {who(n.node_id)}: its update is {n.norm_ratio or 0:.1f}× the "
+            "median norm (a large clinic's honest update can be this long)"
+            for n in audit.dropped()
+        ]
+    if len(audit.nodes) < MIN_NODES:
+        out.append(
+            f"with {len(audit.nodes)} node(s) the reading names nobody: it cannot tell which of them is off"
+        )
+    return out
+
+
+def round_updates_report(db: Database, round_ref: str) -> RoundUpdatesInfo:
+    """``read_round_updates`` as the wire report the CLI and the admin API give."""
+    read = read_round_updates(db, round_ref)
+    named = dict((n.node_id, reason) for n, reason in read.audit.named())
+    return RoundUpdatesInfo(
+        round_id=read.round_id,
+        round=read.number,
+        strategy=read.strategy,
+        state=read.state,
+        robust=read.robust,
+        norm_filter_factor=read.audit.factor,
+        nodes=[
+            NodeUpdateInfo(
+                node_id=n.node_id,
+                name=read.names.get(n.node_id),
+                examples=n.examples,
+                share=n.share,
+                norm=n.norm,
+                norm_ratio=n.norm_ratio,
+                within_filter=n.within_filter,
+                agreement=n.agreement,
+                keeps=n.keeps,
+                named=named.get(n.node_id),
+            )
+            for n in read.audit.nodes
+        ],
+        warnings=_warnings(read),
     )

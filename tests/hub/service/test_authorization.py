@@ -36,6 +36,7 @@ ADMIN_ROUTES = [
     ("GET", "/v1/admin/rounds", None),
     ("POST", "/v1/admin/rounds", {"strategy": "stats", "config": {"num_classes": 2}}),
     ("GET", "/v1/admin/rounds/r-0", None),
+    ("GET", "/v1/admin/rounds/r-0/updates", None),
     ("POST", "/v1/admin/rounds/r-0/cancel", None),
     ("GET", "/v1/admin/publications", None),
     ("POST", "/v1/admin/publications/rollback", {"to_publication_id": "00"}),

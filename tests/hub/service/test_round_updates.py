@@ -5,6 +5,7 @@ out, the norm filter's drops said where the round used it, and the rounds it can
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,16 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from edge_node.protocol.protection import CompressionKind, compressor_for
-from edge_node.protocol.wire import RoundProtection, RoundStart
+from edge_node.protocol.wire import RoundProtection, RoundStart, RoundUpdatesInfo, TaskList
 from hub.cli import app
 from hub.rounds.controller import RoundController
 from hub.service.settings import load_settings
 from hub.store.artifacts import store_tensors
 from hub.store.database import open_database
 from tests.hub.fl.test_update_audit import honest, scaled
-from tests.hub.service.conftest import hub_data_dir
+from tests.hub.service.conftest import hub_data_dir, submission
 from tests.hub.service.test_rounds import answer, enroll
+from tests.support.hub_server import HubServer
 
 pytestmark = pytest.mark.hub
 
@@ -89,7 +91,8 @@ def test_the_node_that_turns_the_round_round_is_named_with_the_command_that_leav
     # Every node honest: a table of five, nobody named, nothing on stderr.
     quiet = _updates(env, str(honest_round), "--format", "json")
     report = json.loads(quiet.stdout)
-    assert quiet.stderr == "" and report["named"] == [] and report["warnings"] == []
+    assert quiet.stderr == "" and report["warnings"] == []
+    assert [n["named"] for n in report["nodes"]] == [None] * len(IMAGES)
     assert (report["round"], report["strategy"], report["state"]) == (honest_round, "fedavg", "published")
     rows = {n["node_id"]: n for n in report["nodes"]}
     assert sorted(rows) == sorted(nodes) and rows[nodes[0]]["name"] == "site-0"
@@ -101,9 +104,10 @@ def test_the_node_that_turns_the_round_round_is_named_with_the_command_that_leav
     # The hospital's update sign-flipped at its own norm: it turns the mean round, and is named.
     flipped = _updates(env, str(hostile_round), "--format", "json")
     report = json.loads(flipped.stdout)  # stdout stays the report alone
-    ((named,),) = [[n for n in report["named"] if n["node_id"] == nodes[0]]]
-    assert named["name"] == "site-0" and "point the other way" in named["reason"]
-    assert [n["node_id"] for n in report["named"]] == [nodes[0]]
+    (named,) = [n for n in report["nodes"] if n["named"]]
+    assert (named["node_id"], named["name"]) == (nodes[0], "site-0") and "point the other way" in named[
+        "named"
+    ]
     (line,) = flipped.stderr.splitlines()
     assert line.startswith(f"warning: node site-0 ({nodes[0]}): without it the round's mean would point the")
     assert line.endswith(f"(`fedclinic-hub rounds start … --exclude-node {nodes[0]}`) to compare")
@@ -114,7 +118,8 @@ def test_the_node_that_turns_the_round_round_is_named_with_the_command_that_leav
 
     # While a round collects, the updates it holds can be read already; two name nobody.
     early = json.loads(_updates(env, str(partly), "--format", "json").stdout)
-    assert early["state"] == "collecting" and len(early["nodes"]) == 2 and early["named"] == []
+    assert early["state"] == "collecting" and len(early["nodes"]) == 2
+    assert not any(n["named"] for n in early["nodes"])
     assert early["warnings"] == [
         "with 2 node(s) the reading names nobody: it cannot tell which of them is off"
     ]
@@ -147,13 +152,14 @@ def test_the_robust_reductions_say_which_updates_they_left_out(tmp_path: Path) -
         rc.db.close()
     report = json.loads(_updates(env, str(filtered), "--format", "json").stdout)
     assert report["robust"] == "norm_filter_weighted" and report["norm_filter_factor"] == 3.0
-    assert report["named"] == []  # an honest hospital: the filter drops it, the reading does not name it
+    # An honest hospital: the filter drops it, the reading does not name it.
+    assert not any(n["named"] for n in report["nodes"])
     (warning,) = report["warnings"]
     assert warning.startswith(f"the round's norm filter left out node site-0 ({nodes[0]}): its update is")
     assert "a large clinic's honest update can be this long" in warning
     # robust=audited: the round's mean is FedAvg over the nodes the reading does not name.
     report = json.loads(_updates(env, str(audited), "--format", "json").stdout)
-    assert [n["node_id"] for n in report["named"]] == [nodes[0]]
+    assert [n["node_id"] for n in report["nodes"] if n["named"]] == [nodes[0]]
     (warning,) = report["warnings"]
     assert "the round's audited mean left it out" in warning
     # From a model of zeros: FedAvg's weighted mean of the other four nodes' updates.
@@ -185,4 +191,53 @@ def test_rounds_it_cannot_read_node_by_node_are_refused_saying_why(tmp_path: Pat
     assert "no round '99'" in said("99")
     # A compressed round's updates are read as the aggregation reads them: dense, after the codec.
     report = json.loads(_updates(env, str(compressed), "--format", "json").stdout)
-    assert len(report["nodes"]) == 3 and report["named"] == []
+    assert len(report["nodes"]) == 3 and not any(n["named"] for n in report["nodes"])
+
+
+def test_the_admin_api_reads_a_round_s_updates_on_either_store(any_hub: HubServer) -> None:
+    """Over HTTPS, on SQLite and on PostgreSQL with two workers: nodes answer through the API, the operator
+    reads the round through ``GET /v1/admin/rounds/{id}/updates``."""
+    server = any_hub
+    db = open_database(load_settings(server.data_dir).db_url, migrate=False)
+    model = {k: np.zeros_like(v) for k, v in honest(0).items() if v.dtype.kind == "f"}
+    try:
+        with db.session() as session:
+            art = store_tensors(session, model)
+    finally:
+        db.close()
+    tag = secrets.token_hex(3)
+    with server.client() as client:
+        enrolled = [server.enroll(client, f"updates-{k}-{tag}") for k in range(len(IMAGES))]
+        ids = [n.node_id for n in enrolled]
+        start = {"strategy": "fedavg", "nodes": ids, "deadline_s": 600, "model_artifact": art}
+        r = client.post("/v1/admin/rounds", json=start, headers=server.admin_headers)
+        assert r.status_code == 201, r.text
+        round_id = r.json()["round_id"]
+        for k, node in enumerate(enrolled):
+            (task,) = [
+                t
+                for t in TaskList.model_validate(
+                    client.get("/v1/node/tasks", headers=node.headers).json()
+                ).tasks
+                if t.round_id == round_id
+            ]
+            update = {n: a for n, a in honest(k, scale=float(np.sqrt(IMAGES[k] / 100))).items() if n in model}
+            update = scaled(update, -1.0) if k == 0 else update
+            body = submission(task, node.node_id, update, num_examples=IMAGES[k])
+            r = client.post(f"/v1/tasks/{task.task_id}/update", json=body, headers=node.headers)
+            assert r.status_code == 200, r.text
+        r = client.get(f"/v1/admin/rounds/{round_id}/updates", headers=server.admin_headers)
+        assert r.status_code == 200, r.text
+        report = RoundUpdatesInfo.model_validate(r.json())
+        assert report.round_id == round_id and [n.node_id for n in report.nodes] == sorted(ids)
+        assert [n.node_id for n in report.nodes if n.named] == [ids[0]]
+        assert len(report.warnings) == 1 and f"--exclude-node {ids[0]}" in report.warnings[0]
+        stats = client.post(
+            "/v1/admin/rounds",
+            json={"strategy": "stats", "config": {"num_classes": 2}, "nodes": ids},
+            headers=server.admin_headers,
+        )
+        r = client.get(f"/v1/admin/rounds/{stats.json()['round_id']}/updates", headers=server.admin_headers)
+        assert r.status_code == 409 and "not model updates" in r.json()["reason"]
+        r = client.get("/v1/admin/rounds/no-such-round/updates", headers=server.admin_headers)
+        assert r.status_code == 404
