@@ -20,6 +20,7 @@ with each protection switched on in turn:
   and the norm bound then the trimmed mean (``normboundtrim``).
 - ``flip_fedavg``: clinic A sends its update sign-flipped at its own norm (a lie the norm filter cannot see),
   aggregated by plain FedAvg.
+- ``pair_*``: clinics C and D collude, each sending its update sign-flipped and scaled ×10.
 - ``*_audited``: FedAvg without the updates the hub's node-by-node reading names (``robust=audited``).
 - ``clean_*``: the same robust reductions without a poisoned clinic (what robustness costs on non-IID
   clinics by itself).
@@ -134,6 +135,9 @@ MORE_CONFIGS = (
     "poison_audited",
     "flip_audited",
     "clean_audited",
+    "pair_fedavg",
+    "pair_audited",
+    "pair_normfilterw",
     "light_plain",
     "light_dp_eps1",
     "light_dp_eps4",
@@ -141,9 +145,14 @@ MORE_CONFIGS = (
     "light_unshared",
 )
 POISONED = "A"
-#: What the attacker multiplies its update by: sign-flipped and scaled ×10 (``poison_*``), or sign-flipped
-#: at its own norm (``flip_*``).
-ATTACKS = {"poison": -10.0, "flip": -1.0}
+#: Who attacks, and what each attacker multiplies its update by: A sign-flipped and scaled ×10
+#: (``poison_*``), A sign-flipped at its own norm (``flip_*``), or two small clinics colluding, each
+#: sign-flipped and scaled ×10 (``pair_*``).
+ATTACKS: dict[str, tuple[tuple[str, ...], float]] = {
+    "poison": ((POISONED,), -10.0),
+    "flip": ((POISONED,), -1.0),
+    "pair": (("C", "D"), -10.0),
+}
 #: Round → clinic → (the dense update the hub aggregates, the images the clinic says it trained on).
 UpdatesLog = dict[int, dict[str, tuple[Params, int]]]
 DELTA = 1e-5
@@ -369,7 +378,7 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
     learner_log = {c: [] for c in CLINICS} if reducer is not None else bytes_log
     # Under secure aggregation the hub never holds one clinic's update: nothing to read node by node.
     updates_log: UpdatesLog | None = {} if reducer is None else None
-    attack = name.split("_", 1)[0]
+    attackers, factor = ATTACKS.get(name.split("_", 1)[0], ((), 1.0))
     learners = {}
     for k, c in enumerate(CLINICS):
         if name == "without_A" and c == POISONED:
@@ -377,7 +386,7 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         model = fl_cnn(norm="group")
         model.load_state_dict(init.state_dict())
         inner = SupervisedLearner(c, model, data.clinics[c], cfg, seed * 100 + k)
-        scale = ATTACKS[attack] if attack in ATTACKS and c == POISONED else 1.0
+        scale = factor if c in attackers else 1.0
         learners[c] = MeteredLearner(inner, spec, learner_log, scale=scale, updates_log=updates_log)
     strategy.initialize(to_params(init), list(learners))
     t0 = time.perf_counter()
@@ -399,16 +408,12 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         "median_update_norm": float(np.median([n for lr in learners.values() for n in lr.norms])),
         "failures": failures,
         "seconds": seconds,
-        **(
-            {"audit": audit_summary(updates_log, POISONED if attack in ATTACKS else None)}
-            if updates_log
-            else {}
-        ),
+        **({"audit": audit_summary(updates_log, attackers)} if updates_log else {}),
         **extra,
     }
 
 
-def audit_summary(log: UpdatesLog, attacker: str | None) -> dict[str, Any]:
+def audit_summary(log: UpdatesLog, attackers: Sequence[str]) -> dict[str, Any]:
     """What the hub's node-by-node reading of every round says: the rounds each clinic is named in, the
     rounds the norm filter would drop it in, and every clinic's figures per round (``nodes``)."""
     audits = [audit_updates(log[r]) for r in sorted(log)]
@@ -421,7 +426,7 @@ def audit_summary(log: UpdatesLog, attacker: str | None) -> dict[str, Any]:
             dropped[node.node_id] = dropped.get(node.node_id, 0) + 1
     return {
         "rounds": len(audits),
-        "attacker": attacker,
+        "attackers": list(attackers),
         "named": named,
         "norm_filter_drops": dropped,
         "nodes": [
@@ -841,21 +846,25 @@ def audit_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for name in dict.fromkeys(r["config"] for r in rows):
         audits = [r["audit"] for r in rows if r["config"] == name]
         total = sum(a["rounds"] for a in audits)
-        attacker = audits[0]["attacker"]
+        attackers = set(audits[0]["attackers"])
         nodes = [n for a in audits for n in a["nodes"]]
-        honest = [n for n in nodes if n["node_id"] != attacker]
-        hostile = [n for n in nodes if n["node_id"] == attacker]
-        hit = f"{sum(a['named'].get(attacker, 0) for a in audits)} of {total}" if attacker else "–"
+        honest = [n for n in nodes if n["node_id"] not in attackers]
+        hostile = [n for n in nodes if n["node_id"] in attackers]
+        hit = (
+            ", ".join(
+                f"{c} {sum(a['named'].get(c, 0) for a in audits)} of {total}" for c in sorted(attackers)
+            )
+            or "–"
+        )
 
-        def counted(key: str, audits: list[dict[str, Any]] = audits, attacker: str | None = attacker) -> str:
+        def counted(key: str, audits: list[dict[str, Any]] = audits, attackers: set[str] = attackers) -> str:
             by: dict[str, int] = {}
             for a in audits:
                 for c, k in a[key].items():
-                    if key != "named" or c != attacker:
+                    if key != "named" or c not in attackers:
                         by[c] = by.get(c, 0) + k
-            return (
-                ", ".join(f"{'*' if c == attacker else ''}{c} {k}" for c, k in sorted(by.items())) or "none"
-            )
+            marked = [f"{'*' if c in attackers else ''}{c} {k}" for c, k in sorted(by.items())]
+            return ", ".join(marked) or "none"
 
         def extreme(key: str, nodes: list[dict[str, Any]] = honest) -> str:
             vals = [n[key] for n in nodes if n[key] is not None]

@@ -127,3 +127,26 @@ def test_a_tuning_seed_may_not_be_reported(bench: ModuleType) -> None:
     with pytest.raises(SystemExit) as exc:
         bench.main([*argv, "--light-clip-grid", "0.05", "--tune-seeds", "100"])
     assert exc.value.code == 2
+
+
+def test_every_round_is_read_node_by_node_with_the_attackers_marked(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    out = tmp_path / "audit.json"
+    configs = "plain,flip_fedavg,pair_fedavg,poison_audited,secagg"
+    assert bench.main(["--seeds", "0", "--configs", configs, *TINY, "--json", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "audit" not in rows["secagg"]  # the hub holds only the sum
+    plain, flip, pair = rows["plain"]["audit"], rows["flip_fedavg"]["audit"], rows["pair_fedavg"]["audit"]
+    assert (plain["attackers"], flip["attackers"], pair["attackers"]) == ([], ["A"], ["C", "D"])
+    assert plain["rounds"] == 2 and len(plain["nodes"]) == 2 * 6
+    # The same learners, seed and first round: A's update flipped at its own norm, C's and D's ×−10.
+    first = {n["node_id"]: n for n in plain["nodes"] if n["round"] == 1}
+    flipped = {n["node_id"]: n for n in flip["nodes"] if n["round"] == 1}
+    paired = {n["node_id"]: n for n in pair["nodes"] if n["round"] == 1}
+    assert flipped["A"]["norm"] == pytest.approx(first["A"]["norm"], rel=1e-5)
+    for c in "CD":
+        assert paired[c]["norm"] == pytest.approx(10 * first[c]["norm"], rel=1e-5)
+    # What the audited mean reads is what the table counts.
+    table = bench.audit_table(list(rows.values())[:-1])
+    assert "| pair_fedavg | 2 | C " in table and "| plain | 2 | – |" in table
