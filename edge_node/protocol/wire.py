@@ -465,6 +465,8 @@ class NodeUpdateInfo(_Wire):
     norm_ratio: float | None
     #: Whether the norm filter (``robust=norm_filter``) keeps it.
     within_filter: bool
+    #: Its norm over √(images it claims), over the round's median of the same: how long it is for its size.
+    norm_for_size: float | None = None
     #: Median cosine with each other node's update.
     agreement: float | None
     #: Cosine between the round's FedAvg mean with and without it (below 0: it turns the mean round).

@@ -254,10 +254,11 @@ def updates(
     """Each node's update of a training round, read against the others' (while it collects, or after).
 
     Per node: the images it says it trained on and their share, its update's norm over the round's median
-    and whether the norm filter (robust=norm_filter) keeps it, the median cosine with the other nodes'
-    updates, and the cosine between the round's mean with and without it. A node that alone turns the
-    mean round, or the one that agrees least when several pull it far, is named on stderr with the
-    command that leaves it out of the next round. Not for rounds under secure aggregation (the hub holds
+    and whether the norm filter (robust=norm_filter) keeps it, how long the update is for the images it
+    claims, the median cosine with the other nodes' updates, and the cosine between the round's mean with
+    and without it. A node that alone turns the mean round or whose update is 3x too long for its size,
+    or the one that agrees least when several pull the mean far, is named on stderr with the command that
+    leaves it out of the next round. Not for rounds under secure aggregation (the hub holds
     only their sum) nor collection rounds.
     """
     from hub.rounds.controller import RoundController
@@ -274,7 +275,18 @@ def updates(
 def _updates_table(report: RoundUpdatesInfo) -> Table:
     title = f"round {report.round} ({report.strategy}, {report.state.value}): each node's update"
     table = Table(title=title)
-    columns = ("node", "id", "images", "share", "norm × median", "norm filter", "agreement", "keeps", "")
+    columns = (
+        "node",
+        "id",
+        "images",
+        "share",
+        "norm × median",
+        "norm filter",
+        "× for its size",
+        "agreement",
+        "keeps",
+        "",
+    )
     for col in columns:
         table.add_column(col)
 
@@ -289,6 +301,7 @@ def _updates_table(report: RoundUpdatesInfo) -> Table:
             f"{n.share:.0%}",
             number(n.norm_ratio, ".2f"),
             "keeps" if n.within_filter else "drops",
+            number(n.norm_for_size, ".2f"),
             number(n.agreement, "+.2f"),
             number(n.keeps, "+.2f"),
             "named" if n.named else "",

@@ -107,8 +107,9 @@ def norm_filtered_weighted_mean(
 
 
 def audited_weighted_mean(params_list: Sequence[Params], weights: Sequence[float]) -> Params:
-    """FedAvg's weighted mean without the updates that alone turn the round's mean round
-    (``UpdateAudit.turning``, what ``fedclinic-hub rounds updates`` names first). A node named only because
+    """FedAvg's weighted mean without the updates that alone turn the round's mean round or are three times
+    too long for the images their node claims (``UpdateAudit.left_out``, what ``fedclinic-hub rounds
+    updates`` names first). A node named only because
     it agrees least of several that pull the mean far stays in: dropping it in the rounds where it is named
     did worse than FedAvg on the benchmark (docs/benchmarks.md). Unlike the norm filter it does not drop a
     large clinic's honest update for being long; with fewer than three updates it is FedAvg."""
@@ -117,8 +118,8 @@ def audited_weighted_mean(params_list: Sequence[Params], weights: Sequence[float
         raise AggregationError(f"got {len(params_list)} tensor sets but {len(weights)} weights")
     ids = [f"{k:06d}" for k in range(len(params_list))]
     audit = audit_updates({i: (p, w) for i, p, w in zip(ids, params_list, weights, strict=True)})
-    turning = {node.node_id for node in audit.turning()}
-    kept = [k for k, i in enumerate(ids) if i not in turning]
+    left_out = {node.node_id for node in audit.left_out()}
+    kept = [k for k, i in enumerate(ids) if i not in left_out]
     return weighted_mean([params_list[k] for k in kept], [weights[k] for k in kept])
 
 

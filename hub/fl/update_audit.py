@@ -16,6 +16,11 @@ next round starts from what it made:
 * **norm over the median**, and whether the norm filter (``robust=norm_filter``) keeps the update, by the
   filter's own rule (``within_norm_filter``). It names nobody: the largest honest clinic's update is up to
   six times the median on the six-clinic benchmark, and the filter drops it.
+* **norm for its size**: the norm over √(images the node claims), against the round's median of the same.
+  A clinic with more images takes more steps and sends a longer update; for its size, honest updates lay
+  within 2.4× of the median on the benchmark, a ×10 update at 4× or more. A node ``factor`` (3) times
+  too long for its size is named. Claiming more images to make room for a long update makes the node's
+  weight in the mean larger, which the ``keeps`` test reads.
 * **share**: the part of the round's images the node says it trained on, its weight under FedAvg.
 
 Nobody is named in a round of fewer than ``MIN_NODES`` (three) nodes: with two, the reading cannot tell
@@ -70,6 +75,10 @@ class NodeUpdate:
     keeps: float | None
     #: Whether the norm filter, at the audit's factor, keeps it.
     within_filter: bool
+    #: Its norm over √(images it claims), over the round's median of the same (None when it claims none):
+    #: how long the update is for the node's size. A clinic with more images takes more steps and sends a
+    #: longer update honestly; one whose update is ``factor`` times too long for its size is named.
+    norm_for_size: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,16 +89,26 @@ class UpdateAudit:
     factor: float
 
     def named(self) -> list[tuple[NodeUpdate, str]]:
-        """The nodes to look at, each with why: any node that alone turns the round's mean round; and where
-        several nodes each pull it more than 60°, the one that agrees least with the others. None in a round
-        of fewer than ``MIN_NODES`` nodes."""
+        """The nodes to look at, each with why: any node that alone turns the round's mean round, or whose
+        update is ``factor`` times too long for the images it claims; and where several nodes each pull the
+        mean more than 60°, the one that agrees least with the others. None in a round of fewer than
+        ``MIN_NODES`` nodes."""
         if len(self.nodes) < MIN_NODES:
             return []
-        out = [
-            (n, f"without it the round's mean would point the other way (cosine {n.keeps:+.2f} between the "
-             "mean with and without it)")
-            for n in self.turning()
-        ]  # fmt: skip
+        out = []
+        for n in self.left_out():
+            reasons = []
+            if n.keeps is not None and n.keeps < TURNS:
+                reasons.append(
+                    f"without it the round's mean would point the other way (cosine {n.keeps:+.2f} between "
+                    "the mean with and without it)"
+                )
+            if n.norm_for_size is not None and n.norm_for_size >= self.factor:
+                reasons.append(
+                    f"its update is {n.norm_for_size:.1f}× as long as the round's for the images it claims "
+                    f"(norm over √images, against the round's median; named from {self.factor:g}×)"
+                )
+            out.append((n, "; ".join(reasons)))
         pulling = [n for n in self.nodes if n.keeps is not None and n.keeps < CONTESTED]
         if len(pulling) >= 2:
             least = min(pulling, key=lambda n: math.inf if n.agreement is None else n.agreement)
@@ -105,12 +124,18 @@ class UpdateAudit:
                 )
         return out
 
-    def turning(self) -> list[NodeUpdate]:
-        """The nodes that alone turn the round's mean round (``keeps`` below ``TURNS``); none in a round of
-        fewer than ``MIN_NODES`` nodes. What ``robust=audited`` leaves out."""
+    def left_out(self) -> list[NodeUpdate]:
+        """What ``robust=audited`` leaves out: the nodes that alone turn the round's mean round (``keeps``
+        below ``TURNS``) or whose update is ``factor`` times too long for their size; none in a round of
+        fewer than ``MIN_NODES`` nodes."""
         if len(self.nodes) < MIN_NODES:
             return []
-        return [n for n in self.nodes if n.keeps is not None and n.keeps < TURNS]
+        return [
+            n
+            for n in self.nodes
+            if (n.keeps is not None and n.keeps < TURNS)
+            or (n.norm_for_size is not None and n.norm_for_size >= self.factor)
+        ]
 
     def dropped(self) -> list[NodeUpdate]:
         """The updates a norm filter at the audit's factor leaves out."""
@@ -151,6 +176,10 @@ def audit_updates(
         raise AggregationError("an update has non-finite values")
     keep = within_norm_filter(norms, factor)
     median = float(np.median(norms))
+    per_image = {
+        i: n / math.sqrt(updates[i][1]) for i, n in zip(ids, norms, strict=True) if updates[i][1] > 0
+    }
+    median_per_image = float(np.median(list(per_image.values()))) if per_image else 0.0
     weights = np.array([float(updates[i][1]) for i in ids])
     if not weights.sum() > 0:
         weights = np.ones(len(ids))  # as FedAvg: no examples claimed, every node alike
@@ -176,6 +205,11 @@ def audit_updates(
                 agreement=float(np.median(pairs)) if pairs else None,
                 keeps=keeps,
                 within_filter=keep[k],
+                norm_for_size=(
+                    per_image[node_id] / median_per_image
+                    if node_id in per_image and median_per_image > 0
+                    else None
+                ),
             )
         )
     return UpdateAudit(out, factor)

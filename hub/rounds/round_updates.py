@@ -113,7 +113,7 @@ def _warnings(read: RoundUpdates) -> list[str]:
         return f"node {read.names.get(node_id, node_id)} ({node_id})"
 
     audit = read.audit
-    left_out = {n.node_id for n in audit.turning()} if read.robust == "audited" else set()
+    left_out = {n.node_id for n in audit.left_out()} if read.robust == "audited" else set()
     out = []
     for node, reason in audit.named():
         dropped = "the round's audited mean left it out; " if node.node_id in left_out else ""
@@ -155,6 +155,7 @@ def round_updates_report(db: Database, round_ref: str) -> RoundUpdatesInfo:
                 norm=n.norm,
                 norm_ratio=n.norm_ratio,
                 within_filter=n.within_filter,
+                norm_for_size=n.norm_for_size,
                 agreement=n.agreement,
                 keeps=n.keeps,
                 named=named.get(n.node_id),

@@ -83,13 +83,26 @@ def test_a_large_node_that_flips_its_update_is_named_at_its_own_norm() -> None:
     assert node.norm == pytest.approx(audit_updates(round_of(SIX)).nodes[0].norm)
 
 
-def test_a_scaled_and_flipped_small_node_is_named_only_when_it_turns_the_mean() -> None:
-    # ×−10 at 1 % of the images moves FedAvg's mean a little: not named; the norm filter drops it.
+def test_a_small_node_s_update_too_long_for_its_size_is_named_before_it_turns_the_mean() -> None:
+    # ×−10 at 1 % of the images moves FedAvg's mean a little (no turn), but is ten times too long for 40
+    # images: named for its length (the scale-blind norm filter drops it too).
     quiet = audit_updates(round_of(SIX, E=-10.0))
-    assert quiet.named() == [] and "E" in [n.node_id for n in quiet.dropped()]
-    # ×−5000 turns it round.
+    ((node, reason),) = quiet.named()
+    assert node.node_id == "E" and node.keeps is not None and node.keeps > 0.9
+    assert node.norm_for_size == pytest.approx(10.0, rel=0.15) and "as long as the round's" in reason
+    assert [n.node_id for n in quiet.left_out()] == ["E"]
+    assert [n.node_id for n in quiet.dropped()] == ["E"]
+    # Honest clinics' updates are about as long as their size makes them: the hospital's too.
+    sizes = figure(audit_updates(round_of(SIX)), "norm_for_size")
+    assert all(0.5 < v < 1.6 for v in sizes.values()), sizes
+    # ×−5000 turns it round as well: both reasons.
     loud = audit_updates(round_of(SIX, E=-5_000.0))
-    assert [n.node_id for n, _ in loud.named()] == ["E"]
+    ((node, reason),) = loud.named()
+    assert node.node_id == "E" and "point the other way" in reason and "as long as" in reason
+    # A node that claims no images has no size to compare with, and no weight in the mean.
+    zero = audit_updates({**round_of(SIX), "G": (scaled(honest(9), 100.0), 0)})
+    (g,) = [n for n in zero.nodes if n.node_id == "G"]
+    assert g.norm_for_size is None and g.share == 0.0 and zero.named() == []
 
 
 def test_of_two_large_nodes_pulling_apart_the_one_the_others_disagree_with_is_named() -> None:
@@ -167,7 +180,7 @@ def test_the_audited_mean_is_fedavg_without_the_named_updates() -> None:
     counts = {"A": 1_000, "B": 1_000, "C": 60, "D": 60, "E": 60, "F": 60}
     contested = round_of(counts, noise=0.5, A=-1.0)
     assert [n.node_id for n, _ in audit_updates(contested).named()] == ["A"]
-    assert audit_updates(contested).turning() == []
+    assert audit_updates(contested).left_out() == []
     mean = strategy.reduce([contested[k][0] for k in "ABCDEF"], [contested[k][1] for k in "ABCDEF"])
     np.testing.assert_allclose(mean["fc.bias"], fedavg(contested, "ABCDEF"), rtol=1e-5)
     # Unlike the norm filter, it keeps the honest hospital's long update.
