@@ -78,7 +78,7 @@ class NodeUpdate:
     #: Its norm over √(images it claims), over the round's median of the same (None when it claims none):
     #: how long the update is for the node's size. A clinic with more images takes more steps and sends a
     #: longer update honestly; one whose update is ``factor`` times too long for its size is named.
-    norm_for_size: float | None = None
+    norm_for_size: float | None
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,12 @@ class UpdateAudit:
         out = []
         for n in self.left_out():
             reasons = []
-            if n.keeps is not None and n.keeps < TURNS:
+            if self._turns(n):
                 reasons.append(
                     f"without it the round's mean would point the other way (cosine {n.keeps:+.2f} between "
                     "the mean with and without it)"
                 )
-            if n.norm_for_size is not None and n.norm_for_size >= self.factor:
+            if self._too_long(n):
                 reasons.append(
                     f"its update is {n.norm_for_size:.1f}× as long as the round's for the images it claims "
                     f"(norm over √images, against the round's median; named from {self.factor:g}×)"
@@ -130,12 +130,14 @@ class UpdateAudit:
         fewer than ``MIN_NODES`` nodes."""
         if len(self.nodes) < MIN_NODES:
             return []
-        return [
-            n
-            for n in self.nodes
-            if (n.keeps is not None and n.keeps < TURNS)
-            or (n.norm_for_size is not None and n.norm_for_size >= self.factor)
-        ]
+        return [n for n in self.nodes if self._turns(n) or self._too_long(n)]
+
+    @staticmethod
+    def _turns(n: NodeUpdate) -> bool:
+        return n.keeps is not None and n.keeps < TURNS
+
+    def _too_long(self, n: NodeUpdate) -> bool:
+        return n.norm_for_size is not None and n.norm_for_size >= self.factor
 
     def dropped(self) -> list[NodeUpdate]:
         """The updates a norm filter at the audit's factor leaves out."""
