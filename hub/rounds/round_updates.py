@@ -27,6 +27,7 @@ from hub.fl.update_audit import MIN_NODES, UpdateAudit, audit_updates
 from hub.rounds.reports import round_row
 from hub.rounds.round_codec import dense_update, round_compressor
 from hub.rounds.secagg_desk import is_secagg
+from hub.rounds.task_desk import round_protection
 from hub.rounds.tensor_specs import expected_specs
 from hub.service.errors import ConflictError
 from hub.store.database import Database
@@ -62,6 +63,9 @@ class RoundUpdates:
     #: Node id → its name at enrollment.
     names: dict[str, str]
     audit: UpdateAudit
+    #: The clip norm and per-round ε the round asked of every node (None: not asked).
+    clip_norm: float | None = None
+    epsilon: float | None = None
 
 
 def read_round_updates(db: Database, round_ref: str) -> RoundUpdates:
@@ -91,6 +95,7 @@ def read_round_updates(db: Database, round_ref: str) -> RoundUpdates:
         robust = row.config.get("robust")
         number, strategy, state = row.number, row.strategy, RoundState(row.state)
         round_id = row.id
+        protection = round_protection(row) if row.protection else None
     try:
         audit = audit_updates(updates)
     except FlError as exc:
@@ -103,6 +108,8 @@ def read_round_updates(db: Database, round_ref: str) -> RoundUpdates:
         robust=str(robust) if robust is not None else None,
         names=names,
         audit=audit,
+        clip_norm=protection.clip_norm if protection else None,
+        epsilon=protection.epsilon if protection else None,
     )
 
 
@@ -128,6 +135,16 @@ def _warnings(read: RoundUpdates) -> list[str]:
             "median norm (a large clinic's honest update can be this long)"
             for n in audit.dropped()
         ]
+    if read.epsilon is not None:
+        out.append(
+            f"every node added noise to its update (ε {read.epsilon:g} per round): the reading compares "
+            "noisy updates, and was measured on the benchmark without noise"
+        )
+    elif read.clip_norm is not None:
+        out.append(
+            f"every node clipped its update at {read.clip_norm:g}: norms say less about a node's size, and "
+            "the reading was measured on the benchmark without a clip"
+        )
     if len(audit.nodes) < MIN_NODES:
         out.append(
             f"with {len(audit.nodes)} node(s) the reading names nobody: it cannot tell which of them is off"

@@ -179,6 +179,8 @@ def test_rounds_it_cannot_read_node_by_node_are_refused_saying_why(tmp_path: Pat
         secagg = RoundProtection(secure_aggregation=True, clip_norm=5.0)
         masked = _round(rc, nodes, answering=0, protection=secagg)
         compressed = _round(rc, nodes, protection=RoundProtection(compression=CompressionKind.INT8))
+        clipped = _round(rc, nodes, protection=RoundProtection(clip_norm=1_000.0))
+        noised = _round(rc, nodes, protection=RoundProtection(clip_norm=1_000.0, epsilon=8.0))
     finally:
         rc.db.close()
 
@@ -192,6 +194,12 @@ def test_rounds_it_cannot_read_node_by_node_are_refused_saying_why(tmp_path: Pat
     # A compressed round's updates are read as the aggregation reads them: dense, after the codec.
     report = json.loads(_updates(env, str(compressed), "--format", "json").stdout)
     assert len(report["nodes"]) == 3 and not any(n["named"] for n in report["nodes"])
+    assert report["warnings"] == []
+    # Clipped, or clipped and noised, at the nodes: read all the same, with the caveat said.
+    (clip_warning,) = json.loads(_updates(env, str(clipped), "--format", "json").stdout)["warnings"]
+    assert clip_warning.startswith("every node clipped its update at 1000")
+    (noise_warning,) = json.loads(_updates(env, str(noised), "--format", "json").stdout)["warnings"]
+    assert noise_warning.startswith("every node added noise to its update (ε 8 per round)")
 
 
 def test_the_admin_api_reads_a_round_s_updates_on_either_store(any_hub: HubServer) -> None:
