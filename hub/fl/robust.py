@@ -109,10 +109,13 @@ def norm_filtered_weighted_mean(
 def audited_weighted_mean(params_list: Sequence[Params], weights: Sequence[float]) -> Params:
     """FedAvg's weighted mean without the updates that alone turn the round's mean round or are three times
     too long for the images their node claims (``UpdateAudit.left_out``, what ``fedclinic-hub rounds
-    updates`` names first). A node named only because
-    it agrees least of several that pull the mean far stays in: dropping it in the rounds where it is named
-    did worse than FedAvg on the benchmark (docs/benchmarks.md). Unlike the norm filter it does not drop a
-    large clinic's honest update for being long; with fewer than three updates it is FedAvg."""
+    updates`` names first).
+
+    A node named only because it agrees least of several that pull the mean far stays in: dropping it in
+    the rounds where it is named did worse than FedAvg on the benchmark (docs/benchmarks.md). Unlike the
+    norm filter it does not drop a large clinic's honest update for being long; with fewer than three
+    updates it is FedAvg.
+    """
     check_compatible(params_list)
     if len(weights) != len(params_list):
         raise AggregationError(f"got {len(params_list)} tensor sets but {len(weights)} weights")
