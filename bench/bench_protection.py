@@ -39,8 +39,8 @@ with each protection switched on in turn:
 
 Every configuration but ``secagg`` (where the hub holds only the sum) also reads each round's updates node
 by node as ``fedclinic-hub rounds updates`` does (``hub.fl.update_audit``): which clinics it names, in how
-many rounds, and the honest clinics' extremes (the largest norm over the round's median, the lowest cosine
-with the others' mean).
+many rounds, which the norm filter would drop, the honest clinics' lowest ``keeps`` and ``agreement``, and
+the attackers' range of each (every clinic's figures per round are in the JSON rows).
 
 AUC: the final global model on each clinic's own (profiled) test set, mean over clinics and over the four
 small clinics C–F; beside it the same on each clinic's validation split (``harness.flbench.datasets``: the
