@@ -492,10 +492,13 @@ def run_light(
     bytes_log: dict[str, list[int]] = {c: [] for c in CLINICS}
     clinics: dict[str, LightClinic] = {}
     learners: dict[str, MeteredLearner] = {}
+    updates_log: UpdatesLog = {}
     for c in CLINICS:
         logits, emb = setup.train[c]
         clinics[c] = LightClinic(c, head, binary_task(), logits, emb, setup.labels[c])
-        learners[c] = MeteredLearner(clinics[c], spec, bytes_log, unshared=name == "light_unshared")
+        learners[c] = MeteredLearner(
+            clinics[c], spec, bytes_log, unshared=name == "light_unshared", updates_log=updates_log
+        )
         learners[c].pipeline = ProtectionPipeline(rng=np.random.default_rng(seed * 100 + len(learners)))
     strategy.initialize(setup.start, list(CLINICS))
     t0 = time.perf_counter()
@@ -540,6 +543,8 @@ def run_light(
         "head_params": int(w.size + b.size),
         "failures": [f for r in run.rounds for f in r.failures],
         "seconds": seconds,
+        # light_unshared sends zeros: nothing to read
+        **({"audit": audit_summary(updates_log, ())} if name != "light_unshared" else {}),
         **extra,
     }
 

@@ -10,6 +10,7 @@ from typing import Literal
 
 import numpy as np
 
+from edge_node.protocol.updates import UpdateKind
 from hub.fl.aggregate import (
     NORM_FILTER_FACTOR,
     check_compatible,
@@ -267,6 +268,12 @@ class Robust(WrappedStrategy):
                     raise StrategyConfigError(f"norm_bound_trimmed needs 0 <= beta < 0.5, got {beta}")
                 reducer = partial(norm_bounded_trimmed_mean, factor=bound_factor, beta=beta)
         elif method == "audited":
+            if inner.update_kind is not UpdateKind.WEIGHTS_DELTA:
+                raise StrategyConfigError(
+                    f"robust=audited reads weights_delta rounds; {inner.name} sends "
+                    f"{inner.update_kind.value}, where its rules named honest clinics in about 1 of 9 "
+                    "clinic-rounds on the benchmark (docs/benchmarks.md): it would leave honest clinics out"
+                )
             reducer = audited_weighted_mean
         else:
             raise StrategyConfigError(

@@ -23,7 +23,7 @@ from edge_node.protocol.wire import NodeUpdateInfo, RoundState, RoundUpdatesInfo
 from hub.fl.errors import FlError
 from hub.fl.robust import NORM_FILTERS
 from hub.fl.strategy import Params
-from hub.fl.update_audit import MIN_NODES, UpdateAudit, audit_updates
+from hub.fl.update_audit import MIN_NODES, NodeUpdate, UpdateAudit, audit_updates
 from hub.rounds.reports import round_row
 from hub.rounds.round_codec import dense_update, round_compressor
 from hub.rounds.secagg_desk import is_secagg
@@ -57,6 +57,7 @@ class RoundUpdates:
     round_id: str
     number: int
     strategy: str
+    kind: UpdateKind
     state: RoundState
     #: The robust reduction the round aggregates with (``--config robust=…``), if any.
     robust: str | None
@@ -94,6 +95,7 @@ def read_round_updates(db: Database, round_ref: str) -> RoundUpdates:
         names = {n.id: n.name for n in session.scalars(select(Node).where(Node.id.in_(sorted(updates))))}
         robust = row.config.get("robust")
         number, strategy, state = row.number, row.strategy, RoundState(row.state)
+        kind = UpdateKind(row.kind)
         round_id = row.id
         protection = round_protection(row) if row.protection else None
     try:
@@ -104,6 +106,7 @@ def read_round_updates(db: Database, round_ref: str) -> RoundUpdates:
         round_id=round_id,
         number=number,
         strategy=strategy,
+        kind=kind,
         state=state,
         robust=str(robust) if robust is not None else None,
         names=names,
@@ -122,7 +125,14 @@ def _warnings(read: RoundUpdates) -> list[str]:
     audit = read.audit
     left_out = {n.node_id for n in audit.left_out()} if read.robust == "audited" else set()
     out = []
-    for node, reason in audit.named():
+    if read.kind is not UpdateKind.WEIGHTS_DELTA:
+        out.append(
+            f"a {read.kind.value} round: the reading names nobody here; on the benchmark its rules named "
+            "honest clinics' head updates in 24 of 216 clinic-rounds, most as too long for their size (the "
+            "light learner trains every head for as many epochs) (docs/benchmarks.md); the figures are a "
+            "description"
+        )
+    for node, reason in _named(read):
         dropped = "the round's audited mean left it out; " if node.node_id in left_out else ""
         out.append(
             f"{who(node.node_id)}: {reason}: a broken or hostile node, or a clinic unlike every other; "
@@ -152,10 +162,15 @@ def _warnings(read: RoundUpdates) -> list[str]:
     return out
 
 
+def _named(read: RoundUpdates) -> list[tuple[NodeUpdate, str]]:
+    """The nodes the reading names: only in the rounds it was measured on (``weights_delta``)."""
+    return read.audit.named() if read.kind is UpdateKind.WEIGHTS_DELTA else []
+
+
 def round_updates_report(db: Database, round_ref: str) -> RoundUpdatesInfo:
     """``read_round_updates`` as the wire report the CLI and the admin API give."""
     read = read_round_updates(db, round_ref)
-    named = dict((n.node_id, reason) for n, reason in read.audit.named())
+    named = dict((n.node_id, reason) for n, reason in _named(read))
     return RoundUpdatesInfo(
         round_id=read.round_id,
         round=read.number,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hub.fl.aggregate import norm_filtered_mean, within_norm_filter
-from hub.fl.errors import AggregationError
+from hub.fl.errors import AggregationError, StrategyConfigError
 from hub.fl.registry import make_strategy
 from hub.fl.robust import Robust, audited_weighted_mean, norm_filtered_weighted_mean
 from hub.fl.strategy import Params
@@ -22,12 +22,13 @@ def honest(seed: int, scale: float = 1.0, noise: float = 1.5) -> Params:
     """A clinic's update: the round's common direction plus ``noise`` times as much noise of its own
     (pairwise cosines about 0.3 at 1.5, within what the benchmark measured in a healthy round; about 0.8 at
     0.5, as in a round after a hostile one, when every honest clinic corrects the same damage), split over
-    two tensors, with an integer counter beside them."""
+    three tensors (a head's weight and bias among them), with an integer counter beside them."""
     rng = np.random.default_rng(seed)
     flat = scale * (COMMON + noise * rng.normal(size=DIM))
     return {
         "conv.weight": flat[:1_500].reshape(30, 50).astype(np.float32),
-        "fc.bias": flat[1_500:].astype(np.float32),
+        "fc.weight": flat[1_500:1_990].reshape(10, 49).astype(np.float32),
+        "fc.bias": flat[1_990:].astype(np.float32),
         "norm.num_batches_tracked": np.array(seed * 1_000, dtype=np.int64),  # not part of any norm
     }
 
@@ -151,7 +152,7 @@ def test_updates_that_cannot_be_read_together_are_refused() -> None:
     short = {"w": np.zeros(3, np.float32)}
     with pytest.raises(AggregationError, match="differ in size"):
         audit_updates({"a": (honest(0), 10), "b": (short, 10)})
-    broken = {"conv.weight": np.full((30, 50), np.nan, np.float32), "fc.bias": np.zeros(500, np.float32)}
+    broken = {**honest(1), "conv.weight": np.full((30, 50), np.nan, np.float32)}
     with pytest.raises(AggregationError, match="non-finite"):
         audit_updates({"a": (honest(0), 10), "b": (broken, 10)})
     # No images claimed by anyone: every node weighs alike, as under FedAvg.
@@ -191,3 +192,13 @@ def test_the_audited_mean_is_fedavg_without_the_named_updates() -> None:
     assert not np.allclose(filtered, fedavg(honest_round, "ABCDEF"), rtol=1e-3)
     with pytest.raises(AggregationError, match="weights"):
         audited_weighted_mean(params, weights[:2])
+
+
+def test_the_audited_mean_refuses_the_head_rounds_it_was_not_measured_on() -> None:
+    with pytest.raises(
+        StrategyConfigError, match="robust=audited reads weights_delta rounds; head_avg sends"
+    ):
+        make_strategy("head_avg", robust="audited", head="fc.weight,fc.bias")
+    assert isinstance(
+        make_strategy("head_avg", robust="norm_filter_weighted", head="fc.weight,fc.bias"), Robust
+    )

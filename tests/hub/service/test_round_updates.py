@@ -45,15 +45,16 @@ def _round(
     answering: int | None = None,
     protection: RoundProtection | None = None,
     config: dict[str, float | int | str | bool] | None = None,
+    strategy: str = "fedavg",
 ) -> int:
-    """A FedAvg round over ``nodes`` from a model shaped like the test updates; the first ``answering``
-    nodes (all by default) send an honest update (norm ∝ √images), ``flip`` its own sign-flipped, each
-    through the round's codec."""
+    """A round of ``strategy`` (FedAvg) over ``nodes`` from a model shaped like the test updates; the first
+    ``answering`` nodes (all by default) send an honest update (norm ∝ √images), ``flip`` its own
+    sign-flipped, each through the round's codec."""
     model = {k: np.zeros_like(v) for k, v in honest(0).items() if v.dtype.kind == "f"}
     with rc.db.session() as session:
         art = store_tensors(session, model)
     start = RoundStart(
-        strategy="fedavg",
+        strategy=strategy,
         model_artifact=art,
         nodes=nodes,
         deadline_s=600,
@@ -64,7 +65,8 @@ def _round(
     codec = compressor_for(protection.compression) if protection else None
     for k, node in enumerate(nodes[:answering]):
         (task,) = [t for t in rc.open_tasks(node) if t.round == info.round]
-        update = {n: a for n, a in honest(k, scale=float(np.sqrt(IMAGES[k] / 100))).items() if n in model}
+        asked = {e.name for e in task.expected}  # a head round asks for the head's tensors only
+        update = {n: a for n, a in honest(k, scale=float(np.sqrt(IMAGES[k] / 100))).items() if n in asked}
         update = scaled(update, -1.0) if node == flip else update
         assert answer(rc, task, node, codec.compress(update) if codec else update, n=IMAGES[k])
     return info.round
@@ -181,6 +183,8 @@ def test_rounds_it_cannot_read_node_by_node_are_refused_saying_why(tmp_path: Pat
         compressed = _round(rc, nodes, protection=RoundProtection(compression=CompressionKind.INT8))
         clipped = _round(rc, nodes, protection=RoundProtection(clip_norm=1_000.0))
         noised = _round(rc, nodes, protection=RoundProtection(clip_norm=1_000.0, epsilon=8.0))
+        head_config: dict[str, float | int | str | bool] = {"head": "fc.weight,fc.bias"}
+        head = _round(rc, nodes, flip=nodes[0], strategy="head_avg", config=head_config)
     finally:
         rc.db.close()
 
@@ -200,6 +204,12 @@ def test_rounds_it_cannot_read_node_by_node_are_refused_saying_why(tmp_path: Pat
     assert clip_warning.startswith("every node clipped its update at 1000")
     (noise_warning,) = json.loads(_updates(env, str(noised), "--format", "json").stdout)["warnings"]
     assert noise_warning.startswith("every node added noise to its update (ε 8 per round)")
+    # A head round (the light learner's): read, but nobody named, even the node that turns the mean round.
+    report = json.loads(_updates(env, str(head), "--format", "json").stdout)
+    assert len(report["nodes"]) == 3 and not any(n["named"] for n in report["nodes"])
+    (head_warning,) = report["warnings"]
+    assert head_warning.startswith("a head_delta round: the reading names nobody here")
+    assert min(n["keeps"] for n in report["nodes"]) < 0
 
 
 def test_the_admin_api_reads_a_round_s_updates_on_either_store(any_hub: HubServer) -> None:
