@@ -128,8 +128,8 @@ def _warnings(read: RoundUpdates) -> list[str]:
     if read.kind is not UpdateKind.WEIGHTS_DELTA:
         out.append(
             f"a {read.kind.value} round: the reading names nobody here; on the benchmark its rules named "
-            "honest clinics' head updates in 24 of 216 clinic-rounds, most as too long for their size (the "
-            "light learner trains every head for as many epochs) (docs/benchmarks.md); the figures are a "
+            "honest clinics' head updates in 24 of 216 clinic-rounds, most as too long for their size, since "
+            "the light learner trains every head for as many epochs (docs/benchmarks.md); the figures are a "
             "description"
         )
     for node, reason in _named(read):
