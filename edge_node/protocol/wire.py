@@ -466,13 +466,13 @@ class NodeUpdateInfo(_Wire):
     #: Whether the norm filter (``robust=norm_filter``) keeps it.
     within_filter: bool
     #: Its norm over √(images it claims), over the round's median of the same: how long it is for its size.
-    norm_for_size: float | None = None
+    norm_for_size: float | None
     #: Median cosine with each other node's update.
     agreement: float | None
     #: Cosine between the round's FedAvg mean with and without it (below 0: it turns the mean round).
     keeps: float | None
     #: Why it is named, or None.
-    named: str | None = None
+    named: str | None
 
 
 class RoundUpdatesInfo(_Wire):

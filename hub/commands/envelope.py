@@ -109,7 +109,9 @@ def start(
     from edge_node.protocol.envelope_rounds import EnvelopeRounds
 
     settings = settings_for(data_dir)
-    nodes = taking_part(settings, nodes, exclude)
+    if exclude:
+        with hub_database(settings) as db:
+            nodes = taking_part(db, nodes, exclude)
     manifest = _verified(bundle, settings).manifest
     if manifest.head is None:
         fail(f"{manifest.model_id} {manifest.model_version} has no embedding output, so no envelope to refit")

@@ -166,8 +166,8 @@ def start(
     from hub.store.artifacts import store_tensors
 
     settings = settings_for(data_dir)
-    nodes = taking_part(settings, nodes, exclude)
     with hub_database(settings) as db:
+        nodes = taking_part(db, nodes, exclude)
         # A value the round cannot take (pydantic validation, the strategy's checks) stops it, said why.
         try:
             artifact = None

@@ -68,9 +68,7 @@ def hub_database(settings: HubSettings) -> Iterator[Database]:
         db.close()
 
 
-def taking_part(
-    settings: HubSettings, nodes: list[str] | None, exclude: list[str] | None
-) -> list[str] | None:
+def taking_part(db: Database, nodes: list[str] | None, exclude: list[str] | None) -> list[str] | None:
     """The nodes a round asks: those named (``--node``), or every active node but those left out
     (``--exclude-node``, each of which must be an active node); None for every active node."""
     if not exclude:
@@ -82,7 +80,7 @@ def taking_part(
     from edge_node.protocol.wire import NodeState
     from hub.store.schema import Node
 
-    with hub_database(settings) as db, db.session() as session:
+    with db.session() as session:
         active = set(session.scalars(select(Node.id).where(Node.state == NodeState.ACTIVE.value)))
     unknown = sorted(set(exclude) - active)
     if unknown:

@@ -187,10 +187,15 @@ def audit_updates(
         weights = np.ones(len(ids))  # as FedAvg: no examples claimed, every node alike
     stacked = np.stack(flats)
     weighted = weights @ stacked
+    # Every pairwise cosine from one Gram matrix; an update of zeros has none.
+    gram = stacked @ stacked.T
+    lengths = np.sqrt(np.diag(gram))
     out = []
     for k, node_id in enumerate(ids):
         others = [j for j in range(len(ids)) if j != k]
-        pairs = [c for j in others if (c := _cosine(flats[k], flats[j])) is not None]
+        pairs = [
+            float(gram[k, j] / (lengths[k] * lengths[j])) for j in others if lengths[k] > 0 and lengths[j] > 0
+        ]
         rest = weights.sum() - weights[k]
         keeps = (
             _cosine(weighted / weights.sum(), (weighted - weights[k] * flats[k]) / rest)

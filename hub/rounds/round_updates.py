@@ -11,6 +11,7 @@ refused, saying so.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -180,17 +181,7 @@ def round_updates_report(db: Database, round_ref: str) -> RoundUpdatesInfo:
         norm_filter_factor=read.audit.factor,
         nodes=[
             NodeUpdateInfo(
-                node_id=n.node_id,
-                name=read.names.get(n.node_id),
-                examples=n.examples,
-                share=n.share,
-                norm=n.norm,
-                norm_ratio=n.norm_ratio,
-                within_filter=n.within_filter,
-                norm_for_size=n.norm_for_size,
-                agreement=n.agreement,
-                keeps=n.keeps,
-                named=named.get(n.node_id),
+                name=read.names.get(n.node_id), named=named.get(n.node_id), **dataclasses.asdict(n)
             )
             for n in read.audit.nodes
         ],
