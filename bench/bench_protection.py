@@ -21,6 +21,9 @@ with each protection switched on in turn:
 - ``flip_fedavg``: clinic A sends its update sign-flipped at its own norm (a lie the norm filter cannot see),
   aggregated by plain FedAvg.
 - ``pair_*``: clinics C and D collude, each sending its update sign-flipped and scaled ×10.
+- ``inflate_*``: clinic F, the smallest, claims 100× the images it trained on and sends its honest update.
+- ``stall_*``: clinic F claims 1,000× its images and sends its update ×0.01: a free rider whose weight
+  freezes the mean.
 - ``*_audited``: FedAvg without the updates the hub's node-by-node reading names (``robust=audited``).
 - ``clean_*``: the same robust reductions without a poisoned clinic (what robustness costs on non-IID
   clinics by itself).
@@ -34,8 +37,8 @@ with each protection switched on in turn:
   (seeds that are not reported; the test split is read only by the reported runs).
 - ``light_unshared``: the same, but every clinic's head delta is replaced by zeros, so the shared head
   stays the student's head and only the personal heads learn: what the federation of the head adds.
-- ``without_A``: plain FedAvg over the five other clinics, A left out: the best a reduction that (rightly)
-  ignores everything the poisoned clinic sends can do.
+- ``without_A`` / ``without_F``: plain FedAvg over the five other clinics, that clinic left out: the best a
+  reduction that (rightly) ignores everything the attacker sends can do.
 
 Every configuration but ``secagg`` (where the hub holds only the sum) also reads each round's updates node
 by node as ``fedclinic-hub rounds updates`` does (``hub.fl.update_audit``): which clinics it names, in how
@@ -130,6 +133,7 @@ MORE_CONFIGS = (
     "clean_normbound",
     "clean_normboundtrim",
     "without_A",
+    "without_F",
     "flip_fedavg",
     "flip_normfilterw",
     "poison_audited",
@@ -138,6 +142,10 @@ MORE_CONFIGS = (
     "pair_fedavg",
     "pair_audited",
     "pair_normfilterw",
+    "inflate_fedavg",
+    "inflate_audited",
+    "stall_fedavg",
+    "stall_audited",
     "light_plain",
     "light_dp_eps1",
     "light_dp_eps4",
@@ -145,14 +153,31 @@ MORE_CONFIGS = (
     "light_unshared",
 )
 POISONED = "A"
-#: Who attacks, and what each attacker multiplies its update by: A sign-flipped and scaled ×10
-#: (``poison_*``), A sign-flipped at its own norm (``flip_*``), or two small clinics colluding, each
-#: sign-flipped and scaled ×10 (``pair_*``).
-ATTACKS: dict[str, tuple[tuple[str, ...], float]] = {
-    "poison": ((POISONED,), -10.0),
-    "flip": ((POISONED,), -1.0),
-    "pair": (("C", "D"), -10.0),
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """Who attacks, what each attacker multiplies its update by, and by how much it inflates the image
+    count it claims (FedAvg's weight)."""
+
+    attackers: tuple[str, ...]
+    scale: float
+    claims: float = 1.0
+
+
+#: A sign-flipped and scaled ×10 (``poison_*``); A sign-flipped at its own norm (``flip_*``); two small
+#: clinics colluding, each sign-flipped and scaled ×10 (``pair_*``); the smallest clinic claiming 100× its
+#: images and sending its honest update (``inflate_*``: a lie about the count alone); the smallest clinic
+#: claiming 1,000× its images and sending its update ×0.01 (``stall_*``: a free rider whose weight freezes
+#: the mean).
+ATTACKS: dict[str, Attack] = {
+    "poison": Attack((POISONED,), -10.0),
+    "flip": Attack((POISONED,), -1.0),
+    "pair": Attack(("C", "D"), -10.0),
+    "inflate": Attack(("F",), 1.0, claims=100.0),
+    "stall": Attack(("F",), 0.01, claims=1000.0),
 }
+NO_ATTACK = Attack((), 1.0)
 #: Round → clinic → (the dense update the hub aggregates, the images the clinic says it trained on).
 UpdatesLog = dict[int, dict[str, tuple[Params, int]]]
 DELTA = 1e-5
@@ -168,6 +193,7 @@ class MeteredLearner:
         bytes_log: dict[str, list[int]],
         *,
         scale: float = 1.0,
+        claims: float = 1.0,
         unshared: bool = False,
         updates_log: UpdatesLog | None = None,
     ) -> None:
@@ -177,6 +203,7 @@ class MeteredLearner:
         self.pipeline = ProtectionPipeline(rng=np.random.default_rng(0))
         self.bytes_log = bytes_log
         self.scale = scale
+        self.claims = claims
         self.updates_log = updates_log
         self.unshared = unshared
         self.norms: list[float] = []
@@ -203,9 +230,10 @@ class MeteredLearner:
             compressor = self.spec.compressor()
             wire = decode_tensors(protected.payload)  # what the hub receives
             dense = wire if compressor is None else compressor.decompress(wire, layout_of(update))
+        examples = round(self.claims * result.num_examples)  # the count the hub is told (ATTACKS)
         if self.updates_log is not None:
-            self.updates_log.setdefault(result.round, {})[self.client_id] = (dense, result.num_examples)
-        return ClientResult(result.client_id, result.round, result.num_examples, dense, result.metrics)
+            self.updates_log.setdefault(result.round, {})[self.client_id] = (dense, examples)
+        return ClientResult(result.client_id, result.round, examples, dense, result.metrics)
 
     def state(self) -> Params:
         return self.inner.state()
@@ -378,16 +406,23 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
     learner_log = {c: [] for c in CLINICS} if reducer is not None else bytes_log
     # Under secure aggregation the hub never holds one clinic's update: nothing to read node by node.
     updates_log: UpdatesLog | None = {} if reducer is None else None
-    attackers, factor = ATTACKS.get(name.split("_", 1)[0], ((), 1.0))
+    attack = ATTACKS.get(name.split("_", 1)[0], NO_ATTACK)
     learners = {}
     for k, c in enumerate(CLINICS):
-        if name == "without_A" and c == POISONED:
+        if name == f"without_{c}":
             continue
         model = fl_cnn(norm="group")
         model.load_state_dict(init.state_dict())
         inner = SupervisedLearner(c, model, data.clinics[c], cfg, seed * 100 + k)
-        scale = factor if c in attackers else 1.0
-        learners[c] = MeteredLearner(inner, spec, learner_log, scale=scale, updates_log=updates_log)
+        hostile = c in attack.attackers
+        learners[c] = MeteredLearner(
+            inner,
+            spec,
+            learner_log,
+            scale=attack.scale if hostile else 1.0,
+            claims=attack.claims if hostile else 1.0,
+            updates_log=updates_log,
+        )
     strategy.initialize(to_params(init), list(learners))
     t0 = time.perf_counter()
     run = run_federation(strategy, learners, args.rounds)
@@ -408,7 +443,7 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
         "median_update_norm": float(np.median([n for lr in learners.values() for n in lr.norms])),
         "failures": failures,
         "seconds": seconds,
-        **({"audit": audit_summary(updates_log, attackers)} if updates_log else {}),
+        **({"audit": audit_summary(updates_log, attack.attackers)} if updates_log else {}),
         **extra,
     }
 
@@ -841,12 +876,14 @@ def summarise(rows: list[dict[str, Any]]) -> str:
 
 def audit_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: per configuration, summed over seeds, the rounds in which the hub's reading names the
-    attacker and honest clinics and the norm filter would drop them; the honest clinics' extremes of
-    ``keeps`` and ``agreement`` (``hub.fl.update_audit``) and the attacker's range of each."""
+    attacker and honest clinics and the norm filter would drop them; the honest clinics' lowest ``keeps``
+    and ``agreement`` and their range of ``norm_for_size`` (``hub.fl.update_audit``), and the attacker's
+    range of each."""
     lines = [
         "| config | seeds × rounds | attacker named | honest named (clinic-rounds) | norm filter drops "
-        "(clinic-rounds) | honest min keeps | honest min agreement | attacker keeps | attacker agreement |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(clinic-rounds) | honest min keeps | honest min agreement | honest × for size | attacker keeps "
+        "| attacker agreement | attacker × for size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(r["config"] for r in rows):
         audits = [r["audit"] for r in rows if r["config"] == name]
@@ -875,12 +912,13 @@ def audit_table(rows: Sequence[Mapping[str, Any]]) -> str:
             vals = [n[key] for n in nodes if n[key] is not None]
             return f"{min(vals):+.2f}" if vals else "–"
 
-        def span(key: str, hostile: list[dict[str, Any]] = hostile) -> str:
-            return _span([n[key] for n in hostile if n[key] is not None], "{:+.2f}")
+        def span(key: str, nodes: list[dict[str, Any]] = hostile, fmt: str = "{:+.2f}") -> str:
+            return _span([n[key] for n in nodes if n[key] is not None], fmt)
 
         lines.append(
             f"| {name} | {total} | {hit} | {counted('named')} | {counted('norm_filter_drops')} "
-            f"| {extreme('keeps')} | {extreme('agreement')} | {span('keeps')} | {span('agreement')} |"
+            f"| {extreme('keeps')} | {extreme('agreement')} | {span('norm_for_size', honest, '{:.2f}')} "
+            f"| {span('keeps')} | {span('agreement')} | {span('norm_for_size', hostile, '{:.2f}')} |"
         )
     return "\n".join(lines)
 

@@ -108,9 +108,9 @@ def norm_filtered_weighted_mean(
 
 
 def audited_weighted_mean(params_list: Sequence[Params], weights: Sequence[float]) -> Params:
-    """FedAvg's weighted mean without the updates that alone turn the round's mean round or are three times
-    too long for the images their node claims (``UpdateAudit.left_out``, what ``fedclinic-hub rounds
-    updates`` names first).
+    """FedAvg's weighted mean without the updates that alone turn the round's mean round, or are three times
+    too long or a quarter as long or shorter for the images their node claims (``UpdateAudit.left_out``,
+    what ``fedclinic-hub rounds updates`` names first).
 
     A node named only because it agrees least of several that pull the mean far stays in: dropping it in
     the rounds where it is named did worse than FedAvg on the benchmark (docs/benchmarks.md). Unlike the

@@ -18,9 +18,14 @@ next round starts from what it made:
   six times the median on the six-clinic benchmark, and the filter drops it.
 * **norm for its size**: the norm over √(images the node claims), against the round's median of the same.
   A clinic with more images takes more steps and sends a longer update; for its size, honest updates lay
-  within 2.4× of the median on the benchmark, a ×10 update at 4× or more. A node ``factor`` (3) times
-  too long for its size is named. Claiming more images to make room for a long update makes the node's
-  weight in the mean larger, which the ``keeps`` test reads.
+  between 0.34× and 2.4× of the median on the benchmark, a ×10 update at 4× or more. A node ``factor`` (3)
+  times too long for its size is named. Claiming more images to make room for a long update makes the
+  node's weight in the mean larger, which the ``keeps`` test reads. A node whose update is ``SHORT`` (a
+  quarter) as long as the round's for its size, or shorter, is named too: it claims at least sixteen times
+  the images its update shows. A count lie buys weight in FedAvg's mean without turning it, and a free rider
+  that claims many images and sends next to nothing freezes the mean; neither moves ``keeps`` (on the
+  benchmark: the smallest clinic claiming 100× its images read 0.13–0.25×, one claiming 1,000× and sending
+  its update ×0.01 read 0.00×).
 * **share**: the part of the round's images the node says it trained on, its weight under FedAvg.
 
 Nobody is named in a round of fewer than ``MIN_NODES`` (three) nodes: with two, the reading cannot tell
@@ -41,7 +46,7 @@ from hub.fl.errors import AggregationError
 from hub.fl.strategy import Params
 from hub.fl.validation import l2_norm
 
-__all__ = ["CONTESTED", "MIN_NODES", "TURNS", "NodeUpdate", "UpdateAudit", "audit_updates"]
+__all__ = ["CONTESTED", "MIN_NODES", "SHORT", "TURNS", "NodeUpdate", "UpdateAudit", "audit_updates"]
 
 #: A node whose update alone leaves the round's mean at a cosine below this with the mean without it
 #: turns the round round, and is named.
@@ -49,6 +54,9 @@ TURNS = 0.0
 #: Two or more nodes each of which alone leaves the round's mean at a cosine below this (60°) pull it
 #: apart: of those, the one that agrees least with the other nodes is named.
 CONTESTED = 0.5
+#: An update this many times as long as the round's for the images its node claims, or shorter, is named:
+#: the node claims at least 1/SHORT² (16) times the images its update shows.
+SHORT = 0.25
 #: Fewer nodes than this, and the reading cannot tell which of them is off: nobody is named.
 MIN_NODES = 3
 
@@ -77,7 +85,8 @@ class NodeUpdate:
     within_filter: bool
     #: Its norm over √(images it claims), over the round's median of the same (None when it claims none):
     #: how long the update is for the node's size. A clinic with more images takes more steps and sends a
-    #: longer update honestly; one whose update is ``factor`` times too long for its size is named.
+    #: longer update honestly; one whose update is ``factor`` times too long for its size is named, and so
+    #: is one whose update is ``SHORT`` as long or shorter (it claims more images than its update shows).
     norm_for_size: float | None
 
 
@@ -90,9 +99,9 @@ class UpdateAudit:
 
     def named(self) -> list[tuple[NodeUpdate, str]]:
         """The nodes to look at, each with why: any node that alone turns the round's mean round, or whose
-        update is ``factor`` times too long for the images it claims; and where several nodes each pull the
-        mean more than 60°, the one that agrees least with the others. None in a round of fewer than
-        ``MIN_NODES`` nodes."""
+        update is ``factor`` times too long or ``SHORT`` as long or shorter for the images it claims; and
+        where several nodes each pull the mean more than 60°, the one that agrees least with the others.
+        None in a round of fewer than ``MIN_NODES`` nodes."""
         if len(self.nodes) < MIN_NODES:
             return []
         out = []
@@ -107,6 +116,12 @@ class UpdateAudit:
                 reasons.append(
                     f"its update is {n.norm_for_size:.1f}× as long as the round's for the images it claims "
                     f"(norm over √images, against the round's median; named from {self.factor:g}×)"
+                )
+            if self._too_short(n):
+                reasons.append(
+                    f"its update is {n.norm_for_size:.2f}× as long as the round's for the {n.examples:g} images "
+                    f"it claims, which give it {n.share:.0%} of the round's weight: it claims far more images "
+                    f"than its update shows (named from {SHORT:g}× down)"
                 )
             out.append((n, "; ".join(reasons)))
         pulling = [n for n in self.nodes if n.keeps is not None and n.keeps < CONTESTED]
@@ -126,11 +141,11 @@ class UpdateAudit:
 
     def left_out(self) -> list[NodeUpdate]:
         """What ``robust=audited`` leaves out: the nodes that alone turn the round's mean round (``keeps``
-        below ``TURNS``) or whose update is ``factor`` times too long for their size; none in a round of
-        fewer than ``MIN_NODES`` nodes."""
+        below ``TURNS``) or whose update is ``factor`` times too long or ``SHORT`` as long or shorter for
+        their size; none in a round of fewer than ``MIN_NODES`` nodes."""
         if len(self.nodes) < MIN_NODES:
             return []
-        return [n for n in self.nodes if self._turns(n) or self._too_long(n)]
+        return [n for n in self.nodes if self._turns(n) or self._too_long(n) or self._too_short(n)]
 
     @staticmethod
     def _turns(n: NodeUpdate) -> bool:
@@ -138,6 +153,10 @@ class UpdateAudit:
 
     def _too_long(self, n: NodeUpdate) -> bool:
         return n.norm_for_size is not None and n.norm_for_size >= self.factor
+
+    @staticmethod
+    def _too_short(n: NodeUpdate) -> bool:
+        return n.norm_for_size is not None and n.norm_for_size <= SHORT
 
     def dropped(self) -> list[NodeUpdate]:
         """The updates a norm filter at the audit's factor leaves out."""

@@ -133,7 +133,7 @@ def test_every_round_is_read_node_by_node_with_the_attackers_marked(
     bench: ModuleType, tmp_path: Path
 ) -> None:
     out = tmp_path / "audit.json"
-    configs = "plain,flip_fedavg,pair_fedavg,poison_audited,secagg"
+    configs = "plain,flip_fedavg,pair_fedavg,poison_audited,inflate_fedavg,stall_fedavg,secagg"
     assert bench.main(["--seeds", "0", "--configs", configs, *TINY, "--json", str(out)]) == 0
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
     assert "audit" not in rows["secagg"]  # the hub holds only the sum
@@ -147,6 +147,15 @@ def test_every_round_is_read_node_by_node_with_the_attackers_marked(
     assert flipped["A"]["norm"] == pytest.approx(first["A"]["norm"], rel=1e-5)
     for c in "CD":
         assert paired[c]["norm"] == pytest.approx(10 * first[c]["norm"], rel=1e-5)
+    # F claims 100× its images with its own update, or 1,000× with its update ×0.01.
+    inflated = {n["node_id"]: n for n in rows["inflate_fedavg"]["audit"]["nodes"] if n["round"] == 1}
+    stalled = {n["node_id"]: n for n in rows["stall_fedavg"]["audit"]["nodes"] if n["round"] == 1}
+    assert (inflated["F"]["examples"], stalled["F"]["examples"]) == (
+        100 * first["F"]["examples"],
+        1_000 * first["F"]["examples"],
+    )
+    assert inflated["F"]["norm"] == pytest.approx(first["F"]["norm"], rel=1e-5)
+    assert stalled["F"]["norm"] == pytest.approx(0.01 * first["F"]["norm"], rel=1e-4)
     # What the audited mean reads is what the table counts.
-    table = bench.audit_table(list(rows.values())[:-1])
+    table = bench.audit_table([r for r in rows.values() if "audit" in r])
     assert "| pair_fedavg | 2 | C " in table and "| plain | 2 | – |" in table

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hub.fl.aggregate import norm_filtered_mean, within_norm_filter
+from hub.fl.aggregate import norm_filtered_mean, weighted_mean, within_norm_filter
 from hub.fl.errors import AggregationError, StrategyConfigError
 from hub.fl.registry import make_strategy
 from hub.fl.robust import Robust, audited_weighted_mean, norm_filtered_weighted_mean
 from hub.fl.strategy import Params
-from hub.fl.update_audit import CONTESTED, MIN_NODES, UpdateAudit, audit_updates
+from hub.fl.update_audit import CONTESTED, MIN_NODES, SHORT, UpdateAudit, audit_updates
 
 DIM = 2_000
 COMMON = np.random.default_rng(99).normal(size=DIM)
@@ -104,6 +104,34 @@ def test_a_small_node_s_update_too_long_for_its_size_is_named_before_it_turns_th
     zero = audit_updates({**round_of(SIX), "G": (scaled(honest(9), 100.0), 0)})
     (g,) = [n for n in zero.nodes if n.node_id == "G"]
     assert g.norm_for_size is None and g.share == 0.0 and zero.named() == []
+
+
+def test_a_node_that_claims_far_more_images_than_its_update_shows_is_named() -> None:
+    updates = round_of(SIX)
+    f_update, f_images = updates["F"]
+    # A count lie: F's honest update, claimed for 100× its images (46 % of the round's weight).
+    inflated = audit_updates({**updates, "F": (f_update, 100 * f_images)})
+    # A free rider: 1,000× its images claimed (90 % of the weight), next to nothing sent; FedAvg's mean
+    # all but stops.
+    rider = audit_updates({**updates, "F": (scaled(f_update, 0.01), 1_000 * f_images)})
+    for audit, share in ((inflated, 0.45), (rider, 0.89)):
+        f = {n.node_id: n for n in audit.nodes}["F"]
+        # Neither turns the mean, so keeps is silent; the length for its size is not.
+        assert f.keeps is not None and f.keeps > 0.9 and f.share > share
+        assert f.norm_for_size is not None and f.norm_for_size <= SHORT
+        ((node, reason),) = audit.named()
+        assert node is f and "claims far more images than its update shows" in reason
+        assert f"{f.share:.0%} of the round's weight" in reason
+        assert [n.node_id for n in audit.left_out()] == ["F"]
+    # A lie of 4× reads half as long as the round's for its size: within what honest clinics read.
+    assert audit_updates({**updates, "F": (f_update, 4 * f_images)}).named() == []
+    # The audited mean is FedAvg without the free rider; FedAvg's own mean is a tenth of it.
+    params = [updates[k][0] for k in "ABCDE"] + [scaled(f_update, 0.01)]
+    weights = [float(updates[k][1]) for k in "ABCDE"] + [1_000.0 * f_images]
+    honest_mean = weighted_mean(params[:5], weights[:5])["fc.bias"]
+    np.testing.assert_allclose(audited_weighted_mean(params, weights)["fc.bias"], honest_mean, rtol=1e-5)
+    frozen = weighted_mean(params, weights)["fc.bias"]
+    assert np.linalg.norm(frozen) < 0.15 * np.linalg.norm(honest_mean)
 
 
 def test_of_two_large_nodes_pulling_apart_the_one_the_others_disagree_with_is_named() -> None:
