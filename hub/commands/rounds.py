@@ -258,8 +258,8 @@ def updates(
     claims, the median cosine with the other nodes' updates, and the cosine between the round's mean with
     and without it. A node that alone turns the mean round, whose update is 3x too long or a quarter as
     long or shorter for its size, or the one that agrees least when several pull the mean far, is named
-    on stderr with the command that leaves it out of the next round. Not for rounds under secure aggregation (the hub holds
-    only their sum) nor collection rounds.
+    on stderr with the command that leaves it out of the next round. Not for rounds under secure
+    aggregation (the hub holds only their sum) nor collection rounds.
     """
     from hub.rounds.controller import RoundController
 

@@ -119,9 +119,9 @@ class UpdateAudit:
                 )
             if self._too_short(n):
                 reasons.append(
-                    f"its update is {n.norm_for_size:.2f}× as long as the round's for the {n.examples:g} images "
-                    f"it claims, which give it {n.share:.0%} of the round's weight: it claims far more images "
-                    f"than its update shows (named from {SHORT:g}× down)"
+                    f"its update is {n.norm_for_size:.2f}× as long as the round's for the {n.examples:g} "
+                    f"images it claims, which give it {n.share:.0%} of the round's weight: it claims far "
+                    f"more images than its update shows (named from {SHORT:g}× down)"
                 )
             out.append((n, "; ".join(reasons)))
         pulling = [n for n in self.nodes if n.keeps is not None and n.keeps < CONTESTED]

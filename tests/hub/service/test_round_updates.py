@@ -42,6 +42,7 @@ def _round(
     nodes: list[str],
     *,
     flip: str | None = None,
+    rider: str | None = None,
     answering: int | None = None,
     protection: RoundProtection | None = None,
     config: dict[str, float | int | str | bool] | None = None,
@@ -49,7 +50,7 @@ def _round(
 ) -> int:
     """A round of ``strategy`` (FedAvg) over ``nodes`` from a model shaped like the test updates; the first
     ``answering`` nodes (all by default) send an honest update (norm ∝ √images), ``flip`` its own
-    sign-flipped, each through the round's codec."""
+    sign-flipped, ``rider`` its own ×0.01 claiming 1,000× its images, each through the round's codec."""
     model = {k: np.zeros_like(v) for k, v in honest(0).items() if v.dtype.kind == "f"}
     with rc.db.session() as session:
         art = store_tensors(session, model)
@@ -68,7 +69,8 @@ def _round(
         asked = {e.name for e in task.expected}  # a head round asks for the head's tensors only
         update = {n: a for n, a in honest(k, scale=float(np.sqrt(IMAGES[k] / 100))).items() if n in asked}
         update = scaled(update, -1.0) if node == flip else update
-        assert answer(rc, task, node, codec.compress(update) if codec else update, n=IMAGES[k])
+        update, images = (scaled(update, 0.01), 1_000 * IMAGES[k]) if node == rider else (update, IMAGES[k])
+        assert answer(rc, task, node, codec.compress(update) if codec else update, n=images)
     return info.round
 
 
@@ -150,6 +152,8 @@ def test_the_robust_reductions_say_which_updates_they_left_out(tmp_path: Path) -
         filtered = _round(rc, nodes, config={"robust": "norm_filter_weighted"})
         audited = _round(rc, nodes, flip=nodes[0], config={"robust": "audited"})
         result = rc.result(str(audited))
+        ridden = _round(rc, nodes, rider=nodes[-1], config={"robust": "audited"})
+        ridden_result = rc.result(str(ridden))
     finally:
         rc.db.close()
     report = json.loads(_updates(env, str(filtered), "--format", "json").stdout)
@@ -169,6 +173,18 @@ def test_the_robust_reductions_say_which_updates_they_left_out(tmp_path: Path) -
     for name in result:
         expected = np.average([u[name] for u in others], axis=0, weights=IMAGES[1:])
         np.testing.assert_allclose(result[name], expected, rtol=1e-4, atol=1e-6)
+    # A free rider claiming 1,000× its images turns nothing, and is named for what it claims; the audited
+    # mean is FedAvg over the four others.
+    report = json.loads(_updates(env, str(ridden), "--format", "json").stdout)
+    (rider,) = [n for n in report["nodes"] if n["named"]]
+    assert rider["node_id"] == nodes[-1] and rider["keeps"] > 0.9 and rider["share"] > 0.9
+    assert "claims far more images than its update shows" in rider["named"]
+    (warning,) = report["warnings"]
+    assert "the round's audited mean left it out" in warning and f"--exclude-node {nodes[-1]}" in warning
+    others = [honest(k, scale=float(np.sqrt(IMAGES[k] / 100))) for k in range(len(IMAGES) - 1)]
+    for name in ridden_result:
+        expected = np.average([u[name] for u in others], axis=0, weights=IMAGES[:-1])
+        np.testing.assert_allclose(ridden_result[name], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_rounds_it_cannot_read_node_by_node_are_refused_saying_why(tmp_path: Path) -> None:
