@@ -1,5 +1,9 @@
 """The hub's read-only dashboard: nodes and their last heartbeat, rounds and their progress, publications.
 
+Each training round's accepted updates are read node by node as ``fedclinic-hub rounds updates`` reads them
+(``hub.rounds.round_updates``): a node the reading names stands out in the round's row, with the reason on
+hover. A round's reading is kept per (round, accepted updates, state), so a reload reads only what changed.
+
 Plain HTML from the server (no JavaScript), refreshed by the browser every few seconds. It is behind the admin
 credential like the admin API: the operator signs in once with the admin token (``data_dir/admin.token``),
 which becomes an HttpOnly, Secure, SameSite=Strict cookie; ``Authorization: Bearer`` works too, for scripts.
@@ -17,11 +21,18 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 
+from edge_node.protocol.updates import UpdateKind
+from hub.rounds.round_updates import MODEL_UPDATES, round_updates_report
+from hub.rounds.secagg_desk import is_secagg
+from hub.service.errors import ConflictError
 from hub.service.heartbeat import EnvelopeCounts, envelope_counts
 from hub.store.database import Database
 from hub.store.schema import Node, Publication, Round, Update
 
-__all__ = ["COOKIE", "dashboard_router"]
+__all__ = ["COOKIE", "Readings", "dashboard_router", "render_dashboard"]
+
+#: A round's updates cell, kept per (round id, accepted updates, state): what a reload need not read again.
+Readings = dict[tuple[str, int, str], str]
 
 #: Cookie that carries the admin token once the operator signed in.
 COOKIE = "fedclinic_admin"
@@ -83,6 +94,28 @@ def _envelope_cell(counts: EnvelopeCounts | None) -> str:
     return _esc(counts.describe())
 
 
+def _updates_cell(db: Database, r: Round, accepted: int) -> str:
+    """What the node-by-node reading of a training round's updates says: the nodes it names stand out, each
+    with its reason on hover; nothing for collection rounds."""
+    if UpdateKind(r.kind) not in MODEL_UPDATES or accepted == 0:
+        return ""
+    if is_secagg(r):
+        return '<span class="muted" title="secure aggregation: the hub holds only the sum">masked</span>'
+    try:
+        report = round_updates_report(db, r.id)
+    except ConflictError as exc:
+        return f'<span class="muted" title="{_esc(exc)}">not readable</span>'
+    named = [
+        f'<span class="alarm named" title="{_esc(n.named)}">named: {_esc(n.name or n.node_id)}</span>'
+        for n in report.nodes
+        if n.named
+    ]
+    if named:
+        return "<br>".join(named)
+    said = "; ".join(report.warnings)
+    return f'<span class="muted" title="{_esc(said)}">{len(report.nodes)} read, nobody named</span>'
+
+
 def _page(title: str, body: str, *, refresh: bool) -> str:
     meta = f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">' if refresh else ""
     return (
@@ -91,8 +124,9 @@ def _page(title: str, body: str, *, refresh: bool) -> str:
     )
 
 
-def render_dashboard(db: Database, now: datetime | None = None) -> str:
-    """The dashboard's HTML from the store as it is now."""
+def render_dashboard(db: Database, now: datetime | None = None, readings: Readings | None = None) -> str:
+    """The dashboard's HTML from the store as it is now; ``readings`` keeps the rounds' updates cells between
+    calls (left with the shown rounds' cells only)."""
     now = now or datetime.now(timezone.utc)
     with db.session() as session:
         nodes = list(session.scalars(select(Node).order_by(Node.name)))
@@ -121,10 +155,14 @@ def render_dashboard(db: Database, now: datetime | None = None) -> str:
         ]
         for n in nodes
     ]
+    kept = {} if readings is None else readings
+    shown: Readings = {}
     round_rows = []
     for r in rounds:
         got = int(accepted.get(r.id, 0))
         total = len(r.nodes) or 1
+        key = (r.id, got, r.state)
+        shown[key] = kept[key] if key in kept else _updates_cell(db, r, got)
         round_rows.append(
             [
                 _esc(r.number),
@@ -136,8 +174,12 @@ def render_dashboard(db: Database, now: datetime | None = None) -> str:
                 _esc(r.deadline.strftime("%Y-%m-%d %H:%M:%S UTC")),
                 _esc(_ago(r.updated_at, now)),
                 _esc(r.reason or ""),
+                shown[key],
             ]
         )
+    if readings is not None:
+        readings.clear()
+        readings.update(shown)
     publication_rows = []
     for p in publications:
         record = p.signed.get("record", {}) if isinstance(p.signed, dict) else {}
@@ -181,7 +223,17 @@ def render_dashboard(db: Database, now: datetime | None = None) -> str:
         + "<h2>Rounds</h2>"
         + _table(
             "rounds",
-            ["round", "strategy", "kind", "state", "progress", "deadline", "last change", "reason"],
+            [
+                "round",
+                "strategy",
+                "kind",
+                "state",
+                "progress",
+                "deadline",
+                "last change",
+                "reason",
+                "updates",
+            ],
             round_rows,
             "No rounds yet: fedclinic-hub rounds start",
         )
@@ -212,6 +264,7 @@ def _login_page(message: str = "") -> str:
 def dashboard_router(db: Database, is_admin_token: Callable[[str], bool]) -> APIRouter:
     """Routes ``GET /dashboard`` and ``POST /dashboard/login`` (not part of the /v1 API's OpenAPI)."""
     router = APIRouter(include_in_schema=False)
+    readings: Readings = {}
 
     def _presented(request: Request) -> str | None:
         header = request.headers.get("authorization", "")
@@ -224,7 +277,7 @@ def dashboard_router(db: Database, is_admin_token: Callable[[str], bool]) -> API
         token = _presented(request)
         if token is None or not is_admin_token(token):
             return HTMLResponse(_login_page(), status_code=401, headers={"Cache-Control": "no-store"})
-        return HTMLResponse(render_dashboard(db), headers={"Cache-Control": "no-store"})
+        return HTMLResponse(render_dashboard(db, readings=readings), headers={"Cache-Control": "no-store"})
 
     @router.post("/dashboard/login")
     def login(token: Annotated[str, Form(max_length=512)]) -> Response:

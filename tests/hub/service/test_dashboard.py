@@ -15,15 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from edge_node.protocol.tensors import encode_tensors
 from edge_node.protocol.wire import EnrollRequest, decode_join_code
-from hub.api.dashboard import dashboard_router
+from hub.api.dashboard import Readings, dashboard_router, render_dashboard
 from hub.service.enrollment import enroll_node, issue_join_code
 from hub.store.database import Database, open_database
 from hub.store.schema import Artifact, Round, Task, Update, utcnow
+from tests.hub.fl.test_update_audit import honest, scaled
 from tests.support.chromium import chromium_paths, headless_chromium
 from tests.support.tls import Certificate, self_signed
 
@@ -40,8 +43,9 @@ def _is_admin(token: str) -> bool:
 
 
 def _populate(db: Database) -> None:
-    """Three clinics enrolled through the real enrollment path, one still pending, and a round that finished
-    with two of its three nodes' updates."""
+    """Three clinics enrolled through the real enrollment path, one still pending, a round that finished
+    with two of its three nodes' updates, and a training round in which clinic-east claims 1,000× its images
+    for an update a hundredth as long (a free rider), the others honest."""
     nodes = []
     for name in ("clinic-north", "clinic-south", "clinic-east", "clinic-west"):
         with db.session() as s:
@@ -132,6 +136,55 @@ def _populate(db: Database) -> None:
                     received_at=now,
                 )
             )
+        s.add(
+            Round(
+                id="r-2",
+                number=2,
+                strategy="fedavg",
+                kind="weights_delta",
+                config={},
+                state="collecting",
+                nodes=nodes,
+                min_results=3,
+                deadline=now + timedelta(minutes=5),
+                created_at=now,
+                updated_at=now,
+                model_artifact="a-start",
+            )
+        )
+        s.flush()
+        images = [1_000, 300, 60]
+        for i, node_id in enumerate(nodes):
+            update = honest(i, scale=float(np.sqrt(images[i] / 100)))
+            claimed = images[i]
+            if i == 2:  # clinic-east, the free rider
+                update, claimed = scaled(update, 0.01), 1_000 * images[i]
+            s.add(
+                Task(
+                    id=f"t2-{i}",
+                    round_id="r-2",
+                    node_id=node_id,
+                    state="done",
+                    config={},
+                    params_artifact="a-start",
+                    expected=[],
+                    created_at=now,
+                )
+            )
+            s.flush()
+            payload = encode_tensors(update)
+            s.add(
+                Update(
+                    task_id=f"t2-{i}",
+                    round_id="r-2",
+                    node_id=node_id,
+                    payload_sha256=hashlib.sha256(payload).hexdigest(),
+                    payload=payload,
+                    num_examples=claimed,
+                    metrics={},
+                    received_at=now,
+                )
+            )
 
 
 @pytest.fixture
@@ -187,6 +240,39 @@ def test_the_drift_alarm_stands_out_on_the_dashboard(dashboard_url: str) -> None
     assert "3 of 200 outside</td>" in page.text  # clinic-north: nothing to note
 
 
+def test_a_node_the_reading_names_stands_out_in_its_round(dashboard_url: str) -> None:
+    with httpx.Client(verify=False) as client:
+        page = client.get(f"{dashboard_url}/dashboard", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        again = client.get(f"{dashboard_url}/dashboard", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert page.status_code == 200
+    named = re.findall(r'<span class="alarm named" title="([^"]*)">([^<]*)</span>', page.text)
+    assert [text for _, text in named] == ["named: clinic-east"]
+    assert "claims far more images than its update shows" in named[0][0]  # the reason, on hover
+    # The stats round holds no model updates: its cell is empty; a reload reads the same.
+    assert "nobody named" not in page.text and again.text.count("named: clinic-east") == 1
+
+
+def test_a_round_s_reading_is_kept_until_its_updates_or_state_change(tmp_path: Path) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'hub.db'}")
+    try:
+        _populate(db)
+        readings: Readings = {}
+        assert "named: clinic-east" in render_dashboard(db, readings=readings)
+        key = ("r-2", 3, "collecting")
+        assert readings[key].startswith('<span class="alarm named"') and len(readings) == 2
+        readings[key] = "kept-cell"  # a reload shows what was kept, without reading the updates again
+        assert "kept-cell" in render_dashboard(db, readings=readings)
+        with db.session() as s:
+            r2 = s.get(Round, "r-2")
+            assert r2 is not None
+            r2.state = "published"
+        page = render_dashboard(db, readings=readings)
+        assert "kept-cell" not in page and "named: clinic-east" in page
+        assert key not in readings and ("r-2", 3, "published") in readings
+    finally:
+        db.close()
+
+
 def test_dashboard_in_headless_chromium(dashboard_url: str, tmp_path: Path) -> None:
     with headless_chromium(tmp_path / "profile") as browser:
         browser.get(f"{dashboard_url}/dashboard")
@@ -209,3 +295,4 @@ def test_dashboard_in_headless_chromium(dashboard_url: str, tmp_path: Path) -> N
     assert "3 of 200 outside" in nodes and "41 of 200 outside (drift, looks negative)" in nodes
     assert nodes.count("outside") == 2  # clinic-east sent values that are not counts
     assert "published" in rounds and "2 of 3 (needs 2)" in rounds
+    assert "collecting" in rounds and "3 of 3 (needs 3)" in rounds and "named: clinic-east" in rounds
