@@ -97,27 +97,28 @@ class UpdateAudit:
     nodes: list[NodeUpdate]
     factor: float
 
-    def named(self) -> list[tuple[NodeUpdate, str]]:
+    def named(self, *, sizes: bool = True) -> list[tuple[NodeUpdate, str]]:
         """The nodes to look at, each with why: any node that alone turns the round's mean round, or whose
         update is ``factor`` times too long or ``SHORT`` as long or shorter for the images it claims; and
         where several nodes each pull the mean more than 60°, the one that agrees least with the others.
-        None in a round of fewer than ``MIN_NODES`` nodes."""
+        None in a round of fewer than ``MIN_NODES`` nodes. ``sizes=False`` leaves the two length rules out
+        (where the nodes clipped their updates, a long honest update reads short for its size)."""
         if len(self.nodes) < MIN_NODES:
             return []
         out = []
-        for n in self.left_out():
+        for n in self.left_out(sizes=sizes):
             reasons = []
             if self._turns(n):
                 reasons.append(
                     f"without it the round's mean would point the other way (cosine {n.keeps:+.2f} between "
                     "the mean with and without it)"
                 )
-            if self._too_long(n):
+            if sizes and self._too_long(n):
                 reasons.append(
                     f"its update is {n.norm_for_size:.1f}× as long as the round's for the images it claims "
                     f"(norm over √images, against the round's median; named from {self.factor:g}×)"
                 )
-            if self._too_short(n):
+            if sizes and self._too_short(n):
                 reasons.append(
                     f"its update is {n.norm_for_size:.2f}× as long as the round's for the {n.examples:g} "
                     f"images it claims, which give it {n.share:.0%} of the round's weight: it claims far "
@@ -139,13 +140,15 @@ class UpdateAudit:
                 )
         return out
 
-    def left_out(self) -> list[NodeUpdate]:
+    def left_out(self, *, sizes: bool = True) -> list[NodeUpdate]:
         """What ``robust=audited`` leaves out: the nodes that alone turn the round's mean round (``keeps``
         below ``TURNS``) or whose update is ``factor`` times too long or ``SHORT`` as long or shorter for
-        their size; none in a round of fewer than ``MIN_NODES`` nodes."""
+        their size (``sizes=False``: only the first); none in a round of fewer than ``MIN_NODES`` nodes."""
         if len(self.nodes) < MIN_NODES:
             return []
-        return [n for n in self.nodes if self._turns(n) or self._too_long(n) or self._too_short(n)]
+        return [
+            n for n in self.nodes if self._turns(n) or (sizes and (self._too_long(n) or self._too_short(n)))
+        ]
 
     @staticmethod
     def _turns(n: NodeUpdate) -> bool:

@@ -83,6 +83,16 @@ class RoundOpener:
             except FlError as exc:
                 raise RoundConfigError(str(exc)) from exc
             protection = self._checked_protection(request.protection, plan.kind, len(nodes))
+            if (
+                request.config.get("robust") == "audited"
+                and request.protection
+                and request.protection.clip_norm
+            ):
+                raise RoundConfigError(
+                    "robust=audited reads how long each update is for the images its node claims, and a clip "
+                    "at the nodes makes a long honest update read short: start it without --clip, or with "
+                    "another robust reduction"
+                )
             number = int(session.scalar(select(func.coalesce(func.max(Round.number), 0))) or 0) + 1
             row = Round(
                 id="r-" + secrets.token_hex(6),

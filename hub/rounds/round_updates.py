@@ -124,7 +124,7 @@ def _warnings(read: RoundUpdates) -> list[str]:
         return f"node {read.names.get(node_id, node_id)} ({node_id})"
 
     audit = read.audit
-    left_out = {n.node_id for n in audit.left_out()} if read.robust == "audited" else set()
+    left_out = {n.node_id for n in audit.left_out(sizes=_sizes(read))} if read.robust == "audited" else set()
     out = []
     if read.kind is not UpdateKind.WEIGHTS_DELTA:
         out.append(
@@ -148,13 +148,15 @@ def _warnings(read: RoundUpdates) -> list[str]:
         ]
     if read.epsilon is not None:
         out.append(
-            f"every node added noise to its update (ε {read.epsilon:g} per round): the reading compares "
-            "noisy updates, and was measured on the benchmark without noise"
+            f"every node clipped its update at {read.clip_norm:g} and added noise (ε {read.epsilon:g} per "
+            "round): the reading compares noisy updates and was measured on the benchmark without noise; it "
+            "names nobody for the length of an update (a clipped long update reads short for its size)"
         )
     elif read.clip_norm is not None:
         out.append(
-            f"every node clipped its update at {read.clip_norm:g}: norms say less about a node's size, and "
-            "the reading was measured on the benchmark without a clip"
+            f"every node clipped its update at {read.clip_norm:g}: it names nobody for the length of an "
+            "update (a clipped long update reads short for its size), and was measured on the benchmark "
+            "without a clip"
         )
     if len(audit.nodes) < MIN_NODES:
         out.append(
@@ -163,9 +165,15 @@ def _warnings(read: RoundUpdates) -> list[str]:
     return out
 
 
+def _sizes(read: RoundUpdates) -> bool:
+    """Whether the length rules apply: not where the nodes clipped their updates."""
+    return read.clip_norm is None
+
+
 def _named(read: RoundUpdates) -> list[tuple[NodeUpdate, str]]:
-    """The nodes the reading names: only in the rounds it was measured on (``weights_delta``)."""
-    return read.audit.named() if read.kind is UpdateKind.WEIGHTS_DELTA else []
+    """The nodes the reading names: only in the rounds it was measured on (``weights_delta``), and by the
+    length rules only in rounds without a clip at the nodes."""
+    return read.audit.named(sizes=_sizes(read)) if read.kind is UpdateKind.WEIGHTS_DELTA else []
 
 
 def round_updates_report(db: Database, round_ref: str) -> RoundUpdatesInfo:

@@ -134,6 +134,21 @@ def test_a_node_that_claims_far_more_images_than_its_update_shows_is_named() -> 
     assert np.linalg.norm(frozen) < 0.15 * np.linalg.norm(honest_mean)
 
 
+def test_where_the_nodes_clipped_their_updates_the_length_rules_name_nobody() -> None:
+    # Clipped at the round's median norm, the hospital's long update reads short for the images it claims.
+    updates = round_of(SIX)
+    clip = float(np.median([np.linalg.norm(u["conv.weight"]) for u, _ in updates.values()]))
+    clipped = {}
+    for node, (update, n) in updates.items():
+        norm = float(
+            np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in update.values() if a.dtype.kind == "f"))
+        )
+        clipped[node] = (scaled(update, min(1.0, clip / norm)), n)
+    audit = audit_updates(clipped)
+    assert [n.node_id for n, _ in audit.named()] == ["A"]  # an honest hospital, "too short"
+    assert audit.named(sizes=False) == [] and audit.left_out(sizes=False) == []
+
+
 def test_of_two_large_nodes_pulling_apart_the_one_the_others_disagree_with_is_named() -> None:
     counts = {"A": 1_000, "B": 1_000, "C": 60, "D": 60, "E": 60, "F": 60}
     assert audit_updates(round_of(counts, noise=0.5)).named() == []

@@ -16,6 +16,7 @@ from edge_node.protocol.protection import CompressionKind, compressor_for
 from edge_node.protocol.wire import RoundProtection, RoundStart, RoundUpdatesInfo, TaskList
 from hub.cli import app
 from hub.rounds.controller import RoundController
+from hub.service.errors import RoundConfigError
 from hub.service.settings import load_settings
 from hub.store.artifacts import store_tensors
 from hub.store.database import open_database
@@ -154,6 +155,9 @@ def test_the_robust_reductions_say_which_updates_they_left_out(tmp_path: Path) -
         result = rc.result(str(audited))
         ridden = _round(rc, nodes, rider=nodes[-1], config={"robust": "audited"})
         ridden_result = rc.result(str(ridden))
+        # A clip at the nodes makes a long honest update read short for its size: refused together.
+        with pytest.raises(RoundConfigError, match="robust=audited reads how long each update is"):
+            _round(rc, nodes, config={"robust": "audited"}, protection=RoundProtection(clip_norm=1.0))
     finally:
         rc.db.close()
     report = json.loads(_updates(env, str(filtered), "--format", "json").stdout)
@@ -219,7 +223,8 @@ def test_rounds_it_cannot_read_node_by_node_are_refused_saying_why(tmp_path: Pat
     (clip_warning,) = json.loads(_updates(env, str(clipped), "--format", "json").stdout)["warnings"]
     assert clip_warning.startswith("every node clipped its update at 1000")
     (noise_warning,) = json.loads(_updates(env, str(noised), "--format", "json").stdout)["warnings"]
-    assert noise_warning.startswith("every node added noise to its update (ε 8 per round)")
+    assert noise_warning.startswith("every node clipped its update at 1000 and added noise (ε 8 per round)")
+    assert "names nobody for the length of an update" in clip_warning + noise_warning
     # A head round (the light learner's): read, but nobody named, even the node that turns the mean round.
     report = json.loads(_updates(env, str(head), "--format", "json").stdout)
     assert len(report["nodes"]) == 3 and not any(n["named"] for n in report["nodes"])
