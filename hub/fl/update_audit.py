@@ -18,13 +18,13 @@ next round starts from what it made:
   six times the median on the six-clinic benchmark, and the filter drops it.
 * **norm for its size**: the norm over √(images the node claims), against the round's median of the same.
   A clinic with more images takes more steps and sends a longer update; for its size, honest updates lay
-  between 0.34× and 2.4× of the median on the benchmark, a ×10 update at 4× or more. A node ``factor`` (3)
+  between 0.30× and 2.8× of the median on the benchmark, a ×10 update at 4× or more. A node ``factor`` (3)
   times too long for its size is named. Claiming more images to make room for a long update makes the
   node's weight in the mean larger, which the ``keeps`` test reads. A node whose update is ``SHORT`` (a
   quarter) as long as the round's for its size, or shorter, is named too: it claims at least sixteen times
   the images its update shows. A count lie buys weight in FedAvg's mean without turning it, and a free rider
   that claims many images and sends next to nothing freezes the mean; neither moves ``keeps`` (on the
-  benchmark: the smallest clinic claiming 100× its images read 0.13–0.25×, one claiming 1,000× and sending
+  benchmark: the smallest clinic claiming 100× its images read 0.12–0.28×, one claiming 1,000× and sending
   its update ×0.01 read 0.00×).
 * **share**: the part of the round's images the node says it trained on, its weight under FedAvg.
 
