@@ -24,6 +24,7 @@ with each protection switched on in turn:
 - ``inflate_*``: clinic F, the smallest, claims 100× the images it trained on and sends its honest update.
 - ``stall_*``: clinic F claims 1,000× its images and sends its update ×0.01: a free rider whose weight
   freezes the mean.
+- ``lie10_*``: clinic C claims 10× its images and sends its honest update: a lie too small to read.
 - ``*_audited``: FedAvg without the updates the hub's node-by-node reading names (``robust=audited``).
 - ``clean_*``: the same robust reductions without a poisoned clinic (what robustness costs on non-IID
   clinics by itself).
@@ -146,6 +147,8 @@ MORE_CONFIGS = (
     "inflate_audited",
     "stall_fedavg",
     "stall_audited",
+    "lie10_fedavg",
+    "lie10_audited",
     "light_plain",
     "light_dp_eps1",
     "light_dp_eps4",
@@ -169,13 +172,15 @@ class Attack:
 #: clinics colluding, each sign-flipped and scaled ×10 (``pair_*``); the smallest clinic claiming 100× its
 #: images and sending its honest update (``inflate_*``: a lie about the count alone); the smallest clinic
 #: claiming 1,000× its images and sending its update ×0.01 (``stall_*``: a free rider whose weight freezes
-#: the mean).
+#: the mean); the largest small clinic claiming 10× its images with its honest update (``lie10_*``: a lie
+#: inside the honest spread of update lengths).
 ATTACKS: dict[str, Attack] = {
     "poison": Attack((POISONED,), -10.0),
     "flip": Attack((POISONED,), -1.0),
     "pair": Attack(("C", "D"), -10.0),
     "inflate": Attack(("F",), 1.0, claims=100.0),
     "stall": Attack(("F",), 0.01, claims=1000.0),
+    "lie10": Attack(("C",), 1.0, claims=10.0),
 }
 NO_ATTACK = Attack((), 1.0)
 #: Round → clinic → (the dense update the hub aggregates, the images the clinic says it trained on).

@@ -162,7 +162,8 @@ def render_dashboard(db: Database, now: datetime | None = None, readings: Readin
         got = int(accepted.get(r.id, 0))
         total = len(r.nodes) or 1
         key = (r.id, got, r.state)
-        shown[key] = kept[key] if key in kept else _updates_cell(db, r, got)
+        cell = kept.get(key)  # another request may clear the kept cells meanwhile: get, not test then index
+        shown[key] = cell if cell is not None else _updates_cell(db, r, got)
         round_rows.append(
             [
                 _esc(r.number),
