@@ -38,8 +38,8 @@ with each protection switched on in turn:
   (seeds that are not reported; the test split is read only by the reported runs).
 - ``light_unshared``: the same, but every clinic's head delta is replaced by zeros, so the shared head
   stays the student's head and only the personal heads learn: what the federation of the head adds.
-- ``without_A`` / ``without_F``: plain FedAvg over the five other clinics, that clinic left out: the best a
-  reduction that (rightly) ignores everything the attacker sends can do.
+- ``without_A`` (or any clinic's name): plain FedAvg over the five other clinics, that clinic left out: the
+  best a reduction that (rightly) ignores everything the attacker sends can do.
 
 Every configuration but ``secagg`` (where the hub holds only the sum) also reads each round's updates node
 by node as ``fedclinic-hub rounds updates`` does (``hub.fl.update_audit``): which clinics it names, in how
@@ -133,8 +133,7 @@ MORE_CONFIGS = (
     "clean_normfilterw",
     "clean_normbound",
     "clean_normboundtrim",
-    "without_A",
-    "without_F",
+    *(f"without_{c}" for c in CLINICS),
     "flip_fedavg",
     "flip_normfilterw",
     "poison_audited",
