@@ -92,16 +92,46 @@ def _populate(db: Database) -> None:
     now = utcnow()
     with db.session() as s:
         s.add(Artifact(id="a-start", kind="tensors", sha256="0" * 64, size=0, data=b"", created_at=now))
+    # A stats round that finished with two of its three nodes' answers.
+    _add_round(db, "r-1", 1, "stats", "published", nodes, {n: (b"", 10) for n in nodes[:2]}, min_results=2)
+    # A training round: the two larger clinics honest, clinic-east the free rider.
+    images = [1_000, 300, 60]
+    answers = {}
+    for i, node_id in enumerate(nodes):
+        update = honest(i, scale=float(np.sqrt(images[i] / 100)))
+        if i == 2:
+            answers[node_id] = (encode_tensors(scaled(update, 0.01)), 1_000 * images[i])
+        else:
+            answers[node_id] = (encode_tensors(update), images[i])
+    _add_round(db, "r-2", 2, "fedavg", "collecting", nodes, answers, min_results=3, kind="weights_delta")
+
+
+def _add_round(
+    db: Database,
+    round_id: str,
+    number: int,
+    strategy: str,
+    state: str,
+    nodes: list[str],
+    answers: dict[str, tuple[bytes, int]],
+    *,
+    min_results: int,
+    kind: str | None = None,
+) -> None:
+    """A round from the artifact "a-start" with a task per node; ``answers`` (node → payload, images) are
+    its accepted updates, the other nodes' tasks closed unanswered."""
+    now = utcnow()
+    with db.session() as s:
         s.add(
             Round(
-                id="r-1",
-                number=1,
-                strategy="stats",
-                kind="stats",
+                id=round_id,
+                number=number,
+                strategy=strategy,
+                kind=kind or strategy,
                 config={},
-                state="published",
+                state=state,
                 nodes=nodes,
-                min_results=2,
+                min_results=min_results,
                 deadline=now + timedelta(minutes=5),
                 created_at=now,
                 updated_at=now,
@@ -112,10 +142,10 @@ def _populate(db: Database) -> None:
         for i, node_id in enumerate(nodes):
             s.add(
                 Task(
-                    id=f"t-{i}",
-                    round_id="r-1",
+                    id=f"{round_id}-t{i}",
+                    round_id=round_id,
                     node_id=node_id,
-                    state="done" if i < 2 else "closed",
+                    state="done" if node_id in answers else "closed",
                     config={},
                     params_artifact="a-start",
                     expected=[],
@@ -123,64 +153,18 @@ def _populate(db: Database) -> None:
                 )
             )
         s.flush()
-        for i, node_id in enumerate(nodes[:2]):
-            s.add(
-                Update(
-                    task_id=f"t-{i}",
-                    round_id="r-1",
-                    node_id=node_id,
-                    payload_sha256="0" * 64,
-                    payload=b"",
-                    num_examples=10,
-                    metrics={},
-                    received_at=now,
-                )
-            )
-        s.add(
-            Round(
-                id="r-2",
-                number=2,
-                strategy="fedavg",
-                kind="weights_delta",
-                config={},
-                state="collecting",
-                nodes=nodes,
-                min_results=3,
-                deadline=now + timedelta(minutes=5),
-                created_at=now,
-                updated_at=now,
-                model_artifact="a-start",
-            )
-        )
-        s.flush()
-        images = [1_000, 300, 60]
         for i, node_id in enumerate(nodes):
-            update = honest(i, scale=float(np.sqrt(images[i] / 100)))
-            claimed = images[i]
-            if i == 2:  # clinic-east, the free rider
-                update, claimed = scaled(update, 0.01), 1_000 * images[i]
-            s.add(
-                Task(
-                    id=f"t2-{i}",
-                    round_id="r-2",
-                    node_id=node_id,
-                    state="done",
-                    config={},
-                    params_artifact="a-start",
-                    expected=[],
-                    created_at=now,
-                )
-            )
-            s.flush()
-            payload = encode_tensors(update)
+            if node_id not in answers:
+                continue
+            payload, images = answers[node_id]
             s.add(
                 Update(
-                    task_id=f"t2-{i}",
-                    round_id="r-2",
+                    task_id=f"{round_id}-t{i}",
+                    round_id=round_id,
                     node_id=node_id,
                     payload_sha256=hashlib.sha256(payload).hexdigest(),
                     payload=payload,
-                    num_examples=claimed,
+                    num_examples=images,
                     metrics={},
                     received_at=now,
                 )
