@@ -58,7 +58,7 @@ from hub.training.learners import (
     train_local,
 )
 from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor, last_block_personal
-from hub.training.simulation import ClientLearner, RoundCheckpoint, run_federation
+from hub.training.simulation import ClientLearner, OnResults, RoundCheckpoint, run_federation
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ class MethodContext:
     checkpoint: RoundCheckpoint | None = None
     #: Upload bytes per clinic of the last federation's statistics rounds (reported apart from training).
     stats_bytes: dict[str, float] = field(default_factory=dict)
+    #: Sees each round's answers before the strategy aggregates them (``run_federation``'s ``on_results``).
+    on_results: OnResults | None = None
 
 
 def _scores(
@@ -261,6 +263,7 @@ def _run(
         checkpoint=ctx.checkpoint,
         on_round=on_round or ctx.on_round,
         compressor=compressor,
+        on_results=ctx.on_results,
     )
     failures = [f for r in run.rounds for f in r.failures]
     if failures:

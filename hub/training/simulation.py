@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +57,10 @@ class RoundLog:
     applied: bool
     #: What the round asked for ("stats" rounds carry sketches, not model updates).
     kind: str = UpdateKind.WEIGHTS_DELTA.value
+
+
+#: Called with a round's number, its kind and the answers the strategy is about to aggregate.
+OnResults = Callable[[int, str, Sequence[ClientResult]], None]
 
 
 @dataclass
@@ -147,8 +151,12 @@ def run_federation(
     checkpoint: RoundCheckpoint | None = None,
     on_round: Callable[[int], None] | None = None,
     compressor: Compressor | None = None,
+    on_results: OnResults | None = None,
 ) -> FederationRun:
     """Run ``rounds`` rounds (1-based) of ``strategy``; resumes from ``checkpoint`` if present.
+
+    ``on_results`` sees each round's answers as the hub would aggregate them (decoded, decompressed), with
+    the round's kind, before the strategy aggregates them.
 
     The strategy must already be ``initialize``-d with the starting model. A resumed run starts the
     clinics' compression residuals afresh (they are not part of the checkpoint).
@@ -199,6 +207,9 @@ def run_federation(
                 results.append(decoded)
             else:
                 failures.append(decoded)
+        kind = next(iter(kinds)) if len(kinds) == 1 else "mixed"
+        if on_results is not None:
+            on_results(rnd, kind, results)
         new = strategy.aggregate(rnd, results, failures)
         bytes_up = {cid: b for (cid, _), b in ledger.per_client_round().items()}
         run.rounds.append(
@@ -208,7 +219,7 @@ def run_federation(
                 [f"{f.client_id}: {f.reason}" for f in failures],
                 time.perf_counter() - t0,
                 new is not None,
-                next(iter(kinds)) if len(kinds) == 1 else "mixed",
+                kind,
             )
         )
         if checkpoint is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +146,17 @@ def test_stats_round_bytes_are_reported_apart(clinics: dict[str, ClinicData]) ->
         learners[c] = PFedNetLearner(c, model, data, CFG, seed=k)
     strategy = make_strategy("pfednet", is_personal=is_personal_tensor, graph_k=1)
     strategy.initialize(to_params(init), list(learners))
-    run = run_federation(strategy, learners, 2)  # round 1: stats; round 2: training
+    seen: list[tuple[int, str, list[str], int]] = []
+
+    def on_results(rnd: int, kind: str, results: Sequence[ClientResult]) -> None:
+        # What the strategy is about to aggregate: every clinic's answer, decoded, before aggregation.
+        assert strategy.global_params is not None and len(seen) == rnd - 1
+        seen.append((rnd, kind, sorted(r.client_id for r in results), sum(r.num_examples for r in results)))
+
+    run = run_federation(strategy, learners, 2, on_results=on_results)  # round 1: stats; round 2: training
     assert [r.kind for r in run.rounds] == ["stats", "weights_delta"]
+    images = sum(d.n_train for d in clinics.values())
+    assert seen == [(1, "stats", sorted(clinics), images), (2, "weights_delta", sorted(clinics), images)]
     stats, train = run.stats_bytes_per_client_round(), run.bytes_per_client_round()
     for c in clinics:
         assert stats[c] < 2000 < train[c]  # the sketch is tiny; it no longer pulls the training mean down
