@@ -102,7 +102,7 @@ from hub.training.learners import (
     to_params,
     train_local,
 )
-from hub.training.simulation import run_federation
+from hub.training.simulation import OnResults, run_federation
 
 log = logging.getLogger("bench_protection")
 
@@ -184,6 +184,17 @@ ATTACKS: dict[str, Attack] = {
 NO_ATTACK = Attack((), 1.0)
 #: Round → clinic → (the dense update the hub aggregates, the images the clinic says it trained on).
 UpdatesLog = dict[int, dict[str, tuple[Params, int]]]
+
+
+def recorder(log: UpdatesLog) -> OnResults:
+    """Keeps each round's answers in ``log`` as the strategy is about to aggregate them."""
+
+    def record(rnd: int, kind: str, results: Sequence[ClientResult]) -> None:
+        log[rnd] = {r.client_id: (r.update, r.num_examples) for r in results}
+
+    return record
+
+
 DELTA = 1e-5
 
 
@@ -199,7 +210,6 @@ class MeteredLearner:
         scale: float = 1.0,
         claims: float = 1.0,
         unshared: bool = False,
-        updates_log: UpdatesLog | None = None,
     ) -> None:
         self.inner = inner
         self.client_id = inner.client_id
@@ -208,7 +218,6 @@ class MeteredLearner:
         self.bytes_log = bytes_log
         self.scale = scale
         self.claims = claims
-        self.updates_log = updates_log
         self.unshared = unshared
         self.norms: list[float] = []
         self.sigmas: list[float] = []  # the noise multiplier of every noised release
@@ -235,8 +244,6 @@ class MeteredLearner:
             wire = decode_tensors(protected.payload)  # what the hub receives
             dense = wire if compressor is None else compressor.decompress(wire, layout_of(update))
         examples = round(self.claims * result.num_examples)  # the count the hub is told (ATTACKS)
-        if self.updates_log is not None:
-            self.updates_log.setdefault(result.round, {})[self.client_id] = (dense, examples)
         return ClientResult(result.client_id, result.round, examples, dense, result.metrics)
 
     def state(self) -> Params:
@@ -425,11 +432,12 @@ def run_config(name: str, data: Any, seed: int, args: argparse.Namespace, clip: 
             learner_log,
             scale=attack.scale if hostile else 1.0,
             claims=attack.claims if hostile else 1.0,
-            updates_log=updates_log,
         )
     strategy.initialize(to_params(init), list(learners))
     t0 = time.perf_counter()
-    run = run_federation(strategy, learners, args.rounds)
+    run = run_federation(
+        strategy, learners, args.rounds, on_results=None if updates_log is None else recorder(updates_log)
+    )
     seconds = time.perf_counter() - t0
     failures = [f for r in run.rounds for f in r.failures]
     if isinstance(strategy, DifferentialPrivacy):
@@ -535,13 +543,11 @@ def run_light(
     for c in CLINICS:
         logits, emb = setup.train[c]
         clinics[c] = LightClinic(c, head, binary_task(), logits, emb, setup.labels[c])
-        learners[c] = MeteredLearner(
-            clinics[c], spec, bytes_log, unshared=name == "light_unshared", updates_log=updates_log
-        )
+        learners[c] = MeteredLearner(clinics[c], spec, bytes_log, unshared=name == "light_unshared")
         learners[c].pipeline = ProtectionPipeline(rng=np.random.default_rng(seed * 100 + len(learners)))
     strategy.initialize(setup.start, list(CLINICS))
     t0 = time.perf_counter()
-    run = run_federation(strategy, learners, args.rounds)
+    run = run_federation(strategy, learners, args.rounds, on_results=recorder(updates_log))
     seconds = time.perf_counter() - t0
     shared = strategy.global_params
     w = np.asarray(shared[head.weight.name], dtype=np.float64)  # (K, D)

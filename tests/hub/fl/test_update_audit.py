@@ -13,6 +13,7 @@ from hub.fl.registry import make_strategy
 from hub.fl.robust import Robust, audited_weighted_mean, norm_filtered_weighted_mean
 from hub.fl.strategy import Params
 from hub.fl.update_audit import CONTESTED, MIN_NODES, SHORT, UpdateAudit, audit_updates
+from hub.fl.validation import l2_norm
 
 DIM = 2_000
 COMMON = np.random.default_rng(99).normal(size=DIM)
@@ -137,13 +138,8 @@ def test_a_node_that_claims_far_more_images_than_its_update_shows_is_named() -> 
 def test_where_the_nodes_clipped_their_updates_the_length_rules_name_nobody() -> None:
     # Clipped at the round's median norm, the hospital's long update reads short for the images it claims.
     updates = round_of(SIX)
-    clip = float(np.median([np.linalg.norm(u["conv.weight"]) for u, _ in updates.values()]))
-    clipped = {}
-    for node, (update, n) in updates.items():
-        norm = float(
-            np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in update.values() if a.dtype.kind == "f"))
-        )
-        clipped[node] = (scaled(update, min(1.0, clip / norm)), n)
+    clip = float(np.median([l2_norm(u) for u, _ in updates.values()]))
+    clipped = {node: (scaled(u, min(1.0, clip / l2_norm(u))), n) for node, (u, n) in updates.items()}
     audit = audit_updates(clipped)
     assert [n.node_id for n, _ in audit.named()] == ["A"]  # an honest hospital, "too short"
     assert audit.named(sizes=False) == [] and audit.left_out(sizes=False) == []
