@@ -31,6 +31,7 @@ from harness.flbench.scoring import (
 from harness.flbench.steps import one_time_work
 from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.compress import TopKCompressor
+from hub.fl.fedbn import is_norm_buffer
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
 from hub.models.fedhelp_nets import fedhelp_small
@@ -650,6 +651,11 @@ PFEDNET_GRAPHS: dict[str, tuple[str, ...]] = {
 PFEDNET_PERSONAL: tuple[str, ...] = ("head_norm", "last_block", "head")
 
 
+def _is_batch_counter(name: str) -> bool:
+    """BatchNorm's step counter: an integer no fusion can move, kept at each clinic."""
+    return name.rsplit(".", 1)[-1] == "num_batches_tracked"
+
+
 def run_pfednet(
     data: BenchData,
     ctx: MethodContext,
@@ -657,12 +663,18 @@ def run_pfednet(
     lam: float | None = None,
     personal: str | None = None,
     graph: str | None = None,
+    norm: Norm = "group",
+    fuse_statistics: bool = False,
 ) -> dict[str, Any]:
     """pFedNet: shared extractor averaged; the personal part fused over the sketch graph (ADMM).
 
     ``lam``, ``personal`` and ``graph`` default to the config's ``pfednet_lam``, ``pfednet_personal`` and
     ``pfednet_graph``; ``lam=0`` is the ablation without the graph fusion (each clinic keeps its own
-    personal part, the same rounds, data and seeds otherwise).
+    personal part, the same rounds, data and seeds otherwise). ``norm="batch"``: the CNN normalises with
+    BatchNorm, whose affine parameters are in the personal part (``head_norm``) and whose running
+    statistics stay at each clinic as in FedBN; an unseen clinic takes the clinics' sample-weighted mean
+    statistics, as FedBN's does. ``fuse_statistics``: the running means and variances join the personal
+    part, so that the graph fuses them too (only the batch counter stays at each clinic).
     """
     lam = ctx.cfg.pfednet_lam if lam is None else lam
     personal = ctx.cfg.pfednet_personal if personal is None else personal
@@ -672,7 +684,7 @@ def run_pfednet(
             f"pfednet: personal {personal!r} / graph {graph_name!r}; choose from {PFEDNET_PERSONAL} / "
             f"{tuple(PFEDNET_GRAPHS)}"
         )
-    init = _seeded(ctx.seed, lambda: fl_cnn(norm="group", num_outputs=data.spec.num_outputs))
+    init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
     is_personal: Callable[[str], bool] = {
         "head_norm": is_personal_tensor,
         "last_block": last_block_personal(list(to_params(init))),
@@ -688,6 +700,7 @@ def run_pfednet(
         graph_keys=PFEDNET_GRAPHS[graph_name],
         client_config={"augment": ctx.cfg.augment},
         differential_gamma=ctx.cfg.pfednet_gamma,
+        local=None if norm == "group" else (_is_batch_counter if fuse_statistics else is_norm_buffer),
     )
     fusion: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -704,7 +717,7 @@ def run_pfednet(
 
     learners: dict[str, PFedNetLearner] = {}
     for k, c in enumerate(data.names):
-        model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
+        model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
         learners[c] = PFedNetLearner(
             c, model, data.clinics[c], _local_cfg(ctx, augment=ctx.cfg.augment), ctx.seed * 100 + k
@@ -720,7 +733,12 @@ def run_pfednet(
         load_params(learner.model, params)
         per_clinic[c] = _predictor(learner.model)
         parts.append({n: a for n, a in params.items() if is_personal(n)})
-    global_model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
+    global_model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
+    statistics = [n for n in to_params(init) if is_norm_buffer(n) and n not in parts[0]]
+    if statistics:
+        # The unseen clinic has no statistics of its own: the clinics' sample-weighted mean, as in FedBN.
+        held = [{n: to_params(learners[c].model)[n] for n in statistics} for c in data.names]
+        load_params(global_model, weighted_mean(held, [data.clinics[c].n_train for c in data.names]))
     load_params(global_model, {**strategy.global_params, **unweighted_mean(parts)})
     result = evaluate(data, per_clinic, _predictor(global_model))
     # What personalisation buys: every clinic scored with the clinics' mean personal part instead of its own.
@@ -732,6 +750,7 @@ def run_pfednet(
         "graph_edges": [[data.names[i], data.names[j]] for i, j in graph.edges] if graph is not None else [],
         "lam": lam,
         "personal": personal,
+        "norm": norm,
         "graph": graph_name,
         "personal_params": int(sum(a.size for a in parts[0].values())),
         # Per training round (by number), per clinic: ‖fused − unfused‖ of the personal part and its distance
@@ -840,6 +859,11 @@ METHODS: dict[str, MethodFn] = {
     "pfednet": run_pfednet,
     # pFedNet's ablation: λ = 0, no graph fusion (each clinic keeps its own personal part).
     "pfednet_nograph": lambda d, c: run_pfednet(d, c, lam=0.0),
+    # pFedNet on BatchNorm: the affine parameters personal and fused, the running statistics each clinic's
+    # own (FedBN's lever, which beats pooled training on breast); and its ablation without the fusion.
+    "pfednet_bn": lambda d, c: run_pfednet(d, c, norm="batch"),
+    "pfednet_bn_nograph": lambda d, c: run_pfednet(d, c, lam=0.0, norm="batch"),
+    "pfednet_bnstats": lambda d, c: run_pfednet(d, c, norm="batch", fuse_statistics=True),
     "light_head": run_light_head,
     "local_aug": lambda d, c: run_local(d, c, augment=True, norm="group"),
     "fedavg_aug": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group"),

@@ -21,7 +21,7 @@ FITTED = ("federated", "traffic", "traffic_hostile")
 
 Record = dict[str, Any]
 #: fedclinic's own strategies: "the best fedclinic strategy" is picked among these, on validation.
-OURS: tuple[str, ...] = ("hsl", "fedhelp", "pfednet")
+OURS: tuple[str, ...] = ("hsl", "fedhelp", "pfednet", "pfednet_bn")
 #: The fair references: augmented like the strategies, GroupNorm.
 REF_LOCAL, REF_CENTRAL, REF_FEDAVG = "local_aug", "central_aug", "fedavg_aug"
 _CLINIC_METRICS: tuple[str, ...] = ("auc", "bacc", "sens")
@@ -34,6 +34,8 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("fedhelp", "fedhelp_nofm"),
     ("fedhelp", "fedhelp_norank"),
     ("pfednet", "pfednet_nograph"),
+    ("pfednet_bn", "pfednet_bn_nograph"),
+    ("pfednet_bn", "fedbn"),
     ("fedbn_adabn", "fedbn"),
     ("fedavg_adabn", "fedavg"),
 )

@@ -9,12 +9,18 @@ from edge_node.protocol.updates import UpdateKind
 from hub.fl.averaging import DeltaAveraging
 from hub.fl.strategy import Config
 
-__all__ = ["FedBN", "is_norm_tensor"]
+__all__ = ["FedBN", "is_norm_buffer", "is_norm_tensor"]
 
 # A dotted name component that names a normalisation module or a BN buffer: "bn1", "bn", "norm",
 # "layernorm", "norm2", "batchnorm", "downsample_bn"... plus the BN buffers themselves.
 _NORM_COMPONENT = re.compile(r"(^|_)bn\d*$|norm\d*$", re.IGNORECASE)
 _BN_BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+def is_norm_buffer(name: str) -> bool:
+    """A BatchNorm buffer (``running_mean``, ``running_var``, ``num_batches_tracked``): statistics of the
+    images a model saw, not parameters any optimiser moves."""
+    return name.rsplit(".", 1)[-1] in _BN_BUFFERS
 
 
 def is_norm_tensor(name: str) -> bool:
@@ -25,7 +31,7 @@ def is_norm_tensor(name: str) -> bool:
     Modules named differently (e.g. torchvision's ``downsample.1``) need a custom predicate.
     """
     parts = name.split(".")
-    if parts[-1] in _BN_BUFFERS:
+    if is_norm_buffer(name):
         return True
     return any(_NORM_COMPONENT.search(part) for part in parts[:-1])
 

@@ -139,6 +139,9 @@ class PFedNet(DeltaAveraging):
     ``admm_iterations`` are λ, η, ρ and the ADMM iteration count (defaults: the deep-model values of §3.4).
     ``edges``: the similarity graph as pairs of client ids; without it the first round is a ``stats``
     round (see the module docstring) whose graph is a ``graph_k``-NN graph over ``graph_keys``.
+    ``local`` picks tensors that stay on each client as in FedBN (never sent, never uploaded, never fused),
+    e.g. BatchNorm's running statistics (``hub.fl.fedbn.is_norm_buffer``): statistics of a clinic's own
+    images, which no proximal step should move. A tensor both local and personal is local.
     """
 
     name = "pfednet"
@@ -162,6 +165,7 @@ class PFedNet(DeltaAveraging):
         min_results: int = 1,
         client_config: Config | None = None,
         differential_gamma: float = 0.0,
+        local: Callable[[str], bool] | None = None,
     ) -> None:
         if lam < 0 or eta <= 0 or rho <= 0 or admm_iterations < 1 or graph_k < 1 or differential_gamma < 0:
             raise StrategyConfigError(
@@ -175,6 +179,7 @@ class PFedNet(DeltaAveraging):
             server_lr=server_lr,
             max_norm=max_norm,
             min_results=min_results,
+            local=local,
             client_config=client_config,
         )
         self.differential_gamma = float(differential_gamma)
@@ -196,7 +201,7 @@ class PFedNet(DeltaAveraging):
     # -- state --------------------------------------------------------------------------------------------
 
     def initialize(self, params: Params, clients: Sequence[str]) -> None:
-        personal = {n: a for n, a in params.items() if self.is_personal(n)}
+        personal = {n: a for n, a in params.items() if self.is_personal(n) and self.shares(n)}
         if not personal:
             raise StrategyConfigError("pfednet: no tensor is personal; check is_personal against the names")
         bad = sorted(n for n, a in personal.items() if a.dtype.kind != "f")

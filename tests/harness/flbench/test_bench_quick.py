@@ -77,6 +77,11 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         assert by[adapted]["panel"] != by[plain]["panel"]
         assert f"{adapted} − {plain}" in doc["targets"]["ablations"]
 
+    # pFedNet on BatchNorm keeps each clinic's statistics: its clinics score unlike the GroupNorm net's.
+    assert by["pfednet_bn"]["extra"]["norm"] == "batch" and by["pfednet"]["extra"]["norm"] == "group"
+    assert by["pfednet_bn"]["clinics"] != by["pfednet"]["clinics"]
+    assert "pfednet_bn − pfednet_bn_nograph" in doc["targets"]["ablations"]
+
     # Methods with one deployable model count each place's test images outside that model's envelope.
     deployable = {"central", "central_aug", "fedavg", "fedprox", "fedavg_aug", "fedavg_hslsteps"}
     assert {m for m, r in by.items() if "envelope" in r} == deployable

@@ -8,6 +8,7 @@ from fl_helpers import make_result
 
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.errors import StrategyConfigError
+from hub.fl.fedbn import is_norm_buffer
 from hub.fl.fedhelp import FedHelp, roles_by_size
 from hub.fl.graph import incidence_matrix, knn_edges, similarity_graph, sketch_distances
 from hub.fl.hsl import HSL
@@ -277,6 +278,40 @@ def test_pfednet_builds_its_graph_from_a_stats_round() -> None:
     assert s.graph is not None and s.graph.edges == ((0, 1), (2, 3))
     assert s.history[-1].failures[0].reason == "unknown client"
     assert s.configure_round(2, ids)[0].kind is UpdateKind.WEIGHTS_DELTA
+
+
+def test_pfednet_local_tensors_stay_at_the_client_and_are_never_fused() -> None:
+    bn: Params = {
+        "conv.weight": np.array([1.0, 1.0], dtype=np.float32),
+        "fc.norm.weight": np.array([1.0], dtype=np.float32),
+        "fc.norm.running_mean": np.array([0.0], dtype=np.float32),
+        "fc.norm.num_batches_tracked": np.array(0, dtype=np.int64),
+    }
+    s = PFedNet(lam=1e6, eta=0.5, edges=[("a", "b")], local=is_norm_buffer)
+    s.initialize(bn, ["a", "b"])  # the int64 counter is local, so it is no personal tensor to refuse
+    ta, tb = s.configure_round(1, ["a", "b"])
+    assert sorted(ta.params) == ["conv.weight", "fc.norm.weight"]
+    results = [
+        make_result(ta, {"conv.weight": [0, 0], "fc.norm.weight": [2.0]}, 1),
+        make_result(tb, {"conv.weight": [0, 0], "fc.norm.weight": [-2.0]}, 1),
+    ]
+    s.aggregate(1, results, [])
+    # the affine weight is personal and fused (a huge λ joins the neighbours); no statistic is held
+    assert sorted(s.params_for("a")) == ["conv.weight", "fc.norm.weight"]
+    np.testing.assert_allclose(s.params_for("a")["fc.norm.weight"], s.params_for("b")["fc.norm.weight"])
+    # an update that carries a local tensor was not asked for it: the round rejects the result
+    tasks = s.configure_round(2, ["a", "b"])
+    stray = ClientResult(
+        "a",
+        2,
+        1,
+        {
+            **make_result(tasks[0], {"conv.weight": [0, 0], "fc.norm.weight": [0.0]}, 1).update,
+            "fc.norm.running_mean": np.ones(1, dtype=np.float32),
+        },
+    )
+    s.aggregate(2, [stray, make_result(tasks[1], {"conv.weight": [0, 0], "fc.norm.weight": [0.0]}, 1)], [])
+    assert [f.client_id for f in s.history[-1].failures] == ["a"]
 
 
 def test_pfednet_needs_float_personal_tensors() -> None:
