@@ -324,6 +324,13 @@ def run_central(
 # -- weight-averaging baselines -------------------------------------------------------------------------
 
 
+def _clinics_mean(learners: Mapping[str, SupervisedLearner], data: BenchData, names: list[str]) -> Params:
+    """The tensors ``names`` each clinic kept for itself, sample-weighted over the clinics: what an unseen
+    clinic, which has none of its own, takes (calibration §1)."""
+    held = [{n: to_params(learners[c].model)[n] for n in names} for c in data.names]
+    return weighted_mean(held, [data.clinics[c].n_train for c in data.names])
+
+
 def run_averaging(
     data: BenchData,
     ctx: MethodContext,
@@ -374,10 +381,8 @@ def run_averaging(
         per_clinic[c] = _predictor(learner.model)
     global_model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
     local_names = [n for n in to_params(init) if n not in shared]
-    if local_names:
-        # The unseen clinic has no norms of its own: sample-weighted mean of the clinics' (calibration §1).
-        norms = [{n: to_params(learners[c].model)[n] for n in local_names} for c in data.names]
-        load_params(global_model, weighted_mean(norms, [data.clinics[c].n_train for c in data.names]))
+    if local_names:  # FedBN's norms
+        load_params(global_model, _clinics_mean(learners, data, local_names))
     load_params(global_model, shared)
     adapted: dict[str, Predictor] | None = None
     if adabn:
@@ -734,11 +739,9 @@ def run_pfednet(
         per_clinic[c] = _predictor(learner.model)
         parts.append({n: a for n, a in params.items() if is_personal(n)})
     global_model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
-    statistics = [n for n in to_params(init) if is_norm_buffer(n) and n not in parts[0]]
-    if statistics:
-        # The unseen clinic has no statistics of its own: the clinics' sample-weighted mean, as in FedBN.
-        held = [{n: to_params(learners[c].model)[n] for n in statistics} for c in data.names]
-        load_params(global_model, weighted_mean(held, [data.clinics[c].n_train for c in data.names]))
+    local_names = [n for n in to_params(init) if n not in strategy.params_for(data.names[0])]
+    if local_names:  # the BatchNorm statistics (or counter) each clinic kept
+        load_params(global_model, _clinics_mean(learners, data, local_names))
     load_params(global_model, {**strategy.global_params, **unweighted_mean(parts)})
     result = evaluate(data, per_clinic, _predictor(global_model))
     # What personalisation buys: every clinic scored with the clinics' mean personal part instead of its own.
