@@ -152,6 +152,9 @@ def fl(
     hsl_anchor_weight: Annotated[
         float, typer.Option(min=0.0, help="HSL's shared-anchor loss weight (the primary task keeps 0.5).")
     ] = 0.5,
+    consistency: Annotated[
+        float, typer.Option(min=0.0, help="Weight of the agreement across augmented views (*_cons methods).")
+    ] = 12.0,
     track: Annotated[
         Track, typer.Option(help="aug: every method augments; none: no method does; both: two runs.")
     ] = Track.aug,
@@ -195,6 +198,7 @@ def fl(
             "pfednet_personal": pfednet_personal,
             "pfednet_graph": pfednet_graph,
             "fedhelp_distill": distill,
+            "consistency": consistency,
         }
         cfg = BenchConfig(
             rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk, pfednet_gamma=pfednet_gamma,

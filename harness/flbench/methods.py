@@ -105,6 +105,9 @@ class BenchConfig:
     #: HSL's shared-anchor loss weight (the primary task keeps 0.5) and its fusion (hub.models.hsl_mmoe).
     hsl_anchor_weight: float = 0.5
     hsl_fusion: str = "softmax"
+    #: Weight of the agreement term across augmented views (hub.training.learners.view_loss) in the
+    #: ``*_cons`` methods, which always augment.
+    consistency: float = 12.0
     distill_epochs: int = 10
     #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
     distill_min_steps: int = 1000
@@ -301,13 +304,18 @@ def run_local(
 
 
 def run_central(
-    data: BenchData, ctx: MethodContext, *, augment: bool | None = None, norm: Norm = "batch"
+    data: BenchData,
+    ctx: MethodContext,
+    *,
+    augment: bool | None = None,
+    norm: Norm = "batch",
+    consistency: float = 0.0,
 ) -> dict[str, Any]:
     """All clinics' rendered data pooled (the upper bound that moves raw data), same number of epochs."""
     x, y = data.pooled_train()
     model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
     gen = torch.Generator().manual_seed(ctx.seed * 100)
-    cfg = _local_cfg(ctx, augment=ctx.cfg.augment if augment is None else augment)
+    cfg = _local_cfg(ctx, augment=ctx.cfg.augment if augment is None else augment, consistency=consistency)
     best = BestRound(data, to_params(model))
     for rnd in range(1, ctx.cfg.rounds + 1):  # a fresh Adam per "round", like the federated methods
         train_local(model, x, y, cfg, gen)
@@ -339,15 +347,20 @@ def run_averaging(
     augment: bool | None = None,
     norm: Norm = "batch",
     adabn: bool = False,
+    consistency: float = 0.0,
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms.
 
     ``adabn``: each unseen clinic re-estimates the BatchNorm statistics on its own unlabeled images
     (``adapt_norms``) before it predicts; the clinics that trained are scored as without it.
+    ``consistency``: the clinics' training adds the agreement term across augmented views (needs augment).
     """
     augment = ctx.cfg.augment if augment is None else augment
     init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
-    settings: dict[str, Any] = {"client_config": {"augment": augment}}
+    client_config: dict[str, Any] = {"augment": augment}
+    if consistency > 0:
+        client_config["consistency"] = consistency
+    settings: dict[str, Any] = {"client_config": client_config}
     if strategy_name == "fedprox":
         settings["mu"] = ctx.cfg.fedprox_mu
     strategy = make_strategy(strategy_name, **settings)
@@ -356,7 +369,11 @@ def run_averaging(
         model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
         learners[c] = SupervisedLearner(
-            c, model, data.clinics[c], _local_cfg(ctx, augment=augment), ctx.seed * 100 + k
+            c,
+            model,
+            data.clinics[c],
+            _local_cfg(ctx, augment=augment, consistency=consistency),
+            ctx.seed * 100 + k,
         )
     strategy.initialize(to_params(init), list(data.names))
     # One global model (every tensor shared): keep its best round on validation. FedBN's clinics keep
@@ -670,6 +687,7 @@ def run_pfednet(
     graph: str | None = None,
     norm: Norm = "group",
     fuse_statistics: bool = False,
+    consistency: float = 0.0,
 ) -> dict[str, Any]:
     """pFedNet: shared extractor averaged; the personal part fused over the sketch graph (ADMM).
 
@@ -680,7 +698,12 @@ def run_pfednet(
     statistics stay at each clinic as in FedBN; an unseen clinic takes the clinics' sample-weighted mean
     statistics, as FedBN's does. ``fuse_statistics``: the running means and variances join the personal
     part, so that the graph fuses them too (only the batch counter stays at each clinic).
+    ``consistency`` > 0: the clinics augment, whatever the track, and add the agreement term across views.
     """
+    augment = ctx.cfg.augment or consistency > 0
+    client_config: dict[str, Any] = {"augment": augment}
+    if consistency > 0:
+        client_config["consistency"] = consistency
     lam = ctx.cfg.pfednet_lam if lam is None else lam
     personal = ctx.cfg.pfednet_personal if personal is None else personal
     graph_name = ctx.cfg.pfednet_graph if graph is None else graph
@@ -703,7 +726,7 @@ def run_pfednet(
         mean_gradient=False,
         graph_k=2,
         graph_keys=PFEDNET_GRAPHS[graph_name],
-        client_config={"augment": ctx.cfg.augment},
+        client_config=client_config,
         differential_gamma=ctx.cfg.pfednet_gamma,
         local=None if norm == "group" else (_is_batch_counter if fuse_statistics else is_norm_buffer),
     )
@@ -725,7 +748,11 @@ def run_pfednet(
         model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
         learners[c] = PFedNetLearner(
-            c, model, data.clinics[c], _local_cfg(ctx, augment=ctx.cfg.augment), ctx.seed * 100 + k
+            c,
+            model,
+            data.clinics[c],
+            _local_cfg(ctx, augment=augment, consistency=consistency),
+            ctx.seed * 100 + k,
         )
         learners[c].num_classes = data.spec.num_classes
     strategy.initialize(to_params(init), list(data.names))
@@ -871,6 +898,16 @@ METHODS: dict[str, MethodFn] = {
     "local_aug": lambda d, c: run_local(d, c, augment=True, norm="group"),
     "fedavg_aug": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group"),
     "central_aug": lambda d, c: run_central(d, c, augment=True, norm="group"),
+    # The agreement term across augmented views (hub.training.learners.view_loss), weight ``consistency``:
+    # on the plain references and on the two pFedNet variants (always augmented).
+    "fedavg_aug_cons": lambda d, c: run_averaging(
+        d, c, "fedavg", augment=True, norm="group", consistency=c.cfg.consistency
+    ),
+    "central_aug_cons": lambda d, c: run_central(
+        d, c, augment=True, norm="group", consistency=c.cfg.consistency
+    ),
+    "pfednet_cons": lambda d, c: run_pfednet(d, c, consistency=c.cfg.consistency),
+    "pfednet_bn_cons": lambda d, c: run_pfednet(d, c, norm="batch", consistency=c.cfg.consistency),
     "fedhelp_snapshot": lambda d, c: run_fedhelp(d, c, rank_sign="snapshot", distill=False),
     # FedHelp's ablations: without the foundation head's KD at the small clinics, without the ranking term.
     "fedhelp_nofm": lambda d, c: run_fedhelp(d, c, fm_weight=0.0, distill=False),

@@ -18,7 +18,6 @@ from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
 from hub.training.supervised import binary_auc
 
 #: Fed to a learner's loss: (model, normalised batch x, labels y) → scalar loss.
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def normalize(x01: torch.Tensor) -> torch.Tensor:
@@ -125,6 +124,8 @@ class LocalConfig:
     weight_decay: float = 0.0
     augment: bool = False
     mu: float = 0.0
+    #: Weight of the agreement term across views (``view_consistency``); 0 = off. Needs ``augment``.
+    consistency: float = 0.0
 
     @classmethod
     def from_task(cls, config: Config, default: LocalConfig) -> LocalConfig:
@@ -136,10 +137,46 @@ class LocalConfig:
             weight_decay=float(config.get("weight_decay", default.weight_decay)),
             augment=bool(config.get("augment", default.augment)),
             mu=float(config.get("mu", default.mu)),
+            consistency=float(config.get("consistency", default.consistency)),
         )
 
 
 AUGMENT = IntensityAugment()
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The task's logits as class distributions (B, K): [1 − σ, σ] for one logit (B,), softmax for (B, K)."""
+    if logits.ndim == 1:
+        p = torch.sigmoid(logits)
+        return torch.stack([1 - p, p], dim=1)
+    return F.softmax(logits, dim=1)
+
+
+def view_consistency(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Jensen-Shannon divergence among the predictions on several views of the same images, batch mean.
+
+    ``views``: logits of each view, the same images in the same order. 0 when every view predicts the same
+    distribution for every image; at most log(number of views).
+    """
+    probs = [class_probabilities(v).clamp_min(1e-7) for v in views]
+    mix = torch.stack(probs).mean(dim=0)
+    kl = [(p * (p.log() - mix.log())).sum(dim=1) for p in probs]
+    return torch.stack(kl).mean(dim=0).mean()
+
+
+def view_loss(
+    model: nn.Module, x01: torch.Tensor, y: torch.Tensor, weight: float, gen: torch.Generator
+) -> torch.Tensor:
+    """The task's loss on one augmented view plus ``weight`` × the views' disagreement.
+
+    Each image is seen three times in one batch: as it is and under two independent draws of the training
+    augmentation; the task loss reads the first augmented view, the agreement term all three.
+    """
+    b = len(y)
+    batch = torch.cat([x01, AUGMENT(x01, gen), AUGMENT(x01, gen)])
+    logits = primary_logits(model(normalize(batch)))
+    plain, first, second = logits[:b], logits[b : 2 * b], logits[2 * b :]
+    return task_loss(first, y) + weight * view_consistency([plain, first, second])
 
 
 def train_local(
@@ -149,10 +186,14 @@ def train_local(
     cfg: LocalConfig,
     gen: torch.Generator,
     *,
-    loss_fn: LossFn = supervised_loss,
     prox_anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
-    """Train ``cfg.epochs`` passes over (x01, y); returns the mean loss of the last epoch."""
+    """Train ``cfg.epochs`` passes over (x01, y); returns the mean loss of the last epoch.
+
+    ``cfg.consistency`` > 0 (with ``cfg.augment``) adds the agreement term across views (``view_loss``).
+    """
+    if cfg.consistency > 0 and not cfg.augment:
+        raise ValueError("consistency across views needs augment: there is only one view without it")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     last = math.nan
@@ -160,9 +201,12 @@ def train_local(
         losses = []
         for idx in minibatches(len(y), cfg.batch_size, gen):
             xb = x01[idx]  # (b, 1, H, W) in [0, 1]
-            if cfg.augment:
-                xb = AUGMENT(xb, gen)
-            loss = loss_fn(model, normalize(xb), y[idx])
+            if cfg.consistency > 0:
+                loss = view_loss(model, xb, y[idx], cfg.consistency, gen)
+            else:
+                if cfg.augment:
+                    xb = AUGMENT(xb, gen)
+                loss = supervised_loss(model, normalize(xb), y[idx])
             if prox_anchor is not None and cfg.mu > 0:
                 loss = loss + 0.5 * cfg.mu * proximal_term(model, prox_anchor)
             opt.zero_grad(set_to_none=True)

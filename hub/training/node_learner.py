@@ -6,14 +6,14 @@ simulation (``bench fl``) uses, and writes update.npz + result.json. Everything 
 between rounds (a FedHelp large client's private model, the proxy's public head, the learner's random
 state) lives in WORKDIR/private/ and is never part of the update.
 
-Task config keys (besides the learner's own: epochs, lr, batch_size, weight_decay, augment, mu, and
-FedHelp's role, rank_weight, rank_margin): ``model`` (registry name of the shared model; default
+Task config keys (besides the learner's own: epochs, lr, batch_size, weight_decay, augment, mu, consistency,
+and FedHelp's role, rank_weight, rank_margin): ``model`` (registry name of the shared model; default
 ``fl_cnn``, ``fedhelp_small`` for FedHelp), ``model.<arg>`` (its factory arguments, e.g. ``model.norm``),
-``large_model`` (a FedHelp large client's private model, default ``fedhelp_large``), ``kl_weight``
-(proxy → large KL weight, 0.1) and ``seed`` (model initialisation and shuffling; default 0). A FedHelp
-small client trains toward the foundation soft labels of the public set the hub shipped once (params
-``public/x``, ``public/soft_labels``), an HSL client on its anchor labels (``public/y``); the learner keeps
-the public set in WORKDIR/public.npz for later rounds.
+``large_model`` (a FedHelp large client's private model, default ``fedhelp_large``), ``kl_weight`` (proxy →
+large KL weight, 0.1) and ``seed`` (model initialisation and shuffling; default 0). A FedHelp small client
+trains toward the foundation soft labels of the public set the hub shipped once (params ``public/x``,
+``public/soft_labels``), an HSL client on its anchor labels (``public/y``); the learner keeps the public set
+in WORKDIR/public.npz for later rounds.
 """
 
 from __future__ import annotations

@@ -49,8 +49,10 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
             "fedavg",
             "fedprox",
             "fedavg_aug",
+            "fedavg_aug_cons",
             "central",
             "central_aug",
+            "central_aug_cons",
             "fedavg_hslsteps",
             "fedavg_adabn",
         )
@@ -81,9 +83,22 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert by["pfednet_bn"]["extra"]["norm"] == "batch" and by["pfednet"]["extra"]["norm"] == "group"
     assert by["pfednet_bn"]["clinics"] != by["pfednet"]["clinics"]
     assert "pfednet_bn − pfednet_bn_nograph" in doc["targets"]["ablations"]
+    # The agreement across augmented views changes what the clinics learn; each has its row.
+    for agreeing, plain in (("fedavg_aug_cons", "fedavg_aug"), ("pfednet_cons", "pfednet")):
+        assert by[agreeing]["clinics"] != by[plain]["clinics"]
+        assert f"{agreeing} − {plain}" in doc["targets"]["ablations"]
 
     # Methods with one deployable model count each place's test images outside that model's envelope.
-    deployable = {"central", "central_aug", "fedavg", "fedprox", "fedavg_aug", "fedavg_hslsteps"}
+    deployable = {
+        "central",
+        "central_aug",
+        "central_aug_cons",
+        "fedavg",
+        "fedprox",
+        "fedavg_aug",
+        "fedavg_aug_cons",
+        "fedavg_hslsteps",
+    }
     assert {m for m, r in by.items() if "envelope" in r} == deployable
     env = by["fedavg_aug"]["envelope"]
     assert set(env["clinics"]) == set("ABCDEF") and set(env["panel"]) == set(by["fedavg_aug"]["panel"])
