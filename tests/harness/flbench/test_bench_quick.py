@@ -35,7 +35,7 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         assert math.isfinite(summary["small_auc"]["mean"]) and math.isfinite(summary["worst_auc"]["mean"])
         assert math.isfinite(summary["panel_auc"]["mean"]) and len(summary["panel"]) >= 4
         assert summary["wall_s"]["mean"] > 0 and summary["steps"]["mean"] > 0
-        federated = name not in ("local", "central", "local_aug", "central_aug")
+        federated = name not in ("local", "central", "local_aug", "central_aug", "central_aug_cons")
         assert ("bytes_per_client_round" in summary) == federated, name
     assert {r["method"] for r in doc["records"]} == set(METHODS)
     assert {c["name"] for c in doc["targets"]["checks"]} >= {
