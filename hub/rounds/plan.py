@@ -216,6 +216,20 @@ def _takes_public(strategy: str, config: Mapping[str, Any]) -> bool:
 LARGE_CLIENTS = "large_clients"
 
 
+def _check_consistency(client: Mapping[str, Any]) -> None:
+    """``client.consistency`` (the agreement term across augmented views) is a weight ≥ 0 that needs
+    ``client.augment=true``: refused here, before a node would refuse every task of the round."""
+    if "consistency" not in client:
+        return
+    weight = client["consistency"]
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < 1e6:
+        raise StrategyConfigError(f"client.consistency must be a number from 0, got {weight!r}")
+    if weight > 0 and client.get("augment") is not True:
+        raise StrategyConfigError(
+            "client.consistency compares augmented views: add --config client.augment=true"
+        )
+
+
 def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: Sequence[str]) -> RoundPlan:
     """The plan for a round: a collection by name, else the ``hub.fl`` strategy with these settings.
 
@@ -239,6 +253,7 @@ def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: S
         # Round configs hold scalars: FedHelp's large clients travel as comma-separated node ids.
         kwargs[LARGE_CLIENTS] = [n for n in kwargs[LARGE_CLIENTS].split(",") if n]
     client: Config = {k.removeprefix("client."): v for k, v in config.items() if k.startswith("client.")}
+    _check_consistency(client)
     if client:
         kwargs["client_config"] = client
     built = make_strategy(strategy, **kwargs)

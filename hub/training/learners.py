@@ -17,8 +17,6 @@ from hub.training.augment import IntensityAugment
 from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
 from hub.training.supervised import binary_auc
 
-#: Fed to a learner's loss: (model, normalised batch x, labels y) → scalar loss.
-
 
 def normalize(x01: torch.Tensor) -> torch.Tensor:
     """Rendered image in [0, 1] → model input."""
