@@ -248,6 +248,12 @@ def _local_cfg(ctx: MethodContext, **kw: Any) -> LocalConfig:
     return LocalConfig(epochs=ctx.cfg.local_epochs, lr=ctx.cfg.lr, batch_size=ctx.cfg.batch_size, **kw)
 
 
+def _client_config(augment: bool, consistency: float) -> dict[str, Any]:
+    """What every clinic's task carries for its torch learner: augmentation, and the agreement term's weight
+    when it is on."""
+    return {"augment": augment, **({"consistency": consistency} if consistency > 0 else {})}
+
+
 def _run(
     strategy: Strategy,
     learners: Mapping[str, ClientLearner],
@@ -357,10 +363,7 @@ def run_averaging(
     """
     augment = ctx.cfg.augment if augment is None else augment
     init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
-    client_config: dict[str, Any] = {"augment": augment}
-    if consistency > 0:
-        client_config["consistency"] = consistency
-    settings: dict[str, Any] = {"client_config": client_config}
+    settings: dict[str, Any] = {"client_config": _client_config(augment, consistency)}
     if strategy_name == "fedprox":
         settings["mu"] = ctx.cfg.fedprox_mu
     strategy = make_strategy(strategy_name, **settings)
@@ -701,9 +704,6 @@ def run_pfednet(
     ``consistency`` > 0: the clinics augment, whatever the track, and add the agreement term across views.
     """
     augment = ctx.cfg.augment or consistency > 0
-    client_config: dict[str, Any] = {"augment": augment}
-    if consistency > 0:
-        client_config["consistency"] = consistency
     lam = ctx.cfg.pfednet_lam if lam is None else lam
     personal = ctx.cfg.pfednet_personal if personal is None else personal
     graph_name = ctx.cfg.pfednet_graph if graph is None else graph
@@ -726,7 +726,7 @@ def run_pfednet(
         mean_gradient=False,
         graph_k=2,
         graph_keys=PFEDNET_GRAPHS[graph_name],
-        client_config=client_config,
+        client_config=_client_config(augment, consistency),
         differential_gamma=ctx.cfg.pfednet_gamma,
         local=None if norm == "group" else (_is_batch_counter if fuse_statistics else is_norm_buffer),
     )

@@ -8,6 +8,7 @@ envelope rounds (``hub.rounds.envelope_plans``) are collections too.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -222,7 +223,7 @@ def _check_consistency(client: Mapping[str, Any]) -> None:
     if "consistency" not in client:
         return
     weight = client["consistency"]
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < 1e6:
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < math.inf:
         raise StrategyConfigError(f"client.consistency must be a number from 0, got {weight!r}")
     if weight > 0 and client.get("augment") is not True:
         raise StrategyConfigError(

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,7 @@ def test_the_weight_reaches_every_task_and_the_node_learner_reads_it() -> None:
         ({"client.consistency": 4, "client.augment": False}, "add --config client.augment=true"),
         ({"client.consistency": -1.0, "client.augment": True}, "a number from 0"),
         ({"client.consistency": "high", "client.augment": True}, "a number from 0"),
+        ({"client.consistency": math.inf, "client.augment": True}, "a number from 0"),
     ],
 )
 def test_a_weight_the_nodes_could_not_use_is_refused(config: dict[str, object], reason: str) -> None:
