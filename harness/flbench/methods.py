@@ -248,10 +248,14 @@ def _local_cfg(ctx: MethodContext, **kw: Any) -> LocalConfig:
     return LocalConfig(epochs=ctx.cfg.local_epochs, lr=ctx.cfg.lr, batch_size=ctx.cfg.batch_size, **kw)
 
 
-def _client_config(augment: bool, consistency: float) -> dict[str, Any]:
+def _client_config(augment: bool, consistency: float, randconv: bool = False) -> dict[str, Any]:
     """What every clinic's task carries for its torch learner: augmentation, and the agreement term's weight
-    when it is on."""
-    return {"augment": augment, **({"consistency": consistency} if consistency > 0 else {})}
+    and the random convolutions when they are on."""
+    return {
+        "augment": augment,
+        **({"consistency": consistency} if consistency > 0 else {}),
+        **({"randconv": True} if randconv else {}),
+    }
 
 
 def _run(
@@ -316,12 +320,14 @@ def run_central(
     augment: bool | None = None,
     norm: Norm = "batch",
     consistency: float = 0.0,
+    randconv: bool = False,
 ) -> dict[str, Any]:
     """All clinics' rendered data pooled (the upper bound that moves raw data), same number of epochs."""
     x, y = data.pooled_train()
     model = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
     gen = torch.Generator().manual_seed(ctx.seed * 100)
-    cfg = _local_cfg(ctx, augment=ctx.cfg.augment if augment is None else augment, consistency=consistency)
+    augment = ctx.cfg.augment if augment is None else augment
+    cfg = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
     best = BestRound(data, to_params(model))
     for rnd in range(1, ctx.cfg.rounds + 1):  # a fresh Adam per "round", like the federated methods
         train_local(model, x, y, cfg, gen)
@@ -354,16 +360,18 @@ def run_averaging(
     norm: Norm = "batch",
     adabn: bool = False,
     consistency: float = 0.0,
+    randconv: bool = False,
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms.
 
     ``adabn``: each unseen clinic re-estimates the BatchNorm statistics on its own unlabeled images
     (``adapt_norms``) before it predicts; the clinics that trained are scored as without it.
-    ``consistency``: the clinics' training adds the agreement term across augmented views (needs augment).
+    ``consistency``: the clinics' training adds the agreement term across augmented views (needs augment);
+    ``randconv``: every augmented view also passes through random convolutions (needs augment).
     """
     augment = ctx.cfg.augment if augment is None else augment
     init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
-    settings: dict[str, Any] = {"client_config": _client_config(augment, consistency)}
+    settings: dict[str, Any] = {"client_config": _client_config(augment, consistency, randconv)}
     if strategy_name == "fedprox":
         settings["mu"] = ctx.cfg.fedprox_mu
     strategy = make_strategy(strategy_name, **settings)
@@ -375,7 +383,7 @@ def run_averaging(
             c,
             model,
             data.clinics[c],
-            _local_cfg(ctx, augment=augment, consistency=consistency),
+            _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv),
             ctx.seed * 100 + k,
         )
     strategy.initialize(to_params(init), list(data.names))
@@ -691,6 +699,7 @@ def run_pfednet(
     norm: Norm = "group",
     fuse_statistics: bool = False,
     consistency: float = 0.0,
+    randconv: bool = False,
 ) -> dict[str, Any]:
     """pFedNet: shared extractor averaged; the personal part fused over the sketch graph (ADMM).
 
@@ -701,9 +710,10 @@ def run_pfednet(
     statistics stay at each clinic as in FedBN; an unseen clinic takes the clinics' sample-weighted mean
     statistics, as FedBN's does. ``fuse_statistics``: the running means and variances join the personal
     part, so that the graph fuses them too (only the batch counter stays at each clinic).
-    ``consistency`` > 0: the clinics augment, whatever the track, and add the agreement term across views.
+    ``consistency`` > 0: the clinics augment, whatever the track, and add the agreement term across views;
+    ``randconv`` likewise augments, with random convolutions in every augmented view.
     """
-    augment = ctx.cfg.augment or consistency > 0
+    augment = ctx.cfg.augment or consistency > 0 or randconv
     lam = ctx.cfg.pfednet_lam if lam is None else lam
     personal = ctx.cfg.pfednet_personal if personal is None else personal
     graph_name = ctx.cfg.pfednet_graph if graph is None else graph
@@ -726,7 +736,7 @@ def run_pfednet(
         mean_gradient=False,
         graph_k=2,
         graph_keys=PFEDNET_GRAPHS[graph_name],
-        client_config=_client_config(augment, consistency),
+        client_config=_client_config(augment, consistency, randconv),
         differential_gamma=ctx.cfg.pfednet_gamma,
         local=None if norm == "group" else (_is_batch_counter if fuse_statistics else is_norm_buffer),
     )
@@ -751,7 +761,7 @@ def run_pfednet(
             c,
             model,
             data.clinics[c],
-            _local_cfg(ctx, augment=augment, consistency=consistency),
+            _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv),
             ctx.seed * 100 + k,
         )
         learners[c].num_classes = data.spec.num_classes
@@ -908,6 +918,18 @@ METHODS: dict[str, MethodFn] = {
     ),
     "pfednet_cons": lambda d, c: run_pfednet(d, c, consistency=c.cfg.consistency),
     "pfednet_bn_cons": lambda d, c: run_pfednet(d, c, norm="batch", consistency=c.cfg.consistency),
+    # Random convolutions in every augmented view (hub.training.augment.RandomConvolution), alone and with
+    # the agreement term; and on pFedNet on BatchNorm with the term.
+    "fedavg_aug_rc": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group", randconv=True),
+    "fedavg_aug_rc_cons": lambda d, c: run_averaging(
+        d, c, "fedavg", augment=True, norm="group", consistency=c.cfg.consistency, randconv=True
+    ),
+    "central_aug_rc_cons": lambda d, c: run_central(
+        d, c, augment=True, norm="group", consistency=c.cfg.consistency, randconv=True
+    ),
+    "pfednet_bn_rc_cons": lambda d, c: run_pfednet(
+        d, c, norm="batch", consistency=c.cfg.consistency, randconv=True
+    ),
     "fedhelp_snapshot": lambda d, c: run_fedhelp(d, c, rank_sign="snapshot", distill=False),
     # FedHelp's ablations: without the foundation head's KD at the small clinics, without the ranking term.
     "fedhelp_nofm": lambda d, c: run_fedhelp(d, c, fm_weight=0.0, distill=False),

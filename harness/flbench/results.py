@@ -21,7 +21,15 @@ FITTED = ("federated", "traffic", "traffic_hostile")
 
 Record = dict[str, Any]
 #: fedclinic's own strategies: "the best fedclinic strategy" is picked among these, on validation.
-OURS: tuple[str, ...] = ("hsl", "fedhelp", "pfednet", "pfednet_bn", "pfednet_cons", "pfednet_bn_cons")
+OURS: tuple[str, ...] = (
+    "hsl",
+    "fedhelp",
+    "pfednet",
+    "pfednet_bn",
+    "pfednet_cons",
+    "pfednet_bn_cons",
+    "pfednet_bn_rc_cons",
+)
 #: The fair references: augmented like the strategies, GroupNorm.
 REF_LOCAL, REF_CENTRAL, REF_FEDAVG = "local_aug", "central_aug", "fedavg_aug"
 _CLINIC_METRICS: tuple[str, ...] = ("auc", "bacc", "sens")
@@ -42,6 +50,10 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("central_aug_cons", "central_aug"),
     ("pfednet_cons", "pfednet"),
     ("pfednet_bn_cons", "pfednet_bn"),
+    ("fedavg_aug_rc", "fedavg_aug"),
+    ("fedavg_aug_rc_cons", "fedavg_aug_cons"),
+    ("central_aug_rc_cons", "central_aug_cons"),
+    ("pfednet_bn_rc_cons", "pfednet_bn_cons"),
 )
 
 

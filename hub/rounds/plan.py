@@ -231,6 +231,19 @@ def _check_consistency(client: Mapping[str, Any]) -> None:
         )
 
 
+def _check_randconv(client: Mapping[str, Any]) -> None:
+    """``client.randconv`` (random convolutions in every augmented view) is true or false and, when true,
+    needs ``client.augment=true``: refused here, before a node would refuse every task of the round."""
+    if "randconv" not in client:
+        return
+    if not isinstance(client["randconv"], bool):
+        raise StrategyConfigError(f"client.randconv must be true or false, got {client['randconv']!r}")
+    if client["randconv"] and client.get("augment") is not True:
+        raise StrategyConfigError(
+            "client.randconv is a stage of the augmentation: add --config client.augment=true"
+        )
+
+
 def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: Sequence[str]) -> RoundPlan:
     """The plan for a round: a collection by name, else the ``hub.fl`` strategy with these settings.
 
@@ -255,6 +268,7 @@ def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: S
         kwargs[LARGE_CLIENTS] = [n for n in kwargs[LARGE_CLIENTS].split(",") if n]
     client: Config = {k.removeprefix("client."): v for k, v in config.items() if k.startswith("client.")}
     _check_consistency(client)
+    _check_randconv(client)
     if client:
         kwargs["client_config"] = client
     built = make_strategy(strategy, **kwargs)

@@ -1,4 +1,5 @@
-"""Random intensity augmentation: a fresh acquisition-like profile per training image, batched in torch."""
+"""Training augmentations, batched in torch: a fresh acquisition-like intensity profile per image, and random
+convolutions that change local texture and contrast (polarity included) while keeping shapes."""
 
 from __future__ import annotations
 
@@ -46,6 +47,49 @@ class IntensityAugment:
         y = do_res * low + (1 - do_res) * y
         y = y + torch.randn(y.shape, generator=gen) * u(0.0, self.noise_sd)
         return (apply * y + (1 - apply) * x).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class RandomConvolution:
+    """Per image, with probability ``p``: a random k × k filter mixed with the image, in the network's input
+    space.
+
+    k is drawn from ``kernel_sizes``; the filter's weights are N(0, 1/k²) (unit gain on average over the
+    k² inputs, so the output keeps the input's scale); the output is α·z + (1 − α)·(filter ⋆ z) with
+    α ~ U(0, 1). A 1 × 1 filter with a negative weight turns contrast over; larger ones blur, sharpen or
+    emboss texture. Shapes stay where they were, so the label does. Works on normalised images
+    (B, 1, H, W), not clipped (the network's input is not bounded either).
+    """
+
+    kernel_sizes: tuple[int, ...] = (1, 3, 5, 7)
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.kernel_sizes or any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
+            raise ValueError(f"kernel sizes must be odd and positive, got {self.kernel_sizes}")
+
+    def __call__(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        b = z.shape[0]
+        if z.ndim != 4 or z.shape[1] != 1:
+            raise ValueError(f"random convolutions work on (B, 1, H, W) images, got {tuple(z.shape)}")
+        if b == 0:
+            return z
+        big = max(self.kernel_sizes)
+        sizes = torch.tensor(self.kernel_sizes)[
+            torch.randint(len(self.kernel_sizes), (b,), generator=gen)
+        ]  # (B,)
+        # Each image's k × k filter sits in the centre of a big × big one; the rest is zero.
+        weights = torch.randn(b, big, big, generator=gen) / sizes.reshape(b, 1, 1).to(z.dtype)
+        offsets = (torch.arange(big) - big // 2).abs()  # (big,)
+        inside = offsets.reshape(1, -1) <= (sizes.reshape(b, 1) // 2)  # (B, big)
+        kernel = weights * (inside.reshape(b, big, 1) & inside.reshape(b, 1, big)).to(z.dtype)
+        r = big // 2
+        padded = F.pad(z.reshape(1, b, *z.shape[2:]), (r, r, r, r), mode="replicate")
+        filtered = F.conv2d(padded, kernel.reshape(b, 1, big, big), groups=b).reshape(z.shape)
+        alpha = torch.rand(b, 1, 1, 1, generator=gen, dtype=z.dtype)
+        apply = (torch.rand(b, 1, 1, 1, generator=gen) < self.p).to(z.dtype)
+        mixed = alpha * z + (1 - alpha) * filtered
+        return apply * mixed + (1 - apply) * z
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from hub.fl.strategy import ClientResult, ClientTask, Config, Params
-from hub.training.augment import IntensityAugment
+from hub.training.augment import IntensityAugment, RandomConvolution
 from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
 from hub.training.supervised import binary_auc
 
@@ -124,6 +124,8 @@ class LocalConfig:
     mu: float = 0.0
     #: Weight of the agreement term across views (``view_consistency``); 0 = off. Needs ``augment``.
     consistency: float = 0.0
+    #: Random convolutions (``RANDCONV``) after the augmentation, in every augmented view. Needs ``augment``.
+    randconv: bool = False
 
     @classmethod
     def from_task(cls, config: Config, default: LocalConfig) -> LocalConfig:
@@ -136,10 +138,18 @@ class LocalConfig:
             augment=bool(config.get("augment", default.augment)),
             mu=float(config.get("mu", default.mu)),
             consistency=float(config.get("consistency", default.consistency)),
+            randconv=bool(config.get("randconv", default.randconv)),
         )
 
 
 AUGMENT = IntensityAugment()
+RANDCONV = RandomConvolution()
+
+
+def augmented_input(x01: torch.Tensor, randconv: bool, gen: torch.Generator) -> torch.Tensor:
+    """One augmented view as the network's input: ``AUGMENT``, normalised, then ``RANDCONV`` if asked."""
+    z = normalize(AUGMENT(x01, gen))
+    return RANDCONV(z, gen) if randconv else z
 
 
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -163,16 +173,23 @@ def view_consistency(views: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def view_loss(
-    model: nn.Module, x01: torch.Tensor, y: torch.Tensor, weight: float, gen: torch.Generator
+    model: nn.Module,
+    x01: torch.Tensor,
+    y: torch.Tensor,
+    weight: float,
+    gen: torch.Generator,
+    *,
+    randconv: bool = False,
 ) -> torch.Tensor:
     """The task's loss on one augmented view plus ``weight`` × the views' disagreement.
 
     Each image is seen three times in one batch: as it is and under two independent draws of the training
-    augmentation; the task loss reads the first augmented view, the agreement term all three.
+    augmentation (with random convolutions when ``randconv``); the task loss reads the first augmented
+    view, the agreement term all three.
     """
     b = len(y)
-    batch = torch.cat([x01, AUGMENT(x01, gen), AUGMENT(x01, gen)])
-    logits = primary_logits(model(normalize(batch)))
+    views = [normalize(x01), augmented_input(x01, randconv, gen), augmented_input(x01, randconv, gen)]
+    logits = primary_logits(model(torch.cat(views)))
     plain, first, second = logits[:b], logits[b : 2 * b], logits[2 * b :]
     return task_loss(first, y) + weight * view_consistency([plain, first, second])
 
@@ -188,10 +205,13 @@ def train_local(
 ) -> float:
     """Train ``cfg.epochs`` passes over (x01, y); returns the mean loss of the last epoch.
 
-    ``cfg.consistency`` > 0 (with ``cfg.augment``) adds the agreement term across views (``view_loss``).
+    ``cfg.consistency`` > 0 (with ``cfg.augment``) adds the agreement term across views (``view_loss``);
+    ``cfg.randconv`` (with ``cfg.augment``) passes every augmented view through random convolutions.
     """
     if cfg.consistency > 0 and not cfg.augment:
         raise ValueError("consistency across views needs augment: there is only one view without it")
+    if cfg.randconv and not cfg.augment:
+        raise ValueError("randconv is a stage of the augmentation: set augment too")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     last = math.nan
@@ -200,11 +220,10 @@ def train_local(
         for idx in minibatches(len(y), cfg.batch_size, gen):
             xb = x01[idx]  # (b, 1, H, W) in [0, 1]
             if cfg.consistency > 0:
-                loss = view_loss(model, xb, y[idx], cfg.consistency, gen)
+                loss = view_loss(model, xb, y[idx], cfg.consistency, gen, randconv=cfg.randconv)
             else:
-                if cfg.augment:
-                    xb = AUGMENT(xb, gen)
-                loss = supervised_loss(model, normalize(xb), y[idx])
+                zb = augmented_input(xb, cfg.randconv, gen) if cfg.augment else normalize(xb)
+                loss = supervised_loss(model, zb, y[idx])
             if prox_anchor is not None and cfg.mu > 0:
                 loss = loss + 0.5 * cfg.mu * proximal_term(model, prox_anchor)
             opt.zero_grad(set_to_none=True)

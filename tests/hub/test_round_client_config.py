@@ -1,5 +1,6 @@
 """A round's ``client.*`` settings reach every node's task; the agreement term across augmented views
-(``client.consistency``) is refused at the hub when the nodes would have only one view."""
+(``client.consistency``) and the random convolutions (``client.randconv``) are refused at the hub when the
+nodes could not use them."""
 
 from __future__ import annotations
 
@@ -48,3 +49,28 @@ def test_a_weight_the_nodes_could_not_use_is_refused(config: dict[str, object], 
 def test_weight_zero_needs_no_augmentation() -> None:
     plan = build_plan("fedavg", {"client.consistency": 0.0}, _start(), ["n-a"])
     assert plan.tasks(1, ["n-a"])[0].config["consistency"] == 0.0
+
+
+def test_random_convolutions_reach_every_task_and_the_node_learner_reads_them() -> None:
+    config = {"client.augment": True, "client.randconv": True, "client.consistency": 12.0}
+    plan = build_plan("fedavg", config, _start(), ["n-a", "n-b"])
+    tasks = plan.tasks(1, ["n-a", "n-b"])
+    assert [t.config["randconv"] for t in tasks] == [True, True]
+    cfg = LocalConfig.from_task(tasks[0].config, LocalConfig())
+    assert cfg.randconv and cfg.augment and cfg.consistency == 12.0
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"client.randconv": True}, "add --config client.augment=true"),
+        ({"client.randconv": True, "client.augment": False}, "add --config client.augment=true"),
+        ({"client.randconv": 1, "client.augment": True}, "true or false"),
+        ({"client.randconv": "yes", "client.augment": True}, "true or false"),
+    ],
+)
+def test_random_convolutions_the_nodes_could_not_use_are_refused(
+    config: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(StrategyConfigError, match=reason):
+        build_plan("fedavg", config, _start(), ["n-a"])

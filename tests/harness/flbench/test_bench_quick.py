@@ -35,7 +35,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         assert math.isfinite(summary["small_auc"]["mean"]) and math.isfinite(summary["worst_auc"]["mean"])
         assert math.isfinite(summary["panel_auc"]["mean"]) and len(summary["panel"]) >= 4
         assert summary["wall_s"]["mean"] > 0 and summary["steps"]["mean"] > 0
-        federated = name not in ("local", "central", "local_aug", "central_aug", "central_aug_cons")
+        pooled = ("local", "central", "local_aug", "central_aug", "central_aug_cons", "central_aug_rc_cons")
+        federated = name not in pooled
         assert ("bytes_per_client_round" in summary) == federated, name
     assert {r["method"] for r in doc["records"]} == set(METHODS)
     assert {c["name"] for c in doc["targets"]["checks"]} >= {
@@ -50,9 +51,12 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
             "fedprox",
             "fedavg_aug",
             "fedavg_aug_cons",
+            "fedavg_aug_rc",
+            "fedavg_aug_rc_cons",
             "central",
             "central_aug",
             "central_aug_cons",
+            "central_aug_rc_cons",
             "fedavg_hslsteps",
             "fedavg_adabn",
         )
@@ -83,8 +87,14 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert by["pfednet_bn"]["extra"]["norm"] == "batch" and by["pfednet"]["extra"]["norm"] == "group"
     assert by["pfednet_bn"]["clinics"] != by["pfednet"]["clinics"]
     assert "pfednet_bn − pfednet_bn_nograph" in doc["targets"]["ablations"]
-    # The agreement across augmented views changes what the clinics learn; each has its row.
-    for agreeing, plain in (("fedavg_aug_cons", "fedavg_aug"), ("pfednet_cons", "pfednet")):
+    # The agreement across augmented views and the random convolutions change what the clinics learn; each
+    # has its row.
+    for agreeing, plain in (
+        ("fedavg_aug_cons", "fedavg_aug"),
+        ("pfednet_cons", "pfednet"),
+        ("fedavg_aug_rc", "fedavg_aug"),
+        ("pfednet_bn_rc_cons", "pfednet_bn_cons"),
+    ):
         assert by[agreeing]["clinics"] != by[plain]["clinics"]
         assert f"{agreeing} − {plain}" in doc["targets"]["ablations"]
 
@@ -93,10 +103,13 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         "central",
         "central_aug",
         "central_aug_cons",
+        "central_aug_rc_cons",
         "fedavg",
         "fedprox",
         "fedavg_aug",
         "fedavg_aug_cons",
+        "fedavg_aug_rc",
+        "fedavg_aug_rc_cons",
         "fedavg_hslsteps",
     }
     assert {m for m, r in by.items() if "envelope" in r} == deployable

@@ -1,5 +1,6 @@
 """The agreement term across augmented views: its value, that training with it makes a model's predictions
-agree across the augmentation, and that a task's config turns it on at a node."""
+agree across the augmentation, and that a task's config turns it (and the random convolutions) on at a
+node."""
 
 from __future__ import annotations
 
@@ -86,3 +87,27 @@ def test_a_task_config_turns_the_term_on_at_the_node() -> None:
     agreeing = update({"augment": True, "consistency": 4.0})
     assert LocalConfig.from_task({"consistency": 4.0}, LocalConfig()).consistency == 4.0
     assert any(not np.allclose(plain[n], agreeing[n]) for n in plain)
+
+
+def test_random_convolutions_need_augmentation_and_a_task_config_turns_them_on() -> None:
+    clinic = make_clinic("C", 16, seed=1)
+    with pytest.raises(ValueError, match="stage of the augmentation"):
+        train_local(
+            fl_cnn(norm="group"),
+            clinic.train_x,
+            clinic.train_y,
+            LocalConfig(randconv=True),
+            torch.Generator().manual_seed(0),
+        )
+
+    def update(config: dict[str, float | bool]) -> dict[str, np.ndarray]:
+        torch.manual_seed(0)
+        model = fl_cnn(norm="group")
+        learner = SupervisedLearner("C", model, make_clinic("C", 32, seed=3), LocalConfig(batch_size=16), 5)
+        task = ClientTask("C", 1, UpdateKind.WEIGHTS_DELTA, to_params(model), config)
+        return dict(learner.fit(task).update)
+
+    bases: list[dict[str, float | bool]] = [{"augment": True}, {"augment": True, "consistency": 4.0}]
+    for base in bases:
+        plain, convolved = update(base), update({**base, "randconv": True})
+        assert any(not np.allclose(plain[n], convolved[n]) for n in plain), base
