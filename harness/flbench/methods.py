@@ -29,6 +29,7 @@ from harness.flbench.scoring import (
     validation_threshold,
 )
 from harness.flbench.steps import one_time_work
+from harness.flbench.stress import stress_validation
 from hub.fl.aggregate import unweighted_mean, weighted_mean
 from hub.fl.compress import TopKCompressor
 from hub.fl.fedbn import is_norm_buffer
@@ -161,6 +162,8 @@ def evaluate(
     ``adapted`` gives an unseen clinic ("unseen", "panel/<name>") a model of its own (adapted to its
     unlabeled images, ``BenchData.adapt_x``) in place of ``unseen``. ``embed`` (a method with one deployable
     model) adds how many test images of each clinic fall outside that model's input envelope (``envelope``).
+    ``stress_val``: each clinic's model on its own validation images pushed past the augmentation
+    (``harness.flbench.stress``), what a choice that should favour robust models may look at.
     """
     clinics = {
         c: _scores(
@@ -177,7 +180,12 @@ def evaluate(
     merged = {name: _mean_metrics([r[name] for r in runs]) for name in tests}
     for name, own in (adapted or {}).items():
         merged[name] = _scores(own, pooled, {name: tests[name]})[name]
-    result: dict[str, Any] = {"clinics": clinics, "small": list(data.small), "unseen": merged["unseen"]}
+    result: dict[str, Any] = {
+        "clinics": clinics,
+        "small": list(data.small),
+        "unseen": merged["unseen"],
+        "stress_val": stress_validation(data, per_clinic),
+    }
     panel = {n: merged[f"panel/{n}"] for n in data.panel}
     if panel:
         result["panel"] = panel
@@ -919,7 +927,7 @@ METHODS: dict[str, MethodFn] = {
     "pfednet_cons": lambda d, c: run_pfednet(d, c, consistency=c.cfg.consistency),
     "pfednet_bn_cons": lambda d, c: run_pfednet(d, c, norm="batch", consistency=c.cfg.consistency),
     # Random convolutions in every augmented view (hub.training.augment.RandomConvolution), alone and with
-    # the agreement term; and on pFedNet on BatchNorm with the term.
+    # the agreement term; and on pFedNet (GroupNorm and BatchNorm) with the term.
     "fedavg_aug_rc": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group", randconv=True),
     "fedavg_aug_rc_cons": lambda d, c: run_averaging(
         d, c, "fedavg", augment=True, norm="group", consistency=c.cfg.consistency, randconv=True
@@ -927,6 +935,7 @@ METHODS: dict[str, MethodFn] = {
     "central_aug_rc_cons": lambda d, c: run_central(
         d, c, augment=True, norm="group", consistency=c.cfg.consistency, randconv=True
     ),
+    "pfednet_rc_cons": lambda d, c: run_pfednet(d, c, consistency=c.cfg.consistency, randconv=True),
     "pfednet_bn_rc_cons": lambda d, c: run_pfednet(
         d, c, norm="batch", consistency=c.cfg.consistency, randconv=True
     ),

@@ -41,7 +41,7 @@ class IntensityAugment:
         gamma = torch.exp(u(-self.log_gamma, self.log_gamma))
         y = x.clamp(0.0, 1.0) ** gamma
         y = (y - 0.5) * u(*self.contrast) + 0.5 + u(-self.offset, self.offset)
-        y = _blur(y, u(*self.blur_sigma).reshape(b) * bern(self.blur_p).reshape(b))
+        y = gaussian_blur(y, u(*self.blur_sigma).reshape(b) * bern(self.blur_p).reshape(b))
         low = F.interpolate(F.avg_pool2d(y, 2), scale_factor=2, mode="nearest")
         do_res = bern(self.res_loss_p)
         y = do_res * low + (1 - do_res) * y
@@ -92,7 +92,7 @@ class RandomConvolution:
         return apply * mixed + (1 - apply) * z
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-image separable Gaussian blur with its own sigma (0 = no blur): (B, 1, H, W) → (B, 1, H, W)."""
     b = x.shape[0]
     radius = max(1, math.ceil(3 * float(sigma.max()))) if float(sigma.max()) > 0 else 0

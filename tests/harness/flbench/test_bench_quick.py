@@ -14,6 +14,8 @@ from harness.cli import app
 from harness.flbench.command import Skew, Task
 from harness.flbench.datasets import SKEWS, TASKS
 from harness.flbench.methods import METHODS
+from harness.flbench.results import OURS
+from harness.flbench.stress import STRESSES
 from hub.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -39,6 +41,9 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         federated = name not in pooled
         assert ("bytes_per_client_round" in summary) == federated, name
     assert {r["method"] for r in doc["records"]} == set(METHODS)
+    for r in doc["records"]:  # every model is also scored on its clinics' validation images under stress
+        assert set(r["stress_val"]) == set(STRESSES), r["method"]
+    assert doc["targets"]["under_stress"]["best_strategy"] in OURS
     assert {c["name"] for c in doc["targets"]["checks"]} >= {
         "small AUC − fedavg_aug",
         "out-of-envelope panel AUC − fedavg_aug",

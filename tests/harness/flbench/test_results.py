@@ -279,3 +279,33 @@ def test_the_rounds_over_the_analysed_images_get_their_own_table() -> None:
     assert "The same rounds over the images each clinic analysed" in md
     assert "| fedavg_aug (6 clinics) | 22.0% (2/2) |" in md
     assert "| fedavg_aug | embedding | 32.00±1.41 | 42.00±1.41 |" in md
+
+
+def test_the_choice_under_stress_can_favour_a_strategy_that_holds_up_past_the_augmentation() -> None:
+    """Rule two averages the small clinics' validation AUC with every clinic's validation AUC under stress: a
+    strategy a little lower in distribution and much higher under stress wins there, and only there."""
+    recs = []
+    for seed in (0, 1):
+        recs.append(finalize_record("fedavg_aug", seed, _raw([0.8] * 6, 0.7), 1, {}))
+        recs.append(finalize_record("central_aug", seed, _raw([0.8] * 6, 0.7), 1, {}))
+        plain = _raw([0.8] * 6, 0.7, val=0.95)
+        plain["stress_val"] = {"gamma-3": 0.70, "blur-2.5": 0.72}
+        robust = _raw([0.82] * 6, 0.8, val=0.93)
+        robust["stress_val"] = {"gamma-3": 0.85, "blur-2.5": 0.87}
+        recs.append(finalize_record("pfednet", seed, plain, 1, {}))
+        recs.append(finalize_record("pfednet_rc_cons", seed, robust, 1, {}))
+    tg = targets(recs)
+    assert tg["best_strategy"] == "pfednet"
+    stress = tg["under_stress"]
+    assert stress["best_strategy"] == "pfednet_rc_cons"
+    checks = {c["name"]: c for c in stress["checks"]}
+    assert checks["out-of-envelope panel AUC − fedavg_aug"]["per_seed"] == pytest.approx([0.1, 0.1])
+    assert checks["small AUC − fedavg_aug"]["per_seed"] == pytest.approx([0.02, 0.02])
+    results = build_results(recs, META)
+    assert results["methods"]["pfednet_rc_cons"]["stress_val_auc"]["mean"] == pytest.approx(0.86)
+    md = render_markdown(results)
+    assert "validation AUC under stress (`harness/flbench/stress.py`): **pfednet_rc_cons**" in md
+    # Records made before stress was recorded (one strategy without it): no second choice, no second table.
+    del recs[-1]["stress_val"]
+    assert "under_stress" not in targets(recs)
+    assert "**pfednet_rc_cons**" not in render_markdown(build_results(recs, META))

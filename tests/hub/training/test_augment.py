@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hub.training.augment import IntensityAugment, RandomConvolution, _blur
+from hub.training.augment import IntensityAugment, RandomConvolution, gaussian_blur
 
 
 def test_augment_keeps_shape_and_range_and_is_reproducible() -> None:
@@ -29,7 +29,7 @@ def test_probability_zero_is_identity() -> None:
 def test_blur_per_image_sigma() -> None:
     x = torch.zeros(2, 1, 9, 9)
     x[:, 0, 4, 4] = 1.0
-    out = _blur(x, torch.tensor([0.0, 1.0]))
+    out = gaussian_blur(x, torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(out[0], x[0])  # sigma 0: untouched
     assert float(out[1, 0, 4, 4]) < 1.0
     assert abs(float(out[1].sum()) - 1.0) < 1e-5  # a normalised kernel keeps the mass
