@@ -23,6 +23,7 @@ from harness.flbench.light_clinic import LightClinic
 from harness.flbench.public_corpus import BenchFoundation
 from harness.flbench.scoring import (
     METRICS,
+    Predictor,
     finite_mean,
     selection_key,
     threshold_metrics,
@@ -64,7 +65,6 @@ from hub.training.simulation import ClientLearner, OnResults, RoundCheckpoint, r
 
 log = logging.getLogger(__name__)
 
-Predictor = Callable[[torch.Tensor], np.ndarray]
 M = TypeVar("M", bound=nn.Module)
 OnRound = Callable[[int], None]
 

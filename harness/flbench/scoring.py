@@ -9,14 +9,18 @@ for class 0): a multi-class prediction has no threshold to choose.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from scipy.special import softmax
 from sklearn.metrics import roc_curve
 
 from export.metrics import class_aucs, macro_auc, macro_recall
 from hub.training.supervised import binary_auc
+
+#: A trained model as the bench scores it: images in [0, 1], (N, 1, H, W) → logits, (N,) or (N, K).
+Predictor = Callable[[torch.Tensor], np.ndarray]
 
 #: Metric keys every scored clinic reports.
 METRICS: tuple[str, ...] = ("auc", "bacc", "sens", "spec")

@@ -12,18 +12,15 @@ inversion, rotation and collimation). Deterministic: every method sees the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
 from harness.flbench.datasets import BenchData
-from harness.flbench.scoring import finite_mean, threshold_metrics
+from harness.flbench.scoring import Predictor, finite_mean, threshold_metrics
 from hub.training.augment import gaussian_blur
-
-Predictor = Callable[[torch.Tensor], np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from harness.demo.hub import HUB_BIN, HubError, HubService
 from harness.flbench.datasets import BenchData
 from harness.flbench.frozen_student import FrozenStudent, binary_task
 from harness.flbench.light_clinic import LightClinic
-from harness.flbench.methods import BenchConfig, Predictor, evaluate
+from harness.flbench.methods import BenchConfig, evaluate
+from harness.flbench.scoring import Predictor
 from harness.wirebench.site import WireSite
 from harness.wirebench.student import light_student, save_student
 from hub.training.checkpoint import load_checkpoint
