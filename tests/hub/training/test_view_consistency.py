@@ -61,53 +61,39 @@ def test_training_with_the_term_makes_predictions_agree_across_the_augmentation(
     assert with_term < 0.5 * without, (with_term, without)
 
 
-def test_the_term_needs_augmentation() -> None:
+@pytest.mark.parametrize(
+    ("cfg", "reason"),
+    [
+        (LocalConfig(consistency=1.0), "needs augment"),
+        (LocalConfig(randconv=True), "stage of the augmentation"),
+    ],
+)
+def test_the_term_and_random_convolutions_need_augmentation(cfg: LocalConfig, reason: str) -> None:
     clinic = make_clinic("C", 16, seed=1)
-    with pytest.raises(ValueError, match="needs augment"):
-        train_local(
-            fl_cnn(norm="group"),
-            clinic.train_x,
-            clinic.train_y,
-            LocalConfig(consistency=1.0),
-            torch.Generator().manual_seed(0),
-        )
+    with pytest.raises(ValueError, match=reason):
+        gen = torch.Generator().manual_seed(0)
+        train_local(fl_cnn(norm="group"), clinic.train_x, clinic.train_y, cfg, gen)
+
+
+def _node_update(config: dict[str, float | bool]) -> dict[str, np.ndarray]:
+    """A node's weights update for one task carrying ``config``, from the same start and seed every time."""
+    torch.manual_seed(0)
+    model = fl_cnn(norm="group")
+    learner = SupervisedLearner("C", model, make_clinic("C", 32, seed=3), LocalConfig(batch_size=16), 5)
+    task = ClientTask("C", 1, UpdateKind.WEIGHTS_DELTA, to_params(model), config)
+    return dict(learner.fit(task).update)
 
 
 def test_a_task_config_turns_the_term_on_at_the_node() -> None:
     """The hub's round config carries the weight: the node's update differs from one without it."""
-
-    def update(config: dict[str, float | bool]) -> dict[str, np.ndarray]:
-        torch.manual_seed(0)
-        model = fl_cnn(norm="group")
-        learner = SupervisedLearner("C", model, make_clinic("C", 32, seed=3), LocalConfig(batch_size=16), 5)
-        task = ClientTask("C", 1, UpdateKind.WEIGHTS_DELTA, to_params(model), config)
-        return dict(learner.fit(task).update)
-
-    plain = update({"augment": True})
-    agreeing = update({"augment": True, "consistency": 4.0})
+    plain = _node_update({"augment": True})
+    agreeing = _node_update({"augment": True, "consistency": 4.0})
     assert LocalConfig.from_task({"consistency": 4.0}, LocalConfig()).consistency == 4.0
     assert any(not np.allclose(plain[n], agreeing[n]) for n in plain)
 
 
-def test_random_convolutions_need_augmentation_and_a_task_config_turns_them_on() -> None:
-    clinic = make_clinic("C", 16, seed=1)
-    with pytest.raises(ValueError, match="stage of the augmentation"):
-        train_local(
-            fl_cnn(norm="group"),
-            clinic.train_x,
-            clinic.train_y,
-            LocalConfig(randconv=True),
-            torch.Generator().manual_seed(0),
-        )
-
-    def update(config: dict[str, float | bool]) -> dict[str, np.ndarray]:
-        torch.manual_seed(0)
-        model = fl_cnn(norm="group")
-        learner = SupervisedLearner("C", model, make_clinic("C", 32, seed=3), LocalConfig(batch_size=16), 5)
-        task = ClientTask("C", 1, UpdateKind.WEIGHTS_DELTA, to_params(model), config)
-        return dict(learner.fit(task).update)
-
-    bases: list[dict[str, float | bool]] = [{"augment": True}, {"augment": True, "consistency": 4.0}]
-    for base in bases:
-        plain, convolved = update(base), update({**base, "randconv": True})
-        assert any(not np.allclose(plain[n], convolved[n]) for n in plain), base
+@pytest.mark.parametrize("base", [{"augment": True}, {"augment": True, "consistency": 4.0}])
+def test_a_task_config_turns_random_convolutions_on_at_the_node(base: dict[str, float | bool]) -> None:
+    plain, convolved = _node_update(base), _node_update({**base, "randconv": True})
+    assert LocalConfig.from_task({**base, "randconv": True}, LocalConfig()).randconv
+    assert any(not np.allclose(plain[n], convolved[n]) for n in plain)
