@@ -256,13 +256,13 @@ def _local_cfg(ctx: MethodContext, **kw: Any) -> LocalConfig:
     return LocalConfig(epochs=ctx.cfg.local_epochs, lr=ctx.cfg.lr, batch_size=ctx.cfg.batch_size, **kw)
 
 
-def _client_config(augment: bool, consistency: float, randconv: bool = False) -> dict[str, Any]:
-    """What every clinic's task carries for its torch learner: augmentation, and the agreement term's weight
-    and the random convolutions when they are on."""
+def _client_config(local: LocalConfig) -> dict[str, Any]:
+    """What every clinic's task carries for its torch learner, from the clinics' ``local`` settings:
+    augmentation, and the agreement term's weight and the random convolutions when they are on."""
     return {
-        "augment": augment,
-        **({"consistency": consistency} if consistency > 0 else {}),
-        **({"randconv": True} if randconv else {}),
+        "augment": local.augment,
+        **({"consistency": local.consistency} if local.consistency > 0 else {}),
+        **({"randconv": True} if local.randconv else {}),
     }
 
 
@@ -378,8 +378,9 @@ def run_averaging(
     ``randconv``: every augmented view also passes through random convolutions (needs augment).
     """
     augment = ctx.cfg.augment if augment is None else augment
+    local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
     init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
-    settings: dict[str, Any] = {"client_config": _client_config(augment, consistency, randconv)}
+    settings: dict[str, Any] = {"client_config": _client_config(local)}
     if strategy_name == "fedprox":
         settings["mu"] = ctx.cfg.fedprox_mu
     strategy = make_strategy(strategy_name, **settings)
@@ -391,7 +392,7 @@ def run_averaging(
             c,
             model,
             data.clinics[c],
-            _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv),
+            local,
             ctx.seed * 100 + k,
         )
     strategy.initialize(to_params(init), list(data.names))
@@ -722,6 +723,7 @@ def run_pfednet(
     ``randconv`` likewise augments, with random convolutions in every augmented view.
     """
     augment = ctx.cfg.augment or consistency > 0 or randconv
+    local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
     lam = ctx.cfg.pfednet_lam if lam is None else lam
     personal = ctx.cfg.pfednet_personal if personal is None else personal
     graph_name = ctx.cfg.pfednet_graph if graph is None else graph
@@ -744,7 +746,7 @@ def run_pfednet(
         mean_gradient=False,
         graph_k=2,
         graph_keys=PFEDNET_GRAPHS[graph_name],
-        client_config=_client_config(augment, consistency, randconv),
+        client_config=_client_config(local),
         differential_gamma=ctx.cfg.pfednet_gamma,
         local=None if norm == "group" else (_is_batch_counter if fuse_statistics else is_norm_buffer),
     )
@@ -769,7 +771,7 @@ def run_pfednet(
             c,
             model,
             data.clinics[c],
-            _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv),
+            local,
             ctx.seed * 100 + k,
         )
         learners[c].num_classes = data.spec.num_classes

@@ -57,10 +57,12 @@ def stress_validation(data: BenchData, per_clinic: Mapping[str, Predictor]) -> d
     return {
         name: finite_mean(
             [
-                threshold_metrics(clinic.val_y.numpy(), predictor(stress(clinic.val_x)), 0.0)["auc"]
-                if len(clinic.val_y)
+                threshold_metrics(
+                    data.clinics[c].val_y.numpy(), predictor(stress(data.clinics[c].val_x)), 0.0
+                )["auc"]
+                if len(data.clinics[c].val_y)
                 else math.nan
-                for clinic, predictor in ((data.clinics[c], p) for c, p in per_clinic.items())
+                for c, predictor in per_clinic.items()
             ]
         )
         for name, stress in STRESSES.items()
