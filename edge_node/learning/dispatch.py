@@ -1,5 +1,6 @@
 """Which learner answers a task: head_delta → the light learner, weights_delta → an external learner when one
-is configured, stats and public_logits → the answers that need no training.
+is configured, a stats task about the training set (pFedNet's sketch) → the training set's sketch, other
+stats and public_logits → the answers that need no training.
 
 A task the node cannot learn for (too few labels, a model without an embedding output) raises
 ``LearningRefused`` with the reason: the uplink tells the hub it refuses, and nothing is guessed.
@@ -24,6 +25,15 @@ from edge_node.learning.head_update import checked_learner, head_update
 from edge_node.learning.light import HeadPair
 from edge_node.learning.prepared_set import read_prepared_set
 from edge_node.learning.training_set import LabeledInstance, TrainingSet
+from edge_node.protocol.sketch import (
+    FEATURE_MEAN,
+    LABEL_COUNTS,
+    MIN_SKETCH_IMAGES,
+    STATS_OF,
+    TRAINING_SET,
+    feature_mean,
+    label_counts,
+)
 from edge_node.protocol.tensors import Tensors
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import Task
@@ -136,10 +146,61 @@ def _weights_delta(task: Task, params: Tensors, model: LoadedModel | None, learn
     return learners.external(task, params, data)
 
 
+def _unnormalised(x: np.ndarray, model: LoadedModel) -> np.ndarray:
+    """Inputs preprocessed for inference (N, C, H, W) back in [0, 1]: x · std + mean, per channel."""
+    channels = x.shape[1]
+    mean = np.resize(np.asarray(model.preprocessing.mean, dtype=np.float64), channels)
+    std = np.resize(np.asarray(model.preprocessing.std, dtype=np.float64), channels)
+    return x.astype(np.float64) * std[None, :, None, None] + mean[None, :, None, None]
+
+
+def _training_sketch(task: Task, model: LoadedModel | None, learners: Learners) -> TaskAnswer:
+    """pFedNet's sketch of what this node trains on (``edge_node.protocol.sketch``): its labels' counts and
+    its mean training image, pooled; over at least MIN_SKETCH_IMAGES images, never per patient."""
+    if model is None:
+        raise LearningRefused(
+            "the sketch reads the training images in [0, 1], which needs the installed model's "
+            "preprocessing; no model is installed on this node"
+        )
+    data = _training_set(model, learners)
+    if len(data) < MIN_SKETCH_IMAGES:
+        raise LearningRefused(
+            f"this node has {len(data)} labeled examples; it sends a sketch over at least {MIN_SKETCH_IMAGES}"
+        )
+    out: Tensors = {}
+    try:
+        for spec in task.expected:
+            if spec.name == LABEL_COUNTS and len(spec.shape) == 1:
+                arr = label_counts(data.y, spec.shape[0])
+            elif spec.name == FEATURE_MEAN:
+                arr = feature_mean(_unnormalised(data.x, model))
+            else:
+                raise LearningRefused(
+                    f"statistic {spec.name!r} {spec.shape} is not part of the sketch this node computes "
+                    f"({LABEL_COUNTS!r} (K,), {FEATURE_MEAN!r})"
+                )
+            if list(arr.shape) != list(spec.shape):
+                raise LearningRefused(
+                    f"{spec.name!r} would have shape {list(arr.shape)}, the task expects {spec.shape}"
+                )
+            out[spec.name] = arr.astype(np.dtype(spec.dtype))
+    except ValueError as exc:  # labels outside the task's classes, images smaller than the sketch
+        raise LearningRefused(str(exc)) from exc
+    logger.info("sketch of %d training images for round %d", len(data), task.round)
+    return TaskAnswer(out, len(data), {"images": float(len(data))})
+
+
 def answer(
     task: Task, params: Tensors, model: LoadedModel | None, stats: LocalStats, learners: Learners | None
 ) -> TaskAnswer:
     """The update for ``task`` from the learner its kind needs."""
+    if task.kind is UpdateKind.STATS and task.config.get(STATS_OF) == TRAINING_SET:
+        if learners is None:
+            raise TaskError(
+                "this stats task asks for a sketch of the node's labeled training set (pFedNet's graph); "
+                "the node has no [learning] section, so it has none"
+            )
+        return _training_sketch(task, model, learners)
     if learners is not None and task.kind is UpdateKind.HEAD_DELTA:
         return _head_delta(task, params, model, learners)
     if learners is not None and task.kind is UpdateKind.WEIGHTS_DELTA:

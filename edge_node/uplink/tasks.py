@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_node.inference.loaded_model import MAX_BATCH, LoadedModel
+from edge_node.protocol.sketch import LABEL_COUNTS
 from edge_node.protocol.tensors import Tensors
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import Task, TensorShape
@@ -20,8 +21,6 @@ from edge_node.uplink.errors import UplinkError
 
 __all__ = ["ANSWERABLE_KINDS", "LocalStats", "TaskAnswer", "TaskError", "answer_task", "forward_logits"]
 
-#: Statistic names the node can report (hub.fl.graph uses ``label_counts`` for pFedNet's similarity graph).
-LABEL_COUNTS = "label_counts"
 #: Names under which the hub may send the public anchor inputs in a task's params.
 ANCHOR_NAMES = ("anchors", "inputs", "public_inputs")
 #: The kinds a node answers without a learner (the learners that train arrive with clinic learning).

@@ -31,9 +31,10 @@ from harness.flbench.scoring import (
 )
 from harness.flbench.steps import one_time_work
 from harness.flbench.stress import stress_validation
-from hub.fl.aggregate import unweighted_mean, weighted_mean
+from hub.fl.aggregate import weighted_mean
 from hub.fl.compress import TopKCompressor
 from hub.fl.fedbn import is_norm_buffer
+from hub.fl.pfednet import PFedNet, personal_part
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
 from hub.models.fedhelp_nets import fedhelp_small
@@ -60,7 +61,7 @@ from hub.training.learners import (
     to_params,
     train_local,
 )
-from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor, last_block_personal
+from hub.training.pfednet_train import PFedNetLearner
 from hub.training.simulation import ClientLearner, OnResults, RoundCheckpoint, run_federation
 
 log = logging.getLogger(__name__)
@@ -733,19 +734,16 @@ def run_pfednet(
             f"{tuple(PFEDNET_GRAPHS)}"
         )
     init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
-    is_personal: Callable[[str], bool] = {
-        "head_norm": is_personal_tensor,
-        "last_block": last_block_personal(list(to_params(init))),
-        "head": lambda name: name.startswith("head."),
-    }[personal]
+    is_personal = personal_part(personal, list(to_params(init)))
     strategy = make_strategy(
         "pfednet",
-        is_personal=is_personal,
+        personal=personal,
         lam=lam,
         eta=ctx.cfg.pfednet_eta,
         mean_gradient=False,
         graph_k=2,
         graph_keys=PFEDNET_GRAPHS[graph_name],
+        num_classes=max(2, data.spec.num_classes),
         client_config=_client_config(local),
         differential_gamma=ctx.cfg.pfednet_gamma,
         local=None if norm == "group" else (_is_batch_counter if fuse_statistics else is_norm_buffer),
@@ -789,7 +787,8 @@ def run_pfednet(
     local_names = [n for n in to_params(init) if n not in strategy.params_for(data.names[0])]
     if local_names:  # the BatchNorm statistics (or counter) each clinic kept
         load_params(global_model, _clinics_mean(learners, data, local_names))
-    load_params(global_model, {**strategy.global_params, **unweighted_mean(parts)})
+    assert isinstance(strategy, PFedNet)
+    load_params(global_model, strategy.published_params())
     result = evaluate(data, per_clinic, _predictor(global_model))
     # What personalisation buys: every clinic scored with the clinics' mean personal part instead of its own.
     with_mean = evaluate(data, dict.fromkeys(data.names, _predictor(global_model)), _predictor(global_model))

@@ -59,6 +59,8 @@ class StudentJob:
     cohort: str
     int8: bool
     federation: str | None
+    #: Publish to these nodes of the cohort only (None: the whole cohort).
+    nodes: list[str] | None = None
 
 
 def _check(job: StudentJob) -> None:
@@ -121,7 +123,8 @@ def _finish(
     progress.update(step, advance=1)
     publication = None
     if job.publish:
-        step = progress.add_task(f"publish to cohort {job.cohort}", total=1)
+        to = f"node {job.nodes[0]} of cohort {job.cohort}" if job.nodes else f"cohort {job.cohort}"
+        step = progress.add_task(f"publish to {to}", total=1)
         with hub_database(settings) as db:
             signed = publish_bundle(
                 db,
@@ -131,6 +134,7 @@ def _finish(
                 cohort=job.cohort,
                 ttl_days=settings.publication_ttl_days,
                 actor="cli",
+                nodes=job.nodes,
             )
         publication = signed.record.publication_id
         progress.update(step, advance=1)
@@ -178,22 +182,36 @@ def from_round(
     cohort: CohortOption = "default",
     int8: Int8Option = True,
     federation: FederationOption = None,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            help="pFedNet: the student with this node's own personal part (node id or name), published to "
+            "that node alone, in its cohort.",
+        ),
+    ] = None,
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Apply a round's aggregate (the whole student, or a part such as its head) to the student, then
     export, sign and (with --publish) publish it; the manifest names the federation and the round.
 
+    A pFedNet round's aggregate carries the clinics' mean personal part; with --node the student takes that
+    node's own personal part from the round's saved state instead, and only that node is sent it.
+
     Example: fedclinic-hub models from-round 3 --student runs/student/best --out students/r3
     --model-version 1.1.0 --publish
     """
-    job = StudentJob(out, model_version, model_id, publish, cohort, int8, federation)
-    _check(job)
     settings = settings_for(data_dir)
-    from sqlalchemy import select
+    from sqlalchemy import or_, select
 
+    from edge_node.protocol.tensors import decode_tensors
+    from hub.fl.errors import StrategyConfigError
+    from hub.fl.pfednet import PFedNet
+    from hub.fl.state import is_saved_state, state_from_arrays
     from hub.store.artifacts import load_tensors
-    from hub.store.schema import Round
+    from hub.store.schema import Node, Round
 
+    target: list[str] | None = None
     with hub_database(settings) as db, db.session() as session:
         row = session.scalars(select(Round).where(Round.number == round_number)).first()
         if row is None:
@@ -202,6 +220,22 @@ def from_round(
             fail(f"round {round_number} is {row.state}; only a published round has an aggregate")
         tensors = load_tensors(session, row.result_artifact)
         strategy = row.strategy
+        if node is not None:
+            found = session.scalars(select(Node).where(or_(Node.id == node, Node.name == node))).first()
+            if found is None:
+                fail(f"there is no node {node!r}; see `fedclinic-hub nodes list`")
+            saved = decode_tensors(row.strategy_state) if row.strategy_state is not None else {}
+            if not is_saved_state(saved):
+                fail(
+                    f"round {round_number} ({strategy}) keeps no part per node: --node is for pFedNet rounds"
+                )
+            try:
+                tensors.update(PFedNet.personal_in_state(state_from_arrays(saved), found.id))
+            except StrategyConfigError as exc:
+                fail(f"round {round_number} holds no personal part of node {node}: {exc}")
+            target, cohort = [found.id], found.cohort
+    job = StudentJob(out, model_version, model_id, publish, cohort, int8, federation, target)
+    _check(job)
     from hub.training.checkpoint import CheckpointError, load_checkpoint
     from hub.training.student import AggregateMismatchError, apply_aggregate
 
@@ -224,7 +258,9 @@ def from_round(
                 ckpt.config,
                 training=f"federated:{strategy}",
                 round_number=round_number,
-                source=f"round {round_number} ({strategy}, {len(applied)} tensors) on {student}",
+                source=f"round {round_number} ({strategy}, {len(applied)} tensors"
+                + (f", node {target[0]}'s personal part" if target else "")
+                + f") on {student}",
                 progress=progress,
             )
         except (ExportError, OSError, ValueError) as exc:

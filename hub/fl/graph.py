@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_node.protocol.sketch import FEATURE_MEAN, LABEL_COUNTS
 from hub.fl.errors import AggregationError, StrategyConfigError
 
 __all__ = [
@@ -27,9 +28,7 @@ __all__ = [
     "sketch_distances",
 ]
 
-#: Tensor names of a ``stats`` update.
-LABEL_COUNTS = "label_counts"
-FEATURE_MEAN = "feature_mean"
+#: Tensor names of a ``stats`` update (the first two are a node's sketch, ``edge_node.protocol.sketch``).
 FEATURE_COV = "feature_cov"
 
 

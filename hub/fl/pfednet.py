@@ -25,6 +25,13 @@ first ``stats`` round: its tasks ask each client for the tensors named in ``grap
 With ``differential_gamma`` > 0 the clinics upload their shared part differentially sparse
 (``hub.fl.differential_sparsity``, §3.5): tasks carry the γ, and the strategy adds each clinic's sparse
 change to what it held for that clinic before averaging.
+
+Over the wire (``fedclinic-hub rounds start --strategy pfednet``) every setting is a scalar: the personal
+part is named (``personal``: one of ``PERSONAL_PARTS``, sent with every task so that a clinic splits its
+update the same way), the sketch keys are comma-separated text, and the stats tasks say which tensors they
+expect (``stats_specs``: a node's sketch of its training set, ``edge_node.protocol.sketch``). The model a
+round publishes (``published_params``) is the shared part with the clinics' mean personal part: what a
+clinic that did not train gets.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from edge_node.protocol.sketch import FEATURE_MEAN, STATS_OF, TRAINING_SET, feature_mean_size
 from edge_node.protocol.updates import UpdateKind
+from hub.fl.aggregate import unweighted_mean
 from hub.fl.averaging import DeltaAveraging, apply_delta, copy_params
 from hub.fl.differential_sparsity import DifferentialAssembler
 from hub.fl.errors import StrategyConfigError
@@ -52,8 +61,19 @@ from hub.fl.strategy import (
     RoundRecord,
     StateDict,
 )
+from hub.fl.validation import TensorSpec
 
-__all__ = ["FusionRecord", "PFedNet", "group_soft_threshold", "is_head_tensor", "proximal_personal_step"]
+__all__ = [
+    "PERSONAL_PARTS",
+    "FusionRecord",
+    "PFedNet",
+    "group_soft_threshold",
+    "is_head_or_norm_tensor",
+    "is_head_tensor",
+    "last_block_personal",
+    "personal_part",
+    "proximal_personal_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +83,42 @@ _HEAD_PREFIXES = ("fc", "classifier", "head")
 def is_head_tensor(name: str) -> bool:
     """Default personal part: tensors of a top-level ``fc``, ``classifier`` or ``head`` module."""
     return name.split(".", 1)[0] in _HEAD_PREFIXES
+
+
+def is_head_or_norm_tensor(name: str) -> bool:
+    """The classifier head (``head.*``) and the normalisation layers' affine parameters (``*.norm.*``)."""
+    return name.startswith("head.") or ".norm." in name
+
+
+def last_block_personal(names: Sequence[str]) -> Callable[[str], bool]:
+    """``is_head_or_norm_tensor``'s tensors plus the last conv block of ``features`` (the highest-numbered
+    ``features.<i>.conv`` among ``names``, the model's tensor names)."""
+    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("features.") and ".conv." in n})
+    if not blocks:
+        raise StrategyConfigError("no features.<i>.conv tensor among the names: not an fl_cnn-style model")
+    prefix = f"features.{blocks[-1]}."
+    return lambda name: is_head_or_norm_tensor(name) or name.startswith(prefix)
+
+
+#: The personal parts a round can name: the head alone, the head with the normalisation affines, or those
+#: with the last conv block. Each maps the model's tensor names to the predicate.
+PERSONAL_PARTS: dict[str, Callable[[Sequence[str]], Callable[[str], bool]]] = {
+    "head": lambda names: is_head_tensor,
+    "head_norm": lambda names: is_head_or_norm_tensor,
+    "last_block": last_block_personal,
+}
+
+
+def personal_part(name: str, names: Sequence[str]) -> Callable[[str], bool]:
+    """The predicate of the personal part called ``name`` for a model with these tensor names."""
+    factory = PERSONAL_PARTS.get(name)
+    if factory is None:
+        raise StrategyConfigError(f"pfednet: personal part {name!r}; choose one of {sorted(PERSONAL_PARTS)}")
+    return factory(names)
+
+
+def _unresolved(name: str) -> bool:
+    raise StrategyConfigError("pfednet: the personal part is resolved by initialize; call it first")
 
 
 def group_soft_threshold(v: np.ndarray, tau: float) -> np.ndarray:
@@ -135,10 +191,14 @@ class FusionRecord:
 class PFedNet(DeltaAveraging):
     """Shared tensors by sample-weighted FedAvg; personal tensors per client by the graph-fused proximal step.
 
-    ``is_personal`` picks the personal tensors (default ``is_head_tensor``). ``lam``, ``eta``, ``rho`` and
+    ``personal`` picks the personal tensors: a name of ``PERSONAL_PARTS`` (default ``"head"``), resolved
+    against the model's tensor names and sent with every task as ``personal``, or any predicate (then the
+    clinics are not told, and the differentially sparse upload is refused). ``lam``, ``eta``, ``rho`` and
     ``admm_iterations`` are λ, η, ρ and the ADMM iteration count (defaults: the deep-model values of §3.4).
     ``edges``: the similarity graph as pairs of client ids; without it the first round is a ``stats``
-    round (see the module docstring) whose graph is a ``graph_k``-NN graph over ``graph_keys``.
+    round (see the module docstring) whose graph is a ``graph_k``-NN graph over ``graph_keys`` (a sequence, or
+    comma-separated text); its tasks expect ``label_counts`` of ``num_classes`` classes and ``feature_mean``
+    of images with ``input_channels`` channels (``stats_specs``).
     ``local`` picks tensors that stay on each client as in FedBN (never sent, never uploaded, never fused),
     e.g. BatchNorm's running statistics (``hub.fl.fedbn.is_norm_buffer``): statistics of a clinic's own
     images, which no proximal step should move. A tensor both local and personal is local.
@@ -151,7 +211,7 @@ class PFedNet(DeltaAveraging):
     def __init__(
         self,
         *,
-        is_personal: Callable[[str], bool] = is_head_tensor,
+        personal: Callable[[str], bool] | str = "head",
         lam: float = 72.0,
         eta: float = 0.01,
         rho: float = 1.0,
@@ -159,7 +219,9 @@ class PFedNet(DeltaAveraging):
         mean_gradient: bool = True,
         edges: Sequence[tuple[str, str]] | None = None,
         graph_k: int = 3,
-        graph_keys: Sequence[str] = (LABEL_COUNTS,),
+        graph_keys: Sequence[str] | str = (LABEL_COUNTS,),
+        num_classes: int = 2,
+        input_channels: int = 1,
         server_lr: float = 1.0,
         max_norm: float | None = None,
         min_results: int = 1,
@@ -171,6 +233,19 @@ class PFedNet(DeltaAveraging):
             raise StrategyConfigError(
                 "pfednet: need lam >= 0, eta > 0, rho > 0, admm_iterations >= 1, graph_k >= 1, "
                 "differential_gamma >= 0"
+            )
+        if num_classes < 2 or input_channels < 1:
+            raise StrategyConfigError("pfednet: need num_classes >= 2 and input_channels >= 1")
+        if isinstance(personal, str):
+            if personal not in PERSONAL_PARTS:
+                raise StrategyConfigError(
+                    f"pfednet: personal part {personal!r}; choose one of {sorted(PERSONAL_PARTS)}"
+                )
+            client_config = {**(client_config or {}), "personal": personal}
+        elif differential_gamma > 0:
+            raise StrategyConfigError(
+                "pfednet: the differentially sparse upload needs the personal part by name (one of "
+                f"{sorted(PERSONAL_PARTS)}), so that every clinic leaves the same tensors out of it"
             )
         if differential_gamma > 0:
             client_config = {**(client_config or {}), "differential_gamma": float(differential_gamma)}
@@ -184,12 +259,18 @@ class PFedNet(DeltaAveraging):
         )
         self.differential_gamma = float(differential_gamma)
         self._assembler = DifferentialAssembler()
-        self.is_personal = is_personal
+        self.personal_name = personal if isinstance(personal, str) else None
+        # A named part is resolved against the model's tensor names in ``initialize``.
+        self.is_personal: Callable[[str], bool] = _unresolved if isinstance(personal, str) else personal
         self.lam, self.eta, self.rho = float(lam), float(eta), float(rho)
         self.admm_iterations = admm_iterations
         self.mean_gradient = mean_gradient
         self.graph_k = graph_k
-        self.graph_keys = tuple(graph_keys)
+        keys = graph_keys.split(",") if isinstance(graph_keys, str) else list(graph_keys)
+        self.graph_keys = tuple(k.strip() for k in keys if k.strip())
+        if not self.graph_keys:
+            raise StrategyConfigError("pfednet: graph_keys names no sketch tensor")
+        self.num_classes, self.input_channels = num_classes, input_channels
         self._edge_ids = None if edges is None else [(a, b) for a, b in edges]
         self.graph: SimilarityGraph | None = None
         self._personal: dict[str, Params] = {}
@@ -201,9 +282,13 @@ class PFedNet(DeltaAveraging):
     # -- state --------------------------------------------------------------------------------------------
 
     def initialize(self, params: Params, clients: Sequence[str]) -> None:
+        if self.personal_name is not None:
+            self.is_personal = personal_part(self.personal_name, list(params))
         personal = {n: a for n, a in params.items() if self.is_personal(n) and self.shares(n)}
         if not personal:
-            raise StrategyConfigError("pfednet: no tensor is personal; check is_personal against the names")
+            raise StrategyConfigError(
+                "pfednet: no tensor is personal; check the personal part against the names"
+            )
         bad = sorted(n for n, a in personal.items() if a.dtype.kind != "f")
         if bad:
             raise StrategyConfigError(f"pfednet: personal tensors must be floating point, not {bad}")
@@ -251,6 +336,13 @@ class PFedNet(DeltaAveraging):
                 )
             personal[cid] = part
         self._personal = personal
+        if self.personal_name is not None:  # a named part, resolved against the saved model's names
+            names = [*self.global_params, *self._personal_names]
+            self.is_personal = personal_part(self.personal_name, names)
+            if sorted(n for n in names if self.is_personal(n)) != sorted(self._personal_names):
+                raise StrategyConfigError(
+                    f"pfednet: the state's personal tensors are not the {self.personal_name!r} part"
+                )
         self._assembler = DifferentialAssembler()
         for i, cid in enumerate(self._clients):
             held = unpack_params(state, f"differential/{i}/")
@@ -266,6 +358,37 @@ class PFedNet(DeltaAveraging):
                 distances.copy() if isinstance(distances, np.ndarray) else None,
             )
 
+    def published_params(self) -> Params:
+        """The model a round publishes: the shared tensors with the clients' unweighted mean personal part
+        (what a clinic without a personal part of its own, one that did not train, is served)."""
+        return {**self.global_params, **unweighted_mean([self._personal[c] for c in self._clients])}
+
+    def stats_specs(self) -> dict[str, TensorSpec]:
+        """What a stats task expects back: the sketch tensors named in ``graph_keys``."""
+        specs = {
+            LABEL_COUNTS: TensorSpec((self.num_classes,), np.dtype(np.int64)),
+            FEATURE_MEAN: TensorSpec((feature_mean_size(self.input_channels),), np.dtype(np.float32)),
+        }
+        unknown = sorted(set(self.graph_keys) - specs.keys())
+        if unknown:
+            raise StrategyConfigError(
+                f"pfednet: no node computes the sketch tensors {unknown}; graph_keys may name {sorted(specs)}"
+            )
+        return {key: specs[key] for key in self.graph_keys}
+
+    @staticmethod
+    def personal_in_state(state: StateDict, client_id: str) -> Params:
+        """The personal part of ``client_id`` in a state this strategy saved (``state_dict``)."""
+        if read_json(state, "strategy", str) != PFedNet.name:
+            raise StrategyConfigError("not a pfednet state: it holds no personal parts")
+        clients = read_json(state, "clients", list[str])
+        if client_id not in clients:
+            raise StrategyConfigError(f"pfednet: {client_id!r} is not among the state's clients {clients}")
+        part = unpack_params(state, f"personal/{clients.index(client_id)}/")
+        if not part:
+            raise StrategyConfigError(f"pfednet: the state holds no personal part of {client_id!r}")
+        return part
+
     def params_for(self, client_id: str) -> Params:
         if client_id not in self._personal:
             raise StrategyConfigError(f"pfednet: unknown client {client_id!r}; pass it to initialize")
@@ -278,7 +401,9 @@ class PFedNet(DeltaAveraging):
             return super().configure_round(rnd, clients)
         self._stats_rounds.add(rnd)
         keys = ",".join(self.graph_keys)
-        return [ClientTask(cid, rnd, UpdateKind.STATS, {}, {"stats_keys": keys}) for cid in clients]
+        # ``stats_of``: the sketch describes what a clinic trains on (its labeled set), not what it analysed.
+        config: Config = {"stats_keys": keys, STATS_OF: TRAINING_SET}
+        return [ClientTask(cid, rnd, UpdateKind.STATS, {}, dict(config)) for cid in clients]
 
     def aggregate_with(
         self,

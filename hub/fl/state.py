@@ -22,6 +22,7 @@ from hub.fl.strategy import ClientFailure, JsonValue, Params, RoundRecord, State
 from hub.fl.validation import TensorSpec
 
 __all__ = [
+    "is_saved_state",
     "nest",
     "pack_params",
     "read_json",
@@ -29,7 +30,9 @@ __all__ = [
     "records_to_json",
     "specs_from_json",
     "specs_to_json",
+    "state_from_arrays",
     "state_from_bytes",
+    "state_to_arrays",
     "state_to_bytes",
     "unnest",
     "unpack_params",
@@ -144,8 +147,9 @@ def specs_from_json(
         raise StrategyConfigError(f"strategy state entry {key!r} names an unknown dtype: {exc}") from exc
 
 
-def state_to_bytes(state: StateDict) -> bytes:
-    """One npz: every array under its key, the JSON values together under one entry."""
+def state_to_arrays(state: StateDict) -> Params:
+    """The state as arrays only: every array under its key, the JSON values together in one uint8 entry
+    (so that it travels and is stored like a model's tensors)."""
     if _JSON_KEY in state:
         raise StrategyConfigError(f"strategy state must not use the reserved key {_JSON_KEY!r}")
     arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
@@ -155,16 +159,18 @@ def state_to_bytes(state: StateDict) -> bytes:
     except (TypeError, ValueError) as exc:
         raise StrategyConfigError(f"strategy state holds a value JSON cannot store: {exc}") from exc
     arrays[_JSON_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    return encode_tensors(arrays)
+    return arrays
 
 
-def state_from_bytes(raw: bytes) -> StateDict:
-    """The state written by ``state_to_bytes`` (no pickle involved)."""
-    try:
-        arrays = decode_tensors(raw)
-    except EncodingError as exc:
-        raise StrategyConfigError(f"stored strategy state is unreadable: {exc}") from exc
-    blob = arrays.pop(_JSON_KEY, None)
+def is_saved_state(arrays: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``arrays`` are a state written by ``state_to_arrays`` (not a model's tensors)."""
+    return _JSON_KEY in arrays
+
+
+def state_from_arrays(arrays: Mapping[str, np.ndarray]) -> StateDict:
+    """The state written by ``state_to_arrays``."""
+    rest_arrays = dict(arrays)
+    blob = rest_arrays.pop(_JSON_KEY, None)
     if blob is None or blob.dtype != np.uint8:
         raise StrategyConfigError(
             "stored strategy state lacks its JSON part; it was not written by fedclinic"
@@ -175,6 +181,20 @@ def state_from_bytes(raw: bytes) -> StateDict:
         raise StrategyConfigError(f"stored strategy state has a malformed JSON part: {exc}") from exc
     if not isinstance(rest, dict):
         raise StrategyConfigError("stored strategy state's JSON part is not an object")
-    state: StateDict = dict(arrays)
+    state: StateDict = dict(rest_arrays)
     state.update(rest)
     return state
+
+
+def state_to_bytes(state: StateDict) -> bytes:
+    """One npz of ``state_to_arrays``."""
+    return encode_tensors(state_to_arrays(state))
+
+
+def state_from_bytes(raw: bytes) -> StateDict:
+    """The state written by ``state_to_bytes`` (no pickle involved)."""
+    try:
+        arrays = decode_tensors(raw)
+    except EncodingError as exc:
+        raise StrategyConfigError(f"stored strategy state is unreadable: {exc}") from exc
+    return state_from_arrays(arrays)

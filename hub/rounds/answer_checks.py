@@ -14,6 +14,7 @@ import numpy as np
 
 from edge_node.protocol.envelope_moments import MIN_FOLD_IMAGES
 from edge_node.protocol.envelope_rounds import PARTS, part_sums
+from edge_node.protocol.sketch import FEATURE_MEAN
 from edge_node.protocol.updates import UpdateKind
 
 __all__ = ["answer_problem"]
@@ -23,6 +24,12 @@ def answer_problem(kind: str, update: Mapping[str, np.ndarray]) -> str | None:
     """Why an answer of round kind ``kind`` must be refused, or None (also for kinds with nothing to check).
     The tensors' names, shapes and dtypes have been checked already."""
     if kind in (UpdateKind.STATS.value, UpdateKind.ENVELOPE_DISTANCES.value):
+        unfinite = sorted(name for name, value in update.items() if not np.all(np.isfinite(value)))
+        if unfinite:
+            return f"NaN or Inf in {unfinite[:3]}"
+        mean = update.get(FEATURE_MEAN)
+        if kind == UpdateKind.STATS.value and mean is not None and np.any((mean < 0) | (mean > 1)):
+            return f"{FEATURE_MEAN!r} is a mean of grey values in [0, 1] and holds values outside it"
         negative = sorted(name for name, value in update.items() if np.any(value < 0))
         return f"negative counts in {negative[:3]}" if negative else None
     if kind == UpdateKind.ENVELOPE_MOMENTS.value:

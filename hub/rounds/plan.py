@@ -19,7 +19,7 @@ import numpy as np
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.errors import FlError, StrategyConfigError
 from hub.fl.registry import make_strategy
-from hub.fl.strategy import ClientFailure, ClientResult, Config, Params, Strategy
+from hub.fl.strategy import ClientFailure, ClientResult, ClientTask, Config, Params, Strategy
 from hub.fl.validation import TensorSpec, spec_of
 from hub.rounds.strategy_state import restore_strategy, save_strategy
 
@@ -89,8 +89,23 @@ class StrategyPlan(RoundPlan):
             params = task.params
             if self.public and _takes_public(self.name, config):
                 params = {**task.params, **self.public}  # expected stays the strategy's tensors only
-            out.append(PlannedTask(task.client_id, params, spec_of(task.params), config))
+            out.append(PlannedTask(task.client_id, params, self._expected(task), config))
         return out
+
+    def _expected(self, task: ClientTask) -> dict[str, TensorSpec]:
+        """A training task expects back the tensors it sent; a stats task the strategy's sketch."""
+        if task.kind is not UpdateKind.STATS:
+            return spec_of(task.params)
+        specs = getattr(self.strategy, "stats_specs", None)
+        if not callable(specs):
+            raise StrategyConfigError(f"{self.name} asks for stats but does not say which tensors it expects")
+        expected: dict[str, TensorSpec] = specs()
+        return expected
+
+    def _published(self) -> Params:
+        """The model the round publishes (a personalising strategy's shared part, mean personal part)."""
+        published = getattr(self.strategy, "published_params", None)
+        return dict(published()) if callable(published) else dict(self.strategy.global_params)
 
     def aggregate(
         self, number: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
@@ -99,11 +114,23 @@ class StrategyPlan(RoundPlan):
             new = self.strategy.aggregate(number, results, failures)
         except FlError as exc:
             return None, f"aggregation failed: {exc}"
+        history = self.strategy.history
+        if new is None and self.kind is UpdateKind.STATS and history and history[-1].rnd == number:
+            # A strategy's stats round (pFedNet's similarity graph) changes its state, not the model: the
+            # round publishes the model as it stands with that state, which the next round starts from. A
+            # graph needs two sketches (one, if only one node took part).
+            sketches = len(history[-1].accepted)
+            if sketches >= min(2, len(results) + len(failures)):
+                return self._published(), None
+            reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in history[-1].failures)
+            return (
+                None,
+                f"{sketches} usable sketch(es), the similarity graph needs 2 ({reasons or 'none sent'})",
+            )
         if new is None:
-            history = self.strategy.history
             reasons = "; ".join(f"{f.client_id}: {f.reason}" for f in history[-1].failures) if history else ""
             return None, f"the strategy kept the model ({reasons or 'too few usable results'})"
-        return dict(self.strategy.global_params), None
+        return self._published(), None
 
     def state(self) -> Params | None:
         return save_strategy(self.strategy)

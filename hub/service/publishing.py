@@ -16,6 +16,7 @@ import secrets
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -94,6 +95,21 @@ def _canary_nodes(session: Session, cohort: str, percent: float) -> list[str]:
     return ids[: max(1, math.ceil(len(ids) * percent / 100))]
 
 
+def _check_members(db: Database, cohort: str, nodes: Sequence[str]) -> None:
+    """Every named node is an active node of ``cohort``, and at least one is named."""
+    if not nodes:
+        raise ConflictError("a publication for named nodes needs at least one node")
+    with db.session() as session:
+        members = set(
+            session.scalars(
+                select(Node.id).where(Node.cohort == cohort, Node.state == NodeState.ACTIVE.value)
+            )
+        )
+    strangers = sorted(set(nodes) - members)
+    if strangers:
+        raise ConflictError(f"nodes {strangers[:5]} are not active nodes of cohort {cohort!r}")
+
+
 def _store_publication(
     db: Database,
     key: Ed25519PrivateKey,
@@ -162,10 +178,18 @@ def publish_bundle(
     canary_percent: float = 100.0,
     ttl_days: float = 365.0,
     actor: str = "admin",
+    nodes: Sequence[str] | None = None,
 ) -> SignedPublication:
-    """Verify the bundle with the hub's own key, store its zip, and publish a signed record."""
+    """Verify the bundle with the hub's own key, store its zip, and publish a signed record.
+
+    ``nodes``: only these active nodes of the cohort get it (a bundle made for one node, such as its own
+    personal part of a pFedNet round); the others keep what they serve."""
     if not 0 < canary_percent <= 100:
         raise ConflictError(f"--canary must be in (0, 100], got {canary_percent}")
+    if nodes is not None:
+        if canary_percent != 100:
+            raise ConflictError("a publication names its nodes or a canary percentage, not both")
+        _check_members(db, cohort, nodes)
     with tempfile.TemporaryDirectory(prefix="fedclinic-publish-") as tmp:
         try:
             verified = verify_bundle(bundle, [key.public_key()], extract_to=Path(tmp) / "x")
@@ -195,7 +219,7 @@ def publish_bundle(
         artifact=existing or artifact,
         cohort=cohort,
         percent=canary_percent,
-        nodes=None,
+        nodes=sorted(set(nodes)) if nodes is not None else None,
         is_rollback=False,
         ttl_days=ttl_days,
         actor=actor,

@@ -7,8 +7,9 @@ between rounds (a FedHelp large client's private model, the proxy's public head,
 state) lives in WORKDIR/private/ and is never part of the update.
 
 Task config keys (besides the learner's own: epochs, lr, batch_size, weight_decay, augment, mu, consistency,
-and FedHelp's role, rank_weight, rank_margin): ``model`` (registry name of the shared model; default
-``fl_cnn``, ``fedhelp_small`` for FedHelp), ``model.<arg>`` (its factory arguments, e.g. ``model.norm``),
+randconv, FedHelp's role, rank_weight, rank_margin, and pFedNet's personal and differential_gamma):
+``model`` (registry name of the shared model; default ``fl_cnn``, ``fedhelp_small`` for FedHelp),
+``model.<arg>`` (its factory arguments, e.g. ``model.norm``),
 ``large_model`` (a FedHelp large client's private model, default ``fedhelp_large``), ``kl_weight`` (proxy →
 large KL weight, 0.1) and ``seed`` (model initialisation and shuffling; default 0). A FedHelp small client
 trains toward the foundation soft labels of the public set the hub shipped once (params ``public/x``,
@@ -43,6 +44,7 @@ from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
 from hub.training.fedhelp_train import fedhelp_learner
 from hub.training.hsl_train import HslLearner
 from hub.training.learners import LocalConfig, SupervisedLearner
+from hub.training.pfednet_train import PFedNetLearner
 
 __all__ = ["LearnerInputError", "NodeTask", "PublicSet", "build_learner", "clinic_data", "learn", "main"]
 
@@ -225,6 +227,8 @@ def build_learner(
             raise LearnerInputError(f"an HSL task needs the two-task MMoE, not {type(mmoe).__name__}")
         return HslLearner(CLIENT_ID, mmoe, data, public.x01, public.labels, default, seed)
     model = create_model(_model_name(config, strategy), **_model_args(config))
+    if strategy == "pfednet":  # its shared part may travel differentially sparse (the task says)
+        return PFedNetLearner(CLIENT_ID, model, data, default, seed)
     return SupervisedLearner(CLIENT_ID, model, data, default, seed)
 
 

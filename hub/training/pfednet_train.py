@@ -2,47 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from edge_node.protocol.sketch import FEATURE_MEAN, LABEL_COUNTS, feature_mean, label_counts
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.differential_sparsity import DifferentialSparsifier
-from hub.fl.graph import FEATURE_MEAN, LABEL_COUNTS
+from hub.fl.pfednet import personal_part
 from hub.fl.strategy import ClientResult, ClientTask, Params
 from hub.training.learners import SupervisedLearner
 
-#: The mean-image sketch is pooled to this many pixels per side: too coarse to say much about any patient.
-SKETCH_SIDE = 4
 
-
-def is_personal_tensor(name: str) -> bool:
-    """Personal part: the classifier head and the normalisation affine parameters (GroupNorm: no buffers)."""
-    return name.startswith("head.") or ".norm." in name
-
-
-def last_block_personal(names: list[str]) -> Callable[[str], bool]:
-    """A larger personal part: ``is_personal_tensor``'s tensors plus the last conv block of ``features``.
-
-    ``names`` are the model's tensor names; the last block is the highest-numbered ``features.<i>.conv``.
-    """
-    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("features.") and ".conv." in n})
-    if not blocks:
-        raise ValueError("no features.<i>.conv tensor among the names: not an fl_cnn-style model")
-    prefix = f"features.{blocks[-1]}."
-    return lambda name: is_personal_tensor(name) or name.startswith(prefix)
-
-
-def sketch(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int = 2) -> Params:
-    """The clinic's sketch: class counts (K,), K = 2 or the task's classes, and a 4×4 pooled mean image
-    (16,) in [0, 1]."""
-    k = max(2, num_classes)
-    counts = torch.stack([(train_y == c).sum() for c in range(k)]).to(torch.float32)
-    mean_image = train_x.mean(dim=0, keepdim=True)  # (1, 1, H, W)
-    pooled = F.adaptive_avg_pool2d(mean_image, SKETCH_SIDE).reshape(-1)  # (16,)
-    return {LABEL_COUNTS: counts.numpy(), FEATURE_MEAN: pooled.numpy().astype("float32")}
+def sketch(train_x01: np.ndarray, train_y: np.ndarray, num_classes: int = 2) -> Params:
+    """The clinic's sketch (``edge_node.protocol.sketch``, as a node computes it): class counts (K,),
+    K = 2 or the task's classes, and the pooled mean image (16,) of its [0, 1] training images."""
+    return {
+        LABEL_COUNTS: label_counts(train_y, max(2, num_classes)),
+        FEATURE_MEAN: feature_mean(train_x01),
+    }
 
 
 _DIFF = "__differential__/"
@@ -65,7 +43,9 @@ class PFedNetLearner(SupervisedLearner):
                 client_id=self.client_id,
                 round=task.round,
                 num_examples=self.data.n_train,
-                update=sketch(self.data.train_x, self.data.train_y, self.num_classes),
+                update=sketch(
+                    self.data.train_x.numpy(), self.data.train_y.numpy().astype(np.int64), self.num_classes
+                ),
             )
         result = super().fit(task)
         gamma = float(task.config.get("differential_gamma", 0.0))
@@ -75,7 +55,9 @@ class PFedNetLearner(SupervisedLearner):
             held = self.sparsifier.reference if self.sparsifier is not None else {}
             self.sparsifier = DifferentialSparsifier(gamma)
             self.sparsifier.reference = held
-        shared = {n: a for n, a in result.update.items() if not is_personal_tensor(n)}
+        # The task names the personal part the hub keeps per clinic; it is sent whole, outside the change.
+        is_personal = personal_part(str(task.config.get("personal", "")), list(result.update))
+        shared = {n: a for n, a in result.update.items() if not is_personal(n)}
         change = self.sparsifier.encode(shared)
         return ClientResult(
             result.client_id, result.round, result.num_examples, {**result.update, **change}, result.metrics

@@ -160,6 +160,20 @@ class HubProcess:
             timeout=30,
         )
 
+    def round_ended(self, round_id: str, timeout: float) -> dict[str, Any]:
+        """The round's admin view once it is published or failed (waiting up to ``timeout`` seconds)."""
+        done = wait_for(
+            f"round {round_id} to end",
+            lambda: (
+                (r := self.admin_call("GET", f"/v1/admin/rounds/{round_id}"))["state"]
+                in ("published", "failed")
+                and r
+            ),
+            timeout=timeout,
+            every=1.0,
+        )
+        return dict(done)
+
     def admin_call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         with self.admin() as client:
             response = client.request(method, path, json=body)
@@ -322,11 +336,22 @@ def active_model(node: EdgeProcess) -> tuple[str, str] | None:
     return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
 
-def signed_bundle(source: Path, dest: Path, key: Ed25519PrivateKey, *, version: str) -> Path:
-    """A copy of the bundle at ``source`` as ``version``, signed with ``key`` (the hub's)."""
+def signed_bundle(
+    source: Path,
+    dest: Path,
+    key: Ed25519PrivateKey,
+    *,
+    version: str,
+    preprocessing: dict[str, Any] | None = None,
+) -> Path:
+    """A copy of the bundle at ``source`` as ``version``, signed with ``key`` (the hub's); ``preprocessing``
+    replaces those fields of its preprocessing."""
     shutil.copytree(source, dest)
     manifest = Manifest.model_validate_json((dest / "manifest.json").read_bytes())
-    manifest = manifest.model_copy(update={"model_version": version})
+    update: dict[str, Any] = {"model_version": version}
+    if preprocessing:
+        update["preprocessing"] = manifest.preprocessing.model_copy(update=preprocessing)
+    manifest = manifest.model_copy(update=update)
     data = manifest.canonical_bytes()
     (dest / "manifest.json").write_bytes(data)
     (dest / "manifest.sig").write_bytes(key.sign(data))

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from edge_node.learning.prepared_set import write_prepared_set
-from edge_node.learning.training_set import TrainingSet
 from edge_node.protocol.tensors import decode_tensors, encode_tensors
 from edge_node.protocol.updates import UpdateKind
-from hub.data.medmnist import LABELS, load_medmnist
 from hub.fl.strategy import ClientTask
-from hub.models.fl_cnn import FL_BENCH_28
 from hub.models.registry import create_model
-from hub.training.checkpoint import CheckpointConfig, save_checkpoint
 from hub.training.learners import to_params
 from hub.training.node_learner import CLIENT_ID, PublicSet, build_learner, clinic_data
-from tests.e2e.federation import HUB_BIN, active_model, enroll, make_hub, make_node, wait_for
+from tests.e2e.federation import HUB_BIN, active_model, make_hub, wait_for
+from tests.e2e.torch_nodes import labeled_set, serve_torch_nodes, student_checkpoint
 from tests.edge_node.conftest import EdgeProcess
 
 pytestmark = pytest.mark.slow
@@ -41,46 +35,20 @@ SEED = 11
 N_TRAIN = 192
 
 
-def _labeled_set(path: Path, first: int, count: int) -> TrainingSet:
-    """Real pneumonia X-rays with their labels, preprocessed as the bundle does: (x / 255 − 0.5) / 0.25."""
-    images = load_medmnist("pneumoniamnist", "train")
-    x01 = images.images[first : first + count].astype(np.float32)[:, None] / 255.0  # (N, 1, 28, 28)
-    data = TrainingSet(
-        x=((x01 - 0.5) / 0.25).astype(np.float32),
-        y=images.labels[first : first + count].astype(np.int64).reshape(-1),
-        sop_instance_uids=tuple(f"1.2.826.0.1.3680043.10.{first + i}" for i in range(count)),
-    )
-    write_prepared_set(path, data)
-    return data
-
-
-def _torch_node(tmp_path: Path, name: str, data_file: Path) -> EdgeProcess:
-    """A node whose [learning] runs the torch learner on its labeled set; [privacy] allows small rounds."""
-    node = make_node(tmp_path, name)
-    learn = json.dumps([sys.executable, "-m", "hub.training.node_learner"])
-    with node.config.open("a") as config:
-        config.write(f'\n[learning]\ntorch_command = {learn}\ntraining_set_file = "{data_file}"\n')
-        config.write("\n[privacy]\nmin_cohort = 1\n")
-    return node
-
-
 @pytest.mark.timeout(900)
 def test_fedhelp_roles_over_the_wire_and_the_next_student(tmp_path: Path) -> None:
     """A hospital node takes the large role (dual KD), a clinic node the small role with the public set the
     hub ships once; the round becomes the next student, which the nodes verify and serve."""
     torch.set_num_threads(1)
     sets = {
-        "hospital-a": _labeled_set(tmp_path / "hospital-a.npz", 0, N_TRAIN),
-        "clinic-b": _labeled_set(tmp_path / "clinic-b.npz", N_TRAIN, 48),
+        "hospital-a": labeled_set(tmp_path / "hospital-a.npz", 0, N_TRAIN),
+        "clinic-b": labeled_set(tmp_path / "clinic-b.npz", N_TRAIN, 48),
     }
     hub = make_hub(tmp_path / "hub")
     hub.start()
-    nodes = {name: _torch_node(tmp_path, name, tmp_path / f"{name}.npz") for name in sets}
+    nodes: dict[str, EdgeProcess] = {}
     try:
-        for name, node in nodes.items():
-            enroll(hub, node, name)
-            node.start()
-        wait_for("the nodes' first heartbeats", lambda: all(_heartbeat(hub, n) for n in nodes))
+        serve_torch_nodes(nodes, tmp_path, hub, {name: tmp_path / f"{name}.npz" for name in sets})
         ids = {n: str(_heartbeat(hub, n)) for n in nodes}
         torch.manual_seed(0)
         start = to_params(create_model("fedhelp_small"))
@@ -98,20 +66,11 @@ def test_fedhelp_roles_over_the_wire_and_the_next_student(tmp_path: Path) -> Non
             "-k", "2", "--deadline", "500",
         )  # fmt: skip
         round_id = started["round_id"]
-        done = wait_for(
-            "the round to publish its aggregate",
-            lambda: (
-                (r := hub.admin_call("GET", f"/v1/admin/rounds/{round_id}"))["state"]
-                in ("published", "failed")
-                and r
-            ),
-            timeout=500,
-            every=1.0,
-        )
+        done = hub.round_ended(round_id, 500)
         assert done["state"] == "published", (done, [n.log_text()[-2000:] for n in nodes.values()])
 
         # The round becomes the next student: exported, signed, published; the nodes verify and serve it.
-        student = _student_checkpoint(tmp_path / "student", start)
+        student = student_checkpoint(tmp_path / "student", start, "fedhelp_small")
         made = subprocess.run(
             [
                 str(HUB_BIN), "models", "from-round", str(started["round"]), "--student", str(student),
@@ -169,20 +128,6 @@ def test_fedhelp_roles_over_the_wire_and_the_next_student(tmp_path: Path) -> Non
         assert any(k.startswith("large.") for k in private.files)
     assert not any(b"large." in bytes(p) for (p,) in hub.query("SELECT payload FROM updates"))
     assert (nodes["clinic-b"].data_dir / "learning" / "torch" / "public.npz").is_file()
-
-
-def _student_checkpoint(path: Path, params: dict[str, np.ndarray]) -> Path:
-    """The student the round started from, as the checkpoint `models from-round` updates."""
-    model = create_model("fedhelp_small")
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
-    config = CheckpointConfig(
-        model_name="fedhelp_small",
-        model_config={},
-        dataset="pneumoniamnist",
-        data_config=replace(FL_BENCH_28, labels=tuple(LABELS["pneumoniamnist"])),
-        epoch=0,
-    )
-    return save_checkpoint(path, model, config)
 
 
 def _heartbeat(hub: Any, name: str) -> str | None:

@@ -146,6 +146,13 @@ def test_from_round_refuses_a_student_of_another_architecture(
         "--model-version", "1.2.0", check=False,
     )  # fmt: skip
     assert missing.returncode != 0 and "no round 7" in missing.stderr
+    # --node takes a node's own personal part, which only a pFedNet round keeps.
+    for node, said in (("nobody", "no node 'nobody'"), ("site-0", "keeps no part per node")):
+        refused = _cli(
+            data_dir, "models", "from-round", "1", "--node", node, "--student", str(other),
+            "--out", str(tmp_path / "z"), "--model-version", "1.2.0", check=False,
+        )  # fmt: skip
+        assert refused.returncode != 0 and said in refused.stderr, refused.stderr
 
 
 def test_distill_signs_a_compact_student_with_its_provenance(

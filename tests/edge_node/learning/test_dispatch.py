@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 
@@ -276,3 +278,59 @@ def test_status_says_what_the_personal_head_is(slot: ModelSlot, tmp_path: Path) 
     report.print_text(console)
     assert "retired (a new bundle: it was trained for model x)" in console.export_text()
     state.close()
+
+
+def _sketch_task(model: LoadedModel, *expected: TensorShape, stats_of: str = "training_set") -> Task:
+    return _task(model, UpdateKind.STATS).model_copy(
+        update={"strategy": "pfednet", "config": {"stats_of": stats_of}, "expected": list(expected)}
+    )
+
+
+SKETCH = (
+    TensorShape(name="label_counts", shape=[2], dtype="int64"),
+    TensorShape(name="feature_mean", shape=[16], dtype="float32"),
+)
+
+
+def test_a_pfednet_stats_task_gets_the_sketch_of_the_training_set(
+    slot: ModelSlot, labeled: list[LabeledInstance], tmp_path: Path
+) -> None:
+    """Label counts of the labeled set (not of the studies analysed) and its mean image in [0, 1], pooled:
+    what the simulation's clinics send for the same images."""
+    model = _model(slot)
+    learners = Learners(labeled=lambda: labeled[10:], personal_heads=PersonalHeadStore(tmp_path / "learning"))
+    analysed = LocalStats(label_counts={"normal": 500, "pneumonia": 3}, num_examples=503)
+    got = answer(_sketch_task(model, *SKETCH), {}, model, analysed, learners)
+    np.testing.assert_array_equal(got.tensors["label_counts"], [10, 20])
+    assert got.tensors["label_counts"].dtype == np.int64 and got.num_examples == 30
+    x = training_set_from(
+        labeled[10:], model.preprocessing, model.task, model_id=model.model_id
+    ).training_set.x
+    mean, std = model.preprocessing.mean[0], model.preprocessing.std[0]
+    x01 = torch.from_numpy(x.astype(np.float64) * std + mean)
+    want = F.adaptive_avg_pool2d(x01.mean(dim=0, keepdim=True), 4).reshape(-1).numpy()
+    np.testing.assert_allclose(got.tensors["feature_mean"], want, rtol=1e-5)
+    assert got.tensors["feature_mean"].min() > 0.0 and got.tensors["feature_mean"].max() < 1.0
+    # The plain stats collection still counts what the node analysed.
+    plain = answer(_sketch_task(model, SKETCH[0], stats_of=""), {}, model, analysed, learners)
+    np.testing.assert_array_equal(plain.tensors["label_counts"], [500, 3])
+
+
+def test_a_sketch_is_refused_over_too_few_images_or_without_a_training_set(
+    slot: ModelSlot, labeled: list[LabeledInstance], tmp_path: Path
+) -> None:
+    model = _model(slot)
+    store = PersonalHeadStore(tmp_path / "learning")
+    with pytest.raises(LearningRefused, match="9 labeled examples; it sends a sketch over at least 10"):
+        answer(_sketch_task(model, *SKETCH), {}, model, NO_STATS, Learners(lambda: labeled[:9], store))
+    enough = Learners(lambda: labeled, store)
+    with pytest.raises(LearningRefused, match="'feature_cov'"):
+        cov = TensorShape(name="feature_cov", shape=[16, 16], dtype="float32")
+        answer(_sketch_task(model, cov), {}, model, NO_STATS, enough)
+    with pytest.raises(LearningRefused, match=r"would have shape \[16\], the task expects \[48\]"):
+        rgb = TensorShape(name="feature_mean", shape=[48], dtype="float32")
+        answer(_sketch_task(model, rgb), {}, model, NO_STATS, enough)
+    with pytest.raises(LearningRefused, match="preprocessing; no model"):
+        answer(_sketch_task(model, *SKETCH), {}, None, NO_STATS, enough)
+    with pytest.raises(TaskError, match=r"no \[learning\] section"):
+        answer(_sketch_task(model, *SKETCH), {}, model, NO_STATS, None)

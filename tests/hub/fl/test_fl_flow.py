@@ -76,7 +76,7 @@ def test_pfednet_with_a_stats_round_and_compressed_uploads() -> None:
     rng = np.random.default_rng(1)
     data = _clients(rng)
     ids = list(data)
-    strategy = make_strategy("pfednet", lam=0.0, eta=0.1, is_personal=lambda n: n == "head")
+    strategy = make_strategy("pfednet", lam=0.0, eta=0.1, personal=lambda n: n == "head")
     strategy.initialize({"w": np.zeros(3), "head": np.zeros(1)}, ids)
     stats_tasks = strategy.configure_round(1, ids)
     assert {t.kind for t in stats_tasks} == {UpdateKind.STATS}

@@ -12,7 +12,15 @@ from hub.fl.fedbn import is_norm_buffer
 from hub.fl.fedhelp import FedHelp, roles_by_size
 from hub.fl.graph import incidence_matrix, knn_edges, similarity_graph, sketch_distances
 from hub.fl.hsl import HSL
-from hub.fl.pfednet import PFedNet, group_soft_threshold, is_head_tensor, proximal_personal_step
+from hub.fl.pfednet import (
+    PFedNet,
+    group_soft_threshold,
+    is_head_or_norm_tensor,
+    is_head_tensor,
+    last_block_personal,
+    personal_part,
+    proximal_personal_step,
+)
 from hub.fl.strategy import ClientResult, Params
 
 # -- HSL ----------------------------------------------------------------------------------------------------
@@ -268,7 +276,7 @@ def test_pfednet_builds_its_graph_from_a_stats_round() -> None:
     s.initialize(_pmodel(), ids)
     tasks = s.configure_round(1, ids)
     assert all(t.kind is UpdateKind.STATS and t.params == {} for t in tasks)
-    assert tasks[0].config == {"stats_keys": "label_counts"}
+    assert tasks[0].config == {"stats_keys": "label_counts", "stats_of": "training_set"}
     results = [
         ClientResult(c, 1, 100, {"label_counts": sk["label_counts"]})
         for c, sk in zip(ids, SKETCHES, strict=True)
@@ -319,3 +327,88 @@ def test_pfednet_needs_float_personal_tensors() -> None:
         PFedNet().initialize({"conv.weight": np.zeros(1), "fc.steps": np.zeros(1, dtype=np.int64)}, ["a"])
     with pytest.raises(StrategyConfigError, match="no tensor is personal"):
         PFedNet().initialize({"conv.weight": np.zeros(1)}, ["a"])
+
+
+def test_personal_parts_by_name() -> None:
+    """head: the classifier; head_norm: and the normalisation affines; last_block: and the last conv block."""
+    names = [
+        "features.0.conv.weight", "features.0.norm.weight", "features.0.norm.bias",
+        "features.2.conv.weight", "features.2.norm.weight", "head.weight", "head.bias",
+    ]  # fmt: skip
+    assert [n for n in names if personal_part("head", names)(n)] == ["head.weight", "head.bias"]
+    norms = ["features.0.norm.weight", "features.0.norm.bias", "features.2.norm.weight"]
+    assert [n for n in names if is_head_or_norm_tensor(n)] == [*norms, "head.weight", "head.bias"]
+    last = {n for n in names if personal_part("last_block", names)(n)}
+    assert last - {n for n in names if is_head_or_norm_tensor(n)} == {"features.2.conv.weight"}
+    deeper = [*names, "features.5.conv.weight"]  # the highest-numbered block is the last
+    assert {n for n in deeper if last_block_personal(deeper)(n) and ".conv." in n} == {
+        "features.5.conv.weight"
+    }
+    with pytest.raises(StrategyConfigError, match="fl_cnn"):
+        last_block_personal(["fc.weight"])
+    with pytest.raises(StrategyConfigError, match="choose one of"):
+        personal_part("everything", names)
+    with pytest.raises(StrategyConfigError, match="choose one of"):
+        PFedNet(personal="everything")
+
+
+def test_pfednet_settings_arrive_as_round_scalars() -> None:
+    """Over the wire every setting is a scalar: the part by name (told to each clinic), the keys as text."""
+    names = {
+        "features.0.conv.weight": np.ones(4, np.float32),
+        "features.0.norm.weight": np.ones(2, np.float32),
+    }
+    model = {**names, "head.weight": np.zeros(2, np.float32)}
+    s = PFedNet(personal="head_norm", graph_keys="label_counts, feature_mean", num_classes=3)
+    s.initialize(model, ["a", "b"])
+    assert s.graph_keys == ("label_counts", "feature_mean")
+    (stats, _) = s.configure_round(1, ["a", "b"])
+    assert stats.kind is UpdateKind.STATS and stats.config["stats_of"] == "training_set"
+    specs = s.stats_specs()
+    assert specs["label_counts"].shape == (3,) and specs["label_counts"].dtype == np.int64
+    assert specs["feature_mean"].shape == (16,) and specs["feature_mean"].dtype == np.float32
+    s.set_graph([("a", "b")])
+    (task, _) = s.configure_round(2, ["a", "b"])
+    assert task.config["personal"] == "head_norm"
+    assert sorted(s.global_params) == ["features.0.conv.weight"]  # the norm affines are personal
+    with pytest.raises(StrategyConfigError, match="feature_cov"):
+        PFedNet(graph_keys="feature_cov").stats_specs()
+    with pytest.raises(StrategyConfigError, match="by name"):
+        PFedNet(personal=is_head_tensor, differential_gamma=1.0)
+    with pytest.raises(StrategyConfigError, match="no sketch"):
+        PFedNet(graph_keys=" , ")
+
+
+def test_pfednet_publishes_the_shared_part_with_the_mean_personal_part() -> None:
+    s = PFedNet(lam=0.0, eta=1.0, mean_gradient=False, edges=[("a", "b")])
+    s.initialize(_pmodel(), ["a", "b"])
+    ta, tb = s.configure_round(1, ["a", "b"])
+    ra = make_result(ta, {"conv.weight": [0.0, 0.0], "fc.weight": [2.0, 0.0]}, 1)
+    rb = make_result(tb, {"conv.weight": [0.0, 0.0], "fc.weight": [0.0, 4.0]}, 3)
+    s.aggregate(1, [ra, rb], [])
+    published = s.published_params()
+    np.testing.assert_allclose(published["fc.weight"], [1.0, 2.0])  # unweighted: every clinic counts once
+    np.testing.assert_allclose(published["conv.weight"], [1.0, 1.0])
+
+
+def test_pfednet_restores_from_its_saved_state_with_a_named_part() -> None:
+    """The hub carries a round's state to the next as tensors; a named part resolves against them too."""
+    from hub.rounds.strategy_state import restore_strategy, save_strategy
+
+    model = {
+        "features.0.conv.weight": np.ones(4, np.float32),
+        "features.0.norm.weight": np.ones(2, np.float32),
+        "head.weight": np.zeros(2, np.float32),
+    }
+    s = PFedNet(personal="head_norm", edges=[("a", "b")])
+    s.initialize(model, ["a", "b"])
+    again = PFedNet(personal="head_norm")
+    restore_strategy(again, save_strategy(s), ["a", "b"])
+    assert again.graph is not None and again.graph.edges == ((0, 1),)
+    assert sorted(again.params_for("a")) == sorted(model)
+    assert sorted(again.global_params) == ["features.0.conv.weight"]
+    np.testing.assert_array_equal(again.published_params()["features.0.norm.weight"], [1.0, 1.0])
+    with pytest.raises(StrategyConfigError, match=r"nodes \['c'\] were not among"):
+        restore_strategy(PFedNet(personal="head_norm"), save_strategy(s), ["a", "c"])
+    with pytest.raises(StrategyConfigError, match="not the 'head' part"):
+        restore_strategy(PFedNet(personal="head"), save_strategy(s), ["a", "b"])

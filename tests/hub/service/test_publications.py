@@ -15,6 +15,7 @@ from edge_node.protocol.bundle import verify_bundle
 from edge_node.protocol.errors import PublicationError
 from edge_node.protocol.publication import SignedPublication, check_publication
 from hub.service.datadir import load_signing_key
+from hub.service.errors import ConflictError
 from hub.service.publishing import publish_bundle
 from hub.service.settings import load_settings
 from hub.store.database import open_database
@@ -112,5 +113,50 @@ def test_publish_canary_promote_and_roll_back(any_hub: HubServer, tmp_path: Path
             listed = client.get("/v1/admin/publications", headers=server.admin_headers).json()["publications"]
             seqs = [p["record"]["seq"] for p in listed if p["record"]["cohort"] == cohort]
             assert seqs == sorted(seqs) and len(seqs) == 3
+    finally:
+        db.close()
+
+
+def test_a_bundle_for_named_nodes_reaches_them_alone(any_hub: HubServer) -> None:
+    """A pFedNet clinic's own student goes to that clinic; its cohort keeps the bundle it had."""
+    server = any_hub
+    settings = load_settings(server.data_dir)
+    db = open_database(settings.db_url, migrate=False)
+    key = load_signing_key(settings)
+    cohort = f"own{secrets.token_hex(3)}"
+    bundle = bundle_root() / "bundle"
+    try:
+        with server.client() as client:
+            nodes = [server.enroll(client, f"{cohort}-{i}", cohort=cohort) for i in range(3)]
+            stranger = server.enroll(client, f"{cohort}-x", cohort=f"{cohort}-other")
+            shared = publish_bundle(db, key, settings.artifacts_dir, bundle, cohort=cohort)
+            own = publish_bundle(
+                db, key, settings.artifacts_dir, bundle, cohort=cohort, nodes=[nodes[1].node_id]
+            )
+            assert own.record.nodes == [nodes[1].node_id] and own.record.seq > shared.record.seq
+            seen = {
+                n.node_id: SignedPublication.model_validate(
+                    client.get("/v1/node/bundle", headers=n.headers).json()
+                )
+                for n in nodes
+            }
+            assert seen == {n.node_id: own if n is nodes[1] else shared for n in nodes}
+            for bad, said in (
+                ([stranger.node_id], "not active nodes of cohort"),
+                (["n-nobody"], "not active nodes of cohort"),
+                ([], "at least one node"),
+            ):
+                with pytest.raises(ConflictError, match=said):
+                    publish_bundle(db, key, settings.artifacts_dir, bundle, cohort=cohort, nodes=bad)
+            with pytest.raises(ConflictError, match="not both"):
+                publish_bundle(
+                    db,
+                    key,
+                    settings.artifacts_dir,
+                    bundle,
+                    cohort=cohort,
+                    nodes=[nodes[0].node_id],
+                    canary_percent=50,
+                )
     finally:
         db.close()

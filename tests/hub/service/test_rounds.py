@@ -266,3 +266,75 @@ def test_decoded_updates_are_bounded_in_bytes_and_rounds() -> None:
         kept.keep(r, "a", "s", tensors)
     assert kept.take("r1") == {}  # the oldest round was forgotten when the third began
     assert set(kept.take("r3")) == {"a"} and set(kept.take("r2")) == {"a"} and kept.nbytes == 0
+
+
+def _pfednet_start(db: Database) -> tuple[str, dict[str, np.ndarray]]:
+    model = {
+        "features.0.conv.weight": np.ones((2, 1, 3, 3), np.float32),
+        "features.0.norm.weight": np.ones(2, np.float32),
+        "head.weight": np.zeros((1, 2), np.float32),
+    }
+    with db.session() as session:
+        return store_tensors(session, model), model
+
+
+PFEDNET = {"personal": "head_norm", "graph_keys": "label_counts,feature_mean", "graph_k": 1}
+
+
+def _sketch(prevalence: float, brightness: float) -> dict[str, np.ndarray]:
+    n = 40
+    return {
+        "label_counts": np.array([round(n * (1 - prevalence)), round(n * prevalence)], np.int64),
+        "feature_mean": np.full(16, brightness, np.float32),
+    }
+
+
+def _expire(db: Database, round_id: str) -> None:
+    with db.session() as session:
+        session.execute(update(Round).where(Round.id == round_id).values(deadline=utcnow()))
+
+
+def test_a_pfednet_sketch_round_builds_the_graph_and_the_next_round_continues_from_it(
+    db: Database, settings: HubSettings
+) -> None:
+    nodes = enroll(db, 3)
+    rc = RoundController(db, settings)
+    artifact, model = _pfednet_start(db)
+    start = RoundStart(
+        strategy="pfednet", config=PFEDNET, model_artifact=artifact, min_results=1, deadline_s=60
+    )
+    first = rc.start(start, actor="t")
+    assert first.kind is UpdateKind.STATS
+    tasks = {n: rc.open_tasks(n)[0] for n in nodes}
+    expected = [(e.name, e.shape, e.dtype) for e in tasks[nodes[0]].expected]
+    assert expected == [("label_counts", [2], "i8"), ("feature_mean", [16], "f4")]
+    assert tasks[nodes[0]].config == {"stats_keys": "label_counts,feature_mean", "stats_of": "training_set"}
+    # A mean of grey values outside [0, 1], or not finite, is refused on arrival.
+    bad = _sketch(0.5, 0.5)
+    with pytest.raises(UpdateRejected, match="outside it"):
+        answer(rc, tasks[nodes[0]], nodes[0], {**bad, "feature_mean": np.full(16, 1.5, np.float32)})
+    with pytest.raises(UpdateRejected, match="NaN or Inf"):
+        answer(rc, tasks[nodes[0]], nodes[0], {**bad, "feature_mean": np.full(16, np.nan, np.float32)})
+    # One sketch is no graph: the round fails and says why.
+    assert answer(rc, tasks[nodes[0]], nodes[0], _sketch(0.9, 0.3))
+    _expire(db, first.round_id)
+    rc.tick()
+    failed = rc.info(first.round_id)
+    assert failed.state is RoundState.FAILED and "the similarity graph needs 2" in (failed.reason or "")
+
+    second = rc.start(start, actor="t")
+    for node, (p, b) in zip(nodes, [(0.9, 0.3), (0.85, 0.32), (0.2, 0.6)], strict=True):
+        (task,) = rc.open_tasks(node)
+        assert answer(rc, task, node, _sketch(p, b))
+    done = rc.info(second.round_id)
+    assert done.state is RoundState.PUBLISHED
+    published = rc.result(second.round_id)  # the model as it stood, with the mean personal part
+    for name, arr in model.items():
+        np.testing.assert_array_equal(published[name], arr)
+
+    # The next round starts from that state: training tasks with each node's personal part.
+    third = rc.start(RoundStart(strategy="pfednet", config=PFEDNET, min_results=1, deadline_s=60), actor="t")
+    assert third.kind is UpdateKind.WEIGHTS_DELTA
+    (task,) = rc.open_tasks(nodes[2])
+    assert task.config["personal"] == "head_norm"
+    assert sorted(e.name for e in task.expected) == sorted(model)

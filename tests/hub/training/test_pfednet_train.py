@@ -8,44 +8,46 @@ import numpy as np
 import pytest
 import torch
 
+from edge_node.protocol.updates import UpdateKind
+from hub.fl.errors import StrategyConfigError
 from hub.fl.registry import make_strategy
-from hub.fl.strategy import Strategy
-from hub.models.fl_cnn import FlCnn, fl_cnn
+from hub.fl.strategy import ClientTask, Config, Strategy
+from hub.models.fl_cnn import fl_cnn
 from hub.training.datasets import ClinicData
 from hub.training.learners import LocalConfig, to_params
-from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor, last_block_personal, sketch
+from hub.training.pfednet_train import PFedNetLearner, sketch
 from hub.training.simulation import RoundCheckpoint, run_federation
 
 
 def test_sketch_is_label_counts_and_a_coarse_mean_image() -> None:
-    x = torch.zeros(4, 1, 28, 28)
+    x = np.zeros((4, 1, 28, 28), dtype=np.float32)
     x[:, :, :14, :] = 1.0  # top half bright
-    s = sketch(x, torch.tensor([0.0, 1.0, 1.0, 1.0]))
-    np.testing.assert_array_equal(s["label_counts"], [1.0, 3.0])
+    s = sketch(x, np.array([0, 1, 1, 1]))
+    np.testing.assert_array_equal(s["label_counts"], [1, 3])
     assert s["feature_mean"].shape == (16,)
     np.testing.assert_allclose(s["feature_mean"][:8], 1.0)
     np.testing.assert_allclose(s["feature_mean"][8:], 0.0)
 
 
-def test_personal_part_is_head_and_norm_affines() -> None:
-    names = list(to_params(fl_cnn(norm="group")))
-    personal = [n for n in names if is_personal_tensor(n)]
-    assert "head.weight" in personal and "features.0.norm.weight" in personal
-    assert "features.0.conv.weight" not in personal
-
-
-def test_larger_personal_part_adds_the_last_conv_block_only() -> None:
-    names = list(to_params(fl_cnn(norm="group")))
-    is_personal = last_block_personal(names)
-    personal = {n for n in names if is_personal(n)}
-    assert personal - {n for n in names if is_personal_tensor(n)} == {"features.2.conv.weight"}
-    assert "features.1.conv.weight" not in personal and "head.bias" in personal
-    deeper = list(to_params(FlCnn(norm="group", depth=2)))  # two blocks per width: the last is features.5
-    assert {n for n in deeper if last_block_personal(deeper)(n) and ".conv." in n} == {
-        "features.5.conv.weight"
-    }
-    with pytest.raises(ValueError, match="fl_cnn"):
-        last_block_personal(["fc.weight"])
+def test_a_differentially_sparse_task_must_name_its_personal_part(clinics: dict[str, ClinicData]) -> None:
+    """The clinic leaves out of its sparse change exactly the part the hub keeps per clinic."""
+    torch.manual_seed(0)
+    data = next(iter(clinics.values()))
+    params = to_params(fl_cnn(norm="group"))
+    for personal, whole, shared in (
+        ("head", "head.weight", "features.0.norm.weight"),
+        ("head_norm", "features.0.norm.weight", "features.0.conv.weight"),
+    ):
+        model = fl_cnn(norm="group")
+        learner = PFedNetLearner("A", model, data, LocalConfig(batch_size=16), 0)
+        config: Config = {"differential_gamma": 1.0, "personal": personal}
+        update = learner.fit(ClientTask("A", 1, UpdateKind.WEIGHTS_DELTA, params, config)).update
+        assert learner.sparsifier is not None
+        assert whole not in learner.sparsifier.reference and shared in learner.sparsifier.reference
+        assert "head.bias" not in learner.sparsifier.reference
+        assert np.abs(update[whole]).max() > 0
+    with pytest.raises(StrategyConfigError, match="personal part"):
+        learner.fit(ClientTask("A", 2, UpdateKind.WEIGHTS_DELTA, params, {"differential_gamma": 1.0}))
 
 
 def test_pfednet_stats_round_then_training_rounds(clinics: dict[str, ClinicData]) -> None:
@@ -57,7 +59,7 @@ def test_pfednet_stats_round_then_training_rounds(clinics: dict[str, ClinicData]
         model.load_state_dict(init.state_dict())
         learners[c] = PFedNetLearner(c, model, data, LocalConfig(batch_size=16), k)
     strategy = make_strategy(
-        "pfednet", is_personal=is_personal_tensor, lam=1.0, eta=0.01, mean_gradient=False, graph_k=1,
+        "pfednet", personal="head_norm", lam=1.0, eta=0.01, mean_gradient=False, graph_k=1,
         graph_keys=("label_counts", "feature_mean"),
     )  # fmt: skip
     strategy.initialize(to_params(init), list(learners))
@@ -79,7 +81,7 @@ def _federation(clinics: dict[str, ClinicData]) -> tuple[Strategy, dict[str, PFe
         model = fl_cnn(norm="group")
         model.load_state_dict(init.state_dict())
         learners[c] = PFedNetLearner(c, model, data, LocalConfig(batch_size=16), k)
-    strategy = make_strategy("pfednet", is_personal=is_personal_tensor, lam=1.0, graph_k=1)
+    strategy = make_strategy("pfednet", personal="head_norm", lam=1.0, graph_k=1)
     strategy.initialize(to_params(init), list(learners))
     return strategy, learners
 

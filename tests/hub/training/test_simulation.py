@@ -16,7 +16,7 @@ from hub.fl.strategy import ClientResult, ClientTask
 from hub.models.fl_cnn import fl_cnn
 from hub.training.datasets import ClinicData
 from hub.training.learners import LocalConfig, SupervisedLearner, to_params
-from hub.training.pfednet_train import PFedNetLearner, is_personal_tensor
+from hub.training.pfednet_train import PFedNetLearner
 from hub.training.simulation import FederationRun, RoundCheckpoint, run_federation
 
 CFG = LocalConfig(epochs=1, batch_size=16, augment=True)
@@ -144,7 +144,7 @@ def test_stats_round_bytes_are_reported_apart(clinics: dict[str, ClinicData]) ->
         model = fl_cnn(norm="group")
         model.load_state_dict(init.state_dict())
         learners[c] = PFedNetLearner(c, model, data, CFG, seed=k)
-    strategy = make_strategy("pfednet", is_personal=is_personal_tensor, graph_k=1)
+    strategy = make_strategy("pfednet", personal="head_norm", graph_k=1)
     strategy.initialize(to_params(init), list(learners))
     seen: list[tuple[int, str, list[str], int]] = []
 
@@ -170,7 +170,7 @@ def _pfednet_run(clinics: dict[str, ClinicData], gamma: float) -> tuple[object, 
         model = fl_cnn(norm="group")
         model.load_state_dict(init.state_dict())
         learners[c] = PFedNetLearner(c, model, data, CFG, seed=k)
-    strategy = make_strategy("pfednet", is_personal=is_personal_tensor, graph_k=1, differential_gamma=gamma)
+    strategy = make_strategy("pfednet", personal="head_norm", graph_k=1, differential_gamma=gamma)
     strategy.initialize(to_params(init), list(learners))
     return strategy, learners, run_federation(strategy, learners, 4)  # 1 stats + 3 training rounds
 
