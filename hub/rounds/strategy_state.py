@@ -41,7 +41,9 @@ def restore_strategy(strategy: Strategy, state: Params, nodes: Sequence[str]) ->
     load = getattr(strategy, "load_state_dict", None)
     if not callable(load):
         raise StrategyConfigError(f"{strategy.name} cannot load a saved state")
-    clients = read_json(saved, "clients", list[str])
+    # A wrapper (robust aggregation) nests its strategy's state under a prefix: the clients are there.
+    key = next(k for k in sorted(saved, key=len) if k == "clients" or k.endswith("/clients"))
+    clients = read_json(saved, key, list[str])
     joined = sorted(set(nodes) - set(clients))
     if joined:
         raise StrategyConfigError(

@@ -393,6 +393,8 @@ def test_pfednet_publishes_the_shared_part_with_the_mean_personal_part() -> None
 
 def test_pfednet_restores_from_its_saved_state_with_a_named_part() -> None:
     """The hub carries a round's state to the next as tensors; a named part resolves against them too."""
+    from hub.fl.registry import make_strategy
+    from hub.fl.state import state_from_arrays
     from hub.rounds.strategy_state import restore_strategy, save_strategy
 
     model = {
@@ -412,3 +414,16 @@ def test_pfednet_restores_from_its_saved_state_with_a_named_part() -> None:
         restore_strategy(PFedNet(personal="head_norm"), save_strategy(s), ["a", "c"])
     with pytest.raises(StrategyConfigError, match="not the 'head' part"):
         restore_strategy(PFedNet(personal="head"), save_strategy(s), ["a", "b"])
+    # Inside robust aggregation the state is nested; it carries over all the same.
+    wrapped = make_strategy("pfednet", personal="head_norm", edges=[("a", "b")], robust="median")
+    wrapped.initialize(model, ["a", "b"])
+    saved = save_strategy(wrapped)
+    again_wrapped = make_strategy("pfednet", personal="head_norm", robust="median")
+    restore_strategy(again_wrapped, saved, ["a", "b"])
+    assert sorted(again_wrapped.global_params) == ["features.0.conv.weight"]
+    with pytest.raises(StrategyConfigError, match=r"nodes \['c'\] were not among"):
+        restore_strategy(make_strategy("pfednet", personal="head_norm", robust="median"), saved, ["c"])
+    part = PFedNet.personal_in_state(state_from_arrays(saved), "b")
+    assert sorted(part) == ["features.0.norm.weight", "head.weight"]
+    with pytest.raises(StrategyConfigError, match="not among"):
+        PFedNet.personal_in_state(state_from_arrays(saved), "z")
