@@ -358,6 +358,11 @@ class PFedNet(DeltaAveraging):
                 distances.copy() if isinstance(distances, np.ndarray) else None,
             )
 
+    @property
+    def next_round_kind(self) -> UpdateKind:
+        """What the next round asks for: the sketches (``stats``) until the graph exists, then training."""
+        return UpdateKind.STATS if self.graph is None else self.update_kind
+
     def published_params(self) -> Params:
         """The model a round publishes: the shared tensors with the clients' unweighted mean personal part
         (what a clinic without a personal part of its own, one that did not train, is served)."""

@@ -75,11 +75,13 @@ class StrategyPlan(RoundPlan):
         self, strategy: Strategy, start: Params, nodes: Sequence[str], public: Params | None = None
     ) -> None:
         self.strategy = strategy
-        self.kind = strategy.update_kind
         self.name = strategy.name
         self.max_norm = getattr(strategy, "max_norm", None)
         self.public = _checked_public(public or {})
         restore_strategy(strategy, start, nodes)
+        # A strategy whose rounds differ in kind (pFedNet's sketch round first) says what comes next, so that
+        # the round's protection is checked against what its nodes will send.
+        self.kind = getattr(strategy, "next_round_kind", strategy.update_kind)
 
     def tasks(self, number: int, nodes: Sequence[str]) -> list[PlannedTask]:
         out = []

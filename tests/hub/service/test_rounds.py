@@ -15,6 +15,7 @@ from edge_node.protocol.tensors import decode_tensors
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import (
     EnrollRequest,
+    RoundProtection,
     RoundStart,
     RoundState,
     Task,
@@ -303,6 +304,12 @@ def test_a_pfednet_sketch_round_builds_the_graph_and_the_next_round_continues_fr
     start = RoundStart(
         strategy="pfednet", config=PFEDNET, model_artifact=artifact, min_results=1, deadline_s=60
     )
+    # The sketch round is a stats round from the start: protection that cannot apply to counts is refused.
+    with pytest.raises(RoundConfigError, match="a stats round's counts are integers"):
+        rc.start(
+            start.model_copy(update={"protection": RoundProtection(secure_aggregation=True, clip_norm=1.0)}),
+            actor="t",
+        )
     first = rc.start(start, actor="t")
     assert first.kind is UpdateKind.STATS
     tasks = {n: rc.open_tasks(n)[0] for n in nodes}
