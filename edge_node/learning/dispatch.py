@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,11 +65,19 @@ class Learners:
 
 
 def _training_set(model: LoadedModel | None, learners: Learners) -> TrainingSet:
+    """The labeled set, preprocessed as the installed model says, which also names its normalisation."""
     if learners.prepared_set is not None:
         try:
-            return read_prepared_set(learners.prepared_set)
+            prepared = read_prepared_set(learners.prepared_set)
         except ValueError as exc:
             raise LearningRefused(str(exc)) from exc
+        if model is None:
+            return prepared
+        try:  # prepared "exactly as the installed bundle preprocesses": its normalisation
+            pre = model.preprocessing
+            return replace(prepared, mean=tuple(pre.mean), std=tuple(pre.std))
+        except ValueError as exc:
+            raise LearningRefused(f"the prepared set does not fit the installed model: {exc}") from exc
     if model is None:
         raise LearningRefused(
             "learning from labeled studies needs a model and none is installed on this node"
@@ -146,14 +154,6 @@ def _weights_delta(task: Task, params: Tensors, model: LoadedModel | None, learn
     return learners.external(task, params, data)
 
 
-def _unnormalised(x: np.ndarray, model: LoadedModel) -> np.ndarray:
-    """Inputs preprocessed for inference (N, C, H, W) back in [0, 1]: x · std + mean, per channel."""
-    channels = x.shape[1]
-    mean = np.resize(np.asarray(model.preprocessing.mean, dtype=np.float64), channels)
-    std = np.resize(np.asarray(model.preprocessing.std, dtype=np.float64), channels)
-    return x.astype(np.float64) * std[None, :, None, None] + mean[None, :, None, None]
-
-
 def _training_sketch(task: Task, model: LoadedModel | None, learners: Learners) -> TaskAnswer:
     """pFedNet's sketch of what this node trains on (``edge_node.protocol.sketch``): its labels' counts and
     its mean training image, pooled; over at least MIN_SKETCH_IMAGES images, never per patient."""
@@ -173,7 +173,7 @@ def _training_sketch(task: Task, model: LoadedModel | None, learners: Learners) 
             if spec.name == LABEL_COUNTS and len(spec.shape) == 1:
                 arr = label_counts(data.y, spec.shape[0])
             elif spec.name == FEATURE_MEAN:
-                arr = feature_mean(_unnormalised(data.x, model))
+                arr = feature_mean(data.unit_range())
             else:
                 raise LearningRefused(
                     f"statistic {spec.name!r} {spec.shape} is not part of the sketch this node computes "

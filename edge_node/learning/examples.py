@@ -75,4 +75,5 @@ def training_set_from(
         logger.info("%d labeled instance(s) not used for learning: %s", count, reason)
     h, w = pre.size
     x = np.stack(xs).astype(np.float32) if xs else np.zeros((0, channels, h, w), dtype=np.float32)
-    return Examples(TrainingSet(x, np.asarray(ys, dtype=np.int64), tuple(uids)), tuple(skipped))
+    labels = np.asarray(ys, dtype=np.int64)
+    return Examples(TrainingSet(x, labels, tuple(uids), tuple(pre.mean), tuple(pre.std)), tuple(skipped))

@@ -7,7 +7,8 @@ contract (docs/learners.md):
 * ``task.json``: the wire task's ``task_id``, ``kind``, ``round``, ``strategy``, ``config`` and ``expected``
   (name, shape, dtype of each tensor the update must hold);
 * ``params.npz``: the task's params; ``train.npz``: ``x`` float32 (N, C, H, W), preprocessed exactly as for
-  inference, and ``y`` int64 (N,) class indices;
+  inference, ``y`` int64 (N,) class indices and, when the node knows it, the normalisation ``x`` carries
+  (``mean``, ``std`` float64, per channel or one for all: the installed bundle's);
 * ``private/``: kept between tasks, never read by the node and never sent (a large client's private model,
   personal heads, the learner's random state);
 * the command writes ``update.npz`` (exactly the expected tensors) and ``result.json``
@@ -122,6 +123,9 @@ class ExternalLearner:
             "x": np.ascontiguousarray(training_set.x, dtype=np.float32),  # (N, C, H, W)
             "y": np.ascontiguousarray(training_set.y, dtype=np.int64),  # (N,)
         }
+        if training_set.mean is not None and training_set.std is not None:  # the normalisation x carries
+            train["mean"] = np.asarray(training_set.mean, dtype=np.float64)  # (C,) or (1,)
+            train["std"] = np.asarray(training_set.std, dtype=np.float64)
         write_bytes_durably(self.workdir / TRAIN_FILE, encode_tensors(train, compress=False))
 
     def forget(self) -> None:

@@ -106,6 +106,18 @@ class NodeTask:
             )
         if not set(np.unique(y).tolist()) <= {0, 1}:
             raise LearnerInputError("the torch learner trains binary tasks: labels must be 0 or 1")
+        mean, std = train.get("mean", np.array([NORM_MEAN])), train.get("std", np.array([NORM_STD]))
+        if (
+            mean.ndim != 1
+            or mean.shape != std.shape
+            or mean.shape[0] not in (1, x.shape[1])
+            or not np.all(np.isfinite(mean))
+            or not np.all(std > 0)
+        ):
+            raise LearnerInputError(
+                "train.npz's mean and std must be (C,) or (1,) with std > 0; "
+                f"got {mean.tolist()} / {std.tolist()}"
+            )
         return cls(
             kind=kind,
             round=int(doc["round"]),
@@ -113,16 +125,26 @@ class NodeTask:
             config=dict(doc.get("config", {})),
             expected=expected,
             params=params,
-            data=clinic_data(x, y),
+            data=clinic_data(x, y, mean, std),
         )
 
 
-def clinic_data(x: np.ndarray, y: np.ndarray) -> ClinicData:
+def clinic_data(
+    x: np.ndarray,
+    y: np.ndarray,
+    mean: np.ndarray | float = NORM_MEAN,
+    std: np.ndarray | float = NORM_STD,
+) -> ClinicData:
     """The node's inputs (preprocessed as for inference, (x − mean) / std) as the learners' [0, 1] images.
 
-    The learners augment in [0, 1] and normalise themselves, so the inference normalisation is undone here.
+    The learners augment in [0, 1] and normalise themselves, so the inference normalisation is undone here:
+    with the ``mean`` and ``std`` the node says its inputs carry (per channel, or one for all), else the
+    learners' own.
     """
-    x01 = torch.from_numpy(np.asarray(x, dtype=np.float32) * NORM_STD + NORM_MEAN)  # (N, C, H, W)
+    channels = np.asarray(x).shape[1] if np.asarray(x).ndim == 4 else 1
+    m = np.resize(np.asarray(mean, dtype=np.float32), channels).reshape(1, channels, 1, 1)
+    sd = np.resize(np.asarray(std, dtype=np.float32), channels).reshape(1, channels, 1, 1)
+    x01 = torch.from_numpy(np.asarray(x, dtype=np.float32) * sd + m)  # (N, C, H, W)
     labels = torch.from_numpy(np.asarray(y).astype(np.float32))  # (N,)
     empty = x01[:0]
     return ClinicData("node", x01, labels, empty, labels[:0])

@@ -7,6 +7,7 @@ import hashlib
 import json
 import sys
 import textwrap
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -101,6 +102,31 @@ def test_a_good_answer_is_read_and_private_state_persists(tmp_path: Path) -> Non
     assert again.metrics["runs"] == 2.0  # private/ survived the first task
     task_doc = json.loads((tmp_path / "work" / "task.json").read_text())
     assert task_doc["kind"] == "weights_delta" and task_doc["expected"][0]["shape"] == [2, 3]
+    with np.load(tmp_path / "work" / "train.npz", allow_pickle=False) as train:
+        assert "mean" not in train.files  # the set did not say which normalisation it carries
+    # A set that says it (the installed bundle's) hands it to the learner with the images.
+    normalised = replace(_training_set(), mean=(0.5719,), std=(0.1684,))
+    learner.answer(_task(), PARAMS, normalised)
+    with np.load(tmp_path / "work" / "train.npz", allow_pickle=False) as train:
+        np.testing.assert_array_equal(train["mean"], [0.5719])
+        np.testing.assert_array_equal(train["std"], [0.1684])
+
+
+def test_a_training_set_undoes_the_normalisation_it_names() -> None:
+    x01 = np.linspace(0, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    x = ((x01 - np.reshape(mean, (1, 3, 1, 1))) / np.reshape(std, (1, 3, 1, 1))).astype(np.float32)
+    data = TrainingSet(x, np.array([0, 1]), ("1.2.3.1", "1.2.3.2"), mean, std)
+    np.testing.assert_allclose(data.unit_range(), x01, atol=1e-6)
+    with pytest.raises(ValueError, match="does not say"):
+        TrainingSet(x, np.array([0, 1]), ("1.2.3.1", "1.2.3.2")).unit_range()
+    for bad_mean, bad_std, said in (
+        ((0.5, 0.5), (0.25, 0.25), "2 means for 3 channels"),
+        ((0.5,), (0.0,), "positive"),
+        ((0.5,), None, "both"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            TrainingSet(x, np.array([0, 1]), ("1.2.3.1", "1.2.3.2"), bad_mean, bad_std)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ import torch
 
 from edge_node.learning.external import ExternalLearner
 from edge_node.learning.training_set import TrainingSet
+from edge_node.protocol.tensors import encode_tensors
+from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import Task, TaskState, TensorShape
 from edge_node.uplink.tasks import TaskError
 from hub.data.medmnist import load_medmnist
@@ -24,7 +26,15 @@ from hub.fl.registry import make_strategy
 from hub.fl.strategy import ClientResult, ClientTask, Params, Strategy
 from hub.models.registry import create_model
 from hub.training.learners import to_params
-from hub.training.node_learner import CLIENT_ID, NodeLearner, PublicSet, build_learner, clinic_data
+from hub.training.node_learner import (
+    CLIENT_ID,
+    LearnerInputError,
+    NodeLearner,
+    NodeTask,
+    PublicSet,
+    build_learner,
+    clinic_data,
+)
 from hub.training.simulation import run_federation
 
 LEARN = [sys.executable, "-m", "hub.training.node_learner"]
@@ -195,3 +205,32 @@ def test_a_task_the_learner_cannot_take_is_refused_with_the_reason(
     labels3 = TrainingSet(x=hospital.x[:4], y=np.array([0, 1, 2, 1]), sop_instance_uids=("a", "b", "c", "d"))
     with pytest.raises(TaskError, match="labels must be 0 or 1"):
         ExternalLearner(LEARN, tmp_path / "w").answer(_wire_task(task, "fedhelp"), task.params, labels3)
+
+
+def test_the_learner_reads_the_images_with_the_normalisation_the_node_names(
+    hospital: TrainingSet, tmp_path: Path
+) -> None:
+    """A node whose bundle normalises otherwise than the learners (here the test bundle's dataset statistics)
+    hands its inputs over with that normalisation: the learner sees the same [0, 1] images either way."""
+    x01 = hospital.x * 0.25 + 0.5
+    other = TrainingSet(
+        x=((x01 - 0.5719) / 0.1684).astype(np.float32),
+        y=hospital.y,
+        sop_instance_uids=hospital.sop_instance_uids,
+        mean=(0.5719,),
+        std=(0.1684,),
+    )
+    task = _wire_task(ClientTask(CLIENT_ID, 1, UpdateKind.WEIGHTS_DELTA, {}, {}), "fedavg")
+    ExternalLearner(LEARN, tmp_path / "a")._prepare(task, {}, other)
+    read = NodeTask.read(tmp_path / "a")
+    np.testing.assert_allclose(read.data.train_x.numpy(), x01, atol=1e-5)
+    # Without it, the learner would take the inputs for its own normalisation's: other grey values.
+    unnamed = TrainingSet(other.x, other.y, other.sop_instance_uids)
+    ExternalLearner(LEARN, tmp_path / "b")._prepare(task, {}, unnamed)
+    assert np.abs(NodeTask.read(tmp_path / "b").data.train_x.numpy() - x01).max() > 0.05
+    bad = tmp_path / "a" / "train.npz"
+    bad.write_bytes(
+        encode_tensors({"x": other.x, "y": other.y, "mean": np.array([0.5]), "std": np.array([0.0])})
+    )
+    with pytest.raises(LearnerInputError, match="std > 0"):
+        NodeTask.read(tmp_path / "a")
