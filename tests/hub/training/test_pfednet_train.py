@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from edge_node.protocol.sketch import feature_mean
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.errors import StrategyConfigError
 from hub.fl.registry import make_strategy
@@ -27,6 +29,18 @@ def test_sketch_is_label_counts_and_a_coarse_mean_image() -> None:
     assert s["feature_mean"].shape == (16,)
     np.testing.assert_allclose(s["feature_mean"][:8], 1.0)
     np.testing.assert_allclose(s["feature_mean"][8:], 0.0)
+
+
+@pytest.mark.parametrize(("channels", "height", "width"), [(1, 28, 28), (1, 30, 27), (3, 9, 13), (1, 4, 4)])
+def test_the_sketch_pools_as_torch_does(channels: int, height: int, width: int) -> None:
+    """The node's numpy sketch (edge_node.protocol.sketch) is torch's adaptive average pooling of the mean
+    image, also where the regions do not divide the image."""
+    rng = np.random.default_rng(channels * height + width)
+    x = rng.random((7, channels, height, width), dtype=np.float32)
+    want = F.adaptive_avg_pool2d(torch.from_numpy(x).double().mean(dim=0, keepdim=True), 4).reshape(-1)
+    got = feature_mean(x)
+    assert got.dtype == np.float32 and got.shape == (channels * 16,)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
 
 
 def test_a_differentially_sparse_task_must_name_its_personal_part(clinics: dict[str, ClinicData]) -> None:
