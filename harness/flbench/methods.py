@@ -34,7 +34,7 @@ from harness.flbench.stress import stress_validation
 from hub.fl.aggregate import weighted_mean
 from hub.fl.compress import TopKCompressor
 from hub.fl.fedbn import is_norm_buffer
-from hub.fl.pfednet import PFedNet, personal_part
+from hub.fl.pfednet import PERSONAL_PARTS, PFedNet
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
 from hub.models.fedhelp_nets import fedhelp_small
@@ -691,7 +691,7 @@ PFEDNET_GRAPHS: dict[str, tuple[str, ...]] = {
 }
 #: pFedNet's personal parts: the head and norm affines (577 parameters), those plus the last conv block, or
 #: the head alone (129; the norm affines then shared, averaged sample-weighted with the convolutions).
-PFEDNET_PERSONAL: tuple[str, ...] = ("head_norm", "last_block", "head")
+PFEDNET_PERSONAL: tuple[str, ...] = tuple(PERSONAL_PARTS)
 
 
 def _is_batch_counter(name: str) -> bool:
@@ -734,7 +734,6 @@ def run_pfednet(
             f"{tuple(PFEDNET_GRAPHS)}"
         )
     init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
-    is_personal = personal_part(personal, list(to_params(init)))
     strategy = make_strategy(
         "pfednet",
         personal=personal,
@@ -748,6 +747,7 @@ def run_pfednet(
         differential_gamma=ctx.cfg.pfednet_gamma,
         local=None if norm == "group" else (_is_batch_counter if fuse_statistics else is_norm_buffer),
     )
+    assert isinstance(strategy, PFedNet)
     fusion: dict[str, dict[str, dict[str, float]]] = {}
 
     def record_fusion(rnd: int) -> None:
@@ -782,12 +782,11 @@ def run_pfednet(
         params = strategy.params_for(c)
         load_params(learner.model, params)
         per_clinic[c] = _predictor(learner.model)
-        parts.append({n: a for n, a in params.items() if is_personal(n)})
+        parts.append({n: a for n, a in params.items() if strategy.is_personal(n)})
     global_model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
     local_names = [n for n in to_params(init) if n not in strategy.params_for(data.names[0])]
     if local_names:  # the BatchNorm statistics (or counter) each clinic kept
         load_params(global_model, _clinics_mean(learners, data, local_names))
-    assert isinstance(strategy, PFedNet)
     load_params(global_model, strategy.published_params())
     result = evaluate(data, per_clinic, _predictor(global_model))
     # What personalisation buys: every clinic scored with the clinics' mean personal part instead of its own.

@@ -49,7 +49,7 @@ from hub.fl.averaging import DeltaAveraging, apply_delta, copy_params
 from hub.fl.differential_sparsity import DifferentialAssembler
 from hub.fl.errors import StrategyConfigError
 from hub.fl.graph import LABEL_COUNTS, SimilarityGraph, incidence_matrix, similarity_graph
-from hub.fl.state import pack_params, read_json, unnest, unpack_params
+from hub.fl.state import innermost, pack_params, read_json, unpack_params
 from hub.fl.strategy import (
     Capability,
     ClientFailure,
@@ -384,13 +384,8 @@ class PFedNet(DeltaAveraging):
     @staticmethod
     def personal_in_state(state: StateDict, client_id: str) -> Params:
         """The personal part of ``client_id`` in a state this strategy saved (``state_dict``), also inside a
-        wrapper's state (robust aggregation nests it under ``inner/``)."""
-        while (
-            "strategy" in state
-            and read_json(state, "strategy", str) != PFedNet.name
-            and any(k.startswith("inner/") for k in state)
-        ):
-            state = unnest("inner/", state)
+        wrapper's state (robust aggregation)."""
+        state = innermost(state)
         if "strategy" not in state or read_json(state, "strategy", str) != PFedNet.name:
             raise StrategyConfigError("not a pfednet state: it holds no personal parts")
         clients = read_json(state, "clients", list[str])

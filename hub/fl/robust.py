@@ -22,7 +22,7 @@ from hub.fl.aggregate import (
     within_norm_filter,
 )
 from hub.fl.errors import AggregationError, StrategyConfigError
-from hub.fl.state import nest, read_json, unnest
+from hub.fl.state import INNER, nest, read_json, unnest
 from hub.fl.strategy import (
     Capability,
     ClientFailure,
@@ -207,13 +207,13 @@ class WrappedStrategy(Strategy):
 
     def state_dict(self) -> StateDict:
         """The inner strategy's state under ``inner/``, plus this wrapper's name."""
-        return {"strategy": self.name, **nest("inner/", self.inner.state_dict())}
+        return {"strategy": self.name, **nest(INNER, self.inner.state_dict())}
 
     def load_state_dict(self, state: StateDict) -> None:
         saved = read_json(state, "strategy", str)
         if saved != self.name:
             raise StrategyConfigError(f"{self.name}: this state was saved by strategy {saved!r}")
-        self.inner.load_state_dict(unnest("inner/", state))
+        self.inner.load_state_dict(unnest(INNER, state))
 
 
 class Robust(WrappedStrategy):

@@ -22,6 +22,8 @@ from hub.fl.strategy import ClientFailure, JsonValue, Params, RoundRecord, State
 from hub.fl.validation import TensorSpec
 
 __all__ = [
+    "INNER",
+    "innermost",
     "is_saved_state",
     "nest",
     "pack_params",
@@ -66,6 +68,18 @@ def nest(prefix: str, state: StateDict) -> StateDict:
 def unnest(prefix: str, state: Mapping[str, np.ndarray | JsonValue]) -> StateDict:
     """The entries of ``state`` under ``prefix``, with the prefix removed."""
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+#: The prefix under which a wrapper (robust aggregation) nests the state of the strategy it wraps.
+INNER = "inner/"
+
+
+def innermost(state: Mapping[str, np.ndarray | JsonValue]) -> StateDict:
+    """The state of the strategy inside every wrapper around it (``state`` itself when none)."""
+    inner = dict(state)
+    while any(key.startswith(INNER) for key in inner):
+        inner = unnest(INNER, inner)
+    return inner
 
 
 def read_json(state: Mapping[str, np.ndarray | JsonValue], key: str, kind: Any) -> Any:

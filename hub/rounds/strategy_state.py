@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hub.fl.errors import StrategyConfigError
-from hub.fl.state import is_saved_state, read_json, state_from_arrays, state_to_arrays
+from hub.fl.state import innermost, is_saved_state, read_json, state_from_arrays, state_to_arrays
 from hub.fl.strategy import Capability, Params, Strategy
 
 __all__ = ["restore_strategy", "save_strategy"]
@@ -41,9 +41,7 @@ def restore_strategy(strategy: Strategy, state: Params, nodes: Sequence[str]) ->
     load = getattr(strategy, "load_state_dict", None)
     if not callable(load):
         raise StrategyConfigError(f"{strategy.name} cannot load a saved state")
-    # A wrapper (robust aggregation) nests its strategy's state under a prefix: the clients are there.
-    key = next(k for k in sorted(saved, key=len) if k == "clients" or k.endswith("/clients"))
-    clients = read_json(saved, key, list[str])
+    clients = read_json(innermost(saved), "clients", list[str])  # inside a wrapper, if there is one
     joined = sorted(set(nodes) - set(clients))
     if joined:
         raise StrategyConfigError(

@@ -141,7 +141,7 @@ def clinic_data(
     with the ``mean`` and ``std`` the node says its inputs carry (per channel, or one for all), else the
     learners' own.
     """
-    channels = np.asarray(x).shape[1] if np.asarray(x).ndim == 4 else 1
+    channels = np.asarray(x).shape[1]  # x: (N, C, H, W)
     m = np.resize(np.asarray(mean, dtype=np.float32), channels).reshape(1, channels, 1, 1)
     sd = np.resize(np.asarray(std, dtype=np.float32), channels).reshape(1, channels, 1, 1)
     x01 = torch.from_numpy(np.asarray(x, dtype=np.float32) * sd + m)  # (N, C, H, W)

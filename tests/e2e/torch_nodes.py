@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,11 @@ import torch
 
 from edge_node.learning.prepared_set import write_prepared_set
 from edge_node.learning.training_set import TrainingSet
-from hub.data.medmnist import LABELS, load_medmnist
-from hub.models.fl_cnn import FL_BENCH_28
+from hub.data.medmnist import load_medmnist
 from hub.models.registry import create_model
-from hub.training.checkpoint import CheckpointConfig, save_checkpoint
 from tests.e2e.federation import HubProcess, enroll, make_node, wait_for
 from tests.edge_node.conftest import EdgeProcess
+from tests.support.student_checkpoint import pneumonia_checkpoint
 
 __all__ = ["labeled_set", "serve_torch_nodes", "student_checkpoint", "torch_node"]
 
@@ -67,11 +65,4 @@ def student_checkpoint(
     """The student a federation started from (``params``), as the checkpoint `models from-round` updates."""
     model = create_model(model_name, **model_config)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
-    config = CheckpointConfig(
-        model_name=model_name,
-        model_config=model_config,
-        dataset="pneumoniamnist",
-        data_config=replace(FL_BENCH_28, labels=tuple(LABELS["pneumoniamnist"])),
-        epoch=0,
-    )
-    return save_checkpoint(path, model, config)
+    return pneumonia_checkpoint(path, model, model_name, **model_config)

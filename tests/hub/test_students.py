@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,18 @@ from edge_node.protocol.bundle import verify_bundle
 from edge_node.protocol.signing import load_public_keys
 from edge_node.protocol.updates import UpdateKind
 from edge_node.protocol.wire import RoundStart, RoundState
-from hub.data.medmnist import LABELS, load_medmnist
+from hub.data.medmnist import load_medmnist
 from hub.fl.strategy import ClientTask
-from hub.models.fl_cnn import FL_BENCH_28
 from hub.models.registry import create_model
 from hub.rounds.controller import RoundController
 from hub.service.settings import HubSettings
 from hub.store.artifacts import store_tensors
 from hub.store.database import open_database
-from hub.training.checkpoint import CheckpointConfig, load_checkpoint, save_checkpoint
+from hub.training.checkpoint import load_checkpoint
 from hub.training.learners import to_params
 from hub.training.node_learner import build_learner, clinic_data
 from tests.hub.service.test_rounds import answer, enroll
+from tests.support.student_checkpoint import pneumonia_checkpoint
 
 pytestmark = pytest.mark.hub
 
@@ -50,17 +49,6 @@ def _cli(data_dir: Path, *args: str, check: bool = True) -> subprocess.Completed
     return done
 
 
-def _checkpoint(path: Path, model: torch.nn.Module, name: str, **model_config: Any) -> Path:
-    config = CheckpointConfig(
-        model_name=name,
-        model_config=model_config,
-        dataset="pneumoniamnist",
-        data_config=replace(FL_BENCH_28, labels=tuple(LABELS["pneumoniamnist"])),
-        epoch=0,
-    )
-    return save_checkpoint(path, model, config)
-
-
 @pytest.fixture(scope="module")
 def hub_with_round(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, np.ndarray]]:
     """A hub whose round 1 (FedHelp, one large client on 128 real X-rays) is published; the student."""
@@ -70,7 +58,7 @@ def hub_with_round(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     _cli(data_dir, "init", "--public-url", URL)
     torch.manual_seed(3)
     student = create_model("fedhelp_small")
-    student_dir = _checkpoint(root / "student", student, "fedhelp_small")
+    student_dir = pneumonia_checkpoint(root / "student", student, "fedhelp_small")
     start = to_params(student)
     db = open_database(f"sqlite:///{data_dir / 'hub.db'}")
     try:
@@ -133,7 +121,9 @@ def test_from_round_refuses_a_student_of_another_architecture(
     hub_with_round: tuple[Path, Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
     data_dir, _, _ = hub_with_round
-    other = _checkpoint(tmp_path / "other", create_model("fl_cnn", norm="group"), "fl_cnn", norm="group")
+    other = pneumonia_checkpoint(
+        tmp_path / "other", create_model("fl_cnn", norm="group"), "fl_cnn", norm="group"
+    )
     done = _cli(
         data_dir, "models", "from-round", "1", "--student", str(other), "--out", str(tmp_path / "x"),
         "--model-version", "1.2.0", "--no-int8", check=False,
