@@ -1,14 +1,18 @@
-"""The pneumonia benchmark over the wire against the simulation: same seeds, same method, same rounds.
+"""The benchmark over the wire against the simulation: same seeds, same method, same rounds.
 
-For each seed, ``bench fl``'s ``light_head`` (six clinics, combined skew) runs twice: (a) the simulation,
-the method's own code; (b) over the wire: ``fedclinic-hub init`` + ``serve`` (HTTPS on loopback, SQLite),
-six ``fedclinic-edge serve`` nodes that imported their clinic's training images as labeled DICOM, rounds
-through ``fedclinic-hub rounds start --strategy head_avg``. Both are scored by the benchmark's scorer:
-small-clinic mean AUC, worst clinic, unseen clinic and the out-of-envelope panel mean, with update bytes per
-clinic per round and wall time. ``harness.wirebench.comparison`` says how the two are told apart.
+For each seed, a ``bench fl`` method (six clinics, combined skew) runs twice: (a) the simulation, the method's
+own code; (b) over the wire: ``fedclinic-hub init`` + ``serve`` (HTTPS on loopback, SQLite), six
+``fedclinic-edge serve`` nodes that imported their clinic's training images as labeled DICOM, rounds through
+``fedclinic-hub rounds start``: ``--strategy head_avg`` for ``light_head`` (pneumonia; the node's numpy
+learner), ``--strategy pfednet`` for ``pfednet``, ``pfednet_cons`` and ``pfednet_rc_cons`` (either task; the
+torch learner). Both are scored by the benchmark's scorer: small-clinic mean AUC, worst clinic, unseen clinic
+and the out-of-envelope panel mean, with update bytes per clinic per round and wall time.
+``harness.wirebench.comparison`` says how the two are told apart.
 
     nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python bench/bench_wire.py --seeds 0,1,2 --rounds 3 --quick \\
         --json out/bench-wire.json
+    nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python bench/bench_wire.py --method pfednet_rc_cons \\
+        --task breast --seeds 195 --rounds 12 --json out/bench-wire-pfednet.json
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from rich.table import Table
 
 from harness.flbench.methods import BenchConfig
 from harness.wirebench.comparison import METRIC_KEYS, QUICK, Caps, SeedComparison, compare_seed, summarize
+from harness.wirebench.pfednet_wire import PFEDNET_WIRE
 
 LABELS = {
     "small_auc": "small-clinic mean AUC",
@@ -37,8 +42,8 @@ LABELS = {
 }
 
 
-def render(rows: list[SeedComparison], console: Console) -> None:
-    table = Table(title="light_head, pneumonia, six clinics: simulation vs over the wire")
+def render(rows: list[SeedComparison], console: Console, method: str, task: str) -> None:
+    table = Table(title=f"{method}, {task}, six clinics: simulation vs over the wire")
     for col in ("seed", "metric", "sim", "wire", "wire − sim"):
         table.add_column(col, justify="right")
     for row in rows:
@@ -69,6 +74,8 @@ def render(rows: list[SeedComparison], console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--method", default="light_head", choices=["light_head", *PFEDNET_WIRE])
+    parser.add_argument("--task", default="pneumonia", choices=["pneumonia", "breast"])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=1)
@@ -84,13 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        rows = [compare_seed(s, cfg, work / f"seed{s}", caps=caps, on_step=console.log) for s in seeds]
-    render(rows, console)
+        rows = [
+            compare_seed(
+                s, cfg, work / f"seed{s}", caps=caps, method=args.method, task=args.task, on_step=console.log
+            )
+            for s in seeds
+        ]
+    render(rows, console, args.method, args.task)
     console.print(f"total wall {time.perf_counter() - t0:.0f} s")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         doc = {
-            "method": "light_head",
+            "method": args.method,
+            "task": args.task,
             "rounds": args.rounds,
             "local_epochs": args.local_epochs,
             "quick": args.quick,

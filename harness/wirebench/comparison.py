@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from harness.flbench.frozen_student import FrozenStudent
 from harness.flbench.methods import METHODS, BenchConfig, MethodContext, evaluate
 from harness.flbench.results import Record, finalize_record
 from harness.flbench.setting import load_panel
+from harness.wirebench.pfednet_wire import PFEDNET_WIRE, replay_pfednet, run_pfednet_wire
 from harness.wirebench.replica import ReplicaRun, replay_light_head
 from harness.wirebench.student import light_student
 from harness.wirebench.wire_federation import WireOutcome, run_light_head_wire
@@ -93,14 +94,26 @@ QUICK = Caps(QUICK_TRAIN_PER_CLINIC, QUICK_TEST, QUICK_PUBLIC)
 
 
 def compare_seed(
-    seed: int, cfg: BenchConfig, work: Path, *, caps: Caps, on_step: Callable[[str], None] = lambda _: None
+    seed: int,
+    cfg: BenchConfig,
+    work: Path,
+    *,
+    caps: Caps,
+    method: str = "light_head",
+    task: str = "pneumonia",
+    on_step: Callable[[str], None] = lambda _: None,
 ) -> SeedComparison:
-    """Sim and wire ``light_head`` for ``seed`` on the benchmark data under ``caps``."""
+    """Sim and wire ``method`` (``light_head`` or a ``PFEDNET_WIRE`` method) for ``seed`` on the benchmark
+    data of ``task`` under ``caps``."""
     data = build_bench_data(
-        "pneumonia", "combined", seed,
+        task, "combined", seed,
         max_train_per_clinic=caps.train_per_clinic, max_test=caps.test, public_size=caps.public,
         panel=load_panel(),
     )  # fmt: skip
+    if method in PFEDNET_WIRE:
+        return _compare_pfednet(method, data, seed, cfg, work, caps, on_step)
+    if method != "light_head" or task != "pneumonia":
+        raise ValueError(f"over the wire: light_head on pneumonia, or {sorted(PFEDNET_WIRE)}; not {method}")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     sim_raw = METHODS["light_head"](data, MethodContext(cfg, work / "sim", seed))
@@ -126,6 +139,41 @@ def compare_seed(
     initial = sim_raw["extra"]["initial_auc"]
     # The rebuilt student must be the method's: the same starting AUC at every clinic, to the bit.
     gaps["start"] = {"initial_auc_equal": float(initial == _initial_auc(data, frozen))}
+    return SeedComparison(seed, sim, wire, gaps, seconds)
+
+
+def _compare_pfednet(
+    method: str,
+    data: BenchData,
+    seed: int,
+    cfg: BenchConfig,
+    work: Path,
+    caps: Caps,
+    on_step: Callable[[str], None],
+) -> SeedComparison:
+    """``bench fl``'s pFedNet method against the same over the wire; the wire's tensors against a replay of
+    its rounds in process (the node's seed and inputs), which must be equal."""
+    seconds: dict[str, float] = {}
+    config = {"caps": caps.__dict__, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs}
+    t0 = time.perf_counter()
+    sim_raw = METHODS[method](data, MethodContext(cfg, work / "sim", seed))
+    seconds["sim"] = time.perf_counter() - t0
+    sim = finalize_record(method, seed, sim_raw, seconds["sim"], config)
+    on_step(f"seed {seed}: simulation done in {seconds['sim']:.0f} s")
+    t1 = time.perf_counter()
+    outcome = run_pfednet_wire(method, data, cfg, seed, work / "wire", on_step=on_step)
+    seconds["wire"] = time.perf_counter() - t1
+    seconds.update({f"wire_{k}": v for k, v in outcome.seconds.items()})
+    wire = finalize_record(f"{method}_wire", seed, outcome.raw, seconds["wire"], config)
+    replay = replay_pfednet(method, data, cfg, seed, outcome)
+
+    def gap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+        return max(float(np.max(np.abs(np.asarray(a[n]) - np.asarray(b[n])))) for n in b)
+
+    clinics = max(gap(replay.params_for(outcome.node_ids[c]), p) for c, p in outcome.per_clinic.items())
+    gaps = {
+        "uint8": {"clinic_models": clinics, "published": gap(replay.published_params(), outcome.published)}
+    }
     return SeedComparison(seed, sim, wire, gaps, seconds)
 
 

@@ -22,7 +22,7 @@ from edge_node.inference.personal_head import PersonalHead, PersonalHeadStore
 from harness.demo.clinic import EdgeNode
 from harness.demo.hub import HubService
 from harness.demo.orthanc import free_port
-from hub.data.dicomize import dicomize_images
+from hub.data.dicomize import WrappedImage, dicomize_images
 from hub.data.medmnist import LABELS
 
 __all__ = ["SiteError", "WireSite", "join_code", "to_uint8"]
@@ -62,7 +62,8 @@ class WireSite:
     node: EdgeNode
 
     @classmethod
-    def create(cls, name: str, root: Path, trusted_key: Path) -> WireSite:
+    def create(cls, name: str, root: Path, trusted_key: Path, more: dict[str, Any] | None = None) -> WireSite:
+        """``more``: further edge settings (``{"learning": {...}}`` for the torch learner)."""
         root = root.resolve()
         settings: dict[str, Any] = {
             "ae_title": f"EDGE{name}"[:16],
@@ -77,6 +78,7 @@ class WireSite:
             "log_level": "INFO",
             # A site learns from a few hundred small images: a small spool reserve, not 512 MiB per process.
             "spool_reserve_bytes": 16 * 1024 * 1024,
+            **(more or {}),
         }
         node = EdgeNode(root=root, settings=settings)
         node.write_config()
@@ -91,17 +93,20 @@ class WireSite:
     def install(self, bundle: Path) -> None:
         self._run("install-bundle", str(bundle))
 
-    def import_labels(self, x01: torch.Tensor, y: torch.Tensor) -> int:
-        """Write the images as DICOM with their labels.csv, import the folder; returns the files written."""
+    def import_labels(
+        self, x01: torch.Tensor, y: torch.Tensor, *, dataset: str = DATASET, modality: str = "CR"
+    ) -> list[WrappedImage]:
+        """Write the images as DICOM (``dataset``'s class names, ``modality``) with their labels.csv and
+        import the folder; returns the instances written, in the order the node learns from them."""
         folder = self.root / "archive"
-        written = dicomize_images(to_uint8(x01), folder, dataset=DATASET, split="train")
-        names = LABELS[DATASET]
+        written = dicomize_images(to_uint8(x01), folder, dataset=dataset, split="train", modality=modality)
+        names = LABELS[dataset]
         labels = y.numpy().astype(np.int64).reshape(-1)
         lines = ["sop_instance_uid,label"]
         lines += [f"{w.sop_instance_uid},{names[int(labels[w.index])]}" for w in written]
         (folder / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         self._run("labels", "import", str(folder))
-        return len(written)
+        return written
 
     def enroll(self, hub: HubService) -> None:
         self._run("enroll", join_code(hub, self.name))

@@ -34,7 +34,7 @@ from harness.wirebench.student import light_student, save_student
 from hub.training.checkpoint import load_checkpoint
 from hub.training.learners import to_params
 
-__all__ = ["WireOutcome", "run_light_head_wire"]
+__all__ = ["WireOutcome", "hub_cli", "run_light_head_wire"]
 
 Step = Callable[[str], None]
 
@@ -49,7 +49,7 @@ class WireOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _hub_cli(hub: HubService, *args: str, timeout: float = 900.0) -> Any:
+def hub_cli(hub: HubService, *args: str, timeout: float = 900.0) -> Any:
     """A ``fedclinic-hub`` command that takes no --data-dir (export), with the hub's environment; its JSON."""
     done = subprocess.run(
         [str(HUB_BIN), *args, "--format", "json"],
@@ -88,7 +88,7 @@ def run_light_head_wire(
     try:
         t1 = time.perf_counter()
         bundle = work / "bundle"
-        _hub_cli(
+        hub_cli(
             hub, "export", "--checkpoint", str(checkpoint), "--key", str(hub.data_dir / "keys" / "hub.key"),
             "--out", str(bundle), "--model-version", "1.0.0", "--model-id", f"wirebench-seed{seed}",
             "--no-int8",
@@ -101,7 +101,7 @@ def run_light_head_wire(
             site = WireSite.create(name, work / "nodes" / name, hub.data_dir / "keys" / "hub.pub")
             sites[name] = site
             site.install(bundle)
-            count = site.import_labels(data.clinics[name].train_x, data.clinics[name].train_y)
+            count = len(site.import_labels(data.clinics[name].train_x, data.clinics[name].train_y))
             site.enroll(hub)
             site.start()
             return count
