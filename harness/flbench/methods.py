@@ -18,6 +18,7 @@ from torch import nn
 from harness.flbench.adapt import adapt_norms
 from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
 from harness.flbench.envelope_rates import Embedder, envelope_rates, feature_embedder
+from harness.flbench.finetune import fine_tune
 from harness.flbench.frozen_student import FrozenStudent, bench_task, primary_scores
 from harness.flbench.light_clinic import LightClinic
 from harness.flbench.public_corpus import BenchFoundation
@@ -110,6 +111,9 @@ class BenchConfig:
     #: Weight of the agreement term across augmented views (hub.training.learners.view_loss) in the
     #: ``*_cons`` methods, which always augment.
     consistency: float = 12.0
+    #: The ``*_ft`` methods' local fine-tuning: fresh Adam at this rate, epochs chosen per clinic on its
+    #: validation loss from ``harness.flbench.finetune.FINETUNE_EPOCHS``.
+    finetune_lr: float = 3e-4
     distill_epochs: int = 10
     #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
     distill_min_steps: int = 1000
@@ -149,6 +153,18 @@ def _mean_metrics(each: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in each])) for k in each[0]}
 
 
+def clinic_scores(data: BenchData, per_clinic: Mapping[str, Predictor]) -> dict[str, dict[str, float]]:
+    """Each clinic's model on its own test set at the threshold its own validation split chooses."""
+    return {
+        c: _scores(
+            per_clinic[c],
+            (data.clinics[c].val_x, data.clinics[c].val_y),
+            {"test": (data.clinics[c].test_x, data.clinics[c].test_y)},
+        )["test"]
+        for c in data.names
+    }
+
+
 def evaluate(
     data: BenchData,
     per_clinic: Mapping[str, Predictor],
@@ -166,14 +182,7 @@ def evaluate(
     ``stress_val``: each clinic's model on its own validation images pushed past the augmentation
     (``harness.flbench.stress``), what a choice that should favour robust models may look at.
     """
-    clinics = {
-        c: _scores(
-            per_clinic[c],
-            (data.clinics[c].val_x, data.clinics[c].val_y),
-            {"test": (data.clinics[c].test_x, data.clinics[c].test_y)},
-        )["test"]
-        for c in data.names
-    }
+    clinics = clinic_scores(data, per_clinic)
     tests = {"unseen": (data.unseen_x, data.unseen_y)}
     tests.update({f"panel/{n}": (x, data.unseen_y) for n, x in data.panel.items()})
     pooled = data.pooled_val()
@@ -370,6 +379,7 @@ def run_averaging(
     adabn: bool = False,
     consistency: float = 0.0,
     randconv: bool = False,
+    finetune: bool = False,
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms.
 
@@ -377,6 +387,8 @@ def run_averaging(
     (``adapt_norms``) before it predicts; the clinics that trained are scored as without it.
     ``consistency``: the clinics' training adds the agreement term across augmented views (needs augment);
     ``randconv``: every augmented view also passes through random convolutions (needs augment).
+    ``finetune``: each clinic then fine-tunes its model locally (``harness.flbench.finetune``); the unseen
+    clinics keep the federation's model.
     """
     augment = ctx.cfg.augment if augment is None else augment
     local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
@@ -425,13 +437,24 @@ def run_averaging(
     adapted: dict[str, Predictor] | None = None
     if adabn:
         adapted = {n: _predictor(adapt_norms(global_model, x)) for n, x in data.adapt_x.items()}
-    # One deployable model (every tensor shared): its input envelope, as its bundle would carry it.
-    embed = feature_embedder(global_model) if selectable and not adabn else None
+    tuned: dict[str, Any] = {}
+    if finetune:
+        models = {c: learner.model for c, learner in learners.items()}
+        per_clinic, tuned = _fine_tuned(data, ctx, models, local)
+    # One deployable model (every tensor shared, none fine-tuned): its input envelope, as its bundle would
+    # carry it.
+    embed = feature_embedder(global_model) if selectable and not adabn and not finetune else None
     result = evaluate(data, per_clinic, _predictor(global_model), adapted, embed=embed)
     result["bytes_per_client_round"] = bytes_up
-    if selectable:
-        result["extra"] = best.extra()
+    if selectable or tuned:
+        result["extra"] = {**(best.extra() if selectable else {}), **tuned}
     return result
+
+
+def _fine_tuned(
+    data: BenchData, ctx: MethodContext, models: Mapping[str, nn.Module], local: LocalConfig
+) -> tuple[dict[str, Predictor], dict[str, Any]]:
+    return fine_tune(data, models, local, ctx.cfg.finetune_lr, ctx.seed, lambda pcs: clinic_scores(data, pcs))
 
 
 # -- fedclinic strategies -------------------------------------------------------------------------------
@@ -710,6 +733,7 @@ def run_pfednet(
     fuse_statistics: bool = False,
     consistency: float = 0.0,
     randconv: bool = False,
+    finetune: bool = False,
 ) -> dict[str, Any]:
     """pFedNet: shared extractor averaged; the personal part fused over the sketch graph (ADMM).
 
@@ -721,7 +745,8 @@ def run_pfednet(
     statistics, as FedBN's does. ``fuse_statistics``: the running means and variances join the personal
     part, so that the graph fuses them too (only the batch counter stays at each clinic).
     ``consistency`` > 0: the clinics augment, whatever the track, and add the agreement term across views;
-    ``randconv`` likewise augments, with random convolutions in every augmented view.
+    ``randconv`` likewise augments, with random convolutions in every augmented view. ``finetune``: each
+    clinic then fine-tunes its model (shared and personal parts) locally (``harness.flbench.finetune``).
     """
     augment = ctx.cfg.augment or consistency > 0 or randconv
     local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
@@ -788,6 +813,9 @@ def run_pfednet(
     if local_names:  # the BatchNorm statistics (or counter) each clinic kept
         load_params(global_model, _clinics_mean(learners, data, local_names))
     load_params(global_model, strategy.published_params())
+    tuned: dict[str, Any] = {}
+    if finetune:
+        per_clinic, tuned = _fine_tuned(data, ctx, {c: lr.model for c, lr in learners.items()}, local)
     result = evaluate(data, per_clinic, _predictor(global_model))
     # What personalisation buys: every clinic scored with the clinics' mean personal part instead of its own.
     with_mean = evaluate(data, dict.fromkeys(data.names, _predictor(global_model)), _predictor(global_model))
@@ -806,6 +834,7 @@ def run_pfednet(
         "fusion": fusion,
         "mean_personal_auc": {c: m["auc"] for c, m in with_mean["clinics"].items()},
         "mean_personal_val_auc": {c: m["val_auc"] for c, m in with_mean["clinics"].items()},
+        **tuned,
         "differential_gamma": ctx.cfg.pfednet_gamma,
         "differential_groups_zeroed": float(
             np.mean(
@@ -915,6 +944,7 @@ METHODS: dict[str, MethodFn] = {
     "light_head": run_light_head,
     "local_aug": lambda d, c: run_local(d, c, augment=True, norm="group"),
     "fedavg_aug": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group"),
+    "fedavg_aug_ft": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group", finetune=True),
     "central_aug": lambda d, c: run_central(d, c, augment=True, norm="group"),
     # The agreement term across augmented views (hub.training.learners.view_loss), weight ``consistency``:
     # on the plain references and on the two pFedNet variants (always augmented).
@@ -936,6 +966,9 @@ METHODS: dict[str, MethodFn] = {
         d, c, augment=True, norm="group", consistency=c.cfg.consistency, randconv=True
     ),
     "pfednet_rc_cons": lambda d, c: run_pfednet(d, c, consistency=c.cfg.consistency, randconv=True),
+    "pfednet_rc_cons_ft": lambda d, c: run_pfednet(
+        d, c, consistency=c.cfg.consistency, randconv=True, finetune=True
+    ),
     "pfednet_bn_rc_cons": lambda d, c: run_pfednet(
         d, c, norm="batch", consistency=c.cfg.consistency, randconv=True
     ),

@@ -56,6 +56,8 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("central_aug_rc_cons", "central_aug_cons"),
     ("pfednet_rc_cons", "pfednet_cons"),
     ("pfednet_bn_rc_cons", "pfednet_bn_cons"),
+    ("fedavg_aug_ft", "fedavg_aug"),
+    ("pfednet_rc_cons_ft", "pfednet_rc_cons"),
 )
 
 

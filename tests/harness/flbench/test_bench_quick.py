@@ -64,7 +64,10 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
             "central_aug_rc_cons",
             "fedavg_hslsteps",
             "fedavg_adabn",
+            "fedavg_aug_ft",  # the best round of its federation, then fine-tuned at each clinic
         )
+        if r["method"].endswith("_ft"):
+            assert set(r["extra"]["finetune_epochs"]) == set(r["clinics"]), r["method"]
         if r["method"] in one_model or r["method"].startswith("hsl"):
             assert 1 <= r["extra"]["best_round"] <= 2, r["method"]
         else:
@@ -99,6 +102,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         ("pfednet_cons", "pfednet"),
         ("fedavg_aug_rc", "fedavg_aug"),
         ("pfednet_bn_rc_cons", "pfednet_bn_cons"),
+        ("fedavg_aug_ft", "fedavg_aug"),
+        ("pfednet_rc_cons_ft", "pfednet_rc_cons"),
     ):
         assert by[agreeing]["clinics"] != by[plain]["clinics"]
         assert f"{agreeing} − {plain}" in doc["targets"]["ablations"]
