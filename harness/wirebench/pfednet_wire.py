@@ -35,12 +35,12 @@ from edge_node.learning.examples import training_set_from
 from edge_node.learning.training_set import LabeledInstance
 from edge_node.protocol.manifest import MANIFEST_FILE, load_manifest_dict, validate_manifest
 from edge_node.protocol.tensors import encode_tensors
-from harness.demo.hub import HubError, HubService
+from harness.demo.hub import HubService
 from harness.flbench.datasets import BenchData
 from harness.flbench.methods import PFEDNET_GRAPHS, BenchConfig, evaluate
 from harness.flbench.scoring import Predictor
 from harness.wirebench.site import WireSite
-from harness.wirebench.wire_federation import hub_cli
+from harness.wirebench.wire_federation import export_signed, run_rounds
 from hub.data.dicomize import WrappedImage
 from hub.data.medmnist import LABELS
 from hub.fl.pfednet import PFedNet
@@ -168,12 +168,7 @@ def run_pfednet_wire(
     sites: dict[str, WireSite] = {}
     archives: dict[str, list[WrappedImage]] = {}
     try:
-        bundle = work / "bundle"
-        hub_cli(
-            hub, "export", "--checkpoint", str(checkpoint), "--key", str(hub.data_dir / "keys" / "hub.key"),
-            "--out", str(bundle), "--model-version", "1.0.0", "--model-id", f"wirebench-{method}-seed{seed}",
-            "--no-int8",
-        )  # fmt: skip
+        bundle = export_signed(hub, checkpoint, work / "bundle", f"wirebench-{method}-seed{seed}")
         hub.start()
         on_step(f"seed {seed}: hub serving on {hub.url}; {method}'s starting model exported and signed")
         learning = {"learning": {"torch_command": [sys.executable, "-m", "hub.training.node_learner"]}}
@@ -199,15 +194,10 @@ def run_pfednet_wire(
         start = work / "start.npz"
         start.write_bytes(encode_tensors(to_params(start_model)))
         common = (*_config_args(settings), "-k", str(len(data.names)), "--deadline", str(round_timeout))
-        numbers: list[int] = []
-        for rnd in range(cfg.rounds + 1):  # the sketch round, then the training rounds
-            first = ("--model", str(start)) if rnd == 0 else ()
-            started = hub.start_round("pfednet", *first, *common)
-            info = hub.wait_round(str(started["round_id"]), round_timeout)
-            if info["state"] != "published":
-                raise HubError(f"round {rnd} ended {info['state']}: {info}")
-            numbers.append(int(started["round"]))
-            on_step(f"seed {seed}: round {rnd}/{cfg.rounds} published" + (" (sketches)" if rnd == 0 else ""))
+        # The sketch round, then the training rounds.
+        numbers = run_rounds(
+            hub, "pfednet", cfg.rounds + 1, start, common, round_timeout, f"seed {seed}", on_step
+        )
         seconds["rounds"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()

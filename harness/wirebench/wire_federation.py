@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ from harness.wirebench.student import light_student, save_student
 from hub.training.checkpoint import load_checkpoint
 from hub.training.learners import to_params
 
-__all__ = ["WireOutcome", "hub_cli", "run_light_head_wire"]
+__all__ = ["WireOutcome", "export_signed", "hub_cli", "run_light_head_wire", "run_rounds"]
 
 Step = Callable[[str], None]
 
@@ -64,6 +64,39 @@ def hub_cli(hub: HubService, *args: str, timeout: float = 900.0) -> Any:
     return json.loads(done.stdout)
 
 
+def export_signed(hub: HubService, checkpoint: Path, out: Path, model_id: str) -> Path:
+    """``fedclinic-hub export`` of ``checkpoint`` as version 1.0.0, signed with the hub's key, no int8."""
+    hub_cli(
+        hub, "export", "--checkpoint", str(checkpoint), "--key", str(hub.data_dir / "keys" / "hub.key"),
+        "--out", str(out), "--model-version", "1.0.0", "--model-id", model_id, "--no-int8",
+    )  # fmt: skip
+    return out
+
+
+def run_rounds(
+    hub: HubService,
+    strategy: str,
+    count: int,
+    start: Path,
+    settings: Sequence[str],
+    timeout: float,
+    label: str,
+    on_step: Step,
+) -> list[int]:
+    """``count`` rounds of ``strategy`` with ``settings``, the first from ``start`` (npz), each next one from
+    the state the last left; each must publish (HubError otherwise). Returns the hub's round numbers."""
+    numbers: list[int] = []
+    for rnd in range(1, count + 1):
+        first = ("--model", str(start)) if rnd == 1 else ()
+        started = hub.start_round(strategy, *first, *settings)
+        info = hub.wait_round(str(started["round_id"]), timeout)
+        if info["state"] != "published":
+            raise HubError(f"round {rnd} ended {info['state']}: {info}")
+        numbers.append(int(started["round"]))
+        on_step(f"{label}: round {rnd}/{count} published")
+    return numbers
+
+
 def run_light_head_wire(
     data: BenchData,
     cfg: BenchConfig,
@@ -87,12 +120,7 @@ def run_light_head_wire(
     sites: dict[str, WireSite] = {}
     try:
         t1 = time.perf_counter()
-        bundle = work / "bundle"
-        hub_cli(
-            hub, "export", "--checkpoint", str(checkpoint), "--key", str(hub.data_dir / "keys" / "hub.key"),
-            "--out", str(bundle), "--model-version", "1.0.0", "--model-id", f"wirebench-seed{seed}",
-            "--no-int8",
-        )  # fmt: skip
+        bundle = export_signed(hub, checkpoint, work / "bundle", f"wirebench-seed{seed}")
         on_step(f"seed {seed}: student exported and signed by the hub")
         hub.start()
         on_step(f"seed {seed}: hub serving on {hub.url}")
@@ -118,15 +146,9 @@ def run_light_head_wire(
             "--config", f"head={head.weight.name},{head.bias.name}", "--config", f"client.seed={seed}",
             "-k", str(len(data.names)), "--deadline", str(round_timeout),
         )  # fmt: skip
-        numbers: list[int] = []
-        for rnd in range(1, cfg.rounds + 1):
-            first = ("--model", str(start)) if rnd == 1 else ()
-            started = hub.start_round("head_avg", *first, *common)
-            info = hub.wait_round(str(started["round_id"]), round_timeout)
-            if info["state"] != "published":
-                raise HubError(f"round {rnd} ended {info['state']}: {info}")
-            numbers.append(int(started["round"]))
-            on_step(f"seed {seed}: round {rnd}/{cfg.rounds} published")
+        numbers = run_rounds(
+            hub, "head_avg", cfg.rounds, start, common, round_timeout, f"seed {seed}", on_step
+        )
         seconds["rounds"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
