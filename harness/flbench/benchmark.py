@@ -85,11 +85,14 @@ _FAMILY_SETTINGS: tuple[tuple[str, str], ...] = (
 
 def same_settings(method: str, cached: dict[str, Any] | None, config: dict[str, Any]) -> bool:
     """Whether a cached record was run with these settings; a family's own settings (distillation and
-    FedHelp's, HSL's, pFedNet's, FedProx's) only matter to that family's methods."""
+    FedHelp's, HSL's, pFedNet's, FedProx's) only matter to that family's methods, and the local
+    fine-tuning's only to the ``*_ft`` methods."""
     if cached is None:
         return False
 
     def read_by_method(key: str) -> bool:
+        if key.startswith("finetune_"):  # the local fine-tuning's settings: the *_ft methods'
+            return method.endswith("_ft")
         return all(method.startswith(family) for prefix, family in _FAMILY_SETTINGS if key.startswith(prefix))
 
     def relevant(cfg: dict[str, Any]) -> dict[str, Any]:

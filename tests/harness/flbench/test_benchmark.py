@@ -21,6 +21,11 @@ def test_cached_runs_are_reused_only_with_the_same_settings() -> None:
     assert same_settings("fedavg_aug", {**hsl, "hsl_anchor_weight": 2.0}, hsl)
     assert not same_settings("hsl_noanchor", {**hsl, "hsl_anchor_weight": 2.0}, hsl)
     assert same_settings("fedavg", {**cfg, "fedprox_mu": 0.1}, {**cfg, "fedprox_mu": 0.01})
+    # The local fine-tuning's rate changes the *_ft runs only; records from before it existed still count.
+    ft = {**cfg, "finetune_lr": 3e-4}
+    assert same_settings("pfednet_rc_cons", dict(cfg), ft)
+    assert not same_settings("pfednet_rc_cons_ft", {**ft, "finetune_lr": 1e-3}, ft)
+    assert not same_settings("fedavg_aug_ft", dict(cfg), ft)
 
 
 def test_parse_methods() -> None:
