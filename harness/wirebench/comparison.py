@@ -6,7 +6,9 @@ own ``light_head`` (``METHODS``), (b) the same method over the wire (``wire_fede
 through the benchmark's ``finalize_record``, so small-clinic, worst-clinic and unseen figures are computed by
 one function. Two replays of the method's rounds (``replica``) explain a difference: on the float images
 (must give the method's own AUCs, so it is the simulation) and on the 8-bit pixels a DICOM carries; the
-final heads of each are compared with the wire's, tensor by tensor.
+final heads of each are compared with the wire's, tensor by tensor. For a pFedNet method (``PFEDNET_WIRE``,
+either task) the wire is ``pfednet_wire``, and one replay takes out both ways it differs by design (the
+node's one seed and its 8-bit pixels): every clinic's model and the published one must equal the hub's.
 """
 
 from __future__ import annotations
