@@ -6,7 +6,8 @@ storescp. Here each accepted connection gets one thread that blocks in ``recv_in
 costs nothing (no polling), a busy one does no work but the PS3.8 framing. The acceptor state machine is
 small because an SCP that only receives has few paths (PS3.8 9.2):
 
-    Sta2 (connection open, ARTIM = acse_timeout) --A-ASSOCIATE-RQ--> AC (Sta6) or RJ (close)
+    Sta2 (connection open, ARTIM = acse_timeout) --A-ASSOCIATE-RQ--> AC (Sta6) or RJ (Sta13: close when
+         the requestor closes, or at ARTIM)
     Sta6 --P-DATA-TF--> command fragments, then data fragments straight into a spool slot
          --A-RELEASE-RQ--> A-RELEASE-RP, close (the sender's studies are complete)
          --A-ABORT or EOF--> close (studies wait for quiet time)
@@ -322,6 +323,7 @@ class Connection:
                 "rejected an association from %s (%s): %s", self.peer, request.calling_ae, outcome.why
             )
             self._send(associate_rj(outcome.result, outcome.source, outcome.reason))
+            self._await_close()
             return False
         if not self.server.admit(self):
             logger.warning(
@@ -330,10 +332,23 @@ class Connection:
                 settings.max_associations,
             )
             self._send(associate_rj(2, 3, 2))  # transient, presentation provider, local limit exceeded
+            self._await_close()
             return False
         self._contexts = outcome.contexts
         self._send(associate_ac(request, outcome.results, settings.max_pdu))
         return True
+
+    def _await_close(self) -> None:
+        """Sta13 (PS3.8 9.2, AE-8): after an A-ASSOCIATE-RJ the requestor closes the connection; wait for
+        that, ARTIM (``acse_timeout``) at most, discarding whatever arrives. Closing at once raced the
+        reject: a requestor could see the connection go before it had read why."""
+        deadline = time.monotonic() + self.server.settings.acse_timeout
+        while time.monotonic() < deadline:
+            try:
+                if not self.sock.recv(4096):
+                    return
+            except OSError:  # the kernel's receive timeout (ARTIM), or the peer reset the connection
+                return
 
     def _serve(self) -> str:
         max_pdu = self.server.settings.max_pdu
