@@ -47,7 +47,7 @@ from hub.fl.pfednet import PFedNet
 from hub.fl.registry import make_strategy
 from hub.models.fl_cnn import FL_BENCH_28, fl_cnn
 from hub.training.checkpoint import CheckpointConfig, load_checkpoint, save_checkpoint
-from hub.training.learners import LocalConfig, predict, to_params
+from hub.training.learners import LocalConfig, load_params, predict, to_params
 from hub.training.node_learner import clinic_data
 from hub.training.pfednet_train import PFedNetLearner
 from hub.training.simulation import run_federation
@@ -120,7 +120,8 @@ def save_start(path: Path, model: torch.nn.Module, data: BenchData, seed: int) -
 @dataclass
 class PFedNetWire:
     """What the wire run produced: the benchmark's raw result and, per clinic, the tensors of the model the
-    hub made for it (``from-round --node``), the published model's, and the hub's order of the clinics."""
+    hub made for it (``from-round --node``), the published model's, and what a replay needs (node ids, the
+    imported instances, the bundle)."""
 
     raw: dict[str, Any]
     per_clinic: dict[str, dict[str, np.ndarray]]
@@ -143,7 +144,7 @@ def _params(checkpoint: Path) -> dict[str, np.ndarray]:
 
 def _predictor(params: Mapping[str, np.ndarray], data: BenchData) -> Predictor:
     model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
+    load_params(model, params)
     return lambda x: predict(model, x)
 
 
