@@ -1,6 +1,7 @@
 """Which learner answers a task: head_delta → the light learner, weights_delta → an external learner when one
-is configured, a stats task about the training set (pFedNet's sketch) → the training set's sketch, other
-stats and public_logits → the answers that need no training.
+is configured, kept_tensors (what a strategy left at the node, e.g. FedBN's normalisation tensors) → that
+external learner too (they live in its private state), a stats task about the training set (pFedNet's
+sketch) → the training set's sketch, other stats and public_logits → the answers that need no training.
 
 A task the node cannot learn for (too few labels, a model without an embedding output) raises
 ``LearningRefused`` with the reason: the uplink tells the hub it refuses, and nothing is guessed.
@@ -142,10 +143,12 @@ def _head_delta(task: Task, params: Tensors, model: LoadedModel | None, learners
     )
 
 
-def _weights_delta(task: Task, params: Tensors, model: LoadedModel | None, learners: Learners) -> TaskAnswer:
+def _external(task: Task, params: Tensors, model: LoadedModel | None, learners: Learners) -> TaskAnswer:
+    """weights_delta and kept_tensors: the external learner, given the node's training set (kept_tensors
+    reads its private state, and weighs it by the number of examples the node trains on)."""
     if learners.external is None:
         raise TaskError(
-            "weights_delta needs the torch learner (the train extra), which this node does not run; "
+            f"{task.kind.value} needs the torch learner (the train extra), which this node does not run; "
             "it answers head_delta, stats and public_logits"
         )
     data = _training_set(model, learners)
@@ -203,6 +206,6 @@ def answer(
         return _training_sketch(task, model, learners)
     if learners is not None and task.kind is UpdateKind.HEAD_DELTA:
         return _head_delta(task, params, model, learners)
-    if learners is not None and task.kind is UpdateKind.WEIGHTS_DELTA:
-        return _weights_delta(task, params, model, learners)
+    if learners is not None and task.kind in (UpdateKind.WEIGHTS_DELTA, UpdateKind.KEPT_TENSORS):
+        return _external(task, params, model, learners)
     return answer_task(task, params, model, stats)

@@ -8,8 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class UpdateKind(str, Enum):
-    """What a round asks a node to compute: a weights delta, a head delta, public logits, statistics, or the
-    sums and distance counts that fit a bundle's input envelope on the nodes' images."""
+    """What a round asks a node to compute: a weights delta, a head delta, public logits, statistics, the
+    sums and distance counts that fit a bundle's input envelope on the nodes' images, or the tensors a
+    strategy left at each node (FedBN's normalisation tensors) so that its model can be deployed."""
 
     WEIGHTS_DELTA = "weights_delta"
     HEAD_DELTA = "head_delta"
@@ -17,6 +18,7 @@ class UpdateKind(str, Enum):
     STATS = "stats"
     ENVELOPE_MOMENTS = "envelope_moments"
     ENVELOPE_DISTANCES = "envelope_distances"
+    KEPT_TENSORS = "kept_tensors"
 
 
 class UpdateEnvelope(BaseModel):

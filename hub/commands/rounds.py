@@ -104,11 +104,17 @@ def _protection(
 @app.command("start")
 def start(
     strategy: Annotated[
-        str, typer.Option("--strategy", help="hub.fl strategy (fedavg, head_avg, …), stats or public_logits.")
+        str,
+        typer.Option(
+            "--strategy", help="hub.fl strategy (fedavg, head_avg, …), stats, public_logits or kept_tensors."
+        ),
     ],
     data_dir: DataDirOption = None,
     model: Annotated[
-        Path | None, typer.Option("--model", help="npz of starting tensors (public_logits: 'inputs').")
+        Path | None,
+        typer.Option(
+            "--model", help="npz of starting tensors (public_logits: 'inputs'; kept_tensors: the student's)."
+        ),
     ] = None,
     config: Annotated[
         list[str] | None, typer.Option("--config", help="Strategy setting KEY=VALUE (repeat).")

@@ -23,9 +23,12 @@ from hub.commands.output import EXIT_FAILED, EXIT_USAGE, FormatOption, OutputFor
 from hub.commands.service_options import DataDirOption, hub_database, settings_for
 
 if TYPE_CHECKING:
+    import numpy as np
+    from sqlalchemy.orm import Session
     from torch import nn
 
     from hub.service.settings import HubSettings
+    from hub.store.schema import Node, Round
     from hub.training.checkpoint import CheckpointConfig
 
 __all__ = ["distill", "from_round"]
@@ -169,6 +172,38 @@ def _render(title: str, result: dict[str, Any]) -> Any:
     return render
 
 
+def _published_round(session: Session, number: int) -> Round:
+    """Round ``number``, which must be published with an aggregate."""
+    from sqlalchemy import select
+
+    from hub.store.schema import Round
+
+    row = session.scalars(select(Round).where(Round.number == number)).first()
+    if row is None:
+        fail(f"there is no round {number}; see `fedclinic-hub rounds list`")
+    if row.state != "published" or row.result_artifact is None:
+        fail(f"round {number} is {row.state}; only a published round has an aggregate")
+    return row
+
+
+def _kept_tensors(session: Session, number: int, node: Node | None) -> dict[str, np.ndarray]:
+    """From kept_tensors round ``number``: the nodes' mean of what they kept, or ``node``'s own copy."""
+    from hub.rounds.kept_plans import KeptTensorsCollection, mean_part, node_part
+    from hub.store.artifacts import load_tensors
+
+    row = _published_round(session, number)
+    if row.strategy != KeptTensorsCollection.name:
+        fail(f"round {number} is a {row.strategy} round; --kept-from names a kept_tensors round")
+    assert row.result_artifact is not None  # checked by _published_round
+    aggregate = load_tensors(session, row.result_artifact)
+    if node is None:
+        return mean_part(aggregate)
+    own = node_part(aggregate, node.id)
+    if not own:
+        fail(f"node {node.name} ({node.id}) did not answer kept_tensors round {number}")
+    return own
+
+
 def from_round(
     round_number: Annotated[int, typer.Argument(metavar="ROUND", help="Number of a published round.")],
     student: Annotated[
@@ -186,8 +221,17 @@ def from_round(
         str | None,
         typer.Option(
             "--node",
-            help="pFedNet: the student with this node's own personal part (node id or name), published to "
-            "that node alone, in its cohort.",
+            help="pFedNet: the student with this node's own personal part (node id or name); with "
+            "--kept-from, with the tensors this node kept. Published to that node alone, in its cohort.",
+        ),
+    ] = None,
+    kept_from: Annotated[
+        int | None,
+        typer.Option(
+            "--kept-from",
+            metavar="ROUND",
+            help="A published kept_tensors round: the tensors the strategy left at the nodes (FedBN's "
+            "normalisation tensors), their mean, or --node's own.",
         ),
     ] = None,
     fmt: FormatOption = OutputFormat.table,
@@ -198,6 +242,10 @@ def from_round(
     A pFedNet round's aggregate carries the clinics' mean personal part; with --node the student takes that
     node's own personal part from the round's saved state instead, and only that node is sent it.
 
+    A strategy that leaves tensors at the nodes (FedBN's normalisation tensors, pFedNet's with local=…)
+    publishes rounds without them: collect them first with a kept_tensors round and name it with
+    --kept-from (the nodes' mean, or with --node that node's own); without it such a round is refused.
+
     Example: fedclinic-hub models from-round 3 --student runs/student/best --out students/r3
     --model-version 1.1.0 --publish
     """
@@ -206,34 +254,38 @@ def from_round(
 
     from edge_node.protocol.tensors import decode_tensors
     from hub.fl.errors import StrategyConfigError
+    from hub.fl.fedbn import KEPT_AT_NODES, kept_at_nodes
     from hub.fl.pfednet import PFedNet
     from hub.fl.state import is_saved_state, state_from_arrays
     from hub.store.artifacts import load_tensors
-    from hub.store.schema import Node, Round
+    from hub.store.schema import Node
 
     target: list[str] | None = None
     with hub_database(settings) as db, db.session() as session:
-        row = session.scalars(select(Round).where(Round.number == round_number)).first()
-        if row is None:
-            fail(f"there is no round {round_number}; see `fedclinic-hub rounds list`")
-        if row.state != "published" or row.result_artifact is None:
-            fail(f"round {round_number} is {row.state}; only a published round has an aggregate")
+        row = _published_round(session, round_number)
+        assert row.result_artifact is not None  # checked by _published_round
         tensors = load_tensors(session, row.result_artifact)
         strategy = row.strategy
+        found = None
         if node is not None:
             found = session.scalars(select(Node).where(or_(Node.id == node, Node.name == node))).first()
             if found is None:
                 fail(f"there is no node {node!r}; see `fedclinic-hub nodes list`")
-            saved = decode_tensors(row.strategy_state) if row.strategy_state is not None else {}
-            if not is_saved_state(saved):
-                fail(
-                    f"round {round_number} ({strategy}) keeps no part per node: --node is for pFedNet rounds"
-                )
+            target, cohort = [found.id], found.cohort
+        saved = decode_tensors(row.strategy_state) if row.strategy_state is not None else {}
+        if found is not None and strategy == PFedNet.name and is_saved_state(saved):
             try:
                 tensors.update(PFedNet.personal_in_state(state_from_arrays(saved), found.id))
             except StrategyConfigError as exc:
                 fail(f"round {round_number} holds no personal part of node {node}: {exc}")
-            target, cohort = [found.id], found.cohort
+        elif found is not None and kept_from is None:
+            fail(
+                f"round {round_number} ({strategy}) keeps no part per node: --node is for pFedNet rounds, "
+                "or for the tensors the nodes kept (--kept-from)"
+            )
+        if kept_from is not None:
+            tensors.update(_kept_tensors(session, kept_from, found))
+        kept = kept_at_nodes(strategy, row.config) if kept_from is None else None
     job = StudentJob(out, model_version, model_id, publish, cohort, int8, federation, target)
     _check(job)
     from hub.training.checkpoint import CheckpointError, load_checkpoint
@@ -244,6 +296,16 @@ def from_round(
         try:
             ckpt = load_checkpoint(student)
             model = ckpt.build_model()
+            left = sorted(
+                n for n in model.state_dict() if kept and KEPT_AT_NODES[kept](n) and n not in tensors
+            )
+            if left:
+                fail(
+                    f"round {round_number} ({strategy}) left {len(left)} tensors at the nodes ({left[0]}, "
+                    "…), so its aggregate alone would give the student its starting model's: collect them "
+                    f"with `fedclinic-hub rounds start --strategy kept_tensors --config kept={kept} --model "
+                    "STUDENT.npz` and pass that round as --kept-from"
+                )
             applied = apply_aggregate(model, tensors)
         except (CheckpointError, AggregateMismatchError) as exc:
             fail(f"round {round_number} cannot update {student}: {exc}")
@@ -259,7 +321,8 @@ def from_round(
                 training=f"federated:{strategy}",
                 round_number=round_number,
                 source=f"round {round_number} ({strategy}, {len(applied)} tensors"
-                + (f", node {target[0]}'s personal part" if target else "")
+                + (f", node {target[0]}'s own part" if target else "")
+                + (f", the nodes' kept tensors from round {kept_from}" if kept_from is not None else "")
                 + f") on {student}",
                 progress=progress,
             )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from edge_node.protocol.updates import UpdateKind
 from hub.fl.averaging import DeltaAveraging
 from hub.fl.strategy import Config
 
-__all__ = ["FedBN", "is_norm_buffer", "is_norm_tensor"]
+__all__ = ["KEPT_AT_NODES", "FedBN", "is_norm_buffer", "is_norm_tensor", "kept_at_nodes"]
 
 # A dotted name component that names a normalisation module or a BN buffer: "bn1", "bn", "norm",
 # "layernorm", "norm2", "batchnorm", "downsample_bn"... plus the BN buffers themselves.
@@ -65,3 +66,20 @@ class FedBN(DeltaAveraging):
             local=is_local,
             client_config=client_config,
         )
+
+
+#: The tensors a strategy may leave at each node, by name (a setting that travels in a round's config):
+#: every normalisation tensor (FedBN's default), or BatchNorm's running statistics alone.
+KEPT_AT_NODES: dict[str, Callable[[str], bool]] = {
+    "norm_tensors": is_norm_tensor,
+    "norm_buffers": is_norm_buffer,
+}
+
+
+def kept_at_nodes(strategy: str, config: Mapping[str, Any]) -> str | None:
+    """Which tensors (a name of ``KEPT_AT_NODES``) rounds of ``strategy`` with these settings leave at the
+    nodes, never in an aggregate; None for a strategy that keeps nothing there."""
+    if strategy == FedBN.name:
+        return "norm_tensors"
+    local = config.get("local")
+    return local if strategy == "pfednet" and isinstance(local, str) and local in KEPT_AT_NODES else None

@@ -48,6 +48,7 @@ from hub.fl.aggregate import unweighted_mean
 from hub.fl.averaging import DeltaAveraging, apply_delta, copy_params
 from hub.fl.differential_sparsity import DifferentialAssembler
 from hub.fl.errors import StrategyConfigError
+from hub.fl.fedbn import KEPT_AT_NODES
 from hub.fl.graph import LABEL_COUNTS, SimilarityGraph, incidence_matrix, similarity_graph
 from hub.fl.state import innermost, pack_params, read_json, unpack_params
 from hub.fl.strategy import (
@@ -201,7 +202,8 @@ class PFedNet(DeltaAveraging):
     of images with ``input_channels`` channels (``stats_specs``).
     ``local`` picks tensors that stay on each client as in FedBN (never sent, never uploaded, never fused),
     e.g. BatchNorm's running statistics (``hub.fl.fedbn.is_norm_buffer``): statistics of a clinic's own
-    images, which no proximal step should move. A tensor both local and personal is local.
+    images, which no proximal step should move. A tensor both local and personal is local. Over the wire it
+    is a name of ``hub.fl.fedbn.KEPT_AT_NODES`` (``norm_buffers``), so that rounds can carry it.
     """
 
     name = "pfednet"
@@ -227,8 +229,12 @@ class PFedNet(DeltaAveraging):
         min_results: int = 1,
         client_config: Config | None = None,
         differential_gamma: float = 0.0,
-        local: Callable[[str], bool] | None = None,
+        local: Callable[[str], bool] | str | None = None,
     ) -> None:
+        if isinstance(local, str):
+            if local not in KEPT_AT_NODES:
+                raise StrategyConfigError(f"pfednet: local={local!r}; choose one of {sorted(KEPT_AT_NODES)}")
+            local = KEPT_AT_NODES[local]
         if lam < 0 or eta <= 0 or rho <= 0 or admm_iterations < 1 or graph_k < 1 or differential_gamma < 0:
             raise StrategyConfigError(
                 "pfednet: need lam >= 0, eta > 0, rho > 0, admm_iterations >= 1, graph_k >= 1, "

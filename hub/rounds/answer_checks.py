@@ -34,7 +34,23 @@ def answer_problem(kind: str, update: Mapping[str, np.ndarray]) -> str | None:
         return f"negative counts in {negative[:3]}" if negative else None
     if kind == UpdateKind.ENVELOPE_MOMENTS.value:
         return _moments_problem(update)
+    if kind == UpdateKind.KEPT_TENSORS.value:
+        return _kept_problem(update)
     return None
+
+
+def _kept_problem(update: Mapping[str, np.ndarray]) -> str | None:
+    """What a node kept is finite, and a BatchNorm variance is not negative: a made-up answer is refused
+    before it reaches the model the clinics that did not train are sent."""
+    unfinite = sorted(name for name, value in update.items() if not np.all(np.isfinite(value)))
+    if unfinite:
+        return f"NaN or Inf in {unfinite[:3]}"
+    negative = sorted(
+        name
+        for name, value in update.items()
+        if name.rsplit(".", 1)[-1] in ("running_var", "num_batches_tracked") and np.any(value < 0)
+    )
+    return f"negative variances or counts in {negative[:3]}" if negative else None
 
 
 def _moments_problem(update: Mapping[str, np.ndarray]) -> str | None:

@@ -132,6 +132,13 @@ class RoundOpener:
                 "secure aggregation (they would no longer fit the envelope); each sum a node sends covers at "
                 "least 10 of its images: start it without protection options"
             )
+        if kind is UpdateKind.KEPT_TENSORS:
+            raise RoundConfigError(
+                "protection: a kept_tensors round collects each node's own tensors to deploy them (the hub "
+                "needs every node's copy, not their sum, and clipped or noised statistics would no longer "
+                "normalise its images): start it without protection options; a clinic whose privacy floor "
+                "leaves kept_tensors out of allowed_kinds refuses it"
+            )
         try:
             protection.spec(kind, cohort)
         except ValueError as exc:

@@ -3,7 +3,8 @@
 ``StrategyPlan`` drives a ``hub.fl`` strategy (weights or head deltas). ``StatsCollection`` and
 ``LogitsCollection`` are collection rounds that need no training on the node: class counts of the node's
 predictions, and soft outputs on public anchor inputs that the task ships (ONNX forward only). The two
-envelope rounds (``hub.rounds.envelope_plans``) are collections too.
+envelope rounds (``hub.rounds.envelope_plans``) and ``kept_tensors`` (``hub.rounds.kept_plans``: what a
+strategy left at each node) are collections too.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ class LogitsCollection(RoundPlan):
         return {"logits": mean}, None
 
 
-COLLECTIONS = frozenset({"stats", "public_logits", "envelope_moments", "envelope_distances"})
+COLLECTIONS = frozenset({"stats", "public_logits", "envelope_moments", "envelope_distances", "kept_tensors"})
 #: Starting tensors under this prefix are FedHelp's public set, not model tensors (``rounds start --public``).
 PUBLIC_PREFIX = "public/"
 
@@ -291,6 +292,10 @@ def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: S
         from hub.rounds.envelope_plans import EnvelopeDistances
 
         return EnvelopeDistances(config, start)
+    if strategy == "kept_tensors":
+        from hub.rounds.kept_plans import KeptTensorsCollection
+
+        return KeptTensorsCollection(config, start)
     kwargs: dict[str, Any] = {k: v for k, v in config.items() if not k.startswith("client.")}
     if isinstance(kwargs.get(LARGE_CLIENTS), str):
         # Round configs hold scalars: FedHelp's large clients travel as comma-separated node ids.

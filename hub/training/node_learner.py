@@ -1,4 +1,6 @@
-"""``fedclinic-learn WORKDIR``: the torch learner a node runs out of process for ``weights_delta`` tasks.
+"""``fedclinic-learn WORKDIR``: the torch learner a node runs out of process for ``weights_delta`` tasks, and
+for ``kept_tensors`` tasks (the tensors of its model that a strategy never sent, e.g. FedBN's normalisation
+tensors, as its last training round left them in ``private/``).
 
 It reads the files the node's external learner writes (task.json, params.npz, train.npz; docs/learners.md),
 builds the model the task's config names from the registry, fits it with the very learner classes the
@@ -270,8 +272,12 @@ def _check_update(update: Params, expected: Mapping[str, tuple[tuple[int, ...], 
 def learn(workdir: Path) -> ClientResult:
     """Answer the task in ``workdir``: fit, write update.npz and result.json, keep private/ for next time."""
     task = NodeTask.read(workdir)
+    if task.kind is UpdateKind.KEPT_TENSORS:
+        return _kept(workdir, task)
     if task.kind is not UpdateKind.WEIGHTS_DELTA:
-        raise LearnerInputError(f"the torch learner answers weights_delta, not {task.kind.value}")
+        raise LearnerInputError(
+            f"the torch learner answers weights_delta and kept_tensors, not {task.kind.value}"
+        )
     _check_normalisation(_model_name(task.config, task.strategy))
     private = workdir / "private"
     private.mkdir(mode=0o700, exist_ok=True)
@@ -290,6 +296,25 @@ def learn(workdir: Path) -> ClientResult:
     metrics = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
     write_text_durably(
         workdir / "result.json", json.dumps({"num_examples": result.num_examples, "metrics": metrics})
+    )
+    return result
+
+
+def _kept(workdir: Path, task: NodeTask) -> ClientResult:
+    """Answer a kept_tensors task: the expected tensors as this node's learner holds them after its last
+    training round (``private/state.npz``), e.g. the normalisation tensors FedBN never sent."""
+    state_path = workdir / "private" / STATE_FILE
+    if not state_path.is_file():
+        raise LearnerInputError("this node's learner has trained no round yet, so it keeps no tensors")
+    state = decode_tensors(state_path.read_bytes())
+    missing = sorted(set(task.expected) - set(state))
+    if missing:
+        raise LearnerInputError(f"this node's learner keeps no tensors {missing[:5]} (is it the same model?)")
+    update = _check_update(state, task.expected)
+    result = ClientResult(CLIENT_ID, task.round, task.data.n_train, update)
+    write_bytes_durably(workdir / "update.npz", encode_tensors(update, compress=False))
+    write_text_durably(
+        workdir / "result.json", json.dumps({"num_examples": result.num_examples, "metrics": {}})
     )
     return result
 

@@ -22,6 +22,7 @@ from edge_node.protocol.wire import Task, TaskState, TensorShape
 from edge_node.uplink.tasks import TaskError
 from hub.data.medmnist import load_medmnist
 from hub.fl.averaging import DeltaAveraging
+from hub.fl.fedbn import is_norm_tensor
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import ClientResult, ClientTask, Params, Strategy
 from hub.models.registry import create_model
@@ -100,8 +101,9 @@ def _compare(
     work: Path,
     rounds: int,
     public: Params | None = None,
-) -> None:
-    """Run the simulation for ``rounds`` and, beside it, the node's learner process on the same tasks.
+) -> Recording:
+    """Run the simulation for ``rounds`` and, beside it, the node's learner process on the same tasks; the
+    simulated clinic comes back.
 
     ``public`` (x, soft_labels) is what the simulated clinic holds, and what the hub ships to the node
     once, with round 1's params.
@@ -126,6 +128,7 @@ def _compare(
             np.testing.assert_array_equal(answer.tensors[name], arr, err_msg=f"round {task.round}: {name}")
         assert answer.num_examples == sim.num_examples == len(data)
         assert answer.metrics["train_loss"] == pytest.approx(sim.metrics["train_loss"], abs=0)
+    return recording
 
 
 def test_fedhelp_large_client_matches_the_simulation(hospital: TrainingSet, tmp_path: Path) -> None:
@@ -187,6 +190,36 @@ def test_fedavg_client_matches_the_simulation(hospital: TrainingSet, tmp_path: P
     torch.manual_seed(0)
     start = to_params(create_model("fl_cnn", norm="group"))
     _compare(strategy, "fedavg", start, hospital, tmp_path / "work", rounds=1)
+
+
+def test_fedbn_client_keeps_its_norms_and_sends_them_when_a_kept_tensors_round_asks(
+    hospital: TrainingSet, tmp_path: Path
+) -> None:
+    """FedBN's normalisation tensors never travel with an update; the learner keeps its own in private/ and
+    sends them, as its last round left them, when the hub collects them to deploy the model."""
+    torch.set_num_threads(1)
+    strategy = make_strategy(
+        "fedbn", client_config={"model.norm": "batch", "batch_size": 32, "augment": True, "seed": SEED}
+    )
+    torch.manual_seed(0)
+    start = to_params(create_model("fl_cnn", norm="batch"))
+    kept = {n: a for n, a in start.items() if is_norm_tensor(n)}
+    ask = ClientTask(CLIENT_ID, 3, UpdateKind.KEPT_TENSORS, kept, {"kept": "norm_tensors"})
+    node = ExternalLearner(LEARN, tmp_path / "work", timeout_s=600)
+    with pytest.raises(TaskError, match="trained no round yet"):
+        node.answer(_wire_task(ask, "kept_tensors"), {}, hospital)
+    recording = _compare(strategy, "fedbn", start, hospital, tmp_path / "work", rounds=2)
+    assert not any(is_norm_tensor(n) for n in recording.results[-1].update)
+    answer = node.answer(_wire_task(ask, "kept_tensors"), {}, hospital)
+    own = to_params(recording.inner.model)  # type: ignore[attr-defined]
+    assert sorted(answer.tensors) == sorted(kept) and answer.num_examples == len(hospital)
+    for name in kept:
+        np.testing.assert_array_equal(answer.tensors[name], own[name], err_msg=name)
+    var = next(n for n in kept if n.endswith("running_var"))
+    assert not np.array_equal(answer.tensors[var], start[var])  # the node's images moved them
+    other = ClientTask(CLIENT_ID, 3, UpdateKind.KEPT_TENSORS, {"other.running_var": start[var]}, {})
+    with pytest.raises(TaskError, match="keeps no tensors"):
+        node.answer(_wire_task(other, "kept_tensors"), {}, hospital)
 
 
 def test_a_task_the_learner_cannot_take_is_refused_with_the_reason(

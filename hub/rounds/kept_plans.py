@@ -1,0 +1,89 @@
+"""The ``kept_tensors`` collection: each node sends the tensors a strategy left at it, so that the
+federation's model can be deployed.
+
+FedBN never sends the normalisation tensors (each node keeps its own), and pFedNet on BatchNorm keeps the
+running statistics at each node (``PFedNet(local="norm_buffers")``). The round's aggregate then lacks them,
+and a student built from it alone would carry its starting model's: on the benchmark's chest X-rays that
+cost FedBN up to 0.13 AUC at a clinic (docs/learners.md, "Deploying what the nodes kept"). This round asks
+every node's torch learner for its own copy of those tensors, as its last training round left them. The
+aggregate holds their example-weighted mean under the tensors' own names (the model a clinic that did not
+train gets, as the benchmark scores an unseen clinic) and each node's copy under ``node/<node id>/<name>``
+(``models from-round --kept-from M --node NODE`` builds that node's own model). The mean is the one the
+strategies use (``hub.fl.aggregate.weighted_mean``: integers, such as BatchNorm's step counter, rounded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from edge_node.protocol.updates import UpdateKind
+from hub.fl.aggregate import weighted_mean
+from hub.fl.errors import StrategyConfigError
+from hub.fl.fedbn import KEPT_AT_NODES
+from hub.fl.strategy import ClientFailure, ClientResult, Params
+from hub.fl.validation import TensorSpec, spec_of
+from hub.rounds.plan import PlannedTask, RoundPlan
+
+__all__ = ["NODE_PREFIX", "KeptTensorsCollection", "mean_part", "node_part"]
+
+#: Each node's own copy in the aggregate: ``node/<node id>/<tensor name>``.
+NODE_PREFIX = "node/"
+#: How many nodes answered (in the aggregate beside the tensors).
+NODES = "nodes"
+
+
+def node_part(aggregate: Mapping[str, np.ndarray], node_id: str) -> Params:
+    """One node's kept tensors out of a ``kept_tensors`` round's aggregate (empty if it did not answer)."""
+    prefix = f"{NODE_PREFIX}{node_id}/"
+    return {k.removeprefix(prefix): v for k, v in aggregate.items() if k.startswith(prefix)}
+
+
+def mean_part(aggregate: Mapping[str, np.ndarray]) -> Params:
+    """The nodes' example-weighted mean out of a ``kept_tensors`` round's aggregate."""
+    return {k: v for k, v in aggregate.items() if not k.startswith(NODE_PREFIX) and k != NODES}
+
+
+def _kept(config: Mapping[str, Any]) -> str:
+    kept = config.get("kept", "norm_tensors")
+    if kept not in KEPT_AT_NODES:
+        raise StrategyConfigError(f"kept_tensors: kept={kept!r}; choose one of {sorted(KEPT_AT_NODES)}")
+    return str(kept)
+
+
+class KeptTensorsCollection(RoundPlan):
+    """Each node sends its own copy of the tensors ``kept`` picks out of the starting model (``--model``: the
+    student's tensors, for their names, shapes and dtypes; nothing of it is sent)."""
+
+    kind = UpdateKind.KEPT_TENSORS
+    name = "kept_tensors"
+
+    def __init__(self, config: Mapping[str, Any], start: Params) -> None:
+        self.kept = _kept(config)
+        picked = {n: a for n, a in start.items() if KEPT_AT_NODES[self.kept](n)}
+        if not picked:
+            raise StrategyConfigError(
+                f"the {len(start)} tensors of --model hold none that {self.kept} picks: a kept_tensors round "
+                "needs the student's tensors as --model"
+            )
+        self.expected: dict[str, TensorSpec] = spec_of(picked)
+
+    def tasks(self, number: int, nodes: Sequence[str]) -> list[PlannedTask]:
+        return [PlannedTask(node, {}, dict(self.expected), {"kept": self.kept}) for node in nodes]
+
+    def aggregate(
+        self, number: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]
+    ) -> tuple[Params | None, str | None]:
+        if not results:
+            return None, "no node sent what it kept"
+        weights = [max(r.num_examples, 0) for r in results]
+        if sum(weights) == 0:
+            weights = [1] * len(results)
+        mean = weighted_mean([{n: r.update[n] for n in self.expected} for r in results], weights)
+        out: Params = {n: np.asarray(a) for n, a in mean.items()}  # a 0-d mean comes back a numpy scalar
+        for r in results:
+            out.update({f"{NODE_PREFIX}{r.client_id}/{n}": np.asarray(a) for n, a in r.update.items()})
+        out[NODES] = np.array(len(results), dtype=np.int64)
+        return out, None
