@@ -172,7 +172,7 @@ def _compare_pfednet(
     def gap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
         return max(float(np.max(np.abs(np.asarray(a[n]) - np.asarray(b[n])))) for n in b)
 
-    clinics = max(gap(replay.params_for(outcome.node_ids[c]), p) for c, p in outcome.per_clinic.items())
+    clinics = max(gap(replay.clinic_params(outcome.node_ids[c]), p) for c, p in outcome.per_clinic.items())
     gaps = {
         "uint8": {"clinic_models": clinics, "published": gap(replay.published_params(), outcome.published)}
     }

@@ -43,25 +43,63 @@ from harness.wirebench.site import WireSite
 from harness.wirebench.wire_federation import export_signed, run_rounds
 from hub.data.dicomize import WrappedImage
 from hub.data.medmnist import LABELS
+from hub.fl.aggregate import weighted_mean
 from hub.fl.pfednet import PFedNet
 from hub.fl.registry import make_strategy
-from hub.models.fl_cnn import FL_BENCH_28, fl_cnn
+from hub.fl.strategy import Params
+from hub.models.fl_cnn import FL_BENCH_28, Norm, fl_cnn
 from hub.training.checkpoint import CheckpointConfig, load_checkpoint, save_checkpoint
 from hub.training.learners import LocalConfig, load_params, predict, to_params
 from hub.training.node_learner import clinic_data
 from hub.training.pfednet_train import PFedNetLearner
 from hub.training.simulation import run_federation
 
-__all__ = ["PFEDNET_WIRE", "PFedNetWire", "replay_pfednet", "round_settings", "run_pfednet_wire"]
+__all__ = [
+    "PFEDNET_WIRE",
+    "PFedNetReplay",
+    "PFedNetWire",
+    "WireMethod",
+    "replay_pfednet",
+    "round_settings",
+    "run_pfednet_wire",
+]
 
 Step = Callable[[str], None]
 
-#: The ``bench fl`` pFedNet methods that run over the wire (GroupNorm): their clinics' training options.
-PFEDNET_WIRE: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
-    "pfednet": lambda cfg: {"augment": cfg.augment},
-    "pfednet_cons": lambda cfg: {"augment": True, "consistency": cfg.consistency},
-    "pfednet_rc_cons": lambda cfg: {"augment": True, "consistency": cfg.consistency, "randconv": True},
+
+@dataclass(frozen=True)
+class WireMethod:
+    """A ``bench fl`` pFedNet method as rounds: its CNN's normalisation and its clinics' training options. On
+    BatchNorm the running statistics stay at each node (``local=norm_buffers``), as ``run_pfednet`` keeps
+    them at each clinic, and a ``kept_tensors`` round collects them before the models are built."""
+
+    norm: Norm
+    options: Callable[[BenchConfig], dict[str, Any]]
+
+
+def _plain(cfg: BenchConfig) -> dict[str, Any]:
+    return {"augment": cfg.augment}
+
+
+def _cons(cfg: BenchConfig) -> dict[str, Any]:
+    return {"augment": True, "consistency": cfg.consistency}
+
+
+def _rc_cons(cfg: BenchConfig) -> dict[str, Any]:
+    return {"augment": True, "consistency": cfg.consistency, "randconv": True}
+
+
+#: The ``bench fl`` pFedNet methods that run over the wire.
+PFEDNET_WIRE: dict[str, WireMethod] = {
+    "pfednet": WireMethod("group", _plain),
+    "pfednet_cons": WireMethod("group", _cons),
+    "pfednet_rc_cons": WireMethod("group", _rc_cons),
+    "pfednet_bn": WireMethod("batch", _plain),
+    "pfednet_bn_cons": WireMethod("batch", _cons),
+    "pfednet_bn_rc_cons": WireMethod("batch", _rc_cons),
 }
+#: What a BatchNorm method's nodes keep: the running statistics (``hub.fl.fedbn.KEPT_AT_NODES``).
+KEPT = "norm_buffers"
 #: The DICOM modality each benchmark dataset's images are stored as (what the exported bundle accepts).
 MODALITY = {"pneumoniamnist": "CR", "breastmnist": "US"}
 
@@ -75,17 +113,19 @@ def round_settings(method: str, data: BenchData, cfg: BenchConfig, seed: int) ->
     """``run_pfednet``'s strategy settings and its clinics' task config (``client.*``) as round settings."""
     if method not in PFEDNET_WIRE:
         raise ValueError(f"{method!r} does not run over the wire; choose from {sorted(PFEDNET_WIRE)}")
+    wired = PFEDNET_WIRE[method]
     client = {
         "model": "fl_cnn",
-        "model.norm": "group",
+        "model.norm": wired.norm,
         "model.num_outputs": data.spec.num_outputs,
         "epochs": cfg.local_epochs,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "seed": node_seed(seed),
-        **PFEDNET_WIRE[method](cfg),
+        **wired.options(cfg),
     }
     return {
+        **({"local": KEPT} if wired.norm == "batch" else {}),
         "personal": cfg.pfednet_personal,
         "graph_keys": ",".join(PFEDNET_GRAPHS[cfg.pfednet_graph]),
         "graph_k": 2,
@@ -97,18 +137,18 @@ def round_settings(method: str, data: BenchData, cfg: BenchConfig, seed: int) ->
     }
 
 
-def starting_model(data: BenchData, seed: int) -> torch.nn.Module:
-    """``run_pfednet``'s initial model: ``fl_cnn`` on GroupNorm under the method's seed."""
+def starting_model(data: BenchData, seed: int, norm: Norm = "group") -> torch.nn.Module:
+    """``run_pfednet``'s initial model: ``fl_cnn`` on ``norm`` under the method's seed."""
     torch.manual_seed(seed)
-    return fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
+    return fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
 
 
-def save_start(path: Path, model: torch.nn.Module, data: BenchData, seed: int) -> Path:
+def save_start(path: Path, model: torch.nn.Module, data: BenchData, seed: int, norm: Norm = "group") -> Path:
     """The starting model as the checkpoint the hub exports and ``models from-round`` updates."""
     dataset = data.spec.primary
     config = CheckpointConfig(
         model_name="fl_cnn",
-        model_config={"norm": "group", "num_outputs": data.spec.num_outputs},
+        model_config={"norm": norm, "num_outputs": data.spec.num_outputs},
         dataset=dataset,
         data_config=replace(FL_BENCH_28, labels=tuple(LABELS[dataset]), num_outputs=data.spec.num_outputs),
         epoch=0,
@@ -142,8 +182,8 @@ def _params(checkpoint: Path) -> dict[str, np.ndarray]:
     return to_params(load_checkpoint(checkpoint).build_model())
 
 
-def _predictor(params: Mapping[str, np.ndarray], data: BenchData) -> Predictor:
-    model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
+def _predictor(params: Mapping[str, np.ndarray], data: BenchData, norm: Norm) -> Predictor:
+    model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
     load_params(model, params)
     return lambda x: predict(model, x)
 
@@ -162,8 +202,9 @@ def run_pfednet_wire(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     settings = round_settings(method, data, cfg, seed)
-    start_model = starting_model(data, seed)
-    checkpoint = save_start(work / "start", start_model, data, seed)
+    norm = PFEDNET_WIRE[method].norm
+    start_model = starting_model(data, seed, norm)
+    checkpoint = save_start(work / "start", start_model, data, seed, norm)
     dataset = data.spec.primary
     hub = HubService(work / "hub").init()
     sites: dict[str, WireSite] = {}
@@ -199,20 +240,27 @@ def run_pfednet_wire(
         numbers = run_rounds(
             hub, "pfednet", cfg.rounds + 1, start, common, round_timeout, f"seed {seed}", on_step
         )
+        kept: tuple[str, ...] = ()
+        if norm == "batch":  # the running statistics stayed at the nodes: collect them to build the models
+            (collected,) = run_rounds(
+                hub, "kept_tensors", 1, start, ("--config", f"kept={json.dumps(KEPT)}", *common[-4:]),
+                round_timeout, f"seed {seed} (kept tensors)", on_step,
+            )  # fmt: skip
+            kept = ("--kept-from", str(collected))
         seconds["rounds"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         last = str(numbers[-1])
         version = f"1.0.{cfg.rounds}"
         made = hub.cli_json(
-            "models", "from-round", last, "--student", str(checkpoint), "--out", str(work / "published"),
-            "--model-version", version, "--no-int8",
+            "models", "from-round", last, *kept, "--student", str(checkpoint),
+            "--out", str(work / "published"), "--model-version", version, "--no-int8",
         )  # fmt: skip
         published = _params(Path(made["checkpoint"]))
         per_clinic: dict[str, dict[str, np.ndarray]] = {}
         for name in data.names:
             made = hub.cli_json(
-                "models", "from-round", last, "--node", name, "--student", str(checkpoint),
+                "models", "from-round", last, *kept, "--node", name, "--student", str(checkpoint),
                 "--out", str(work / f"personal-{name}"), "--model-version", version, "--no-int8",
             )  # fmt: skip
             per_clinic[name] = _params(Path(made["checkpoint"]))
@@ -229,7 +277,11 @@ def run_pfednet_wire(
             list(pool.map(WireSite.stop, sites.values()))
         hub.stop()
 
-    raw = evaluate(data, {c: _predictor(p, data) for c, p in per_clinic.items()}, _predictor(published, data))
+    raw = evaluate(
+        data,
+        {c: _predictor(p, data, norm) for c, p in per_clinic.items()},
+        _predictor(published, data, norm),
+    )
     raw["bytes_per_client_round"] = bytes_up
     raw["stats_bytes_per_client_round"] = stats_bytes
     seconds["total"] = time.perf_counter() - t0
@@ -267,16 +319,41 @@ def node_training_sets(
     return out
 
 
+@dataclass
+class PFedNetReplay:
+    """The wire's rounds replayed in process: the strategy and each node's learner, by node id."""
+
+    strategy: PFedNet
+    learners: dict[str, PFedNetLearner]
+
+    def _kept(self, node_id: str) -> Params:
+        """What the node kept for itself (BatchNorm's statistics; nothing on GroupNorm)."""
+        sent = self.strategy.params_for(node_id)
+        return {n: a for n, a in to_params(self.learners[node_id].model).items() if n not in sent}
+
+    def clinic_params(self, node_id: str) -> Params:
+        """The model ``models from-round --node`` builds for the node (with ``--kept-from`` on BatchNorm)."""
+        return {**self._kept(node_id), **self.strategy.params_for(node_id)}
+
+    def published_params(self) -> Params:
+        """The model plain ``models from-round`` builds: the shared part, the mean personal part and the
+        nodes' example-weighted mean of what they kept, as a ``kept_tensors`` round averages it."""
+        nodes = sorted(self.learners)
+        kept = [self._kept(n) for n in nodes]
+        mean = weighted_mean(kept, [self.learners[n].data.n_train for n in nodes]) if kept[0] else {}
+        return {**{n: np.asarray(a) for n, a in mean.items()}, **self.strategy.published_params()}
+
+
 def replay_pfednet(
     method: str,
     data: BenchData,
     cfg: BenchConfig,
     seed: int,
     wire: PFedNetWire,
-) -> PFedNet:
+) -> PFedNetReplay:
     """The wire's rounds in process: the benchmark's strategy and learners, on what each node trained on, with
-    the node's seed, each clinic under its node id (the hub's strategy lists them by id). Its state must be
-    the hub's, tensor for tensor."""
+    the node's seed, each clinic under its node id (the hub's strategy lists them by id). Its state, and the
+    models built from it, must be the hub's, tensor for tensor."""
     settings = round_settings(method, data, cfg, seed)
     client = {k.removeprefix("client."): v for k, v in settings.items() if k.startswith("client.")}
     strategy = make_strategy(
@@ -285,13 +362,14 @@ def replay_pfednet(
         client_config=client,
     )
     assert isinstance(strategy, PFedNet)
-    start = to_params(starting_model(data, seed))
+    norm = PFEDNET_WIRE[method].norm
+    start = to_params(starting_model(data, seed, norm))
     strategy.initialize(start, sorted(wire.node_ids.values()))
     local = LocalConfig.from_task(client, LocalConfig())
     learners = {}
     for clinic, (x, y, mean, std) in node_training_sets(data, wire.archives, wire.bundle).items():
-        model = fl_cnn(norm="group", num_outputs=data.spec.num_outputs)
+        model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
         node = wire.node_ids[clinic]
         learners[node] = PFedNetLearner(node, model, clinic_data(x, y, mean, std), local, node_seed(seed))
     run_federation(strategy, learners, cfg.rounds + 1)
-    return strategy
+    return PFedNetReplay(strategy, learners)

@@ -23,9 +23,12 @@ CAPS = Caps(train_per_clinic=32, test=120, public=32)
 
 
 @pytest.mark.timeout(900)
-def test_pfednet_over_the_wire_is_the_replayed_simulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["pfednet_rc_cons", "pfednet_bn"])
+def test_pfednet_over_the_wire_is_the_replayed_simulation(tmp_path: Path, method: str) -> None:
+    """On BatchNorm (``pfednet_bn``) the running statistics stay at the nodes: a ``kept_tensors`` round
+    collects them, and each clinic's model is built with its own (``from-round --kept-from --node``)."""
     torch.set_num_threads(1)
-    row = compare_seed(3, BenchConfig(rounds=1), tmp_path, caps=CAPS, method="pfednet_rc_cons", task="breast")
+    row = compare_seed(3, BenchConfig(rounds=1), tmp_path, caps=CAPS, method=method, task="breast")
     # Bit for bit: every clinic's model as the hub makes it for that clinic, and the published model.
     assert row.tensor_gap["uint8"] == {"clinic_models": 0.0, "published": 0.0}, row.tensor_gap
     for key, pair in row.metrics().items():
@@ -47,5 +50,9 @@ def test_round_settings_are_the_methods() -> None:
     assert settings["client.seed"] == 700 and settings["lam"] == cfg.pfednet_lam
     assert settings["graph_keys"] == "label_counts,feature_mean"
     assert "client.randconv" not in round_settings("pfednet", data, cfg, 7)
+    assert settings["client.model.norm"] == "group" and "local" not in settings
+    batch = round_settings("pfednet_bn_cons", data, cfg, 7)
+    assert batch["client.model.norm"] == "batch" and batch["local"] == "norm_buffers"
+    assert batch["client.consistency"] == cfg.consistency
     with pytest.raises(ValueError, match="does not run over the wire"):
-        round_settings("pfednet_bn", data, cfg, 7)
+        round_settings("pfednet_bnstats", data, cfg, 7)
