@@ -283,8 +283,8 @@ def from_round(
                 f"round {round_number} ({strategy}) keeps no part per node: --node is for pFedNet rounds, "
                 "or for the tensors the nodes kept (--kept-from)"
             )
-        if kept_from is not None:
-            tensors.update(_kept_tensors(session, kept_from, found))
+        if kept_from is not None:  # only what the round's aggregate lacks: the round's own tensors win
+            tensors = {**_kept_tensors(session, kept_from, found), **tensors}
         kept = kept_at_nodes(strategy, row.config) if kept_from is None else None
     job = StudentJob(out, model_version, model_id, publish, cohort, int8, federation, target)
     _check(job)
