@@ -4,12 +4,13 @@ federation's model can be deployed.
 FedBN never sends the normalisation tensors (each node keeps its own), and pFedNet on BatchNorm keeps the
 running statistics at each node (``PFedNet(local="norm_buffers")``). The round's aggregate then lacks them,
 and a student built from it alone would carry its starting model's: on the benchmark's chest X-rays that
-cost FedBN up to 0.13 AUC at a clinic (docs/learners.md, "Deploying what the nodes kept"). This round asks
-every node's torch learner for its own copy of those tensors, as its last training round left them. The
-aggregate holds their example-weighted mean under the tensors' own names (the model a clinic that did not
-train gets, as the benchmark scores an unseen clinic) and each node's copy under ``node/<node id>/<name>``
-(``models from-round --kept-from M --node NODE`` builds that node's own model). The mean is the one the
-strategies use (``hub.fl.aggregate.weighted_mean``: integers, such as BatchNorm's step counter, rounded).
+cost FedBN 0.04–0.05 AUC on the clinics' mean and 0.10 at one clinic (docs/benchmarks.md, "Deploying
+FedBN"). This round asks every node's torch learner for its own copy of those tensors, as its last training
+round left them. The aggregate holds their example-weighted mean under the tensors' own names (the model a
+clinic that did not train gets, as the benchmark scores an unseen clinic) and each node's copy under
+``node/<node id>/<name>`` (``models from-round --kept-from M --node NODE`` builds that node's own model).
+The mean is the one the strategies use (``hub.fl.aggregate.weighted_mean``: integers, such as BatchNorm's
+step counter, rounded).
 """
 
 from __future__ import annotations
