@@ -143,6 +143,12 @@ def test_from_round_refuses_a_student_of_another_architecture(
             "--out", str(tmp_path / "z"), "--model-version", "1.2.0", check=False,
         )  # fmt: skip
         assert refused.returncode != 0 and said in refused.stderr, refused.stderr
+    # --kept-from names a kept_tensors round: what a strategy left at the nodes, not another aggregate.
+    refused = _cli(
+        data_dir, "models", "from-round", "1", "--kept-from", "1", "--student", str(other),
+        "--out", str(tmp_path / "k"), "--model-version", "1.2.0", check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "names a kept_tensors round" in refused.stderr, refused.stderr
 
 
 def test_distill_signs_a_compact_student_with_its_provenance(
