@@ -31,8 +31,14 @@ from hub.training.checkpoint import load_checkpoint
 from hub.training.learners import LocalConfig, SupervisedLearner, to_params
 from hub.training.node_learner import clinic_data
 from hub.training.simulation import run_federation
-from tests.e2e.federation import HUB_BIN, HubProcess, active_model, make_hub, signed_bundle, wait_for
-from tests.e2e.torch_nodes import labeled_set, serve_torch_nodes, student_checkpoint
+from tests.e2e.federation import HUB_BIN, HubProcess, make_hub
+from tests.e2e.torch_nodes import (
+    labeled_set,
+    node_logs,
+    serve_fl_cnn_bundle,
+    serve_torch_nodes,
+    student_checkpoint,
+)
 from tests.edge_node.conftest import EdgeProcess, require_test_bundle
 
 pytestmark = pytest.mark.slow
@@ -41,7 +47,6 @@ SEED = 5
 #: Each clinic's slice of the PneumoniaMNIST train split: (first image, count).
 SLICES = {"clinic-a": (200, 96), "clinic-b": (296, 48), "clinic-c": (344, 24)}
 CLIENT: Config = {"model.norm": "batch", "epochs": 1, "batch_size": 16, "seed": SEED, "augment": True}
-NORM = {"mean": [0.5], "std": [0.25]}
 
 
 def _config_args() -> list[str]:
@@ -71,7 +76,7 @@ def _aggregate(hub: HubProcess, number: int) -> dict[str, np.ndarray]:
 @pytest.mark.timeout(900)
 def test_fedbn_over_the_wire_deploys_each_clinic_s_own_norms(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    found = require_test_bundle()
+    require_test_bundle()
     sets = {n: labeled_set(tmp_path / f"{n}.npz", first, count) for n, (first, count) in SLICES.items()}
     torch.manual_seed(0)
     start = to_params(create_model("fl_cnn", norm="batch"))
@@ -82,16 +87,11 @@ def test_fedbn_over_the_wire_deploys_each_clinic_s_own_norms(tmp_path: Path) -> 
     nodes: dict[str, EdgeProcess] = {}
     try:
         serve_torch_nodes(nodes, tmp_path, hub, {name: tmp_path / f"{name}.npz" for name in sets})
-        bundle = signed_bundle(
-            found.bundle, tmp_path / "bundle", hub.signing_key(), version="1.0.1", preprocessing=NORM
-        )
-        hub.cli("models", "publish", str(bundle))
-        wait_for("every node to serve the bundle", lambda: all(active_model(n) for n in nodes.values()), 120)
-        ids = {name: str(info["node_id"]) for name, info in hub.nodes().items()}
+        ids = serve_fl_cnn_bundle(nodes, tmp_path, hub)
 
         first = _round(hub, "--strategy", "fedbn", "--model", str(tmp_path / "start.npz"), *_config_args())
         second = _round(hub, "--strategy", "fedbn", *_config_args())
-        assert [first["state"], second["state"]] == ["published"] * 2, _logs(nodes)
+        assert [first["state"], second["state"]] == ["published"] * 2, node_logs(nodes)
         trained = int(second["round"])
 
         # The aggregate alone would put the starting model's norms under the trained convolutions.
@@ -104,7 +104,7 @@ def test_fedbn_over_the_wire_deploys_each_clinic_s_own_norms(tmp_path: Path) -> 
         assert not (tmp_path / "bare" / "bundle").exists()
 
         kept = _round(hub, "--strategy", "kept_tensors", "--model", str(tmp_path / "start.npz"))
-        assert kept["state"] == "published", _logs(nodes)
+        assert kept["state"] == "published", node_logs(nodes)
         made = _from_round(
             hub, str(trained), "--kept-from", str(kept["round"]), "--node", "clinic-c", "--student",
             str(student), "--out", str(tmp_path / "own-c"), "--model-version", "1.1.0", "--no-int8",
@@ -159,7 +159,3 @@ def test_fedbn_over_the_wire_deploys_each_clinic_s_own_norms(tmp_path: Path) -> 
         np.testing.assert_array_equal(served[name], arr, err_msg=name)
     var = "features.0.norm.running_var"
     assert not np.array_equal(served[var], start[var]) and not np.array_equal(served[var], want[var])
-
-
-def _logs(nodes: dict[str, EdgeProcess]) -> list[str]:
-    return [n.log_text()[-2000:] for n in nodes.values()]

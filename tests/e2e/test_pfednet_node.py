@@ -38,10 +38,15 @@ from tests.e2e.federation import (
     HubProcess,
     active_model,
     make_hub,
-    signed_bundle,
     wait_for,
 )
-from tests.e2e.torch_nodes import labeled_set, serve_torch_nodes, student_checkpoint
+from tests.e2e.torch_nodes import (
+    labeled_set,
+    node_logs,
+    serve_fl_cnn_bundle,
+    serve_torch_nodes,
+    student_checkpoint,
+)
 from tests.edge_node.conftest import EdgeProcess, require_test_bundle
 
 pytestmark = pytest.mark.slow
@@ -66,8 +71,6 @@ CLIENT: Config = {
     "randconv": True,
     "consistency": 12.0,
 }
-#: The model the federation trains normalises as fl_cnn does; the bundle the nodes serve says the same.
-NORM = {"mean": [0.5], "std": [0.25]}
 
 
 def _config_args() -> list[str]:
@@ -83,7 +86,7 @@ def _run_round(hub: HubProcess, *extra: str) -> dict[str, Any]:
 @pytest.mark.timeout(900)
 def test_pfednet_over_the_wire_is_the_simulation(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    found = require_test_bundle()
+    require_test_bundle()
     sets = {n: labeled_set(tmp_path / f"{n}.npz", first, count) for n, (first, count) in SLICES.items()}
     torch.manual_seed(0)
     start = to_params(create_model("fl_cnn", norm="group"))
@@ -93,16 +96,11 @@ def test_pfednet_over_the_wire_is_the_simulation(tmp_path: Path) -> None:
     nodes: dict[str, EdgeProcess] = {}
     try:
         serve_torch_nodes(nodes, tmp_path, hub, {name: tmp_path / f"{name}.npz" for name in sets})
-        bundle = signed_bundle(
-            found.bundle, tmp_path / "bundle", hub.signing_key(), version="1.0.1", preprocessing=NORM
-        )
-        hub.cli("models", "publish", str(bundle))
-        wait_for("every node to serve the bundle", lambda: all(active_model(n) for n in nodes.values()), 120)
-        ids = {name: str(info["node_id"]) for name, info in hub.nodes().items()}
+        ids = serve_fl_cnn_bundle(nodes, tmp_path, hub)
 
         rounds = [_run_round(hub, "--model", str(tmp_path / "start.npz"))]  # the sketch round
         rounds += [_run_round(hub), _run_round(hub)]  # two training rounds, each from the last one's state
-        assert [r["state"] for r in rounds] == ["published"] * 3, (rounds, _logs(nodes))
+        assert [r["state"] for r in rounds] == ["published"] * 3, (rounds, node_logs(nodes))
 
         # One clinic gets a student with its own personal part; the others keep serving what they served.
         made = subprocess.run(
@@ -180,7 +178,3 @@ def test_pfednet_over_the_wire_is_the_simulation(tmp_path: Path) -> None:
     for name in ("head.weight", "features.0.norm.weight", "features.0.conv.weight"):
         np.testing.assert_array_equal(served[name].numpy(), own[name], err_msg=name)
     assert not np.array_equal(own["head.weight"], simulated.published_params()["head.weight"])
-
-
-def _logs(nodes: dict[str, EdgeProcess]) -> list[str]:
-    return [n.log_text()[-2000:] for n in nodes.values()]

@@ -15,11 +15,22 @@ from edge_node.learning.prepared_set import write_prepared_set
 from edge_node.learning.training_set import TrainingSet
 from hub.data.medmnist import load_medmnist
 from hub.models.registry import create_model
-from tests.e2e.federation import HubProcess, enroll, make_node, wait_for
-from tests.edge_node.conftest import EdgeProcess
+from tests.e2e.federation import HubProcess, active_model, enroll, make_node, signed_bundle, wait_for
+from tests.edge_node.conftest import EdgeProcess, require_test_bundle
 from tests.support.student_checkpoint import pneumonia_checkpoint
 
-__all__ = ["labeled_set", "serve_torch_nodes", "student_checkpoint", "torch_node"]
+__all__ = [
+    "FL_CNN_NORM",
+    "labeled_set",
+    "node_logs",
+    "serve_fl_cnn_bundle",
+    "serve_torch_nodes",
+    "student_checkpoint",
+    "torch_node",
+]
+
+#: The normalisation fl_cnn's learners train with; the bundle the nodes serve says the same.
+FL_CNN_NORM = {"mean": [0.5], "std": [0.25]}
 
 
 def labeled_set(path: Path, first: int, count: int) -> TrainingSet:
@@ -57,6 +68,26 @@ def serve_torch_nodes(
         node.start()
         nodes[name] = node
     wait_for("the nodes' heartbeats", lambda: all(n["last_heartbeat"] for n in hub.nodes().values()))
+
+
+def serve_fl_cnn_bundle(nodes: dict[str, EdgeProcess], root: Path, hub: HubProcess) -> dict[str, str]:
+    """The test bundle signed by ``hub`` as version 1.0.1 with fl_cnn's normalisation, published and served
+    by every node in ``nodes``; the nodes' ids by name."""
+    bundle = signed_bundle(
+        require_test_bundle().bundle,
+        root / "bundle",
+        hub.signing_key(),
+        version="1.0.1",
+        preprocessing=FL_CNN_NORM,
+    )
+    hub.cli("models", "publish", str(bundle))
+    wait_for("every node to serve the bundle", lambda: all(active_model(n) for n in nodes.values()), 120)
+    return {name: str(info["node_id"]) for name, info in hub.nodes().items()}
+
+
+def node_logs(nodes: dict[str, EdgeProcess]) -> list[str]:
+    """The end of each node's log, for an assertion's message."""
+    return [n.log_text()[-2000:] for n in nodes.values()]
 
 
 def student_checkpoint(
