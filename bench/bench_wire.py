@@ -4,8 +4,10 @@ For each seed, a ``bench fl`` method (six clinics, combined skew) runs twice: (a
 own code; (b) over the wire: ``fedclinic-hub init`` + ``serve`` (HTTPS on loopback, SQLite), six
 ``fedclinic-edge serve`` nodes that imported their clinic's training images as labeled DICOM, rounds through
 ``fedclinic-hub rounds start``: ``--strategy head_avg`` for ``light_head`` (pneumonia; the node's numpy
-learner), ``--strategy pfednet`` for ``pfednet``, ``pfednet_cons`` and ``pfednet_rc_cons`` (either task; the
-torch learner). Both are scored by the benchmark's scorer: small-clinic mean AUC, worst clinic, unseen clinic
+learner), ``--strategy pfednet`` for ``pfednet``, ``pfednet_cons`` and ``pfednet_rc_cons`` and their
+BatchNorm variants ``pfednet_bn``, ``pfednet_bn_cons`` and ``pfednet_bn_rc_cons`` (either task; the torch
+learner; on BatchNorm a ``kept_tensors`` round collects the nodes' running statistics before the models are
+built). Both are scored by the benchmark's scorer: small-clinic mean AUC, worst clinic, unseen clinic
 and the out-of-envelope panel mean, with update bytes per clinic per round and wall time.
 ``harness.wirebench.comparison`` says how the two are told apart.
 
