@@ -2,14 +2,16 @@
 learner on its clinic's images imported as labeled DICOM.
 
 The hub (``fedclinic-hub init`` + ``serve``: HTTPS on loopback, SQLite) exports the method's starting model
-(``fl_cnn`` on GroupNorm, the method's seed) as a signed bundle; each clinic's node installs it, imports its
-training images as a labeled archive (8-bit pixels, the dataset's modality), enrolls with a join code and
-serves with ``[learning] torch_command`` set. ``fedclinic-hub rounds start --strategy pfednet`` with the
-method's settings then runs the sketch round (from ``--model``) and the same training rounds as the
-simulation, each from the state the last one left. The clinics' models come back through the product's own
-command: ``models from-round N --node NAME`` (the shared part with that clinic's personal part) and ``models
-from-round N`` (what an unseen clinic is sent: the shared part with the clinics' mean personal part), and all
-are scored with the benchmark's ``evaluate``.
+(``fl_cnn`` on the method's GroupNorm or BatchNorm, the method's seed) as a signed bundle; each clinic's node
+installs it, imports its training images as a labeled archive (8-bit pixels, the dataset's modality), enrolls
+with a join code and serves with ``[learning] torch_command`` set. ``fedclinic-hub rounds start --strategy
+pfednet`` with the method's settings then runs the sketch round (from ``--model``) and the same training
+rounds as the simulation, each from the state the last one left; on BatchNorm a ``kept_tensors`` round then
+collects each node's running statistics, which never left it. The clinics' models come back through the
+product's own command: ``models from-round N --node NAME`` (the shared part with that clinic's personal part,
+and on BatchNorm with ``--kept-from`` its own statistics) and ``models from-round N`` (what an unseen clinic
+is sent: the shared part with the clinics' mean personal part and mean statistics), and all are scored with
+the benchmark's ``evaluate``.
 
 Two things differ from the simulation by design, and ``replay_pfednet`` takes both out to compare tensors: a
 node's learner takes its seed from the task, the same for every node (the simulation seeds clinic k with
