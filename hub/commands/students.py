@@ -186,22 +186,37 @@ def _published_round(session: Session, number: int) -> Round:
     return row
 
 
-def _kept_tensors(session: Session, number: int, node: Node | None) -> dict[str, np.ndarray]:
-    """From kept_tensors round ``number``: the nodes' mean of what they kept, or ``node``'s own copy."""
-    from hub.rounds.kept_plans import KeptTensorsCollection, mean_part, node_part
+def _kept_tensors(session: Session, number: int, node: Node | None, deployed: int) -> dict[str, np.ndarray]:
+    """From kept_tensors round ``number``: the nodes' mean of what they kept, or ``node``'s own copy. A node
+    whose learner was last trained by another round than ``deployed`` is named on stderr (its tensors go with
+    other weights than the round's); the operator decides."""
+    from sqlalchemy import select
+
+    from hub.rounds.kept_plans import KeptTensorsCollection, mean_part, node_part, trained_rounds
     from hub.store.artifacts import load_tensors
+    from hub.store.schema import Node
 
     row = _published_round(session, number)
     if row.strategy != KeptTensorsCollection.name:
         fail(f"round {number} is a {row.strategy} round; --kept-from names a kept_tensors round")
     assert row.result_artifact is not None  # checked by _published_round
     aggregate = load_tensors(session, row.result_artifact)
-    if node is None:
-        return mean_part(aggregate)
-    own = node_part(aggregate, node.id)
-    if not own:
+    own = node_part(aggregate, node.id) if node is not None else {}
+    if node is not None and not own:
         fail(f"node {node.name} ({node.id}) did not answer kept_tensors round {number}")
-    return own
+    trained = trained_rounds(aggregate)
+    answered = sorted({k.split("/")[1] for k in aggregate if k.startswith("node/")})
+    names = dict(session.execute(select(Node.id, Node.name).where(Node.id.in_(answered))).tuples().all())
+    console = Console(stderr=True)
+    for node_id in answered if node is None else [node.id]:
+        if trained.get(node_id) != deployed:
+            said = f"round {trained[node_id]}" if node_id in trained else "a round it did not name"
+            console.print(
+                f"warning: node {names.get(node_id, node_id)} kept these tensors from its training in "
+                f"{said}, not round {deployed}",
+                style="yellow", markup=False, highlight=False, soft_wrap=True,
+            )  # fmt: skip
+    return own if node is not None else mean_part(aggregate)
 
 
 def from_round(
@@ -284,7 +299,7 @@ def from_round(
                 "or for the tensors the nodes kept (--kept-from)"
             )
         if kept_from is not None:  # only what the round's aggregate lacks: the round's own tensors win
-            tensors = {**_kept_tensors(session, kept_from, found), **tensors}
+            tensors = {**_kept_tensors(session, kept_from, found, round_number), **tensors}
         kept = kept_at_nodes(strategy, row.config) if kept_from is None else None
     job = StudentJob(out, model_version, model_id, publish, cohort, int8, federation, target)
     _check(job)

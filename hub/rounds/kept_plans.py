@@ -28,12 +28,14 @@ from hub.fl.strategy import ClientFailure, ClientResult, Params
 from hub.fl.validation import TensorSpec, spec_of
 from hub.rounds.plan import PlannedTask, RoundPlan
 
-__all__ = ["NODE_PREFIX", "KeptTensorsCollection", "mean_part", "node_part"]
+__all__ = ["NODE_PREFIX", "KeptTensorsCollection", "mean_part", "node_part", "trained_rounds"]
 
 #: Each node's own copy in the aggregate: ``node/<node id>/<tensor name>``.
 NODE_PREFIX = "node/"
 #: How many nodes answered (in the aggregate beside the tensors).
 NODES = "nodes"
+#: The round that last trained each node's learner, as it said: ``trained_round/<node id>`` (absent if not).
+TRAINED_PREFIX = "trained_round/"
 
 
 def node_part(aggregate: Mapping[str, np.ndarray], node_id: str) -> Params:
@@ -44,7 +46,16 @@ def node_part(aggregate: Mapping[str, np.ndarray], node_id: str) -> Params:
 
 def mean_part(aggregate: Mapping[str, np.ndarray]) -> Params:
     """The nodes' example-weighted mean out of a ``kept_tensors`` round's aggregate."""
-    return {k: v for k, v in aggregate.items() if not k.startswith(NODE_PREFIX) and k != NODES}
+    return {
+        k: v for k, v in aggregate.items() if not k.startswith((NODE_PREFIX, TRAINED_PREFIX)) and k != NODES
+    }
+
+
+def trained_rounds(aggregate: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """The round that last trained each answering node's learner, by node id (those that said)."""
+    return {
+        k.removeprefix(TRAINED_PREFIX): int(v) for k, v in aggregate.items() if k.startswith(TRAINED_PREFIX)
+    }
 
 
 def _kept(config: Mapping[str, Any]) -> str:
@@ -86,5 +97,8 @@ class KeptTensorsCollection(RoundPlan):
         out: Params = {n: np.asarray(a) for n, a in mean.items()}  # a 0-d mean comes back a numpy scalar
         for r in results:
             out.update({f"{NODE_PREFIX}{r.client_id}/{n}": np.asarray(a) for n, a in r.update.items()})
+            trained = r.metrics.get("trained_round")
+            if trained is not None and float(trained).is_integer():
+                out[f"{TRAINED_PREFIX}{r.client_id}"] = np.array(int(trained), dtype=np.int64)
         out[NODES] = np.array(len(results), dtype=np.int64)
         return out, None

@@ -53,6 +53,9 @@ __all__ = ["LearnerInputError", "NodeTask", "PublicSet", "build_learner", "clini
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.npz"
+#: Beside the learner's state: the hub's number of the round that last trained it (what ``kept_tensors``
+#: answers come from).
+TRAINED_ROUND = "__trained_round__"
 #: FedHelp's public set as last shipped (public data: kept beside, not inside, private/).
 PUBLIC_FILE = "public.npz"
 #: Task params under this prefix are the public set, not model tensors (the hub's ``rounds start --public``).
@@ -287,11 +290,14 @@ def learn(workdir: Path) -> ClientResult:
     learner = build_learner(task.config, task.data, seed, public, strategy=task.strategy)
     state_path = private / STATE_FILE
     if state_path.is_file():
-        learner.restore(decode_tensors(state_path.read_bytes()))
+        learner.restore(
+            {k: v for k, v in decode_tensors(state_path.read_bytes()).items() if k != TRAINED_ROUND}
+        )
     client_task = ClientTask(CLIENT_ID, task.round, task.kind, params, task.config)
     result = learner.fit(client_task)
     update = _check_update(result.update, task.expected)
-    write_bytes_durably(state_path, encode_tensors(learner.state(), compress=False))
+    state = {**learner.state(), TRAINED_ROUND: np.array(task.round, dtype=np.int64)}
+    write_bytes_durably(state_path, encode_tensors(state, compress=False))
     write_bytes_durably(workdir / "update.npz", encode_tensors(update, compress=False))
     metrics = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
     write_text_durably(
@@ -311,10 +317,12 @@ def _kept(workdir: Path, task: NodeTask) -> ClientResult:
     if missing:
         raise LearnerInputError(f"this node's learner keeps no tensors {missing[:5]} (is it the same model?)")
     update = _check_update(state, task.expected)
-    result = ClientResult(CLIENT_ID, task.round, task.data.n_train, update)
+    # Which round left them: the hub tells an operator whose tensors are older than the round deployed.
+    metrics = {"trained_round": float(state[TRAINED_ROUND])} if TRAINED_ROUND in state else {}
+    result = ClientResult(CLIENT_ID, task.round, task.data.n_train, update, metrics)
     write_bytes_durably(workdir / "update.npz", encode_tensors(update, compress=False))
     write_text_durably(
-        workdir / "result.json", json.dumps({"num_examples": result.num_examples, "metrics": {}})
+        workdir / "result.json", json.dumps({"num_examples": result.num_examples, "metrics": metrics})
     )
     return result
 

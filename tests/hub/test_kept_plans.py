@@ -18,7 +18,7 @@ from hub.fl.registry import make_strategy
 from hub.fl.strategy import ClientResult, Params
 from hub.models.registry import create_model
 from hub.rounds.answer_checks import answer_problem
-from hub.rounds.kept_plans import KeptTensorsCollection, mean_part, node_part
+from hub.rounds.kept_plans import KeptTensorsCollection, mean_part, node_part, trained_rounds
 from hub.rounds.plan import build_plan
 from hub.training.learners import to_params
 
@@ -32,7 +32,9 @@ def _start(norm: str = "batch") -> Params:
     return to_params(create_model("fl_cnn", norm=norm))
 
 
-def _answer(plan: KeptTensorsCollection, node: str, seed: int, examples: int) -> ClientResult:
+def _answer(
+    plan: KeptTensorsCollection, node: str, seed: int, examples: int, trained: float | None = None
+) -> ClientResult:
     rng = np.random.default_rng(seed)
     update = {}
     for name, spec in plan.expected.items():
@@ -40,7 +42,7 @@ def _answer(plan: KeptTensorsCollection, node: str, seed: int, examples: int) ->
             update[name] = rng.uniform(0.1, 2.0, spec.shape).astype(spec.dtype)
         else:
             update[name] = np.full(spec.shape, 10 * seed, dtype=spec.dtype)
-    return ClientResult(node, 4, examples, update)
+    return ClientResult(node, 4, examples, update, {} if trained is None else {"trained_round": trained})
 
 
 @pytest.mark.parametrize(
@@ -64,8 +66,8 @@ def test_the_aggregate_is_the_example_weighted_mean_with_every_node_s_own_copy()
     plan = build_plan("kept_tensors", {}, _start(), NODES)
     assert isinstance(plan, KeptTensorsCollection)
     answers = [
-        _answer(plan, n, k + 1, examples)
-        for k, (n, examples) in enumerate(zip(NODES, (96, 48, 24), strict=True))
+        _answer(plan, n, k + 1, examples, trained)
+        for k, (n, examples, trained) in enumerate(zip(NODES, (96, 48, 24), (3.0, 3.0, None), strict=True))
     ]
     aggregate, reason = plan.aggregate(4, answers, [])
     assert reason is None and aggregate is not None
@@ -84,6 +86,8 @@ def test_the_aggregate_is_the_example_weighted_mean_with_every_node_s_own_copy()
         for name, arr in answer.update.items():
             np.testing.assert_array_equal(own[name], arr)
     assert node_part(aggregate, "n-z") == {}
+    # Which round last trained each learner, for those that said: from-round names the others.
+    assert trained_rounds(aggregate) == {"n-a": 3, "n-b": 3}
     assert int(aggregate["nodes"]) == 3
     # Nodes that report no examples count alike; no answer at all keeps nothing.
     equal, _ = plan.aggregate(4, [_answer(plan, n, k + 1, 0) for k, n in enumerate(NODES)], [])

@@ -128,3 +128,7 @@ def _collect_and_read_back(db: Database, rc: RoundController, data_dir: Path, en
         done = from_round(*args)
         assert done.returncode != 0 and said in done.stderr, done.stderr
     assert not (data_dir / "out" / "bundle").exists()
+    # These answers did not say which round trained them: the operator is told before anything is built.
+    unnamed = from_round(number, "--kept-from", number, "--node", "site-0")
+    said = "warning: node site-0 kept these tensors from its training in a round it did not name"
+    assert said in " ".join(unnamed.stderr.split()), unnamed.stderr

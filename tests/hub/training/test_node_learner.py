@@ -213,6 +213,7 @@ def test_fedbn_client_keeps_its_norms_and_sends_them_when_a_kept_tensors_round_a
     answer = node.answer(_wire_task(ask, "kept_tensors"), {}, hospital)
     own = to_params(recording.inner.model)  # type: ignore[attr-defined]
     assert sorted(answer.tensors) == sorted(kept) and answer.num_examples == len(hospital)
+    assert answer.metrics == {"trained_round": 2.0}  # the round that left them
     for name in kept:
         np.testing.assert_array_equal(answer.tensors[name], own[name], err_msg=name)
     var = next(n for n in kept if n.endswith("running_var"))
