@@ -15,6 +15,7 @@ step counter, rounded).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -97,8 +98,8 @@ class KeptTensorsCollection(RoundPlan):
         out: Params = {n: np.asarray(a) for n, a in mean.items()}  # a 0-d mean comes back a numpy scalar
         for r in results:
             out.update({f"{NODE_PREFIX}{r.client_id}/{n}": np.asarray(a) for n, a in r.update.items()})
-            trained = r.metrics.get("trained_round")
-            if trained is not None and float(trained).is_integer():
+            trained = float(r.metrics.get("trained_round", math.nan))
+            if 0 <= trained < 2**31 and trained.is_integer():  # a node's word: anything else is not a round
                 out[f"{TRAINED_PREFIX}{r.client_id}"] = np.array(int(trained), dtype=np.int64)
         out[NODES] = np.array(len(results), dtype=np.int64)
         return out, None

@@ -4,6 +4,8 @@ clinic's, keeps each node's own copy, and refuses answers no real model could ho
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,10 @@ def test_the_aggregate_is_the_example_weighted_mean_with_every_node_s_own_copy()
     assert node_part(aggregate, "n-z") == {}
     # Which round last trained each learner, for those that said: from-round names the others.
     assert trained_rounds(aggregate) == {"n-a": 3, "n-b": 3}
+    # What a node says about its round is only taken when it can be one.
+    for said in (1e300, -1.0, 2.5, math.inf, math.nan):
+        odd = plan.aggregate(4, [_answer(plan, "n-a", 1, 10, said)], [])[0]
+        assert odd is not None and trained_rounds(odd) == {}, said
     assert int(aggregate["nodes"]) == 3
     # Nodes that report no examples count alike; no answer at all keeps nothing.
     equal, _ = plan.aggregate(4, [_answer(plan, n, k + 1, 0) for k, n in enumerate(NODES)], [])
