@@ -3,10 +3,9 @@
 ``--kept-from M``: what a clinic that did not train gets), and with its starting model's (the aggregate alone,
 what ``from-round`` published before the kept_tensors round existed, and now refuses).
 
-The federation is ``bench fl``'s ``fedbn`` (six clinics, combined skew, BatchNorm ``fl_cnn``, the augmented
-track, 12 rounds): the same strategy, learners and seeds; every clinic is scored on its own test set at the
-threshold its validation split picks, the unseen clinic at the pooled validation's (``harness.flbench``'s
-scorer).
+The federation is ``bench fl``'s own ``fedbn`` method (six clinics, combined skew, BatchNorm ``fl_cnn``, the
+augmented track, 12 rounds): every clinic is scored on its own test set at the threshold its validation split
+picks, the unseen clinic at the pooled validation's (``harness.flbench``'s scorer).
 
     nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python bench/bench_fedbn_deploy.py --task pneumonia \\
         --seeds 205,206,207 --json out/bench-fedbn-deploy-pneumonia.json
@@ -26,65 +25,32 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.flbench.datasets import build_bench_data
-from harness.flbench.methods import (
-    BenchConfig,
-    MethodContext,
-    _clinics_mean,
-    _local_cfg,
-    _predictor,
-    _seeded,
-    evaluate,
-)
-from hub.fl.registry import make_strategy
-from hub.models.fl_cnn import fl_cnn
-from hub.training.learners import SupervisedLearner, load_params, to_params
-from hub.training.simulation import run_federation
+from harness.flbench.methods import METHODS, BenchConfig, MethodContext
 
 WAYS = ("own norms", "clinics' mean norms", "starting model's norms")
 
 
-def deployed(task: str, seed: int, rounds: int) -> dict[str, dict[str, Any]]:
-    """Train ``bench fl``'s FedBN for one seed; score its model deployed the three ways."""
-    data = build_bench_data(task, "combined", seed)
-    cfg = BenchConfig(rounds=rounds)
-    ctx = MethodContext(cfg, Path(tempfile.mkdtemp(prefix="fedbn-deploy-")), seed)
-    local = _local_cfg(ctx, augment=cfg.augment)
-    outputs = data.spec.num_outputs
-    init = _seeded(seed, lambda: fl_cnn(norm="batch", num_outputs=outputs))
-    strategy = make_strategy("fedbn", client_config={"augment": local.augment})
-    learners = {}
-    for k, c in enumerate(data.names):
-        model = fl_cnn(norm="batch", num_outputs=outputs)
-        model.load_state_dict(init.state_dict())
-        learners[c] = SupervisedLearner(c, model, data.clinics[c], local, seed * 100 + k)
-    strategy.initialize(to_params(init), list(data.names))
-    run_federation(strategy, learners, rounds)
-    shared = strategy.global_params
-    kept = [n for n in to_params(init) if n not in shared]
-    for learner in learners.values():
-        load_params(learner.model, shared)
-    mean = fl_cnn(norm="batch", num_outputs=outputs)
-    load_params(mean, _clinics_mean(learners, data, kept))
-    load_params(mean, shared)
-    start = fl_cnn(norm="batch", num_outputs=outputs)
-    start.load_state_dict(init.state_dict())
-    load_params(start, shared)
-    ways = {
-        WAYS[0]: ({c: _predictor(lr.model) for c, lr in learners.items()}, _predictor(mean)),
-        WAYS[1]: (dict.fromkeys(data.names, _predictor(mean)), _predictor(mean)),
-        WAYS[2]: (dict.fromkeys(data.names, _predictor(start)), _predictor(start)),
+def _way(clinics: dict[str, float], unseen: float) -> dict[str, Any]:
+    return {
+        "clinics": clinics,
+        "mean": statistics.fmean(clinics.values()),
+        "worst": min(clinics.values()),
+        "unseen": unseen,
     }
-    out = {}
-    for way, (per_clinic, unseen) in ways.items():
-        scored = evaluate(data, per_clinic, unseen)
-        clinics = {c: m["auc"] for c, m in scored["clinics"].items()}
-        out[way] = {
-            "clinics": clinics,
-            "mean": statistics.fmean(clinics.values()),
-            "worst": min(clinics.values()),
-            "unseen": scored["unseen"]["auc"],
-        }
-    return out
+
+
+def deployed(task: str, seed: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """Run ``bench fl``'s ``fedbn`` for one seed; its model deployed the three ways (its record scores each
+    clinic with its own norms and the unseen clinic with the mean; ``extra`` holds the other two)."""
+    data = build_bench_data(task, "combined", seed)
+    ctx = MethodContext(BenchConfig(rounds=rounds), Path(tempfile.mkdtemp(prefix="fedbn-deploy-")), seed)
+    raw = METHODS["fedbn"](data, ctx)
+    extra, unseen = raw["extra"], raw["unseen"]["auc"]
+    return {
+        WAYS[0]: _way({c: m["auc"] for c, m in raw["clinics"].items()}, unseen),
+        WAYS[1]: _way(extra["mean_norms_auc"], unseen),
+        WAYS[2]: _way(extra["start_norms_auc"], extra["start_norms_unseen_auc"]),
+    }
 
 
 def main() -> None:

@@ -446,9 +446,30 @@ def run_averaging(
     embed = feature_embedder(global_model) if selectable and not adabn and not finetune else None
     result = evaluate(data, per_clinic, _predictor(global_model), adapted, embed=embed)
     result["bytes_per_client_round"] = bytes_up
-    if selectable or tuned:
-        result["extra"] = {**(best.extra() if selectable else {}), **tuned}
+    kept = _kept_worth(data, init, shared, global_model, norm) if local_names else {}
+    if selectable or tuned or kept:
+        result["extra"] = {**(best.extra() if selectable else {}), **tuned, **kept}
     return result
+
+
+def _kept_worth(
+    data: BenchData, init: nn.Module, shared: Params, mean_model: nn.Module, norm: Norm
+) -> dict[str, Any]:
+    """What the norms FedBN's clinics kept are worth (``bench/bench_fedbn_deploy.py``): every clinic scored
+    with the clinics' mean norms (``mean_model``: what ``models from-round --kept-from M`` builds) and with
+    the starting model's under the shared tensors (the aggregate alone, a student built without a
+    ``kept_tensors`` round), and the unseen clinic with the latter."""
+    start = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
+    start.load_state_dict(init.state_dict())
+    load_params(start, shared)
+    with_mean = clinic_scores(data, dict.fromkeys(data.names, _predictor(mean_model)))
+    with_start = clinic_scores(data, dict.fromkeys(data.names, _predictor(start)))
+    unseen = _scores(_predictor(start), data.pooled_val(), {"unseen": (data.unseen_x, data.unseen_y)})
+    return {
+        "mean_norms_auc": {c: m["auc"] for c, m in with_mean.items()},
+        "start_norms_auc": {c: m["auc"] for c, m in with_start.items()},
+        "start_norms_unseen_auc": unseen["unseen"]["auc"],
+    }
 
 
 def _fine_tuned(

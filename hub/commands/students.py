@@ -192,7 +192,13 @@ def _kept_tensors(session: Session, number: int, node: Node | None, deployed: in
     other weights than the round's); the operator decides."""
     from sqlalchemy import select
 
-    from hub.rounds.kept_plans import KeptTensorsCollection, mean_part, node_part, trained_rounds
+    from hub.rounds.kept_plans import (
+        KeptTensorsCollection,
+        answered,
+        mean_part,
+        node_part,
+        trained_rounds,
+    )
     from hub.store.artifacts import load_tensors
     from hub.store.schema import Node
 
@@ -205,10 +211,10 @@ def _kept_tensors(session: Session, number: int, node: Node | None, deployed: in
     if node is not None and not own:
         fail(f"node {node.name} ({node.id}) did not answer kept_tensors round {number}")
     trained = trained_rounds(aggregate)
-    answered = sorted({k.split("/")[1] for k in aggregate if k.startswith("node/")})
-    names = dict(session.execute(select(Node.id, Node.name).where(Node.id.in_(answered))).tuples().all())
+    nodes = answered(aggregate)
+    names = dict(session.execute(select(Node.id, Node.name).where(Node.id.in_(nodes))).tuples().all())
     console = Console(stderr=True)
-    for node_id in answered if node is None else [node.id]:
+    for node_id in nodes if node is None else [node.id]:
         if trained.get(node_id) != deployed:
             said = f"round {trained[node_id]}" if node_id in trained else "a round it did not name"
             console.print(

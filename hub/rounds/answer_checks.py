@@ -24,9 +24,9 @@ def answer_problem(kind: str, update: Mapping[str, np.ndarray]) -> str | None:
     """Why an answer of round kind ``kind`` must be refused, or None (also for kinds with nothing to check).
     The tensors' names, shapes and dtypes have been checked already."""
     if kind in (UpdateKind.STATS.value, UpdateKind.ENVELOPE_DISTANCES.value):
-        unfinite = sorted(name for name, value in update.items() if not np.all(np.isfinite(value)))
+        unfinite = _unfinite(update)
         if unfinite:
-            return f"NaN or Inf in {unfinite[:3]}"
+            return unfinite
         mean = update.get(FEATURE_MEAN)
         if kind == UpdateKind.STATS.value and mean is not None and np.any((mean < 0) | (mean > 1)):
             return f"{FEATURE_MEAN!r} is a mean of grey values in [0, 1] and holds values outside it"
@@ -39,12 +39,18 @@ def answer_problem(kind: str, update: Mapping[str, np.ndarray]) -> str | None:
     return None
 
 
+def _unfinite(update: Mapping[str, np.ndarray]) -> str | None:
+    """Which tensors hold NaN or Inf (the first three), or None."""
+    unfinite = sorted(name for name, value in update.items() if not np.all(np.isfinite(value)))
+    return f"NaN or Inf in {unfinite[:3]}" if unfinite else None
+
+
 def _kept_problem(update: Mapping[str, np.ndarray]) -> str | None:
     """What a node kept is finite, and a BatchNorm variance is not negative: a made-up answer is refused
     before it reaches the model the clinics that did not train are sent."""
-    unfinite = sorted(name for name, value in update.items() if not np.all(np.isfinite(value)))
+    unfinite = _unfinite(update)
     if unfinite:
-        return f"NaN or Inf in {unfinite[:3]}"
+        return unfinite
     negative = sorted(
         name
         for name, value in update.items()

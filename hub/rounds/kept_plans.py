@@ -29,7 +29,7 @@ from hub.fl.strategy import ClientFailure, ClientResult, Params
 from hub.fl.validation import TensorSpec, spec_of
 from hub.rounds.plan import PlannedTask, RoundPlan
 
-__all__ = ["NODE_PREFIX", "KeptTensorsCollection", "mean_part", "node_part", "trained_rounds"]
+__all__ = ["NODE_PREFIX", "KeptTensorsCollection", "answered", "mean_part", "node_part", "trained_rounds"]
 
 #: Each node's own copy in the aggregate: ``node/<node id>/<tensor name>``.
 NODE_PREFIX = "node/"
@@ -43,6 +43,13 @@ def node_part(aggregate: Mapping[str, np.ndarray], node_id: str) -> Params:
     """One node's kept tensors out of a ``kept_tensors`` round's aggregate (empty if it did not answer)."""
     prefix = f"{NODE_PREFIX}{node_id}/"
     return {k.removeprefix(prefix): v for k, v in aggregate.items() if k.startswith(prefix)}
+
+
+def answered(aggregate: Mapping[str, np.ndarray]) -> list[str]:
+    """The ids of the nodes whose copies a ``kept_tensors`` round's aggregate holds."""
+    return sorted(
+        {k.removeprefix(NODE_PREFIX).split("/", 1)[0] for k in aggregate if k.startswith(NODE_PREFIX)}
+    )
 
 
 def mean_part(aggregate: Mapping[str, np.ndarray]) -> Params:

@@ -298,12 +298,15 @@ def learn(workdir: Path) -> ClientResult:
     update = _check_update(result.update, task.expected)
     state = {**learner.state(), TRAINED_ROUND: np.array(task.round, dtype=np.int64)}
     write_bytes_durably(state_path, encode_tensors(state, compress=False))
-    write_bytes_durably(workdir / "update.npz", encode_tensors(update, compress=False))
-    metrics = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
-    write_text_durably(
-        workdir / "result.json", json.dumps({"num_examples": result.num_examples, "metrics": metrics})
-    )
+    _write_answer(workdir, update, result.num_examples, result.metrics)
     return result
+
+
+def _write_answer(workdir: Path, update: Params, num_examples: int, metrics: Mapping[str, float]) -> None:
+    """update.npz and result.json, as the node's external learner reads them (its finite metrics only)."""
+    write_bytes_durably(workdir / "update.npz", encode_tensors(update, compress=False))
+    finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    write_text_durably(workdir / "result.json", json.dumps({"num_examples": num_examples, "metrics": finite}))
 
 
 def _kept(workdir: Path, task: NodeTask) -> ClientResult:
@@ -319,12 +322,8 @@ def _kept(workdir: Path, task: NodeTask) -> ClientResult:
     update = _check_update(state, task.expected)
     # Which round left them: the hub tells an operator whose tensors are older than the round deployed.
     metrics = {"trained_round": float(state[TRAINED_ROUND])} if TRAINED_ROUND in state else {}
-    result = ClientResult(CLIENT_ID, task.round, task.data.n_train, update, metrics)
-    write_bytes_durably(workdir / "update.npz", encode_tensors(update, compress=False))
-    write_text_durably(
-        workdir / "result.json", json.dumps({"num_examples": result.num_examples, "metrics": metrics})
-    )
-    return result
+    _write_answer(workdir, update, task.data.n_train, metrics)
+    return ClientResult(CLIENT_ID, task.round, task.data.n_train, update, metrics)
 
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0] if __doc__ else None)

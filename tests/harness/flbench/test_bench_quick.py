@@ -91,6 +91,13 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         assert by[adapted]["panel"] != by[plain]["panel"]
         assert f"{adapted} − {plain}" in doc["targets"]["ablations"]
 
+    # FedBN's record says what its kept norms are worth: each clinic with the clinics' mean norms and with
+    # the starting model's (its aggregate alone), scored as its own-norm clinics are.
+    kept = by["fedbn"]["extra"]
+    assert set(kept["mean_norms_auc"]) == set(kept["start_norms_auc"]) == set("ABCDEF")
+    assert kept["start_norms_auc"] != {c: m["auc"] for c, m in by["fedbn"]["clinics"].items()}
+    assert math.isfinite(kept["start_norms_unseen_auc"])
+    assert "mean_norms_auc" not in by["fedavg"].get("extra", {})  # FedAvg keeps nothing at the clinics
     # pFedNet on BatchNorm keeps each clinic's statistics: its clinics score unlike the GroupNorm net's.
     assert by["pfednet_bn"]["extra"]["norm"] == "batch" and by["pfednet"]["extra"]["norm"] == "group"
     assert by["pfednet_bn"]["clinics"] != by["pfednet"]["clinics"]

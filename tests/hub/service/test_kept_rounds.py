@@ -23,6 +23,7 @@ from hub.service.errors import RoundConfigError, UpdateRejected
 from hub.service.settings import HubSettings
 from hub.store.artifacts import store_tensors
 from hub.store.database import Database, open_database
+from hub.store.schema import Round
 from hub.training.learners import to_params
 from tests.hub.service.test_rounds import answer, enroll
 from tests.support.student_checkpoint import pneumonia_checkpoint
@@ -88,12 +89,9 @@ def _collect_and_read_back(db: Database, rc: RoundController, data_dir: Path, en
         assert [t.task_id for t in rc.open_tasks(node)] == [task.task_id]  # still open, nothing kept
         assert answer(rc, task, node, update, n=30 * (k + 1))
         sent[node] = update
-    info = rc.info(round_id)
-    assert info.state is RoundState.COLLECTING  # the third node has not answered
     rc.close_round(round_id)  # the deadline is not due: a round that lacks an answer waits
+    assert rc.info(round_id).state is RoundState.COLLECTING  # the third node has not answered
     with db.session() as session:
-        from hub.store.schema import Round
-
         row = session.get(Round, round_id)
         assert row is not None
         row.deadline = row.created_at
