@@ -6,6 +6,7 @@ fill a field, click, read the DOM. Browser downloads do not work here; the Debia
 
 from __future__ import annotations
 
+import errno
 import shutil
 import socket
 import subprocess
@@ -93,6 +94,49 @@ class Browser:
             self._http.close()
 
 
+def _free_port() -> int:
+    """A loopback port free in both families: chromedriver listens on 127.0.0.1 and on ::1, and exits when
+    either is taken (CI saw "IPv6 port not available. Exiting..." for a port probed on IPv4 alone)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        try:
+            with socket.socket(socket.AF_INET6) as s6:
+                s6.bind(("::1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            # No IPv6 loopback here (EADDRNOTAVAIL, EAFNOSUPPORT): chromedriver will not listen on it either.
+        return port
+    raise AssertionError("no loopback port was free in both IPv4 and IPv6")
+
+
+def _start_driver(driver_bin: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """chromedriver on a free loopback port, ready; started again on another port if it exits at once (a
+    port taken between the probe and its bind)."""
+    for _ in range(3):
+        port = _free_port()
+        with log_path.open("ab") as log:
+            driver = subprocess.Popen(
+                [driver_bin, f"--port={port}", "--allowed-ips=127.0.0.1"], stdout=log, stderr=log
+            )
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while driver.poll() is None:
+            try:
+                if httpx.get(f"{base}/status", timeout=2).json()["value"]["ready"]:
+                    return driver, base
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            if time.time() > deadline:
+                driver.kill()
+                driver.wait(10)
+                raise AssertionError("chromedriver did not start")
+            time.sleep(0.1)
+    raise AssertionError(f"chromedriver did not start: it exited three times ({log_path})")
+
+
 @contextmanager
 def headless_chromium(profile: Path) -> Iterator[Browser]:
     """chromedriver on a free loopback port and a headless Chromium session that accepts the test's
@@ -101,26 +145,9 @@ def headless_chromium(profile: Path) -> Iterator[Browser]:
     if paths is None:
         raise AssertionError("needs chromium and chromedriver: apt-get install chromium chromium-driver")
     browser_bin, driver_bin = paths
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (profile.parent / "chromedriver.log").open("wb")
-    driver = subprocess.Popen(
-        [driver_bin, f"--port={port}", "--allowed-ips=127.0.0.1"], stdout=log, stderr=log
-    )
-    log.close()
-    base = f"http://127.0.0.1:{port}"
+    log_path = profile.parent / "chromedriver.log"
+    driver, base = _start_driver(driver_bin, log_path)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/status", timeout=2).json()["value"]["ready"]:
-                    break
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            if time.time() > deadline or driver.poll() is not None:
-                raise AssertionError("chromedriver did not start")
-            time.sleep(0.1)
         capabilities = {
             "browserName": "chrome",
             "acceptInsecureCerts": True,  # the hub's self-signed test certificate
