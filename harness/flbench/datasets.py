@@ -97,6 +97,9 @@ class BenchData:
     #: smaller) rendered with the clinic's own profile, what a node has scored in its first weeks and keeps
     #: the envelope features of. Unlabeled; no method trains, selects or tests on them.
     traffic_x: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Which images of the task's train split each clinic holds (indices, before its profile is applied), so
+    #: that a reference can render them through another clinic's scanner (``bench_scanner_ceiling``).
+    train_index: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def spec(self) -> TaskSpec:
@@ -279,4 +282,5 @@ def build_bench_data(
     return BenchData(
         task, skew, seed, clinics, unseen_x, test_y, public_x, public_y,
         setting.names, setting.small, rendered_panel, adapt_x, _as_tensor(val01), traffic_x,
+        {c.name: np.asarray(idx) for c, idx in zip(setting.clinics, parts, strict=True)},
     )  # fmt: skip
