@@ -75,8 +75,18 @@ def own_scanner_reference(data: BenchData, clinic: int, cfg: BenchConfig) -> flo
     return binary_auc(test.test_y.numpy(), predict(model, test.test_x))
 
 
-def one_seed(task: str, seed: int, methods: list[str], cfg: BenchConfig) -> dict[str, Any]:
-    data = build_bench_data(task, "combined", seed)
+def one_seed(
+    task: str,
+    seed: int,
+    methods: list[str],
+    cfg: BenchConfig,
+    train_per_clinic: int | None = None,
+    test: int | None = None,
+) -> dict[str, Any]:
+    """Each method's and each clinic's own-scanner reference's AUC at every clinic, for one seed."""
+    data = build_bench_data(
+        task, "combined", seed, max_train_per_clinic=train_per_clinic, max_test=test, public_size=test
+    )
     out: dict[str, Any] = {"clinics": list(data.names)}
     for method in methods:
         ctx = MethodContext(cfg, Path(tempfile.mkdtemp(prefix="scanner-ceiling-")), seed)
@@ -106,14 +116,16 @@ def summary(runs: dict[int, dict[str, Any]], methods: list[str], base: str) -> d
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="pneumonia", choices=("pneumonia", "breast"))
     parser.add_argument("--seeds", default="208,209,210")
     parser.add_argument("--methods", default="fedavg_aug,central_aug,pfednet_rc_cons")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--train-per-clinic", type=int, help="cap each clinic's training images (tests)")
+    parser.add_argument("--test", type=int, help="cap the test split (tests)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
@@ -121,7 +133,10 @@ def main() -> None:
     if unknown or "fedavg_aug" not in methods:
         parser.error(f"--methods must name bench fl methods, fedavg_aug among them (unknown: {unknown})")
     cfg = BenchConfig(rounds=args.rounds)
-    runs = {s: one_seed(args.task, s, methods, cfg) for s in track(seeds, description="seeds")}
+    runs = {
+        s: one_seed(args.task, s, methods, cfg, args.train_per_clinic, args.test)
+        for s in track(seeds, description="seeds")
+    }
     result = summary(runs, methods, "fedavg_aug")
     table = Table(title=f"Worst clinic against the own-scanner references ({args.task}, {len(seeds)} seeds)")
     for col in ("", "worst clinic AUC (mean)", "− fedavg_aug (mean)", "clinics above their reference"):
@@ -142,7 +157,8 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         doc = {"task": args.task, "rounds": args.rounds, "runs": runs, "summary": result}
         args.json.write_text(json.dumps(doc, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
