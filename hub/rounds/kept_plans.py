@@ -10,7 +10,10 @@ round left them. The aggregate holds their example-weighted mean under the tenso
 clinic that did not train gets, as the benchmark scores an unseen clinic) and each node's copy under
 ``node/<node id>/<name>`` (``models from-round --kept-from M --node NODE`` builds that node's own model).
 The mean is the one the strategies use (``hub.fl.aggregate.weighted_mean``: integers, such as BatchNorm's
-step counter, rounded).
+step counter, rounded). ``robust=median`` (``--config robust=median``) takes the coordinate-wise median of the
+answers instead, their example counts ignored: one node of three or more can then no longer pull the mean an
+unseen clinic gets, at the price of the example weighting (with two nodes the median is their plain mean).
+Each node's own copy is kept either way.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_node.protocol.updates import UpdateKind
-from hub.fl.aggregate import weighted_mean
+from hub.fl.aggregate import coordinate_median, weighted_mean
 from hub.fl.errors import StrategyConfigError
 from hub.fl.fedbn import KEPT_AT_NODES
 from hub.fl.strategy import ClientFailure, ClientResult, Params
@@ -66,7 +69,19 @@ def trained_rounds(aggregate: Mapping[str, np.ndarray]) -> dict[str, int]:
     }
 
 
+#: What a kept_tensors round's config may say: which tensors, and the robust reduction of the nodes' mean.
+SETTINGS = frozenset({"kept", "robust"})
+#: The one robust reduction of the nodes' copies (``robust=median``).
+MEDIAN = "median"
+
+
 def _kept(config: Mapping[str, Any]) -> str:
+    unknown = sorted(set(config) - SETTINGS)
+    if unknown:
+        raise StrategyConfigError(f"kept_tensors: unknown settings {unknown}; it takes {sorted(SETTINGS)}")
+    robust = config.get("robust")
+    if robust is not None and robust != MEDIAN:
+        raise StrategyConfigError(f"kept_tensors: robust={robust!r}; the nodes' copies reduce by {MEDIAN!r}")
     kept = config.get("kept", "norm_tensors")
     if kept not in KEPT_AT_NODES:
         raise StrategyConfigError(f"kept_tensors: kept={kept!r}; choose one of {sorted(KEPT_AT_NODES)}")
@@ -82,6 +97,7 @@ class KeptTensorsCollection(RoundPlan):
 
     def __init__(self, config: Mapping[str, Any], start: Params) -> None:
         self.kept = _kept(config)
+        self.robust = config.get("robust") == MEDIAN
         picked = {n: a for n, a in start.items() if KEPT_AT_NODES[self.kept](n)}
         if not picked:
             raise StrategyConfigError(
@@ -98,10 +114,12 @@ class KeptTensorsCollection(RoundPlan):
     ) -> tuple[Params | None, str | None]:
         if not results:
             return None, "no node sent what it kept"
-        weights = [max(r.num_examples, 0) for r in results]
-        if sum(weights) == 0:
-            weights = [1] * len(results)
-        mean = weighted_mean([{n: r.update[n] for n in self.expected} for r in results], weights)
+        copies = [{n: r.update[n] for n in self.expected} for r in results]
+        if self.robust:
+            mean = coordinate_median(copies)
+        else:
+            weights = [max(r.num_examples, 0) for r in results]
+            mean = weighted_mean(copies, weights if sum(weights) > 0 else [1] * len(results))
         out: Params = {n: np.asarray(a) for n, a in mean.items()}  # a 0-d mean comes back a numpy scalar
         for r in results:
             out.update({f"{NODE_PREFIX}{r.client_id}/{n}": np.asarray(a) for n, a in r.update.items()})

@@ -102,9 +102,37 @@ def test_the_aggregate_is_the_example_weighted_mean_with_every_node_s_own_copy()
     assert plan.aggregate(4, [], []) == (None, "no node sent what it kept")
 
 
+def test_robust_median_keeps_one_loud_node_from_the_nodes_mean() -> None:
+    start = _start()
+    plan = build_plan("kept_tensors", {"kept": "norm_buffers"}, start, NODES)
+    assert isinstance(plan, KeptTensorsCollection)
+    honest = [_answer(plan, n, k + 1, 50) for k, n in enumerate(NODES)]
+    var = next(n for n in plan.expected if n.endswith("running_var"))
+    # A fourth node claims a thousand times the images and statistics a million times wider: finite and
+    # non-negative, so intake takes it; the example-weighted mean follows it, the median does not.
+    loud = _answer(plan, "n-d", 1, 50_000)
+    loud = ClientResult("n-d", 4, loud.num_examples, {**loud.update, var: loud.update[var] * 1e6})
+    assert answer_problem(UpdateKind.KEPT_TENSORS.value, loud.update) is None
+    plain, _ = plan.aggregate(4, [*honest, loud], [])
+    robust_plan = build_plan("kept_tensors", {"kept": "norm_buffers", "robust": "median"}, start, NODES)
+    robust, reason = robust_plan.aggregate(4, [*honest, loud], [])
+    assert reason is None and plain is not None and robust is not None
+    honest_var = np.stack([a.update[var] for a in honest])
+    assert np.all(mean_part(plain)[var] > 1e3 * honest_var.max(axis=0))
+    assert np.all(mean_part(robust)[var] <= honest_var.max(axis=0))
+    assert np.all(mean_part(robust)[var] >= honest_var.min(axis=0))
+    counter = next(n for n in plan.expected if n.endswith("num_batches_tracked"))
+    assert int(mean_part(robust)[counter]) == 15  # the median of 10, 20, 30 and 10, example counts ignored
+    np.testing.assert_array_equal(node_part(robust, "n-d")[var], loud.update[var])  # its copy stays its own
+
+
 def test_a_round_that_could_collect_nothing_is_refused_at_the_start() -> None:
     with pytest.raises(StrategyConfigError, match="choose one of"):
         build_plan("kept_tensors", {"kept": "weights"}, _start(), NODES)
+    with pytest.raises(StrategyConfigError, match="reduce by 'median'"):
+        build_plan("kept_tensors", {"robust": "trimmed_mean"}, _start(), NODES)
+    with pytest.raises(StrategyConfigError, match=r"unknown settings \['reduce'\]"):
+        build_plan("kept_tensors", {"reduce": "median"}, _start(), NODES)
     # fl_cnn on GroupNorm has norm affines but no running statistics.
     with pytest.raises(StrategyConfigError, match="hold none that norm_buffers"):
         build_plan("kept_tensors", {"kept": "norm_buffers"}, _start("group"), NODES)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edge_node.protocol.wire import RoundProtection, RoundStart, RoundState
-from hub.fl.aggregate import weighted_mean
+from hub.fl.aggregate import coordinate_median, weighted_mean
 from hub.models.registry import create_model
 from hub.rounds.controller import RoundController
 from hub.rounds.kept_plans import mean_part, node_part
@@ -38,11 +38,21 @@ def _start() -> dict[str, np.ndarray]:
     return to_params(create_model("fl_cnn", norm="batch"))
 
 
-def _kept_round(db: Database, rc: RoundController, protection: RoundProtection | None = None) -> str:
+def _kept_round(
+    db: Database,
+    rc: RoundController,
+    protection: RoundProtection | None = None,
+    config: dict[str, str] | None = None,
+) -> str:
     with db.session() as session:
         artifact = store_tensors(session, _start())
     request = RoundStart(
-        strategy="kept_tensors", min_results=2, deadline_s=600, model_artifact=artifact, protection=protection
+        strategy="kept_tensors",
+        min_results=2,
+        deadline_s=600,
+        model_artifact=artifact,
+        protection=protection,
+        config=config or {},
     )
     return rc.start(request, actor="t").round_id
 
@@ -51,6 +61,35 @@ def test_a_kept_round_takes_no_protection(db: Database, rc: RoundController) -> 
     enroll(db, 3)
     with pytest.raises(RoundConfigError, match="kept_tensors round collects each node's own tensors"):
         _kept_round(db, rc, RoundProtection(clip_norm=1.0))
+
+
+def test_a_robust_kept_round_publishes_the_nodes_median(db: Database, rc: RoundController) -> None:
+    nodes = enroll(db, 3)
+    with pytest.raises(RoundConfigError, match="reduce by 'median'"):
+        _kept_round(db, rc, config={"robust": "mean"})
+    round_id = _kept_round(db, rc, config={"kept": "norm_buffers", "robust": "median"})
+    rng = np.random.default_rng(1)
+    sent = []
+    for k, node in enumerate(nodes):
+        (task,) = rc.open_tasks(node)
+        assert task.config == {"kept": "norm_buffers"}  # the reduction is the hub's; the node is not told
+        update = {
+            e.name: (
+                rng.uniform(0.1, 2.0, e.shape) if np.dtype(e.dtype).kind == "f" else np.full(e.shape, 7 + k)
+            ).astype(e.dtype)
+            for e in task.expected
+        }
+        if k == 2:  # a loud node: a thousand times the images, statistics a million times wider
+            update = {n: a * 1e6 if n.endswith("running_var") else a for n, a in update.items()}
+        assert answer(rc, task, node, update, n=30_000 if k == 2 else 30)
+        sent.append(update)
+    rc.close_round(round_id)
+    assert rc.info(round_id).state is RoundState.PUBLISHED
+    mean = mean_part(rc.result(round_id))
+    for name, arr in coordinate_median(sent).items():
+        np.testing.assert_array_equal(mean[name], arr, err_msg=name)
+    var = next(n for n in mean if n.endswith("running_var"))
+    assert np.all(mean[var] <= np.maximum(sent[0][var], sent[1][var]))
 
 
 def test_the_round_publishes_the_mean_and_each_node_s_copy(tmp_path: Path) -> None:
