@@ -33,6 +33,8 @@ PUBLIC_SEED = 20_251_122
 ADAPT_STREAM = 7
 #: The trained clinics' analysed images (``traffic_x``) draw theirs from rng([seed, TRAFFIC_STREAM]).
 TRAFFIC_STREAM = 11
+#: Each trained clinic's whole-test-split rendering (``whole_test_x``) draws its noise from rng([seed, this]).
+WHOLE_TEST_STREAM = 13
 #: Images each trained clinic analyses in ``traffic_x`` (fewer when the validation split is smaller).
 TRAFFIC_IMAGES = 120
 #: The fewest validation images a clinic gets (both classes present), however small its share.
@@ -100,6 +102,11 @@ class BenchData:
     #: Which images of the task's train split each clinic holds (indices, before its profile is applied), so
     #: that a reference can render them through another clinic's scanner (``bench_scanner_ceiling``).
     train_index: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Each trained clinic's scanner applied to the whole (capped) test split (labels ``unseen_y``): a second
+    #: test of the same model, with every test image instead of the clinic's prevalence subset (at the
+    #: extreme mixes 10–15 images of one class on breast), so that a clinic's AUC, and so the worst clinic,
+    #: is read with less sampling noise. AUC, balanced accuracy and sensitivity do not depend on prevalence.
+    whole_test_x: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def spec(self) -> TaskSpec:
@@ -194,7 +201,8 @@ def build_bench_data(
 
     Each clinic gets train and validation images at its size share and label skew, and a test set drawn
     from the test split at its own prevalence; the unseen clinics (the setting's and the panel's) test on
-    the whole (capped) test split.
+    the whole (capped) test split, and each trained clinic's scanner is applied to it as well
+    (``whole_test_x``, a second, less noisy reading of the clinic).
     """
     spec = TASKS[task]
     quantity, label, feature = skew_flags(skew)
@@ -270,6 +278,13 @@ def build_bench_data(
         pick = traffic_rng.choice(len(val01), min(TRAFFIC_IMAGES, len(val01)), replace=False)
         traffic_x[c.name] = _as_tensor(render(val01[pick], profile, traffic_rng))
 
+    # Each clinic's scanner on the whole test split, from a stream of its own too.
+    whole_rng = np.random.default_rng([seed, WHOLE_TEST_STREAM])
+    whole_test_x = {
+        c.name: _as_tensor(render(test01, c.profile.scaled(strength) if feature else IDENTITY, whole_rng))
+        for c in setting.clinics
+    }
+
     size = public_size if public_size is not None else spec.public_size
     pub_idx = stratified_subset(public.labels, size, np.random.default_rng(PUBLIC_SEED))
     public_x = _as_tensor(unit_images(public.images[pub_idx]))
@@ -282,5 +297,5 @@ def build_bench_data(
     return BenchData(
         task, skew, seed, clinics, unseen_x, test_y, public_x, public_y,
         setting.names, setting.small, rendered_panel, adapt_x, _as_tensor(val01), traffic_x,
-        {c.name: np.asarray(idx) for c, idx in zip(setting.clinics, parts, strict=True)},
+        {c.name: np.asarray(idx) for c, idx in zip(setting.clinics, parts, strict=True)}, whole_test_x,
     )  # fmt: skip

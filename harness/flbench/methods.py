@@ -154,15 +154,18 @@ def _mean_metrics(each: list[dict[str, float]]) -> dict[str, float]:
 
 
 def clinic_scores(data: BenchData, per_clinic: Mapping[str, Predictor]) -> dict[str, dict[str, float]]:
-    """Each clinic's model on its own test set at the threshold its own validation split chooses."""
-    return {
-        c: _scores(
-            per_clinic[c],
-            (data.clinics[c].val_x, data.clinics[c].val_y),
-            {"test": (data.clinics[c].test_x, data.clinics[c].test_y)},
-        )["test"]
-        for c in data.names
-    }
+    """Each clinic's model on its own test set at the threshold its own validation split chooses; where the
+    data has it, also on the whole test split through the clinic's scanner (``BenchData.whole_test_x``), at
+    the same threshold, as ``auc_whole``, ``bacc_whole``, ``sens_whole`` and ``spec_whole``."""
+    out = {}
+    for c in data.names:
+        tests = {"test": (data.clinics[c].test_x, data.clinics[c].test_y)}
+        if c in data.whole_test_x:
+            tests["whole"] = (data.whole_test_x[c], data.unseen_y)
+        scored = _scores(per_clinic[c], (data.clinics[c].val_x, data.clinics[c].val_y), tests)
+        whole = {f"{k}_whole": scored["whole"][k] for k in METRICS} if "whole" in scored else {}
+        out[c] = {**scored["test"], **whole}
+    return out
 
 
 def evaluate(

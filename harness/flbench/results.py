@@ -88,6 +88,7 @@ def finalize_record(
         {"stress_val": {k: float(v) for k, v in raw["stress_val"].items()}} if "stress_val" in raw else {}
     )
     return {
+        **_whole_split(clinics, names, small),
         "method": method,
         "seed": seed,
         "clinics": {c: {k: float(v) for k, v in clinics[c].items()} for c in names},
@@ -114,6 +115,20 @@ def finalize_record(
         "config": dict(config),
         **envelope,
         **stress,
+    }
+
+
+def _whole_split(clinics: Mapping[str, Mapping[str, Any]], names: list[str], small: list[str]) -> Record:
+    """The small-clinic mean and the worst clinic on the whole test split through each clinic's scanner
+    (``BenchData.whole_test_x``); nothing for records whose clinics were not scored there."""
+    if not names or not all("auc_whole" in clinics[c] for c in names):
+        return {}
+    aucs = {c: float(clinics[c]["auc_whole"]) for c in names}
+    worst = min(names, key=lambda c: aucs[c] if math.isfinite(aucs[c]) else -1.0)
+    return {
+        "small_auc_whole": float(np.mean([aucs[c] for c in small])),
+        "worst_auc_whole": aucs[worst],
+        "worst_clinic_whole": worst,
     }
 
 
@@ -165,6 +180,11 @@ def summarize_method(records: Sequence[Record]) -> dict[str, Any]:
             )
             for k in classes
         }
+    if all("worst_auc_whole" in r for r in records):
+        out["clinics_whole"] = {c: _ms([r["clinics"][c]["auc_whole"] for r in records]) for c in names}
+        out["small_auc_whole"] = _ms([r["small_auc_whole"] for r in records])
+        out["worst_auc_whole"] = _ms([r["worst_auc_whole"] for r in records])
+        out["worst_clinics_whole"] = [r["worst_clinic_whole"] for r in records]
     if all(r.get("panel") for r in records):
         out["panel"] = {n: _ms([r["panel"][n]["auc"] for r in records]) for n in records[0]["panel"]}
         out["panel_auc"] = _ms([r["panel_mean"]["auc"] for r in records])
@@ -347,6 +367,34 @@ def _strategy_checks(by: Mapping[str, Mapping[int, Record]], best: str) -> list[
     ]
 
 
+def _whole_checks(by: Mapping[str, Mapping[int, Record]], best: str) -> list[dict[str, Any]]:
+    """The clinic targets for ``best`` again, every clinic read on the whole test split; empty where the
+    records lack it (the seeds where both did are paired)."""
+
+    def has(m: str) -> dict[int, Record]:
+        return {s: r for s, r in by.get(m, {}).items() if "worst_auc_whole" in r}
+
+    whole = {m: has(m) for m in (best, REF_CENTRAL, REF_FEDAVG)}
+    if not whole[best]:
+        return []
+    return [
+        _target(f"{name} (whole split)", _paired(whole, best, ref, fn), threshold)
+        for name, ref, fn, threshold in (
+            ("small AUC − central_aug", REF_CENTRAL, _small_w, -0.01),
+            ("small AUC − fedavg_aug", REF_FEDAVG, _small_w, 0.02),
+            ("worst AUC − fedavg_aug worst", REF_FEDAVG, _worst_w, 0.03),
+        )
+    ]
+
+
+def _small_w(a: Record, b: Record) -> float:
+    return float(a["small_auc_whole"] - b["small_auc_whole"])
+
+
+def _worst_w(a: Record, b: Record) -> float:
+    return float(a["worst_auc_whole"] - b["worst_auc_whole"])
+
+
 def _small(a: Record, b: Record) -> float:
     return float(a["small_auc"] - b["small_auc"])
 
@@ -376,12 +424,14 @@ def targets(records: Sequence[Record]) -> dict[str, Any]:
     checks: list[dict[str, Any]] = out["checks"]
     if best is not None:
         checks += _strategy_checks(by, best)
+        out["whole_split_checks"] = _whole_checks(by, best)
     stressed = best_ours_under_stress(summary)
     if stressed is not None:
         out["under_stress"] = {
             "best_strategy": stressed,
             "chosen_on": CHOSEN_ON_STRESS,
             "checks": _strategy_checks(by, stressed),
+            "whole_split_checks": _whole_checks(by, stressed),
         }
     gaps = [
         r["extra"]["distill"]["gap"]
@@ -412,6 +462,17 @@ def targets(records: Sequence[Record]) -> dict[str, Any]:
 
     out["ablations"] = {
         f"{m} − {ablated}": differences(m, ablated) for m, ablated in ABLATIONS if m in by and ablated in by
+    }
+    # Every method's small and worst clinics on the whole test split against the references.
+    whole = {m: {s: r for s, r in rs.items() if "worst_auc_whole" in r} for m, rs in by.items()}
+    out["paired_whole"] = {
+        m: {
+            f"{kind}_minus_{ref}": _ms(vals) if (vals := _paired(whole, m, ref, fn)) else None
+            for ref in (REF_CENTRAL, REF_FEDAVG)
+            for kind, fn in (("small", _small_w), ("worst", _worst_w))
+        }
+        for m in by
+        if whole[m]
     }
     # Every method against every reference, for the reading (not targets).
     out["paired"] = {
@@ -536,6 +597,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                 lines.append(f"| {m} | " + " | ".join(cells) + f" | {_f(s['panel_auc'])} |")
     lines += _envelope_lines(methods)
     tg = results["targets"]
+    lines += _whole_split_lines(methods, tg.get("paired_whole", {}), names)
     cols = [k for k in next(iter(tg["paired"].values()), {})]
     lines += ["", "Paired by seed against the fair references (mean±sd over seeds):", ""]
     lines += [
@@ -556,6 +618,9 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     rule = tg.get("chosen_on", "small-clinic validation AUC")
     lines += ["", f"Targets (best fedclinic strategy by {rule}: {chosen}):", ""]
     lines += _target_table(tg["checks"])
+    if tg.get("whole_split_checks"):
+        lines += ["", "Its clinic targets with every clinic read on the whole test split:", ""]
+        lines += _target_table(tg["whole_split_checks"])
     if "under_stress" in tg:
         stress = tg["under_stress"]
         lines += [
@@ -564,6 +629,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             f"(`harness/flbench/stress.py`): **{stress['best_strategy']}**",
             "",
             *_target_table(stress["checks"]),
+            *_target_table(stress.get("whole_split_checks", []))[2:],
         ]
     lines += ["", "Method extras (seed-averaged where numeric):", ""]
     for m in methods:
@@ -571,6 +637,35 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         if extras:
             lines.append(f"- **{m}**: " + _extras_line(extras))
     return "\n".join(lines) + "\n"
+
+
+def _whole_split_lines(
+    methods: Mapping[str, Any], paired: Mapping[str, Mapping[str, Any]], names: list[str]
+) -> list[str]:
+    """Each clinic's AUC on the whole test split through its scanner, and the small and worst columns."""
+    with_whole = {m: s for m, s in methods.items() if "clinics_whole" in s}
+    if not with_whole:
+        return []
+    lines = [
+        "",
+        "Every clinic read on the whole test split through its own scanner (the same models and thresholds; "
+        "above, each clinic's test set is the subset at its own prevalence). AUC, and paired by seed:",
+        "",
+        "| method | "
+        + " | ".join(names)
+        + " | small | worst | small − fedavg_aug | worst − fedavg_aug | worst − central_aug |",
+        "|---" * (len(names) + 6) + "|",
+    ]
+    for m, s in with_whole.items():
+        d = paired.get(m, {})
+        lines.append(
+            f"| {m} | "
+            + " | ".join(_f(s["clinics_whole"][c]) for c in names)
+            + f" | {_f(s['small_auc_whole'])} | {_f(s['worst_auc_whole'])} | "
+            f"{_f(d.get('small_minus_fedavg_aug'))} | {_f(d.get('worst_minus_fedavg_aug'))} | "
+            f"{_f(d.get('worst_minus_central_aug'))} |"
+        )
+    return lines
 
 
 def _target_table(checks: Sequence[Mapping[str, Any]]) -> list[str]:

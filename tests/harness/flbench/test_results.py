@@ -309,3 +309,52 @@ def test_the_choice_under_stress_can_favour_a_strategy_that_holds_up_past_the_au
     del recs[-1]["stress_val"]
     assert "under_stress" not in targets(recs)
     assert "**pfednet_rc_cons**" not in render_markdown(build_results(recs, META))
+
+
+def _with_whole(raw: dict[str, Any], whole: list[float]) -> dict[str, Any]:
+    """``raw`` with every clinic also read on the whole test split (``auc_whole``)."""
+    for c, a in zip("ABCDEF", whole, strict=True):
+        raw["clinics"][c]["auc_whole"] = a
+    return raw
+
+
+def test_the_whole_split_has_its_own_small_mean_worst_clinic_and_targets() -> None:
+    """The worst clinic on the whole split is found on its own figures (here another clinic than on the
+    subsets), and the chosen strategy's clinic targets are paired on them; records without them add none."""
+    r = finalize_record(
+        "x", 0, _with_whole(_raw([0.9, 0.8, 0.7, 0.6, 0.5, 0.95], 0.8), [0.9] * 5 + [0.7]), 1, {}
+    )
+    assert (r["worst_auc"], r["worst_clinic"]) == (0.5, "E")
+    assert (r["worst_auc_whole"], r["worst_clinic_whole"]) == (0.7, "F")
+    assert r["small_auc_whole"] == pytest.approx((0.9 * 3 + 0.7) / 4)
+    assert "worst_auc_whole" not in finalize_record("x", 0, _raw([0.9] * 6, 0.8), 1, {})
+
+    recs = []
+    for seed, lift in ((0, 0.01), (1, 0.05)):
+        recs += [
+            finalize_record("central_aug", seed, _with_whole(_raw([0.9] * 6, 0.8), [0.9] * 6), 1, {}),
+            finalize_record("fedavg_aug", seed, _with_whole(_raw([0.8] * 6, 0.7), [0.8] * 5 + [0.6]), 1, {}),
+            finalize_record(
+                "pfednet", seed, _with_whole(_raw([0.85] * 6, 0.7), [0.8] * 5 + [0.6 + lift]), 1, {}
+            ),
+        ]
+    tg = targets(recs)
+    assert tg["best_strategy"] == "pfednet"
+    whole = {c["name"]: c for c in tg["whole_split_checks"]}
+    worst = whole["worst AUC − fedavg_aug worst (whole split)"]
+    assert worst["per_seed"] == pytest.approx([0.01, 0.05]) and worst["seeds_passing"] == 1
+    assert worst["status"] == "met"  # mean 0.03
+    small = whole["small AUC − fedavg_aug (whole split)"]
+    assert small["per_seed"] == pytest.approx([0.0025, 0.0125]) and small["status"] == "missed"
+    assert tg["paired_whole"]["pfednet"]["worst_minus_central_aug"]["mean"] == pytest.approx(0.63 - 0.9)
+    md = render_markdown(build_results(recs, META))
+    row = (
+        "| pfednet | "
+        + "0.800±0.000 | " * 5
+        + "0.630±0.028 | 0.758±0.007 | 0.630±0.028 | 0.007±0.007 | 0.030±0.028 |"
+    )
+    assert row in md
+    assert "| worst AUC − fedavg_aug worst (whole split) | 0.030±0.028 | ≥ 0.03 | 1/2 | met |" in md
+
+    assert targets(_records())["whole_split_checks"] == []
+    assert "whole test split" not in render_markdown(build_results(_records(), META))
