@@ -129,7 +129,10 @@ def fl(
         float, typer.Option(min=0.0, help="pFedNet graph-fusion λ (pfednet_nograph is λ = 0).")
     ] = 10.0,
     pfednet_personal: Annotated[
-        str, typer.Option(help="pFedNet personal part: head_norm (head + norm affines), last_block or head.")
+        str,
+        typer.Option(
+            help="pFedNet personal part: head_norm (head + norm affines), first_block, last_block or head."
+        ),
     ] = "head_norm",
     pfednet_graph: Annotated[
         str, typer.Option(help="pFedNet graph sketches: labels+features or features (mean image only).")

@@ -68,6 +68,7 @@ __all__ = [
     "PERSONAL_PARTS",
     "FusionRecord",
     "PFedNet",
+    "first_block_personal",
     "group_soft_threshold",
     "is_head_or_norm_tensor",
     "is_head_tensor",
@@ -101,11 +102,23 @@ def last_block_personal(names: Sequence[str]) -> Callable[[str], bool]:
     return lambda name: is_head_or_norm_tensor(name) or name.startswith(prefix)
 
 
+def first_block_personal(names: Sequence[str]) -> Callable[[str], bool]:
+    """``is_head_or_norm_tensor``'s tensors plus the first conv block of ``features`` (the lowest-numbered
+    ``features.<i>.conv`` among ``names``): the filters that meet a scanner's grey values, blur and noise
+    first, kept at the clinic (lower layers local, as LG-FedAvg keeps them)."""
+    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("features.") and ".conv." in n})
+    if not blocks:
+        raise StrategyConfigError("no features.<i>.conv tensor among the names: not an fl_cnn-style model")
+    prefix = f"features.{blocks[0]}."
+    return lambda name: is_head_or_norm_tensor(name) or name.startswith(prefix)
+
+
 #: The personal parts a round can name: the head alone, the head with the normalisation affines, or those
-#: with the last conv block. Each maps the model's tensor names to the predicate.
+#: with the first or the last conv block. Each maps the model's tensor names to the predicate.
 PERSONAL_PARTS: dict[str, Callable[[Sequence[str]], Callable[[str], bool]]] = {
     "head": lambda names: is_head_tensor,
     "head_norm": lambda names: is_head_or_norm_tensor,
+    "first_block": first_block_personal,
     "last_block": last_block_personal,
 }
 

@@ -14,6 +14,7 @@ from hub.fl.graph import incidence_matrix, knn_edges, similarity_graph, sketch_d
 from hub.fl.hsl import HSL
 from hub.fl.pfednet import (
     PFedNet,
+    first_block_personal,
     group_soft_threshold,
     is_head_or_norm_tensor,
     is_head_tensor,
@@ -330,7 +331,8 @@ def test_pfednet_needs_float_personal_tensors() -> None:
 
 
 def test_personal_parts_by_name() -> None:
-    """head: the classifier; head_norm: and the normalisation affines; last_block: and the last conv block."""
+    """head: the classifier; head_norm: and the normalisation affines; first_block / last_block: and the first
+    / last conv block."""
     names = [
         "features.0.conv.weight", "features.0.norm.weight", "features.0.norm.bias",
         "features.2.conv.weight", "features.2.norm.weight", "head.weight", "head.bias",
@@ -346,6 +348,10 @@ def test_personal_parts_by_name() -> None:
     }
     with pytest.raises(StrategyConfigError, match="fl_cnn"):
         last_block_personal(["fc.weight"])
+    first = {n for n in deeper if personal_part("first_block", deeper)(n)}
+    assert first - {n for n in names if is_head_or_norm_tensor(n)} == {"features.0.conv.weight"}
+    with pytest.raises(StrategyConfigError, match="fl_cnn"):
+        first_block_personal(["fc.weight"])
     with pytest.raises(StrategyConfigError, match="choose one of"):
         personal_part("everything", names)
     with pytest.raises(StrategyConfigError, match="choose one of"):
