@@ -104,7 +104,7 @@ class BenchData:
     train_index: dict[str, np.ndarray] = field(default_factory=dict)
     #: Each trained clinic's scanner applied to the whole (capped) test split (labels ``unseen_y``): a second
     #: test of the same model, with every test image instead of the clinic's prevalence subset (at the
-    #: extreme mixes 10–15 images of one class on breast), so that a clinic's AUC, and so the worst clinic,
+    #: extreme mixes 10–20 images of one class on breast), so that a clinic's AUC, and so the worst clinic,
     #: is read with less sampling noise. AUC, balanced accuracy and sensitivity do not depend on prevalence.
     whole_test_x: dict[str, torch.Tensor] = field(default_factory=dict)
 

@@ -367,15 +367,16 @@ def _strategy_checks(by: Mapping[str, Mapping[int, Record]], best: str) -> list[
     ]
 
 
+def _whole_only(by: Mapping[str, Mapping[int, Record]]) -> dict[str, dict[int, Record]]:
+    """Each method's records that were read on the whole test split too (older records were not)."""
+    return {m: {s: r for s, r in rs.items() if "worst_auc_whole" in r} for m, rs in by.items()}
+
+
 def _whole_checks(by: Mapping[str, Mapping[int, Record]], best: str) -> list[dict[str, Any]]:
     """The clinic targets for ``best`` again, every clinic read on the whole test split; empty where the
     records lack it (the seeds where both did are paired)."""
-
-    def has(m: str) -> dict[int, Record]:
-        return {s: r for s, r in by.get(m, {}).items() if "worst_auc_whole" in r}
-
-    whole = {m: has(m) for m in (best, REF_CENTRAL, REF_FEDAVG)}
-    if not whole[best]:
+    whole = _whole_only(by)
+    if not whole.get(best):
         return []
     return [
         _target(f"{name} (whole split)", _paired(whole, best, ref, fn), threshold)
@@ -464,7 +465,7 @@ def targets(records: Sequence[Record]) -> dict[str, Any]:
         f"{m} − {ablated}": differences(m, ablated) for m, ablated in ABLATIONS if m in by and ablated in by
     }
     # Every method's small and worst clinics on the whole test split against the references.
-    whole = {m: {s: r for s, r in rs.items() if "worst_auc_whole" in r} for m, rs in by.items()}
+    whole = _whole_only(by)
     out["paired_whole"] = {
         m: {
             f"{kind}_minus_{ref}": _ms(vals) if (vals := _paired(whole, m, ref, fn)) else None
