@@ -510,6 +510,11 @@ def _f(stat: Mapping[str, float] | None, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f}"
 
 
+def _head(*cols: str) -> list[str]:
+    """A markdown table's header row and its rule."""
+    return ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+
+
 def _kb(b: float | None) -> str:
     return "–" if not b else f"{b / 1024:.0f} KB"
 
@@ -527,10 +532,18 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "its own profile; thresholds come from each clinic's validation split; unseen = a profile no clinic "
         "trained on; panel = mean over the out-of-envelope unseen panel.",
         "",
-        "| method | n | "
-        + " | ".join(names)
-        + " | small | worst | unseen | panel | upload/clinic/round | steps | wall s |",
-        "|---" * (len(names) + 9) + "|",
+        *_head(
+            "method",
+            "n",
+            *names,
+            "small",
+            "worst",
+            "unseen",
+            "panel",
+            "upload/clinic/round",
+            "steps",
+            "wall s",
+        ),
     ]
     for m, s in methods.items():
         cells = [_f(s["clinics"][c]["auc"]) for c in names]
@@ -580,7 +593,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             "classes):",
             "",
         ]
-        lines += ["| method | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 1) + "|"]
+        lines += _head("method", *class_names)
         for m, s in methods.items():
             if "class_auc" in s:
                 lines.append(f"| {m} | " + " | ".join(_f(s["class_auc"][k]) for k in class_names) + " |")
@@ -588,10 +601,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if panel_names:
         source = f", `{PurePath(meta['panel_file']).name}`" if meta.get("panel_file") else ""
         lines += ["", f"Out-of-envelope unseen panel (AUC{source}):", ""]
-        lines += [
-            "| method | " + " | ".join(panel_names) + " | mean |",
-            "|---" * (len(panel_names) + 2) + "|",
-        ]
+        lines += _head("method", *panel_names, "mean")
         for m, s in methods.items():
             if "panel" in s:
                 cells = [_f(s["panel"][n]) for n in panel_names]
@@ -601,10 +611,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     lines += _whole_split_lines(methods, tg.get("paired_whole", {}), names)
     cols = [k for k in next(iter(tg["paired"].values()), {})]
     lines += ["", "Paired by seed against the fair references (mean±sd over seeds):", ""]
-    lines += [
-        "| method | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
-    ]
+    lines += _head("method", *(c.replace("_", " ") for c in cols))
     for m, p in tg["paired"].items():
         lines.append(f"| {m} | " + " | ".join(_f(p[c]) for c in cols) + " |")
     if tg.get("ablations"):
@@ -652,10 +659,15 @@ def _whole_split_lines(
         "Every clinic read on the whole test split through its own scanner (the same models and thresholds; "
         "above, each clinic's test set is the subset at its own prevalence). AUC, and paired by seed:",
         "",
-        "| method | "
-        + " | ".join(names)
-        + " | small | worst | small − fedavg_aug | worst − fedavg_aug | worst − central_aug |",
-        "|---" * (len(names) + 6) + "|",
+        *_head(
+            "method",
+            *names,
+            "small",
+            "worst",
+            "small − fedavg_aug",
+            "worst − fedavg_aug",
+            "worst − central_aug",
+        ),
     ]
     for m, s in with_whole.items():
         d = paired.get(m, {})
