@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from harness.flbench.datasets import build_bench_data
+from harness.flbench.datasets import BenchData, build_bench_data
 from harness.flbench.methods import clinic_scores
 from harness.flbench.scoring import threshold_metrics, validation_threshold
 
 
 @pytest.fixture(scope="module")
-def data():  # type: ignore[no-untyped-def]
+def data() -> BenchData:
     return build_bench_data("breast", "combined", 3, max_train_per_clinic=24, max_test=60, public_size=16)
 
 
@@ -23,7 +23,7 @@ def _rows(x: torch.Tensor) -> np.ndarray:
     return x.numpy().reshape(len(x), -1)
 
 
-def test_each_clinic_holds_the_whole_test_split_through_its_own_scanner(data) -> None:  # type: ignore[no-untyped-def]
+def test_each_clinic_holds_the_whole_test_split_through_its_own_scanner(data: BenchData) -> None:
     assert set(data.whole_test_x) == set(data.names)
     for c in data.names:
         assert data.whole_test_x[c].shape == data.unseen_x.shape  # every test image, labels unseen_y
@@ -41,7 +41,7 @@ def test_each_clinic_holds_the_whole_test_split_through_its_own_scanner(data) ->
     assert np.abs(_rows(data.whole_test_x["C"]) - _rows(data.whole_test_x["D"])).mean() > 0.05
 
 
-def test_clinic_scores_read_the_whole_split_at_the_validation_threshold(data) -> None:  # type: ignore[no-untyped-def]
+def test_clinic_scores_read_the_whole_split_at_the_validation_threshold(data: BenchData) -> None:
     def brightness(x: torch.Tensor) -> np.ndarray:
         return x.mean(dim=(1, 2, 3)).numpy().astype(np.float64)
 
