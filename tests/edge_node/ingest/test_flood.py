@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +57,16 @@ def _silent(port: int) -> socket.socket:
     return s
 
 
+#: A flooding host: connect from the given address to the given port and close at once, until killed.
+_CHURN = """
+import contextlib, socket, sys
+source, port = sys.argv[1], int(sys.argv[2])
+while True:
+    with contextlib.suppress(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)).close()
+"""
+
+
 def _timed(fn: object) -> float:
     t0 = time.monotonic()
     assert callable(fn) and fn()
@@ -79,25 +89,19 @@ def test_floods_from_one_address_leave_the_pacs_answered(
     assert _timed(lambda: echoscu(port)) < ANSWER_WITHIN_S
     assert _timed(store_one) < ANSWER_WITHIN_S
 
-    # 2. Connect-and-close in a loop from the same address, while the PACS talks.
-    stop = threading.Event()
-
-    def churn() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                _silent(port).close()
-
-    churners = [threading.Thread(target=churn) for _ in range(2)]
-    for t in churners:
-        t.start()
+    # 2. Connect-and-close in a loop from the same address, while the PACS talks. The churners are processes
+    #    of their own, as a flooding host is: threads here would share the listener's interpreter lock.
+    churners = [subprocess.Popen([sys.executable, "-c", _CHURN, FLOOD_FROM, str(port)]) for _ in range(2)]
+    time.sleep(0.5)  # the flood is on before the PACS talks
     try:
         for _ in range(3):
             assert _timed(lambda: echoscu(port)) < ANSWER_WITHIN_S
         assert _timed(store_one) < ANSWER_WITHIN_S
+        assert all(c.poll() is None for c in churners)  # still flooding
     finally:
-        stop.set()
-        for t in churners:
-            t.join()
+        for c in churners:
+            c.kill()
+            c.wait()
     for s in silent:
         s.close()
 
