@@ -244,8 +244,10 @@ def build_bench_data(
         return torch.from_numpy(values.reshape(-1).astype(np.float32))
 
     clinics: dict[str, ClinicData] = {}
+    # Each clinic's scanner as this skew applies it (none without feature skew).
+    profiles = {c.name: c.profile.scaled(strength) if feature else IDENTITY for c in setting.clinics}
     for c, idx, v_idx, mix in zip(setting.clinics, parts, val_parts, mixes, strict=True):
-        profile = c.profile.scaled(strength) if feature else IDENTITY
+        profile = profiles[c.name]
         own = (
             prevalence_sample(test_labels, mix[1], rng)
             if len(mix) == 2
@@ -274,16 +276,13 @@ def build_bench_data(
     traffic_rng = np.random.default_rng([seed, TRAFFIC_STREAM])
     traffic_x = {}
     for c in setting.clinics:
-        profile = c.profile.scaled(strength) if feature else IDENTITY
+        profile = profiles[c.name]
         pick = traffic_rng.choice(len(val01), min(TRAFFIC_IMAGES, len(val01)), replace=False)
         traffic_x[c.name] = _as_tensor(render(val01[pick], profile, traffic_rng))
 
     # Each clinic's scanner on the whole test split, from a stream of its own too.
     whole_rng = np.random.default_rng([seed, WHOLE_TEST_STREAM])
-    whole_test_x = {
-        c.name: _as_tensor(render(test01, c.profile.scaled(strength) if feature else IDENTITY, whole_rng))
-        for c in setting.clinics
-    }
+    whole_test_x = {name: _as_tensor(render(test01, prof, whole_rng)) for name, prof in profiles.items()}
 
     size = public_size if public_size is not None else spec.public_size
     pub_idx = stratified_subset(public.labels, size, np.random.default_rng(PUBLIC_SEED))

@@ -92,13 +92,18 @@ def is_head_or_norm_tensor(name: str) -> bool:
     return name.startswith("head.") or ".norm." in name
 
 
-def last_block_personal(names: Sequence[str]) -> Callable[[str], bool]:
-    """``is_head_or_norm_tensor``'s tensors plus the last conv block of ``features`` (the highest-numbered
-    ``features.<i>.conv`` among ``names``, the model's tensor names)."""
+def _conv_block_prefix(names: Sequence[str], which: int) -> str:
+    """``features.<i>.`` of the model's ``which``-th conv block (0 the first, −1 the last) among ``names``."""
     blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("features.") and ".conv." in n})
     if not blocks:
         raise StrategyConfigError("no features.<i>.conv tensor among the names: not an fl_cnn-style model")
-    prefix = f"features.{blocks[-1]}."
+    return f"features.{blocks[which]}."
+
+
+def last_block_personal(names: Sequence[str]) -> Callable[[str], bool]:
+    """``is_head_or_norm_tensor``'s tensors plus the last conv block of ``features`` (the highest-numbered
+    ``features.<i>.conv`` among ``names``, the model's tensor names)."""
+    prefix = _conv_block_prefix(names, -1)
     return lambda name: is_head_or_norm_tensor(name) or name.startswith(prefix)
 
 
@@ -106,10 +111,7 @@ def first_block_personal(names: Sequence[str]) -> Callable[[str], bool]:
     """``is_head_or_norm_tensor``'s tensors plus the first conv block of ``features`` (the lowest-numbered
     ``features.<i>.conv`` among ``names``): the filters that meet a scanner's grey values, blur and noise
     first, kept at the clinic (lower layers local, as LG-FedAvg keeps them)."""
-    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("features.") and ".conv." in n})
-    if not blocks:
-        raise StrategyConfigError("no features.<i>.conv tensor among the names: not an fl_cnn-style model")
-    prefix = f"features.{blocks[0]}."
+    prefix = _conv_block_prefix(names, 0)
     return lambda name: is_head_or_norm_tensor(name) or name.startswith(prefix)
 
 
