@@ -191,14 +191,19 @@ def storescu(
     )
 
 
-def echoscu(port: int, *, called: str = "EDGE", calling: str = "TESTSCU") -> bool:
-    proc = subprocess.run(
+def echo(port: int, *, called: str = "EDGE", calling: str = "TESTSCU") -> subprocess.CompletedProcess[str]:
+    """dcmtk echoscu to the port, with what it said."""
+    return subprocess.run(
         [dcmtk("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
         capture_output=True,
+        text=True,
         env=DCMTK_ENV,
         timeout=30,
     )
-    return proc.returncode == 0
+
+
+def echoscu(port: int, *, called: str = "EDGE", calling: str = "TESTSCU") -> bool:
+    return echo(port, called=called, calling=calling).returncode == 0
 
 
 @dataclass
@@ -233,11 +238,15 @@ def pacs(tmp_path: Path) -> Iterator[Storescp]:
                 stderr=log,
                 env=DCMTK_ENV,
             )
-        if echoscu(port, called="PACS"):
+        answer = echo(port, called="PACS")
+        if answer.returncode == 0:
             break
         if time.time() > deadline:
             proc.kill()
-            pytest.fail("storescp did not start")
+            log.flush()
+            said = (tmp_path / "storescp.log").read_text(errors="replace")[-2000:]
+            why = f"echoscu said: {answer.stderr[-1000:]}\nstorescp's log ends: {said}"
+            pytest.fail(f"storescp did not answer an echo within 10 s; {why}")
         time.sleep(0.1)
     yield Storescp(port, out, proc)
     proc.terminate()
