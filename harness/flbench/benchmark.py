@@ -80,6 +80,7 @@ _FAMILY_SETTINGS: tuple[tuple[str, str], ...] = (
     ("hsl_", "hsl"),
     ("pfednet_", "pfednet"),
     ("fedprox_", "fedprox"),
+    ("ditto_", "ditto"),
 )
 
 

@@ -158,6 +158,9 @@ def fl(
     consistency: Annotated[
         float, typer.Option(min=0.0, help="Weight of the agreement across augmented views (*_cons methods).")
     ] = 12.0,
+    ditto_lam: Annotated[
+        float, typer.Option(min=0.0, help="Ditto's pull of each personal model toward the global one (λ).")
+    ] = 0.1,
     track: Annotated[
         Track, typer.Option(help="aug: every method augments; none: no method does; both: two runs.")
     ] = Track.aug,
@@ -202,6 +205,7 @@ def fl(
             "pfednet_graph": pfednet_graph,
             "fedhelp_distill": distill,
             "consistency": consistency,
+            "ditto_lam": ditto_lam,
         }
         cfg = BenchConfig(
             rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk, pfednet_gamma=pfednet_gamma,

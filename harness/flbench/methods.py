@@ -17,6 +17,7 @@ from torch import nn
 
 from harness.flbench.adapt import adapt_norms
 from harness.flbench.datasets import LARGE_CLINICS, SMALL_CLINICS, TASKS, BenchData
+from harness.flbench.ditto import DittoLearner
 from harness.flbench.envelope_rates import Embedder, envelope_rates, feature_embedder
 from harness.flbench.finetune import fine_tune
 from harness.flbench.frozen_student import FrozenStudent, bench_task, primary_scores
@@ -114,6 +115,8 @@ class BenchConfig:
     #: The ``*_ft`` methods' local fine-tuning: fresh Adam at this rate, epochs chosen per clinic on its
     #: validation loss from ``harness.flbench.finetune.FINETUNE_EPOCHS``.
     finetune_lr: float = 3e-4
+    #: The ``ditto_*`` methods' pull of each clinic's personal model toward the global one (λ).
+    ditto_lam: float = 0.1
     distill_epochs: int = 10
     #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
     distill_min_steps: int = 1000
@@ -383,6 +386,7 @@ def run_averaging(
     consistency: float = 0.0,
     randconv: bool = False,
     finetune: bool = False,
+    ditto: bool = False,
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms.
 
@@ -392,6 +396,8 @@ def run_averaging(
     ``randconv``: every augmented view also passes through random convolutions (needs augment).
     ``finetune``: each clinic then fine-tunes its model locally (``harness.flbench.finetune``); the unseen
     clinics keep the federation's model.
+    ``ditto``: each clinic also trains a personal model pulled toward the global one (λ = the config's
+    ``ditto_lam``; ``harness.flbench.ditto``) and is scored with it; the unseen clinics take the global model.
     """
     augment = ctx.cfg.augment if augment is None else augment
     local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
@@ -404,13 +410,13 @@ def run_averaging(
     for k, c in enumerate(data.names):
         model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
-        learners[c] = SupervisedLearner(
-            c,
-            model,
-            data.clinics[c],
-            local,
-            ctx.seed * 100 + k,
-        )
+        if ditto:
+            personal = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
+            personal.load_state_dict(init.state_dict())
+            seed = ctx.seed * 100 + k
+            learners[c] = DittoLearner(c, model, personal, data.clinics[c], local, seed, ctx.cfg.ditto_lam)
+        else:
+            learners[c] = SupervisedLearner(c, model, data.clinics[c], local, ctx.seed * 100 + k)
     strategy.initialize(to_params(init), list(data.names))
     # One global model (every tensor shared): keep its best round on validation. FedBN's clinics keep
     # their own norms, so it has no single model to choose: it reports its last round.
@@ -444,9 +450,14 @@ def run_averaging(
     if finetune:
         models = {c: learner.model for c, learner in learners.items()}
         per_clinic, tuned = _fine_tuned(data, ctx, models, local)
+    if ditto:  # the clinics predict with their personal models; what the global one scores there, beside
+        on_global = clinic_scores(data, per_clinic)
+        personal_models = {c: lr.personal for c, lr in learners.items() if isinstance(lr, DittoLearner)}
+        per_clinic = {c: _predictor(m) for c, m in personal_models.items()}
+        tuned = {"ditto_lam": ctx.cfg.ditto_lam, "global_auc": {c: m["auc"] for c, m in on_global.items()}}
     # One deployable model (every tensor shared, none fine-tuned): its input envelope, as its bundle would
     # carry it.
-    embed = feature_embedder(global_model) if selectable and not adabn and not finetune else None
+    embed = feature_embedder(global_model) if selectable and not (adabn or finetune or ditto) else None
     result = evaluate(data, per_clinic, _predictor(global_model), adapted, embed=embed)
     result["bytes_per_client_round"] = bytes_up
     kept = _kept_worth(data, init, shared, global_model, norm) if local_names else {}
@@ -970,6 +981,8 @@ METHODS: dict[str, MethodFn] = {
     "fedavg_aug": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group"),
     "fedavg_aug_ft": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group", finetune=True),
     "central_aug": lambda d, c: run_central(d, c, augment=True, norm="group"),
+    # Ditto: FedAvg whose clinics predict with personal models pulled toward the global one (λ ditto_lam).
+    "ditto_aug": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group", ditto=True),
     # The agreement term across augmented views (hub.training.learners.view_loss), weight ``consistency``:
     # on the plain references and on the two pFedNet variants (always augmented).
     "fedavg_aug_cons": lambda d, c: run_averaging(
@@ -988,6 +1001,9 @@ METHODS: dict[str, MethodFn] = {
     ),
     "central_aug_rc_cons": lambda d, c: run_central(
         d, c, augment=True, norm="group", consistency=c.cfg.consistency, randconv=True
+    ),
+    "ditto_rc_cons": lambda d, c: run_averaging(
+        d, c, "fedavg", augment=True, norm="group", consistency=c.cfg.consistency, randconv=True, ditto=True
     ),
     "pfednet_rc_cons": lambda d, c: run_pfednet(d, c, consistency=c.cfg.consistency, randconv=True),
     "pfednet_rc_cons_ft": lambda d, c: run_pfednet(

@@ -58,6 +58,8 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("pfednet_bn_rc_cons", "pfednet_bn_cons"),
     ("fedavg_aug_ft", "fedavg_aug"),
     ("pfednet_rc_cons_ft", "pfednet_rc_cons"),
+    ("ditto_aug", "fedavg_aug"),
+    ("ditto_rc_cons", "fedavg_aug_rc_cons"),
 )
 
 

@@ -65,6 +65,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
             "fedavg_hslsteps",
             "fedavg_adabn",
             "fedavg_aug_ft",  # the best round of its federation, then fine-tuned at each clinic
+            "ditto_aug",  # the best round of its federation for the unseen clinics; personal models at each
+            "ditto_rc_cons",
         )
         if r["method"].endswith("_ft"):
             assert set(r["extra"]["finetune_epochs"]) == set(r["clinics"]), r["method"]
@@ -111,9 +113,15 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         ("pfednet_bn_rc_cons", "pfednet_bn_cons"),
         ("fedavg_aug_ft", "fedavg_aug"),
         ("pfednet_rc_cons_ft", "pfednet_rc_cons"),
+        ("ditto_aug", "fedavg_aug"),
+        ("ditto_rc_cons", "fedavg_aug_rc_cons"),
     ):
         assert by[agreeing]["clinics"] != by[plain]["clinics"]
         assert f"{agreeing} − {plain}" in doc["targets"]["ablations"]
+    # Ditto's federation is FedAvg's to the bit: its global model scores each clinic as FedAvg's does.
+    for ditto, fedavg in (("ditto_aug", "fedavg_aug"), ("ditto_rc_cons", "fedavg_aug_rc_cons")):
+        assert by[ditto]["extra"]["global_auc"] == {c: m["auc"] for c, m in by[fedavg]["clinics"].items()}
+        assert by[ditto]["unseen"] == by[fedavg]["unseen"] and by[ditto]["panel"] == by[fedavg]["panel"]
 
     # Methods with one deployable model count each place's test images outside that model's envelope.
     deployable = {

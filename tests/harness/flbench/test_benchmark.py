@@ -26,6 +26,10 @@ def test_cached_runs_are_reused_only_with_the_same_settings() -> None:
     assert same_settings("pfednet_rc_cons", dict(cfg), ft)
     assert not same_settings("pfednet_rc_cons_ft", {**ft, "finetune_lr": 1e-3}, ft)
     assert not same_settings("fedavg_aug_ft", dict(cfg), ft)
+    # Ditto's λ changes the ditto_* runs only.
+    ditto = {**cfg, "ditto_lam": 0.1}
+    assert same_settings("fedavg_aug", {**ditto, "ditto_lam": 1.0}, ditto)
+    assert not same_settings("ditto_rc_cons", {**ditto, "ditto_lam": 1.0}, ditto)
 
 
 def test_parse_methods() -> None:

@@ -1,0 +1,78 @@
+"""Ditto (Li, Hu, Beirami, Smith, 2021), the personalisation baseline built for the worst client.
+
+Every clinic takes part in plain FedAvg and, beside the model it trains for the federation, keeps a personal
+model of its own. Each round, after receiving the global model w, the clinic first trains its personal model v
+on its own images with the proximal pull λ/2 ‖v − w‖² toward w, then trains w as any FedAvg clinic does and
+sends that update. The clinic predicts with v. λ → ∞ gives every clinic the global model; λ = 0 its own local
+model, which never learns from anyone.
+
+The personal model draws its minibatches and augmentations from a generator of its own, so the federation's
+side is bit for bit the FedAvg run with the same seed: the paired difference against it is the personal
+model's worth alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from hub.fl.strategy import ClientResult, ClientTask, Params
+from hub.training.datasets import ClinicData
+from hub.training.learners import LocalConfig, SupervisedLearner, load_params, to_params, train_local
+
+__all__ = ["PERSONAL_PREFIX", "DittoLearner"]
+
+#: How the personal model's tensors and generator are named in a clinic's saved state.
+PERSONAL_PREFIX = "ditto_personal/"
+_PERSONAL_RNG = PERSONAL_PREFIX + "__rng__"
+
+#: Offset of the personal model's generator seed from the federation side's.
+_PERSONAL_SEED_OFFSET = 7_919
+
+
+class DittoLearner(SupervisedLearner):
+    """A FedAvg clinic that also trains and predicts with a personal model pulled toward the global one."""
+
+    def __init__(
+        self,
+        client_id: str,
+        model: nn.Module,
+        personal: nn.Module,
+        data: ClinicData,
+        default: LocalConfig,
+        seed: int,
+        lam: float,
+    ) -> None:
+        if lam < 0:
+            raise ValueError(f"Ditto's λ must be ≥ 0, not {lam}")
+        super().__init__(client_id, model, data, default, seed)
+        self.personal = personal
+        self.lam = lam
+        self.personal_gen = torch.Generator().manual_seed(seed + _PERSONAL_SEED_OFFSET)
+
+    def fit(self, task: ClientTask) -> ClientResult:
+        cfg = LocalConfig.from_task(task.config, self.default)
+        anchor = {k: torch.from_numpy(np.array(v)) for k, v in task.params.items() if v.dtype.kind == "f"}
+        train_local(
+            self.personal,
+            self.data.train_x,
+            self.data.train_y,
+            replace(cfg, mu=self.lam),
+            self.personal_gen,
+            prox_anchor=anchor,
+        )
+        return super().fit(task)
+
+    def state(self) -> Params:
+        own = {PERSONAL_PREFIX + k: v for k, v in to_params(self.personal).items()}
+        return {**super().state(), **own, _PERSONAL_RNG: self.personal_gen.get_state().numpy().copy()}
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        super().restore({k: v for k, v in state.items() if not k.startswith(PERSONAL_PREFIX)})
+        own = {k[len(PERSONAL_PREFIX) :]: v for k, v in state.items() if k.startswith(PERSONAL_PREFIX)}
+        self.personal_gen.set_state(torch.from_numpy(np.array(own.pop("__rng__"))))
+        load_params(self.personal, own)
