@@ -161,6 +161,9 @@ def fl(
     ditto_lam: Annotated[
         float, typer.Option(min=0.0, help="Ditto's pull of each personal model toward the global one (λ).")
     ] = 0.1,
+    ditto_lr: Annotated[
+        float, typer.Option(min=1e-9, help="Ditto's SGD step on each personal model (η).")
+    ] = 0.01,
     track: Annotated[
         Track, typer.Option(help="aug: every method augments; none: no method does; both: two runs.")
     ] = Track.aug,
@@ -206,6 +209,7 @@ def fl(
             "fedhelp_distill": distill,
             "consistency": consistency,
             "ditto_lam": ditto_lam,
+            "ditto_lr": ditto_lr,
         }
         cfg = BenchConfig(
             rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk, pfednet_gamma=pfednet_gamma,

@@ -115,8 +115,10 @@ class BenchConfig:
     #: The ``*_ft`` methods' local fine-tuning: fresh Adam at this rate, epochs chosen per clinic on its
     #: validation loss from ``harness.flbench.finetune.FINETUNE_EPOCHS``.
     finetune_lr: float = 3e-4
-    #: The ``ditto_*`` methods' pull of each clinic's personal model toward the global one (λ).
+    #: The ``ditto_*`` methods' pull of each clinic's personal model toward the global one (λ) and the
+    #: personal model's SGD step (η).
     ditto_lam: float = 0.1
+    ditto_lr: float = 0.01
     distill_epochs: int = 10
     #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
     distill_min_steps: int = 1000
@@ -396,8 +398,9 @@ def run_averaging(
     ``randconv``: every augmented view also passes through random convolutions (needs augment).
     ``finetune``: each clinic then fine-tunes its model locally (``harness.flbench.finetune``); the unseen
     clinics keep the federation's model.
-    ``ditto``: each clinic also trains a personal model pulled toward the global one (λ = the config's
-    ``ditto_lam``; ``harness.flbench.ditto``) and is scored with it; the unseen clinics take the global model.
+    ``ditto``: each clinic also trains a personal model pulled toward the global one (λ and SGD step η: the
+    config's ``ditto_lam``, ``ditto_lr``; ``harness.flbench.ditto``) and is scored with it; the unseen
+    clinics take the global model.
     """
     augment = ctx.cfg.augment if augment is None else augment
     local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
@@ -414,7 +417,8 @@ def run_averaging(
             personal = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
             personal.load_state_dict(init.state_dict())
             seed = ctx.seed * 100 + k
-            learners[c] = DittoLearner(c, model, personal, data.clinics[c], local, seed, ctx.cfg.ditto_lam)
+            lam, lr = ctx.cfg.ditto_lam, ctx.cfg.ditto_lr
+            learners[c] = DittoLearner(c, model, personal, data.clinics[c], local, seed, lam, lr)
         else:
             learners[c] = SupervisedLearner(c, model, data.clinics[c], local, ctx.seed * 100 + k)
     strategy.initialize(to_params(init), list(data.names))
@@ -454,7 +458,8 @@ def run_averaging(
         on_global = clinic_scores(data, per_clinic)
         personal_models = {c: lr.personal for c, lr in learners.items() if isinstance(lr, DittoLearner)}
         per_clinic = {c: _predictor(m) for c, m in personal_models.items()}
-        tuned = {"ditto_lam": ctx.cfg.ditto_lam, "global_auc": {c: m["auc"] for c, m in on_global.items()}}
+        global_auc = {c: m["auc"] for c, m in on_global.items()}
+        tuned = {"ditto_lam": ctx.cfg.ditto_lam, "ditto_lr": ctx.cfg.ditto_lr, "global_auc": global_auc}
     # One deployable model (every tensor shared, none fine-tuned): its input envelope, as its bundle would
     # carry it.
     embed = feature_embedder(global_model) if selectable and not (adabn or finetune or ditto) else None

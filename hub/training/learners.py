@@ -202,17 +202,24 @@ def train_local(
     gen: torch.Generator,
     *,
     prox_anchor: Mapping[str, torch.Tensor] | None = None,
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
 ) -> float:
     """Train ``cfg.epochs`` passes over (x01, y); returns the mean loss of the last epoch.
 
     ``cfg.consistency`` > 0 (with ``cfg.augment``) adds the agreement term across views (``view_loss``);
     ``cfg.randconv`` (with ``cfg.augment``) passes every augmented view through random convolutions.
+    ``optimizer`` builds the optimiser for ``model`` (default: a fresh Adam at ``cfg.lr``).
     """
     if cfg.consistency > 0 and not cfg.augment:
         raise ValueError("consistency across views needs augment: there is only one view without it")
     if cfg.randconv and not cfg.augment:
         raise ValueError("randconv is a stage of the augmentation: set augment too")
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer is None:
+        opt: torch.optim.Optimizer = torch.optim.Adam(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = optimizer(model)
     model.train()
     last = math.nan
     for _ in range(cfg.epochs):

@@ -30,6 +30,7 @@ def test_cached_runs_are_reused_only_with_the_same_settings() -> None:
     ditto = {**cfg, "ditto_lam": 0.1}
     assert same_settings("fedavg_aug", {**ditto, "ditto_lam": 1.0}, ditto)
     assert not same_settings("ditto_rc_cons", {**ditto, "ditto_lam": 1.0}, ditto)
+    assert not same_settings("ditto_aug", {**ditto, "ditto_lr": 0.1}, {**ditto, "ditto_lr": 0.01})
 
 
 def test_parse_methods() -> None:
