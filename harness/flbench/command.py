@@ -160,7 +160,7 @@ def fl(
     ] = 12.0,
     ditto_lam: Annotated[
         float, typer.Option(min=0.0, help="Ditto's pull of each personal model toward the global one (λ).")
-    ] = 0.1,
+    ] = 100.0,
     ditto_lr: Annotated[
         float, typer.Option(min=1e-9, help="Ditto's SGD step on each personal model (η).")
     ] = 0.01,

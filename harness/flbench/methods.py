@@ -116,8 +116,8 @@ class BenchConfig:
     #: validation loss from ``harness.flbench.finetune.FINETUNE_EPOCHS``.
     finetune_lr: float = 3e-4
     #: The ``ditto_*`` methods' pull of each clinic's personal model toward the global one (λ) and the
-    #: personal model's SGD step (η).
-    ditto_lam: float = 0.1
+    #: personal model's SGD step (η), chosen on the design seeds' validation splits (docs/benchmarks.md).
+    ditto_lam: float = 100.0
     ditto_lr: float = 0.01
     distill_epochs: int = 10
     #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
@@ -413,14 +413,14 @@ def run_averaging(
     for k, c in enumerate(data.names):
         model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
         model.load_state_dict(init.state_dict())
+        seed = ctx.seed * 100 + k
         if ditto:
             personal = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
             personal.load_state_dict(init.state_dict())
-            seed = ctx.seed * 100 + k
             lam, lr = ctx.cfg.ditto_lam, ctx.cfg.ditto_lr
             learners[c] = DittoLearner(c, model, personal, data.clinics[c], local, seed, lam, lr)
         else:
-            learners[c] = SupervisedLearner(c, model, data.clinics[c], local, ctx.seed * 100 + k)
+            learners[c] = SupervisedLearner(c, model, data.clinics[c], local, seed)
     strategy.initialize(to_params(init), list(data.names))
     # One global model (every tensor shared): keep its best round on validation. FedBN's clinics keep
     # their own norms, so it has no single model to choose: it reports its last round.
@@ -454,7 +454,7 @@ def run_averaging(
     if finetune:
         models = {c: learner.model for c, learner in learners.items()}
         per_clinic, tuned = _fine_tuned(data, ctx, models, local)
-    if ditto:  # the clinics predict with their personal models; what the global one scores there, beside
+    if ditto:  # the clinics predict with their personal models; the global model's AUC at each is kept too
         on_global = clinic_scores(data, per_clinic)
         personal_models = {c: lr.personal for c, lr in learners.items() if isinstance(lr, DittoLearner)}
         per_clinic = {c: _predictor(m) for c, m in personal_models.items()}
