@@ -9,8 +9,8 @@ learns from anyone; a large λ holds v at w.
 The personal steps are the paper's: plain SGD, v ← v − η (∇F(v) + λ (v − w)). Not Adam, whose steps are about
 η whatever the gradient: a small clinic takes one or two steps a round, and under Adam its personal model
 could not follow w however large λ (on pneumonia's design seeds, at λ = 10 and 100, it stayed 0.011 below
-FedAvg's global model at the small clinics and 0.018 at the worst). With SGD and ηλ = 1 a step lands on w
-less η times the gradient on the clinic's own images.
+FedAvg's global model at the small clinics and 0.018–0.019 at the worst). With SGD and ηλ = 1 a step lands
+on w less η times the gradient on the clinic's own images.
 
 The personal model draws its minibatches and augmentations from a generator of its own, so the federation's
 side is bit for bit the FedAvg run with the same seed: the paired difference against it is the personal
