@@ -28,7 +28,14 @@ from torch import nn
 
 from hub.fl.strategy import ClientResult, ClientTask, Params
 from hub.training.datasets import ClinicData
-from hub.training.learners import LocalConfig, SupervisedLearner, load_params, to_params, train_local
+from hub.training.learners import (
+    LocalConfig,
+    SupervisedLearner,
+    load_params,
+    proximal_anchor,
+    to_params,
+    train_local,
+)
 
 __all__ = ["PERSONAL_PREFIX", "DittoLearner"]
 
@@ -64,14 +71,13 @@ class DittoLearner(SupervisedLearner):
 
     def fit(self, task: ClientTask) -> ClientResult:
         cfg = LocalConfig.from_task(task.config, self.default)
-        anchor = {k: torch.from_numpy(np.array(v)) for k, v in task.params.items() if v.dtype.kind == "f"}
         train_local(
             self.personal,
             self.data.train_x,
             self.data.train_y,
             replace(cfg, mu=self.lam),
             self.personal_gen,
-            prox_anchor=anchor,
+            prox_anchor=proximal_anchor(task.params),
             optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=self.lr),
         )
         return super().fit(task)

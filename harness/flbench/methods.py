@@ -456,7 +456,7 @@ def run_averaging(
         per_clinic, tuned = _fine_tuned(data, ctx, models, local)
     if ditto:  # the clinics predict with their personal models; the global model's AUC at each is kept too
         on_global = clinic_scores(data, per_clinic)
-        personal_models = {c: lr.personal for c, lr in learners.items() if isinstance(lr, DittoLearner)}
+        personal_models = {c: ln.personal for c, ln in learners.items() if isinstance(ln, DittoLearner)}
         per_clinic = {c: _predictor(m) for c, m in personal_models.items()}
         global_auc = {c: m["auc"] for c, m in on_global.items()}
         tuned = {"ditto_lam": ctx.cfg.ditto_lam, "ditto_lr": ctx.cfg.ditto_lr, "global_auc": global_auc}

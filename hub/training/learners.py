@@ -112,6 +112,11 @@ def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor]) -> torch
     return total
 
 
+def proximal_anchor(params: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The float tensors of ``params`` (the model a clinic was sent) as the anchor of ``proximal_term``."""
+    return {k: torch.from_numpy(np.array(v)) for k, v in params.items() if v.dtype.kind == "f"}
+
+
 @dataclass(frozen=True)
 class LocalConfig:
     """Local optimisation settings: fresh Adam every round (docs/benchmarks.md)."""
@@ -259,9 +264,13 @@ class SupervisedLearner:
     def fit(self, task: ClientTask) -> ClientResult:
         cfg = LocalConfig.from_task(task.config, self.default)
         load_params(self.model, task.params)
-        anchor = {k: torch.from_numpy(np.array(v)) for k, v in task.params.items() if v.dtype.kind == "f"}
         loss = train_local(
-            self.model, self.data.train_x, self.data.train_y, cfg, self.gen, prox_anchor=anchor
+            self.model,
+            self.data.train_x,
+            self.data.train_y,
+            cfg,
+            self.gen,
+            prox_anchor=proximal_anchor(task.params),
         )
         return local_result(self.client_id, task, self.model, self.data.n_train, [loss])
 
