@@ -70,7 +70,12 @@ class PduLimitedSocket(socket.socket):
             return b""
         # Never read across a PDU boundary: each header is seen whole before any byte of its body.
         want = min(bufsize, self._body_left if self._body_left else _HEADER - len(self._header))
-        data = _socket_recv(self, want, flags)
+        try:
+            data = _socket_recv(self, want, flags)
+        except ConnectionResetError:
+            # The peer dropped the connection (a port scan, a flooding host): the end of the stream, as a
+            # close is. Raised, pynetdicom would log two errors and a traceback per connection.
+            return b""
         if not data or flags & socket.MSG_PEEK:
             return data
         if self._body_left:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -129,6 +130,25 @@ def test_floods_from_one_address_leave_the_pacs_answered(
     refusals = [r for r in caplog.records if "refused connections from" in r.getMessage()]
     assert refusals and all(FLOOD_FROM in r.getMessage() for r in refusals)
     assert len(refusals) <= 3  # rate-limited: a flood does not flood the log
+
+
+def test_connections_reset_by_their_peer_end_quietly(
+    listener: Listener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A port scanner or a flooding host drops its connections with a reset: each ends as a close does, with
+    no error line (pynetdicom would write two and a traceback for every one)."""
+    port = listener.address[1]
+    for _ in range(PER_PEER):  # as many as the address may hold: none refused, each reaches the association
+        s = _silent(port)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        time.sleep(0.1)
+    deadline = time.monotonic() + 5  # pynetdicom's association notices only at the ACSE timeout (2 s)
+    while listener.open_connections(FLOOD_FROM) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listener.open_connections(FLOOD_FROM) == 0
+    assert echoscu(port)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_listener_settings_reach_the_transport(listener: Listener) -> None:
