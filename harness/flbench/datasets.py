@@ -35,6 +35,8 @@ ADAPT_STREAM = 7
 TRAFFIC_STREAM = 11
 #: Each trained clinic's whole-test-split rendering (``whole_test_x``) draws its noise from rng([seed, this]).
 WHOLE_TEST_STREAM = 13
+#: Each trained clinic's whole-validation-split rendering (``whole_val_x``) draws from rng([seed, this]).
+WHOLE_VAL_STREAM = 17
 #: Images each trained clinic analyses in ``traffic_x`` (fewer when the validation split is smaller).
 TRAFFIC_IMAGES = 120
 #: The fewest validation images a clinic gets (both classes present), however small its share.
@@ -107,6 +109,11 @@ class BenchData:
     #: extreme mixes 10–20 images of one class on breast), so that a clinic's AUC, and so the worst clinic,
     #: is read with less sampling noise. AUC, balanced accuracy and sensitivity do not depend on prevalence.
     whole_test_x: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Each trained clinic's scanner applied to the whole validation split (labels ``whole_val_y``): what a
+    #: choice between strategies may read with less noise than the clinic's own 6–10 validation images
+    #: (breast) give. No method trains on it; nothing of the test split is in it.
+    whole_val_x: dict[str, torch.Tensor] = field(default_factory=dict)
+    whole_val_y: torch.Tensor | None = None
 
     @property
     def spec(self) -> TaskSpec:
@@ -283,6 +290,9 @@ def build_bench_data(
     # Each clinic's scanner on the whole test split, from a stream of its own too.
     whole_rng = np.random.default_rng([seed, WHOLE_TEST_STREAM])
     whole_test_x = {name: _as_tensor(render(test01, prof, whole_rng)) for name, prof in profiles.items()}
+    # And on the whole validation split, from another.
+    whole_val_rng = np.random.default_rng([seed, WHOLE_VAL_STREAM])
+    whole_val_x = {name: _as_tensor(render(val01, prof, whole_val_rng)) for name, prof in profiles.items()}
 
     size = public_size if public_size is not None else spec.public_size
     pub_idx = stratified_subset(public.labels, size, np.random.default_rng(PUBLIC_SEED))
@@ -297,4 +307,5 @@ def build_bench_data(
         task, skew, seed, clinics, unseen_x, test_y, public_x, public_y,
         setting.names, setting.small, rendered_panel, adapt_x, _as_tensor(val01), traffic_x,
         {c.name: np.asarray(idx) for c, idx in zip(setting.clinics, parts, strict=True)}, whole_test_x,
+        whole_val_x, labels_of(val.labels),
     )  # fmt: skip

@@ -161,7 +161,8 @@ def _mean_metrics(each: list[dict[str, float]]) -> dict[str, float]:
 def clinic_scores(data: BenchData, per_clinic: Mapping[str, Predictor]) -> dict[str, dict[str, float]]:
     """Each clinic's model on its own test set at the threshold its own validation split chooses; where the
     data has it, also on the whole test split through the clinic's scanner (``BenchData.whole_test_x``), at
-    the same threshold, as ``auc_whole``, ``bacc_whole``, ``sens_whole`` and ``spec_whole``."""
+    the same threshold, as ``auc_whole``, ``bacc_whole``, ``sens_whole`` and ``spec_whole``; and its AUC on
+    the whole validation split through its scanner (``BenchData.whole_val_x``) as ``val_auc_whole``."""
     out = {}
     for c in data.names:
         tests = {"test": (data.clinics[c].test_x, data.clinics[c].test_y)}
@@ -170,6 +171,8 @@ def clinic_scores(data: BenchData, per_clinic: Mapping[str, Predictor]) -> dict[
         scored = _scores(per_clinic[c], (data.clinics[c].val_x, data.clinics[c].val_y), tests)
         whole = {f"{k}_whole": scored["whole"][k] for k in METRICS} if "whole" in scored else {}
         out[c] = {**scored["test"], **whole}
+    for c, auc in whole_validation_aucs(data, per_clinic).items():
+        out[c]["val_auc_whole"] = auc
     return out
 
 
@@ -226,6 +229,19 @@ def validation_aucs(data: BenchData, per_clinic: Mapping[str, Predictor]) -> dic
     }
 
 
+def whole_validation_aucs(data: BenchData, per_clinic: Mapping[str, Predictor]) -> dict[str, float]:
+    """Each given clinic's AUC on the whole validation split through its scanner (``BenchData.whole_val_x``);
+    empty where the data has no such rendering. No test split is read."""
+    if data.whole_val_y is None:
+        return {}
+    y = data.whole_val_y.numpy()
+    return {
+        c: threshold_metrics(y, predictor(data.whole_val_x[c]), 0.0)["auc"]
+        for c, predictor in per_clinic.items()
+        if c in data.whole_val_x
+    }
+
+
 class BestRound:
     """Keeps the round whose model has the best mean small-clinic validation AUC, a tie (to 1e-9) going to
     the best mean validation AUC over all clinics; the test split plays no part. The small clinics hold
@@ -242,11 +258,17 @@ class BestRound:
         self.round = 0
         self.score: tuple[float, float] = (-math.inf, -math.inf)
         self.last: tuple[float, float] = (math.nan, math.nan)
+        self.last_whole: tuple[float, float] = (math.nan, math.nan)
         self.params: Params = dict(initial)
 
+    def _means(self, aucs: Mapping[str, float]) -> tuple[float, float]:
+        return finite_mean([aucs[c] for c in self.data.small if c in aucs]), finite_mean(list(aucs.values()))
+
     def offer(self, rnd: int, params: Params, predictor: Predictor) -> None:
-        aucs = validation_aucs(self.data, dict.fromkeys(self.data.names, predictor))
-        self.last = (finite_mean([aucs[c] for c in self.data.small]), finite_mean(list(aucs.values())))
+        every = dict.fromkeys(self.data.names, predictor)
+        aucs = validation_aucs(self.data, every)
+        self.last = self._means(aucs)
+        self.last_whole = self._means(whole_validation_aucs(self.data, every))
         score = selection_key(*self.last)
         if score > self.score:
             self.round, self.score, self.params = rnd, score, params
@@ -258,6 +280,9 @@ class BestRound:
             "best_round_all_val_auc": self.score[1],
             "last_round_val_auc": self.last[0],
             "last_round_all_val_auc": self.last[1],
+            # The same round on the whole validation split through each clinic's scanner (NaN without it).
+            "last_round_val_auc_whole": self.last_whole[0],
+            "last_round_all_val_auc_whole": self.last_whole[1],
         }
 
 

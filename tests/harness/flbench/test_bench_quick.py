@@ -44,6 +44,9 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     for r in doc["records"]:  # every model is also scored on its clinics' validation images under stress
         assert set(r["stress_val"]) == set(STRESSES), r["method"]
     assert doc["targets"]["under_stress"]["best_strategy"] in OURS
+    assert doc["targets"]["whole_val"]["best_strategy"] in OURS  # every strategy read on the whole split
+    for r in doc["records"]:
+        assert all(0.0 <= c["val_auc_whole"] <= 1.0 for c in r["clinics"].values()), r["method"]
     assert {c["name"] for c in doc["targets"]["checks"]} >= {
         "small AUC − fedavg_aug",
         "out-of-envelope panel AUC − fedavg_aug",

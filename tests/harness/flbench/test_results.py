@@ -311,6 +311,46 @@ def test_the_choice_under_stress_can_favour_a_strategy_that_holds_up_past_the_au
     assert "**pfednet_rc_cons**" not in render_markdown(build_results(recs, META))
 
 
+def test_the_choice_on_the_whole_validation_split_reads_each_clinics_scanner_on_every_image() -> None:
+    """Rule three compares the small clinics' AUC on the whole validation split: a strategy that reads high
+    on its few own images but lower on the whole split loses there, and only there. A kept-round method
+    (HSL) is compared at its last round there too."""
+    recs = []
+    for seed in (0, 1):
+        recs.append(finalize_record("fedavg_aug", seed, _raw([0.8] * 6, 0.7), 1, {}))
+        recs.append(finalize_record("central_aug", seed, _raw([0.8] * 6, 0.7), 1, {}))
+        lucky = _raw([0.8] * 6, 0.7, val=0.95)
+        steady = _raw([0.83] * 6, 0.8, val=0.90)
+        for raw, whole in ((lucky, 0.78), (steady, 0.84)):
+            for c in raw["clinics"].values():
+                c["val_auc_whole"] = whole
+        kept = _raw([0.9] * 6, 0.7, val=0.99, extra={"best_round": 3.0, "last_round_val_auc": 0.5})
+        kept["extra"] |= {"last_round_all_val_auc": 0.5, "last_round_val_auc_whole": 0.70}
+        kept["extra"]["last_round_all_val_auc_whole"] = 0.70
+        for c in kept["clinics"].values():
+            c["val_auc_whole"] = 0.99  # the kept round's reading: not what the rule compares
+        recs += [
+            finalize_record("pfednet_bn_rc_cons", seed, lucky, 1, {}),
+            finalize_record("pfednet_rc_cons", seed, steady, 1, {}),
+            finalize_record("hsl", seed, kept, 1, {}),
+        ]
+    tg = targets(recs)
+    assert tg["best_strategy"] == "pfednet_bn_rc_cons"
+    again = tg["whole_val"]
+    assert again["best_strategy"] == "pfednet_rc_cons"
+    checks = {c["name"]: c for c in again["checks"]}
+    assert checks["small AUC − fedavg_aug"]["per_seed"] == pytest.approx([0.03, 0.03])
+    results = build_results(recs, META)
+    assert results["methods"]["hsl"]["choice_val_auc_whole"] == pytest.approx((0.70, 0.70))
+    md = render_markdown(results)
+    assert "on the whole validation split through each clinic's scanner, ties broken by all clinics': " in md
+    assert "**pfednet_rc_cons**" in md and "| pfednet_rc_cons | 0.730±0.000 | 0.630±0.000 |" in md
+    # Records made before the whole split was read (one strategy without it): no third choice.
+    recs = [r for r in recs if r["method"] != "hsl"]
+    recs += [finalize_record("hsl", seed, _raw([0.9] * 6, 0.7), 1, {}) for seed in (0, 1)]
+    assert "whole_val" not in targets(recs)
+
+
 def _with_whole(raw: dict[str, Any], whole: list[float]) -> dict[str, Any]:
     """``raw`` with every clinic also read on the whole test split (``auc_whole``)."""
     for c, a in zip("ABCDEF", whole, strict=True):

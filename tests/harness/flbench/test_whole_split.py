@@ -54,3 +54,26 @@ def test_clinic_scores_read_the_whole_split_at_the_validation_threshold(data: Be
         own = threshold_metrics(clinic.test_y.numpy(), brightness(clinic.test_x), thr)
         assert scores[c]["auc"] == pytest.approx(own["auc"])
     assert len({round(scores[c]["auc_whole"], 6) for c in data.names}) > 1  # each its own scanner
+
+
+def test_each_clinic_holds_the_whole_validation_split_through_its_own_scanner(data: BenchData) -> None:
+    """What the third choice rule reads: every validation image through each clinic's scanner, and no test
+    image; the clinic's own few validation images are some of them (D's scanner adds no noise)."""
+    assert data.whole_val_y is not None and set(data.whole_val_x) == set(data.names)
+    assert data.hub_val_x is not None
+    for c in data.names:
+        assert data.whole_val_x[c].shape == data.hub_val_x.shape  # the whole split, raw on the hub's side
+        assert len(data.clinics[c].val_y) < len(data.whole_val_y)
+    whole, own = _rows(data.whole_val_x["D"]), _rows(data.clinics["D"].val_x)
+    assert np.abs(own[:, None, :] - whole[None, :, :]).max(axis=2).min(axis=1).max() < 1e-6
+    test = _rows(data.whole_test_x["D"])
+    assert np.abs(whole[:, None, :] - test[None, :, :]).max(axis=2).min(axis=1).min() > 1e-3  # no test image
+
+    def brightness(x: torch.Tensor) -> np.ndarray:
+        return x.mean(dim=(1, 2, 3)).numpy().astype(np.float64)
+
+    scores = clinic_scores(data, dict.fromkeys(data.names, brightness))
+    for c in data.names:
+        want = threshold_metrics(data.whole_val_y.numpy(), brightness(data.whole_val_x[c]), 0.0)["auc"]
+        assert scores[c]["val_auc_whole"] == pytest.approx(want)
+    assert len({round(scores[c]["val_auc_whole"], 6) for c in data.names}) > 1
