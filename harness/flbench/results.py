@@ -478,22 +478,19 @@ def targets(records: Sequence[Record]) -> dict[str, Any]:
     if best is not None:
         checks += _strategy_checks(by, best)
         out["whole_split_checks"] = _whole_checks(by, best)
-    stressed = best_ours_under_stress(summary)
-    if stressed is not None:
-        out["under_stress"] = {
-            "best_strategy": stressed,
-            "chosen_on": CHOSEN_ON_STRESS,
-            "checks": _strategy_checks(by, stressed),
-            "whole_split_checks": _whole_checks(by, stressed),
-        }
-    whole_val = best_ours_whole_val(summary)
-    if whole_val is not None:
-        out["whole_val"] = {
-            "best_strategy": whole_val,
-            "chosen_on": CHOSEN_ON_WHOLE_VAL,
-            "checks": _strategy_checks(by, whole_val),
-            "whole_split_checks": _whole_checks(by, whole_val),
-        }
+    # The other rules, each where every strategy that ran has what it reads.
+    for key, choose, chosen_on in (
+        ("under_stress", best_ours_under_stress, CHOSEN_ON_STRESS),
+        ("whole_val", best_ours_whole_val, CHOSEN_ON_WHOLE_VAL),
+    ):
+        chosen = choose(summary)
+        if chosen is not None:
+            out[key] = {
+                "best_strategy": chosen,
+                "chosen_on": chosen_on,
+                "checks": _strategy_checks(by, chosen),
+                "whole_split_checks": _whole_checks(by, chosen),
+            }
     gaps = [
         r["extra"]["distill"]["gap"]
         for r in by.get("fedhelp", {}).values()

@@ -324,9 +324,9 @@ def test_the_choice_on_the_whole_validation_split_reads_each_clinics_scanner_on_
         for raw, whole in ((lucky, 0.78), (steady, 0.84)):
             for c in raw["clinics"].values():
                 c["val_auc_whole"] = whole
-        kept = _raw([0.9] * 6, 0.7, val=0.99, extra={"best_round": 3.0, "last_round_val_auc": 0.5})
-        kept["extra"] |= {"last_round_all_val_auc": 0.5, "last_round_val_auc_whole": 0.70}
-        kept["extra"]["last_round_all_val_auc_whole"] = 0.70
+        last = {"last_round_val_auc": 0.5, "last_round_all_val_auc": 0.5}
+        last |= {"last_round_val_auc_whole": 0.70, "last_round_all_val_auc_whole": 0.70}
+        kept = _raw([0.9] * 6, 0.7, val=0.99, extra={"best_round": 3.0, **last})
         for c in kept["clinics"].values():
             c["val_auc_whole"] = 0.99  # the kept round's reading: not what the rule compares
         recs += [
