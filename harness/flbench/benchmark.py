@@ -84,22 +84,37 @@ _FAMILY_SETTINGS: tuple[tuple[str, str], ...] = (
 )
 
 
-def same_settings(method: str, cached: dict[str, Any] | None, config: dict[str, Any]) -> bool:
+#: Settings added after records were made, with the value those records were made with.
+_BEFORE_THE_SETTING: dict[str, Any] = {"round_choice": "own"}
+
+
+def same_settings(
+    method: str, cached: dict[str, Any] | None, config: dict[str, Any], keeps_round: bool = True
+) -> bool:
     """Whether a cached record was run with these settings; a family's own settings (distillation and
-    FedHelp's, HSL's, pFedNet's, FedProx's) only matter to that family's methods, and the local
-    fine-tuning's only to the ``*_ft`` methods."""
+    FedHelp's, HSL's, pFedNet's, FedProx's) only matter to that family's methods, the local fine-tuning's
+    only to the ``*_ft`` methods, and ``round_choice`` only to a record that kept a round (``keeps_round``:
+    its ``extra`` has ``best_round``). A record made before a setting existed was made with the value in
+    ``_BEFORE_THE_SETTING``."""
     if cached is None:
         return False
+    cached = {**{k: v for k, v in _BEFORE_THE_SETTING.items() if k in config}, **cached}
 
     def read_by_method(key: str) -> bool:
         if key.startswith("finetune_"):  # the local fine-tuning's settings: the *_ft methods'
             return method.endswith("_ft")
+        if key == "round_choice":
+            return keeps_round
         return all(method.startswith(family) for prefix, family in _FAMILY_SETTINGS if key.startswith(prefix))
 
     def relevant(cfg: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in cfg.items() if read_by_method(k)}
 
     return relevant(cached) == relevant(config)
+
+
+def _keeps_round(record: dict[str, Any]) -> bool:
+    return "best_round" in record.get("extra", {})
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -139,7 +154,7 @@ def run_benchmark(
             cache = cache_dir / f"{method}__seed{seed}.json"
             if resume and cache.is_file():
                 cached = json.loads(cache.read_text())
-                if same_settings(method, cached.get("config"), config):
+                if same_settings(method, cached.get("config"), config, _keeps_round(cached)):
                     records.append(cached)
                     if progress is not None:
                         progress.finish(method, seed, cached, cached=True)
@@ -194,7 +209,9 @@ def report_from_cache(spec: BenchSpec, out_dir: Path) -> dict[str, Any]:
         for method in spec.methods:
             cache = out_dir / "cache" / f"{method}__seed{seed}.json"
             cached = json.loads(cache.read_text()) if cache.is_file() else None
-            if cached is not None and same_settings(method, cached.get("config"), config):
+            if cached is not None and same_settings(
+                method, cached.get("config"), config, _keeps_round(cached)
+            ):
                 records.append(cached)
             else:
                 missing.append(f"{method}/seed{seed}")

@@ -44,6 +44,14 @@ class Skew(str, enum.Enum):
     none = "none"
 
 
+class RoundChoice(str, enum.Enum):
+    """What chooses the round a one-model method keeps: every validation image through each clinic's
+    scanner, or each clinic's own validation images (the runs before session 28)."""
+
+    whole = "whole"
+    own = "own"
+
+
 class Track(str, enum.Enum):
     """Augmentation track: the same augmentation for every method, none for any, or both runs."""
 
@@ -164,6 +172,13 @@ def fl(
     ditto_lr: Annotated[
         float, typer.Option(min=1e-9, help="Ditto's SGD step on each personal model (η).")
     ] = 0.01,
+    round_choice: Annotated[
+        RoundChoice,
+        typer.Option(
+            help="The kept round of one-model methods, chosen on the whole validation split through each "
+            "clinic's scanner, or on each clinic's own validation images (runs before session 28)."
+        ),
+    ] = RoundChoice.whole,
     track: Annotated[
         Track, typer.Option(help="aug: every method augments; none: no method does; both: two runs.")
     ] = Track.aug,
@@ -210,6 +225,7 @@ def fl(
             "consistency": consistency,
             "ditto_lam": ditto_lam,
             "ditto_lr": ditto_lr,
+            "round_choice": round_choice.value,
         }
         cfg = BenchConfig(
             rounds=rounds, local_epochs=local_epochs, augment=augment, topk=topk, pfednet_gamma=pfednet_gamma,

@@ -119,6 +119,10 @@ class BenchConfig:
     #: personal model's SGD step (η), chosen on the design seeds' validation splits (docs/benchmarks.md).
     ditto_lam: float = 100.0
     ditto_lr: float = 0.01
+    #: Which validation reading chooses the round a method with one deployable model keeps (``BestRound``):
+    #: "whole", every validation image through each clinic's scanner; "own", each clinic's own validation
+    #: images only (6-10 at a small breast clinic; the runs before session 28).
+    round_choice: str = "whole"
     distill_epochs: int = 10
     #: At least this many distillation steps (BreastMNIST's transfer set is small: 10 epochs are 130 steps).
     distill_min_steps: int = 1000
@@ -244,17 +248,21 @@ def whole_validation_aucs(data: BenchData, per_clinic: Mapping[str, Predictor]) 
 
 class BestRound:
     """Keeps the round whose model has the best mean small-clinic validation AUC, a tie (to 1e-9) going to
-    the best mean validation AUC over all clinics; the test split plays no part. The small clinics hold
-    6–10 validation images each, so their AUC is often 1.0 from the first round on: without the tie-break
-    the first round would be kept. Methods with one deployable global model (FedAvg, FedProx, the central
-    model, HSL) report that round; the others report their last round.
+    the best mean validation AUC over all clinics; the test split plays no part. Methods with one deployable
+    global model (FedAvg, FedProx, the central model, HSL) report that round; the others report their last.
+
+    ``on_whole`` (``BenchConfig.round_choice`` "whole") reads those AUCs on the whole validation split
+    through each clinic's scanner (``BenchData.whole_val_x``); otherwise on each clinic's own validation
+    images, 6–10 at a small clinic, whose AUC is often 1.0 from the first round on (hence the tie-break)
+    and so noisy that on breast a round-1 model was kept on two seeds of ten (session 28).
 
     The kept round's validation AUC is a maximum over rounds, optimistic by construction; the last round's,
     also recorded, is a single reading like every last-round method's, and is what a choice between
     methods compares (``harness.flbench.results.best_ours``)."""
 
-    def __init__(self, data: BenchData, initial: Params) -> None:
+    def __init__(self, data: BenchData, initial: Params, on_whole: bool = False) -> None:
         self.data = data
+        self.on_whole = on_whole and data.whole_val_y is not None
         self.round = 0
         self.score: tuple[float, float] = (-math.inf, -math.inf)
         self.last: tuple[float, float] = (math.nan, math.nan)
@@ -269,7 +277,7 @@ class BestRound:
         aucs = validation_aucs(self.data, every)
         self.last = self._means(aucs)
         self.last_whole = self._means(whole_validation_aucs(self.data, every))
-        score = selection_key(*self.last)
+        score = selection_key(*(self.last_whole if self.on_whole else self.last))
         if score > self.score:
             self.round, self.score, self.params = rnd, score, params
 
@@ -379,7 +387,7 @@ def run_central(
     gen = torch.Generator().manual_seed(ctx.seed * 100)
     augment = ctx.cfg.augment if augment is None else augment
     cfg = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
-    best = BestRound(data, to_params(model))
+    best = BestRound(data, to_params(model), ctx.cfg.round_choice == "whole")
     for rnd in range(1, ctx.cfg.rounds + 1):  # a fresh Adam per "round", like the federated methods
         train_local(model, x, y, cfg, gen)
         best.offer(rnd, to_params(model), _predictor(model))
@@ -450,7 +458,7 @@ def run_averaging(
     # One global model (every tensor shared): keep its best round on validation. FedBN's clinics keep
     # their own norms, so it has no single model to choose: it reports its last round.
     selectable = set(strategy.global_params) == set(to_params(init))
-    best = BestRound(data, to_params(init))
+    best = BestRound(data, to_params(init), ctx.cfg.round_choice == "whole")
 
     def score_round(rnd: int) -> None:
         if ctx.on_round is not None:
@@ -557,7 +565,7 @@ def run_hsl(
         )
     strategy.initialize(to_params(init), list(data.names))
     choices = anchor_choices(data.public_x, data.public_y)
-    best = BestRound(data, to_params(init))
+    best = BestRound(data, to_params(init), ctx.cfg.round_choice == "whole")
 
     def score_round(rnd: int) -> None:
         # HSL keeps its best round (§1.4), chosen on the small clinics' validation splits, never on test.
@@ -621,7 +629,7 @@ def run_fedavg_hsl_steps(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
         model.load_state_dict(init.state_dict())
         learners[c] = HslStepsLearner(c, model, data.clinics[c], len(data.public_y), cfg, ctx.seed * 100 + k)
     strategy.initialize(to_params(init), list(data.names))
-    best = BestRound(data, to_params(init))
+    best = BestRound(data, to_params(init), ctx.cfg.round_choice == "whole")
 
     def score_round(rnd: int) -> None:
         if ctx.on_round is not None:

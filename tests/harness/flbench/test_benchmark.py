@@ -31,6 +31,12 @@ def test_cached_runs_are_reused_only_with_the_same_settings() -> None:
     assert same_settings("fedavg_aug", {**ditto, "ditto_lam": 1.0}, ditto)
     assert not same_settings("ditto_rc_cons", {**ditto, "ditto_lam": 1.0}, ditto)
     assert not same_settings("ditto_aug", {**ditto, "ditto_lr": 0.1}, {**ditto, "ditto_lr": 0.01})
+    # How a kept round was chosen matters only to a record that kept one; a record made before the setting
+    # existed chose it on the clinics' own validation images.
+    whole = {**cfg, "round_choice": "whole"}
+    assert not same_settings("fedavg_aug", dict(cfg), whole)
+    assert same_settings("fedavg_aug", dict(cfg), {**cfg, "round_choice": "own"})
+    assert same_settings("pfednet_rc_cons", dict(cfg), whole, keeps_round=False)
 
 
 def test_parse_methods() -> None:
