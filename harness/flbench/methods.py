@@ -568,7 +568,7 @@ def run_hsl(
     best = BestRound(data, to_params(init), ctx.cfg.round_choice == "whole")
 
     def score_round(rnd: int) -> None:
-        # HSL keeps its best round (§1.4), chosen on the small clinics' validation splits, never on test.
+        # HSL keeps its best round (§1.4), chosen on validation (BestRound), never on test.
         if ctx.on_round is not None:
             ctx.on_round(rnd)
         candidate = hsl_mmoe()
@@ -617,7 +617,7 @@ def run_fedavg_hsl_steps(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     """FedAvg's GroupNorm CNN trained with HSL's loop and averaging, without the anchor task or the MMoE.
 
     Each clinic takes max(n, |public set|) class-balanced items per epoch (AdamW, wd 1e-4) and the mean is
-    unweighted, as in HSL; the best round is kept on the small clinics' validation AUC, as for HSL.
+    unweighted, as in HSL; the best round is kept on validation (BestRound), as for HSL.
     """
     init = _seeded(ctx.seed, lambda: fl_cnn(norm="group", num_outputs=data.spec.num_outputs))
     aug = ctx.cfg.augment
