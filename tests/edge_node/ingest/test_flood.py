@@ -63,8 +63,12 @@ def _silent(port: int) -> socket.socket:
 #: second in TIME_WAIT for a minute, and within seconds those hold every ephemeral port of the machine, so the
 #: next test's clients could not connect at all (measured: one run of this test left 14,071 of the 14,116
 #: odd-numbered ephemeral ports in TIME_WAIT, and bind() had spilled into the even ones connect() draws from).
+#: It runs at the lowest CPU priority: a flooding host is another machine, and on this one two churners
+#: spinning at full priority took the CPU from the listener and the PACS's client, so that a C-STORE
+#: waited on the scheduler, not on the listener's defences (4.0-4.1 s in two CI runs on a loaded box).
 _CHURN = """
-import contextlib, socket, struct, sys
+import contextlib, os, socket, struct, sys
+os.nice(19)
 source, port = sys.argv[1], int(sys.argv[2])
 reset = struct.pack("ii", 1, 0)
 while True:
