@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from edge_node.protocol.durable_file import write_text_durably
 from harness.flbench.datasets import BenchData, build_bench_data
 from harness.flbench.methods import METHODS, BenchConfig, MethodContext
+from harness.flbench.packages import package_versions
 from harness.flbench.plots import plot_auc
 from harness.flbench.results import Record, build_results, finalize_record, render_markdown
 from harness.flbench.setting import DEFAULT_PANEL, DEFAULT_SETTING, load_panel, load_setting
@@ -146,6 +147,7 @@ def run_benchmark(
     cache_dir.mkdir(exist_ok=True)
     config = spec.record_config()
     setting, panel = load_setting(spec.clinics_file), load_panel(spec.panel_file)
+    versions = package_versions()
     records: list[Record] = []
     t_start = time.perf_counter()
     for seed in spec.seeds:
@@ -185,7 +187,7 @@ def run_benchmark(
                 raw = METHODS[method](data, ctx)
             record = finalize_record(
                 method, seed, raw, time.perf_counter() - t0, config, counter.steps, counter.one_time_steps
-            )
+            ) | {"packages": versions}
             _write_json(cache, record)
             ckpt.clear()
             records.append(record)

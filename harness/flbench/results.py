@@ -13,6 +13,7 @@ from edge_node.protocol.envelope import DRIFT_ALARM_P, DRIFT_TOLERANCE, drift_al
 from edge_node.protocol.envelope_moments import MIN_FOLD_IMAGES
 from harness.flbench.datasets import SMALL_CLINICS
 from harness.flbench.envelope_rates import HOSTILE_STRETCH
+from harness.flbench.packages import describe_package_sets, package_sets
 from harness.flbench.scoring import finite_mean, selection_key
 from hub.rounds.envelope_influence import INFLUENCE_WARNING
 
@@ -554,6 +555,7 @@ def build_results(records: Sequence[Record], meta: Mapping[str, Any]) -> dict[st
         "methods": {m: summarize_method(rs) for m, rs in by.items()},
         "records": list(records),
         "targets": targets(records),
+        "packages": package_sets(records),
     }
 
 
@@ -563,6 +565,11 @@ def _f(stat: Mapping[str, float] | None, digits: int = 3) -> str:
     if stat.get("n", 1) > 1:
         return f"{stat['mean']:.{digits}f}±{stat['sd']:.{digits}f}"
     return f"{stat['mean']:.{digits}f}"
+
+
+def _paragraph(text: str) -> list[str]:
+    """A paragraph and the blank line after it; nothing for no text."""
+    return [text, ""] if text else []
 
 
 def _head(*cols: str) -> list[str]:
@@ -587,6 +594,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "its own profile; thresholds come from each clinic's validation split; unseen = a profile no clinic "
         "trained on; panel = mean over the out-of-envelope unseen panel.",
         "",
+        *_paragraph(describe_package_sets(results.get("packages", []))),
         *_head(
             "method",
             "n",

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -14,6 +15,7 @@ from harness.cli import app
 from harness.flbench.command import Skew, Task
 from harness.flbench.datasets import SKEWS, TASKS
 from harness.flbench.methods import METHODS
+from harness.flbench.packages import package_versions
 from harness.flbench.results import OURS
 from harness.flbench.stress import STRESSES
 from hub.training.checkpoint import load_checkpoint
@@ -44,6 +46,9 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     for r in doc["records"]:  # every model is also scored on its clinics' validation images under stress
         assert set(r["stress_val"]) == set(STRESSES), r["method"]
     assert doc["targets"]["under_stress"]["best_strategy"] in OURS
+    # every record names the versions its figures were made under, and the report names the one set
+    assert doc["packages"] == [{"versions": package_versions(), "records": len(doc["records"])}]
+    assert f"numpy {np.__version__}" in (out / "results.md").read_text()
     assert doc["targets"]["whole_val"]["best_strategy"] in OURS  # every strategy read on the whole split
     for r in doc["records"]:
         assert all(0.0 <= c["val_auc_whole"] <= 1.0 for c in r["clinics"].values()), r["method"]

@@ -398,3 +398,19 @@ def test_the_whole_split_has_its_own_small_mean_worst_clinic_and_targets() -> No
 
     assert targets(_records())["whole_split_checks"] == []
     assert "whole test split" not in render_markdown(build_results(_records(), META))
+
+
+def test_the_report_names_the_package_versions_its_records_were_made_under() -> None:
+    today = {"python": "3.11.2", "numpy": "2.4.6", "scipy": "1.17.1"}
+    before = {**today, "numpy": "2.4.5"}
+    records = _records()
+    for i, r in enumerate(records):
+        r["packages"] = today if i % 3 else before
+    one_set = render_markdown(build_results([{**r, "packages": today} for r in records], META))
+    assert "Made under python 3.11.2, numpy 2.4.6, scipy 1.17.1 (10 records)." in one_set
+    results = build_results([*records, *(_records()[:2])], META)  # two records made before versions were kept
+    assert [s["records"] for s in results["packages"]] == [6, 4, 2]
+    assert results["packages"][-1]["versions"] is None
+    md = render_markdown(results)
+    assert "Records made under 3 sets of package versions" in md
+    assert "numpy 2.4.5, scipy 1.17.1 (4 records)" in md and "not recorded (2 records" in md
