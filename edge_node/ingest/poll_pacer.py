@@ -10,10 +10,11 @@ associations that say nothing held three quarters of a core, almost all of it th
 The pacer gives every association the short DUL delay and an open checkpoint when it opens and on every PDU
 it receives (``EVT_DATA_RECV``, fired by the DUL thread before the PDU reaches DIMSE, so the association
 loop is running by the time a message is complete). A sweep every ``sweep_s`` finds the associations that
-received nothing since the previous sweep: their DUL gets the long delay and their association loop is
-parked on the checkpoint, where it costs no CPU. While parked, the sweep does that loop's checks for it:
-when the network timeout has expired, the DUL thread has ended, or an abort or a release request is pending
-(``loop_has_work``), it opens the checkpoint again, and pynetdicom's own loop aborts, releases or ends the
+received nothing since the previous sweep and have nothing on its way to their loop (``_in_flight``): their
+DUL gets the long delay and their association loop is parked on the checkpoint, where it costs no CPU.
+While parked, the sweep does that loop's checks for it: when the network timeout has expired, the DUL thread
+has ended, an abort or a release request is pending (``loop_has_work``) or a late message has reached DIMSE,
+it opens the checkpoint again, and pynetdicom's own loop aborts, releases or ends the
 association as it would have. The ACSE timeout is the DUL's ARTIM timer, which the DUL loop checks on every
 poll, parked or not.
 
@@ -35,6 +36,22 @@ from edge_node.delivery.association_loop import loop_has_work, set_dul_delay
 __all__ = ["PollPacer"]
 
 logger = logging.getLogger(__name__)
+
+
+def _in_flight(assoc: Association) -> bool:
+    """True while a PDU the association received is still on its way to the association loop.
+
+    ``EVT_DATA_RECV`` fires before the DUL decodes the PDU; the DUL's state machine then hands a P-DATA to
+    DIMSE, which queues the message once it is whole, and an A-RELEASE to the ACSE queue. On a loaded machine
+    the DUL thread can wait longer than a sweep between those steps: a sweep that parked the loop meanwhile
+    left a C-ECHO served only when the network timeout woke the loop, which then aborted (measured in the
+    flood test, pynetdicom transport). Unprocessed DUL events, a queued primitive or a whole DIMSE message
+    keep the loop running.
+    """
+    dul = assoc.dul
+    return (
+        not (dul.event_queue.empty() and dul.to_user_queue.empty()) or assoc.dimse.peek_msg()[1] is not None
+    )
 
 
 class PollPacer:
@@ -88,7 +105,7 @@ class PollPacer:
         with self._lock:
             busy, self._busy = self._busy, set()
             for assoc in list(self._associations()):
-                if loop_has_work(assoc):
+                if loop_has_work(assoc) or _in_flight(assoc):
                     assoc._reactor_checkpoint.set()
                 elif id(assoc) not in busy and assoc.is_established:
                     set_dul_delay(assoc, self.idle_s)

@@ -27,10 +27,12 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from edge_node.delivery.association_loop import ParkedLoop
+from edge_node.delivery.association_loop import ParkedLoop, loop_has_work
 from edge_node.ingest.listener import (
     DUL_LOOP_DELAY_S,
     IDLE_DUL_LOOP_DELAY_S,
@@ -240,6 +242,72 @@ def test_an_idle_association_polls_slowly_until_it_receives_again(pynetdicom_edg
     while server.active_associations and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not server.active_associations
+
+
+def test_a_message_that_reaches_a_parked_loop_late_is_served(pynetdicom_edge: Running) -> None:
+    """The DUL fires the pacer's wake-up before it decodes a PDU; on a loaded machine the message can reach
+    DIMSE after a sweep has parked the loop. It is served at the next sweep, not at the network timeout."""
+    edge = pynetdicom_edge
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    with sending(ae, edge.port) as assoc:
+        server = edge.listener._server
+        assert server is not None and server.active_associations
+        acceptor = server.active_associations[0]
+        time.sleep(0.8)  # more than two sweeps without a PDU: parked
+        assert not acceptor._reactor_checkpoint.is_set()
+        # What the DUL hands DIMSE once it is scheduled again: a whole C-ECHO request, with no PDU event.
+        late = C_ECHO()
+        late.MessageID = 7
+        late.AffectedSOPClassUID = Verification
+        context_id = acceptor.accepted_contexts[0].context_id
+        assert context_id is not None
+        acceptor.dimse.msg_queue.put((context_id, late))
+        deadline = time.monotonic() + 2  # the network timeout here is 30 s
+        while acceptor.dimse.peek_msg()[1] is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert acceptor.dimse.peek_msg()[1] is None  # taken by the association loop ...
+        while assoc.dimse.peek_msg()[1] is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answer = assoc.dimse.peek_msg()[1]  # ... and answered (our own loop is parked: it stays queued)
+        assert isinstance(answer, C_ECHO) and answer.MessageIDBeingRespondedTo == 7 and answer.Status == 0
+        assert acceptor.is_established and not acceptor.is_aborted
+    assert assoc.is_released
+
+
+def test_looking_for_a_parked_loop_s_work_leaves_the_release_request_to_it(pynetdicom_edge: Running) -> None:
+    """The pacer's sweep asks whether a parked loop has work; the answer must not take the peer's A-RELEASE
+    request off the queue, or the woken loop finds nothing to answer and the peer waits for the network
+    timeout's abort."""
+    edge = pynetdicom_edge
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE")
+    try:
+        assert assoc.is_established
+        server = edge.listener._server
+        assert server is not None and server.active_associations
+        acceptor = server.active_associations[0]
+        time.sleep(0.8)  # parked
+        assert not acceptor._reactor_checkpoint.is_set()
+        # What the DUL queues for the loop when the peer asks to release, looked at as a sweep does (holding
+        # the pacer's lock: no sweep may wake the loop for a request the peer never sent), then taken back.
+        with edge.listener._pacer._lock:
+            request = A_RELEASE()
+            acceptor.dul.to_user_queue.put(request)
+            assert loop_has_work(acceptor)
+            assert acceptor.dul.peek_next_pdu() is request  # still there for the loop
+            acceptor.dul.receive_pdu(wait=False)
+        # The peer's real request reaches the parked loop, which answers it: released, not aborted.
+        assoc.release()
+        assert assoc.is_released
+        deadline = time.monotonic() + 5
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert acceptor.is_released and not acceptor.is_aborted
+    finally:
+        if assoc.is_established:
+            assoc.abort()
 
 
 def test_an_idle_association_ends_at_the_network_timeout(tmp_path: Path, mode: ReceiveMode) -> None:
