@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,8 +27,15 @@ from tests.edge_node.conftest import acknowledged_files, echoscu, make_ct_instan
 from tests.edge_node.ingest.conftest import ReceiveMode
 
 #: The stated bound: a legitimate C-ECHO, and a C-STORE of one image, each answered within this time while
-#: the flood holds every connection its address may have.
-ANSWER_WITHIN_S = 3.0
+#: the flood holds every connection its address may have, plus LOAD_ALLOWANCE times the slowest answer the
+#: same listener gave moments before, unflooded. Unloaded, answers take 0.05-0.3 s, so the bound is about
+#: 2.7 s and still fails on a PACS whose connection request the kernel dropped twice (1 s + 2 s of SYN
+#: retries: what a listen backlog of 5 gave). On a box busy with other work the unflooded answers slow too
+#: and the bound widens with them: a fixed 3 s failed once at 3.16 s in a CI run beside two benchmark
+#: processes (measured since, six CPU-bound processes on the two cores: unflooded answers up to 0.17 s,
+#: flooded up to 1.4 s, bound 3.0-3.2 s).
+ANSWER_WITHIN_S = 2.5
+LOAD_ALLOWANCE = 4
 FLOOD_FROM = "127.0.0.2"  # Linux routes all of 127/8 to loopback: a second source address on one machine
 PER_PEER = 3
 
@@ -79,10 +88,29 @@ while True:
 """
 
 
-def _timed(fn: object) -> float:
+def _timed(fn: Callable[[], bool]) -> float:
     t0 = time.monotonic()
-    assert callable(fn) and fn()
+    assert fn()
     return time.monotonic() - t0
+
+
+@dataclass
+class _Bound:
+    """ANSWER_WITHIN_S widened by what the box's load does to the same answers without a flood."""
+
+    unflooded_s: float
+
+    @property
+    def seconds(self) -> float:
+        return ANSWER_WITHIN_S + LOAD_ALLOWANCE * self.unflooded_s
+
+    def check(self, fn: Callable[[], bool], what: str) -> None:
+        took = _timed(fn)
+        load = os.getloadavg()[0]
+        assert took < self.seconds, (
+            f"{what} answered in {took:.2f} s under the flood, bound {self.seconds:.2f} s "
+            f"(the slowest unflooded answer here {self.unflooded_s:.2f} s; load average {load:.1f})"
+        )
 
 
 def test_floods_from_one_address_leave_the_pacs_answered(
@@ -95,11 +123,17 @@ def test_floods_from_one_address_leave_the_pacs_answered(
         proc = storescu(port, image)
         return len(acknowledged_files(proc.stdout + proc.stderr)[0]) == 1
 
+    def echo_one() -> bool:
+        return echoscu(port)
+
+    # 0. The same answers without a flood, to see what the box's load does to them.
+    bound = _Bound(max(_timed(op) for op in (echo_one, store_one) * 3))
+
     # 1. Idle sockets: 50 TCP connections that never speak.
     silent = [_silent(port) for _ in range(50)]
     time.sleep(0.3)
-    assert _timed(lambda: echoscu(port)) < ANSWER_WITHIN_S
-    assert _timed(store_one) < ANSWER_WITHIN_S
+    bound.check(echo_one, "C-ECHO")
+    bound.check(store_one, "C-STORE")
 
     # 2. Connect-and-close in a loop from the same address, while the PACS talks. The churners are processes
     #    of their own, as a flooding host is: threads here would share the listener's interpreter lock.
@@ -107,8 +141,8 @@ def test_floods_from_one_address_leave_the_pacs_answered(
     time.sleep(0.5)  # the flood is on before the PACS talks
     try:
         for _ in range(3):
-            assert _timed(lambda: echoscu(port)) < ANSWER_WITHIN_S
-        assert _timed(store_one) < ANSWER_WITHIN_S
+            bound.check(echo_one, "C-ECHO")
+        bound.check(store_one, "C-STORE")
         assert all(c.poll() is None for c in churners)  # still flooding
     finally:
         for c in churners:
@@ -122,8 +156,8 @@ def test_floods_from_one_address_leave_the_pacs_answered(
     ae.add_requested_context(Verification)
     held = [ae.associate("127.0.0.1", port, ae_title="EDGE", bind_address=(FLOOD_FROM, 0)) for _ in range(6)]
     assert sum(a.is_established for a in held) <= PER_PEER
-    assert _timed(lambda: echoscu(port)) < ANSWER_WITHIN_S
-    assert _timed(store_one) < ANSWER_WITHIN_S
+    bound.check(echo_one, "C-ECHO")
+    bound.check(store_one, "C-STORE")
     for a in held:
         if a.is_established:
             a.release()
