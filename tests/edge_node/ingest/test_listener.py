@@ -219,18 +219,24 @@ def test_an_idle_native_association_costs_no_cpu(tmp_path: Path) -> None:
         running.store.close()
 
 
+def _parked_acceptor(edge: Running) -> Association:
+    """The node's side of the one open association, once the pacer has parked its association loop."""
+    server = edge.listener._server
+    assert server is not None and server.active_associations
+    acceptor = server.active_associations[0]
+    time.sleep(0.8)  # more than two sweeps without a PDU
+    assert not acceptor._reactor_checkpoint.is_set()
+    return acceptor
+
+
 def test_an_idle_association_polls_slowly_until_it_receives_again(pynetdicom_edge: Running) -> None:
     edge = pynetdicom_edge
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     with sending(ae, edge.port) as assoc:
-        server = edge.listener._server
-        assert server is not None and server.active_associations
-        acceptor = server.active_associations[0]
-        time.sleep(0.8)  # more than two sweeps without a PDU
-        assert acceptor.dul._run_loop_delay == IDLE_DUL_LOOP_DELAY_S
         # The association loop is parked on pynetdicom's checkpoint (no 1 ms wake-ups) ...
-        assert not acceptor._reactor_checkpoint.is_set()
+        acceptor = _parked_acceptor(edge)
+        assert acceptor.dul._run_loop_delay == IDLE_DUL_LOOP_DELAY_S
         assert acceptor._is_paused
         # ... and runs again for the next PDU: answered, at most one slow poll late.
         assert int(assoc.send_c_echo().Status) == 0
@@ -238,6 +244,8 @@ def test_an_idle_association_polls_slowly_until_it_receives_again(pynetdicom_edg
         assert acceptor._reactor_checkpoint.is_set()
         assert int(assoc.send_c_echo().Status) == 0
     # A release reaches a parked loop too: the acceptor is gone, not left waiting.
+    server = edge.listener._server
+    assert server is not None
     deadline = time.monotonic() + 5
     while server.active_associations and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -251,11 +259,7 @@ def test_a_message_that_reaches_a_parked_loop_late_is_served(pynetdicom_edge: Ru
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     with sending(ae, edge.port) as assoc:
-        server = edge.listener._server
-        assert server is not None and server.active_associations
-        acceptor = server.active_associations[0]
-        time.sleep(0.8)  # more than two sweeps without a PDU: parked
-        assert not acceptor._reactor_checkpoint.is_set()
+        acceptor = _parked_acceptor(edge)
         # What the DUL hands DIMSE once it is scheduled again: a whole C-ECHO request, with no PDU event.
         late = C_ECHO()
         late.MessageID = 7
@@ -285,11 +289,7 @@ def test_looking_for_a_parked_loop_s_work_leaves_the_release_request_to_it(pynet
     assoc = ae.associate("127.0.0.1", edge.port, ae_title="EDGE")
     try:
         assert assoc.is_established
-        server = edge.listener._server
-        assert server is not None and server.active_associations
-        acceptor = server.active_associations[0]
-        time.sleep(0.8)  # parked
-        assert not acceptor._reactor_checkpoint.is_set()
+        acceptor = _parked_acceptor(edge)
         # What the DUL queues for the loop when the peer asks to release, looked at as a sweep does (holding
         # the pacer's lock: no sweep may wake the loop for a request the peer never sent), then taken back.
         with edge.listener._pacer._lock:
@@ -301,9 +301,7 @@ def test_looking_for_a_parked_loop_s_work_leaves_the_release_request_to_it(pynet
         # The peer's real request reaches the parked loop, which answers it: released, not aborted.
         assoc.release()
         assert assoc.is_released
-        deadline = time.monotonic() + 5
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.02)
+        acceptor.join(5)  # its loop ends with the release
         assert acceptor.is_released and not acceptor.is_aborted
     finally:
         if assoc.is_established:
