@@ -36,6 +36,7 @@ from harness.flbench.stress import stress_validation
 from hub.fl.aggregate import weighted_mean
 from hub.fl.compress import TopKCompressor
 from hub.fl.fedbn import is_norm_buffer
+from hub.fl.hsl import HSL
 from hub.fl.pfednet import PERSONAL_PARTS, PFedNet
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
@@ -605,12 +606,32 @@ def run_hsl(
         "anchor_weight": sat_weight,
         "fusion": how,
         **best.extra(),
+        **_product_choice(data, strategy, hsl_mmoe(), choices["mean"], ctx.cfg.rounds),
         "anchor_auc": stability,
         "anchor_auc_spread": float(max(means) - min(means)),
         "self_paired_mean_clinic_auc": float(np.mean([self_paired["clinics"][c]["auc"] for c in data.names])),
         "params": count_params(net),
     }
     return result
+
+
+def _product_choice(
+    data: BenchData, strategy: Strategy, net: HslMmoe, anchor: torch.Tensor, rounds: int
+) -> dict[str, float]:
+    """What the product's HSL deploys, scored as the bench's choice is. ``hub.fl.hsl`` keeps the round with
+    the highest mean of the ``val_auc`` the nodes report; no learner reports one (``HslLearner`` returns its
+    loss only), so it keeps none and ``best_params`` is the last round's model."""
+    assert isinstance(strategy, HSL)
+    load_params(net, strategy.best_params)
+    deploy = _predictor(anchored(net.eval(), anchor))
+    scored = evaluate(data, dict.fromkeys(data.names, deploy), deploy)
+    aucs = {c: float(m["auc"]) for c, m in scored["clinics"].items()}
+    return {
+        "product_round": float(strategy.best_round or rounds),
+        "product_round_small_auc": finite_mean([aucs[c] for c in data.small]),
+        "product_round_worst_auc": min(aucs.values()),
+        "product_round_panel_auc": float(scored.get("panel_mean", {}).get("auc", math.nan)),
+    }
 
 
 def run_fedavg_hsl_steps(data: BenchData, ctx: MethodContext) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The shared anchor task (SAT) and the MMoE heads live in the client's learner; the server's part is small:
 every tensor is shared, the mean is unweighted (w = (1/K) Σ_k w_k, not by sample count, §1.5), and the final
-model is the averaged model of the round with the highest mean validation AUC reported by the nodes.
+model is the averaged model of the round with the highest mean validation AUC reported by the nodes
+(fedclinic's learner reports none: the last round).
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ logger = logging.getLogger(__name__)
 class HSL(DeltaAveraging):
     """Unweighted averaging of every tensor; tracks the best round by the clients' mean validation AUC.
 
-    Each node uploads ``best_checkpoint_of_round - params_sent`` (the client picks its best-validation
+    In the paper each node uploads ``best_checkpoint_of_round - params_sent`` (its best-validation
     checkpoint, §1.5) and reports ``metrics[auc_key]`` (validation AUC of that checkpoint). The mean over
     the nodes that reported it goes into ``auc_by_round``; ``best_round`` / ``best_params`` are the round
-    with the highest mean and the averaged model it produced. Tasks carry the fixed loss weights
-    ``primary_weight`` and ``sat_weight`` (0.5 / 0.5 in the paper's code, §1.4).
+    with the highest mean and the averaged model it produced. fedclinic's learner
+    (``hub.training.hsl_train.HslLearner``) uploads its state at the end of the round and reports no AUC,
+    so ``best_params`` is the last round's (a small clinic's few validation images would choose badly).
+    Tasks carry the fixed loss weights ``primary_weight`` and ``sat_weight`` (0.5 / 0.5 in the paper's
+    code, §1.4).
     """
 
     name = "hsl"
