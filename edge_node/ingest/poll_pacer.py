@@ -9,14 +9,14 @@ associations that say nothing held three quarters of a core, almost all of it th
 
 The pacer gives every association the short DUL delay and an open checkpoint when it opens and on every PDU
 it receives (``EVT_DATA_RECV``, fired by the DUL thread before the PDU reaches DIMSE, so the association
-loop is running by the time a message is complete). A sweep every ``sweep_s`` finds the associations that
-received nothing since the previous sweep and have nothing on its way to their loop (``_in_flight``): their
-DUL gets the long delay and their association loop is parked on the checkpoint, where it costs no CPU.
-While parked, the sweep does that loop's checks for it: when the network timeout has expired, the DUL thread
-has ended, an abort or a release request is pending (``loop_has_work``) or a late message has reached DIMSE,
-it opens the checkpoint again, and pynetdicom's own loop aborts, releases or ends the
-association as it would have. The ACSE timeout is the DUL's ARTIM timer, which the DUL loop checks on every
-poll, parked or not.
+loop is usually running by the time a message is complete). A sweep every ``sweep_s`` finds the
+associations that received nothing since the previous sweep and have nothing on its way to their loop
+(``_in_flight``): their DUL gets the long delay and their association loop is parked on the checkpoint,
+where it costs no CPU. While parked, the sweep does that loop's checks for it: when the network timeout has
+expired, the DUL thread has ended, an abort or a release request is pending (``loop_has_work``) or a late
+message has reached DIMSE, it opens the checkpoint again, and pynetdicom's own loop aborts, releases or ends
+the association as it would have. The ACSE timeout is the DUL's ARTIM timer, which the DUL loop checks on
+every poll, parked or not.
 
 Cost of a parked association: ``1 / idle_s`` DUL polls a second; the first PDU after a pause waits at most
 ``idle_s`` (the DUL's sleep), then the association runs at full pace again.
@@ -43,10 +43,10 @@ def _in_flight(assoc: Association) -> bool:
 
     ``EVT_DATA_RECV`` fires before the DUL decodes the PDU; the DUL's state machine then hands a P-DATA to
     DIMSE, which queues the message once it is whole, and an A-RELEASE to the ACSE queue. On a loaded machine
-    the DUL thread can wait longer than a sweep between those steps: a sweep that parked the loop meanwhile
-    left a C-ECHO served only when the network timeout woke the loop, which then aborted (measured in the
-    flood test, pynetdicom transport). Unprocessed DUL events, a queued primitive or a whole DIMSE message
-    keep the loop running.
+    the DUL thread can wait longer than a sweep between those steps, and a sweep that parked the loop
+    meanwhile would leave the message to the network timeout's wake-up, which aborts. (Found while reading
+    the code for the release bug in ``loop_has_work``, not seen in a run; the listener test builds it.)
+    Unprocessed DUL events, a queued primitive or a whole DIMSE message keep the loop running.
     """
     dul = assoc.dul
     return (
