@@ -267,13 +267,11 @@ def test_a_message_that_reaches_a_parked_loop_late_is_served(pynetdicom_edge: Ru
         context_id = acceptor.accepted_contexts[0].context_id
         assert context_id is not None
         acceptor.dimse.msg_queue.put((context_id, late))
-        deadline = time.monotonic() + 2  # the network timeout here is 30 s
-        while acceptor.dimse.peek_msg()[1] is not None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert acceptor.dimse.peek_msg()[1] is None  # taken by the association loop ...
-        while assoc.dimse.peek_msg()[1] is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        answer = assoc.dimse.peek_msg()[1]  # ... and answered (our own loop is parked: it stays queued)
+        # Taken by the association loop within a sweep or two (the network timeout here is 30 s) ...
+        assert until(lambda: acceptor.dimse.peek_msg()[1] is None, within=2)
+        # ... and answered (our own loop is parked: the answer stays queued).
+        assert until(lambda: assoc.dimse.peek_msg()[1] is not None, within=2)
+        answer = assoc.dimse.peek_msg()[1]
         assert isinstance(answer, C_ECHO) and answer.MessageIDBeingRespondedTo == 7 and answer.Status == 0
         assert acceptor.is_established and not acceptor.is_aborted
     assert assoc.is_released
