@@ -36,7 +36,6 @@ from harness.flbench.stress import stress_validation
 from hub.fl.aggregate import weighted_mean
 from hub.fl.compress import TopKCompressor
 from hub.fl.fedbn import is_norm_buffer
-from hub.fl.hsl import HSL
 from hub.fl.pfednet import PERSONAL_PARTS, PFedNet
 from hub.fl.registry import make_strategy
 from hub.fl.strategy import Params, Strategy
@@ -618,16 +617,15 @@ def run_hsl(
 def _product_choice(
     data: BenchData, strategy: Strategy, net: HslMmoe, anchor: torch.Tensor, rounds: int
 ) -> dict[str, float]:
-    """What the product's HSL deploys, scored as the bench's choice is. ``hub.fl.hsl`` keeps the round with
-    the highest mean of the ``val_auc`` the nodes report; no learner reports one (``HslLearner`` returns its
-    loss only), so it keeps none and ``best_params`` is the last round's model."""
-    assert isinstance(strategy, HSL)
-    load_params(net, strategy.best_params)
+    """What the product's HSL deploys, scored as the bench's choice is: the last round's averaged model, as
+    for every strategy in ``hub.fl`` (the bench's own choice reads the whole validation split, which no
+    federation has)."""
+    load_params(net, strategy.global_params)
     deploy = _predictor(anchored(net.eval(), anchor))
     scored = evaluate(data, dict.fromkeys(data.names, deploy), deploy)
     aucs = {c: float(m["auc"]) for c, m in scored["clinics"].items()}
     return {
-        "product_round": float(strategy.best_round or rounds),
+        "product_round": float(rounds),
         "product_round_small_auc": finite_mean([aucs[c] for c in data.small]),
         "product_round_worst_auc": min(aucs.values()),
         "product_round_panel_auc": float(scored.get("panel_mean", {}).get("auc", math.nan)),

@@ -29,9 +29,7 @@ Usage by a runner (simulation or round controller); every update is ``local_afte
         model_c0 = {**local_state["c0"], **strategy.params_for("c0")}  # what client c0 evaluates
 
 Bad updates (NaN/Inf, wrong names, shape or dtype, norm above ``max_norm``) are not exceptions: they end
-up in ``record.failures`` with a reason. HSL: ``strategy.best_round`` / ``best_params`` pick the round with
-the best mean ``val_auc`` reported in ``metrics`` (fedclinic's HSL learner reports none, so they stay at
-the last round). FedHelp: ``make_strategy("fedhelp",
+up in ``record.failures`` with a reason. FedHelp: ``make_strategy("fedhelp",
 large_clients=[...])`` (see ``roles_by_size``). pFedNet: ``edges=[("c0", "c1"), ...]`` or a stats round.
 
 A round controller persists a strategy between rounds with ``state_to_bytes(strategy.state_dict())`` and

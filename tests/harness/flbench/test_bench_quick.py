@@ -58,8 +58,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
     }
     hsl = next(r for r in doc["records"] if r["method"] == "hsl")
     assert len(hsl["extra"]["anchor_auc"]) >= 6  # the mean anchor + single images of both classes
-    # Beside the bench's choice, what the product's HSL deploys (its last round: no learner reports the
-    # validation AUC it would keep a round by), scored the same way: the same model where both agree.
+    # Beside the bench's choice, what the product's HSL deploys (its last round, as every strategy in
+    # hub.fl), scored the same way: the same model where both agree.
     assert hsl["extra"]["product_round"] == 2.0
     if hsl["extra"]["product_round"] == hsl["extra"]["best_round"]:
         assert hsl["extra"]["product_round_small_auc"] == pytest.approx(hsl["small_auc"])

@@ -22,6 +22,7 @@ from hub.fl.pfednet import (
     personal_part,
     proximal_personal_step,
 )
+from hub.fl.state import state_from_bytes, state_to_bytes
 from hub.fl.strategy import ClientResult, Params
 
 # -- HSL ----------------------------------------------------------------------------------------------------
@@ -34,9 +35,9 @@ def test_hsl_is_unweighted_over_all_tensors_including_bn(tiny_model: Params) -> 
     assert sorted(ta.params) == sorted(tiny_model)  # everything is shared, BN stats included
     assert ta.config == {"primary_weight": 0.5, "sat_weight": 0.5}
     full = {"conv.weight": [1.0, 1.0], "bn1.weight": [0.0], "bn1.running_mean": [2.0]}
-    ra = make_result(ta, {**full, "bn1.num_batches_tracked": 10, "fc.bias": [1.0]}, 1000, {"val_auc": 0.8})
+    ra = make_result(ta, {**full, "bn1.num_batches_tracked": 10, "fc.bias": [1.0]}, 1000)
     full_b = {"conv.weight": [3.0, -1.0], "bn1.weight": [1.0], "bn1.running_mean": [4.0]}
-    rb = make_result(tb, {**full_b, "bn1.num_batches_tracked": 20, "fc.bias": [0.0]}, 10, {"val_auc": 0.6})
+    rb = make_result(tb, {**full_b, "bn1.num_batches_tracked": 20, "fc.bias": [0.0]}, 10)
     new = s.aggregate(1, [ra, rb], [])
     assert new is not None
     # unweighted despite 1000 vs 10 examples: conv = [1,2] + ([1,1]+[3,-1])/2 = [1,2] + [2,0] = [3,2]
@@ -45,22 +46,26 @@ def test_hsl_is_unweighted_over_all_tensors_including_bn(tiny_model: Params) -> 
     np.testing.assert_array_equal(new["bn1.running_mean"], [3.0])
     assert int(new["bn1.num_batches_tracked"]) == 15
     np.testing.assert_array_equal(new["fc.bias"], [1.0])
-    # mean validation AUC (0.8 + 0.6)/2 = 0.7 is recorded
-    assert s.auc_by_round == {1: pytest.approx(0.7)}
-    assert s.history[-1].metrics["mean_val_auc"] == pytest.approx(0.7)
 
 
-def test_hsl_keeps_the_best_rounds_model(tiny_model: Params) -> None:
+def test_hsl_hands_on_its_last_round_and_reads_a_state_that_tracked_a_best_one(tiny_model: Params) -> None:
     s = HSL()
     s.initialize(tiny_model, ["a"])
     zero = {n: np.zeros_like(a) for n, a in tiny_model.items()}
     for rnd, auc, step in [(1, 0.7, 1.0), (2, 0.9, 2.0), (3, 0.8, 4.0)]:
         (t,) = s.configure_round(rnd, ["a"])
         s.aggregate(rnd, [make_result(t, {**zero, "fc.bias": [step]}, 5, {"val_auc": auc})], [])
-    # fc.bias: 0.5 -> 1.5 (r1) -> 3.5 (r2, best AUC 0.9) -> 7.5 (r3)
-    assert s.best_round == 2
-    np.testing.assert_array_equal(s.best_params["fc.bias"], [3.5])
+    # fc.bias: 0.5 -> 1.5 -> 3.5 -> 7.5; a reported validation AUC chooses nothing (round 2's 0.9 included)
     np.testing.assert_array_equal(s.global_params["fc.bias"], [7.5])
+    # A state saved while HSL also kept the best reported round (auc_by_round, best_round, best/*) loads,
+    # and the restored strategy goes on from the last round's model.
+    state = s.state_dict()
+    state.update({"auc_by_round": {"1": 0.7, "2": 0.9}, "best_round": 2, "best/fc.bias": np.array([3.5])})
+    restored = HSL()
+    restored.load_state_dict(state_from_bytes(state_to_bytes(state)))
+    np.testing.assert_array_equal(restored.global_params["fc.bias"], [7.5])
+    (t,) = restored.configure_round(4, ["a"])
+    np.testing.assert_array_equal(t.params["fc.bias"], [7.5])
 
 
 # -- FedHelp ------------------------------------------------------------------------------------------------
