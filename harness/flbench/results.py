@@ -881,12 +881,18 @@ def _threshold_lines(with_envelope: Mapping[str, Mapping[str, Any]], fitted: str
     ]
 
 
-def _extras_line(extras: Sequence[Mapping[str, Any]]) -> str:
+def _extras_line(all_extras: Sequence[Mapping[str, Any]]) -> str:
+    """One method's extras, each averaged over the records that have it: a report can mix records made
+    before an extra existed with later ones (a key the first record lacks still shows; a partial one says
+    on how many records it rests)."""
     parts = []
-    first = extras[0]
-    for key, value in first.items():
+    keys = dict.fromkeys(key for e in all_extras for key in e)
+    for key in keys:
+        extras = [e for e in all_extras if key in e]
+        value = extras[0][key]
+        partial = f" ({len(extras)} of {len(all_extras)} records)" if len(extras) < len(all_extras) else ""
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            parts.append(f"{key} {_f(_ms([float(e[key]) for e in extras]))}")
+            parts.append(f"{key} {_f(_ms([float(e[key]) for e in extras]))}{partial}")
         elif isinstance(value, Mapping) and key == "distill":
             gaps = _ms([float(e[key]["gap"]) for e in extras])
             t = _ms([float(e[key]["teacher_mean_clinic_auc"]) for e in extras])

@@ -414,3 +414,21 @@ def test_the_report_names_the_package_versions_its_records_were_made_under() -> 
     md = render_markdown(results)
     assert "Records made under 3 sets of package versions" in md
     assert "numpy 2.4.5, scipy 1.17.1 (4 records)" in md and "not recorded (2 records" in md
+
+
+def test_a_report_mixing_records_from_before_an_extra_existed_averages_it_where_recorded() -> None:
+    """Records made before an extra was added (hsl's product_round_*) merge with later ones in one report."""
+    extra_new = {"best_round": 4.0, "product_round": 12.0, "product_round_small_auc": 0.70}
+    recs = [
+        finalize_record("hsl", 0, _raw([0.8] * 6, 0.7, extra={"best_round": 6.0}), 1, {}),
+        finalize_record("hsl", 1, _raw([0.8] * 6, 0.7, extra=extra_new), 1, {}),
+        finalize_record(
+            "hsl", 2, _raw([0.8] * 6, 0.7, extra={**extra_new, "product_round_small_auc": 0.74}), 1, {}
+        ),
+    ]
+    md = render_markdown(build_results(recs, META))
+    line = next(x for x in md.splitlines() if x.startswith("- **hsl**"))
+    assert line == (
+        "- **hsl**: best_round 4.667±1.155; product_round 12.000±0.000 (2 of 3 records); "
+        "product_round_small_auc 0.720±0.028 (2 of 3 records)"
+    )
