@@ -568,7 +568,9 @@ def run_hsl(
     best = BestRound(data, to_params(init), ctx.cfg.round_choice == "whole")
 
     def score_round(rnd: int) -> None:
-        # HSL keeps its best round (§1.4), chosen on validation (BestRound), never on test.
+        # The bench keeps HSL's best round on validation (BestRound), never on test, as it does for
+        # every method; the product hands on the last round (docs/algorithms.md §1.5), and
+        # product_round_* in the record scores that one.
         if ctx.on_round is not None:
             ctx.on_round(rnd)
         candidate = hsl_mmoe()
@@ -636,7 +638,7 @@ def run_fedavg_hsl_steps(data: BenchData, ctx: MethodContext) -> dict[str, Any]:
     """FedAvg's GroupNorm CNN trained with HSL's loop and averaging, without the anchor task or the MMoE.
 
     Each clinic takes max(n, |public set|) class-balanced items per epoch (AdamW, wd 1e-4) and the mean is
-    unweighted, as in HSL; the best round is kept on validation (BestRound), as for HSL.
+    unweighted, as in HSL; the bench keeps its best round on validation (BestRound), as for HSL's.
     """
     init = _seeded(ctx.seed, lambda: fl_cnn(norm="group", num_outputs=data.spec.num_outputs))
     aug = ctx.cfg.augment
