@@ -568,9 +568,9 @@ def run_hsl(
     best = BestRound(data, to_params(init), ctx.cfg.round_choice == "whole")
 
     def score_round(rnd: int) -> None:
-        # The bench keeps HSL's best round on validation (BestRound), never on test, as it does for
-        # every method; the product hands on the last round (docs/algorithms.md §1.5), and
-        # product_round_* in the record scores that one.
+        # The bench keeps HSL's best round on validation (BestRound), never on test, as for every
+        # method with one deployable model; the product hands on the last round (docs/algorithms.md
+        # §1.5), and product_round_* in the record scores that one.
         if ctx.on_round is not None:
             ctx.on_round(rnd)
         candidate = hsl_mmoe()
