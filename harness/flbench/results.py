@@ -882,37 +882,44 @@ def _threshold_lines(with_envelope: Mapping[str, Mapping[str, Any]], fitted: str
 
 
 def _extras_line(all_extras: Sequence[Mapping[str, Any]]) -> str:
-    """One method's extras, each averaged over the records that have it: a report can mix records made
-    before an extra existed with later ones (a key the first record lacks still shows; a partial one says
-    on how many records it rests)."""
+    """One method's extras, each read over the records that have it: a report can mix records made before
+    an extra existed with later ones (a key the first record lacks still shows; a partial one says on how
+    many records it rests)."""
     parts = []
     keys = dict.fromkeys(key for e in all_extras for key in e)
     for key in keys:
         extras = [e for e in all_extras if key in e]
-        value = extras[0][key]
+        part = _extra_part(key, extras)
+        if part is None:
+            continue
         partial = f" ({len(extras)} of {len(all_extras)} records)" if len(extras) < len(all_extras) else ""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            parts.append(f"{key} {_f(_ms([float(e[key]) for e in extras]))}{partial}")
-        elif isinstance(value, Mapping) and key == "distill":
-            gaps = _ms([float(e[key]["gap"]) for e in extras])
-            t = _ms([float(e[key]["teacher_mean_clinic_auc"]) for e in extras])
-            s = _ms([float(e[key]["student_mean_clinic_auc"]) for e in extras])
-            parts.append(
-                f"distill {value['teacher']} ({value['teacher_params']} params) → student "
-                f"({value['student_params']}"
-                f" params): teacher {_f(t)}, student {_f(s)}, gap {_f(gaps)}"
-            )
-        elif isinstance(value, Mapping) and key == "foundation" and value:
-            q = {
-                k: _ms([float(e[key][k]) for e in extras if k in e[key]]) for k in ("accuracy", "auc", "ece")
-            }
-            parts.append(
-                f"foundation soft labels on the held-out public set: accuracy {_f(q['accuracy'])}, "
-                f"AUC {_f(q['auc'])}, ECE {_f(q['ece'])}"
-            )
-        elif isinstance(value, Mapping) and key == "anchor_auc":
-            per = {a: _ms([float(e[key][a]["mean_clinic_auc"]) for e in extras]) for a in value}
-            parts.append("anchor → mean clinic AUC: " + ", ".join(f"{a} {_f(v)}" for a, v in per.items()))
-        elif isinstance(value, (str, list)):
-            parts.append(f"{key} {value}")
+        parts.append(part + partial)
     return "; ".join(parts)
+
+
+def _extra_part(key: str, extras: Sequence[Mapping[str, Any]]) -> str | None:
+    """One extra over the records that have it; None for a kind the report does not show."""
+    value = extras[0][key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{key} {_f(_ms([float(e[key]) for e in extras]))}"
+    if isinstance(value, Mapping) and key == "distill":
+        gaps = _ms([float(e[key]["gap"]) for e in extras])
+        t = _ms([float(e[key]["teacher_mean_clinic_auc"]) for e in extras])
+        s = _ms([float(e[key]["student_mean_clinic_auc"]) for e in extras])
+        return (
+            f"distill {value['teacher']} ({value['teacher_params']} params) → student "
+            f"({value['student_params']}"
+            f" params): teacher {_f(t)}, student {_f(s)}, gap {_f(gaps)}"
+        )
+    if isinstance(value, Mapping) and key == "foundation" and value:
+        q = {k: _ms([float(e[key][k]) for e in extras if k in e[key]]) for k in ("accuracy", "auc", "ece")}
+        return (
+            f"foundation soft labels on the held-out public set: accuracy {_f(q['accuracy'])}, "
+            f"AUC {_f(q['auc'])}, ECE {_f(q['ece'])}"
+        )
+    if isinstance(value, Mapping) and key == "anchor_auc":
+        per = {a: _ms([float(e[key][a]["mean_clinic_auc"]) for e in extras]) for a in value}
+        return "anchor → mean clinic AUC: " + ", ".join(f"{a} {_f(v)}" for a, v in per.items())
+    if isinstance(value, (str, list)):
+        return f"{key} {value}"
+    return None

@@ -418,6 +418,7 @@ def test_the_report_names_the_package_versions_its_records_were_made_under() -> 
 
 def test_a_report_mixing_records_from_before_an_extra_existed_averages_it_where_recorded() -> None:
     """Records made before an extra was added (hsl's product_round_*) merge with later ones in one report."""
+    anchors = {"mean": {"mean_clinic_auc": 0.75}}
     extra_new = {"best_round": 4.0, "product_round": 12.0, "product_round_small_auc": 0.70}
     recs = [
         finalize_record("hsl", 0, _raw([0.8] * 6, 0.7, extra={"best_round": 6.0}), 1, {}),
@@ -432,3 +433,8 @@ def test_a_report_mixing_records_from_before_an_extra_existed_averages_it_where_
         "- **hsl**: best_round 4.667±1.155; product_round 12.000±0.000 (2 of 3 records); "
         "product_round_small_auc 0.720±0.028 (2 of 3 records)"
     )
+    # A kind of extra that is not a number says so too.
+    recs[0] = finalize_record("hsl", 0, _raw([0.8] * 6, 0.7, extra={"anchor_auc": anchors}), 1, {})
+    md = render_markdown(build_results(recs, META))
+    line = next(x for x in md.splitlines() if x.startswith("- **hsl**"))
+    assert "anchor → mean clinic AUC: mean 0.750 (1 of 3 records)" in line, line
