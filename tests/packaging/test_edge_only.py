@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.source_copy import copy_package_sources
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,10 +28,10 @@ def test_fresh_edge_environment_has_no_torch_and_passes_edge_tests(tmp_path: Pat
     env_dir = tmp_path / "edge-venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    # A regular (non-editable) install of exactly what a clinic installs.
-    install = _run(
-        [str(py), "-m", "pip", "install", "-q", f"{REPO_ROOT}[edge,cpu]", "pytest", "pytest-timeout"]
-    )
+    # A regular (non-editable) install of exactly what a clinic installs, from a copy of the sources (a build
+    # in the checkout itself would race the hub-only test's on another worker).
+    src = copy_package_sources(tmp_path / "src")
+    install = _run([str(py), "-m", "pip", "install", "-q", f"{src}[edge,cpu]", "pytest", "pytest-timeout"])
     assert install.returncode == 0, install.stdout + install.stderr
 
     probe = _run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"])
