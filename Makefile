@@ -54,7 +54,7 @@ test-bundle: venv
 	$(PY) -m tests.support.bundle $(BUILD)/test-bundle
 
 # Two pytest workers: much of the suite waits on processes, sockets and disks, so on a 2-core box two cut the
-# suite from about 38 to about 24 minutes; worksteal lets a free worker take tests queued behind a long e2e
+# suite from about 38 to about 25-30 minutes; worksteal lets a free worker take tests queued behind a long e2e
 # test. Every test takes its own ports and folders. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 test: system venv lint test-bundle

@@ -32,13 +32,23 @@ from installers.kit import (
     key_fingerprint,
 )
 
-__all__ = ["BOOTSTRAP_MODULES", "BuildOptions", "BuiltKit", "build_kit", "source_root"]
+__all__ = [
+    "BOOTSTRAP_MODULES",
+    "SOURCE_ITEMS",
+    "BuildOptions",
+    "BuiltKit",
+    "build_kit",
+    "copy_sources",
+    "source_root",
+]
 
 logger = logging.getLogger(__name__)
 
 #: The stdlib-only modules copied into the kit so that install.py can check it before anything is installed.
 BOOTSTRAP_MODULES = ("__init__.py", "errors.py", "ed25519.py", "kit.py", "bootstrap.py")
-_SOURCE_ITEMS = ("pyproject.toml", "README.md", "edge_node", "hub", "export", "installers")
+#: What a clinic's fedclinic wheel is built from: pyproject.toml, the README it names, and the packages a kit
+#: carries (not ``harness``, the hub's lab).
+SOURCE_ITEMS = ("pyproject.toml", "README.md", "edge_node", "hub", "export", "installers")
 _WHEEL_NAME = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)-.+\.whl$")
 
 INSTALL_PY = '''#!/usr/bin/env python3
@@ -89,6 +99,23 @@ def source_root() -> Path:
     return root
 
 
+def copy_sources(dest: Path, items: tuple[str, ...]) -> Path:
+    """Copy ``items`` of the source tree to ``dest`` (created), without bytecode or build metadata; return it.
+
+    pip builds a local project in place (``build/``, ``*.egg-info``), so every build works on its own copy.
+    """
+    root = source_root()
+    dest.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for item in items:
+        path = root / item
+        if path.is_dir():
+            shutil.copytree(path, dest / item, ignore=ignore)
+        elif path.is_file():
+            shutil.copy2(path, dest / item)
+    return dest
+
+
 def _run(command: list[str], what: str) -> None:
     logger.debug("running %s", command)
     done = subprocess.run(command, capture_output=True, text=True)
@@ -99,16 +126,7 @@ def _run(command: list[str], what: str) -> None:
 
 def _build_wheel(work: Path) -> Path:
     """Build the fedclinic wheel from a copy of the source (building in place would race other builds)."""
-    root = source_root()
-    src = work / "src"
-    src.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for item in _SOURCE_ITEMS:
-        path = root / item
-        if path.is_dir():
-            shutil.copytree(path, src / item, ignore=ignore)
-        elif path.is_file():
-            shutil.copy2(path, src / item)
+    src = copy_sources(work / "src", SOURCE_ITEMS)
     out = work / "built"
     # Build isolation: pip fetches the build backend pyproject.toml asks for, whatever this venv holds.
     _run(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.source_copy import copy_package_sources
+from installers.kit_builder import SOURCE_ITEMS, copy_sources
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ def test_fresh_edge_environment_has_no_torch_and_passes_edge_tests(tmp_path: Pat
     py = env_dir / "bin" / "python"
     # A regular (non-editable) install of exactly what a clinic installs, from a copy of the sources (a build
     # in the checkout itself would race the hub-only test's on another worker).
-    src = copy_package_sources(tmp_path / "src")
+    src = copy_sources(tmp_path / "src", (*SOURCE_ITEMS, "harness"))
     install = _run([str(py), "-m", "pip", "install", "-q", f"{src}[edge,cpu]", "pytest", "pytest-timeout"])
     assert install.returncode == 0, install.stdout + install.stderr
 

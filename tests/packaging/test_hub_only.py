@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.source_copy import copy_package_sources
+from installers.kit_builder import SOURCE_ITEMS, copy_sources
 
 
 def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -26,7 +26,7 @@ def test_fresh_hub_environment_trains_and_says_which_extra_export_needs(
     py = env_dir / "bin" / "python"
     # A regular (non-editable) install of exactly what a hub operator installs, nothing else, from a copy of
     # the sources (a build in the checkout itself would race the edge-only test's on another worker).
-    src = copy_package_sources(tmp_path / "src")
+    src = copy_sources(tmp_path / "src", (*SOURCE_ITEMS, "harness"))
     install = _run([str(py), "-m", "pip", "install", "-q", f"{src}[hub]"], timeout=1800)
     assert install.returncode == 0, install.stdout + install.stderr
     for absent in ("onnxruntime", "pynetdicom", "matplotlib"):
