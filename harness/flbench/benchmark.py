@@ -94,9 +94,9 @@ def same_settings(
 ) -> bool:
     """Whether a cached record was run with these settings; a family's own settings (distillation and
     FedHelp's, HSL's, pFedNet's, FedProx's) only matter to that family's methods, the local fine-tuning's
-    only to the ``*_ft`` methods, and ``round_choice`` only to a record that kept a round (``keeps_round``:
-    its ``extra`` has ``best_round``). A record made before a setting existed was made with the value in
-    ``_BEFORE_THE_SETTING``."""
+    only to the ``*_ft`` methods, tail averaging's only to the ``*_tail`` methods, and ``round_choice``
+    only to a record that kept a round (``keeps_round``: its ``extra`` has ``best_round``). A record made
+    before a setting existed was made with the value in ``_BEFORE_THE_SETTING``."""
     if cached is None:
         return False
     cached = {**{k: v for k, v in _BEFORE_THE_SETTING.items() if k in config}, **cached}
@@ -104,6 +104,8 @@ def same_settings(
     def read_by_method(key: str) -> bool:
         if key.startswith("finetune_"):  # the local fine-tuning's settings: the *_ft methods'
             return method.endswith("_ft")
+        if key.startswith("tail_"):  # tail averaging's: the *_tail methods'
+            return method.endswith("_tail")
         if key == "round_choice":
             return keeps_round
         return all(method.startswith(family) for prefix, family in _FAMILY_SETTINGS if key.startswith(prefix))

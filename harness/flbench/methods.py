@@ -33,6 +33,7 @@ from harness.flbench.scoring import (
 )
 from harness.flbench.steps import one_time_work
 from harness.flbench.stress import stress_validation
+from harness.flbench.tail import TailMean
 from hub.fl.aggregate import weighted_mean
 from hub.fl.compress import TopKCompressor
 from hub.fl.fedbn import is_norm_buffer
@@ -119,6 +120,9 @@ class BenchConfig:
     #: personal model's SGD step (η), chosen on the design seeds' validation splits (docs/benchmarks.md).
     ditto_lam: float = 100.0
     ditto_lr: float = 0.01
+    #: The ``*_tail`` methods deploy the mean of the models of the last this-many rounds
+    #: (``harness.flbench.tail``) instead of one round's.
+    tail_rounds: int = 4
     #: Which validation reading chooses the round a method with one deployable model keeps (``BestRound``):
     #: "whole", every validation image through each clinic's scanner; "own", each clinic's own validation
     #: images only (6-10 at a small breast clinic; the runs before session 28).
@@ -323,17 +327,20 @@ def _run(
     rounds: int,
     ctx: MethodContext,
     on_round: OnRound | None = None,
+    resumable: bool = True,
 ) -> dict[str, float]:
     """Run the federation; training-round upload bytes per clinic (stats rounds go to ``ctx.stats_bytes``).
 
     ``on_round`` (default ``ctx.on_round``) is called after every round, e.g. to score it on validation.
+    ``resumable=False`` runs without the round checkpoint: a resumed run replays its finished rounds with
+    the restored model, which a tail mean must not take for theirs.
     """
     compressor = TopKCompressor(ctx.cfg.topk) if ctx.cfg.topk < 1.0 else None
     run = run_federation(
         strategy,
         learners,
         rounds,
-        checkpoint=ctx.checkpoint,
+        checkpoint=ctx.checkpoint if resumable else None,
         on_round=on_round or ctx.on_round,
         compressor=compressor,
         on_results=ctx.on_results,
@@ -422,6 +429,7 @@ def run_averaging(
     randconv: bool = False,
     finetune: bool = False,
     ditto: bool = False,
+    tail: bool = False,
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms.
 
@@ -434,6 +442,8 @@ def run_averaging(
     ``ditto``: each clinic also trains a personal model pulled toward the global one (λ and SGD step η: the
     config's ``ditto_lam``, ``ditto_lr``; ``harness.flbench.ditto``) and is scored with it; the unseen
     clinics take the global model.
+    ``tail``: the deployed model is the mean of the global models of the last ``tail_rounds`` rounds
+    (``harness.flbench.tail``) instead of the round kept on validation.
     """
     augment = ctx.cfg.augment if augment is None else augment
     local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
@@ -458,7 +468,10 @@ def run_averaging(
     # One global model (every tensor shared): keep its best round on validation. FedBN's clinics keep
     # their own norms, so it has no single model to choose: it reports its last round.
     selectable = set(strategy.global_params) == set(to_params(init))
+    if tail and not selectable:
+        raise ValueError(f"{strategy_name}: tail averaging needs one global model (every tensor shared)")
     best = BestRound(data, to_params(init), ctx.cfg.round_choice == "whole")
+    tail_mean = TailMean(ctx.cfg.rounds, ctx.cfg.tail_rounds) if tail else None
 
     def score_round(rnd: int) -> None:
         if ctx.on_round is not None:
@@ -468,9 +481,13 @@ def run_averaging(
             params = strategy.global_params
             load_params(candidate, params)
             best.offer(rnd, params, _predictor(candidate))
+        if tail_mean is not None:
+            tail_mean.offer(rnd, strategy.global_params)
 
-    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round)
+    bytes_up = _run(strategy, learners, ctx.cfg.rounds, ctx, on_round=score_round, resumable=not tail)
     shared = best.params if selectable else strategy.global_params
+    if tail_mean is not None:
+        shared = tail_mean.mean()
     per_clinic: dict[str, Predictor] = {}
     for c, learner in learners.items():
         load_params(learner.model, shared)  # FedBN: the clinic keeps its own norm tensors
@@ -499,6 +516,9 @@ def run_averaging(
     result = evaluate(data, per_clinic, _predictor(global_model), adapted, embed=embed)
     result["bytes_per_client_round"] = bytes_up
     kept = _kept_worth(data, init, shared, global_model, norm) if local_names else {}
+    if tail_mean is not None:
+        # The rounds' own readings stay (best_round: the round validation would have kept instead).
+        tuned = {**tuned, "tail_rounds": tail_mean.rounds}
     if selectable or tuned or kept:
         result["extra"] = {**(best.extra() if selectable else {}), **tuned, **kept}
     return result
@@ -828,6 +848,7 @@ def run_pfednet(
     consistency: float = 0.0,
     randconv: bool = False,
     finetune: bool = False,
+    tail: bool = False,
 ) -> dict[str, Any]:
     """pFedNet: shared extractor averaged; the personal part fused over the sketch graph (ADMM).
 
@@ -841,6 +862,8 @@ def run_pfednet(
     ``consistency`` > 0: the clinics augment, whatever the track, and add the agreement term across views;
     ``randconv`` likewise augments, with random convolutions in every augmented view. ``finetune``: each
     clinic then fine-tunes its model (shared and personal parts) locally (``harness.flbench.finetune``).
+    ``tail``: each clinic's model (shared and personal parts) is the mean of its models of the last
+    ``tail_rounds`` rounds (``harness.flbench.tail``), and the published model likewise.
     """
     augment = ctx.cfg.augment or consistency > 0 or randconv
     local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
@@ -868,10 +891,19 @@ def run_pfednet(
     )
     assert isinstance(strategy, PFedNet)
     fusion: dict[str, dict[str, dict[str, float]]] = {}
+    # Round 1 is the stats round (similarity graph); then the same R training rounds as the others.
+    rounds = ctx.cfg.rounds + 1
+    tails: dict[str, TailMean] = {}
+    if tail:
+        # never the stats round, whose models are the starting one
+        n_tail = min(ctx.cfg.tail_rounds, ctx.cfg.rounds)
+        tails = {c: TailMean(rounds, n_tail) for c in (*data.names, "published")}
 
     def record_fusion(rnd: int) -> None:
         if ctx.on_round is not None:
             ctx.on_round(rnd)
+        for c, mean in tails.items():
+            mean.offer(rnd, strategy.published_params() if c == "published" else strategy.params_for(c))
         last = getattr(strategy, "last_fusion", None)
         if last is not None:  # None in the stats round and in rounds replayed from a checkpoint
             fusion[str(rnd)] = {
@@ -893,12 +925,11 @@ def run_pfednet(
         )
         learners[c].num_classes = data.spec.num_classes
     strategy.initialize(to_params(init), list(data.names))
-    # Round 1 is the stats round (similarity graph); then the same R training rounds as the others.
-    bytes_up = _run(strategy, learners, ctx.cfg.rounds + 1, ctx, on_round=record_fusion)
+    bytes_up = _run(strategy, learners, rounds, ctx, on_round=record_fusion, resumable=not tail)
     per_clinic: dict[str, Predictor] = {}
     parts: list[Params] = []
     for c, learner in learners.items():
-        params = strategy.params_for(c)
+        params = tails[c].mean() if tail else strategy.params_for(c)
         load_params(learner.model, params)
         per_clinic[c] = _predictor(learner.model)
         parts.append({n: a for n, a in params.items() if strategy.is_personal(n)})
@@ -906,8 +937,8 @@ def run_pfednet(
     local_names = [n for n in to_params(init) if n not in strategy.params_for(data.names[0])]
     if local_names:  # the BatchNorm statistics (or counter) each clinic kept
         load_params(global_model, _clinics_mean(learners, data, local_names))
-    load_params(global_model, strategy.published_params())
-    tuned: dict[str, Any] = {}
+    load_params(global_model, tails["published"].mean() if tail else strategy.published_params())
+    tuned: dict[str, Any] = {"tail_rounds": tails["published"].rounds} if tail else {}
     if finetune:
         per_clinic, tuned = _fine_tuned(data, ctx, {c: lr.model for c, lr in learners.items()}, local)
     result = evaluate(data, per_clinic, _predictor(global_model))
@@ -1070,6 +1101,14 @@ METHODS: dict[str, MethodFn] = {
     ),
     "pfednet_bn_rc_cons": lambda d, c: run_pfednet(
         d, c, norm="batch", consistency=c.cfg.consistency, randconv=True
+    ),
+    # Tail averaging (harness.flbench.tail): the mean of the last tail_rounds rounds' models deployed.
+    "fedavg_aug_tail": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group", tail=True),
+    "fedavg_aug_rc_cons_tail": lambda d, c: run_averaging(
+        d, c, "fedavg", augment=True, norm="group", consistency=c.cfg.consistency, randconv=True, tail=True
+    ),
+    "pfednet_rc_cons_tail": lambda d, c: run_pfednet(
+        d, c, consistency=c.cfg.consistency, randconv=True, tail=True
     ),
     "fedhelp_snapshot": lambda d, c: run_fedhelp(d, c, rank_sign="snapshot", distill=False),
     # FedHelp's ablations: without the foundation head's KD at the small clinics, without the ranking term.

@@ -31,6 +31,7 @@ OURS: tuple[str, ...] = (
     "pfednet_bn_cons",
     "pfednet_rc_cons",
     "pfednet_bn_rc_cons",
+    "pfednet_rc_cons_tail",
 )
 #: The fair references: augmented like the strategies, GroupNorm.
 REF_LOCAL, REF_CENTRAL, REF_FEDAVG = "local_aug", "central_aug", "fedavg_aug"
@@ -61,6 +62,9 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("pfednet_rc_cons_ft", "pfednet_rc_cons"),
     ("ditto_aug", "fedavg_aug"),
     ("ditto_rc_cons", "fedavg_aug_rc_cons"),
+    ("fedavg_aug_tail", "fedavg_aug"),
+    ("fedavg_aug_rc_cons_tail", "fedavg_aug_rc_cons"),
+    ("pfednet_rc_cons_tail", "pfednet_rc_cons"),
 )
 
 

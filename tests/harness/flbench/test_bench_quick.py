@@ -82,7 +82,11 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
             "fedavg_aug_ft",  # the best round of its federation, then fine-tuned at each clinic
             "ditto_aug",  # the best round of its federation for the unseen clinics; personal models at each
             "ditto_rc_cons",
+            "fedavg_aug_tail",  # the rounds' readings; the model deployed is the mean of the last rounds'
+            "fedavg_aug_rc_cons_tail",
         )
+        if r["method"].endswith("_tail"):
+            assert r["extra"]["tail_rounds"] == ([2, 3] if r["method"].startswith("pfednet") else [1, 2])
         if r["method"].endswith("_ft"):
             assert set(r["extra"]["finetune_epochs"]) == set(r["clinics"]), r["method"]
         if r["method"] in one_model or r["method"].startswith("hsl"):
@@ -130,6 +134,9 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         ("pfednet_rc_cons_ft", "pfednet_rc_cons"),
         ("ditto_aug", "fedavg_aug"),
         ("ditto_rc_cons", "fedavg_aug_rc_cons"),
+        ("fedavg_aug_tail", "fedavg_aug"),
+        ("fedavg_aug_rc_cons_tail", "fedavg_aug_rc_cons"),
+        ("pfednet_rc_cons_tail", "pfednet_rc_cons"),
     ):
         assert by[agreeing]["clinics"] != by[plain]["clinics"]
         assert f"{agreeing} − {plain}" in doc["targets"]["ablations"]
@@ -150,6 +157,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         "fedavg_aug_cons",
         "fedavg_aug_rc",
         "fedavg_aug_rc_cons",
+        "fedavg_aug_tail",
+        "fedavg_aug_rc_cons_tail",
         "fedavg_hslsteps",
     }
     assert {m for m, r in by.items() if "envelope" in r} == deployable

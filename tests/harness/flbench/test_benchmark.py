@@ -31,6 +31,11 @@ def test_cached_runs_are_reused_only_with_the_same_settings() -> None:
     assert same_settings("fedavg_aug", {**ditto, "ditto_lam": 1.0}, ditto)
     assert not same_settings("ditto_rc_cons", {**ditto, "ditto_lam": 1.0}, ditto)
     assert not same_settings("ditto_aug", {**ditto, "ditto_lr": 0.1}, {**ditto, "ditto_lr": 0.01})
+    # The tail's length changes the *_tail runs only; records from before it existed still count.
+    tail = {**cfg, "tail_rounds": 4}
+    assert same_settings("pfednet_rc_cons", dict(cfg), tail)
+    assert not same_settings("pfednet_rc_cons_tail", {**tail, "tail_rounds": 6}, tail)
+    assert not same_settings("fedavg_aug_tail", dict(cfg), tail)
     # How a kept round was chosen matters only to a record that kept one; a record made before the setting
     # existed chose it on the clinics' own validation images.
     whole = {**cfg, "round_choice": "whole"}
