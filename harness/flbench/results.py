@@ -21,7 +21,8 @@ from hub.rounds.envelope_influence import INFLUENCE_WARNING
 FITTED = ("federated", "traffic", "traffic_hostile")
 
 Record = dict[str, Any]
-#: fedclinic's own strategies: "the best fedclinic strategy" is picked among these, on validation.
+#: fedclinic's own strategies: "the best fedclinic strategy" is picked among these, on validation. The
+#: bench-only variants the hub cannot deploy (local fine-tuning, tail averaging) are not among them.
 OURS: tuple[str, ...] = (
     "hsl",
     "fedhelp",
@@ -31,7 +32,6 @@ OURS: tuple[str, ...] = (
     "pfednet_bn_cons",
     "pfednet_rc_cons",
     "pfednet_bn_rc_cons",
-    "pfednet_rc_cons_tail",
 )
 #: The fair references: augmented like the strategies, GroupNorm.
 REF_LOCAL, REF_CENTRAL, REF_FEDAVG = "local_aug", "central_aug", "fedavg_aug"
