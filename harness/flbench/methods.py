@@ -34,6 +34,7 @@ from harness.flbench.scoring import (
 from harness.flbench.steps import one_time_work
 from harness.flbench.stress import stress_validation
 from harness.flbench.tail import TailMean
+from harness.flbench.tta import tta_predictor
 from hub.fl.aggregate import weighted_mean
 from hub.fl.compress import TopKCompressor
 from hub.fl.fedbn import is_norm_buffer
@@ -430,6 +431,7 @@ def run_averaging(
     finetune: bool = False,
     ditto: bool = False,
     tail: bool = False,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms.
 
@@ -444,6 +446,8 @@ def run_averaging(
     clinics take the global model.
     ``tail``: the deployed model is the mean of the global models of the last ``tail_rounds`` rounds
     (``harness.flbench.tail``) instead of the round kept on validation.
+    ``tta``: every clinic and unseen scanner reads the deployed model's mean logit over the image and
+    augmented views of it (``harness.flbench.tta``); the round is kept on plain readings as without it.
     """
     augment = ctx.cfg.augment if augment is None else augment
     local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
@@ -488,10 +492,11 @@ def run_averaging(
     shared = best.params if selectable else strategy.global_params
     if tail_mean is not None:
         shared = tail_mean.mean()
+    reader = tta_predictor if tta else _predictor
     per_clinic: dict[str, Predictor] = {}
     for c, learner in learners.items():
         load_params(learner.model, shared)  # FedBN: the clinic keeps its own norm tensors
-        per_clinic[c] = _predictor(learner.model)
+        per_clinic[c] = reader(learner.model)
     global_model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
     local_names = [n for n in to_params(init) if n not in shared]
     if local_names:  # FedBN's norms
@@ -513,7 +518,7 @@ def run_averaging(
     # One deployable model (every tensor shared, none fine-tuned): its input envelope, as its bundle would
     # carry it.
     embed = feature_embedder(global_model) if selectable and not (adabn or finetune or ditto) else None
-    result = evaluate(data, per_clinic, _predictor(global_model), adapted, embed=embed)
+    result = evaluate(data, per_clinic, reader(global_model), adapted, embed=embed)
     result["bytes_per_client_round"] = bytes_up
     kept = _kept_worth(data, init, shared, global_model, norm) if local_names else {}
     if tail_mean is not None:
@@ -849,6 +854,7 @@ def run_pfednet(
     randconv: bool = False,
     finetune: bool = False,
     tail: bool = False,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """pFedNet: shared extractor averaged; the personal part fused over the sketch graph (ADMM).
 
@@ -863,7 +869,8 @@ def run_pfednet(
     ``randconv`` likewise augments, with random convolutions in every augmented view. ``finetune``: each
     clinic then fine-tunes its model (shared and personal parts) locally (``harness.flbench.finetune``).
     ``tail``: each clinic's model (shared and personal parts) is the mean of its models of the last
-    ``tail_rounds`` rounds (``harness.flbench.tail``), and the published model likewise.
+    ``tail_rounds`` rounds (``harness.flbench.tail``), and the published model likewise. ``tta``: every
+    model is read through test-time augmentation (``harness.flbench.tta``).
     """
     augment = ctx.cfg.augment or consistency > 0 or randconv
     local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
@@ -926,12 +933,13 @@ def run_pfednet(
         learners[c].num_classes = data.spec.num_classes
     strategy.initialize(to_params(init), list(data.names))
     bytes_up = _run(strategy, learners, rounds, ctx, on_round=record_fusion, resumable=not tail)
+    reader = tta_predictor if tta else _predictor
     per_clinic: dict[str, Predictor] = {}
     parts: list[Params] = []
     for c, learner in learners.items():
         params = tails[c].mean() if tail else strategy.params_for(c)
         load_params(learner.model, params)
-        per_clinic[c] = _predictor(learner.model)
+        per_clinic[c] = reader(learner.model)
         parts.append({n: a for n, a in params.items() if strategy.is_personal(n)})
     global_model = fl_cnn(norm=norm, num_outputs=data.spec.num_outputs)
     local_names = [n for n in to_params(init) if n not in strategy.params_for(data.names[0])]
@@ -941,9 +949,9 @@ def run_pfednet(
     tuned: dict[str, Any] = {"tail_rounds": tails["published"].rounds} if tail else {}
     if finetune:
         per_clinic, tuned = _fine_tuned(data, ctx, {c: lr.model for c, lr in learners.items()}, local)
-    result = evaluate(data, per_clinic, _predictor(global_model))
+    result = evaluate(data, per_clinic, reader(global_model))
     # What personalisation buys: every clinic scored with the clinics' mean personal part instead of its own.
-    with_mean = evaluate(data, dict.fromkeys(data.names, _predictor(global_model)), _predictor(global_model))
+    with_mean = evaluate(data, dict.fromkeys(data.names, reader(global_model)), reader(global_model))
     result["bytes_per_client_round"] = bytes_up
     result["stats_bytes_per_client_round"] = ctx.stats_bytes
     graph = getattr(strategy, "graph", None)
@@ -1109,6 +1117,14 @@ METHODS: dict[str, MethodFn] = {
     ),
     "pfednet_rc_cons_tail": lambda d, c: run_pfednet(
         d, c, consistency=c.cfg.consistency, randconv=True, tail=True
+    ),
+    # Test-time augmentation (harness.flbench.tta): the same training, every model read over augmented views.
+    "fedavg_aug_tta": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group", tta=True),
+    "fedavg_aug_rc_cons_tta": lambda d, c: run_averaging(
+        d, c, "fedavg", augment=True, norm="group", consistency=c.cfg.consistency, randconv=True, tta=True
+    ),
+    "pfednet_rc_cons_tta": lambda d, c: run_pfednet(
+        d, c, consistency=c.cfg.consistency, randconv=True, tta=True
     ),
     "fedhelp_snapshot": lambda d, c: run_fedhelp(d, c, rank_sign="snapshot", distill=False),
     # FedHelp's ablations: without the foundation head's KD at the small clinics, without the ranking term.

@@ -22,7 +22,7 @@ FITTED = ("federated", "traffic", "traffic_hostile")
 
 Record = dict[str, Any]
 #: fedclinic's own strategies: "the best fedclinic strategy" is picked among these, on validation. The
-#: bench-only variants the hub cannot deploy (local fine-tuning, tail averaging) are not among them.
+#: bench-only variants (local fine-tuning, tail averaging, test-time augmentation) are not among them.
 OURS: tuple[str, ...] = (
     "hsl",
     "fedhelp",
@@ -65,6 +65,9 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("fedavg_aug_tail", "fedavg_aug"),
     ("fedavg_aug_rc_cons_tail", "fedavg_aug_rc_cons"),
     ("pfednet_rc_cons_tail", "pfednet_rc_cons"),
+    ("fedavg_aug_tta", "fedavg_aug"),
+    ("fedavg_aug_rc_cons_tta", "fedavg_aug_rc_cons"),
+    ("pfednet_rc_cons_tta", "pfednet_rc_cons"),
 )
 
 

@@ -84,6 +84,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
             "ditto_rc_cons",
             "fedavg_aug_tail",  # the rounds' readings; the model deployed is the mean of the last rounds'
             "fedavg_aug_rc_cons_tail",
+            "fedavg_aug_tta",  # the round kept on plain readings; every clinic reads it over augmented views
+            "fedavg_aug_rc_cons_tta",
         )
         if r["method"].endswith("_tail"):
             assert r["extra"]["tail_rounds"] == ([2, 3] if r["method"].startswith("pfednet") else [1, 2])
@@ -137,6 +139,9 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         ("fedavg_aug_tail", "fedavg_aug"),
         ("fedavg_aug_rc_cons_tail", "fedavg_aug_rc_cons"),
         ("pfednet_rc_cons_tail", "pfednet_rc_cons"),
+        ("fedavg_aug_tta", "fedavg_aug"),
+        ("fedavg_aug_rc_cons_tta", "fedavg_aug_rc_cons"),
+        ("pfednet_rc_cons_tta", "pfednet_rc_cons"),
     ):
         assert by[agreeing]["clinics"] != by[plain]["clinics"]
         assert f"{agreeing} − {plain}" in doc["targets"]["ablations"]
@@ -159,6 +164,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         "fedavg_aug_rc_cons",
         "fedavg_aug_tail",
         "fedavg_aug_rc_cons_tail",
+        "fedavg_aug_tta",
+        "fedavg_aug_rc_cons_tta",
         "fedavg_hslsteps",
     }
     assert {m for m, r in by.items() if "envelope" in r} == deployable
