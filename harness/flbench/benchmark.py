@@ -94,7 +94,8 @@ def same_settings(
 ) -> bool:
     """Whether a cached record was run with these settings; a family's own settings (distillation and
     FedHelp's, HSL's, pFedNet's, FedProx's) only matter to that family's methods, the local fine-tuning's
-    only to the ``*_ft`` methods, tail averaging's only to the ``*_tail`` methods, and ``round_choice``
+    only to the ``*_ft`` methods, tail averaging's only to the ``*_tail`` methods, SAM's only to the ``*_sam``
+    methods, and ``round_choice``
     only to a record that kept a round (``keeps_round``: its ``extra`` has ``best_round``). A record made
     before a setting existed was made with the value in ``_BEFORE_THE_SETTING``."""
     if cached is None:
@@ -106,6 +107,8 @@ def same_settings(
             return method.endswith("_ft")
         if key.startswith("tail_"):  # tail averaging's: the *_tail methods'
             return method.endswith("_tail")
+        if key.startswith("sam_"):  # sharpness-aware minimisation's: the *_sam methods'
+            return method.endswith("_sam")
         if key == "round_choice":
             return keeps_round
         return all(method.startswith(family) for prefix, family in _FAMILY_SETTINGS if key.startswith(prefix))

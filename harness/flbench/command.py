@@ -172,6 +172,9 @@ def fl(
     ditto_lr: Annotated[
         float, typer.Option(min=1e-9, help="Ditto's SGD step on each personal model (η).")
     ] = 0.01,
+    sam_rho: Annotated[
+        float, typer.Option(min=0.0, help="SAM's radius ρ at every clinic of the *_sam methods.")
+    ] = 0.05,
     round_choice: Annotated[
         RoundChoice,
         typer.Option(
@@ -225,6 +228,7 @@ def fl(
             "consistency": consistency,
             "ditto_lam": ditto_lam,
             "ditto_lr": ditto_lr,
+            "sam_rho": sam_rho,
             "round_choice": round_choice.value,
         }
         cfg = BenchConfig(

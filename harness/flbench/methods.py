@@ -124,6 +124,9 @@ class BenchConfig:
     #: The ``*_tail`` methods deploy the mean of the models of the last this-many rounds
     #: (``harness.flbench.tail``) instead of one round's.
     tail_rounds: int = 4
+    #: The ``*_sam`` methods' clinics train with sharpness-aware minimisation of this radius ρ
+    #: (``hub.training.sam``), chosen on the design seeds' validation splits (docs/benchmarks.md).
+    sam_rho: float = 0.05
     #: Which validation reading chooses the round a method with one deployable model keeps (``BestRound``):
     #: "whole", every validation image through each clinic's scanner; "own", each clinic's own validation
     #: images only (6-10 at a small breast clinic; the runs before session 28).
@@ -312,13 +315,20 @@ def _local_cfg(ctx: MethodContext, **kw: Any) -> LocalConfig:
     return LocalConfig(epochs=ctx.cfg.local_epochs, lr=ctx.cfg.lr, batch_size=ctx.cfg.batch_size, **kw)
 
 
+def _rho(ctx: MethodContext, sam: bool) -> float:
+    """SAM's radius for a method: the config's ``sam_rho`` for the ``*_sam`` methods, 0 (plain steps) else."""
+    return ctx.cfg.sam_rho if sam else 0.0
+
+
 def _client_config(local: LocalConfig) -> dict[str, Any]:
     """What every clinic's task carries for its torch learner, from the clinics' ``local`` settings:
-    augmentation, and the agreement term's weight and the random convolutions when they are on."""
+    augmentation, and the agreement term's weight, the random convolutions and SAM's radius when they are
+    on."""
     return {
         "augment": local.augment,
         **({"consistency": local.consistency} if local.consistency > 0 else {}),
         **({"randconv": True} if local.randconv else {}),
+        **({"sam_rho": local.sam_rho} if local.sam_rho > 0 else {}),
     }
 
 
@@ -432,6 +442,7 @@ def run_averaging(
     ditto: bool = False,
     tail: bool = False,
     tta: bool = False,
+    sam: bool = False,
 ) -> dict[str, Any]:
     """FedAvg / FedProx / FedBN on the calibration CNN; FedBN evaluates each clinic with its own norms.
 
@@ -448,9 +459,11 @@ def run_averaging(
     (``harness.flbench.tail``) instead of the round kept on validation.
     ``tta``: every clinic and unseen scanner reads the deployed model's mean logit over the image and
     augmented views of it (``harness.flbench.tta``); the round is kept on plain readings as without it.
+    ``sam``: the clinics train with sharpness-aware minimisation of radius ``sam_rho`` (``hub.training.sam``).
     """
     augment = ctx.cfg.augment if augment is None else augment
-    local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
+    rho = _rho(ctx, sam)
+    local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv, sam_rho=rho)
     init = _seeded(ctx.seed, lambda: fl_cnn(norm=norm, num_outputs=data.spec.num_outputs))
     settings: dict[str, Any] = {"client_config": _client_config(local)}
     if strategy_name == "fedprox":
@@ -855,6 +868,7 @@ def run_pfednet(
     finetune: bool = False,
     tail: bool = False,
     tta: bool = False,
+    sam: bool = False,
 ) -> dict[str, Any]:
     """pFedNet: shared extractor averaged; the personal part fused over the sketch graph (ADMM).
 
@@ -870,10 +884,12 @@ def run_pfednet(
     clinic then fine-tunes its model (shared and personal parts) locally (``harness.flbench.finetune``).
     ``tail``: each clinic's model (shared and personal parts) is the mean of its models of the last
     ``tail_rounds`` rounds (``harness.flbench.tail``), and the published model likewise. ``tta``: every
-    model is read through test-time augmentation (``harness.flbench.tta``).
+    model is read through test-time augmentation (``harness.flbench.tta``). ``sam``: the clinics train with
+    sharpness-aware minimisation of radius ``sam_rho`` (``hub.training.sam``).
     """
     augment = ctx.cfg.augment or consistency > 0 or randconv
-    local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv)
+    rho = _rho(ctx, sam)
+    local = _local_cfg(ctx, augment=augment, consistency=consistency, randconv=randconv, sam_rho=rho)
     lam = ctx.cfg.pfednet_lam if lam is None else lam
     personal = ctx.cfg.pfednet_personal if personal is None else personal
     graph_name = ctx.cfg.pfednet_graph if graph is None else graph
@@ -1125,6 +1141,14 @@ METHODS: dict[str, MethodFn] = {
     ),
     "pfednet_rc_cons_tta": lambda d, c: run_pfednet(
         d, c, consistency=c.cfg.consistency, randconv=True, tta=True
+    ),
+    # Sharpness-aware minimisation (hub.training.sam) at every clinic, radius sam_rho: FedSAM.
+    "fedavg_aug_sam": lambda d, c: run_averaging(d, c, "fedavg", augment=True, norm="group", sam=True),
+    "fedavg_aug_rc_cons_sam": lambda d, c: run_averaging(
+        d, c, "fedavg", augment=True, norm="group", consistency=c.cfg.consistency, randconv=True, sam=True
+    ),
+    "pfednet_rc_cons_sam": lambda d, c: run_pfednet(
+        d, c, consistency=c.cfg.consistency, randconv=True, sam=True
     ),
     "fedhelp_snapshot": lambda d, c: run_fedhelp(d, c, rank_sign="snapshot", distill=False),
     # FedHelp's ablations: without the foundation head's KD at the small clinics, without the ranking term.

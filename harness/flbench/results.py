@@ -22,7 +22,8 @@ FITTED = ("federated", "traffic", "traffic_hostile")
 
 Record = dict[str, Any]
 #: fedclinic's own strategies: "the best fedclinic strategy" is picked among these, on validation. The
-#: bench-only variants (local fine-tuning, tail averaging, test-time augmentation) are not among them.
+#: bench-only variants (local fine-tuning, tail averaging, test-time augmentation) are not among them;
+#: SAM's is, as a round can ask the nodes for it (``client.sam_rho``).
 OURS: tuple[str, ...] = (
     "hsl",
     "fedhelp",
@@ -32,6 +33,7 @@ OURS: tuple[str, ...] = (
     "pfednet_bn_cons",
     "pfednet_rc_cons",
     "pfednet_bn_rc_cons",
+    "pfednet_rc_cons_sam",
 )
 #: The fair references: augmented like the strategies, GroupNorm.
 REF_LOCAL, REF_CENTRAL, REF_FEDAVG = "local_aug", "central_aug", "fedavg_aug"
@@ -68,6 +70,9 @@ ABLATIONS: tuple[tuple[str, str], ...] = (
     ("fedavg_aug_tta", "fedavg_aug"),
     ("fedavg_aug_rc_cons_tta", "fedavg_aug_rc_cons"),
     ("pfednet_rc_cons_tta", "pfednet_rc_cons"),
+    ("fedavg_aug_sam", "fedavg_aug"),
+    ("fedavg_aug_rc_cons_sam", "fedavg_aug_rc_cons"),
+    ("pfednet_rc_cons_sam", "pfednet_rc_cons"),
 )
 
 

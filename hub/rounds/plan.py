@@ -261,6 +261,16 @@ def _check_consistency(client: Mapping[str, Any]) -> None:
         )
 
 
+def _check_sam_rho(client: Mapping[str, Any]) -> None:
+    """``client.sam_rho`` (sharpness-aware minimisation's radius, ``hub.training.sam``) is a number ≥ 0:
+    refused here, before a node would refuse every task of the round."""
+    if "sam_rho" not in client:
+        return
+    rho = client["sam_rho"]
+    if isinstance(rho, bool) or not isinstance(rho, int | float) or not 0 <= rho < math.inf:
+        raise StrategyConfigError(f"client.sam_rho must be a number from 0, got {rho!r}")
+
+
 def _check_randconv(client: Mapping[str, Any]) -> None:
     """``client.randconv`` (random convolutions in every augmented view) is true or false and, when true,
     needs ``client.augment=true``: refused here, before a node would refuse every task of the round."""
@@ -303,6 +313,7 @@ def build_plan(strategy: str, config: Mapping[str, Any], start: Params, nodes: S
     client: Config = {k.removeprefix("client."): v for k, v in config.items() if k.startswith("client.")}
     _check_consistency(client)
     _check_randconv(client)
+    _check_sam_rho(client)
     if client:
         kwargs["client_config"] = client
     built = make_strategy(strategy, **kwargs)

@@ -15,6 +15,7 @@ from torch import nn
 from hub.fl.strategy import ClientResult, ClientTask, Config, Params
 from hub.training.augment import IntensityAugment, RandomConvolution
 from hub.training.datasets import NORM_MEAN, NORM_STD, ClinicData
+from hub.training.sam import sharpness_aware_backward
 from hub.training.supervised import binary_auc
 
 
@@ -131,6 +132,8 @@ class LocalConfig:
     consistency: float = 0.0
     #: Random convolutions (``RANDCONV``) after the augmentation, in every augmented view. Needs ``augment``.
     randconv: bool = False
+    #: Sharpness-aware minimisation's radius ρ (``hub.training.sam``); 0 = plain gradient steps.
+    sam_rho: float = 0.0
 
     @classmethod
     def from_task(cls, config: Config, default: LocalConfig) -> LocalConfig:
@@ -144,6 +147,7 @@ class LocalConfig:
             mu=float(config.get("mu", default.mu)),
             consistency=float(config.get("consistency", default.consistency)),
             randconv=bool(config.get("randconv", default.randconv)),
+            sam_rho=float(config.get("sam_rho", default.sam_rho)),
         )
 
 
@@ -177,24 +181,18 @@ def view_consistency(views: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(kl).mean(dim=0).mean()
 
 
-def view_loss(
-    model: nn.Module,
-    x01: torch.Tensor,
-    y: torch.Tensor,
-    weight: float,
-    gen: torch.Generator,
-    *,
-    randconv: bool = False,
-) -> torch.Tensor:
-    """The task's loss on one augmented view plus ``weight`` × the views' disagreement.
+def consistency_views(x01: torch.Tensor, gen: torch.Generator, *, randconv: bool = False) -> torch.Tensor:
+    """The batch three times, as the network's input (3B, 1, H, W): as it is, then under two independent
+    draws of the training augmentation (with random convolutions when ``randconv``)."""
+    first, second = augmented_input(x01, randconv, gen), augmented_input(x01, randconv, gen)
+    return torch.cat([normalize(x01), first, second])
 
-    Each image is seen three times in one batch: as it is and under two independent draws of the training
-    augmentation (with random convolutions when ``randconv``); the task loss reads the first augmented
-    view, the agreement term all three.
-    """
+
+def view_loss(model: nn.Module, views: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:
+    """The task's loss on the first augmented view plus ``weight`` × the three views' disagreement
+    (``views`` from ``consistency_views``)."""
     b = len(y)
-    views = [normalize(x01), augmented_input(x01, randconv, gen), augmented_input(x01, randconv, gen)]
-    logits = primary_logits(model(torch.cat(views)))
+    logits = primary_logits(model(views))
     plain, first, second = logits[:b], logits[b : 2 * b], logits[2 * b :]
     return task_loss(first, y) + weight * view_consistency([plain, first, second])
 
@@ -212,13 +210,17 @@ def train_local(
     """Train ``cfg.epochs`` passes over (x01, y); returns the mean loss of the last epoch.
 
     ``cfg.consistency`` > 0 (with ``cfg.augment``) adds the agreement term across views (``view_loss``);
-    ``cfg.randconv`` (with ``cfg.augment``) passes every augmented view through random convolutions.
-    ``optimizer`` builds the optimiser for ``model`` (default: a fresh Adam at ``cfg.lr``).
+    ``cfg.randconv`` (with ``cfg.augment``) passes every augmented view through random convolutions;
+    ``cfg.sam_rho`` > 0 takes every step with the sharpness-aware gradient (``hub.training.sam``) of the
+    same batch, views and all. ``optimizer`` builds the optimiser for ``model`` (default: a fresh Adam at
+    ``cfg.lr``).
     """
     if cfg.consistency > 0 and not cfg.augment:
         raise ValueError("consistency across views needs augment: there is only one view without it")
     if cfg.randconv and not cfg.augment:
         raise ValueError("randconv is a stage of the augmentation: set augment too")
+    if cfg.sam_rho < 0:
+        raise ValueError(f"sam_rho is a radius, 0 or above; got {cfg.sam_rho}")
     if optimizer is None:
         opt: torch.optim.Optimizer = torch.optim.Adam(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -230,20 +232,44 @@ def train_local(
     for _ in range(cfg.epochs):
         losses = []
         for idx in minibatches(len(y), cfg.batch_size, gen):
-            xb = x01[idx]  # (b, 1, H, W) in [0, 1]
-            if cfg.consistency > 0:
-                loss = view_loss(model, xb, y[idx], cfg.consistency, gen, randconv=cfg.randconv)
+            batch_loss = _batch_loss(model, x01[idx], y[idx], cfg, gen, prox_anchor)
+            if cfg.sam_rho > 0:
+                losses.append(sharpness_aware_backward(model, batch_loss, cfg.sam_rho))
             else:
-                zb = augmented_input(xb, cfg.randconv, gen) if cfg.augment else normalize(xb)
-                loss = supervised_loss(model, zb, y[idx])
-            if prox_anchor is not None and cfg.mu > 0:
-                loss = loss + 0.5 * cfg.mu * proximal_term(model, prox_anchor)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                loss = batch_loss()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                losses.append(float(loss.detach()))
             opt.step()
-            losses.append(float(loss.detach()))
         last = float(np.mean(losses)) if losses else math.nan
     return last
+
+
+def _batch_loss(
+    model: nn.Module,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    cfg: LocalConfig,
+    gen: torch.Generator,
+    prox_anchor: Mapping[str, torch.Tensor] | None,
+) -> Callable[[], torch.Tensor]:
+    """The loss of one minibatch ``xb`` (b, 1, H, W) in [0, 1] at the model's current weights, its
+    augmented views drawn now, once, so that every call computes the same batch's loss."""
+    if cfg.consistency > 0:
+        views = consistency_views(xb, gen, randconv=cfg.randconv)
+    else:
+        views = augmented_input(xb, cfg.randconv, gen) if cfg.augment else normalize(xb)
+
+    def loss() -> torch.Tensor:
+        if cfg.consistency > 0:
+            value = view_loss(model, views, yb, cfg.consistency)
+        else:
+            value = supervised_loss(model, views, yb)
+        if prox_anchor is not None and cfg.mu > 0:
+            value = value + 0.5 * cfg.mu * proximal_term(model, prox_anchor)
+        return value
+
+    return loss
 
 
 class SupervisedLearner:

@@ -9,7 +9,7 @@ between rounds (a FedHelp large client's private model, the proxy's public head,
 state) lives in WORKDIR/private/ and is never part of the update.
 
 Task config keys (besides the learner's own: epochs, lr, batch_size, weight_decay, augment, mu, consistency,
-randconv, FedHelp's role, rank_weight, rank_margin, and pFedNet's personal and differential_gamma):
+randconv, sam_rho, FedHelp's role, rank_weight, rank_margin, and pFedNet's personal and differential_gamma):
 ``model`` (registry name of the shared model; default ``fl_cnn``, ``fedhelp_small`` for FedHelp),
 ``model.<arg>`` (its factory arguments, e.g. ``model.norm``),
 ``large_model`` (a FedHelp large client's private model, default ``fedhelp_large``), ``kl_weight`` (proxy →

@@ -1,6 +1,6 @@
 """A round's ``client.*`` settings reach every node's task; the agreement term across augmented views
-(``client.consistency``) and the random convolutions (``client.randconv``) are refused at the hub when the
-nodes could not use them."""
+(``client.consistency``), the random convolutions (``client.randconv``) and SAM's radius (``client.sam_rho``)
+are refused at the hub when the nodes could not use them."""
 
 from __future__ import annotations
 
@@ -74,3 +74,17 @@ def test_random_convolutions_the_nodes_could_not_use_are_refused(
 ) -> None:
     with pytest.raises(StrategyConfigError, match=reason):
         build_plan("fedavg", config, _start(), ["n-a"])
+
+
+def test_sams_radius_reaches_every_task_and_the_node_learner_reads_it() -> None:
+    plan = build_plan("fedavg", {"client.augment": True, "client.sam_rho": 0.05}, _start(), ["n-a", "n-b"])
+    tasks = plan.tasks(1, ["n-a", "n-b"])
+    assert [t.config["sam_rho"] for t in tasks] == [0.05, 0.05]
+    assert LocalConfig.from_task(tasks[0].config, LocalConfig()).sam_rho == 0.05
+    assert LocalConfig.from_task({}, LocalConfig()).sam_rho == 0.0  # plain steps unless a round asks
+
+
+@pytest.mark.parametrize("rho", [-0.05, "wide", True, math.inf, math.nan])
+def test_a_radius_the_nodes_could_not_use_is_refused(rho: object) -> None:
+    with pytest.raises(StrategyConfigError, match=r"client\.sam_rho must be a number from 0"):
+        build_plan("fedavg", {"client.sam_rho": rho}, _start(), ["n-a"])

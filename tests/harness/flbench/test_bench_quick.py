@@ -86,6 +86,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
             "fedavg_aug_rc_cons_tail",
             "fedavg_aug_tta",  # the round kept on plain readings; every clinic reads it over augmented views
             "fedavg_aug_rc_cons_tta",
+            "fedavg_aug_sam",  # trained with sharpness-aware steps, its round kept on validation as FedAvg's
+            "fedavg_aug_rc_cons_sam",
         )
         if r["method"].endswith("_tail"):
             assert r["extra"]["tail_rounds"] == ([2, 3] if r["method"].startswith("pfednet") else [1, 2])
@@ -136,8 +138,9 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         ("pfednet_rc_cons_ft", "pfednet_rc_cons"),
         ("ditto_aug", "fedavg_aug"),
         ("ditto_rc_cons", "fedavg_aug_rc_cons"),
-        # Each tail-averaged or test-time-augmented method against the plain method it is built on.
-        *((m, m.rsplit("_", 1)[0]) for m in METHODS if m.endswith(("_tail", "_tta"))),
+        # Each tail-averaged, test-time-augmented or sharpness-aware method against the plain method it is
+        # built on.
+        *((m, m.rsplit("_", 1)[0]) for m in METHODS if m.endswith(("_tail", "_tta", "_sam"))),
     ):
         assert by[agreeing]["clinics"] != by[plain]["clinics"]
         assert f"{agreeing} − {plain}" in doc["targets"]["ablations"]
@@ -162,6 +165,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         "fedavg_aug_rc_cons_tail",
         "fedavg_aug_tta",
         "fedavg_aug_rc_cons_tta",
+        "fedavg_aug_sam",
+        "fedavg_aug_rc_cons_sam",
         "fedavg_hslsteps",
     }
     assert {m for m, r in by.items() if "envelope" in r} == deployable

@@ -36,6 +36,12 @@ def test_cached_runs_are_reused_only_with_the_same_settings() -> None:
     assert same_settings("pfednet_rc_cons", dict(cfg), tail)
     assert not same_settings("pfednet_rc_cons_tail", {**tail, "tail_rounds": 6}, tail)
     assert not same_settings("fedavg_aug_tail", dict(cfg), tail)
+    # SAM's radius changes the *_sam runs only; records from before it existed still count.
+    sam = {**cfg, "sam_rho": 0.05}
+    assert same_settings("pfednet_rc_cons", dict(cfg), sam)
+    assert same_settings("fedavg_aug_tail", {**sam, "sam_rho": 0.1}, sam)
+    assert not same_settings("pfednet_rc_cons_sam", {**sam, "sam_rho": 0.1}, sam)
+    assert not same_settings("fedavg_aug_sam", dict(cfg), sam)
     # How a kept round was chosen matters only to a record that kept one; a record made before the setting
     # existed chose it on the clinics' own validation images.
     whole = {**cfg, "round_choice": "whole"}
