@@ -174,7 +174,7 @@ def fl(
     ] = 0.01,
     sam_rho: Annotated[
         float, typer.Option(min=0.0, help="SAM's radius ρ at every clinic of the *_sam methods.")
-    ] = 0.05,
+    ] = 0.02,
     round_choice: Annotated[
         RoundChoice,
         typer.Option(

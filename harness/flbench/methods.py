@@ -126,7 +126,7 @@ class BenchConfig:
     tail_rounds: int = 4
     #: The ``*_sam`` methods' clinics train with sharpness-aware minimisation of this radius ρ
     #: (``hub.training.sam``), chosen on the design seeds' validation splits (docs/benchmarks.md).
-    sam_rho: float = 0.05
+    sam_rho: float = 0.02
     #: Which validation reading chooses the round a method with one deployable model keeps (``BestRound``):
     #: "whole", every validation image through each clinic's scanner; "own", each clinic's own validation
     #: images only (6-10 at a small breast clinic; the runs before session 28).
