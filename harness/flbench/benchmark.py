@@ -94,10 +94,10 @@ def same_settings(
 ) -> bool:
     """Whether a cached record was run with these settings; a family's own settings (distillation and
     FedHelp's, HSL's, pFedNet's, FedProx's) only matter to that family's methods, the local fine-tuning's
-    only to the ``*_ft`` methods, tail averaging's only to the ``*_tail`` methods, SAM's only to the ``*_sam``
-    methods, and ``round_choice``
-    only to a record that kept a round (``keeps_round``: its ``extra`` has ``best_round``). A record made
-    before a setting existed was made with the value in ``_BEFORE_THE_SETTING``."""
+    only to the ``*_ft`` methods, tail averaging's only to the ``*_tail`` methods, SAM's only to the
+    ``*_sam`` methods, and ``round_choice`` only to a record that kept a round (``keeps_round``: its
+    ``extra`` has ``best_round``). A record made before a setting existed was made with the value in
+    ``_BEFORE_THE_SETTING``."""
     if cached is None:
         return False
     cached = {**{k: v for k, v in _BEFORE_THE_SETTING.items() if k in config}, **cached}

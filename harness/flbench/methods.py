@@ -536,7 +536,7 @@ def run_averaging(
     kept = _kept_worth(data, init, shared, global_model, norm) if local_names else {}
     if tail_mean is not None:
         # The rounds' own readings stay (best_round: the round validation would have kept instead).
-        tuned = {**tuned, "tail_rounds": tail_mean.rounds}
+        tuned = {**tuned, "tail_rounds": tail_mean.rounds, "tail_distances": tail_mean.distances()}
     if selectable or tuned or kept:
         result["extra"] = {**(best.extra() if selectable else {}), **tuned, **kept}
     return result
@@ -962,7 +962,12 @@ def run_pfednet(
     if local_names:  # the BatchNorm statistics (or counter) each clinic kept
         load_params(global_model, _clinics_mean(learners, data, local_names))
     load_params(global_model, tails["published"].mean() if tail else strategy.published_params())
-    tuned: dict[str, Any] = {"tail_rounds": tails["published"].rounds} if tail else {}
+    published_tail = tails.get("published")
+    tuned: dict[str, Any] = (
+        {"tail_rounds": published_tail.rounds, "tail_distances": published_tail.distances()}
+        if published_tail is not None
+        else {}
+    )
     if finetune:
         per_clinic, tuned = _fine_tuned(data, ctx, {c: lr.model for c, lr in learners.items()}, local)
     result = evaluate(data, per_clinic, reader(global_model))

@@ -33,12 +33,17 @@ class TailMean:
         self.rounds: list[int] = []
         self._sum: dict[str, np.ndarray] = {}
         self._latest: Params = {}
+        #: Euclidean distance (over the floating-point tensors) from each offered round's model to the
+        #: previous offered one's: how far the federation still moves within the tail.
+        self.steps: list[float] = []
 
     def offer(self, rnd: int, params: Mapping[str, np.ndarray]) -> None:
         if not self.first <= rnd <= self.last:
             return
         if rnd in self.rounds:
             raise ValueError(f"round {rnd} offered twice to the tail mean")
+        if self._latest:
+            self.steps.append(_distance(params, self._latest))
         self.rounds.append(rnd)
         for name, value in params.items():
             if np.issubdtype(value.dtype, np.floating):
@@ -55,3 +60,22 @@ class TailMean:
             name: (self._sum[name] / n).astype(value.dtype) if name in self._sum else value
             for name, value in self._latest.items()
         }
+
+    def distances(self) -> dict[str, float | list[float]]:
+        """How far apart the tail's models lie: the steps between consecutive rounds, the mean's distance
+        to the last round's model, and that model's norm for scale (floating-point tensors only)."""
+        last = self._latest
+        return {
+            "steps": list(self.steps),
+            "mean_to_last": _distance(self.mean(), last),
+            "last_norm": _distance(last, {name: np.zeros_like(value) for name, value in last.items()}),
+        }
+
+
+def _distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """‖a − b‖ over the floating-point tensors the two share, in float64."""
+    total = 0.0
+    for name, value in a.items():
+        if np.issubdtype(value.dtype, np.floating) and name in b:
+            total += float(((value.astype(np.float64) - b[name].astype(np.float64)) ** 2).sum())
+    return float(np.sqrt(total))

@@ -219,7 +219,7 @@ def train_local(
         raise ValueError("consistency across views needs augment: there is only one view without it")
     if cfg.randconv and not cfg.augment:
         raise ValueError("randconv is a stage of the augmentation: set augment too")
-    if cfg.sam_rho < 0:
+    if not 0 <= cfg.sam_rho < math.inf:
         raise ValueError(f"sam_rho is a radius, 0 or above; got {cfg.sam_rho}")
     if optimizer is None:
         opt: torch.optim.Optimizer = torch.optim.Adam(

@@ -91,6 +91,8 @@ def test_bench_fl_quick_runs_every_method_and_resumes(tmp_path: Path) -> None:
         )
         if r["method"].endswith("_tail"):
             assert r["extra"]["tail_rounds"] == ([2, 3] if r["method"].startswith("pfednet") else [1, 2])
+            far = r["extra"]["tail_distances"]  # one step within the two-round tail, the mean half of it
+            assert len(far["steps"]) == 1 and far["mean_to_last"] == pytest.approx(far["steps"][0] / 2)
         if r["method"].endswith("_ft"):
             assert set(r["extra"]["finetune_epochs"]) == set(r["clinics"]), r["method"]
         if r["method"] in one_model or r["method"].startswith("hsl"):

@@ -29,6 +29,17 @@ def test_the_mean_takes_only_the_last_rounds_and_keeps_integer_tensors_from_the_
     assert int(mean["steps"]) == 60 and mean["steps"].dtype == np.int64
 
 
+def test_the_distances_say_how_far_the_tail_still_moves_over_the_float_tensors_only() -> None:
+    tail = TailMean(last=6, rounds=3)
+    for rnd in range(1, 7):
+        tail.offer(rnd, _params(float(rnd), rnd * 1000))  # the integer counter would dwarf the weights
+    far = tail.distances()
+    root6 = np.sqrt(6.0)  # six weights, each 1 apart from round to round
+    assert far["steps"] == pytest.approx([root6, root6])  # rounds 4→5 and 5→6: nothing before the tail
+    assert far["mean_to_last"] == pytest.approx(root6)  # the mean (5) one round's step behind the last (6)
+    assert far["last_norm"] == pytest.approx(6.0 * root6)
+
+
 def test_the_mean_does_not_alias_what_it_was_offered() -> None:
     tail = TailMean(last=2, rounds=2)
     first = _params(1.0, 1)

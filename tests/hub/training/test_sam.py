@@ -68,6 +68,7 @@ def test_local_training_takes_sams_steps_over_the_same_batches_and_views() -> No
     sam, sam_rng = _train(0.05)
     assert torch.equal(plain_rng, sam_rng)  # SAM draws nothing more: the runs stay paired
     assert any(not (plain[n] == sam[n]).all() for n in plain)  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="a radius"):
-        clinic = make_clinic("C", 16, seed=4)
-        train_local(fl_cnn(), clinic.train_x, clinic.train_y, LocalConfig(sam_rho=-1.0), torch.Generator())
+    clinic = make_clinic("C", 16, seed=4)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="a radius"):
+            train_local(fl_cnn(), clinic.train_x, clinic.train_y, LocalConfig(sam_rho=bad), torch.Generator())
