@@ -24,7 +24,7 @@ def sharpness_aware_backward(model: nn.Module, loss_fn: Callable[[], torch.Tenso
 
     ``loss_fn`` must compute the same batch's loss each time it is called (its inputs drawn beforehand).
     The weights are as they were when this returns; the caller steps its optimiser. A gradient of norm 0
-    (nothing to perturb toward) leaves the plain gradient.
+    (nothing to perturb toward) or not finite is left as the plain gradient.
     """
     if rho <= 0:
         raise ValueError(f"SAM's radius must be above 0, got {rho}")

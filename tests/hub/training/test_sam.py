@@ -14,7 +14,7 @@ from hub.training.sam import sharpness_aware_backward
 from tests.hub.training.conftest import make_clinic
 
 
-def _quadratic_problem() -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+def _quartic_problem() -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     return nn.Linear(3, 2), torch.randn(16, 3), torch.randn(16, 2)
 
@@ -24,12 +24,12 @@ def _loss(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_gradient_is_taken_at_the_perturbed_weights_and_the_weights_come_back_exactly() -> None:
-    model, x, t = _quadratic_problem()
+    model, x, t = _quartic_problem()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = sharpness_aware_backward(model, lambda: _loss(model, x, t), rho=0.5)
 
     # By hand: the gradient g at w, then the gradient at w + ρ g / ‖g‖.
-    twin, _, _ = _quadratic_problem()
+    twin, _, _ = _quartic_problem()
     plain = torch.autograd.grad(_loss(twin, x, t), list(twin.parameters()))
     norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in plain]))
     with torch.no_grad():
@@ -46,7 +46,7 @@ def test_the_gradient_is_taken_at_the_perturbed_weights_and_the_weights_come_bac
 
 
 def test_a_flat_gradient_has_nowhere_to_perturb_and_a_radius_must_be_positive() -> None:
-    model, x, _ = _quadratic_problem()
+    model, x, _ = _quartic_problem()
     sharpness_aware_backward(model, lambda: model(x).sum() * 0.0, rho=0.1)
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
     with pytest.raises(ValueError, match="above 0"):
